@@ -11,3 +11,43 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+# Colours far apart so that a tiny CNN separates the classes within a few steps.
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
+           (70, 240, 240), (245, 130, 48), (128, 128, 128), (250, 190, 212), (0, 0, 128)]
+
+
+def write_dataset(root, train_counts, test_counts=None, size=16, name="TOY", seed=0, class_names=None,
+                  file_pattern="img {k}.jpg"):
+    """A dataset in the official layout: class c is a noisy image of colour PALETTE[c]."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    test_counts = test_counts if test_counts is not None else {cid: 3 for cid in train_counts}
+    (root / "anno").mkdir(parents=True, exist_ok=True)
+    for subset, counts in (("train", train_counts), ("test", test_counts)):
+        lines = []
+        for cid, count in counts.items():
+            folder = root / subset / str(cid)
+            folder.mkdir(parents=True, exist_ok=True)
+            for k in range(count):
+                colour = np.array(PALETTE[cid % len(PALETTE)], dtype=np.float64)
+                pixels = np.clip(colour + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+                file_name = file_pattern.format(k=k)
+                Image.fromarray(pixels).save(folder / file_name, quality=95)
+                lines.append(f"{cid}/{file_name} {cid}\n")
+        (root / "anno" / f"{name}_{subset}.txt").write_text("".join(lines))
+    names = class_names or {cid: f"class {cid}" for cid in train_counts}
+    (root / "classes.json").write_text(json.dumps(
+        {"dataset": name, "classes": [{"id": cid, "name": names[cid]} for cid in sorted(train_counts)]}))
+    return root
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    """Five classes, long-tailed: 12, 10, 8, 4, 3 training images of 16 px."""
+    return write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 8, 3: 4, 4: 3})

@@ -1,0 +1,74 @@
+"""Knowledge mutual distillation of the head model M_H and the tail model M_T.
+
+    python KMDN/Distill.py --split runs/dior/split --out runs/dior/kmdn
+
+Reads OUT/head/best.pth and OUT/tail/best.pth (from UModel.py / RModel.py; official bare
+state dicts work too via --head-ckpt / --tail-ckpt). For the first --distill-interval
+epochs M_T teaches M_H on head data, then M_H teaches M_T on tail data, alternating.
+Loss = CE + alpha * MSE(student layer3, teacher layer3); the teacher is frozen.
+Writes OUT/distill/M_T.pth (the distilled tail model that CDTG/train.py reads by
+default), OUT/distill/M_H.pth, last.pth (for --resume), metrics.jsonl, options.json.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+from KMDN.distillation import distill  # noqa: E402
+from KMDN.stage import checkpoint_meta, group_datasets, open_split  # noqa: E402
+from tgn.cli import add_output_args, add_runtime_args, add_training_args, make_parser, training_config  # noqa: E402
+from tgn.engine import resolve_device, seed_everything  # noqa: E402
+from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import prepare_run_dir, save_options  # noqa: E402
+from tgn.resnet import load_feature_resnet  # noqa: E402
+
+
+def build_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
+    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
+    parser.add_argument("--head-ckpt", type=Path, default=None, help="M_H checkpoint (default OUT/head/best.pth)")
+    parser.add_argument("--tail-ckpt", type=Path, default=None, help="M_T checkpoint (default OUT/tail/best.pth)")
+    parser.add_argument("--arch", default="resnet50", help="architecture of official bare state dicts")
+    parser.add_argument("--alpha", type=float, default=0.2, help="weight of the layer3 feature MSE")
+    parser.add_argument("--distill-interval", type=int, default=50, help="epochs before the roles switch")
+    add_training_args(parser, epochs=100, batch_size=64)
+    add_runtime_args(parser)
+    add_output_args(parser, "runs/kmdn")
+    return parser
+
+
+def load_group_model(path, split, group, arch):
+    model, _ = load_feature_resnet(path, f"{group} model checkpoint", arch=arch)
+    expected = len(split.ids(group))
+    if model.config["num_classes"] != expected:
+        raise UserError(f"{path} has {model.config['num_classes']} classes, the split's {group} group has {expected}")
+    return model
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    split = open_split(args)
+    run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
+    if args.overwrite and not args.resume:
+        for name in ("metrics.jsonl", "M_H.pth", "M_T.pth"):
+            (run_dir / name).unlink(missing_ok=True)
+    options = save_options(run_dir, args)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
+             "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
+    models = {group: load_group_model(paths[group], split, group, args.arch) for group in paths}
+    datasets = {group: group_datasets(split, group, args.image_size) for group in paths}
+    metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
+    best = distill(models, datasets, metas, training_config(args), device, run_dir,
+                   alpha=args.alpha, interval=args.distill_interval, resume=args.resume)
+    for group, accuracy in best.items():
+        shown = f"{100 * accuracy:.2f}%" if accuracy > -1 else "not trained"
+        print(f"{group}: best test accuracy while student {shown}")
+    print(f"distilled tail model: {run_dir / 'M_T.pth'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Train the tail model M_T on the tail classes (official defaults: ResNet-50, ImageNet
+init, Adam 1e-3, weight decay 1e-4, batch 32, 100 epochs, lr / 10 after epochs 30, 60, 90; the official RModel
+file's 1 epoch is a leftover, the paper trains both models alike).
+
+    python KMDN/RModel.py --split runs/dior/split --out runs/dior/kmdn
+
+Writes runs/dior/kmdn/tail/{best,last}.pth, metrics.jsonl (one line per epoch) and options.json.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+from KMDN.group_training import build_parser, train_group  # noqa: E402
+from tgn.errors import cli_main  # noqa: E402
+
+
+@cli_main
+def main(argv=None):
+    return train_group(build_parser(__doc__, "tail").parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

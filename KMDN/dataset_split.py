@@ -1,0 +1,48 @@
+"""Split a dataset's classes into head and tail by training-sample count.
+
+    python KMDN/dataset_split.py --data-root DATA --out runs/dior/split
+
+Classes are sorted by training count (descending, ties by class id); the top
+--threshold percent are head. Writes split.json (ids, names, counts, groups) and
+head/tail annotation lists for train and test that point into DATA: nothing is copied.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+from tgn.cli import make_parser  # noqa: E402
+from tgn.data import open_dataset  # noqa: E402
+from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.split import compute_split, write_split  # noqa: E402
+
+
+def build_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (train/, test/, anno/)")
+    parser.add_argument("--out", type=Path, default=Path("runs/split"), help="folder for split.json and the lists")
+    parser.add_argument("--threshold", type=float, default=40.0,
+                        help="percent of classes (by training count) that are head; the paper also tried 33")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing split in --out")
+    return parser
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if (args.out / "split.json").exists() and not args.overwrite:
+        raise UserError(f"{args.out / 'split.json'} exists; pass --overwrite to replace it")
+    info = open_dataset(args.data_root)
+    split, entries = compute_split(info, args.threshold)
+    write_split(split, entries, args.out)
+    print(f"{info.name}: {len(split.class_names)} classes, {len(split.head)} head / {len(split.tail)} tail "
+          f"(threshold {args.threshold:g}%)")
+    for rank, cid in enumerate(split.ranking, start=1):
+        group = "head" if cid in split.head else "tail"
+        print(f"  {rank:3d}. {group}  {cid:4d}  {split.class_names[cid]:<28s} train {split.train_counts[cid]:7d}"
+              f"  test {split.test_counts[cid]:7d}")
+    print(f"wrote {args.out / 'split.json'}")
+
+
+if __name__ == "__main__":
+    main()

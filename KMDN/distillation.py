@@ -1,0 +1,129 @@
+"""Knowledge mutual distillation between the head model M_H and the tail model M_T.
+
+Epochs alternate in blocks of `interval`: in even blocks M_T teaches M_H on head data,
+in odd blocks M_H teaches M_T on tail data. The student's loss is
+CE(student logits, labels) + alpha * MSE(student layer3, teacher layer3); the teacher is
+frozen (eval mode, no gradients) and sees the student's batch.
+"""
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from tgn.engine import evaluate, make_loader, seed_everything, epoch_seed, step_lr, train_one_epoch
+from tgn.errors import UserError
+from tgn.io import append_jsonl
+from tgn.metrics import format_percent
+
+OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
+
+
+def student_of_epoch(epoch, interval):
+    """'head' when M_H learns in this (0-indexed) epoch, 'tail' when M_T does."""
+    if interval < 1:
+        raise UserError("--distill-interval must be at least 1")
+    return "head" if (epoch // interval) % 2 == 0 else "tail"
+
+
+def teacher_of(student):
+    return "tail" if student == "head" else "head"
+
+
+def distillation_loss(student_logits, labels, student_feature, teacher_feature, alpha):
+    """CE on the labels plus alpha times the mean squared distance of the layer3 features."""
+    return F.cross_entropy(student_logits, labels) + alpha * F.mse_loss(student_feature, teacher_feature)
+
+
+def make_distill_loss_fn(teacher, alpha):
+    def loss_fn(student, images, labels):
+        with torch.no_grad():
+            _, teacher_feature = teacher(images)
+        logits, student_feature = student(images)
+        if student_feature.shape != teacher_feature.shape:
+            raise UserError(
+                f"the head and tail models give layer3 features of different shapes "
+                f"({tuple(student_feature.shape[1:])} vs {tuple(teacher_feature.shape[1:])}); use the same --arch/--width"
+            )
+        return distillation_loss(logits, labels, student_feature, teacher_feature.detach(), alpha), logits
+
+    return loss_fn
+
+
+def freeze(model):
+    """Eval mode (BatchNorm statistics stay put) and no parameter gradients."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def unfreeze(model):
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+
+
+def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, resume=False):
+    """Run the alternating schedule; returns the best test accuracy of each model.
+
+    `models`, `datasets` (train, test) and `metas` are dicts keyed by 'head' and 'tail'.
+    Writes last.pth (both models, both optimizers: for --resume), M_H.pth and M_T.pth
+    (each model at its best test accuracy while it was the student) and metrics.jsonl.
+    """
+    out_dir = Path(out_dir)
+    optimizers = {}
+    for group, model in models.items():
+        model.to(device)
+        optimizers[group] = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best = {group: -math.inf for group in models}
+    start_epoch = 0
+    if resume and (out_dir / "last.pth").exists():
+        state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
+        for group in models:
+            load_weights(models[group], state["models"][group], out_dir / "last.pth")
+            optimizers[group].load_state_dict(state["optimizers"][group])
+        best = state["best"]
+        start_epoch = state["epoch"] + 1
+        print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
+    test_loaders = {
+        group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device)
+        for group in models
+    }
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.time()
+        student_group = student_of_epoch(epoch, interval)
+        student, teacher = models[student_group], models[teacher_of(student_group)]
+        freeze(teacher)
+        unfreeze(student)
+        seed_everything(epoch_seed(cfg.seed, epoch))
+        lr = step_lr(optimizers[student_group], cfg.lr, epoch, cfg.milestones)
+        loader = make_loader(datasets[student_group][0], cfg.batch_size, train=True, workers=cfg.workers,
+                             seed=cfg.seed, epoch=epoch, device=device)
+        stats = train_one_epoch(student, loader, optimizers[student_group], make_distill_loss_fn(teacher, alpha),
+                                device, desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)")
+        _, summary = evaluate(student, test_loaders[student_group], device, len(metas[student_group]["class_ids"]))
+        accuracy = summary["overall_accuracy"]
+        improved = not math.isnan(accuracy) and accuracy > best[student_group]
+        if improved:
+            best[student_group] = accuracy
+            save_checkpoint(out_dir / OUTPUT_NAMES[student_group],
+                            {**metas[student_group], "state_dict": student.state_dict(), "epoch": epoch,
+                             "metrics": summary})
+        append_jsonl(out_dir / "metrics.jsonl", {"epoch": epoch + 1, "student": student_group, "lr": lr, **stats,
+                                                  **summary, "seconds": round(time.time() - started, 2)})
+        save_checkpoint(out_dir / "last.pth", {
+            "format": "tgn-distill-state/1",
+            "models": {group: model.state_dict() for group, model in models.items()},
+            "optimizers": {group: opt.state_dict() for group, opt in optimizers.items()},
+            "best": best,
+            "epoch": epoch,
+        })
+        print(f"epoch {epoch + 1}/{cfg.epochs} student {student_group} lr {lr:.1e} loss {stats['train_loss']:.4f} "
+              f"test OA {format_percent(accuracy)} macro-F1 {format_percent(summary['macro_f1'])}"
+              + (" *best" if improved else ""))
+    # A model that never was the student (too few epochs) is passed on unchanged.
+    for group, model in models.items():
+        if not (out_dir / OUTPUT_NAMES[group]).exists():
+            save_checkpoint(out_dir / OUTPUT_NAMES[group], {**metas[group], "state_dict": model.state_dict()})
+    return best

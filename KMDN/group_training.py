@@ -1,0 +1,44 @@
+"""Train the head model (UModel.py) or the tail model (RModel.py) on its own classes."""
+from pathlib import Path
+
+from KMDN.stage import build_group_model, checkpoint_meta, group_datasets, open_split
+from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,
+                     training_config)
+from tgn.engine import fit, resolve_device, seed_everything
+from tgn.errors import UserError
+from tgn.io import prepare_run_dir, save_options
+
+
+def build_parser(doc, group):
+    parser = make_parser(doc)
+    parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
+    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
+    add_model_args(parser)
+    add_training_args(parser, epochs=100, batch_size=32)
+    add_runtime_args(parser)
+    add_output_args(parser, "runs/kmdn")
+    parser.set_defaults(group=group)
+    return parser
+
+
+def train_group(args):
+    """Writes OUT/<group>/{best,last}.pth, metrics.jsonl and options.json."""
+    group = args.group
+    split = open_split(args)
+    if not split.ids(group):
+        raise UserError(f"the split in {args.split} has no {group} classes")
+    run_dir = prepare_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
+    if args.overwrite and not args.resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    options = save_options(run_dir, args)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = build_group_model(split, group, args)
+    train_set, test_set = group_datasets(split, group, args.image_size)
+    print(f"{group} model: {len(split.ids(group))} classes, {len(train_set)} train / {len(test_set)} test images, "
+          f"device {device}")
+    result = fit(model, train_set, test_set, training_config(args), device, run_dir,
+                 meta=checkpoint_meta(split, group, model, options), resume=args.resume, desc=group)
+    print(f"best test accuracy {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; "
+          f"checkpoints in {run_dir}")
+    return result

@@ -1,0 +1,36 @@
+"""What UModel, RModel and Distill share: datasets of one group and the feature ResNet."""
+from tgn.data import ImageList, build_transform, open_dataset
+from tgn.resnet import FeatureResNet, load_backbone
+from tgn.split import check_split_matches, load_split
+
+
+def open_split(args):
+    """The split file, checked against DATA when --data-root is given."""
+    split = load_split(args.split, data_root=args.data_root)
+    check_split_matches(split, open_dataset(split.data_root))
+    return split
+
+
+def group_datasets(split, group, image_size):
+    """Training and test sets of the head or tail classes, labels = model output index."""
+    train = ImageList(split.samples(group, "train"), build_transform(image_size, train=True), image_size)
+    test = ImageList(split.samples(group, "test"), build_transform(image_size, train=False), image_size)
+    return train, test
+
+
+def build_group_model(split, group, args):
+    model = FeatureResNet(args.arch, num_classes=len(split.ids(group)), width=args.width)
+    return load_backbone(model, args.pretrained, args.arch)
+
+
+def checkpoint_meta(split, group, model, options):
+    """Metadata stored with every KMDN checkpoint: the next stage rebuilds from it alone."""
+    return {
+        "format": "tgn-feature-resnet/1",
+        "model_config": dict(model.config),
+        "group": group,
+        "class_ids": list(split.ids(group)),
+        "class_names": split.names(group),
+        "split_fingerprint": split.fingerprint,
+        "options": options,
+    }

@@ -1,0 +1,1 @@
+"""Library code shared by the KMDN, CDTG and Classification stage scripts."""

@@ -1,0 +1,58 @@
+"""Checkpoints as plain data, loaded safely.
+
+Our checkpoints are dicts: `state_dict`, `model_config` (constructor arguments),
+`class_ids`/`class_names` (dataset ids in output order), `epoch`, optimizer state and
+`options`. They load with `weights_only=True`. Official files are bare state dicts,
+which load the same way.
+"""
+from pathlib import Path
+
+import torch
+
+from tgn.errors import UserError
+from tgn.io import atomic_torch_save
+
+
+def load_checkpoint(path, what="checkpoint"):
+    """torch.load with weights_only=True; a one-line error for a missing or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, foreign formats
+        raise UserError(f"cannot load {what} {path}: {str(exc).splitlines()[0]}") from exc
+
+
+def state_dict_of(checkpoint):
+    """The model weights of one of our checkpoints or of an official bare state dict."""
+    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
+        return checkpoint["state_dict"]
+    if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return checkpoint
+    raise UserError("the file holds neither a state dict nor one of this project's checkpoints")
+
+
+def load_weights(model, state_dict, source):
+    """load_state_dict(strict=True) with a one-line error that names the mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        example = (missing + unexpected)[0]
+        raise UserError(
+            f"{source} does not fit this model: {len(missing)} missing and {len(unexpected)} "
+            f"unexpected parameters (e.g. {example})"
+        )
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise UserError(
+                f"{source} does not fit this model: {key} has shape {tuple(value.shape)}, "
+                f"expected {tuple(own[key].shape)} (another class count or architecture?)"
+            )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def save_checkpoint(path, payload):
+    atomic_torch_save(path, payload)

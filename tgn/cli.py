@@ -1,0 +1,63 @@
+"""Command-line flags shared by the stage scripts; the paper's values are the defaults."""
+import argparse
+from pathlib import Path
+
+OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults in --help and keep the docstring's command examples as written."""
+
+
+def make_parser(doc):
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def add_runtime_args(parser):
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--seed", type=int, default=0, help="seed of every random generator")
+    group.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    return group
+
+
+def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4, image_size=224):
+    group = parser.add_argument_group("training (official defaults)")
+    group.add_argument("--epochs", type=int, default=epochs)
+    group.add_argument("--batch-size", type=int, default=batch_size)
+    group.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    group.add_argument("--weight-decay", type=float, default=weight_decay)
+    group.add_argument("--milestones", type=int, nargs="*", default=OFFICIAL_MILESTONES,
+                       help="epochs after which the learning rate is divided by 10")
+    group.add_argument("--image-size", type=int, default=image_size, help="images are resized to this square size")
+    group.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision on GPUs")
+    group.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    return group
+
+
+def add_model_args(parser, *, arch_choices=("resnet50", "resnet18")):
+    group = parser.add_argument_group("model")
+    group.add_argument("--arch", default="resnet50", choices=arch_choices,
+                       help="resnet50 is the paper's; resnet18 for quick runs")
+    group.add_argument("--width", type=int, default=64, help="base channel width (64 = standard; smaller for tests)")
+    group.add_argument("--pretrained", default="imagenet",
+                       help="'imagenet' (torchvision weights, downloaded when online), 'none', or a weight file")
+    return group
+
+
+def add_output_args(parser, default_out):
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", type=Path, default=Path(default_out), help="run folder")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="start again even if --out holds results")
+    return group
+
+
+def training_config(args):
+    from tgn.engine import TrainConfig
+
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        milestones=list(args.milestones), seed=args.seed, workers=args.workers, amp=args.amp,
+        channels_last=args.channels_last,
+    )

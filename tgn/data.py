@@ -1,0 +1,181 @@
+"""The dataset layout every stage reads.
+
+    DATA/classes.json             {"dataset": "DIOR", "classes": [{"id": 0, "name": "airplane"}, ...]}
+    DATA/anno/<NAME>_train.txt    lines "<class_id>/<file> <class_id>", relative to DATA/train
+    DATA/anno/<NAME>_test.txt     the same, relative to DATA/test
+    DATA/train/<class_id>/<file>
+    DATA/test/<class_id>/<file>
+
+File names may contain spaces: the label is the last field of a line. Without
+classes.json (the official preprocessed downloads have none) classes are named by id.
+"""
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from tgn.errors import UserError
+from tgn.io import atomic_write_text, read_json
+
+SUBSETS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image: its path relative to the subset folder and its dataset class id."""
+
+    relpath: str
+    class_id: int
+
+
+def read_annotation(path):
+    """Parse an annotation file into a list of Entry, naming the line of any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"annotation file not found: {path}")
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.rstrip().rsplit(None, 1)
+        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            raise UserError(f"{path}:{number}: expected '<class_id>/<file> <class_id>', got {line!r}")
+        entries.append(Entry(fields[0].strip(), int(fields[1])))
+    return entries
+
+
+def format_annotation(entries):
+    return "".join(f"{entry.relpath} {entry.class_id}\n" for entry in entries)
+
+
+def write_annotation(path, entries):
+    atomic_write_text(path, format_annotation(entries))
+
+
+def check_files_exist(root, entries, source):
+    """Fail on the first entry whose image is missing (cheap: a stat per file)."""
+    root = Path(root)
+    for entry in entries:
+        if not (root / entry.relpath).is_file():
+            raise UserError(f"{source}: image {root / entry.relpath} does not exist")
+
+
+@dataclass
+class DatasetInfo:
+    """What DATA holds: its name, the class names by id, and where the lists are."""
+
+    root: Path
+    name: str
+    class_names: dict
+
+    def annotation_path(self, subset):
+        return self.root / "anno" / f"{self.name}_{subset}.txt"
+
+    def image_root(self, subset):
+        return self.root / subset
+
+    def entries(self, subset, check_files=True):
+        entries = read_annotation(self.annotation_path(subset))
+        unknown = sorted({e.class_id for e in entries} - set(self.class_names))
+        if unknown:
+            raise UserError(
+                f"{self.annotation_path(subset)}: class id {unknown[0]} is not in {self.root / 'classes.json'}"
+            )
+        if check_files:
+            check_files_exist(self.image_root(subset), entries, self.annotation_path(subset))
+        return entries
+
+
+def _find_dataset_name(root):
+    candidates = sorted((root / "anno").glob("*_train.txt"))
+    if not candidates:
+        raise UserError(f"no annotation file {root / 'anno' / '<NAME>_train.txt'} found under {root}")
+    if len(candidates) > 1:
+        names = ", ".join(path.name for path in candidates)
+        raise UserError(f"several training annotation files in {root / 'anno'} ({names}); write classes.json to pick one")
+    return candidates[0].name[: -len("_train.txt")]
+
+
+def read_classes_json(path):
+    """Return (dataset name or None, {class_id: name}) from a classes.json file."""
+    data = read_json(path, "class list")
+    try:
+        names = {int(item["id"]): str(item["name"]) for item in data["classes"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{path}: expected {{'dataset': NAME, 'classes': [{{'id': 0, 'name': ...}}, ...]}}") from exc
+    return data.get("dataset"), names
+
+
+def write_classes_json(path, dataset, class_names):
+    items = [{"id": int(cid), "name": name} for cid, name in sorted(class_names.items())]
+    atomic_write_text(path, json.dumps({"dataset": dataset, "classes": items}, indent=2) + "\n")
+
+
+def open_dataset(root):
+    """Read DATA's metadata, with one-line errors for the usual mistakes."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset folder not found: {root}")
+    classes_file = root / "classes.json"
+    if classes_file.is_file():
+        name, class_names = read_classes_json(classes_file)
+        name = name or _find_dataset_name(root)
+    else:
+        name = _find_dataset_name(root)
+        ids = sorted({entry.class_id for entry in read_annotation(root / "anno" / f"{name}_train.txt")})
+        class_names = {cid: str(cid) for cid in ids}
+        warnings.warn(f"{classes_file} not found: classes are named by id (CLIP prompts need real names)")
+    return DatasetInfo(root, name, class_names)
+
+
+def load_image(path, size=None):
+    """Decode an RGB image; JPEG draft mode lets libjpeg decode near the target size."""
+    try:
+        with Image.open(path) as image:
+            if size is not None:
+                image.draft("RGB", (size, size))
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from exc
+
+
+def build_transform(image_size, train):
+    """The official preprocessing: resize, horizontal flip when training, Normalize(0.5, 0.5)."""
+    steps = [transforms.Resize((image_size, image_size))]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]
+    return transforms.Compose(steps)
+
+
+class ImageList(Dataset):
+    """Images given as (path, label) pairs; `label` is the model's output index."""
+
+    def __init__(self, samples, transform=None, image_size=None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.image_size = image_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        image = load_image(path, self.image_size)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.tensor(label, dtype=torch.long)
+
+    def targets(self):
+        return [label for _, label in self.samples]
+
+
+def samples_for(image_root, entries, label_of):
+    """(absolute path, model label) pairs for entries, labels mapped by `label_of[class_id]`."""
+    image_root = Path(image_root)
+    return [(str(image_root / entry.relpath), label_of[entry.class_id]) for entry in entries]

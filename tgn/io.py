@@ -1,0 +1,76 @@
+"""Files that must never be left half-written, and run folders that must not be clobbered."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tgn.errors import UserError
+
+
+def _atomic_replace(path, write):
+    """Write through `write(file_object)` into a temp file beside `path`, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path, text):
+    _atomic_replace(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_write_json(path, data):
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(path, obj):
+    _atomic_replace(path, lambda handle: torch.save(obj, handle))
+
+
+def read_json(path, what="file"):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
+def append_jsonl(path, record):
+    """Append one metrics record; a line is small enough to be written whole."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",)):
+    """Create `out_dir`; refuse to reuse one that holds results unless told how."""
+    out_dir = Path(out_dir)
+    existing = [name for name in results if (out_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise UserError(
+            f"{out_dir} already holds results ({existing[0]}); pass --resume to continue "
+            "or --overwrite to start again"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def save_options(out_dir, args):
+    """Resolved command-line options, next to the results they produced."""
+    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    atomic_write_json(Path(out_dir) / "options.json", options)
+    return options

@@ -1,0 +1,79 @@
+"""Classification metrics, all computed from one confusion matrix.
+
+Conventions (they matter for long-tailed test sets):
+- a class absent from the test set has accuracy NaN (not 0) and is left out of means;
+- a class that is never predicted but present in test has precision 0, so F1 = 0;
+- a group (head or tail) with no class present in test has mean accuracy NaN ("n/a").
+"""
+import math
+
+import numpy as np
+
+
+def confusion_matrix(targets, predictions, num_classes):
+    """cm[i, j] = number of samples of true class i predicted as class j."""
+    targets = np.asarray(targets, dtype=np.int64).ravel()
+    predictions = np.asarray(predictions, dtype=np.int64).ravel()
+    if targets.shape != predictions.shape:
+        raise ValueError("targets and predictions differ in length")
+    flat = targets * num_classes + predictions
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _safe_divide(numerator, denominator):
+    numerator = np.asarray(numerator, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
+    out = np.full(numerator.shape, np.nan)
+    np.divide(numerator, denominator, out=out, where=denominator > 0)
+    return out
+
+
+def _nanmean(values):
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def per_class_accuracy(cm):
+    """Recall of each class; NaN for a class absent from the test set."""
+    return _safe_divide(np.diag(cm), cm.sum(axis=1))
+
+
+def per_class_f1(cm):
+    """F1 = 2TP / (2TP + FP + FN); NaN for a class neither present nor predicted."""
+    tp = np.diag(cm).astype(np.float64)
+    fp = cm.sum(axis=0) - tp
+    fn = cm.sum(axis=1) - tp
+    return _safe_divide(2 * tp, 2 * tp + fp + fn)
+
+
+def summarize(cm, head=None, tail=None):
+    """Overall, per-class and head/tail metrics of a confusion matrix.
+
+    `head` and `tail` are lists of class indices (rows of `cm`). Means skip NaN entries,
+    so absent classes never count as 0.
+    """
+    cm = np.asarray(cm)
+    total = cm.sum()
+    accuracy = per_class_accuracy(cm)
+    f1 = per_class_f1(cm)
+    summary = {
+        "num_samples": int(total),
+        "overall_accuracy": float(np.trace(cm) / total) if total else math.nan,
+        "mean_class_accuracy": _nanmean(accuracy),
+        "macro_f1": _nanmean(f1),
+        "per_class_accuracy": accuracy.tolist(),
+        "per_class_f1": f1.tolist(),
+    }
+    if head is not None:
+        summary["head_accuracy"] = _nanmean(accuracy[list(head)]) if len(head) else math.nan
+    if tail is not None:
+        summary["tail_accuracy"] = _nanmean(accuracy[list(tail)]) if len(tail) else math.nan
+    return summary
+
+
+def format_percent(value):
+    """'86.56' for 0.8656, 'n/a' for NaN or None."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100.0 * value:.2f}"

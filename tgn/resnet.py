@@ -1,0 +1,184 @@
+"""The feature ResNet of KMDN and CDTG: returns (logits, layer3 feature map).
+
+Parameter names follow the official KMDN checkpoints (`shortcut.0` / `shortcut.1` for
+the projection branch, stride on the 3x3 convolution), so their state dicts load with
+strict=True. torchvision's ImageNet weights load through `torchvision_to_feature_resnet`,
+the only place where names are mapped.
+"""
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tgn.errors import UserError
+
+ARCHS = {
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet18": ("basic", (2, 2, 2, 2)),
+}
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _shortcut(in_planes, out_planes, stride):
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
+class FeatureResNet(nn.Module):
+    """ResNet whose forward returns (logits, layer3 output).
+
+    `width` scales every stage (64 = the standard network); smaller widths are for tests
+    and quick CPU runs.
+    """
+
+    def __init__(self, arch="resnet50", num_classes=1000, width=64):
+        super().__init__()
+        if arch not in ARCHS:
+            raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+        block_name, layers = ARCHS[arch]
+        block = Bottleneck if block_name == "bottleneck" else BasicBlock
+        self.config = {"arch": arch, "num_classes": num_classes, "width": width}
+        self.in_planes = width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(block, width, layers[0], 1)
+        self.layer2 = self._make_layer(block, width * 2, layers[1], 2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], 2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        self.feature_channels = width * 4 * block.expansion
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, block, planes, blocks, stride):
+        layers = []
+        for block_stride in [stride] + [1] * (blocks - 1):
+            layers.append(block(self.in_planes, planes, block_stride))
+            self.in_planes = planes * block.expansion
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        feature = self.layer3(x)
+        x = torch.flatten(self.avgpool(self.layer4(feature)), 1)
+        return self.fc(x), feature
+
+    def feature_shape(self, image_size):
+        """(C, H, W) of the layer3 feature for square inputs of `image_size` pixels."""
+        side = image_size
+        for _ in range(4):  # conv1, maxpool, layer2, layer3 each halve the side
+            side = (side + 1) // 2
+        return self.feature_channels, side, side
+
+
+def torchvision_to_feature_resnet(state_dict):
+    """Rename torchvision ResNet parameters (`downsample.*`) to ours (`shortcut.*`)."""
+    return {re.sub(r"\.downsample\.", ".shortcut.", key): value for key, value in state_dict.items()}
+
+
+def imagenet_state_dict(arch):
+    """torchvision's ImageNet weights (V1, what the official `pretrained=True` gave)."""
+    import torchvision
+
+    weights = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}[arch]
+    model = getattr(torchvision.models, arch)(weights=getattr(torchvision.models, weights).IMAGENET1K_V1)
+    return model.state_dict()
+
+
+def load_backbone(model, spec, arch):
+    """Initialise all but the classifier from `spec`: 'imagenet', 'none' or a file path.
+
+    A file may be torchvision's weight file, an official KMDN state dict, or one of our
+    checkpoints. The final `fc` layer always keeps its fresh initialisation (the class
+    count differs from the source's).
+    """
+    if spec == "none":
+        return model
+    if spec == "imagenet":
+        if model.config["width"] != 64:
+            raise UserError("--pretrained imagenet needs the standard width 64; use --pretrained none")
+        try:
+            state = imagenet_state_dict(arch)
+        except Exception as exc:  # no network, no cache: say what to do instead
+            raise UserError(
+                f"cannot get torchvision's ImageNet weights for {arch} ({type(exc).__name__}); "
+                "download them where there is internet and pass --pretrained PATH, or --pretrained none"
+            ) from exc
+    else:
+        from tgn.checkpoint import load_checkpoint, state_dict_of
+
+        state = state_dict_of(load_checkpoint(Path(spec), "pretrained weights"))
+    state = {k: v for k, v in torchvision_to_feature_resnet(state).items() if not k.startswith("fc.")}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise UserError(f"--pretrained {spec} does not fit --arch {arch} --width {model.config['width']}") from exc
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(
+            f"--pretrained {spec} does not fit --arch {arch}: "
+            f"{len(missing)} missing and {len(unexpected)} unexpected parameters (e.g. {(missing + unexpected)[0]})"
+        )
+    return model
+
+
+def load_feature_resnet(path, what="model checkpoint", arch="resnet50", width=64):
+    """Rebuild a FeatureResNet from one of our checkpoints or an official bare state dict.
+
+    Ours carry their constructor arguments; for an official file `arch`/`width` are
+    assumed and the class count is read off `fc.weight`. Returns (model, checkpoint).
+    """
+    from tgn.checkpoint import load_checkpoint, load_weights, state_dict_of
+
+    checkpoint = load_checkpoint(path, what)
+    state = state_dict_of(checkpoint)
+    if "fc.weight" not in state:
+        raise UserError(f"{path} is not a ResNet checkpoint (no fc.weight)")
+    config = checkpoint.get("model_config") if "state_dict" in checkpoint else None
+    if config is None:
+        config = {"arch": arch, "num_classes": int(state["fc.weight"].shape[0]), "width": width}
+    model = FeatureResNet(**config)
+    load_weights(model, state, path)
+    return model, checkpoint

@@ -1,0 +1,190 @@
+"""The head/tail split: computed once by KMDN/dataset_split.py, read by every later stage.
+
+A split folder holds `split.json` and four annotation lists (head/tail x train/test) in
+the dataset's own format, pointing into DATA (nothing is copied). Within a group the
+model's output index follows ascending class id; `split.json` spells the order out.
+"""
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tgn.data import Entry, open_dataset, read_annotation, samples_for, write_annotation
+from tgn.errors import UserError
+from tgn.io import atomic_write_json, read_json
+
+SPLIT_FORMAT = "tgn-split/1"
+GROUPS = ("head", "tail")
+
+
+def head_count(num_classes, threshold_percent):
+    """How many classes are head: floor(threshold% of the classes), at least one of each group."""
+    if num_classes < 2:
+        raise UserError(f"a head/tail split needs at least 2 classes, the dataset has {num_classes}")
+    if not 0 < threshold_percent < 100:
+        raise UserError(f"--threshold must be between 0 and 100 (percent of classes), got {threshold_percent}")
+    # The small epsilon keeps e.g. 20 * 40 / 100 = 8 from flooring to 7 on float error.
+    count = math.floor(num_classes * threshold_percent / 100 + 1e-9)
+    return min(max(count, 1), num_classes - 1)
+
+
+def rank_classes(train_counts):
+    """Class ids by training count, descending; ties broken by ascending class id."""
+    return sorted(train_counts, key=lambda cid: (-train_counts[cid], cid))
+
+
+def fingerprint(class_names, train_counts):
+    """Identifies the dataset a split was made from (class ids, names, training counts)."""
+    text = ";".join(f"{cid}:{class_names[cid]}:{train_counts[cid]}" for cid in sorted(class_names))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Split:
+    """Everything later stages need to know about the classes and their groups."""
+
+    dataset: str
+    data_root: Path
+    threshold: float
+    class_names: dict  # class id -> name
+    train_counts: dict  # class id -> number of training images
+    test_counts: dict
+    head: list  # class ids in head-model output order
+    tail: list  # class ids in tail-model output order
+    folder: Path = None
+    ranking: list = field(default_factory=list)
+
+    def ids(self, group):
+        if group not in GROUPS:
+            raise ValueError(group)
+        return self.head if group == "head" else self.tail
+
+    def names(self, group):
+        return [self.class_names[cid] for cid in self.ids(group)]
+
+    def label_of(self, group):
+        """Dataset class id -> output index of the group's model."""
+        return {cid: index for index, cid in enumerate(self.ids(group))}
+
+    def annotation_path(self, group, subset):
+        return self.folder / f"{group}_{subset}.txt"
+
+    def entries(self, group, subset):
+        return read_annotation(self.annotation_path(group, subset))
+
+    def samples(self, group, subset):
+        """(image path, model label) pairs of a group's images in DATA/<subset>."""
+        return samples_for(self.data_root / subset, self.entries(group, subset), self.label_of(group))
+
+    @property
+    def fingerprint(self):
+        return fingerprint(self.class_names, self.train_counts)
+
+    def to_json(self):
+        classes = [
+            {
+                "id": cid,
+                "name": self.class_names[cid],
+                "train_count": self.train_counts[cid],
+                "test_count": self.test_counts.get(cid, 0),
+                "group": "head" if cid in self.head else "tail",
+            }
+            for cid in sorted(self.class_names)
+        ]
+        return {
+            "format": SPLIT_FORMAT,
+            "dataset": self.dataset,
+            "data_root": str(self.data_root),
+            "threshold_percent": self.threshold,
+            "ranking": self.ranking,
+            "head": self.head,
+            "tail": self.tail,
+            "fingerprint": self.fingerprint,
+            "classes": classes,
+        }
+
+
+def compute_split(info, threshold_percent):
+    """Count the training images per class and split the ranking at the threshold."""
+    train_entries = info.entries("train")
+    test_entries = info.entries("test")
+    train_counts = {cid: 0 for cid in info.class_names}
+    for entry in train_entries:
+        train_counts[entry.class_id] += 1
+    empty = [cid for cid, count in train_counts.items() if count == 0]
+    if empty:
+        cid = empty[0]
+        raise UserError(
+            f"class {cid} ({info.class_names[cid]}) has no training image in {info.annotation_path('train')}"
+        )
+    test_counts = {cid: 0 for cid in info.class_names}
+    for entry in test_entries:
+        test_counts[entry.class_id] += 1
+    ranking = rank_classes(train_counts)
+    n_head = head_count(len(ranking), threshold_percent)
+    split = Split(
+        dataset=info.name,
+        data_root=info.root.resolve(),
+        threshold=threshold_percent,
+        class_names=dict(info.class_names),
+        train_counts=train_counts,
+        test_counts=test_counts,
+        head=sorted(ranking[:n_head]),
+        tail=sorted(ranking[n_head:]),
+        ranking=ranking,
+    )
+    return split, {"train": train_entries, "test": test_entries}
+
+
+def write_split(split, entries_by_subset, folder):
+    """split.json plus head/tail annotation lists; the lists keep DATA-relative paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    split.folder = folder
+    for group in GROUPS:
+        members = set(split.ids(group))
+        for subset, entries in entries_by_subset.items():
+            write_annotation(split.annotation_path(group, subset), [e for e in entries if e.class_id in members])
+    atomic_write_json(folder / "split.json", split.to_json())
+
+
+def load_split(path, data_root=None):
+    """Read a split folder (or its split.json); `data_root` overrides the recorded one."""
+    path = Path(path)
+    json_path = path / "split.json" if path.is_dir() else path
+    if not json_path.is_file():
+        raise UserError(f"split file not found: {json_path} (run KMDN/dataset_split.py first)")
+    data = read_json(json_path, "split file")
+    if data.get("format") != SPLIT_FORMAT:
+        raise UserError(f"{json_path} is not a split file made by KMDN/dataset_split.py")
+    classes = {int(item["id"]): item for item in data["classes"]}
+    split = Split(
+        dataset=data["dataset"],
+        data_root=Path(data_root) if data_root else Path(data["data_root"]),
+        threshold=data["threshold_percent"],
+        class_names={cid: item["name"] for cid, item in classes.items()},
+        train_counts={cid: int(item["train_count"]) for cid, item in classes.items()},
+        test_counts={cid: int(item["test_count"]) for cid, item in classes.items()},
+        head=[int(c) for c in data["head"]],
+        tail=[int(c) for c in data["tail"]],
+        folder=json_path.parent,
+        ranking=[int(c) for c in data.get("ranking", [])],
+    )
+    if data.get("fingerprint") != split.fingerprint:
+        raise UserError(f"{json_path} was edited by hand: its fingerprint does not match its classes")
+    return split
+
+
+def check_split_matches(split, info):
+    """Refuse a split made from another dataset than DATA."""
+    counts = {cid: 0 for cid in info.class_names}
+    for entry in info.entries("train", check_files=False):
+        counts[entry.class_id] = counts.get(entry.class_id, 0) + 1
+    if fingerprint(info.class_names, counts) != split.fingerprint:
+        raise UserError(
+            f"split {split.folder} was made from another dataset than {info.root} "
+            "(class ids, names or training counts differ); rerun KMDN/dataset_split.py"
+        )
+
+
+__all__ = ["Entry", "Split", "compute_split", "write_split", "load_split", "check_split_matches", "open_dataset"]
