@@ -10,7 +10,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 import json  # noqa: E402
 

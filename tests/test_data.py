@@ -1,0 +1,56 @@
+"""Reading the dataset layout: spaces in names, bad lines, missing and broken images."""
+import pytest
+
+from conftest import write_dataset
+from tgn.data import ImageList, build_transform, open_dataset, read_annotation, samples_for
+from tgn.errors import UserError
+
+
+def test_file_names_with_spaces(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2}, file_pattern="my chip {k}.jpg")
+    info = open_dataset(data)
+    entries = info.entries("train")
+    assert [e.relpath for e in entries[:2]] == ["0/my chip 0.jpg", "0/my chip 1.jpg"]
+    dataset = ImageList(samples_for(info.image_root("train"), entries, {0: 0, 1: 1}), build_transform(8, False))
+    image, label = dataset[3]
+    assert image.shape == (3, 8, 8) and label.item() == 1
+
+
+def test_bad_annotation_line_names_file_and_line(tmp_path):
+    anno = tmp_path / "a.txt"
+    anno.write_text("0/a.jpg 0\n0/b.jpg zero\n")
+    with pytest.raises(UserError, match=r"a.txt:2: expected"):
+        read_annotation(anno)
+
+
+def test_missing_image_is_named(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    (data / "train" / "1" / "img 0.jpg").unlink()
+    with pytest.raises(UserError, match="img 0.jpg does not exist"):
+        open_dataset(data).entries("train")
+
+
+def test_unknown_class_id_is_named(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    with open(data / "anno" / "TOY_train.txt", "a") as handle:
+        handle.write("7/x.jpg 7\n")
+    with pytest.raises(UserError, match="class id 7"):
+        open_dataset(data).entries("train", check_files=False)
+
+
+def test_undecodable_image_is_named(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    broken = data / "train" / "0" / "img 1.jpg"
+    broken.write_bytes(b"not a jpeg")
+    info = open_dataset(data)
+    dataset = ImageList(samples_for(info.image_root("train"), info.entries("train"), {0: 0, 1: 1}))
+    with pytest.raises(UserError, match="cannot read image .*img 1.jpg"):
+        dataset[1]
+
+
+def test_without_classes_json_classes_are_named_by_id(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2, 3: 2})
+    (data / "classes.json").unlink()
+    with pytest.warns(UserWarning, match="classes.json"):
+        info = open_dataset(data)
+    assert info.name == "TOY" and info.class_names == {0: "0", 3: "3"}

@@ -1,0 +1,127 @@
+"""KMDN: group training learns, resumes exactly, and distillation follows its schedule."""
+import json
+
+import pytest
+import torch
+
+from KMDN.dataset_split import main as split_main
+from KMDN.Distill import main as distill_main
+from KMDN.distillation import distillation_loss, freeze, make_distill_loss_fn, student_of_epoch
+from KMDN.RModel import main as rmodel_main
+from KMDN.UModel import main as umodel_main
+from tgn.checkpoint import load_checkpoint
+from tgn.resnet import FeatureResNet
+
+TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-size", "16",
+        "--batch-size", "8", "--workers", "0"]
+
+
+@pytest.fixture
+def split_dir(toy_data, tmp_path):
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    return tmp_path / "split"
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tail_model_learns_the_easy_task(split_dir, tmp_path):
+    out = tmp_path / "kmdn"
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "8", "--lr", "0.01", *TINY])
+    metrics = read_metrics(out / "tail" / "metrics.jsonl")
+    assert len(metrics) == 8
+    assert metrics[-1]["train_loss"] < 0.6 * metrics[0]["train_loss"]
+    best = load_checkpoint(out / "tail" / "best.pth")
+    assert best["class_ids"] == [2, 3, 4] and best["class_names"] == ["class 2", "class 3", "class 4"]
+    assert best["metrics"]["overall_accuracy"] > 0.6  # chance is 1/3
+    assert best["model_config"] == {"arch": "resnet18", "num_classes": 3, "width": 4}
+
+
+def test_resume_equals_uninterrupted_run(split_dir, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    umodel_main(["--split", str(split_dir), "--out", str(straight), "--epochs", "3", "--milestones", "2", *TINY])
+    umodel_main(["--split", str(split_dir), "--out", str(interrupted), "--epochs", "2", "--milestones", "2", *TINY])
+    umodel_main(["--split", str(split_dir), "--out", str(interrupted), "--epochs", "3", "--milestones", "2",
+                 "--resume", *TINY])
+    a = load_checkpoint(straight / "head" / "last.pth")
+    b = load_checkpoint(interrupted / "head" / "last.pth")
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert read_metrics(straight / "head" / "metrics.jsonl") [-1]["lr"] == pytest.approx(1e-4)
+
+
+def test_existing_results_are_not_overwritten(split_dir, tmp_path, capsys):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    with pytest.raises(SystemExit) as exit_info:
+        umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    assert exit_info.value.code == 2 and "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("epoch, interval, student", [
+    (0, 50, "head"), (49, 50, "head"), (50, 50, "tail"), (99, 50, "tail"), (100, 50, "head"), (3, 2, "tail"),
+])
+def test_distillation_schedule(epoch, interval, student):
+    assert student_of_epoch(epoch, interval) == student
+
+
+def test_distillation_loss_is_ce_plus_alpha_mse():
+    logits, labels = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+    student, teacher = torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert distillation_loss(logits, labels, student, teacher, 0.2).item() == pytest.approx(ce.item() + 0.2)
+
+
+def test_teacher_is_frozen_and_gets_no_gradient():
+    torch.manual_seed(0)
+    teacher = FeatureResNet("resnet18", num_classes=2, width=4)
+    student = FeatureResNet("resnet18", num_classes=3, width=4)
+    freeze(teacher)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loss, _ = make_distill_loss_fn(teacher, 0.2)(student, torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # BN statistics too
+
+
+def test_distill_alternates_students_and_writes_named_outputs(split_dir, tmp_path):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    head_before = load_checkpoint(out / "head" / "best.pth")["state_dict"]
+    tail_before = load_checkpoint(out / "tail" / "best.pth")["state_dict"]
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "2", "--distill-interval", "1",
+                  "--image-size", "16", "--batch-size", "8", "--workers", "0"])
+    metrics = read_metrics(out / "distill" / "metrics.jsonl")
+    assert [m["student"] for m in metrics] == ["head", "tail"]
+    state = load_checkpoint(out / "distill" / "last.pth")
+    # Epoch 1 trains only M_H, epoch 2 only M_T: both moved, each exactly once.
+    assert not torch.equal(state["models"]["head"]["conv1.weight"], head_before["conv1.weight"])
+    assert not torch.equal(state["models"]["tail"]["conv1.weight"], tail_before["conv1.weight"])
+    m_t = load_checkpoint(out / "distill" / "M_T.pth")
+    assert m_t["class_ids"] == [2, 3, 4] and m_t["group"] == "tail"
+    assert (out / "distill" / "M_H.pth").is_file()
+
+
+def test_teacher_unchanged_during_its_teaching_epoch(split_dir, tmp_path):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    tail_before = load_checkpoint(out / "tail" / "best.pth")["state_dict"]
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--image-size", "16",
+                  "--batch-size", "8", "--workers", "0"])
+    tail_after = load_checkpoint(out / "distill" / "last.pth")["models"]["tail"]
+    assert all(torch.equal(tail_before[k], tail_after[k]) for k in tail_before)
+
+
+def test_distill_refuses_a_model_of_another_class_count(split_dir, tmp_path, capsys):
+    out = tmp_path / "kmdn"
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    with pytest.raises(SystemExit) as exit_info:
+        distill_main(["--split", str(split_dir), "--out", str(out), "--head-ckpt", str(out / "tail" / "best.pth"),
+                      "--epochs", "1", "--workers", "0"])
+    assert exit_info.value.code == 2
+    assert "has 3 classes, the split's head group has 2" in capsys.readouterr().err

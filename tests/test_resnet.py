@@ -1,0 +1,79 @@
+"""The feature ResNet matches the official KMDN checkpoint format and torchvision's weights."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from tgn.checkpoint import load_weights
+from tgn.errors import UserError
+from tgn.resnet import FeatureResNet, load_backbone, load_feature_resnet, torchvision_to_feature_resnet
+
+FORMATS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict_formats.json"
+KMDN_KEY = "KMDN.ResNet(Bottleneck,[3,4,6,3],num_classes=12)"
+
+
+@pytest.fixture(scope="module")
+def official_kmdn_format():
+    if not FORMATS.is_file():
+        pytest.skip(f"{FORMATS} is not present")
+    return json.loads(FORMATS.read_text())[KMDN_KEY]
+
+
+def fake_state_dict(shapes):
+    return {key: torch.randn(shape) if shape else torch.tensor(1) for key, shape in shapes.items()}
+
+
+def test_keys_and_shapes_equal_the_official_format(official_kmdn_format):
+    ours = FeatureResNet("resnet50", num_classes=12).state_dict()
+    assert list(ours) == list(official_kmdn_format)
+    for key, shape in official_kmdn_format.items():
+        assert list(ours[key].shape) == shape, key
+
+
+def test_official_state_dict_loads_strictly(official_kmdn_format, tmp_path):
+    state = fake_state_dict(official_kmdn_format)
+    torch.save(state, tmp_path / "official.pth")
+    model, _ = load_feature_resnet(tmp_path / "official.pth")
+    assert model.config == {"arch": "resnet50", "num_classes": 12, "width": 64}
+    assert torch.equal(model.state_dict()["layer3.0.shortcut.0.weight"], state["layer3.0.shortcut.0.weight"])
+
+
+def test_wrong_class_count_is_a_one_line_error(official_kmdn_format):
+    state = fake_state_dict(official_kmdn_format)
+    with pytest.raises(UserError, match=r"fc.weight has shape \(12, 2048\), expected \(7, 2048\)"):
+        load_weights(FeatureResNet("resnet50", num_classes=7), state, "official.pth")
+
+
+def test_layer3_feature_of_resnet50_at_224():
+    model = FeatureResNet("resnet50", num_classes=12).eval()
+    with torch.no_grad():
+        logits, feature = model(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 12)
+    assert feature.shape == (1, 1024, 14, 14) == (1, *model.feature_shape(224))
+
+
+def test_torchvision_weights_give_torchvision_features():
+    reference = torchvision.models.resnet50(weights=None).eval()
+    ours = FeatureResNet("resnet50", num_classes=1000).eval()
+    ours.load_state_dict(torchvision_to_feature_resnet(reference.state_dict()), strict=True)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(images)
+        logits, _ = ours(images)
+    torch.testing.assert_close(logits, expected)
+
+
+def test_local_torchvision_file_initialises_all_but_fc(tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    model = load_backbone(FeatureResNet("resnet18", num_classes=3), str(tmp_path / "resnet18.pth"), "resnet18")
+    assert torch.equal(model.layer2[0].shortcut[0].weight, reference.layer2[0].downsample[0].weight)
+    assert model.fc.weight.shape == (3, 512)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    with pytest.raises(UserError, match="does not fit --arch resnet50"):
+        load_backbone(FeatureResNet("resnet50", num_classes=3), str(tmp_path / "resnet18.pth"), "resnet50")

@@ -1,0 +1,88 @@
+"""Head/tail split: counts, ranking, ties, threshold edges, nothing copied."""
+import json
+
+import pytest
+
+from conftest import write_dataset
+from KMDN.dataset_split import main as split_main
+from tgn.data import open_dataset
+from tgn.errors import UserError
+from tgn.split import check_split_matches, head_count, load_split, rank_classes
+
+
+def test_rank_breaks_ties_by_class_id():
+    assert rank_classes({3: 5, 1: 5, 2: 9, 0: 1}) == [2, 1, 3, 0]
+
+
+@pytest.mark.parametrize("classes, percent, expected", [
+    (20, 40, 8),    # DIOR: 8 head classes
+    (23, 40, 9),    # FGSC-23: floor(9.2)
+    (15, 40, 6),    # DOTA
+    (15, 33, 4),    # the paper's alternative threshold
+    (2, 40, 1),     # never an empty group
+    (3, 99, 2),
+    (5, 1, 1),
+])
+def test_head_count(classes, percent, expected):
+    assert head_count(classes, percent) == expected
+
+
+@pytest.mark.parametrize("classes, percent", [(1, 40), (5, 0), (5, 100)])
+def test_head_count_rejects_impossible_splits(classes, percent):
+    with pytest.raises(UserError):
+        head_count(classes, percent)
+
+
+def test_split_writes_lists_without_copying(toy_data, tmp_path):
+    out = tmp_path / "split"
+    files_before = sorted(p for p in tmp_path.rglob("*") if p.suffix == ".jpg")
+    split_main(["--data-root", str(toy_data), "--out", str(out)])
+    files_after = sorted(p for p in tmp_path.rglob("*") if p.suffix == ".jpg")
+    assert files_before == files_after
+
+    split = load_split(out)
+    assert split.head == [0, 1] and split.tail == [2, 3, 4]
+    assert split.train_counts == {0: 12, 1: 10, 2: 8, 3: 4, 4: 3}
+    assert split.label_of("tail") == {2: 0, 3: 1, 4: 2}
+    tail_train = split.entries("tail", "train")
+    assert len(tail_train) == 15 and {e.class_id for e in tail_train} == {2, 3, 4}
+    assert len(split.entries("head", "test")) == 6
+    for path, _ in split.samples("tail", "train"):
+        assert path.startswith(str(toy_data.resolve() / "train"))
+
+    record = json.loads((out / "split.json").read_text())
+    groups = {c["id"]: c["group"] for c in record["classes"]}
+    assert groups == {0: "head", 1: "head", 2: "tail", 3: "tail", 4: "tail"}
+    assert record["ranking"] == [0, 1, 2, 3, 4]
+
+
+def test_split_refuses_to_overwrite(toy_data, tmp_path):
+    out = tmp_path / "split"
+    split_main(["--data-root", str(toy_data), "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_info:
+        split_main(["--data-root", str(toy_data), "--out", str(out)])
+    assert exit_info.value.code == 2
+    split_main(["--data-root", str(toy_data), "--out", str(out), "--threshold", "60", "--overwrite"])
+    assert load_split(out).head == [0, 1, 2]
+
+
+def test_split_from_another_dataset_is_refused(toy_data, tmp_path):
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    other = write_dataset(tmp_path / "other", {0: 12, 1: 10, 2: 8, 3: 4, 4: 2})
+    with pytest.raises(UserError, match="another dataset"):
+        check_split_matches(load_split(tmp_path / "split"), open_dataset(other))
+
+
+def test_class_without_training_images_is_an_error(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", {0: 5, 1: 0, 2: 3})
+    with pytest.raises(SystemExit) as exit_info:
+        split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("error: class 1") and "\n" not in message
+
+
+def test_missing_data_root_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        split_main(["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "split")])
+    assert capsys.readouterr().err.strip() == f"error: dataset folder not found: {tmp_path / 'nowhere'}"
