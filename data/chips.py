@@ -1,0 +1,301 @@
+"""What the dataset preparers share: boxes, chip cropping, the output layout, the counts.
+
+Boxes are (x0, y0, x1, y1) in pixel edges, half-open like `PIL.Image.crop`: the chip of
+(4, 6, 20, 18) is 16 x 12 pixels. A preparer parses its release into `SourceImage`s (one
+per scene, with its objects and whether it goes to train or test) and hands them to
+`prepare_chips`, which crops one JPEG chip per object into the layout of tgn/data.py,
+writes classes.json and the annotation lists, and prints the counts.
+"""
+import math
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from tgn.data import SUBSETS, Entry, write_annotation, write_classes_json
+from tgn.errors import UserError
+
+# DOTA scenes reach 20000 x 20000 pixels, past PIL's decompression-bomb guard; the
+# sources here are the public releases the user downloaded, not untrusted uploads.
+Image.MAX_IMAGE_PIXELS = None
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+JPEG_QUALITY = 95
+# What --overwrite replaces in the output folder; anything else there is left alone.
+LAYOUT_ITEMS = ("train", "test", "anno", "classes.json")
+
+
+@dataclass(frozen=True)
+class ChipObject:
+    """One annotated object: its position k in the image's annotation, class id, box."""
+
+    index: int
+    class_id: int
+    box: tuple
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One scene of the release and the subset ("train" or "test") its chips go to."""
+
+    path: Path
+    image_id: str
+    subset: str
+    objects: tuple
+
+
+@dataclass(frozen=True)
+class CropOptions:
+    out: Path
+    context: float = 0.0
+    min_size: float = 0
+
+
+@dataclass
+class Tally:
+    """The entries written per subset and the objects skipped, by reason."""
+
+    entries: dict = field(default_factory=lambda: {subset: [] for subset in SUBSETS})
+    skipped: Counter = field(default_factory=Counter)
+
+    def counts(self, subset):
+        return Counter(entry.class_id for entry in self.entries[subset])
+
+
+# ---------------------------------------------------------------- boxes
+
+def polygon_bounds(xs, ys):
+    """The axis-aligned rectangle around a polygon."""
+    return min(xs), min(ys), max(xs), max(ys)
+
+
+def clip_box(box, width, height):
+    """Round a box outward to whole pixels and clip it to the image; None if nothing is left.
+
+    A box of zero or negative size is degenerate before any rounding (rounding outward
+    would otherwise give it a pixel).
+    """
+    x0, y0, x1, y1 = box
+    if not all(math.isfinite(value) for value in box) or x1 <= x0 or y1 <= y0:
+        return None
+    x0, y0 = max(math.floor(x0), 0), max(math.floor(y0), 0)
+    x1, y1 = min(math.ceil(x1), width), min(math.ceil(y1), height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
+def pad_box(box, context, width, height):
+    """Grow a pixel box by `context` times its width/height on each side, within the image."""
+    if context <= 0:
+        return box
+    x0, y0, x1, y1 = box
+    pad_x, pad_y = round((x1 - x0) * context), round((y1 - y0) * context)
+    return max(x0 - pad_x, 0), max(y0 - pad_y, 0), min(x1 + pad_x, width), min(y1 + pad_y, height)
+
+
+# ---------------------------------------------------------------- reading the release
+
+def class_lookup(class_names):
+    """{case-folded name: class id}; releases differ in case (DIOR's 'Expressway-Service-area')."""
+    return {name.casefold(): cid for cid, name in class_names.items()}
+
+
+def find_class(lookup, name, source, dataset):
+    try:
+        return lookup[name.casefold()]
+    except KeyError:
+        known = f"not one of the {len(lookup)} {dataset} classes"
+        raise UserError(f"{source}: unknown class name {name!r}, {known}") from None
+
+
+def comma_list(text):
+    """argparse type for 'train,val': a list of non-empty names."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError("expected a comma-separated list of names")
+    return names
+
+
+def existing_dir(path, flag):
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{flag}: folder not found: {path}")
+    return path
+
+
+def default_dir(src, candidates, flag):
+    """The first of `candidates` (relative to --src) that exists, for a flag left unset."""
+    for candidate in candidates:
+        if (Path(src) / candidate).is_dir():
+            return Path(src) / candidate
+    tried = ", ".join(str(Path(src) / candidate) for candidate in candidates)
+    raise UserError(f"{flag}: none of {tried} exists; pass {flag} to say where it is")
+
+
+def index_images(folders):
+    """{file stem: path} for the images in `folders`; the first folder wins a shared stem."""
+    index = {}
+    for folder in folders:
+        for path in sorted(Path(folder).iterdir()):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                index.setdefault(path.stem, path)
+    return index
+
+
+def check_disjoint(train_ids, test_ids, what):
+    shared = sorted(set(train_ids) & set(test_ids))
+    if shared:
+        more = f" and {len(shared) - 1} more" if len(shared) > 1 else ""
+        raise UserError(f"{what}: {shared[0]}{more} in both train and test")
+
+
+# ---------------------------------------------------------------- the output folder
+
+def add_output_arguments(parser, default=None):
+    parser.add_argument("--out", type=Path, required=default is None, default=default, help="dataset folder to write")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace train/, test/, anno/ and classes.json in a non-empty --out",
+    )
+
+
+def _at_least(minimum, kind):
+    """argparse type: a number of `kind` no smaller than `minimum`."""
+    def parse(text):
+        value = kind(text)
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return value
+    parse.__name__ = f"{kind.__name__} >= {minimum}"  # argparse names the type in its error
+    return parse
+
+
+def add_crop_arguments(parser):
+    parser.add_argument("--min-size", type=_at_least(0, float), default=0,
+                        help="skip objects whose shorter side (clipped to the image) is below this many pixels")
+    parser.add_argument("--context", type=_at_least(0, float), default=0.0,
+                        help="pad each box by this fraction of its width/height on every side (0: the box only)")
+    parser.add_argument("--workers", type=_at_least(1, int), default=4,
+                        help="processes cropping in parallel (1: crop in this process)")
+
+
+def prepare_output(out, overwrite, inputs=()):
+    """Create `out`, refusing a non-empty one unless --overwrite, and never deleting an input."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out} is not empty; pass --overwrite to replace the dataset there")
+        doomed = [(out / item).resolve() for item in LAYOUT_ITEMS]
+        for source in inputs:
+            source = Path(source).resolve()
+            if any(source == path or path in source.parents for path in doomed):
+                raise UserError(f"--out {out}: --overwrite would delete the input {source}; write elsewhere")
+        for path in doomed:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def make_class_dirs(out, class_ids):
+    for subset in SUBSETS:
+        for cid in class_ids:
+            (Path(out) / subset / str(cid)).mkdir(parents=True, exist_ok=True)
+
+
+def write_dataset(out, dataset, class_names, tally):
+    """classes.json and the sorted annotation lists of every subset."""
+    out = Path(out)
+    for subset in SUBSETS:
+        entries = sorted(tally.entries[subset], key=lambda entry: (entry.class_id, entry.relpath))
+        write_annotation(out / "anno" / f"{dataset}_{subset}.txt", entries)
+    write_classes_json(out / "classes.json", dataset, class_names)
+
+
+def report(dataset, out, class_names, tally):
+    """Per-class counts, totals and skips, as a table on stdout."""
+    counts = {subset: tally.counts(subset) for subset in SUBSETS}
+    width = max(len(name) for name in class_names.values())
+    print(f"{dataset} -> {out}")
+    print(f"{'id':>4}  {'class':<{width}}  {'train':>8}  {'test':>8}")
+    for cid, name in sorted(class_names.items()):
+        print(f"{cid:>4}  {name:<{width}}  {counts['train'][cid]:>8}  {counts['test'][cid]:>8}")
+    totals = {subset: sum(counts[subset].values()) for subset in SUBSETS}
+    print(f"{'':>4}  {'total':<{width}}  {totals['train']:>8}  {totals['test']:>8}"
+          f"  ({totals['train'] + totals['test']} images)")
+    if tally.skipped:
+        skips = ", ".join(f"{reason}: {number}" for reason, number in sorted(tally.skipped.items()))
+        print(f"skipped {sum(tally.skipped.values())} objects ({skips})")
+
+
+# ---------------------------------------------------------------- cropping
+
+def crop_chips(image, options):
+    """Save one chip per object of one scene; return (subset, entries, skipped)."""
+    entries, skipped = [], Counter()
+    try:
+        scene = Image.open(image.path)
+        scene.load()
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise UserError(f"cannot read image {image.path}: {exc}") from exc
+    with scene:
+        _crop_objects(scene, image, options, entries, skipped)
+    return image.subset, entries, skipped
+
+
+def _crop_objects(scene, image, options, entries, skipped):
+    width, height = scene.size
+    for obj in image.objects:
+        box = clip_box(obj.box, width, height)
+        if box is None:
+            skipped["degenerate box"] += 1
+            continue
+        if min(box[2] - box[0], box[3] - box[1]) < options.min_size:
+            skipped["smaller than --min-size"] += 1
+            continue
+        box = pad_box(box, options.context, width, height)
+        relpath = f"{obj.class_id}/{image.image_id}_{obj.index}.jpg"
+        target = options.out / image.subset / relpath
+        try:
+            scene.crop(box).convert("RGB").save(target, quality=JPEG_QUALITY)
+        except OSError as exc:
+            raise UserError(f"cannot write chip {target}: {exc.strerror or exc}") from exc
+        entries.append(Entry(relpath, obj.class_id))
+
+
+def crop_all(images, options, workers, tally):
+    work = partial(crop_chips, options=options)
+    progress = dict(total=len(images), unit="image", desc="cropping", dynamic_ncols=True)
+    if workers == 1:
+        _collect(tqdm(map(work, images), **progress), tally)
+        return
+    with Pool(workers) as pool:
+        _collect(tqdm(pool.imap_unordered(work, images, chunksize=8), **progress), tally)
+
+
+def _collect(results, tally):
+    for subset, entries, skipped in results:
+        tally.entries[subset].extend(entries)
+        tally.skipped.update(skipped)
+
+
+def prepare_chips(args, dataset, class_names, images, inputs, skipped=None):
+    """The common tail of the chip preparers: output folder, crops, lists, counts."""
+    out = prepare_output(args.out, args.overwrite, inputs)
+    make_class_dirs(out, class_names)
+    tally = Tally(skipped=Counter(skipped or {}))
+    options = CropOptions(out=out, context=args.context, min_size=args.min_size)
+    crop_all(images, options, args.workers, tally)
+    write_dataset(out, dataset, class_names, tally)
+    report(dataset, out, class_names, tally)
+    return tally

@@ -1,0 +1,122 @@
+"""Crop DOTA v1.0 into one chip per object, in the dataset layout every stage reads.
+
+    python data/prepare_dota.py --src /path/to/DOTA --out DATA/DOTA --workers 8
+
+--src holds one folder per official split, each with images/ (PNG scenes) and labelTxt/
+(one file per scene, one object per line: "x1 y1 x2 y2 x3 y3 x4 y4 class difficult", after
+optional "imagesource:..." and "gsd:..." header lines). Our train set comes from the train
+split and our test set from val (DOTA's test labels are not public); --train-splits,
+--test-splits, --images-subdir and --labels-subdir change that.
+
+Each chip is the polygon's axis-aligned bounding rectangle, clipped to the scene, saved as
+DATA/<subset>/<class_id>/<scene>_<k>.jpg (k: the object's line among the object lines).
+Class ids follow the DOTA devkit order (0 plane ... 14 helicopter); classes.json keeps it.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from collections import Counter  # noqa: E402
+
+from data.chips import (  # noqa: E402
+    ChipObject, SourceImage, add_crop_arguments, add_output_arguments, check_disjoint, class_lookup,
+    comma_list, existing_dir, find_class, index_images, polygon_bounds, prepare_chips,
+)
+from tgn.cli import make_parser  # noqa: E402
+from tgn.errors import UserError, cli_main  # noqa: E402
+
+DATASET = "DOTA"
+DOTA_CLASSES = (
+    "plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle",
+    "ship", "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout",
+    "harbor", "swimming-pool", "helicopter",
+)
+SKIP_DIFFICULT = "difficult (--skip-difficult)"
+
+
+def parse_args(argv):
+    parser = make_parser(__doc__)
+    parser.add_argument("--src", type=Path, required=True, help="folder holding the DOTA split folders")
+    parser.add_argument("--train-splits", type=comma_list, default="train",
+                        help="split folders in --src that form our train set")
+    parser.add_argument("--test-splits", type=comma_list, default="val",
+                        help="split folders in --src that form our test set")
+    parser.add_argument("--images-subdir", default="images", help="scene folder inside each split")
+    parser.add_argument("--labels-subdir", default="labelTxt", help="label folder inside each split")
+    parser.add_argument("--skip-difficult", action="store_true", help="leave out objects marked difficult")
+    add_crop_arguments(parser)
+    add_output_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def parse_label_file(path, lookup, skip_difficult, skipped):
+    """The objects of one labelTxt file; header lines are skipped, k counts object lines."""
+    objects = []
+    index = 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields or (len(fields) < 9 and ":" in fields[0]):
+            continue
+        try:
+            if len(fields) not in (9, 10):
+                raise ValueError
+            coords = [float(value) for value in fields[:8]]
+            difficult = len(fields) == 10 and int(fields[9]) != 0
+        except ValueError:
+            expected = "'x1 y1 x2 y2 x3 y3 x4 y4 class difficult'"
+            raise UserError(f"{path}:{number}: expected {expected}, got {line!r}") from None
+        class_id = find_class(lookup, fields[8], f"{path}:{number}", DATASET)
+        if difficult and skip_difficult:
+            skipped[SKIP_DIFFICULT] += 1
+        else:
+            objects.append(ChipObject(index, class_id, polygon_bounds(coords[0::2], coords[1::2])))
+        index += 1
+    return objects
+
+
+def collect_split(src, split, subset, args, lookup, skipped):
+    image_dir = existing_dir(src / split / args.images_subdir, "--images-subdir")
+    label_dir = existing_dir(src / split / args.labels_subdir, "--labels-subdir")
+    index = index_images([image_dir])
+    images = []
+    for label_path in sorted(label_dir.glob("*.txt")):
+        scene = label_path.stem
+        if scene not in index:
+            raise UserError(f"{label_path}: no image {scene}.* in {image_dir}")
+        objects = parse_label_file(label_path, lookup, args.skip_difficult, skipped)
+        images.append(SourceImage(index[scene], scene, subset, tuple(objects)))
+    return images, [image_dir, label_dir]
+
+
+def collect_images(args, class_names):
+    existing_dir(args.src, "--src")
+    check_disjoint(args.train_splits, args.test_splits, "--train-splits/--test-splits")
+    lookup = class_lookup(class_names)
+    skipped = Counter()
+    images, inputs = [], []
+    for subset, splits in (("train", args.train_splits), ("test", args.test_splits)):
+        seen = set()
+        for split in splits:
+            split_images, split_inputs = collect_split(args.src, split, subset, args, lookup, skipped)
+            clash = seen & {image.image_id for image in split_images}
+            if clash:
+                raise UserError(f"scene {sorted(clash)[0]} appears in two {subset} splits ({', '.join(splits)})")
+            seen |= {image.image_id for image in split_images}
+            images += split_images
+            inputs += split_inputs
+    return images, inputs, skipped
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    class_names = dict(enumerate(DOTA_CLASSES))
+    images, inputs, skipped = collect_images(args, class_names)
+    objects = Counter(image.subset for image in images for _ in image.objects)
+    print(f"{len(images)} scenes, {objects['train']} train and {objects['test']} test objects to crop")
+    prepare_chips(args, DATASET, class_names, images, inputs=[args.src, *inputs], skipped=skipped)
+
+
+if __name__ == "__main__":
+    main()

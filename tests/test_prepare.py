@@ -1,0 +1,298 @@
+"""The dataset preparers, on tiny releases written here: DIOR, DOTA, FGSC-23, and the demo."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import make_demo, prepare_dior, prepare_dota, prepare_fgsc23
+from data.chips import clip_box, pad_box, polygon_bounds
+from tgn.data import open_dataset
+
+BACKGROUND = (20, 20, 20)
+
+
+def paint_scene(path, size, boxes):
+    """A flat scene with each (x0, y0, x1, y1) -> colour box painted in; boxes may overrun."""
+    pixels = np.full((size[1], size[0], 3), BACKGROUND, dtype=np.uint8)
+    for (x0, y0, x1, y1), colour in boxes.items():
+        pixels[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = colour
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, quality=100)
+    return path
+
+
+def assert_chip_is_region(chip_path, scene_path, box):
+    """The chip has the box's size and the scene's pixels there.
+
+    Compared in luma: JPEG's subsampled chroma smears colour edges, its luma barely moves,
+    while a box off by one pixel would bring in a whole row or column of background.
+    """
+    chip = np.asarray(Image.open(chip_path).convert("L"), dtype=np.float32)
+    x0, y0, x1, y1 = box
+    region = np.asarray(Image.open(scene_path).convert("L"), dtype=np.float32)[y0:y1, x0:x1]
+    assert chip.shape == region.shape
+    assert np.abs(chip - region).mean() < 1
+
+
+def anno_lines(root, name, subset):
+    return (Path(root) / "anno" / f"{name}_{subset}.txt").read_text().splitlines()
+
+
+def exit_code(main, argv):
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    return raised.value.code
+
+
+# ---------------------------------------------------------------- boxes
+
+
+def test_clip_box_rounds_outward_clips_and_rejects_degenerate():
+    assert clip_box((4, 6, 20, 18), 64, 48) == (4, 6, 20, 18)
+    assert clip_box((4.6, 6.2, 19.1, 17.5), 64, 48) == (4, 6, 20, 18)
+    assert clip_box((50, 30, 80, 60), 64, 48) == (50, 30, 64, 48)
+    assert clip_box((-5, -5, 3, 2), 64, 48) == (0, 0, 3, 2)
+    assert clip_box((10, 10, 10, 20), 64, 48) is None  # zero width
+    assert clip_box((5.7, 10, 5.2, 20), 64, 48) is None  # negative width, not rounded into a pixel
+    assert clip_box((70, 5, 90, 20), 64, 48) is None  # entirely outside
+    assert pad_box((10, 10, 20, 30), 0.5, 64, 48) == (5, 0, 25, 40)
+    assert polygon_bounds([42.5, 60.7, 55, 40], [5.2, 12, 30.1, 20]) == (40, 5.2, 60.7, 30.1)
+
+
+# ---------------------------------------------------------------- DIOR
+
+DIOR_SCENES = {  # image id -> (folder, [(class name, box, colour)]), in XML order
+    "00001": ("JPEGImages-trainval", [
+        ("airplane", (4, 6, 20, 18), (230, 40, 40)),
+        ("vehicle", (30, 10, 40, 30), (40, 230, 40)),
+        ("ship", (10, 10, 10, 20), None),  # zero width
+        ("ship", (70, 5, 90, 20), None),  # outside the 64 x 48 scene
+        ("storagetank", (50, 30, 80, 60), (40, 40, 230)),  # overruns: clipped to (50, 30, 64, 48)
+    ]),
+    "00002": ("JPEGImages-trainval", [
+        ("Expressway-Service-area", (8, 8, 40, 40), (230, 230, 40)),
+        ("windmill", (45, 5, 48, 8), (230, 40, 230)),  # 3 x 3
+    ]),
+    "00003": ("JPEGImages-test", [
+        ("ship", (0, 0, 30, 20), (40, 230, 230)),
+        ("vehicle", (35, 25, 60, 45), (200, 200, 200)),
+    ]),
+}
+DIOR_SETS = {"train": ["00001"], "val": ["00002"], "test": ["00003"]}
+
+
+def voc_xml(objects):
+    parts = [f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{box[0]}</xmin>"
+             f"<ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+             for name, box, _ in objects]
+    return f"<annotation><size><width>64</width><height>48</height></size>{''.join(parts)}</annotation>"
+
+
+@pytest.fixture
+def dior_src(tmp_path):
+    src = tmp_path / "DIOR"
+    annotations = src / "Annotations" / "Horizontal Bounding Boxes"
+    annotations.mkdir(parents=True)
+    for image_id, (folder, objects) in DIOR_SCENES.items():
+        paint_scene(src / folder / f"{image_id}.jpg", (64, 48), {box: c for _, box, c in objects if c})
+        (annotations / f"{image_id}.xml").write_text(voc_xml(objects))
+    (src / "ImageSets" / "Main").mkdir(parents=True)
+    for name, ids in DIOR_SETS.items():
+        (src / "ImageSets" / "Main" / f"{name}.txt").write_text("".join(f"{i}\n" for i in ids))
+    return src
+
+
+def test_dior_crops_one_chip_per_object_with_class_and_box(dior_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1"])
+    info = open_dataset(out)
+    assert info.name == "DIOR" and len(info.class_names) == 20
+    assert info.class_names[0] == "airplane" and info.class_names[7] == "Expressway-Service-area"
+    assert info.class_names[19] == "windmill"
+    train, test = info.entries("train"), info.entries("test")
+    assert {(e.relpath, e.class_id) for e in train} == {
+        ("0/00001_0.jpg", 0), ("18/00001_1.jpg", 18), ("15/00001_4.jpg", 15)}
+    assert {(e.relpath, e.class_id) for e in test} == {
+        ("7/00002_0.jpg", 7), ("19/00002_1.jpg", 19), ("13/00003_0.jpg", 13), ("18/00003_1.jpg", 18)}
+    scene = dior_src / "JPEGImages-trainval" / "00001.jpg"
+    assert_chip_is_region(out / "train/0/00001_0.jpg", scene, (4, 6, 20, 18))
+    assert_chip_is_region(out / "train/15/00001_4.jpg", scene, (50, 30, 64, 48))
+    chip = np.asarray(Image.open(out / "train/0/00001_0.jpg"), dtype=np.float32)
+    assert np.abs(chip.mean(axis=(0, 1)) - (230, 40, 40)).max() < 15  # the painted airplane
+    printed = capsys.readouterr().out
+    assert "degenerate box: 2" in printed
+    assert "(7 images)" in printed
+
+
+def test_dior_min_size_context_and_set_choice(dior_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1", "--min-size", "4",
+                       "--context", "0.25", "--train-sets", "train,val", "--test-sets", "test"])
+    assert "smaller than --min-size: 1" in capsys.readouterr().out
+    info = open_dataset(out)
+    assert sorted(e.relpath for e in info.entries("train")) == [
+        "0/00001_0.jpg", "15/00001_4.jpg", "18/00001_1.jpg", "7/00002_0.jpg"]
+    assert len(info.entries("test")) == 2
+    # (4, 6, 20, 18) padded by a quarter of 16 x 12 on each side: (0, 3, 24, 21)
+    assert_chip_is_region(out / "train/0/00001_0.jpg", dior_src / "JPEGImages-trainval/00001.jpg", (0, 3, 24, 21))
+
+
+def test_dior_parallel_workers_write_the_same_dataset(dior_src, tmp_path):
+    for workers in ("1", "2"):
+        prepare_dior.main(["--src", str(dior_src), "--out", str(tmp_path / workers), "--workers", workers])
+    for subset in ("train", "test"):
+        assert anno_lines(tmp_path / "1", "DIOR", subset) == anno_lines(tmp_path / "2", "DIOR", subset)
+
+
+def test_dior_unknown_class_is_a_one_line_error_naming_the_file(dior_src, tmp_path, capsys):
+    xml = dior_src / "Annotations" / "Horizontal Bounding Boxes" / "00003.xml"
+    xml.write_text(xml.read_text().replace("<name>ship</name>", "<name>spaceship</name>"))
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and "00003.xml" in error and "spaceship" in error
+    assert "\n" not in error
+
+
+def test_refuses_a_non_empty_output_unless_overwrite(dior_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
+    prepare_dior.main(argv)
+    stale = out / "train" / "0" / "stale.jpg"
+    stale.write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    assert exit_code(prepare_dior.main, argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert stale.exists()
+    prepare_dior.main(argv + ["--overwrite"])
+    assert not stale.exists() and (out / "notes.txt").exists()
+    assert len(open_dataset(out).entries("train")) == 3
+
+
+# ---------------------------------------------------------------- DOTA
+
+
+@pytest.fixture
+def dota_src(tmp_path):
+    src = tmp_path / "DOTA"
+    paint_scene(src / "train/images/P0001.png", (80, 60),
+                {(10, 10, 30, 25): (230, 40, 40), (40, 5, 61, 31): (40, 230, 40), (70, 40, 95, 70): (40, 40, 230)})
+    paint_scene(src / "val/images/P0002.png", (80, 60),
+                {(5, 5, 25, 20): (230, 230, 40), (30, 30, 50, 50): (40, 230, 230)})
+    (src / "train/labelTxt").mkdir(parents=True)
+    (src / "val/labelTxt").mkdir(parents=True)
+    (src / "train/labelTxt/P0001.txt").write_text(
+        "imagesource:GoogleEarth\ngsd:0.146343590398\n"
+        "10 10 30 10 30 25 10 25 plane 0\n"
+        "42.5 5.2 60.7 12 55 30.1 40 20 small-vehicle 1\n"  # rotated, difficult
+        "70 40 95 40 95 70 70 70 ship 0\n")  # overruns the 80 x 60 scene
+    (src / "val/labelTxt/P0002.txt").write_text(
+        "imagesource:GoogleEarth\ngsd:null\n5 5 25 5 25 20 5 20 harbor 0\n\n30 30 50 30 50 50 30 50 tennis-court\n")
+    return src
+
+
+def test_dota_crops_polygon_bounding_rectangles(dota_src, tmp_path):
+    out = tmp_path / "out"
+    prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1"])
+    info = open_dataset(out)
+    assert info.name == "DOTA" and info.class_names[0] == "plane" and info.class_names[14] == "helicopter"
+    assert {(e.relpath, e.class_id) for e in info.entries("train")} == {
+        ("0/P0001_0.jpg", 0), ("4/P0001_1.jpg", 4), ("6/P0001_2.jpg", 6)}
+    assert {(e.relpath, e.class_id) for e in info.entries("test")} == {("12/P0002_0.jpg", 12), ("7/P0002_1.jpg", 7)}
+    scene = dota_src / "train/images/P0001.png"
+    assert_chip_is_region(out / "train/0/P0001_0.jpg", scene, (10, 10, 30, 25))
+    assert_chip_is_region(out / "train/4/P0001_1.jpg", scene, (40, 5, 61, 31))
+    assert_chip_is_region(out / "train/6/P0001_2.jpg", scene, (70, 40, 80, 60))
+
+
+def test_dota_skip_difficult_keeps_object_numbering(dota_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1", "--skip-difficult"])
+    assert sorted(e.relpath for e in open_dataset(out).entries("train")) == ["0/P0001_0.jpg", "6/P0001_2.jpg"]
+    assert "difficult (--skip-difficult): 1" in capsys.readouterr().out
+
+
+def test_dota_bad_line_and_overwrite_onto_the_source_are_refused(dota_src, tmp_path, capsys):
+    argv = ["--src", str(dota_src), "--out", str(dota_src), "--overwrite"]
+    assert exit_code(prepare_dota.main, argv) == 2
+    assert "would delete the input" in capsys.readouterr().err
+    assert (dota_src / "train/images/P0001.png").exists()
+    with open(dota_src / "val/labelTxt/P0002.txt", "a") as handle:
+        handle.write("1 2 3 plane\n")
+    assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "out")]) == 2
+    assert "P0002.txt:6" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- FGSC-23
+
+
+@pytest.fixture
+def fgsc_src(tmp_path):
+    src = tmp_path / "FGSC-23"
+    for relpath in ("train/0/a.jpg", "train/5/b.jpg", "train/5/c.jpg", "test/22/d.jpg"):
+        paint_scene(src / relpath, (12, 10), {})
+    return src
+
+
+@pytest.mark.parametrize("link", [None, "hard", "symlink"])
+def test_fgsc_maps_class_folders(fgsc_src, tmp_path, link):
+    out = tmp_path / "out"
+    prepare_fgsc23.main(["--src", str(fgsc_src), "--out", str(out)] + (["--link", link] if link else []))
+    info = open_dataset(out)
+    assert info.name == "FGSC23" and len(info.class_names) == 23
+    assert info.class_names[0] == "non-ship" and info.class_names[22] == "barge"
+    assert [(e.relpath, e.class_id) for e in info.entries("train")] == [("0/a.jpg", 0), ("5/b.jpg", 5), ("5/c.jpg", 5)]
+    assert [(e.relpath, e.class_id) for e in info.entries("test")] == [("22/d.jpg", 22)]
+    placed, source = out / "train/5/b.jpg", fgsc_src / "train/5/b.jpg"
+    assert placed.read_bytes() == source.read_bytes()
+    assert placed.is_symlink() == (link == "symlink")
+    assert os.path.samefile(placed, source) == (link in ("hard", "symlink"))
+
+
+def test_fgsc_folder_names_need_a_class_map(fgsc_src, tmp_path, capsys):
+    (fgsc_src / "train/5").rename(fgsc_src / "train/frigate")
+    out = tmp_path / "out"
+    assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(out)]) == 2
+    assert "--class-map" in capsys.readouterr().err
+    class_map = tmp_path / "map.json"
+    class_map.write_text(json.dumps({**{str(i): i for i in range(23)}, "frigate": 4}))
+    prepare_fgsc23.main(["--src", str(fgsc_src), "--out", str(out), "--class-map", str(class_map)])
+    assert sorted(e.relpath for e in open_dataset(out).entries("train")) == ["0/a.jpg", "4/b.jpg", "4/c.jpg"]
+
+
+# ---------------------------------------------------------------- demo
+
+
+def read_tree(root):
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(Path(root).rglob("*")) if path.is_file()}
+
+
+def test_make_demo_is_deterministic_long_tailed_and_distinct(tmp_path):
+    make_demo.main(["--out", str(tmp_path / "a"), "--seed", "3"])
+    make_demo.main(["--out", str(tmp_path / "b"), "--seed", "3"])
+    make_demo.main(["--out", str(tmp_path / "c"), "--seed", "4"])
+    first = read_tree(tmp_path / "a")
+    assert first == read_tree(tmp_path / "b")
+    assert first != read_tree(tmp_path / "c")
+
+    info = open_dataset(tmp_path / "a")
+    assert info.name == "DEMO" and len(info.class_names) >= 8
+    counts = {subset: np.bincount([e.class_id for e in info.entries(subset)]) for subset in ("train", "test")}
+    assert counts["train"].max() >= 10 * counts["train"].min() > 0
+    assert set(counts["test"]) == {20}
+    assert Image.open(info.image_root("train") / info.entries("train")[0].relpath).size == (32, 32)
+
+    # Distinct classes: even a nearest-class-mean on 4 x 4 thumbnails beats chance (1/9) by far.
+    def features(subset):
+        entries = info.entries(subset)
+        thumbs = [np.asarray(Image.open(info.image_root(subset) / e.relpath).resize((4, 4), Image.BOX), np.float32)
+                  for e in entries]
+        return np.stack(thumbs).reshape(len(entries), -1), np.array([e.class_id for e in entries])
+
+    train_x, train_y = features("train")
+    test_x, test_y = features("test")
+    means = np.stack([train_x[train_y == cid].mean(0) for cid in sorted(info.class_names)])
+    predicted = ((test_x[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert (predicted == test_y).mean() > 0.6
