@@ -29,7 +29,6 @@ def build_parser():
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
     parser.add_argument("--head-ckpt", type=Path, default=None, help="M_H checkpoint (default OUT/head/best.pth)")
     parser.add_argument("--tail-ckpt", type=Path, default=None, help="M_T checkpoint (default OUT/tail/best.pth)")
-    parser.add_argument("--arch", default="resnet50", help="architecture of official bare state dicts")
     parser.add_argument("--alpha", type=float, default=0.2, help="weight of the layer3 feature MSE")
     parser.add_argument("--distill-interval", type=int, default=50, help="epochs before the roles switch")
     add_training_args(parser, epochs=100, batch_size=64)
@@ -38,8 +37,8 @@ def build_parser():
     return parser
 
 
-def load_group_model(path, split, group, arch):
-    model, _ = load_feature_resnet(path, f"{group} model checkpoint", arch=arch)
+def load_group_model(path, split, group):
+    model, _ = load_feature_resnet(path, f"{group} model checkpoint")
     expected = len(split.ids(group))
     if model.config["num_classes"] != expected:
         raise UserError(f"{path} has {model.config['num_classes']} classes, the split's {group} group has {expected}")
@@ -59,7 +58,7 @@ def main(argv=None):
     seed_everything(args.seed)
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
-    models = {group: load_group_model(paths[group], split, group, args.arch) for group in paths}
+    models = {group: load_group_model(paths[group], split, group) for group in paths}
     datasets = {group: group_datasets(split, group, args.image_size) for group in paths}
     metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
     best = distill(models, datasets, metas, training_config(args), device, run_dir,

@@ -51,3 +51,17 @@ def write_dataset(root, train_counts, test_counts=None, size=16, name="TOY", see
 def toy_data(tmp_path):
     """Five classes, long-tailed: 12, 10, 8, 4, 3 training images of 16 px."""
     return write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 8, 3: 4, 4: 3})
+
+
+def tiny_clip():
+    """A randomly initialised clip.model.CLIP small enough for CPU tests (32 px input)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import clip
+    torch.manual_seed(0)
+    # CLIP derives attention heads as width // 64, so 64 is the smallest usable width.
+    return clip.model.CLIP(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+                           context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                           transformer_layers=1).float().eval()

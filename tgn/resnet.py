@@ -123,7 +123,13 @@ def imagenet_state_dict(arch):
     import torchvision
 
     weights = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}[arch]
-    model = getattr(torchvision.models, arch)(weights=getattr(torchvision.models, weights).IMAGENET1K_V1)
+    try:
+        model = getattr(torchvision.models, arch)(weights=getattr(torchvision.models, weights).IMAGENET1K_V1)
+    except Exception as exc:  # no network, no cache: say what to do instead
+        raise UserError(
+            f"cannot get torchvision's ImageNet weights for {arch} ({type(exc).__name__}); "
+            "download them where there is internet and pass --pretrained PATH, or --pretrained none"
+        ) from exc
     return model.state_dict()
 
 
@@ -139,13 +145,7 @@ def load_backbone(model, spec, arch):
     if spec == "imagenet":
         if model.config["width"] != 64:
             raise UserError("--pretrained imagenet needs the standard width 64; use --pretrained none")
-        try:
-            state = imagenet_state_dict(arch)
-        except Exception as exc:  # no network, no cache: say what to do instead
-            raise UserError(
-                f"cannot get torchvision's ImageNet weights for {arch} ({type(exc).__name__}); "
-                "download them where there is internet and pass --pretrained PATH, or --pretrained none"
-            ) from exc
+        state = imagenet_state_dict(arch)
     else:
         from tgn.checkpoint import load_checkpoint, state_dict_of
 
@@ -164,21 +164,32 @@ def load_backbone(model, spec, arch):
     return model
 
 
-def load_feature_resnet(path, what="model checkpoint", arch="resnet50", width=64):
+def infer_config(state_dict):
+    """Constructor arguments of a FeatureResNet from its bare state dict (official files)."""
+    bottleneck = "layer1.0.conv3.weight" in state_dict
+    layers = tuple(
+        len({key.split(".")[1] for key in state_dict if key.startswith(f"layer{stage}.")}) for stage in range(1, 5)
+    )
+    for arch, (block, arch_layers) in ARCHS.items():
+        if arch_layers == layers and (block == "bottleneck") == bottleneck:
+            return {"arch": arch, "num_classes": int(state_dict["fc.weight"].shape[0]),
+                    "width": int(state_dict["conv1.weight"].shape[0])}
+    raise UserError(f"unsupported ResNet layout: blocks per stage {layers}")
+
+
+def load_feature_resnet(path, what="model checkpoint"):
     """Rebuild a FeatureResNet from one of our checkpoints or an official bare state dict.
 
-    Ours carry their constructor arguments; for an official file `arch`/`width` are
-    assumed and the class count is read off `fc.weight`. Returns (model, checkpoint).
+    Ours carry their constructor arguments; for a bare state dict they are read off the
+    parameter names and shapes. Returns (model, checkpoint).
     """
     from tgn.checkpoint import load_checkpoint, load_weights, state_dict_of
 
     checkpoint = load_checkpoint(path, what)
     state = state_dict_of(checkpoint)
-    if "fc.weight" not in state:
-        raise UserError(f"{path} is not a ResNet checkpoint (no fc.weight)")
+    if "fc.weight" not in state or "conv1.weight" not in state:
+        raise UserError(f"{path} is not a ResNet checkpoint (no conv1/fc weights)")
     config = checkpoint.get("model_config") if "state_dict" in checkpoint else None
-    if config is None:
-        config = {"arch": arch, "num_classes": int(state["fc.weight"].shape[0]), "width": width}
-    model = FeatureResNet(**config)
+    model = FeatureResNet(**(config or infer_config(state)))
     load_weights(model, state, path)
     return model, checkpoint

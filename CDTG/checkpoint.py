@@ -1,0 +1,73 @@
+"""CDTG checkpoints: ours, and the official `200000.pt`.
+
+Ours are plain data (state dicts, constructor arguments, class ids, names, prompts,
+options as a dict) and load with weights_only=True. The official file also holds its
+options as an `argparse.Namespace`, which weights_only refuses; we allow exactly that one
+class (`torch.serialization.safe_globals`), which rebuilds a Namespace from plain values
+and runs no code from the file. Nothing else in such a file is trusted.
+"""
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from tgn.errors import UserError
+from tgn.io import atomic_torch_save
+
+FORMAT = "tgn-cdtg/1"
+
+
+def load_cdtg_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"CDTG checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot load CDTG checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(checkpoint, dict) or "g_ema" not in checkpoint:
+        raise UserError(f"{path} is not a CDTG checkpoint (no g_ema)")
+    if checkpoint.get("format") != FORMAT:
+        checkpoint = from_official(checkpoint)
+    return checkpoint
+
+
+def from_official(checkpoint):
+    """Fill in what ours record explicitly, from the official args and weight shapes."""
+    args = checkpoint.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    g_state, d_state = checkpoint["g_ema"], checkpoint.get("d", {})
+    num_classes, style_dim = g_state["label_emb.weight"].shape
+    n_mlp = len({key.split(".")[1] for key in g_state if key.startswith("style.") and key.endswith(".weight")})
+    size = args.get("size", 256)
+    generator_config = {"size": size, "style_dim": int(style_dim), "n_mlp": n_mlp, "num_classes": int(num_classes),
+                        "channel_multiplier": args.get("channel_multiplier", 2)}
+    discriminator_config = {"size": size, "num_classes": int(num_classes),
+                            "channel_multiplier": args.get("channel_multiplier", 2)}
+    label_weights = [v for k, v in d_state.items() if "label" in k and k.endswith("weight") and v.ndim == 2]
+    if label_weights:
+        discriminator_config["label_dim"] = int(label_weights[0].shape[1])
+    return {
+        **checkpoint,
+        "official": True,
+        "generator_config": generator_config,
+        "discriminator_config": discriminator_config,
+        "fusion": None,
+        "step": int(args.get("iter", 0)) if "step" not in checkpoint else checkpoint["step"],
+        "ada_aug_p": checkpoint.get("ada_aug_p", 0.0),
+        "options": {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+
+
+def save_cdtg_checkpoint(path, payload):
+    atomic_torch_save(path, {"format": FORMAT, **payload})
+
+
+def checkpoint_steps(folder):
+    """Steps of the numbered checkpoints (`<step>.pt`) in `folder`, ascending."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.stem) for p in folder.glob("*.pt") if re.fullmatch(r"\d+", p.stem))

@@ -1,0 +1,102 @@
+"""CLIP text-consistency loss: CLIP should match each fake with "A photo of a {class name}".
+
+Unlike the official code (images through PIL, loss under no_grad, softmax before the
+cross-entropy, CLIP reloaded every step), the fake batch goes through CLIP as tensors,
+so the loss has gradients; CLIP is loaded once and the text features are computed once.
+"""
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgn.errors import UserError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def import_clip():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # openai-clip imports the deprecated pkg_resources
+        import clip
+    return clip
+
+
+def load_clip(spec, device, download_root=None):
+    """'ViT-B/32' (or another name: downloaded when online), a local file, or 'none'.
+
+    A local file may be the official TorchScript archive or a plain state dict. clip.load
+    cannot read the latter (it fails with EOFError), so both are read here and rebuilt
+    with clip.model.build_model. Weights are kept in fp32 for stable gradients.
+    """
+    if spec == "none":
+        return None
+    clip = import_clip()
+    path = Path(spec)
+    if path.is_file():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit is deprecated, yet it reads CLIP's release files
+                state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except RuntimeError:
+            try:
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:
+                raise UserError(f"--clip {path}: neither a CLIP TorchScript archive nor a state dict") from exc
+        try:
+            model = clip.model.build_model(state_dict)
+        except (KeyError, RuntimeError) as exc:
+            raise UserError(f"--clip {path}: not a CLIP model ({type(exc).__name__}: {exc})") from exc
+    elif spec in clip.available_models():
+        try:
+            model, _ = clip.load(spec, device="cpu", jit=False, download_root=download_root)
+        except Exception as exc:  # offline
+            raise UserError(
+                f"cannot load CLIP {spec} ({type(exc).__name__}); download it where there is internet "
+                "and pass --clip PATH, or --clip none"
+            ) from exc
+    else:
+        raise UserError(f"--clip {spec}: no such file, and not one of {', '.join(clip.available_models())}")
+    return model.float().to(device).eval()
+
+
+class ClipConsistencyLoss(nn.Module):
+    """Cross-entropy of CLIP's scaled image-text logits against the fakes' labels."""
+
+    def __init__(self, clip_model, prompts):
+        super().__init__()
+        clip = import_clip()
+        self.clip = clip_model
+        for parameter in self.clip.parameters():
+            parameter.requires_grad_(False)
+        self.clip.eval()
+        self.resolution = clip_model.visual.input_resolution
+        device = next(clip_model.parameters()).device
+        with torch.no_grad():
+            text = clip_model.encode_text(clip.tokenize(prompts).to(device)).float()
+        self.register_buffer("text_features", F.normalize(text, dim=-1))
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # frozen whatever the caller does
+        return self
+
+    def preprocess(self, images):
+        """CLIP's own preprocessing on tensors in [-1, 1]: bicubic resize, normalise.
+
+        Fakes are square, so CLIP's center crop after the resize is the identity.
+        """
+        images = (images.float() + 1) / 2
+        images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
+        return (images - self.mean) / self.std
+
+    def logits(self, images):
+        image_features = F.normalize(self.clip.encode_image(self.preprocess(images)).float(), dim=-1)
+        return self.clip.logit_scale.exp() * image_features @ self.text_features.t()
+
+    def forward(self, images, labels):
+        return F.cross_entropy(self.logits(images), labels)

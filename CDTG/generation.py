@@ -1,0 +1,80 @@
+"""Generate tail-class images with a trained CDTG generator.
+
+    python CDTG/generation.py --ckpt runs/dior/cdtg/checkpoint/200000.pt --per-class 7000 --r 0.05 --out runs/dior/generated
+
+Each tail class gets --per-class images, written as OUT/<class_id>/gen_<index>.jpg under
+the dataset's own class ids, plus OUT/anno.txt in the dataset's annotation format, so
+`Classification/train.py --extra OUT` uses the folder as it is. The latent is
+r * noise + (1 - r) * fusion(M_T feature of a real image of the class).
+
+Rerunning with the same flags completes a stopped run; a larger --per-class adds images
+after the existing ones; nothing is overwritten without --overwrite. The official
+`200000.pt` works too: pass --data (CDTG/dataset_split.py output) and --teacher, since it
+records neither (and holds no fusion weights: a fixed-seed projection is used, with a
+warning).
+"""
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+from CDTG.synthesis import ANNOTATION, TailSynthesizer, check_settings, run_generation  # noqa: E402
+from tgn.cli import make_parser  # noqa: E402
+from tgn.engine import resolve_device  # noqa: E402
+from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import atomic_write_json  # noqa: E402
+
+
+def build_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--ckpt", type=Path, required=True, help="CDTG checkpoint (ours or the official 200000.pt)")
+    parser.add_argument("--out", type=Path, default=Path("runs/generated"), help="output folder")
+    parser.add_argument("--per-class", type=int, default=7000, help="images per tail class (the released classifier's)")
+    parser.add_argument("--classes", type=int, nargs="*", default=None, help="dataset class ids (default: every tail class)")
+    parser.add_argument("--r", type=float, default=0.05, help="proportion of noise in the fused latent")
+    parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none)")
+    parser.add_argument("--batch", type=int, default=64, help="images per generator call")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    parser.add_argument("--data", type=Path, default=None, help="tail-class data (default: the one training used)")
+    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved")
+    parser.add_argument("--teacher", type=Path, default=None, help="tail model M_T (default: the one training used)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--workers", type=int, default=4, help="threads encoding and writing JPEGs")
+    parser.add_argument("--overwrite", action="store_true", help="delete images already in --out and start again")
+    return parser
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.per_class < 0 or args.batch < 1:
+        raise UserError("--per-class must be >= 0 and --batch >= 1")
+    if not 0 <= args.r <= 1:
+        raise UserError("--r must be between 0 and 1")
+    device = resolve_device(args.device)
+    synth = TailSynthesizer(args.ckpt, device, data=args.data, data_root=args.data_root, teacher=args.teacher)
+    class_ids = args.classes if args.classes else synth.tail.ids
+    unknown = [cid for cid in class_ids if cid not in synth.tail.ids]
+    if unknown:
+        raise UserError(f"--classes: {unknown[0]} is not a tail class (tail classes: {synth.tail.ids})")
+    settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed}
+    check_settings(args.out, settings, args.overwrite)
+    if args.overwrite:
+        for cid in synth.tail.ids:
+            shutil.rmtree(args.out / str(cid), ignore_errors=True)
+        (args.out / ANNOTATION).unlink(missing_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "generation.json", settings)
+    written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,
+                             seed=args.seed, truncation=args.truncation, batch_size=args.batch, quality=args.quality,
+                             workers=args.workers)
+    for cid in class_ids:
+        name = synth.tail.names[synth.tail.ids.index(cid)]
+        print(f"  class {cid:4d} {name:<28s} {written[cid]:6d} new, {args.per_class:6d} in all")
+    print(f"wrote {sum(written.values())} images; annotation: {args.out / ANNOTATION}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The tail-class data of CDTG: a manifest written by CDTG/dataset_split.py.
+
+The manifest (`tail_classes.json`) fixes the generator's label order (label k is the
+k-th tail class, ascending dataset class id, the tail model's output order too), the
+class names and the CLIP prompts; `train.txt` lists the tail training images in the
+dataset's annotation format, pointing into DATA (nothing is copied).
+"""
+from pathlib import Path
+
+import torch
+from torchvision import transforms
+
+from tgn.data import ImageList, read_annotation, samples_for
+from tgn.errors import UserError
+from tgn.io import atomic_write_json, read_json
+
+MANIFEST = "tail_classes.json"
+IMAGE_LIST = "train.txt"
+MANIFEST_FORMAT = "tgn-cdtg-data/1"
+DEFAULT_PROMPT = "A photo of a {name}"
+
+
+class TailClasses:
+    """Tail classes in generator label order, with names, prompts and training images."""
+
+    def __init__(self, folder, data_root, classes, split_fingerprint=None):
+        self.folder = Path(folder)
+        self.data_root = Path(data_root)
+        self.classes = classes  # list of {"label", "id", "name", "prompt", "train_count"}
+        self.split_fingerprint = split_fingerprint
+
+    @property
+    def ids(self):
+        return [c["id"] for c in self.classes]
+
+    @property
+    def names(self):
+        return [c["name"] for c in self.classes]
+
+    @property
+    def prompts(self):
+        return [c["prompt"] for c in self.classes]
+
+    def label_of(self):
+        return {c["id"]: c["label"] for c in self.classes}
+
+    def entries(self):
+        return read_annotation(self.folder / IMAGE_LIST)
+
+    def samples(self):
+        """(image path, generator label) of every tail training image."""
+        return samples_for(self.data_root / "train", self.entries(), self.label_of())
+
+    def write(self):
+        atomic_write_json(self.folder / MANIFEST, {
+            "format": MANIFEST_FORMAT,
+            "data_root": str(self.data_root),
+            "split_fingerprint": self.split_fingerprint,
+            "classes": self.classes,
+        })
+
+
+def load_tail_classes(folder, data_root=None):
+    folder = Path(folder)
+    path = folder / MANIFEST if folder.is_dir() or not folder.suffix else folder
+    if not path.is_file():
+        raise UserError(f"tail-class data not found: {path} (run CDTG/dataset_split.py first)")
+    data = read_json(path, "tail-class manifest")
+    if data.get("format") != MANIFEST_FORMAT:
+        raise UserError(f"{path} is not a manifest written by CDTG/dataset_split.py")
+    classes = sorted(data["classes"], key=lambda c: c["label"])
+    if [c["label"] for c in classes] != list(range(len(classes))):
+        raise UserError(f"{path}: labels must be 0..{len(classes) - 1}")
+    return TailClasses(path.parent, data_root or data["data_root"], classes, data.get("split_fingerprint"))
+
+
+def gan_transform(size):
+    """Resize to the GAN resolution and map to [-1, 1]; flips are done per step on the batch."""
+    return transforms.Compose([
+        transforms.Resize((size, size)),
+        transforms.ToTensor(),
+        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    ])
+
+
+def tail_image_dataset(tail, size):
+    samples = tail.samples()
+    counts = {label: 0 for label in range(len(tail.classes))}
+    for _, label in samples:
+        counts[label] += 1
+    empty = [label for label, count in counts.items() if count == 0]
+    if empty:
+        cls = tail.classes[empty[0]]
+        raise UserError(f"tail class {cls['id']} ({cls['name']}) has no training image in {tail.folder / IMAGE_LIST}")
+    return ImageList(samples, gan_transform(size), size)
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Batch indices for steps start..end-1; step s's batch depends only on (seed, s).
+
+    Sampling with replacement per step makes an interrupted run resume on exactly the
+    batches the uninterrupted run would have seen.
+    """
+
+    def __init__(self, dataset_size, batch_size, seed, start, end):
+        self.dataset_size, self.batch_size = dataset_size, batch_size
+        self.seed, self.start, self.end = seed, start, end
+
+    def __len__(self):
+        return max(self.end - self.start, 0)
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            yield torch.randint(self.dataset_size, (self.batch_size,), generator=generator).tolist()

@@ -1,0 +1,167 @@
+"""Train CDTG: a class-conditional SWAGAN on the tail classes, with noise fused with the
+tail model's features, the tail model's classification loss and a CLIP text loss.
+
+    python CDTG/train.py --data runs/dior/cdtg/data --teacher runs/dior/kmdn/distill/M_T.pth --out runs/dior/cdtg
+
+Official defaults: 256 px, latent 512, 8 mapping layers, channel multiplier 2, batch 8,
+lr 0.002, 200,000 iterations, R1 10 every 16 steps, path length 2 every 4 steps, style
+mixing 0.9, fusion 0.8 * noise + 0.2 * feature, CLIP ViT-B/32. Writes
+OUT/checkpoint/<step>.pt every --save-every steps, OUT/sample/<step>.png grids,
+OUT/metrics.jsonl and OUT/options.json. Quick CPU run: --size 32 --latent 64 --n-mlp 2
+--channel-max 32 --batch 4 --iter 200 --clip none.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+import torch  # noqa: E402
+
+from CDTG.clip_loss import ClipConsistencyLoss, load_clip  # noqa: E402
+from CDTG.fusion import NoiseFusion  # noqa: E402
+from CDTG.swagan import Discriminator, Generator  # noqa: E402
+from CDTG.tail_data import load_tail_classes, tail_image_dataset  # noqa: E402
+from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
+from tgn.cli import make_parser  # noqa: E402
+from tgn.engine import resolve_device, seed_everything  # noqa: E402
+from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import save_options  # noqa: E402
+from tgn.resnet import load_feature_resnet  # noqa: E402
+from CDTG.checkpoint import checkpoint_steps  # noqa: E402
+
+
+def build_parser():
+    defaults = GanConfig()
+    parser = make_parser(__doc__)
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--data", type=Path, default=Path("runs/cdtg/data"), help="folder made by CDTG/dataset_split.py")
+    io.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
+    io.add_argument("--teacher", type=Path, default=Path("runs/kmdn/distill/M_T.pth"),
+                    help="the distilled tail model M_T (KMDN/Distill.py); official bare state dicts work too")
+    io.add_argument("--clip", default="ViT-B/32", help="CLIP model name (downloaded when online), a local file, or 'none'")
+    io.add_argument("--clip-root", default=None, help="download folder of CLIP weights")
+    io.add_argument("--out", type=Path, default=Path("runs/cdtg"), help="run folder")
+    io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoint")
+    io.add_argument("--overwrite", action="store_true", help="start again even if OUT holds checkpoints")
+
+    model = parser.add_argument_group("model (official defaults)")
+    model.add_argument("--size", type=int, default=256, help="image size of the GAN")
+    model.add_argument("--latent", type=int, default=512, help="latent (style) dimension")
+    model.add_argument("--n-mlp", type=int, default=8, help="layers of the mapping network")
+    model.add_argument("--channel-multiplier", type=int, default=2)
+    model.add_argument("--channel-max", type=int, default=512, help="cap on every layer's width (512 = official)")
+    model.add_argument("--lr-mlp", type=float, default=0.01, help="learning-rate multiplier of the mapping network")
+
+    train = parser.add_argument_group("training (official defaults)")
+    train.add_argument("--iter", type=int, default=defaults.iterations, help="total training steps")
+    train.add_argument("--batch", type=int, default=defaults.batch)
+    train.add_argument("--lr", type=float, default=defaults.lr)
+    train.add_argument("--r1", type=float, default=defaults.r1, help="R1 weight (gamma)")
+    train.add_argument("--path-regularize", type=float, default=defaults.path_regularize)
+    train.add_argument("--path-batch-shrink", type=int, default=defaults.path_batch_shrink)
+    train.add_argument("--d-reg-every", type=int, default=defaults.d_reg_every)
+    train.add_argument("--g-reg-every", type=int, default=defaults.g_reg_every)
+    train.add_argument("--mixing", type=float, default=defaults.mixing, help="style-mixing probability")
+    train.add_argument("--fusion-noise", type=float, default=defaults.fusion_noise,
+                       help="share of noise in the fused latent during training")
+    train.add_argument("--lambda-cls", type=float, default=defaults.lambda_cls, help="weight of M_T's loss on fakes")
+    train.add_argument("--lambda-clip", type=float, default=defaults.lambda_clip, help="weight of the CLIP loss")
+    train.add_argument("--augment", action="store_true", help="adaptive discriminator augmentation (ADA)")
+    train.add_argument("--augment-p", type=float, default=defaults.augment_p, help="fixed ADA p (0: adaptive)")
+    train.add_argument("--ada-target", type=float, default=defaults.ada_target)
+    train.add_argument("--ada-length", type=int, default=defaults.ada_length)
+    train.add_argument("--ada-every", type=int, default=defaults.ada_every)
+    train.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints")
+    train.add_argument("--sample-every", type=int, default=defaults.sample_every, help="steps between sample grids")
+    train.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics lines")
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    runtime.add_argument("--seed", type=int, default=0)
+    runtime.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    return parser
+
+
+def gan_config(args):
+    return GanConfig(
+        iterations=args.iter, batch=args.batch, lr=args.lr, r1=args.r1, path_regularize=args.path_regularize,
+        path_batch_shrink=args.path_batch_shrink, d_reg_every=args.d_reg_every, g_reg_every=args.g_reg_every,
+        mixing=args.mixing, fusion_noise=args.fusion_noise, lambda_cls=args.lambda_cls,
+        lambda_clip=0.0 if args.clip == "none" else args.lambda_clip, augment=args.augment,
+        augment_p=args.augment_p, ada_target=args.ada_target, ada_length=args.ada_length, ada_every=args.ada_every,
+        save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every, seed=args.seed,
+        workers=args.workers,
+    )
+
+
+def load_teacher(path, tail):
+    teacher, checkpoint = load_feature_resnet(path, "tail model (--teacher)")
+    if teacher.config["num_classes"] != len(tail.classes):
+        raise UserError(f"--teacher {path} has {teacher.config['num_classes']} classes, "
+                        f"the tail data has {len(tail.classes)}")
+    ids = checkpoint.get("class_ids") if "state_dict" in checkpoint else None
+    if ids is not None and list(ids) != tail.ids:
+        raise UserError(f"--teacher {path} was trained on classes {ids}, the tail classes are {tail.ids}")
+    return teacher
+
+
+def sample_set(dataset, num_classes, latent_dim, device):
+    """Fixed inputs of the sample grids: up to 8 rows of classes, 8 samples each."""
+    classes = list(range(min(num_classes, 8)))
+    labels = torch.tensor([c for c in classes for _ in range(8)])
+    first_of_class = {}
+    for index, (_, label) in enumerate(dataset.samples):
+        first_of_class.setdefault(label, index)
+    real = torch.stack([dataset[first_of_class[int(c)]][0] for c in labels])
+    z = torch.randn(len(labels), latent_dim, generator=torch.Generator().manual_seed(0))
+    return z.to(device), labels.to(device), real.to(device)
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if checkpoint_steps(args.out / "checkpoint") and not (args.resume or args.overwrite):
+        raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
+    tail = load_tail_classes(args.data, args.data_root)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    dataset = tail_image_dataset(tail, args.size)
+    teacher = load_teacher(args.teacher, tail)
+    num_classes = len(tail.classes)
+    generator = Generator(args.size, args.latent, args.n_mlp, num_classes=num_classes,
+                          channel_multiplier=args.channel_multiplier, lr_mlp=args.lr_mlp, channel_max=args.channel_max)
+    discriminator = Discriminator(args.size, num_classes, label_dim=args.latent,
+                                  channel_multiplier=args.channel_multiplier, channel_max=args.channel_max)
+    g_ema = Generator(**generator.config)
+    accumulate(g_ema, generator, 0)
+    feature_numel = 1
+    for dim in teacher.feature_shape(args.size):
+        feature_numel *= dim
+    fusion = NoiseFusion(feature_numel, args.latent)
+    clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
+    clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = save_options(args.out, args)
+    metadata = {
+        "generator_config": generator.config,
+        "discriminator_config": discriminator.config,
+        "fusion_config": fusion.config,
+        "class_ids": tail.ids,
+        "class_names": tail.names,
+        "prompts": tail.prompts,
+        "teacher": str(args.teacher.resolve()),
+        "data": str(Path(args.data).resolve()),
+        "options": options,
+    }
+    trainer = CdtgTrainer(generator, discriminator, g_ema, fusion, teacher, clip_loss, gan_config(args), device,
+                          args.out, metadata)
+    if args.resume:
+        trainer.resume()
+    print(f"CDTG: {num_classes} tail classes, {len(dataset)} images at {args.size} px, device {device}, "
+          f"CLIP {'off' if clip_loss is None else args.clip}, steps {trainer.step}..{args.iter}")
+    final_step = trainer.fit(dataset, sample_set(dataset, num_classes, args.latent, device))
+    print(f"done at step {final_step}: {args.out / 'checkpoint' / f'{final_step}.pt'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The CDTG training loop: StyleGAN2 (SWAGAN) with lazy regularisation, EMA and ADA,
+conditioned on tail labels, with fused noise, the tail teacher's loss and the CLIP loss.
+
+Every step reseeds the random generators from (seed, step) and draws its batch from
+StepBatchSampler, so a resumed run continues exactly as the uninterrupted one.
+"""
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from CDTG.augment import AdaptiveAugment, augment
+from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint, save_cdtg_checkpoint
+from CDTG.losses import (d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize,
+                         teacher_classification_loss)
+from CDTG.tail_data import StepBatchSampler
+from tgn.checkpoint import load_weights
+from tgn.errors import UserError
+from tgn.io import append_jsonl
+
+
+@dataclass
+class GanConfig:
+    """Official defaults (rosinality stylegan2-pytorch train.py, as used by TGN)."""
+
+    iterations: int = 200_000
+    batch: int = 8
+    lr: float = 0.002
+    r1: float = 10.0
+    path_regularize: float = 2.0
+    path_batch_shrink: int = 2
+    d_reg_every: int = 16
+    g_reg_every: int = 4
+    mixing: float = 0.9
+    fusion_noise: float = 0.8
+    lambda_cls: float = 1.0
+    lambda_clip: float = 1.0
+    augment: bool = False
+    augment_p: float = 0.0
+    ada_target: float = 0.6
+    ada_length: int = 500_000
+    ada_every: int = 256
+    ema_half_life_kimg: float = 10.0
+    save_every: int = 5000
+    sample_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    workers: int = 4
+
+
+def set_requires_grad(module, flag):
+    for parameter in module.parameters():
+        parameter.requires_grad_(flag)
+
+
+@torch.no_grad()
+def accumulate(ema, model, decay):
+    """EMA of the generator's parameters (buffers such as fixed noise stay as they are)."""
+    ema_params = dict(ema.named_parameters())
+    for name, parameter in model.named_parameters():
+        ema_params[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+
+
+def mixing_noise(batch, latent_dim, probability, device):
+    """One noise tensor, or two (style mixing) with the given probability."""
+    if probability > 0 and random.random() < probability:
+        return list(torch.randn(2, batch, latent_dim, device=device).unbind(0))
+    return [torch.randn(batch, latent_dim, device=device)]
+
+
+def step_seed(seed, step):
+    return seed * 1_000_003 + step
+
+
+class CdtgTrainer:
+    """Holds the models, optimisers and state of one CDTG run."""
+
+    def __init__(self, generator, discriminator, g_ema, fusion, teacher, clip_loss, cfg, device, out_dir,
+                 metadata):
+        self.g, self.d, self.g_ema, self.fusion = generator, discriminator, g_ema, fusion
+        self.teacher, self.clip_loss, self.cfg, self.device = teacher, clip_loss, cfg, device
+        self.out_dir = Path(out_dir)
+        self.metadata = metadata
+        for module in (self.g, self.d, self.g_ema, self.fusion, self.teacher):
+            module.to(device)
+        # The teacher is frozen: eval mode (BatchNorm statistics never see fakes), no
+        # parameter gradients, yet gradients flow through it to the fake images.
+        self.teacher.eval()
+        set_requires_grad(self.teacher, False)
+        self.g_ema.eval()
+        set_requires_grad(self.g_ema, False)
+        # Lazy regularisation: scale lr and betas by the fraction of steps that update.
+        g_ratio = cfg.g_reg_every / (cfg.g_reg_every + 1)
+        d_ratio = cfg.d_reg_every / (cfg.d_reg_every + 1)
+        self.g_optim = torch.optim.Adam(list(self.g.parameters()) + list(self.fusion.parameters()),
+                                        lr=cfg.lr * g_ratio, betas=(0 ** g_ratio, 0.99 ** g_ratio))
+        self.d_optim = torch.optim.Adam(self.d.parameters(), lr=cfg.lr * d_ratio, betas=(0 ** d_ratio, 0.99 ** d_ratio))
+        self.ada = AdaptiveAugment(cfg.ada_target, cfg.ada_length, cfg.ada_every, device) if cfg.augment else None
+        self.ada_p = cfg.augment_p
+        self.step = 0
+        self.mean_path_length = torch.tensor(0.0, device=device)
+        self.ema_decay = 0.5 ** (32 / (cfg.ema_half_life_kimg * 1000))
+
+    # ----- checkpoints -----------------------------------------------------------------
+    def state(self):
+        return {
+            **self.metadata,
+            "g": self.g.state_dict(),
+            "d": self.d.state_dict(),
+            "g_ema": self.g_ema.state_dict(),
+            "fusion": self.fusion.state_dict(),
+            "g_optim": self.g_optim.state_dict(),
+            "d_optim": self.d_optim.state_dict(),
+            "ada_aug_p": float(self.ada_p),
+            "ada": self.ada.state_dict() if self.ada is not None else None,
+            "mean_path_length": float(self.mean_path_length),
+            "step": self.step,
+        }
+
+    def save(self):
+        path = self.out_dir / "checkpoint" / f"{self.step}.pt"
+        save_cdtg_checkpoint(path, self.state())
+        return path
+
+    def resume(self):
+        steps = checkpoint_steps(self.out_dir / "checkpoint")
+        if not steps:
+            return False
+        path = self.out_dir / "checkpoint" / f"{steps[-1]}.pt"
+        state = load_cdtg_checkpoint(path)
+        if state.get("class_ids") != self.metadata["class_ids"]:
+            raise UserError(f"{path} was trained on other tail classes; use another --out")
+        for module, key in ((self.g, "g"), (self.d, "d"), (self.g_ema, "g_ema"), (self.fusion, "fusion")):
+            load_weights(module, state[key], path)
+        self.g_optim.load_state_dict(state["g_optim"])
+        self.d_optim.load_state_dict(state["d_optim"])
+        self.ada_p = state["ada_aug_p"]
+        if self.ada is not None and state.get("ada"):
+            self.ada.load_state_dict(state["ada"])
+        self.mean_path_length = torch.tensor(state["mean_path_length"], device=self.device)
+        self.step = state["step"]
+        print(f"resuming from {path} at step {self.step}")
+        return True
+
+    # ----- one step ----------------------------------------------------------------------
+    def fused_noise(self, batch, features, ratio):
+        return [self.fusion(z, features, ratio) for z in mixing_noise(batch, self.fusion.config["latent_dim"],
+                                                                       self.cfg.mixing, self.device)]
+
+    def maybe_augment(self, images):
+        if self.ada_p <= 0:
+            return images
+        augmented, _ = augment(images, self.ada_p)
+        return augmented
+
+    def generator_loss(self, fake, labels):
+        """Adversarial + lambda_cls * M_T's CE + lambda_clip * CLIP's CE, all back-propagated."""
+        cfg = self.cfg
+        g_adv = g_nonsaturating_loss(self.d(self.maybe_augment(fake), labels))
+        total, parts = g_adv, {"g_adv": g_adv.item()}
+        if cfg.lambda_cls > 0:
+            cls_loss = teacher_classification_loss(self.teacher, fake, labels)
+            total = total + cfg.lambda_cls * cls_loss
+            parts["cls"] = cls_loss.item()
+        if cfg.lambda_clip > 0 and self.clip_loss is not None:
+            clip_loss = self.clip_loss(fake, labels)
+            total = total + cfg.lambda_clip * clip_loss
+            parts["clip"] = clip_loss.item()
+        return total, parts
+
+    def train_step(self, real, labels):
+        cfg, step = self.cfg, self.step
+        losses = {}
+        with torch.no_grad():
+            _, features = self.teacher(real)
+
+        # Discriminator.
+        set_requires_grad(self.g, False)
+        set_requires_grad(self.fusion, False)
+        set_requires_grad(self.d, True)
+        fake, _ = self.g(self.fused_noise(real.shape[0], features, cfg.fusion_noise), labels)
+        fake_pred = self.d(self.maybe_augment(fake), labels)
+        real_pred = self.d(self.maybe_augment(real), labels)
+        d_loss = d_logistic_loss(real_pred, fake_pred)
+        self.d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.d_optim.step()
+        losses["d"] = d_loss.item()
+        losses["real_score"] = real_pred.mean().item()
+        losses["fake_score"] = fake_pred.mean().item()
+        if self.ada is not None:
+            self.ada_p = self.ada.tune(real_pred)
+
+        if step % cfg.d_reg_every == 0:
+            real_for_r1 = real.detach().requires_grad_(True)
+            real_pred = self.d(self.maybe_augment(real_for_r1), labels)
+            r1 = d_r1_loss(real_pred, real_for_r1)
+            self.d.zero_grad(set_to_none=True)
+            # The 0 * real_pred term keeps every D output in the graph (as StyleGAN2 does).
+            (cfg.r1 / 2 * r1 * cfg.d_reg_every + 0 * real_pred[0]).sum().backward()
+            self.d_optim.step()
+            losses["r1"] = r1.item()
+
+        # Generator.
+        set_requires_grad(self.g, True)
+        set_requires_grad(self.fusion, True)
+        set_requires_grad(self.d, False)
+        fake, _ = self.g(self.fused_noise(real.shape[0], features, cfg.fusion_noise), labels)
+        g_loss, parts = self.generator_loss(fake, labels)
+        losses.update(parts)
+        self.g.zero_grad(set_to_none=True)
+        self.fusion.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.g_optim.step()
+        losses["g"] = g_loss.item()
+
+        if cfg.path_regularize > 0 and step % cfg.g_reg_every == 0:
+            path_batch = max(1, real.shape[0] // cfg.path_batch_shrink)
+            noise = self.fused_noise(path_batch, features[:path_batch], cfg.fusion_noise)
+            fake, latents = self.g(noise, labels[:path_batch], return_latents=True)
+            path_loss, self.mean_path_length, path_lengths = g_path_regularize(fake, latents, self.mean_path_length)
+            self.g.zero_grad(set_to_none=True)
+            self.fusion.zero_grad(set_to_none=True)
+            weighted = cfg.path_regularize * cfg.g_reg_every * path_loss
+            if cfg.path_batch_shrink:
+                weighted = weighted + 0 * fake[0, 0, 0, 0]
+            weighted.backward()
+            self.g_optim.step()
+            losses["path"] = path_loss.item()
+            losses["path_length"] = path_lengths.mean().item()
+
+        accumulate(self.g_ema, self.g, self.ema_decay)
+        losses["ada_p"] = float(self.ada_p)
+        for name, value in losses.items():
+            if not math.isfinite(value):
+                raise UserError(f"the {name} loss became {value} at step {step}; lower --lr or check the data")
+        return losses
+
+    # ----- samples -------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_samples(self, sample_z, sample_labels, sample_real):
+        _, features = self.teacher(sample_real)
+        z = self.fusion(sample_z, features, self.cfg.fusion_noise)
+        images, _ = self.g_ema([z], sample_labels)
+        path = self.out_dir / "sample" / f"{self.step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, path, nrow=int(math.sqrt(images.shape[0])) or 1, normalize=True, value_range=(-1, 1))
+
+    # ----- loop ----------------------------------------------------------------------------
+    def fit(self, dataset, sample_set):
+        """Train until cfg.iterations; checkpoint every save_every steps and at the end."""
+        cfg = self.cfg
+        sampler = StepBatchSampler(len(dataset), cfg.batch, cfg.seed, self.step, cfg.iterations)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                            pin_memory=self.device.type == "cuda")
+        sample_z, sample_labels, sample_real = sample_set
+        progress = tqdm(loader, total=len(sampler), initial=0, desc="cdtg", dynamic_ncols=True)
+        started = time.time()
+        try:
+            for real, labels in progress:
+                seed = step_seed(cfg.seed, self.step)
+                random.seed(seed)
+                torch.manual_seed(seed)
+                real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                flip = torch.rand(real.shape[0], device=self.device) < 0.5  # official random horizontal flip
+                real = torch.where(flip.view(-1, 1, 1, 1), real.flip(3), real)
+                losses = self.train_step(real, labels)
+                self.step += 1
+                progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()
+                                      if k in ("d", "g_adv", "cls", "clip", "r1", "ada_p")})
+                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                    append_jsonl(self.out_dir / "metrics.jsonl",
+                                 {"step": self.step, **losses, "seconds": round(time.time() - started, 2)})
+                if self.step % cfg.sample_every == 0:
+                    self.write_samples(sample_z, sample_labels, sample_real)
+                if self.step % cfg.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            print(f"interrupted: saving step {self.step}")
+            self.save()
+            raise
+        if not (self.out_dir / "checkpoint" / f"{self.step}.pt").exists():
+            self.save()
+        return self.step

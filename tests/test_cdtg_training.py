@@ -1,0 +1,223 @@
+"""CDTG: tail data, CLIP and teacher losses that really train G, the loop, resume, generation."""
+import argparse
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_clip, write_dataset
+from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.clip_loss import ClipConsistencyLoss, load_clip
+from CDTG.dataset_split import main as cdtg_split_main
+from CDTG.fusion import NoiseFusion
+from CDTG.generation import main as generation_main
+from CDTG.swagan import Discriminator, Generator
+from CDTG.tail_data import StepBatchSampler, load_tail_classes
+from CDTG.train import main as train_main
+from CDTG.trainer import CdtgTrainer, GanConfig, accumulate
+from KMDN.dataset_split import main as split_main
+from tgn.io import atomic_torch_save
+from tgn.resnet import FeatureResNet
+
+TAIL_IDS = [2, 3, 4]
+
+
+@pytest.fixture
+def cdtg_inputs(tmp_path):
+    """Toy data at 32 px, its split, the CDTG tail data, a tiny M_T and a tiny CLIP file."""
+    data = write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 8, 3: 4, 4: 4}, size=32,
+                         class_names={0: "ship", 1: "vehicle", 2: "airport", 3: "dam", 4: "golf field"})
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    cdtg_split_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "cdtg_data")])
+    torch.manual_seed(0)
+    teacher = FeatureResNet("resnet18", num_classes=3, width=4)
+    atomic_torch_save(tmp_path / "M_T.pth", {"state_dict": teacher.state_dict(), "model_config": teacher.config,
+                                             "class_ids": TAIL_IDS, "class_names": ["airport", "dam", "golf field"]})
+    torch.save(tiny_clip().state_dict(), tmp_path / "clip.pt")
+    return tmp_path
+
+
+def tiny_train_args(root, out, *extra):
+    return ["--data", str(root / "cdtg_data"), "--teacher", str(root / "M_T.pth"), "--clip", str(root / "clip.pt"),
+            "--out", str(out), "--size", "32", "--latent", "16", "--n-mlp", "2", "--channel-max", "16",
+            "--batch", "4", "--d-reg-every", "2", "--g-reg-every", "2", "--save-every", "2", "--sample-every", "2",
+            "--log-every", "1", "--workers", "0", "--device", "cpu", *extra]
+
+
+def test_tail_data_manifest(cdtg_inputs):
+    tail = load_tail_classes(cdtg_inputs / "cdtg_data")
+    assert tail.ids == TAIL_IDS
+    assert tail.prompts == ["A photo of a airport", "A photo of a dam", "A photo of a golf field"]
+    labels = sorted({label for _, label in tail.samples()})
+    assert labels == [0, 1, 2] and len(tail.samples()) == 16
+    assert all(str(cdtg_inputs / "data") in path for path, _ in tail.samples())
+
+
+def test_step_batches_depend_only_on_seed_and_step():
+    whole = list(StepBatchSampler(50, 4, seed=1, start=0, end=6))
+    tail = list(StepBatchSampler(50, 4, seed=1, start=3, end=6))
+    assert tail == whole[3:] and whole[0] != whole[1]
+
+
+def test_clip_loss_is_differentiable_and_clip_stays_frozen():
+    clip_model = tiny_clip()
+    loss_fn = ClipConsistencyLoss(clip_model, ["A photo of a dam", "A photo of a airport"])
+    images = torch.rand(2, 3, 24, 24, requires_grad=True)
+    loss = loss_fn(images * 2 - 1, torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in clip_model.parameters())
+    # Cross-entropy on CLIP's scaled logits, no softmax before it.
+    logits = loss_fn.logits(images.detach() * 2 - 1)
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_clip_preprocessing_normalises_like_clip():
+    loss_fn = ClipConsistencyLoss(tiny_clip(), ["A photo of a dam"])
+    grey = torch.zeros(1, 3, 8, 8)  # 0 in [-1, 1] is 0.5 in [0, 1]
+    out = loss_fn.preprocess(grey)
+    assert out.shape == (1, 3, 32, 32)
+    expected = (0.5 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
+        [0.26862954, 0.26130258, 0.27577711])
+    torch.testing.assert_close(out[0, :, 5, 5], expected)
+
+
+def test_clip_loads_from_a_plain_state_dict_file(tmp_path):
+    torch.save(tiny_clip().state_dict(), tmp_path / "clip.pt")
+    model = load_clip(str(tmp_path / "clip.pt"), torch.device("cpu"))
+    assert model.visual.input_resolution == 32 and next(model.parameters()).dtype == torch.float32
+
+
+def make_trainer(tmp_path, **overrides):
+    torch.manual_seed(0)
+    g = Generator(32, 16, 2, num_classes=3, channel_max=16)
+    d = Discriminator(32, 3, label_dim=16, channel_max=16)
+    g_ema = Generator(**g.config)
+    accumulate(g_ema, g, 0)
+    teacher = FeatureResNet("resnet18", num_classes=3, width=4)
+    fusion = NoiseFusion(16 * 2 * 2, 16)
+    cfg = GanConfig(batch=4, workers=0, **overrides)
+    clip_loss = ClipConsistencyLoss(tiny_clip(), ["a", "b", "c"])
+    return CdtgTrainer(g, d, g_ema, fusion, teacher, clip_loss, cfg, torch.device("cpu"), tmp_path,
+                       {"class_ids": TAIL_IDS})
+
+
+@pytest.mark.parametrize("term", ["lambda_cls", "lambda_clip"])
+def test_each_loss_term_reaches_the_generator(tmp_path, term):
+    def generator_grad(**weights):
+        trainer = make_trainer(tmp_path, **weights)
+        torch.manual_seed(1)
+        fake, _ = trainer.g([torch.randn(4, 16)], torch.tensor([0, 1, 2, 0]))
+        loss, _ = trainer.generator_loss(fake, torch.tensor([0, 1, 2, 0]))
+        loss.backward()
+        assert all(p.grad is None for p in trainer.teacher.parameters())
+        return torch.cat([p.grad.flatten() for p in trainer.g.parameters() if p.grad is not None])
+
+    adversarial_only = generator_grad(lambda_cls=0.0, lambda_clip=0.0)
+    with_term = generator_grad(**{"lambda_cls": 0.0, "lambda_clip": 0.0, term: 1.0})
+    disabled_again = generator_grad(**{"lambda_cls": 0.0, "lambda_clip": 0.0, term: 0.0})
+    assert not torch.allclose(adversarial_only, with_term)
+    assert torch.equal(adversarial_only, disabled_again)
+
+
+def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
+    straight, interrupted = cdtg_inputs / "straight", cdtg_inputs / "interrupted"
+    train_main(tiny_train_args(cdtg_inputs, straight, "--iter", "4", "--augment", "--augment-p", "0.5"))
+    train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "2", "--augment", "--augment-p", "0.5"))
+    train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "4", "--augment", "--augment-p", "0.5",
+                               "--resume"))
+    metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for key in ("d", "g_adv", "cls", "clip", "r1", "path"):
+        assert key in metrics[0] and all(map(lambda m: m.get(key, 0) == m.get(key, 0), metrics))
+    a, b = load_cdtg_checkpoint(straight / "checkpoint" / "4.pt"), load_cdtg_checkpoint(
+        interrupted / "checkpoint" / "4.pt")
+    for part in ("g", "d", "g_ema", "fusion"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert a["class_ids"] == TAIL_IDS and a["prompts"][2] == "A photo of a golf field"
+    assert isinstance(a["options"], dict) and a["generator_config"]["size"] == 32
+    assert (straight / "sample" / "000002.png").is_file()
+    assert not torch.equal(a["fusion"]["project.weight"], load_cdtg_checkpoint(
+        straight / "checkpoint" / "2.pt")["fusion"]["project.weight"])  # the fusion layer trains
+
+
+def test_teacher_with_wrong_class_count_is_refused(cdtg_inputs, capsys):
+    teacher = FeatureResNet("resnet18", num_classes=5, width=4)
+    torch.save(teacher.state_dict(), cdtg_inputs / "wrong.pth")
+    args = tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1")
+    args[args.index("--teacher") + 1] = str(cdtg_inputs / "wrong.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(args)
+    assert exit_info.value.code == 2 and "has 5 classes, the tail data has 3" in capsys.readouterr().err
+
+
+@pytest.fixture
+def trained_ckpt(cdtg_inputs):
+    train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "2", "--clip", "none"))
+    return cdtg_inputs / "run" / "checkpoint" / "2.pt"
+
+
+def read_anno(folder):
+    return [line.rsplit(" ", 1) for line in (folder / "anno.txt").read_text().splitlines()]
+
+
+def test_generation_writes_images_under_dataset_class_ids(trained_ckpt, tmp_path):
+    out = tmp_path / "generated"
+    generation_main(["--ckpt", str(trained_ckpt), "--out", str(out), "--per-class", "5", "--batch", "2",
+                     "--device", "cpu", "--workers", "2"])
+    lines = read_anno(out)
+    assert len(lines) == 15
+    assert sorted({int(label) for _, label in lines}) == TAIL_IDS
+    for relpath, label in lines:
+        assert relpath.split("/")[0] == label
+        with Image.open(out / relpath) as image:
+            assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def test_generation_restarts_and_adds_without_overwriting(trained_ckpt, tmp_path):
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    common = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3"]
+    generation_main([*common, "--out", str(straight), "--per-class", "6", "--batch", "4"])
+    generation_main([*common, "--out", str(restarted), "--per-class", "3", "--batch", "2"])
+    (restarted / "3" / "gen_000001.jpg").unlink()  # as if killed before writing it
+    mtime = (restarted / "3" / "gen_000000.jpg").stat().st_mtime_ns
+    generation_main([*common, "--out", str(restarted), "--per-class", "6", "--batch", "3"])
+    assert (restarted / "3" / "gen_000000.jpg").stat().st_mtime_ns == mtime  # not rewritten
+    names = sorted(p.name for p in (restarted / "3").iterdir())
+    assert names == [f"gen_{i:06d}.jpg" for i in range(6)]
+    for name in names:  # same images whatever the batch size and interruptions
+        assert (straight / "3" / name).read_bytes() == (restarted / "3" / name).read_bytes()
+    assert len(read_anno(restarted)) == 6
+
+
+def test_generation_refuses_other_settings_in_the_same_folder(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "generated"
+    base = ["--ckpt", str(trained_ckpt), "--out", str(out), "--per-class", "1", "--device", "cpu"]
+    generation_main(base)
+    with pytest.raises(SystemExit):
+        generation_main([*base, "--r", "0.5"])
+    assert "other settings (r)" in capsys.readouterr().err
+    generation_main([*base, "--r", "0.5", "--overwrite"])
+
+
+def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path):
+    torch.manual_seed(0)
+    g = Generator(32, 16, 2, num_classes=3)  # official widths: the official file records no channel cap
+    d = Discriminator(32, 3, label_dim=16)
+    official = {"g": g.state_dict(), "d": d.state_dict(), "g_ema": g.state_dict(), "g_optim": {}, "d_optim": {},
+                "ada_aug_p": 0.0, "args": argparse.Namespace(size=32, channel_multiplier=2, iter=2, batch=4)}
+    torch.save(official, tmp_path / "200000.pt")
+    loaded = load_cdtg_checkpoint(tmp_path / "200000.pt")
+    assert loaded["official"] and loaded["fusion"] is None
+    assert loaded["generator_config"] == {"size": 32, "style_dim": 16, "n_mlp": 2, "num_classes": 3,
+                                          "channel_multiplier": 2}
+    out = tmp_path / "generated"
+    base = ["--ckpt", str(tmp_path / "200000.pt"), "--out", str(out), "--device", "cpu", "--per-class", "2"]
+    with pytest.raises(SystemExit):  # it records neither the tail data nor the teacher
+        generation_main(base)
+    with pytest.warns(UserWarning, match="no noise-fusion weights"):
+        generation_main([*base, "--data", str(cdtg_inputs / "cdtg_data"), "--teacher", str(cdtg_inputs / "M_T.pth")])
+    assert len(read_anno(out)) == 6
