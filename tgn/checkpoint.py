@@ -54,5 +54,22 @@ def load_weights(model, state_dict, source):
     return model
 
 
+def load_all_but_classifier(model, state_dict, source, target, classifier="fc."):
+    """Initialise every parameter but the classifier's (it keeps its fresh init: the class
+    count of `state_dict` may differ); a one-line error names what does not fit."""
+    state = {key: value for key, value in state_dict.items() if not key.startswith(classifier)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        raise UserError(f"{source} does not fit {target} (parameter shapes differ)") from exc
+    missing = [key for key in missing if not key.startswith(classifier)]
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not fit {target}: {len(missing)} missing and {len(unexpected)} unexpected "
+            f"parameters (e.g. {(missing + unexpected)[0]})"
+        )
+    return model
+
+
 def save_checkpoint(path, payload):
     atomic_torch_save(path, payload)

@@ -23,10 +23,10 @@ def add_runtime_args(parser):
 
 def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4, image_size=224):
     group = parser.add_argument_group("training (official defaults)")
-    group.add_argument("--epochs", type=int, default=epochs)
-    group.add_argument("--batch-size", type=int, default=batch_size)
+    group.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    group.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
     group.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    group.add_argument("--weight-decay", type=float, default=weight_decay)
+    group.add_argument("--weight-decay", type=float, default=weight_decay, help="Adam weight decay")
     group.add_argument("--milestones", type=int, nargs="*", default=OFFICIAL_MILESTONES,
                        help="epochs after which the learning rate is divided by 10")
     group.add_argument("--image-size", type=int, default=image_size, help="images are resized to this square size")
@@ -35,11 +35,12 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
     return group
 
 
-def add_model_args(parser, *, arch_choices=("resnet50", "resnet18")):
+def add_model_args(parser, *, arch_choices=("resnet50", "resnet18"), width=True):
     group = parser.add_argument_group("model")
     group.add_argument("--arch", default="resnet50", choices=arch_choices,
                        help="resnet50 is the paper's; resnet18 for quick runs")
-    group.add_argument("--width", type=int, default=64, help="base channel width (64 = standard; smaller for tests)")
+    if width:  # torchvision's ResNet (the classifier) has a fixed width
+        group.add_argument("--width", type=int, default=64, help="base channel width (64 = standard; smaller for tests)")
     group.add_argument("--pretrained", default="imagenet",
                        help="'imagenet' (torchvision weights, downloaded when online), 'none', or a weight file")
     return group

@@ -32,6 +32,10 @@ def atomic_write_text(path, text):
     _atomic_replace(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+def atomic_write_bytes(path, data):
+    _atomic_replace(path, lambda handle: handle.write(data))
+
+
 def atomic_write_json(path, data):
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

@@ -140,6 +140,8 @@ def load_backbone(model, spec, arch):
     checkpoints. The final `fc` layer always keeps its fresh initialisation (the class
     count differs from the source's).
     """
+    from tgn.checkpoint import load_all_but_classifier, load_checkpoint, state_dict_of
+
     if spec == "none":
         return model
     if spec == "imagenet":
@@ -147,21 +149,9 @@ def load_backbone(model, spec, arch):
             raise UserError("--pretrained imagenet needs the standard width 64; use --pretrained none")
         state = imagenet_state_dict(arch)
     else:
-        from tgn.checkpoint import load_checkpoint, state_dict_of
-
         state = state_dict_of(load_checkpoint(Path(spec), "pretrained weights"))
-    state = {k: v for k, v in torchvision_to_feature_resnet(state).items() if not k.startswith("fc.")}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # size mismatches
-        raise UserError(f"--pretrained {spec} does not fit --arch {arch} --width {model.config['width']}") from exc
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise UserError(
-            f"--pretrained {spec} does not fit --arch {arch}: "
-            f"{len(missing)} missing and {len(unexpected)} unexpected parameters (e.g. {(missing + unexpected)[0]})"
-        )
-    return model
+    return load_all_but_classifier(model, torchvision_to_feature_resnet(state), f"--pretrained {spec}",
+                                   f"--arch {arch} --width {model.config['width']}")
 
 
 def infer_config(state_dict):
