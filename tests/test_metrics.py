@@ -1,0 +1,73 @@
+"""tgn.metrics on hand-made confusion matrices, incl. a class never predicted and classes absent from test."""
+import math
+
+import numpy as np
+import pytest
+
+from tgn.metrics import confusion_matrix, format_percent, per_class_accuracy, per_class_f1, summarize
+
+# Rows: true class, columns: predicted class.
+#   class 2 is present in test (3 images) but never predicted;
+#   class 3 is absent from test and never predicted;
+#   class 4 is absent from test but predicted once (a class-0 image).
+CM = np.array([
+    [3, 1, 0, 0, 1],
+    [1, 2, 0, 0, 0],
+    [2, 1, 0, 0, 0],
+    [0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0],
+])
+
+
+def test_confusion_matrix_counts_true_rows_and_predicted_columns():
+    targets = [0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    predictions = [0, 0, 0, 1, 4, 0, 1, 1, 0, 0, 1]
+    assert np.array_equal(confusion_matrix(targets, predictions, 5), CM)
+    assert confusion_matrix([], [], 3).tolist() == [[0] * 3] * 3
+    with pytest.raises(ValueError):
+        confusion_matrix([0, 1], [0], 2)
+
+
+def test_per_class_accuracy_is_nan_for_a_class_absent_from_test():
+    accuracy = per_class_accuracy(CM)
+    assert accuracy[:3] == pytest.approx([3 / 5, 2 / 3, 0.0])
+    assert math.isnan(accuracy[3]) and math.isnan(accuracy[4])
+
+
+def test_per_class_f1_by_hand():
+    f1 = per_class_f1(CM)
+    # class 0: TP 3, FP 3 (1 + 2 from rows 1, 2), FN 2 -> 6 / 11
+    # class 1: TP 2, FP 2, FN 1 -> 4 / 7;  class 2: never predicted -> 0
+    # class 3: neither present nor predicted -> NaN; class 4: only a false positive -> 0
+    assert f1[[0, 1, 2, 4]] == pytest.approx([6 / 11, 4 / 7, 0.0, 0.0])
+    assert math.isnan(f1[3])
+
+
+def test_summary_means_skip_undefined_classes():
+    summary = summarize(CM, head=[0, 3], tail=[3, 4])
+    assert summary["num_samples"] == 11
+    assert summary["overall_accuracy"] == pytest.approx(5 / 11)
+    assert summary["mean_class_accuracy"] == pytest.approx((3 / 5 + 2 / 3 + 0) / 3)
+    assert summary["macro_f1"] == pytest.approx((6 / 11 + 4 / 7 + 0 + 0) / 4)
+    assert summary["head_accuracy"] == pytest.approx(3 / 5)  # class 3 absent: not counted as 0
+    assert math.isnan(summary["tail_accuracy"])  # no tail class in test: n/a, not 0
+
+
+def test_empty_group_and_empty_test_set_are_nan():
+    assert math.isnan(summarize(CM, head=[0, 1, 2, 3, 4], tail=[])["tail_accuracy"])
+    empty = summarize(np.zeros((3, 3), dtype=np.int64), head=[0], tail=[1, 2])
+    assert all(math.isnan(empty[key]) for key in
+               ("overall_accuracy", "mean_class_accuracy", "macro_f1", "head_accuracy", "tail_accuracy"))
+
+
+def test_perfect_predictions():
+    summary = summarize(np.diag([4, 1, 2]), head=[0], tail=[1, 2])
+    for key in ("overall_accuracy", "mean_class_accuracy", "macro_f1", "head_accuracy", "tail_accuracy"):
+        assert summary[key] == pytest.approx(1.0), key
+
+
+def test_format_percent():
+    assert format_percent(0.8656) == "86.56"
+    assert format_percent(float("nan")) == "n/a"
+    assert format_percent(None) == "n/a"
+    assert format_percent(0.0) == "0.00"
