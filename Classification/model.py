@@ -1,0 +1,84 @@
+"""The final classifier: torchvision's ResNet with fc = Sequential(Linear(features, C)).
+
+That is the layout of the released `result.pth` (`fc.0.weight`, `fc.0.bias`, torchvision
+names elsewhere), so the official file loads with strict=True and needs no mapping. Our
+checkpoints hold the same state dict plus metadata (see `checkpoint_meta`).
+"""
+import torchvision
+from torch import nn
+
+from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
+from tgn.errors import UserError
+from tgn.resnet import imagenet_state_dict
+
+ARCHS = ("resnet50", "resnet18")
+CHECKPOINT_FORMAT = "tgn-classifier/1"
+
+
+def build_classifier(arch="resnet50", num_classes=20):
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.fc = nn.Sequential(nn.Linear(model.fc.in_features, num_classes))
+    model.config = {"arch": arch, "num_classes": num_classes}
+    return model
+
+
+def initialise_backbone(model, spec):
+    """All but `fc` from 'imagenet', 'none' or a weight file (torchvision's, result.pth, ours).
+
+    `fc` keeps its fresh initialisation: the source's class count may differ.
+    """
+    if spec == "none":
+        return model
+    arch = model.config["arch"]
+    if spec == "imagenet":
+        state = imagenet_state_dict(arch)
+    else:
+        state = state_dict_of(load_checkpoint(spec, "pretrained weights"))
+    return load_all_but_classifier(model, state, f"--pretrained {spec}", f"--arch {arch}")
+
+
+def infer_arch(state_dict):
+    """Bottleneck blocks have a conv3; basic blocks do not."""
+    return "resnet50" if "layer1.0.conv3.weight" in state_dict else "resnet18"
+
+
+def load_classifier(path):
+    """Rebuild the classifier from one of our checkpoints or an official bare state dict.
+
+    Returns (model, meta); meta is {} for a bare state dict (class ids unknown).
+    """
+    checkpoint = load_checkpoint(path, "classifier checkpoint")
+    state = state_dict_of(checkpoint)
+    if "fc.0.weight" not in state:
+        raise UserError(f"{path} is not a classifier checkpoint (no fc.0.weight; KMDN/CDTG files do not fit here)")
+    meta = {key: value for key, value in checkpoint.items() if key != "state_dict"} if "state_dict" in checkpoint else {}
+    config = meta.get("model_config") or {"arch": infer_arch(state), "num_classes": int(state["fc.0.weight"].shape[0])}
+    model = build_classifier(**config)
+    load_weights(model, state, path)
+    return model, meta
+
+
+def check_classes(meta, model, class_ids, path, data_root):
+    """Refuse a model whose outputs are not DATA's classes (output index = rank of the class id)."""
+    num_outputs = model.config["num_classes"]
+    if meta.get("class_ids") is not None and list(meta["class_ids"]) != list(class_ids):
+        raise UserError(f"{path} was trained on classes {meta['class_ids']}, {data_root} has {list(class_ids)}")
+    if num_outputs != len(class_ids):
+        raise UserError(f"{path} has {num_outputs} outputs but {data_root} has {len(class_ids)} classes; "
+                        "use the dataset the model was trained on")
+
+
+def checkpoint_meta(model, class_ids, class_names, train_counts, generated_counts, method, options):
+    """Stored with every classifier checkpoint; lists follow the model's output order."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": dict(model.config),
+        "class_ids": list(class_ids),
+        "class_names": list(class_names),
+        "train_counts": list(train_counts),
+        "generated_counts": list(generated_counts),
+        "method": method,
+        "options": options,
+    }

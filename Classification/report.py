@@ -1,0 +1,163 @@
+"""The evaluation report of a classifier, as Markdown, CSV and JSON, and the comparison table.
+
+Every number comes from tgn.metrics.summarize of one confusion matrix. JSON holds
+fractions (null where undefined), CSV fractions ("n/a" where undefined), Markdown percents.
+Head/tail are the groups of the real training counts; an empty group is n/a, never 0.
+"""
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from tgn.errors import UserError
+from tgn.io import atomic_write_json, atomic_write_text, read_json
+from tgn.metrics import format_percent, summarize
+
+REPORT_FORMAT = "tgn-classification-report/1"
+SUMMARY_ROWS = (  # (CSV id, label, summary key)
+    ("all", "overall accuracy (OA)", "overall_accuracy"),
+    ("mean", "mean per-class accuracy", "mean_class_accuracy"),
+    ("head", "head-class mean accuracy", "head_accuracy"),
+    ("tail", "tail-class mean accuracy", "tail_accuracy"),
+    ("f1", "macro-F1", "macro_f1"),
+)
+CLASS_COLUMNS = ("id", "name", "group", "train_count", "generated_count", "test_count", "accuracy", "f1")
+COMPARISON_COLUMNS = (("head acc", "head_accuracy"), ("tail acc", "tail_accuracy"), ("OA", "overall_accuracy"),
+                      ("macro-F1", "macro_f1"))
+
+
+def _number(value):
+    """JSON-safe: NaN becomes None."""
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def build_report(cm, *, method, source, dataset, class_ids, class_names, train_counts, generated_counts,
+                 head, tail, grouping):
+    """`head`/`tail` are class ids; `generated_counts` is None when unknown (official weights)."""
+    index_of = {cid: index for index, cid in enumerate(class_ids)}
+    cm = np.asarray(cm)
+    summary = summarize(cm, head=[index_of[c] for c in head], tail=[index_of[c] for c in tail])
+    classes = [
+        {
+            "id": cid,
+            "name": class_names[index],
+            "group": "head" if cid in head else "tail",
+            "train_count": int(train_counts[index]),
+            "generated_count": None if generated_counts is None else int(generated_counts[index]),
+            "test_count": int(cm[index].sum()),
+            "accuracy": _number(summary["per_class_accuracy"][index]),
+            "f1": _number(summary["per_class_f1"][index]),
+        }
+        for index, cid in enumerate(class_ids)
+    ]
+    return {
+        "format": REPORT_FORMAT,
+        "method": method,
+        "source": str(source),
+        "dataset": dataset,
+        "grouping": grouping,
+        "num_test_images": summary["num_samples"],
+        **{key: _number(summary[key]) for _, _, key in SUMMARY_ROWS},
+        "head": list(head),
+        "tail": list(tail),
+        "classes": classes,
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def _cell(value):
+    return "n/a" if value is None else value
+
+
+def report_markdown(report):
+    groups = {"head": len(report["head"]), "tail": len(report["tail"])}
+    lines = [
+        f"## {report['method']}",
+        "",
+        f"{report['source']} on {report['dataset']}: {report['num_test_images']} test images; "
+        f"head/tail from {report['grouping']}.",
+        "",
+        "| metric | % |",
+        "|---|---:|",
+    ]
+    for csv_id, label, key in SUMMARY_ROWS:
+        suffix = f" ({groups[csv_id]} classes)" if csv_id in groups else ""
+        lines.append(f"| {label}{suffix} | {format_percent(report[key])} |")
+    lines += ["", "| id | name | group | train | generated | test | accuracy % | F1 % |",
+              "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for row in report["classes"]:
+        lines.append(f"| {row['id']} | {row['name']} | {row['group']} | {row['train_count']} | "
+                     f"{_cell(row['generated_count'])} | {row['test_count']} | {format_percent(row['accuracy'])} | "
+                     f"{format_percent(row['f1'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fraction(value):
+    return "n/a" if value is None else f"{value:.6f}"
+
+
+def report_csv(report):
+    """One row per class, then one row per summary metric (id = all, mean, head, tail, f1)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CLASS_COLUMNS)
+    for row in report["classes"]:
+        writer.writerow([row["id"], row["name"], row["group"], row["train_count"], _cell(row["generated_count"]),
+                         row["test_count"], _fraction(row["accuracy"]), _fraction(row["f1"])])
+    for csv_id, label, key in SUMMARY_ROWS:
+        value = _fraction(report[key])
+        writer.writerow([csv_id, label, "", "", "", "", *(("", value) if key == "macro_f1" else (value, ""))])
+    return buffer.getvalue()
+
+
+def write_report(report, folder):
+    """folder/report.{md,csv,json}; returns the folder."""
+    folder = Path(folder)
+    atomic_write_text(folder / "report.md", report_markdown(report))
+    atomic_write_text(folder / "report.csv", report_csv(report))
+    atomic_write_json(folder / "report.json", report)
+    return folder
+
+
+def read_report(path):
+    """A report.json, or a folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "report.json"
+    report = read_json(path, "report")
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise UserError(f"{path} is not a report written by Classification/test.py or train.py")
+    return report
+
+
+def comparison(reports, labels=None):
+    """Rows (method, head acc, tail acc, OA, macro-F1) of reports on the same classes."""
+    first = reports[0]
+    for report in reports[1:]:
+        if [c["id"] for c in report["classes"]] != [c["id"] for c in first["classes"]]:
+            raise UserError(f"reports {first['method']!r} and {report['method']!r} are on different classes")
+    labels = labels or [report["method"] for report in reports]
+    return [{"method": label, **{key: report[key] for _, key in COMPARISON_COLUMNS}}
+            for label, report in zip(labels, reports)]
+
+
+def comparison_markdown(rows, note=None):
+    lines = ["| method | " + " | ".join(f"{title} %" for title, _ in COMPARISON_COLUMNS) + " |",
+             "|---|" + "---:|" * len(COMPARISON_COLUMNS)]
+    for row in rows:
+        lines.append(f"| {row['method']} | " + " | ".join(format_percent(row[key]) for _, key in COMPARISON_COLUMNS)
+                     + " |")
+    if note:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_csv(rows):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", *(key for _, key in COMPARISON_COLUMNS)])
+    for row in rows:
+        writer.writerow([row["method"], *(_fraction(row[key]) for _, key in COMPARISON_COLUMNS)])
+    return buffer.getvalue()

@@ -1,0 +1,80 @@
+"""Images of the classifier: DATA's own plus generated ones (--extra), labelled by output index.
+
+The model's output index of a class is the position of its id among DATA's sorted class
+ids (DIOR: identity 0..19, as in result.pth). A generated folder given with --extra holds
+
+    <DIR>/anno.txt            lines "<class_id>/<file> <class_id>", paths relative to <DIR>
+    <DIR>/<class_id>/<file>
+
+(the dataset's annotation format with <DIR> as the image root). An image listed twice, in
+one folder or across folders, is used once.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from tgn.data import check_files_exist, read_annotation, samples_for
+from tgn.errors import UserError
+
+EXTRA_ANNOTATION = "anno.txt"
+
+
+def class_order(info):
+    """DATA's class ids in output order, and the map class id -> output index."""
+    class_ids = sorted(info.class_names)
+    return class_ids, {cid: index for index, cid in enumerate(class_ids)}
+
+
+def count_per_class(entries, class_ids):
+    counts = {cid: 0 for cid in class_ids}
+    for entry in entries:
+        counts[entry.class_id] += 1
+    return [counts[cid] for cid in class_ids]
+
+
+def read_extra(folder, class_names):
+    """Entries of one generated folder, checked: known class ids, existing images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"--extra {folder}: folder not found")
+    annotation = folder / EXTRA_ANNOTATION
+    if not annotation.is_file():
+        raise UserError(f"--extra {folder}: no {EXTRA_ANNOTATION} (lines '<class_id>/<file> <class_id>')")
+    entries = read_annotation(annotation)
+    unknown = sorted({entry.class_id for entry in entries} - set(class_names))
+    if unknown:
+        raise UserError(f"{annotation}: class id {unknown[0]} is not a class of the dataset")
+    check_files_exist(folder, entries, annotation)
+    return entries
+
+
+@dataclass
+class TrainingImages:
+    samples: list  # (absolute path, output index)
+    real_counts: list  # per output index: DATA's training images
+    generated_counts: list  # per output index: images added from --extra
+    duplicates: int  # listed images skipped because already present
+
+
+def training_images(info, extra_folders=()):
+    """DATA's training images followed by the generated ones, without duplicates."""
+    class_ids, label_of = class_order(info)
+    real = info.entries("train")
+    samples = samples_for(info.image_root("train"), real, label_of)
+    label_by_path = {str(Path(path).resolve()): label for path, label in samples}
+    generated = []
+    duplicates = 0
+    for folder in extra_folders:
+        entries = read_extra(folder, info.class_names)
+        for entry, (path, label) in zip(entries, samples_for(folder, entries, label_of)):
+            key = str(Path(path).resolve())
+            if key in label_by_path:
+                if label_by_path[key] != label:
+                    raise UserError(f"{Path(folder) / EXTRA_ANNOTATION}: {entry.relpath} is listed with another "
+                                    "class elsewhere")
+                duplicates += 1
+                continue
+            label_by_path[key] = label
+            generated.append(entry)
+            samples.append((path, label))
+    return TrainingImages(samples, count_per_class(real, class_ids), count_per_class(generated, class_ids),
+                          duplicates)

@@ -1,0 +1,90 @@
+"""What train.py and test.py share: report flags, head/tail groups, the test set, the report."""
+from dataclasses import dataclass
+from pathlib import Path
+
+from Classification.figures import plot_confusion, plot_long_tail
+from Classification.report import build_report, read_report, report_markdown, write_report
+from tgn.data import ImageList, build_transform, samples_for
+from tgn.engine import evaluate, make_loader
+from tgn.errors import UserError
+from tgn.split import check_split_matches, head_count, load_split, rank_classes
+
+
+def add_report_args(parser):
+    group = parser.add_argument_group("report")
+    group.add_argument("--split", type=Path, default=None,
+                       help="head/tail from this split folder (KMDN/dataset_split.py); without it they are "
+                            "recomputed from DATA's real training counts with --threshold")
+    group.add_argument("--threshold", type=float, default=40.0,
+                       help="percent of classes (ranked by real training count) that are head, without --split")
+    group.add_argument("--name", default=None, help="method name in the report and comparison table")
+    group.add_argument("--baseline-report", type=Path, default=None,
+                       help="report.json (or its folder) of the baseline: its accuracy line joins long_tail.png")
+    return group
+
+
+@dataclass
+class Classes:
+    """DATA's classes in output order, with what the report says about each."""
+
+    dataset: str
+    ids: list
+    names: list
+    train_counts: list  # real training images only
+    generated_counts: list  # None when unknown (official weights)
+    head: list  # class ids
+    tail: list
+    grouping: str  # where head/tail come from, in words
+
+    def indices(self, class_ids):
+        return [self.ids.index(cid) for cid in class_ids]
+
+
+def describe_classes(info, args, class_ids, train_counts, generated_counts):
+    """Head/tail from --split, or from the real training counts (never inflated by --extra)."""
+    if args.split is not None:
+        split = load_split(args.split, data_root=info.root)
+        check_split_matches(split, info)
+        head, tail = split.head, split.tail
+        grouping = f"split {split.folder} ({split.threshold:g}% of classes are head)"
+    else:
+        ranking = rank_classes(dict(zip(class_ids, train_counts)))
+        n_head = head_count(len(ranking), args.threshold)
+        head, tail = sorted(ranking[:n_head]), sorted(ranking[n_head:])
+        grouping = f"real training counts (top {args.threshold:g}% of classes are head)"
+    return Classes(info.name, list(class_ids), [info.class_names[cid] for cid in class_ids], list(train_counts),
+                   None if generated_counts is None else list(generated_counts), head, tail, grouping)
+
+
+def read_baseline(args):
+    """Read --baseline-report up front, so that a wrong path fails before any work."""
+    return read_report(args.baseline_report) if args.baseline_report is not None else None
+
+
+def evaluation_set(info, label_of, image_size):
+    folder = info.image_root("test")
+    if not folder.is_dir():
+        raise UserError(f"test folder not found: {folder}")
+    samples = samples_for(folder, info.entries("test"), label_of)
+    return ImageList(samples, build_transform(image_size, train=False), image_size)
+
+
+def report_and_figures(model, dataset, classes, out_dir, *, method, source, device, batch_size, workers,
+                       amp="off", channels_last=False, baseline=None, cm=None):
+    """Evaluate (unless `cm` is given), then write report.{md,csv,json}, confusion_matrix.png and
+    long_tail.png into `out_dir`, print the Markdown and return the report. `baseline` is
+    another report whose accuracy line joins long_tail.png."""
+    if cm is None:
+        loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device)
+        cm, _ = evaluate(model, loader, device, len(classes.ids), amp=amp, channels_last=channels_last)
+    report = build_report(cm, method=method, source=source, dataset=classes.dataset, class_ids=classes.ids,
+                          class_names=classes.names, train_counts=classes.train_counts,
+                          generated_counts=classes.generated_counts, head=classes.head, tail=classes.tail,
+                          grouping=classes.grouping)
+    out_dir = Path(out_dir)
+    write_report(report, out_dir)
+    plot_confusion(report, out_dir / "confusion_matrix.png")
+    plot_long_tail([baseline, report] if baseline else [report], out_dir / "long_tail.png")
+    print(report_markdown(report))
+    print(f"wrote {out_dir}/report.md, report.csv, report.json, confusion_matrix.png, long_tail.png")
+    return report
