@@ -1,0 +1,58 @@
+"""Side-by-side table of several classifier reports: head acc, tail acc, OA, macro-F1.
+
+    python Classification/compare.py runs/dior/cls-baseline runs/dior/cls-resample \\
+        runs/dior/cls-bsoftmax runs/dior/cls/report-best --out runs/dior/comparison
+
+Each REPORT is a report.json or the folder holding it (report-best/ of train.py, or a
+test.py --out folder), optionally prefixed with a row name: "baseline=runs/.../report.json".
+Without a prefix the row is named after the report's method. Rows keep the given order.
+Prints the Markdown table and writes OUT/comparison.md and OUT/comparison.csv.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+from Classification.report import comparison, comparison_csv, comparison_markdown, read_report  # noqa: E402
+from tgn.cli import make_parser  # noqa: E402
+from tgn.errors import cli_main  # noqa: E402
+from tgn.io import atomic_write_text  # noqa: E402
+
+
+def build_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("reports", nargs="+", metavar="REPORT", help="[NAME=]report.json or its folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/comparison"), help="folder for the tables")
+    return parser
+
+
+def parse_report_arg(text):
+    """'NAME=PATH' -> (NAME, PATH); a plain PATH -> (None, PATH). Paths may contain '='."""
+    name, sep, path = text.partition("=")
+    if sep and name and not Path(text).exists():
+        return name, Path(path)
+    return None, Path(text)
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    names, reports = [], []
+    for text in args.reports:
+        name, path = parse_report_arg(text)
+        report = read_report(path)
+        names.append(name or report["method"])
+        reports.append(report)
+    rows = comparison(reports, names)
+    groups = {(tuple(report["head"]), tuple(report["tail"])) for report in reports}
+    note = "Note: the reports use different head/tail groups." if len(groups) > 1 else None
+    table = comparison_markdown(rows, note)
+    atomic_write_text(args.out / "comparison.md", table)
+    atomic_write_text(args.out / "comparison.csv", comparison_csv(rows))
+    print(table)
+    print(f"wrote {args.out / 'comparison.md'} and {args.out / 'comparison.csv'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Evaluate a classifier on DATA's test images and write its report.
+
+    python Classification/test.py --data-root DATA --ckpt runs/dior/cls/best.pth --split runs/dior/split
+    python Classification/test.py --data-root DATA --ckpt result.pth      # the released weights
+
+--ckpt is one of our checkpoints (it names its classes) or the official bare state dict
+result.pth (ResNet-50, fc.0.*; loaded with strict=True, its outputs are DATA's sorted class
+ids). Head/tail come from --split, or from DATA's real training counts (top 40% head).
+Reports overall accuracy, mean per-class accuracy, head and tail means, macro-F1 and a
+per-class table; writes report.md/.csv/.json, confusion_matrix.png and long_tail.png to
+--out (default: beside the checkpoint, report-<checkpoint name>/).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+import torch  # noqa: E402
+
+from Classification.model import check_classes, load_classifier  # noqa: E402
+from Classification.samples import class_order, count_per_class  # noqa: E402
+from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
+                                  report_and_figures)
+from tgn.cli import add_runtime_args, make_parser  # noqa: E402
+from tgn.data import open_dataset  # noqa: E402
+from tgn.engine import resolve_device  # noqa: E402
+from tgn.errors import cli_main  # noqa: E402
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+def build_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (test/, anno/)")
+    parser.add_argument("--ckpt", type=Path, required=True, help="our checkpoint or the official result.pth")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default CKPT_DIR/report-CKPT_NAME)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision on GPUs")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    add_report_args(parser)
+    add_runtime_args(parser)
+    return parser
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    baseline = read_baseline(args)
+    info = open_dataset(args.data_root)
+    class_ids, label_of = class_order(info)
+    model, meta = load_classifier(args.ckpt)
+    check_classes(meta, model, class_ids, args.ckpt, args.data_root)
+    train_counts = count_per_class(info.entries("train", check_files=False), class_ids)
+    classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"))
+    options = meta.get("options", {})
+    image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
+    dataset = evaluation_set(info, label_of, image_size)
+
+    device = resolve_device(args.device)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    out_dir = args.out or args.ckpt.parent / f"report-{args.ckpt.stem}"
+    method = args.name or meta.get("method") or args.ckpt.name
+    print(f"{method}: {args.ckpt} on {len(dataset)} test images of {info.name} at {image_size} px, device {device}")
+    return report_and_figures(model, dataset, classes, out_dir, method=method, source=args.ckpt, device=device,
+                              batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+                              channels_last=args.channels_last, baseline=baseline)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Train the final classifier on DATA's training images plus generated tail images.
+
+    python Classification/train.py --data-root DATA --extra runs/dior/generated --out runs/dior/cls
+
+Without --extra this is the paper's baseline. Official defaults: torchvision ResNet-50 with
+fc = Sequential(Linear(2048, C)) (the layout of result.pth), ImageNet init, Adam lr 1e-3,
+weight decay 1e-4, batch 32, 50 epochs, lr / 10 after epoch 30, 224 px, horizontal flip,
+Normalize(0.5, 0.5). Output index = rank of the class id among DATA's class ids.
+
+--extra DIR (repeatable) adds a generated folder: DIR/anno.txt with lines
+"<class_id>/<file> <class_id>" relative to DIR, images in DIR/<class_id>/<file>.
+Long-tail baselines in the same harness:
+    --sampler class-balanced   re-sampling: every class equally likely in a batch
+    --loss balanced-softmax    cross-entropy on logits + log(class prior) (Ren et al. 2020)
+
+Writes OUT/{best,last}.pth, metrics.jsonl (one line per epoch), options.json, and the
+report of best.pth in OUT/report-best/ (report.md/.csv/.json, confusion_matrix.png,
+long_tail.png), the same folder `Classification/test.py --ckpt OUT/best.pth` writes.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+from Classification.long_tail import LOSSES, SAMPLERS, make_loss, make_sampler_weights  # noqa: E402
+from Classification.model import build_classifier, checkpoint_meta, initialise_backbone  # noqa: E402
+from Classification.samples import class_order, training_images  # noqa: E402
+from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
+                                  report_and_figures)
+from tgn.checkpoint import load_checkpoint, load_weights  # noqa: E402
+from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
+                     training_config)
+from tgn.data import ImageList, build_transform, open_dataset  # noqa: E402
+from tgn.engine import fit, resolve_device, seed_everything  # noqa: E402
+from tgn.errors import cli_main  # noqa: E402
+from tgn.io import prepare_run_dir, save_options  # noqa: E402
+
+
+def build_parser():
+    parser = make_parser(__doc__)
+    parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (train/, test/, anno/)")
+    parser.add_argument("--extra", action="append", default=[], metavar="DIR",
+                        help="generated folder with DIR/anno.txt; repeat for several")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="random",
+                        help="class-balanced: re-sample so that every class is equally likely")
+    parser.add_argument("--loss", choices=LOSSES, default="ce",
+                        help="balanced-softmax: logit adjustment by the training class priors")
+    add_model_args(parser, width=False)
+    add_training_args(parser, epochs=50, batch_size=32)
+    add_report_args(parser)
+    add_runtime_args(parser)
+    add_output_args(parser, "runs/cls")
+    return parser
+
+
+def method_name(args):
+    if args.name:
+        return args.name
+    parts = ["TGN"] if args.extra else []
+    parts += ["re-sampling"] if args.sampler == "class-balanced" else []
+    parts += ["balanced softmax"] if args.loss == "balanced-softmax" else []
+    return " + ".join(parts) or "baseline"
+
+
+@cli_main
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    baseline = read_baseline(args)
+    info = open_dataset(args.data_root)
+    class_ids, label_of = class_order(info)
+    images = training_images(info, args.extra)
+    classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts)
+    test_images = evaluation_set(info, label_of, args.image_size)
+    train_images = ImageList(images.samples, build_transform(args.image_size, train=True), args.image_size)
+
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = initialise_backbone(build_classifier(args.arch, len(class_ids)), args.pretrained)
+    run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    if args.overwrite and not args.resume:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    options = save_options(run_dir, args)
+    method = method_name(args)
+    print(f"{method} on {info.name}: {len(train_images)} training images ({sum(images.generated_counts)} generated"
+          f"{f', {images.duplicates} duplicates skipped' if images.duplicates else ''}), {len(test_images)} test "
+          f"images, device {device}")
+    for index, cid in enumerate(class_ids):
+        group = "head" if cid in classes.head else "tail"
+        print(f"  {cid:4d} {classes.names[index]:<28s} {group}  real {images.real_counts[index]:7d}"
+              f"  generated {images.generated_counts[index]:7d}")
+    if args.sampler == "class-balanced" and args.loss == "balanced-softmax":
+        print("note: re-sampling and balanced softmax both correct for the class priors")
+
+    labels = train_images.targets()
+    meta = checkpoint_meta(model, class_ids, classes.names, images.real_counts, images.generated_counts, method,
+                           options)
+    cfg = training_config(args)
+    result = fit(model, train_images, test_images, cfg, device, run_dir, meta=meta, resume=args.resume,
+                 loss_fn=make_loss(args.loss, labels, len(class_ids)), head=classes.indices(classes.head),
+                 tail=classes.indices(classes.tail),
+                 train_weights=make_sampler_weights(args.sampler, labels, len(class_ids)), desc="cls")
+
+    best = run_dir / "best.pth"
+    last_is_best = result.confusion is not None and result.best_epoch == cfg.epochs - 1
+    if best.exists() and not last_is_best:
+        load_weights(model, load_checkpoint(best)["state_dict"], best)
+    if best.exists():
+        print(f"best test OA {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; report of {best}:")
+    source = best if best.exists() else run_dir / "last.pth"  # no best: the test set is empty
+    return report_and_figures(model, test_images, classes, run_dir / "report-best", method=method, source=source,
+                              device=device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
+                              channels_last=args.channels_last, baseline=baseline,
+                              cm=result.confusion if last_is_best else None)
+
+
+if __name__ == "__main__":
+    main()

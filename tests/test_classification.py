@@ -1,0 +1,325 @@
+"""Classification: released-weights format, --extra merging, long-tail baselines, training,
+reports, figures and the comparison table."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from Classification.compare import main as compare_main
+from Classification.figures import plot_confusion, plot_long_tail
+from Classification.long_tail import balanced_softmax_loss, class_balanced_weights, make_loss, make_sampler_weights
+from Classification.model import build_classifier, initialise_backbone, load_classifier
+from Classification.report import build_report, read_report, report_csv, report_markdown, write_report
+from Classification.samples import training_images
+from Classification.test import main as evaluate_main
+from Classification.train import main as train_main
+from conftest import write_dataset
+from KMDN.dataset_split import main as split_main
+from tgn.checkpoint import load_checkpoint
+from tgn.data import open_dataset
+from tgn.engine import cross_entropy_loss
+from tgn.errors import UserError
+
+FORMATS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict_formats.json"
+RELEASED_KEY = "Classification.resnet50(fc=Sequential(Linear(2048,20)))"
+COUNTS = {0: 12, 1: 10, 2: 8, 3: 4, 4: 3}
+TINY = ["--arch", "resnet18", "--pretrained", "none", "--image-size", "16", "--batch-size", "8", "--workers", "0"]
+
+
+def write_generated(folder, counts, seed=7):
+    """A generated folder as --extra reads it: DIR/<class_id>/<file> and DIR/anno.txt."""
+    folder = Path(folder)
+    source = write_dataset(folder.with_name(folder.name + "-source"), counts, {cid: 0 for cid in counts}, seed=seed,
+                           file_pattern="fake {k}.jpg")
+    shutil.move(str(source / "train"), str(folder))
+    shutil.move(str(source / "anno" / "TOY_train.txt"), str(folder / "anno.txt"))
+    return folder
+
+
+def exit_message(capsys, main, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+# --- the released weights ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def released_format():
+    if not FORMATS.is_file():
+        pytest.skip(f"{FORMATS} is not present")
+    return json.loads(FORMATS.read_text())[RELEASED_KEY]
+
+
+@pytest.fixture(scope="module")
+def released_file(released_format, tmp_path_factory):
+    """A bare state dict with the keys and shapes of the official result.pth."""
+    generator = torch.Generator().manual_seed(0)
+
+    def value(key, shape):
+        if key.endswith("num_batches_tracked"):
+            return torch.tensor(0)
+        if key.endswith("running_var"):
+            return torch.ones(shape)
+        return 0.05 * torch.randn(shape, generator=generator)
+
+    path = tmp_path_factory.mktemp("released") / "result.pth"
+    torch.save({key: value(key, shape) for key, shape in released_format.items()}, path)
+    return path
+
+
+def test_classifier_has_the_released_keys_and_shapes(released_format):
+    ours = build_classifier("resnet50", 20).state_dict()
+    assert list(ours) == list(released_format)
+    assert {key: list(tensor.shape) for key, tensor in ours.items()} == released_format
+
+
+def test_released_weights_load_strictly_and_evaluate(released_file, tmp_path):
+    model, meta = load_classifier(released_file)
+    assert meta == {} and model.config == {"arch": "resnet50", "num_classes": 20}
+    state = torch.load(released_file, weights_only=True)
+    assert torch.equal(model.state_dict()["fc.0.weight"], state["fc.0.weight"])
+    data = write_dataset(tmp_path / "dior", {cid: 1 for cid in range(20)}, {cid: 1 for cid in range(20)})
+    report = evaluate_main(["--data-root", str(data), "--ckpt", str(released_file), "--out", str(tmp_path / "report"),
+                        "--image-size", "32", "--workers", "0", "--device", "cpu"])
+    assert report["method"] == "result.pth" and report["num_test_images"] == 20
+    assert len(report["head"]) == 8 and len(report["tail"]) == 12  # 40% of 20
+    assert all(row["generated_count"] is None for row in report["classes"])
+    assert "| 0 | class 0 | head | 1 | n/a | 1 |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_released_weights_of_another_class_count_are_a_one_line_error(released_file, toy_data, capsys):
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(toy_data), "--ckpt", str(released_file)])
+    assert "20 outputs" in err and "5 classes" in err
+
+
+# --- training images and --extra -------------------------------------------------------------
+
+def test_extra_folders_merge_without_duplicates(toy_data, tmp_path):
+    generated = write_generated(tmp_path / "generated", {3: 5, 4: 6})
+    images = training_images(open_dataset(toy_data), [generated, generated])  # the same folder twice
+    assert images.real_counts == [12, 10, 8, 4, 3]
+    assert images.generated_counts == [0, 0, 0, 5, 6]
+    assert images.duplicates == 11
+    paths = [path for path, _ in images.samples]
+    assert len(paths) == len(set(paths)) == 37 + 11
+    extra = [(Path(path), label) for path, label in images.samples if str(generated) in path]
+    assert all(path.parent.name == str(label) for path, label in extra)
+
+
+def test_output_index_is_the_rank_of_the_class_id(tmp_path):
+    data = write_dataset(tmp_path / "sparse", {2: 3, 5: 2, 9: 2})
+    generated = write_generated(tmp_path / "generated", {9: 2})
+    images = training_images(open_dataset(data), [generated])
+    assert images.real_counts == [3, 2, 2] and images.generated_counts == [0, 0, 2]
+    assert [label for path, label in images.samples if str(generated) in path] == [2, 2]
+
+
+def test_bad_extra_folders_are_refused(toy_data, tmp_path):
+    info = open_dataset(toy_data)
+    with pytest.raises(UserError, match="no anno.txt"):
+        training_images(info, [tmp_path])
+    generated = write_generated(tmp_path / "unknown", {7: 1})
+    with pytest.raises(UserError, match="class id 7 is not a class"):
+        training_images(info, [generated])
+    conflicting = write_generated(tmp_path / "conflicting", {3: 1})
+    with open(conflicting / "anno.txt", "a") as handle:
+        handle.write("3/fake 0.jpg 4\n")
+    with pytest.raises(UserError, match="listed with another class"):
+        training_images(info, [conflicting])
+
+
+def test_extra_annotation_pointing_to_a_missing_file_stops_training(toy_data, tmp_path, capsys):
+    generated = write_generated(tmp_path / "generated", {3: 2})
+    (generated / "3" / "fake 1.jpg").unlink()
+    err = exit_message(capsys, train_main, ["--data-root", str(toy_data), "--extra", str(generated),
+                                            "--out", str(tmp_path / "cls"), *TINY])
+    assert "anno.txt" in err and "fake 1.jpg does not exist" in err
+    assert not (tmp_path / "cls" / "last.pth").exists()
+
+
+# --- long-tail baselines ---------------------------------------------------------------------------
+
+def test_class_balanced_weights_give_every_class_the_same_mass():
+    labels = [0, 0, 0, 1, 2, 2]
+    weights = class_balanced_weights(labels, 3)
+    assert weights.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1, 1 / 2, 1 / 2])
+    assert [float(weights[np.array(labels) == c].sum()) for c in range(3)] == pytest.approx([1, 1, 1])
+    assert make_sampler_weights("random", labels, 3) is None
+
+
+def test_balanced_softmax_adds_the_log_prior():
+    identity = torch.nn.Identity()
+    logits = torch.tensor([[0.0, 0.0], [1.0, -1.0]])
+    labels = torch.tensor([1, 0])
+    loss, returned = balanced_softmax_loss([3, 1])(identity, logits, labels)
+    # priors 3/4 and 1/4: row 1 -> -log(0.25 / 1), row 2 -> -log(0.75 e / (0.75 e + 0.25 / e))
+    row1 = -np.log(0.25)
+    row2 = -np.log(0.75 * np.e / (0.75 * np.e + 0.25 / np.e))
+    assert loss.item() == pytest.approx((row1 + row2) / 2, rel=1e-5)
+    assert torch.equal(returned, logits)  # accuracy is measured on the plain logits
+    balanced, _ = balanced_softmax_loss([5, 5])(identity, logits, labels)
+    assert balanced.item() == pytest.approx(cross_entropy_loss(identity, logits, labels)[0].item(), rel=1e-6)
+    assert make_loss("ce", [0, 1], 2) is cross_entropy_loss
+
+
+# --- training, test.py, report and figures ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short CPU run with generated images for the tail classes 3 and 4."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_dataset(root / "data", COUNTS)
+    generated = write_generated(root / "generated", {3: 9, 4: 10})
+    out = root / "cls"
+    report = train_main(["--data-root", str(data), "--extra", str(generated), "--out", str(out), "--epochs", "5",
+                         "--device", "cpu", *TINY])
+    return data, out, report
+
+
+def test_training_beats_chance_and_records_its_classes(trained):
+    _, out, report = trained
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 5 and {"head_accuracy", "tail_accuracy", "macro_f1"} <= set(metrics[-1])
+    best = load_checkpoint(out / "best.pth")
+    assert best["metrics"]["overall_accuracy"] >= 0.6  # chance is 0.2
+    assert report["overall_accuracy"] == pytest.approx(best["metrics"]["overall_accuracy"])
+    assert best["class_ids"] == [0, 1, 2, 3, 4] and best["method"] == "TGN"
+    assert best["train_counts"] == [12, 10, 8, 4, 3] and best["generated_counts"] == [0, 0, 0, 9, 10]
+    assert best["model_config"] == {"arch": "resnet18", "num_classes": 5}
+
+
+def test_head_and_tail_come_from_the_real_counts(trained):
+    _, out, report = trained
+    # With generated images classes 3 and 4 (13 images) would outrank classes 0 and 1.
+    assert report["head"] == [0, 1] and report["tail"] == [2, 3, 4]
+    assert report == read_report(out / "report-best")
+
+
+def test_report_files_and_figures_are_written(trained):
+    _, out, report = trained
+    folder = out / "report-best"
+    markdown = (folder / "report.md").read_text()
+    assert "| overall accuracy (OA) |" in markdown and "| tail-class mean accuracy (3 classes) |" in markdown
+    assert "| 4 | class 4 | tail | 3 | 10 | 3 |" in markdown
+    rows = list(csv.DictReader((folder / "report.csv").open()))
+    assert [row["id"] for row in rows] == ["0", "1", "2", "3", "4", "all", "mean", "head", "tail", "f1"]
+    assert rows[3]["generated_count"] == "9" and rows[3]["group"] == "tail"
+    assert float(rows[5]["accuracy"]) == pytest.approx(report["overall_accuracy"], abs=1e-6)
+    for name in ("confusion_matrix.png", "long_tail.png"):
+        with Image.open(folder / name) as image:
+            assert image.format == "PNG" and min(image.size) > 200
+
+
+def test_test_py_reproduces_the_training_report_with_a_split(trained, tmp_path):
+    data, out, report = trained
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    again = evaluate_main(["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--split", str(tmp_path / "split"),
+                       "--out", str(tmp_path / "report"), "--baseline-report", str(out / "report-best"),
+                       "--workers", "0", "--device", "cpu"])
+    assert again["confusion_matrix"] == report["confusion_matrix"]
+    assert again["head"] == [0, 1] and "split" in again["grouping"]
+    assert (tmp_path / "report" / "long_tail.png").is_file()
+
+
+def test_loading_errors_are_one_line(trained, tmp_path, capsys):
+    _, out, _ = trained
+    other = write_dataset(tmp_path / "other", {0: 1, 1: 1, 2: 1, 3: 1, 5: 1})
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(other), "--ckpt", str(out / "best.pth")])
+    assert "trained on classes [0, 1, 2, 3, 4]" in err
+    data = write_dataset(tmp_path / "data", COUNTS)
+    (data / "test" / "2" / "img 1.jpg").unlink()
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(data), "--ckpt", str(out / "best.pth")])
+    assert "img 1.jpg does not exist" in err
+    shutil.rmtree(data / "test")
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(data), "--ckpt", str(out / "best.pth")])
+    assert err == f"error: test folder not found: {data / 'test'}"
+
+
+def test_long_tail_baselines_run_in_the_same_harness(toy_data, tmp_path):
+    report = train_main(["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--epochs", "1",
+                         "--sampler", "class-balanced", "--loss", "balanced-softmax", "--device", "cpu", *TINY])
+    assert report["method"] == "re-sampling + balanced softmax"
+    assert all(row["generated_count"] == 0 for row in report["classes"])
+
+
+@pytest.mark.parametrize("main", [train_main, evaluate_main, compare_main])
+def test_help_shows_the_defaults(main, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "default" in capsys.readouterr().out
+
+
+# --- hand-made reports: n/a groups, figures, comparison ------------------------------------------
+
+def hand_report(method, cm, generated=None):
+    return build_report(np.array(cm), method=method, source=f"{method}.pth", dataset="TOY", class_ids=[0, 1, 5, 7],
+                        class_names=["a", "b", "c", "d"], train_counts=[50, 30, 5, 2], generated_counts=generated,
+                        head=[0, 1], tail=[5, 7], grouping="hand")
+
+
+BASELINE_CM = [[4, 0, 0, 0], [1, 3, 0, 0], [2, 0, 2, 0], [1, 0, 0, 0]]
+AUGMENTED_CM = [[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 1]]
+
+
+def test_an_empty_group_is_n_a_not_zero():
+    report = hand_report("absent tail", [[3, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    assert report["tail_accuracy"] is None and report["head_accuracy"] == pytest.approx((0.75 + 1) / 2)
+    assert "| tail-class mean accuracy (2 classes) | n/a |" in report_markdown(report)
+    assert "tail,tail-class mean accuracy,,,,,n/a," in report_csv(report)
+    assert "| 7 | d | tail | 2 | n/a | 0 | n/a | n/a |" in report_markdown(report)
+
+
+def test_figures_of_hand_made_reports(tmp_path):
+    baseline = hand_report("baseline", BASELINE_CM)
+    augmented = hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45])
+    assert plot_confusion(hand_report("absent", [[1, 0, 0, 0]] + [[0] * 4] * 3), tmp_path / "cm.png").is_file()
+    plot_long_tail([baseline, augmented], tmp_path / "long_tail.png")
+    with Image.open(tmp_path / "long_tail.png") as image:
+        assert image.format == "PNG"
+    with pytest.raises(UserError, match="other classes"):
+        other = {**baseline, "classes": baseline["classes"][:3]}
+        plot_long_tail([other, augmented], tmp_path / "bad.png")
+
+
+def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
+    write_report(hand_report("baseline", BASELINE_CM), tmp_path / "baseline")
+    write_report(hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45]), tmp_path / "tgn")
+    rows = compare_main(["plain CE=" + str(tmp_path / "baseline" / "report.json"), str(tmp_path / "tgn"),
+                         "--out", str(tmp_path / "comparison")])
+    assert [row["method"] for row in rows] == ["plain CE", "TGN"]
+    table = (tmp_path / "comparison" / "comparison.md").read_text()
+    assert table.splitlines()[0] == "| method | head acc % | tail acc % | OA % | macro-F1 % |"
+    # baseline: head (1 + 0.75) / 2, tail (0.5 + 0) / 2, OA 9 / 13
+    assert "| plain CE | 87.50 | 25.00 | 69.23 |" in table
+    assert "| TGN | 100.00 | 100.00 | 100.00 | 100.00 |" in table
+    assert table in capsys.readouterr().out
+    rows = list(csv.reader((tmp_path / "comparison" / "comparison.csv").open()))
+    assert rows[0] == ["method", "head_accuracy", "tail_accuracy", "overall_accuracy", "macro_f1"]
+    assert rows[1][:4] == ["plain CE", "0.875000", "0.250000", f"{9 / 13:.6f}"]
+
+
+def test_compare_refuses_reports_on_other_classes(tmp_path, capsys):
+    write_report(hand_report("baseline", BASELINE_CM), tmp_path / "a")
+    other = hand_report("other", BASELINE_CM)
+    other["classes"] = other["classes"][:3]
+    write_report(other, tmp_path / "b")
+    err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path)])
+    assert "different classes" in err
+
+
+def test_pretrained_file_initialises_all_but_fc(tmp_path):
+    source = build_classifier("resnet18", 7)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    model = initialise_backbone(build_classifier("resnet18", 5), str(tmp_path / "weights.pth"))
+    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert model.fc[0].weight.shape == (5, 512)
+    with pytest.raises(UserError, match="does not fit --arch resnet50"):
+        initialise_backbone(build_classifier("resnet50", 5), str(tmp_path / "weights.pth"))
