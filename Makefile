@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test venv clean
+.PHONY: test demo venv clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The whole pipeline on a small synthetic dataset, CPU only, offline (reruns from scratch).
+demo: venv
+	$(PY) data/demo.py --out demo-run --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -101,8 +101,10 @@ class CdtgTrainer:
         self.g_optim = torch.optim.Adam(list(self.g.parameters()) + list(self.fusion.parameters()),
                                         lr=cfg.lr * g_ratio, betas=(0 ** g_ratio, 0.99 ** g_ratio))
         self.d_optim = torch.optim.Adam(self.d.parameters(), lr=cfg.lr * d_ratio, betas=(0 ** d_ratio, 0.99 ** d_ratio))
-        self.ada = AdaptiveAugment(cfg.ada_target, cfg.ada_length, cfg.ada_every, device) if cfg.augment else None
-        self.ada_p = cfg.augment_p
+        # --augment with --augment-p > 0 fixes p; with 0 the ADA controller tunes it.
+        adaptive = cfg.augment and cfg.augment_p == 0
+        self.ada = AdaptiveAugment(cfg.ada_target, cfg.ada_length, cfg.ada_every, device) if adaptive else None
+        self.ada_p = cfg.augment_p if cfg.augment else 0.0
         self.step = 0
         self.mean_path_length = torch.tensor(0.0, device=device)
         self.ema_decay = 0.5 ** (32 / (cfg.ema_half_life_kimg * 1000))

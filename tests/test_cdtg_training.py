@@ -130,8 +130,9 @@ def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
                                "--resume"))
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["ada_p"] == 0.5 for m in metrics)  # a fixed --augment-p stays fixed
     for key in ("d", "g_adv", "cls", "clip", "r1", "path"):
-        assert key in metrics[0] and all(map(lambda m: m.get(key, 0) == m.get(key, 0), metrics))
+        assert key in metrics[0] and all(m[key] == m[key] for m in metrics if key in m)  # present, not NaN
     a, b = load_cdtg_checkpoint(straight / "checkpoint" / "4.pt"), load_cdtg_checkpoint(
         interrupted / "checkpoint" / "4.pt")
     for part in ("g", "d", "g_ema", "fusion"):
