@@ -22,7 +22,7 @@ from CDTG.losses import (d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_pat
 from CDTG.tail_data import StepBatchSampler
 from tgn.checkpoint import load_weights
 from tgn.errors import UserError
-from tgn.io import append_jsonl
+from tgn.io import append_jsonl, trim_jsonl
 
 
 @dataclass
@@ -147,6 +147,7 @@ class CdtgTrainer:
             self.ada.load_state_dict(state["ada"])
         self.mean_path_length = torch.tensor(state["mean_path_length"], device=self.device)
         self.step = state["step"]
+        trim_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
         print(f"resuming from {path} at step {self.step}")
         return True
 

@@ -19,7 +19,7 @@ from KMDN.stage import checkpoint_meta, group_datasets, open_split  # noqa: E402
 from tgn.cli import add_output_args, add_runtime_args, add_training_args, make_parser, training_config  # noqa: E402
 from tgn.engine import resolve_device, seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import prepare_run_dir, save_options  # noqa: E402
+from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resnet import load_feature_resnet  # noqa: E402
 
 
@@ -48,18 +48,20 @@ def load_group_model(path, split, group):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
     split = open_split(args)
-    run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
-    if args.overwrite and not args.resume:
-        for name in ("metrics.jsonl", "M_H.pth", "M_T.pth"):
-            (run_dir / name).unlink(missing_ok=True)
-    options = save_options(run_dir, args)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
     models = {group: load_group_model(paths[group], split, group) for group in paths}
-    datasets = {group: group_datasets(split, group, args.image_size) for group in paths}
+    datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images) for group in paths}
+    # Inputs are valid: only now is anything written.
+    run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
+    if args.overwrite and not args.resume:
+        for name in ("metrics.jsonl", "M_H.pth", "M_T.pth"):
+            (run_dir / name).unlink(missing_ok=True)
+    options = save_options(run_dir, args)
     metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
     best = distill(models, datasets, metas, training_config(args), device, run_dir,
                    alpha=args.alpha, interval=args.distill_interval, resume=args.resume)

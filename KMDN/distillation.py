@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.engine import evaluate, make_loader, seed_everything, epoch_seed, step_lr, train_one_epoch
 from tgn.errors import UserError
-from tgn.io import append_jsonl
+from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import format_percent
 
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
@@ -85,6 +85,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
             optimizers[group].load_state_dict(state["optimizers"][group])
         best = state["best"]
         start_epoch = state["epoch"] + 1
+        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
         print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
     test_loaders = {
         group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device)

@@ -6,7 +6,7 @@ from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_trai
                      training_config)
 from tgn.engine import fit, resolve_device, seed_everything
 from tgn.errors import UserError
-from tgn.io import prepare_run_dir, save_options
+from tgn.io import check_run_dir, prepare_run_dir, save_options
 
 
 def build_parser(doc, group):
@@ -24,17 +24,19 @@ def build_parser(doc, group):
 def train_group(args):
     """Writes OUT/<group>/{best,last}.pth, metrics.jsonl and options.json."""
     group = args.group
+    check_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
     split = open_split(args)
     if not split.ids(group):
         raise UserError(f"the split in {args.split} has no {group} classes")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = build_group_model(split, group, args)
+    train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images)
+    # Inputs are valid: only now is anything written.
     run_dir = prepare_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
     if args.overwrite and not args.resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     options = save_options(run_dir, args)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
-    model = build_group_model(split, group, args)
-    train_set, test_set = group_datasets(split, group, args.image_size)
     print(f"{group} model: {len(split.ids(group))} classes, {len(train_set)} train / {len(test_set)} test images, "
           f"device {device}")
     result = fit(model, train_set, test_set, training_config(args), device, run_dir,

@@ -18,6 +18,8 @@ def add_runtime_args(parser):
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--seed", type=int, default=0, help="seed of every random generator")
     group.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    group.add_argument("--skip-bad-images", action="store_true",
+                       help="check every image once and skip (and count) unreadable ones instead of stopping")
     return group
 
 

@@ -72,6 +72,7 @@ class DatasetInfo:
     root: Path
     name: str
     class_names: dict
+    has_class_list: bool = True  # False: classes were read off the training annotation
 
     def annotation_path(self, subset):
         return self.root / "anno" / f"{self.name}_{subset}.txt"
@@ -80,12 +81,14 @@ class DatasetInfo:
         return self.root / subset
 
     def entries(self, subset, check_files=True):
-        entries = read_annotation(self.annotation_path(subset))
+        path = self.annotation_path(subset)
+        entries = read_annotation(path)
+        if not entries:
+            raise UserError(f"{path} lists no images")
         unknown = sorted({e.class_id for e in entries} - set(self.class_names))
         if unknown:
-            raise UserError(
-                f"{self.annotation_path(subset)}: class id {unknown[0]} is not in {self.root / 'classes.json'}"
-            )
+            where = self.root / "classes.json" if self.has_class_list else self.annotation_path("train")
+            raise UserError(f"{path}: class id {unknown[0]} is not a class of {where} (a class absent from training?)")
         if check_files:
             check_files_exist(self.image_root(subset), entries, self.annotation_path(subset))
         return entries
@@ -130,6 +133,7 @@ def open_dataset(root):
         ids = sorted({entry.class_id for entry in read_annotation(root / "anno" / f"{name}_train.txt")})
         class_names = {cid: str(cid) for cid in ids}
         warnings.warn(f"{classes_file} not found: classes are named by id (CLIP prompts need real names)")
+        return DatasetInfo(root, name, class_names, has_class_list=False)
     return DatasetInfo(root, name, class_names)
 
 
@@ -142,6 +146,35 @@ def load_image(path, size=None):
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
+
+
+def find_unreadable(samples, workers=8):
+    """Paths among (path, label) samples that cannot be decoded (truncated, not an image)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def unreadable(path):
+        try:
+            load_image(path, 64)  # a full decode (at reduced size): truncated files fail here
+            return None
+        except UserError:
+            return path
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decodes without the GIL
+        return [path for path in pool.map(unreadable, [p for p, _ in samples]) if path is not None]
+
+
+def drop_unreadable(samples, skip_bad_images, what="images", workers=8):
+    """With --skip-bad-images: check every image once, drop and count the bad ones.
+
+    Without it images are decoded as training reads them, and the first bad one stops
+    the run with its name.
+    """
+    if not skip_bad_images:
+        return list(samples)
+    bad = set(find_unreadable(samples, workers))
+    if bad:
+        print(f"skipped {len(bad)} unreadable {what} (--skip-bad-images), e.g. {sorted(bad)[0]}")
+    return [sample for sample in samples if sample[0] not in bad]
 
 
 def build_transform(image_size, train):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.errors import UserError
-from tgn.io import append_jsonl
+from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
 
 
@@ -195,6 +195,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
+        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
         result.best_accuracy = state.get("best_accuracy", -math.inf)
         result.best_epoch = state.get("best_epoch", -1)
         print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")

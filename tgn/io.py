@@ -54,14 +54,31 @@ def read_json(path, what="file"):
         raise UserError(f"{what} {path} is not valid JSON: {exc}") from exc
 
 
+def trim_jsonl(path, key, last):
+    """Keep the records with record[key] <= last: a resumed run redoes what came after
+    its checkpoint, and must not log it twice. Unparsable (half-written) lines go too."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get(key, last + 1) <= last:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
 def append_jsonl(path, record):
     """Append one metrics record; a line is small enough to be written whole."""
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
-def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",)):
-    """Create `out_dir`; refuse to reuse one that holds results unless told how."""
+def check_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",)):
+    """Refuse to reuse a folder that holds results unless told how (creates nothing)."""
     out_dir = Path(out_dir)
     existing = [name for name in results if (out_dir / name).exists()]
     if existing and not (resume or overwrite):
@@ -69,6 +86,13 @@ def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pt
             f"{out_dir} already holds results ({existing[0]}); pass --resume to continue "
             "or --overwrite to start again"
         )
+    return out_dir
+
+
+def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",)):
+    """check_run_dir, then create the folder. Call it once the inputs are validated, so
+    that a bad input leaves nothing behind."""
+    out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite, results=results)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
 
