@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torchvision import transforms
 
-from tgn.data import ImageList, read_annotation, samples_for
+from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
 from tgn.io import atomic_write_json, read_json
 
@@ -48,8 +48,10 @@ class TailClasses:
         return read_annotation(self.folder / IMAGE_LIST)
 
     def samples(self):
-        """(image path, generator label) of every tail training image."""
-        return samples_for(self.data_root / "train", self.entries(), self.label_of())
+        """(image path, generator label) of every tail training image, checked to exist."""
+        entries = self.entries()
+        check_files_exist(self.data_root / "train", entries, self.folder / IMAGE_LIST)
+        return samples_for(self.data_root / "train", entries, self.label_of())
 
     def write(self):
         atomic_write_json(self.folder / MANIFEST, {
@@ -83,8 +85,8 @@ def gan_transform(size):
     ])
 
 
-def tail_image_dataset(tail, size):
-    samples = tail.samples()
+def tail_image_dataset(tail, size, skip_bad_images=False):
+    samples = drop_unreadable(tail.samples(), skip_bad_images, "tail training images")
     counts = {label: 0 for label in range(len(tail.classes))}
     for _, label in samples:
         counts[label] += 1

@@ -79,6 +79,8 @@ def build_parser():
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--seed", type=int, default=0)
     runtime.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    runtime.add_argument("--skip-bad-images", action="store_true",
+                         help="check every image once and skip (and count) unreadable ones instead of stopping")
     return parser
 
 
@@ -125,7 +127,7 @@ def main(argv=None):
     tail = load_tail_classes(args.data, args.data_root)
     device = resolve_device(args.device)
     seed_everything(args.seed)
-    dataset = tail_image_dataset(tail, args.size)
+    dataset = tail_image_dataset(tail, args.size, args.skip_bad_images)
     teacher = load_teacher(args.teacher, tail)
     num_classes = len(tail.classes)
     generator = Generator(args.size, args.latent, args.n_mlp, num_classes=num_classes,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from Classification.figures import plot_confusion, plot_long_tail
 from Classification.report import build_report, read_report, report_markdown, write_report
-from tgn.data import ImageList, build_transform, samples_for
+from tgn.data import ImageList, build_transform, drop_unreadable, samples_for
 from tgn.engine import evaluate, make_loader
 from tgn.errors import UserError
 from tgn.split import check_split_matches, head_count, load_split, rank_classes
@@ -61,11 +61,11 @@ def read_baseline(args):
     return read_report(args.baseline_report) if args.baseline_report is not None else None
 
 
-def evaluation_set(info, label_of, image_size):
+def evaluation_set(info, label_of, image_size, skip_bad_images=False):
     folder = info.image_root("test")
     if not folder.is_dir():
         raise UserError(f"test folder not found: {folder}")
-    samples = samples_for(folder, info.entries("test"), label_of)
+    samples = drop_unreadable(samples_for(folder, info.entries("test"), label_of), skip_bad_images, "test images")
     return ImageList(samples, build_transform(image_size, train=False), image_size)
 
 

@@ -56,7 +56,7 @@ def main(argv=None):
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"))
     options = meta.get("options", {})
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
-    dataset = evaluation_set(info, label_of, image_size)
+    dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
 
     device = resolve_device(args.device)
     model.to(device)

@@ -30,10 +30,10 @@ from Classification.stage import (add_report_args, describe_classes, evaluation_
 from tgn.checkpoint import load_checkpoint, load_weights  # noqa: E402
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
                      training_config)
-from tgn.data import ImageList, build_transform, open_dataset  # noqa: E402
+from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset  # noqa: E402
 from tgn.engine import fit, resolve_device, seed_everything  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
-from tgn.io import prepare_run_dir, save_options  # noqa: E402
+from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
 
 
 def build_parser():
@@ -65,13 +65,15 @@ def method_name(args):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
     baseline = read_baseline(args)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
     images = training_images(info, args.extra)
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts)
-    test_images = evaluation_set(info, label_of, args.image_size)
-    train_images = ImageList(images.samples, build_transform(args.image_size, train=True), args.image_size)
+    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images)
+    train_samples = drop_unreadable(images.samples, args.skip_bad_images, "training images")
+    train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size)
 
     device = resolve_device(args.device)
     seed_everything(args.seed)

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tgn.data import Entry, open_dataset, read_annotation, samples_for, write_annotation
+from tgn.data import Entry, check_files_exist, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
 from tgn.io import atomic_write_json, read_json
 
@@ -73,8 +73,10 @@ class Split:
         return read_annotation(self.annotation_path(group, subset))
 
     def samples(self, group, subset):
-        """(image path, model label) pairs of a group's images in DATA/<subset>."""
-        return samples_for(self.data_root / subset, self.entries(group, subset), self.label_of(group))
+        """(image path, model label) pairs of a group's images in DATA/<subset>, all checked to exist."""
+        entries = self.entries(group, subset)
+        check_files_exist(self.data_root / subset, entries, self.annotation_path(group, subset))
+        return samples_for(self.data_root / subset, entries, self.label_of(group))
 
     @property
     def fingerprint(self):

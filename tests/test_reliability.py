@@ -1,0 +1,163 @@
+"""Reliability: killed runs leave loadable files and resume; bad input gets one line, exit 2,
+and no output; resumed runs equal uninterrupted ones."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, write_dataset
+from KMDN.dataset_split import main as split_main
+from KMDN.Distill import main as distill_main
+from KMDN.RModel import main as rmodel_main
+from KMDN.UModel import main as umodel_main
+from tgn.checkpoint import load_checkpoint
+from tgn.errors import UserError
+from tgn.io import atomic_torch_save, trim_jsonl
+
+TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8",
+        "--workers", "0"]
+
+
+@pytest.fixture
+def split_dir(toy_data, tmp_path):
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    return tmp_path / "split"
+
+
+def expect_user_error(capsys, run, fragment):
+    """The run exits with status 2 and one stderr line containing `fragment`."""
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], lines
+
+
+# ----- killed while saving -------------------------------------------------------------------
+
+def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_resume_finishes(split_dir, tmp_path):
+    out = tmp_path / "kmdn"
+    command = [sys.executable, str(ROOT / "KMDN" / "UModel.py"), "--split", str(split_dir), "--out", str(out),
+               "--epochs", "40", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for delay in (2.5, 3.0, 3.5):
+        process = subprocess.Popen([*command, "--resume"], env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        for path in (out / "head").glob("*.pth"):
+            load_checkpoint(path)  # never truncated
+    finished = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-500:]
+    assert load_checkpoint(out / "head" / "last.pth")["epoch"] == 39
+    epochs = [json.loads(line)["epoch"] for line in (out / "head" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 41))  # nothing logged twice, nothing missing
+
+
+def test_disk_full_while_saving_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    atomic_torch_save(path, {"version": 1})
+
+    def full_disk(obj, handle):
+        handle.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="No space left on device"):
+        atomic_torch_save(path, {"version": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"version": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # the temporary file is gone
+
+
+def test_trim_jsonl_drops_later_and_half_written_records(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')
+    trim_jsonl(path, "epoch", 2)
+    assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+# ----- exact resume ----------------------------------------------------------------------------
+
+def test_distillation_resume_equals_uninterrupted_run(split_dir, tmp_path):
+    kmdn = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(kmdn), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(kmdn), "--epochs", "1", *TINY])
+    common = ["--split", str(split_dir), "--head-ckpt", str(kmdn / "head" / "best.pth"), "--tail-ckpt",
+              str(kmdn / "tail" / "best.pth"), "--distill-interval", "1", "--image-size", "16", "--batch-size", "8",
+              "--workers", "0"]
+    distill_main([*common, "--out", str(tmp_path / "a"), "--epochs", "3"])
+    distill_main([*common, "--out", str(tmp_path / "b"), "--epochs", "2"])
+    distill_main([*common, "--out", str(tmp_path / "b"), "--epochs", "3", "--resume"])
+    a = load_checkpoint(tmp_path / "a" / "distill" / "last.pth")
+    b = load_checkpoint(tmp_path / "b" / "distill" / "last.pth")
+    for group in ("head", "tail"):
+        for key, value in a["models"][group].items():
+            assert torch.equal(value, b["models"][group][key]), (group, key)
+
+
+# ----- bad input: one line, exit 2, nothing written ----------------------------------------------
+
+def test_bad_inputs_write_nothing(toy_data, split_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    run = lambda *extra: umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY, *extra])  # noqa: E731
+    expect_user_error(capsys, lambda: run("--data-root", str(tmp_path / "nowhere")), "dataset folder not found")
+    other = write_dataset(tmp_path / "other", {0: 12, 1: 10, 2: 8, 3: 4, 4: 2})
+    expect_user_error(capsys, lambda: run("--data-root", str(other)), "another dataset")
+    expect_user_error(capsys, lambda: run("--pretrained", str(tmp_path / "missing.pth")), "missing.pth")
+    (toy_data / "train" / "0" / "img 3.jpg").unlink()
+    expect_user_error(capsys, run, "img 3.jpg does not exist")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content", [b"not an image at all", "truncated"])
+def test_unreadable_image_stops_or_is_skipped(toy_data, split_dir, tmp_path, capsys, content):
+    broken = toy_data / "train" / "1" / "img 2.jpg"
+    if content == "truncated":
+        content = broken.read_bytes()[:200]
+    broken.write_bytes(content)
+    args = ["--split", str(split_dir), "--epochs", "1", *TINY]
+    expect_user_error(capsys, lambda: umodel_main([*args, "--out", str(tmp_path / "a")]), "img 2.jpg")
+    umodel_main([*args, "--out", str(tmp_path / "b"), "--skip-bad-images"])
+    assert "skipped 1 unreadable head training images" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "b" / "head" / "last.pth")["epoch"] == 0
+
+
+def test_empty_or_malformed_annotations(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", {0: 3, 1: 3})
+    run = lambda: split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])  # noqa: E731
+    anno = data / "anno" / "TOY_test.txt"
+    anno.write_text("")
+    expect_user_error(capsys, run, "TOY_test.txt lists no images")
+    anno.write_text("0/img 0.jpg\n")
+    expect_user_error(capsys, run, "TOY_test.txt:1: expected")
+    (data / "anno" / "TOY_train.txt").unlink()
+    anno.unlink()
+    expect_user_error(capsys, run, "annotation file not found")
+    assert not (tmp_path / "split").exists()
+
+
+def test_class_in_test_but_not_in_train(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", {0: 3, 1: 3}, test_counts={0: 2, 1: 2, 2: 2})
+    (data / "classes.json").unlink()
+    with pytest.warns(UserWarning):
+        expect_user_error(capsys, lambda: split_main(["--data-root", str(data), "--out", str(tmp_path / "s")]),
+                          "class id 2 is not a class of")
+
+
+def test_results_are_not_overwritten_without_asking(split_dir, tmp_path, capsys):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    before = (out / "head" / "last.pth").read_bytes()
+    expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1",
+                                                   *TINY]), "--resume")
+    assert (out / "head" / "last.pth").read_bytes() == before
+    assert Path(out / "head" / "options.json").is_file()
