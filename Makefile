@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo venv clean
+.PHONY: test demo smoke venv clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: venv
 # The whole pipeline on a small synthetic dataset, CPU only, offline (reruns from scratch).
 demo: venv
 	$(PY) data/demo.py --out demo-run --overwrite
+
+# CDTG trained with random SIGKILLs and resumes must match an uninterrupted run (minutes).
+smoke: venv
+	$(PY) tests/long_run_smoke.py --work runs/smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache
