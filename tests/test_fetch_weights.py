@@ -1,0 +1,100 @@
+"""data/fetch_weights.py: the table, checksums, placement and the offline usage, with local files only."""
+import hashlib
+
+import pytest
+import torch
+
+import data.fetch_weights as fetch_weights
+from data.fetch_weights import TORCH_CHECKPOINTS, WEIGHTS, Weight, fetch
+
+
+def test_table_matches_the_urls_torchvision_and_clip_use():
+    import warnings
+
+    from torchvision import models
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import clip
+    torchvision_urls = {"resnet50": models.ResNet50_Weights.IMAGENET1K_V1.url,
+                        "resnet18": models.ResNet18_Weights.IMAGENET1K_V1.url,
+                        "inception-v3": models.Inception_V3_Weights.IMAGENET1K_V1.url,
+                        "alexnet": models.AlexNet_Weights.IMAGENET1K_V1.url}
+    by_name = {weight.name: weight for weight in WEIGHTS}
+    for name, url in torchvision_urls.items():
+        assert by_name[name].url == url and by_name[name].folder == TORCH_CHECKPOINTS
+        assert by_name[name].file_name.rsplit("-", 1)[1] == f"{by_name[name].sha256}.pth"  # torch.hub's check
+    clip_weight = by_name["clip-vit-b32"]
+    assert clip_weight.url == clip.clip._MODELS["ViT-B/32"]
+    assert clip_weight.url.split("/")[-2] == clip_weight.sha256 and len(clip_weight.sha256) == 64
+
+
+def published(tmp_path, name, content, in_hash_folder=False):
+    """A local 'server' file; torchvision-style (hash prefix in the name) or CLIP-style (digest folder)."""
+    digest = hashlib.sha256(content).hexdigest()
+    folder = tmp_path / "server" / (digest if in_hash_folder else "models")
+    folder.mkdir(parents=True, exist_ok=True)
+    file_name = name if in_hash_folder else f"{name}-{digest[:8]}.pth"
+    (folder / file_name).write_bytes(content)
+    return (folder / file_name).as_uri(), digest
+
+
+@pytest.fixture
+def local_table(tmp_path, monkeypatch):
+    state = {"weight": torch.arange(4.0)}
+    torch.save(state, tmp_path / "state.pth")
+    tv_url, tv_digest = published(tmp_path, "tinynet", (tmp_path / "state.pth").read_bytes())
+    clip_url, clip_digest = published(tmp_path, "ViT-T.pt", b"clip weights", in_hash_folder=True)
+    table = (Weight("resnet50", tv_url, TORCH_CHECKPOINTS, tv_digest[:8], "test"),
+             Weight("clip-vit-b32", clip_url, "clip", clip_digest, "test"))
+    monkeypatch.setattr(fetch_weights, "WEIGHTS", table)
+    return table
+
+
+def test_fetch_places_verifies_skips_and_prints_the_offline_setup(local_table, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "weights"
+    fetch_weights.main(["--out", str(out)])
+    printed = capsys.readouterr().out
+    torchvision_file = out / "torch" / "hub" / "checkpoints" / local_table[0].file_name
+    clip_file = out / "clip" / "ViT-T.pt"
+    assert torchvision_file.is_file() and clip_file.read_bytes() == b"clip weights"
+    assert f"export TORCH_HOME={out.resolve() / 'torch'}" in printed
+    assert f"--pretrained {torchvision_file.resolve()}" in printed and f"--clip {clip_file.resolve()}" in printed
+    assert not list(out.rglob("*.tmp"))
+
+    def no_download(url, target):
+        raise AssertionError("a valid file was downloaded again")
+
+    monkeypatch.setattr(fetch_weights, "download", no_download)
+    fetch_weights.main(["--out", str(out)])
+    assert capsys.readouterr().out.count("present") == 2
+
+    # torch.hub, as torchvision calls it, finds the file under TORCH_HOME without a download.
+    monkeypatch.setenv("TORCH_HOME", str(out / "torch"))
+    loaded = torch.hub.load_state_dict_from_url(f"https://download.pytorch.org/models/{local_table[0].file_name}",
+                                                check_hash=True)
+    assert torch.equal(loaded["weight"], torch.arange(4.0))
+
+
+def test_a_corrupt_file_is_replaced_and_a_wrong_checksum_keeps_nothing(local_table, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "weights"
+    target = out / "clip" / "ViT-T.pt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"truncated")
+    assert fetch(local_table[1], out) == (target, "downloaded") and target.read_bytes() == b"clip weights"
+
+    wrong = Weight("clip-vit-b32", local_table[1].url, "clip", "0" * 64, "test")
+    monkeypatch.setattr(fetch_weights, "WEIGHTS", (wrong,))
+    target.unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        fetch_weights.main(["--out", str(out)])
+    assert exit_info.value.code == 2 and "does not match the expected" in capsys.readouterr().err
+    assert not any(target.parent.iterdir())  # neither the file nor a temporary one
+
+
+def test_an_unreachable_url_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    missing = Weight("alexnet", (tmp_path / "nowhere-12345678.pth").as_uri(), TORCH_CHECKPOINTS, "12345678", "test")
+    monkeypatch.setattr(fetch_weights, "WEIGHTS", (missing,))
+    with pytest.raises(SystemExit) as exit_info:
+        fetch_weights.main(["--out", str(tmp_path / "weights")])
+    assert exit_info.value.code == 2 and "cannot download" in capsys.readouterr().err
