@@ -1,0 +1,123 @@
+"""The evaluation report of generated folders: Markdown, CSV, JSON and a PNG sample sheet.
+
+JSON and CSV hold fractions (null / "n/a" where a metric is undefined or skipped),
+Markdown percents. One row per tail class and an overall row per folder; the Markdown
+starts with the table comparing the folders (labelled by their r).
+"""
+import csv
+import io
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tgn.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tgn.metrics import format_percent
+
+EVALUATION_FORMAT = "tgn-cdtg-evaluation/1"
+METRICS = (  # (key, Markdown title, kind)
+    ("fid", "FID", "distance"),
+    ("lpips_generated", "LPIPS gen", "lpips"),
+    ("lpips_real", "LPIPS real", "lpips"),
+    ("clip_accuracy_generated", "CLIP gen %", "accuracy"),
+    ("clip_accuracy_real", "CLIP real %", "accuracy"),
+    ("teacher_accuracy_generated", "M_T gen %", "accuracy"),
+    ("teacher_accuracy_real", "M_T real %", "accuracy"),
+)
+CSV_COLUMNS = ("folder", "path", "id", "name", "real_images", "generated_images", *(key for key, _, _ in METRICS))
+THUMBNAIL = 64  # pixels of one image on the sample sheet
+
+
+def build_evaluation(results, *, extractor, lpips, clip, teacher, settings, notes):
+    return {"format": EVALUATION_FORMAT, "feature_extractor": extractor, "lpips": lpips, "clip": clip,
+            "teacher": teacher, "settings": settings, "notes": notes, "folders": results}
+
+
+def _markdown_cell(value, kind):
+    if value is None:
+        return "n/a"
+    return format_percent(value) if kind == "accuracy" else f"{value:.2f}" if kind == "distance" else f"{value:.4f}"
+
+
+def _table(first_title, rows, first_cells):
+    lines = [f"| {first_title} | real | generated | " + " | ".join(title for _, title, _ in METRICS) + " |",
+             "|---|---:|---:|" + "---:|" * len(METRICS)]
+    for first, row in zip(first_cells, rows):
+        cells = [_markdown_cell(row[key], kind) for key, _, kind in METRICS]
+        lines.append(f"| {first} | {row['real_images']} | {row['generated_images']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def evaluation_markdown(evaluation):
+    folders = evaluation["folders"]
+    lines = ["## Generated tail images", "", f"FID features: {evaluation['feature_extractor'] or 'skipped'}; "
+             f"LPIPS: {evaluation['lpips'] or 'skipped'}; CLIP: {evaluation['clip'] or 'skipped'}; "
+             f"M_T: {evaluation['teacher'] or 'skipped'}.", ""]
+    lines += _table("folder", [f["overall"] for f in folders], [f["label"] for f in folders])
+    for folder in folders:
+        lines += ["", f"### {folder['label']}", "", f"{folder['path']}", ""]
+        lines += _table("class", folder["classes"], [f"{row['id']} {row['name']}" for row in folder["classes"]])
+    lines += ["", *(f"- {note}" for note in evaluation["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def evaluation_csv(evaluation):
+    """One row per folder and class, then the folder's overall row (id = all)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for folder in evaluation["folders"]:
+        for row in [*folder["classes"], folder["overall"]]:
+            writer.writerow([folder["label"], folder["path"], row["id"], row["name"], row["real_images"],
+                             row["generated_images"],
+                             *("n/a" if row[key] is None else f"{row[key]:.6f}" for key, _, _ in METRICS)])
+    return buffer.getvalue()
+
+
+def _thumbnails(images, count):
+    """[count, T, T, 3] uint8, blank where the set has fewer images."""
+    tiles = np.full((count, THUMBNAIL, THUMBNAIL, 3), 255, dtype=np.uint8)
+    if images is not None and len(images):
+        small = F.interpolate(images[:count].float(), size=(THUMBNAIL, THUMBNAIL), mode="bilinear",
+                              antialias=True, align_corners=False)
+        tiles[:len(small)] = small.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return tiles
+
+
+def plot_sample_sheet(sheets, class_ids, class_names, path, per_set=6, gap=12):
+    """Rows: tail classes; column groups: a few real images, then each generated folder's."""
+    groups = list(sheets)
+    step = THUMBNAIL + 2  # a 2-pixel white line between images
+    group_width = per_set * step + gap
+    mosaic = np.full((len(class_ids) * step, len(groups) * group_width - gap, 3), 255, dtype=np.uint8)
+    for row, cid in enumerate(class_ids):
+        for column, group in enumerate(groups):
+            for k, tile in enumerate(_thumbnails(sheets[group].get(cid), per_set)):
+                left = column * group_width + k * step
+                mosaic[row * step:row * step + THUMBNAIL, left:left + THUMBNAIL] = tile
+    height, width = mosaic.shape[:2]
+    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
+    axes = figure.add_axes([0, 0, 1, 1])  # one image pixel per figure pixel; labels fit by bbox_inches="tight"
+    axes.imshow(mosaic, interpolation="nearest")
+    axes.set_yticks([row * step + THUMBNAIL / 2 for row in range(len(class_ids))],
+                    [f"{cid} {name}" for cid, name in zip(class_ids, class_names)], fontsize=9)
+    axes.xaxis.tick_top()
+    axes.set_xticks([column * group_width + per_set * step / 2 for column in range(len(groups))], groups,
+                    fontsize=9)
+    axes.tick_params(length=0)
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+    FigureCanvasAgg(figure)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_evaluation(evaluation, out_dir):
+    """out_dir/evaluation.{md,csv,json}."""
+    atomic_write_text(out_dir / "evaluation.md", evaluation_markdown(evaluation))
+    atomic_write_text(out_dir / "evaluation.csv", evaluation_csv(evaluation))
+    atomic_write_json(out_dir / "evaluation.json", evaluation)

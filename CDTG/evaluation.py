@@ -1,0 +1,211 @@
+"""Generated tail images against the real ones, per tail class: FID, LPIPS, class consistency.
+
+The real images are the tail training images of the CDTG data (what the GAN learnt from),
+scored once and shared by every generated folder. Each set is at most --max-per-class
+images of a class, a seeded random subset, resized to one square size; every model sees
+those images (FID's Inception resizes again to 299 px, CLIP to its own resolution).
+Subsets and LPIPS pairs depend only on (seed, class, image count), the same for real and
+generated sets, so a folder holding copies of the real images scores FID 0 and the real
+LPIPS: the floor of every metric.
+"""
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+from tqdm import tqdm
+
+from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.fidelity import fid, mean_pairwise_lpips
+from CDTG.synthesis import ANNOTATION
+from tgn.data import ImageList, check_files_exist, read_annotation
+from tgn.errors import UserError
+from tgn.io import read_json
+
+SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
+GENERATION_SETTINGS = "generation.json"
+REAL = "real (training)"  # the sample sheet's first column group
+
+
+def generation_settings(folder):
+    """The settings CDTG/generation.py recorded in the folder ({} if none)."""
+    path = Path(folder) / GENERATION_SETTINGS
+    return read_json(path, "generation settings") if path.is_file() else {}
+
+
+def recorded_inputs(folder):
+    """{'data', 'teacher'} that trained the checkpoint the folder was generated from, where known."""
+    ckpt = generation_settings(folder).get("ckpt")
+    if not ckpt or not Path(ckpt).is_file():
+        return {}
+    checkpoint = load_cdtg_checkpoint(ckpt)
+    return {key: checkpoint[key] for key in ("data", "teacher") if checkpoint.get(key)}
+
+
+def folder_labels(folders):
+    """'r=0.05' from generation.json, else the folder name; made unique with the path."""
+    labels = []
+    for folder in folders:
+        r = generation_settings(folder).get("r")
+        labels.append(f"r={r:g}" if isinstance(r, (int, float)) else Path(folder).name)
+    return [f"{label} ({folder})" if labels.count(label) > 1 else label for label, folder in zip(labels, folders)]
+
+
+def generated_paths(folder, tail):
+    """{tail class id: [image paths]} from the folder's anno.txt."""
+    annotation = Path(folder) / ANNOTATION
+    if not annotation.is_file():
+        raise UserError(f"{folder}: no {ANNOTATION}; is it a CDTG/generation.py output folder?")
+    entries = read_annotation(annotation)
+    unknown = sorted({entry.class_id for entry in entries} - set(tail.ids))
+    if unknown:
+        raise UserError(f"{annotation}: class id {unknown[0]} is not a tail class of {tail.folder} ({tail.ids})")
+    check_files_exist(folder, entries, annotation)
+    paths = {cid: [] for cid in tail.ids}
+    for entry in entries:
+        paths[entry.class_id].append(str(Path(folder) / entry.relpath))
+    return paths
+
+
+def real_paths(tail):
+    paths = {cid: [] for cid in tail.ids}
+    for path, label in tail.samples():
+        paths[tail.ids[label]].append(path)
+    return paths
+
+
+def subsample(paths, limit, rng):
+    if len(paths) <= limit:
+        return list(paths)
+    return [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
+
+
+def first_image_size(folders, generated):
+    """The side of the first generated image: the GAN's size."""
+    first = next((paths[0] for paths_of in generated for paths in paths_of.values() if paths), None)
+    if first is None:
+        raise UserError(f"no generated image in {', '.join(str(folder) for folder in folders)}")
+    with Image.open(first) as image:
+        return max(image.size)
+
+
+def load_images(paths, size, batch_size, workers, desc):
+    """uint8 [N, 3, size, size]."""
+    dataset = ImageList([(p, 0) for p in paths], transforms.Compose(
+        [transforms.Resize((size, size)), transforms.PILToTensor()]), size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    batches = [images for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, leave=False)]
+    return torch.cat(batches) if batches else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+
+
+@dataclass
+class SetScores:
+    """One class's images of one set (real, or a generated folder)."""
+
+    count: int
+    features: np.ndarray = None  # Inception pool features, None without --inception
+    lpips: float = math.nan
+    clip_correct: int = None
+    teacher_correct: int = None
+    sheet: torch.Tensor = field(default=None, repr=False)  # the first SHEET_IMAGES images
+
+
+@dataclass
+class Evaluator:
+    """The scoring models; any may be None (that metric is skipped)."""
+
+    inception: object
+    lpips: torch.nn.Module
+    clip: torch.nn.Module  # a ClipConsistencyLoss over the tail prompts
+    teacher: torch.nn.Module  # M_T, outputs in tail label order
+    device: torch.device
+    pairs: int = 1000
+    batch_size: int = 64
+
+    @torch.no_grad()
+    def score(self, images, label, seed):
+        scores = SetScores(len(images), sheet=images[:SHEET_IMAGES].clone())  # not a view: frees the rest
+        features, clip_correct, teacher_correct = [], 0, 0
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size].to(self.device).float() / 127.5 - 1
+            if self.inception is not None:
+                features.append(self.inception(batch))
+            if self.clip is not None:
+                clip_correct += int((self.clip.logits(batch).argmax(1) == label).sum())
+            if self.teacher is not None:
+                teacher_correct += int((self.teacher(batch)[0].argmax(1) == label).sum())
+        if self.inception is not None:
+            scores.features = np.concatenate(features) if features else np.zeros((0, 1))
+        if self.lpips is not None:
+            scores.lpips = mean_pairwise_lpips(self.lpips, images, self.pairs, seed, self.batch_size)
+        scores.clip_correct = clip_correct if self.clip is not None else None
+        scores.teacher_correct = teacher_correct if self.teacher is not None else None
+        return scores
+
+
+def _accuracy(correct, count):
+    return None if correct is None or count == 0 else correct / count
+
+
+def _nan_to_none(value):
+    return None if value is None or math.isnan(value) else value
+
+
+def class_row(cid, name, real, generated):
+    return {
+        "id": cid, "name": name, "real_images": real.count, "generated_images": generated.count,
+        "fid": None if real.features is None else _nan_to_none(fid(real.features, generated.features)),
+        "lpips_generated": _nan_to_none(generated.lpips), "lpips_real": _nan_to_none(real.lpips),
+        "clip_accuracy_generated": _accuracy(generated.clip_correct, generated.count),
+        "clip_accuracy_real": _accuracy(real.clip_correct, real.count),
+        "teacher_accuracy_generated": _accuracy(generated.teacher_correct, generated.count),
+        "teacher_accuracy_real": _accuracy(real.teacher_correct, real.count),
+    }
+
+
+def pooled(sets, class_ids):
+    """The sets of several classes as one: features stacked, LPIPS averaged, counts summed."""
+    scores = SetScores(sum(sets[cid].count for cid in class_ids))
+    if class_ids and all(sets[cid].features is not None for cid in class_ids):
+        scores.features = np.concatenate([sets[cid].features for cid in class_ids])
+    lpips_values = [sets[cid].lpips for cid in class_ids if not math.isnan(sets[cid].lpips)]
+    scores.lpips = float(np.mean(lpips_values)) if lpips_values else math.nan
+    for metric in ("clip_correct", "teacher_correct"):
+        values = [getattr(sets[cid], metric) for cid in class_ids]
+        setattr(scores, metric, None if None in values else sum(values))
+    return scores
+
+
+def overall_row(real, generated):
+    """FID of the pooled sets, LPIPS averaged over classes (diversity within a class),
+    accuracies over all images; only the classes the folder holds count."""
+    present = [cid for cid in generated if generated[cid].count > 0]
+    return class_row("all", "all tail classes", pooled(real, present), pooled(generated, present))
+
+
+def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, workers=0):
+    """Per folder: a row per tail class and an overall row; the sample-sheet images; the size used."""
+    labels = folder_labels(folders)
+    generated = [generated_paths(folder, tail) for folder in folders]
+    size = size or first_image_size(folders, generated)
+    real_sets, sheets, real = {}, {REAL: {}}, real_paths(tail)
+    for label, cid in enumerate(tail.ids):
+        paths = subsample(real[cid], max_per_class, np.random.default_rng([seed, cid]))
+        images = load_images(paths, size, evaluator.batch_size, workers, f"real {cid} ({tail.names[label]})")
+        real_sets[cid] = evaluator.score(images, label, [seed, cid])
+        sheets[REAL][cid] = real_sets[cid].sheet
+    results = []
+    for folder, folder_label, paths_of in zip(folders, labels, generated):
+        sets, sheets[folder_label] = {}, {}
+        for label, cid in enumerate(tail.ids):
+            paths = subsample(paths_of[cid], max_per_class, np.random.default_rng([seed, cid]))
+            images = load_images(paths, size, evaluator.batch_size, workers, f"{folder_label}: {cid}")
+            sets[cid] = evaluator.score(images, label, [seed, cid])
+            sheets[folder_label][cid] = sets[cid].sheet
+        rows = [class_row(cid, name, real_sets[cid], sets[cid]) for cid, name in zip(tail.ids, tail.names)]
+        results.append({"label": folder_label, "path": str(folder), "generation": generation_settings(folder),
+                        "overall": overall_row(real_sets, sets), "classes": rows})
+    return results, sheets, size

@@ -1,0 +1,164 @@
+"""Fidelity and diversity of generated images: FID and within-class LPIPS.
+
+FID here uses torchvision's Inception-v3 (IMAGENET1K_V1), not the TensorFlow Inception
+of the original FID code (pytorch-fid's `pt_inception-2015-12-05`) that papers report:
+weights and resizing differ, so these FIDs compare with each other, never with published
+ones. Every report names its extractor (torchvision's, or a file by its SHA-256).
+"""
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+
+from data.fetch_weights import file_sha256
+from tgn.checkpoint import load_all_but_classifier, load_checkpoint, state_dict_of
+from tgn.errors import UserError
+
+INCEPTION_SIZE = 299
+TORCHVISION_INCEPTION = "torchvision inception_v3 IMAGENET1K_V1"
+TORCHVISION_INCEPTION_SHA256 = "0cc3c7bd"  # the prefix in its file name, inception_v3_google-0cc3c7bd.pth
+OFFLINE_HINT = "run data/fetch_weights.py where there is internet and set TORCH_HOME"
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as the reference FID code.
+
+    A singular product (fewer images than feature dimensions) gets eps * I added to both
+    covariances; a small imaginary part of the square root (numerical noise) is dropped.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)  # scipy's word for a singular product
+        try:
+            covmean = linalg.sqrtm(sigma1 @ sigma2)
+            singular = not np.isfinite(covmean).all()
+        except linalg.LinAlgWarning:
+            singular = True
+    if singular:
+        offset = np.eye(sigma1.shape[0]) * eps
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise UserError(f"FID: the covariance square root has an imaginary part of "
+                            f"{np.max(np.abs(covmean.imag)):.3g}; the features are degenerate")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def fid(features_a, features_b):
+    """FID between two feature sets [N, D]; NaN when either has fewer than 2 rows."""
+    if len(features_a) < 2 or len(features_b) < 2:
+        return math.nan
+    stats = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in (np.asarray(features_a, np.float64),
+                                                                 np.asarray(features_b, np.float64))]
+    return frechet_distance(*stats[0], *stats[1])
+
+
+class FeatureExtractor:
+    """`network` maps images in [-1, 1] at `input_size` px to features; `name` goes into reports."""
+
+    def __init__(self, network, input_size, name):
+        self.network, self.input_size, self.name = network.eval(), input_size, name
+
+    def to(self, device):
+        self.network.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images):
+        size = (self.input_size, self.input_size)
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return self.network(images).flatten(1).double().cpu().numpy()
+
+
+def inception_pool_network():
+    """Inception-v3 up to its 2048-d average pool; its input is in [-1, 1].
+
+    torchvision's transform_input maps ImageNet-normalised input to [-1, 1], the range the
+    Google weights expect; feeding [-1, 1] directly is the same network.
+    """
+    import torchvision
+
+    network = torchvision.models.inception_v3(weights=None, aux_logits=True, transform_input=False,
+                                              init_weights=False)
+    network.fc = nn.Identity()
+    return network
+
+
+def load_inception(spec):
+    """'torchvision' (downloaded when online, else found in TORCH_HOME), a weight file, or 'none'."""
+    if spec == "none":
+        return None
+    network = inception_pool_network()
+    if spec == "torchvision":
+        from torchvision.models import Inception_V3_Weights
+
+        try:
+            state = Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        except Exception as exc:  # offline, nothing cached
+            raise UserError(f"cannot get torchvision's Inception-v3 weights ({type(exc).__name__}); "
+                            f"{OFFLINE_HINT}, or pass --inception PATH or --inception none") from exc
+        name = TORCHVISION_INCEPTION
+    else:
+        path = Path(spec)
+        state = state_dict_of(load_checkpoint(path, "--inception weights"))
+        digest = file_sha256(path)
+        name = (f"{TORCHVISION_INCEPTION} (file sha256 {digest})" if digest.startswith(TORCHVISION_INCEPTION_SHA256)
+                else f"inception_v3 weights {path.name} sha256 {digest}")
+    load_all_but_classifier(network, state, f"--inception {spec}", "torchvision's inception_v3")
+    return FeatureExtractor(network, INCEPTION_SIZE, name)
+
+
+def load_lpips(spec, random_trunk=False):
+    """LPIPS v0.1 on AlexNet ('alex'), or None for 'none'.
+
+    The linear layers ship with the lpips package; the AlexNet trunk is torchvision's
+    ImageNet file (TORCH_HOME). random_trunk=True builds it without that file (tests).
+    """
+    if spec == "none":
+        return None
+    import lpips
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lpips passes torchvision's deprecated `pretrained=`
+        try:
+            return lpips.LPIPS(net="alex", pretrained=True, pnet_rand=random_trunk, verbose=False).eval()
+        except Exception as exc:  # offline, nothing cached
+            raise UserError(f"cannot get torchvision's AlexNet weights for LPIPS ({type(exc).__name__}); "
+                            f"{OFFLINE_HINT}, or pass --lpips none") from exc
+
+
+def sample_pairs(count, num_pairs, seed):
+    """[P, 2] index pairs i != j: every pair when there are at most num_pairs, else random ones."""
+    if count < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    if count * (count - 1) // 2 <= num_pairs:
+        return np.stack(np.triu_indices(count, 1), axis=1)
+    rng = np.random.default_rng(seed)
+    first = rng.integers(count, size=num_pairs)
+    second = (first + rng.integers(1, count, size=num_pairs)) % count  # never equal to first
+    return np.stack([first, second], axis=1)
+
+
+@torch.no_grad()
+def mean_pairwise_lpips(model, images, num_pairs, seed, batch_size=64):
+    """Mean LPIPS over pairs of distinct images (uint8 [N, 3, H, W]); NaN below 2 images."""
+    pairs = sample_pairs(len(images), num_pairs, seed)
+    if len(pairs) == 0:
+        return math.nan
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, len(pairs), batch_size):
+        chunk = torch.from_numpy(pairs[start:start + batch_size])
+        first, second = (images[chunk[:, k]].to(device).float() / 127.5 - 1 for k in (0, 1))
+        total += model(first, second).sum().item()
+    return total / len(pairs)

@@ -1,0 +1,193 @@
+"""CDTG/evaluate.py: FID, LPIPS diversity, CLIP and M_T consistency, reports, sample sheet."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import PALETTE, tiny_clip
+from test_cdtg_training import TAIL_IDS, cdtg_inputs  # noqa: F401 (a fixture)
+import CDTG.evaluate as evaluate_script
+from CDTG.checkpoint import save_cdtg_checkpoint
+from CDTG.clip_loss import ClipConsistencyLoss
+from CDTG.evaluation import Evaluator
+from CDTG.fidelity import (FeatureExtractor, fid, frechet_distance, inception_pool_network, load_inception,
+                           load_lpips, mean_pairwise_lpips, sample_pairs)
+from CDTG.synthesis import image_name, write_generated_annotation
+from CDTG.tail_data import load_tail_classes
+from tgn.errors import UserError
+from tgn.io import atomic_write_json
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_a_shift():
+    features = np.random.default_rng(0).normal(size=(400, 6))
+    assert fid(features, features) == pytest.approx(0, abs=1e-6)
+    shifts = [fid(features, features + shift) for shift in (0.1, 0.5, 1.0)]
+    assert shifts == pytest.approx([6 * 0.01, 6 * 0.25, 6.0], rel=1e-6)  # same covariance: ||mu1 - mu2||^2
+    # Gaussians with diagonal covariances: sum (a + b - 2 sqrt(ab)) plus the mean term.
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 1.0])
+    expected = 3.0 + np.sum(a + b - 2 * np.sqrt(a * b))
+    assert frechet_distance(np.zeros(3), np.diag(a), np.ones(3), np.diag(b)) == pytest.approx(expected)
+
+
+def test_frechet_distance_of_singular_and_degenerate_covariances():
+    few = np.random.default_rng(1).normal(size=(5, 16))  # fewer images than dimensions: singular
+    assert np.isfinite(fid(few, few + 1.0)) and fid(few, few) == pytest.approx(0, abs=1e-3)
+    assert np.isnan(fid(few[:1], few))
+    with pytest.raises(UserError, match="imaginary"):  # no real square root: a negative eigenvalue
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
+
+
+def tiny_extractor():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, stride=2)
+    nn.init.normal_(conv.weight)  # large enough that a colour shift moves the features clearly
+    return FeatureExtractor(nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 32, "tiny random test net")
+
+
+def test_inception_file_loads_as_2048_d_extractor_named_by_its_hash(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    released_layout = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    torch.save(released_layout.state_dict(), tmp_path / "inception.pth")  # fc included, as in the release
+    extractor = load_inception(str(tmp_path / "inception.pth"))
+    assert "sha256" in extractor.name and len(extractor.name.split("sha256 ")[1]) == 64
+    assert extractor(torch.rand(1, 3, 32, 32) * 2 - 1).shape == (1, 2048)
+    assert isinstance(inception_pool_network().fc, nn.Identity)
+
+
+def test_lpips_builds_offline_with_the_packaged_linear_layers(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("LPIPS tried to download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    model = load_lpips("alex", random_trunk=True)
+    import lpips
+
+    packaged = torch.load(f"{lpips.__path__[0]}/weights/v0.1/alex.pth", map_location="cpu", weights_only=True)
+    assert torch.equal(model.lin0.model[-1].weight, packaged["lin0.model.1.weight"])
+    assert load_lpips("none") is None
+
+
+def test_lpips_diversity_of_identical_images_is_zero():
+    model = load_lpips("alex", random_trunk=True)
+    image = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    assert mean_pairwise_lpips(model, image.repeat(4, 1, 1, 1), 10, seed=0) == pytest.approx(0, abs=1e-7)
+    different = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert mean_pairwise_lpips(model, different, 10, seed=0) > 0
+    assert np.isnan(mean_pairwise_lpips(model, image, 10, seed=0))
+
+
+def test_lpips_pairs_are_all_pairs_or_random_distinct_ones():
+    assert sample_pairs(4, 10, 0).tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+    pairs = sample_pairs(100, 50, 0)
+    assert pairs.shape == (50, 2) and (pairs[:, 0] != pairs[:, 1]).all() and pairs.max() < 100
+    assert np.array_equal(pairs, sample_pairs(100, 50, 0))
+
+
+def test_clip_consistency_on_a_tiny_random_clip():
+    prompts = ["A photo of a airport", "A photo of a dam", "A photo of a golf field"]
+    clip = ClipConsistencyLoss(tiny_clip(), prompts)
+    evaluator = Evaluator(inception=None, lpips=None, clip=clip, teacher=None, device=torch.device("cpu"),
+                          batch_size=3)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    scores = evaluator.score(images, label=1, seed=0)
+    predicted = clip.logits(images.float() / 127.5 - 1).argmax(1)
+    assert scores.clip_correct == int((predicted == 1).sum()) and scores.count == 5
+    assert scores.features is None and scores.teacher_correct is None and np.isnan(scores.lpips)
+
+
+def write_generated(folder, tail, *, r, ckpt, shift=0.0, count=5):
+    """A folder in CDTG/generation.py's format: noisy class colours, brightened by `shift`."""
+    rng = np.random.default_rng(int(r * 100))
+    for cid in tail.ids:
+        (folder / str(cid)).mkdir(parents=True)
+        for index in range(count):
+            colour = np.array(PALETTE[cid % len(PALETTE)], dtype=np.float64) + shift
+            pixels = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / str(cid) / image_name(index), quality=95)
+    write_generated_annotation(folder, tail.ids)
+    atomic_write_json(folder / "generation.json", {"ckpt": str(ckpt), "r": r, "truncation": 1.0, "seed": 0})
+    return folder
+
+
+def copy_real_as_generated(folder, tail, ckpt):
+    """The real tail images under generated names: FID to the real ones is 0."""
+    counters = {}
+    for path, label in tail.samples():
+        cid = tail.ids[label]
+        index = counters.setdefault(cid, 0)
+        counters[cid] += 1
+        (folder / str(cid)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, folder / str(cid) / image_name(index))
+    write_generated_annotation(folder, tail.ids)
+    atomic_write_json(folder / "generation.json", {"ckpt": str(ckpt), "r": 0.05})
+    return folder
+
+
+@pytest.fixture
+def evaluation_inputs(cdtg_inputs, monkeypatch):  # noqa: F811 (the imported fixture)
+    """Two generated folders (the real images copied, and shifted colours) from a checkpoint
+    that records the tail data and M_T; the FID and LPIPS models swapped for tiny random ones."""
+    root = cdtg_inputs
+    save_cdtg_checkpoint(root / "gan.pt", {"g_ema": {}, "data": str(root / "cdtg_data"),
+                                           "teacher": str(root / "M_T.pth")})
+    tail = load_tail_classes(root / "cdtg_data")
+    copy_real_as_generated(root / "gen_copy", tail, root / "gan.pt")
+    write_generated(root / "gen_shifted", tail, r=0.8, ckpt=root / "gan.pt", shift=-90)
+    monkeypatch.setattr(evaluate_script, "load_inception", lambda spec: None if spec == "none" else tiny_extractor())
+    monkeypatch.setattr(evaluate_script, "load_lpips", lambda spec: load_lpips(spec, random_trunk=True))
+    return root
+
+
+def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(evaluation_inputs):
+    root = evaluation_inputs
+    out = root / "evaluation"
+    evaluation = evaluate_script.main([str(root / "gen_copy"), str(root / "gen_shifted"), "--clip",
+                                       str(root / "clip.pt"), "--out", str(out), "--device", "cpu",
+                                       "--workers", "0", "--pairs", "20", "--max-per-class", "6"])
+    assert [folder["label"] for folder in evaluation["folders"]] == ["r=0.05", "r=0.8"]
+    assert evaluation["teacher"] == str(root / "M_T.pth")  # recorded by the generation checkpoint
+    assert evaluation["feature_extractor"] == "tiny random test net" and evaluation["settings"]["size"] == 32
+    copy, shifted = evaluation["folders"]
+    assert [row["id"] for row in copy["classes"]] == TAIL_IDS
+    assert [row["real_images"] for row in copy["classes"]] == [6, 4, 4]  # class 2 capped at --max-per-class
+    assert [row["generated_images"] for row in shifted["classes"]] == [5, 5, 5]
+    assert copy["overall"]["fid"] == pytest.approx(0, abs=1e-3)
+    assert shifted["overall"]["fid"] > 10 and all(row["fid"] > copy_row["fid"] + 10 for row, copy_row
+                                                 in zip(shifted["classes"], copy["classes"]))
+    for row in copy["classes"]:  # the same images: the same diversity and the same accuracies
+        assert row["lpips_generated"] == pytest.approx(row["lpips_real"], abs=1e-5) and row["lpips_real"] > 0
+        assert row["clip_accuracy_generated"] == row["clip_accuracy_real"]
+        assert row["teacher_accuracy_generated"] == row["teacher_accuracy_real"]
+    assert json.loads((out / "evaluation.json").read_text()) == evaluation
+
+    rows = list(csv.DictReader((out / "evaluation.csv").open()))
+    assert [(row["folder"], row["id"]) for row in rows] == [
+        (label, cid) for label in ("r=0.05", "r=0.8") for cid in ["2", "3", "4", "all"]]
+    markdown = (out / "evaluation.md").read_text()
+    assert "| r=0.8 | 14 | 15 |" in markdown and "| 4 golf field |" in markdown
+    assert "torchvision's Inception-v3" in markdown and "tiny random test net" in markdown
+    with Image.open(out / "samples.png") as sheet:
+        assert sheet.format == "PNG" and sheet.width > 3 * 6 * 64 and sheet.height > 3 * 64
+
+
+def test_evaluate_without_teacher_notes_it_and_refuses_a_foreign_folder(evaluation_inputs, capsys):
+    root = evaluation_inputs
+    common = ["--data", str(root / "cdtg_data"), "--clip", "none", "--lpips", "none", "--inception", "none",
+              "--device", "cpu", "--workers", "0", "--out", str(root / "evaluation")]
+    (root / "gen_shifted" / "generation.json").unlink()  # nothing recorded: no teacher
+    evaluation = evaluate_script.main([str(root / "gen_shifted"), *common])
+    assert evaluation["folders"][0]["label"] == "gen_shifted" and evaluation["teacher"] is None
+    assert any("M_T accuracy skipped" in note for note in evaluation["notes"])
+    assert evaluation["folders"][0]["overall"]["fid"] is None
+    (root / "foreign").mkdir()
+    (root / "foreign" / "anno.txt").write_text("0/a.jpg 0\n")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_script.main([str(root / "foreign"), *common])
+    assert exit_info.value.code == 2 and "class id 0 is not a tail class" in capsys.readouterr().err
