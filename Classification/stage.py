@@ -4,6 +4,8 @@ from pathlib import Path
 
 from Classification.figures import plot_confusion, plot_long_tail
 from Classification.report import build_report, read_report, report_markdown, write_report
+from tgn import distributed as dist
+from tgn.cache import ResizeCache
 from tgn.data import ImageList, build_transform, drop_unreadable, samples_for
 from tgn.engine import evaluate, make_loader
 from tgn.errors import UserError
@@ -61,22 +63,26 @@ def read_baseline(args):
     return read_report(args.baseline_report) if args.baseline_report is not None else None
 
 
-def evaluation_set(info, label_of, image_size, skip_bad_images=False):
+def evaluation_set(info, label_of, image_size, skip_bad_images=False, cache_dir=None):
     folder = info.image_root("test")
     if not folder.is_dir():
         raise UserError(f"test folder not found: {folder}")
     samples = drop_unreadable(samples_for(folder, info.entries("test"), label_of), skip_bad_images, "test images")
-    return ImageList(samples, build_transform(image_size, train=False), image_size)
+    cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
+    return ImageList(samples, build_transform(image_size, train=False), image_size, cache)
 
 
 def report_and_figures(model, dataset, classes, out_dir, *, method, source, device, batch_size, workers,
                        amp="off", channels_last=False, baseline=None, cm=None):
     """Evaluate (unless `cm` is given), then write report.{md,csv,json}, confusion_matrix.png and
     long_tail.png into `out_dir`, print the Markdown and return the report. `baseline` is
-    another report whose accuracy line joins long_tail.png."""
+    another report whose accuracy line joins long_tail.png. Under torchrun every process
+    evaluates its share and rank 0 alone writes (the others return None)."""
     if cm is None:
         loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device)
         cm, _ = evaluate(model, loader, device, len(classes.ids), amp=amp, channels_last=channels_last)
+    if not dist.is_main():
+        return None
     report = build_report(cm, method=method, source=source, dataset=classes.dataset, class_ids=classes.ids,
                           class_names=classes.names, train_counts=classes.train_counts,
                           generated_counts=classes.generated_counts, head=classes.head, tail=classes.tail,

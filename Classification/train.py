@@ -31,7 +31,9 @@ from tgn.checkpoint import load_checkpoint, load_weights  # noqa: E402
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
                      training_config)
 from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset  # noqa: E402
-from tgn.engine import fit, resolve_device, seed_everything  # noqa: E402
+from tgn import distributed as dist  # noqa: E402
+from tgn.cache import ResizeCache  # noqa: E402
+from tgn.engine import fit, seed_everything  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
 
@@ -71,32 +73,35 @@ def main(argv=None):
     class_ids, label_of = class_order(info)
     images = training_images(info, args.extra)
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts)
-    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images)
+    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache)
     train_samples = drop_unreadable(images.samples, args.skip_bad_images, "training images")
-    train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size)
+    cache = ResizeCache(args.cache, args.image_size) if args.cache is not None else None
+    train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache)
 
-    device = resolve_device(args.device)
+    device = dist.init(args.device)
+    cfg = training_config(args, device)
     seed_everything(args.seed)
     model = initialise_backbone(build_classifier(args.arch, len(class_ids)), args.pretrained)
     run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-    if args.overwrite and not args.resume:
+    main = dist.is_main()  # under torchrun rank 0 alone prints and writes
+    if main and args.overwrite and not args.resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    options = save_options(run_dir, args)
+    options = save_options(run_dir, args, write=main)
     method = method_name(args)
-    print(f"{method} on {info.name}: {len(train_images)} training images ({sum(images.generated_counts)} generated"
-          f"{f', {images.duplicates} duplicates skipped' if images.duplicates else ''}), {len(test_images)} test "
-          f"images, device {device}")
-    for index, cid in enumerate(class_ids):
-        group = "head" if cid in classes.head else "tail"
-        print(f"  {cid:4d} {classes.names[index]:<28s} {group}  real {images.real_counts[index]:7d}"
-              f"  generated {images.generated_counts[index]:7d}")
-    if args.sampler == "class-balanced" and args.loss == "balanced-softmax":
-        print("note: re-sampling and balanced softmax both correct for the class priors")
+    if main:
+        print(f"{method} on {info.name}: {len(train_images)} training images ({sum(images.generated_counts)} "
+              f"generated{f', {images.duplicates} duplicates skipped' if images.duplicates else ''}), "
+              f"{len(test_images)} test images, device {device}{dist.describe()}, amp {cfg.amp}")
+        for index, cid in enumerate(class_ids):
+            group = "head" if cid in classes.head else "tail"
+            print(f"  {cid:4d} {classes.names[index]:<28s} {group}  real {images.real_counts[index]:7d}"
+                  f"  generated {images.generated_counts[index]:7d}")
+        if args.sampler == "class-balanced" and args.loss == "balanced-softmax":
+            print("note: re-sampling and balanced softmax both correct for the class priors")
 
     labels = train_images.targets()
     meta = checkpoint_meta(model, class_ids, classes.names, images.real_counts, images.generated_counts, method,
                            options)
-    cfg = training_config(args)
     result = fit(model, train_images, test_images, cfg, device, run_dir, meta=meta, resume=args.resume,
                  loss_fn=make_loss(args.loss, labels, len(class_ids)), head=classes.indices(classes.head),
                  tail=classes.indices(classes.tail),
@@ -106,12 +111,12 @@ def main(argv=None):
     last_is_best = result.confusion is not None and result.best_epoch == cfg.epochs - 1
     if best.exists() and not last_is_best:
         load_weights(model, load_checkpoint(best)["state_dict"], best)
-    if best.exists():
+    if best.exists() and main:
         print(f"best test OA {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; report of {best}:")
     source = best if best.exists() else run_dir / "last.pth"  # no best: the test set is empty
     return report_and_figures(model, test_images, classes, run_dir / "report-best", method=method, source=source,
-                              device=device, batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-                              channels_last=args.channels_last, baseline=baseline,
+                              device=device, batch_size=args.batch_size, workers=args.workers, amp=cfg.amp,
+                              channels_last=cfg.channels_last, baseline=baseline,
                               cm=result.confusion if last_is_best else None)
 
 

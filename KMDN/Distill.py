@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from KMDN.distillation import distill  # noqa: E402
 from KMDN.stage import checkpoint_meta, group_datasets, open_split  # noqa: E402
 from tgn.cli import add_output_args, add_runtime_args, add_training_args, make_parser, training_config  # noqa: E402
-from tgn.engine import resolve_device, seed_everything  # noqa: E402
+from tgn import distributed as dist  # noqa: E402
+from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resnet import load_feature_resnet  # noqa: E402
@@ -50,21 +51,25 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
     split = open_split(args)
-    device = resolve_device(args.device)
+    device = dist.init(args.device)
     seed_everything(args.seed)
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
     models = {group: load_group_model(paths[group], split, group) for group in paths}
-    datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images) for group in paths}
-    # Inputs are valid: only now is anything written.
+    datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
+                for group in paths}
+    # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
     run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
-    if args.overwrite and not args.resume:
+    main = dist.is_main()
+    if main and args.overwrite and not args.resume:
         for name in ("metrics.jsonl", "M_H.pth", "M_T.pth"):
             (run_dir / name).unlink(missing_ok=True)
-    options = save_options(run_dir, args)
+    options = save_options(run_dir, args, write=main)
     metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
-    best = distill(models, datasets, metas, training_config(args), device, run_dir,
+    best = distill(models, datasets, metas, training_config(args, device), device, run_dir,
                    alpha=args.alpha, interval=args.distill_interval, resume=args.resume)
+    if not main:
+        return
     for group, accuracy in best.items():
         shown = f"{100 * accuracy:.2f}%" if accuracy > -1 else "not trained"
         print(f"{group}: best test accuracy while student {shown}")

@@ -12,8 +12,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from tgn.engine import evaluate, make_loader, seed_everything, epoch_seed, step_lr, train_one_epoch
+from tgn.engine import (epoch_seed, evaluate, make_loader, prepare_model, seed_everything, step_lr,
+                        train_one_epoch)
 from tgn.errors import UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import format_percent
@@ -70,12 +72,15 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
     `models`, `datasets` (train, test) and `metas` are dicts keyed by 'head' and 'tail'.
     Writes last.pth (both models, both optimizers: for --resume), M_H.pth and M_T.pth
     (each model at its best test accuracy while it was the student) and metrics.jsonl.
+    Under torchrun the student trains through DistributedDataParallel and rank 0 writes.
     """
     out_dir = Path(out_dir)
-    optimizers = {}
-    for group, model in models.items():
-        model.to(device)
-        optimizers[group] = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    main = dist.is_main()
+    models, nets, optimizers, scalers = dict(models), {}, {}, {}
+    for group in models:
+        models[group], nets[group] = prepare_model(models[group], cfg, device)
+        optimizers[group] = torch.optim.Adam(models[group].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scalers[group] = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     best = {group: -math.inf for group in models}
     start_epoch = 0
     if resume and (out_dir / "last.pth").exists():
@@ -83,14 +88,23 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         for group in models:
             load_weights(models[group], state["models"][group], out_dir / "last.pth")
             optimizers[group].load_state_dict(state["optimizers"][group])
+            if scalers[group] is not None and (state.get("scalers") or {}).get(group):
+                scalers[group].load_state_dict(state["scalers"][group])
         best = state["best"]
         start_epoch = state["epoch"] + 1
-        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
-        print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
+        if main:
+            trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
+            print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
     test_loaders = {
         group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device)
         for group in models
     }
+    train_loaders = {
+        group: make_loader(datasets[group][0], cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
+                           epoch=start_epoch, device=device, persistent=True)
+        for group in models
+    }
+    precision = {"amp": cfg.amp, "channels_last": cfg.channels_last}
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         student_group = student_of_epoch(epoch, interval)
@@ -99,15 +113,21 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         unfreeze(student)
         seed_everything(epoch_seed(cfg.seed, epoch))
         lr = step_lr(optimizers[student_group], cfg.lr, epoch, cfg.milestones)
-        loader = make_loader(datasets[student_group][0], cfg.batch_size, train=True, workers=cfg.workers,
-                             seed=cfg.seed, epoch=epoch, device=device)
-        stats = train_one_epoch(student, loader, optimizers[student_group], make_distill_loss_fn(teacher, alpha),
-                                device, desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)")
-        _, summary = evaluate(student, test_loaders[student_group], device, len(metas[student_group]["class_ids"]))
+        loader = train_loaders[student_group]
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(nets[student_group], loader, optimizers[student_group],
+                                make_distill_loss_fn(teacher, alpha), device, scaler=scalers[student_group],
+                                desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)", **precision)
+        dist.broadcast_buffers_(student)  # BatchNorm statistics differ per process without SyncBatchNorm
+        _, summary = evaluate(student, test_loaders[student_group], device, len(metas[student_group]["class_ids"]),
+                              **precision)
         accuracy = summary["overall_accuracy"]
         improved = not math.isnan(accuracy) and accuracy > best[student_group]
         if improved:
             best[student_group] = accuracy
+        if not main:
+            continue
+        if improved:
             save_checkpoint(out_dir / OUTPUT_NAMES[student_group],
                             {**metas[student_group], "state_dict": student.state_dict(), "epoch": epoch,
                              "metrics": summary})
@@ -117,6 +137,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
             "format": "tgn-distill-state/1",
             "models": {group: model.state_dict() for group, model in models.items()},
             "optimizers": {group: opt.state_dict() for group, opt in optimizers.items()},
+            "scalers": {group: scaler.state_dict() for group, scaler in scalers.items() if scaler is not None},
             "best": best,
             "epoch": epoch,
         })
@@ -125,6 +146,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
               + (" *best" if improved else ""))
     # A model that never was the student (too few epochs) is passed on unchanged.
     for group, model in models.items():
-        if not (out_dir / OUTPUT_NAMES[group]).exists():
+        if main and not (out_dir / OUTPUT_NAMES[group]).exists():
             save_checkpoint(out_dir / OUTPUT_NAMES[group], {**metas[group], "state_dict": model.state_dict()})
+    dist.barrier()  # the outputs are complete before any process reads them
     return best

@@ -4,7 +4,8 @@ from pathlib import Path
 from KMDN.stage import build_group_model, checkpoint_meta, group_datasets, open_split
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,
                      training_config)
-from tgn.engine import fit, resolve_device, seed_everything
+from tgn import distributed as dist
+from tgn.engine import fit, seed_everything
 from tgn.errors import UserError
 from tgn.io import check_run_dir, prepare_run_dir, save_options
 
@@ -28,19 +29,23 @@ def train_group(args):
     split = open_split(args)
     if not split.ids(group):
         raise UserError(f"the split in {args.split} has no {group} classes")
-    device = resolve_device(args.device)
+    device = dist.init(args.device)
     seed_everything(args.seed)
     model = build_group_model(split, group, args)
-    train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images)
-    # Inputs are valid: only now is anything written.
+    train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
+    # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
     run_dir = prepare_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
-    if args.overwrite and not args.resume:
+    main = dist.is_main()
+    if main and args.overwrite and not args.resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    options = save_options(run_dir, args)
-    print(f"{group} model: {len(split.ids(group))} classes, {len(train_set)} train / {len(test_set)} test images, "
-          f"device {device}")
-    result = fit(model, train_set, test_set, training_config(args), device, run_dir,
+    options = save_options(run_dir, args, write=main)
+    cfg = training_config(args, device)
+    if main:
+        print(f"{group} model: {len(split.ids(group))} classes, {len(train_set)} train / {len(test_set)} test "
+              f"images, device {device}{dist.describe()}, amp {cfg.amp}")
+    result = fit(model, train_set, test_set, cfg, device, run_dir,
                  meta=checkpoint_meta(split, group, model, options), resume=args.resume, desc=group)
-    print(f"best test accuracy {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; "
-          f"checkpoints in {run_dir}")
+    if main:
+        print(f"best test accuracy {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; "
+              f"checkpoints in {run_dir}")
     return result

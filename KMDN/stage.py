@@ -1,4 +1,5 @@
 """What UModel, RModel and Distill share: datasets of one group and the feature ResNet."""
+from tgn.cache import ResizeCache
 from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset
 from tgn.resnet import FeatureResNet, load_backbone
 from tgn.split import check_split_matches, load_split
@@ -11,12 +12,14 @@ def open_split(args):
     return split
 
 
-def group_datasets(split, group, image_size, skip_bad_images=False):
-    """Training and test sets of the head or tail classes, labels = model output index."""
+def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=None):
+    """Training and test sets of the head or tail classes, labels = model output index;
+    `cache_dir` (--cache) keeps the resized images."""
     train_samples = drop_unreadable(split.samples(group, "train"), skip_bad_images, f"{group} training images")
     test_samples = drop_unreadable(split.samples(group, "test"), skip_bad_images, f"{group} test images")
-    train = ImageList(train_samples, build_transform(image_size, train=True), image_size)
-    test = ImageList(test_samples, build_transform(image_size, train=False), image_size)
+    cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
+    train = ImageList(train_samples, build_transform(image_size, train=True), image_size, cache)
+    test = ImageList(test_samples, build_transform(image_size, train=False), image_size, cache)
     return train, test
 
 

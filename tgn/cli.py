@@ -26,14 +26,26 @@ def add_runtime_args(parser):
 def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4, image_size=224):
     group = parser.add_argument_group("training (official defaults)")
     group.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    group.add_argument("--batch-size", type=int, default=batch_size, help="images per batch")
+    group.add_argument("--batch-size", type=int, default=batch_size,
+                       help="images per batch in all: under torchrun each of N processes takes 1/N of it")
     group.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
     group.add_argument("--weight-decay", type=float, default=weight_decay, help="Adam weight decay")
     group.add_argument("--milestones", type=int, nargs="*", default=OFFICIAL_MILESTONES,
                        help="epochs after which the learning rate is divided by 10")
     group.add_argument("--image-size", type=int, default=image_size, help="images are resized to this square size")
-    group.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision on GPUs")
-    group.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    speed = parser.add_argument_group("speed and scale")
+    speed.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                       help="mixed precision: auto = bf16 on GPUs (fp16 with a GradScaler where bf16 is missing), "
+                            "off on CPUs")
+    speed.add_argument("--channels-last", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                       help="channels_last memory format: auto = on with GPUs")
+    speed.add_argument("--sync-bn", choices=["auto", "on", "off"], default="auto",
+                       help="under torchrun, BatchNorm statistics over all processes (the global batch): "
+                            "auto = on GPUs; PyTorch has no SyncBatchNorm on CPUs")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--cache", type=Path, default=None, metavar="DIR",
+                       help="keep every image resized to --image-size in DIR (written once, read by later epochs "
+                            "and runs; about 3 * size^2 bytes per image)")
     return group
 
 
@@ -56,11 +68,13 @@ def add_output_args(parser, default_out):
     return group
 
 
-def training_config(args):
-    from tgn.engine import TrainConfig
+def training_config(args, device):
+    """The engine's settings from the flags, with --amp and --channels-last resolved for `device`."""
+    from tgn.engine import TrainConfig, resolve_precision
 
+    amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        milestones=list(args.milestones), seed=args.seed, workers=args.workers, amp=args.amp,
-        channels_last=args.channels_last,
+        milestones=list(args.milestones), seed=args.seed, workers=args.workers, amp=amp,
+        channels_last=channels_last, sync_bn=args.sync_bn, compile=args.compile,
     )

@@ -187,19 +187,22 @@ def build_transform(image_size, train):
 
 
 class ImageList(Dataset):
-    """Images given as (path, label) pairs; `label` is the model's output index."""
+    """Images given as (path, label) pairs; `label` is the model's output index.
 
-    def __init__(self, samples, transform=None, image_size=None):
+    `cache` (a tgn.cache.ResizeCache) serves images already resized to `image_size`."""
+
+    def __init__(self, samples, transform=None, image_size=None, cache=None):
         self.samples = list(samples)
         self.transform = transform
         self.image_size = image_size
+        self.cache = cache
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        image = load_image(path, self.image_size)
+        image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.tensor(label, dtype=torch.long)

@@ -1,8 +1,13 @@
 """The one training engine of the ResNet stages (UModel, RModel, Distill, Classification).
 
 Determinism: every epoch reseeds all generators from (seed, epoch), and the data order
-comes from a generator with the same seed, so a run resumed at an epoch boundary
-continues exactly as the uninterrupted run would have (bit-identical on CPU).
+and each image's augmentation come from (seed, epoch) too (tgn/sampling.py), so a run
+resumed at an epoch boundary continues exactly as the uninterrupted run would have
+(bit-identical on CPU), whatever the number of DataLoader workers.
+
+Under torchrun (tgn/distributed.py) the model is wrapped in DistributedDataParallel,
+each process takes its share of every global batch, training statistics and confusion
+matrices are summed over the processes, and rank 0 alone logs and writes.
 """
 import contextlib
 import math
@@ -14,22 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.errors import UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
+from tgn.sampling import EpochSampler, SeededItems, epoch_seed
 
-
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+resolve_device = dist.resolve_device  # kept here too: the scripts outside torchrun use it
 
 
 def seed_everything(seed):
@@ -38,30 +38,35 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed, epoch):
-    return seed * 1_000_003 + epoch
-
-
-def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, device=None, weights=None):
-    """A DataLoader whose order and augmentation depend only on (seed, epoch)."""
-    generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
-    sampler = None
-    if train:
-        if weights is not None:
-            sampler = WeightedRandomSampler(weights, num_samples=len(dataset), replacement=True, generator=generator)
-        else:
-            sampler = RandomSampler(dataset, generator=generator)
+def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, device=None, weights=None,
+                persistent=False):
+    """A DataLoader of this process's share of the data, in an order (and, when training,
+    with augmentations) that depend only on (seed, epoch): call `loader.sampler.set_epoch`
+    before each epoch. `batch_size` is the global batch; `persistent` keeps the workers
+    (and their decoded-image pipelines) alive across epochs."""
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, epoch=epoch, weights=weights)
     return DataLoader(
-        dataset,
-        batch_size=batch_size,
+        SeededItems(dataset) if train else dataset,
+        batch_size=dist.local_batch(batch_size),
         sampler=sampler,
-        shuffle=False,
         num_workers=workers,
         pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=False,
-        generator=generator,
+        persistent_workers=persistent and workers > 0,
+        generator=torch.Generator().manual_seed(seed),
         drop_last=False,
     )
+
+
+def resolve_precision(amp, channels_last, device):
+    """--amp auto: bf16 on GPUs (fp16 with a GradScaler where bf16 is missing), off on CPUs;
+    --channels-last auto: on with GPUs. Explicit values are kept."""
+    if amp == "auto":
+        amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if channels_last in ("auto", None):
+        channels_last = device.type == "cuda"
+    elif isinstance(channels_last, str):
+        channels_last = channels_last == "on"
+    return amp, bool(channels_last)
 
 
 def autocast(device, amp):
@@ -91,20 +96,21 @@ def step_lr(optimizer, base_lr, epoch, milestones, gamma=0.1):
 
 
 def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", amp="off", scaler=None,
-                    channels_last=False):
-    """One pass over `loader`; returns mean loss and training accuracy."""
+                    channels_last=False, check_every=20):
+    """One pass over `loader`; returns mean loss and training accuracy over all processes.
+
+    Sums stay on the device and are read back every `check_every` steps (a non-finite
+    loss stops the run there), so the GPU is not waited for after every step."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
-    for images, labels in progress:
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * batch, correct, seen
+    progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main())
+    for step, (images, labels) in enumerate(progress, start=1):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             loss, logits = loss_fn(model, images, labels)
-        if not torch.isfinite(loss):
-            raise UserError(f"the training loss became {loss.item()}; lower --lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -114,19 +120,23 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
             loss.backward()
             optimizer.step()
         batch = labels.numel()
-        total_loss += loss.item() * batch
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += batch
-        progress.set_postfix(loss=f"{total_loss / seen:.4f}")
+        sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == labels).sum().double(),
+                             torch.tensor(batch, dtype=torch.float64, device=device)])
+        if step % check_every == 0 or step == len(loader):
+            total_loss, _, seen = sums.tolist()
+            if not math.isfinite(total_loss):
+                raise UserError(f"the training loss became {total_loss / seen}; lower --lr or check the data")
+            progress.set_postfix(loss=f"{total_loss / seen:.4f}")
+    total_loss, correct, seen = dist.sum_numbers(sums.tolist(), device)
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
 @torch.no_grad()
 def predict(model, loader, device, *, amp="off", channels_last=False, desc="test"):
-    """Targets and argmax predictions over `loader`, as numpy arrays."""
+    """Targets and argmax predictions over `loader` (this process's share), as numpy arrays."""
     model.eval()
     targets, predictions = [], []
-    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main()):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -140,8 +150,12 @@ def predict(model, loader, device, *, amp="off", channels_last=False, desc="test
 
 
 def evaluate(model, loader, device, num_classes, *, head=None, tail=None, amp="off", channels_last=False):
+    """Confusion matrix and summary; under torchrun every process evaluates its share (a
+    loader from make_loader) and the matrices are summed, so all get the whole test set's."""
     targets, predictions = predict(model, loader, device, amp=amp, channels_last=channels_last)
     cm = confusion_matrix(targets, predictions, num_classes)
+    if dist.active():
+        cm = dist.all_reduce_(torch.as_tensor(cm, dtype=torch.int64, device=device)).cpu().numpy()
     return cm, summarize(cm, head=head, tail=tail)
 
 
@@ -156,6 +170,8 @@ class TrainConfig:
     workers: int = 0
     amp: str = "off"
     channels_last: bool = False
+    sync_bn: str = "auto"  # under torchrun: SyncBatchNorm on GPUs (see tgn/distributed.py)
+    compile: bool = False
 
 
 @dataclass
@@ -170,6 +186,17 @@ def make_optimizer(model, cfg):
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def prepare_model(model, cfg, device):
+    """Put `model` on the device in its memory format; returns (model, what to train through):
+    DistributedDataParallel under torchrun, compiled with cfg.compile, else the model."""
+    model = dist.sync_batchnorm(model, device, cfg.sync_bn)
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = dist.wrap(model, device)
+    return model, (torch.compile(net) if cfg.compile else net)
+
+
 def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross_entropy_loss, resume=False,
         head=None, tail=None, train_weights=None, desc="epoch"):
     """Train with Adam and step learning rates; evaluate, log and checkpoint every epoch.
@@ -179,9 +206,8 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     class ids and names, options) is stored in every checkpoint.
     """
     out_dir = Path(out_dir)
-    model.to(device)
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
+    main = dist.is_main()
+    model, net = prepare_model(model, cfg, device)
     optimizer = make_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     result = TrainResult()
@@ -195,27 +221,33 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
-        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
+        if main:
+            trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
+            print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
         result.best_accuracy = state.get("best_accuracy", -math.inf)
         result.best_epoch = state.get("best_epoch", -1)
-        print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
     num_classes = len(meta["class_ids"])
     test_loader = make_loader(test_set, cfg.batch_size, train=False, workers=cfg.workers, device=device)
+    loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
+                         epoch=start_epoch, device=device, weights=train_weights, persistent=True)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         seed_everything(epoch_seed(cfg.seed, epoch))
         lr = step_lr(optimizer, cfg.lr, epoch, cfg.milestones)
-        loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
-                             epoch=epoch, device=device, weights=train_weights)
-        train_stats = train_one_epoch(model, loader, optimizer, loss_fn, device,
+        loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(net, loader, optimizer, loss_fn, device,
                                       desc=f"{desc} {epoch + 1}/{cfg.epochs}", amp=cfg.amp, scaler=scaler,
                                       channels_last=cfg.channels_last)
+        dist.broadcast_buffers_(model)  # BatchNorm statistics differ per process without SyncBatchNorm
         cm, summary = evaluate(model, test_loader, device, num_classes, head=head, tail=tail, amp=cfg.amp,
                                channels_last=cfg.channels_last)
         accuracy = summary["overall_accuracy"]
         improved = not math.isnan(accuracy) and accuracy > result.best_accuracy
         if improved:
             result.best_accuracy, result.best_epoch = accuracy, epoch
+        result.last_summary, result.confusion = summary, cm
+        if not main:
+            continue
         record = {"epoch": epoch + 1, "lr": lr, **train_stats, **summary, "seconds": round(time.time() - started, 2)}
         append_jsonl(out_dir / "metrics.jsonl", record)
         payload = {
@@ -236,5 +268,5 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
             f"test OA {format_percent(accuracy)} mean-acc {format_percent(summary['mean_class_accuracy'])} "
             f"macro-F1 {format_percent(summary['macro_f1'])}" + (" *best" if improved else "")
         )
-        result.last_summary, result.confusion = summary, cm
+    dist.barrier()  # the checkpoints are complete before any process reads them
     return result

@@ -97,8 +97,10 @@ def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pt
     return out_dir
 
 
-def save_options(out_dir, args):
-    """Resolved command-line options, next to the results they produced."""
+def save_options(out_dir, args, write=True):
+    """Resolved command-line options, next to the results they produced (`write=False`:
+    only the dict, for the processes that do not write under torchrun)."""
     options = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    atomic_write_json(Path(out_dir) / "options.json", options)
+    if write:
+        atomic_write_json(Path(out_dir) / "options.json", options)
     return options

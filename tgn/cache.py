@@ -1,0 +1,50 @@
+"""--cache DIR: every image decoded and resized once, read back as raw pixels afterwards.
+
+An entry is the uint8 array of `Resize((size, size))(load_image(path, size))`, exactly what
+the uncached pipeline feeds to its next transform (resizing an image to its own size is the
+identity), so a cached run computes what an uncached one does. Entries are named by a hash
+of the source's absolute path, byte size and modification time and of the size, so an
+edited or replaced image is decoded again. Each entry is written to a temporary file and
+renamed into place: concurrent workers and processes never read a partial entry, and an
+entry that cannot be read (a crash mid-write on some file systems) is simply rebuilt.
+"""
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+from tgn.data import load_image
+
+
+class ResizeCache:
+    def __init__(self, root, size):
+        self.root = Path(root) / f"{int(size)}px"
+        self.size = int(size)
+
+    def entry(self, path):
+        path = os.path.abspath(path)
+        stat = os.stat(path)
+        key = hashlib.sha1(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.size}".encode()).hexdigest()
+        return self.root / key[:2] / f"{key}.npy"
+
+    def load(self, path):
+        """The RGB image at `path`, resized to size x size."""
+        entry = self.entry(path)
+        try:
+            return Image.fromarray(np.load(entry, allow_pickle=False))
+        except (OSError, ValueError, EOFError):
+            pass  # missing or unreadable: (re)build it
+        image = TF.resize(load_image(path, self.size), [self.size, self.size])
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, np.asarray(image), allow_pickle=False)
+            os.replace(tmp, entry)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)  # a full disk costs speed, not the run
+        return image

@@ -1,0 +1,169 @@
+"""Several processes under torchrun: the process group, ranks, collectives, sharding, DDP.
+
+    torchrun --nproc_per_node=4 KMDN/UModel.py --split runs/dior/split --out runs/dior/kmdn
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `init()` then joins the process group
+(nccl on GPUs, gloo on CPUs) and gives each process the GPU of its LOCAL_RANK. Without
+those variables (or with WORLD_SIZE=1) nothing changes: no process group, rank 0 of 1,
+and every helper here is a no-op.
+
+Batch sizes on the command line are global. Each global batch is drawn as in a single
+process (from the seed and the epoch or step) and process r takes its positions
+r, r + N, r + 2N, ... (`shard`), so N processes see the batches one process would.
+"""
+import atexit
+import inspect
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tgn.errors import UserError
+
+
+def launched():
+    """True when started by torchrun with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def active():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if active() else 0
+
+
+def world_size():
+    return dist.get_world_size() if active() else 1
+
+
+def is_main():
+    """The process that logs, shows progress and writes checkpoints, samples and reports."""
+    return rank() == 0
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def init(device_name="auto"):
+    """The device of this process; under torchrun also joins the process group (once)."""
+    if not launched():
+        return resolve_device(device_name)
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device_name}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                        "pass --device cuda, auto or cpu")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                            "start at most that many processes per node (--nproc_per_node)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not active():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        atexit.register(shutdown)
+    return device
+
+
+def shutdown():
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if active():
+        dist.barrier()
+
+
+def all_reduce_(tensor, average=False):
+    """Sum (or mean) of `tensor` over the processes, in place; returns it."""
+    if active():
+        dist.all_reduce(tensor)
+        if average:
+            tensor /= world_size()
+    return tensor
+
+
+def sum_numbers(values, device):
+    """Python numbers summed over the processes (one collective for the lot)."""
+    if not active():
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    return all_reduce_(tensor).tolist()
+
+
+def mean_numbers(values, device):
+    return [value / world_size() for value in sum_numbers(values, device)]
+
+
+def broadcast_buffers_(module):
+    """Copy rank 0's buffers (BatchNorm running statistics) to every process, so that every
+    process evaluates the model rank 0 saves."""
+    if active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def local_batch(batch_size, flag="--batch-size"):
+    """This process's share of a global batch."""
+    world = world_size()
+    if batch_size % world:
+        raise UserError(f"{flag} {batch_size} is the global batch and must be a multiple of the {world} processes")
+    return batch_size // world
+
+
+def shard(items):
+    """Positions rank, rank + N, rank + 2N, ... of a sequence or tensor (dim 0)."""
+    return items[rank()::world_size()]
+
+
+def sync_batchnorm(model, device, mode="auto"):
+    """BatchNorm statistics over all processes: 'auto' = on GPUs; PyTorch has no CPU kernel."""
+    if not active() or mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return model
+    if device.type != "cuda":
+        raise UserError("--sync-bn on needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); use auto or off")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def wrap(module, device, sync_buffers=True):
+    """DistributedDataParallel around `module` under torchrun; the module itself otherwise.
+    `sync_buffers=False`: no copy of rank 0's buffers before each forward (StyleGAN2's
+    buffers are constants)."""
+    if not active():
+        return module
+    options = {}
+    if not sync_buffers:  # the flag's name changed in recent PyTorch releases
+        ddp_flags = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        options["forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"] = False
+    return nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, **options)
+
+
+def unwrap(module):
+    """The plain module inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def describe():
+    """' (N processes, backend)' under torchrun, '' otherwise: for the start-up line."""
+    return f" ({world_size()} processes, {dist.get_backend()})" if active() else ""

@@ -1,0 +1,77 @@
+"""Which images each process reads in an epoch, in an order that depends only on (seed, epoch).
+
+One sampler serves every DataLoader of the ResNet trainers, with or without torchrun:
+the epoch's global order is drawn from (seed, epoch) as a single process would draw it,
+and process r of N takes positions r, r + N, ... of it. With the per-process batch
+(global batch / N), process r's k-th batch is then its share of the global k-th batch.
+
+Training positions also carry a seed for the image's augmentation (SeededItems), so the
+random flip of an image depends on (seed, epoch, position) alone: not on the number of
+DataLoader workers, on persistent workers' history, or on the number of processes.
+"""
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from tgn import distributed as dist
+
+
+def epoch_seed(seed, epoch):
+    return seed * 1_000_003 + epoch
+
+
+class EpochSampler(Sampler):
+    """This process's indices of one epoch; call set_epoch(epoch) before each epoch.
+
+    shuffle=True: a permutation of range(size) (or, with `weights`, `size` draws with
+    replacement, as WeightedRandomSampler does), each position paired with an
+    augmentation seed; the list is padded to a multiple of the process count by
+    repeating its start, like DistributedSampler. shuffle=False: indices in order,
+    sharded without padding (confusion matrices are summed: every image counts once).
+    """
+
+    def __init__(self, size, *, shuffle, seed=0, epoch=0, weights=None):
+        self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, epoch
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.rank, self.world = dist.rank(), dist.world_size()
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        if not self.shuffle:
+            return len(range(self.rank, self.size, self.world))
+        return -(-self.size // self.world)
+
+    def global_order(self):
+        """The epoch's (index, augmentation seed) pairs, before sharding."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(self.size, generator=generator)
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
+        return list(zip(order.tolist(), seeds.tolist()))
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.rank, self.size, self.world))
+        order = self.global_order()
+        padding = len(self) * self.world - len(order)
+        order = order + (order * (padding // max(len(order), 1) + 1))[:padding]
+        return iter(order[self.rank::self.world])
+
+
+class SeededItems(Dataset):
+    """dataset[(index, seed)]: the item with torch's generator seeded by `seed` (then restored)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
