@@ -46,6 +46,7 @@ import torch
 from torch.nn import functional as F
 
 from CDTG.ops import upfirdn2d
+from tgn import distributed as dist
 
 GEOMETRIC_KINDS = ("xflip", "rotate90", "xint", "scale", "rotate", "aniso", "xfrac")
 COLOUR_KINDS = ("brightness", "contrast", "lumaflip", "hue", "saturation")
@@ -96,8 +97,11 @@ class AdaptiveAugment:
 
     @torch.no_grad()
     def tune(self, real_pred):
-        self.sign_sum += torch.sign(real_pred.detach()).sum().to(self.sign_sum)
-        self.count += real_pred.shape[0]
+        """Under torchrun the signs and counts of all processes are summed every step, so every
+        process holds the same state (and p) as one process seeing the global batch."""
+        signs = torch.sign(real_pred.detach()).sum().to(self.sign_sum)
+        self.sign_sum += dist.all_reduce_(signs)
+        self.count += real_pred.shape[0] * dist.world_size()
         if self.count >= self.update_every:
             self.r_t_stat = self.sign_sum.item() / self.count
             direction = 1.0 if self.r_t_stat > self.target else -1.0

@@ -20,9 +20,12 @@ def g_nonsaturating_loss(fake_pred):
     return F.softplus(-fake_pred).mean()
 
 
-def g_path_regularize(fake_images, latents, mean_path_length, decay=0.01):
-    """Path-length penalty; returns (penalty, updated running mean, per-sample lengths)."""
-    noise = torch.randn_like(fake_images) / math.sqrt(fake_images.shape[2] * fake_images.shape[3])
+def g_path_regularize(fake_images, latents, mean_path_length, decay=0.01, noise=None):
+    """Path-length penalty; returns (penalty, updated running mean, per-sample lengths).
+
+    `noise` (standard normal, the fakes' shape) is drawn here unless given."""
+    noise = torch.randn_like(fake_images) if noise is None else noise.to(fake_images)
+    noise = noise / math.sqrt(fake_images.shape[2] * fake_images.shape[3])
     (grad,) = autograd.grad((fake_images * noise).sum(), latents, create_graph=True)
     path_lengths = torch.sqrt(grad.pow(2).sum(2).mean(1))
     path_mean = mean_path_length + decay * (path_lengths.mean() - mean_path_length)

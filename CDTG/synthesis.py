@@ -7,8 +7,9 @@ size, therefore writes exactly the images an uninterrupted run would have writte
 """
 import json
 import re
-from io import BytesIO
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -80,14 +81,14 @@ class TailSynthesizer:
 
     @torch.no_grad()
     def projected_features(self, label, batch_size):
-        """fusion.project(M_T layer3 feature) of every real image of one class, computed once."""
+        """fusion.embed(M_T layer3 feature) of every real image of one class, computed once."""
         if label not in self._projected:
             indices = [i for i, (_, lab) in enumerate(self.dataset.samples) if lab == label]
             chunks = []
             for start in range(0, len(indices), batch_size):
                 images = torch.stack([self.dataset[i][0] for i in indices[start:start + batch_size]])
                 _, features = self.teacher(images.to(self.device))
-                chunks.append(self.fusion.project(features.flatten(1)))
+                chunks.append(self.fusion.embed(features))
             self._projected[label] = torch.cat(chunks)
         return self._projected[label]
 
@@ -131,13 +132,43 @@ def encode_jpeg(pixels, quality):
     return buffer.getvalue()
 
 
-def write_images(pool, folder, indices, images, quality):
-    """Encode and write in worker threads (PIL releases the GIL while encoding)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [pool.submit(lambda i=i, px=px: atomic_write_bytes(folder / image_name(i), encode_jpeg(px, quality)))
-            for i, px in zip(indices, images)]
-    for job in jobs:
-        job.result()
+class JpegWriter:
+    """Encodes and writes batches in worker threads (PIL releases the GIL while encoding)
+    while the caller generates the next batch. At most `max_pending` batches wait, so
+    memory stays bounded when the disk is slower than the generator."""
+
+    def __init__(self, workers, quality, max_pending=2):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        self.quality, self.max_pending = quality, max_pending
+        self.pending = deque()
+
+    def submit(self, folder, indices, images):
+        folder.mkdir(parents=True, exist_ok=True)
+        while len(self.pending) >= self.max_pending:
+            self._finish_oldest()
+        self.pending.append([self.pool.submit(self._write, folder / image_name(i), pixels)
+                             for i, pixels in zip(indices, images)])
+
+    def _write(self, path, pixels):
+        atomic_write_bytes(path, encode_jpeg(pixels, self.quality))
+
+    def _finish_oldest(self):
+        for job in self.pending.popleft():
+            job.result()
+
+    def drain(self):
+        """Wait until every submitted image is on disk."""
+        while self.pending:
+            self._finish_oldest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.drain()  # images already generated are still written (each file atomically)
+        finally:
+            self.pool.shutdown()
 
 
 def write_generated_annotation(out_dir, class_ids):
@@ -164,17 +195,19 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     out_dir = Path(out_dir)
     written = {}
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with JpegWriter(workers, quality) as writer:
         for class_id in class_ids:
             folder = out_dir / str(class_id)
-            missing = [i for i in range(per_class) if i not in existing_indices(folder)]
+            existing = existing_indices(folder)
+            missing = [i for i in range(per_class) if i not in existing]
             name = synth.tail.names[synth.tail.ids.index(class_id)]
             for start in tqdm(range(0, len(missing), batch_size), desc=f"class {class_id} ({name})",
                               dynamic_ncols=True, leave=False):
                 indices = missing[start:start + batch_size]
                 images = synth.generate(class_id, indices, ratio=ratio, seed=seed, truncation=truncation,
                                         batch_size=batch_size)
-                write_images(pool, folder, indices, images, quality)
+                writer.submit(folder, indices, images)
+            writer.drain()  # anno.txt lists the images on disk
             written[class_id] = len(missing)
             write_generated_annotation(out_dir, synth.tail.ids)
     return written

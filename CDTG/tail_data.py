@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torchvision import transforms
 
+from tgn import distributed as dist
 from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
 from tgn.io import atomic_write_json, read_json
@@ -101,12 +102,14 @@ class StepBatchSampler(torch.utils.data.Sampler):
     """Batch indices for steps start..end-1; step s's batch depends only on (seed, s).
 
     Sampling with replacement per step makes an interrupted run resume on exactly the
-    batches the uninterrupted run would have seen.
+    batches the uninterrupted run would have seen. `batch_size` is the global batch:
+    under torchrun each process takes its share (positions rank, rank + N, ...).
     """
 
     def __init__(self, dataset_size, batch_size, seed, start, end):
         self.dataset_size, self.batch_size = dataset_size, batch_size
         self.seed, self.start, self.end = seed, start, end
+        dist.local_batch(batch_size, "--batch")
 
     def __len__(self):
         return max(self.end - self.start, 0)
@@ -114,4 +117,4 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         for step in range(self.start, self.end):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-            yield torch.randint(self.dataset_size, (self.batch_size,), generator=generator).tolist()
+            yield dist.shard(torch.randint(self.dataset_size, (self.batch_size,), generator=generator).tolist())

@@ -9,6 +9,10 @@ mixing 0.9, fusion 0.8 * noise + 0.2 * feature, CLIP ViT-B/32. Writes
 OUT/checkpoint/<step>.pt every --save-every steps, OUT/sample/<step>.png grids,
 OUT/metrics.jsonl and OUT/options.json. Quick CPU run: --size 32 --latent 64 --n-mlp 2
 --channel-max 32 --batch 4 --iter 200 --clip none.
+
+Several GPUs: `torchrun --nproc_per_node=N CDTG/train.py ...` with the same flags; --batch
+stays the global batch (each GPU takes --batch / N; keep that at 4 or more, the size of
+the discriminator's minibatch-stddev groups).
 """
 import sys
 from pathlib import Path
@@ -23,7 +27,8 @@ from CDTG.swagan import Discriminator, Generator  # noqa: E402
 from CDTG.tail_data import load_tail_classes, tail_image_dataset  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
-from tgn.engine import resolve_device, seed_everything  # noqa: E402
+from tgn import distributed as dist  # noqa: E402
+from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import save_options  # noqa: E402
 from tgn.resnet import load_feature_resnet  # noqa: E402
@@ -79,6 +84,13 @@ def build_parser():
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--seed", type=int, default=0)
     runtime.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    runtime.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                         help="mixed precision of the D and G passes (regularisers stay fp32)")
+    runtime.add_argument("--compile", action="store_true",
+                         help="torch.compile G and D for the passes without double backward")
+    runtime.add_argument("--fusion-pool", type=int, default=0, metavar="K",
+                         help="average-pool M_T's layer3 map to K x K before the fusion layer (0: the faithful "
+                              "full-size layer); far less memory at 256 px")
     runtime.add_argument("--skip-bad-images", action="store_true",
                          help="check every image once and skip (and count) unreadable ones instead of stopping")
     return parser
@@ -92,7 +104,7 @@ def gan_config(args):
         lambda_clip=0.0 if args.clip == "none" else args.lambda_clip, augment=args.augment,
         augment_p=args.augment_p, ada_target=args.ada_target, ada_length=args.ada_length, ada_every=args.ada_every,
         save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every, seed=args.seed,
-        workers=args.workers,
+        workers=args.workers, amp=args.amp, compile=args.compile,
     )
 
 
@@ -125,7 +137,7 @@ def main(argv=None):
     if checkpoint_steps(args.out / "checkpoint") and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     tail = load_tail_classes(args.data, args.data_root)
-    device = resolve_device(args.device)
+    device = dist.init(args.device)
     seed_everything(args.seed)
     dataset = tail_image_dataset(tail, args.size, args.skip_bad_images)
     teacher = load_teacher(args.teacher, tail)
@@ -136,14 +148,16 @@ def main(argv=None):
                                   channel_multiplier=args.channel_multiplier, channel_max=args.channel_max)
     g_ema = Generator(**generator.config)
     accumulate(g_ema, generator, 0)
-    feature_numel = 1
-    for dim in teacher.feature_shape(args.size):
-        feature_numel *= dim
-    fusion = NoiseFusion(feature_numel, args.latent)
+    channels, height, width = teacher.feature_shape(args.size)
+    if not 0 <= args.fusion_pool <= min(height, width):
+        raise UserError(f"--fusion-pool {args.fusion_pool}: M_T's layer3 map is {height}x{width} at {args.size} px; "
+                        f"use 0 (off) to {min(height, width)}")
+    fusion = NoiseFusion(channels * height * width, args.latent, pool=args.fusion_pool or None, channels=channels)
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
-    options = save_options(args.out, args)
+    main = dist.is_main()  # under torchrun rank 0 alone prints and writes
+    options = save_options(args.out, args, write=main)
     metadata = {
         "generator_config": generator.config,
         "discriminator_config": discriminator.config,
@@ -159,10 +173,13 @@ def main(argv=None):
                           args.out, metadata)
     if args.resume:
         trainer.resume()
-    print(f"CDTG: {num_classes} tail classes, {len(dataset)} images at {args.size} px, device {device}, "
-          f"CLIP {'off' if clip_loss is None else args.clip}, steps {trainer.step}..{args.iter}")
-    final_step = trainer.fit(dataset, sample_set(dataset, num_classes, args.latent, device))
-    print(f"done at step {final_step}: {args.out / 'checkpoint' / f'{final_step}.pt'}")
+    if main:
+        print(f"CDTG: {num_classes} tail classes, {len(dataset)} images at {args.size} px, device {device}"
+              f"{dist.describe()}, CLIP {'off' if clip_loss is None else args.clip}, steps {trainer.step}..{args.iter}")
+    samples = sample_set(dataset, num_classes, args.latent, device) if main else None
+    final_step = trainer.fit(dataset, samples)
+    if main:
+        print(f"done at step {final_step}: {args.out / 'checkpoint' / f'{final_step}.pt'}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,21 @@ conditioned on tail labels, with fused noise, the tail teacher's loss and the CL
 
 Every step reseeds the random generators from (seed, step) and draws its batch from
 StepBatchSampler, so a resumed run continues exactly as the uninterrupted one.
+
+Under torchrun (as rosinality's StyleGAN2 runs under DistributedDataParallel): G (with
+the noise fusion) and D are wrapped in DDP without buffer broadcasts; every pass that
+back-propagates into them, the R1 and path-length passes included, goes through the DDP
+module, and the `0 * output` terms keep every parameter in those graphs, so gradients
+are averaged over the processes at each backward. The EMA generator follows the
+unwrapped G; losses are averaged over the processes for logging, ADA's statistics
+are summed over them, and the running mean path length is the processes' mean. `--batch`
+is the global batch (see CDTG/parallel.py for how each process takes its share).
+
+Mixed precision (--amp, off by default) covers the D-step and G-step passes (G's
+synthesis convolutions, D, the teacher and CLIP); the mapping network, the losses and
+the R1 and path-length regularisers stay in fp32, as in StyleGAN2-ADA.
 """
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +31,11 @@ from CDTG.augment import AdaptiveAugment, augment
 from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint, save_cdtg_checkpoint
 from CDTG.losses import (d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize,
                          teacher_classification_loss)
+from CDTG.parallel import FusedGenerator, StepNoise
 from CDTG.tail_data import StepBatchSampler
+from tgn import distributed as dist
 from tgn.checkpoint import load_weights
+from tgn.engine import autocast
 from tgn.errors import UserError
 from tgn.io import append_jsonl, trim_jsonl
 
@@ -52,6 +67,8 @@ class GanConfig:
     log_every: int = 10
     seed: int = 0
     workers: int = 4
+    amp: str = "off"  # off, bf16 or fp16 (with GradScalers)
+    compile: bool = False  # torch.compile G and D for the passes without double backward
 
 
 def set_requires_grad(module, flag):
@@ -65,17 +82,6 @@ def accumulate(ema, model, decay):
     ema_params = dict(ema.named_parameters())
     for name, parameter in model.named_parameters():
         ema_params[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
-
-
-def mixing_noise(batch, latent_dim, probability, device):
-    """One noise tensor, or two (style mixing) with the given probability."""
-    if probability > 0 and random.random() < probability:
-        return list(torch.randn(2, batch, latent_dim, device=device).unbind(0))
-    return [torch.randn(batch, latent_dim, device=device)]
-
-
-def step_seed(seed, step):
-    return seed * 1_000_003 + step
 
 
 class CdtgTrainer:
@@ -108,6 +114,18 @@ class CdtgTrainer:
         self.step = 0
         self.mean_path_length = torch.tensor(0.0, device=device)
         self.ema_decay = 0.5 ** (32 / (cfg.ema_half_life_kimg * 1000))
+        self.local_batch = dist.local_batch(cfg.batch, "--batch")
+        self.noise = StepNoise(device, fusion.config["latent_dim"], cfg.mixing, generator.noise_shapes())
+        # Through DDP (a no-op outside torchrun) for every pass that back-propagates into G or D.
+        self.g_fused = FusedGenerator(self.g, self.fusion)
+        self.g_train = dist.wrap(self.g_fused, device, sync_buffers=False)
+        self.d_train = dist.wrap(self.d, device, sync_buffers=False)
+        # Double backward (R1, path length) is not supported by torch.compile: those passes stay eager.
+        self.g_main = torch.compile(self.g_train) if cfg.compile else self.g_train
+        self.d_main = torch.compile(self.d_train) if cfg.compile else self.d_train
+        fp16 = cfg.amp == "fp16"
+        self.g_scaler = torch.amp.GradScaler(device.type) if fp16 else None
+        self.d_scaler = torch.amp.GradScaler(device.type) if fp16 else None
 
     # ----- checkpoints -----------------------------------------------------------------
     def state(self):
@@ -122,6 +140,8 @@ class CdtgTrainer:
             "ada_aug_p": float(self.ada_p),
             "ada": self.ada.state_dict() if self.ada is not None else None,
             "mean_path_length": float(self.mean_path_length),
+            "scalers": {name: scaler.state_dict() for name, scaler in
+                        (("g", self.g_scaler), ("d", self.d_scaler)) if scaler is not None},
             "step": self.step,
         }
 
@@ -145,16 +165,34 @@ class CdtgTrainer:
         self.ada_p = state["ada_aug_p"]
         if self.ada is not None and state.get("ada"):
             self.ada.load_state_dict(state["ada"])
+        for name, scaler in (("g", self.g_scaler), ("d", self.d_scaler)):
+            if scaler is not None and name in (state.get("scalers") or {}):
+                scaler.load_state_dict(state["scalers"][name])
         self.mean_path_length = torch.tensor(state["mean_path_length"], device=self.device)
         self.step = state["step"]
-        trim_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
-        print(f"resuming from {path} at step {self.step}")
+        if dist.is_main():
+            trim_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
+            print(f"resuming from {path} at step {self.step}")
         return True
 
     # ----- one step ----------------------------------------------------------------------
-    def fused_noise(self, batch, features, ratio):
-        return [self.fusion(z, features, ratio) for z in mixing_noise(batch, self.fusion.config["latent_dim"],
-                                                                       self.cfg.mixing, self.device)]
+    def autocast(self):
+        return autocast(self.device, self.cfg.amp)
+
+    def generate(self, module, batch, features, labels, **kwargs):
+        """Fakes (and latents when asked) from this step's shared noise, this process's share."""
+        return module(self.noise.latents(batch), features, self.cfg.fusion_noise, labels,
+                      noise=self.noise.noise_maps(batch), **kwargs)
+
+    @staticmethod
+    def backward_step(loss, optimizer, scaler):
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+            return
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     def maybe_augment(self, images):
         if self.ada_p <= 0:
@@ -163,83 +201,85 @@ class CdtgTrainer:
         return augmented
 
     def generator_loss(self, fake, labels):
-        """Adversarial + lambda_cls * M_T's CE + lambda_clip * CLIP's CE, all back-propagated."""
+        """Adversarial + lambda_cls * M_T's CE + lambda_clip * CLIP's CE, all back-propagated;
+        also the parts (detached) for logging."""
         cfg = self.cfg
-        g_adv = g_nonsaturating_loss(self.d(self.maybe_augment(fake), labels))
-        total, parts = g_adv, {"g_adv": g_adv.item()}
+        g_adv = g_nonsaturating_loss(self.d_main(self.maybe_augment(fake), labels).float())
+        total, parts = g_adv, {"g_adv": g_adv.detach()}
         if cfg.lambda_cls > 0:
             cls_loss = teacher_classification_loss(self.teacher, fake, labels)
             total = total + cfg.lambda_cls * cls_loss
-            parts["cls"] = cls_loss.item()
+            parts["cls"] = cls_loss.detach()
         if cfg.lambda_clip > 0 and self.clip_loss is not None:
             clip_loss = self.clip_loss(fake, labels)
             total = total + cfg.lambda_clip * clip_loss
-            parts["clip"] = clip_loss.item()
+            parts["clip"] = clip_loss.detach()
         return total, parts
 
     def train_step(self, real, labels):
-        cfg, step = self.cfg, self.step
+        """One D step (+ R1 every d_reg_every), one G step (+ path length every g_reg_every), EMA.
+        `real` and `labels` are this process's share of the step's batch; returns the
+        losses averaged over the processes."""
+        cfg, step, batch = self.cfg, self.step, real.shape[0]
         losses = {}
         with torch.no_grad():
             _, features = self.teacher(real)
 
         # Discriminator.
-        set_requires_grad(self.g, False)
-        set_requires_grad(self.fusion, False)
+        set_requires_grad(self.g_fused, False)
         set_requires_grad(self.d, True)
-        fake, _ = self.g(self.fused_noise(real.shape[0], features, cfg.fusion_noise), labels)
-        fake_pred = self.d(self.maybe_augment(fake), labels)
-        real_pred = self.d(self.maybe_augment(real), labels)
+        with torch.no_grad(), self.autocast():
+            fake, _ = self.generate(self.g_fused, batch, features, labels)
+        with self.autocast():
+            fake_pred = self.d_main(self.maybe_augment(fake), labels).float()
+            real_pred = self.d_main(self.maybe_augment(real), labels).float()
         d_loss = d_logistic_loss(real_pred, fake_pred)
         self.d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.d_optim.step()
-        losses["d"] = d_loss.item()
-        losses["real_score"] = real_pred.mean().item()
-        losses["fake_score"] = fake_pred.mean().item()
+        self.backward_step(d_loss, self.d_optim, self.d_scaler)
+        losses.update(d=d_loss.detach(), real_score=real_pred.detach().mean(), fake_score=fake_pred.detach().mean())
         if self.ada is not None:
             self.ada_p = self.ada.tune(real_pred)
 
         if step % cfg.d_reg_every == 0:
             real_for_r1 = real.detach().requires_grad_(True)
-            real_pred = self.d(self.maybe_augment(real_for_r1), labels)
+            real_pred = self.d_train(self.maybe_augment(real_for_r1), labels)
             r1 = d_r1_loss(real_pred, real_for_r1)
             self.d.zero_grad(set_to_none=True)
             # The 0 * real_pred term keeps every D output in the graph (as StyleGAN2 does).
             (cfg.r1 / 2 * r1 * cfg.d_reg_every + 0 * real_pred[0]).sum().backward()
             self.d_optim.step()
-            losses["r1"] = r1.item()
+            losses["r1"] = r1.detach()
 
         # Generator.
-        set_requires_grad(self.g, True)
-        set_requires_grad(self.fusion, True)
+        set_requires_grad(self.g_fused, True)
         set_requires_grad(self.d, False)
-        fake, _ = self.g(self.fused_noise(real.shape[0], features, cfg.fusion_noise), labels)
-        g_loss, parts = self.generator_loss(fake, labels)
+        with self.autocast():
+            fake, _ = self.generate(self.g_main, batch, features, labels)
+            g_loss, parts = self.generator_loss(fake, labels)
         losses.update(parts)
-        self.g.zero_grad(set_to_none=True)
-        self.fusion.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.g_optim.step()
-        losses["g"] = g_loss.item()
+        self.g_fused.zero_grad(set_to_none=True)
+        self.backward_step(g_loss, self.g_optim, self.g_scaler)
+        losses["g"] = g_loss.detach()
 
         if cfg.path_regularize > 0 and step % cfg.g_reg_every == 0:
-            path_batch = max(1, real.shape[0] // cfg.path_batch_shrink)
-            noise = self.fused_noise(path_batch, features[:path_batch], cfg.fusion_noise)
-            fake, latents = self.g(noise, labels[:path_batch], return_latents=True)
-            path_loss, self.mean_path_length, path_lengths = g_path_regularize(fake, latents, self.mean_path_length)
-            self.g.zero_grad(set_to_none=True)
-            self.fusion.zero_grad(set_to_none=True)
+            path_batch = max(1, batch // cfg.path_batch_shrink)
+            fake, latents = self.generate(self.g_train, path_batch, features[:path_batch], labels[:path_batch],
+                                          return_latents=True)
+            path_loss, path_mean, path_lengths = g_path_regularize(
+                fake, latents, self.mean_path_length, noise=self.noise.randn(path_batch, *fake.shape[1:]))
+            # Each process's running mean moved by its own lengths; their mean is the global one.
+            self.mean_path_length = dist.all_reduce_(path_mean.clone(), average=True)
+            self.g_fused.zero_grad(set_to_none=True)
             weighted = cfg.path_regularize * cfg.g_reg_every * path_loss
             if cfg.path_batch_shrink:
                 weighted = weighted + 0 * fake[0, 0, 0, 0]
             weighted.backward()
             self.g_optim.step()
-            losses["path"] = path_loss.item()
-            losses["path_length"] = path_lengths.mean().item()
+            losses.update(path=path_loss.detach(), path_length=path_lengths.detach().mean())
 
         accumulate(self.g_ema, self.g, self.ema_decay)
-        losses["ada_p"] = float(self.ada_p)
+        values = dist.all_reduce_(torch.stack([value.float() for value in losses.values()]), average=True)
+        losses = dict(zip(losses, values.tolist()), ada_p=float(self.ada_p))
         for name, value in losses.items():
             if not math.isfinite(value):
                 raise UserError(f"the {name} loss became {value} at step {step}; lower --lr or check the data")
@@ -257,37 +297,39 @@ class CdtgTrainer:
 
     # ----- loop ----------------------------------------------------------------------------
     def fit(self, dataset, sample_set):
-        """Train until cfg.iterations; checkpoint every save_every steps and at the end."""
-        cfg = self.cfg
+        """Train until cfg.iterations; checkpoint every save_every steps and at the end.
+        `sample_set` (z, labels, real images of the sample grid) is needed on rank 0 only."""
+        cfg, main = self.cfg, dist.is_main()
         sampler = StepBatchSampler(len(dataset), cfg.batch, cfg.seed, self.step, cfg.iterations)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                             pin_memory=self.device.type == "cuda")
-        sample_z, sample_labels, sample_real = sample_set
-        progress = tqdm(loader, total=len(sampler), initial=0, desc="cdtg", dynamic_ncols=True)
+        progress = tqdm(loader, total=len(sampler), initial=0, desc="cdtg", dynamic_ncols=True, disable=not main)
         started = time.time()
         try:
             for real, labels in progress:
-                seed = step_seed(cfg.seed, self.step)
-                random.seed(seed)
-                torch.manual_seed(seed)
+                self.noise.reseed(cfg.seed, self.step)
                 real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                flip = torch.rand(real.shape[0], device=self.device) < 0.5  # official random horizontal flip
+                flip = self.noise.flips(real.shape[0])  # official random horizontal flip
                 real = torch.where(flip.view(-1, 1, 1, 1), real.flip(3), real)
                 losses = self.train_step(real, labels)
                 self.step += 1
+                if not main:
+                    continue
                 progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()
                                       if k in ("d", "g_adv", "cls", "clip", "r1", "ada_p")})
                 if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
                     append_jsonl(self.out_dir / "metrics.jsonl",
                                  {"step": self.step, **losses, "seconds": round(time.time() - started, 2)})
                 if self.step % cfg.sample_every == 0:
-                    self.write_samples(sample_z, sample_labels, sample_real)
+                    self.write_samples(*sample_set)
                 if self.step % cfg.save_every == 0:
                     self.save()
         except KeyboardInterrupt:
-            print(f"interrupted: saving step {self.step}")
-            self.save()
+            if main:
+                print(f"interrupted: saving step {self.step}")
+                self.save()
             raise
-        if not (self.out_dir / "checkpoint" / f"{self.step}.pt").exists():
+        if main and not (self.out_dir / "checkpoint" / f"{self.step}.pt").exists():
             self.save()
+        dist.barrier()  # the last checkpoint is complete before any process reads it
         return self.step
