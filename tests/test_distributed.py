@@ -1,0 +1,217 @@
+"""Training under torchrun: 2 CPU processes (gloo) against 1 process with the same global batch.
+
+Each test spawns 2 processes with the environment torchrun would give them and runs the
+library or the stage scripts in them. Checked: parameters stay identical across the
+processes, the result matches a single-process run with the same global batch (exactly
+where nothing per-process enters, within a tolerance where BatchNorm statistics are per
+process: PyTorch's SyncBatchNorm has no CPU kernel), rank 0 alone writes, and metrics
+are reduced over the processes.
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from conftest import write_dataset
+from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.train import main as cdtg_train_main
+from CDTG.trainer import CdtgTrainer
+from Classification.train import main as cls_train_main
+from KMDN.dataset_split import main as split_main
+from KMDN.Distill import main as distill_main
+from KMDN.RModel import main as rmodel_main
+from KMDN.UModel import main as umodel_main
+from KMDN.stage import group_datasets, open_split
+from test_cdtg_training import cdtg_inputs  # noqa: F401 (a fixture)
+from tgn import distributed as dist
+from tgn.checkpoint import load_checkpoint
+from tgn.engine import TrainConfig, evaluate, fit, make_loader
+from tgn.io import atomic_torch_save
+from tgn.resnet import FeatureResNet
+
+WORLD = 2
+TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8",
+        "--workers", "0", "--device", "cpu"]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _process(rank, port, job, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    try:
+        dist.init("cpu")
+        job(*args)
+    finally:
+        dist.shutdown()
+
+
+def run_in_processes(job, *args):
+    mp.spawn(_process, args=(free_port(), job, args), nprocs=WORLD, join=True)
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def tiny_cnn(num_classes):
+    """No BatchNorm: nothing per process, so two processes must equal one exactly."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(16, num_classes))
+
+
+def fit_both_models(split_dir, out):
+    """fit() of a BatchNorm-free CNN and of a ResNet-18 on the head classes, 2 epochs, batch 8."""
+    split = open_split(type("Args", (), {"split": split_dir, "data_root": None})())
+    train_set, test_set = group_datasets(split, "head", 16)
+    meta = {"class_ids": split.ids("head")}
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, weight_decay=1e-4, milestones=[1], seed=3)
+    torch.manual_seed(0)
+    models = {"cnn": tiny_cnn(len(meta["class_ids"])), "resnet": FeatureResNet("resnet18", 2, width=4)}
+    for name, model in models.items():
+        (out / name).mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(out / name / "init.pt", model.state_dict())
+        fit(model, train_set, test_set, cfg, torch.device("cpu"), out / name, meta=meta)
+        atomic_torch_save(out / name / f"rank{dist.rank()}.pt", model.state_dict())
+
+
+def resnet_scripts(split_dir, data, out):
+    """Every ResNet trainer, as torchrun would start it."""
+    umodel_main(["--split", str(split_dir), "--out", str(out / "kmdn"), "--epochs", "2", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out / "kmdn"), "--epochs", "1", *TINY])
+    distill_main(["--split", str(split_dir), "--out", str(out / "kmdn"), "--epochs", "2", "--distill-interval", "1",
+                  "--image-size", "16", "--batch-size", "8", "--workers", "0", "--device", "cpu"])
+    cls_train_main(["--data-root", str(data), "--out", str(out / "cls"), "--epochs", "1", "--arch", "resnet18",
+                    "--pretrained", "none", "--image-size", "16", "--batch-size", "8", "--workers", "0",
+                    "--device", "cpu", "--sampler", "class-balanced"])
+
+
+@pytest.fixture
+def split_dir(tmp_path):
+    data = write_dataset(tmp_path / "data", {0: 12, 1: 12, 2: 8, 3: 4, 4: 4}, {0: 5, 1: 4, 2: 3, 3: 3, 4: 2})
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    return tmp_path / "split"
+
+
+def assert_states_close(a, b, atol):
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_resnet_trainers_under_torchrun_match_one_process(split_dir, tmp_path):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    run_in_processes(fit_both_models, split_dir, ddp)
+    fit_both_models(split_dir, single)
+    for name in ("cnn", "resnet"):
+        ranks = [torch.load(ddp / name / f"rank{r}.pt") for r in range(WORLD)]
+        for key in ranks[0]:  # identical in every process, BatchNorm statistics included
+            assert torch.equal(ranks[0][key], ranks[1][key]), (name, key)
+        assert len(read_metrics(ddp / name / "metrics.jsonl")) == 2  # rank 0 alone writes
+    # Without BatchNorm: the same run (up to the order of float sums).
+    assert_states_close(torch.load(ddp / "cnn" / "rank0.pt"), torch.load(single / "cnn" / "rank0.pt"), atol=1e-5)
+    a, b = read_metrics(ddp / "cnn" / "metrics.jsonl"), read_metrics(single / "cnn" / "metrics.jsonl")
+    for x, y in zip(a, b):
+        assert x["overall_accuracy"] == y["overall_accuracy"] and x["train_accuracy"] == y["train_accuracy"]
+        assert x["train_loss"] == pytest.approx(y["train_loss"], abs=1e-5)
+    # With BatchNorm each process normalises by its own 4 images, not by the batch of 8: the
+    # runs differ (Adam's first steps amplify small gradient differences to the learning
+    # rate), yet they move the weights the same way.
+    init, a, b = (torch.load(path) for path in (single / "resnet" / "init.pt", ddp / "resnet" / "rank0.pt",
+                                                single / "resnet" / "rank0.pt"))
+    weights = [key for key in init if key.endswith("weight")]
+    moves = [torch.cat([(state[key] - init[key]).flatten() for key in weights]) for state in (a, b)]
+    assert torch.nn.functional.cosine_similarity(*moves, dim=0) > 0.75  # 0.89 measured
+
+
+def test_stage_scripts_under_torchrun(split_dir, tmp_path):
+    data = tmp_path / "data"
+    run_in_processes(resnet_scripts, split_dir, data, tmp_path)
+    kmdn = tmp_path / "kmdn"
+    head = read_metrics(kmdn / "head" / "metrics.jsonl")
+    assert [m["epoch"] for m in head] == [1, 2]  # one line per epoch: rank 0 alone writes
+    # The logged test metrics are those of the whole test set (confusion matrices summed
+    # over the processes): one process evaluating the saved model finds the same.
+    last = load_checkpoint(kmdn / "head" / "last.pth")
+    model = FeatureResNet(**last["model_config"])
+    model.load_state_dict(last["state_dict"])
+    split = open_split(type("Args", (), {"split": split_dir, "data_root": None})())
+    _, test_set = group_datasets(split, "head", 16)
+    cm, summary = evaluate(model, make_loader(test_set, 8, train=False), torch.device("cpu"), 2)
+    assert cm.sum() == len(test_set) == 9
+    assert head[-1]["overall_accuracy"] == summary["overall_accuracy"]
+    assert [m["student"] for m in read_metrics(kmdn / "distill" / "metrics.jsonl")] == ["head", "tail"]
+    assert (kmdn / "distill" / "M_T.pth").is_file()
+    report = json.loads((tmp_path / "cls" / "report-best" / "report.json").read_text())
+    assert sum(report["confusion_matrix"][0]) + sum(report["confusion_matrix"][1]) > 0
+
+
+def cdtg_args(root, out, *extra):
+    return ["--data", str(root / "cdtg_data"), "--teacher", str(root / "M_T.pth"), "--clip", str(root / "clip.pt"),
+            "--out", str(out), "--size", "32", "--latent", "16", "--n-mlp", "2", "--channel-max", "16",
+            "--batch", "8", "--d-reg-every", "2", "--g-reg-every", "2", "--save-every", "100", "--sample-every", "2",
+            "--log-every", "1", "--workers", "0", "--device", "cpu", "--iter", "3", *extra]
+
+
+def train_cdtg_saving_every_rank(argv):
+    """CDTG/train.py, plus each process's final state for the test to compare."""
+    original_fit = CdtgTrainer.fit
+
+    def fit(trainer, *args):
+        step = original_fit(trainer, *args)
+        atomic_torch_save(trainer.out_dir / f"rank{dist.rank()}.pt",
+                          {"g": trainer.g.state_dict(), "d": trainer.d.state_dict(), "g_ema": trainer.g_ema.state_dict(),
+                           "fusion": trainer.fusion.state_dict(), "ada_p": trainer.ada_p,
+                           "mean_path_length": float(trainer.mean_path_length)})
+        return step
+
+    CdtgTrainer.fit = fit
+    try:
+        cdtg_train_main(argv)
+    finally:
+        CdtgTrainer.fit = original_fit
+
+
+def run_cdtg_runs(runs):
+    for argv in runs:
+        train_cdtg_saving_every_rank(argv)
+
+
+def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
+    root = cdtg_inputs
+    ddp, single, ada = root / "ddp", root / "single", root / "ada"
+    exact = ("--path-regularize", "0")  # its penalty centres on each process's mean: see below
+    run_in_processes(run_cdtg_runs, [cdtg_args(root, ddp, *exact), cdtg_args(
+        root, ada, "--augment", "--ada-target", "-2", "--ada-every", "8", "--ada-length", "100", "--clip", "none")])
+    train_cdtg_saving_every_rank(cdtg_args(root, single, *exact))
+    for run in (ddp, ada):
+        ranks = [torch.load(run / f"rank{r}.pt") for r in range(WORLD)]
+        for part in ("g", "d", "g_ema", "fusion"):
+            for key in ranks[0][part]:
+                assert torch.equal(ranks[0][part][key], ranks[1][part][key]), (run.name, part, key)
+        assert ranks[0]["ada_p"] == ranks[1]["ada_p"]
+        assert ranks[0]["mean_path_length"] == ranks[1]["mean_path_length"]
+        assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]  # rank 0 alone writes
+    # ADA counts both processes' 4 real predictions: a window of 8 closes at every step.
+    assert torch.load(ada / "rank0.pt")["ada_p"] == pytest.approx(3 * 8 / 100)
+    # Same global batches, latents and noise, each process a strided share (so its 4 fakes
+    # form the minibatch-stddev group one process forms from 8): the same training, up to
+    # float sums. (With the path-length penalty, each process centres it on its own running
+    # mean, as rosinality's does; that alone moved G by up to 4e-4 in 3 steps here.)
+    a, b = load_cdtg_checkpoint(ddp / "checkpoint" / "3.pt"), load_cdtg_checkpoint(single / "checkpoint" / "3.pt")
+    for part in ("g", "d", "g_ema", "fusion"):
+        assert_states_close(a[part], b[part], atol=1e-5)
+    ddp_metrics, single_metrics = read_metrics(ddp / "metrics.jsonl"), read_metrics(single / "metrics.jsonl")
+    for x, y in zip(ddp_metrics, single_metrics):
+        for key in ("d", "g_adv", "cls", "clip"):
+            assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-4), key
