@@ -33,6 +33,7 @@ def _upfirdn2d_native(x, kernel, up, down, pads):
     the batch."""
     pad_x0, pad_x1, pad_y0, pad_y1 = pads
     channels = x.shape[1]
+    kernel = kernel.to(x.dtype)  # bf16/fp16 gradients arrive outside autocast
     kernel_h, kernel_w = kernel.shape
 
     if up > 1:
