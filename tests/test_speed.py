@@ -1,0 +1,138 @@
+"""Speed options: sharded epoch order, per-image augmentation seeds, --cache, --amp defaults,
+--fusion-pool, and generation that writes while it generates."""
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_dataset
+from test_cdtg_training import cdtg_inputs, read_anno, tiny_train_args  # noqa: F401 (cdtg_inputs: a fixture)
+from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.fusion import NoiseFusion
+from CDTG.generation import main as generation_main
+from CDTG.synthesis import JpegWriter
+from CDTG.train import main as train_main
+from tgn import distributed as dist
+from tgn.cache import ResizeCache
+from tgn.data import ImageList, build_transform, open_dataset, samples_for
+from tgn.engine import make_loader, resolve_precision
+from tgn.sampling import EpochSampler
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 1.0, 1.0, 1.0, 4.0, 4.0, 4.0]])
+def test_process_shares_partition_the_global_order_of_an_epoch(monkeypatch, weights):
+    whole = EpochSampler(7, shuffle=True, seed=1, epoch=2, weights=weights)
+    order = whole.global_order()
+    assert list(whole) == order
+    whole.set_epoch(3)
+    assert whole.global_order() != order
+    shares, evaluation = [], []
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    for rank in range(3):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        share = EpochSampler(7, shuffle=True, seed=1, epoch=2, weights=weights)
+        assert len(share) == 3
+        shares.append(list(share))
+        evaluation.append(list(EpochSampler(7, shuffle=False)))
+    # Process r takes positions r, r + 3, ... of the global order, padded from its start;
+    # in evaluation every image once, no padding.
+    padded = order + order[:2]
+    assert shares == [padded[r::3] for r in range(3)]
+    assert evaluation == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_augmentation_depends_on_the_epoch_not_on_the_workers(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 6, 1: 6})
+    info = open_dataset(data)
+    # A flip of an asymmetric image is visible: make every image a horizontal ramp.
+    for path, _ in samples_for(info.image_root("train"), info.entries("train"), {0: 0, 1: 1}):
+        Image.fromarray(np.tile(np.arange(8, dtype=np.uint8)[None, :, None] * 30, (8, 1, 3))).save(path)
+    dataset = ImageList(samples_for(info.image_root("train"), info.entries("train"), {0: 0, 1: 1}),
+                        build_transform(8, train=True), 8)
+
+    def epoch(workers, number):
+        loader = make_loader(dataset, 4, train=True, workers=workers, seed=5, persistent=True)
+        loader.sampler.set_epoch(number)
+        return torch.cat([images for images, _ in loader])
+
+    first = epoch(0, 0)
+    assert torch.equal(first, epoch(2, 0))
+    flipped = first[:, 0, 0, 0] > first[:, 0, 0, -1]
+    assert 0 < flipped.sum() < len(flipped)  # some images flipped, some not
+    assert not torch.equal(first, epoch(0, 1))
+
+
+def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2}, size=40)
+    info = open_dataset(data)
+    samples = samples_for(info.image_root("train"), info.entries("train"), {0: 0})
+    plain = ImageList(samples, build_transform(16, train=False), 16)
+    cache = ResizeCache(tmp_path / "cache", 16)
+    cached = ImageList(samples, build_transform(16, train=False), 16, cache)
+    for index in range(2):
+        assert torch.equal(cached[index][0], plain[index][0])  # entry written
+        assert torch.equal(cached[index][0], plain[index][0])  # entry read
+    entries = sorted((tmp_path / "cache" / "16px").rglob("*.npy"))
+    assert len(entries) == 2 and np.load(entries[0]).shape == (16, 16, 3)
+    path = samples[0][0]
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(path)  # an edited image is decoded again
+    assert torch.equal(cached[0][0], plain[0][0]) and len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+    cache.entry(path).write_bytes(b"half")  # an unreadable entry is rebuilt
+    assert torch.equal(cached[0][0], plain[0][0])
+
+
+def test_precision_defaults():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", "auto", cpu) == ("off", False)
+    assert resolve_precision("bf16", "on", cpu) == ("bf16", True)
+    assert resolve_precision("off", "off", cpu) == ("off", False)
+
+
+def test_fusion_pool_is_saved_and_rebuilt_by_generation(cdtg_inputs, tmp_path):  # noqa: F811
+    full, pooled = NoiseFusion(32 * 8 * 8, 16), NoiseFusion(32 * 8 * 8, 16, pool=2, channels=32)
+    assert pooled.project.weight.numel() * 16 == full.project.weight.numel()  # a 16th: 8 x 8 pooled to 2 x 2
+    feature = torch.randn(2, 32, 8, 8)
+    expected = pooled.project(torch.nn.functional.avg_pool2d(feature, 4).flatten(1))
+    torch.testing.assert_close(pooled.embed(feature), expected)
+    run = cdtg_inputs / "pooled"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1", "--clip", "none", "--fusion-pool", "1"))
+    checkpoint = load_cdtg_checkpoint(run / "checkpoint" / "1.pt")
+    assert checkpoint["fusion_config"] == {"feature_numel": 64, "latent_dim": 16, "pool": 1, "channels": 16}
+    generation_main(["--ckpt", str(run / "checkpoint" / "1.pt"), "--out", str(tmp_path / "gen"), "--per-class", "1",
+                     "--device", "cpu"])
+    assert len(read_anno(tmp_path / "gen")) == 3
+
+
+def test_cdtg_trains_with_bf16_autocast(cdtg_inputs):  # noqa: F811
+    run = cdtg_inputs / "bf16"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--amp", "bf16"))
+    state = load_cdtg_checkpoint(run / "checkpoint" / "2.pt")
+    assert all(value.dtype == torch.float32 and torch.isfinite(value).all() for value in state["g"].values())
+
+
+def test_jpeg_writer_keeps_at_most_two_batches_waiting(tmp_path, monkeypatch):
+    release = threading.Event()
+    writer = JpegWriter(workers=2, quality=90, max_pending=2)
+    original = writer._write
+
+    def slow_write(path, pixels):
+        release.wait()
+        original(path, pixels)
+
+    monkeypatch.setattr(writer, "_write", slow_write)
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    writer.submit(tmp_path, [0, 1], images)  # returns at once: writing overlaps what comes next
+    writer.submit(tmp_path, [2, 3], images)
+    assert len(writer.pending) == 2
+    blocked = threading.Thread(target=writer.submit, args=(tmp_path, [4, 5], images))
+    blocked.start()
+    time.sleep(0.2)
+    assert blocked.is_alive()  # a third batch waits for the oldest
+    release.set()
+    blocked.join()
+    with writer:
+        pass  # leaving drains the queue
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"gen_{i:06d}.jpg" for i in range(6)]
