@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo smoke venv clean
+.PHONY: test demo smoke bench venv clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ demo: venv
 # CDTG trained with random SIGKILLs and resumes must match an uninterrupted run (minutes).
 smoke: venv
 	$(PY) tests/long_run_smoke.py --work runs/smoke
+
+# Speed figures (not part of `make test`; nothing is asserted): printed and appended to
+# runs/bench/*.jsonl. The paper configuration on a GPU, a tiny one on a CPU.
+bench: venv
+	$(PY) benchmarks/bench_resnet.py
+	$(PY) benchmarks/bench_cdtg.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,161 @@
+"""Benchmark the ResNet trainers' training loop; prints figures, asserts nothing.
+
+    python benchmarks/bench_resnet.py                  # paper configuration on a GPU, tiny on a CPU
+    python benchmarks/bench_resnet.py --config paper   # ResNet-50, 224 px, the paper's batches
+
+For each trainer (KMDN's feature ResNet at batch 32, Distill's student + frozen teacher at
+batch 64, the torchvision classifier at batch 32) the engine's own train_one_epoch runs
+  - on synthetic batches already in memory (the model's speed), and
+  - through the DataLoader on JPEGs written for the run (decode, resize, flip in workers),
+    and reading the resized images from --cache (an untimed first epoch writes them),
+reporting images/s and, on GPUs, peak memory. On a GPU every case runs in fp32 and in
+bf16 + channels_last (the --amp/--channels-last defaults), in the same process. Models
+have random weights: timing depends on shapes, not values. JSON lines are appended to --out.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import tgn.engine  # noqa: E402
+
+from Classification.model import build_classifier  # noqa: E402
+from KMDN.distillation import make_distill_loss_fn  # noqa: E402
+from tgn.cache import ResizeCache  # noqa: E402
+from tgn.data import ImageList, build_transform  # noqa: E402
+from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, prepare_model,  # noqa: E402
+                        resolve_device, train_one_epoch)
+from tgn.resnet import FeatureResNet  # noqa: E402
+
+CONFIGS = {
+    "paper": dict(arch="resnet50", width=64, size=224, jpeg_size=512, classes=20, batches={"kmdn": 32, "distill": 64,
+                                                                                            "classifier": 32}),
+    "tiny": dict(arch="resnet18", width=8, size=32, jpeg_size=64, classes=5, batches={"kmdn": 8, "distill": 8,
+                                                                                      "classifier": 8}),
+}
+
+
+def quiet_tqdm(iterable, **kwargs):
+    """The engine's progress bars, switched off: this script prints figures only."""
+    return tqdm(iterable, **{**kwargs, "disable": True})
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(trainer, cfg):
+    """(model to train, loss function) of one trainer."""
+    torch.manual_seed(0)
+    if trainer == "classifier":
+        return build_classifier(cfg["arch"], cfg["classes"]), cross_entropy_loss
+    model = FeatureResNet(cfg["arch"], num_classes=cfg["classes"], width=cfg["width"])
+    if trainer == "kmdn":
+        return model, cross_entropy_loss
+    return model, None  # distill: the teacher is built once the device is known
+
+
+def write_jpegs(folder, count, size):
+    rng = np.random.default_rng(0)
+    samples = []
+    for index in range(count):
+        path = Path(folder) / f"{index}.jpg"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path, quality=90)
+        samples.append((str(path), index % 5))
+    return samples
+
+
+def run(trainer, source, precision, cfg, args, device, samples, cache_dir):
+    amp, channels_last = precision
+    model, loss_fn = build(trainer, cfg)
+    train_cfg = TrainConfig(epochs=1, batch_size=cfg["batches"][trainer], lr=1e-3, weight_decay=1e-4, milestones=[],
+                            workers=args.workers, amp=amp, channels_last=channels_last)
+    model, net = prepare_model(model, train_cfg, device)
+    if trainer == "distill":
+        teacher, _ = build("kmdn", cfg)
+        teacher, _ = prepare_model(teacher, train_cfg, device)
+        teacher.eval().requires_grad_(False)
+        loss_fn = make_distill_loss_fn(teacher, 0.2)
+    optimizer = make_optimizer(model, train_cfg)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    batch = train_cfg.batch_size
+    if source == "memory":
+        images = torch.randn(batch, 3, cfg["size"], cfg["size"])
+        labels = torch.arange(batch) % cfg["classes"]
+        warm_loader, loader = [(images, labels)] * args.warmup, [(images, labels)] * args.steps
+    else:
+        cache = ResizeCache(cache_dir, cfg["size"]) if source == "jpeg+cache" else None
+        dataset = ImageList(samples[: args.steps * batch], build_transform(cfg["size"], train=True), cfg["size"],
+                            cache)
+        # A first, untimed epoch starts the persistent workers, fills the page cache and,
+        # with --cache, writes the resized images; the second epoch is timed.
+        loader = make_loader(dataset, batch, train=True, workers=args.workers, device=device, persistent=True)
+        warm_loader = loader
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    common = dict(amp=amp, scaler=scaler, channels_last=channels_last, desc=f"{trainer} {source}")
+    train_one_epoch(net, warm_loader, optimizer, loss_fn, device, **common)
+    if hasattr(loader, "sampler"):
+        loader.sampler.set_epoch(1)
+    synchronize(device)
+    started = time.perf_counter()
+    train_one_epoch(net, loader, optimizer, loss_fn, device, **common)
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return {"bench": "resnet_train", "trainer": trainer, "source": source, "batch": batch, "amp": amp,
+            "channels_last": channels_last, "images_per_second": round(args.steps * batch / seconds, 2),
+            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
+                        help="auto: paper on a GPU, tiny on a CPU")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8 on GPUs, 2 on CPUs)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="timed batches")
+    parser.add_argument("--trainers", nargs="*", default=["kmdn", "distill", "classifier"])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/resnet.jsonl"))
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+    name = args.config if args.config != "auto" else ("paper" if gpu else "tiny")
+    cfg = CONFIGS[name]
+    args.workers = args.workers if args.workers is not None else (8 if gpu else 2)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    args.steps = args.steps if args.steps is not None else (30 if gpu else 4)
+    precisions = [("off", False), ("bf16", True)] if gpu else [("off", False)]
+    warnings.simplefilter("ignore")
+    tgn.engine.tqdm = quiet_tqdm
+    torch.backends.cudnn.benchmark = True
+    device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        largest = max(cfg["batches"].values()) * args.steps
+        (Path(tmp) / "jpeg").mkdir()
+        samples = write_jpegs(Path(tmp) / "jpeg", largest, cfg["jpeg_size"])
+        for trainer in args.trainers:
+            for source in ("memory", "jpeg", "jpeg+cache"):
+                for precision in precisions:
+                    result = run(trainer, source, precision, cfg, args, device, samples, Path(tmp) / "cache")
+                    record = {**result, "config": name, "device": device_name, "workers": args.workers,
+                              "torch": torch.__version__}
+                    print(json.dumps(record), flush=True)
+                    with open(args.out, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
