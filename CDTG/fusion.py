@@ -10,7 +10,8 @@ one from a fixed seed, so such runs are at least reproducible.
 
 `pool=K` (--fusion-pool K, off by default) average-pools the feature map to K x K before
 the linear layer: at 256 px the faithful layer maps 1024 x 16 x 16 = 262,144 values to 512
-(134M parameters, 1.5 GiB with Adam's state); K = 4 makes it 1024 x 4 x 4 (8.4M).
+(134M parameters, about 2 GiB with their gradients and Adam's state); K = 4 makes it
+1024 x 4 x 4 (8.4M).
 The checkpoint's fusion config records K, so generation rebuilds the same layer.
 """
 import warnings
