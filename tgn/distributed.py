@@ -105,10 +105,6 @@ def sum_numbers(values, device):
     return all_reduce_(tensor).tolist()
 
 
-def mean_numbers(values, device):
-    return [value / world_size() for value in sum_numbers(values, device)]
-
-
 def broadcast_buffers_(module):
     """Copy rank 0's buffers (BatchNorm running statistics) to every process, so that every
     process evaluates the model rank 0 saves."""
@@ -151,17 +147,6 @@ def wrap(module, device, sync_buffers=True):
         options["forward_sync_buffers" if "forward_sync_buffers" in ddp_flags else "broadcast_buffers"] = False
     return nn.parallel.DistributedDataParallel(
         module, device_ids=[device.index] if device.type == "cuda" else None, **options)
-
-
-def unwrap(module):
-    """The plain module inside DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
 
 
 def describe():
