@@ -102,7 +102,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
     Sums stay on the device and are read back every `check_every` steps (a non-finite
     loss stops the run there), so the GPU is not waited for after every step."""
     model.train()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * batch, correct, seen
+    sums, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # (loss * batch, correct), images
     progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main())
     for step, (images, labels) in enumerate(progress, start=1):
         images = images.to(device, non_blocking=True)
@@ -120,14 +120,14 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
             loss.backward()
             optimizer.step()
         batch = labels.numel()
-        sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == labels).sum().double(),
-                             torch.tensor(batch, dtype=torch.float64, device=device)])
+        sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == labels).sum().double()])
+        seen += batch
         if step % check_every == 0 or step == len(loader):
-            total_loss, _, seen = sums.tolist()
+            total_loss = sums[0].item()
             if not math.isfinite(total_loss):
                 raise UserError(f"the training loss became {total_loss / seen}; lower --lr or check the data")
             progress.set_postfix(loss=f"{total_loss / seen:.4f}")
-    total_loss, correct, seen = dist.sum_numbers(sums.tolist(), device)
+    total_loss, correct, seen = dist.sum_numbers([*sums.tolist(), seen], device)
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
 
