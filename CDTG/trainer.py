@@ -19,6 +19,7 @@ the R1 and path-length regularisers stay in fp32, as in StyleGAN2-ADA.
 """
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +121,9 @@ class CdtgTrainer:
         self.g_fused = FusedGenerator(self.g, self.fusion)
         self.g_train = dist.wrap(self.g_fused, device, sync_buffers=False)
         self.d_train = dist.wrap(self.d, device, sync_buffers=False)
+        # D's last layer (one output) gets a [1, C] gradient with strides (1, 1): DDP copies it
+        # into its bucket and says so once; harmless.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         # Double backward (R1, path length) is not supported by torch.compile: those passes stay eager.
         self.g_main = torch.compile(self.g_train) if cfg.compile else self.g_train
         self.d_main = torch.compile(self.d_train) if cfg.compile else self.d_train
