@@ -65,3 +65,26 @@ def tiny_clip():
     return clip.model.CLIP(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
                            context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
                            transformer_layers=1).float().eval()
+
+
+TAIL_IDS = [2, 3, 4]  # the tail classes of cdtg_inputs' dataset
+
+
+@pytest.fixture
+def cdtg_inputs(tmp_path):
+    """Toy data at 32 px, its split, the CDTG tail data, a tiny M_T and a tiny CLIP file."""
+    from CDTG.dataset_split import main as cdtg_split_main
+    from KMDN.dataset_split import main as split_main
+    from tgn.io import atomic_torch_save
+    from tgn.resnet import FeatureResNet
+
+    data = write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 8, 3: 4, 4: 4}, size=32,
+                         class_names={0: "ship", 1: "vehicle", 2: "airport", 3: "dam", 4: "golf field"})
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    cdtg_split_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "cdtg_data")])
+    torch.manual_seed(0)
+    teacher = FeatureResNet("resnet18", num_classes=3, width=4)
+    atomic_torch_save(tmp_path / "M_T.pth", {"state_dict": teacher.state_dict(), "model_config": teacher.config,
+                                             "class_ids": TAIL_IDS, "class_names": ["airport", "dam", "golf field"]})
+    torch.save(tiny_clip().state_dict(), tmp_path / "clip.pt")
+    return tmp_path

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import PALETTE, tiny_clip
-from test_cdtg_training import TAIL_IDS, cdtg_inputs  # noqa: F401 (a fixture)
+from conftest import TAIL_IDS
 import CDTG.evaluate as evaluate_script
 from CDTG.checkpoint import save_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss
@@ -131,7 +131,7 @@ def copy_real_as_generated(folder, tail, ckpt):
 
 
 @pytest.fixture
-def evaluation_inputs(cdtg_inputs, monkeypatch):  # noqa: F811 (the imported fixture)
+def evaluation_inputs(cdtg_inputs, monkeypatch):
     """Two generated folders (the real images copied, and shifted colours) from a checkpoint
     that records the tail data and M_T; the FID and LPIPS models swapped for tiny random ones."""
     root = cdtg_inputs

@@ -6,36 +6,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_clip, write_dataset
+from conftest import TAIL_IDS, tiny_clip  # the cdtg_inputs fixture lives in conftest
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
-from CDTG.dataset_split import main as cdtg_split_main
 from CDTG.fusion import NoiseFusion
 from CDTG.generation import main as generation_main
 from CDTG.swagan import Discriminator, Generator
 from CDTG.tail_data import StepBatchSampler, load_tail_classes
 from CDTG.train import main as train_main
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate
-from KMDN.dataset_split import main as split_main
-from tgn.io import atomic_torch_save
 from tgn.resnet import FeatureResNet
-
-TAIL_IDS = [2, 3, 4]
-
-
-@pytest.fixture
-def cdtg_inputs(tmp_path):
-    """Toy data at 32 px, its split, the CDTG tail data, a tiny M_T and a tiny CLIP file."""
-    data = write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 8, 3: 4, 4: 4}, size=32,
-                         class_names={0: "ship", 1: "vehicle", 2: "airport", 3: "dam", 4: "golf field"})
-    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
-    cdtg_split_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "cdtg_data")])
-    torch.manual_seed(0)
-    teacher = FeatureResNet("resnet18", num_classes=3, width=4)
-    atomic_torch_save(tmp_path / "M_T.pth", {"state_dict": teacher.state_dict(), "model_config": teacher.config,
-                                             "class_ids": TAIL_IDS, "class_names": ["airport", "dam", "golf field"]})
-    torch.save(tiny_clip().state_dict(), tmp_path / "clip.pt")
-    return tmp_path
 
 
 def tiny_train_args(root, out, *extra):

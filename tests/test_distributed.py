@@ -26,7 +26,6 @@ from KMDN.Distill import main as distill_main
 from KMDN.RModel import main as rmodel_main
 from KMDN.UModel import main as umodel_main
 from KMDN.stage import group_datasets, open_split
-from test_cdtg_training import cdtg_inputs  # noqa: F401 (a fixture)
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint
 from tgn.engine import TrainConfig, evaluate, fit, make_loader

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import write_dataset
-from test_cdtg_training import cdtg_inputs, read_anno, tiny_train_args  # noqa: F401 (cdtg_inputs: a fixture)
+from test_cdtg_training import read_anno, tiny_train_args
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
 from CDTG.generation import main as generation_main
@@ -91,7 +91,7 @@ def test_precision_defaults():
     assert resolve_precision("off", "off", cpu) == ("off", False)
 
 
-def test_fusion_pool_is_saved_and_rebuilt_by_generation(cdtg_inputs, tmp_path):  # noqa: F811
+def test_fusion_pool_is_saved_and_rebuilt_by_generation(cdtg_inputs, tmp_path):
     full, pooled = NoiseFusion(32 * 8 * 8, 16), NoiseFusion(32 * 8 * 8, 16, pool=2, channels=32)
     assert pooled.project.weight.numel() * 16 == full.project.weight.numel()  # a 16th: 8 x 8 pooled to 2 x 2
     feature = torch.randn(2, 32, 8, 8)
@@ -106,7 +106,7 @@ def test_fusion_pool_is_saved_and_rebuilt_by_generation(cdtg_inputs, tmp_path): 
     assert len(read_anno(tmp_path / "gen")) == 3
 
 
-def test_cdtg_trains_with_bf16_autocast(cdtg_inputs):  # noqa: F811
+def test_cdtg_trains_with_bf16_autocast(cdtg_inputs):
     run = cdtg_inputs / "bf16"
     train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--amp", "bf16"))
     state = load_cdtg_checkpoint(run / "checkpoint" / "2.pt")
