@@ -73,13 +73,14 @@ def evaluation_set(info, label_of, image_size, skip_bad_images=False, cache_dir=
 
 
 def report_and_figures(model, dataset, classes, out_dir, *, method, source, device, batch_size, workers,
-                       amp="off", channels_last=False, baseline=None, cm=None):
+                       pin_memory="auto", amp="off", channels_last=False, baseline=None, cm=None):
     """Evaluate (unless `cm` is given), then write report.{md,csv,json}, confusion_matrix.png and
     long_tail.png into `out_dir`, print the Markdown and return the report. `baseline` is
     another report whose accuracy line joins long_tail.png. Under torchrun every process
     evaluates its share and rank 0 alone writes (the others return None)."""
     if cm is None:
-        loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device)
+        loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device,
+                             pin_memory=pin_memory)
         cm, _ = evaluate(model, loader, device, len(classes.ids), amp=amp, channels_last=channels_last)
     if not dist.is_main():
         return None

@@ -66,8 +66,8 @@ def main(argv=None):
     method = args.name or meta.get("method") or args.ckpt.name
     print(f"{method}: {args.ckpt} on {len(dataset)} test images of {info.name} at {image_size} px, device {device}")
     return report_and_figures(model, dataset, classes, out_dir, method=method, source=args.ckpt, device=device,
-                              batch_size=args.batch_size, workers=args.workers, amp=args.amp,
-                              channels_last=args.channels_last, baseline=baseline)
+                              batch_size=args.batch_size, workers=args.workers, pin_memory=args.pin_memory,
+                              amp=args.amp, channels_last=args.channels_last, baseline=baseline)
 
 
 if __name__ == "__main__":

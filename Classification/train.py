@@ -115,8 +115,8 @@ def main(argv=None):
         print(f"best test OA {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; report of {best}:")
     source = best if best.exists() else run_dir / "last.pth"  # no best: the test set is empty
     return report_and_figures(model, test_images, classes, run_dir / "report-best", method=method, source=source,
-                              device=device, batch_size=args.batch_size, workers=args.workers, amp=cfg.amp,
-                              channels_last=cfg.channels_last, baseline=baseline,
+                              device=device, batch_size=args.batch_size, workers=args.workers,
+                              pin_memory=args.pin_memory, amp=cfg.amp, channels_last=cfg.channels_last, baseline=baseline,
                               cm=result.confusion if last_is_best else None)
 
 

@@ -96,12 +96,13 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
             trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
             print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
     test_loaders = {
-        group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device)
+        group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device,
+                           pin_memory=cfg.pin_memory)
         for group in models
     }
     train_loaders = {
         group: make_loader(datasets[group][0], cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
-                           epoch=start_epoch, device=device, persistent=True)
+                           epoch=start_epoch, device=device, persistent=True, pin_memory=cfg.pin_memory)
         for group in models
     }
     precision = {"amp": cfg.amp, "channels_last": cfg.channels_last}

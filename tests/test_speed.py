@@ -136,3 +136,12 @@ def test_jpeg_writer_keeps_at_most_two_batches_waiting(tmp_path, monkeypatch):
     with writer:
         pass  # leaving drains the queue
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"gen_{i:06d}.jpg" for i in range(6)]
+
+
+def test_pin_memory_flag():
+    from tgn.engine import make_loader
+
+    dataset = list(range(4))
+    assert make_loader(dataset, 2, train=False, device=torch.device("cpu")).pin_memory is False
+    assert make_loader(dataset, 2, train=False, device=torch.device("cpu"), pin_memory="on").pin_memory is True
+    assert make_loader(dataset, 2, train=False, device=torch.device("cuda"), pin_memory="off").pin_memory is False

@@ -18,6 +18,8 @@ def add_runtime_args(parser):
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--seed", type=int, default=0, help="seed of every random generator")
     group.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
+                       help="page-locked host memory for faster GPU copies (auto: on when training on a GPU)")
     group.add_argument("--skip-bad-images", action="store_true",
                        help="check every image once and skip (and count) unreadable ones instead of stopping")
     return group
@@ -76,5 +78,5 @@ def training_config(args, device):
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         milestones=list(args.milestones), seed=args.seed, workers=args.workers, amp=amp,
-        channels_last=channels_last, sync_bn=args.sync_bn, compile=args.compile,
+        channels_last=channels_last, sync_bn=args.sync_bn, compile=args.compile, pin_memory=args.pin_memory,
     )

@@ -39,7 +39,7 @@ def seed_everything(seed):
 
 
 def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, device=None, weights=None,
-                persistent=False):
+                persistent=False, pin_memory="auto"):
     """A DataLoader of this process's share of the data, in an order (and, when training,
     with augmentations) that depend only on (seed, epoch): call `loader.sampler.set_epoch`
     before each epoch. `batch_size` is the global batch; `persistent` keeps the workers
@@ -50,7 +50,7 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
         batch_size=dist.local_batch(batch_size),
         sampler=sampler,
         num_workers=workers,
-        pin_memory=device is not None and device.type == "cuda",
+        pin_memory=pin_memory == "on" or (pin_memory == "auto" and device is not None and device.type == "cuda"),
         persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
@@ -172,6 +172,7 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: str = "auto"  # under torchrun: SyncBatchNorm on GPUs (see tgn/distributed.py)
     compile: bool = False
+    pin_memory: str = "auto"  # auto: pinned host memory when training on a GPU
 
 
 @dataclass
@@ -227,9 +228,11 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
         result.best_accuracy = state.get("best_accuracy", -math.inf)
         result.best_epoch = state.get("best_epoch", -1)
     num_classes = len(meta["class_ids"])
-    test_loader = make_loader(test_set, cfg.batch_size, train=False, workers=cfg.workers, device=device)
+    test_loader = make_loader(test_set, cfg.batch_size, train=False, workers=cfg.workers, device=device,
+                              pin_memory=cfg.pin_memory)
     loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
-                         epoch=start_epoch, device=device, weights=train_weights, persistent=True)
+                         epoch=start_epoch, device=device, weights=train_weights, persistent=True,
+                         pin_memory=cfg.pin_memory)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         seed_everything(epoch_seed(cfg.seed, epoch))
