@@ -24,7 +24,7 @@ from CDTG.train import load_teacher  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import save_options  # noqa: E402
+from tgn.io import check_run_dir, save_options  # noqa: E402
 
 
 def build_parser():
@@ -34,6 +34,7 @@ def build_parser():
                         help="tail-class data, CDTG/dataset_split.py output (default: the one training used)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved")
     parser.add_argument("--out", type=Path, default=Path("runs/cdtg/evaluation"), help="report folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--inception", default="torchvision",
                          help="FID features: 'torchvision' (downloaded when online), a weight file, or 'none'")
@@ -92,6 +93,7 @@ def metric_notes(args, evaluator):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     folders = [Path(folder) for folder in args.folders]
+    check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",))
     if args.max_per_class < 1 or args.pairs < 1 or args.batch < 1:
         raise UserError("--max-per-class, --pairs and --batch must be >= 1")
     data, teacher_path, notes = resolve_inputs(args)

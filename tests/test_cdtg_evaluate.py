@@ -186,8 +186,11 @@ def test_evaluate_without_teacher_notes_it_and_refuses_a_foreign_folder(evaluati
     assert evaluation["folders"][0]["label"] == "gen_shifted" and evaluation["teacher"] is None
     assert any("M_T accuracy skipped" in note for note in evaluation["notes"])
     assert evaluation["folders"][0]["overall"]["fid"] is None
+    with pytest.raises(SystemExit):  # a report is never replaced without --overwrite
+        evaluate_script.main([str(root / "gen_shifted"), *common])
+    assert "already holds results (evaluation.json)" in capsys.readouterr().err
     (root / "foreign").mkdir()
     (root / "foreign" / "anno.txt").write_text("0/a.jpg 0\n")
     with pytest.raises(SystemExit) as exit_info:
-        evaluate_script.main([str(root / "foreign"), *common])
+        evaluate_script.main([str(root / "foreign"), *common, "--overwrite"])
     assert exit_info.value.code == 2 and "class id 0 is not a tail class" in capsys.readouterr().err
