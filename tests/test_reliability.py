@@ -161,3 +161,17 @@ def test_results_are_not_overwritten_without_asking(split_dir, tmp_path, capsys)
                                                    *TINY]), "--resume")
     assert (out / "head" / "last.pth").read_bytes() == before
     assert Path(out / "head" / "options.json").is_file()
+
+
+def test_classifier_resume_equals_uninterrupted_run(toy_data, tmp_path):
+    from Classification.train import main as train_main
+
+    common = ["--data-root", str(toy_data), "--sampler", "class-balanced", "--milestones", "1", "--device", "cpu",
+              "--arch", "resnet18", "--pretrained", "none", "--image-size", "16", "--batch-size", "8", "--workers", "0"]
+    train_main([*common, "--out", str(tmp_path / "a"), "--epochs", "2"])
+    train_main([*common, "--out", str(tmp_path / "b"), "--epochs", "1"])
+    train_main([*common, "--out", str(tmp_path / "b"), "--epochs", "2", "--resume"])
+    a, b = load_checkpoint(tmp_path / "a" / "last.pth"), load_checkpoint(tmp_path / "b" / "last.pth")
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
