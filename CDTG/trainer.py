@@ -17,7 +17,10 @@ Mixed precision (--amp, off by default) covers the D-step and G-step passes (G's
 synthesis convolutions, D, the teacher and CLIP); the mapping network, the losses and
 the R1 and path-length regularisers stay in fp32, as in StyleGAN2-ADA.
 """
+import contextlib
 import math
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -83,6 +86,23 @@ def accumulate(ema, model, decay):
     ema_params = dict(ema.named_parameters())
     for name, parameter in model.named_parameters():
         ema_params[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+
+
+@contextlib.contextmanager
+def stop_between_steps():
+    """Ctrl-C finishes the current step before stopping, so the checkpoint saved then
+    resumes exactly. Only for a single process: under torchrun every process would have to
+    agree on the step, so there Ctrl-C stops at once and a resumed run starts from the last
+    periodic checkpoint."""
+    requested = []
+    if dist.world_size() > 1 or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: requested.append(True))
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class CdtgTrainer:
@@ -309,7 +329,7 @@ class CdtgTrainer:
                             pin_memory=self.device.type == "cuda")
         progress = tqdm(loader, total=len(sampler), initial=0, desc="cdtg", dynamic_ncols=True, disable=not main)
         started = time.time()
-        try:
+        with stop_between_steps() as stop_requested:
             for real, labels in progress:
                 self.noise.reseed(cfg.seed, self.step)
                 real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
@@ -328,11 +348,10 @@ class CdtgTrainer:
                     self.write_samples(*sample_set)
                 if self.step % cfg.save_every == 0:
                     self.save()
-        except KeyboardInterrupt:
-            if main:
-                print(f"interrupted: saving step {self.step}")
-                self.save()
-            raise
+                if stop_requested():
+                    print(f"interrupted: saving step {self.step}")
+                    self.save()
+                    raise KeyboardInterrupt
         if main and not (self.out_dir / "checkpoint" / f"{self.step}.pt").exists():
             self.save()
         dist.barrier()  # the last checkpoint is complete before any process reads it

@@ -175,3 +175,30 @@ def test_classifier_resume_equals_uninterrupted_run(toy_data, tmp_path):
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
     assert [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdtg_inputs):
+    from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
+
+    def command(out, steps, *extra):
+        return [sys.executable, str(ROOT / "CDTG" / "train.py"), "--data", str(cdtg_inputs / "cdtg_data"),
+                "--teacher", str(cdtg_inputs / "M_T.pth"), "--clip", "none", "--out", str(out), "--size", "32",
+                "--latent", "16", "--n-mlp", "2", "--channel-max", "16", "--batch", "4", "--iter", str(steps),
+                "--save-every", "100000", "--sample-every", "100000", "--workers", "0", "--device", "cpu", *extra]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    interrupted = cdtg_inputs / "interrupted"
+    process = subprocess.Popen(command(interrupted, 100000), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(8)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    [stopped_at] = checkpoint_steps(interrupted / "checkpoint")  # the step finished when Ctrl-C came
+    assert stopped_at > 0
+    subprocess.run(command(interrupted, stopped_at + 2, "--resume"), env=env, check=True, capture_output=True)
+    subprocess.run(command(cdtg_inputs / "straight", stopped_at + 2), env=env, check=True, capture_output=True)
+    a = load_cdtg_checkpoint(interrupted / "checkpoint" / f"{stopped_at + 2}.pt")
+    b = load_cdtg_checkpoint(cdtg_inputs / "straight" / "checkpoint" / f"{stopped_at + 2}.pt")
+    for part in ("g", "d", "g_ema", "fusion"):
+        for key, value in a[part].items():
+            assert torch.equal(value, b[part][key]), (part, key)
