@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torchvision import transforms
 
+from CDTG.parallel import step_seed
 from tgn import distributed as dist
 from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
@@ -116,5 +117,5 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         for step in range(self.start, self.end):
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            generator = torch.Generator().manual_seed(step_seed(self.seed, step))
             yield dist.shard(torch.randint(self.dataset_size, (self.batch_size,), generator=generator).tolist())
