@@ -11,6 +11,7 @@ classes.json (the official preprocessed downloads have none) classes are named b
 """
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,8 +151,6 @@ def load_image(path, size=None):
 
 def find_unreadable(samples, workers=8):
     """Paths among (path, label) samples that cannot be decoded (truncated, not an image)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def unreadable(path):
         try:
             load_image(path, 64)  # a full decode (at reduced size): truncated files fail here

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
 from tgn.errors import UserError
 
 ARCHS = {
@@ -140,8 +141,6 @@ def load_backbone(model, spec, arch):
     checkpoints. The final `fc` layer always keeps its fresh initialisation (the class
     count differs from the source's).
     """
-    from tgn.checkpoint import load_all_but_classifier, load_checkpoint, state_dict_of
-
     if spec == "none":
         return model
     if spec == "imagenet":
@@ -173,8 +172,6 @@ def load_feature_resnet(path, what="model checkpoint"):
     Ours carry their constructor arguments; for a bare state dict they are read off the
     parameter names and shapes. Returns (model, checkpoint).
     """
-    from tgn.checkpoint import load_checkpoint, load_weights, state_dict_of
-
     checkpoint = load_checkpoint(path, what)
     state = state_dict_of(checkpoint)
     if "fc.weight" not in state or "conv1.weight" not in state:
