@@ -12,6 +12,9 @@ after the existing ones; nothing is overwritten without --overwrite. The officia
 `200000.pt` works too: pass --data (CDTG/dataset_split.py output) and --teacher, since it
 records neither (and holds no fusion weights: a fixed-seed projection is used, with a
 warning).
+
+Several GPUs: `torchrun --nproc_per_node=N CDTG/generation.py ...` splits each class's
+images over the processes; the images are the same as one process writes.
 """
 import shutil
 import sys
@@ -20,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from CDTG.synthesis import ANNOTATION, TailSynthesizer, check_settings, run_generation  # noqa: E402
+from tgn import distributed as dist  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
-from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import atomic_write_json  # noqa: E402
 
@@ -42,6 +45,11 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=int, default=4, help="threads encoding and writing JPEGs")
+    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
+                        help="precision of the synthesis convolutions (off: fp32, as the official code)")
+    parser.add_argument("--modconv", choices=["shared", "fused"], default="shared",
+                        help="modulated-conv path: shared = one weight for the batch (faster), fused = the "
+                             "official per-sample grouped conv; both compute the same function")
     parser.add_argument("--overwrite", action="store_true", help="delete images already in --out and start again")
     return parser
 
@@ -53,23 +61,30 @@ def main(argv=None):
         raise UserError("--per-class must be >= 0 and --batch >= 1")
     if not 0 <= args.r <= 1:
         raise UserError("--r must be between 0 and 1")
-    device = resolve_device(args.device)
-    synth = TailSynthesizer(args.ckpt, device, data=args.data, data_root=args.data_root, teacher=args.teacher)
+    device = dist.init(args.device)
+    synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
+                                            teacher=args.teacher, modconv=args.modconv, amp=args.amp)
     class_ids = args.classes if args.classes else synth.tail.ids
     unknown = [cid for cid in class_ids if cid not in synth.tail.ids]
     if unknown:
         raise UserError(f"--classes: {unknown[0]} is not a tail class (tail classes: {synth.tail.ids})")
-    settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed}
+    settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
+                "amp": args.amp}
     check_settings(args.out, settings, args.overwrite)
-    if args.overwrite:
-        for cid in synth.tail.ids:
-            shutil.rmtree(args.out / str(cid), ignore_errors=True)
-        (args.out / ANNOTATION).unlink(missing_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "generation.json", settings)
+    dist.barrier()  # every process checked the old settings before they are replaced
+    if dist.is_main():
+        if args.overwrite:
+            for cid in synth.tail.ids:
+                shutil.rmtree(args.out / str(cid), ignore_errors=True)
+            (args.out / ANNOTATION).unlink(missing_ok=True)
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out / "generation.json", settings)
+    dist.barrier()
     written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,
                              seed=args.seed, truncation=args.truncation, batch_size=args.batch, quality=args.quality,
                              workers=args.workers)
+    if not dist.is_main():
+        return
     for cid in class_ids:
         name = synth.tail.names[synth.tail.ids.index(cid)]
         print(f"  class {cid:4d} {name:<28s} {written[cid]:6d} new, {args.per_class:6d} in all")

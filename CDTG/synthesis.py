@@ -1,15 +1,20 @@
 """Generating tail images from a trained CDTG checkpoint.
 
 Each image is determined by (seed, class id, index) alone: its noise vector, the real
-image whose feature is fused in, and its noise maps come from a generator seeded with
-those three numbers. A run that was stopped and restarted, or run with another batch
-size, therefore writes exactly the images an uninterrupted run would have written.
+image whose feature is fused in, and its noise maps come from a CPU generator seeded
+with those three numbers. A run that was stopped and restarted, or run with another
+batch size or number of processes, therefore writes the images an uninterrupted run
+would have written (byte for byte on a CPU; on a GPU up to the rounding of the kernels
+cuDNN picks for a batch size).
+
+The GPU never waits for the CPU: a thread draws the next batch's inputs while the GPU
+renders the current one, finished batches come back to pinned memory without blocking,
+and JpegWriter's threads encode and write them while later batches render.
 """
 import json
 import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +26,12 @@ from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
 from CDTG.tail_data import load_tail_classes, tail_image_dataset
+from tgn import distributed as dist
 from tgn.checkpoint import load_weights
 from tgn.data import Entry, write_annotation
+from tgn.engine import autocast
 from tgn.errors import UserError
-from tgn.io import atomic_write_bytes
+from tgn.io import atomic_write_with, flush_to_disk
 from tgn.resnet import load_feature_resnet
 
 ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
@@ -42,42 +49,44 @@ def image_name(index):
 class TailSynthesizer:
     """g_ema + noise fusion + the tail model's features of the real tail images."""
 
-    def __init__(self, ckpt_path, device, *, data=None, data_root=None, teacher=None):
+    def __init__(self, g_ema, fusion, teacher, tail, device, *, modconv="shared", amp="off"):
+        self.device, self.tail, self.amp = device, tail, amp
+        self.g_ema, self.fusion, self.teacher = (module.to(device).eval() for module in (g_ema, fusion, teacher))
+        self.g_ema.set_fused_modconv(modconv == "fused")
+        self.size, self.latent_dim = g_ema.size, g_ema.style_dim
+        self.dataset = tail_image_dataset(tail, self.size)
+        self._projected = {}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path, device, *, data=None, data_root=None, teacher=None, **options):
+        """From a CDTG checkpoint (ours, or the official one with --data and --teacher)."""
         checkpoint = load_cdtg_checkpoint(ckpt_path)
-        self.official = bool(checkpoint.get("official"))
         data = data or checkpoint.get("data")
         teacher = teacher or checkpoint.get("teacher")
         if data is None or teacher is None:
             raise UserError(f"{ckpt_path} is an official checkpoint: pass --data (CDTG/dataset_split.py output) "
                             "and --teacher (the tail model M_T)")
-        self.tail = load_tail_classes(data, data_root)
+        tail = load_tail_classes(data, data_root)
         config = checkpoint["generator_config"]
-        if config["num_classes"] != len(self.tail.classes):
+        if config["num_classes"] != len(tail.classes):
             raise UserError(f"{ckpt_path} generates {config['num_classes']} classes, "
-                            f"the tail data {data} has {len(self.tail.classes)}")
-        if checkpoint.get("class_ids") not in (None, self.tail.ids):
+                            f"the tail data {data} has {len(tail.classes)}")
+        if checkpoint.get("class_ids") not in (None, tail.ids):
             raise UserError(f"{ckpt_path} was trained on classes {checkpoint['class_ids']}, "
-                            f"the tail data {data} has {self.tail.ids}")
-        self.device = device
-        self.g_ema = Generator(**config)
-        load_weights(self.g_ema, checkpoint["g_ema"], ckpt_path)
-        self.g_ema.to(device).eval()
-        self.teacher, _ = load_feature_resnet(teacher, "tail model (--teacher)")
-        self.teacher.to(device).eval()
-        self.size = config["size"]
-        channels, height, width = self.teacher.feature_shape(self.size)
+                            f"the tail data {data} has {tail.ids}")
+        g_ema = Generator(**config)
+        load_weights(g_ema, checkpoint["g_ema"], ckpt_path)
+        teacher_model, _ = load_feature_resnet(teacher, "tail model (--teacher)")
+        channels, height, width = teacher_model.feature_shape(config["size"])
         if checkpoint.get("fusion") is not None:
-            self.fusion = NoiseFusion(**checkpoint["fusion_config"])
-            load_weights(self.fusion, checkpoint["fusion"], ckpt_path)
+            fusion = NoiseFusion(**checkpoint["fusion_config"])
+            load_weights(fusion, checkpoint["fusion"], ckpt_path)
         else:
-            self.fusion = NoiseFusion.official_fallback(channels * height * width, config["style_dim"])
-        if self.fusion.config["feature_numel"] != channels * height * width:
-            raise UserError(f"--teacher {teacher} gives {channels}x{height}x{width} features at {self.size} px, "
-                            f"the checkpoint's fusion expects {self.fusion.config['feature_numel']} values")
-        self.fusion.to(device).eval()
-        self.latent_dim = config["style_dim"]
-        self.dataset = tail_image_dataset(self.tail, self.size)
-        self._projected = {}
+            fusion = NoiseFusion.official_fallback(channels * height * width, config["style_dim"])
+        if fusion.config["feature_numel"] != channels * height * width:
+            raise UserError(f"--teacher {teacher} gives {channels}x{height}x{width} features at {config['size']} px, "
+                            f"the checkpoint's fusion expects {fusion.config['feature_numel']} values")
+        return cls(g_ema, fusion, teacher_model, tail, device, **options)
 
     @torch.no_grad()
     def projected_features(self, label, batch_size):
@@ -97,39 +106,74 @@ class TailSynthesizer:
         generator = torch.Generator().manual_seed(image_seed(seed, class_id, index))
         z = torch.randn(self.latent_dim, generator=generator)
         real_index = int(torch.randint(num_real, (1,), generator=generator))
-        noise = [torch.randn(1, *n.shape[1:], generator=generator) for n in self.g_ema.make_noise()]
+        noise = [torch.randn(1, *shape[1:], generator=generator) for shape in self.g_ema.noise_shapes()]
         return z, real_index, noise
 
+    def batch_inputs(self, class_id, indices, *, seed, batch_size=64):
+        """CPU tensors (z [N, D], real-image choices [N], noise maps) of a batch of images."""
+        num_real = self.num_real(class_id, batch_size)
+        inputs = [self.image_inputs(seed, class_id, index, num_real) for index in indices]
+        z = torch.stack([item[0] for item in inputs])
+        real = torch.tensor([item[1] for item in inputs])
+        noise = [torch.cat([item[2][layer] for item in inputs]) for layer in range(len(inputs[0][2]))]
+        if self.device.type == "cuda":  # pinned: the copies to the GPU then do not block
+            z, real, noise = z.pin_memory(), real.pin_memory(), [n.pin_memory() for n in noise]
+        return z, real, noise
+
+    def num_real(self, class_id, batch_size=64):
+        return self.projected_features(self.tail.label_of()[class_id], batch_size).shape[0]
+
     @torch.no_grad()
-    def generate(self, class_id, indices, *, ratio, seed, truncation=1.0, batch_size=64):
-        """Images [N, H, W, 3] uint8 of one class for the given image indices."""
+    def render(self, class_id, inputs, *, ratio, truncation=1.0, batch_size=64):
+        """Images [N, H, W, 3] uint8 on the device (queued, not waited for) from batch_inputs."""
         label = self.tail.label_of()[class_id]
         projected = self.projected_features(label, batch_size)
-        inputs = [self.image_inputs(seed, class_id, index, projected.shape[0]) for index in indices]
-        z = torch.stack([item[0] for item in inputs]).to(self.device)
-        real = torch.tensor([item[1] for item in inputs], device=self.device)
-        noise = [torch.cat([item[2][layer] for item in inputs]).to(self.device)
-                 for layer in range(len(inputs[0][2]))]
-        fused = ratio * z + (1 - ratio) * projected[real]
-        labels = torch.full((len(indices),), label, device=self.device, dtype=torch.long)
+        z, real, noise = (item.to(self.device, non_blocking=True) if torch.is_tensor(item)
+                          else [n.to(self.device, non_blocking=True) for n in item] for item in inputs)
+        labels = torch.full((z.shape[0],), label, device=self.device, dtype=torch.long)
+        # The mapping network stays fp32 under --amp (as StyleGAN2-ADA keeps it); only the
+        # synthesis convolutions run in reduced precision.
+        styles = self.g_ema.get_latent(ratio * z + (1 - ratio) * projected[real], labels)
         truncation_latent = self.g_ema.mean_latent(4096, label) if truncation < 1 else None
-        images, _ = self.g_ema([fused], labels, noise=noise, truncation=truncation,
-                               truncation_latent=truncation_latent)
-        images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        with autocast(self.device, self.amp):
+            images, _ = self.g_ema([styles], labels, noise=noise, truncation=truncation,
+                                   truncation_latent=truncation_latent, input_is_latent=True)
+        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1)
+
+    def generate(self, class_id, indices, *, ratio, seed, truncation=1.0, batch_size=64):
+        """Images [N, H, W, 3] uint8 (numpy) of one class for the given image indices."""
+        inputs = self.batch_inputs(class_id, indices, seed=seed, batch_size=batch_size)
+        images = self.render(class_id, inputs, ratio=ratio, truncation=truncation, batch_size=batch_size)
+        return images.cpu().numpy()
+
+
+class HostImages:
+    """A device batch copied to pinned CPU memory without blocking the caller; `numpy()`
+    waits for the copy (and so for the kernels that made the batch)."""
+
+    def __init__(self, images):
+        if images.device.type == "cuda":
+            self.host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+            self.host.copy_(images, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = images, None
+
+    def numpy(self):
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.numpy()
 
 
 def existing_indices(folder):
     folder = Path(folder)
     if not folder.is_dir():
         return set()
-    return {int(m.group(1)) for p in folder.iterdir() if (m := IMAGE_NAME.fullmatch(p.name))}
-
-
-def encode_jpeg(pixels, quality):
-    buffer = BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    # An empty file is what an OS crash can leave of an image written without fsync: redo it.
+    return {int(m.group(1)) for p in folder.iterdir()
+            if (m := IMAGE_NAME.fullmatch(p.name)) and p.stat().st_size > 0}
 
 
 class JpegWriter:
@@ -143,14 +187,25 @@ class JpegWriter:
         self.pending = deque()
 
     def submit(self, folder, indices, images):
+        """Queue a batch: a uint8 array [N, H, W, 3] or HostImages still on its way."""
         folder.mkdir(parents=True, exist_ok=True)
         while len(self.pending) >= self.max_pending:
             self._finish_oldest()
-        self.pending.append([self.pool.submit(self._write, folder / image_name(i), pixels)
-                             for i, pixels in zip(indices, images)])
+        if not isinstance(images, HostImages):
+            images = HostImages(torch.as_tensor(np.asarray(images)))
+        self.pending.append([self.pool.submit(self._write_one, folder / image_name(i), images, k)
+                             for k, i in enumerate(indices)])
+
+    def _write_one(self, path, images, position):
+        self._write(path, images.numpy()[position])
 
     def _write(self, path, pixels):
-        atomic_write_bytes(path, encode_jpeg(pixels, self.quality))
+        # PIL encodes into a real file without holding the GIL, so the threads encode in
+        # parallel (into a BytesIO they took turns). No fsync per image: run_generation
+        # syncs once per class, before anno.txt lists the images.
+        image = Image.fromarray(np.ascontiguousarray(pixels))
+        atomic_write_with(path, lambda handle: image.save(handle, format="JPEG", quality=self.quality),
+                          durable=False)
 
     def _finish_oldest(self):
         for job in self.pending.popleft():
@@ -184,6 +239,7 @@ def check_settings(out_dir, settings, overwrite):
     path = Path(out_dir) / "generation.json"
     if path.is_file() and not overwrite:
         previous = json.loads(path.read_text())
+        previous.setdefault("amp", "off")  # folders written before --amp existed
         changed = [key for key in settings if previous.get(key) != settings[key]]
         if changed:
             raise UserError(f"{out_dir} holds images generated with other settings ({', '.join(changed)}); "
@@ -191,23 +247,36 @@ def check_settings(out_dir, settings, overwrite):
 
 
 def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncation, batch_size, quality, workers):
-    """Generate the missing images of each class; returns {class id: images written}."""
+    """Generate the missing images of each class; returns {class id: images written}.
+    Under torchrun process r generates every N-th missing image (positions r, r + N, ...)."""
     out_dir = Path(out_dir)
     written = {}
 
-    with JpegWriter(workers, quality) as writer:
+    with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
             folder = out_dir / str(class_id)
-            existing = existing_indices(folder)
-            missing = [i for i in range(per_class) if i not in existing]
+            missing = [i for i in range(per_class) if i not in existing_indices(folder)]
+            dist.barrier()  # every process listed the folder before any writes to it
+            mine = dist.shard(missing)
+            chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+            synth.num_real(class_id, batch_size)  # the teacher's pass, before the prefetch thread starts
             name = synth.tail.names[synth.tail.ids.index(class_id)]
-            for start in tqdm(range(0, len(missing), batch_size), desc=f"class {class_id} ({name})",
-                              dynamic_ncols=True, leave=False):
-                indices = missing[start:start + batch_size]
-                images = synth.generate(class_id, indices, ratio=ratio, seed=seed, truncation=truncation,
-                                        batch_size=batch_size)
-                writer.submit(folder, indices, images)
-            writer.drain()  # anno.txt lists the images on disk
+
+            def draw(chunk, class_id=class_id):
+                return synth.batch_inputs(class_id, chunk, seed=seed, batch_size=batch_size)
+
+            upcoming = prefetch.submit(draw, chunks[0]) if chunks else None
+            for position in tqdm(range(len(chunks)), desc=f"class {class_id} ({name})", dynamic_ncols=True,
+                                 leave=False, disable=not dist.is_main()):
+                inputs = upcoming.result()
+                if position + 1 < len(chunks):
+                    upcoming = prefetch.submit(draw, chunks[position + 1])
+                images = synth.render(class_id, inputs, ratio=ratio, truncation=truncation, batch_size=batch_size)
+                writer.submit(folder, chunks[position], HostImages(images))
+            writer.drain()
+            flush_to_disk()  # anno.txt lists only images that are on disk, even after an OS crash
+            dist.barrier()
             written[class_id] = len(missing)
-            write_generated_annotation(out_dir, synth.tail.ids)
+            if dist.is_main():
+                write_generated_annotation(out_dir, synth.tail.ids)
     return written

@@ -86,6 +86,9 @@ def build_parser():
     runtime.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     runtime.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                          help="mixed precision of the D and G passes (regularisers stay fp32)")
+    runtime.add_argument("--modconv", choices=["shared", "fused"], default="shared",
+                         help="modulated-conv path: shared = one weight for the batch, activations scaled "
+                              "(faster), fused = the official per-sample grouped conv; the same function")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile G and D for the passes without double backward")
     runtime.add_argument("--fusion-pool", type=int, default=0, metavar="K",
@@ -148,6 +151,8 @@ def main(argv=None):
                                   channel_multiplier=args.channel_multiplier, channel_max=args.channel_max)
     g_ema = Generator(**generator.config)
     accumulate(g_ema, generator, 0)
+    for module in (generator, g_ema):
+        module.set_fused_modconv(args.modconv == "fused")
     channels, height, width = teacher.feature_shape(args.size)
     if not 0 <= args.fusion_pool <= min(height, width):
         raise UserError(f"--fusion-pool {args.fusion_pool}: M_T's layer3 map is {height}x{width} at {args.size} px; "

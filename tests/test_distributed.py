@@ -5,7 +5,7 @@ library or the stage scripts in them. Checked: parameters stay identical across 
 processes, the result matches a single-process run with the same global batch (exactly
 where nothing per-process enters, within a tolerance where BatchNorm statistics are per
 process: PyTorch's SyncBatchNorm has no CPU kernel), rank 0 alone writes, and metrics
-are reduced over the processes.
+are reduced over the processes. Generation split over 2 processes writes the images of 1.
 """
 import json
 import os
@@ -18,6 +18,7 @@ from torch import nn
 
 from conftest import write_dataset
 from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.generation import main as generation_main
 from CDTG.train import main as cdtg_train_main
 from CDTG.trainer import CdtgTrainer
 from Classification.train import main as cls_train_main
@@ -181,18 +182,29 @@ def train_cdtg_saving_every_rank(argv):
         CdtgTrainer.fit = original_fit
 
 
-def run_cdtg_runs(runs):
+def run_cdtg_runs(runs, generation_argv):
     for argv in runs:
         train_cdtg_saving_every_rank(argv)
+    generation_main(generation_argv)
 
 
 def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
     root = cdtg_inputs
     ddp, single, ada = root / "ddp", root / "single", root / "ada"
     exact = ("--path-regularize", "0")  # its penalty centres on each process's mean: see below
-    run_in_processes(run_cdtg_runs, [cdtg_args(root, ddp, *exact), cdtg_args(
-        root, ada, "--augment", "--ada-target", "-2", "--ada-every", "8", "--ada-length", "100", "--clip", "none")])
     train_cdtg_saving_every_rank(cdtg_args(root, single, *exact))
+    generation = ["--ckpt", str(single / "checkpoint" / "3.pt"), "--per-class", "5", "--batch", "2", "--device", "cpu"]
+    run_in_processes(run_cdtg_runs, [cdtg_args(root, ddp, *exact), cdtg_args(
+        root, ada, "--augment", "--ada-target", "-2", "--ada-every", "8", "--ada-length", "100", "--clip", "none")],
+        [*generation, "--out", str(root / "gen_ddp")])
+    generation_main([*generation, "--out", str(root / "gen_single")])
+    # Generation split over the processes writes the images one process writes, and one anno.txt.
+    single_files = sorted(p.relative_to(root / "gen_single") for p in (root / "gen_single").rglob("*.jpg"))
+    assert len(single_files) == 15
+    assert sorted(p.relative_to(root / "gen_ddp") for p in (root / "gen_ddp").rglob("*.jpg")) == single_files
+    for relpath in single_files:
+        assert (root / "gen_ddp" / relpath).read_bytes() == (root / "gen_single" / relpath).read_bytes()
+    assert (root / "gen_ddp" / "anno.txt").read_text() == (root / "gen_single" / "anno.txt").read_text()
     for run in (ddp, ada):
         ranks = [torch.load(run / f"rank{r}.pt") for r in range(WORLD)]
         for part in ("g", "d", "g_ema", "fusion"):

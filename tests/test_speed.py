@@ -1,5 +1,6 @@
 """Speed options: sharded epoch order, per-image augmentation seeds, --cache, --amp defaults,
---fusion-pool, and generation that writes while it generates."""
+--fusion-pool, generation's precision and modulated-conv paths, and generation that writes
+while it generates."""
 import threading
 import time
 
@@ -13,7 +14,7 @@ from test_cdtg_training import read_anno, tiny_train_args
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
 from CDTG.generation import main as generation_main
-from CDTG.synthesis import JpegWriter
+from CDTG.synthesis import JpegWriter, TailSynthesizer
 from CDTG.train import main as train_main
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
@@ -145,3 +146,26 @@ def test_pin_memory_flag():
     assert make_loader(dataset, 2, train=False, device=torch.device("cpu")).pin_memory is False
     assert make_loader(dataset, 2, train=False, device=torch.device("cpu"), pin_memory="on").pin_memory is True
     assert make_loader(dataset, 2, train=False, device=torch.device("cuda"), pin_memory="off").pin_memory is False
+
+
+def test_generation_paths_give_the_same_images(cdtg_inputs, tmp_path, capsys):
+    run = cdtg_inputs / "paths"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1", "--clip", "none", "--modconv", "fused"))
+    ckpt = run / "checkpoint" / "1.pt"
+    cpu = torch.device("cpu")
+
+    def images(seed=0, **options):
+        synth = TailSynthesizer.from_checkpoint(ckpt, cpu, **options)
+        return synth.generate(3, list(range(6)), ratio=0.05, seed=seed).astype(np.int16)
+
+    shared, fused, bf16 = images(), images(modconv="fused"), images(amp="bf16")
+    assert np.abs(shared - fused).max() <= 1  # the same function, up to float rounding
+    assert np.abs(shared - images(seed=1)).max() > 20  # a different seed: other images
+    # bf16 convolutions: not bit-equal (the option is in effect), off by under one level on average
+    assert 0 < np.abs(shared - bf16).mean() < 1
+    out = tmp_path / "gen"
+    base = ["--ckpt", str(ckpt), "--out", str(out), "--per-class", "1", "--device", "cpu"]
+    generation_main(base)
+    with pytest.raises(SystemExit):  # --amp changes the pixels: not mixed into one folder
+        generation_main([*base, "--amp", "bf16"])
+    assert "other settings (amp)" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""The CUDA paths, on a GPU (CI has none: these skip there; run them where one is lent).
+
+Checked: a ResNet trainer learns with the GPU defaults (bf16 autocast + channels_last);
+CDTG trains on the GPU in fp32 and bf16; pipelined generation (inputs drawn by a thread,
+pinned copies, writers that wait on CUDA events) writes exactly what the synchronous path
+computes; the GPU draws the same images as the CPU from the same seeds.
+"""
+import json
+from io import BytesIO
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from test_cdtg_training import tiny_train_args
+from test_kmdn import TINY
+from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.synthesis import TailSynthesizer, image_name, run_generation
+from CDTG.train import main as train_main
+from KMDN.dataset_split import main as split_main
+from KMDN.RModel import main as rmodel_main
+from tgn.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def jpeg_bytes(pixels, quality):
+    buffer = BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def on_cuda(argv):
+    return [*argv[:argv.index("--device")], *argv[argv.index("--device") + 2:], "--device", "cuda"]
+
+
+def test_resnet_trainer_learns_with_the_gpu_defaults(toy_data, tmp_path):
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    out = tmp_path / "kmdn"
+    rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "8", "--lr", "0.01", *TINY,
+                 "--device", "cuda"])
+    metrics = [json.loads(line) for line in (out / "tail" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["train_loss"] < 0.6 * metrics[0]["train_loss"]
+    best = load_checkpoint(out / "tail" / "best.pth")
+    assert best["metrics"]["overall_accuracy"] > 0.6  # chance is 1/3
+    assert all(value.dtype != torch.bfloat16 for value in best["state_dict"].values())
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_cdtg_trains_on_the_gpu(cdtg_inputs, amp):
+    run = cdtg_inputs / f"cuda-{amp}"
+    train_main(on_cuda(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--amp", amp)))
+    state = load_cdtg_checkpoint(run / "checkpoint" / "4.pt")
+    for part in ("g", "d", "g_ema", "fusion"):
+        assert all(v.dtype == torch.float32 and v.device.type == "cpu" and torch.isfinite(v).all()
+                   for v in state[part].values() if v.is_floating_point())
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+@pytest.fixture
+def cdtg_checkpoint(cdtg_inputs):
+    train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1", "--clip", "none"))
+    return cdtg_inputs / "run" / "checkpoint" / "1.pt"
+
+
+def test_pipelined_generation_writes_what_the_synchronous_path_computes(cdtg_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    synth = TailSynthesizer.from_checkpoint(cdtg_checkpoint, torch.device("cuda"))
+    run_generation(synth, tmp_path, class_ids=[3], per_class=10, ratio=0.05, seed=0, truncation=1.0, batch_size=4,
+                   quality=95, workers=3)
+    for chunk in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9]):
+        expected = synth.generate(3, chunk, ratio=0.05, seed=0)
+        for position, index in enumerate(chunk):
+            assert (tmp_path / "3" / image_name(index)).read_bytes() == jpeg_bytes(expected[position], 95)
+
+
+def test_gpu_and_cpu_draw_the_same_images(cdtg_checkpoint):
+    indices = list(range(8))
+    images = {device: TailSynthesizer.from_checkpoint(cdtg_checkpoint, torch.device(device)).generate(
+        3, indices, ratio=0.05, seed=0).astype(np.int16) for device in ("cpu", "cuda")}
+    other = TailSynthesizer.from_checkpoint(cdtg_checkpoint, torch.device("cpu")).generate(
+        3, indices, ratio=0.05, seed=1).astype(np.int16)
+    assert np.abs(images["cpu"] - other).max() > 20  # another seed gives other images
+    assert np.abs(images["cpu"] - images["cuda"]).mean() < 1  # same seeds, same images (TF32 rounding aside)
