@@ -4,12 +4,14 @@
     python benchmarks/bench_cdtg.py --config paper  # 256 px, batch 8, ResNet-50 teacher, ViT-B/32-sized CLIP
     python benchmarks/bench_cdtg.py --tiny          # a CPU-sized configuration
 
-Training step (all losses back-propagated): with and without the CLIP loss, with
---fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp) too; seconds per step and
-peak GPU memory. Generation: g_ema forward + transfer to the CPU at batch 1 and at the
-default batch, and the same through the JPEG writer of CDTG/generation.py (encoding and
-writing overlap the next batch). Models have random weights (nothing is downloaded):
-timing depends on shapes, not values. Results are appended as JSON lines to --out.
+Training step (all losses back-propagated, averaged over a whole regulariser cycle): the
+official fused modulated conv against our default shared-weight one, with and without the
+CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp); seconds
+per step and peak GPU memory. Generation: CDTG/generation.py's own pipeline (seeded
+inputs, g_ema, JPEG encoding and writing) at --batch 1 with the fused conv (the official
+way) and at the default batch, plus the render alone, and on GPUs with --amp bf16 and a
+4x larger batch. Models have random weights (nothing is downloaded): timing depends on
+shapes, not values. Results are appended as JSON lines to --out.
 """
 import argparse
 import gc
@@ -22,12 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from CDTG.clip_loss import ClipConsistencyLoss, import_clip  # noqa: E402
 from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
-from CDTG.synthesis import JpegWriter  # noqa: E402
+from CDTG.synthesis import TailSynthesizer, run_generation  # noqa: E402
+from CDTG.tail_data import IMAGE_LIST, TailClasses  # noqa: E402
+from tgn.data import Entry, write_annotation  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
@@ -53,6 +59,8 @@ def timed(fn, device, warmup, repeats):
     for _ in range(warmup):
         fn()
     synchronize(device)
+    if device.type == "cuda":  # the peak of the timed steps, not of cuDNN's autotuning in the first ones
+        torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -67,12 +75,14 @@ def release(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def build(args, device, with_clip, fusion_pool=None, amp="off"):
+def build(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared"):
     torch.manual_seed(0)
     g = Generator(args.size, args.latent, args.n_mlp, num_classes=args.classes, channel_max=args.channel_max)
     d = Discriminator(args.size, args.classes, label_dim=args.latent, channel_max=args.channel_max)
     g_ema = Generator(**g.config)
     accumulate(g_ema, g, 0)
+    for module in (g, g_ema):
+        module.set_fused_modconv(modconv == "fused")
     teacher = FeatureResNet(args.teacher_arch, num_classes=args.classes, width=args.teacher_width)
     channels, height, width = teacher.feature_shape(args.size)
     fusion = NoiseFusion(channels * height * width, args.latent, pool=fusion_pool, channels=channels)
@@ -84,9 +94,9 @@ def build(args, device, with_clip, fusion_pool=None, amp="off"):
     return CdtgTrainer(g, d, g_ema, fusion, teacher, clip_loss, cfg, device, Path("unused"), {"class_ids": []})
 
 
-def bench_step(args, device, with_clip, fusion_pool=None, amp="off"):
+def bench_step(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared"):
     release(device)
-    trainer = build(args, device, with_clip, fusion_pool, amp)
+    trainer = build(args, device, with_clip, fusion_pool, amp, modconv)
     real = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.arange(args.batch, device=device) % args.classes
 
@@ -97,44 +107,55 @@ def bench_step(args, device, with_clip, fusion_pool=None, amp="off"):
     seconds = timed(step, device, args.warmup, args.repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     fusion_parameters = sum(p.numel() for p in trainer.fusion.parameters())
-    return {"bench": "cdtg_step", "clip": with_clip, "fusion_pool": fusion_pool, "amp": amp,
+    return {"bench": "cdtg_step", "clip": with_clip, "fusion_pool": fusion_pool, "amp": amp, "modconv": modconv,
             "fusion_parameters": fusion_parameters, "seconds_per_step": seconds, "peak_gib": peak}
 
 
-@torch.no_grad()
-def bench_generation(args, device, batch, write_jpeg=False):
-    """g_ema forward + transfer to the CPU; with write_jpeg, also encoded and written by
-    CDTG/generation.py's writer, which works while the next batch is generated."""
+def write_tail_data(folder, size, images=16):
+    """One tail class of random JPEGs in the layout CDTG/dataset_split.py writes."""
+    rng = np.random.default_rng(0)
+    (folder / "train" / "0").mkdir(parents=True)
+    entries = []
+    for index in range(images):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / "train" / "0" / f"{index}.jpg")
+        entries.append(Entry(f"0/{index}.jpg", 0))
+    write_annotation(folder / IMAGE_LIST, entries)
+    tail = TailClasses(folder, folder, [{"label": 0, "id": 0, "name": "tail", "prompt": "A photo of a tail",
+                                         "train_count": images}])
+    tail.write()
+    return tail
+
+
+def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpeg=True, images=None):
+    """CDTG/generation.py's own path: per-image seeded inputs drawn by a thread, g_ema, copy to
+    pinned memory, JPEG encoding and writing in --jpeg-workers threads. Without write_jpeg,
+    only the render (the GPU part) is timed."""
     release(device)
-    trainer = build(args, device, with_clip=False)
-    g_ema = trainer.g_ema
-    projected = torch.randn(16, args.latent, device=device)
-    calls = max(2, args.repeats // 2)
-
-    def generate():
-        z = torch.randn(batch, args.latent, device=device)
-        fused = 0.05 * z + 0.95 * projected[torch.randint(16, (batch,), device=device)]
-        labels = torch.zeros(batch, dtype=torch.long, device=device)
-        images, _ = g_ema([fused], labels)
-        return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-    if not write_jpeg:
-        seconds = timed(generate, device, 2, calls)
-    else:
-        with tempfile.TemporaryDirectory() as folder, JpegWriter(args.jpeg_workers, 95) as writer:
-            counter = iter(range(10**9))
-
-            def generate_and_write():
-                writer.submit(Path(folder), [next(counter) for _ in range(batch)], generate())
-
-            generate_and_write()
-            writer.drain()
+    images = images or max(batch * args.generation_batches, 32)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        tail = write_tail_data(folder / "data", args.size)
+        trainer = build(args, device, with_clip=False)
+        synth = TailSynthesizer(trainer.g_ema, trainer.fusion, trainer.teacher, tail, device, modconv=modconv,
+                                amp=amp)
+        common = dict(class_ids=[0], ratio=0.05, seed=0, truncation=1.0, batch_size=batch, quality=95,
+                      workers=args.jpeg_workers)
+        if write_jpeg:
+            run_generation(synth, folder / "warmup", per_class=2 * batch, **common)  # cuDNN autotuning, warm pools
+            synchronize(device)
             started = time.perf_counter()
-            for _ in range(calls):
-                generate_and_write()
-            writer.drain()
-            seconds = (time.perf_counter() - started) / calls
-    return {"bench": "generation", "batch": batch, "jpeg": write_jpeg, "images_per_second": batch / seconds}
+            run_generation(synth, folder / "timed", per_class=images, **common)
+            seconds = time.perf_counter() - started
+        else:
+            inputs = synth.batch_inputs(0, list(range(batch)), seed=0, batch_size=batch)
+
+            def render():
+                synth.render(0, inputs, ratio=0.05, batch_size=batch)
+
+            seconds = timed(render, device, 2, max(1, images // batch)) * max(1, images // batch)
+            images = batch * max(1, images // batch)
+    return {"bench": "generation", "batch": batch, "modconv": modconv, "amp": amp, "jpeg": write_jpeg,
+            "images": images, "images_per_second": round(images / seconds, 1)}
 
 
 def main():
@@ -144,8 +165,11 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="the same as --config tiny")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=16,
+                        help="timed steps; 16 hold one R1 step and four path-length steps, as training does")
+    parser.add_argument("--generation-batches", type=int, default=8, help="batches timed per generation case")
     parser.add_argument("--jpeg-workers", type=int, default=4, help="JPEG writer threads (generation.py --workers)")
+    parser.add_argument("--part", choices=["all", "step", "generation"], default="all")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cdtg.jsonl"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -159,13 +183,21 @@ def main():
     for key, value in (tiny if args.tiny else paper).items():
         setattr(args, key, value)
     warnings.simplefilter("ignore")
-    default_batch, pool = (16, 1) if args.tiny else (64, 4)
-    cases = [lambda: bench_step(args, device, with_clip=True), lambda: bench_step(args, device, with_clip=False),
-             lambda: bench_step(args, device, with_clip=True, fusion_pool=pool)]
-    if device.type == "cuda":
-        cases.append(lambda: bench_step(args, device, with_clip=True, amp="bf16"))
-    cases += [lambda: bench_generation(args, device, 1), lambda: bench_generation(args, device, default_batch),
-              lambda: bench_generation(args, device, default_batch, write_jpeg=True)]
+    gpu = device.type == "cuda"
+    batch, pool = (16, 1) if args.tiny else (64, 4)
+    steps = [dict(with_clip=True, modconv="fused"), dict(with_clip=True), dict(with_clip=False),
+             dict(with_clip=True, fusion_pool=pool)]
+    steps += [dict(with_clip=True, amp="bf16"), dict(with_clip=False, amp="bf16")] if gpu else []
+    generation = [dict(batch=1, modconv="fused", images=batch), dict(batch=batch), dict(batch=batch, modconv="fused"),
+                  dict(batch=batch, write_jpeg=False)]
+    if gpu:
+        generation += [dict(batch=batch, amp="bf16"), dict(batch=batch, amp="bf16", write_jpeg=False),
+                       dict(batch=4 * batch, amp="bf16")]
+    cases = []
+    if args.part in ("all", "step"):
+        cases += [lambda options=options: bench_step(args, device, **options) for options in steps]
+    if args.part in ("all", "generation"):
+        cases += [lambda options=options: bench_generation(args, device, **options) for options in generation]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for case in cases:
