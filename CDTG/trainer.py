@@ -82,10 +82,12 @@ def set_requires_grad(module, flag):
 
 @torch.no_grad()
 def accumulate(ema, model, decay):
-    """EMA of the generator's parameters (buffers such as fixed noise stay as they are)."""
+    """EMA of the generator's parameters (buffers such as fixed noise stay as they are), in a
+    few multi-tensor kernels instead of two per parameter."""
     ema_params = dict(ema.named_parameters())
-    for name, parameter in model.named_parameters():
-        ema_params[name].mul_(decay).add_(parameter.detach(), alpha=1 - decay)
+    targets, sources = zip(*[(ema_params[name], parameter.detach()) for name, parameter in model.named_parameters()])
+    torch._foreach_mul_(targets, decay)
+    torch._foreach_add_(targets, sources, alpha=1 - decay)
 
 
 @contextlib.contextmanager
@@ -242,8 +244,8 @@ class CdtgTrainer:
 
     def train_step(self, real, labels):
         """One D step (+ R1 every d_reg_every), one G step (+ path length every g_reg_every), EMA.
-        `real` and `labels` are this process's share of the step's batch; returns the
-        losses averaged over the processes."""
+        `real` and `labels` are this process's share of the step's batch; returns this
+        process's losses as tensors on the device (see read_losses)."""
         cfg, step, batch = self.cfg, self.step, real.shape[0]
         losses = {}
         with torch.no_grad():
@@ -302,12 +304,19 @@ class CdtgTrainer:
             losses.update(path=path_loss.detach(), path_length=path_lengths.detach().mean())
 
         accumulate(self.g_ema, self.g, self.ema_decay)
-        values = dist.all_reduce_(torch.stack([value.float() for value in losses.values()]), average=True)
-        losses = dict(zip(losses, values.tolist()), ada_p=float(self.ada_p))
-        for name, value in losses.items():
-            if not math.isfinite(value):
-                raise UserError(f"the {name} loss became {value} at step {step}; lower --lr or check the data")
         return losses
+
+    def read_losses(self, losses):
+        """A step's losses (train_step's tensors) as numbers averaged over the processes,
+        checked to be finite. Reading waits for the GPU to finish the step, so the loop reads
+        only every --log-every steps and lets the GPU run ahead in between; it is a collective
+        under torchrun: every process reads at the same steps."""
+        values = dist.all_reduce_(torch.stack([value.float() for value in losses.values()]), average=True)
+        numbers = dict(zip(losses, values.tolist()), ada_p=float(self.ada_p))
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise UserError(f"the {name} loss became {value} by step {self.step}; lower --lr or check the data")
+        return numbers
 
     # ----- samples -------------------------------------------------------------------------
     @torch.no_grad()
@@ -337,18 +346,23 @@ class CdtgTrainer:
                 real = torch.where(flip.view(-1, 1, 1, 1), real.flip(3), real)
                 losses = self.train_step(real, labels)
                 self.step += 1
+                interrupted = stop_requested()
+                log = self.step % cfg.log_every == 0 or self.step == cfg.iterations
+                if log or interrupted or self.step % cfg.save_every == 0:  # nothing non-finite is saved
+                    losses = self.read_losses(losses)
+                    if main:
+                        progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()
+                                              if k in ("d", "g_adv", "cls", "clip", "r1", "ada_p")})
                 if not main:
                     continue
-                progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()
-                                      if k in ("d", "g_adv", "cls", "clip", "r1", "ada_p")})
-                if self.step % cfg.log_every == 0 or self.step == cfg.iterations:
+                if log:
                     append_jsonl(self.out_dir / "metrics.jsonl",
                                  {"step": self.step, **losses, "seconds": round(time.time() - started, 2)})
                 if self.step % cfg.sample_every == 0:
                     self.write_samples(*sample_set)
                 if self.step % cfg.save_every == 0:
                     self.save()
-                if stop_requested():
+                if interrupted:
                     print(f"interrupted: saving step {self.step}")
                     self.save()
                     raise KeyboardInterrupt

@@ -202,3 +202,15 @@ def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path):
     with pytest.warns(UserWarning, match="no noise-fusion weights"):
         generation_main([*base, "--data", str(cdtg_inputs / "cdtg_data"), "--teacher", str(cdtg_inputs / "M_T.pth")])
     assert len(read_anno(out)) == 6
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing_non_finite(cdtg_inputs, capsys):
+    run = cdtg_inputs / "diverging"
+    with pytest.raises(SystemExit) as stopped:  # losses are read every 3 steps, and at each save
+        train_main(tiny_train_args(cdtg_inputs, run, "--iter", "12", "--lr", "1e9", "--clip", "none",
+                                   "--log-every", "3", "--save-every", "4"))
+    assert stopped.value.code == 2
+    assert "loss became" in capsys.readouterr().err
+    for path in (run / "checkpoint").glob("*.pt"):
+        state = load_cdtg_checkpoint(path)
+        assert all(torch.isfinite(value).all() for value in state["g"].values() if value.is_floating_point())
