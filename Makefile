@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo smoke bench venv clean
+.PHONY: test demo smoke bench gpu-check venv clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ smoke: venv
 bench: venv
 	$(PY) benchmarks/bench_resnet.py
 	$(PY) benchmarks/bench_cdtg.py
+
+# On a machine with a GPU: the CUDA checks that CI (no GPU) skips, then the benchmarks.
+gpu-check: venv
+	$(PY) -m pytest -q tests/test_cuda.py
+	$(MAKE) bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
