@@ -55,7 +55,7 @@ class TailSynthesizer:
         self.g_ema.set_fused_modconv(modconv == "fused")
         self.size, self.latent_dim = g_ema.size, g_ema.style_dim
         self.dataset = tail_image_dataset(tail, self.size)
-        self._projected = {}
+        self._projected, self._mean_latent = {}, {}
 
     @classmethod
     def from_checkpoint(cls, ckpt_path, device, *, data=None, data_root=None, teacher=None, **options):
@@ -134,12 +134,22 @@ class TailSynthesizer:
         # The mapping network stays fp32 under --amp (as StyleGAN2-ADA keeps it); only the
         # synthesis convolutions run in reduced precision.
         styles = self.g_ema.get_latent(ratio * z + (1 - ratio) * projected[real], labels)
-        truncation_latent = self.g_ema.mean_latent(4096, label) if truncation < 1 else None
+        truncation_latent = self.mean_latent(label) if truncation < 1 else None
         with autocast(self.device, self.amp):
             images, _ = self.g_ema([styles], labels, noise=noise, truncation=truncation,
                                    truncation_latent=truncation_latent, input_is_latent=True)
         images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def mean_latent(self, label, samples=4096):
+        """The class's mean W (the truncation centre), from a fixed seed and computed once, so
+        that truncated images too depend on nothing but (seed, class id, index)."""
+        if label not in self._mean_latent:
+            z = torch.randn(samples, self.latent_dim, generator=torch.Generator().manual_seed(label))
+            labels = torch.full((samples,), label, dtype=torch.long, device=self.device)
+            self._mean_latent[label] = self.g_ema.get_latent(z.to(self.device), labels).mean(0, keepdim=True)
+        return self._mean_latent[label]
 
     def generate(self, class_id, indices, *, ratio, seed, truncation=1.0, batch_size=64):
         """Images [N, H, W, 3] uint8 (numpy) of one class for the given image indices."""

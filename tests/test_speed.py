@@ -158,6 +158,13 @@ def test_generation_paths_give_the_same_images(cdtg_inputs, tmp_path, capsys):
         synth = TailSynthesizer.from_checkpoint(ckpt, cpu, **options)
         return synth.generate(3, list(range(6)), ratio=0.05, seed=seed).astype(np.int16)
 
+    synth = TailSynthesizer.from_checkpoint(ckpt, cpu)
+    torch.manual_seed(1)
+    truncated = synth.generate(3, list(range(6)), ratio=0.05, seed=0, truncation=0.5)
+    torch.manual_seed(2)  # the truncation centre must not depend on the global RNG or the batches
+    in_parts = np.concatenate([synth.generate(3, part, ratio=0.05, seed=0, truncation=0.5)
+                               for part in ([0, 1], [2, 3, 4, 5])])
+    assert np.array_equal(truncated, in_parts)
     shared, fused, bf16 = images(), images(modconv="fused"), images(amp="bf16")
     assert np.abs(shared - fused).max() <= 1  # the same function, up to float rounding
     assert np.abs(shared - images(seed=1)).max() > 20  # a different seed: other images
