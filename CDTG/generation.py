@@ -45,8 +45,9 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=int, default=4, help="threads encoding and writing JPEGs")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
-                        help="precision of the synthesis convolutions (off: fp32, as the official code)")
+    parser.add_argument("--amp", choices=["off", "bf16"], default="off",
+                        help="precision of the synthesis convolutions (off: fp32, as the official code; "
+                             "fp16 is not offered: the shared-weight convolutions can overflow it)")
     parser.add_argument("--modconv", choices=["shared", "fused"], default="shared",
                         help="modulated-conv path: shared = one weight for the batch (faster), fused = the "
                              "official per-sample grouped conv; both compute the same function")

@@ -4,8 +4,8 @@ Each image is determined by (seed, class id, index) alone: its noise vector, the
 image whose feature is fused in, and its noise maps come from a CPU generator seeded
 with those three numbers. A run that was stopped and restarted, or run with another
 batch size or number of processes, therefore writes the images an uninterrupted run
-would have written (byte for byte on a CPU; on a GPU up to the rounding of the kernels
-cuDNN picks for a batch size).
+would have written (byte for byte on a CPU; on a GPU up to float rounding, as cuDNN picks
+its kernels per run and batch size).
 
 The GPU never waits for the CPU: a thread draws the next batch's inputs while the GPU
 renders the current one, finished batches come back to pinned memory without blocking,
@@ -31,7 +31,7 @@ from tgn.checkpoint import load_weights
 from tgn.data import Entry, write_annotation
 from tgn.engine import autocast
 from tgn.errors import UserError
-from tgn.io import atomic_write_with, flush_to_disk
+from tgn.io import atomic_write_with
 from tgn.resnet import load_feature_resnet
 
 ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
@@ -166,8 +166,8 @@ class HostImages:
         if images.device.type == "cuda":
             self.host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
             self.host.copy_(images, non_blocking=True)
-            self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready = torch.cuda.Event(blocking=True)  # waiting threads sleep instead of spinning
+            self.ready.record(torch.cuda.current_stream(images.device))
         else:
             self.host, self.ready = images, None
 
@@ -181,9 +181,7 @@ def existing_indices(folder):
     folder = Path(folder)
     if not folder.is_dir():
         return set()
-    # An empty file is what an OS crash can leave of an image written without fsync: redo it.
-    return {int(m.group(1)) for p in folder.iterdir()
-            if (m := IMAGE_NAME.fullmatch(p.name)) and p.stat().st_size > 0}
+    return {int(m.group(1)) for p in folder.iterdir() if (m := IMAGE_NAME.fullmatch(p.name))}
 
 
 class JpegWriter:
@@ -211,11 +209,10 @@ class JpegWriter:
 
     def _write(self, path, pixels):
         # PIL encodes into a real file without holding the GIL, so the threads encode in
-        # parallel (into a BytesIO they took turns). No fsync per image: run_generation
-        # syncs once per class, before anno.txt lists the images.
+        # parallel (into a BytesIO they took turns); each image is fsynced and renamed into
+        # place, so an image on disk is always complete.
         image = Image.fromarray(np.ascontiguousarray(pixels))
-        atomic_write_with(path, lambda handle: image.save(handle, format="JPEG", quality=self.quality),
-                          durable=False)
+        atomic_write_with(path, lambda handle: image.save(handle, format="JPEG", quality=self.quality))
 
     def _finish_oldest(self):
         for job in self.pending.popleft():
@@ -265,8 +262,11 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
             folder = out_dir / str(class_id)
-            missing = [i for i in range(per_class) if i not in existing_indices(folder)]
-            dist.barrier()  # every process listed the folder before any writes to it
+            existing = existing_indices(folder) if dist.is_main() else None
+            # One listing for all processes (nodes may see a shared folder differently), made
+            # before any process writes to it.
+            existing = dist.broadcast_object(existing)
+            missing = [i for i in range(per_class) if i not in existing]
             mine = dist.shard(missing)
             chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
             synth.num_real(class_id, batch_size)  # the teacher's pass, before the prefetch thread starts
@@ -283,8 +283,7 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
                     upcoming = prefetch.submit(draw, chunks[position + 1])
                 images = synth.render(class_id, inputs, ratio=ratio, truncation=truncation, batch_size=batch_size)
                 writer.submit(folder, chunks[position], HostImages(images))
-            writer.drain()
-            flush_to_disk()  # anno.txt lists only images that are on disk, even after an OS crash
+            writer.drain()  # anno.txt lists the images on disk
             dist.barrier()
             written[class_id] = len(missing)
             if dist.is_main():

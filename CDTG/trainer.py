@@ -81,6 +81,11 @@ def set_requires_grad(module, flag):
 
 
 @torch.no_grad()
+def all_finite(module):
+    return bool(torch.stack([torch.isfinite(parameter).all() for parameter in module.parameters()]).all())
+
+
+@torch.no_grad()
 def accumulate(ema, model, decay):
     """EMA of the generator's parameters (buffers such as fixed noise stay as they are), in a
     few multi-tensor kernels instead of two per parameter."""
@@ -172,6 +177,10 @@ class CdtgTrainer:
         }
 
     def save(self):
+        for name, module in (("generator", self.g), ("discriminator", self.d)):
+            if not all_finite(module):  # a checkpoint never holds a diverged model
+                raise UserError(f"the {name}'s weights became non-finite by step {self.step}; nothing saved; "
+                                "lower --lr or check the data")
         path = self.out_dir / "checkpoint" / f"{self.step}.pt"
         save_cdtg_checkpoint(path, self.state())
         return path

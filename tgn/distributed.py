@@ -49,6 +49,10 @@ def resolve_device(name):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+            torch.cuda.set_device(device)  # streams, events and new CUDA tensors then follow --device
         tune_cuda()
     return device
 
@@ -94,6 +98,15 @@ def shutdown():
 def barrier():
     if active():
         dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` (any picklable value) in every process."""
+    if not active():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def all_reduce_(tensor, average=False):

@@ -9,10 +9,8 @@ import torch
 from tgn.errors import UserError
 
 
-def _atomic_replace(path, write, durable=True):
-    """Write through `write(file_object)` into a temp file beside `path`, fsync, rename.
-    `durable=False` skips the fsync: still never half-written after a kill, but an OS crash
-    may lose the file (for many small files whose caller syncs once, at the end)."""
+def _atomic_replace(path, write):
+    """Write through `write(file_object)` into a temp file beside `path`, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -20,8 +18,7 @@ def _atomic_replace(path, write, durable=True):
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
@@ -35,21 +32,14 @@ def atomic_write_text(path, text):
     _atomic_replace(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def atomic_write_bytes(path, data, durable=True):
-    _atomic_replace(path, lambda handle: handle.write(data), durable)
+def atomic_write_bytes(path, data):
+    _atomic_replace(path, lambda handle: handle.write(data))
 
 
-def atomic_write_with(path, write, durable=True):
+def atomic_write_with(path, write):
     """`write(binary file object)` fills the file; e.g. PIL's save, which encodes straight
     into a real file with Python's GIL released (into a BytesIO it holds the GIL)."""
-    _atomic_replace(path, write, durable)
-
-
-def flush_to_disk():
-    """Commit every file written without fsync to disk (os.sync; Windows has none and
-    flushes on close)."""
-    if hasattr(os, "sync"):
-        os.sync()
+    _atomic_replace(path, write)
 
 
 def atomic_write_json(path, data):
