@@ -13,6 +13,7 @@ from conftest import write_dataset
 from test_cdtg_training import read_anno, tiny_train_args
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
+from CDTG import synthesis
 from CDTG.generation import main as generation_main
 from CDTG.synthesis import JpegWriter, TailSynthesizer
 from CDTG.train import main as train_main
@@ -176,3 +177,16 @@ def test_generation_paths_give_the_same_images(cdtg_inputs, tmp_path, capsys):
     with pytest.raises(SystemExit):  # --amp changes the pixels: not mixed into one folder
         generation_main([*base, "--amp", "bf16"])
     assert "other settings (amp)" in capsys.readouterr().err
+
+
+def test_generation_lists_each_class_folder_once(cdtg_inputs, tmp_path, monkeypatch):
+    run = cdtg_inputs / "listing"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1", "--clip", "none"))
+    calls = []
+    original = synthesis.existing_indices
+    monkeypatch.setattr(synthesis, "existing_indices", lambda folder: calls.append(folder) or original(folder))
+    generation_main(["--ckpt", str(run / "checkpoint" / "1.pt"), "--out", str(tmp_path / "gen"), "--per-class", "30",
+                     "--classes", "3", "--device", "cpu"])
+    # One listing to find the missing images, one per tail class for anno.txt: not one per image.
+    assert len(calls) == 1 + 3
+    assert len(read_anno(tmp_path / "gen")) == 30
