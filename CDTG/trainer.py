@@ -39,7 +39,7 @@ from CDTG.parallel import FusedGenerator, StepNoise
 from CDTG.tail_data import StepBatchSampler
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
-from tgn.engine import autocast
+from tgn.engine import adam, autocast
 from tgn.errors import UserError
 from tgn.io import append_jsonl, trim_jsonl
 
@@ -132,9 +132,9 @@ class CdtgTrainer:
         # Lazy regularisation: scale lr and betas by the fraction of steps that update.
         g_ratio = cfg.g_reg_every / (cfg.g_reg_every + 1)
         d_ratio = cfg.d_reg_every / (cfg.d_reg_every + 1)
-        self.g_optim = torch.optim.Adam(list(self.g.parameters()) + list(self.fusion.parameters()),
-                                        lr=cfg.lr * g_ratio, betas=(0 ** g_ratio, 0.99 ** g_ratio))
-        self.d_optim = torch.optim.Adam(self.d.parameters(), lr=cfg.lr * d_ratio, betas=(0 ** d_ratio, 0.99 ** d_ratio))
+        self.g_optim = adam(list(self.g.parameters()) + list(self.fusion.parameters()),
+                            lr=cfg.lr * g_ratio, betas=(0 ** g_ratio, 0.99 ** g_ratio))
+        self.d_optim = adam(self.d.parameters(), lr=cfg.lr * d_ratio, betas=(0 ** d_ratio, 0.99 ** d_ratio))
         # --augment with --augment-p > 0 fixes p; with 0 the ADA controller tunes it.
         adaptive = cfg.augment and cfg.augment_p == 0
         self.ada = AdaptiveAugment(cfg.ada_target, cfg.ada_length, cfg.ada_every, device) if adaptive else None

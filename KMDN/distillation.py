@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from tgn.engine import (epoch_seed, evaluate, make_loader, prepare_model, seed_everything, step_lr,
-                        train_one_epoch)
+from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepare_model, seed_everything,
+                        step_lr, train_one_epoch)
 from tgn.errors import UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import format_percent
@@ -79,7 +79,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
     models, nets, optimizers, scalers = dict(models), {}, {}, {}
     for group in models:
         models[group], nets[group] = prepare_model(models[group], cfg, device)
-        optimizers[group] = torch.optim.Adam(models[group].parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizers[group] = make_optimizer(models[group], cfg)
         scalers[group] = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     best = {group: -math.inf for group in models}
     start_epoch = 0
@@ -106,6 +106,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         for group in models
     }
     precision = {"amp": cfg.amp, "channels_last": cfg.channels_last}
+    cuda_graphs = cfg.compile == "reduce-overhead"
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         student_group = student_of_epoch(epoch, interval)
@@ -118,7 +119,8 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(nets[student_group], loader, optimizers[student_group],
                                 make_distill_loss_fn(teacher, alpha), device, scaler=scalers[student_group],
-                                desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)", **precision)
+                                desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)",
+                                cuda_graphs=cuda_graphs, **precision)
         dist.broadcast_buffers_(student)  # BatchNorm statistics differ per process without SyncBatchNorm
         _, summary = evaluate(student, test_loaders[student_group], device, len(metas[student_group]["class_ids"]),
                               **precision)

@@ -11,7 +11,8 @@ batch 64, the torchvision classifier at batch 32) the engine's own train_one_epo
 reporting images/s and, on GPUs, peak memory. On a GPU every case runs in fp32 and in
 bf16 + channels_last (the --amp/--channels-last defaults), in the same process, and
 KMDN's trainer also at --large-batch, where kernel launches no longer hide the GPU's
-speed. Models have random weights: timing depends on shapes, not values. JSON lines are
+speed, and compiled (--compile-modes, default reduce-overhead: CUDA graphs replay each step
+in one launch) at its own batch, in-memory. Models have random weights: timing depends on shapes, not values. JSON lines are
 appended to --out.
 """
 import argparse
@@ -34,6 +35,7 @@ import tgn.engine  # noqa: E402
 from Classification.model import build_classifier  # noqa: E402
 from KMDN.distillation import make_distill_loss_fn  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
+from tgn.cli import COMPILE_MODES  # noqa: E402
 from tgn.data import ImageList, build_transform  # noqa: E402
 from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, prepare_model,  # noqa: E402
                         resolve_device, train_one_epoch)
@@ -78,11 +80,11 @@ def write_jpegs(folder, count, size):
     return samples
 
 
-def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch=None):
+def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch=None, compile_mode="off"):
     amp, channels_last = precision
     model, loss_fn = build(trainer, cfg)
     train_cfg = TrainConfig(epochs=1, batch_size=batch or cfg["batches"][trainer], lr=1e-3, weight_decay=1e-4, milestones=[],
-                            workers=args.workers, amp=amp, channels_last=channels_last)
+                            workers=args.workers, amp=amp, channels_last=channels_last, compile=compile_mode)
     model, net = prepare_model(model, train_cfg, device)
     if trainer == "distill":
         teacher, _ = build("kmdn", cfg)
@@ -106,7 +108,8 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
         # with --cache, writes the resized images; the second epoch is timed.
         loader = make_loader(dataset, batch, train=True, workers=args.workers, device=device, persistent=True)
         warm_loader = loader
-    common = dict(amp=amp, scaler=scaler, channels_last=channels_last, desc=f"{trainer} {source}")
+    common = dict(amp=amp, scaler=scaler, channels_last=channels_last, desc=f"{trainer} {source}",
+                  cuda_graphs=compile_mode == "reduce-overhead")
     train_one_epoch(net, warm_loader, optimizer, loss_fn, device, **common)
     if hasattr(loader, "sampler"):
         loader.sampler.set_epoch(1)
@@ -118,7 +121,7 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
     synchronize(device)
     seconds = time.perf_counter() - started
     return {"bench": "resnet_train", "trainer": trainer, "source": source, "batch": batch, "amp": amp,
-            "channels_last": channels_last, "images_per_second": round(args.steps * batch / seconds, 2),
+            "channels_last": channels_last, "compile": compile_mode, "images_per_second": round(args.steps * batch / seconds, 2),
             "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None}
 
 
@@ -135,6 +138,9 @@ def main():
     parser.add_argument("--large-batch", type=int, default=256,
                         help="also time KMDN's trainer on in-memory batches of this size (0: no); at the paper's "
                              "batch of 32 a GPU spends much of each step waiting for kernel launches")
+    parser.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"], choices=COMPILE_MODES[1:],
+                        help="on a GPU, also time KMDN's trainer compiled in these torch.compile modes (in-memory "
+                             "batches; the warm-up epoch pays the compilation)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/resnet.jsonl"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -155,12 +161,15 @@ def main():
         largest = max(cfg["batches"].values()) * args.steps if jpeg_needed else 0
         (Path(tmp) / "jpeg").mkdir()
         samples = write_jpegs(Path(tmp) / "jpeg", largest, cfg["jpeg_size"])
-        cases = [(trainer, source, precision, None) for trainer in args.trainers for source in args.sources
+        cases = [(trainer, source, precision, None, "off") for trainer in args.trainers for source in args.sources
                  for precision in precisions]
         if args.large_batch and gpu:
-            cases += [("kmdn", "memory", precision, args.large_batch) for precision in precisions]
-        for trainer, source, precision, batch in cases:
-            result = run(trainer, source, precision, cfg, args, device, samples, Path(tmp) / "cache", batch)
+            cases += [("kmdn", "memory", precision, args.large_batch, "off") for precision in precisions]
+        if gpu:
+            cases += [("kmdn", "memory", precision, None, mode) for mode in args.compile_modes for precision in precisions]
+        for trainer, source, precision, batch, compile_mode in cases:
+            result = run(trainer, source, precision, cfg, args, device, samples, Path(tmp) / "cache", batch,
+                         compile_mode)
             record = {**result, "config": name, "device": device_name, "workers": args.workers,
                       "torch": torch.__version__}
             print(json.dumps(record), flush=True)

@@ -3,6 +3,7 @@ import argparse
 from pathlib import Path
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
+COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune"]  # torch.compile's modes, and off
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -44,7 +45,10 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
     speed.add_argument("--sync-bn", choices=["auto", "on", "off"], default="auto",
                        help="under torchrun, BatchNorm statistics over all processes (the global batch): "
                             "auto = on GPUs; PyTorch has no SyncBatchNorm on CPUs")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    speed.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
+                       help="torch.compile the model (--compile alone: mode 'default'); 'reduce-overhead' also "
+                            "replays CUDA graphs, which removes the kernel-launch cost that bounds small batches on "
+                            "fast GPUs; the first epoch pays the compilation")
     speed.add_argument("--cache", type=Path, default=None, metavar="DIR",
                        help="keep every image resized to --image-size in DIR (written once, read by later epochs "
                             "and runs; about 3 * size^2 bytes per image)")
