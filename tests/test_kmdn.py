@@ -26,6 +26,25 @@ def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_group_outputs_follow_the_ranking_as_in_the_official_scripts(tmp_path):
+    """Official KMDN and CDTG weights record no class order: their output k is the group's
+    k-th class by training count, descending (DIOR head 13, 18, 15, 0, ...)."""
+    from CDTG.dataset_split import main as cdtg_split_main
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", {0: 3, 1: 9, 2: 5, 3: 12, 4: 4})
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    split = json.loads((tmp_path / "split" / "split.json").read_text())
+    assert split["head"] == [3, 1] and split["tail"] == [2, 4, 0]
+    head_lines = (tmp_path / "split" / "head_train.txt").read_text().splitlines()
+    assert {line.split()[-1] for line in head_lines} == {"3", "1"}  # annotations keep the dataset's ids
+    cdtg_split_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "cdtg")])
+    tail = json.loads((tmp_path / "cdtg" / "tail_classes.json").read_text())
+    assert [(c["label"], c["id"]) for c in tail["classes"]] == [(0, 2), (1, 4), (2, 0)]
+    rmodel_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--epochs", "1", *TINY])
+    assert load_checkpoint(tmp_path / "kmdn" / "tail" / "best.pth")["class_ids"] == [2, 4, 0]
+
+
 def test_tail_model_learns_the_easy_task(split_dir, tmp_path):
     out = tmp_path / "kmdn"
     rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "8", "--lr", "0.01", *TINY])

@@ -2,7 +2,10 @@
 
 A split folder holds `split.json` and four annotation lists (head/tail x train/test) in
 the dataset's own format, pointing into DATA (nothing is copied). Within a group the
-model's output index follows ascending class id; `split.json` spells the order out.
+model's output index follows the ranking (training count, descending), as the official
+scripts list their classes (DIOR head: 13, 18, 15, 0, 16, 2, 11, 19), so that official
+KMDN and CDTG weights, which record no class order, map to the right classes;
+`split.json` spells the order out.
 """
 import hashlib
 import math
@@ -131,8 +134,8 @@ def compute_split(info, threshold_percent):
         class_names=dict(info.class_names),
         train_counts=train_counts,
         test_counts=test_counts,
-        head=sorted(ranking[:n_head]),
-        tail=sorted(ranking[n_head:]),
+        head=ranking[:n_head],
+        tail=ranking[n_head:],
         ranking=ranking,
     )
     return split, {"train": train_entries, "test": test_entries}
