@@ -36,7 +36,7 @@ Where this differs from the official pipelines, and why:
   grid_sample's double backward is missing in some PyTorch releases (2.11 raises
   "derivative for aten::grid_sampler_2d_backward is not implemented"). ADA patches this with
   a custom autograd function (grid_sample_gradfix); indexing has native derivatives of every
-  order. No distributed reduce in `tune`: training here is single-process.
+  order.
 - Random parameters are drawn on the generator's device (the CPU by default), so computing
   the padding does not wait for the GPU.
 """
@@ -81,11 +81,13 @@ class AdaptiveAugment:
     (so p can cross [0, 1] in `length` images): up when r_t > target, down otherwise (a tie
     lowers p, as in rosinality), clamped to [0, 1]. Then the accumulators restart.
 
-    `update_every` defaults to ADA's 4 batches of 64 images; rosinality's train.py passes 8
-    whatever its --ada_every flag (also 256) says. The step is count / length either way.
+    `update_every` defaults to 8 images, what rosinality's train.py (the official code's base)
+    passes whatever its --ada_every flag (256) says: every step at batch 8. StyleGAN2-ADA
+    uses 4 batches of 64 images (256). The step is count / length either way, so p moves at
+    the same average rate; fewer updates only make it coarser.
     """
 
-    def __init__(self, target=0.6, length=500_000, update_every=256, device="cpu"):
+    def __init__(self, target=0.6, length=500_000, update_every=8, device="cpu"):
         self.target = target
         self.length = length
         self.update_every = update_every

@@ -86,12 +86,14 @@ class ClipConsistencyLoss(nn.Module):
         return self
 
     def preprocess(self, images):
-        """CLIP's own preprocessing on tensors in [-1, 1]: bicubic resize, normalise.
+        """CLIP's own preprocessing on tensors in [-1, 1], as it would see the saved image:
+        clamp to the pixel range, antialiased bicubic resize (PIL's), normalise.
 
         Fakes are square, so CLIP's center crop after the resize is the identity.
         """
-        images = (images.float() + 1) / 2
-        images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False)
+        images = ((images.float() + 1) / 2).clamp(0, 1)
+        images = F.interpolate(images, size=(self.resolution, self.resolution), mode="bicubic", align_corners=False,
+                               antialias=True)
         return (images - self.mean) / self.std
 
     def logits(self, images):

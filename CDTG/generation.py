@@ -38,7 +38,8 @@ def build_parser():
     parser.add_argument("--r", type=float, default=0.05, help="proportion of noise in the fused latent")
     parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none)")
     parser.add_argument("--batch", type=int, default=64, help="images per generator call")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality")
+    parser.add_argument("--quality", type=int, default=75,
+                        help="JPEG quality (75: PIL's default, what the official code's save_image wrote)")
     parser.add_argument("--data", type=Path, default=None, help="tail-class data (default: the one training used)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved")
     parser.add_argument("--teacher", type=Path, default=None, help="tail model M_T (default: the one training used)")

@@ -134,7 +134,7 @@ class TailSynthesizer:
         # The mapping network stays fp32 under --amp (as StyleGAN2-ADA keeps it); only the
         # synthesis convolutions run in reduced precision.
         styles = self.g_ema.get_latent(ratio * z + (1 - ratio) * projected[real], labels)
-        truncation_latent = self.mean_latent(label) if truncation < 1 else None
+        truncation_latent = self.mean_latent(label, ratio, batch_size) if truncation < 1 else None
         with autocast(self.device, self.amp):
             images, _ = self.g_ema([styles], labels, noise=noise, truncation=truncation,
                                    truncation_latent=truncation_latent, input_is_latent=True)
@@ -142,14 +142,21 @@ class TailSynthesizer:
         return images.permute(0, 2, 3, 1)
 
     @torch.no_grad()
-    def mean_latent(self, label, samples=4096):
-        """The class's mean W (the truncation centre), from a fixed seed and computed once, so
-        that truncated images too depend on nothing but (seed, class id, index)."""
-        if label not in self._mean_latent:
-            z = torch.randn(samples, self.latent_dim, generator=torch.Generator().manual_seed(label))
+    def mean_latent(self, label, ratio, batch_size=64, samples=4096):
+        """The class's mean W (the truncation centre) over the inputs generation feeds the
+        mapping network, `ratio` * noise + (1 - ratio) * a real image's projected feature,
+        from a fixed seed and computed once, so that truncated images too depend on nothing
+        but (seed, class id, index)."""
+        key = (label, float(ratio))
+        if key not in self._mean_latent:
+            projected = self.projected_features(label, batch_size)
+            generator = torch.Generator().manual_seed(label)
+            z = torch.randn(samples, self.latent_dim, generator=generator).to(self.device)
+            real = torch.randint(projected.shape[0], (samples,), generator=generator).to(self.device)
             labels = torch.full((samples,), label, dtype=torch.long, device=self.device)
-            self._mean_latent[label] = self.g_ema.get_latent(z.to(self.device), labels).mean(0, keepdim=True)
-        return self._mean_latent[label]
+            latents = self.g_ema.get_latent(ratio * z + (1 - ratio) * projected[real], labels)
+            self._mean_latent[key] = latents.mean(0, keepdim=True)
+        return self._mean_latent[key]
 
     def generate(self, class_id, indices, *, ratio, seed, truncation=1.0, batch_size=64):
         """Images [N, H, W, 3] uint8 (numpy) of one class for the given image indices."""

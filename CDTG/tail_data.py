@@ -79,7 +79,7 @@ def load_tail_classes(folder, data_root=None):
 
 
 def gan_transform(size):
-    """Resize to the GAN resolution and map to [-1, 1]; flips are done per step on the batch."""
+    """Resize to the GAN resolution and map to [-1, 1]; --flip flips are drawn per step on the batch."""
     return transforms.Compose([
         transforms.Resize((size, size)),
         transforms.ToTensor(),

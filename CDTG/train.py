@@ -69,13 +69,21 @@ def build_parser():
     train.add_argument("--mixing", type=float, default=defaults.mixing, help="style-mixing probability")
     train.add_argument("--fusion-noise", type=float, default=defaults.fusion_noise,
                        help="share of noise in the fused latent during training")
+    train.add_argument("--fusion-lr-mul", type=float, default=0.01,
+                       help="learning-rate multiplier of the (equalised) noise-fusion layer, as --lr-mlp is the "
+                            "mapping network's: it keeps the feature term at its initial scale (see CDTG/fusion.py)")
     train.add_argument("--lambda-cls", type=float, default=defaults.lambda_cls, help="weight of M_T's loss on fakes")
     train.add_argument("--lambda-clip", type=float, default=defaults.lambda_clip, help="weight of the CLIP loss")
+    train.add_argument("--flip", action="store_true",
+                       help="random horizontal flips of the real images (the official CDTG trains without; "
+                            "rosinality's StyleGAN2 flips)")
     train.add_argument("--augment", action="store_true", help="adaptive discriminator augmentation (ADA)")
     train.add_argument("--augment-p", type=float, default=defaults.augment_p, help="fixed ADA p (0: adaptive)")
     train.add_argument("--ada-target", type=float, default=defaults.ada_target)
     train.add_argument("--ada-length", type=int, default=defaults.ada_length)
-    train.add_argument("--ada-every", type=int, default=defaults.ada_every)
+    train.add_argument("--ada-every", type=int, default=defaults.ada_every,
+                       help="images between updates of ADA's p (8: rosinality's, every step at batch 8; "
+                            "StyleGAN2-ADA uses 256)")
     train.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints")
     train.add_argument("--sample-every", type=int, default=defaults.sample_every, help="steps between sample grids")
     train.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics lines")
@@ -104,7 +112,7 @@ def gan_config(args):
         iterations=args.iter, batch=args.batch, lr=args.lr, r1=args.r1, path_regularize=args.path_regularize,
         path_batch_shrink=args.path_batch_shrink, d_reg_every=args.d_reg_every, g_reg_every=args.g_reg_every,
         mixing=args.mixing, fusion_noise=args.fusion_noise, lambda_cls=args.lambda_cls,
-        lambda_clip=0.0 if args.clip == "none" else args.lambda_clip, augment=args.augment,
+        lambda_clip=0.0 if args.clip == "none" else args.lambda_clip, augment=args.augment, flip=args.flip,
         augment_p=args.augment_p, ada_target=args.ada_target, ada_length=args.ada_length, ada_every=args.ada_every,
         save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every, seed=args.seed,
         workers=args.workers, amp=args.amp, compile=args.compile,
@@ -137,6 +145,8 @@ def sample_set(dataset, num_classes, latent_dim, device):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.fusion_lr_mul <= 0:
+        raise UserError(f"--fusion-lr-mul {args.fusion_lr_mul}: the learning-rate multiplier must be positive")
     if checkpoint_steps(args.out / "checkpoint") and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     tail = load_tail_classes(args.data, args.data_root)
@@ -157,7 +167,8 @@ def main(argv=None):
     if not 0 <= args.fusion_pool <= min(height, width):
         raise UserError(f"--fusion-pool {args.fusion_pool}: M_T's layer3 map is {height}x{width} at {args.size} px; "
                         f"use 0 (off) to {min(height, width)}")
-    fusion = NoiseFusion(channels * height * width, args.latent, pool=args.fusion_pool or None, channels=channels)
+    fusion = NoiseFusion(channels * height * width, args.latent, pool=args.fusion_pool or None, channels=channels,
+                         lr_mul=args.fusion_lr_mul)
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
     args.out.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,8 @@ class GanConfig:
     augment_p: float = 0.0
     ada_target: float = 0.6
     ada_length: int = 500_000
-    ada_every: int = 256
+    flip: bool = False  # random horizontal flips of the reals: off in the official CDTG
+    ada_every: int = 8  # images between p updates: rosinality's train.py (every step at batch 8)
     ema_half_life_kimg: float = 10.0
     save_every: int = 5000
     sample_every: int = 100
@@ -193,6 +194,9 @@ class CdtgTrainer:
         state = load_cdtg_checkpoint(path)
         if state.get("class_ids") != self.metadata["class_ids"]:
             raise UserError(f"{path} was trained on other tail classes; use another --out")
+        if state.get("fusion_config") != self.fusion.config:
+            raise UserError(f"{path} has another noise-fusion layer ({state.get('fusion_config')}); resume with the "
+                            "flags it was trained with (--fusion-pool, --fusion-lr-mul) or use another --out")
         for module, key in ((self.g, "g"), (self.d, "d"), (self.g_ema, "g_ema"), (self.fusion, "fusion")):
             load_weights(module, state[key], path)
         self.g_optim.load_state_dict(state["g_optim"])
@@ -351,8 +355,9 @@ class CdtgTrainer:
             for real, labels in progress:
                 self.noise.reseed(cfg.seed, self.step)
                 real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                flip = self.noise.flips(real.shape[0])  # official random horizontal flip
-                real = torch.where(flip.view(-1, 1, 1, 1), real.flip(3), real)
+                if cfg.flip:
+                    flip = self.noise.flips(real.shape[0])
+                    real = torch.where(flip.view(-1, 1, 1, 1), real.flip(3), real)
                 losses = self.train_step(real, labels)
                 self.step += 1
                 interrupted = stop_requested()

@@ -85,7 +85,7 @@ def build(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared"
         module.set_fused_modconv(modconv == "fused")
     teacher = FeatureResNet(args.teacher_arch, num_classes=args.classes, width=args.teacher_width)
     channels, height, width = teacher.feature_shape(args.size)
-    fusion = NoiseFusion(channels * height * width, args.latent, pool=fusion_pool, channels=channels)
+    fusion = NoiseFusion(channels * height * width, args.latent, pool=fusion_pool, channels=channels, lr_mul=0.01)
     clip_loss = None
     if with_clip:
         clip_model = (tiny_clip() if args.tiny else paper_clip()).float().to(device)

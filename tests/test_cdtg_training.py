@@ -64,6 +64,19 @@ def test_clip_preprocessing_normalises_like_clip():
     torch.testing.assert_close(out[0, :, 5, 5], expected)
 
 
+def test_clip_preprocessing_matches_clips_own_on_the_saved_image():
+    """CLIP's preprocess (PIL bicubic resize, antialiased) of the 8-bit image a fake is saved
+    as, against ours on the tensor: the same up to the 8-bit rounding and resampling details."""
+    clip = pytest.importorskip("clip")
+    loss_fn = ClipConsistencyLoss(tiny_clip(), ["A photo of a dam"])
+    torch.manual_seed(0)
+    fake = (torch.rand(1, 3, 64, 64) * 2.4 - 1.2)  # high-frequency content, beyond [-1, 1] in places
+    pixels = ((fake[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    reference = clip.clip._transform(32)(Image.fromarray(pixels))
+    ours = loss_fn.preprocess(fake)[0]
+    assert (ours - reference).abs().mean() < 0.015  # 0.005; without the clamp 0.027, without antialiasing 0.45
+
+
 def test_clip_loads_from_a_plain_state_dict_file(tmp_path):
     torch.save(tiny_clip().state_dict(), tmp_path / "clip.pt")
     model = load_clip(str(tmp_path / "clip.pt"), torch.device("cpu"))
@@ -77,7 +90,7 @@ def make_trainer(tmp_path, **overrides):
     g_ema = Generator(**g.config)
     accumulate(g_ema, g, 0)
     teacher = FeatureResNet("resnet18", num_classes=3, width=4)
-    fusion = NoiseFusion(16 * 2 * 2, 16)
+    fusion = NoiseFusion(16 * 2 * 2, 16, lr_mul=0.01)
     cfg = GanConfig(batch=4, workers=0, **overrides)
     clip_loss = ClipConsistencyLoss(tiny_clip(), ["a", "b", "c"])
     return CdtgTrainer(g, d, g_ema, fusion, teacher, clip_loss, cfg, torch.device("cpu"), tmp_path,
@@ -102,12 +115,36 @@ def test_each_loss_term_reaches_the_generator(tmp_path, term):
     assert torch.equal(adversarial_only, disabled_again)
 
 
+@pytest.mark.parametrize("lr_mul", [0.01, None])
+def test_fusion_feature_term_keeps_its_scale_under_the_generators_adam(lr_mul):
+    """Adam moves each weight by about the learning rate per step, so a plain Linear over
+    16,384 non-negative features moves each output by about lr x their sum: the feature
+    term would swamp the noise (at 256 px, with 262,144 features, after one step). The
+    equalised layer's outputs stay at their initial scale."""
+    torch.manual_seed(0)
+    fusion = NoiseFusion(1024 * 4 * 4, 64, lr_mul=lr_mul)
+    ratio = 4 / 5  # the generator's lazy-regularisation ratio at --g-reg-every 4
+    optimizer = torch.optim.Adam(fusion.parameters(), lr=0.002 * ratio, betas=(0.0, 0.99 ** ratio))
+    features = torch.relu(torch.randn(8, 1024, 4, 4))  # layer3 outputs are non-negative
+    start = fusion.embed(features).pow(2).mean().sqrt()
+    for _ in range(5):
+        out = fusion.embed(features)
+        (out * torch.randn_like(out)).sum().backward()  # gradients of any sign from the generator
+        optimizer.step()
+        optimizer.zero_grad()
+    growth = fusion.embed(features).pow(2).mean().sqrt() / start
+    if lr_mul:
+        assert 0.9 < growth < 1.1
+    else:
+        assert growth > 10  # what the equalised layer prevents
+
+
 def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     straight, interrupted = cdtg_inputs / "straight", cdtg_inputs / "interrupted"
-    train_main(tiny_train_args(cdtg_inputs, straight, "--iter", "4", "--augment", "--augment-p", "0.5"))
-    train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "2", "--augment", "--augment-p", "0.5"))
-    train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "4", "--augment", "--augment-p", "0.5",
-                               "--resume"))
+    options = ("--augment", "--augment-p", "0.5", "--flip")
+    train_main(tiny_train_args(cdtg_inputs, straight, "--iter", "4", *options))
+    train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "2", *options))
+    train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "4", *options, "--resume"))
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["ada_p"] == 0.5 for m in metrics)  # a fixed --augment-p stays fixed
@@ -123,6 +160,30 @@ def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     assert (straight / "sample" / "000002.png").is_file()
     assert not torch.equal(a["fusion"]["project.weight"], load_cdtg_checkpoint(
         straight / "checkpoint" / "2.pt")["fusion"]["project.weight"])  # the fusion layer trains
+    assert a["fusion_config"]["lr_mul"] == 0.01  # equalised, as --fusion-lr-mul's default
+
+
+def test_real_images_are_flipped_only_with_the_flag(cdtg_inputs, monkeypatch):
+    """The official CDTG trains on unflipped reals; --flip flips about half of them."""
+    seen = []
+    original = CdtgTrainer.train_step
+    monkeypatch.setattr(CdtgTrainer, "train_step", lambda self, real, labels: seen.append(real) or original(
+        self, real, labels))
+    for name, extra in (("plain", ()), ("flipped", ("--flip",))):
+        train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / name, "--iter", "2", "--clip", "none", *extra))
+    plain, flipped = torch.cat(seen[:2]), torch.cat(seen[2:])
+    same = [torch.equal(a, b) for a, b in zip(plain, flipped)]
+    mirrored = [torch.equal(a.flip(2), b) for a, b in zip(plain, flipped)]
+    assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < len(mirrored)
+
+
+def test_resume_refuses_another_fusion_layer(cdtg_inputs, capsys):
+    out = cdtg_inputs / "run"
+    train_main(tiny_train_args(cdtg_inputs, out, "--iter", "2"))
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", "--fusion-lr-mul", "1"))
+    assert "another noise-fusion layer" in capsys.readouterr().err
+    assert sorted(path.name for path in (out / "checkpoint").iterdir()) == ["2.pt"]
 
 
 def test_teacher_with_wrong_class_count_is_refused(cdtg_inputs, capsys):

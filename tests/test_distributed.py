@@ -160,7 +160,7 @@ def cdtg_args(root, out, *extra):
     return ["--data", str(root / "cdtg_data"), "--teacher", str(root / "M_T.pth"), "--clip", str(root / "clip.pt"),
             "--out", str(out), "--size", "32", "--latent", "16", "--n-mlp", "2", "--channel-max", "16",
             "--batch", "8", "--d-reg-every", "2", "--g-reg-every", "2", "--save-every", "100", "--sample-every", "2",
-            "--log-every", "1", "--workers", "0", "--device", "cpu", "--iter", "3", *extra]
+            "--log-every", "1", "--workers", "0", "--device", "cpu", "--iter", "3", "--flip", *extra]
 
 
 def train_cdtg_saving_every_rank(argv):
