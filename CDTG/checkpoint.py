@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tgn.checkpoint import load_failure
 from tgn.errors import UserError
 from tgn.io import atomic_torch_save
 
@@ -26,7 +27,7 @@ def load_cdtg_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot load CDTG checkpoint {path}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot load CDTG checkpoint {path}: {load_failure(path, exc)}") from exc
     if not isinstance(checkpoint, dict) or "g_ema" not in checkpoint:
         raise UserError(f"{path} is not a CDTG checkpoint (no g_ema)")
     if checkpoint.get("format") != FORMAT:

@@ -20,7 +20,7 @@ from CDTG.eval_report import build_evaluation, evaluation_markdown, plot_sample_
 from CDTG.evaluation import Evaluator, evaluate_folders, recorded_inputs  # noqa: E402
 from CDTG.fidelity import load_inception, load_lpips  # noqa: E402
 from CDTG.tail_data import load_tail_classes  # noqa: E402
-from CDTG.train import load_teacher  # noqa: E402
+from CDTG.tail_data import load_teacher  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402

@@ -110,7 +110,7 @@ def load_inception(spec):
         name = TORCHVISION_INCEPTION
     else:
         path = Path(spec)
-        state = state_dict_of(load_checkpoint(path, "--inception weights"))
+        state = state_dict_of(load_checkpoint(path, "--inception weights"), f"--inception {path}")
         digest = file_sha256(path)
         name = (f"{TORCHVISION_INCEPTION} (file sha256 {digest})" if digest.startswith(TORCHVISION_INCEPTION_SHA256)
                 else f"inception_v3 weights {path.name} sha256 {digest}")

@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from CDTG.synthesis import ANNOTATION, TailSynthesizer, check_settings, run_generation  # noqa: E402
+from CDTG.synthesis import (ANNOTATION, TailSynthesizer, check_settings, existing_indices,  # noqa: E402
+                             run_generation)
 from tgn import distributed as dist  # noqa: E402
-from tgn.cli import make_parser  # noqa: E402
+from tgn.cli import jpeg_quality, make_parser, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import atomic_write_json  # noqa: E402
 
@@ -37,15 +38,15 @@ def build_parser():
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="dataset class ids (default: every tail class)")
     parser.add_argument("--r", type=float, default=0.05, help="proportion of noise in the fused latent")
     parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none)")
-    parser.add_argument("--batch", type=int, default=64, help="images per generator call")
-    parser.add_argument("--quality", type=int, default=75,
+    parser.add_argument("--batch", type=positive_int, default=64, help="images per generator call")
+    parser.add_argument("--quality", type=jpeg_quality, default=75,
                         help="JPEG quality (75: PIL's default, what the official code's save_image wrote)")
     parser.add_argument("--data", type=Path, default=None, help="tail-class data (default: the one training used)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved")
     parser.add_argument("--teacher", type=Path, default=None, help="tail model M_T (default: the one training used)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="with the class and index, fixes every image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--workers", type=int, default=4, help="threads encoding and writing JPEGs")
+    parser.add_argument("--workers", type=positive_int, default=4, help="threads encoding and writing JPEGs")
     parser.add_argument("--amp", choices=["off", "bf16"], default="off",
                         help="precision of the synthesis convolutions (off: fp32, as the official code; "
                              "fp16 is not offered: the shared-weight convolutions can overflow it)")
@@ -71,7 +72,7 @@ def main(argv=None):
     if unknown:
         raise UserError(f"--classes: {unknown[0]} is not a tail class (tail classes: {synth.tail.ids})")
     settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
-                "amp": args.amp}
+                "amp": args.amp, **synth.sources}
     check_settings(args.out, settings, args.overwrite)
     dist.barrier()  # every process checked the old settings before they are replaced
     if dist.is_main():
@@ -89,7 +90,8 @@ def main(argv=None):
         return
     for cid in class_ids:
         name = synth.tail.names[synth.tail.ids.index(cid)]
-        print(f"  class {cid:4d} {name:<28s} {written[cid]:6d} new, {args.per_class:6d} in all")
+        total = len(existing_indices(args.out / str(cid)))  # more than --per-class if an earlier run made more
+        print(f"  class {cid:4d} {name:<28s} {written[cid]:6d} new, {total:6d} in all")
     print(f"wrote {sum(written.values())} images; annotation: {args.out / ANNOTATION}")
 
 

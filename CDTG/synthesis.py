@@ -25,14 +25,13 @@ from tqdm import tqdm
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
-from CDTG.tail_data import load_tail_classes, tail_image_dataset
+from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
 from tgn.data import Entry, write_annotation
 from tgn.engine import autocast
 from tgn.errors import UserError
 from tgn.io import atomic_write_with
-from tgn.resnet import load_feature_resnet
 
 ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
 IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
@@ -56,6 +55,7 @@ class TailSynthesizer:
         self.size, self.latent_dim = g_ema.size, g_ema.style_dim
         self.dataset = tail_image_dataset(tail, self.size)
         self._projected, self._mean_latent = {}, {}
+        self.sources = {}  # the tail data and teacher files, set by from_checkpoint
 
     @classmethod
     def from_checkpoint(cls, ckpt_path, device, *, data=None, data_root=None, teacher=None, **options):
@@ -76,7 +76,7 @@ class TailSynthesizer:
                             f"the tail data {data} has {tail.ids}")
         g_ema = Generator(**config)
         load_weights(g_ema, checkpoint["g_ema"], ckpt_path)
-        teacher_model, _ = load_feature_resnet(teacher, "tail model (--teacher)")
+        teacher_model = load_teacher(teacher, tail)
         channels, height, width = teacher_model.feature_shape(config["size"])
         if checkpoint.get("fusion") is not None:
             fusion = NoiseFusion(**checkpoint["fusion_config"])
@@ -86,7 +86,9 @@ class TailSynthesizer:
         if fusion.config["feature_numel"] != channels * height * width:
             raise UserError(f"--teacher {teacher} gives {channels}x{height}x{width} features at {config['size']} px, "
                             f"the checkpoint's fusion expects {fusion.config['feature_numel']} values")
-        return cls(g_ema, fusion, teacher_model, tail, device, **options)
+        synth = cls(g_ema, fusion, teacher_model, tail, device, **options)
+        synth.sources = {"data": str(Path(data).resolve()), "teacher": str(Path(teacher).resolve())}
+        return synth
 
     @torch.no_grad()
     def projected_features(self, label, batch_size):
@@ -254,7 +256,9 @@ def check_settings(out_dir, settings, overwrite):
     if path.is_file() and not overwrite:
         previous = json.loads(path.read_text())
         previous.setdefault("amp", "off")  # folders written before --amp existed
-        changed = [key for key in settings if previous.get(key) != settings[key]]
+        # Folders written before the data and teacher were recorded are not checked for them.
+        changed = [key for key in settings if previous.get(key, settings[key]) != settings[key]
+                   or (key not in previous and key not in ("data", "teacher"))]
         if changed:
             raise UserError(f"{out_dir} holds images generated with other settings ({', '.join(changed)}); "
                             "use another --out or pass --overwrite")

@@ -15,6 +15,7 @@ from tgn import distributed as dist
 from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
 from tgn.io import atomic_write_json, read_json
+from tgn.resnet import load_feature_resnet
 
 MANIFEST = "tail_classes.json"
 IMAGE_LIST = "train.txt"
@@ -119,3 +120,15 @@ class StepBatchSampler(torch.utils.data.Sampler):
         for step in range(self.start, self.end):
             generator = torch.Generator().manual_seed(step_seed(self.seed, step))
             yield dist.shard(torch.randint(self.dataset_size, (self.batch_size,), generator=generator).tolist())
+
+
+def load_teacher(path, tail):
+    """The tail model M_T, checked against the tail classes (count, and ids where recorded)."""
+    teacher, checkpoint = load_feature_resnet(path, "tail model (--teacher)")
+    if teacher.config["num_classes"] != len(tail.classes):
+        raise UserError(f"--teacher {path} has {teacher.config['num_classes']} classes, "
+                        f"the tail data has {len(tail.classes)}")
+    ids = checkpoint.get("class_ids") if "state_dict" in checkpoint else None
+    if ids is not None and list(ids) != tail.ids:
+        raise UserError(f"--teacher {path} was trained on classes {ids}, the tail classes are {tail.ids}")
+    return teacher

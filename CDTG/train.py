@@ -24,14 +24,14 @@ import torch  # noqa: E402
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip  # noqa: E402
 from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
-from CDTG.tail_data import load_tail_classes, tail_image_dataset  # noqa: E402
+from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
-from tgn.cli import make_parser  # noqa: E402
+from tgn.cli import (fraction, make_parser, non_negative_float, non_negative_int, positive_float,  # noqa: E402
+                     positive_int, power_of_two)
 from tgn import distributed as dist  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import save_options  # noqa: E402
-from tgn.resnet import load_feature_resnet  # noqa: E402
 from CDTG.checkpoint import checkpoint_steps  # noqa: E402
 
 
@@ -50,48 +50,61 @@ def build_parser():
     io.add_argument("--overwrite", action="store_true", help="start again even if OUT holds checkpoints")
 
     model = parser.add_argument_group("model (official defaults)")
-    model.add_argument("--size", type=int, default=256, help="image size of the GAN")
-    model.add_argument("--latent", type=int, default=512, help="latent (style) dimension")
-    model.add_argument("--n-mlp", type=int, default=8, help="layers of the mapping network")
-    model.add_argument("--channel-multiplier", type=int, default=2)
-    model.add_argument("--channel-max", type=int, default=512, help="cap on every layer's width (512 = official)")
-    model.add_argument("--lr-mlp", type=float, default=0.01, help="learning-rate multiplier of the mapping network")
+    model.add_argument("--size", type=power_of_two, default=256, help="image size of the GAN")
+    model.add_argument("--latent", type=positive_int, default=512, help="latent (style) dimension")
+    model.add_argument("--n-mlp", type=positive_int, default=8, help="layers of the mapping network")
+    model.add_argument("--channel-multiplier", type=positive_int, default=2,
+                       help="channel multiplier (2 = official config-f)")
+    model.add_argument("--channel-max", type=positive_int, default=512,
+                       help="cap on every layer's width (512 = official)")
+    model.add_argument("--lr-mlp", type=positive_float, default=0.01,
+                       help="learning-rate multiplier of the mapping network")
 
     train = parser.add_argument_group("training (official defaults)")
-    train.add_argument("--iter", type=int, default=defaults.iterations, help="total training steps")
-    train.add_argument("--batch", type=int, default=defaults.batch)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--r1", type=float, default=defaults.r1, help="R1 weight (gamma)")
-    train.add_argument("--path-regularize", type=float, default=defaults.path_regularize)
-    train.add_argument("--path-batch-shrink", type=int, default=defaults.path_batch_shrink)
-    train.add_argument("--d-reg-every", type=int, default=defaults.d_reg_every)
-    train.add_argument("--g-reg-every", type=int, default=defaults.g_reg_every)
-    train.add_argument("--mixing", type=float, default=defaults.mixing, help="style-mixing probability")
-    train.add_argument("--fusion-noise", type=float, default=defaults.fusion_noise,
+    train.add_argument("--iter", type=positive_int, default=defaults.iterations, help="total training steps")
+    train.add_argument("--batch", type=positive_int, default=defaults.batch,
+                       help="images per step in all: under torchrun each of N processes takes 1/N of it")
+    train.add_argument("--lr", type=positive_float, default=defaults.lr,
+                       help="Adam learning rate (scaled by the lazy-regularisation ratios)")
+    train.add_argument("--r1", type=non_negative_float, default=defaults.r1, help="R1 weight (gamma)")
+    train.add_argument("--path-regularize", type=non_negative_float, default=defaults.path_regularize,
+                       help="path-length regularisation weight (0: off)")
+    train.add_argument("--path-batch-shrink", type=positive_int, default=defaults.path_batch_shrink,
+                       help="the path-length pass uses batch / this many images")
+    train.add_argument("--d-reg-every", type=positive_int, default=defaults.d_reg_every,
+                       help="steps between R1 regularisation passes")
+    train.add_argument("--g-reg-every", type=positive_int, default=defaults.g_reg_every,
+                       help="steps between path-length regularisation passes")
+    train.add_argument("--mixing", type=fraction, default=defaults.mixing, help="style-mixing probability")
+    train.add_argument("--fusion-noise", type=fraction, default=defaults.fusion_noise,
                        help="share of noise in the fused latent during training")
-    train.add_argument("--fusion-lr-mul", type=float, default=0.01,
+    train.add_argument("--fusion-lr-mul", type=positive_float, default=0.01,
                        help="learning-rate multiplier of the (equalised) noise-fusion layer, as --lr-mlp is the "
                             "mapping network's: it keeps the feature term at its initial scale (see CDTG/fusion.py)")
-    train.add_argument("--lambda-cls", type=float, default=defaults.lambda_cls, help="weight of M_T's loss on fakes")
-    train.add_argument("--lambda-clip", type=float, default=defaults.lambda_clip, help="weight of the CLIP loss")
+    train.add_argument("--lambda-cls", type=non_negative_float, default=defaults.lambda_cls,
+                       help="weight of M_T's loss on fakes")
+    train.add_argument("--lambda-clip", type=non_negative_float, default=defaults.lambda_clip,
+                       help="weight of the CLIP loss")
     train.add_argument("--flip", action="store_true",
                        help="random horizontal flips of the real images (the official CDTG trains without; "
                             "rosinality's StyleGAN2 flips)")
     train.add_argument("--augment", action="store_true", help="adaptive discriminator augmentation (ADA)")
-    train.add_argument("--augment-p", type=float, default=defaults.augment_p, help="fixed ADA p (0: adaptive)")
-    train.add_argument("--ada-target", type=float, default=defaults.ada_target)
-    train.add_argument("--ada-length", type=int, default=defaults.ada_length)
-    train.add_argument("--ada-every", type=int, default=defaults.ada_every,
+    train.add_argument("--augment-p", type=fraction, default=defaults.augment_p, help="fixed ADA p (0: adaptive)")
+    train.add_argument("--ada-target", type=float, default=defaults.ada_target,
+                       help="ADA raises p while the share of positive D outputs on reals is above this")
+    train.add_argument("--ada-length", type=positive_int, default=defaults.ada_length,
+                       help="images over which ADA's p can move from 0 to 1")
+    train.add_argument("--ada-every", type=positive_int, default=defaults.ada_every,
                        help="images between updates of ADA's p (8: rosinality's, every step at batch 8; "
                             "StyleGAN2-ADA uses 256)")
-    train.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints")
-    train.add_argument("--sample-every", type=int, default=defaults.sample_every, help="steps between sample grids")
-    train.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics lines")
+    train.add_argument("--save-every", type=positive_int, default=defaults.save_every, help="steps between checkpoints")
+    train.add_argument("--sample-every", type=positive_int, default=defaults.sample_every, help="steps between sample grids")
+    train.add_argument("--log-every", type=positive_int, default=defaults.log_every, help="steps between metrics lines")
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    runtime.add_argument("--seed", type=int, default=0)
-    runtime.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    runtime.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    runtime.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     runtime.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                          help="mixed precision of the D and G passes (regularisers stay fp32)")
     runtime.add_argument("--modconv", choices=["shared", "fused"], default="shared",
@@ -99,7 +112,7 @@ def build_parser():
                               "(faster), fused = the official per-sample grouped conv; the same function")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile G and D for the passes without double backward")
-    runtime.add_argument("--fusion-pool", type=int, default=0, metavar="K",
+    runtime.add_argument("--fusion-pool", type=non_negative_int, default=0, metavar="K",
                          help="average-pool M_T's layer3 map to K x K before the fusion layer (0: the faithful "
                               "full-size layer); far less memory at 256 px")
     runtime.add_argument("--skip-bad-images", action="store_true",
@@ -119,17 +132,6 @@ def gan_config(args):
     )
 
 
-def load_teacher(path, tail):
-    teacher, checkpoint = load_feature_resnet(path, "tail model (--teacher)")
-    if teacher.config["num_classes"] != len(tail.classes):
-        raise UserError(f"--teacher {path} has {teacher.config['num_classes']} classes, "
-                        f"the tail data has {len(tail.classes)}")
-    ids = checkpoint.get("class_ids") if "state_dict" in checkpoint else None
-    if ids is not None and list(ids) != tail.ids:
-        raise UserError(f"--teacher {path} was trained on classes {ids}, the tail classes are {tail.ids}")
-    return teacher
-
-
 def sample_set(dataset, num_classes, latent_dim, device):
     """Fixed inputs of the sample grids: up to 8 rows of classes, 8 samples each."""
     classes = list(range(min(num_classes, 8)))
@@ -142,11 +144,19 @@ def sample_set(dataset, num_classes, latent_dim, device):
     return z.to(device), labels.to(device), real.to(device)
 
 
+def clear_run(out):
+    """--overwrite: remove an earlier run's checkpoints, metrics and sample grids, so that
+    neither the log nor a later --resume mixes the two runs."""
+    for path in checkpoint_steps(out / "checkpoint"):
+        (out / "checkpoint" / f"{path}.pt").unlink()
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for grid in (out / "sample").glob("[0-9]*.png"):
+        grid.unlink()
+
+
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.fusion_lr_mul <= 0:
-        raise UserError(f"--fusion-lr-mul {args.fusion_lr_mul}: the learning-rate multiplier must be positive")
     if checkpoint_steps(args.out / "checkpoint") and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     tail = load_tail_classes(args.data, args.data_root)
@@ -173,6 +183,9 @@ def main(argv=None):
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
+    if main and args.overwrite and not args.resume:
+        clear_run(args.out)
+    dist.barrier()  # no process looks for checkpoints before the old ones are gone
     options = save_options(args.out, args, write=main)
     metadata = {
         "generator_config": generator.config,

@@ -35,7 +35,7 @@ def initialise_backbone(model, spec):
     if spec == "imagenet":
         state = imagenet_state_dict(arch)
     else:
-        state = state_dict_of(load_checkpoint(spec, "pretrained weights"))
+        state = state_dict_of(load_checkpoint(spec, "pretrained weights"), f"--pretrained {spec}")
     return load_all_but_classifier(model, state, f"--pretrained {spec}", f"--arch {arch}")
 
 
@@ -50,7 +50,7 @@ def load_classifier(path):
     Returns (model, meta); meta is {} for a bare state dict (class ids unknown).
     """
     checkpoint = load_checkpoint(path, "classifier checkpoint")
-    state = state_dict_of(checkpoint)
+    state = state_dict_of(checkpoint, f"classifier checkpoint {path}")
     if "fc.0.weight" not in state:
         raise UserError(f"{path} is not a classifier checkpoint (no fc.0.weight; KMDN/CDTG files do not fit here)")
     meta = {key: value for key, value in checkpoint.items() if key != "state_dict"} if "state_dict" in checkpoint else {}

@@ -21,7 +21,7 @@ from Classification.model import check_classes, load_classifier  # noqa: E402
 from Classification.samples import class_order, count_per_class  # noqa: E402
 from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
                                   report_and_figures)
-from tgn.cli import add_runtime_args, make_parser  # noqa: E402
+from tgn.cli import add_runtime_args, make_parser, positive_int  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
@@ -34,8 +34,8 @@ def build_parser():
     parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (test/, anno/)")
     parser.add_argument("--ckpt", type=Path, required=True, help="our checkpoint or the official result.pth")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default CKPT_DIR/report-CKPT_NAME)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
+    parser.add_argument("--image-size", type=positive_int, default=None,
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision on GPUs")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")

@@ -34,7 +34,7 @@ from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset  
 from tgn import distributed as dist  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
 from tgn.engine import fit, seed_everything  # noqa: E402
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
 
 
@@ -72,6 +72,10 @@ def main(argv=None):
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
     images = training_images(info, args.extra)
+    for index, cid in enumerate(class_ids):
+        if images.real_counts[index] + images.generated_counts[index] == 0:
+            raise UserError(f"class {cid} ({info.class_names[cid]}) has no training image in "
+                            f"{info.annotation_path('train')}{' or --extra' if args.extra else ''}")
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts)
     test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache)
     train_samples = drop_unreadable(images.samples, args.skip_bad_images, "training images")

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from KMDN.distillation import distill  # noqa: E402
 from KMDN.stage import checkpoint_meta, group_datasets, open_split  # noqa: E402
-from tgn.cli import add_output_args, add_runtime_args, add_training_args, make_parser, training_config  # noqa: E402
+from tgn.cli import (add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
+                     non_negative_float, positive_int, training_config)
 from tgn import distributed as dist  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -30,8 +31,8 @@ def build_parser():
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
     parser.add_argument("--head-ckpt", type=Path, default=None, help="M_H checkpoint (default OUT/head/best.pth)")
     parser.add_argument("--tail-ckpt", type=Path, default=None, help="M_T checkpoint (default OUT/tail/best.pth)")
-    parser.add_argument("--alpha", type=float, default=0.2, help="weight of the layer3 feature MSE")
-    parser.add_argument("--distill-interval", type=int, default=50, help="epochs before the roles switch")
+    parser.add_argument("--alpha", type=non_negative_float, default=0.2, help="weight of the layer3 feature MSE")
+    parser.add_argument("--distill-interval", type=positive_int, default=50, help="epochs before the roles switch")
     add_training_args(parser, epochs=100, batch_size=64)
     add_runtime_args(parser)
     add_output_args(parser, "runs/kmdn")
@@ -39,10 +40,19 @@ def build_parser():
 
 
 def load_group_model(path, split, group):
-    model, _ = load_feature_resnet(path, f"{group} model checkpoint")
+    """M_H or M_T, checked against the split: the class count always; for our checkpoints
+    also the group and class ids they were trained on (official files record neither)."""
+    model, checkpoint = load_feature_resnet(path, f"{group} model checkpoint")
     expected = len(split.ids(group))
     if model.config["num_classes"] != expected:
         raise UserError(f"{path} has {model.config['num_classes']} classes, the split's {group} group has {expected}")
+    if "state_dict" in checkpoint:
+        if checkpoint.get("group", group) != group:
+            raise UserError(f"{path} is the {checkpoint['group']} model; the {group} model is needed here")
+        ids = checkpoint.get("class_ids")
+        if ids is not None and list(ids) != list(split.ids(group)):
+            raise UserError(f"{path} was trained on classes {ids}, the split's {group} classes are {split.ids(group)} "
+                            "(another split?)")
     return model
 
 

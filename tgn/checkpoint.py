@@ -21,16 +21,31 @@ def load_checkpoint(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, foreign formats
-        raise UserError(f"cannot load {what} {path}: {str(exc).splitlines()[0]}") from exc
+        raise UserError(f"cannot load {what} {path}: {load_failure(path, exc)}") from exc
 
 
-def state_dict_of(checkpoint):
+def load_failure(path, exc):
+    """Why torch.load refused `path`, in a few words (its own messages can be empty, a bare
+    key, or advice to load with weights_only=False, which would run code from the file)."""
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    text = str(exc).strip()
+    if "weights_only" in text:
+        return "not a PyTorch checkpoint of plain data (loading it any other way could run code from the file)"
+    first = text.splitlines()[0] if text else ""
+    if len(first) < 12:  # e.g. "101" or "invalid load key, 'h'."
+        return f"not a PyTorch checkpoint or a damaged one ({type(exc).__name__}{': ' + first if first else ''})"
+    return first
+
+
+def state_dict_of(checkpoint, source="the file"):
     """The model weights of one of our checkpoints or of an official bare state dict."""
     if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
         return checkpoint["state_dict"]
-    if isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+    if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
-    raise UserError("the file holds neither a state dict nor one of this project's checkpoints")
+    kind = " (a CDTG checkpoint)" if isinstance(checkpoint, dict) and "g_ema" in checkpoint else ""
+    raise UserError(f"{source}{kind} holds neither a state dict nor one of this project's model checkpoints")
 
 
 def load_weights(model, state_dict, source):

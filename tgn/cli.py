@@ -10,6 +10,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults in --help and keep the docstring's command examples as written."""
 
 
+def _number(kind, test, requirement):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text} must be {requirement}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+# Argument types that refuse impossible values with argparse's one-line error, before
+# anything is read or written.
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "0 or more")
+positive_float = _number(float, lambda v: v > 0, "positive")
+non_negative_float = _number(float, lambda v: v >= 0, "0 or more")
+fraction = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
+jpeg_quality = _number(int, lambda v: 1 <= v <= 100, "between 1 and 100")
+power_of_two = _number(int, lambda v: v >= 8 and v & (v - 1) == 0, "a power of two, 8 or more")
+
+
 def make_parser(doc):
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
@@ -18,7 +42,7 @@ def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--seed", type=int, default=0, help="seed of every random generator")
-    group.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    group.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes")
     group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
                        help="page-locked host memory for faster GPU copies (auto: on when training on a GPU)")
     group.add_argument("--skip-bad-images", action="store_true",
@@ -28,14 +52,15 @@ def add_runtime_args(parser):
 
 def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4, image_size=224):
     group = parser.add_argument_group("training (official defaults)")
-    group.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    group.add_argument("--batch-size", type=int, default=batch_size,
+    group.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
+    group.add_argument("--batch-size", type=positive_int, default=batch_size,
                        help="images per batch in all: under torchrun each of N processes takes 1/N of it")
-    group.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
-    group.add_argument("--weight-decay", type=float, default=weight_decay, help="Adam weight decay")
-    group.add_argument("--milestones", type=int, nargs="*", default=OFFICIAL_MILESTONES,
+    group.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
+    group.add_argument("--weight-decay", type=non_negative_float, default=weight_decay, help="Adam weight decay")
+    group.add_argument("--milestones", type=non_negative_int, nargs="*", default=OFFICIAL_MILESTONES,
                        help="epochs after which the learning rate is divided by 10")
-    group.add_argument("--image-size", type=int, default=image_size, help="images are resized to this square size")
+    group.add_argument("--image-size", type=positive_int, default=image_size,
+                       help="images are resized to this square size")
     speed = parser.add_argument_group("speed and scale")
     speed.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                        help="mixed precision: auto = bf16 on GPUs (fp16 with a GradScaler where bf16 is missing), "
@@ -60,7 +85,8 @@ def add_model_args(parser, *, arch_choices=("resnet50", "resnet18"), width=True)
     group.add_argument("--arch", default="resnet50", choices=arch_choices,
                        help="resnet50 is the paper's; resnet18 for quick runs")
     if width:  # torchvision's ResNet (the classifier) has a fixed width
-        group.add_argument("--width", type=int, default=64, help="base channel width (64 = standard; smaller for tests)")
+        group.add_argument("--width", type=positive_int, default=64,
+                           help="base channel width (64 = standard; smaller for tests)")
     group.add_argument("--pretrained", default="imagenet",
                        help="'imagenet' (torchvision weights, downloaded when online), 'none', or a weight file")
     return group

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -144,9 +145,17 @@ def load_image(path, size=None):
         with Image.open(path) as image:
             if size is not None:
                 image.draft("RGB", (size, size))
+            if image.mode.startswith("I"):  # 16-bit grey: PIL's convert clips to 255 instead of scaling
+                image = to_8_bit(image)
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
         raise UserError(f"cannot read image {path}: {exc}") from exc
+
+
+def to_8_bit(image):
+    """A 16-bit (or 32-bit integer) grey image scaled to 8 bits: 0..65535 -> 0..255."""
+    pixels = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(pixels / 257), 0, 255).astype(np.uint8), mode="L")
 
 
 def find_unreadable(samples, workers=8):

@@ -45,15 +45,18 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
     before each epoch. `batch_size` is the global batch; `persistent` keeps the workers
     (and their decoded-image pipelines) alive across epochs."""
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, epoch=epoch, weights=weights)
+    local_batch = dist.local_batch(batch_size)
     return DataLoader(
         SeededItems(dataset) if train else dataset,
-        batch_size=dist.local_batch(batch_size),
+        batch_size=local_batch,
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory == "on" or (pin_memory == "auto" and device is not None and device.type == "cuda"),
         persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(seed),
-        drop_last=False,
+        # A last training batch of one image would stop BatchNorm ("expected more than 1
+        # value per channel"): it is left out of that epoch (the next epoch's order differs).
+        drop_last=train and len(sampler) > 1 and len(sampler) % local_batch == 1,
     )
 
 

@@ -9,12 +9,24 @@ import torch
 from tgn.errors import UserError
 
 
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import (os.umask can only be read by setting it, which is not thread-safe).
+FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _atomic_replace(path, write):
-    """Write through `write(file_object)` into a temp file beside `path`, fsync, rename."""
+    """Write through `write(file_object)` into a temp file beside `path`, fsync, rename.
+    The file gets the permissions open() would give it (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

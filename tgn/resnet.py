@@ -148,7 +148,7 @@ def load_backbone(model, spec, arch):
             raise UserError("--pretrained imagenet needs the standard width 64; use --pretrained none")
         state = imagenet_state_dict(arch)
     else:
-        state = state_dict_of(load_checkpoint(Path(spec), "pretrained weights"))
+        state = state_dict_of(load_checkpoint(Path(spec), "pretrained weights"), f"--pretrained {spec}")
     return load_all_but_classifier(model, torchvision_to_feature_resnet(state), f"--pretrained {spec}",
                                    f"--arch {arch} --width {model.config['width']}")
 
@@ -173,7 +173,7 @@ def load_feature_resnet(path, what="model checkpoint"):
     parameter names and shapes. Returns (model, checkpoint).
     """
     checkpoint = load_checkpoint(path, what)
-    state = state_dict_of(checkpoint)
+    state = state_dict_of(checkpoint, f"{what} {path}")
     if "fc.weight" not in state or "conv1.weight" not in state:
         raise UserError(f"{path} is not a ResNet checkpoint (no conv1/fc weights)")
     config = checkpoint.get("model_config") if "state_dict" in checkpoint else None

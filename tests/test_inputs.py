@@ -1,0 +1,139 @@
+"""Inputs a researcher gets wrong: impossible flag values, foreign or empty checkpoints,
+checkpoints of another group or teacher, 16-bit images; and what a rerun must not mix."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_dataset
+from test_cdtg_training import tiny_train_args
+from test_reliability import TINY, expect_user_error
+from CDTG.generation import main as generation_main
+from CDTG.train import main as cdtg_train_main
+from Classification.train import main as cls_train_main
+from KMDN.dataset_split import main as split_main
+from KMDN.Distill import main as distill_main
+from KMDN.UModel import main as umodel_main
+from KMDN.RModel import main as rmodel_main
+from tgn.data import load_image
+from tgn.engine import make_loader
+from tgn.io import atomic_write_text
+from tgn.resnet import FeatureResNet
+
+
+@pytest.fixture
+def split_dir(toy_data, tmp_path):
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    return tmp_path / "split"
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--epochs", "0"), ("--image-size", "-3"),
+                                         ("--workers", "-1"), ("--width", "0"), ("--lr", "-1"), ("--lr", "abc")])
+def test_impossible_resnet_flags_stop_before_anything_is_written(split_dir, tmp_path, capsys, flag, value):
+    out = tmp_path / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        umodel_main(["--split", str(split_dir), "--out", str(out), *TINY, flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--save-every", "0"), ("--log-every", "0"),
+                                         ("--size", "30"), ("--iter", "0"), ("--mixing", "2")])
+def test_impossible_cdtg_flags_stop_before_anything_is_written(cdtg_inputs, capsys, flag, value):
+    out = cdtg_inputs / "never"
+    with pytest.raises(SystemExit) as exit_info:
+        cdtg_train_main(tiny_train_args(cdtg_inputs, out, flag, value))
+    assert exit_info.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_device_is_one_line(split_dir, tmp_path, capsys):
+    expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "o"), *TINY,
+                                                   "--device", "bogus"]), "--device bogus: not a device")
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "the file is empty"), (b"hello", "not a PyTorch checkpoint"),
+                                             (b'{"a": 1}\n', "not a PyTorch checkpoint")])
+def test_empty_or_foreign_checkpoint_files_are_one_line(split_dir, tmp_path, capsys, content, reason):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    expect_user_error(capsys, lambda: distill_main(["--split", str(split_dir), "--out", str(tmp_path / "k"),
+                                                    "--head-ckpt", str(bad), "--epochs", "1"]), reason)
+
+
+def test_distill_refuses_the_other_groups_model(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", {0: 8, 1: 7, 2: 4, 3: 3})  # at 50%: 2 head and 2 tail classes
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split"), "--threshold", "50"])
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    swapped = ["--head-ckpt", str(out / "tail" / "best.pth"), "--tail-ckpt", str(out / "head" / "best.pth")]
+    expect_user_error(capsys, lambda: distill_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs",
+                                                    "1", "--image-size", "16", *swapped]), "is the tail model")
+
+
+def test_cdtg_overwrite_starts_a_clean_run(cdtg_inputs):
+    out = cdtg_inputs / "run"
+    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--clip", "none"))
+    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "2", "--clip", "none", "--overwrite"))
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["2.pt"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert sorted(p.name for p in (out / "sample").iterdir()) == ["000002.png"]
+
+
+def test_generation_checks_the_teacher_and_keeps_one_per_folder(cdtg_inputs, tmp_path, capsys):
+    run = cdtg_inputs / "run"
+    cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1", "--clip", "none"))
+    ckpt = run / "checkpoint" / "1.pt"
+    torch.manual_seed(0)
+    head = FeatureResNet("resnet18", num_classes=2, width=4)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    base = ["--ckpt", str(ckpt), "--out", str(tmp_path / "gen"), "--device", "cpu"]
+    expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "1", "--teacher",
+                                                       str(tmp_path / "head.pth")]), "has 2 classes, the tail data has 3")
+    generation_main([*base, "--per-class", "1"])
+    settings = json.loads((tmp_path / "gen" / "generation.json").read_text())
+    assert settings["teacher"] == str((cdtg_inputs / "M_T.pth").resolve())
+    torch.manual_seed(1)
+    other = FeatureResNet("resnet18", num_classes=3, width=4)
+    torch.save(other.state_dict(), tmp_path / "other_tail.pth")
+    expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "2", "--teacher",
+                                                       str(tmp_path / "other_tail.pth")]), "other settings (teacher)")
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 65536, (8, 8)).astype(np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I;16")
+    loaded = np.asarray(load_image(tmp_path / "grey16.png"))
+    assert loaded.shape == (8, 8, 3)
+    assert np.abs(loaded[..., 0].astype(float) - pixels / 257).max() <= 0.5  # clipped, the mean would be ~255
+
+
+def test_classifier_refuses_a_class_without_training_images(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data", {0: 4, 1: 4})
+    classes = json.loads((data / "classes.json").read_text())
+    classes["classes"].append({"id": 9, "name": "empty"})
+    (data / "classes.json").write_text(json.dumps(classes))
+    expect_user_error(capsys, lambda: cls_train_main(["--data-root", str(data), "--out", str(tmp_path / "c"),
+                                                      "--arch", "resnet18", "--pretrained", "none", "--epochs", "1"]),
+                      "class 9 (empty) has no training image")
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    atomic_write_text(tmp_path / "report.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "report.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_one_image_last_training_batch_is_left_out():
+    loader = make_loader(list(range(9)), 4, train=True)
+    assert [len(batch) for batch in loader] == [4, 4]  # BatchNorm cannot train on one image
+    assert sum(len(batch) for batch in make_loader(list(range(9)), 4, train=False)) == 9  # evaluation sees all
+    assert [len(batch) for batch in make_loader(list(range(10)), 4, train=True)] == [4, 4, 2]
