@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from CDTG.synthesis import (ANNOTATION, TailSynthesizer, check_settings, existing_indices,  # noqa: E402
-                             run_generation)
+from CDTG.synthesis import (ANNOTATION, TRUNCATION_CENTRE, TailSynthesizer, check_settings,  # noqa: E402
+                             existing_indices, run_generation)
 from tgn import distributed as dist  # noqa: E402
 from tgn.cli import jpeg_quality, make_parser, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -72,7 +72,7 @@ def main(argv=None):
     if unknown:
         raise UserError(f"--classes: {unknown[0]} is not a tail class (tail classes: {synth.tail.ids})")
     settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
-                "amp": args.amp, **synth.sources}
+                "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources}
     check_settings(args.out, settings, args.overwrite)
     dist.barrier()  # every process checked the old settings before they are replaced
     if dist.is_main():

@@ -250,12 +250,20 @@ def write_generated_annotation(out_dir, class_ids):
     return entries
 
 
+TRUNCATION_CENTRE = "mean W of the fused inputs"  # what mean_latent computes; recorded per folder
+
+
 def check_settings(out_dir, settings, overwrite):
     """A folder keeps one set of generation settings: adding images must not mix them."""
     path = Path(out_dir) / "generation.json"
     if path.is_file() and not overwrite:
         previous = json.loads(path.read_text())
-        previous.setdefault("amp", "off")  # folders written before --amp existed
+        # Folders written by earlier versions: fp32, JPEG quality 95, and a truncation centre
+        # over noise alone (the same images as now when --truncation is 1).
+        previous.setdefault("amp", "off")
+        previous.setdefault("quality", 95)
+        previous.setdefault("truncation_centre", TRUNCATION_CENTRE if previous.get("truncation", 1.0) == 1.0
+                            else "noise only")
         # Folders written before the data and teacher were recorded are not checked for them.
         changed = [key for key in settings if previous.get(key, settings[key]) != settings[key]
                    or (key not in previous and key not in ("data", "teacher"))]

@@ -27,7 +27,7 @@ from CDTG.swagan import Discriminator, Generator  # noqa: E402
 from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
 from tgn.cli import (fraction, make_parser, non_negative_float, non_negative_int, positive_float,  # noqa: E402
-                     positive_int, power_of_two)
+                     positive_int, gan_size)
 from tgn import distributed as dist  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -50,7 +50,7 @@ def build_parser():
     io.add_argument("--overwrite", action="store_true", help="start again even if OUT holds checkpoints")
 
     model = parser.add_argument_group("model (official defaults)")
-    model.add_argument("--size", type=power_of_two, default=256, help="image size of the GAN")
+    model.add_argument("--size", type=gan_size, default=256, help="image size of the GAN")
     model.add_argument("--latent", type=positive_int, default=512, help="latent (style) dimension")
     model.add_argument("--n-mlp", type=positive_int, default=8, help="layers of the mapping network")
     model.add_argument("--channel-multiplier", type=positive_int, default=2,
@@ -78,9 +78,10 @@ def build_parser():
     train.add_argument("--mixing", type=fraction, default=defaults.mixing, help="style-mixing probability")
     train.add_argument("--fusion-noise", type=fraction, default=defaults.fusion_noise,
                        help="share of noise in the fused latent during training")
-    train.add_argument("--fusion-lr-mul", type=positive_float, default=0.01,
+    train.add_argument("--fusion-lr-mul", type=non_negative_float, default=0.01,
                        help="learning-rate multiplier of the (equalised) noise-fusion layer, as --lr-mlp is the "
-                            "mapping network's: it keeps the feature term at its initial scale (see CDTG/fusion.py)")
+                            "mapping network's: it keeps the feature term at its initial scale (see CDTG/fusion.py); "
+                            "0: the plain Linear of earlier versions, only to resume their runs")
     train.add_argument("--lambda-cls", type=non_negative_float, default=defaults.lambda_cls,
                        help="weight of M_T's loss on fakes")
     train.add_argument("--lambda-clip", type=non_negative_float, default=defaults.lambda_clip,
@@ -147,8 +148,9 @@ def sample_set(dataset, num_classes, latent_dim, device):
 def clear_run(out):
     """--overwrite: remove an earlier run's checkpoints, metrics and sample grids, so that
     neither the log nor a later --resume mixes the two runs."""
-    for path in checkpoint_steps(out / "checkpoint"):
-        (out / "checkpoint" / f"{path}.pt").unlink()
+    for path in (out / "checkpoint").glob("*.pt"):
+        if path.stem.isdigit():  # <step>.pt, zero-padded or not
+            path.unlink()
     (out / "metrics.jsonl").unlink(missing_ok=True)
     for grid in (out / "sample").glob("[0-9]*.png"):
         grid.unlink()

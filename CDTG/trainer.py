@@ -39,7 +39,7 @@ from CDTG.parallel import FusedGenerator, StepNoise
 from CDTG.tail_data import StepBatchSampler
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
-from tgn.engine import adam, autocast
+from tgn.engine import adam, autocast, restore_optimizer
 from tgn.errors import UserError
 from tgn.io import append_jsonl, trim_jsonl
 
@@ -195,12 +195,15 @@ class CdtgTrainer:
         if state.get("class_ids") != self.metadata["class_ids"]:
             raise UserError(f"{path} was trained on other tail classes; use another --out")
         if state.get("fusion_config") != self.fusion.config:
+            earlier = "lr_mul" not in (state.get("fusion_config") or {"lr_mul": None})
+            hint = (" (a run of an earlier version: resume it with --fusion-lr-mul 0 --flip --ada-every 256, the "
+                    "settings it was trained with)" if earlier else "")
             raise UserError(f"{path} has another noise-fusion layer ({state.get('fusion_config')}); resume with the "
-                            "flags it was trained with (--fusion-pool, --fusion-lr-mul) or use another --out")
+                            f"flags it was trained with (--fusion-pool, --fusion-lr-mul) or use another --out{hint}")
         for module, key in ((self.g, "g"), (self.d, "d"), (self.g_ema, "g_ema"), (self.fusion, "fusion")):
             load_weights(module, state[key], path)
-        self.g_optim.load_state_dict(state["g_optim"])
-        self.d_optim.load_state_dict(state["d_optim"])
+        restore_optimizer(self.g_optim, state["g_optim"])
+        restore_optimizer(self.d_optim, state["d_optim"])
         self.ada_p = state["ada_aug_p"]
         if self.ada is not None and state.get("ada"):
             self.ada.load_state_dict(state["ada"])

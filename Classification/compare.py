@@ -44,7 +44,7 @@ def main(argv=None):
         names.append(name or report["method"])
         reports.append(report)
     rows = comparison(reports, names)
-    groups = {(tuple(report["head"]), tuple(report["tail"])) for report in reports}
+    groups = {(tuple(sorted(report["head"])), tuple(sorted(report["tail"]))) for report in reports}
     note = "Note: the reports use different head/tail groups." if len(groups) > 1 else None
     table = comparison_markdown(rows, note)
     atomic_write_text(args.out / "comparison.md", table)

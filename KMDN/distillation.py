@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepare_model, seed_everything,
-                        step_lr, train_one_epoch)
+from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepare_model, restore_optimizer,
+                        seed_everything, step_lr, train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import format_percent
@@ -87,7 +87,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
         for group in models:
             load_weights(models[group], state["models"][group], out_dir / "last.pth")
-            optimizers[group].load_state_dict(state["optimizers"][group])
+            restore_optimizer(optimizers[group], state["optimizers"][group])
             if scalers[group] is not None and (state.get("scalers") or {}).get(group):
                 scalers[group].load_state_dict(state["scalers"][group])
         best = state["best"]
@@ -106,7 +106,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         for group in models
     }
     precision = {"amp": cfg.amp, "channels_last": cfg.channels_last}
-    cuda_graphs = cfg.compile == "reduce-overhead"
+    cuda_graphs = uses_cuda_graphs(cfg.compile)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
         student_group = student_of_epoch(epoch, interval)

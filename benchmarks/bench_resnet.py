@@ -38,7 +38,7 @@ from tgn.cache import ResizeCache  # noqa: E402
 from tgn.cli import COMPILE_MODES  # noqa: E402
 from tgn.data import ImageList, build_transform  # noqa: E402
 from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, prepare_model,  # noqa: E402
-                        resolve_device, train_one_epoch)
+                        resolve_device, train_one_epoch, uses_cuda_graphs)
 from tgn.resnet import FeatureResNet  # noqa: E402
 
 CONFIGS = {
@@ -109,7 +109,7 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
         loader = make_loader(dataset, batch, train=True, workers=args.workers, device=device, persistent=True)
         warm_loader = loader
     common = dict(amp=amp, scaler=scaler, channels_last=channels_last, desc=f"{trainer} {source}",
-                  cuda_graphs=compile_mode == "reduce-overhead")
+                  cuda_graphs=uses_cuda_graphs(compile_mode))
     train_one_epoch(net, warm_loader, optimizer, loss_fn, device, **common)
     if hasattr(loader, "sampler"):
         loader.sampler.set_epoch(1)

@@ -306,6 +306,20 @@ def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
     assert rows[1][:4] == ["plain CE", "0.875000", "0.250000", f"{9 / 13:.6f}"]
 
 
+def test_compare_notes_other_groups_but_not_another_listing_order(tmp_path):
+    baseline = hand_report("baseline", BASELINE_CM)
+    reordered = {**hand_report("TGN", AUGMENTED_CM), "head": baseline["head"][::-1]}  # the same head classes
+    regrouped = {**hand_report("other", AUGMENTED_CM), "head": baseline["head"][:1],
+                 "tail": baseline["head"][1:] + baseline["tail"]}
+    for name, report in (("baseline", baseline), ("tgn", reordered), ("other", regrouped)):
+        write_report(report, tmp_path / name)
+    note = "different head/tail groups"
+    compare_main([str(tmp_path / "baseline"), str(tmp_path / "tgn"), "--out", str(tmp_path / "same")])
+    assert note not in (tmp_path / "same" / "comparison.md").read_text()
+    compare_main([str(tmp_path / "baseline"), str(tmp_path / "other"), "--out", str(tmp_path / "differ")])
+    assert note in (tmp_path / "differ" / "comparison.md").read_text()
+
+
 def test_compare_refuses_reports_on_other_classes(tmp_path, capsys):
     write_report(hand_report("baseline", BASELINE_CM), tmp_path / "a")
     other = hand_report("other", BASELINE_CM)

@@ -1,14 +1,15 @@
 """Inputs a researcher gets wrong: impossible flag values, foreign or empty checkpoints,
 checkpoints of another group or teacher, 16-bit images; and what a rerun must not mix."""
 import json
-import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import write_dataset
+from conftest import ROOT, write_dataset
 from test_cdtg_training import tiny_train_args
 from test_reliability import TINY, expect_user_error
 from CDTG.generation import main as generation_main
@@ -18,9 +19,9 @@ from KMDN.dataset_split import main as split_main
 from KMDN.Distill import main as distill_main
 from KMDN.UModel import main as umodel_main
 from KMDN.RModel import main as rmodel_main
+from tgn import distributed as dist
 from tgn.data import load_image
-from tgn.engine import make_loader
-from tgn.io import atomic_write_text
+from tgn.engine import adam, make_loader, restore_optimizer
 from tgn.resnet import FeatureResNet
 
 
@@ -126,14 +127,57 @@ def test_classifier_refuses_a_class_without_training_images(tmp_path, capsys):
 
 
 def test_written_files_follow_the_umask(tmp_path):
-    atomic_write_text(tmp_path / "report.txt", "x")
-    umask = os.umask(0)
-    os.umask(umask)
-    assert (tmp_path / "report.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+    """mkstemp makes owner-only files; results must be readable as open() would make them."""
+    script = ("import os, sys; os.umask(0o022); sys.path.insert(0, sys.argv[1]); "
+              "from tgn.io import atomic_write_text; atomic_write_text(sys.argv[2], 'x')")
+    subprocess.run([sys.executable, "-c", script, str(ROOT), str(tmp_path / "report.txt")], check=True)
+    assert (tmp_path / "report.txt").stat().st_mode & 0o777 == 0o644
 
 
-def test_a_one_image_last_training_batch_is_left_out():
-    loader = make_loader(list(range(9)), 4, train=True)
-    assert [len(batch) for batch in loader] == [4, 4]  # BatchNorm cannot train on one image
-    assert sum(len(batch) for batch in make_loader(list(range(9)), 4, train=False)) == 9  # evaluation sees all
-    assert [len(batch) for batch in make_loader(list(range(10)), 4, train=True)] == [4, 4, 2]
+def test_a_resumed_optimizer_keeps_this_runs_kernel():
+    model = torch.nn.Linear(3, 2)
+    fused = torch.optim.Adam(model.parameters(), fused=True)  # as a GPU run saved it
+    model(torch.ones(1, 3)).sum().backward()
+    fused.step()
+    plain = adam(model.parameters())
+    restore_optimizer(plain, fused.state_dict())
+    assert plain.param_groups[0]["fused"] is None and len(plain.state) == 2
+
+
+def test_runs_of_earlier_versions_resume_with_their_fusion_layer(cdtg_inputs, capsys):
+    out = cdtg_inputs / "legacy"
+    legacy = ("--fusion-lr-mul", "0", "--flip", "--ada-every", "256")  # the plain Linear of earlier versions
+    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "2", "--clip", "none", *legacy))
+    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none",
+                                                                      "--resume")), "--fusion-lr-mul 0")
+    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none", "--resume", *legacy))
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["2.pt", "3.pt"]
+
+
+def test_generation_folders_of_earlier_versions_refuse_other_jpeg_settings(cdtg_inputs, tmp_path, capsys):
+    run = cdtg_inputs / "run"
+    cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1", "--clip", "none"))
+    ckpt = run / "checkpoint" / "1.pt"
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    (folder / "generation.json").write_text(json.dumps(  # as an earlier version wrote it (JPEG quality 95)
+        {"ckpt": str(ckpt.resolve()), "r": 0.05, "truncation": 1.0, "seed": 0}))
+    base = ["--ckpt", str(ckpt), "--out", str(folder), "--device", "cpu", "--per-class", "1"]
+    expect_user_error(capsys, lambda: generation_main(base), "other settings (quality)")
+    generation_main([*base, "--quality", "95"])
+    assert len(list((folder / "2").iterdir())) == 1
+
+
+@pytest.mark.parametrize("size", [6, 9, 10, 13])
+def test_a_one_image_last_training_batch_is_left_out_for_any_process_count(monkeypatch, size):
+    """BatchNorm cannot train on one image: a global last batch of one is dropped (sizes 9
+    and 13 at batch 4), decided on the global order, so 2 processes train on the batches of 1."""
+    single = [len(batch) for batch in make_loader(list(range(size)), 4, train=True)]
+    assert single == [4] * (size // 4) + ([size % 4] if size % 4 > 1 else [])
+    assert sum(len(batch) for batch in make_loader(list(range(size)), 4, train=False)) == size  # tests see all
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    shares = []
+    for rank in range(2):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        shares.append([len(batch) for batch in make_loader(list(range(size)), 4, train=True)])
+    assert [a + b for a, b in zip(*shares)] == single

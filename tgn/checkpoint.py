@@ -30,8 +30,10 @@ def load_failure(path, exc):
     if path.stat().st_size == 0:
         return "the file is empty"
     text = str(exc).strip()
-    if "weights_only" in text:
+    if "Unsupported global" in text:  # a pickle that names classes or functions to call
         return "not a PyTorch checkpoint of plain data (loading it any other way could run code from the file)"
+    if "weights_only" in text:  # torch.load's advice to retry unsafely: the file is not a checkpoint
+        return "not a PyTorch checkpoint"
     first = text.splitlines()[0] if text else ""
     if len(first) < 12:  # e.g. "101" or "invalid load key, 'h'."
         return f"not a PyTorch checkpoint or a damaged one ({type(exc).__name__}{': ' + first if first else ''})"

@@ -31,7 +31,7 @@ positive_float = _number(float, lambda v: v > 0, "positive")
 non_negative_float = _number(float, lambda v: v >= 0, "0 or more")
 fraction = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 jpeg_quality = _number(int, lambda v: 1 <= v <= 100, "between 1 and 100")
-power_of_two = _number(int, lambda v: v >= 8 and v & (v - 1) == 0, "a power of two, 8 or more")
+gan_size = _number(int, lambda v: 16 <= v <= 1024 and v & (v - 1) == 0, "a power of two from 16 to 1024")
 
 
 def make_parser(doc):
@@ -71,9 +71,9 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
                        help="under torchrun, BatchNorm statistics over all processes (the global batch): "
                             "auto = on GPUs; PyTorch has no SyncBatchNorm on CPUs")
     speed.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
-                       help="torch.compile the model (--compile alone: mode 'default'); 'reduce-overhead' also "
-                            "replays CUDA graphs, which removes the kernel-launch cost that bounds small batches on "
-                            "fast GPUs; the first epoch pays the compilation")
+                       help="torch.compile the model (--compile alone: mode 'default'); 'reduce-overhead' and "
+                            "'max-autotune' also replay CUDA graphs, which removes the kernel-launch cost that "
+                            "bounds small batches on fast GPUs; the first epoch pays the compilation")
     speed.add_argument("--cache", type=Path, default=None, metavar="DIR",
                        help="keep every image resized to --image-size in DIR (written once, read by later epochs "
                             "and runs; about 3 * size^2 bytes per image)")

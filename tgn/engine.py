@@ -44,19 +44,17 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
     with augmentations) that depend only on (seed, epoch): call `loader.sampler.set_epoch`
     before each epoch. `batch_size` is the global batch; `persistent` keeps the workers
     (and their decoded-image pipelines) alive across epochs."""
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, epoch=epoch, weights=weights)
-    local_batch = dist.local_batch(batch_size)
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, epoch=epoch, weights=weights,
+                           batch_size=batch_size)
     return DataLoader(
         SeededItems(dataset) if train else dataset,
-        batch_size=local_batch,
+        batch_size=dist.local_batch(batch_size),
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory == "on" or (pin_memory == "auto" and device is not None and device.type == "cuda"),
         persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(seed),
-        # A last training batch of one image would stop BatchNorm ("expected more than 1
-        # value per channel"): it is left out of that epoch (the next epoch's order differs).
-        drop_last=train and len(sampler) > 1 and len(sampler) % local_batch == 1,
+        drop_last=False,
     )
 
 
@@ -104,7 +102,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
 
     Sums stay on the device and are read back every `check_every` steps (a non-finite
     loss stops the run there), so the GPU is not waited for after every step.
-    `cuda_graphs`: the model was compiled in mode 'reduce-overhead'."""
+    `cuda_graphs`: the model was compiled in a mode that replays CUDA graphs."""
     model.train()
     sums, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # (loss * batch, correct), images
     progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main())
@@ -196,6 +194,20 @@ def adam(parameters, **options):
     return torch.optim.Adam(parameters, fused=True if parameters[0].is_cuda else None, **options)
 
 
+def restore_optimizer(optimizer, state):
+    """load_state_dict, keeping this run's kernel choice (fused on GPUs): the saved state
+    carries the flags of the run that wrote it, perhaps on another device or version."""
+    kernels = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, kernels):
+        group.update(flags)
+
+
+def uses_cuda_graphs(compile_mode):
+    """torch.compile modes that replay CUDA graphs: each training step must be marked."""
+    return compile_mode in ("reduce-overhead", "max-autotune")
+
+
 def make_optimizer(model, cfg):
     """Adam over the model's parameters, which must already be on their device."""
     return adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -234,7 +246,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
         if state.get("class_ids") != meta.get("class_ids"):
             raise UserError(f"{out_dir / 'last.pth'} was trained on other classes; use another --out")
         load_weights(model, state["state_dict"], out_dir / "last.pth")
-        optimizer.load_state_dict(state["optimizer"])
+        restore_optimizer(optimizer, state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
@@ -256,7 +268,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
         loader.sampler.set_epoch(epoch)
         train_stats = train_one_epoch(net, loader, optimizer, loss_fn, device,
                                       desc=f"{desc} {epoch + 1}/{cfg.epochs}", amp=cfg.amp, scaler=scaler,
-                                      channels_last=cfg.channels_last, cuda_graphs=cfg.compile == "reduce-overhead")
+                                      channels_last=cfg.channels_last, cuda_graphs=uses_cuda_graphs(cfg.compile))
         dist.broadcast_buffers_(model)  # BatchNorm statistics differ per process without SyncBatchNorm
         cm, summary = evaluate(model, test_loader, device, num_classes, head=head, tail=tail, amp=cfg.amp,
                                channels_last=cfg.channels_last)

@@ -26,8 +26,11 @@ def _atomic_replace(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as handle:
+            try:
+                os.fchmod(handle.fileno(), FILE_MODE)
+            except OSError:  # file systems without Unix permissions keep their own
+                pass
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -25,12 +25,16 @@ class EpochSampler(Sampler):
     shuffle=True: a permutation of range(size) (or, with `weights`, `size` draws with
     replacement, as WeightedRandomSampler does), each position paired with an
     augmentation seed; the list is padded to a multiple of the process count by
-    repeating its start, like DistributedSampler. shuffle=False: indices in order,
+    repeating its start, like DistributedSampler. With `batch_size` (the global batch), a
+    last batch of a single image is left out of the epoch: BatchNorm cannot train on it.
+    This is decided on the global order, so N processes train on the batches one would. shuffle=False: indices in order,
     sharded without padding (confusion matrices are summed: every image counts once).
     """
 
-    def __init__(self, size, *, shuffle, seed=0, epoch=0, weights=None):
+    def __init__(self, size, *, shuffle, seed=0, epoch=0, weights=None, batch_size=None):
         self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, epoch
+        # The number of images an epoch trains on.
+        self.used = size - 1 if shuffle and batch_size and size > 1 and size % batch_size == 1 else size
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.rank, self.world = dist.rank(), dist.world_size()
 
@@ -40,7 +44,7 @@ class EpochSampler(Sampler):
     def __len__(self):
         if not self.shuffle:
             return len(range(self.rank, self.size, self.world))
-        return -(-self.size // self.world)
+        return -(-self.used // self.world)
 
     def global_order(self):
         """The epoch's (index, augmentation seed) pairs, before sharding."""
@@ -50,7 +54,7 @@ class EpochSampler(Sampler):
         else:
             order = torch.randperm(self.size, generator=generator)
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
-        return list(zip(order.tolist(), seeds.tolist()))
+        return list(zip(order.tolist(), seeds.tolist()))[:self.used]
 
     def __iter__(self):
         if not self.shuffle:
