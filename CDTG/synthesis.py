@@ -32,6 +32,7 @@ from tgn.data import Entry, write_annotation
 from tgn.engine import autocast
 from tgn.errors import UserError
 from tgn.io import atomic_write_with
+from tgn.split import check_official_order
 
 ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
 IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
@@ -67,6 +68,8 @@ class TailSynthesizer:
             raise UserError(f"{ckpt_path} is an official checkpoint: pass --data (CDTG/dataset_split.py output) "
                             "and --teacher (the tail model M_T)")
         tail = load_tail_classes(data, data_root)
+        if checkpoint.get("official"):
+            check_official_order([c["train_count"] for c in tail.classes], ckpt_path, tail.folder / "tail_classes.json")
         config = checkpoint["generator_config"]
         if config["num_classes"] != len(tail.classes):
             raise UserError(f"{ckpt_path} generates {config['num_classes']} classes, "

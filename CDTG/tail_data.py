@@ -16,6 +16,7 @@ from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotat
 from tgn.errors import UserError
 from tgn.io import atomic_write_json, read_json
 from tgn.resnet import load_feature_resnet
+from tgn.split import check_official_order
 
 MANIFEST = "tail_classes.json"
 IMAGE_LIST = "train.txt"
@@ -128,6 +129,8 @@ def load_teacher(path, tail):
     if teacher.config["num_classes"] != len(tail.classes):
         raise UserError(f"--teacher {path} has {teacher.config['num_classes']} classes, "
                         f"the tail data has {len(tail.classes)}")
+    if "state_dict" not in checkpoint:
+        check_official_order([c["train_count"] for c in tail.classes], f"--teacher {path}", tail.folder / MANIFEST)
     ids = checkpoint.get("class_ids") if "state_dict" in checkpoint else None
     if ids is not None and list(ids) != tail.ids:
         raise UserError(f"--teacher {path} was trained on classes {ids}, the tail classes are {tail.ids}")

@@ -23,6 +23,7 @@ from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resnet import load_feature_resnet  # noqa: E402
+from tgn.split import check_official_order  # noqa: E402
 
 
 def build_parser():
@@ -46,7 +47,9 @@ def load_group_model(path, split, group):
     expected = len(split.ids(group))
     if model.config["num_classes"] != expected:
         raise UserError(f"{path} has {model.config['num_classes']} classes, the split's {group} group has {expected}")
-    if "state_dict" in checkpoint:
+    if "state_dict" not in checkpoint:
+        check_official_order([split.train_counts[cid] for cid in split.ids(group)], path, f"the split's {group} group")
+    else:
         if checkpoint.get("group", group) != group:
             raise UserError(f"{path} is the {checkpoint['group']} model; the {group} model is needed here")
         ids = checkpoint.get("class_ids")

@@ -181,3 +181,36 @@ def test_a_one_image_last_training_batch_is_left_out_for_any_process_count(monke
         monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
         shares.append([len(batch) for batch in make_loader(list(range(size)), 4, train=True)])
     assert [a + b for a, b in zip(*shares)] == single
+
+
+def test_official_weights_refuse_listings_in_another_class_order(tmp_path, capsys):
+    """Official files record no classes: output k is the k-th class by training count. A split
+    made by an earlier version (ascending ids) would map them to the wrong classes."""
+    data = write_dataset(tmp_path / "data", {0: 3, 1: 9, 2: 5, 3: 12, 4: 4})
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    torch.manual_seed(0)
+    for group, count in (("head", 2), ("tail", 3)):
+        torch.save(FeatureResNet("resnet18", num_classes=count, width=4).state_dict(), tmp_path / f"{group}.pth")
+    args = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--head-ckpt", str(tmp_path / "head.pth"),
+            "--tail-ckpt", str(tmp_path / "tail.pth"), "--epochs", "1", "--image-size", "16", "--batch-size", "4",
+            "--workers", "0"]
+    distill_main(args)  # the split lists each group by count: official files fit
+    split = json.loads((tmp_path / "split" / "split.json").read_text())
+    split["tail"] = sorted(split["tail"])  # as earlier versions wrote it: [0, 2, 4], counts 3, 5, 4
+    (tmp_path / "split" / "split.json").write_text(json.dumps(split))
+    expect_user_error(capsys, lambda: distill_main([*args, "--out", str(tmp_path / "kmdn2")]),
+                      "is an official file, whose outputs follow the training counts")
+
+
+def test_official_teacher_refuses_tail_data_in_another_class_order(cdtg_inputs, capsys):
+    torch.manual_seed(0)
+    torch.save(FeatureResNet("resnet18", num_classes=3, width=4).state_dict(), cdtg_inputs / "official_mt.pth")
+    args = [*tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1", "--clip", "none"),
+            "--teacher", str(cdtg_inputs / "official_mt.pth")]
+    manifest = cdtg_inputs / "cdtg_data" / "tail_classes.json"
+    tail = json.loads(manifest.read_text())
+    assert [c["train_count"] for c in tail["classes"]] == [8, 4, 4]
+    for cls, label in zip(tail["classes"], [1, 0, 2]):  # counts in label order: 4, 8, 4
+        cls["label"] = label
+    manifest.write_text(json.dumps(tail))
+    expect_user_error(capsys, lambda: cdtg_train_main(args), "is an official file")

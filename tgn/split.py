@@ -36,6 +36,17 @@ def rank_classes(train_counts):
     return sorted(train_counts, key=lambda cid: (-train_counts[cid], cid))
 
 
+def check_official_order(counts, source, listing):
+    """Official KMDN and CDTG weights record no classes: their output k is the k-th class of
+    its group by training count, descending. Refuse a listing in another order (splits and
+    tail data made by earlier versions of this code list classes by ascending id).
+    `counts`: the training counts in the listing's output order."""
+    if any(later > earlier for earlier, later in zip(counts, counts[1:])):
+        raise UserError(f"{source} is an official file, whose outputs follow the training counts (descending), "
+                        f"but {listing} lists its classes in another order (made by an earlier version?); "
+                        "make the split (and the CDTG tail data) again")
+
+
 def fingerprint(class_names, train_counts):
     """Identifies the dataset a split was made from (class ids, names, training counts)."""
     text = ";".join(f"{cid}:{class_names[cid]}:{train_counts[cid]}" for cid in sorted(class_names))
