@@ -191,9 +191,9 @@ def test_official_weights_refuse_listings_in_another_class_order(tmp_path, capsy
     torch.manual_seed(0)
     for group, count in (("head", 2), ("tail", 3)):
         torch.save(FeatureResNet("resnet18", num_classes=count, width=4).state_dict(), tmp_path / f"{group}.pth")
-    args = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--head-ckpt", str(tmp_path / "head.pth"),
-            "--tail-ckpt", str(tmp_path / "tail.pth"), "--epochs", "1", "--image-size", "16", "--batch-size", "4",
-            "--workers", "0"]
+    args = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"),
+            "--head-ckpt", str(tmp_path / "head.pth"), "--tail-ckpt", str(tmp_path / "tail.pth"),
+            "--epochs", "1", "--image-size", "16", "--batch-size", "4", "--workers", "0"]
     distill_main(args)  # the split lists each group by count: official files fit
     split = json.loads((tmp_path / "split" / "split.json").read_text())
     split["tail"] = sorted(split["tail"])  # as earlier versions wrote it: [0, 2, 4], counts 3, 5, 4
