@@ -72,13 +72,14 @@ def main(argv=None):
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
     images = training_images(info, args.extra)
-    for index, cid in enumerate(class_ids):
-        if images.real_counts[index] + images.generated_counts[index] == 0:
-            raise UserError(f"class {cid} ({info.class_names[cid]}) has no training image in "
-                            f"{info.annotation_path('train')}{' or --extra' if args.extra else ''}")
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts)
     test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache)
     train_samples = drop_unreadable(images.samples, args.skip_bad_images, "training images")
+    present = {label for _, label in train_samples}
+    for index, cid in enumerate(class_ids):
+        if index not in present:  # none listed, or (with --skip-bad-images) none readable
+            raise UserError(f"class {cid} ({info.class_names[cid]}) has no training image in "
+                            f"{info.annotation_path('train')}{' or --extra' if args.extra else ''}")
     cache = ResizeCache(args.cache, args.image_size) if args.cache is not None else None
     train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache)
 
