@@ -1,8 +1,9 @@
 """--compile: a compiled ResNet trainer trains the same model as the eager one.
 
 On a CPU, mode 'reduce-overhead' compiles exactly as on a GPU and only skips the CUDA
-graphs, so this checks the compiled forward and backward, the per-step marking the graph
-replays need, and that the flag reaches the engine from the command line.
+graphs, so this checks the compiled forward and backward and that the mode reaches
+torch.compile from the command line. The graph replays themselves (and the per-step
+marking they need) are checked on a GPU, in tests/test_cuda.py.
 """
 import json
 
