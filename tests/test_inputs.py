@@ -142,6 +142,9 @@ def test_a_resumed_optimizer_keeps_this_runs_kernel():
     plain = adam(model.parameters())
     restore_optimizer(plain, fused.state_dict())
     assert plain.param_groups[0]["fused"] is None and len(plain.state) == 2
+    model(torch.ones(1, 3)).sum().backward()
+    plain.step()  # the restored state works with this run's kernel
+    assert all(int(state["step"]) == 2 for state in plain.state.values())
 
 
 def test_runs_of_earlier_versions_resume_with_their_fusion_layer(cdtg_inputs, capsys):

@@ -196,11 +196,12 @@ def adam(parameters, **options):
 
 def restore_optimizer(optimizer, state):
     """load_state_dict, keeping this run's kernel choice (fused on GPUs): the saved state
-    carries the flags of the run that wrote it, perhaps on another device or version."""
-    kernels = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, flags in zip(optimizer.param_groups, kernels):
-        group.update(flags)
+    carries the flags of the run that wrote it, perhaps on another device or version. The
+    flags are set before loading, which places each step counter where the kernel wants it."""
+    kernel_flags = ("fused", "foreach", "capturable")
+    groups = [{**saved, **{key: current.get(key) for key in kernel_flags}}
+              for saved, current in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def uses_cuda_graphs(compile_mode):
