@@ -25,7 +25,7 @@ from tqdm import tqdm
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
-from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
+from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
 from tgn.data import Entry, write_annotation
@@ -69,7 +69,7 @@ class TailSynthesizer:
                             "and --teacher (the tail model M_T)")
         tail = load_tail_classes(data, data_root)
         if checkpoint.get("official"):
-            check_official_order([c["train_count"] for c in tail.classes], ckpt_path, tail.folder / "tail_classes.json")
+            check_official_order([c["train_count"] for c in tail.classes], ckpt_path, tail.folder / MANIFEST)
         config = checkpoint["generator_config"]
         if config["num_classes"] != len(tail.classes):
             raise UserError(f"{ckpt_path} generates {config['num_classes']} classes, "
@@ -267,9 +267,9 @@ def check_settings(out_dir, settings, overwrite):
         previous.setdefault("quality", 95)
         previous.setdefault("truncation_centre", TRUNCATION_CENTRE if previous.get("truncation", 1.0) == 1.0
                             else "noise only")
-        # Folders written before the data and teacher were recorded are not checked for them.
-        changed = [key for key in settings if previous.get(key, settings[key]) != settings[key]
-                   or (key not in previous and key not in ("data", "teacher"))]
+        unrecorded_before = ("data", "teacher")  # folders of earlier versions are not checked for these
+        changed = [key for key in settings if previous.get(key) != settings[key]
+                   and not (key not in previous and key in unrecorded_before)]
         if changed:
             raise UserError(f"{out_dir} holds images generated with other settings ({', '.join(changed)}); "
                             "use another --out or pass --overwrite")
