@@ -93,7 +93,7 @@ def metric_notes(args, evaluator):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     folders = [Path(folder) for folder in args.folders]
-    check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",))
+    check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False)
     if args.max_per_class < 1 or args.pairs < 1 or args.batch < 1:
         raise UserError("--max-per-class, --pairs and --batch must be >= 1")
     data, teacher_path, notes = resolve_inputs(args)

@@ -6,7 +6,8 @@
 Each REPORT is a report.json or the folder holding it (report-best/ of train.py, or a
 test.py --out folder), optionally prefixed with a row name: "baseline=runs/.../report.json".
 Without a prefix the row is named after the report's method. Rows keep the given order.
-Prints the Markdown table and writes OUT/comparison.md and OUT/comparison.csv.
+Prints the Markdown table and writes OUT/comparison.md and OUT/comparison.csv (replacing
+an earlier table only with --overwrite).
 """
 import sys
 from pathlib import Path
@@ -16,13 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from Classification.report import comparison, comparison_csv, comparison_markdown, read_report  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
-from tgn.io import atomic_write_text  # noqa: E402
+from tgn.io import atomic_write_text, check_run_dir  # noqa: E402
+
+TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
 
 
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("reports", nargs="+", metavar="REPORT", help="[NAME=]report.json or its folder")
     parser.add_argument("--out", type=Path, default=Path("runs/comparison"), help="folder for the tables")
+    parser.add_argument("--overwrite", action="store_true", help="replace a table already in --out")
     return parser
 
 
@@ -37,6 +41,7 @@ def parse_report_arg(text):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_run_dir(args.out, overwrite=args.overwrite, results=(TABLE_MD, TABLE_CSV), resumable=False)
     names, reports = [], []
     for text in args.reports:
         name, path = parse_report_arg(text)
@@ -47,10 +52,10 @@ def main(argv=None):
     groups = {(tuple(sorted(report["head"])), tuple(sorted(report["tail"]))) for report in reports}
     note = "Note: the reports use different head/tail groups." if len(groups) > 1 else None
     table = comparison_markdown(rows, note)
-    atomic_write_text(args.out / "comparison.md", table)
-    atomic_write_text(args.out / "comparison.csv", comparison_csv(rows))
+    atomic_write_text(args.out / TABLE_MD, table)
+    atomic_write_text(args.out / TABLE_CSV, comparison_csv(rows))
     print(table)
-    print(f"wrote {args.out / 'comparison.md'} and {args.out / 'comparison.csv'}")
+    print(f"wrote {args.out / TABLE_MD} and {args.out / TABLE_CSV}")
     return rows
 
 

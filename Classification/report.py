@@ -16,6 +16,7 @@ from tgn.io import atomic_write_json, atomic_write_text, read_json
 from tgn.metrics import format_percent, summarize
 
 REPORT_FORMAT = "tgn-classification-report/1"
+REPORT_JSON = "report.json"  # the machine-readable report; its folder stands for it on command lines
 SUMMARY_ROWS = (  # (CSV id, label, summary key)
     ("all", "overall accuracy (OA)", "overall_accuracy"),
     ("mean", "mean per-class accuracy", "mean_class_accuracy"),
@@ -117,7 +118,7 @@ def write_report(report, folder):
     folder = Path(folder)
     atomic_write_text(folder / "report.md", report_markdown(report))
     atomic_write_text(folder / "report.csv", report_csv(report))
-    atomic_write_json(folder / "report.json", report)
+    atomic_write_json(folder / REPORT_JSON, report)
     return folder
 
 
@@ -125,7 +126,7 @@ def read_report(path):
     """A report.json, or a folder holding one."""
     path = Path(path)
     if path.is_dir():
-        path = path / "report.json"
+        path = path / REPORT_JSON
     report = read_json(path, "report")
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise UserError(f"{path} is not a report written by Classification/test.py or train.py")

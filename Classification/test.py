@@ -8,7 +8,8 @@ result.pth (ResNet-50, fc.0.*; loaded with strict=True, its outputs are DATA's s
 ids). Head/tail come from --split, or from DATA's real training counts (top 40% head).
 Reports overall accuracy, mean per-class accuracy, head and tail means, macro-F1 and a
 per-class table; writes report.md/.csv/.json, confusion_matrix.png and long_tail.png to
---out (default: beside the checkpoint, report-<checkpoint name>/).
+--out (default: beside the checkpoint, report-<checkpoint name>/); a report already there
+is replaced only with --overwrite.
 """
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from Classification.model import check_classes, load_classifier  # noqa: E402
+from Classification.report import REPORT_JSON  # noqa: E402
 from Classification.samples import class_order, count_per_class  # noqa: E402
 from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
                                   report_and_figures)
@@ -25,6 +27,7 @@ from tgn.cli import add_runtime_args, make_parser, positive_int  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
+from tgn.io import check_run_dir  # noqa: E402
 
 DEFAULT_IMAGE_SIZE = 224
 
@@ -39,6 +42,7 @@ def build_parser():
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision on GPUs")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     add_report_args(parser)
     add_runtime_args(parser)
     return parser
@@ -47,6 +51,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    out_dir = args.out or args.ckpt.parent / f"report-{args.ckpt.stem}"
+    check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False)
     baseline = read_baseline(args)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
@@ -62,7 +68,6 @@ def main(argv=None):
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    out_dir = args.out or args.ckpt.parent / f"report-{args.ckpt.stem}"
     method = args.name or meta.get("method") or args.ckpt.name
     print(f"{method}: {args.ckpt} on {len(dataset)} test images of {info.name} at {image_size} px, device {device}")
     return report_and_figures(model, dataset, classes, out_dir, method=method, source=args.ckpt, device=device,

@@ -229,6 +229,20 @@ def test_test_py_reproduces_the_training_report_with_a_split(trained, tmp_path):
     assert (tmp_path / "report" / "long_tail.png").is_file()
 
 
+def test_test_py_replaces_a_report_only_with_overwrite(trained, tmp_path, capsys):
+    data, out, _ = trained
+    common = ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "report"),
+              "--workers", "0", "--device", "cpu"]
+    evaluate_main([*common, "--name", "first"])
+    capsys.readouterr()
+    err = exit_message(capsys, evaluate_main, [*common, "--name", "second"])
+    assert err == (f"error: {tmp_path / 'report'} already holds results (report.json); "
+                   "pass --overwrite to replace them or choose another --out")
+    assert read_report(tmp_path / "report")["method"] == "first"
+    assert evaluate_main([*common, "--name", "second", "--overwrite"])["method"] == "second"
+    assert read_report(tmp_path / "report")["method"] == "second"
+
+
 def test_loading_errors_are_one_line(trained, tmp_path, capsys):
     _, out, _ = trained
     other = write_dataset(tmp_path / "other", {0: 1, 1: 1, 2: 1, 3: 1, 5: 1})
@@ -304,6 +318,12 @@ def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
     rows = list(csv.reader((tmp_path / "comparison" / "comparison.csv").open()))
     assert rows[0] == ["method", "head_accuracy", "tail_accuracy", "overall_accuracy", "macro_f1"]
     assert rows[1][:4] == ["plain CE", "0.875000", "0.250000", f"{9 / 13:.6f}"]
+    # a second table goes to the same folder only when asked
+    again = [str(tmp_path / "tgn"), "--out", str(tmp_path / "comparison")]
+    assert "--overwrite" in exit_message(capsys, compare_main, again)
+    assert (tmp_path / "comparison" / "comparison.md").read_text() == table
+    compare_main([*again, "--overwrite"])
+    assert "plain CE" not in (tmp_path / "comparison" / "comparison.md").read_text()
 
 
 def test_compare_notes_other_groups_but_not_another_listing_order(tmp_path):

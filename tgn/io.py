@@ -98,15 +98,16 @@ def append_jsonl(path, record):
         handle.write(json.dumps(record) + "\n")
 
 
-def check_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",)):
-    """Refuse to reuse a folder that holds results unless told how (creates nothing)."""
+def check_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",), resumable=True):
+    """Refuse to reuse a folder that holds results unless told how (creates nothing).
+    `resumable=False`: the script has no --resume, so the message offers --overwrite or
+    another --out."""
     out_dir = Path(out_dir)
     existing = [name for name in results if (out_dir / name).exists()]
     if existing and not (resume or overwrite):
-        raise UserError(
-            f"{out_dir} already holds results ({existing[0]}); pass --resume to continue "
-            "or --overwrite to start again"
-        )
+        remedy = ("pass --resume to continue or --overwrite to start again" if resumable
+                  else "pass --overwrite to replace them or choose another --out")
+        raise UserError(f"{out_dir} already holds results ({existing[0]}); {remedy}")
     return out_dir
 
 
