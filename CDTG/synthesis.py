@@ -81,9 +81,11 @@ class TailSynthesizer:
         load_weights(g_ema, checkpoint["g_ema"], ckpt_path)
         teacher_model = load_teacher(teacher, tail)
         channels, height, width = teacher_model.feature_shape(config["size"])
-        if checkpoint.get("fusion") is not None:
+        # The averaged fusion layer goes with g_ema; checkpoints of earlier versions have only the layer.
+        fusion_state = checkpoint.get("fusion_ema") or checkpoint.get("fusion")
+        if fusion_state is not None:
             fusion = NoiseFusion(**checkpoint["fusion_config"])
-            load_weights(fusion, checkpoint["fusion"], ckpt_path)
+            load_weights(fusion, fusion_state, ckpt_path)
         else:
             fusion = NoiseFusion.official_fallback(channels * height * width, config["style_dim"])
         if fusion.config["feature_numel"] != channels * height * width:

@@ -8,7 +8,7 @@ Under torchrun (as rosinality's StyleGAN2 runs under DistributedDataParallel): G
 the noise fusion) and D are wrapped in DDP without buffer broadcasts; every pass that
 back-propagates into them, the R1 and path-length passes included, goes through the DDP
 module, and the `0 * output` terms keep every parameter in those graphs, so gradients
-are averaged over the processes at each backward. The EMA generator follows the
+are averaged over the processes at each backward. The EMA generator and the EMA fusion layer follow the
 unwrapped G; losses are averaged over the processes for logging, ADA's statistics
 are summed over them, and the running mean path length is the processes' mean. `--batch`
 is the global batch (see CDTG/parallel.py for how each process takes its share).
@@ -18,6 +18,7 @@ synthesis convolutions, D, the teacher and CLIP); the mapping network, the losse
 the R1 and path-length regularisers stay in fp32, as in StyleGAN2-ADA.
 """
 import contextlib
+import copy
 import math
 import signal
 import threading
@@ -119,17 +120,21 @@ class CdtgTrainer:
     def __init__(self, generator, discriminator, g_ema, fusion, teacher, clip_loss, cfg, device, out_dir,
                  metadata):
         self.g, self.d, self.g_ema, self.fusion = generator, discriminator, g_ema, fusion
+        # The fusion layer is the generator's first layer: it is averaged with the rest of G,
+        # so that g_ema's mapping network meets the fusion it was averaged along with.
+        self.fusion_ema = copy.deepcopy(fusion)
         self.teacher, self.clip_loss, self.cfg, self.device = teacher, clip_loss, cfg, device
         self.out_dir = Path(out_dir)
         self.metadata = metadata
-        for module in (self.g, self.d, self.g_ema, self.fusion, self.teacher):
+        for module in (self.g, self.d, self.g_ema, self.fusion, self.fusion_ema, self.teacher):
             module.to(device)
         # The teacher is frozen: eval mode (BatchNorm statistics never see fakes), no
         # parameter gradients, yet gradients flow through it to the fake images.
         self.teacher.eval()
         set_requires_grad(self.teacher, False)
-        self.g_ema.eval()
-        set_requires_grad(self.g_ema, False)
+        for module in (self.g_ema, self.fusion_ema):
+            module.eval()
+            set_requires_grad(module, False)
         # Lazy regularisation: scale lr and betas by the fraction of steps that update.
         g_ratio = cfg.g_reg_every / (cfg.g_reg_every + 1)
         d_ratio = cfg.d_reg_every / (cfg.d_reg_every + 1)
@@ -167,6 +172,7 @@ class CdtgTrainer:
             "d": self.d.state_dict(),
             "g_ema": self.g_ema.state_dict(),
             "fusion": self.fusion.state_dict(),
+            "fusion_ema": self.fusion_ema.state_dict(),
             "g_optim": self.g_optim.state_dict(),
             "d_optim": self.d_optim.state_dict(),
             "ada_aug_p": float(self.ada_p),
@@ -202,6 +208,8 @@ class CdtgTrainer:
                             f"flags it was trained with (--fusion-pool, --fusion-lr-mul) or use another --out{hint}")
         for module, key in ((self.g, "g"), (self.d, "d"), (self.g_ema, "g_ema"), (self.fusion, "fusion")):
             load_weights(module, state[key], path)
+        # Checkpoints of earlier versions kept no average of the fusion layer: it starts from the layer.
+        load_weights(self.fusion_ema, state.get("fusion_ema") or state["fusion"], path)
         restore_optimizer(self.g_optim, state["g_optim"])
         restore_optimizer(self.d_optim, state["d_optim"])
         self.ada_p = state["ada_aug_p"]
@@ -320,6 +328,7 @@ class CdtgTrainer:
             losses.update(path=path_loss.detach(), path_length=path_lengths.detach().mean())
 
         accumulate(self.g_ema, self.g, self.ema_decay)
+        accumulate(self.fusion_ema, self.fusion, self.ema_decay)
         return losses
 
     def read_losses(self, losses):
@@ -338,7 +347,7 @@ class CdtgTrainer:
     @torch.no_grad()
     def write_samples(self, sample_z, sample_labels, sample_real):
         _, features = self.teacher(sample_real)
-        z = self.fusion(sample_z, features, self.cfg.fusion_noise)
+        z = self.fusion_ema(sample_z, features, self.cfg.fusion_noise)
         images, _ = self.g_ema([z], sample_labels)
         path = self.out_dir / "sample" / f"{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

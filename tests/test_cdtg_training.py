@@ -12,6 +12,7 @@ from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.fusion import NoiseFusion
 from CDTG.generation import main as generation_main
 from CDTG.swagan import Discriminator, Generator
+from CDTG.synthesis import TailSynthesizer
 from CDTG.tail_data import StepBatchSampler, load_tail_classes
 from CDTG.train import main as train_main
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate
@@ -115,6 +116,19 @@ def test_each_loss_term_reaches_the_generator(tmp_path, term):
     assert torch.equal(adversarial_only, disabled_again)
 
 
+def test_the_fusion_layer_is_averaged_with_the_generator(tmp_path):
+    trainer = make_trainer(tmp_path, lambda_clip=0.0)
+    trainer.ema_decay = 0.75
+    layer, average = trainer.fusion.project.weight, trainer.fusion_ema.project.weight
+    before = average.clone()
+    assert torch.equal(before, layer)  # the average starts at the layer
+    trainer.noise.reseed(0, 0)
+    trainer.train_step(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    assert not torch.equal(layer, before)  # the layer trained
+    torch.testing.assert_close(average, 0.75 * before + 0.25 * layer.detach())
+    assert not average.requires_grad and not trainer.fusion_ema.training
+
+
 @pytest.mark.parametrize("lr_mul", [0.01, None])
 def test_fusion_feature_term_keeps_its_scale_under_the_generators_adam(lr_mul):
     """Adam moves each weight by about the learning rate per step, so a plain Linear over
@@ -152,7 +166,7 @@ def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
         assert key in metrics[0] and all(m[key] == m[key] for m in metrics if key in m)  # present, not NaN
     a, b = load_cdtg_checkpoint(straight / "checkpoint" / "4.pt"), load_cdtg_checkpoint(
         interrupted / "checkpoint" / "4.pt")
-    for part in ("g", "d", "g_ema", "fusion"):
+    for part in ("g", "d", "g_ema", "fusion", "fusion_ema"):
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     assert a["class_ids"] == TAIL_IDS and a["prompts"][2] == "A photo of a golf field"
@@ -233,6 +247,18 @@ def test_generation_restarts_and_adds_without_overwriting(trained_ckpt, tmp_path
     for name in names:  # same images whatever the batch size and interruptions
         assert (straight / "3" / name).read_bytes() == (restarted / "3" / name).read_bytes()
     assert len(read_anno(restarted)) == 6
+
+
+def test_generation_uses_the_averaged_fusion_layer(trained_ckpt, tmp_path):
+    checkpoint = load_cdtg_checkpoint(trained_ckpt)
+    average = checkpoint["fusion_ema"]["project.weight"]
+    assert not torch.equal(average, checkpoint["fusion"]["project.weight"])
+    synth = TailSynthesizer.from_checkpoint(trained_ckpt, torch.device("cpu"))
+    assert torch.equal(synth.fusion.project.weight, average)
+    del checkpoint["fusion_ema"]  # a checkpoint of an earlier version: the layer itself
+    torch.save(checkpoint, tmp_path / "earlier.pt")
+    synth = TailSynthesizer.from_checkpoint(tmp_path / "earlier.pt", torch.device("cpu"))
+    assert torch.equal(synth.fusion.project.weight, checkpoint["fusion"]["project.weight"])
 
 
 def test_generation_refuses_other_settings_in_the_same_folder(trained_ckpt, tmp_path, capsys):
