@@ -9,7 +9,8 @@ ids). Head/tail come from --split, or from DATA's real training counts (top 40% 
 Reports overall accuracy, mean per-class accuracy, head and tail means, macro-F1 and a
 per-class table; writes report.md/.csv/.json, confusion_matrix.png and long_tail.png to
 --out (default: beside the checkpoint, report-<checkpoint name>/); a report already there
-is replaced only with --overwrite.
+is replaced only with --overwrite. Under torchrun each process evaluates its share of the
+test images and rank 0 writes the report.
 """
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ from Classification.report import REPORT_JSON  # noqa: E402
 from Classification.samples import class_order, count_per_class  # noqa: E402
 from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
                                   report_and_figures)
+from tgn import distributed as dist  # noqa: E402
 from tgn.cli import add_runtime_args, make_parser, positive_int  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
-from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
 from tgn.io import check_run_dir  # noqa: E402
 
@@ -64,12 +65,14 @@ def main(argv=None):
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
     dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
 
-    device = resolve_device(args.device)
+    device = dist.init(args.device)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     method = args.name or meta.get("method") or args.ckpt.name
-    print(f"{method}: {args.ckpt} on {len(dataset)} test images of {info.name} at {image_size} px, device {device}")
+    if dist.is_main():
+        print(f"{method}: {args.ckpt} on {len(dataset)} test images of {info.name} at {image_size} px, "
+              f"device {device}{dist.describe()}")
     return report_and_figures(model, dataset, classes, out_dir, method=method, source=args.ckpt, device=device,
                               batch_size=args.batch_size, workers=args.workers, pin_memory=args.pin_memory,
                               amp=args.amp, channels_last=args.channels_last, baseline=baseline)

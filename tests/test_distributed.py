@@ -21,6 +21,7 @@ from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.generation import main as generation_main
 from CDTG.train import main as cdtg_train_main
 from CDTG.trainer import CdtgTrainer
+from Classification.test import main as cls_test_main
 from Classification.train import main as cls_train_main
 from KMDN.dataset_split import main as split_main
 from KMDN.Distill import main as distill_main
@@ -94,6 +95,8 @@ def resnet_scripts(split_dir, data, out):
     cls_train_main(["--data-root", str(data), "--out", str(out / "cls"), "--epochs", "1", "--arch", "resnet18",
                     "--pretrained", "none", "--image-size", "16", "--batch-size", "8", "--workers", "0",
                     "--device", "cpu", "--sampler", "class-balanced"])
+    cls_test_main(["--data-root", str(data), "--ckpt", str(out / "cls" / "best.pth"), "--out",
+                   str(out / "cls" / "report-ddp"), "--batch-size", "4", "--workers", "0", "--device", "cpu"])
 
 
 @pytest.fixture
@@ -154,6 +157,12 @@ def test_stage_scripts_under_torchrun(split_dir, tmp_path):
     assert (kmdn / "distill" / "M_T.pth").is_file()
     report = json.loads((tmp_path / "cls" / "report-best" / "report.json").read_text())
     assert sum(report["confusion_matrix"][0]) + sum(report["confusion_matrix"][1]) > 0
+    # test.py split over the processes counts each of the 17 test images once, as one process does.
+    single = cls_test_main(["--data-root", str(data), "--ckpt", str(tmp_path / "cls" / "best.pth"), "--out",
+                            str(tmp_path / "report-single"), "--workers", "0", "--device", "cpu"])
+    ddp = json.loads((tmp_path / "cls" / "report-ddp" / "report.json").read_text())
+    assert ddp["confusion_matrix"] == single["confusion_matrix"] == report["confusion_matrix"]
+    assert sum(map(sum, ddp["confusion_matrix"])) == 17
 
 
 def cdtg_args(root, out, *extra):
@@ -171,7 +180,8 @@ def train_cdtg_saving_every_rank(argv):
         step = original_fit(trainer, *args)
         atomic_torch_save(trainer.out_dir / f"rank{dist.rank()}.pt",
                           {"g": trainer.g.state_dict(), "d": trainer.d.state_dict(), "g_ema": trainer.g_ema.state_dict(),
-                           "fusion": trainer.fusion.state_dict(), "ada_p": trainer.ada_p,
+                           "fusion": trainer.fusion.state_dict(), "fusion_ema": trainer.fusion_ema.state_dict(),
+                           "ada_p": trainer.ada_p,
                            "mean_path_length": float(trainer.mean_path_length)})
         return step
 
@@ -207,7 +217,7 @@ def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
     assert (root / "gen_ddp" / "anno.txt").read_text() == (root / "gen_single" / "anno.txt").read_text()
     for run in (ddp, ada):
         ranks = [torch.load(run / f"rank{r}.pt") for r in range(WORLD)]
-        for part in ("g", "d", "g_ema", "fusion"):
+        for part in ("g", "d", "g_ema", "fusion", "fusion_ema"):
             for key in ranks[0][part]:
                 assert torch.equal(ranks[0][part][key], ranks[1][part][key]), (run.name, part, key)
         assert ranks[0]["ada_p"] == ranks[1]["ada_p"]
@@ -220,7 +230,7 @@ def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
     # float sums. (With the path-length penalty, each process centres it on its own running
     # mean, as rosinality's does; that alone moved G by up to 4e-4 in 3 steps here.)
     a, b = load_cdtg_checkpoint(ddp / "checkpoint" / "3.pt"), load_cdtg_checkpoint(single / "checkpoint" / "3.pt")
-    for part in ("g", "d", "g_ema", "fusion"):
+    for part in ("g", "d", "g_ema", "fusion", "fusion_ema"):
         assert_states_close(a[part], b[part], atol=1e-5)
     ddp_metrics, single_metrics = read_metrics(ddp / "metrics.jsonl"), read_metrics(single / "metrics.jsonl")
     for x, y in zip(ddp_metrics, single_metrics):
