@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from CDTG.synthesis import (ANNOTATION, TRUNCATION_CENTRE, TailSynthesizer, check_settings,  # noqa: E402
                              existing_indices, run_generation)
 from tgn import distributed as dist  # noqa: E402
-from tgn.cli import jpeg_quality, make_parser, positive_int  # noqa: E402
+from tgn.cli import COMPILE_MODES, jpeg_quality, make_parser, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import atomic_write_json  # noqa: E402
 
@@ -53,6 +53,9 @@ def build_parser():
     parser.add_argument("--modconv", choices=["shared", "fused"], default="shared",
                         help="modulated-conv path: shared = one weight for the batch (faster), fused = the "
                              "official per-sample grouped conv; both compute the same function")
+    parser.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
+                        help="torch.compile the synthesis network (--compile alone: mode 'default'; "
+                             "'reduce-overhead' also replays CUDA graphs); the first batch pays the compilation")
     parser.add_argument("--overwrite", action="store_true", help="delete images already in --out and start again")
     return parser
 
@@ -66,7 +69,8 @@ def main(argv=None):
         raise UserError("--r must be between 0 and 1")
     device = dist.init(args.device)
     synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
-                                            teacher=args.teacher, modconv=args.modconv, amp=args.amp)
+                                            teacher=args.teacher, modconv=args.modconv, amp=args.amp,
+                                            compile=args.compile)
     class_ids = args.classes if args.classes else synth.tail.ids
     unknown = [cid for cid in class_ids if cid not in synth.tail.ids]
     if unknown:

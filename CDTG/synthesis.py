@@ -10,6 +10,12 @@ its kernels per run and batch size).
 The GPU never waits for the CPU: a thread draws the next batch's inputs while the GPU
 renders the current one, finished batches come back to pinned memory without blocking,
 and JpegWriter's threads encode and write them while later batches render.
+
+`compile` (generation.py --compile MODE) runs the synthesis network and the conversion to
+8-bit pixels through torch.compile. Every call then has the same batch size (a class's
+last, smaller batch is padded and cut back), so one graph serves the whole run; the CUDA-graph
+modes (reduce-overhead, max-autotune) also remove the kernel launches, which dominate at
+small batches.
 """
 import json
 import re
@@ -29,7 +35,7 @@ from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
 from tgn.data import Entry, write_annotation
-from tgn.engine import autocast
+from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
 from tgn.io import atomic_write_with
 from tgn.split import check_official_order
@@ -49,14 +55,16 @@ def image_name(index):
 class TailSynthesizer:
     """g_ema + noise fusion + the tail model's features of the real tail images."""
 
-    def __init__(self, g_ema, fusion, teacher, tail, device, *, modconv="shared", amp="off"):
-        self.device, self.tail, self.amp = device, tail, amp
+    def __init__(self, g_ema, fusion, teacher, tail, device, *, modconv="shared", amp="off", compile="off"):
+        self.device, self.tail, self.amp, self.compile = device, tail, amp, compile
         self.g_ema, self.fusion, self.teacher = (module.to(device).eval() for module in (g_ema, fusion, teacher))
         self.g_ema.set_fused_modconv(modconv == "fused")
         self.size, self.latent_dim = g_ema.size, g_ema.style_dim
         self.dataset = tail_image_dataset(tail, self.size)
         self._projected, self._mean_latent = {}, {}
         self.sources = {}  # the tail data and teacher files, set by from_checkpoint
+        self._pixels = self.synthesize if compile == "off" else torch.compile(self.synthesize, mode=compile,
+                                                                              dynamic=False)
 
     @classmethod
     def from_checkpoint(cls, ckpt_path, device, *, data=None, data_root=None, teacher=None, **options):
@@ -142,11 +150,23 @@ class TailSynthesizer:
         # synthesis convolutions run in reduced precision.
         styles = self.g_ema.get_latent(ratio * z + (1 - ratio) * projected[real], labels)
         truncation_latent = self.mean_latent(label, ratio, batch_size) if truncation < 1 else None
+        count = styles.shape[0]
+        if self.compile != "off" and count < batch_size:  # one batch size, one compiled graph
+            styles, labels, *noise = (torch.cat([item, item[:1].expand(batch_size - count, *item.shape[1:])])
+                                      for item in (styles, labels, *noise))
+        if uses_cuda_graphs(self.compile):
+            torch.compiler.cudagraph_mark_step_begin()
+        images = self._pixels(styles, labels, noise, truncation, truncation_latent)
+        if uses_cuda_graphs(self.compile):
+            images = images.clone()  # the graph's output memory is reused by its next replay
+        return images[:count].permute(0, 2, 3, 1)
+
+    def synthesize(self, styles, labels, noise, truncation, truncation_latent):
+        """8-bit images [N, 3, H, W] from W latents (the part --compile compiles)."""
         with autocast(self.device, self.amp):
             images, _ = self.g_ema([styles], labels, noise=noise, truncation=truncation,
                                    truncation_latent=truncation_latent, input_is_latent=True)
-        images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return images.permute(0, 2, 3, 1)
+        return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
     @torch.no_grad()
     def mean_latent(self, label, ratio, batch_size=64, samples=4096):

@@ -9,8 +9,8 @@ official fused modulated conv against our default shared-weight one, with and wi
 CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp); seconds
 per step and peak GPU memory. Generation: CDTG/generation.py's own pipeline (seeded
 inputs, g_ema, JPEG encoding and writing) at --batch 1 with the fused conv (the official
-way) and at the default batch, plus the render alone, and on GPUs with --amp bf16 and a
-4x larger batch. Models have random weights (nothing is downloaded): timing depends on
+way) and at the default batch, plus the render alone, and on GPUs with --amp bf16, a
+4x larger batch and --compile (default and reduce-overhead; compiled before the timing). Models have random weights (nothing is downloaded): timing depends on
 shapes, not values. Results are appended as JSON lines to --out.
 """
 import argparse
@@ -126,7 +126,7 @@ def write_tail_data(folder, size, images=16):
     return tail
 
 
-def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpeg=True, images=None):
+def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpeg=True, images=None, compile="off"):
     """CDTG/generation.py's own path: per-image seeded inputs drawn by a thread, g_ema, copy to
     pinned memory, JPEG encoding and writing in --jpeg-workers threads. Without write_jpeg,
     only the render (the GPU part) is timed."""
@@ -137,7 +137,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
         tail = write_tail_data(folder / "data", args.size)
         trainer = build(args, device, with_clip=False)
         synth = TailSynthesizer(trainer.g_ema, trainer.fusion, trainer.teacher, tail, device, modconv=modconv,
-                                amp=amp)
+                                amp=amp, compile=compile)
         common = dict(class_ids=[0], ratio=0.05, seed=0, truncation=1.0, batch_size=batch, quality=95,
                       workers=args.jpeg_workers)
         if write_jpeg:
@@ -154,8 +154,8 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
 
             seconds = timed(render, device, 2, max(1, images // batch)) * max(1, images // batch)
             images = batch * max(1, images // batch)
-    return {"bench": "generation", "batch": batch, "modconv": modconv, "amp": amp, "jpeg": write_jpeg,
-            "images": images, "images_per_second": round(images / seconds, 1)}
+    return {"bench": "generation", "batch": batch, "modconv": modconv, "amp": amp, "compile": compile,
+            "jpeg": write_jpeg, "images": images, "images_per_second": round(images / seconds, 1)}
 
 
 def main():
@@ -192,7 +192,9 @@ def main():
                   dict(batch=batch, write_jpeg=False)]
     if gpu:
         generation += [dict(batch=batch, amp="bf16"), dict(batch=batch, amp="bf16", write_jpeg=False),
-                       dict(batch=4 * batch, amp="bf16")]
+                       dict(batch=4 * batch, amp="bf16"), dict(batch=batch, compile="default"),
+                       dict(batch=batch, compile="reduce-overhead"),
+                       dict(batch=batch, compile="reduce-overhead", write_jpeg=False)]
     cases = []
     if args.part in ("all", "step"):
         cases += [lambda options=options: bench_step(args, device, **options) for options in steps]
