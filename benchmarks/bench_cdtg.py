@@ -6,7 +6,8 @@
 
 Training step (all losses back-propagated, averaged over a whole regulariser cycle): the
 official fused modulated conv against our default shared-weight one, with and without the
-CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp); seconds
+CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp) and with
+--compile (compiled in the warm-up steps); seconds
 per step and peak GPU memory. Generation: CDTG/generation.py's own pipeline (seeded
 inputs, g_ema, JPEG encoding and writing) at --batch 1 with the fused conv (the official
 way) and at the default batch, plus the render alone, and on GPUs with --amp bf16, a
@@ -75,7 +76,7 @@ def release(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def build(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared"):
+def build(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared", compile=False):
     torch.manual_seed(0)
     g = Generator(args.size, args.latent, args.n_mlp, num_classes=args.classes, channel_max=args.channel_max)
     d = Discriminator(args.size, args.classes, label_dim=args.latent, channel_max=args.channel_max)
@@ -90,13 +91,13 @@ def build(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared"
     if with_clip:
         clip_model = (tiny_clip() if args.tiny else paper_clip()).float().to(device)
         clip_loss = ClipConsistencyLoss(clip_model, [f"A photo of a class {i}" for i in range(args.classes)])
-    cfg = GanConfig(batch=args.batch, workers=0, lambda_clip=1.0 if with_clip else 0.0, amp=amp)
+    cfg = GanConfig(batch=args.batch, workers=0, lambda_clip=1.0 if with_clip else 0.0, amp=amp, compile=compile)
     return CdtgTrainer(g, d, g_ema, fusion, teacher, clip_loss, cfg, device, Path("unused"), {"class_ids": []})
 
 
-def bench_step(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared"):
+def bench_step(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared", compile=False):
     release(device)
-    trainer = build(args, device, with_clip, fusion_pool, amp, modconv)
+    trainer = build(args, device, with_clip, fusion_pool, amp, modconv, compile)
     real = torch.randn(args.batch, 3, args.size, args.size, device=device)
     labels = torch.arange(args.batch, device=device) % args.classes
 
@@ -108,7 +109,7 @@ def bench_step(args, device, with_clip, fusion_pool=None, amp="off", modconv="sh
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     fusion_parameters = sum(p.numel() for p in trainer.fusion.parameters())
     return {"bench": "cdtg_step", "clip": with_clip, "fusion_pool": fusion_pool, "amp": amp, "modconv": modconv,
-            "fusion_parameters": fusion_parameters, "seconds_per_step": seconds, "peak_gib": peak}
+            "compile": compile, "fusion_parameters": fusion_parameters, "seconds_per_step": seconds, "peak_gib": peak}
 
 
 def write_tail_data(folder, size, images=16):
@@ -187,7 +188,8 @@ def main():
     batch, pool = (16, 1) if args.tiny else (64, 4)
     steps = [dict(with_clip=True, modconv="fused"), dict(with_clip=True), dict(with_clip=False),
              dict(with_clip=True, fusion_pool=pool)]
-    steps += [dict(with_clip=True, amp="bf16"), dict(with_clip=False, amp="bf16")] if gpu else []
+    steps += [dict(with_clip=True, amp="bf16"), dict(with_clip=False, amp="bf16"),
+              dict(with_clip=True, compile=True)] if gpu else []
     generation = [dict(batch=1, modconv="fused", images=batch), dict(batch=batch), dict(batch=batch, modconv="fused"),
                   dict(batch=batch, write_jpeg=False)]
     if gpu:
