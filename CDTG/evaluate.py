@@ -21,7 +21,7 @@ from CDTG.evaluation import Evaluator, evaluate_folders, recorded_inputs  # noqa
 from CDTG.fidelity import load_inception, load_lpips  # noqa: E402
 from CDTG.tail_data import load_tail_classes  # noqa: E402
 from CDTG.tail_data import load_teacher  # noqa: E402
-from tgn.cli import make_parser  # noqa: E402
+from tgn.cli import make_parser, non_negative_int, positive_int  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, save_options  # noqa: E402
@@ -39,20 +39,20 @@ def build_parser():
     metrics.add_argument("--inception", default="torchvision",
                          help="FID features: 'torchvision' (downloaded when online), a weight file, or 'none'")
     metrics.add_argument("--lpips", default="alex", choices=["alex", "none"], help="LPIPS backbone")
-    metrics.add_argument("--pairs", type=int, default=1000, help="random LPIPS pairs per class and set")
+    metrics.add_argument("--pairs", type=positive_int, default=1000, help="random LPIPS pairs per class and set")
     metrics.add_argument("--clip", default="ViT-B/32", help="CLIP model name, a local file, or 'none'")
     metrics.add_argument("--clip-root", default=None, help="download folder of CLIP weights")
     metrics.add_argument("--teacher", default=None,
                          help="tail model M_T, or 'none' (default: the one the generation checkpoint records)")
     runtime = parser.add_argument_group("cost and runtime")
-    runtime.add_argument("--max-per-class", type=int, default=1000,
+    runtime.add_argument("--max-per-class", type=positive_int, default=1000,
                          help="at most this many images per class and set (a seeded random subset)")
-    runtime.add_argument("--size", type=int, default=None,
+    runtime.add_argument("--size", type=positive_int, default=None,
                          help="images are resized to this square size (default: the generated images' size)")
-    runtime.add_argument("--batch", type=int, default=64, help="images per model call")
+    runtime.add_argument("--batch", type=positive_int, default=64, help="images per model call")
     runtime.add_argument("--seed", type=int, default=0, help="seed of the subsets and LPIPS pairs")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    runtime.add_argument("--workers", type=int, default=4, help="DataLoader worker processes decoding images")
+    runtime.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes decoding images")
     return parser
 
 
@@ -94,8 +94,6 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     folders = [Path(folder) for folder in args.folders]
     check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False)
-    if args.max_per_class < 1 or args.pairs < 1 or args.batch < 1:
-        raise UserError("--max-per-class, --pairs and --batch must be >= 1")
     data, teacher_path, notes = resolve_inputs(args)
     tail = load_tail_classes(data, args.data_root)
     device = resolve_device(args.device)

@@ -1,7 +1,8 @@
 """The tail-class data of CDTG: a manifest written by CDTG/dataset_split.py.
 
 The manifest (`tail_classes.json`) fixes the generator's label order (label k is the
-k-th tail class, ascending dataset class id, the tail model's output order too), the
+k-th tail class of the split: by training count, descending, ties by class id; the tail
+model's output order too), the
 class names and the CLIP prompts; `train.txt` lists the tail training images in the
 dataset's annotation format, pointing into DATA (nothing is copied).
 """

@@ -1,7 +1,7 @@
 """Side-by-side table of several classifier reports: head acc, tail acc, OA, macro-F1.
 
-    python Classification/compare.py runs/dior/cls-baseline runs/dior/cls-resample \\
-        runs/dior/cls-bsoftmax runs/dior/cls/report-best --out runs/dior/comparison
+    python Classification/compare.py runs/dior/cls-baseline/report-best runs/dior/cls-resample/report-best \\
+        runs/dior/cls-bsoftmax/report-best runs/dior/cls/report-best --out runs/dior/comparison
 
 Each REPORT is a report.json or the folder holding it (report-best/ of train.py, or a
 test.py --out folder), optionally prefixed with a row name: "baseline=runs/.../report.json".

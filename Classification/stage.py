@@ -6,6 +6,7 @@ from Classification.figures import plot_confusion, plot_long_tail
 from Classification.report import build_report, read_report, report_markdown, write_report
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
+from tgn.cli import head_percent
 from tgn.data import ImageList, build_transform, drop_unreadable, samples_for
 from tgn.engine import evaluate, make_loader
 from tgn.errors import UserError
@@ -17,7 +18,7 @@ def add_report_args(parser):
     group.add_argument("--split", type=Path, default=None,
                        help="head/tail from this split folder (KMDN/dataset_split.py); without it they are "
                             "recomputed from DATA's real training counts with --threshold")
-    group.add_argument("--threshold", type=float, default=40.0,
+    group.add_argument("--threshold", type=head_percent, default=40.0,
                        help="percent of classes (ranked by real training count) that are head, without --split")
     group.add_argument("--name", default=None, help="method name in the report and comparison table")
     group.add_argument("--baseline-report", type=Path, default=None,

@@ -1,6 +1,7 @@
 """Evaluate a classifier on DATA's test images and write its report.
 
-    python Classification/test.py --data-root DATA --ckpt runs/dior/cls/best.pth --split runs/dior/split
+    python Classification/test.py --data-root DATA --ckpt runs/dior/cls/best.pth --split runs/dior/split \\
+        --out runs/dior/cls/report-split
     python Classification/test.py --data-root DATA --ckpt result.pth      # the released weights
 
 --ckpt is one of our checkpoints (it names its classes) or the official bare state dict

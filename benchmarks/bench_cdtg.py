@@ -14,7 +14,6 @@ way) and at the default batch, plus the render alone, and on GPUs with --amp bf1
 4x larger batch and --compile (default and reduce-overhead; compiled before the timing). Models have random weights (nothing is downloaded): timing depends on
 shapes, not values. Results are appended as JSON lines to --out.
 """
-import argparse
 import gc
 import json
 import sys
@@ -34,6 +33,7 @@ from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
 from CDTG.synthesis import TailSynthesizer, run_generation  # noqa: E402
 from CDTG.tail_data import IMAGE_LIST, TailClasses  # noqa: E402
+from tgn.cli import make_parser  # noqa: E402
 from tgn.data import Entry, write_annotation  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
@@ -160,7 +160,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
                         help="auto: paper on a GPU, tiny on a CPU")
     parser.add_argument("--tiny", action="store_true", help="the same as --config tiny")

@@ -15,7 +15,6 @@ speed, and compiled (--compile-modes, default reduce-overhead: CUDA graphs repla
 in one launch) at its own batch, in-memory. Models have random weights: timing depends on shapes, not values. JSON lines are
 appended to --out.
 """
-import argparse
 import json
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import tgn.engine  # noqa: E402
 from Classification.model import build_classifier  # noqa: E402
 from KMDN.distillation import make_distill_loss_fn  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
-from tgn.cli import COMPILE_MODES  # noqa: E402
+from tgn.cli import COMPILE_MODES, make_parser  # noqa: E402
 from tgn.data import ImageList, build_transform  # noqa: E402
 from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, prepare_model,  # noqa: E402
                         resolve_device, train_one_epoch, uses_cuda_graphs)
@@ -126,7 +125,7 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
                         help="auto: paper on a GPU, tiny on a CPU")
     parser.add_argument("--device", default="auto")

@@ -3,7 +3,8 @@
     python data/demo.py --out demo-run        # what `make demo` runs
 
 Every stage is the real script with small settings passed as flags: 32 px images, narrow
-ResNet-18s with random init, a narrow 32 px SWAGAN, and a tiny randomly initialised CLIP
+ResNet-18s for KMDN and standard ResNet-18 classifiers with random init, a narrow 32 px
+SWAGAN, and a tiny randomly initialised CLIP
 built in code and handed over with --clip PATH (nothing can be downloaded). It prints
 each stage's time and ends with the baseline vs TGN table. `--device cuda` runs the same
 on a GPU.
@@ -19,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, no install needed
 
 import torch  # noqa: E402
 
-from tgn.cli import make_parser  # noqa: E402
+from tgn.cli import make_parser, non_negative_int, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 
 
@@ -40,10 +41,10 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for the data and every run")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers of every stage")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of each ResNet training")
-    parser.add_argument("--gan-steps", type=int, default=500, help="CDTG training steps")
-    parser.add_argument("--per-class", type=int, default=100, help="generated images per tail class")
+    parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers of every stage")
+    parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of each ResNet training")
+    parser.add_argument("--gan-steps", type=positive_int, default=500, help="CDTG training steps")
+    parser.add_argument("--per-class", type=positive_int, default=100, help="generated images per tail class")
     parser.add_argument("--overwrite", action="store_true", help="delete --out first")
     return parser
 

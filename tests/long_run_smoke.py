@@ -7,7 +7,6 @@ SIGKILL at random moments and resumed each time, until it reaches the same step.
 checks that every logged loss is finite, that each step was logged exactly once, and that
 the final checkpoints of both runs are identical. Exit status 0 means all held.
 """
-import argparse
 import json
 import math
 import random
@@ -23,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from conftest import tiny_clip  # noqa: E402
+from tgn.cli import make_parser  # noqa: E402
 from tgn.io import atomic_torch_save  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
 
@@ -61,7 +61,7 @@ def check_metrics(out, steps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--save-every", type=int, default=100)
     parser.add_argument("--work", type=Path, default=Path("runs/smoke"))

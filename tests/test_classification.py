@@ -245,15 +245,16 @@ def test_test_py_replaces_a_report_only_with_overwrite(trained, tmp_path, capsys
 
 def test_loading_errors_are_one_line(trained, tmp_path, capsys):
     _, out, _ = trained
+    test_py = ["--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "report")]
     other = write_dataset(tmp_path / "other", {0: 1, 1: 1, 2: 1, 3: 1, 5: 1})
-    err = exit_message(capsys, evaluate_main, ["--data-root", str(other), "--ckpt", str(out / "best.pth")])
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(other), *test_py])
     assert "trained on classes [0, 1, 2, 3, 4]" in err
     data = write_dataset(tmp_path / "data", COUNTS)
     (data / "test" / "2" / "img 1.jpg").unlink()
-    err = exit_message(capsys, evaluate_main, ["--data-root", str(data), "--ckpt", str(out / "best.pth")])
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(data), *test_py])
     assert "img 1.jpg does not exist" in err
     shutil.rmtree(data / "test")
-    err = exit_message(capsys, evaluate_main, ["--data-root", str(data), "--ckpt", str(out / "best.pth")])
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(data), *test_py])
     assert err == f"error: test folder not found: {data / 'test'}"
 
 

@@ -37,9 +37,20 @@ def test_impossible_resnet_flags_stop_before_anything_is_written(split_dir, tmp_
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exit_info:
         umodel_main(["--split", str(split_dir), "--out", str(out), *TINY, flag, value])
-    assert exit_info.value.code == 2
-    assert f"argument {flag}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1  # argparse's usage block left out
+    assert err.startswith(f"error: argument {flag}") and err.rstrip().endswith("--help)")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("main, argv", [(generation_main, ["--ckpt", "x.pt", "--r", "1.5"]),
+                                        (generation_main, ["--ckpt", "x.pt", "--per-class", "-1"]),
+                                        (split_main, ["--data-root", "x", "--threshold", "100"])])
+def test_impossible_values_of_other_scripts_are_argparse_errors(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: argument ")
 
 
 @pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--save-every", "0"), ("--log-every", "0"),

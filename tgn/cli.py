@@ -31,11 +31,20 @@ positive_float = _number(float, lambda v: v > 0, "positive")
 non_negative_float = _number(float, lambda v: v >= 0, "0 or more")
 fraction = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 jpeg_quality = _number(int, lambda v: 1 <= v <= 100, "between 1 and 100")
+head_percent = _number(float, lambda v: 0 < v < 100, "between 0 and 100 (percent of classes)")
 gan_size = _number(int, lambda v: 16 <= v <= 1024 and v & (v - 1) == 0, "a power of two from 16 to 1024")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line, like every other error of the scripts
+    (argparse's own print the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def make_parser(doc):
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+    return ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
 def add_runtime_args(parser):
