@@ -4,8 +4,9 @@ Each image is determined by (seed, class id, index) alone: its noise vector, the
 image whose feature is fused in, and its noise maps come from a CPU generator seeded
 with those three numbers. A run that was stopped and restarted, or run with another
 batch size or number of processes, therefore writes the images an uninterrupted run
-would have written (byte for byte on a CPU; on a GPU up to float rounding, as cuDNN picks
-its kernels per run and batch size).
+would have written, up to float rounding: matrix products and convolutions may round
+differently with the batch size (BLAS and cuDNN pick their kernels by shape), which can
+move a rare pixel by one level. With the same batches they are the same bytes on a CPU.
 
 The GPU never waits for the CPU: a thread draws the next batch's inputs while the GPU
 renders the current one, finished batches come back to pinned memory without blocking,
