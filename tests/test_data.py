@@ -23,10 +23,29 @@ def test_bad_annotation_line_names_file_and_line(tmp_path):
         read_annotation(anno)
 
 
-def test_missing_image_is_named(tmp_path):
+def test_missing_image_is_named_with_its_line(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
     (data / "train" / "1" / "img 0.jpg").unlink()
-    with pytest.raises(UserError, match="img 0.jpg does not exist"):
+    with pytest.raises(UserError, match=r"TOY_train.txt:3: image .*img 0.jpg does not exist \(fix or remove"):
+        open_dataset(data).entries("train")
+
+
+def test_annotation_encodings(tmp_path):
+    anno = tmp_path / "a.txt"
+    anno.write_bytes("\ufeff0/a b.jpg 0\r\n1/c.jpg 1\r\n\r\n".encode("utf-8"))  # Notepad: BOM, CRLF
+    assert [(e.relpath, e.class_id) for e in read_annotation(anno)] == [("0/a b.jpg", 0), ("1/c.jpg", 1)]
+    anno.write_bytes("0/a.jpg 0\n0/caf\u00e9.jpg 0\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"a.txt:2: not UTF-8 text \(byte 0xe9\)"):
+        read_annotation(anno)
+
+
+def test_class_list_mistakes_are_named(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    (data / "classes.json").write_text('{"dataset": "TOY", "classes": [{"id": 0, "name": "a"}, {"id": 0, "name": "b"}]}')
+    with pytest.raises(UserError, match="class id 0 is listed twice"):
+        open_dataset(data)
+    (data / "classes.json").write_text('{"dataset": "Other", "classes": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}')
+    with pytest.raises(UserError, match=r"Other_train.txt \(its name comes from the \"dataset\" field"):
         open_dataset(data).entries("train")
 
 

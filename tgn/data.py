@@ -40,8 +40,14 @@ def read_annotation(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"annotation file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first path
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
     entries = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         fields = line.rstrip().rsplit(None, 1)
@@ -60,11 +66,24 @@ def write_annotation(path, entries):
 
 
 def check_files_exist(root, entries, source):
-    """Fail on the first entry whose image is missing (cheap: a stat per file)."""
+    """Fail on the first entry whose image is missing (cheap: a stat per file), naming the
+    annotation line when `source` is the annotation file."""
     root = Path(root)
     for entry in entries:
         if not (root / entry.relpath).is_file():
-            raise UserError(f"{source}: image {root / entry.relpath} does not exist")
+            raise UserError(f"{_line_of(source, entry.relpath)}: image {root / entry.relpath} does not exist "
+                            "(fix or remove the line)")
+
+
+def _line_of(source, relpath):
+    """'FILE:LINE' of the first line of annotation file `source` listing `relpath`; else `source`."""
+    try:
+        for number, line in enumerate(Path(source).read_text(encoding="utf-8-sig").splitlines(), start=1):
+            if line.rstrip().rsplit(None, 1)[:1] == [relpath]:
+                return f"{source}:{number}"
+    except (OSError, UnicodeDecodeError):
+        pass
+    return str(source)
 
 
 @dataclass
@@ -84,6 +103,9 @@ class DatasetInfo:
 
     def entries(self, subset, check_files=True):
         path = self.annotation_path(subset)
+        if not path.is_file() and self.has_class_list:
+            raise UserError(f"annotation file not found: {path} (its name comes from the \"dataset\" field of "
+                            f"{self.root / 'classes.json'}: {self.name!r})")
         entries = read_annotation(path)
         if not entries:
             raise UserError(f"{path} lists no images")
@@ -110,9 +132,14 @@ def read_classes_json(path):
     """Return (dataset name or None, {class_id: name}) from a classes.json file."""
     data = read_json(path, "class list")
     try:
-        names = {int(item["id"]): str(item["name"]) for item in data["classes"]}
+        pairs = [(int(item["id"]), str(item["name"])) for item in data["classes"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path}: expected {{'dataset': NAME, 'classes': [{{'id': 0, 'name': ...}}, ...]}}") from exc
+    names = {}
+    for cid, name in pairs:
+        if cid in names:
+            raise UserError(f"{path}: class id {cid} is listed twice")
+        names[cid] = name
     return data.get("dataset"), names
 
 
@@ -210,7 +237,11 @@ class ImageList(Dataset):
 
     def __getitem__(self, index):
         path, label = self.samples[index]
-        image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
+        try:
+            image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
+        except UserError as exc:
+            raise UserError(f"{exc} (fix or remove the file; the training scripts and Classification/test.py "
+                            "leave such files out with --skip-bad-images)") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.tensor(label, dtype=torch.long)
