@@ -6,6 +6,7 @@ model's output order too), the
 class names and the CLIP prompts; `train.txt` lists the tail training images in the
 dataset's annotation format, pointing into DATA (nothing is copied).
 """
+import warnings
 from pathlib import Path
 
 import torch
@@ -135,4 +136,7 @@ def load_teacher(path, tail):
     ids = checkpoint.get("class_ids") if "state_dict" in checkpoint else None
     if ids is not None and list(ids) != tail.ids:
         raise UserError(f"--teacher {path} was trained on classes {ids}, the tail classes are {tail.ids}")
+    if checkpoint.get("distilled") is False:
+        warnings.warn(f"--teacher {path} was written by a Distill.py run too short to distill it (the tail model "
+                      "as given)")
     return teacher

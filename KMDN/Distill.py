@@ -86,7 +86,12 @@ def main(argv=None):
     for group, accuracy in best.items():
         shown = f"{100 * accuracy:.2f}%" if accuracy > -1 else "not trained"
         print(f"{group}: best test accuracy while student {shown}")
-    print(f"distilled tail model: {run_dir / 'M_T.pth'}")
+    if best["tail"] > -1:
+        print(f"distilled tail model: {run_dir / 'M_T.pth'}")
+    else:  # CDTG reads M_T.pth: say loudly that it is the tail model as given
+        print(f"warning: M_T was not distilled: the tail model learns in epochs {args.distill_interval + 1} to "
+              f"{2 * args.distill_interval}, this run has {args.epochs}; {run_dir / 'M_T.pth'} is the tail model as "
+              "given (continue with --resume --epochs N to distill it)", file=sys.stderr)
 
 
 if __name__ == "__main__":

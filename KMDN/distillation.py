@@ -133,7 +133,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         if improved:
             save_checkpoint(out_dir / OUTPUT_NAMES[student_group],
                             {**metas[student_group], "state_dict": student.state_dict(), "epoch": epoch,
-                             "metrics": summary})
+                             "metrics": summary, "distilled": True})
         append_jsonl(out_dir / "metrics.jsonl", {"epoch": epoch + 1, "student": student_group, "lr": lr, **stats,
                                                   **summary, "seconds": round(time.time() - started, 2)})
         save_checkpoint(out_dir / "last.pth", {
@@ -147,9 +147,10 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         print(f"epoch {epoch + 1}/{cfg.epochs} student {student_group} lr {lr:.1e} loss {stats['train_loss']:.4f} "
               f"test OA {format_percent(accuracy)} macro-F1 {format_percent(summary['macro_f1'])}"
               + (" *best" if improved else ""))
-    # A model that never was the student (too few epochs) is passed on unchanged.
+    # A model that never was the student (too few epochs) is passed on unchanged, marked as such.
     for group, model in models.items():
         if main and not (out_dir / OUTPUT_NAMES[group]).exists():
-            save_checkpoint(out_dir / OUTPUT_NAMES[group], {**metas[group], "state_dict": model.state_dict()})
+            save_checkpoint(out_dir / OUTPUT_NAMES[group],
+                            {**metas[group], "state_dict": model.state_dict(), "distilled": False})
     dist.barrier()  # the outputs are complete before any process reads them
     return best

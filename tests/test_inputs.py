@@ -228,3 +228,19 @@ def test_official_teacher_refuses_tail_data_in_another_class_order(cdtg_inputs, 
         cls["label"] = label
     manifest.write_text(json.dumps(tail))
     expect_user_error(capsys, lambda: cdtg_train_main(args), "is an official file")
+
+
+def test_teacher_files_of_the_wrong_kind_are_named(cdtg_inputs, tmp_path):
+    from Classification.model import build_classifier
+    from CDTG.tail_data import load_tail_classes, load_teacher
+    from tgn.checkpoint import load_checkpoint
+    from tgn.errors import UserError
+
+    tail = load_tail_classes(cdtg_inputs / "cdtg_data")
+    torch.save(build_classifier("resnet18", 3).state_dict(), tmp_path / "classifier.pth")
+    with pytest.raises(UserError, match="is a classifier .*the tail model .--teacher. is a KMDN model"):
+        load_teacher(tmp_path / "classifier.pth", tail)
+    short = load_checkpoint(cdtg_inputs / "M_T.pth")
+    torch.save({**short, "distilled": False}, tmp_path / "M_T.pth")  # Distill.py ran too few epochs
+    with pytest.warns(UserWarning, match="too short to distill"):
+        load_teacher(tmp_path / "M_T.pth", tail)

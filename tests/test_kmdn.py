@@ -121,8 +121,24 @@ def test_distill_alternates_students_and_writes_named_outputs(split_dir, tmp_pat
     assert not torch.equal(state["models"]["head"]["conv1.weight"], head_before["conv1.weight"])
     assert not torch.equal(state["models"]["tail"]["conv1.weight"], tail_before["conv1.weight"])
     m_t = load_checkpoint(out / "distill" / "M_T.pth")
-    assert m_t["class_ids"] == [2, 3, 4] and m_t["group"] == "tail"
+    assert m_t["class_ids"] == [2, 3, 4] and m_t["group"] == "tail" and m_t["distilled"]
     assert (out / "distill" / "M_H.pth").is_file()
+
+
+def test_a_run_too_short_to_distill_m_t_says_so(split_dir, tmp_path, capsys):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    capsys.readouterr()
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--distill-interval", "1",
+                  "--image-size", "16", "--batch-size", "8", "--workers", "0"])
+    captured = capsys.readouterr()
+    assert "warning: M_T was not distilled: the tail model learns in epochs 2 to 2, this run has 1" in captured.err
+    assert "distilled tail model" not in captured.out
+    m_t = load_checkpoint(out / "distill" / "M_T.pth")
+    assert m_t["distilled"] is False and load_checkpoint(out / "distill" / "M_H.pth")["distilled"] is True
+    tail = load_checkpoint(out / "tail" / "best.pth")["state_dict"]
+    assert all(torch.equal(tail[k], m_t["state_dict"][k]) for k in tail)  # passed on unchanged
 
 
 def test_teacher_unchanged_during_its_teaching_epoch(split_dir, tmp_path):

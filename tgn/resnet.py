@@ -174,6 +174,9 @@ def load_feature_resnet(path, what="model checkpoint"):
     """
     checkpoint = load_checkpoint(path, what)
     state = state_dict_of(checkpoint, f"{what} {path}")
+    if "fc.0.weight" in state and "conv1.weight" in state:
+        raise UserError(f"{path} is a classifier (Classification/train.py, result.pth); the {what} is a KMDN "
+                        "model (KMDN/UModel.py, RModel.py or Distill.py)")
     if "fc.weight" not in state or "conv1.weight" not in state:
         raise UserError(f"{path} is not a ResNet checkpoint (no conv1/fc weights)")
     config = checkpoint.get("model_config") if "state_dict" in checkpoint else None
