@@ -40,6 +40,8 @@ def read_extra(folder, class_names):
     if not annotation.is_file():
         raise UserError(f"--extra {folder}: no {EXTRA_ANNOTATION} (lines '<class_id>/<file> <class_id>')")
     entries = read_annotation(annotation)
+    if not entries:  # training would silently be the baseline
+        raise UserError(f"--extra {folder}: {annotation} lists no images")
     unknown = sorted({entry.class_id for entry in entries} - set(class_names))
     if unknown:
         raise UserError(f"{annotation}: class id {unknown[0]} is not a class of the dataset")

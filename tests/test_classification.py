@@ -134,6 +134,10 @@ def test_bad_extra_folders_are_refused(toy_data, tmp_path):
         handle.write("3/fake 0.jpg 4\n")
     with pytest.raises(UserError, match="listed with another class"):
         training_images(info, [conflicting])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "anno.txt").write_text("")  # a generation that wrote nothing
+    with pytest.raises(UserError, match="anno.txt lists no images"):
+        training_images(info, [tmp_path / "empty"])
 
 
 def test_extra_annotation_pointing_to_a_missing_file_stops_training(toy_data, tmp_path, capsys):

@@ -44,7 +44,7 @@ def test_impossible_resnet_flags_stop_before_anything_is_written(split_dir, tmp_
 
 
 @pytest.mark.parametrize("main, argv", [(generation_main, ["--ckpt", "x.pt", "--r", "1.5"]),
-                                        (generation_main, ["--ckpt", "x.pt", "--per-class", "-1"]),
+                                        (generation_main, ["--ckpt", "x.pt", "--per-class", "0"]),
                                         (split_main, ["--data-root", "x", "--threshold", "100"])])
 def test_impossible_values_of_other_scripts_are_argparse_errors(main, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
