@@ -32,6 +32,7 @@ from tgn import distributed as dist  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import save_options  # noqa: E402
+from tgn.resume import check_resume  # noqa: E402
 from CDTG.checkpoint import checkpoint_steps  # noqa: E402
 
 
@@ -159,8 +160,10 @@ def clear_run(out):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if checkpoint_steps(args.out / "checkpoint") and not (args.resume or args.overwrite):
+    steps = checkpoint_steps(args.out / "checkpoint")
+    if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
+    check_resume(args.out, args, done=steps[-1] if steps else None, length="iter")
     tail = load_tail_classes(args.data, args.data_root)
     device = dist.init(args.device)
     seed_everything(args.seed)

@@ -221,7 +221,6 @@ class CdtgTrainer:
         self.mean_path_length = torch.tensor(state["mean_path_length"], device=self.device)
         self.step = state["step"]
         if dist.is_main():
-            trim_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
             print(f"resuming from {path} at step {self.step}")
         return True
 
@@ -358,6 +357,8 @@ class CdtgTrainer:
         """Train until cfg.iterations; checkpoint every save_every steps and at the end.
         `sample_set` (z, labels, real images of the sample grid) is needed on rank 0 only."""
         cfg, main = self.cfg, dist.is_main()
+        if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
+            trim_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
         sampler = StepBatchSampler(len(dataset), cfg.batch, cfg.seed, self.step, cfg.iterations)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                             pin_memory=self.device.type == "cuda")

@@ -36,6 +36,7 @@ from tgn.cache import ResizeCache  # noqa: E402
 from tgn.engine import fit, seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
+from tgn.resume import check_resume, epochs_done  # noqa: E402
 
 
 def build_parser():
@@ -68,6 +69,7 @@ def method_name(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_resume(args.out, args, done=epochs_done(args.out / "last.pth"))
     baseline = read_baseline(args)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)

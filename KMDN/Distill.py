@@ -23,6 +23,7 @@ from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resnet import load_feature_resnet  # noqa: E402
+from tgn.resume import check_resume, epochs_done  # noqa: E402
 from tgn.split import check_official_order  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def load_group_model(path, split, group):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
+    check_resume(args.out / "distill", args, done=epochs_done(args.out / "distill" / "last.pth"))
     split = open_split(args)
     device = dist.init(args.device)
     seed_everything(args.seed)

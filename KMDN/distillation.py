@@ -93,8 +93,9 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         best = state["best"]
         start_epoch = state["epoch"] + 1
         if main:
-            trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
             print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
+    if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
+        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     test_loaders = {
         group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device,
                            pin_memory=cfg.pin_memory)

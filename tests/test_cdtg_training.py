@@ -191,9 +191,16 @@ def test_real_images_are_flipped_only_with_the_flag(cdtg_inputs, monkeypatch):
     assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < len(mirrored)
 
 
-def test_resume_refuses_another_fusion_layer(cdtg_inputs, capsys):
+def test_resume_refuses_other_flags_and_another_fusion_layer(cdtg_inputs, capsys):
     out = cdtg_inputs / "run"
     train_main(tiny_train_args(cdtg_inputs, out, "--iter", "2"))
+    capsys.readouterr()
+    for flags, message in ((["--size", "64"], "was started with --size 32, this call has --size 64"),
+                           (["--iter", "1"], "has already trained 2 steps; --iter 1 is fewer")):
+        with pytest.raises(SystemExit):
+            train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", *flags))
+        assert message in capsys.readouterr().err
+    (out / "options.json").unlink()  # without the run's flags, the checkpoint's own check
     with pytest.raises(SystemExit):
         train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", "--fusion-lr-mul", "1"))
     assert "another noise-fusion layer" in capsys.readouterr().err

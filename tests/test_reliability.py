@@ -62,6 +62,33 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_resume_finishes(s
     assert epochs == list(range(1, 41))  # nothing logged twice, nothing missing
 
 
+def test_resume_keeps_the_runs_flags(split_dir, tmp_path, capsys):
+    out = tmp_path / "kmdn"
+    common = ["--split", str(split_dir), "--out", str(out), *TINY]
+    umodel_main([*common, "--epochs", "2", "--resume"])  # nothing to resume yet: a new run, said so
+    assert f"note: nothing to resume in {out / 'head'}: starting a new run" in capsys.readouterr().out
+    expect_user_error(capsys, lambda: umodel_main([*common, "--epochs", "3", "--resume", "--image-size", "32"]),
+                      "was started with --image-size 16, this call has --image-size 32; resume with the flags")
+    expect_user_error(capsys, lambda: umodel_main([*common, "--epochs", "3", "--resume", "--lr", "0.01",
+                                                   "--seed", "1"]), "--lr 0.001, --seed 0, this call has --lr 0.01")
+    expect_user_error(capsys, lambda: umodel_main([*common, "--epochs", "1", "--resume"]),
+                      "has already trained 2 epochs; --epochs 1 is fewer")
+    assert json.loads((out / "head" / "options.json").read_text())["epochs"] == 2  # the refusals wrote nothing
+    # How it runs and how long may change: more epochs, another device setting, workers.
+    umodel_main([*common, "--epochs", "3", "--resume", "--workers", "1", "--amp", "off"])
+    epochs = [json.loads(line)["epoch"] for line in (out / "head" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_lines_of_a_run_killed_before_its_first_checkpoint_are_dropped(split_dir, tmp_path):
+    out = tmp_path / "kmdn"
+    (out / "head").mkdir(parents=True)
+    (out / "head" / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 9}\n')  # no last.pth was written
+    umodel_main(["--split", str(split_dir), "--out", str(out), *TINY, "--epochs", "1"])
+    lines = (out / "head" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["train_loss"] != 9
+
+
 def test_disk_full_while_saving_keeps_the_old_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     atomic_torch_save(path, {"version": 1})

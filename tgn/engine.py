@@ -252,10 +252,11 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
         if main:
-            trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
             print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
         result.best_accuracy = state.get("best_accuracy", -math.inf)
         result.best_epoch = state.get("best_epoch", -1)
+    if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
+        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     num_classes = len(meta["class_ids"])
     test_loader = make_loader(test_set, cfg.batch_size, train=False, workers=cfg.workers, device=device,
                               pin_memory=cfg.pin_memory)
