@@ -280,8 +280,13 @@ TRUNCATION_CENTRE = "mean W of the fused inputs"  # what mean_latent computes; r
 
 
 def check_settings(out_dir, settings, overwrite):
-    """A folder keeps one set of generation settings: adding images must not mix them."""
+    """A folder keeps one set of generation settings: adding images must not mix them. A
+    non-empty folder that generation did not write is refused, --overwrite or not: its
+    class-id folders may be someone else's."""
     path = Path(out_dir) / "generation.json"
+    if not path.is_file() and Path(out_dir).is_dir() and any(Path(out_dir).iterdir()):
+        raise UserError(f"{out_dir} holds other files and no generation.json; generation writes into a new or empty "
+                        "folder or one it wrote: choose another --out")
     if path.is_file() and not overwrite:
         previous = json.loads(path.read_text())
         # Folders written by earlier versions: fp32, JPEG quality 95, and a truncation centre

@@ -116,6 +116,10 @@ def test_generation_checks_the_teacher_and_keeps_one_per_folder(cdtg_inputs, tmp
     torch.save(other.state_dict(), tmp_path / "other_tail.pth")
     expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "2", "--teacher",
                                                        str(tmp_path / "other_tail.pth")]), "other settings (teacher)")
+    for flags in ([], ["--overwrite"]):  # a folder generation did not write is never written into
+        expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "1", "--out", str(run), *flags]),
+                          "holds other files and no generation.json")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "options.json"]
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
