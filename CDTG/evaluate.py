@@ -21,7 +21,7 @@ from CDTG.evaluation import Evaluator, evaluate_folders, recorded_inputs  # noqa
 from CDTG.fidelity import load_inception, load_lpips  # noqa: E402
 from CDTG.tail_data import load_tail_classes  # noqa: E402
 from CDTG.tail_data import load_teacher  # noqa: E402
-from tgn.cli import make_parser, non_negative_int, positive_int  # noqa: E402
+from tgn.cli import DEFAULT_WORKERS, make_parser, non_negative_int, positive_int  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, save_options  # noqa: E402
@@ -52,7 +52,8 @@ def build_parser():
     runtime.add_argument("--batch", type=positive_int, default=64, help="images per model call")
     runtime.add_argument("--seed", type=int, default=0, help="seed of the subsets and LPIPS pairs")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    runtime.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes decoding images")
+    runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
+                         help="DataLoader worker processes decoding images (4, at most the CPU count)")
     return parser
 
 

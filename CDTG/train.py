@@ -26,8 +26,8 @@ from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
 from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
-from tgn.cli import (fraction, make_parser, non_negative_float, non_negative_int, positive_float,  # noqa: E402
-                     positive_int, gan_size)
+from tgn.cli import (DEFAULT_WORKERS, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
+                     non_negative_int, positive_float, positive_int)
 from tgn import distributed as dist  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -106,7 +106,8 @@ def build_parser():
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    runtime.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes")
+    runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
+                         help="DataLoader worker processes (4, at most the CPU count)")
     runtime.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
                          help="mixed precision of the D and G passes (regularisers stay fp32)")
     runtime.add_argument("--modconv", choices=["shared", "fused"], default="shared",

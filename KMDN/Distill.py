@@ -27,6 +27,9 @@ from tgn.resume import check_resume, epochs_done  # noqa: E402
 from tgn.split import check_official_order  # noqa: E402
 
 
+OFFICIAL_IMAGE_SIZE = 224  # what the official KMDN models were trained at
+
+
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
@@ -35,7 +38,9 @@ def build_parser():
     parser.add_argument("--tail-ckpt", type=Path, default=None, help="M_T checkpoint (default OUT/tail/best.pth)")
     parser.add_argument("--alpha", type=non_negative_float, default=0.2, help="weight of the layer3 feature MSE")
     parser.add_argument("--distill-interval", type=positive_int, default=50, help="epochs before the roles switch")
-    add_training_args(parser, epochs=100, batch_size=64)
+    add_training_args(parser, epochs=100, batch_size=64, image_size=None,
+                      image_size_help="images are resized to this square size (default: the size M_H and M_T were "
+                                      f"trained at; {OFFICIAL_IMAGE_SIZE} for official files)")
     add_runtime_args(parser)
     add_output_args(parser, "runs/kmdn")
     return parser
@@ -45,6 +50,7 @@ def load_group_model(path, split, group):
     """M_H or M_T, checked against the split: the class count always; for our checkpoints
     also the group and class ids they were trained on (official files record neither)."""
     model, checkpoint = load_feature_resnet(path, f"{group} model checkpoint")
+    model.training_size = (checkpoint.get("options") or {}).get("image_size", OFFICIAL_IMAGE_SIZE)
     expected = len(split.ids(group))
     if model.config["num_classes"] != expected:
         raise UserError(f"{path} has {model.config['num_classes']} classes, the split's {group} group has {expected}")
@@ -64,13 +70,18 @@ def load_group_model(path, split, group):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
-    check_resume(args.out / "distill", args, done=epochs_done(args.out / "distill" / "last.pth"))
     split = open_split(args)
     device = dist.init(args.device)
     seed_everything(args.seed)
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
     models = {group: load_group_model(paths[group], split, group) for group in paths}
+    if args.image_size is None:
+        sizes = {group: model.training_size for group, model in models.items()}
+        if sizes["head"] != sizes["tail"]:
+            raise UserError(f"M_H was trained at {sizes['head']} px, M_T at {sizes['tail']} px; pass --image-size")
+        args.image_size = sizes["head"]
+    check_resume(args.out / "distill", args, done=epochs_done(args.out / "distill" / "last.pth"))
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).

@@ -248,3 +248,13 @@ def test_teacher_files_of_the_wrong_kind_are_named(cdtg_inputs, tmp_path):
     torch.save({**short, "distilled": False}, tmp_path / "M_T.pth")  # Distill.py ran too few epochs
     with pytest.warns(UserWarning, match="too short to distill"):
         load_teacher(tmp_path / "M_T.pth", tail)
+
+
+def test_warnings_of_the_scripts_are_one_line(tmp_path):
+    data = write_dataset(tmp_path / "data", {0: 6, 1: 6, 2: 2})
+    (data / "classes.json").unlink()
+    result = subprocess.run([sys.executable, str(ROOT / "KMDN" / "dataset_split.py"), "--data-root", str(data),
+                             "--out", str(tmp_path / "split")], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [f"warning: {data / 'classes.json'} not found: classes are named by id "
+                                          "(CLIP prompts need real names)"]

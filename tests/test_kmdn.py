@@ -113,7 +113,9 @@ def test_distill_alternates_students_and_writes_named_outputs(split_dir, tmp_pat
     head_before = load_checkpoint(out / "head" / "best.pth")["state_dict"]
     tail_before = load_checkpoint(out / "tail" / "best.pth")["state_dict"]
     distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "2", "--distill-interval", "1",
-                  "--image-size", "16", "--batch-size", "8", "--workers", "0"])
+                  "--batch-size", "8", "--workers", "0"])
+    options = json.loads((out / "distill" / "options.json").read_text())
+    assert options["image_size"] == 16  # the size M_H and M_T were trained at, not 224
     metrics = read_metrics(out / "distill" / "metrics.jsonl")
     assert [m["student"] for m in metrics] == ["head", "tail"]
     state = load_checkpoint(out / "distill" / "last.pth")
@@ -160,3 +162,13 @@ def test_distill_refuses_a_model_of_another_class_count(split_dir, tmp_path, cap
                       "--epochs", "1", "--workers", "0"])
     assert exit_info.value.code == 2
     assert "has 3 classes, the split's head group has 2" in capsys.readouterr().err
+
+
+def test_distill_needs_an_image_size_when_the_models_disagree(split_dir, tmp_path, capsys):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY, "--image-size", "24"])
+    with pytest.raises(SystemExit):
+        distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--workers", "0"])
+    assert "M_H was trained at 16 px, M_T at 24 px; pass --image-size" in capsys.readouterr().err
+    assert not (out / "distill").exists()

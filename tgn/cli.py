@@ -1,13 +1,24 @@
 """Command-line flags shared by the stage scripts; the paper's values are the defaults."""
 import argparse
+import os
 from pathlib import Path
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
 COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune"]  # torch.compile's modes, and off
+# DataLoader worker processes: 4, or fewer on a machine with fewer cores (more would only
+# compete for them, and PyTorch warns about it).
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults in --help and keep the docstring's command examples as written."""
+    """Show defaults in --help and keep the docstring's command examples as written. A
+    default of None (such flags say in words what happens without them) or of a switch
+(off) is not shown."""
+
+    def _get_help_string(self, action):
+        if action.default is None or (action.default is False and action.const is True):  # None; a switch off
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _number(kind, test, requirement):
@@ -51,7 +62,8 @@ def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--seed", type=int, default=0, help="seed of every random generator")
-    group.add_argument("--workers", type=non_negative_int, default=4, help="DataLoader worker processes")
+    group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
+                       help="DataLoader worker processes (4, at most the CPU count)")
     group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
                        help="page-locked host memory for faster GPU copies (auto: on when training on a GPU)")
     group.add_argument("--skip-bad-images", action="store_true",
@@ -59,7 +71,8 @@ def add_runtime_args(parser):
     return group
 
 
-def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4, image_size=224):
+def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4, image_size=224,
+                      image_size_help="images are resized to this square size"):
     group = parser.add_argument_group("training (official defaults)")
     group.add_argument("--epochs", type=positive_int, default=epochs, help="training epochs")
     group.add_argument("--batch-size", type=positive_int, default=batch_size,
@@ -68,8 +81,7 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
     group.add_argument("--weight-decay", type=non_negative_float, default=weight_decay, help="Adam weight decay")
     group.add_argument("--milestones", type=non_negative_int, nargs="*", default=OFFICIAL_MILESTONES,
                        help="epochs after which the learning rate is divided by 10")
-    group.add_argument("--image-size", type=positive_int, default=image_size,
-                       help="images are resized to this square size")
+    group.add_argument("--image-size", type=positive_int, default=image_size, help=image_size_help)
     speed = parser.add_argument_group("speed and scale")
     speed.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
                        help="mixed precision: auto = bf16 on GPUs (fp16 with a GradScaler where bf16 is missing), "

@@ -45,7 +45,8 @@ def read_annotation(path):
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first path
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                        "save the file as UTF-8") from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

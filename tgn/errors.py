@@ -1,6 +1,8 @@
-"""User-facing errors: one line naming the file or flag, exit status 2, no traceback."""
+"""User-facing errors: one line naming the file or flag, exit status 2, no traceback.
+Warnings are one line too."""
 import functools
 import sys
+import warnings
 
 
 class UserError(Exception):
@@ -17,11 +19,19 @@ def _one_line(exc):
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 
+def one_line_warning(message, category, filename, lineno, line=None):
+    """warnings.formatwarning for the scripts: the message, not the source line that warned."""
+    kind = "" if category is UserWarning else f" ({category.__name__})"
+    return f"warning{kind}: {message}\n"
+
+
 def cli_main(main):
-    """Decorate a script's main(argv) so user errors print one line and exit 2."""
+    """Decorate a script's main(argv) so user errors print one line and exit 2, and
+    warnings print one line."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
+        warnings.formatwarning = one_line_warning
         try:
             return main(argv)
         except UserError as exc:
