@@ -34,7 +34,7 @@ from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
 from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
 from tgn import distributed as dist
-from tgn.checkpoint import load_weights
+from tgn.checkpoint import load_weights, weights_fingerprint
 from tgn.data import Entry, write_annotation
 from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
@@ -89,6 +89,10 @@ class TailSynthesizer:
         g_ema = Generator(**config)
         load_weights(g_ema, checkpoint["g_ema"], ckpt_path)
         teacher_model = load_teacher(teacher, tail)
+        trained_with = checkpoint.get("teacher_fingerprint")
+        if trained_with is not None and weights_fingerprint(teacher_model) != trained_with:
+            raise UserError(f"--teacher {teacher} is not the tail model {ckpt_path} was trained with (its weights "
+                            "differ: was the file replaced since?); use the teacher the generator was trained with")
         channels, height, width = teacher_model.feature_shape(config["size"])
         # The averaged fusion layer goes with g_ema; checkpoints of earlier versions have only the layer.
         fusion_state = checkpoint.get("fusion_ema") or checkpoint.get("fusion")
@@ -279,12 +283,17 @@ def write_generated_annotation(out_dir, class_ids):
 TRUNCATION_CENTRE = "mean W of the fused inputs"  # what mean_latent computes; recorded per folder
 
 
+def _visible(entry):
+    """Not a hidden file (.gitkeep, .DS_Store) or a file system's lost+found."""
+    return not entry.name.startswith(".") and entry.name != "lost+found"
+
+
 def check_settings(out_dir, settings, overwrite):
     """A folder keeps one set of generation settings: adding images must not mix them. A
     non-empty folder that generation did not write is refused, --overwrite or not: its
     class-id folders may be someone else's."""
     path = Path(out_dir) / "generation.json"
-    if not path.is_file() and Path(out_dir).is_dir() and any(Path(out_dir).iterdir()):
+    if not path.is_file() and Path(out_dir).is_dir() and any(_visible(entry) for entry in Path(out_dir).iterdir()):
         raise UserError(f"{out_dir} holds other files and no generation.json; generation writes into a new or empty "
                         "folder or one it wrote: choose another --out")
     if path.is_file() and not overwrite:

@@ -26,6 +26,7 @@ from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
 from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
+from tgn.checkpoint import weights_fingerprint  # noqa: E402
 from tgn.cli import (DEFAULT_WORKERS, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
                      non_negative_int, positive_float, positive_int)
 from tgn import distributed as dist  # noqa: E402
@@ -201,6 +202,7 @@ def main(argv=None):
         "class_names": tail.names,
         "prompts": tail.prompts,
         "teacher": str(args.teacher.resolve()),
+        "teacher_fingerprint": weights_fingerprint(teacher),
         "data": str(Path(args.data).resolve()),
         "options": options,
     }

@@ -200,6 +200,11 @@ class CdtgTrainer:
         state = load_cdtg_checkpoint(path)
         if state.get("class_ids") != self.metadata["class_ids"]:
             raise UserError(f"{path} was trained on other tail classes; use another --out")
+        if state.get("teacher_fingerprint", self.metadata.get("teacher_fingerprint")) != \
+                self.metadata.get("teacher_fingerprint"):
+            raise UserError(f"{path} was trained with another teacher (its weights differ from --teacher "
+                            f"{self.metadata.get('teacher')}); resume with the teacher it started with, or pass "
+                            "--overwrite to start again")
         if state.get("fusion_config") != self.fusion.config:
             earlier = "lr_mul" not in (state.get("fusion_config") or {"lr_mul": None})
             hint = (" (a run of an earlier version: resume it with --fusion-lr-mul 0 --flip --ada-every 256, the "

@@ -15,7 +15,8 @@ Long-tail baselines in the same harness:
 
 Writes OUT/{best,last}.pth, metrics.jsonl (one line per epoch), options.json, and the
 report of best.pth in OUT/report-best/ (report.md/.csv/.json, confusion_matrix.png,
-long_tail.png), the same folder `Classification/test.py --ckpt OUT/best.pth` writes.
+long_tail.png), what `Classification/test.py --ckpt OUT/best.pth` writes (to another --out,
+or with --overwrite).
 """
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ from tgn.cache import ResizeCache  # noqa: E402
 from tgn.engine import fit, seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
-from tgn.resume import check_resume, epochs_done  # noqa: E402
+from tgn.resume import check_resume, epochs_done, last_state  # noqa: E402
 
 
 def build_parser():
@@ -69,11 +70,14 @@ def method_name(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
-    check_resume(args.out, args, done=epochs_done(args.out / "last.pth"))
     baseline = read_baseline(args)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
     images = training_images(info, args.extra)
+    state = last_state(args.out / "last.pth")
+    check_resume(args.out, args, done=epochs_done(state), state=state,
+                 data={"class_ids": list(class_ids), "train_counts": list(images.real_counts),
+                       "generated_counts": list(images.generated_counts)})
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts)
     test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache)
     train_samples = drop_unreadable(images.samples, args.skip_bad_images, "training images")

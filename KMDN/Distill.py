@@ -21,9 +21,9 @@ from tgn.cli import (add_output_args, add_runtime_args, add_training_args, make_
 from tgn import distributed as dist  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
+from tgn.io import check_run_dir, prepare_run_dir, read_json, save_options  # noqa: E402
 from tgn.resnet import load_feature_resnet  # noqa: E402
-from tgn.resume import check_resume, epochs_done  # noqa: E402
+from tgn.resume import check_resume, epochs_done, last_state  # noqa: E402
 from tgn.split import check_official_order  # noqa: E402
 
 
@@ -76,12 +76,15 @@ def main(argv=None):
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
     models = {group: load_group_model(paths[group], split, group) for group in paths}
+    recorded = args.out / "distill" / "options.json"
+    if args.image_size is None and args.resume and recorded.is_file():  # the size the run started with
+        args.image_size = read_json(recorded, "options").get("image_size")
     if args.image_size is None:
         sizes = {group: model.training_size for group, model in models.items()}
         if sizes["head"] != sizes["tail"]:
             raise UserError(f"M_H was trained at {sizes['head']} px, M_T at {sizes['tail']} px; pass --image-size")
         args.image_size = sizes["head"]
-    check_resume(args.out / "distill", args, done=epochs_done(args.out / "distill" / "last.pth"))
+    check_resume(args.out / "distill", args, done=epochs_done(last_state(args.out / "distill" / "last.pth")))
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).

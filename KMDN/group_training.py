@@ -8,7 +8,7 @@ from tgn import distributed as dist
 from tgn.engine import fit, seed_everything
 from tgn.errors import UserError
 from tgn.io import check_run_dir, prepare_run_dir, save_options
-from tgn.resume import check_resume, epochs_done
+from tgn.resume import check_resume, epochs_done, last_state
 
 
 def build_parser(doc, group):
@@ -27,10 +27,12 @@ def train_group(args):
     """Writes OUT/<group>/{best,last}.pth, metrics.jsonl and options.json."""
     group = args.group
     check_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
-    check_resume(args.out / group, args, done=epochs_done(args.out / group / "last.pth"))
     split = open_split(args)
     if not split.ids(group):
         raise UserError(f"the split in {args.split} has no {group} classes")
+    state = last_state(args.out / group / "last.pth")
+    check_resume(args.out / group, args, done=epochs_done(state), state=state,
+                 data={"class_ids": split.ids(group), "split_fingerprint": split.fingerprint})
     device = dist.init(args.device)
     seed_everything(args.seed)
     model = build_group_model(split, group, args)

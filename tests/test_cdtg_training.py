@@ -200,6 +200,14 @@ def test_resume_refuses_other_flags_and_another_fusion_layer(cdtg_inputs, capsys
         with pytest.raises(SystemExit):
             train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", *flags))
         assert message in capsys.readouterr().err
+    teacher = torch.load(cdtg_inputs / "M_T.pth")
+    teacher["state_dict"]["conv1.weight"] += 0.01  # e.g. Distill.py continued and rewrote M_T.pth
+    torch.save(teacher, cdtg_inputs / "M_T_changed.pth")
+    args = tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume")
+    args[args.index("--teacher") + 1] = str(cdtg_inputs / "M_T_changed.pth")
+    with pytest.raises(SystemExit):
+        train_main(args)
+    assert "was trained with another teacher" in capsys.readouterr().err
     (out / "options.json").unlink()  # without the run's flags, the checkpoint's own check
     with pytest.raises(SystemExit):
         train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", "--fusion-lr-mul", "1"))

@@ -122,6 +122,17 @@ def test_output_index_is_the_rank_of_the_class_id(tmp_path):
     assert [label for path, label in images.samples if str(generated) in path] == [2, 2]
 
 
+def test_resume_refuses_other_generated_images(toy_data, tmp_path, capsys):
+    generated = write_generated(tmp_path / "gen", {3: 4, 4: 4})
+    common = ["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--device", "cpu", *TINY]
+    train_main([*common, "--epochs", "1", "--extra", str(generated)])
+    capsys.readouterr()
+    options = (tmp_path / "cls" / "options.json").read_text()
+    err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume"])  # --extra forgotten
+    assert "was trained on other generated images (--extra); resume with the data it started with" in err
+    assert (tmp_path / "cls" / "options.json").read_text() == options  # refused before writing anything
+
+
 def test_bad_extra_folders_are_refused(toy_data, tmp_path):
     info = open_dataset(toy_data)
     with pytest.raises(UserError, match="no anno.txt"):

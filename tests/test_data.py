@@ -34,7 +34,7 @@ def test_annotation_encodings(tmp_path):
     anno = tmp_path / "a.txt"
     anno.write_bytes("\ufeff0/a b.jpg 0\r\n1/c.jpg 1\r\n\r\n".encode("utf-8"))  # Notepad: BOM, CRLF
     assert [(e.relpath, e.class_id) for e in read_annotation(anno)] == [("0/a b.jpg", 0), ("1/c.jpg", 1)]
-    anno.write_bytes("0/a.jpg 0\n0/caf\u00e9.jpg 0\n".encode("latin-1"))
+    anno.write_bytes(b"\xef\xbb\xbf" + "0/a.jpg 0\n0/caf\u00e9.jpg 0\n".encode("latin-1"))
     with pytest.raises(UserError, match=r"a.txt:2: not UTF-8 text \(byte 0xe9\)"):
         read_annotation(anno)
 
@@ -47,6 +47,10 @@ def test_class_list_mistakes_are_named(tmp_path):
     (data / "classes.json").write_text('{"dataset": "Other", "classes": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}')
     with pytest.raises(UserError, match=r"Other_train.txt \(its name comes from the \"dataset\" field"):
         open_dataset(data).entries("train")
+    (data / "classes.json").write_text('{"classes": [{"id": 0, "name": "a"}, {"id": 1, "name": "b"}]}')
+    (data / "anno" / "TOY_test.txt").unlink()  # the name came from TOY_train.txt, not from a field
+    with pytest.raises(UserError, match=r"annotation file not found: .*TOY_test.txt$"):
+        open_dataset(data).entries("test")
 
 
 def test_unknown_class_id_is_named(tmp_path):

@@ -1,6 +1,7 @@
 """Inputs a researcher gets wrong: impossible flag values, foreign or empty checkpoints,
 checkpoints of another group or teacher, 16-bit images; and what a rerun must not mix."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -115,11 +116,19 @@ def test_generation_checks_the_teacher_and_keeps_one_per_folder(cdtg_inputs, tmp
     other = FeatureResNet("resnet18", num_classes=3, width=4)
     torch.save(other.state_dict(), tmp_path / "other_tail.pth")
     expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "2", "--teacher",
-                                                       str(tmp_path / "other_tail.pth")]), "other settings (teacher)")
+                                                       str(tmp_path / "other_tail.pth")]),
+                      "is not the tail model")  # another M_T's features would not fit the fusion layer
+    shutil.copy(cdtg_inputs / "M_T.pth", tmp_path / "copy.pth")  # the same weights elsewhere: fine, yet a
+    expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "2", "--teacher",  # folder keeps one
+                                                       str(tmp_path / "copy.pth")]), "other settings (teacher)")
     for flags in ([], ["--overwrite"]):  # a folder generation did not write is never written into
         expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "1", "--out", str(run), *flags]),
                           "holds other files and no generation.json")
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "options.json"]
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / ".gitkeep").write_text("")  # hidden files do not make a folder someone else's
+    generation_main([*base, "--per-class", "1", "--out", str(tmp_path / "fresh")])
+    assert (tmp_path / "fresh" / "generation.json").is_file()
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):

@@ -172,3 +172,7 @@ def test_distill_needs_an_image_size_when_the_models_disagree(split_dir, tmp_pat
         distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--workers", "0"])
     assert "M_H was trained at 16 px, M_T at 24 px; pass --image-size" in capsys.readouterr().err
     assert not (out / "distill").exists()
+    common = ["--split", str(split_dir), "--out", str(out), "--workers", "0", "--distill-interval", "1"]
+    distill_main([*common, "--epochs", "1", "--image-size", "20"])
+    distill_main([*common, "--epochs", "2", "--resume"])  # keeps the size the run started with
+    assert json.loads((out / "distill" / "options.json").read_text())["image_size"] == 20

@@ -5,6 +5,7 @@ Our checkpoints are dicts: `state_dict`, `model_config` (constructor arguments),
 `options`. They load with `weights_only=True`. Official files are bare state dicts,
 which load the same way.
 """
+import hashlib
 from pathlib import Path
 
 import torch
@@ -90,3 +91,13 @@ def load_all_but_classifier(model, state_dict, source, target, classifier="fc.")
 
 def save_checkpoint(path, payload):
     atomic_torch_save(path, payload)
+
+
+def weights_fingerprint(model):
+    """A short hash of a model's parameters and buffers: the same weights give the same
+    fingerprint wherever the file lives."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -9,6 +9,7 @@
 File names may contain spaces: the label is the last field of a line. Without
 classes.json (the official preprocessed downloads have none) classes are named by id.
 """
+import codecs
 import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -41,11 +42,12 @@ def read_annotation(path):
     if not path.is_file():
         raise UserError(f"annotation file not found: {path}")
     raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first path
+        text = raw[bom:].decode("utf-8")  # a byte-order mark (Windows editors) is not part of the first path
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+        line = raw[:bom + exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[bom + exc.start]:02x}); "
                         "save the file as UTF-8") from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -80,7 +82,7 @@ def _line_of(source, relpath):
     """'FILE:LINE' of the first line of annotation file `source` listing `relpath`; else `source`."""
     try:
         for number, line in enumerate(Path(source).read_text(encoding="utf-8-sig").splitlines(), start=1):
-            if line.rstrip().rsplit(None, 1)[:1] == [relpath]:
+            if [field.strip() for field in line.rstrip().rsplit(None, 1)[:1]] == [relpath]:
                 return f"{source}:{number}"
     except (OSError, UnicodeDecodeError):
         pass
@@ -95,6 +97,7 @@ class DatasetInfo:
     name: str
     class_names: dict
     has_class_list: bool = True  # False: classes were read off the training annotation
+    name_from_class_list: bool = True  # False: the name was read off anno/<NAME>_train.txt
 
     def annotation_path(self, subset):
         return self.root / "anno" / f"{self.name}_{subset}.txt"
@@ -104,7 +107,7 @@ class DatasetInfo:
 
     def entries(self, subset, check_files=True):
         path = self.annotation_path(subset)
-        if not path.is_file() and self.has_class_list:
+        if not path.is_file() and self.name_from_class_list:
             raise UserError(f"annotation file not found: {path} (its name comes from the \"dataset\" field of "
                             f"{self.root / 'classes.json'}: {self.name!r})")
         entries = read_annotation(path)
@@ -157,13 +160,14 @@ def open_dataset(root):
     classes_file = root / "classes.json"
     if classes_file.is_file():
         name, class_names = read_classes_json(classes_file)
-        name = name or _find_dataset_name(root)
+        if not name:
+            return DatasetInfo(root, _find_dataset_name(root), class_names, name_from_class_list=False)
     else:
         name = _find_dataset_name(root)
         ids = sorted({entry.class_id for entry in read_annotation(root / "anno" / f"{name}_train.txt")})
         class_names = {cid: str(cid) for cid in ids}
         warnings.warn(f"{classes_file} not found: classes are named by id (CLIP prompts need real names)")
-        return DatasetInfo(root, name, class_names, has_class_list=False)
+        return DatasetInfo(root, name, class_names, has_class_list=False, name_from_class_list=False)
     return DatasetInfo(root, name, class_names)
 
 
@@ -241,8 +245,8 @@ class ImageList(Dataset):
         try:
             image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
         except UserError as exc:
-            raise UserError(f"{exc} (fix or remove the file; the training scripts and Classification/test.py "
-                            "leave such files out with --skip-bad-images)") from None
+            raise UserError(f"{exc} (fix or remove the file; scripts with --skip-bad-images can leave such "
+                            "files out)") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.tensor(label, dtype=torch.long)

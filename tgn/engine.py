@@ -27,6 +27,7 @@ from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.errors import UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
+from tgn.resume import check_same_data
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
 
 resolve_device = dist.resolve_device  # kept here too: the scripts outside torchrun use it
@@ -244,8 +245,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     start_epoch = 0
     if resume and (out_dir / "last.pth").exists():
         state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
-        if state.get("class_ids") != meta.get("class_ids"):
-            raise UserError(f"{out_dir / 'last.pth'} was trained on other classes; use another --out")
+        check_same_data(state, meta, out_dir / "last.pth")
         load_weights(model, state["state_dict"], out_dir / "last.pth")
         restore_optimizer(optimizer, state["optimizer"])
         if scaler is not None and state.get("scaler"):

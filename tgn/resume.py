@@ -3,8 +3,9 @@
 The flags that define the run (model, data, optimisation, seed) must be the ones it was
 started with, as recorded in OUT/options.json; a resumed run may change only how it runs
 (device, workers, precision, compilation, caching), how long it runs (--epochs / --iter,
-never below what is done) and what it reports. Path flags are not compared: the same file
-may be named from another folder, and the checkpoints check their data themselves.
+never below what is done) and what it reports. Path flags are not compared: files and
+folders may move or be named from elsewhere; the checkpoints check what they hold instead
+(class ids, image counts, the teacher's weights).
 """
 import json
 import os
@@ -16,11 +17,21 @@ from tgn.errors import UserError
 from tgn.io import read_json
 
 MAY_CHANGE = frozenset({
-    "epochs", "iter", "out", "resume", "overwrite", "device", "workers", "amp", "channels_last", "compile",
-    "pin_memory", "cache", "skip_bad_images", "sync_bn", "log_every", "save_every", "sample_every", "modconv",
+    "epochs", "iter", "resume", "overwrite", "device", "workers", "amp", "channels_last", "compile",
+    "pin_memory", "skip_bad_images", "sync_bn", "log_every", "save_every", "sample_every", "modconv",
     "pretrained",  # only the first epoch's starting point: a resumed run starts from its checkpoint
-    "name", "baseline_report", "threshold",  # what the report says, not what is trained
+    "name", "threshold",  # what the report says, not what is trained
 })
+PATH_FLAGS = frozenset({"out", "data_root", "split", "data", "teacher", "clip_root", "head_ckpt", "tail_ckpt",
+                        "cache", "baseline_report", "extra"})
+
+
+def _differs(key, saved, now):
+    if key in MAY_CHANGE or key in PATH_FLAGS:
+        return False
+    if key == "clip":  # a model name or a file; what must not change is whether CLIP is used
+        return (saved == "none") != (now == "none")
+    return saved != now
 
 
 def _flag(key):
@@ -31,10 +42,11 @@ def _is_path(value):
     return isinstance(value, Path) or (isinstance(value, (list, tuple)) and any(isinstance(v, Path) for v in value))
 
 
-def check_resume(out_dir, args, *, done=None, length="epochs"):
-    """Refuse a --resume whose run-defining flags differ from the run's, or whose --epochs
-    (`length`) is below the `done` epochs (steps) already trained. Prints a note when there
-    is nothing to resume. Call it before anything is written."""
+def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None):
+    """Refuse a --resume whose run-defining flags differ from the run's, whose --epochs
+    (`length`) is below the `done` epochs (steps) already trained, or (given the run's last
+    `state` and this call's `data`: class ids, image counts, split) whose data differs. Prints
+    a note when there is nothing to resume (`done` None). Call it before anything is written."""
     out_dir = Path(out_dir)
     if not args.resume:
         return
@@ -47,8 +59,7 @@ def check_resume(out_dir, args, *, done=None, length="epochs"):
         saved = read_json(options_file, "options")
         now = {key: value for key, value in vars(args).items() if not _is_path(value)}
         now = json.loads(json.dumps(now))  # the form options.json holds: tuples as lists
-        changed = [key for key, value in now.items()
-                   if key in saved and key not in MAY_CHANGE and saved[key] != value]
+        changed = [key for key, value in now.items() if key in saved and _differs(key, saved[key], value)]
         if changed:
             was = ", ".join(f"{_flag(key)} {saved[key]}" for key in changed)
             now_text = ", ".join(f"{_flag(key)} {now[key]}" for key in changed)
@@ -58,16 +69,34 @@ def check_resume(out_dir, args, *, done=None, length="epochs"):
     if requested < done:
         raise UserError(f"--resume: {out_dir} has already trained {done} {'steps' if length == 'iter' else 'epochs'};"
                         f" {_flag(length)} {requested} is fewer")
+    if state is not None and data is not None:
+        check_same_data(state, data, out_dir / "last.pth")
 
 
-def epochs_done(last_checkpoint):
-    """Epochs a last.pth has trained (memory-mapped: the weights are not read); None
-    without one."""
-    path = Path(last_checkpoint)
+def check_same_data(state, meta, path):
+    """A checkpoint resumes only on the classes and images it was trained on."""
+    if state.get("class_ids") != meta.get("class_ids"):
+        raise UserError(f"{path} was trained on other classes; use another --out")
+    for key, what in (("split_fingerprint", "a split of other data"), ("train_counts", "other real images"),
+                      ("generated_counts", "other generated images (--extra)")):
+        if key in state and key in meta and state[key] != meta[key]:
+            raise UserError(f"{path} was trained on {what}; resume with the data it started with, or pass "
+                            "--overwrite to start again")
+
+
+def last_state(path):
+    """The checkpoint a run resumes from, memory-mapped (its weights are not read); None
+    without one, {} when unreadable (resuming then says why)."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(state["epoch"]) + 1
-    except Exception:  # unreadable: resuming will say so with its own message
-        return 0
+    except Exception:
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def epochs_done(state):
+    """Epochs trained by the run whose last_state is `state`; None without one."""
+    return None if state is None else int(state.get("epoch", -1)) + 1
