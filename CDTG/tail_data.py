@@ -79,6 +79,9 @@ def load_tail_classes(folder, data_root=None):
     classes = sorted(data["classes"], key=lambda c: c["label"])
     if [c["label"] for c in classes] != list(range(len(classes))):
         raise UserError(f"{path}: labels must be 0..{len(classes) - 1}")
+    if not data_root and not Path(data["data_root"]).is_dir():
+        raise UserError(f"dataset folder not found: {data['data_root']} (recorded in {path}); "
+                        "pass --data-root if the dataset moved")
     return TailClasses(path.parent, data_root or data["data_root"], classes, data.get("split_fingerprint"))
 
 

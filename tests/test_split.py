@@ -86,3 +86,17 @@ def test_missing_data_root_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         split_main(["--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "split")])
     assert capsys.readouterr().err.strip() == f"error: dataset folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_a_moved_dataset_is_found_with_data_root(toy_data, tmp_path):
+    from CDTG.dataset_split import main as cdtg_split_main
+    from CDTG.tail_data import load_tail_classes
+
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    cdtg_split_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "tail")])
+    moved = toy_data.rename(tmp_path / "moved")
+    for load in (lambda **kw: load_split(tmp_path / "split", **kw),
+                 lambda **kw: load_tail_classes(tmp_path / "tail", **kw)):
+        with pytest.raises(UserError, match=rf"dataset folder not found: {toy_data} \(recorded in .*pass --data-root"):
+            load()
+        assert load(data_root=moved).data_root == moved

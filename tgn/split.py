@@ -173,6 +173,9 @@ def load_split(path, data_root=None):
     data = read_json(json_path, "split file")
     if data.get("format") != SPLIT_FORMAT:
         raise UserError(f"{json_path} is not a split file made by KMDN/dataset_split.py")
+    if not data_root and not Path(data["data_root"]).is_dir():
+        raise UserError(f"dataset folder not found: {data['data_root']} (recorded in {json_path}); "
+                        "pass --data-root if the dataset moved")
     classes = {int(item["id"]): item for item in data["classes"]}
     split = Split(
         dataset=data["dataset"],
