@@ -1,6 +1,6 @@
 """--resume continues a run as it was started.
 
-The flags that define the run (model, data, optimisation, seed) must be the ones it was
+The flags that define the run (model, optimisation, seed) must be the ones it was
 started with, as recorded in OUT/options.json; a resumed run may change only how it runs
 (device, workers, precision, compilation, caching), how long it runs (--epochs / --iter,
 never below what is done) and what it reports. Path flags are not compared: files and
