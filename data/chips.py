@@ -186,11 +186,19 @@ def add_crop_arguments(parser):
 
 
 def prepare_output(out, overwrite, inputs=()):
-    """Create `out`, refusing a non-empty one unless --overwrite, and never deleting an input."""
+    """Create `out`, refusing a non-empty one unless it holds a prepared dataset and
+    --overwrite is given; never inside an input, never deleting one."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
+    for source in inputs:
+        source = Path(source).resolve()
+        if source == out.resolve() or source in out.resolve().parents:
+            raise UserError(f"--out {out} is inside the input {source}; write the dataset elsewhere")
     if out.is_dir() and any(out.iterdir()):
+        if not ((out / "classes.json").is_file() or (out / "anno").is_dir()):
+            raise UserError(f"--out {out} holds other files and no prepared dataset (classes.json, anno/); "
+                            "choose a new or empty folder")
         if not overwrite:
             raise UserError(f"--out {out} is not empty; pass --overwrite to replace the dataset there")
         doomed = [(out / item).resolve() for item in LAYOUT_ITEMS]
@@ -258,7 +266,7 @@ def _crop_objects(scene, image, options, entries, skipped):
     for obj in image.objects:
         box = clip_box(obj.box, width, height)
         if box is None:
-            skipped["degenerate box"] += 1
+            skipped["outside the image" if clip_box(obj.box, math.inf, math.inf) else "degenerate box"] += 1
             continue
         if min(box[2] - box[0], box[3] - box[1]) < options.min_size:
             skipped["smaller than --min-size"] += 1
@@ -289,8 +297,17 @@ def _collect(results, tally):
         tally.skipped.update(skipped)
 
 
+def check_subsets_found(counts, hint):
+    """Refuse a source in which a subset has nothing: a wrong layout, not an empty dataset."""
+    for subset in SUBSETS:
+        if not counts.get(subset):
+            raise UserError(f"no {subset} objects found; {hint}")
+
+
 def prepare_chips(args, dataset, class_names, images, inputs, skipped=None):
     """The common tail of the chip preparers: output folder, crops, lists, counts."""
+    check_subsets_found(Counter(image.subset for image in images for _ in image.objects),
+                        "check --src and the layout its --help describes")
     out = prepare_output(args.out, args.overwrite, inputs)
     make_class_dirs(out, class_names)
     tally = Tally(skipped=Counter(skipped or {}))

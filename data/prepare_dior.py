@@ -79,7 +79,7 @@ def read_id_list(image_sets, name):
     path = Path(image_sets) / f"{name}.txt"
     if not path.is_file():
         raise UserError(f"image list not found: {path} (check --image-sets and the set names)")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
 
 
 def read_ids(image_sets, names):

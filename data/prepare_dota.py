@@ -54,7 +54,7 @@ def parse_label_file(path, lookup, skip_difficult, skipped):
     """The objects of one labelTxt file; header lines are skipped, k counts object lines."""
     objects = []
     index = 0
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         fields = line.split()
         if not fields or (len(fields) < 9 and ":" in fields[0]):
             continue
@@ -76,11 +76,12 @@ def parse_label_file(path, lookup, skip_difficult, skipped):
 
 
 def collect_split(src, split, subset, args, lookup, skipped):
+    existing_dir(src / split, f"--{subset}-splits")
     image_dir = existing_dir(src / split / args.images_subdir, "--images-subdir")
     label_dir = existing_dir(src / split / args.labels_subdir, "--labels-subdir")
     index = index_images([image_dir])
     images = []
-    for label_path in sorted(label_dir.glob("*.txt")):
+    for label_path in sorted(path for path in label_dir.iterdir() if path.suffix.lower() == ".txt"):
         scene = label_path.stem
         if scene not in index:
             raise UserError(f"{label_path}: no image {scene}.* in {image_dir}")

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import os  # noqa: E402
 import shutil  # noqa: E402
 
+from PIL import Image, UnidentifiedImageError  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.chips import (  # noqa: E402
@@ -54,7 +55,9 @@ def folder_class_ids(class_map_path):
     if class_map_path is None:
         return {str(cid): cid for cid in range(len(FGSC23_CLASSES))}
     mapping = read_json(class_map_path, "--class-map")
-    if not isinstance(mapping, dict) or not all(isinstance(cid, int) for cid in mapping.values()):
+    # JSON true/false are ints to Python: refuse them explicitly.
+    if not isinstance(mapping, dict) or not all(isinstance(cid, int) and not isinstance(cid, bool)
+                                                for cid in mapping.values()):
         raise UserError(f"--class-map {class_map_path}: expected a JSON object {{\"folder name\": class_id}}")
     bad = sorted(cid for cid in mapping.values() if not 0 <= cid < len(FGSC23_CLASSES))
     if bad:
@@ -62,16 +65,38 @@ def folder_class_ids(class_map_path):
     return mapping
 
 
-def list_images(subset_dir, class_ids, flag):
-    """(source path, class id) for every image of every class folder in `subset_dir`."""
-    pairs = []
-    for folder in sorted(path for path in subset_dir.iterdir() if path.is_dir()):
-        if folder.name not in class_ids:
-            raise UserError(f"{flag}: folder {folder} is not a class id 0..22; pass --class-map to name it")
-        for path in sorted(folder.iterdir()):
+def list_images(subset_dir, class_ids, flag, mapped):
+    """(source path, class id) for every image of every class folder in `subset_dir`, each
+    checked to decode; other entries are counted and named."""
+    pairs, ignored = [], []
+    for entry in sorted(subset_dir.iterdir()):
+        if not entry.is_dir():
+            ignored.append(entry)
+            continue
+        if entry.name not in class_ids:
+            remedy = "add it to --class-map" if mapped else "pass --class-map to name it"
+            raise UserError(f"{flag}: folder {entry} is not {'in --class-map' if mapped else 'a class id 0..22'}; "
+                            f"{remedy}")
+        for path in sorted(entry.iterdir()):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                pairs.append((path, class_ids[folder.name]))
+                check_image(path)
+                pairs.append((path, class_ids[entry.name]))
+            else:
+                ignored.append(path)
+    if not pairs:
+        raise UserError(f"{flag}: no images in the class folders of {subset_dir}")
+    if ignored:
+        print(f"{flag}: ignored {len(ignored)} entries that are not images in class folders, e.g. {ignored[0]}")
     return pairs
+
+
+def check_image(path):
+    """Copying never decodes: check here that the file is an image, as cropping does."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from exc
 
 
 def place(source, target, link):
@@ -96,7 +121,8 @@ def main(argv=None):
         "test": existing_dir(args.test_dir or args.src / "test", "--test-dir"),
     }
     class_ids = folder_class_ids(args.class_map)
-    sources = {subset: list_images(folder, class_ids, f"--{subset}-dir") for subset, folder in subset_dirs.items()}
+    sources = {subset: list_images(folder, class_ids, f"--{subset}-dir", args.class_map is not None)
+               for subset, folder in subset_dirs.items()}
     class_names = dict(enumerate(FGSC23_CLASSES))
     out = prepare_output(args.out, args.overwrite, inputs=[args.src, *subset_dirs.values()])
     make_class_dirs(out, class_names)

@@ -123,7 +123,7 @@ def test_dior_crops_one_chip_per_object_with_class_and_box(dior_src, tmp_path, c
     chip = np.asarray(Image.open(out / "train/0/00001_0.jpg"), dtype=np.float32)
     assert np.abs(chip.mean(axis=(0, 1)) - (230, 40, 40)).max() < 15  # the painted airplane
     printed = capsys.readouterr().out
-    assert "degenerate box: 2" in printed
+    assert "degenerate box: 1, outside the image: 1" in printed
     assert "(7 images)" in printed
 
 
@@ -217,8 +217,24 @@ def test_dota_skip_difficult_keeps_object_numbering(dota_src, tmp_path, capsys):
 def test_dota_bad_line_and_overwrite_onto_the_source_are_refused(dota_src, tmp_path, capsys):
     argv = ["--src", str(dota_src), "--out", str(dota_src), "--overwrite"]
     assert exit_code(prepare_dota.main, argv) == 2
-    assert "would delete the input" in capsys.readouterr().err
+    assert "is inside the input" in capsys.readouterr().err
     assert (dota_src / "train/images/P0001.png").exists()
+    (tmp_path / "other" / "train").mkdir(parents=True)  # e.g. a DOTA_devkit split folder: not a prepared dataset
+    argv = ["--src", str(dota_src), "--out", str(tmp_path / "other"), "--overwrite"]
+    assert exit_code(prepare_dota.main, argv) == 2
+    assert "holds other files and no prepared dataset" in capsys.readouterr().err
+    assert (tmp_path / "other" / "train").is_dir()
+    nested = dota_src / "train/labelTxt/labelTxt"  # labels one folder too deep: an unzip mistake
+    nested.mkdir()
+    for label in (dota_src / "train/labelTxt").glob("*.txt"):
+        label.rename(nested / label.name)
+    assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "out")]) == 2
+    assert "no train objects found; check --src" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    for label in nested.glob("*.txt"):
+        label.rename(dota_src / "train/labelTxt" / (label.stem + ".TXT"))  # upper-case suffixes are labels too
+    prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "upper"), "--workers", "1"])
+    assert len(open_dataset(tmp_path / "upper").entries("train")) == 3
     with open(dota_src / "val/labelTxt/P0002.txt", "a") as handle:
         handle.write("1 2 3 plane\n")
     assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "out")]) == 2
@@ -260,6 +276,16 @@ def test_fgsc_folder_names_need_a_class_map(fgsc_src, tmp_path, capsys):
     class_map.write_text(json.dumps({**{str(i): i for i in range(23)}, "frigate": 4}))
     prepare_fgsc23.main(["--src", str(fgsc_src), "--out", str(out), "--class-map", str(class_map)])
     assert sorted(e.relpath for e in open_dataset(out).entries("train")) == ["0/a.jpg", "4/b.jpg", "4/c.jpg"]
+    class_map.write_text(json.dumps({"0": 0, "5": 5, "22": 22, "frigate": True}))  # JSON true is no class id
+    assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "o2"), "--class-map",
+                                           str(class_map)]) == 2
+    assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_fgsc_checks_that_images_decode(fgsc_src, tmp_path, capsys):
+    (fgsc_src / "train/5/broken.jpg").write_bytes(b"not a jpeg")
+    assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "out")]) == 2
+    assert "cannot read image" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- demo
