@@ -77,3 +77,12 @@ def test_without_classes_json_classes_are_named_by_id(tmp_path):
     with pytest.warns(UserWarning, match="classes.json"):
         info = open_dataset(data)
     assert info.name == "TOY" and info.class_names == {0: "0", 3: "3"}
+
+
+def test_an_image_listed_under_another_class_folder_is_warned_about(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    with open(data / "anno" / "TOY_train.txt", "a") as handle:
+        handle.write("0/img 0.jpg 1\n")  # folder 0, label 1
+    with pytest.warns(UserWarning, match=r"1 lines list an image in another class's folder \(e.g. '0/img 0.jpg 1'\)"):
+        entries = open_dataset(data).entries("train")
+    assert entries[-1].class_id == 1
