@@ -50,7 +50,7 @@ def build_parser():
     runtime.add_argument("--size", type=positive_int, default=None,
                          help="images are resized to this square size (default: the generated images' size)")
     runtime.add_argument("--batch", type=positive_int, default=64, help="images per model call")
-    runtime.add_argument("--seed", type=int, default=0, help="seed of the subsets and LPIPS pairs")
+    runtime.add_argument("--seed", type=non_negative_int, default=0, help="seed of the subsets and LPIPS pairs")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                          help="DataLoader worker processes decoding images (4, at most the CPU count)")
@@ -80,8 +80,10 @@ def metric_notes(args, evaluator):
         "only with FIDs from the same extractor (named above), never with published ones.",
         "FID from fewer than 2048 images per set is biased upward and depends on the image count: compare rows "
         f"at equal counts (--max-per-class {args.max_per_class}).",
-        "The overall FID pools the classes the folder holds; real and generated class proportions differ, "
-        "which adds to it. The per-class FIDs have no such term.",
+        "The overall FID pools, of every class both sets hold, as many real as generated images (the smaller "
+        "count, a seeded subset), so both pools have the same class proportions.",
+        "Generated images are read from their JPEG files (generation.py --quality), real ones from the "
+        "dataset's own files: FID and LPIPS include that compression difference.",
         f"LPIPS: mean over at most {args.pairs} random pairs of distinct images within a class; overall: the "
         "mean over classes. LPIPS real is the reference diversity.",
         "CLIP: zero-shot over the prompts of all tail classes; M_T: argmax over the tail classes. "

@@ -9,6 +9,7 @@ generated sets, so a folder holding copies of the real images scores FID 0 and t
 LPIPS: the floor of every metric.
 """
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +38,16 @@ def generation_settings(folder):
 
 
 def recorded_inputs(folder):
-    """{'data', 'teacher'} that trained the checkpoint the folder was generated from, where known."""
-    ckpt = generation_settings(folder).get("ckpt")
-    if not ckpt or not Path(ckpt).is_file():
-        return {}
-    checkpoint = load_cdtg_checkpoint(ckpt)
-    return {key: checkpoint[key] for key in ("data", "teacher") if checkpoint.get(key)}
+    """{'data', 'teacher'} the folder was generated with, where known: as generation.json
+    records them (generation.py's own --data / --teacher included), else as the checkpoint
+    it names records them."""
+    settings = generation_settings(folder)
+    recorded = {key: settings[key] for key in ("data", "teacher") if settings.get(key)}
+    ckpt = settings.get("ckpt")
+    if len(recorded) < 2 and ckpt and Path(ckpt).is_file():
+        checkpoint = load_cdtg_checkpoint(ckpt)
+        recorded = {**{key: checkpoint[key] for key in ("data", "teacher") if checkpoint.get(key)}, **recorded}
+    return recorded
 
 
 def folder_labels(folders):
@@ -84,12 +89,21 @@ def subsample(paths, limit, rng):
 
 
 def first_image_size(folders, generated):
-    """The side of the first generated image: the GAN's size."""
-    first = next((paths[0] for paths_of in generated for paths in paths_of.values() if paths), None)
-    if first is None:
+    """The side of the first generated image: the GAN's size (folders of other sizes are
+    resized to it, with a warning)."""
+    sizes = {}
+    for folder, paths_of in zip(folders, generated):
+        first = next((paths[0] for paths in paths_of.values() if paths), None)
+        if first is not None:
+            with Image.open(first) as image:
+                sizes[str(folder)] = max(image.size)
+    if not sizes:
         raise UserError(f"no generated image in {', '.join(str(folder) for folder in folders)}")
-    with Image.open(first) as image:
-        return max(image.size)
+    size = next(iter(sizes.values()))
+    if len(set(sizes.values())) > 1:
+        warnings.warn(f"the folders hold images of different sizes ({sizes}); all are resized to {size} px "
+                      "(--size to choose)")
+    return size
 
 
 def load_images(paths, size, batch_size, workers, desc):
@@ -166,11 +180,13 @@ def class_row(cid, name, real, generated):
     }
 
 
-def pooled(sets, class_ids):
-    """The sets of several classes as one: features stacked, LPIPS averaged, counts summed."""
+def pooled(sets, class_ids, feature_rows=None):
+    """The sets of several classes as one: features stacked (of each class the rows
+    `feature_rows[cid]`, all without it), LPIPS averaged, counts summed."""
     scores = SetScores(sum(sets[cid].count for cid in class_ids))
     if class_ids and all(sets[cid].features is not None for cid in class_ids):
-        scores.features = np.concatenate([sets[cid].features for cid in class_ids])
+        scores.features = np.concatenate([sets[cid].features if feature_rows is None
+                                          else sets[cid].features[feature_rows[cid]] for cid in class_ids])
     lpips_values = [sets[cid].lpips for cid in class_ids if not math.isnan(sets[cid].lpips)]
     scores.lpips = float(np.mean(lpips_values)) if lpips_values else math.nan
     for metric in ("clip_correct", "teacher_correct"):
@@ -179,11 +195,22 @@ def pooled(sets, class_ids):
     return scores
 
 
-def overall_row(real, generated):
+def overall_row(real, generated, seed=0):
     """FID of the pooled sets, LPIPS averaged over classes (diversity within a class),
-    accuracies over all images; only the classes the folder holds count."""
-    present = [cid for cid in generated if generated[cid].count > 0]
-    return class_row("all", "all tail classes", pooled(real, present), pooled(generated, present))
+    accuracies over all images; only the classes both sets hold count. For the FID each
+    class gives both sets the same number of images (the smaller count, a seeded subset):
+    pooled sets with other class proportions would differ by those proportions alone."""
+    present = [cid for cid in generated if generated[cid].count > 0 and real[cid].count > 0]
+    rows = {side: {} for side in ("real", "generated")}
+    for cid in present:
+        count = min(real[cid].count, generated[cid].count)
+        for side, sets in (("real", real), ("generated", generated)):
+            rng = np.random.default_rng([seed, cid, len(rows[side])])
+            rows[side][cid] = np.sort(rng.choice(sets[cid].count, count, replace=False))
+    row = class_row("all", "all tail classes", pooled(real, present, rows["real"]),
+                    pooled(generated, present, rows["generated"]))
+    row["fid_images"] = sum(len(indices) for indices in rows["real"].values())
+    return row
 
 
 def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, workers=0):
@@ -207,5 +234,5 @@ def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, w
             sheets[folder_label][cid] = sets[cid].sheet
         rows = [class_row(cid, name, real_sets[cid], sets[cid]) for cid, name in zip(tail.ids, tail.names)]
         results.append({"label": folder_label, "path": str(folder), "generation": generation_settings(folder),
-                        "overall": overall_row(real_sets, sets), "classes": rows})
+                        "overall": overall_row(real_sets, sets, seed), "classes": rows})
     return results, sheets, size

@@ -47,9 +47,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
             warnings.simplefilter("ignore", linalg.LinAlgWarning)
             covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise UserError(f"FID: the covariance square root has an imaginary part of "
-                            f"{np.max(np.abs(covmean.imag)):.3g}; the features are degenerate")
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):  # one degenerate set: n/a, not a stop
+            warnings.warn(f"FID: the covariance square root has an imaginary part of "
+                          f"{np.max(np.abs(covmean.imag)):.3g} (degenerate features); reported as n/a")
+            return math.nan
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 

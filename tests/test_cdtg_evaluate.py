@@ -14,12 +14,11 @@ from conftest import TAIL_IDS
 import CDTG.evaluate as evaluate_script
 from CDTG.checkpoint import save_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss
-from CDTG.evaluation import Evaluator
+from CDTG.evaluation import Evaluator, SetScores, overall_row, pooled, recorded_inputs
 from CDTG.fidelity import (FeatureExtractor, fid, frechet_distance, inception_pool_network, load_inception,
                            load_lpips, mean_pairwise_lpips, sample_pairs)
 from CDTG.synthesis import image_name, write_generated_annotation
 from CDTG.tail_data import load_tail_classes
-from tgn.errors import UserError
 from tgn.io import atomic_write_json
 
 
@@ -38,8 +37,31 @@ def test_frechet_distance_of_singular_and_degenerate_covariances():
     few = np.random.default_rng(1).normal(size=(5, 16))  # fewer images than dimensions: singular
     assert np.isfinite(fid(few, few + 1.0)) and fid(few, few) == pytest.approx(0, abs=1e-3)
     assert np.isnan(fid(few[:1], few))
-    with pytest.raises(UserError, match="imaginary"):  # no real square root: a negative eigenvalue
-        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
+    with pytest.warns(UserWarning, match="imaginary"):  # no real square root: n/a for that set, not a stop
+        assert np.isnan(frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0])))
+
+
+def test_the_overall_fid_pools_the_classes_in_equal_proportions():
+    rng = np.random.default_rng(0)
+
+    def sets(counts):  # class 0 near 0, class 1 near 10: the same distributions in both sets
+        return {cid: SetScores(n, features=rng.normal(10 * cid, 1, (n, 4))) for cid, n in counts.items()}
+
+    real, generated = sets({0: 200, 1: 40}), sets({0: 200, 1: 200})
+    row = overall_row(real, generated)
+    assert row["fid_images"] == 240
+    unmatched = fid(pooled(real, [0, 1]).features, pooled(generated, [0, 1]).features)
+    assert row["fid"] < 1 < 20 < unmatched  # only the class proportions differed
+    assert overall_row(real, generated)["fid"] == row["fid"]  # seeded subsets
+
+
+def test_the_inputs_generation_recorded_come_first(tmp_path):
+    # generation.py with --data / --teacher (e.g. from the official 200000.pt, which records neither)
+    atomic_write_json(tmp_path / "generation.json", {"ckpt": str(tmp_path / "200000.pt"), "data": "tail",
+                                                     "teacher": "M_T.pth"})
+    assert recorded_inputs(tmp_path) == {"data": "tail", "teacher": "M_T.pth"}
+    atomic_write_json(tmp_path / "generation.json", {"ckpt": str(tmp_path / "gone.pt")})  # an earlier version
+    assert recorded_inputs(tmp_path) == {}
 
 
 def tiny_extractor():
