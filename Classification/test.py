@@ -1,7 +1,6 @@
 """Evaluate a classifier on DATA's test images and write its report.
 
-    python Classification/test.py --data-root DATA --ckpt runs/dior/cls/best.pth --split runs/dior/split \\
-        --out runs/dior/cls/report-split
+    python Classification/test.py --data-root DATA --ckpt runs/dior/cls/best.pth --split runs/dior/split
     python Classification/test.py --data-root DATA --ckpt result.pth      # the released weights
 
 --ckpt is one of our checkpoints (it names its classes) or the official bare state dict
@@ -9,9 +8,9 @@ result.pth (ResNet-50, fc.0.*; loaded with strict=True, its outputs are DATA's s
 ids). Head/tail come from --split, or from DATA's real training counts (top 40% head).
 Reports overall accuracy, mean per-class accuracy, head and tail means, macro-F1 and a
 per-class table; writes report.md/.csv/.json, confusion_matrix.png and long_tail.png to
---out (default: beside the checkpoint, report-<checkpoint name>/); a report already there
-is replaced only with --overwrite. Under torchrun each process evaluates its share of the
-test images and rank 0 writes the report.
+--out (default: beside the checkpoint, test-<checkpoint name>/, next to the report-best/ that
+train.py wrote); a report already there is replaced only with --overwrite. Under torchrun
+each process evaluates its share of the test images and rank 0 writes the report.
 """
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (test/, anno/)")
     parser.add_argument("--ckpt", type=Path, required=True, help="our checkpoint or the official result.pth")
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default CKPT_DIR/report-CKPT_NAME)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default CKPT_DIR/test-CKPT_NAME)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")
@@ -53,7 +52,7 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    out_dir = args.out or args.ckpt.parent / f"report-{args.ckpt.stem}"
+    out_dir = args.out or args.ckpt.parent / f"test-{args.ckpt.stem}"
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False)
     baseline = read_baseline(args)
     info = open_dataset(args.data_root)

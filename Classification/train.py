@@ -15,8 +15,7 @@ Long-tail baselines in the same harness:
 
 Writes OUT/{best,last}.pth, metrics.jsonl (one line per epoch), options.json, and the
 report of best.pth in OUT/report-best/ (report.md/.csv/.json, confusion_matrix.png,
-long_tail.png), what `Classification/test.py --ckpt OUT/best.pth` writes (to another --out,
-or with --overwrite).
+long_tail.png), what `Classification/test.py --ckpt OUT/best.pth` writes (to OUT/test-best/).
 """
 import sys
 from pathlib import Path

@@ -244,6 +244,15 @@ def test_test_py_reproduces_the_training_report_with_a_split(trained, tmp_path):
     assert (tmp_path / "report" / "long_tail.png").is_file()
 
 
+def test_test_py_writes_beside_the_checkpoint_without_touching_the_training_report(trained):
+    data, out, report = trained
+    before = (out / "report-best" / "report.json").read_bytes()
+    again = evaluate_main(["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--workers", "0",
+                           "--device", "cpu"])
+    assert read_report(out / "test-best") == again and again["confusion_matrix"] == report["confusion_matrix"]
+    assert (out / "report-best" / "report.json").read_bytes() == before
+
+
 def test_test_py_replaces_a_report_only_with_overwrite(trained, tmp_path, capsys):
     data, out, _ = trained
     common = ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "report"),
