@@ -3,6 +3,7 @@ and no output; resumed runs equal uninterrupted ones."""
 import errno
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -47,12 +48,24 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_resume_finishes(s
     command = [sys.executable, str(ROOT / "KMDN" / "UModel.py"), "--split", str(split_dir), "--out", str(out),
                "--epochs", "40", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for delay in (2.5, 3.0, 3.5):
+    metrics = out / "head" / "metrics.jsonl"
+
+    def last_logged():
+        lines = metrics.read_text().splitlines() if metrics.is_file() else []
+        return json.loads(lines[-1])["epoch"] if lines else 0
+
+    rng = random.Random(0)
+    for _ in range(3):
+        logged = last_logged()
         process = subprocess.Popen([*command, "--resume"], env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.time() + 120
+        while last_logged() <= logged and process.poll() is None and time.time() < deadline:
+            time.sleep(0.02)  # an epoch ended (whatever the start-up took): kill somewhere in the next one
+        time.sleep(rng.uniform(0, 0.3))
         process.send_signal(signal.SIGKILL)
         process.wait()
+        assert (out / "head" / "last.pth").is_file()  # the kills came after a checkpoint existed
         for path in (out / "head").glob("*.pth"):
             load_checkpoint(path)  # never truncated
     finished = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True)
@@ -211,12 +224,16 @@ def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdt
         return [sys.executable, str(ROOT / "CDTG" / "train.py"), "--data", str(cdtg_inputs / "cdtg_data"),
                 "--teacher", str(cdtg_inputs / "M_T.pth"), "--clip", "none", "--out", str(out), "--size", "32",
                 "--latent", "16", "--n-mlp", "2", "--channel-max", "16", "--batch", "4", "--iter", str(steps),
-                "--save-every", "100000", "--sample-every", "100000", "--workers", "0", "--device", "cpu", *extra]
+                "--save-every", "100000", "--sample-every", "100000", "--log-every", "1", "--workers", "0",
+                "--device", "cpu", *extra]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     interrupted = cdtg_inputs / "interrupted"
     process = subprocess.Popen(command(interrupted, 100000), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(8)
+    deadline = time.time() + 120
+    while not (interrupted / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)  # training has started (whatever the start-up takes) before Ctrl-C comes
+    time.sleep(1)
     process.send_signal(signal.SIGINT)
     process.communicate(timeout=60)
     assert process.returncode == 130
@@ -226,6 +243,6 @@ def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdt
     subprocess.run(command(cdtg_inputs / "straight", stopped_at + 2), env=env, check=True, capture_output=True)
     a = load_cdtg_checkpoint(interrupted / "checkpoint" / f"{stopped_at + 2}.pt")
     b = load_cdtg_checkpoint(cdtg_inputs / "straight" / "checkpoint" / f"{stopped_at + 2}.pt")
-    for part in ("g", "d", "g_ema", "fusion"):
+    for part in ("g", "d", "g_ema", "fusion", "fusion_ema"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), (part, key)

@@ -130,11 +130,19 @@ def test_jpeg_writer_keeps_at_most_two_batches_waiting(tmp_path, monkeypatch):
     writer.submit(tmp_path, [0, 1], images)  # returns at once: writing overlaps what comes next
     writer.submit(tmp_path, [2, 3], images)
     assert len(writer.pending) == 2
-    blocked = threading.Thread(target=writer.submit, args=(tmp_path, [4, 5], images))
+    returned = threading.Event()
+
+    def third():
+        writer.submit(tmp_path, [4, 5], images)
+        returned.set()
+
+    blocked = threading.Thread(target=third)
     blocked.start()
-    time.sleep(0.2)
-    assert blocked.is_alive()  # a third batch waits for the oldest
-    release.set()
+    try:
+        assert not returned.wait(0.5)  # a third batch waits for the oldest
+    finally:
+        release.set()  # a failure must not leave the writer threads waiting forever
+    assert returned.wait(10)
     blocked.join()
     with writer:
         pass  # leaving drains the queue
