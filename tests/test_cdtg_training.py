@@ -2,6 +2,7 @@
 import argparse
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +16,7 @@ from CDTG.swagan import Discriminator, Generator
 from CDTG.synthesis import TailSynthesizer
 from CDTG.tail_data import StepBatchSampler, load_tail_classes
 from CDTG.train import main as train_main
+from CDTG.losses import d_logistic_loss, g_nonsaturating_loss, teacher_classification_loss
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate
 from tgn.resnet import FeatureResNet
 
@@ -49,10 +51,17 @@ def test_clip_loss_is_differentiable_and_clip_stays_frozen():
     loss.backward()
     assert torch.isfinite(loss) and images.grad.abs().sum() > 0
     assert all(p.grad is None for p in clip_model.parameters())
-    # Cross-entropy on CLIP's scaled logits, no softmax before it.
-    logits = loss_fn.logits(images.detach() * 2 - 1)
+    # Cross-entropy on CLIP's scaled logits, no softmax before it, computed here from CLIP itself.
+    import clip
+
+    with torch.no_grad():
+        image = torch.nn.functional.normalize(clip_model.encode_image(loss_fn.preprocess(images * 2 - 1)), dim=-1)
+        text = torch.nn.functional.normalize(clip_model.encode_text(clip.tokenize(
+            ["A photo of a dam", "A photo of a airport"])), dim=-1)
+        logits = clip_model.logit_scale.exp() * image @ text.t()
+    assert clip_model.logit_scale.exp() > 10  # the scale matters: CE of unscaled cosines would differ
     expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1]))
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_clip_preprocessing_normalises_like_clip():
@@ -114,6 +123,54 @@ def test_each_loss_term_reaches_the_generator(tmp_path, term):
     disabled_again = generator_grad(**{"lambda_cls": 0.0, "lambda_clip": 0.0, term: 0.0})
     assert not torch.allclose(adversarial_only, with_term)
     assert torch.equal(adversarial_only, disabled_again)
+
+
+def test_the_fused_latent_mixes_noise_and_feature_by_the_ratio():
+    torch.manual_seed(0)
+    fusion = NoiseFusion(16 * 2 * 2, 8, lr_mul=0.01)
+    noise, feature = torch.randn(3, 8), torch.rand(3, 16, 2, 2)
+    torch.testing.assert_close(fusion(noise, feature, 0.8), 0.8 * noise + 0.2 * fusion.embed(feature))
+    assert GanConfig(batch=4).fusion_noise == 0.8  # training's mix: mostly noise
+
+
+def test_the_generator_loss_weights_each_term(tmp_path):
+    torch.manual_seed(1)
+    labels = torch.tensor([0, 1, 2, 0])
+    for weights, kept, left_out in (({"lambda_cls": 2.0, "lambda_clip": 0.0}, "cls", "clip"),
+                                    ({"lambda_cls": 0.0, "lambda_clip": 3.0}, "clip", "cls")):
+        trainer = make_trainer(tmp_path, **weights)
+        fake, _ = trainer.g([torch.randn(4, 16)], labels)
+        total, parts = trainer.generator_loss(fake, labels)
+        weight = weights["lambda_cls"] or weights["lambda_clip"]
+        assert left_out not in parts
+        torch.testing.assert_close(total.detach(), parts["g_adv"] + weight * parts[kept])
+
+
+def test_the_losses_push_the_right_way():
+    real, fake = torch.full((4,), 3.0), torch.full((4,), -3.0)  # D is right about both
+    assert d_logistic_loss(real, fake) < d_logistic_loss(fake, real)
+    assert g_nonsaturating_loss(real) < g_nonsaturating_loss(fake)  # G gains when its fakes look real
+
+
+def test_the_teachers_loss_teaches_the_generator_and_the_teacher_stays_as_it_is(tmp_path):
+    trainer = make_trainer(tmp_path, lambda_clip=0.0)
+    teacher_state = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    labels = torch.tensor([0, 1, 2, 0])
+    latents = torch.randn(4, 16)
+    optimizer = torch.optim.Adam(trainer.g.parameters(), lr=0.01)
+    losses = []
+    for _ in range(25):
+        fake, _ = trainer.g([latents], labels)
+        loss = teacher_classification_loss(trainer.teacher, fake, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]  # the fakes move towards their class as M_T sees it
+    trainer.noise.reseed(0, 0)
+    trainer.train_step(torch.randn(4, 3, 32, 32), labels)
+    assert not trainer.teacher.training  # BatchNorm statistics never see fakes
+    assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in teacher_state.items())
 
 
 def test_the_fusion_layer_is_averaged_with_the_generator(tmp_path):
@@ -274,6 +331,19 @@ def test_generation_uses_the_averaged_fusion_layer(trained_ckpt, tmp_path):
     torch.save(checkpoint, tmp_path / "earlier.pt")
     synth = TailSynthesizer.from_checkpoint(tmp_path / "earlier.pt", torch.device("cpu"))
     assert torch.equal(synth.fusion.project.weight, checkpoint["fusion"]["project.weight"])
+
+
+def test_generation_mixes_noise_and_feature_by_r(trained_ckpt):
+    synth = TailSynthesizer.from_checkpoint(trained_ckpt, torch.device("cpu"))
+    z, real, noise = synth.batch_inputs(3, [0, 1, 2, 3], seed=0)
+    other_real = (real + 1) % synth.num_real(3)
+
+    def images(ratio, z=z, real=real):
+        return synth.render(3, (z, real, noise), ratio=ratio).numpy().astype(int)
+
+    assert (images(1.0) == images(1.0, real=other_real)).all()  # r = 1: noise alone
+    assert (images(0.0) == images(0.0, z=torch.randn_like(z))).all()  # r = 0: the feature alone
+    assert np.abs(images(0.05) - images(0.05, real=other_real)).max() > 10  # r = 0.05: mostly the feature
 
 
 def test_generation_refuses_other_settings_in_the_same_folder(trained_ckpt, tmp_path, capsys):
