@@ -88,9 +88,9 @@ def test_distillation_schedule(epoch, interval, student):
 
 def test_distillation_loss_is_ce_plus_alpha_mse():
     logits, labels = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
-    student, teacher = torch.ones(1, 2, 2, 2), torch.zeros(1, 2, 2, 2)
+    student, teacher = torch.full((1, 2, 2, 2), 2.0), torch.zeros(1, 2, 2, 2)  # squared error 4, not 2
     ce = torch.nn.functional.cross_entropy(logits, labels)
-    assert distillation_loss(logits, labels, student, teacher, 0.2).item() == pytest.approx(ce.item() + 0.2)
+    assert distillation_loss(logits, labels, student, teacher, 0.2).item() == pytest.approx(ce.item() + 0.2 * 4)
 
 
 def test_teacher_is_frozen_and_gets_no_gradient():
@@ -176,3 +176,39 @@ def test_distill_needs_an_image_size_when_the_models_disagree(split_dir, tmp_pat
     distill_main([*common, "--epochs", "1", "--image-size", "20"])
     distill_main([*common, "--epochs", "2", "--resume"])  # keeps the size the run started with
     assert json.loads((out / "distill" / "options.json").read_text())["image_size"] == 20
+
+
+def test_distill_learning_rate_counts_the_runs_epochs(split_dir, tmp_path):
+    """As the official script: the steps count the run's epochs, not each student's."""
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "4", "--distill-interval", "2",
+                  "--milestones", "1", "3", "--batch-size", "8", "--workers", "0"])
+    metrics = read_metrics(out / "distill" / "metrics.jsonl")
+    assert [m["student"] for m in metrics] == ["head", "head", "tail", "tail"]
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 1e-4, 1e-4, 1e-5])
+
+
+def test_best_checkpoints_are_the_most_accurate_epochs(split_dir, tmp_path, monkeypatch):
+    import KMDN.distillation
+    import tgn.engine
+
+    accuracies = iter([0.5, 0.9, 0.6, 0.3, 0.8, 0.4, 0.2, 0.7])
+    real_evaluate = tgn.engine.evaluate
+
+    def scripted(*args, **kwargs):  # the real evaluation, with a scripted accuracy
+        cm, summary = real_evaluate(*args, **kwargs)
+        return cm, {**summary, "overall_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(tgn.engine, "evaluate", scripted)
+    monkeypatch.setattr(KMDN.distillation, "evaluate", scripted)
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "3", *TINY])  # 0.5, 0.9, 0.6
+    assert load_checkpoint(out / "head" / "best.pth")["epoch"] == 1
+    assert load_checkpoint(out / "head" / "last.pth")["epoch"] == 2
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])  # 0.3
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "4", "--distill-interval", "2",
+                  "--batch-size", "8", "--workers", "0"])  # head 0.8, 0.4; tail 0.2, 0.7
+    assert load_checkpoint(out / "distill" / "M_H.pth")["epoch"] == 0
+    assert load_checkpoint(out / "distill" / "M_T.pth")["epoch"] == 3
