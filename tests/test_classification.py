@@ -283,10 +283,29 @@ def test_loading_errors_are_one_line(trained, tmp_path, capsys):
 
 
 def test_long_tail_baselines_run_in_the_same_harness(toy_data, tmp_path):
-    report = train_main(["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--epochs", "1",
-                         "--sampler", "class-balanced", "--loss", "balanced-softmax", "--device", "cpu", *TINY])
+    def first_epoch_loss(name, *flags):
+        report = train_main(["--data-root", str(toy_data), "--out", str(tmp_path / name), "--epochs", "1",
+                             "--device", "cpu", *TINY, *flags])
+        metrics = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+        return report, metrics["train_loss"]
+
+    report, both = first_epoch_loss("both", "--sampler", "class-balanced", "--loss", "balanced-softmax")
     assert report["method"] == "re-sampling + balanced softmax"
     assert all(row["generated_count"] == 0 for row in report["classes"])
+    # Each flag reaches training: the same seed gives another first epoch with it than without.
+    _, plain = first_epoch_loss("plain")
+    _, resampled = first_epoch_loss("resampled", "--sampler", "class-balanced")
+    _, balanced = first_epoch_loss("balanced", "--loss", "balanced-softmax")
+    assert len({plain, resampled, balanced, both}) == 4
+
+
+def test_class_balanced_sampling_evens_out_the_classes():
+    from tgn.sampling import EpochSampler
+
+    labels = [0] * 90 + [1] * 10
+    sampler = EpochSampler(100, shuffle=True, seed=0, weights=class_balanced_weights(labels, 2))
+    drawn = [labels[index] for index, _ in sampler]
+    assert len(drawn) == 100 and 0.35 < np.mean(drawn) < 0.65  # 0.1 without the weights
 
 
 @pytest.mark.parametrize("main", [train_main, evaluate_main, compare_main])
