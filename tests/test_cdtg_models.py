@@ -9,8 +9,8 @@ import torch
 from CDTG.swagan import Discriminator, Generator, ModulatedConv2d
 
 FORMATS_NAME = "reference/official_state_dict_formats.json"
-FORMATS_PLACES = [Path(__file__).resolve().parents[1] / "shared" / FORMATS_NAME,
-                  Path("/work/shared") / FORMATS_NAME]
+FORMATS_PLACES = [Path(__file__).resolve().parent / "official_state_dict_formats.json",
+                  Path(__file__).resolve().parents[1] / "shared" / FORMATS_NAME]
 OFFICIAL_G = "CDTG.Generator(size=256,style_dim=512,num_classes=12,n_mlp=8,channel_multiplier=2)"
 OFFICIAL_D = "CDTG.Discriminator(size=256,num_classes=12,label_dim=512,channel_multiplier=2)"
 # sha256 of the "name:shape" lines of each official format, so the check also runs where

@@ -25,7 +25,7 @@ from tgn.data import open_dataset
 from tgn.engine import cross_entropy_loss
 from tgn.errors import UserError
 
-FORMATS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict_formats.json"
+FORMATS = Path(__file__).resolve().parent / "official_state_dict_formats.json"  # the released keys and shapes
 RELEASED_KEY = "Classification.resnet50(fc=Sequential(Linear(2048,20)))"
 COUNTS = {0: 12, 1: 10, 2: 8, 3: 4, 4: 3}
 TINY = ["--arch", "resnet18", "--pretrained", "none", "--image-size", "16", "--batch-size", "8", "--workers", "0"]

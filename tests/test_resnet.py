@@ -10,7 +10,8 @@ from tgn.checkpoint import load_weights
 from tgn.errors import UserError
 from tgn.resnet import FeatureResNet, load_backbone, load_feature_resnet, torchvision_to_feature_resnet
 
-FORMATS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_state_dict_formats.json"
+# The keys and shapes of the released checkpoints, kept beside the tests.
+FORMATS = Path(__file__).resolve().parent / "official_state_dict_formats.json"
 KMDN_KEY = "KMDN.ResNet(Bottleneck,[3,4,6,3],num_classes=12)"
 
 
