@@ -28,6 +28,11 @@ METRICS = (  # (key, Markdown title, kind)
 )
 CSV_COLUMNS = ("folder", "path", "id", "name", "real_images", "generated_images", *(key for key, _, _ in METRICS))
 THUMBNAIL = 64  # pixels of one image on the sample sheet
+# FID from fewer images than this per set is mostly a function of the count (two sets from
+# one distribution give FID ~330 at 30 images, ~60 at 1000): such cells are marked.
+SMALL_FID_SET = 100
+SMALL_FID_NOTE = (f"FID marked * comes from fewer than {SMALL_FID_SET} images in a set: it reflects the image "
+                  "count more than the images.")
 
 
 def build_evaluation(results, *, extractor, lpips, clip, teacher, settings, notes):
@@ -46,8 +51,14 @@ def _table(first_title, rows, first_cells):
              "|---|---:|---:|" + "---:|" * len(METRICS)]
     for first, row in zip(first_cells, rows):
         cells = [_markdown_cell(row[key], kind) for key, _, kind in METRICS]
+        if row["fid"] is not None and _fid_images(row) < SMALL_FID_SET:
+            cells[0] += " *"
         lines.append(f"| {first} | {row['real_images']} | {row['generated_images']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _fid_images(row):
+    return row.get("fid_images", min(row["real_images"], row["generated_images"]))
 
 
 def evaluation_markdown(evaluation):
@@ -59,7 +70,9 @@ def evaluation_markdown(evaluation):
     for folder in folders:
         lines += ["", f"### {folder['label']}", "", f"{folder['path']}", ""]
         lines += _table("class", folder["classes"], [f"{row['id']} {row['name']}" for row in folder["classes"]])
-    lines += ["", *(f"- {note}" for note in evaluation["notes"])]
+    marked = any(row["fid"] is not None and _fid_images(row) < SMALL_FID_SET
+                 for folder in folders for row in [folder["overall"], *folder["classes"]])
+    lines += ["", *(f"- {note}" for note in [*evaluation["notes"], *([SMALL_FID_NOTE] if marked else [])])]
     return "\n".join(lines) + "\n"
 
 

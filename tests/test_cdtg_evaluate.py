@@ -14,6 +14,7 @@ from conftest import TAIL_IDS
 import CDTG.evaluate as evaluate_script
 from CDTG.checkpoint import save_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss
+from CDTG.eval_report import evaluation_markdown
 from CDTG.evaluation import Evaluator, SetScores, overall_row, pooled, recorded_inputs
 from CDTG.fidelity import (FeatureExtractor, fid, frechet_distance, inception_pool_network, load_inception,
                            load_lpips, mean_pairwise_lpips, sample_pairs)
@@ -195,6 +196,13 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
     markdown = (out / "evaluation.md").read_text()
     assert "| r=0.8 | 14 | 15 |" in markdown and "| 4 golf field |" in markdown
     assert "torchvision's Inception-v3" in markdown and "tiny random test net" in markdown
+    overall = next(line for line in markdown.splitlines() if line.startswith("| r=0.8 | 14 | 15 |"))
+    assert overall.split(" | ")[3].endswith(" *") and "FID marked * comes from fewer than 100" in markdown
+    large = json.loads(json.dumps(evaluation))  # the same report, as if from 200 images per set
+    for folder in large["folders"]:
+        for row in [folder["overall"], *folder["classes"]]:
+            row.update(real_images=200, generated_images=200, fid_images=200)
+    assert " *" not in evaluation_markdown(large) and "FID marked" not in evaluation_markdown(large)
     with Image.open(out / "samples.png") as sheet:
         assert sheet.format == "PNG" and sheet.width > 3 * 6 * 64 and sheet.height > 3 * 64
 
