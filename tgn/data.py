@@ -117,8 +117,8 @@ class DatasetInfo:
         if unknown:
             where = self.root / "classes.json" if self.has_class_list else self.annotation_path("train")
             raise UserError(f"{path}: class id {unknown[0]} is not a class of {where} (a class absent from training?)")
-        elsewhere = [e for e in entries if e.relpath.split("/", 1)[0].isdigit()
-                     and e.relpath.split("/", 1)[0] != str(e.class_id)]
+        folders = [entry.relpath.split("/", 1)[0] for entry in entries]
+        elsewhere = [e for e, folder in zip(entries, folders) if folder.isdigit() and folder != str(e.class_id)]
         if elsewhere:  # the official layout keeps each image in its class's folder: likely a typo
             warnings.warn(f"{path}: {len(elsewhere)} lines list an image in another class's folder (e.g. "
                           f"'{elsewhere[0].relpath} {elsewhere[0].class_id}'); the label, the last field, is used")

@@ -38,10 +38,6 @@ def _flag(key):
     return "--" + key.replace("_", "-")
 
 
-def _is_path(value):
-    return isinstance(value, Path) or (isinstance(value, (list, tuple)) and any(isinstance(v, Path) for v in value))
-
-
 def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None):
     """Refuse a --resume whose run-defining flags differ from the run's, whose --epochs
     (`length`) is below the `done` epochs (steps) already trained, or (given the run's last
@@ -57,8 +53,7 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
     options_file = out_dir / "options.json"
     if options_file.is_file():
         saved = read_json(options_file, "options")
-        now = {key: value for key, value in vars(args).items() if not _is_path(value)}
-        now = json.loads(json.dumps(now))  # the form options.json holds: tuples as lists
+        now = json.loads(json.dumps(vars(args), default=str))  # the form options.json holds
         changed = [key for key, value in now.items() if key in saved and _differs(key, saved[key], value)]
         if changed:
             was = ", ".join(f"{_flag(key)} {saved[key]}" for key in changed)
