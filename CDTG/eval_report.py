@@ -19,6 +19,7 @@ from tgn.metrics import format_percent
 EVALUATION_FORMAT = "tgn-cdtg-evaluation/1"
 METRICS = (  # (key, Markdown title, kind)
     ("fid", "FID", "distance"),
+    ("kid", "KID x1000", "kid"),
     ("lpips_generated", "LPIPS gen", "lpips"),
     ("lpips_real", "LPIPS real", "lpips"),
     ("clip_accuracy_generated", "CLIP gen %", "accuracy"),
@@ -32,7 +33,7 @@ THUMBNAIL = 64  # pixels of one image on the sample sheet
 # one distribution give FID ~330 at 30 images, ~60 at 1000): such cells are marked.
 SMALL_FID_SET = 100
 SMALL_FID_NOTE = (f"FID marked * comes from fewer than {SMALL_FID_SET} images in a set: it reflects the image "
-                  "count more than the images.")
+                  "count more than the images; KID, unbiased, compares such classes.")
 
 
 def build_evaluation(results, *, extractor, lpips, clip, teacher, settings, notes):
@@ -43,6 +44,8 @@ def build_evaluation(results, *, extractor, lpips, clip, teacher, settings, note
 def _markdown_cell(value, kind):
     if value is None:
         return "n/a"
+    if kind == "kid":
+        return f"{1000 * value:.2f}"
     return format_percent(value) if kind == "accuracy" else f"{value:.2f}" if kind == "distance" else f"{value:.4f}"
 
 

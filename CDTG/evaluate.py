@@ -1,10 +1,10 @@
-"""Evaluate generated tail images against the real ones: FID, LPIPS diversity, class consistency.
+"""Evaluate generated tail images against the real ones: FID, KID, LPIPS diversity, class consistency.
 
     python CDTG/evaluate.py runs/dior/generated-r0.05 runs/dior/generated-r0.8 --out runs/dior/evaluation
 
 Each FOLDER is a CDTG/generation.py output (OUT/anno.txt, OUT/generation.json); several
 folders give one comparison table, rows labelled by their r. Per tail class and overall:
-FID against the real tail training images (Inception-v3 pool features, torchvision's
+FID and KID against the real tail training images (Inception-v3 pool features, torchvision's
 IMAGENET1K_V1 weights: NOT the TF-Inception of published FIDs; the report names the
 extractor), mean pairwise LPIPS (AlexNet) of generated and of real images, CLIP zero-shot
 accuracy over the tail prompts and the tail model M_T's accuracy. Writes
@@ -80,6 +80,9 @@ def metric_notes(args, evaluator):
         "only with FIDs from the same extractor (named above), never with published ones.",
         "FID from fewer than 2048 images per set is biased upward and depends on the image count: compare rows "
         f"at equal counts (--max-per-class {args.max_per_class}).",
+        "KID (x1000 in this table; raw in the JSON and CSV) is the unbiased squared MMD of the same features "
+        "with a cubic polynomial kernel: it does not depend on the count, so it compares small tail classes and "
+        "sets of different sizes; values near 0, even slightly negative, mean no detectable difference.",
         "The overall FID pools, of every class both sets hold, as many real as generated images (the smaller "
         "count, a seeded subset), so both pools have the same class proportions.",
         "Generated images are read from their JPEG files (generation.py --quality), real ones from the "
@@ -89,7 +92,7 @@ def metric_notes(args, evaluator):
         "CLIP: zero-shot over the prompts of all tail classes; M_T: argmax over the tail classes. "
         "Accuracies on the real (training) images are the reference.",
     ]
-    return notes if evaluator.inception is not None else notes[3:]
+    return notes if evaluator.inception is not None else notes[4:]
 
 
 @cli_main

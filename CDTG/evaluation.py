@@ -1,4 +1,4 @@
-"""Generated tail images against the real ones, per tail class: FID, LPIPS, class consistency.
+"""Generated tail images against the real ones, per tail class: FID, KID, LPIPS, class consistency.
 
 The real images are the tail training images of the CDTG data (what the GAN learnt from),
 scored once and shared by every generated folder. Each set is at most --max-per-class
@@ -20,7 +20,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from CDTG.checkpoint import load_cdtg_checkpoint
-from CDTG.fidelity import fid, mean_pairwise_lpips
+from CDTG.fidelity import fid, kid, mean_pairwise_lpips
 from CDTG.synthesis import ANNOTATION
 from tgn.data import ImageList, check_files_exist, read_annotation
 from tgn.errors import UserError
@@ -172,6 +172,7 @@ def class_row(cid, name, real, generated):
     return {
         "id": cid, "name": name, "real_images": real.count, "generated_images": generated.count,
         "fid": None if real.features is None else _nan_to_none(fid(real.features, generated.features)),
+        "kid": None if real.features is None else _nan_to_none(kid(real.features, generated.features)),
         "lpips_generated": _nan_to_none(generated.lpips), "lpips_real": _nan_to_none(real.lpips),
         "clip_accuracy_generated": _accuracy(generated.clip_correct, generated.count),
         "clip_accuracy_real": _accuracy(real.clip_correct, real.count),

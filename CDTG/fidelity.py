@@ -1,4 +1,4 @@
-"""Fidelity and diversity of generated images: FID and within-class LPIPS.
+"""Fidelity and diversity of generated images: FID, KID and within-class LPIPS.
 
 FID here uses torchvision's Inception-v3 (IMAGENET1K_V1), not the TensorFlow Inception
 of the original FID code (pytorch-fid's `pt_inception-2015-12-05`) that papers report:
@@ -62,6 +62,35 @@ def fid(features_a, features_b):
     stats = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in (np.asarray(features_a, np.float64),
                                                                  np.asarray(features_b, np.float64))]
     return frechet_distance(*stats[0], *stats[1])
+
+
+def _polynomial_kernel_sum(x, y, block):
+    """The sum of (x_i . y_j / d + 1)^3 over all pairs, a block of rows at a time (bounded memory)."""
+    dimension = x.shape[1]
+    return sum(float((((x[start:start + block] @ y.T) / dimension + 1) ** 3).sum())
+               for start in range(0, len(x), block))
+
+
+def kid(features_a, features_b, block=1024):
+    """Kernel Inception Distance (Binkowski et al., 2018): the unbiased estimate of the
+    squared MMD between two feature sets [N, D] with the kernel k(x, y) = (x . y / D + 1)^3.
+
+    Unlike FID it has no bias from the image count, so small tail classes and sets of
+    different sizes compare; it can be slightly negative. Every pair is used (no random
+    subsets), so it is deterministic. NaN when either set has fewer than 2 rows.
+    """
+    x, y = (np.asarray(f, np.float64) for f in (features_a, features_b))
+    m, n = len(x), len(y)
+    if m < 2 or n < 2:
+        return math.nan
+    dimension = x.shape[1]
+
+    def within(z):  # the sum over pairs i != j
+        diagonal = ((np.einsum("ij,ij->i", z, z) / dimension + 1) ** 3).sum()
+        return _polynomial_kernel_sum(z, z, block) - diagonal
+
+    return (within(x) / (m * (m - 1)) + within(y) / (n * (n - 1))
+            - 2 * _polynomial_kernel_sum(x, y, block) / (m * n))
 
 
 class FeatureExtractor:

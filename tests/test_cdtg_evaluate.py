@@ -16,7 +16,7 @@ from CDTG.checkpoint import save_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss
 from CDTG.eval_report import evaluation_markdown
 from CDTG.evaluation import Evaluator, SetScores, overall_row, pooled, recorded_inputs
-from CDTG.fidelity import (FeatureExtractor, fid, frechet_distance, inception_pool_network, load_inception,
+from CDTG.fidelity import (FeatureExtractor, fid, frechet_distance, inception_pool_network, kid, load_inception,
                            load_lpips, mean_pairwise_lpips, sample_pairs)
 from CDTG.synthesis import image_name, write_generated_annotation
 from CDTG.tail_data import load_tail_classes
@@ -40,6 +40,23 @@ def test_frechet_distance_of_singular_and_degenerate_covariances():
     assert np.isnan(fid(few[:1], few))
     with pytest.warns(UserWarning, match="imaginary"):  # no real square root: n/a for that set, not a stop
         assert np.isnan(frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0])))
+
+
+def test_kid_is_the_unbiased_polynomial_mmd_and_unlike_fid_does_not_grow_at_small_counts():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(7, 5)), rng.normal(0.3, 1.2, size=(4, 5))
+    kernel = lambda a, b: (a @ b.T / 5 + 1) ** 3  # noqa: E731
+    off_diagonal = lambda k: (k.sum() - np.trace(k)) / (len(k) * (len(k) - 1))  # noqa: E731
+    expected = off_diagonal(kernel(x, x)) + off_diagonal(kernel(y, y)) - 2 * kernel(x, y).mean()
+    assert kid(x, y) == pytest.approx(expected, rel=1e-12)
+    assert kid(x, y, block=2) == pytest.approx(expected, rel=1e-12)  # blocks of rows: the same sums
+    assert np.isnan(kid(x[:1], y))
+    # Draws of 30 from one distribution: their FID, from the count alone, is near half that of
+    # a real shift; their KID averages to 0 (unbiased), under 5% of the shift's.
+    same = [(rng.normal(size=(30, 8)), rng.normal(size=(30, 8))) for _ in range(40)]
+    mean_of = lambda metric, shift: np.mean([metric(a, b + shift) for a, b in same])  # noqa: E731
+    assert mean_of(fid, 0) > 0.3 * mean_of(fid, 0.5)
+    assert abs(mean_of(kid, 0)) < 0.05 * mean_of(kid, 0.5)
 
 
 def test_the_overall_fid_pools_the_classes_in_equal_proportions():
@@ -184,6 +201,8 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
     assert copy["overall"]["fid"] == pytest.approx(0, abs=1e-3)
     assert shifted["overall"]["fid"] > 10 and all(row["fid"] > copy_row["fid"] + 10 for row, copy_row
                                                  in zip(shifted["classes"], copy["classes"]))
+    assert copy["overall"]["kid"] <= 0  # copies: the unbiased estimate of no difference is not above 0
+    assert all(row["kid"] > copy_row["kid"] for row, copy_row in zip(shifted["classes"], copy["classes"]))
     for row in copy["classes"]:  # the same images: the same diversity and the same accuracies
         assert row["lpips_generated"] == pytest.approx(row["lpips_real"], abs=1e-5) and row["lpips_real"] > 0
         assert row["clip_accuracy_generated"] == row["clip_accuracy_real"]
@@ -197,6 +216,7 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
     assert "| r=0.8 | 14 | 15 |" in markdown and "| 4 golf field |" in markdown
     assert "torchvision's Inception-v3" in markdown and "tiny random test net" in markdown
     overall = next(line for line in markdown.splitlines() if line.startswith("| r=0.8 | 14 | 15 |"))
+    assert "| KID x1000 |" in markdown and overall.split(" | ")[4] == f"{1000 * shifted['overall']['kid']:.2f}"
     assert overall.split(" | ")[3].endswith(" *") and "FID marked * comes from fewer than 100" in markdown
     large = json.loads(json.dumps(evaluation))  # the same report, as if from 200 images per set
     for folder in large["folders"]:
