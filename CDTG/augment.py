@@ -362,7 +362,7 @@ def augment(images, p, generator=None, kinds=BGC_KINDS):
     when p == 0 (the same tensor, untouched); `geometric` are the forward maps of
     `sample_geometric`, `colour` those of `sample_colour`. Differentiable in `images`, twice.
     `generator` (a torch.Generator) makes the draws reproducible; `kinds` picks a subset of
-    BGC_KINDS. Colour kinds need 3 channels.
+    BGC_KINDS. Colour kinds need 3 channels. Computed and returned in fp32 (or fp64), autocast or not.
     """
     unknown = set(kinds) - set(BGC_KINDS)
     if unknown:
@@ -373,12 +373,16 @@ def augment(images, p, generator=None, kinds=BGC_KINDS):
     geometric = sample_geometric(batch, height, width, p, kinds, generator)
     colour = sample_colour(batch, p, kinds, generator)
 
-    eye = torch.eye(3, dtype=geometric.dtype, device=geometric.device)
-    if not torch.equal(geometric, eye.expand_as(geometric)):
-        images = apply_geometric(images, geometric)
-    if any(kind in kinds for kind in COLOUR_KINDS):
-        if channels != 3:
-            raise ValueError(f"augment: colour kinds need RGB images, got {channels} channels; "
-                             f"pass kinds=GEOMETRIC_KINDS")
-        images = apply_colour(images, colour)
+    # Always in fp32: under bf16 autocast the sampling grid's matrix products would round
+    # positions by whole pixels (an error of about 1 on [-1, 1] images at 256 px).
+    with torch.autocast(images.device.type, enabled=False):
+        images = images.to(torch.promote_types(images.dtype, torch.float32))  # float64 stays (gradcheck)
+        eye = torch.eye(3, dtype=geometric.dtype, device=geometric.device)
+        if not torch.equal(geometric, eye.expand_as(geometric)):
+            images = apply_geometric(images, geometric)
+        if any(kind in kinds for kind in COLOUR_KINDS):
+            if channels != 3:
+                raise ValueError(f"augment: colour kinds need RGB images, got {channels} channels; "
+                                 f"pass kinds=GEOMETRIC_KINDS")
+            images = apply_colour(images, colour)
     return images, (geometric, colour)

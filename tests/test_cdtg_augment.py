@@ -55,6 +55,19 @@ def test_full_probability_changes_every_image_and_keeps_shape_dtype_and_range():
     assert moved.abs().max() < 1.5
 
 
+def test_bf16_autocast_and_bf16_images_give_the_fp32_augmentation():
+    # CDTG augments inside the D and G passes' autocast, on bf16 fakes: positions rounded in
+    # bf16 would move pixels by whole steps (an error near 1 at this size).
+    x = images(batch=2, size=64)
+    expected, _ = augment(x, 1.0, seeded(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        from_fp32, _ = augment(x, 1.0, seeded(3))
+        from_bf16, _ = augment(x.bfloat16(), 1.0, seeded(3))
+    assert_near(from_fp32.float(), expected)
+    assert_near(from_bf16.float(), expected, atol=0.05)  # only the input's own bf16 rounding (1/128 at 1)
+    assert from_fp32.dtype == from_bf16.dtype == torch.float32
+
+
 def test_same_seed_same_result_other_seed_other_result():
     x = images()
     first, (geometric, colour) = augment(x, 0.7, seeded(5))
