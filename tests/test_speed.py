@@ -93,6 +93,14 @@ def test_precision_defaults():
     assert resolve_precision("off", "off", cpu) == ("off", False)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_takes_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, native):
+    # torch's is_bf16_supported() also says yes where bf16 is emulated (V100, T4): slower than fp32.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        native or including_emulation)
+    assert resolve_precision("auto", "auto", torch.device("cuda")) == ("bf16" if native else "fp16", True)
+
+
 def test_fusion_pool_is_saved_and_rebuilt_by_generation(cdtg_inputs, tmp_path):
     full, pooled = NoiseFusion(32 * 8 * 8, 16), NoiseFusion(32 * 8 * 8, 16, pool=2, channels=32)
     assert pooled.project.weight.numel() * 16 == full.project.weight.numel()  # a 16th: 8 x 8 pooled to 2 x 2

@@ -59,11 +59,20 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
     )
 
 
+def native_bf16(device):
+    """Whether the GPU computes bf16 itself (Ampere and later). Plain is_bf16_supported() also
+    says yes on older GPUs, where bf16 is emulated and slower than fp32."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.4 counts native support only
+        return torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(amp, channels_last, device):
     """--amp auto: bf16 on GPUs (fp16 with a GradScaler where bf16 is missing), off on CPUs;
     --channels-last auto: on with GPUs. Explicit values are kept."""
     if amp == "auto":
-        amp = "off" if device.type != "cuda" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        amp = "off" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16"
     if channels_last in ("auto", None):
         channels_last = device.type == "cuda"
     elif isinstance(channels_last, str):
