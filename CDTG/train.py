@@ -109,8 +109,9 @@ def build_parser():
     runtime.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                          help="DataLoader worker processes (4, at most the CPU count)")
-    runtime.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off",
-                         help="mixed precision of the D and G passes (regularisers stay fp32)")
+    runtime.add_argument("--amp", choices=["off", "bf16"], default="off",
+                         help="mixed precision of the D and G passes (regularisers, fusion, mapping and ADA "
+                              "stay fp32); fp16 is not offered: the shared-weight convolutions can overflow it")
     runtime.add_argument("--modconv", choices=["shared", "fused"], default="shared",
                          help="modulated-conv path: shared = one weight for the batch, activations scaled "
                               "(faster), fused = the official per-sample grouped conv; the same function")

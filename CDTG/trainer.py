@@ -73,7 +73,7 @@ class GanConfig:
     log_every: int = 10
     seed: int = 0
     workers: int = 4
-    amp: str = "off"  # off, bf16 or fp16 (with GradScalers)
+    amp: str = "off"  # off or bf16 (no fp16: without StyleGAN2-ADA's clamps the convolutions can overflow it)
     compile: bool = False  # torch.compile G and D for the passes without double backward
 
 
@@ -160,9 +160,6 @@ class CdtgTrainer:
         # Double backward (R1, path length) is not supported by torch.compile: those passes stay eager.
         self.g_main = torch.compile(self.g_train) if cfg.compile else self.g_train
         self.d_main = torch.compile(self.d_train) if cfg.compile else self.d_train
-        fp16 = cfg.amp == "fp16"
-        self.g_scaler = torch.amp.GradScaler(device.type) if fp16 else None
-        self.d_scaler = torch.amp.GradScaler(device.type) if fp16 else None
 
     # ----- checkpoints -----------------------------------------------------------------
     def state(self):
@@ -178,8 +175,6 @@ class CdtgTrainer:
             "ada_aug_p": float(self.ada_p),
             "ada": self.ada.state_dict() if self.ada is not None else None,
             "mean_path_length": float(self.mean_path_length),
-            "scalers": {name: scaler.state_dict() for name, scaler in
-                        (("g", self.g_scaler), ("d", self.d_scaler)) if scaler is not None},
             "step": self.step,
         }
 
@@ -220,9 +215,6 @@ class CdtgTrainer:
         self.ada_p = state["ada_aug_p"]
         if self.ada is not None and state.get("ada"):
             self.ada.load_state_dict(state["ada"])
-        for name, scaler in (("g", self.g_scaler), ("d", self.d_scaler)):
-            if scaler is not None and name in (state.get("scalers") or {}):
-                scaler.load_state_dict(state["scalers"][name])
         self.mean_path_length = torch.tensor(state["mean_path_length"], device=self.device)
         self.step = state["step"]
         if dist.is_main():
@@ -237,16 +229,6 @@ class CdtgTrainer:
         """Fakes (and latents when asked) from this step's shared noise, this process's share."""
         return module(self.noise.latents(batch), features, self.cfg.fusion_noise, labels,
                       noise=self.noise.noise_maps(batch), **kwargs)
-
-    @staticmethod
-    def backward_step(loss, optimizer, scaler):
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-            return
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
 
     def maybe_augment(self, images):
         if self.ada_p <= 0:
@@ -289,7 +271,8 @@ class CdtgTrainer:
             real_pred = self.d_main(self.maybe_augment(real), labels).float()
         d_loss = d_logistic_loss(real_pred, fake_pred)
         self.d.zero_grad(set_to_none=True)
-        self.backward_step(d_loss, self.d_optim, self.d_scaler)
+        d_loss.backward()
+        self.d_optim.step()
         losses.update(d=d_loss.detach(), real_score=real_pred.detach().mean(), fake_score=fake_pred.detach().mean())
         if self.ada is not None:
             self.ada_p = self.ada.tune(real_pred)
@@ -312,7 +295,8 @@ class CdtgTrainer:
             g_loss, parts = self.generator_loss(fake, labels)
         losses.update(parts)
         self.g_fused.zero_grad(set_to_none=True)
-        self.backward_step(g_loss, self.g_optim, self.g_scaler)
+        g_loss.backward()
+        self.g_optim.step()
         losses["g"] = g_loss.detach()
 
         if cfg.path_regularize > 0 and step % cfg.g_reg_every == 0:
