@@ -14,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+import tgn.engine as engine
+
 from test_cdtg_training import tiny_train_args
 from test_kmdn import TINY
 from CDTG.checkpoint import load_cdtg_checkpoint
@@ -36,8 +38,11 @@ def on_cuda(argv):
     return [*argv[:argv.index("--device")], *argv[argv.index("--device") + 2:], "--device", "cuda"]
 
 
-def test_resnet_trainer_learns_with_the_gpu_defaults(toy_data, tmp_path):
+def test_resnet_trainer_learns_with_the_gpu_defaults(toy_data, tmp_path, monkeypatch):
     split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    precisions = []  # what training and evaluation actually ran in
+    real_autocast = engine.autocast
+    monkeypatch.setattr(engine, "autocast", lambda device, amp: precisions.append(amp) or real_autocast(device, amp))
     out = tmp_path / "kmdn"
     rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "8", "--lr", "0.01", *TINY,
                  "--device", "cuda"])
@@ -45,19 +50,25 @@ def test_resnet_trainer_learns_with_the_gpu_defaults(toy_data, tmp_path):
     assert metrics[-1]["train_loss"] < 0.6 * metrics[0]["train_loss"]
     best = load_checkpoint(out / "tail" / "best.pth")
     assert best["metrics"]["overall_accuracy"] > 0.6  # chance is 1/3
-    assert all(value.dtype != torch.bfloat16 for value in best["state_dict"].values())
+    expected = "bf16" if engine.native_bf16(torch.device("cuda")) else "fp16"
+    assert precisions and set(precisions) == {expected}
 
 
 def test_cuda_graph_training_matches_eager(toy_data, tmp_path):
-    """--compile reduce-overhead replays CUDA graphs; without the per-step marking the
-    replays would reuse a step's outputs. fp32 (--amp off) so the two runs can be compared."""
+    """--compile reduce-overhead replays CUDA graphs (none skipped, so the graphs really ran);
+    losses and logits are read before the next replay reuses their memory. fp32 (--amp off)
+    so the two runs can be compared."""
+    from torch._dynamo.utils import counters
+
     split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
     logs = {}
     for name, extra in (("eager", []), ("graphs", ["--compile", "reduce-overhead"])):
         out = tmp_path / name
+        counters.clear()
         rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "4", "--lr", "0.01", *TINY,
                      "--device", "cuda", "--amp", "off", *extra])
         logs[name] = [json.loads(line) for line in (out / "tail" / "metrics.jsonl").read_text().splitlines()]
+    assert counters["inductor"]["cudagraph_skips"] == 0
     # The first epoch differs by float rounding only (TF32, kernel choice); later ones drift apart.
     assert logs["graphs"][0]["train_loss"] == pytest.approx(logs["eager"][0]["train_loss"], rel=0.02)
     assert logs["graphs"][-1]["train_loss"] < 0.8 * logs["graphs"][0]["train_loss"]
@@ -66,10 +77,12 @@ def test_cuda_graph_training_matches_eager(toy_data, tmp_path):
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_cdtg_trains_on_the_gpu(cdtg_inputs, amp):
     run = cdtg_inputs / f"cuda-{amp}"
-    train_main(on_cuda(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--amp", amp)))
+    # With ADA at a fixed p: under autocast it must still resample in fp32.
+    train_main(on_cuda(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--amp", amp, "--augment",
+                                       "--augment-p", "0.5")))
     state = load_cdtg_checkpoint(run / "checkpoint" / "4.pt")
     for part in ("g", "d", "g_ema", "fusion"):
-        assert all(v.dtype == torch.float32 and v.device.type == "cpu" and torch.isfinite(v).all()
+        assert all(v.dtype == torch.float32 and torch.isfinite(v).all()
                    for v in state[part].values() if v.is_floating_point())
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
