@@ -46,6 +46,20 @@ def test_process_shares_partition_the_global_order_of_an_epoch(monkeypatch, weig
     assert evaluation == [[0, 3, 6], [1, 4], [2, 5]]
 
 
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_no_process_trains_a_batch_of_one_image(monkeypatch, world):
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+    local = 8 // world  # each process's share of a global batch of 8
+    for size in range(9, 41):
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+            shares.append(len(EpochSampler(size, shuffle=True, batch_size=8)))
+        last_batches = [share - (share - 1) // local * local for share in shares]
+        assert min(last_batches) >= 2, (size, last_batches)
+        assert sum(shares) >= size - world  # at most N images left out of an epoch
+
+
 def test_augmentation_depends_on_the_epoch_not_on_the_workers(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 6, 1: 6})
     info = open_dataset(data)
