@@ -21,6 +21,7 @@ from tgn import distributed as dist
 from tgn.cache import ResizeCache
 from tgn.data import ImageList, build_transform, open_dataset, samples_for
 from tgn.engine import make_loader, resolve_precision
+from tgn.errors import UserError
 from tgn.sampling import EpochSampler
 
 
@@ -81,7 +82,7 @@ def test_augmentation_depends_on_the_epoch_not_on_the_workers(tmp_path):
     assert not torch.equal(first, epoch(0, 1))
 
 
-def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path):
+def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeypatch):
     data = write_dataset(tmp_path / "d", {0: 2}, size=40)
     info = open_dataset(data)
     samples = samples_for(info.image_root("train"), info.entries("train"), {0: 0})
@@ -98,6 +99,11 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path):
     assert torch.equal(cached[0][0], plain[0][0]) and len(list((tmp_path / "cache").rglob("*.npy"))) == 3
     cache.entry(path).write_bytes(b"half")  # an unreadable entry is rebuilt
     assert torch.equal(cached[0][0], plain[0][0])
+    (tmp_path / "cache" / "16px" / "ab").write_text("a file where an entry folder goes")
+    monkeypatch.setattr(cache, "entry", lambda path: tmp_path / "cache" / "16px" / "ab" / "x.npy")
+    assert torch.equal(cached[1][0], plain[1][0])  # an entry that cannot be written costs speed only
+    with pytest.raises(UserError, match="--cache .*cannot write there"):
+        ResizeCache(tmp_path / "cache" / "16px" / "ab", 16)  # a wrong --cache: one line at start-up
 
 
 def test_precision_defaults():

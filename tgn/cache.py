@@ -18,12 +18,19 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from tgn.data import load_image
+from tgn.errors import UserError
 
 
 class ResizeCache:
     def __init__(self, root, size):
         self.root = Path(root) / f"{int(size)}px"
         self.size = int(size)
+        try:  # checked once here, so that a wrong --cache is one line at start-up
+            self.root.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=self.root).close()
+        except OSError as exc:
+            raise UserError(f"--cache {root}: cannot write there ({exc.strerror or exc}); "
+                            "pass a writable folder") from exc
 
     def entry(self, path):
         path = os.path.abspath(path)
@@ -39,12 +46,14 @@ class ResizeCache:
         except (OSError, ValueError, EOFError):
             pass  # missing or unreadable: (re)build it
         image = TF.resize(load_image(path, self.size), [self.size, self.size])
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
+        tmp = None
         try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 np.save(handle, np.asarray(image), allow_pickle=False)
             os.replace(tmp, entry)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)  # a full disk costs speed, not the run
+        except OSError:  # a full disk costs speed, not the run
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
         return image
