@@ -83,6 +83,8 @@ def main(argv=None):
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out / "generation.json", settings)
     dist.barrier()
+    args.out.mkdir(parents=True, exist_ok=True)
+    dist.check_shared_folder(args.out)  # rank 0 lists every process's images in anno.txt
     written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,
                              seed=args.seed, truncation=args.truncation, batch_size=args.batch, quality=args.quality,
                              workers=args.workers)

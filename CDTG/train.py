@@ -190,6 +190,7 @@ def main(argv=None):
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
+    dist.check_shared_folder(args.out)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
     if main and args.overwrite and not args.resume:
         clear_run(args.out)

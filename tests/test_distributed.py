@@ -31,7 +31,8 @@ from KMDN.stage import group_datasets, open_split
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint
 from tgn.engine import TrainConfig, evaluate, fit, make_loader
-from tgn.io import atomic_torch_save
+from tgn.errors import UserError
+from tgn.io import atomic_torch_save, prepare_run_dir
 from tgn.resnet import FeatureResNet
 
 WORLD = 2
@@ -190,6 +191,36 @@ def train_cdtg_saving_every_rank(argv):
         cdtg_train_main(argv)
     finally:
         CdtgTrainer.fit = original_fit
+
+
+def folders_per_process(root, cdtg_argv):
+    """Each process with its own folder (nodes without a shared file system): every process
+    must refuse it, the trainers' run folders and CDTG's alike. Records what each process saw."""
+    dist.SHARED_FOLDER_WAIT_S = 0.2
+    outcomes = {}
+    cdtg_train = cdtg_train_main.__wrapped__  # without cli_main: the UserError itself
+    for name, call in (("shared", lambda: prepare_run_dir(root / "shared")),
+                       ("run_dir", lambda: prepare_run_dir(root / f"run{dist.rank()}")),
+                       ("cdtg", lambda: cdtg_train([*cdtg_argv, "--out", str(root / f"cdtg{dist.rank()}")]))):
+        try:
+            call()
+            outcomes[name] = "ok"
+        except UserError as exc:
+            outcomes[name] = str(exc)
+    (root / f"outcomes{dist.rank()}.json").write_text(json.dumps(outcomes))
+
+
+def test_a_folder_not_shared_by_every_process_is_refused_by_all(cdtg_inputs):
+    root = cdtg_inputs
+    cdtg_argv = cdtg_args(root, root / "unused")  # each process's --out comes after it, and wins
+    run_in_processes(folders_per_process, root, cdtg_argv)
+    for rank in range(WORLD):
+        outcomes = json.loads((root / f"outcomes{rank}.json").read_text())
+        assert outcomes["shared"] == "ok"
+        for name in ("run_dir", "cdtg"):
+            assert "do not see the files rank 0 writes there" in outcomes[name], (rank, name)
+    assert not list(root.rglob(".shared-check-*"))  # the probes are removed
+    assert not (root / "cdtg0" / "checkpoint").exists()  # refused before training
 
 
 def run_cdtg_runs(runs, generation_argv):

@@ -14,6 +14,8 @@ r, r + N, r + 2N, ... (`shard`), so N processes see the batches one process woul
 import atexit
 import inspect
 import os
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -110,6 +112,44 @@ def broadcast_object(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def collective_device():
+    """Where collectives' tensors live: the process's GPU under nccl, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_agree(flag):
+    """True in every process when `flag` is true in every process (one collective)."""
+    if not active():
+        return bool(flag)
+    return sum_numbers([0.0 if flag else 1.0], collective_device())[0] == 0
+
+
+SHARED_FOLDER_WAIT_S = 10.0  # network file systems may show a new file to other nodes late
+
+
+def check_shared_folder(folder, flag="--out"):
+    """Under torchrun, refuse (in every process at once) a folder some process does not
+    share with rank 0: rank 0 alone writes checkpoints, and every process reads them back
+    (--resume, the best epoch, generated images). On several nodes without a shared file
+    system each node would silently resume, train or report on its own copy."""
+    if not active():
+        return
+    token = broadcast_object(f"{os.getpid()}-{time.time_ns()}" if is_main() else None)
+    probe = Path(folder) / f".shared-check-{token}"  # a fresh name: no stale cached lookup of it
+    if is_main():
+        probe.write_text(token)
+    barrier()
+    deadline = time.monotonic() + SHARED_FOLDER_WAIT_S
+    while not (seen := probe.is_file() and probe.read_text() == token) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    shared = all_agree(seen)
+    if is_main():
+        probe.unlink(missing_ok=True)
+    if not shared:
+        raise UserError(f"{flag} {folder}: some processes of this torchrun job do not see the files rank 0 "
+                        "writes there; on several nodes it must be on a file system every node shares")
 
 
 def all_reduce_(tensor, average=False):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from tgn import distributed as dist
 from tgn.errors import UserError
 
 
@@ -113,9 +114,11 @@ def check_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth"
 
 def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",)):
     """check_run_dir, then create the folder. Call it once the inputs are validated, so
-    that a bad input leaves nothing behind."""
+    that a bad input leaves nothing behind. Under torchrun (after dist.init) every process
+    must see the same folder."""
     out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite, results=results)
     out_dir.mkdir(parents=True, exist_ok=True)
+    dist.check_shared_folder(out_dir)
     return out_dir
 
 
