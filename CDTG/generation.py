@@ -63,7 +63,7 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = dist.init(args.device)
+    device = dist.process_device(args.device)
     synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
                                             teacher=args.teacher, modconv=args.modconv, amp=args.amp,
                                             compile=args.compile)
@@ -74,6 +74,7 @@ def main(argv=None):
     settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
                 "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources}
     check_settings(args.out, settings, args.overwrite)
+    dist.init(args.device)  # joined after the input checks: an input error prints once per node
     dist.barrier()  # every process checked the old settings before they are replaced
     if dist.is_main():
         if args.overwrite:

@@ -168,7 +168,7 @@ def main(argv=None):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     check_resume(args.out, args, done=steps[-1] if steps else None, length="iter")
     tail = load_tail_classes(args.data, args.data_root)
-    device = dist.init(args.device)
+    device = dist.process_device(args.device)
     seed_everything(args.seed)
     dataset = tail_image_dataset(tail, args.size, args.skip_bad_images)
     teacher = load_teacher(args.teacher, tail)
@@ -189,6 +189,7 @@ def main(argv=None):
                          lr_mul=args.fusion_lr_mul)
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
+    dist.init(args.device)  # joined after the input checks: an input error prints once per node
     args.out.mkdir(parents=True, exist_ok=True)
     dist.check_shared_folder(args.out)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes

@@ -71,7 +71,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
     split = open_split(args)
-    device = dist.init(args.device)
+    device = dist.process_device(args.device)
     seed_everything(args.seed)
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
@@ -88,6 +88,7 @@ def main(argv=None):
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
+    dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
     main = dist.is_main()
     if main and args.overwrite and not args.resume:

@@ -33,11 +33,12 @@ def train_group(args):
     state = last_state(args.out / group / "last.pth")
     check_resume(args.out / group, args, done=epochs_done(state), state=state,
                  data={"class_ids": split.ids(group), "split_fingerprint": split.fingerprint})
-    device = dist.init(args.device)
+    device = dist.process_device(args.device)
     seed_everything(args.seed)
     model = build_group_model(split, group, args)
     train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
+    dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
     main = dist.is_main()
     if main and args.overwrite and not args.resume:

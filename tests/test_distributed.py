@@ -7,6 +7,8 @@ where nothing per-process enters, within a tolerance where BatchNorm statistics 
 process: PyTorch's SyncBatchNorm has no CPU kernel), rank 0 alone writes, and metrics
 are reduced over the processes. Generation split over 2 processes writes the images of 1.
 """
+import contextlib
+import io
 import json
 import os
 import socket
@@ -31,7 +33,7 @@ from KMDN.stage import group_datasets, open_split
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint
 from tgn.engine import TrainConfig, evaluate, fit, make_loader
-from tgn.errors import UserError
+from tgn.errors import ProcessError, UserError, cli_main, one_line_warning
 from tgn.io import atomic_torch_save, prepare_run_dir
 from tgn.resnet import FeatureResNet
 
@@ -221,6 +223,56 @@ def test_a_folder_not_shared_by_every_process_is_refused_by_all(cdtg_inputs):
             assert "do not see the files rank 0 writes there" in outcomes[name], (rank, name)
     assert not list(root.rglob(".shared-check-*"))  # the probes are removed
     assert not (root / "cdtg0" / "checkpoint").exists()  # refused before training
+
+
+def fail_on_rank_one(root):
+    """Rank 1 hits a user error of its own (say, an unreadable image in its share) while
+    rank 0 waits in a collective. Records what each printed and its exit status."""
+    @cli_main
+    def script(argv):
+        if dist.rank() == 1:
+            raise UserError("data/3/x.jpg: cannot decode")
+        dist.all_reduce_(torch.ones(1))
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            script(None)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    (root / f"rank{dist.rank()}.json").write_text(json.dumps({"code": code, "stderr": err.getvalue()}))
+
+
+def test_an_error_on_one_process_is_one_line_on_each(tmp_path):
+    run_in_processes(fail_on_rank_one, tmp_path)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
+    assert rank1 == {"code": 2, "stderr": "[rank 1] error: data/3/x.jpg: cannot decode\n"}
+    assert rank0["code"] == 2 and rank0["stderr"].count("\n") == 1  # not gloo's traceback
+    assert rank0["stderr"].startswith("[rank 0] error: another process of this torchrun job stopped")
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_before_joining_only_local_rank_0_prints_what_every_process_finds(monkeypatch, capsys, local_rank):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", local_rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    @cli_main
+    def script(error):
+        raise error
+
+    for error, everywhere in ((UserError("--data x: no such folder"), False), (ProcessError("its GPU"), True)):
+        with pytest.raises(SystemExit) as exit_info:
+            script(error)
+        assert exit_info.value.code == 2
+        printed = capsys.readouterr().err
+        if local_rank == "0":
+            assert printed == f"error: {error}\n"
+        else:  # the other processes of the node stay quiet, unless the problem is their own
+            assert printed == ("[local rank 1] error: its GPU\n" if everywhere else "")
+    warning = one_line_warning("3 images listed twice", UserWarning, "data.py", 1)
+    assert warning == ("warning: 3 images listed twice\n" if local_rank == "0" else "")
 
 
 def run_cdtg_runs(runs, generation_argv):

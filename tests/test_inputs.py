@@ -198,7 +198,8 @@ def test_generation_folders_of_earlier_versions_refuse_other_jpeg_settings(cdtg_
 @pytest.mark.parametrize("size", [6, 9, 10, 13])
 def test_a_one_image_last_training_batch_is_left_out_for_any_process_count(monkeypatch, size):
     """BatchNorm cannot train on one image: a global last batch of one is dropped (sizes 9
-    and 13 at batch 4), decided on the global order, so 2 processes train on the batches of 1."""
+    and 13 at batch 4); with 2 processes one of 2 too (size 6, 10: one image each), and
+    otherwise 2 processes train on the batches of 1."""
     single = [len(batch) for batch in make_loader(list(range(size)), 4, train=True)]
     assert single == [4] * (size // 4) + ([size % 4] if size % 4 > 1 else [])
     assert sum(len(batch) for batch in make_loader(list(range(size)), 4, train=False)) == size  # tests see all
@@ -207,7 +208,8 @@ def test_a_one_image_last_training_batch_is_left_out_for_any_process_count(monke
     for rank in range(2):
         monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
         shares.append([len(batch) for batch in make_loader(list(range(size)), 4, train=True)])
-    assert [a + b for a, b in zip(*shares)] == single
+    assert [a + b for a, b in zip(*shares)] == [4] * (size // 4) + ([size % 4] if size % 4 > 2 else [])
+    assert min(min(batches) for batches in shares) >= 2
 
 
 def test_official_weights_refuse_listings_in_another_class_order(tmp_path, capsys):

@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from tgn.errors import UserError
+from tgn.errors import UserError, speaks
 from tgn.io import atomic_write_text, read_json
 
 SUBSETS = ("train", "test")
@@ -217,7 +217,7 @@ def drop_unreadable(samples, skip_bad_images, what="images", workers=8):
     if not skip_bad_images:
         return list(samples)
     bad = set(find_unreadable(samples, workers))
-    if bad:
+    if bad and speaks():  # every process finds the same ones
         print(f"skipped {len(bad)} unreadable {what} (--skip-bad-images), e.g. {sorted(bad)[0]}")
     return [sample for sample in samples if sample[0] not in bad]
 

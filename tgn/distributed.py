@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tgn.errors import UserError
+from tgn.errors import ProcessError, UserError
 
 
 def launched():
@@ -70,7 +70,20 @@ def tune_cuda():
 
 
 def init(device_name="auto"):
-    """The device of this process; under torchrun also joins the process group (once)."""
+    """The device of this process; under torchrun also joins the process group (once).
+    Scripts that check many inputs on the device call process_device first and init
+    after those checks: an input error before joining prints once per node (errors.py)."""
+    device = process_device(device_name)
+    if launched() and not active():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        atexit.register(shutdown)
+    return device
+
+
+def process_device(device_name="auto"):
+    """The device of this process (under torchrun: the GPU of its LOCAL_RANK, or the CPU);
+    joins nothing."""
     if not launched():
         return resolve_device(device_name)
     if device_name not in ("auto", "cpu", "cuda"):
@@ -82,17 +95,13 @@ def init(device_name="auto"):
         if not torch.cuda.is_available():
             raise UserError("--device cuda: CUDA is not available on this machine; use --device cpu")
         if local_rank >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs; "
-                            "start at most that many processes per node (--nproc_per_node)")
+            raise ProcessError(f"LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} GPUs; "
+                               "start at most that many processes per node (--nproc_per_node)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         tune_cuda()
-    else:
-        device = torch.device("cpu")
-    if not active():
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-        atexit.register(shutdown)
-    return device
+        return device
+    return torch.device("cpu")
 
 
 def shutdown():

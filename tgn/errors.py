@@ -1,12 +1,26 @@
 """User-facing errors: one line naming the file or flag, exit status 2, no traceback.
-Warnings are one line too."""
+Warnings are one line too.
+
+Under torchrun every process runs the same checks. Before the processes join their group
+they read the same files, so on each node only LOCAL_RANK 0 prints an error (one line per
+node, not one per process); a ProcessError, this process's own problem, prints anyway.
+After joining, rank 0 prints as usual and every other process that fails prefixes its
+line with its rank, since only it may have seen the problem (say, an unreadable image in
+its share). A process whose collective fails because another one stopped says so in one
+line instead of a traceback.
+"""
 import functools
+import os
 import sys
 import warnings
 
 
 class UserError(Exception):
     """A problem with the user's input (path, data, checkpoint, flag)."""
+
+
+class ProcessError(UserError):
+    """A problem of this process alone under torchrun (its GPU, say): always printed."""
 
 
 def _one_line(exc):
@@ -20,9 +34,40 @@ def _one_line(exc):
 
 
 def one_line_warning(message, category, filename, lineno, line=None):
-    """warnings.formatwarning for the scripts: the message, not the source line that warned."""
+    """warnings.formatwarning for the scripts: the message, not the source line that warned;
+    under torchrun only from the process that speaks for the others (speaks())."""
+    if not speaks():
+        return ""
     kind = "" if category is UserWarning else f" ({category.__name__})"
     return f"warning{kind}: {message}\n"
+
+
+def speaks():
+    """Whether this process prints what every process finds (warnings, notes): always
+    alone; under torchrun rank 0 once joined, before that LOCAL_RANK 0 of each node."""
+    rank = _joined_rank()
+    return os.environ.get("LOCAL_RANK", "0") == "0" if rank is None else rank == 0
+
+
+def _joined_rank():
+    """This process's rank once it joined a torchrun process group, else None."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
+# What a collective raises when another process of the job has stopped (gloo: a plain
+# RuntimeError naming the peer; nccl: DistBackendError, a RuntimeError too).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+
+
+def _print_error(exc):
+    rank = _joined_rank()
+    if rank is None and not (speaks() or isinstance(exc, ProcessError)):
+        return  # LOCAL_RANK 0 of this node says it
+    who = os.environ.get("LOCAL_RANK", "0") if rank is None else str(rank)
+    prefix = "" if who == "0" else f"[{'local ' if rank is None else ''}rank {who}] "
+    print(f"{prefix}error: {_one_line(exc)}", file=sys.stderr)
 
 
 def cli_main(main):
@@ -35,10 +80,17 @@ def cli_main(main):
         try:
             return main(argv)
         except UserError as exc:
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            _print_error(exc)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except RuntimeError as exc:
+            rank = _joined_rank()
+            if rank is None or not any(sign in str(exc) for sign in PEER_GONE):
+                raise
+            print(f"[rank {rank}] error: another process of this torchrun job stopped; its error is above "
+                  "(or in its node's log)", file=sys.stderr)
+            sys.exit(2)
 
     return wrapper
