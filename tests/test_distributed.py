@@ -32,7 +32,7 @@ from KMDN.UModel import main as umodel_main
 from KMDN.stage import group_datasets, open_split
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint
-from tgn.engine import TrainConfig, evaluate, fit, make_loader
+from tgn.engine import TrainConfig, evaluate, fit, make_loader, train_one_epoch
 from tgn.errors import ProcessError, UserError, cli_main, one_line_warning
 from tgn.io import atomic_torch_save, prepare_run_dir
 from tgn.resnet import FeatureResNet
@@ -273,6 +273,35 @@ def test_before_joining_only_local_rank_0_prints_what_every_process_finds(monkey
             assert printed == ("[local rank 1] error: its GPU\n" if everywhere else "")
     warning = one_line_warning("3 images listed twice", UserWarning, "data.py", 1)
     assert warning == ("warning: 3 images listed twice\n" if local_rank == "0" else "")
+
+
+def nan_on_rank_one(root):
+    """From its 3rd step rank 1 alone gets a non-finite loss; losses are checked every 2 steps."""
+    data = [(torch.full((3, 2, 2), float(i)), i % 2) for i in range(24)]
+    loader = make_loader(data, 4, train=True)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    steps = []
+
+    def loss_fn(model, images, labels):
+        steps.append(len(steps) + 1)
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels)
+        return (loss * float("nan") if dist.rank() == 1 and len(steps) >= 3 else loss), logits
+
+    try:
+        train_one_epoch(model, loader, optimizer, loss_fn, torch.device("cpu"), check_every=2)
+        outcome = "finished"
+    except UserError as exc:
+        outcome = str(exc)
+    (root / f"rank{dist.rank()}.json").write_text(json.dumps({"outcome": outcome, "steps": len(steps)}))
+
+
+def test_a_non_finite_loss_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    run_in_processes(nan_on_rank_one, tmp_path)
+    for rank in range(WORLD):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record == {"outcome": "the training loss became nan; lower --lr or check the data", "steps": 4}
 
 
 def run_cdtg_runs(runs, generation_argv):

@@ -137,10 +137,11 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
         sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == labels).sum().double()])
         seen += batch
         if step % check_every == 0 or step == len(loader):
-            total_loss = sums[0].item()
+            # Summed over the processes (each has as many steps), so all stop together.
+            total_loss, total_seen = dist.sum_numbers([sums[0].item(), seen], device)
             if not math.isfinite(total_loss):
-                raise UserError(f"the training loss became {total_loss / seen}; lower --lr or check the data")
-            progress.set_postfix(loss=f"{total_loss / seen:.4f}")
+                raise UserError(f"the training loss became {total_loss / total_seen}; lower --lr or check the data")
+            progress.set_postfix(loss=f"{total_loss / total_seen:.4f}")
     total_loss, correct, seen = dist.sum_numbers([*sums.tolist(), seen], device)
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
 
