@@ -75,17 +75,17 @@ def main(argv=None):
                 "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources}
     check_settings(args.out, settings, args.overwrite)
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
-    dist.barrier()  # every process checked the old settings before they are replaced
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Rank 0 lists every process's images in anno.txt. Checked before anything is removed;
+    # its collective also means every process checked the old settings.
+    dist.check_shared_folder(args.out)
     if dist.is_main():
         if args.overwrite:
             for cid in synth.tail.ids:
                 shutil.rmtree(args.out / str(cid), ignore_errors=True)
             (args.out / ANNOTATION).unlink(missing_ok=True)
-        args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out / "generation.json", settings)
     dist.barrier()
-    args.out.mkdir(parents=True, exist_ok=True)
-    dist.check_shared_folder(args.out)  # rank 0 lists every process's images in anno.txt
     written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,
                              seed=args.seed, truncation=args.truncation, batch_size=args.batch, quality=args.quality,
                              workers=args.workers)
