@@ -83,7 +83,7 @@ def metric_notes(args, evaluator):
         "KID (x1000 in this table; raw in the JSON and CSV) is the unbiased squared MMD of the same features "
         "with a cubic polynomial kernel: it does not depend on the count, so it compares small tail classes and "
         "sets of different sizes; values near 0, even slightly negative, mean no detectable difference.",
-        "The overall FID pools, of every class both sets hold, as many real as generated images (the smaller "
+        "The overall FID and KID pool, of every class both sets hold, as many real as generated images (the smaller "
         "count, a seeded subset), so both pools have the same class proportions.",
         "Generated images are read from their JPEG files (generation.py --quality), real ones from the "
         "dataset's own files: FID and LPIPS include that compression difference.",

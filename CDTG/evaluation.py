@@ -197,8 +197,8 @@ def pooled(sets, class_ids, feature_rows=None):
 
 
 def overall_row(real, generated, seed=0):
-    """FID of the pooled sets, LPIPS averaged over classes (diversity within a class),
-    accuracies over all images; only the classes both sets hold count. For the FID each
+    """FID and KID of the pooled sets, LPIPS averaged over classes (diversity within a class),
+    accuracies over all images; only the classes both sets hold count. For FID and KID each
     class gives both sets the same number of images (the smaller count, a seeded subset):
     pooled sets with other class proportions would differ by those proportions alone."""
     present = [cid for cid in generated if generated[cid].count > 0 and real[cid].count > 0]

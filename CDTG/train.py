@@ -167,6 +167,7 @@ def main(argv=None):
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     check_resume(args.out, args, done=steps[-1] if steps else None, length="iter")
+    dist.local_batch(args.batch, "--batch")  # divisible by the torchrun processes, checked before joining
     tail = load_tail_classes(args.data, args.data_root)
     device = dist.process_device(args.device)
     seed_everything(args.seed)

@@ -41,7 +41,7 @@ from CDTG.tail_data import StepBatchSampler
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
 from tgn.engine import adam, autocast, restore_optimizer
-from tgn.errors import UserError
+from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
 
 
@@ -74,6 +74,10 @@ class GanConfig:
     seed: int = 0
     workers: int = 4
     amp: str = "off"  # off or bf16 (no fp16: without StyleGAN2-ADA's clamps the convolutions can overflow it)
+
+    def __post_init__(self):
+        if self.amp not in ("off", "bf16"):
+            raise ValueError(f"GanConfig.amp: {self.amp!r}; use 'off' or 'bf16'")
     compile: bool = False  # torch.compile G and D for the passes without double backward
 
 
@@ -328,7 +332,7 @@ class CdtgTrainer:
         numbers = dict(zip(losses, values.tolist()), ada_p=float(self.ada_p))
         for name, value in numbers.items():
             if not math.isfinite(value):
-                raise UserError(f"the {name} loss became {value} by step {self.step}; lower --lr or check the data")
+                raise CollectiveError(f"the {name} loss became {value} by step {self.step}; lower --lr or check the data")
         return numbers
 
     # ----- samples -------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def method_name(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     baseline = read_baseline(args)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)

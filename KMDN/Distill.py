@@ -70,6 +70,7 @@ def load_group_model(path, split, group):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
+    dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     device = dist.process_device(args.device)
     seed_everything(args.seed)

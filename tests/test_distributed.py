@@ -201,9 +201,12 @@ def folders_per_process(root, cdtg_argv):
     dist.SHARED_FOLDER_WAIT_S = 0.2
     outcomes = {}
     cdtg_train = cdtg_train_main.__wrapped__  # without cli_main: the UserError itself
+    generation = ["--ckpt", str(root / "trained" / "checkpoint" / "1.pt"), "--per-class", "1", "--device", "cpu",
+                  "--overwrite", "--out"]
     for name, call in (("shared", lambda: prepare_run_dir(root / "shared")),
                        ("run_dir", lambda: prepare_run_dir(root / f"run{dist.rank()}")),
-                       ("cdtg", lambda: cdtg_train([*cdtg_argv, "--out", str(root / f"cdtg{dist.rank()}")]))):
+                       ("cdtg", lambda: cdtg_train([*cdtg_argv, "--out", str(root / f"cdtg{dist.rank()}")])),
+                       ("generation", lambda: generation_main.__wrapped__([*generation, str(root / f"gen{dist.rank()}")]))):
         try:
             call()
             outcomes[name] = "ok"
@@ -215,14 +218,20 @@ def folders_per_process(root, cdtg_argv):
 def test_a_folder_not_shared_by_every_process_is_refused_by_all(cdtg_inputs):
     root = cdtg_inputs
     cdtg_argv = cdtg_args(root, root / "unused")  # each process's --out comes after it, and wins
+    cdtg_train_main([*cdtg_argv, "--out", str(root / "trained"), "--iter", "1"])
+    for rank in range(WORLD):  # earlier generated images, which a refused --overwrite must keep
+        generation_main(["--ckpt", str(root / "trained" / "checkpoint" / "1.pt"), "--per-class", "1",
+                         "--device", "cpu", "--out", str(root / f"gen{rank}")])
+    earlier = sorted(p.relative_to(root) for p in root.glob("gen*/**/*.jpg"))
     run_in_processes(folders_per_process, root, cdtg_argv)
     for rank in range(WORLD):
         outcomes = json.loads((root / f"outcomes{rank}.json").read_text())
         assert outcomes["shared"] == "ok"
-        for name in ("run_dir", "cdtg"):
+        for name in ("run_dir", "cdtg", "generation"):
             assert "do not see the files rank 0 writes there" in outcomes[name], (rank, name)
     assert not list(root.rglob(".shared-check-*"))  # the probes are removed
     assert not (root / "cdtg0" / "checkpoint").exists()  # refused before training
+    assert len(earlier) == 6 and sorted(p.relative_to(root) for p in root.glob("gen*/**/*.jpg")) == earlier
 
 
 def fail_on_rank_one(root):
@@ -250,6 +259,48 @@ def test_an_error_on_one_process_is_one_line_on_each(tmp_path):
     assert rank1 == {"code": 2, "stderr": "[rank 1] error: data/3/x.jpg: cannot decode\n"}
     assert rank0["code"] == 2 and rank0["stderr"].count("\n") == 1  # not gloo's traceback
     assert rank0["stderr"].startswith("[rank 0] error: another process of this torchrun job stopped")
+
+
+def collective_error(root):
+    """Every process refuses the same thing after joining: rank 0 alone prints it."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        cli_main(lambda argv: dist.local_batch(3))(None)  # 3 does not divide over 2 processes
+    (root / f"rank{dist.rank()}.txt").write_text(err.getvalue())
+
+
+def test_an_error_every_process_raises_prints_once(tmp_path):
+    run_in_processes(collective_error, tmp_path)
+    assert (tmp_path / "rank0.txt").read_text() == (
+        "error: --batch-size 3 is the global batch and must be a multiple of the 2 processes\n")
+    assert (tmp_path / "rank1.txt").read_text() == ""
+
+
+def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_removed(cdtg_inputs, monkeypatch,
+                                                                                     capsys):
+    run = cdtg_inputs / "run"
+    cdtg_train_main(cdtg_args(cdtg_inputs, run, "--iter", "1"))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun starts process 0 of 4, before it joins
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        cdtg_train_main(cdtg_args(cdtg_inputs, run, "--overwrite", "--batch", "6"))
+    assert "--batch 6 is the global batch and must be a multiple of the 4 processes" in capsys.readouterr().err
+    assert (run / "checkpoint" / "1.pt").is_file()  # --overwrite had not started
+
+
+def test_a_single_process_always_prints(monkeypatch, capsys):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # left over from another launcher: no WORLD_SIZE
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    @cli_main
+    def script(argv):
+        assert dist.local_batch(3) == 3  # one process
+        raise UserError("--data x: no such folder")
+
+    with pytest.raises(SystemExit):
+        script(None)
+    assert capsys.readouterr().err == "error: --data x: no such folder\n"
 
 
 @pytest.mark.parametrize("local_rank", ["0", "1"])

@@ -113,12 +113,12 @@ def test_precision_defaults():
     assert resolve_precision("off", "off", cpu) == ("off", False)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_amp_auto_takes_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, native):
-    # torch's is_bf16_supported() also says yes where bf16 is emulated (V100, T4): slower than fp32.
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
-                        native or including_emulation)
-    assert resolve_precision("auto", "auto", torch.device("cuda")) == ("bf16" if native else "fp16", True)
+@pytest.mark.parametrize("capability, amp", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_amp_auto_takes_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, capability, amp):
+    # torch's is_bf16_supported() also says yes where bf16 is emulated (V100 7.0, T4 7.5): slower than fp32.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_precision("auto", "auto", torch.device("cuda")) == (amp, True)
 
 
 def test_fusion_pool_is_saved_and_rebuilt_by_generation(cdtg_inputs, tmp_path):

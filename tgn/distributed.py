@@ -9,7 +9,8 @@ and every helper here is a no-op.
 
 Batch sizes on the command line are global. Each global batch is drawn as in a single
 process (from the seed and the epoch or step) and process r takes its positions
-r, r + N, r + 2N, ... (`shard`), so N processes see the batches one process would.
+r, r + N, r + 2N, ... (`shard`), so N processes see the batches one process would (the
+ResNet trainers' epochs aside: see tgn/sampling.py for their last batch).
 """
 import atexit
 import inspect
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tgn.errors import ProcessError, UserError
+from tgn.errors import CollectiveError, ProcessError, UserError
 
 
 def launched():
@@ -151,14 +152,21 @@ def check_shared_folder(folder, flag="--out"):
         probe.write_text(token)
     barrier()
     deadline = time.monotonic() + SHARED_FOLDER_WAIT_S
-    while not (seen := probe.is_file() and probe.read_text() == token) and time.monotonic() < deadline:
+    while not (seen := _holds(probe, token)) and time.monotonic() < deadline:
         time.sleep(0.2)
     shared = all_agree(seen)
     if is_main():
         probe.unlink(missing_ok=True)
     if not shared:
-        raise UserError(f"{flag} {folder}: some processes of this torchrun job do not see the files rank 0 "
+        raise CollectiveError(f"{flag} {folder}: some processes of this torchrun job do not see the files rank 0 "
                         "writes there; on several nodes it must be on a file system every node shares")
+
+
+def _holds(path, text):
+    try:
+        return path.read_text() == text
+    except OSError:  # not there (yet), or unreadable: not seen; never skip the collective after
+        return False
 
 
 def all_reduce_(tensor, average=False):
@@ -186,11 +194,18 @@ def broadcast_buffers_(module):
             dist.broadcast(buffer, 0)
 
 
+def planned_world_size():
+    """The number of processes, before joining the group too (from torchrun's variables)."""
+    return world_size() if active() else int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
 def local_batch(batch_size, flag="--batch-size"):
-    """This process's share of a global batch."""
-    world = world_size()
+    """This process's share of a global batch; scripts call it before joining as well, so
+    that a batch that does not divide is refused before anything is written."""
+    world = planned_world_size()
     if batch_size % world:
-        raise UserError(f"{flag} {batch_size} is the global batch and must be a multiple of the {world} processes")
+        raise CollectiveError(f"{flag} {batch_size} is the global batch and must be a multiple of the {world} "
+                              "processes")
     return batch_size // world
 
 
@@ -204,7 +219,7 @@ def sync_batchnorm(model, device, mode="auto"):
     if not active() or mode == "off" or (mode == "auto" and device.type != "cuda"):
         return model
     if device.type != "cuda":
-        raise UserError("--sync-bn on needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); use auto or off")
+        raise CollectiveError("--sync-bn on needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); use auto or off")
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 

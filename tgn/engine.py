@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from tgn.errors import UserError
+from tgn.errors import CollectiveError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
 from tgn.resume import check_same_data
@@ -60,12 +60,10 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
 
 
 def native_bf16(device):
-    """Whether the GPU computes bf16 itself (Ampere and later). Plain is_bf16_supported() also
-    says yes on older GPUs, where bf16 is emulated and slower than fp32."""
-    try:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # torch before 2.4 counts native support only
-        return torch.cuda.is_bf16_supported()
+    """Whether the GPU computes bf16 itself (compute capability 8, Ampere, and later).
+    torch.cuda.is_bf16_supported() also says yes on older GPUs, where bf16 is emulated and
+    slower than fp32."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve_precision(amp, channels_last, device):
@@ -140,7 +138,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
             # Summed over the processes (each has as many steps), so all stop together.
             total_loss, total_seen = dist.sum_numbers([sums[0].item(), seen], device)
             if not math.isfinite(total_loss):
-                raise UserError(f"the training loss became {total_loss / total_seen}; lower --lr or check the data")
+                raise CollectiveError(f"the training loss became {total_loss / total_seen}; lower --lr or check the data")
             progress.set_postfix(loss=f"{total_loss / total_seen:.4f}")
     total_loss, correct, seen = dist.sum_numbers([*sums.tolist(), seen], device)
     return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}

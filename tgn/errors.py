@@ -6,8 +6,8 @@ they read the same files, so on each node only LOCAL_RANK 0 prints an error (one
 node, not one per process); a ProcessError, this process's own problem, prints anyway.
 After joining, rank 0 prints as usual and every other process that fails prefixes its
 line with its rank, since only it may have seen the problem (say, an unreadable image in
-its share). A process whose collective fails because another one stopped says so in one
-line instead of a traceback.
+its share), except a CollectiveError, which all raise together. With gloo, a process whose
+collective fails because another one stopped says so in one line instead of a traceback.
 """
 import functools
 import os
@@ -21,6 +21,11 @@ class UserError(Exception):
 
 class ProcessError(UserError):
     """A problem of this process alone under torchrun (its GPU, say): always printed."""
+
+
+class CollectiveError(UserError):
+    """Raised by every process of a torchrun job together (after a collective decided it,
+    or from a check every process makes alike): rank 0 alone prints it."""
 
 
 def _one_line(exc):
@@ -42,11 +47,18 @@ def one_line_warning(message, category, filename, lineno, line=None):
     return f"warning{kind}: {message}\n"
 
 
+def _under_torchrun():
+    """Started by torchrun with several processes (the test of tgn.distributed.launched)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+
+
 def speaks():
     """Whether this process prints what every process finds (warnings, notes): always
     alone; under torchrun rank 0 once joined, before that LOCAL_RANK 0 of each node."""
+    if not _under_torchrun():
+        return True
     rank = _joined_rank()
-    return os.environ.get("LOCAL_RANK", "0") == "0" if rank is None else rank == 0
+    return os.environ["LOCAL_RANK"] == "0" if rank is None else rank == 0
 
 
 def _joined_rank():
@@ -62,10 +74,13 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote wo
 
 
 def _print_error(exc):
+    if not _under_torchrun():
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return
     rank = _joined_rank()
-    if rank is None and not (speaks() or isinstance(exc, ProcessError)):
-        return  # LOCAL_RANK 0 of this node says it
-    who = os.environ.get("LOCAL_RANK", "0") if rank is None else str(rank)
+    if not speaks() and (isinstance(exc, CollectiveError) or (rank is None and not isinstance(exc, ProcessError))):
+        return  # rank 0 (before joining: LOCAL_RANK 0 of this node) says it
+    who = os.environ["LOCAL_RANK"] if rank is None else str(rank)
     prefix = "" if who == "0" else f"[{'local ' if rank is None else ''}rank {who}] "
     print(f"{prefix}error: {_one_line(exc)}", file=sys.stderr)
 
