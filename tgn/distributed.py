@@ -196,7 +196,7 @@ def broadcast_buffers_(module):
 
 def planned_world_size():
     """The number of processes, before joining the group too (from torchrun's variables)."""
-    return world_size() if active() else int(os.environ["WORLD_SIZE"]) if launched() else 1
+    return int(os.environ["WORLD_SIZE"]) if launched() and not active() else world_size()
 
 
 def local_batch(batch_size, flag="--batch-size"):
