@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tgn.errors import CollectiveError, ProcessError, UserError
+from tgn.errors import CollectiveError, ProcessError, UserError, under_torchrun
 
 
 def launched():
     """True when started by torchrun with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ
+    return under_torchrun()
 
 
 def active():
@@ -159,7 +159,7 @@ def check_shared_folder(folder, flag="--out"):
         probe.unlink(missing_ok=True)
     if not shared:
         raise CollectiveError(f"{flag} {folder}: some processes of this torchrun job do not see the files rank 0 "
-                        "writes there; on several nodes it must be on a file system every node shares")
+                              "writes there; on several nodes it must be on a file system every node shares")
 
 
 def _holds(path, text):

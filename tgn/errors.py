@@ -47,15 +47,15 @@ def one_line_warning(message, category, filename, lineno, line=None):
     return f"warning{kind}: {message}\n"
 
 
-def _under_torchrun():
-    """Started by torchrun with several processes (the test of tgn.distributed.launched)."""
+def under_torchrun():
+    """Started by torchrun with several processes (tgn.distributed.launched)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "LOCAL_RANK" in os.environ
 
 
 def speaks():
     """Whether this process prints what every process finds (warnings, notes): always
     alone; under torchrun rank 0 once joined, before that LOCAL_RANK 0 of each node."""
-    if not _under_torchrun():
+    if not under_torchrun():
         return True
     rank = _joined_rank()
     return os.environ["LOCAL_RANK"] == "0" if rank is None else rank == 0
@@ -74,7 +74,7 @@ PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote wo
 
 
 def _print_error(exc):
-    if not _under_torchrun():
+    if not under_torchrun():
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return
     rank = _joined_rank()
