@@ -2,8 +2,8 @@
 
 - `FusedGenerator`: the noise fusion in front of the generator, one module, so that
   DistributedDataParallel averages the gradients of both (they share one optimiser).
-- `StepNoise`: every random input a step feeds the models (latents, style-mixing noise,
-  noise maps, path-length noise, the real images' flips) is drawn for the global batch
+- `StepNoise`: every random input a step feeds the models (latents, style-mixing noise and
+  crossover layer, noise maps, path-length noise, the real images' flips) is drawn for the global batch
   from (seed, step), identically in every process, and each process keeps its share
   (positions rank, rank + N, ...; the same positions as its real images). N processes
   then see what one process would; what is not drawn here (ADA's augmentations) comes
@@ -34,8 +34,8 @@ def step_seed(seed, step):
 
 
 class StepNoise:
-    def __init__(self, device, latent_dim, mixing, noise_shapes):
-        self.device, self.latent_dim, self.mixing = device, latent_dim, mixing
+    def __init__(self, device, latent_dim, mixing, noise_shapes, n_latent):
+        self.device, self.latent_dim, self.mixing, self.n_latent = device, latent_dim, mixing, n_latent
         self.noise_shapes = noise_shapes
         self.generator = torch.Generator(device=device)
 
@@ -57,9 +57,15 @@ class StepNoise:
         return dist.shard(draw) < 0.5
 
     def latents(self, batch):
-        """One latent batch, or two (style mixing) with probability `mixing`."""
-        count = 2 if self.mixing > 0 and random.random() < self.mixing else 1
-        return [self.randn(batch, self.latent_dim) for _ in range(count)]
+        """One latent batch, or two (style mixing) with probability `mixing`, with the layer
+        where the second takes over (None for one). The official generator draws that layer
+        in its forward from the same `random` stream, after the same mixing draw, so the
+        values are the official ones; drawn here, G's forward has no Python randomness,
+        which would break its graph under --compile."""
+        if self.mixing > 0 and random.random() < self.mixing:
+            crossover = random.randint(1, self.n_latent - 1)
+            return [self.randn(batch, self.latent_dim), self.randn(batch, self.latent_dim)], crossover
+        return [self.randn(batch, self.latent_dim)], None
 
     def noise_maps(self, batch):
         return [self.randn(batch, *shape[1:]) for shape in self.noise_shapes]

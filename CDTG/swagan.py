@@ -116,9 +116,10 @@ class Generator(nn.Module):
             return styles[0].unsqueeze(1).repeat(1, self.n_latent, 1)
         if inject_index is None:
             inject_index = random.randint(1, self.n_latent - 1)
-        first = styles[0].unsqueeze(1).repeat(1, inject_index, 1)
-        second = styles[1].unsqueeze(1).repeat(1, self.n_latent - inject_index, 1)
-        return torch.cat([first, second], 1)
+        # The first style below layer inject_index, the second from there on. A mask, not a
+        # split, so that no shape depends on the index: --compile keeps one graph for all.
+        first_layers = torch.arange(self.n_latent, device=styles[0].device) < inject_index
+        return torch.where(first_layers[:, None], styles[0].unsqueeze(1), styles[1].unsqueeze(1))
 
     def forward(self, styles, labels, return_latents=False, inject_index=None, truncation=1,
                 truncation_latent=None, input_is_latent=False, noise=None, randomize_noise=True):

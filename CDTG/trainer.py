@@ -153,7 +153,8 @@ class CdtgTrainer:
         self.mean_path_length = torch.tensor(0.0, device=device)
         self.ema_decay = 0.5 ** (32 / (cfg.ema_half_life_kimg * 1000))
         self.local_batch = dist.local_batch(cfg.batch, "--batch")
-        self.noise = StepNoise(device, fusion.config["latent_dim"], cfg.mixing, generator.noise_shapes())
+        self.noise = StepNoise(device, fusion.config["latent_dim"], cfg.mixing, generator.noise_shapes(),
+                                generator.n_latent)
         # Through DDP (a no-op outside torchrun) for every pass that back-propagates into G or D.
         self.g_fused = FusedGenerator(self.g, self.fusion)
         self.g_train = dist.wrap(self.g_fused, device, sync_buffers=False)
@@ -231,8 +232,9 @@ class CdtgTrainer:
 
     def generate(self, module, batch, features, labels, **kwargs):
         """Fakes (and latents when asked) from this step's shared noise, this process's share."""
-        return module(self.noise.latents(batch), features, self.cfg.fusion_noise, labels,
-                      noise=self.noise.noise_maps(batch), **kwargs)
+        latents, crossover = self.noise.latents(batch)
+        return module(latents, features, self.cfg.fusion_noise, labels, noise=self.noise.noise_maps(batch),
+                      inject_index=crossover, **kwargs)
 
     def maybe_augment(self, images):
         if self.ada_p <= 0:
