@@ -6,6 +6,7 @@ processes, the result matches a single-process run with the same global batch (e
 where nothing per-process enters, within a tolerance where BatchNorm statistics are per
 process: PyTorch's SyncBatchNorm has no CPU kernel), rank 0 alone writes, and metrics
 are reduced over the processes. Generation split over 2 processes writes the images of 1.
+CDTG with --compile (G and D compiled through DDP) stays identical across the processes.
 """
 import contextlib
 import io
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from torch._dynamo.utils import counters
 
 from conftest import write_dataset
 from CDTG.checkpoint import load_cdtg_checkpoint
@@ -184,8 +186,8 @@ def train_cdtg_saving_every_rank(argv):
         atomic_torch_save(trainer.out_dir / f"rank{dist.rank()}.pt",
                           {"g": trainer.g.state_dict(), "d": trainer.d.state_dict(), "g_ema": trainer.g_ema.state_dict(),
                            "fusion": trainer.fusion.state_dict(), "fusion_ema": trainer.fusion_ema.state_dict(),
-                           "ada_p": trainer.ada_p,
-                           "mean_path_length": float(trainer.mean_path_length)})
+                           "ada_p": trainer.ada_p, "mean_path_length": float(trainer.mean_path_length),
+                           "compiled_graphs": counters["stats"]["unique_graphs"]})
         return step
 
     CdtgTrainer.fit = fit
@@ -356,7 +358,12 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_at_the_same_step(t
 
 
 def run_cdtg_runs(runs, generation_argv):
+    # --compile with the backend that traces as the default one but generates no code (see
+    # test_compile.py); this process is the test's own, so the change ends with it.
+    compile_model = torch.compile
+    torch.compile = lambda model, **options: compile_model(model, backend="aot_eager", **options)
     for argv in runs:
+        counters.clear()
         train_cdtg_saving_every_rank(argv)
     generation_main(generation_argv)
 
@@ -368,7 +375,8 @@ def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
     train_cdtg_saving_every_rank(cdtg_args(root, single, *exact))
     generation = ["--ckpt", str(single / "checkpoint" / "3.pt"), "--per-class", "5", "--batch", "2", "--device", "cpu"]
     run_in_processes(run_cdtg_runs, [cdtg_args(root, ddp, *exact), cdtg_args(
-        root, ada, "--augment", "--ada-target", "-2", "--ada-every", "8", "--ada-length", "100", "--clip", "none")],
+        root, ada, "--augment", "--ada-target", "-2", "--ada-every", "8", "--ada-length", "100", "--clip", "none",
+        "--compile")],
         [*generation, "--out", str(root / "gen_ddp")])
     generation_main([*generation, "--out", str(root / "gen_single")])
     # Generation split over the processes writes the images one process writes, and one anno.txt.
@@ -384,6 +392,7 @@ def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
             for key in ranks[0][part]:
                 assert torch.equal(ranks[0][part][key], ranks[1][part][key]), (run.name, part, key)
         assert ranks[0]["ada_p"] == ranks[1]["ada_p"]
+        assert (ranks[0]["compiled_graphs"] > 0) == (run == ada)  # the ADA run is compiled (G and D through DDP)
         assert ranks[0]["mean_path_length"] == ranks[1]["mean_path_length"]
         assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]  # rank 0 alone writes
     # ADA counts both processes' 4 real predictions: a window of 8 closes at every step.
