@@ -12,17 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import os  # noqa: E402
-import shutil  # noqa: E402
-
-from PIL import Image, UnidentifiedImageError  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from data.chips import (  # noqa: E402
-    IMAGE_SUFFIXES, Tally, add_output_arguments, existing_dir, make_class_dirs, prepare_output, report,
-    write_dataset,
-)
-from tgn.data import Entry  # noqa: E402
+from data.chips import add_output_arguments, existing_dir  # noqa: E402
+from data.folders import add_link_argument, list_class_images, prepare_folder_dataset  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import read_json  # noqa: E402
@@ -44,8 +35,7 @@ def parse_args(argv):
     parser.add_argument("--test-dir", type=Path, default=None, help="test class folders (if unset: SRC/test)")
     parser.add_argument("--class-map", type=Path, default=None,
                         help='JSON {"folder name": class_id} for folders not named 0..22')
-    parser.add_argument("--link", choices=("hard", "symlink"), default=None,
-                        help="link the images instead of copying them")
+    add_link_argument(parser)
     add_output_arguments(parser)
     return parser.parse_args(argv)
 
@@ -66,50 +56,13 @@ def folder_class_ids(class_map_path):
 
 
 def list_images(subset_dir, class_ids, flag, mapped):
-    """(source path, class id) for every image of every class folder in `subset_dir`, each
-    checked to decode; other entries are counted and named."""
-    pairs, ignored = [], []
-    for entry in sorted(subset_dir.iterdir()):
-        if not entry.is_dir():
-            ignored.append(entry)
-            continue
-        if entry.name not in class_ids:
-            remedy = "add it to --class-map" if mapped else "pass --class-map to name it"
-            raise UserError(f"{flag}: folder {entry} is not {'in --class-map' if mapped else 'a class id 0..22'}; "
-                            f"{remedy}")
-        for path in sorted(entry.iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                check_image(path)
-                pairs.append((path, class_ids[entry.name]))
-            else:
-                ignored.append(path)
-    if not pairs:
-        raise UserError(f"{flag}: no images in the class folders of {subset_dir}")
-    if ignored:
-        print(f"{flag}: ignored {len(ignored)} entries that are not images in class folders, e.g. {ignored[0]}")
-    return pairs
+    """(source path, class id) for every image of every class folder in `subset_dir`."""
+    def unknown_folder(folder):
+        remedy = "add it to --class-map" if mapped else "pass --class-map to name it"
+        return f"{flag}: folder {folder} is not {'in --class-map' if mapped else 'a class id 0..22'}; {remedy}"
 
-
-def check_image(path):
-    """Copying never decodes: check here that the file is an image, as cropping does."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from exc
-
-
-def place(source, target, link):
-    try:
-        if link == "hard":
-            os.link(source, target)
-        elif link == "symlink":
-            os.symlink(source.resolve(), target)
-        else:
-            shutil.copyfile(source, target)
-    except OSError as exc:
-        hint = " (hard links need --out on the same file system; try --link symlink)" if link == "hard" else ""
-        raise UserError(f"cannot place {source} at {target}: {exc.strerror or exc}{hint}") from exc
+    images = list_class_images(subset_dir, class_ids, flag, unknown_folder)
+    return [(path, class_ids[folder]) for folder, paths in images.items() for path in paths]
 
 
 @cli_main
@@ -124,19 +77,7 @@ def main(argv=None):
     sources = {subset: list_images(folder, class_ids, f"--{subset}-dir", args.class_map is not None)
                for subset, folder in subset_dirs.items()}
     class_names = dict(enumerate(FGSC23_CLASSES))
-    out = prepare_output(args.out, args.overwrite, inputs=[args.src, *subset_dirs.values()])
-    make_class_dirs(out, class_names)
-    tally = Tally()
-    for subset, pairs in sources.items():
-        for source, class_id in tqdm(pairs, desc=subset, unit="image", dynamic_ncols=True):
-            relpath = f"{class_id}/{source.name}"
-            target = out / subset / relpath
-            if target.exists():
-                raise UserError(f"{source}: two folders map to class {class_id} with the same file name {source.name}")
-            place(source, target, args.link)
-            tally.entries[subset].append(Entry(relpath, class_id))
-    write_dataset(out, DATASET, class_names, tally)
-    report(DATASET, out, class_names, tally)
+    prepare_folder_dataset(args, DATASET, class_names, sources, inputs=[args.src, *subset_dirs.values()])
 
 
 if __name__ == "__main__":

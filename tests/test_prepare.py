@@ -1,13 +1,14 @@
-"""The dataset preparers, on tiny releases written here: DIOR, DOTA, FGSC-23, and the demo."""
+"""The dataset preparers, on tiny releases written here: DIOR, DOTA, FGSC-23, class folders, the demo."""
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from data import make_demo, prepare_dior, prepare_dota, prepare_fgsc23
+from data import make_demo, prepare_dior, prepare_dota, prepare_fgsc23, prepare_folders
 from data.chips import clip_box, pad_box, polygon_bounds
 from tgn.data import open_dataset
 
@@ -286,6 +287,109 @@ def test_fgsc_checks_that_images_decode(fgsc_src, tmp_path, capsys):
     (fgsc_src / "train/5/broken.jpg").write_bytes(b"not a jpeg")
     assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "out")]) == 2
     assert "cannot read image" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- your own class folders
+
+
+@pytest.fixture
+def class_folders(tmp_path):
+    """train/ with three classes (one of them with a stray text file), test/ with two."""
+    src = tmp_path / "mine"
+    for relpath in ("train/storage_tank/a.jpg", "train/storage_tank/b.png", "train/golf_field/c.jpg",
+                    "train/ship/d.jpg", "train/ship/e.jpg", "test/ship/f.jpg", "test/golf_field/g.jpg"):
+        paint_scene(src / relpath, (12, 10), {})
+    (src / "train/ship/readme.txt").write_text("not an image")
+    return src
+
+
+def entries(info, subset):
+    return [(e.relpath, e.class_id) for e in info.entries(subset)]
+
+
+@pytest.mark.parametrize("link", [None, "symlink"])
+def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, capsys, link):
+    out = tmp_path / "datasets" / "mine"
+    prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-dir", str(class_folders / "test"),
+                          "--out", str(out)] + (["--link", link] if link else []))
+    info = open_dataset(out)
+    assert info.name == "mine" and (out / "anno" / "mine_train.txt").is_file()
+    # Ids in the folders' sorted order; underscores become spaces (the CLIP prompt's words).
+    assert info.class_names == {0: "golf field", 1: "ship", 2: "storage tank"}
+    assert entries(info, "train") == [("0/c.jpg", 0), ("1/d.jpg", 1), ("1/e.jpg", 1), ("2/a.jpg", 2), ("2/b.png", 2)]
+    assert entries(info, "test") == [("0/g.jpg", 0), ("1/f.jpg", 1)]
+    assert (out / "train/2/b.png").read_bytes() == (class_folders / "train/storage_tank/b.png").read_bytes()
+    assert (out / "train/2/b.png").is_symlink() == (link == "symlink")
+    printed = capsys.readouterr().out
+    assert "ignored 1 entries" in printed and "1 of 3 classes have no test images, e.g. 'storage_tank'" in printed
+
+
+def test_held_out_test_images_depend_on_the_seed_alone(tmp_path):
+    src = tmp_path / "images"
+    counts = {"a": 10, "b": 5, "c": 2, "d": 1}
+    for folder, count in counts.items():
+        for i in range(count):
+            paint_scene(src / folder / f"{i}.jpg", (8, 8), {})
+
+    def split(seed, name):
+        prepare_folders.main(["--train-dir", str(src), "--test-fraction", "0.3", "--seed", str(seed),
+                              "--out", str(tmp_path / name)])
+        info = open_dataset(tmp_path / name)
+        return set(entries(info, "train")), set(entries(info, "test"))
+
+    train, test = split(0, "s0")
+    assert (train, test) == split(0, "again") and (train, test) != split(1, "s1")
+    assert not train & test
+    assert {relpath for relpath, _ in train | test} == {f"{cid}/{i}.jpg" for cid, (folder, count) in
+                                                        enumerate(counts.items()) for i in range(count)}
+    # round(0.3 n) held out, but never a class's last training image.
+    assert [sum(cid == c for _, c in test) for cid in range(4)] == [3, 2, 1, 0]
+
+
+def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"golf_field": "golf course"}))
+    common = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5"]
+    prepare_folders.main([*common, "--class-names", str(names), "--out", str(tmp_path / "a"), "--dataset", "Mine-1"])
+    info = open_dataset(tmp_path / "a")
+    assert info.name == "Mine-1" and info.class_names == {0: "golf course", 1: "ship", 2: "storage tank"}
+    numbered = tmp_path / "numbered"
+    for folder in ("10", "2", "1"):
+        paint_scene(numbered / folder / "x.jpg", (8, 8), {})
+        paint_scene(numbered / folder / "y.jpg", (8, 8), {})
+    with pytest.warns(UserWarning, match="class folders are numbers"):
+        prepare_folders.main(["--train-dir", str(numbered), "--test-fraction", "0.5", "--out", str(tmp_path / "n")])
+    assert open_dataset(tmp_path / "n").class_names == {0: "1", 1: "2", 2: "10"}  # numeric order
+
+
+@pytest.mark.parametrize("change, argv, message", [
+    ("empty class", [], "class folder .*empty_class holds no images"),
+    ("stray test class", ["--test-dir", "{src}/test"], "folder .*planes is not a class of --train-dir"),
+    ("none", ["--test-dir", "{src}/test", "--test-fraction", "0.2"], "either --test-dir or --test-fraction"),
+    ("none", ["--test-fraction", "1.5"], "--test-fraction: 1.5 must be between 0 and 1"),
+    ("none", ["--test-fraction", "0.5", "--class-names", "{src}/names.json"], "'tank' is not a class folder"),
+    ("same names", ["--test-fraction", "0.5"], "both have the class name 'golf field'"),
+    ("none", ["--test-fraction", "0.2", "--dataset", "my data"], "--dataset 'my data': use letters"),
+    ("none", ["--test-fraction", "0.01"], "no class has enough images to hold one out"),
+    ("parent folder", ["--test-fraction", "0.5"], "holds folders but no images; is --train-dir one level above"),
+])
+def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, capsys, change, argv, message):
+    src = class_folders
+    if change == "empty class":
+        (src / "train" / "empty_class").mkdir()
+        argv = ["--test-fraction", "0.2"]
+    elif change == "stray test class":
+        paint_scene(src / "test/planes/p.jpg", (8, 8), {})
+    elif change == "same names":
+        paint_scene(src / "train/golf field/z.jpg", (8, 8), {})
+    (src / "names.json").write_text(json.dumps({"tank": "tank"}))
+    argv = [arg.format(src=src) for arg in argv]
+    out = tmp_path / "out"
+    train_dir = src if change == "parent folder" else src / "train"
+    assert exit_code(prepare_folders.main, ["--train-dir", str(train_dir), *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- demo

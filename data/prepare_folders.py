@@ -1,0 +1,153 @@
+"""Lay out your own dataset, one folder per class, in the layout every stage reads.
+
+    python data/prepare_folders.py --train-dir MINE/train --test-dir MINE/test --out datasets/mine
+    python data/prepare_folders.py --train-dir MINE/images --test-fraction 0.2 --out datasets/mine
+
+Each folder in --train-dir is a class. Its name, with underscores read as spaces, becomes
+the class name, which CDTG turns into the CLIP prompt "A photo of a {name}"; --class-names
+gives other names. Class ids 0, 1, ... follow the folders' sorted order (numeric order when
+every folder name is a number). --test-dir holds folders of the same names (a class may
+have none); without a test set, --test-fraction holds out that fraction of every class's
+images, chosen at random with --seed. Images keep their file names; each is checked to
+decode, then copied, or linked with --link hard|symlink.
+"""
+import random
+import re
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.chips import IMAGE_SUFFIXES, add_output_arguments, existing_dir  # noqa: E402
+from data.folders import add_link_argument, list_class_images, prepare_folder_dataset  # noqa: E402
+from tgn.cli import make_parser, open_fraction  # noqa: E402
+from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import read_json  # noqa: E402
+
+# The dataset's name becomes the annotation files' names: anno/<NAME>_train.txt.
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def parse_args(argv):
+    parser = make_parser(__doc__)
+    parser.add_argument("--train-dir", type=Path, required=True, help="one folder of training images per class")
+    parser.add_argument("--test-dir", type=Path, default=None,
+                        help="one folder of test images per class, named as in --train-dir")
+    parser.add_argument("--test-fraction", type=open_fraction, default=None,
+                        help="without --test-dir: hold out this fraction of each class's images as the test set")
+    parser.add_argument("--seed", type=int, default=0, help="which images --test-fraction holds out")
+    parser.add_argument("--class-names", type=Path, default=None,
+                        help='JSON {"folder name": "class name", ...} for names other than the folders\'')
+    parser.add_argument("--dataset", default=None,
+                        help="the dataset's name, used in anno/NAME_train.txt (default: --out's folder name)")
+    add_link_argument(parser)
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    if (args.test_dir is None) == (args.test_fraction is None):
+        parser.error("give either --test-dir or --test-fraction")
+    return args
+
+
+def folder_order(folders):
+    """Sorted names, numerically when every name is a number ('2' before '10')."""
+    if all(name.isdigit() for name in folders):
+        return sorted(folders, key=int)
+    return sorted(folders)
+
+
+def class_names_for(folders, names_path):
+    """{class id: name} in folder order, from the folder names or --class-names."""
+    names = {folder: folder.replace("_", " ").strip() or folder for folder in folders}
+    if names_path is not None:
+        given = read_json(names_path, "--class-names")
+        if not isinstance(given, dict) or not all(isinstance(name, str) and name.strip() for name in given.values()):
+            raise UserError(f'--class-names {names_path}: expected a JSON object {{"folder name": "class name"}}')
+        unknown = sorted(set(given) - set(folders))
+        if unknown:
+            raise UserError(f"--class-names {names_path}: {unknown[0]!r} is not a class folder of --train-dir")
+        names.update({folder: name.strip() for folder, name in given.items()})
+    seen = {}
+    for folder in folders:
+        if names[folder] in seen:
+            raise UserError(f"class folders {seen[names[folder]]!r} and {folder!r} both have the class name "
+                            f"{names[folder]!r}; give them distinct names with --class-names")
+        seen[names[folder]] = folder
+    if all(folder.isdigit() for folder in folders) and names_path is None:
+        warnings.warn("the class folders are numbers, so the class names (and CDTG's CLIP prompts, 'A photo "
+                         "of a 3') are too; --class-names gives them names")
+    return {cid: names[folder] for cid, folder in enumerate(folders)}
+
+
+def hold_out(train_images, fraction_held, seed):
+    """Split each class's images into (train, test) pairs of lists: round(fraction x n) test
+    images, at most n - 1, so that every class keeps a training image."""
+    rng = random.Random(seed)
+    train, test = {}, {}
+    for folder, paths in train_images.items():
+        shuffled = rng.sample(paths, len(paths))
+        held = min(round(fraction_held * len(paths)), len(paths) - 1)
+        test[folder] = sorted(shuffled[:held])
+        train[folder] = sorted(shuffled[held:])
+    return train, test
+
+
+def check_has_images(folder):
+    """A training class folder must hold images (it may hold other files too)."""
+    entries = list(folder.iterdir())
+    if any(entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES for entry in entries):
+        return
+    if any(entry.is_dir() for entry in entries):
+        raise UserError(f"--train-dir: class folder {folder} holds folders but no images; is --train-dir "
+                        "one level above the class folders?")
+    raise UserError(f"--train-dir: class folder {folder} holds no images (a class needs training images; "
+                    "remove the folder or fill it)")
+
+
+def list_subsets(args):
+    """{subset: {folder: [image paths]}} and the class folders in id order."""
+    train_dir = existing_dir(args.train_dir, "--train-dir")
+    folders = folder_order([entry.name for entry in train_dir.iterdir() if entry.is_dir()])
+    if not folders:
+        raise UserError(f"--train-dir {train_dir}: no class folders (one folder of images per class)")
+    for folder in folders:
+        check_has_images(train_dir / folder)
+    train = list_class_images(train_dir, set(folders), "--train-dir", lambda folder: "")
+    if args.test_dir is None:
+        train, test = hold_out(train, args.test_fraction, args.seed)
+    else:
+        test_dir = existing_dir(args.test_dir, "--test-dir")
+        test = list_class_images(test_dir, set(folders), "--test-dir", lambda folder: (
+            f"--test-dir: folder {folder} is not a class of --train-dir (a test class needs training images)"))
+    without_test = [folder for folder in folders if not test.get(folder)]
+    if len(without_test) == len(folders):
+        raise UserError(f"--test-fraction {args.test_fraction}: no class has enough images to hold one out; "
+                        "raise it or give --test-dir")
+    if without_test:
+        print(f"{len(without_test)} of {len(folders)} classes have no test images, e.g. {without_test[0]!r}: "
+              "their accuracy will be reported as n/a")
+    return {"train": train, "test": test}, folders
+
+
+def dataset_name(args):
+    name = args.dataset or Path(args.out).resolve().name
+    if not DATASET_NAME.fullmatch(name):
+        raise UserError(f"--dataset {name!r}: use letters, digits, '.', '_' and '-' (it names the annotation files)")
+    return name
+
+
+@cli_main
+def main(argv=None):
+    args = parse_args(argv)
+    name = dataset_name(args)
+    images, folders = list_subsets(args)
+    class_names = class_names_for(folders, args.class_names)
+    class_ids = {folder: cid for cid, folder in enumerate(folders)}
+    sources = {subset: [(path, class_ids[folder]) for folder in folders for path in by_folder.get(folder, [])]
+               for subset, by_folder in images.items()}
+    prepare_folder_dataset(args, name, class_names, sources,
+                           inputs=[args.train_dir] + ([args.test_dir] if args.test_dir else []))
+
+
+if __name__ == "__main__":
+    main()
