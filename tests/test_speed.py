@@ -2,7 +2,6 @@
 --fusion-pool, generation's precision and modulated-conv paths, and generation that writes
 while it generates."""
 import threading
-import time
 
 import numpy as np
 import pytest
