@@ -2,7 +2,7 @@
 
 Checked: a ResNet trainer learns with the GPU defaults (bf16 autocast + channels_last), and
 with CUDA graphs (--compile reduce-overhead) as without;
-CDTG trains on the GPU in fp32 and bf16; generation with CUDA graphs matches eager; pipelined generation (inputs drawn by a thread,
+CDTG trains on the GPU in fp32 and bf16, and compiled (no graph break); generation with CUDA graphs matches eager; pipelined generation (inputs drawn by a thread,
 pinned copies, writers that wait on CUDA events) writes exactly what the synchronous path
 computes; the GPU draws the same images as the CPU from the same seeds.
 """
@@ -85,6 +85,22 @@ def test_cdtg_trains_on_the_gpu(cdtg_inputs, amp):
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all()
                    for v in state[part].values() if v.is_floating_point())
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_compiled_cdtg_training_on_the_gpu(cdtg_inputs):
+    """CDTG train.py --compile with inductor's CUDA kernels: no graph break, the fixed set of
+    graphs the CPU test finds (tests/test_compile.py), and the first steps' losses of eager."""
+    from torch._dynamo.utils import counters
+
+    logs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        counters.clear()
+        train_main(on_cuda(tiny_train_args(cdtg_inputs, cdtg_inputs / f"cuda-{name}", "--iter", "8", *extra)))
+        logs[name] = [json.loads(line) for line in (cdtg_inputs / f"cuda-{name}" / "metrics.jsonl").read_text()
+                      .splitlines()]
+    assert not counters["graph_break"] and 0 < counters["stats"]["unique_graphs"] <= 5
+    for key in ("d", "g_adv", "cls", "clip"):  # step 1: the same weights, kernels that sum in another order
+        assert logs["compiled"][0][key] == pytest.approx(logs["eager"][0][key], rel=1e-2), key
 
 
 @pytest.fixture
