@@ -7,6 +7,7 @@ Classes are sorted by training count (descending, ties by class id); the top
 head/tail annotation lists for train and test that point into DATA: nothing is copied.
 """
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
@@ -42,6 +43,10 @@ def main(argv=None):
         print(f"  {rank:3d}. {group}  {cid:4d}  {split.class_names[cid]:<28s} train {split.train_counts[cid]:7d}"
               f"  test {split.test_counts[cid]:7d}")
     print(f"wrote {args.out / 'split.json'}")
+    for group in ("head", "tail"):
+        if not sum(split.test_counts[cid] for cid in getattr(split, group)):
+            warnings.warn(f"the {group} classes have no test images: KMDN keeps the epoch of best {group} test "
+                          f"accuracy, so {'UModel' if group == 'head' else 'RModel'}.py will refuse this split")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What UModel, RModel and Distill share: datasets of one group and the feature ResNet."""
 from tgn.cache import ResizeCache
 from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset
+from tgn.errors import UserError
 from tgn.resnet import FeatureResNet, load_backbone
 from tgn.split import check_split_matches, load_split
 
@@ -17,6 +18,9 @@ def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=No
     `cache_dir` (--cache) keeps the resized images."""
     train_samples = drop_unreadable(split.samples(group, "train"), skip_bad_images, f"{group} training images")
     test_samples = drop_unreadable(split.samples(group, "test"), skip_bad_images, f"{group} test images")
+    if not test_samples:  # fit would never find a best epoch, and Distill needs best.pth
+        raise UserError(f"{split.annotation_path(group, 'test')} lists no test images of the {group} classes: KMDN "
+                        f"keeps the epoch of best {group} test accuracy; give some of these classes test images")
     cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
     train = ImageList(train_samples, build_transform(image_size, train=True), image_size, cache)
     test = ImageList(test_samples, build_transform(image_size, train=False), image_size, cache)

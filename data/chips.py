@@ -9,6 +9,7 @@ writes classes.json and the annotation lists, and prints the counts.
 import math
 import shutil
 from collections import Counter
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import Pool
@@ -185,9 +186,10 @@ def add_crop_arguments(parser):
                         help="processes cropping in parallel (1: crop in this process)")
 
 
-def prepare_output(out, overwrite, inputs=()):
-    """Create `out`, refusing a non-empty one unless it holds a prepared dataset and
-    --overwrite is given; never inside an input, never deleting one."""
+def check_output(out, overwrite, inputs=()):
+    """Refuse an --out that prepare_output would refuse, touching nothing: a file, a folder
+    inside an input, a non-empty folder that is not a prepared dataset, one without
+    --overwrite, one whose --overwrite would delete an input."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
@@ -201,18 +203,46 @@ def prepare_output(out, overwrite, inputs=()):
                             "choose a new or empty folder")
         if not overwrite:
             raise UserError(f"--out {out} is not empty; pass --overwrite to replace the dataset there")
-        doomed = [(out / item).resolve() for item in LAYOUT_ITEMS]
         for source in inputs:
             source = Path(source).resolve()
-            if any(source == path or path in source.parents for path in doomed):
+            if any(source == path or path in source.parents for path in _layout_paths(out)):
                 raise UserError(f"--out {out}: --overwrite would delete the input {source}; write elsewhere")
-        for path in doomed:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            elif path.exists() or path.is_symlink():
-                path.unlink()
+    return out
+
+
+def _layout_paths(out):
+    return [(Path(out) / item).resolve() for item in LAYOUT_ITEMS]
+
+
+def _remove_layout(out):
+    for path in _layout_paths(out):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def prepare_output(out, overwrite, inputs=()):
+    """Create `out`, refusing a non-empty one unless it holds a prepared dataset and
+    --overwrite is given; never inside an input, never deleting one."""
+    out = check_output(out, overwrite, inputs)
+    if out.is_dir():
+        _remove_layout(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextmanager
+def removed_on_failure(out):
+    """Remove what a preparer wrote into `out` (prepare_output's folder) if it stops midway,
+    so that a rerun, with other flags, finds the folder as it can use it."""
+    try:
+        yield
+    except BaseException:
+        _remove_layout(out)
+        with suppress(OSError):
+            Path(out).rmdir()  # only if nothing else is there
+        raise
 
 
 def make_class_dirs(out, class_ids):
@@ -309,10 +339,11 @@ def prepare_chips(args, dataset, class_names, images, inputs, skipped=None):
     check_subsets_found(Counter(image.subset for image in images for _ in image.objects),
                         "check --src and the layout its --help describes")
     out = prepare_output(args.out, args.overwrite, inputs)
-    make_class_dirs(out, class_names)
     tally = Tally(skipped=Counter(skipped or {}))
-    options = CropOptions(out=out, context=args.context, min_size=args.min_size)
-    crop_all(images, options, args.workers, tally)
-    write_dataset(out, dataset, class_names, tally)
+    with removed_on_failure(out):
+        make_class_dirs(out, class_names)
+        options = CropOptions(out=out, context=args.context, min_size=args.min_size)
+        crop_all(images, options, args.workers, tally)
+        write_dataset(out, dataset, class_names, tally)
     report(dataset, out, class_names, tally)
     return tally

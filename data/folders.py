@@ -2,21 +2,38 @@
 listing the class folders' images, checking that each decodes, copying or linking them."""
 import os
 import shutil
+import warnings
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from data.chips import IMAGE_SUFFIXES, Tally, make_class_dirs, prepare_output, report, write_dataset
-from tgn.data import Entry
+from data.chips import (
+    IMAGE_SUFFIXES, Tally, check_output, make_class_dirs, prepare_output, removed_on_failure, report, write_dataset,
+)
+from tgn.data import Entry, find_unreadable, load_image
 from tgn.errors import UserError
+
+
+def is_hidden(path):
+    """Hidden entries (.DS_Store, macOS's ._name copies, .ipynb_checkpoints) are no data."""
+    return path.name.startswith(".")
+
+
+def is_image_file(path):
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def class_folders(subset_dir):
+    return [entry for entry in sorted(subset_dir.iterdir()) if entry.is_dir() and not is_hidden(entry)]
 
 
 def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     """{folder name: [image paths]} for the class folders of `subset_dir` named in
-    `class_ids`, each image checked to decode; `unknown_folder(path)` is the error for any
-    other folder. Entries that are not images are counted and named once."""
-    images, ignored = {}, []
+    `class_ids`; `unknown_folder(path)` is the error for any other folder. Other entries are
+    counted and named once; images in subfolders of a class folder are not read, and said so."""
+    images, ignored, nested = {}, [], []
     for entry in sorted(subset_dir.iterdir()):
+        if is_hidden(entry):
+            continue
         if not entry.is_dir():
             ignored.append(entry)
             continue
@@ -24,25 +41,35 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
             raise UserError(unknown_folder(entry))
         images[entry.name] = []
         for path in sorted(entry.iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                check_image(path)
+            if is_hidden(path):
+                continue
+            if is_image_file(path):
                 images[entry.name].append(path)
+            elif path.is_dir():
+                nested.append(path)
             else:
                 ignored.append(path)
     if not any(images.values()):
         raise UserError(f"{flag}: no images in the class folders of {subset_dir}")
     if ignored:
         print(f"{flag}: ignored {len(ignored)} entries that are not images in class folders, e.g. {ignored[0]}")
+    if nested:
+        warnings.warn(f"{flag}: images in folders inside a class folder are not read ({len(nested)} such folders, "
+                      f"e.g. {nested[0]}); move them up into the class folder")
     return images
 
 
-def check_image(path):
-    """Copying never decodes: check here that the file is an image, as cropping does."""
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from exc
+def check_images(paths, workers=8):
+    """Copying never decodes: decode every image here (truncated files fail only then), in
+    threads, before anything is written."""
+    bad = sorted(find_unreadable([(path, None) for path in paths], workers))
+    if bad:
+        more = f" ({len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
+        try:
+            load_image(bad[0])
+        except UserError as exc:
+            raise UserError(f"{exc}{more}") from None
+        raise UserError(f"cannot read image {bad[0]}{more}")
 
 
 def place(source, target, link):
@@ -77,10 +104,14 @@ def add_link_argument(parser):
 
 
 def prepare_folder_dataset(args, dataset, class_names, sources, inputs):
-    """The common tail of the class-folder preparers: output folder, images, lists, counts."""
+    """The common tail of the class-folder preparers: every image decoded, then the output
+    folder, images, lists and counts; a failure midway leaves no partial dataset."""
+    check_output(args.out, args.overwrite, inputs)  # before the minutes decoding may take
+    check_images([path for pairs in sources.values() for path, _ in pairs])
     out = prepare_output(args.out, args.overwrite, inputs=inputs)
-    make_class_dirs(out, class_names)
     tally = Tally()
-    place_images(out, sources, args.link, tally)
-    write_dataset(out, dataset, class_names, tally)
+    with removed_on_failure(out):
+        make_class_dirs(out, class_names)
+        place_images(out, sources, args.link, tally)
+        write_dataset(out, dataset, class_names, tally)
     report(dataset, out, class_names, tally)

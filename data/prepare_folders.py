@@ -5,11 +5,13 @@
 
 Each folder in --train-dir is a class. Its name, with underscores read as spaces, becomes
 the class name, which CDTG turns into the CLIP prompt "A photo of a {name}"; --class-names
-gives other names. Class ids 0, 1, ... follow the folders' sorted order (numeric order when
-every folder name is a number). --test-dir holds folders of the same names (a class may
-have none); without a test set, --test-fraction holds out that fraction of every class's
-images, chosen at random with --seed. Images keep their file names; each is checked to
-decode, then copied, or linked with --link hard|symlink.
+gives other names. Class ids 0, 1, ... follow the folders' alphabetical order (numeric
+order when every folder name is a number). --test-dir holds folders of the same names (a
+class may have none); without a test set, --test-fraction holds out that fraction of every
+class's images (at least one of a class with two or more), chosen at random with --seed.
+Images (.jpg .jpeg .png .bmp .tif .tiff) directly inside the class folders are read;
+hidden entries are not. Each is decoded once as a check, then copied under its own file
+name, or linked with --link hard|symlink.
 """
 import random
 import re
@@ -19,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.chips import IMAGE_SUFFIXES, add_output_arguments, existing_dir  # noqa: E402
-from data.folders import add_link_argument, list_class_images, prepare_folder_dataset  # noqa: E402
+from data.chips import add_output_arguments, existing_dir  # noqa: E402
+from data.folders import (  # noqa: E402
+    add_link_argument, class_folders, is_hidden, is_image_file, list_class_images, prepare_folder_dataset,
+)
 from tgn.cli import make_parser, open_fraction  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import read_json  # noqa: E402
@@ -50,10 +54,10 @@ def parse_args(argv):
 
 
 def folder_order(folders):
-    """Sorted names, numerically when every name is a number ('2' before '10')."""
+    """Alphabetical, whatever the case, or numeric when every name is a number ('2' before '10')."""
     if all(name.isdigit() for name in folders):
         return sorted(folders, key=int)
-    return sorted(folders)
+    return sorted(folders, key=lambda name: (name.casefold(), name))
 
 
 def class_names_for(folders, names_path):
@@ -68,11 +72,12 @@ def class_names_for(folders, names_path):
             raise UserError(f"--class-names {names_path}: {unknown[0]!r} is not a class folder of --train-dir")
         names.update({folder: name.strip() for folder, name in given.items()})
     seen = {}
-    for folder in folders:
-        if names[folder] in seen:
-            raise UserError(f"class folders {seen[names[folder]]!r} and {folder!r} both have the class name "
-                            f"{names[folder]!r}; give them distinct names with --class-names")
-        seen[names[folder]] = folder
+    for folder in folders:  # CLIP's tokenizer lower-cases: 'Ship' and 'ship' are one prompt
+        key = names[folder].casefold()
+        if key in seen:
+            raise UserError(f"class folders {seen[key]!r} and {folder!r} both have the class name "
+                            f"{names[folder]!r} (letter case aside); give them distinct names with --class-names")
+        seen[key] = folder
     if all(folder.isdigit() for folder in folders) and names_path is None:
         warnings.warn("the class folders are numbers, so the class names (and CDTG's CLIP prompts, 'A photo "
                          "of a 3') are too; --class-names gives them names")
@@ -81,12 +86,13 @@ def class_names_for(folders, names_path):
 
 def hold_out(train_images, fraction_held, seed):
     """Split each class's images into (train, test) pairs of lists: round(fraction x n) test
-    images, at most n - 1, so that every class keeps a training image."""
+    images, at least 1 (every class is measured) and at most n - 1 (every class keeps a
+    training image)."""
     rng = random.Random(seed)
     train, test = {}, {}
     for folder, paths in train_images.items():
         shuffled = rng.sample(paths, len(paths))
-        held = min(round(fraction_held * len(paths)), len(paths) - 1)
+        held = min(max(round(fraction_held * len(paths)), 1), len(paths) - 1)
         test[folder] = sorted(shuffled[:held])
         train[folder] = sorted(shuffled[held:])
     return train, test
@@ -94,8 +100,8 @@ def hold_out(train_images, fraction_held, seed):
 
 def check_has_images(folder):
     """A training class folder must hold images (it may hold other files too)."""
-    entries = list(folder.iterdir())
-    if any(entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES for entry in entries):
+    entries = [entry for entry in folder.iterdir() if not is_hidden(entry)]
+    if any(is_image_file(entry) for entry in entries):
         return
     if any(entry.is_dir() for entry in entries):
         raise UserError(f"--train-dir: class folder {folder} holds folders but no images; is --train-dir "
@@ -107,7 +113,7 @@ def check_has_images(folder):
 def list_subsets(args):
     """{subset: {folder: [image paths]}} and the class folders in id order."""
     train_dir = existing_dir(args.train_dir, "--train-dir")
-    folders = folder_order([entry.name for entry in train_dir.iterdir() if entry.is_dir()])
+    folders = folder_order([entry.name for entry in class_folders(train_dir)])
     if not folders:
         raise UserError(f"--train-dir {train_dir}: no class folders (one folder of images per class)")
     for folder in folders:
@@ -119,20 +125,31 @@ def list_subsets(args):
         test_dir = existing_dir(args.test_dir, "--test-dir")
         test = list_class_images(test_dir, set(folders), "--test-dir", lambda folder: (
             f"--test-dir: folder {folder} is not a class of --train-dir (a test class needs training images)"))
+        warn_shared_names(train, test)
     without_test = [folder for folder in folders if not test.get(folder)]
     if len(without_test) == len(folders):
-        raise UserError(f"--test-fraction {args.test_fraction}: no class has enough images to hold one out; "
-                        "raise it or give --test-dir")
+        raise UserError("no class has a test image: every class has one training image; give --test-dir")
     if without_test:
-        print(f"{len(without_test)} of {len(folders)} classes have no test images, e.g. {without_test[0]!r}: "
-              "their accuracy will be reported as n/a")
+        warnings.warn(f"{len(without_test)} of {len(folders)} classes have no test images, e.g. {without_test[0]!r}: "
+                      "their accuracy is n/a, and KMDN stops if all head or all tail classes have none")
     return {"train": train, "test": test}, folders
+
+
+def warn_shared_names(train, test):
+    """The same file name in a class's train and test folders is often the same image."""
+    shared = [(folder, name) for folder, paths in test.items()
+              for name in sorted({path.name for path in paths} & {path.name for path in train.get(folder, [])})]
+    if shared:
+        warnings.warn(f"{len(shared)} test images have the file name of a training image of their class, e.g. "
+                      f"{shared[0][1]!r} in {shared[0][0]!r}: if they are the same images, test accuracy is inflated")
 
 
 def dataset_name(args):
     name = args.dataset or Path(args.out).resolve().name
     if not DATASET_NAME.fullmatch(name):
-        raise UserError(f"--dataset {name!r}: use letters, digits, '.', '_' and '-' (it names the annotation files)")
+        given = "--dataset" if args.dataset else "the dataset name (--out's folder name)"
+        raise UserError(f"{given} {name!r}: use letters, digits, '.', '_' and '-' (it names the annotation "
+                        f"files){'' if args.dataset else '; pass --dataset NAME'}")
     return name
 
 

@@ -150,6 +150,18 @@ def test_classifier_refuses_a_class_without_training_images(tmp_path, capsys):
                       "class 9 (empty) has no training image")
 
 
+def test_kmdn_refuses_a_group_without_test_images(tmp_path, capsys):
+    """The best epoch is the best test accuracy: with no test image it never comes, and
+    Distill would find no best.pth. dataset_split warns, the trainer stops before writing."""
+    data = write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 6, 3: 5, 4: 4}, test_counts={0: 2, 1: 2})
+    with pytest.warns(UserWarning, match="the tail classes have no test images"):
+        split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    out = tmp_path / "kmdn"
+    with pytest.raises(SystemExit):
+        rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    assert "lists no test images of the tail classes" in capsys.readouterr().err and not out.exists()
+
+
 def test_written_files_follow_the_umask(tmp_path):
     """mkstemp makes owner-only files; results must be readable as open() would make them."""
     script = ("import os, sys; os.umask(0o022); sys.path.insert(0, sys.argv[1]); "

@@ -300,6 +300,10 @@ def class_folders(tmp_path):
                     "train/ship/d.jpg", "train/ship/e.jpg", "test/ship/f.jpg", "test/golf_field/g.jpg"):
         paint_scene(src / relpath, (12, 10), {})
     (src / "train/ship/readme.txt").write_text("not an image")
+    # Hidden entries are no data: a notebook's checkpoint folder, macOS's files.
+    paint_scene(src / "train/.ipynb_checkpoints/x.jpg", (8, 8), {})
+    (src / "train/ship/._d.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (src / "train/.DS_Store").write_bytes(b"\x00")
     return src
 
 
@@ -310,8 +314,13 @@ def entries(info, subset):
 @pytest.mark.parametrize("link", [None, "symlink"])
 def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, capsys, link):
     out = tmp_path / "datasets" / "mine"
-    prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-dir", str(class_folders / "test"),
-                          "--out", str(out)] + (["--link", link] if link else []))
+    paint_scene(class_folders / "train/ship/more/h.jpg", (8, 8), {})
+    with pytest.warns(UserWarning) as caught:
+        prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-dir",
+                              str(class_folders / "test"), "--out", str(out)] + (["--link", link] if link else []))
+    messages = [str(warning.message) for warning in caught]
+    assert any(re.search("images in folders inside a class folder are not read .* e.g. .*more", m) for m in messages)
+    assert any("1 of 3 classes have no test images, e.g. 'storage_tank'" in m for m in messages)
     info = open_dataset(out)
     assert info.name == "mine" and (out / "anno" / "mine_train.txt").is_file()
     # Ids in the folders' sorted order; underscores become spaces (the CLIP prompt's words).
@@ -321,7 +330,27 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
     assert (out / "train/2/b.png").read_bytes() == (class_folders / "train/storage_tank/b.png").read_bytes()
     assert (out / "train/2/b.png").is_symlink() == (link == "symlink")
     printed = capsys.readouterr().out
-    assert "ignored 1 entries" in printed and "1 of 3 classes have no test images, e.g. 'storage_tank'" in printed
+    assert "ignored 1 entries" in printed
+
+
+def test_a_failure_midway_leaves_no_partial_dataset(class_folders, tmp_path, monkeypatch):
+    """A rerun with other flags (here: after a cross-device --link hard) must find --out usable."""
+    from data import folders
+
+    place = folders.place
+
+    def place_twice(source, target, link):
+        if len(list((tmp_path / "out").rglob("*.*"))) == 2:
+            raise folders.UserError("cannot place: Invalid cross-device link")
+        place(source, target, link)
+
+    monkeypatch.setattr(folders, "place", place_twice)
+    argv = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5", "--out", str(tmp_path / "out")]
+    assert exit_code(prepare_folders.main, argv) == 2
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(folders, "place", place)
+    prepare_folders.main(argv)
+    assert len(open_dataset(tmp_path / "out").entries("train")) == 3
 
 
 def test_held_out_test_images_depend_on_the_seed_alone(tmp_path):
@@ -332,7 +361,7 @@ def test_held_out_test_images_depend_on_the_seed_alone(tmp_path):
             paint_scene(src / folder / f"{i}.jpg", (8, 8), {})
 
     def split(seed, name):
-        prepare_folders.main(["--train-dir", str(src), "--test-fraction", "0.3", "--seed", str(seed),
+        prepare_folders.main(["--train-dir", str(src), "--test-fraction", "0.1", "--seed", str(seed),
                               "--out", str(tmp_path / name)])
         info = open_dataset(tmp_path / name)
         return set(entries(info, "train")), set(entries(info, "test"))
@@ -342,8 +371,8 @@ def test_held_out_test_images_depend_on_the_seed_alone(tmp_path):
     assert not train & test
     assert {relpath for relpath, _ in train | test} == {f"{cid}/{i}.jpg" for cid, (folder, count) in
                                                         enumerate(counts.items()) for i in range(count)}
-    # round(0.3 n) held out, but never a class's last training image.
-    assert [sum(cid == c for _, c in test) for cid in range(4)] == [3, 2, 1, 0]
+    # round(0.1 n) held out, at least one (every class is measured), never a class's last image.
+    assert [sum(cid == c for _, c in test) for cid in range(4)] == [1, 1, 1, 0]
 
 
 def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
@@ -370,7 +399,11 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     ("none", ["--test-fraction", "0.5", "--class-names", "{src}/names.json"], "'tank' is not a class folder"),
     ("same names", ["--test-fraction", "0.5"], "both have the class name 'golf field'"),
     ("none", ["--test-fraction", "0.2", "--dataset", "my data"], "--dataset 'my data': use letters"),
-    ("none", ["--test-fraction", "0.01"], "no class has enough images to hold one out"),
+    ("single images", ["--test-fraction", "0.5"], "no class has a test image"),
+    ("same letters", ["--test-fraction", "0.5"], "'Ship' and 'ship' both have the class name 'ship'"),
+    ("truncated", ["--test-fraction", "0.5"], "cannot read image .*t.jpg: image file is truncated"),
+    ("truncated and not empty", ["--test-fraction", "0.5"], "--out .* is not empty; pass --overwrite"),
+    ("space in --out", ["--test-fraction", "0.5"], r"\(--out's folder name\) 'my data'.*pass --dataset NAME"),
     ("parent folder", ["--test-fraction", "0.5"], "holds folders but no images; is --train-dir one level above"),
 ])
 def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, capsys, change, argv, message):
@@ -382,14 +415,27 @@ def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, caps
         paint_scene(src / "test/planes/p.jpg", (8, 8), {})
     elif change == "same names":
         paint_scene(src / "train/golf field/z.jpg", (8, 8), {})
+    elif change == "single images":
+        for path in (src / "train/ship/e.jpg", src / "train/storage_tank/b.png"):
+            path.unlink()
+    elif change == "same letters":
+        paint_scene(src / "train/Ship/z.jpg", (8, 8), {})
+    elif change.startswith("truncated"):
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(src / "train/ship/t.jpg", quality=90)
+        data = (src / "train/ship/t.jpg").read_bytes()
+        (src / "train/ship/t.jpg").write_bytes(data[:len(data) * 7 // 10])  # a header that verify() accepts
+        if change.endswith("not empty"):  # --out's mistakes come before minutes of decoding
+            (tmp_path / "out").mkdir()
+            (tmp_path / "out" / "classes.json").write_text("{}")
     (src / "names.json").write_text(json.dumps({"tank": "tank"}))
     argv = [arg.format(src=src) for arg in argv]
-    out = tmp_path / "out"
+    out = tmp_path / ("my data" if change == "space in --out" else "out")
     train_dir = src if change == "parent folder" else src / "train"
     assert exit_code(prepare_folders.main, ["--train-dir", str(train_dir), *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
-    assert not out.exists()
+    assert not out.exists() or change.endswith("not empty")
 
 
 # ---------------------------------------------------------------- demo
