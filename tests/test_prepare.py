@@ -157,6 +157,20 @@ def test_dior_unknown_class_is_a_one_line_error_naming_the_file(dior_src, tmp_pa
     assert "\n" not in error
 
 
+def test_an_unreadable_scene_leaves_no_partial_dataset(dior_src, tmp_path, capsys):
+    """Scenes are decoded as they are cropped: one that fails stops the run, and the chips of
+    the scenes before it are removed, so that --out stays usable for the rerun."""
+    scene = dior_src / "JPEGImages-test" / "00003.jpg"
+    good = scene.read_bytes()
+    scene.write_bytes(good[:len(good) // 2])
+    out = tmp_path / "out"
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(out), "--workers", "1"]) == 2
+    assert "cannot read image" in capsys.readouterr().err and not out.exists()
+    scene.write_bytes(good)
+    prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1"])
+    assert len(open_dataset(out).entries("test")) == 4
+
+
 def test_refuses_a_non_empty_output_unless_overwrite(dior_src, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
