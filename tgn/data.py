@@ -21,6 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision import transforms
+from tqdm import tqdm
 
 from tgn.errors import UserError, speaks
 from tgn.io import atomic_write_text, read_json
@@ -204,8 +205,11 @@ def find_unreadable(samples, workers=8):
         except UserError:
             return path
 
+    paths = [p for p, _ in samples]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decodes without the GIL
-        return [path for path in pool.map(unreadable, [p for p, _ in samples]) if path is not None]
+        results = tqdm(pool.map(unreadable, paths), total=len(paths), desc="checking images", unit="image",
+                       leave=False, dynamic_ncols=True, disable=not speaks())
+        return [path for path in results if path is not None]
 
 
 def drop_unreadable(samples, skip_bad_images, what="images", workers=8):
