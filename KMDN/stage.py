@@ -17,10 +17,12 @@ def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=No
     """Training and test sets of the head or tail classes, labels = model output index;
     `cache_dir` (--cache) keeps the resized images."""
     train_samples = drop_unreadable(split.samples(group, "train"), skip_bad_images, f"{group} training images")
-    test_samples = drop_unreadable(split.samples(group, "test"), skip_bad_images, f"{group} test images")
+    listed = split.samples(group, "test")
+    test_samples = drop_unreadable(listed, skip_bad_images, f"{group} test images")
     if not test_samples:  # fit would never find a best epoch, and Distill needs best.pth
-        raise UserError(f"{split.annotation_path(group, 'test')} lists no test images of the {group} classes: KMDN "
-                        f"keeps the epoch of best {group} test accuracy; give some of these classes test images")
+        problem = "lists no test images" if not listed else "lists only unreadable test images"
+        raise UserError(f"{split.annotation_path(group, 'test')} {problem} of the {group} classes: KMDN keeps the "
+                        f"epoch of best {group} test accuracy; give some of these classes test images")
     cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
     train = ImageList(train_samples, build_transform(image_size, train=True), image_size, cache)
     test = ImageList(test_samples, build_transform(image_size, train=False), image_size, cache)

@@ -211,15 +211,17 @@ def check_output(out, overwrite, inputs=()):
 
 
 def _layout_paths(out):
+    """Where the layout's items lead (through symlinks): what removing them could reach."""
     return [(Path(out) / item).resolve() for item in LAYOUT_ITEMS]
 
 
 def _remove_layout(out):
-    for path in _layout_paths(out):
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
+    """Remove the layout's items themselves: a symlink is unlinked, never followed."""
+    for path in (Path(out) / item for item in LAYOUT_ITEMS):
+        if path.is_symlink() or path.is_file():
             path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
 
 
 def prepare_output(out, overwrite, inputs=()):
@@ -233,15 +235,17 @@ def prepare_output(out, overwrite, inputs=()):
 
 
 @contextmanager
-def removed_on_failure(out):
+def removed_on_failure(out, created):
     """Remove what a preparer wrote into `out` (prepare_output's folder) if it stops midway,
-    so that a rerun, with other flags, finds the folder as it can use it."""
+    so that a rerun, with other flags, finds the folder as it can use it; `out` itself too
+    when this run `created` it."""
     try:
         yield
     except BaseException:
         _remove_layout(out)
-        with suppress(OSError):
-            Path(out).rmdir()  # only if nothing else is there
+        if created:
+            with suppress(OSError):
+                Path(out).rmdir()  # only if nothing else is there
         raise
 
 
@@ -338,9 +342,10 @@ def prepare_chips(args, dataset, class_names, images, inputs, skipped=None):
     """The common tail of the chip preparers: output folder, crops, lists, counts."""
     check_subsets_found(Counter(image.subset for image in images for _ in image.objects),
                         "check --src and the layout its --help describes")
+    created = not Path(args.out).exists()
     out = prepare_output(args.out, args.overwrite, inputs)
     tally = Tally(skipped=Counter(skipped or {}))
-    with removed_on_failure(out):
+    with removed_on_failure(out, created):
         make_class_dirs(out, class_names)
         options = CropOptions(out=out, context=args.context, min_size=args.min_size)
         crop_all(images, options, args.workers, tally)

@@ -3,6 +3,7 @@ listing the class folders' images, checking that each decodes, copying or linkin
 import os
 import shutil
 import warnings
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -85,16 +86,25 @@ def place(source, target, link):
         raise UserError(f"cannot place {source} at {target}: {exc.strerror or exc}{hint}") from exc
 
 
+def check_distinct_names(sources):
+    """Each image keeps its file name in its class's folder: two folders mapped to one class
+    (FGSC-23's --class-map) must not hold the same name."""
+    for subset, pairs in sources.items():
+        seen = {}
+        for source, class_id in pairs:
+            earlier = seen.setdefault((class_id, source.name), source)
+            if earlier != source:
+                raise UserError(f"{source} and {earlier} would both be {subset}/{class_id}/{source.name}: two folders "
+                                "map to one class with the same file name; rename one")
+
+
 def place_images(out, sources, link, tally):
     """Put each subset's (source path, class id) pairs at OUT/<subset>/<class id>/<file name>
     and record the entries in `tally`."""
     for subset, pairs in sources.items():
         for source, class_id in tqdm(pairs, desc=subset, unit="image", dynamic_ncols=True):
             relpath = f"{class_id}/{source.name}"
-            target = out / subset / relpath
-            if target.exists():
-                raise UserError(f"{source}: two folders map to class {class_id} with the same file name {source.name}")
-            place(source, target, link)
+            place(source, out / subset / relpath, link)
             tally.entries[subset].append(Entry(relpath, class_id))
 
 
@@ -106,11 +116,13 @@ def add_link_argument(parser):
 def prepare_folder_dataset(args, dataset, class_names, sources, inputs):
     """The common tail of the class-folder preparers: every image decoded, then the output
     folder, images, lists and counts; a failure midway leaves no partial dataset."""
+    check_distinct_names(sources)
     check_output(args.out, args.overwrite, inputs)  # before the minutes decoding may take
     check_images([path for pairs in sources.values() for path, _ in pairs])
+    created = not Path(args.out).exists()
     out = prepare_output(args.out, args.overwrite, inputs=inputs)
     tally = Tally()
-    with removed_on_failure(out):
+    with removed_on_failure(out, created):
         make_class_dirs(out, class_names)
         place_images(out, sources, args.link, tally)
         write_dataset(out, dataset, class_names, tally)

@@ -55,7 +55,7 @@ def parse_args(argv):
 
 def folder_order(folders):
     """Alphabetical, whatever the case, or numeric when every name is a number ('2' before '10')."""
-    if all(name.isdigit() for name in folders):
+    if all(name.isdecimal() for name in folders):
         return sorted(folders, key=int)
     return sorted(folders, key=lambda name: (name.casefold(), name))
 
@@ -78,7 +78,7 @@ def class_names_for(folders, names_path):
             raise UserError(f"class folders {seen[key]!r} and {folder!r} both have the class name "
                             f"{names[folder]!r} (letter case aside); give them distinct names with --class-names")
         seen[key] = folder
-    if all(folder.isdigit() for folder in folders) and names_path is None:
+    if all(folder.isdecimal() for folder in folders) and names_path is None:
         warnings.warn("the class folders are numbers, so the class names (and CDTG's CLIP prompts, 'A photo "
                          "of a 3') are too; --class-names gives them names")
     return {cid: names[folder] for cid, folder in enumerate(folders)}
@@ -88,10 +88,10 @@ def hold_out(train_images, fraction_held, seed):
     """Split each class's images into (train, test) pairs of lists: round(fraction x n) test
     images, at least 1 (every class is measured) and at most n - 1 (every class keeps a
     training image)."""
-    rng = random.Random(seed)
     train, test = {}, {}
     for folder, paths in train_images.items():
-        shuffled = rng.sample(paths, len(paths))
+        # A generator per class: adding a class or images to one leaves the others' choice.
+        shuffled = random.Random(f"{seed}/{folder}").sample(paths, len(paths))
         held = min(max(round(fraction_held * len(paths)), 1), len(paths) - 1)
         test[folder] = sorted(shuffled[:held])
         train[folder] = sorted(shuffled[held:])

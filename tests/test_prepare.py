@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -387,6 +388,53 @@ def test_held_out_test_images_depend_on_the_seed_alone(tmp_path):
                                                         enumerate(counts.items()) for i in range(count)}
     # round(0.1 n) held out, at least one (every class is measured), never a class's last image.
     assert [sum(cid == c for _, c in test) for cid in range(4)] == [1, 1, 1, 0]
+    # A class's choice depends on its own images: a new class (id 0, before the others) leaves
+    # every other class's held-out images as they were.
+    for i in range(6):
+        paint_scene(src / "0_new" / f"{i}.jpg", (8, 8), {})
+    _, test_with_new_class = split(0, "more")
+    assert {(f"{cid + 1}/" + relpath.split("/")[1]) for relpath, cid in test} <= {
+        relpath for relpath, _ in test_with_new_class}
+
+
+def test_overwrite_and_failures_never_reach_beyond_the_dataset(class_folders, tmp_path, monkeypatch):
+    """--overwrite unlinks a symlinked train/ instead of emptying the folder it points to; a
+    failure keeps an --out folder the user made; a file-name clash is found before --overwrite
+    removes the dataset there."""
+    out = tmp_path / "out"
+    argv = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5", "--out", str(out)]
+    prepare_folders.main(argv)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "keep").mkdir(parents=True)
+    (elsewhere / "keep" / "precious.txt").write_text("mine")
+    shutil.rmtree(out / "train")
+    (out / "train").symlink_to(elsewhere, target_is_directory=True)
+    prepare_folders.main([*argv, "--overwrite"])
+    assert (elsewhere / "keep" / "precious.txt").read_text() == "mine"
+    assert not (out / "train").is_symlink() and len(open_dataset(out).entries("train")) == 3
+
+    from data import folders
+
+    def cross_device(source, target, link):
+        raise folders.UserError("cannot place: Invalid cross-device link")
+
+    monkeypatch.setattr(folders, "place", cross_device)
+    made = tmp_path / "made-by-the-user"
+    made.mkdir()
+    assert exit_code(prepare_folders.main, [*argv[:-1], str(made)]) == 2
+    assert made.is_dir() and not any(made.iterdir())
+
+
+def test_fgsc_file_name_clash_is_found_before_overwrite_removes_anything(fgsc_src, tmp_path, capsys):
+    out = tmp_path / "out"
+    prepare_fgsc23.main(["--src", str(fgsc_src), "--out", str(out)])
+    paint_scene(fgsc_src / "train/zero/a.jpg", (12, 10), {})  # also class 0, also a.jpg
+    class_map = tmp_path / "map.json"
+    class_map.write_text(json.dumps({**{str(i): i for i in range(23)}, "zero": 0}))
+    argv = ["--src", str(fgsc_src), "--out", str(out), "--class-map", str(class_map), "--overwrite"]
+    assert exit_code(prepare_fgsc23.main, argv) == 2
+    assert "would both be train/0/a.jpg" in capsys.readouterr().err
+    assert len(open_dataset(out).entries("train")) == 3  # the earlier dataset is still there
 
 
 def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
