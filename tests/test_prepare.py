@@ -348,6 +348,25 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
     assert "ignored 1 entries" in printed
 
 
+def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
+    """The hand-off a user of their own dataset depends on: folders -> classes.json ->
+    KMDN's split -> CDTG's tail data and its prompts."""
+    from CDTG.dataset_split import main as cdtg_split_main
+    from CDTG.tail_data import load_tail_classes
+    from KMDN.dataset_split import main as split_main
+
+    src = tmp_path / "mine"
+    for folder, count in {"ship": 12, "harbor": 10, "storage_tank": 5, "golf_field": 4, "wind_mill": 3}.items():
+        for i in range(count):
+            paint_scene(src / folder / f"{i}.jpg", (8, 8), {})
+    prepare_folders.main(["--train-dir", str(src), "--test-fraction", "0.2", "--out", str(tmp_path / "data")])
+    split_main(["--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "split")])
+    cdtg_split_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "cdtg")])
+    tail = load_tail_classes(tmp_path / "cdtg")
+    assert sorted(tail.prompts) == ["A photo of a golf field", "A photo of a storage tank", "A photo of a wind mill"]
+    assert len(tail.samples()) == 4 + 3 + 2  # each class minus its held-out image
+
+
 def test_a_failure_midway_leaves_no_partial_dataset(class_folders, tmp_path, monkeypatch):
     """A rerun with other flags (here: after a cross-device --link hard) must find --out usable."""
     from data import folders
