@@ -64,11 +64,14 @@ def read_baseline(args):
     return read_report(args.baseline_report) if args.baseline_report is not None else None
 
 
-def evaluation_set(info, label_of, image_size, skip_bad_images=False, cache_dir=None):
+def evaluation_set(info, label_of, image_size, skip_bad_images=False, cache_dir=None, check=False):
+    """The test images; `check` (training, which evaluates only after an epoch) decodes them
+    all first, so that a bad one stops the run before it trains."""
     folder = info.image_root("test")
     if not folder.is_dir():
         raise UserError(f"test folder not found: {folder}")
-    samples = drop_unreadable(samples_for(folder, info.entries("test"), label_of), skip_bad_images, "test images")
+    samples = drop_unreadable(samples_for(folder, info.entries("test"), label_of), skip_bad_images, "test images",
+                              check=check)
     cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
     return ImageList(samples, build_transform(image_size, train=False), image_size, cache)
 

@@ -79,7 +79,7 @@ def main(argv=None):
                  data={"class_ids": list(class_ids), "train_counts": list(images.real_counts),
                        "generated_counts": list(images.generated_counts)})
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts)
-    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache)
+    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True)
     train_samples = drop_unreadable(images.samples, args.skip_bad_images, "training images")
     present = {label for _, label in train_samples}
     for index, cid in enumerate(class_ids):

@@ -18,7 +18,7 @@ def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=No
     `cache_dir` (--cache) keeps the resized images."""
     train_samples = drop_unreadable(split.samples(group, "train"), skip_bad_images, f"{group} training images")
     listed = split.samples(group, "test")
-    test_samples = drop_unreadable(listed, skip_bad_images, f"{group} test images")
+    test_samples = drop_unreadable(listed, skip_bad_images, f"{group} test images", check=True)
     if not test_samples:  # fit would never find a best epoch, and Distill needs best.pth
         problem = "lists no test images" if not listed else "lists only unreadable test images"
         raise UserError(f"{split.annotation_path(group, 'test')} {problem} of the {group} classes: KMDN keeps the "

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from data.chips import (
     IMAGE_SUFFIXES, Tally, check_output, make_class_dirs, prepare_output, removed_on_failure, report, write_dataset,
 )
-from tgn.data import Entry, find_unreadable, load_image
+from tgn.data import Entry, check_readable
 from tgn.errors import UserError
 
 
@@ -60,17 +60,9 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     return images
 
 
-def check_images(paths, workers=8):
-    """Copying never decodes: decode every image here (truncated files fail only then), in
-    threads, before anything is written."""
-    bad = sorted(find_unreadable([(path, None) for path in paths], workers))
-    if bad:
-        more = f" ({len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
-        try:
-            load_image(bad[0])
-        except UserError as exc:
-            raise UserError(f"{exc}{more}") from None
-        raise UserError(f"cannot read image {bad[0]}{more}")
+def check_images(paths):
+    """Copying never decodes: decode every image here (truncated files fail only then)."""
+    check_readable([(path, None) for path in paths])
 
 
 def place(source, target, link):

@@ -171,6 +171,28 @@ def test_unreadable_image_stops_or_is_skipped(toy_data, split_dir, tmp_path, cap
     assert load_checkpoint(tmp_path / "b" / "head" / "last.pth")["epoch"] == 0
 
 
+@pytest.mark.parametrize("stage", ["UModel", "Classification"])
+def test_an_unreadable_test_image_stops_the_run_before_it_trains(toy_data, split_dir, tmp_path, capsys, stage):
+    """Test images are read first at the end of the first epoch: they are all decoded at
+    start-up instead, so that a bad one costs no epoch (and writes nothing)."""
+    from Classification.train import main as cls_train_main
+
+    broken = toy_data / "test" / "0" / "img 1.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    out = tmp_path / "run"
+    if stage == "UModel":
+        run = lambda *extra: umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1",  # noqa: E731
+                                          *TINY, *extra])
+    else:
+        run = lambda *extra: cls_train_main(["--data-root", str(toy_data), "--out", str(out), "--epochs", "1",  # noqa
+                                             "--arch", "resnet18", "--pretrained", "none", "--image-size", "16",
+                                             "--workers", "0", *extra])
+    expect_user_error(capsys, run, "img 1.jpg")
+    assert not out.exists()
+    run("--skip-bad-images")
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+
+
 def test_empty_or_malformed_annotations(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", {0: 3, 1: 3})
     run = lambda: split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])  # noqa: E731

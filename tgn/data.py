@@ -212,13 +212,32 @@ def find_unreadable(samples, workers=8):
         return [path for path in results if path is not None]
 
 
-def drop_unreadable(samples, skip_bad_images, what="images", workers=8):
+def check_readable(samples, what="images", hint="", workers=8):
+    """Decode every image of (path, label) samples once, in threads; stop at the first
+    unreadable one with its reason, the number of others and `hint`."""
+    bad = sorted(find_unreadable(samples, workers), key=str)
+    if not bad:
+        return
+    more = f" ({len(bad) - 1} more unreadable {what})" if len(bad) > 1 else ""
+    try:
+        load_image(bad[0])
+    except UserError as exc:
+        raise UserError(f"{exc}{more}{hint}") from None
+    raise UserError(f"cannot read image {bad[0]}{more}{hint}")
+
+
+def drop_unreadable(samples, skip_bad_images, what="images", workers=8, check=False):
     """With --skip-bad-images: check every image once, drop and count the bad ones.
 
-    Without it images are decoded as training reads them, and the first bad one stops
+    Without it, `check` decodes every image once and stops at the first bad one: for test
+    sets, which training reads only after its first epoch, at less than an evaluation's
+    cost. Otherwise images are decoded as training reads them, and the first bad one stops
     the run with its name.
     """
     if not skip_bad_images:
+        if check:
+            check_readable(samples, what, "; fix or remove it, or pass --skip-bad-images to leave such images out",
+                           workers)
         return list(samples)
     bad = set(find_unreadable(samples, workers))
     if bad and speaks():  # every process finds the same ones
