@@ -64,9 +64,12 @@ def test_impossible_cdtg_flags_stop_before_anything_is_written(cdtg_inputs, caps
     assert not out.exists()
 
 
-def test_unknown_device_is_one_line(split_dir, tmp_path, capsys):
+@pytest.mark.parametrize("device, message", [("bogus", "--device bogus: not a device"),
+                                             ("mps", "--device mps: this code runs on CPUs and CUDA GPUs")])
+def test_unknown_device_is_one_line(split_dir, tmp_path, capsys, device, message):
     expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "o"), *TINY,
-                                                   "--device", "bogus"]), "--device bogus: not a device")
+                                                   "--device", device]), message)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("content, reason", [(b"", "the file is empty"), (b"hello", "not a PyTorch checkpoint"),

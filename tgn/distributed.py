@@ -52,6 +52,8 @@ def resolve_device(name):
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: untested here, and absent where not built in
+        raise UserError(f"--device {name}: this code runs on CPUs and CUDA GPUs; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
