@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from CDTG.tail_data import DEFAULT_PROMPT, IMAGE_LIST, MANIFEST, TailClasses  # noqa: E402
-from tgn.cli import make_parser  # noqa: E402
+from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.data import open_dataset, write_annotation  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.split import check_split_matches, load_split  # noqa: E402
@@ -22,7 +22,7 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
-    parser.add_argument("--out", type=Path, default=Path("runs/cdtg/data"), help="folder for the tail-class data")
+    parser.add_argument("--out", type=output_folder, default=Path("runs/cdtg/data"), help="folder for the tail-class data")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="CLIP prompt template; {name} is the class name")
     parser.add_argument("--overwrite", action="store_true", help="replace existing tail-class data in --out")
     return parser

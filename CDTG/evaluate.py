@@ -21,7 +21,7 @@ from CDTG.evaluation import Evaluator, evaluate_folders, recorded_inputs  # noqa
 from CDTG.fidelity import load_inception, load_lpips  # noqa: E402
 from CDTG.tail_data import load_tail_classes  # noqa: E402
 from CDTG.tail_data import load_teacher  # noqa: E402
-from tgn.cli import DEFAULT_WORKERS, make_parser, non_negative_int, positive_int  # noqa: E402
+from tgn.cli import DEFAULT_WORKERS, make_parser, non_negative_int, output_folder, positive_int  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, save_options  # noqa: E402
@@ -33,7 +33,7 @@ def build_parser():
     parser.add_argument("--data", type=Path, default=None,
                         help="tail-class data, CDTG/dataset_split.py output (default: the one training used)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved")
-    parser.add_argument("--out", type=Path, default=Path("runs/cdtg/evaluation"), help="report folder")
+    parser.add_argument("--out", type=output_folder, default=Path("runs/cdtg/evaluation"), help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     metrics = parser.add_argument_group("metrics")
     metrics.add_argument("--inception", default="torchvision",

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from CDTG.synthesis import (ANNOTATION, TRUNCATION_CENTRE, TailSynthesizer, check_settings,  # noqa: E402
                              existing_indices, run_generation)
 from tgn import distributed as dist  # noqa: E402
-from tgn.cli import COMPILE_MODES, fraction, jpeg_quality, make_parser, positive_int  # noqa: E402
+from tgn.cli import COMPILE_MODES, fraction, jpeg_quality, make_parser, output_folder, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import atomic_write_json  # noqa: E402
 
@@ -33,7 +33,7 @@ from tgn.io import atomic_write_json  # noqa: E402
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--ckpt", type=Path, required=True, help="CDTG checkpoint (ours or the official 200000.pt)")
-    parser.add_argument("--out", type=Path, default=Path("runs/generated"), help="output folder")
+    parser.add_argument("--out", type=output_folder, default=Path("runs/generated"), help="output folder")
     parser.add_argument("--per-class", type=positive_int, default=7000, help="images per tail class (the released classifier's)")
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="dataset class ids (default: every tail class)")
     parser.add_argument("--r", type=fraction, default=0.05, help="proportion of noise in the fused latent")

@@ -28,7 +28,7 @@ from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
 from tgn.checkpoint import weights_fingerprint  # noqa: E402
 from tgn.cli import (DEFAULT_WORKERS, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
-                     non_negative_int, positive_float, positive_int)
+                     non_negative_int, output_folder, positive_float, positive_int)
 from tgn import distributed as dist  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -47,7 +47,7 @@ def build_parser():
                     help="the distilled tail model M_T (KMDN/Distill.py); official bare state dicts work too")
     io.add_argument("--clip", default="ViT-B/32", help="CLIP model name (downloaded when online), a local file, or 'none'")
     io.add_argument("--clip-root", default=None, help="download folder of CLIP weights")
-    io.add_argument("--out", type=Path, default=Path("runs/cdtg"), help="run folder")
+    io.add_argument("--out", type=output_folder, default=Path("runs/cdtg"), help="run folder")
     io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoint")
     io.add_argument("--overwrite", action="store_true", help="start again even if OUT holds checkpoints")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from Classification.report import comparison, comparison_csv, comparison_markdown, read_report  # noqa: E402
-from tgn.cli import make_parser  # noqa: E402
+from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
 from tgn.io import atomic_write_text, check_run_dir  # noqa: E402
 
@@ -25,7 +25,7 @@ TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("reports", nargs="+", metavar="REPORT", help="[NAME=]report.json or its folder")
-    parser.add_argument("--out", type=Path, default=Path("runs/comparison"), help="folder for the tables")
+    parser.add_argument("--out", type=output_folder, default=Path("runs/comparison"), help="folder for the tables")
     parser.add_argument("--overwrite", action="store_true", help="replace a table already in --out")
     return parser
 

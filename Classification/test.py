@@ -25,7 +25,7 @@ from Classification.samples import class_order, count_per_class  # noqa: E402
 from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
                                   report_and_figures)
 from tgn import distributed as dist  # noqa: E402
-from tgn.cli import add_runtime_args, make_parser, positive_int  # noqa: E402
+from tgn.cli import add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
 from tgn.io import check_run_dir  # noqa: E402
@@ -37,7 +37,7 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (test/, anno/)")
     parser.add_argument("--ckpt", type=Path, required=True, help="our checkpoint or the official result.pth")
-    parser.add_argument("--out", type=Path, default=None, help="report folder (default CKPT_DIR/test-CKPT_NAME)")
+    parser.add_argument("--out", type=output_folder, default=None, help="report folder (default CKPT_DIR/test-CKPT_NAME)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from tgn.cli import head_percent, make_parser  # noqa: E402
+from tgn.cli import head_percent, make_parser, output_folder  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.split import compute_split, write_split  # noqa: E402
@@ -21,7 +21,7 @@ from tgn.split import compute_split, write_split  # noqa: E402
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (train/, test/, anno/)")
-    parser.add_argument("--out", type=Path, default=Path("runs/split"), help="folder for split.json and the lists")
+    parser.add_argument("--out", type=output_folder, default=Path("runs/split"), help="folder for split.json and the lists")
     parser.add_argument("--threshold", type=head_percent, default=40.0,
                         help="percent of classes (by training count) that are head; the paper also tried 33")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing split in --out")

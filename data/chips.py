@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from tgn.cli import output_folder
 from tgn.data import SUBSETS, Entry, write_annotation, write_classes_json
 from tgn.errors import UserError
 
@@ -159,7 +160,7 @@ def check_disjoint(train_ids, test_ids, what):
 # ---------------------------------------------------------------- the output folder
 
 def add_output_arguments(parser, default=None):
-    parser.add_argument("--out", type=Path, required=default is None, default=default, help="dataset folder to write")
+    parser.add_argument("--out", type=output_folder, required=default is None, default=default, help="dataset folder to write")
     parser.add_argument(
         "--overwrite", action="store_true",
         help="replace train/, test/, anno/ and classes.json in a non-empty --out",

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, no install needed
 
 import torch  # noqa: E402
 
-from tgn.cli import make_parser, non_negative_int, positive_int  # noqa: E402
+from tgn.cli import make_parser, non_negative_int, output_folder, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def tiny_clip_file(path):
 
 def build_parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--out", type=Path, default=Path("demo-run"), help="folder for the data and every run")
+    parser.add_argument("--out", type=output_folder, default=Path("demo-run"), help="folder for the data and every run")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers of every stage")
     parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of each ResNet training")

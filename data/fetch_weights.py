@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from tqdm import tqdm  # noqa: E402
 
-from tgn.cli import make_parser  # noqa: E402
+from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 
 TORCH_CHECKPOINTS = "torch/hub/checkpoints"  # torch.hub's cache layout under TORCH_HOME
@@ -124,7 +124,7 @@ def offline_usage(out_dir, weights):
 
 def build_parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--out", type=Path, default=Path("weights"), help="folder for the weight files")
+    parser.add_argument("--out", type=output_folder, default=Path("weights"), help="folder for the weight files")
     parser.add_argument("--only", nargs="+", choices=[w.name for w in WEIGHTS], default=None,
                         help="fetch only these (default: all)")
     return parser

@@ -72,6 +72,23 @@ def test_unknown_device_is_one_line(split_dir, tmp_path, capsys, device, message
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("out", ["afile", "afile/run"])
+@pytest.mark.parametrize("script", ["KMDN/dataset_split.py", "KMDN/UModel.py", "CDTG/train.py",
+                                    "Classification/train.py", "data/prepare_folders.py"])
+def test_an_output_folder_that_is_a_file_is_an_argument_error(tmp_path, capsys, script, out):
+    """Checked as the flags are read: before, some scripts made folders and then failed
+    with a traceback."""
+    import importlib
+
+    (tmp_path / "afile").write_text("a file")
+    main = importlib.import_module(script[:-3].replace("/", ".")).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / out)])  # refused as it is read, before required flags are missed
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert f"argument --out: {tmp_path / 'afile'} is a file, not a folder" in err
+
+
 @pytest.mark.parametrize("content, reason", [(b"", "the file is empty"), (b"hello", "not a PyTorch checkpoint"),
                                              (b'{"a": 1}\n', "not a PyTorch checkpoint")])
 def test_empty_or_foreign_checkpoint_files_are_one_line(split_dir, tmp_path, capsys, content, reason):

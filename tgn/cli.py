@@ -47,6 +47,18 @@ head_percent = _number(float, lambda v: 0 < v < 100, "between 0 and 100 (percent
 gan_size = _number(int, lambda v: 16 <= v <= 1024 and v & (v - 1) == 0, "a power of two from 16 to 1024")
 
 
+def output_folder(text):
+    """argparse type of a folder the script writes into: it may exist (as a folder) or not;
+    a file at its place or on its way is refused before anything runs."""
+    path = Path(text)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise argparse.ArgumentTypeError(f"{candidate} is a file, not a folder")
+            break
+    return path
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors are one line, like every other error of the scripts
     (argparse's own print the whole usage block first)."""
@@ -116,7 +128,7 @@ def add_model_args(parser, *, arch_choices=("resnet50", "resnet18"), width=True)
 
 def add_output_args(parser, default_out):
     group = parser.add_argument_group("output")
-    group.add_argument("--out", type=Path, default=Path(default_out), help="run folder")
+    group.add_argument("--out", type=output_folder, default=Path(default_out), help="run folder")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     group.add_argument("--overwrite", action="store_true", help="start again even if --out holds results")
     return group
