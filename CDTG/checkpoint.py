@@ -14,15 +14,16 @@ import torch
 
 from tgn.checkpoint import load_failure
 from tgn.errors import UserError
-from tgn.io import atomic_torch_save
+from tgn.io import atomic_torch_save, require_file
 
 FORMAT = "tgn-cdtg/1"
 
 
 def load_cdtg_checkpoint(path):
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"CDTG checkpoint not found: {path}")
+    steps = checkpoint_steps(path / "checkpoint") if path.is_dir() else []
+    hint = f"; pass {path / 'checkpoint' / f'{steps[-1]}.pt'}, its newest" if steps else "; pass RUN/checkpoint/STEP.pt"
+    path = require_file(path, "CDTG checkpoint", hint)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)

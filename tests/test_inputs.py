@@ -98,6 +98,21 @@ def test_empty_or_foreign_checkpoint_files_are_one_line(split_dir, tmp_path, cap
                                                     "--head-ckpt", str(bad), "--epochs", "1"]), reason)
 
 
+def test_a_run_folder_given_for_a_checkpoint_names_the_file_to_pass(cdtg_inputs, tmp_path, capsys):
+    from CDTG.checkpoint import load_cdtg_checkpoint
+    from tgn.checkpoint import load_checkpoint
+    from tgn.errors import UserError
+
+    (tmp_path / "kmdn").mkdir()
+    (tmp_path / "kmdn" / "best.pth").write_bytes(b"")
+    with pytest.raises(UserError, match=f"kmdn is a folder, not a file; pass {tmp_path / 'kmdn' / 'best.pth'}$"):
+        load_checkpoint(tmp_path / "kmdn")
+    run = tmp_path / "cdtg"
+    cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--clip", "none"))
+    with pytest.raises(UserError, match=f"is a folder, not a file; pass {run / 'checkpoint' / '4.pt'}, its newest"):
+        load_cdtg_checkpoint(run)
+
+
 def test_distill_refuses_the_other_groups_model(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", {0: 8, 1: 7, 2: 4, 3: 3})  # at 50%: 2 head and 2 tail classes
     split_main(["--data-root", str(data), "--out", str(tmp_path / "split"), "--threshold", "50"])

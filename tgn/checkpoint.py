@@ -11,14 +11,13 @@ from pathlib import Path
 import torch
 
 from tgn.errors import UserError
-from tgn.io import atomic_torch_save
+from tgn.io import atomic_torch_save, require_file
 
 
 def load_checkpoint(path, what="checkpoint"):
     """torch.load with weights_only=True; a one-line error for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
+    best = Path(path) / "best.pth"
+    path = require_file(path, what, f"; pass {best}" if best.is_file() else "; pass a .pth file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, foreign formats

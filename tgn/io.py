@@ -66,10 +66,18 @@ def atomic_torch_save(path, obj):
     _atomic_replace(path, lambda handle: torch.save(obj, handle))
 
 
-def read_json(path, what="file"):
+def require_file(path, what="file", folder_hint=""):
+    """A one-line error for a path that is missing or a folder where a file is read."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file{folder_hint}")
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
+    return path
+
+
+def read_json(path, what="file"):
+    path = require_file(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
