@@ -367,6 +367,13 @@ def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
     assert len(tail.samples()) == 4 + 3 + 2  # each class minus its held-out image
 
 
+def test_raw_class_folders_given_to_a_stage_point_to_the_preparer(class_folders, tmp_path, capsys):
+    from KMDN.dataset_split import main as split_main
+
+    assert exit_code(split_main, ["--data-root", str(class_folders / "train"), "--out", str(tmp_path / "s")]) == 2
+    assert "for a dataset in class folders, run data/prepare_folders.py first" in capsys.readouterr().err
+
+
 def test_a_failure_midway_leaves_no_partial_dataset(class_folders, tmp_path, monkeypatch):
     """A rerun with other flags (here: after a cross-device --link hard) must find --out usable."""
     from data import folders

@@ -131,7 +131,9 @@ class DatasetInfo:
 def _find_dataset_name(root):
     candidates = sorted((root / "anno").glob("*_train.txt"))
     if not candidates:
-        raise UserError(f"no annotation file {root / 'anno' / '<NAME>_train.txt'} found under {root}")
+        hint = ("; for a dataset in class folders, run data/prepare_folders.py first"
+                if not (root / "anno").is_dir() and not (root / "train").is_dir() else "")
+        raise UserError(f"no annotation file {root / 'anno' / '<NAME>_train.txt'} found under {root}{hint}")
     if len(candidates) > 1:
         names = ", ".join(path.name for path in candidates)
         raise UserError(f"several training annotation files in {root / 'anno'} ({names}); write classes.json to pick one")
