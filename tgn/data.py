@@ -208,6 +208,8 @@ def find_unreadable(samples, workers=8):
             return path
 
     paths = [p for p, _ in samples]
+    if not paths:
+        return []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL decodes without the GIL
         results = tqdm(pool.map(unreadable, paths), total=len(paths), desc="checking images", unit="image",
                        leave=False, dynamic_ncols=True, disable=not speaks())
