@@ -24,6 +24,16 @@ TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-s
         "--batch-size", "8", "--workers", "0", "--epochs", "2", "--lr", "0.01"]
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles from scratch: torch.compile caches graphs per function, so a model
+    compiled by an earlier test would otherwise be reused and count no new graph."""
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 def initial_weights(config):
     """The weights both runs start from (UModel seeds with --seed 0, then builds the model)."""
     seed_everything(0)

@@ -64,6 +64,7 @@ def test_cuda_graph_training_matches_eager(toy_data, tmp_path):
     logs = {}
     for name, extra in (("eager", []), ("graphs", ["--compile", "reduce-overhead"])):
         out = tmp_path / name
+        torch._dynamo.reset()  # no graphs cached by earlier tests (CPU ones count towards the limit)
         counters.clear()
         rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "4", "--lr", "0.01", *TINY,
                      "--device", "cuda", "--amp", "off", *extra])
@@ -94,6 +95,7 @@ def test_compiled_cdtg_training_on_the_gpu(cdtg_inputs):
 
     logs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        torch._dynamo.reset()  # no graphs cached by earlier tests (CPU ones count towards the limit)
         counters.clear()
         train_main(on_cuda(tiny_train_args(cdtg_inputs, cdtg_inputs / f"cuda-{name}", "--iter", "8", *extra)))
         logs[name] = [json.loads(line) for line in (cdtg_inputs / f"cuda-{name}" / "metrics.jsonl").read_text()

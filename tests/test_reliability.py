@@ -60,8 +60,10 @@ def test_sigkill_at_any_moment_leaves_loadable_checkpoints_and_resume_finishes(s
         process = subprocess.Popen([*command, "--resume"], env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while last_logged() <= logged and process.poll() is None and time.time() < deadline:
-            time.sleep(0.02)  # an epoch ended (whatever the start-up took): kill somewhere in the next one
+        checkpoint = out / "head" / "last.pth"
+        while (last_logged() <= logged or not checkpoint.is_file()) and process.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.02)  # an epoch ended and a checkpoint exists: kill anywhere after (even mid-save)
         time.sleep(rng.uniform(0, 0.3))
         process.send_signal(signal.SIGKILL)
         process.wait()
