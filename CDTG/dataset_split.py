@@ -22,7 +22,8 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
-    parser.add_argument("--out", type=output_folder, default=Path("runs/cdtg/data"), help="folder for the tail-class data")
+    parser.add_argument("--out", type=output_folder, default=Path("runs/cdtg/data"),
+                        help="folder for the tail-class data")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="CLIP prompt template; {name} is the class name")
     parser.add_argument("--overwrite", action="store_true", help="replace existing tail-class data in --out")
     return parser

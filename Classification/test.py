@@ -37,7 +37,8 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (test/, anno/)")
     parser.add_argument("--ckpt", type=Path, required=True, help="our checkpoint or the official result.pth")
-    parser.add_argument("--out", type=output_folder, default=None, help="report folder (default CKPT_DIR/test-CKPT_NAME)")
+    parser.add_argument("--out", type=output_folder, default=None,
+                        help="report folder (default CKPT_DIR/test-CKPT_NAME)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")

@@ -21,7 +21,8 @@ from tgn.split import compute_split, write_split  # noqa: E402
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (train/, test/, anno/)")
-    parser.add_argument("--out", type=output_folder, default=Path("runs/split"), help="folder for split.json and the lists")
+    parser.add_argument("--out", type=output_folder, default=Path("runs/split"),
+                        help="folder for split.json and the lists")
     parser.add_argument("--threshold", type=head_percent, default=40.0,
                         help="percent of classes (by training count) that are head; the paper also tried 33")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing split in --out")

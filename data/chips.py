@@ -160,7 +160,8 @@ def check_disjoint(train_ids, test_ids, what):
 # ---------------------------------------------------------------- the output folder
 
 def add_output_arguments(parser, default=None):
-    parser.add_argument("--out", type=output_folder, required=default is None, default=default, help="dataset folder to write")
+    parser.add_argument("--out", type=output_folder, required=default is None, default=default,
+                        help="dataset folder to write")
     parser.add_argument(
         "--overwrite", action="store_true",
         help="replace train/, test/, anno/ and classes.json in a non-empty --out",

@@ -2,7 +2,8 @@
 
 Checked: a ResNet trainer learns with the GPU defaults (bf16 autocast + channels_last), and
 with CUDA graphs (--compile reduce-overhead) as without;
-CDTG trains on the GPU in fp32 and bf16, and compiled (no graph break); generation with CUDA graphs matches eager; pipelined generation (inputs drawn by a thread,
+CDTG trains on the GPU in fp32 and bf16, and compiled (no graph break); generation with
+CUDA graphs matches eager; pipelined generation (inputs drawn by a thread,
 pinned copies, writers that wait on CUDA events) writes exactly what the synchronous path
 computes; the GPU draws the same images as the CPU from the same seeds.
 """
