@@ -189,12 +189,10 @@ def add_crop_arguments(parser):
 
 
 def check_output(out, overwrite, inputs=()):
-    """Refuse an --out that prepare_output would refuse, touching nothing: a file, a folder
-    inside an input, a non-empty folder that is not a prepared dataset, one without
+    """Refuse an --out that prepare_output would refuse, touching nothing: a folder inside
+    an input, a non-empty folder that is not a prepared dataset, one without
     --overwrite, one whose --overwrite would delete an input."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
+    out = Path(out)  # a file at its place is refused as the flag is read (tgn.cli.output_folder)
     for source in inputs:
         source = Path(source).resolve()
         if source == out.resolve() or source in out.resolve().parents:

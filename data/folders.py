@@ -60,11 +60,6 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     return images
 
 
-def check_images(paths):
-    """Copying never decodes: decode every image here (truncated files fail only then)."""
-    check_readable([(path, None) for path in paths])
-
-
 def place(source, target, link):
     try:
         if link == "hard":
@@ -110,7 +105,7 @@ def prepare_folder_dataset(args, dataset, class_names, sources, inputs):
     folder, images, lists and counts; a failure midway leaves no partial dataset."""
     check_distinct_names(sources)
     check_output(args.out, args.overwrite, inputs)  # before the minutes decoding may take
-    check_images([path for pairs in sources.values() for path, _ in pairs])
+    check_readable([pair for pairs in sources.values() for pair in pairs])  # copying never decodes
     created = not Path(args.out).exists()
     out = prepare_output(args.out, args.overwrite, inputs=inputs)
     tally = Tally()
