@@ -171,6 +171,9 @@ def main():
     parser.add_argument("--generation-batches", type=int, default=8, help="batches timed per generation case")
     parser.add_argument("--jpeg-workers", type=int, default=4, help="JPEG writer threads (generation.py --workers)")
     parser.add_argument("--part", choices=["all", "step", "generation"], default="all")
+    parser.add_argument("--cases", nargs="+", metavar="NAME",
+                        help="run only these cases, in this order (default: every case of --part; a wrong name "
+                             "lists them)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cdtg.jsonl"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -186,26 +189,35 @@ def main():
     warnings.simplefilter("ignore")
     gpu = device.type == "cuda"
     batch, pool = (16, 1) if args.tiny else (64, 4)
-    steps = [dict(with_clip=True, modconv="fused"), dict(with_clip=True), dict(with_clip=False),
-             dict(with_clip=True, fusion_pool=pool)]
-    steps += [dict(with_clip=True, amp="bf16"), dict(with_clip=False, amp="bf16"),
-              dict(with_clip=True, compile=True)] if gpu else []
-    generation = [dict(batch=1, modconv="fused", images=batch), dict(batch=batch), dict(batch=batch, modconv="fused"),
-                  dict(batch=batch, write_jpeg=False)]
+    steps = {"step-fused": dict(with_clip=True, modconv="fused"), "step": dict(with_clip=True),
+             "step-no-clip": dict(with_clip=False), "step-pool": dict(with_clip=True, fusion_pool=pool)}
     if gpu:
-        generation += [dict(batch=batch, amp="bf16"), dict(batch=batch, amp="bf16", write_jpeg=False),
-                       dict(batch=4 * batch, amp="bf16"), dict(batch=batch, compile="default"),
-                       dict(batch=batch, compile="reduce-overhead"),
-                       dict(batch=batch, compile="reduce-overhead", write_jpeg=False)]
-    cases = []
+        steps.update({"step-bf16": dict(with_clip=True, amp="bf16"), "step-bf16-no-clip": dict(with_clip=False, amp="bf16"),
+                      "step-compile": dict(with_clip=True, compile=True)})
+    generation = {"gen-batch1-fused": dict(batch=1, modconv="fused", images=batch), "gen": dict(batch=batch),
+                  "gen-fused": dict(batch=batch, modconv="fused"), "gen-render": dict(batch=batch, write_jpeg=False)}
+    if gpu:
+        generation.update({
+            "gen-bf16": dict(batch=batch, amp="bf16"), "gen-bf16-render": dict(batch=batch, amp="bf16", write_jpeg=False),
+            "gen-bf16-4x": dict(batch=4 * batch, amp="bf16"), "gen-compile": dict(batch=batch, compile="default"),
+            "gen-reduce-overhead": dict(batch=batch, compile="reduce-overhead"),
+            "gen-reduce-overhead-render": dict(batch=batch, compile="reduce-overhead", write_jpeg=False)})
+    cases = {}
     if args.part in ("all", "step"):
-        cases += [lambda options=options: bench_step(args, device, **options) for options in steps]
+        cases.update({name: lambda options=options: bench_step(args, device, **options) for name, options in steps.items()})
     if args.part in ("all", "generation"):
-        cases += [lambda options=options: bench_generation(args, device, **options) for options in generation]
+        cases.update({name: lambda options=options: bench_generation(args, device, **options)
+                      for name, options in generation.items()})
+    unknown = [name for name in args.cases or [] if name not in cases]
+    if unknown:
+        parser.error(f"--cases: no case {', '.join(unknown)} in --part {args.part} on this device; "
+                     f"choose from {', '.join(cases)}")
+    chosen = args.cases or list(cases)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    for case in cases:
-        record = {**case(), "config": "tiny" if args.tiny else "paper", "device": name, "torch": torch.__version__}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    for case in chosen:
+        record = {"case": case, **cases[case](), "config": "tiny" if args.tiny else "paper", "device": device_name,
+                  "torch": torch.__version__}
         print(json.dumps(record), flush=True)
         with open(args.out, "a") as handle:
             handle.write(json.dumps(record) + "\n")

@@ -121,7 +121,9 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
     seconds = time.perf_counter() - started
     return {"bench": "resnet_train", "trainer": trainer, "source": source, "batch": batch, "amp": amp,
             "channels_last": channels_last, "compile": compile_mode, "images_per_second": round(args.steps * batch / seconds, 2),
-            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None}
+            "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
+            # reserved by the allocator, CUDA graphs' private pools included (peak_gib leaves them out)
+            "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda" else None}
 
 
 def main():
