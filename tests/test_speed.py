@@ -2,6 +2,7 @@
 --fusion-pool, generation's precision and modulated-conv paths, and generation that writes
 while it generates."""
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from CDTG import synthesis
 from CDTG.generation import main as generation_main
 from CDTG.synthesis import JpegWriter, TailSynthesizer
 from CDTG.train import main as train_main
+from KMDN.group_training import build_parser
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
+from tgn.cli import training_config
 from tgn.data import ImageList, build_transform, open_dataset, samples_for
 from tgn.engine import make_loader, resolve_precision
 from tgn.errors import UserError
@@ -118,6 +121,28 @@ def test_amp_auto_takes_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, capabil
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert resolve_precision("auto", "auto", torch.device("cuda")) == (amp, True)
+
+
+@pytest.mark.parametrize("size, compile_mode, flag, channels_last", [
+    (32, "reduce-overhead", "auto", False), (33, "reduce-overhead", "auto", True), (32, "off", "auto", True),
+    (16, "default", "off", False), (224, "default", "on", True)])
+def test_compiled_training_keeps_channels_last_off_the_gpu_for_one_pixel_maps(size, compile_mode, flag,
+                                                                              channels_last):
+    # On CUDA, torch.compile mis-predicts the layout of convolution gradients on 1x1 maps.
+    args = build_parser("", "tail").parse_args(["--image-size", str(size), "--compile", compile_mode,
+                                                "--channels-last", flag, "--amp", "off"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = training_config(args, torch.device("cuda"))
+    assert cfg.channels_last is channels_last
+    assert bool(caught) == (flag == "auto" and not channels_last)  # auto says why it is off
+    assert training_config(args, torch.device("cpu")).channels_last is (flag == "on")  # the CPU has no such bug
+
+
+def test_channels_last_asked_for_with_compile_and_one_pixel_maps_is_refused():
+    args = build_parser("", "tail").parse_args(["--image-size", "32", "--compile", "--channels-last", "--amp", "off"])
+    with pytest.raises(UserError, match="--channels-last with --compile needs --image-size above 32"):
+        training_config(args, torch.device("cuda"))
 
 
 def test_fusion_pool_is_saved_and_rebuilt_by_generation(cdtg_inputs, tmp_path):

@@ -1,10 +1,13 @@
 """Command-line flags shared by the stage scripts; the paper's values are the defaults."""
 import argparse
 import os
+import warnings
 from pathlib import Path
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
 COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune"]  # torch.compile's modes, and off
+# ResNets reduce images 32-fold: at this size or less their last stage works on 1x1 maps.
+ONE_PIXEL_MAPS = 32
 # DataLoader worker processes: 4, or fewer on a machine with fewer cores (more would only
 # compete for them, and PyTorch warns about it).
 DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -137,8 +140,19 @@ def add_output_args(parser, default_out):
 def training_config(args, device):
     """The engine's settings from the flags, with --amp and --channels-last resolved for `device`."""
     from tgn.engine import TrainConfig, resolve_precision
+    from tgn.errors import UserError
 
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
+    if channels_last and args.compile != "off" and device.type == "cuda" and args.image_size <= ONE_PIXEL_MAPS:
+        # Inductor predicts channels_last strides for the weight gradients of convolutions on
+        # 1x1 maps, where cuDNN returns contiguous ones, and its stride check then fails in the
+        # first backward (pytorch/pytorch#171622; seen on an H100 with torch 2.11).
+        if args.channels_last != "auto":
+            raise UserError(f"--channels-last with --compile needs --image-size above {ONE_PIXEL_MAPS} on GPUs "
+                            f"(torch.compile fails on the 1x1 feature maps of smaller images); drop one of them")
+        warnings.warn(f"--channels-last off: with --compile, images of {ONE_PIXEL_MAPS} px or less give 1x1 "
+                      f"feature maps, whose gradients torch.compile mis-lays out in channels_last")
+        channels_last = False
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         milestones=list(args.milestones), seed=args.seed, workers=args.workers, amp=amp,
