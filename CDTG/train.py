@@ -116,7 +116,8 @@ def build_parser():
                          help="modulated-conv path: shared = one weight for the batch, activations scaled "
                               "(faster), fused = the official per-sample grouped conv; the same function")
     runtime.add_argument("--compile", action="store_true",
-                         help="torch.compile G and D for the passes without double backward")
+                         help="torch.compile G and D for the passes without double backward (compiling took over "
+                              "a minute and a half at 256 px on an H100; its speed-up there is not measured yet)")
     runtime.add_argument("--fusion-pool", type=non_negative_int, default=0, metavar="K",
                          help="average-pool M_T's layer3 map to K x K before the fusion layer (0: the faithful "
                               "full-size layer); far less memory at 256 px")
