@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import tgn.engine  # noqa: E402
@@ -81,6 +82,7 @@ def write_jpegs(folder, count, size):
 
 def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch=None, compile_mode="off"):
     amp, channels_last = precision
+    counters.clear()
     model, loss_fn = build(trainer, cfg)
     train_cfg = TrainConfig(epochs=1, batch_size=batch or cfg["batches"][trainer], lr=1e-3, weight_decay=1e-4, milestones=[],
                             workers=args.workers, amp=amp, channels_last=channels_last, compile=compile_mode)
@@ -123,7 +125,9 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
             "channels_last": channels_last, "compile": compile_mode, "images_per_second": round(args.steps * batch / seconds, 2),
             "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
             # reserved by the allocator, CUDA graphs' private pools included (peak_gib leaves them out)
-            "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda" else None}
+            "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda" else None,
+            # graphs inductor ran without CUDA graphs (mutated inputs, say): those steps are not replayed
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if uses_cuda_graphs(compile_mode) else None}
 
 
 def main():
