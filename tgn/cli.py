@@ -4,6 +4,8 @@ import os
 import warnings
 from pathlib import Path
 
+from tgn.errors import UserError
+
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
 COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune"]  # torch.compile's modes, and off
 # ResNets reduce images 32-fold: at this size or less their last stage works on 1x1 maps.
@@ -140,7 +142,6 @@ def add_output_args(parser, default_out):
 def training_config(args, device):
     """The engine's settings from the flags, with --amp and --channels-last resolved for `device`."""
     from tgn.engine import TrainConfig, resolve_precision
-    from tgn.errors import UserError
 
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
     if channels_last and args.compile != "off" and device.type == "cuda" and args.image_size <= ONE_PIXEL_MAPS:
