@@ -85,7 +85,8 @@ def main(argv=None):
         if sizes["head"] != sizes["tail"]:
             raise UserError(f"M_H was trained at {sizes['head']} px, M_T at {sizes['tail']} px; pass --image-size")
         args.image_size = sizes["head"]
-    check_resume(args.out / "distill", args, done=epochs_done(last_state(args.out / "distill" / "last.pth")))
+    state = last_state(args.out / "distill" / "last.pth")
+    check_resume(args.out / "distill", args, done=epochs_done(state), state=state)
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).

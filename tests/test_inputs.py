@@ -98,6 +98,19 @@ def test_empty_or_foreign_checkpoint_files_are_one_line(split_dir, tmp_path, cap
                                                     "--head-ckpt", str(bad), "--epochs", "1"]), reason)
 
 
+def test_a_damaged_last_checkpoint_is_named_on_resume_and_overwrite_replaces_it(split_dir, tmp_path, capsys):
+    """It used to be reported as 'trained on other classes'."""
+    out = tmp_path / "k"
+    run = ["--split", str(split_dir), "--out", str(out), *TINY]
+    umodel_main([*run, "--epochs", "1"])
+    last = out / "head" / "last.pth"
+    last.write_bytes(last.read_bytes()[:2000])  # cut short, as by a failed copy
+    expect_user_error(capsys, lambda: umodel_main([*run, "--epochs", "2", "--resume"]),
+                      f"--resume: cannot read {last} (")
+    umodel_main([*run, "--epochs", "1", "--overwrite"])
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+
+
 def test_a_run_folder_given_for_a_checkpoint_names_the_file_to_pass(cdtg_inputs, tmp_path, capsys):
     from CDTG.checkpoint import load_cdtg_checkpoint
     from tgn.checkpoint import load_checkpoint

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tgn.checkpoint import load_failure
 from tgn.errors import UserError
 from tgn.io import read_json
 
@@ -46,6 +47,9 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
     out_dir = Path(out_dir)
     if not args.resume:
         return
+    if state is not None and "unreadable" in state:
+        raise UserError(f"--resume: cannot read {out_dir / 'last.pth'} ({state['unreadable']}); restore it from a "
+                        "copy, or pass --overwrite instead of --resume to start again")
     if done is None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"note: nothing to resume in {out_dir}: starting a new run")
@@ -81,15 +85,16 @@ def check_same_data(state, meta, path):
 
 def last_state(path):
     """The checkpoint a run resumes from, memory-mapped (its weights are not read); None
-    without one, {} when unreadable (resuming then says why)."""
+    without one; {"unreadable": why} when it cannot be read (check_resume then says why,
+    and a run started again with --overwrite does not need it)."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        return {}
-    return state if isinstance(state, dict) else {}
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # torch 2.1 wants a str
+    except Exception as exc:
+        return {"unreadable": load_failure(path, exc)}
+    return state if isinstance(state, dict) else {"unreadable": "not one of this project's checkpoints"}
 
 
 def epochs_done(state):
