@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo smoke bench gpu-check venv clean
+.PHONY: test test-oldest demo smoke bench gpu-check venv clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,19 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The suite on the oldest PyTorch we support, torch 2.1 (its wheels need numpy 1.x). Not part
+# of CI: it downloads about 3 GB once.
+OLDEST := .venv-oldest
+$(OLDEST)/.installed: requirements.txt
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	grep -v -E '^torch(vision)?==' requirements.txt > $(OLDEST)/requirements.txt
+	$(OLDEST)/bin/python -m pip install --quiet torch==2.1.2 torchvision==0.16.2 "numpy<2" -r $(OLDEST)/requirements.txt
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -q tests
 
 # The whole pipeline on a small synthetic dataset, CPU only, offline (reruns from scratch).
 demo: venv
@@ -36,4 +49,4 @@ gpu-check: venv
 	$(MAKE) bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache

@@ -3,8 +3,8 @@
 Ours are plain data (state dicts, constructor arguments, class ids, names, prompts,
 options as a dict) and load with weights_only=True. The official file also holds its
 options as an `argparse.Namespace`, which weights_only refuses; we allow exactly that one
-class (`torch.serialization.safe_globals`), which rebuilds a Namespace from plain values
-and runs no code from the file. Nothing else in such a file is trusted.
+class (torch 2.4 and later can), which rebuilds a Namespace from plain values and runs no
+code from the file. Nothing else in such a file is trusted.
 """
 import argparse
 import re
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tgn.checkpoint import load_failure
+from tgn.compat import can_load_classes, loading_classes
 from tgn.errors import UserError
 from tgn.io import atomic_torch_save, require_file
 
@@ -25,9 +26,13 @@ def load_cdtg_checkpoint(path):
     hint = f"; pass {path / 'checkpoint' / f'{steps[-1]}.pt'}, its newest" if steps else "; pass RUN/checkpoint/STEP.pt"
     path = require_file(path, "CDTG checkpoint", hint)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with loading_classes([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "argparse.Namespace" in str(exc) and not can_load_classes():
+            raise UserError(f"cannot load CDTG checkpoint {path}: it stores its options as an argparse.Namespace "
+                            f"(the official format), which torch {torch.__version__} cannot load without running "
+                            "code from the file; use torch 2.4 or later") from exc
         raise UserError(f"cannot load CDTG checkpoint {path}: {load_failure(path, exc)}") from exc
     if not isinstance(checkpoint, dict) or "g_ema" not in checkpoint:
         raise UserError(f"{path} is not a CDTG checkpoint (no g_ema)")

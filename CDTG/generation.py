@@ -26,6 +26,7 @@ from CDTG.synthesis import (ANNOTATION, TRUNCATION_CENTRE, TailSynthesizer, chec
                              existing_indices, run_generation)
 from tgn import distributed as dist  # noqa: E402
 from tgn.cli import COMPILE_MODES, fraction, jpeg_quality, make_parser, output_folder, positive_int  # noqa: E402
+from tgn.compat import check_compile  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import atomic_write_json  # noqa: E402
 
@@ -64,6 +65,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.compile != "off":
+        check_compile()
     device = dist.process_device(args.device)
     synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
                                             teacher=args.teacher, modconv=args.modconv, amp=args.amp,

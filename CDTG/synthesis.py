@@ -35,6 +35,7 @@ from CDTG.swagan import Generator
 from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights, weights_fingerprint
+from tgn.compat import mark_cuda_graph_step
 from tgn.data import Entry, write_annotation
 from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
@@ -160,7 +161,7 @@ class TailSynthesizer:
             styles, labels, *noise = (torch.cat([item, item[:1].expand(batch_size - count, *item.shape[1:])])
                                       for item in (styles, labels, *noise))
         if uses_cuda_graphs(self.compile):
-            torch.compiler.cudagraph_mark_step_begin()
+            mark_cuda_graph_step()
         images = self._pixels(styles, labels, noise, truncation, truncation_latent)
         if uses_cuda_graphs(self.compile):
             images = images.clone()  # the graph's output memory is reused by its next replay

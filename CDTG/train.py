@@ -30,6 +30,7 @@ from tgn.checkpoint import weights_fingerprint  # noqa: E402
 from tgn.cli import (DEFAULT_WORKERS, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
                      non_negative_int, output_folder, positive_float, positive_int)
 from tgn import distributed as dist  # noqa: E402
+from tgn.compat import check_compile  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import save_options  # noqa: E402
@@ -164,6 +165,8 @@ def clear_run(out):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.compile:
+        check_compile()
     steps = checkpoint_steps(args.out / "checkpoint")
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")

@@ -86,11 +86,11 @@ def main(argv=None):
         if index not in present:  # none listed, or (with --skip-bad-images) none readable
             raise UserError(f"class {cid} ({info.class_names[cid]}) has no training image in "
                             f"{info.annotation_path('train')}{' or --extra' if args.extra else ''}")
+    cfg = training_config(args, dist.process_device(args.device))
     cache = ResizeCache(args.cache, args.image_size) if args.cache is not None else None
     train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache)
 
-    device = dist.init(args.device)
-    cfg = training_config(args, device)
+    device = dist.init(args.device)  # joined after the input checks: an input error prints once per node
     seed_everything(args.seed)
     model = initialise_backbone(build_classifier(args.arch, len(class_ids)), args.pretrained)
     run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)

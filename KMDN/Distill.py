@@ -89,6 +89,7 @@ def main(argv=None):
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state)
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}
+    cfg = training_config(args, device)
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
@@ -98,7 +99,7 @@ def main(argv=None):
             (run_dir / name).unlink(missing_ok=True)
     options = save_options(run_dir, args, write=main)
     metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
-    best = distill(models, datasets, metas, training_config(args, device), device, run_dir,
+    best = distill(models, datasets, metas, cfg, device, run_dir,
                    alpha=args.alpha, interval=args.distill_interval, resume=args.resume)
     if not main:
         return

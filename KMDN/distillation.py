@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from tgn.compat import grad_scaler
 from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepare_model, restore_optimizer,
                         seed_everything, step_lr, train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError
@@ -80,7 +81,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
     for group in models:
         models[group], nets[group] = prepare_model(models[group], cfg, device)
         optimizers[group] = make_optimizer(models[group], cfg)
-        scalers[group] = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+        scalers[group] = grad_scaler(device) if cfg.amp == "fp16" else None
     best = {group: -math.inf for group in models}
     start_epoch = 0
     if resume and (out_dir / "last.pth").exists():

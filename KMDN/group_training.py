@@ -35,6 +35,7 @@ def train_group(args):
     check_resume(args.out / group, args, done=epochs_done(state), state=state,
                  data={"class_ids": split.ids(group), "split_fingerprint": split.fingerprint})
     device = dist.process_device(args.device)
+    cfg = training_config(args, device)
     seed_everything(args.seed)
     model = build_group_model(split, group, args)
     train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
@@ -45,7 +46,6 @@ def train_group(args):
     if main and args.overwrite and not args.resume:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     options = save_options(run_dir, args, write=main)
-    cfg = training_config(args, device)
     if main:
         print(f"{group} model: {len(split.ids(group))} classes, {len(train_set)} train / {len(test_set)} test "
               f"images, device {device}{dist.describe()}, amp {cfg.amp}")

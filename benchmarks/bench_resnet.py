@@ -36,6 +36,7 @@ from Classification.model import build_classifier  # noqa: E402
 from KMDN.distillation import make_distill_loss_fn  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
 from tgn.cli import COMPILE_MODES, make_parser  # noqa: E402
+from tgn.compat import grad_scaler  # noqa: E402
 from tgn.data import ImageList, build_transform  # noqa: E402
 from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, prepare_model,  # noqa: E402
                         resolve_device, train_one_epoch, uses_cuda_graphs)
@@ -93,7 +94,7 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
         teacher.eval().requires_grad_(False)
         loss_fn = make_distill_loss_fn(teacher, 0.2)
     optimizer = make_optimizer(model, train_cfg)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = grad_scaler(device) if amp == "fp16" else None
     batch = train_cfg.batch_size
     if source == "memory":
         images = torch.randn(batch, 3, cfg["size"], cfg["size"])

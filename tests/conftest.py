@@ -17,6 +17,11 @@ import json  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tgn.compat import COMPILE_SINCE, torch_version  # noqa: E402
+
+# The scripts refuse --compile on older torch releases (tgn/compat.py).
+needs_compile = pytest.mark.skipif(torch_version() < COMPILE_SINCE, reason="--compile needs a newer torch")
+
 # Colours far apart so that a tiny CNN separates the classes within a few steps.
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
            (70, 240, 240), (245, 130, 48), (128, 128, 128), (250, 190, 212), (0, 0, 128)]

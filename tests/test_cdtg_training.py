@@ -18,6 +18,8 @@ from CDTG.tail_data import StepBatchSampler, load_tail_classes
 from CDTG.train import main as train_main
 from CDTG.losses import d_logistic_loss, g_nonsaturating_loss, teacher_classification_loss
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate
+from tgn.compat import can_load_classes
+from tgn.errors import UserError
 from tgn.resnet import FeatureResNet
 
 
@@ -356,6 +358,7 @@ def test_generation_refuses_other_settings_in_the_same_folder(trained_ckpt, tmp_
     generation_main([*base, "--r", "0.5", "--overwrite"])
 
 
+@pytest.mark.skipif(not can_load_classes(), reason="the official options need torch 2.4 or later (next test)")
 def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path):
     torch.manual_seed(0)
     g = Generator(32, 16, 2, num_classes=3)  # official widths: the official file records no channel cap
@@ -374,6 +377,20 @@ def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path):
     with pytest.warns(UserWarning, match="no noise-fusion weights"):
         generation_main([*base, "--data", str(cdtg_inputs / "cdtg_data"), "--teacher", str(cdtg_inputs / "M_T.pth")])
     assert len(read_anno(out)) == 6
+
+
+def test_official_checkpoint_on_a_torch_that_cannot_allow_its_options_is_one_line(tmp_path, monkeypatch):
+    """Before torch 2.4 weights_only loading cannot be allowed the official argparse.Namespace
+    (simulated here; the real case was run on torch 2.1.2)."""
+    import contextlib
+
+    import CDTG.checkpoint as checkpoint_module
+
+    torch.save({"g_ema": {"w": torch.zeros(1)}, "args": argparse.Namespace(size=32)}, tmp_path / "200000.pt")
+    monkeypatch.setattr(checkpoint_module, "can_load_classes", lambda: False)
+    monkeypatch.setattr(checkpoint_module, "loading_classes", lambda classes: contextlib.nullcontext())
+    with pytest.raises(UserError, match=r"official format\), which torch .* cannot load .*use torch 2.4 or later"):
+        load_cdtg_checkpoint(tmp_path / "200000.pt")
 
 
 def test_a_diverging_run_stops_with_one_line_and_saves_nothing_non_finite(cdtg_inputs, capsys):

@@ -13,12 +13,15 @@ import torch
 from PIL import Image
 from torch._dynamo.utils import counters
 
+from conftest import needs_compile
 from KMDN.dataset_split import main as split_main
 from KMDN.UModel import main as umodel_main
 from tgn.checkpoint import load_checkpoint
 from tgn.cli import add_training_args, make_parser
 from tgn.engine import seed_everything
 from tgn.resnet import FeatureResNet
+
+pytestmark = needs_compile
 
 TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-size", "16",
         "--batch-size", "8", "--workers", "0", "--epochs", "2", "--lr", "0.01"]

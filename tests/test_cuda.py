@@ -17,6 +17,7 @@ from PIL import Image
 
 import tgn.engine as engine
 
+from conftest import needs_compile
 from test_cdtg_training import tiny_train_args
 from test_kmdn import TINY
 from CDTG.checkpoint import load_cdtg_checkpoint
@@ -57,6 +58,7 @@ def test_resnet_trainer_learns_with_the_gpu_defaults(toy_data, tmp_path, monkeyp
     assert precisions and set(precisions) == {expected}
 
 
+@needs_compile
 @pytest.mark.parametrize("size", [16, 64])
 def test_cuda_graph_training_matches_eager(toy_data, tmp_path, size):
     """--compile reduce-overhead replays CUDA graphs (none skipped, so the graphs really ran);
@@ -94,6 +96,7 @@ def test_cdtg_trains_on_the_gpu(cdtg_inputs, amp):
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+@needs_compile
 def test_compiled_cdtg_training_on_the_gpu(cdtg_inputs):
     """CDTG train.py --compile with inductor's CUDA kernels: no graph break, the fixed set of
     graphs the CPU test finds (tests/test_compile.py), and the first steps' losses of eager."""
@@ -139,6 +142,7 @@ def test_gpu_and_cpu_draw_the_same_images(cdtg_checkpoint):
     assert np.abs(images["cpu"] - images["cuda"]).mean() < 1  # same seeds, same images (TF32 rounding aside)
 
 
+@needs_compile
 def test_cuda_graph_generation_matches_eager(cdtg_checkpoint):
     """--compile reduce-overhead: replayed graphs, padded last batch, each batch's output
     copied before the next replay reuses its memory."""

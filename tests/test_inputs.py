@@ -21,6 +21,7 @@ from KMDN.Distill import main as distill_main
 from KMDN.UModel import main as umodel_main
 from KMDN.RModel import main as rmodel_main
 from tgn import distributed as dist
+from tgn.compat import torch_version
 from tgn.data import load_image
 from tgn.engine import adam, make_loader, restore_optimizer
 from tgn.resnet import FeatureResNet
@@ -109,6 +110,17 @@ def test_a_damaged_last_checkpoint_is_named_on_resume_and_overwrite_replaces_it(
                       f"--resume: cannot read {last} (")
     umodel_main([*run, "--epochs", "1", "--overwrite"])
     assert torch.load(last, weights_only=True)["epoch"] == 0
+
+
+def test_compile_on_a_torch_whose_compiler_fails_is_one_line(cdtg_inputs, tmp_path, capsys, monkeypatch):
+    import tgn.compat
+
+    monkeypatch.setattr(tgn.compat, "torch_version", lambda: (2, 5))
+    expect_user_error(capsys, lambda: rmodel_main(["--split", str(cdtg_inputs / "split"), "--out", str(tmp_path / "k"), *TINY,
+                                                   "--compile"]), "--compile needs torch 2.6 or later")
+    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, tmp_path / "c", "--compile")),
+                      "--compile needs torch 2.6 or later")
+    assert not (tmp_path / "k").exists() and not (tmp_path / "c").exists()
 
 
 def test_a_run_folder_given_for_a_checkpoint_names_the_file_to_pass(cdtg_inputs, tmp_path, capsys):
@@ -218,6 +230,7 @@ def test_written_files_follow_the_umask(tmp_path):
     assert (tmp_path / "report.txt").stat().st_mode & 0o777 == 0o644
 
 
+@pytest.mark.skipif(torch_version() < (2, 4), reason="Adam's fused kernel runs on CPUs from torch 2.4 on")
 def test_a_resumed_optimizer_keeps_this_runs_kernel():
     model = torch.nn.Linear(3, 2)
     fused = torch.optim.Adam(model.parameters(), fused=True)  # as a GPU run saved it

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_dataset
+from conftest import needs_compile, write_dataset
 from test_cdtg_training import read_anno, tiny_train_args
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
@@ -123,6 +123,7 @@ def test_amp_auto_takes_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, capabil
     assert resolve_precision("auto", "auto", torch.device("cuda")) == (amp, True)
 
 
+@needs_compile
 @pytest.mark.parametrize("size, compile_mode, flag, channels_last", [
     (32, "reduce-overhead", "auto", False), (33, "reduce-overhead", "auto", True), (32, "off", "auto", True),
     (16, "default", "off", False), (224, "default", "on", True)])
@@ -139,6 +140,7 @@ def test_compiled_training_keeps_channels_last_off_the_gpu_for_one_pixel_maps(si
     assert training_config(args, torch.device("cpu")).channels_last is (flag == "on")  # the CPU has no such bug
 
 
+@needs_compile
 def test_channels_last_asked_for_with_compile_and_one_pixel_maps_is_refused():
     args = build_parser("", "tail").parse_args(["--image-size", "32", "--compile", "--channels-last", "--amp", "off"])
     with pytest.raises(UserError, match="--channels-last with --compile needs --image-size above 32"):

@@ -4,6 +4,7 @@ import os
 import warnings
 from pathlib import Path
 
+from tgn.compat import check_compile
 from tgn.errors import UserError
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
@@ -144,6 +145,8 @@ def training_config(args, device):
     from tgn.engine import TrainConfig, resolve_precision
 
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
+    if args.compile != "off":
+        check_compile()
     if channels_last and args.compile != "off" and device.type == "cuda" and args.image_size <= ONE_PIXEL_MAPS:
         # Inductor predicts channels_last strides for the weight gradients of convolutions on
         # 1x1 maps, where cuDNN returns contiguous ones, and its stride check then fails in the

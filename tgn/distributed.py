@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tgn import compat
 from tgn.errors import CollectiveError, ProcessError, UserError, under_torchrun
 
 
@@ -78,8 +79,7 @@ def init(device_name="auto"):
     after those checks: an input error before joining prints once per node (errors.py)."""
     device = process_device(device_name)
     if launched() and not active():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        compat.init_process_group("nccl" if device.type == "cuda" else "gloo", device)
         atexit.register(shutdown)
     return device
 

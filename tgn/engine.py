@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from tgn.compat import grad_scaler, mark_cuda_graph_step
 from tgn.errors import CollectiveError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
@@ -116,7 +117,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
     progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main())
     for step, (images, labels) in enumerate(progress, start=1):
         if cuda_graphs:  # each batch is a new training step: its graph replay may reuse the last one's outputs
-            torch.compiler.cudagraph_mark_step_begin()
+            mark_cuda_graph_step()
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if channels_last:
@@ -248,7 +249,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     main = dist.is_main()
     model, net = prepare_model(model, cfg, device)
     optimizer = make_optimizer(model, cfg)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    scaler = grad_scaler(device) if cfg.amp == "fp16" else None
     result = TrainResult()
     start_epoch = 0
     if resume and (out_dir / "last.pth").exists():
