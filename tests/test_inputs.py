@@ -116,8 +116,8 @@ def test_compile_on_a_torch_whose_compiler_fails_is_one_line(cdtg_inputs, tmp_pa
     import tgn.compat
 
     monkeypatch.setattr(tgn.compat, "torch_version", lambda: (2, 5))
-    expect_user_error(capsys, lambda: rmodel_main(["--split", str(cdtg_inputs / "split"), "--out", str(tmp_path / "k"), *TINY,
-                                                   "--compile"]), "--compile needs torch 2.6 or later")
+    resnet = ["--split", str(cdtg_inputs / "split"), "--out", str(tmp_path / "k"), *TINY, "--compile"]
+    expect_user_error(capsys, lambda: rmodel_main(resnet), "--compile needs torch 2.6 or later")
     expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, tmp_path / "c", "--compile")),
                       "--compile needs torch 2.6 or later")
     assert not (tmp_path / "k").exists() and not (tmp_path / "c").exists()
