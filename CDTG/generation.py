@@ -65,8 +65,7 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.compile != "off":
-        check_compile()
+    check_compile(args.compile)
     device = dist.process_device(args.device)
     synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
                                             teacher=args.teacher, modconv=args.modconv, amp=args.amp,

@@ -165,8 +165,7 @@ def clear_run(out):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.compile:
-        check_compile()
+    check_compile(args.compile)
     steps = checkpoint_steps(args.out / "checkpoint")
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")

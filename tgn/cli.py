@@ -145,8 +145,7 @@ def training_config(args, device):
     from tgn.engine import TrainConfig, resolve_precision
 
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
-    if args.compile != "off":
-        check_compile()
+    check_compile(args.compile)
     if channels_last and args.compile != "off" and device.type == "cuda" and args.image_size <= ONE_PIXEL_MAPS:
         # Inductor predicts channels_last strides for the weight gradients of convolutions on
         # 1x1 maps, where cuDNN returns contiguous ones, and its stride check then fails in the

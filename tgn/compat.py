@@ -32,9 +32,10 @@ def mark_cuda_graph_step():
     mark()
 
 
-def check_compile():
-    """--compile is refused, in one line, on a torch whose compiler fails on our models."""
-    if torch_version() < COMPILE_SINCE:
+def check_compile(mode):
+    """--compile (`mode`: a torch.compile mode, True, or 'off' / False) is refused, in one
+    line, on a torch whose compiler fails on our models."""
+    if mode not in ("off", False) and torch_version() < COMPILE_SINCE:
         raise UserError(f"--compile needs torch {'.'.join(map(str, COMPILE_SINCE))} or later (torch "
                         f"{torch.__version__}'s compiler fails on these models); run without --compile")
 
