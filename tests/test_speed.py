@@ -101,11 +101,13 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
     assert torch.equal(cached[0][0], plain[0][0]) and len(list((tmp_path / "cache").rglob("*.npy"))) == 3
     cache.entry(path).write_bytes(b"half")  # an unreadable entry is rebuilt
     assert torch.equal(cached[0][0], plain[0][0])
-    (tmp_path / "cache" / "16px" / "ab").write_text("a file where an entry folder goes")
-    monkeypatch.setattr(cache, "entry", lambda path: tmp_path / "cache" / "16px" / "ab" / "x.npy")
+    # Not two hex digits: no entry's folder can already have this name (a hash chose 'ab' once).
+    blocker = tmp_path / "cache" / "16px" / "not-hex"
+    blocker.write_text("a file where an entry folder goes")
+    monkeypatch.setattr(cache, "entry", lambda path: blocker / "x.npy")
     assert torch.equal(cached[1][0], plain[1][0])  # an entry that cannot be written costs speed only
     with pytest.raises(UserError, match="--cache .*cannot write there"):
-        ResizeCache(tmp_path / "cache" / "16px" / "ab", 16)  # a wrong --cache: one line at start-up
+        ResizeCache(blocker, 16)  # a wrong --cache: one line at start-up
 
 
 def test_precision_defaults():
