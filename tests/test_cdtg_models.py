@@ -200,3 +200,44 @@ def test_invalid_sizes_are_refused():
         Generator(48, **SMALL_G)
     with pytest.raises(ValueError):
         Discriminator(8, **SMALL_D)
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_styled_conv_applies_gain_noise_and_bias_in_one_pass_as_in_separate_steps(upsample):
+    """StyledConv's shared-weight path folds demodulation, noise, bias and the activation's
+    gain together; it must compute conv -> noise -> FusedLeakyReLU, the official order,
+    down to the second derivatives that path-length regularisation takes."""
+    from CDTG.layers import StyledConv
+
+    torch.manual_seed(0)
+    layer = StyledConv(6, 5, 3, style_dim=7, upsample=upsample)
+    with torch.no_grad():  # trained values: the zero initial noise weight and bias would hide a slip
+        layer.noise.weight.fill_(0.7)
+        layer.activate.bias.normal_()
+    layer.conv.fused = False
+    x, style = torch.randn(3, 6, 8, 8), torch.randn(3, 7, requires_grad=True)
+    noise = torch.randn(3, 1, 16 if upsample else 8, 16 if upsample else 8)
+
+    def folded(x, style):
+        return layer(x, style, noise=noise)
+
+    def in_steps(x, style):
+        return layer.activate(layer.noise(layer.conv(x, style), noise=noise))
+
+    def parameter_gradients(fn):
+        """Of a loss plus its gradient's norm (as in the path-length penalty), so that first
+        and second derivatives both count."""
+        layer.zero_grad()
+        loss = (fn(x, style) * weights).sum()
+        (grad,) = torch.autograd.grad(loss, style, create_graph=True)
+        (loss + grad.square().sum()).backward()
+        return {name: p.grad.clone() for name, p in layer.named_parameters()}
+
+    reference = in_steps(x, style)
+    assert (reference < 0).any() and (reference > 0).any()  # both slopes of the leaky ReLU are used
+    torch.testing.assert_close(folded(x, style), reference, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(reference)
+    expected = parameter_gradients(in_steps)
+    for name, grad in parameter_gradients(folded).items():
+        assert expected[name].abs().max() > 0, name
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
