@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.compilation import compile_swagan
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
 from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
@@ -65,8 +66,8 @@ class TailSynthesizer:
         self.dataset = tail_image_dataset(tail, self.size)
         self._projected, self._mean_latent = {}, {}
         self.sources = {}  # the tail data and teacher files, set by from_checkpoint
-        self._pixels = self.synthesize if compile == "off" else torch.compile(self.synthesize, mode=compile,
-                                                                              dynamic=False)
+        self._pixels = self.synthesize if compile == "off" else compile_swagan(self.synthesize, compile, device,
+                                                                               dynamic=False)
 
     @classmethod
     def from_checkpoint(cls, ckpt_path, device, *, data=None, data_root=None, teacher=None, **options):

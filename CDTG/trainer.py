@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from CDTG.augment import AdaptiveAugment, augment
 from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint, save_cdtg_checkpoint
+from CDTG.compilation import compile_swagan
 from CDTG.losses import (d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize,
                          teacher_classification_loss)
 from CDTG.parallel import FusedGenerator, StepNoise
@@ -163,8 +164,8 @@ class CdtgTrainer:
         # into its bucket and says so once; harmless.
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         # Double backward (R1, path length) is not supported by torch.compile: those passes stay eager.
-        self.g_main = torch.compile(self.g_train) if cfg.compile else self.g_train
-        self.d_main = torch.compile(self.d_train) if cfg.compile else self.d_train
+        self.g_main = compile_swagan(self.g_train, True, device) if cfg.compile else self.g_train
+        self.d_main = compile_swagan(self.d_train, True, device) if cfg.compile else self.d_train
 
     # ----- checkpoints -----------------------------------------------------------------
     def state(self):

@@ -11,7 +11,7 @@ CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp) a
 per step and peak GPU memory. Generation: CDTG/generation.py's own pipeline (seeded
 inputs, g_ema, JPEG encoding and writing) at --batch 1 with the fused conv (the official
 way) and at the default batch, plus the render alone, and on GPUs with --amp bf16, a
-4x larger batch and --compile (default and reduce-overhead; compiled before the timing). Models have random weights (nothing is downloaded): timing depends on
+4x larger batch and --compile (default and reduce-overhead, also without JPEG writing; compiled before the timing). Models have random weights (nothing is downloaded): timing depends on
 shapes, not values. Results are appended as JSON lines to --out.
 """
 import gc
@@ -200,6 +200,7 @@ def main():
         generation.update({
             "gen-bf16": dict(batch=batch, amp="bf16"), "gen-bf16-render": dict(batch=batch, amp="bf16", write_jpeg=False),
             "gen-bf16-4x": dict(batch=4 * batch, amp="bf16"), "gen-compile": dict(batch=batch, compile="default"),
+            "gen-compile-render": dict(batch=batch, compile="default", write_jpeg=False),
             "gen-reduce-overhead": dict(batch=batch, compile="reduce-overhead"),
             "gen-reduce-overhead-render": dict(batch=batch, compile="reduce-overhead", write_jpeg=False)})
     cases = {}

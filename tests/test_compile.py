@@ -138,3 +138,20 @@ def test_compiled_cdtg_training_matches_eager_with_a_bounded_set_of_graphs(cdtg_
     for key in ("g", "d", "fusion", "g_ema"):
         for name, value in runs["eager"][key].items():
             torch.testing.assert_close(runs["compiled"][key][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", [True, "default", "reduce-overhead", "max-autotune"])
+def test_swagan_compiles_without_layout_optimisation_on_gpus_only(mode, monkeypatch):
+    """On GPUs inductor's channels_last layouts send the blurs to a slow cuDNN kernel, so the
+    SWAGAN passes compile without them; the options must be ones torch.compile accepts (it
+    checks them when called, before any compiling) and keep the mode's own (CUDA graphs)."""
+    from CDTG.compilation import compile_swagan
+
+    calls, compile_model = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or compile_model(fn, **kwargs))
+    compile_swagan(torch.nn.Linear(2, 2), mode, torch.device("cuda"), dynamic=False)
+    compile_swagan(torch.nn.Linear(2, 2), mode, torch.device("cpu"), dynamic=False)
+    on_gpu, on_cpu = calls
+    assert "mode" not in on_gpu and on_gpu["options"]["layout_optimization"] is False and on_gpu["dynamic"] is False
+    assert on_gpu["options"].get("triton.cudagraphs", False) == (mode in ("reduce-overhead", "max-autotune"))
+    assert on_cpu == {"mode": None if mode in (True, "default") else mode, "dynamic": False}
