@@ -60,13 +60,19 @@ def test_resnet_trainer_learns_with_the_gpu_defaults(toy_data, tmp_path, monkeyp
 
 @needs_compile
 @pytest.mark.parametrize("size", [16, 64])
-def test_cuda_graph_training_matches_eager(toy_data, tmp_path, size):
+def test_cuda_graph_training_matches_eager(toy_data, tmp_path, monkeypatch, size):
     """--compile reduce-overhead replays CUDA graphs (none skipped, so the graphs really ran);
-    losses and logits are read before the next replay reuses their memory. fp32 (--amp off)
-    so the two runs can be compared. At 64 px in channels_last (the GPU default); at 16 px,
-    whose 1x1 maps torch.compile cannot train in channels_last, with it turned off."""
+    losses and logits are read before the next replay reuses their memory. At 64 px in
+    channels_last (the GPU default); at 16 px, whose 1x1 maps torch.compile cannot train in
+    channels_last, with it turned off. Full fp32 (--amp off, TF32 off) so that the two runs
+    differ by summation order only: with TF32 the 16 px first epoch differed by 3% on an
+    H100 (batch norm over 8 values of a 1x1 map magnifies rounding)."""
     from torch._dynamo.utils import counters
+    import tgn.distributed
 
+    monkeypatch.setattr(tgn.distributed, "tune_cuda", lambda: None)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
     logs = {}
     for name, extra in (("eager", []), ("graphs", ["--compile", "reduce-overhead"])):
@@ -77,8 +83,8 @@ def test_cuda_graph_training_matches_eager(toy_data, tmp_path, size):
                      "--image-size", str(size), "--device", "cuda", "--amp", "off", *extra])
         logs[name] = [json.loads(line) for line in (out / "tail" / "metrics.jsonl").read_text().splitlines()]
     assert counters["inductor"]["cudagraph_skips"] == 0
-    # The first epoch differs by float rounding only (TF32, kernel choice); later ones drift apart.
-    assert logs["graphs"][0]["train_loss"] == pytest.approx(logs["eager"][0]["train_loss"], rel=0.02)
+    # The first epoch differs by float rounding only (kernel choice); later ones drift apart.
+    assert logs["graphs"][0]["train_loss"] == pytest.approx(logs["eager"][0]["train_loss"], rel=5e-3)
     # Learns: the lowest later loss, since one epoch's loss can jump on such tiny data.
     assert min(epoch["train_loss"] for epoch in logs["graphs"][1:]) < 0.8 * logs["graphs"][0]["train_loss"]
 
