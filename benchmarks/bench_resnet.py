@@ -147,6 +147,9 @@ def main():
     parser.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"], choices=COMPILE_MODES[1:],
                         help="on a GPU, also time KMDN's trainer compiled in these torch.compile modes (in-memory "
                              "batches; the warm-up epoch pays the compilation)")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="on a GPU, the settings each case runs in: fp32 (--amp off) and bf16 (--amp bf16 "
+                             "--channels-last on); a CPU runs fp32 only")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/resnet.jsonl"))
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -156,7 +159,8 @@ def main():
     args.workers = args.workers if args.workers is not None else (8 if gpu else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     args.steps = args.steps if args.steps is not None else (30 if gpu else 4)
-    precisions = [("off", False), ("bf16", True)] if gpu else [("off", False)]
+    settings = {"fp32": ("off", False), "bf16": ("bf16", True)}
+    precisions = [settings[name] for name in args.precisions] if gpu else [settings["fp32"]]
     warnings.simplefilter("ignore")
     tgn.engine.tqdm = quiet_tqdm
     torch.backends.cudnn.benchmark = True
