@@ -40,11 +40,12 @@ from tgn.compat import mark_cuda_graph_step
 from tgn.data import Entry, write_annotation
 from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
-from tgn.io import atomic_write_with
+from tgn.io import publish, write_pending
 from tgn.split import check_official_order
 
 ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
 IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
+UNFINISHED_NAME = re.compile(r"\.gen_\d{6}\.jpg\..+\.tmp")  # tgn.io's temp file of an image
 
 
 def image_seed(seed, class_id, index):
@@ -218,6 +219,14 @@ class HostImages:
         return self.host.numpy()
 
 
+def remove_unfinished(folder):
+    """Temp files of images a killed run had not yet published."""
+    if Path(folder).is_dir():
+        for path in Path(folder).iterdir():
+            if UNFINISHED_NAME.fullmatch(path.name):
+                path.unlink(missing_ok=True)
+
+
 def existing_indices(folder):
     folder = Path(folder)
     if not folder.is_dir():
@@ -227,11 +236,15 @@ def existing_indices(folder):
 
 class JpegWriter:
     """Encodes and writes batches in worker threads (PIL releases the GIL while encoding)
-    while the caller generates the next batch. At most `max_pending` batches wait, so
-    memory stays bounded when the disk is slower than the generator."""
+    while the caller generates the next batch. A batch's images go into hidden temp files
+    and are renamed into place together once on disk (tgn.io.publish: one flush of the
+    file system for the batch, not an fsync per image), so an image under its final name is
+    always complete. At most `max_pending` batches wait, so memory stays bounded when the
+    disk is slower than the generator."""
 
     def __init__(self, workers, quality, max_pending=2):
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        self.publisher = ThreadPoolExecutor(max_workers=1)  # batches reach their names in order
         self.quality, self.max_pending = quality, max_pending
         self.pending = deque()
 
@@ -242,22 +255,36 @@ class JpegWriter:
             self._finish_oldest()
         if not isinstance(images, HostImages):
             images = HostImages(torch.as_tensor(np.asarray(images)))
-        self.pending.append([self.pool.submit(self._write_one, folder / image_name(i), images, k)
-                             for k, i in enumerate(indices)])
+        writes = [self.pool.submit(self._write_one, folder / image_name(i), images, k) for k, i in enumerate(indices)]
+        self.pending.append(self.publisher.submit(self._publish, writes))
 
     def _write_one(self, path, images, position):
-        self._write(path, images.numpy()[position])
+        return self._write(path, images.numpy()[position])
 
     def _write(self, path, pixels):
         # PIL encodes into a real file without holding the GIL, so the threads encode in
-        # parallel (into a BytesIO they took turns); each image is fsynced and renamed into
-        # place, so an image on disk is always complete.
+        # parallel (into a BytesIO they took turns).
         image = Image.fromarray(np.ascontiguousarray(pixels))
-        atomic_write_with(path, lambda handle: image.save(handle, format="JPEG", quality=self.quality))
+        return write_pending(path, lambda handle: image.save(handle, format="JPEG", quality=self.quality))
+
+    @staticmethod
+    def _publish(writes):
+        """Once every image of the batch is written: all of them into place, or none (the
+        first error is raised, the temp files removed)."""
+        written, error = [], None
+        for job in writes:
+            try:
+                written.append(job.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            for tmp, _ in written:
+                Path(tmp).unlink(missing_ok=True)
+            raise error
+        publish(written)
 
     def _finish_oldest(self):
-        for job in self.pending.popleft():
-            job.result()
+        self.pending.popleft().result()
 
     def drain(self):
         """Wait until every submitted image is on disk."""
@@ -269,9 +296,10 @@ class JpegWriter:
 
     def __exit__(self, *exc):
         try:
-            self.drain()  # images already generated are still written (each file atomically)
+            self.drain()  # images already generated are still written (each batch atomically)
         finally:
             self.pool.shutdown()
+            self.publisher.shutdown()
 
 
 def write_generated_annotation(out_dir, class_ids):
@@ -323,7 +351,10 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
             folder = out_dir / str(class_id)
-            existing = existing_indices(folder) if dist.is_main() else None
+            existing = None
+            if dist.is_main():
+                remove_unfinished(folder)
+                existing = existing_indices(folder)
             # One listing for all processes (nodes may see a shared folder differently), made
             # before any process writes to it.
             existing = dist.broadcast_object(existing)

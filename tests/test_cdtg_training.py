@@ -312,7 +312,8 @@ def test_generation_restarts_and_adds_without_overwriting(trained_ckpt, tmp_path
     common = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3"]
     generation_main([*common, "--out", str(straight), "--per-class", "6", "--batch", "4"])
     generation_main([*common, "--out", str(restarted), "--per-class", "3", "--batch", "2"])
-    (restarted / "3" / "gen_000001.jpg").unlink()  # as if killed before writing it
+    (restarted / "3" / "gen_000001.jpg").unlink()  # as if killed before publishing its batch:
+    (restarted / "3" / ".gen_000001.jpg.k2x9_q.tmp").write_bytes(b"\xff\xd8 half")  # its temp file stays
     mtime = (restarted / "3" / "gen_000000.jpg").stat().st_mtime_ns
     generation_main([*common, "--out", str(restarted), "--per-class", "6", "--batch", "3"])
     assert (restarted / "3" / "gen_000000.jpg").stat().st_mtime_ns == mtime  # not rewritten

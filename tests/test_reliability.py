@@ -1,5 +1,6 @@
 """Reliability: killed runs leave loadable files and resume; bad input gets one line, exit 2,
 and no output; resumed runs equal uninterrupted ones."""
+import ctypes
 import errno
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,6 +120,72 @@ def test_disk_full_while_saving_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(path) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # the temporary file is gone
+
+
+# ----- generated images: a batch reaches its names once on disk, whole or not at all -------------
+
+def jpeg_batch(count):
+    return np.random.default_rng(0).integers(0, 256, (count, 16, 16, 3), dtype=np.uint8)
+
+
+def test_generated_images_are_flushed_before_they_get_their_names(tmp_path, monkeypatch):
+    import tgn.io
+    from CDTG.synthesis import JpegWriter
+
+    seen = []
+
+    def syncfs(fd):  # the images that have their names when a batch is flushed
+        seen.append((sorted(p.name for p in (tmp_path / "3").iterdir() if not p.name.startswith(".")),
+                     os.fstat(fd).st_ino))
+        return 0
+
+    monkeypatch.setattr(tgn.io, "SYNCFS", syncfs)
+    fsyncs = []
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd))
+    with JpegWriter(workers=3, quality=90) as writer:
+        writer.submit(tmp_path / "3", [0, 1, 2, 3], jpeg_batch(4))
+        writer.submit(tmp_path / "3", [4, 5], jpeg_batch(2))
+    folder_inode = os.stat(tmp_path / "3").st_ino
+    names = [f"gen_{i:06d}.jpg" for i in range(6)]
+    assert seen == [([], folder_inode), (names[:4], folder_inode)]  # one flush a batch, before its renames
+    assert not fsyncs  # not one per image
+    assert sorted(p.name for p in (tmp_path / "3").iterdir()) == names
+
+
+def test_without_syncfs_each_generated_image_is_fsynced(tmp_path, monkeypatch):
+    import tgn.io
+    from CDTG.synthesis import JpegWriter
+
+    monkeypatch.setattr(tgn.io, "SYNCFS", None)  # not Linux
+    fsyncs, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    with JpegWriter(workers=2, quality=90) as writer:
+        writer.submit(tmp_path, [0, 1, 2], jpeg_batch(3))
+    assert len(fsyncs) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"gen_{i:06d}.jpg" for i in range(3)]
+
+
+@pytest.mark.parametrize("failure", ["an image", "the flush"])
+def test_a_failed_batch_leaves_none_of_its_images(tmp_path, monkeypatch, failure):
+    import tgn.io
+    from CDTG.synthesis import JpegWriter
+
+    monkeypatch.setattr(tgn.io, "SYNCFS", lambda fd: ctypes.set_errno(errno.EIO) or -1 if failure == "the flush" else 0)
+    writer = JpegWriter(workers=2, quality=90)
+    if failure == "an image":
+        original = writer._write
+
+        def full_disk_at_image_2(path, pixels):
+            if path.name == "gen_000002.jpg":
+                raise UserError(f"cannot write {path}: No space left on device")
+            return original(path, pixels)
+
+        monkeypatch.setattr(writer, "_write", full_disk_at_image_2)
+    expected = "No space left on device" if failure == "an image" else "cannot write into .*: Input/output error"
+    with pytest.raises(UserError, match=expected):
+        with writer:
+            writer.submit(tmp_path, [0, 1, 2, 3], jpeg_batch(4))
+    assert list(tmp_path.iterdir()) == []  # no image of the batch, no temp file
 
 
 def test_trim_jsonl_drops_later_and_half_written_records(tmp_path):

@@ -179,7 +179,7 @@ def test_jpeg_writer_keeps_at_most_two_batches_waiting(tmp_path, monkeypatch):
 
     def slow_write(path, pixels):
         release.wait()
-        original(path, pixels)
+        return original(path, pixels)
 
     monkeypatch.setattr(writer, "_write", slow_write)
     images = np.zeros((2, 8, 8, 3), dtype=np.uint8)

@@ -1,6 +1,8 @@
 """Files that must never be left half-written, and run folders that must not be clobbered."""
+import ctypes
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,9 +22,10 @@ def _current_umask():
 FILE_MODE = 0o666 & ~_current_umask()
 
 
-def _atomic_replace(path, write):
-    """Write through `write(file_object)` into a temp file beside `path`, fsync, rename.
-    The file gets the permissions open() would give it (mkstemp's are owner-only)."""
+def _write_temp(path, write, sync):
+    """Write through `write(file_object)` into a hidden temp file beside `path` (fsynced if
+    `sync`); returns the temp file's path. The file gets the permissions open() would give
+    it (mkstemp's are owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -33,15 +36,84 @@ def _atomic_replace(path, write):
             except OSError:  # file systems without Unix permissions keep their own
                 pass
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return tmp
+
+
+def _rename_into_place(tmp, path):
+    try:
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _atomic_replace(path, write):
+    """Write into a temp file beside `path`, fsync, rename."""
+    _rename_into_place(_write_temp(path, write, sync=True), path)
+
+
+def _find_syncfs():
+    """Linux's syncfs(2), which flushes one file system (None elsewhere). ctypes releases
+    Python's lock during the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+
+
+SYNCFS = _find_syncfs()
+
+
+def write_pending(path, write):
+    """The first half of an atomic write that `publish` finishes for many files at once:
+    `write(file object)` fills a hidden temp file beside `path`; returns (temp, path).
+    Without syncfs the temp file is fsynced here, as a single atomic write does."""
+    return _write_temp(path, write, sync=SYNCFS is None), path
+
+
+def publish(pending):
+    """Rename each (temp, path) of `write_pending` into place once their data are on disk,
+    so that a file under its final name is complete even after a crash. With syncfs, one
+    flush per folder's file system serves them all: on a 2-core test machine generation's
+    JPEG writers managed 922 images/s with one fsync per file, 1,214 with this (1,131 with
+    no flush at all; medians of five runs). The flush guards against power loss and system
+    crashes (a file system that ignores syncfs, as some FUSE mounts may, loses that); a
+    killed process leaves whole files either way, since they get their names last."""
+    pending = list(pending)
+    if SYNCFS is not None:
+        for folder in sorted({Path(path).parent for _, path in pending}):
+            failure = _syncfs(folder)
+            if failure:
+                for tmp, _ in pending:
+                    Path(tmp).unlink(missing_ok=True)
+                raise UserError(f"cannot write into {folder}: {failure}")
+    for tmp, path in pending:
+        _rename_into_place(tmp, path)
+
+
+def _syncfs(folder):
+    """Flush the file system holding `folder`; the reason it failed, or None."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    try:
+        if SYNCFS(fd) != 0:
+            return os.strerror(ctypes.get_errno())
+        return None
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path, text):
@@ -50,12 +122,6 @@ def atomic_write_text(path, text):
 
 def atomic_write_bytes(path, data):
     _atomic_replace(path, lambda handle: handle.write(data))
-
-
-def atomic_write_with(path, write):
-    """`write(binary file object)` fills the file; e.g. PIL's save, which encodes straight
-    into a real file with Python's GIL released (into a BytesIO it holds the GIL)."""
-    _atomic_replace(path, write)
 
 
 def atomic_write_json(path, data):
