@@ -93,10 +93,17 @@ def upfirdn2d(x, kernel, up=1, down=1, pad=(0, 0)):
 
 
 def fused_leaky_relu(x, bias=None, negative_slope=0.2, scale=2 ** 0.5):
-    """leaky_relu(x + bias) * scale with `bias` of shape [C] added along dimension 1."""
-    if bias is not None:
-        x = x + bias.view(1, -1, *([1] * (x.ndim - 2)))
-    return F.leaky_relu(x, negative_slope) * scale
+    """leaky_relu(x + bias) * scale with `bias` of shape [C] added along dimension 1.
+
+    Computed as leaky_relu(scale * x + scale * bias) in two passes over `x` instead of three:
+    a positive scale moves inside the leaky ReLU, which then runs in place.
+    """
+    if scale <= 0:  # the identity above needs a positive scale
+        return F.leaky_relu(x + (0 if bias is None else bias.view(1, -1, *([1] * (x.ndim - 2)))),
+                            negative_slope) * scale
+    if bias is None:
+        return F.leaky_relu_(x * scale, negative_slope)
+    return F.leaky_relu_(torch.add(bias.view(1, -1, *([1] * (x.ndim - 2))) * scale, x, alpha=scale), negative_slope)
 
 
 class FusedLeakyReLU(nn.Module):
