@@ -10,7 +10,8 @@ CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp) a
 --compile (compiled in the warm-up steps); seconds
 per step and peak GPU memory. Generation: CDTG/generation.py's own pipeline (seeded
 inputs, g_ema, JPEG encoding and writing) at --batch 1 with the fused conv (the official
-way) and at the default batch, plus the render alone, and on GPUs with --amp bf16, a
+way) and at the default batch, plus the render alone and the rest alone (the CPU side's
+ceiling), and on GPUs with --amp bf16, a
 4x larger batch and --compile (default and reduce-overhead, also without JPEG writing; compiled before the timing). Models have random weights (nothing is downloaded): timing depends on
 shapes, not values. Results are appended as JSON lines to --out.
 """
@@ -127,10 +128,12 @@ def write_tail_data(folder, size, images=16):
     return tail
 
 
-def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpeg=True, images=None, compile="off"):
+def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpeg=True, images=None, compile="off",
+                     render=True):
     """CDTG/generation.py's own path: per-image seeded inputs drawn by a thread, g_ema, copy to
     pinned memory, JPEG encoding and writing in --jpeg-workers threads. Without write_jpeg,
-    only the render (the GPU part) is timed."""
+    only the render (the GPU part) is timed; without render, everything else (each batch
+    is one batch rendered beforehand): the ceiling the CPU side sets."""
     release(device)
     images = images or max(batch * args.generation_batches, 32)
     with tempfile.TemporaryDirectory() as folder:
@@ -139,6 +142,10 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
         trainer = build(args, device, with_clip=False)
         synth = TailSynthesizer(trainer.g_ema, trainer.fusion, trainer.teacher, tail, device, modconv=modconv,
                                 amp=amp, compile=compile)
+        if not render:
+            ready = synth.render(0, synth.batch_inputs(0, list(range(batch)), seed=0, batch_size=batch), ratio=0.05,
+                                 batch_size=batch)
+            synth.render = lambda class_id, inputs, **options: ready[: inputs[0].shape[0]]
         common = dict(class_ids=[0], ratio=0.05, seed=0, truncation=1.0, batch_size=batch, quality=95,
                       workers=args.jpeg_workers)
         if write_jpeg:
@@ -156,7 +163,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             seconds = timed(render, device, 2, max(1, images // batch)) * max(1, images // batch)
             images = batch * max(1, images // batch)
     return {"bench": "generation", "batch": batch, "modconv": modconv, "amp": amp, "compile": compile,
-            "jpeg": write_jpeg, "images": images, "images_per_second": round(images / seconds, 1)}
+            "jpeg": write_jpeg, "render": render, "images": images, "images_per_second": round(images / seconds, 1)}
 
 
 def main():
@@ -195,7 +202,8 @@ def main():
         steps.update({"step-bf16": dict(with_clip=True, amp="bf16"), "step-bf16-no-clip": dict(with_clip=False, amp="bf16"),
                       "step-compile": dict(with_clip=True, compile=True)})
     generation = {"gen-batch1-fused": dict(batch=1, modconv="fused", images=batch), "gen": dict(batch=batch),
-                  "gen-fused": dict(batch=batch, modconv="fused"), "gen-render": dict(batch=batch, write_jpeg=False)}
+                  "gen-fused": dict(batch=batch, modconv="fused"), "gen-render": dict(batch=batch, write_jpeg=False),
+                  "gen-cpu-side": dict(batch=batch, render=False)}
     if gpu:
         generation.update({
             "gen-bf16": dict(batch=batch, amp="bf16"), "gen-bf16-render": dict(batch=batch, amp="bf16", write_jpeg=False),
