@@ -64,6 +64,9 @@ def test_fused_leaky_relu_matches_formula():
     expected = torch.where(flat + bias >= 0, flat + bias, 0.2 * (flat + bias)) * 2 ** 0.5
     torch.testing.assert_close(fused_leaky_relu(flat, bias), expected)
     torch.testing.assert_close(fused_leaky_relu(flat), F.leaky_relu(flat, 0.2) * 2 ** 0.5)
+    # The gain moves inside the leaky ReLU only when positive; a negative one is applied after.
+    expected = torch.where(shifted >= 0, shifted, 0.1 * shifted) * -1.7
+    torch.testing.assert_close(fused_leaky_relu(x, bias, 0.1, -1.7), expected)
 
     layer = FusedLeakyReLU(5)
     assert [name for name, _ in layer.named_parameters()] == ["bias"]
