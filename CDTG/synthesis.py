@@ -124,24 +124,27 @@ class TailSynthesizer:
             self._projected[label] = torch.cat(chunks)
         return self._projected[label]
 
-    def image_inputs(self, seed, class_id, index, num_real):
-        """Noise vector, real-image choice and noise maps of one image."""
+    def draw_image_inputs(self, seed, class_id, index, num_real, z, noise):
+        """Fill one image's noise vector `z` [D] and noise maps (views [C, H, W]) from its own
+        generator; returns its real-image choice."""
         generator = torch.Generator().manual_seed(image_seed(seed, class_id, index))
-        z = torch.randn(self.latent_dim, generator=generator)
+        torch.randn(z.shape, generator=generator, out=z)
         real_index = int(torch.randint(num_real, (1,), generator=generator))
-        noise = [torch.randn(1, *shape[1:], generator=generator) for shape in self.g_ema.noise_shapes()]
-        return z, real_index, noise
+        for layer in noise:
+            torch.randn(layer.shape, generator=generator, out=layer)
+        return real_index
 
     def batch_inputs(self, class_id, indices, *, seed, batch_size=64):
-        """CPU tensors (z [N, D], real-image choices [N], noise maps) of a batch of images."""
+        """CPU tensors (z [N, D], real-image choices [N], noise maps) of a batch of images,
+        each image drawn straight into its row (no per-image tensors to join)."""
         num_real = self.num_real(class_id, batch_size)
-        inputs = [self.image_inputs(seed, class_id, index, num_real) for index in indices]
-        z = torch.stack([item[0] for item in inputs])
-        real = torch.tensor([item[1] for item in inputs])
-        noise = [torch.cat([item[2][layer] for item in inputs]) for layer in range(len(inputs[0][2]))]
-        if self.device.type == "cuda":  # pinned: the copies to the GPU then do not block
-            z, real, noise = z.pin_memory(), real.pin_memory(), [n.pin_memory() for n in noise]
-        return z, real, noise
+        pinned = self.device.type == "cuda"  # the copies to the GPU then do not block
+        count = len(indices)
+        z = torch.empty(count, self.latent_dim, pin_memory=pinned)
+        noise = [torch.empty(count, *shape[1:], pin_memory=pinned) for shape in self.g_ema.noise_shapes()]
+        real = torch.tensor([self.draw_image_inputs(seed, class_id, index, num_real, z[row], [n[row] for n in noise])
+                             for row, index in enumerate(indices)], dtype=torch.long)
+        return z, real.pin_memory() if pinned else real, noise
 
     def num_real(self, class_id, batch_size=64):
         return self.projected_features(self.tail.label_of()[class_id], batch_size).shape[0]
