@@ -30,6 +30,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 JPEG_QUALITY = 95
 # What --overwrite replaces in the output folder; anything else there is left alone.
 LAYOUT_ITEMS = ("train", "test", "anno", "classes.json")
+# building_dataset's hidden folders inside the output: the dataset being built, and the one
+# it replaces while it is moved into place.
+STAGING, REPLACED = ".preparing", ".replaced"
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def add_crop_arguments(parser):
 
 
 def check_output(out, overwrite, inputs=()):
-    """Refuse an --out that prepare_output would refuse, touching nothing: a folder inside
+    """Refuse an --out that building_dataset would refuse, touching nothing: a folder inside
     an input, a non-empty folder that is not a prepared dataset, one without
     --overwrite, one whose --overwrite would delete an input."""
     out = Path(out)  # a file at its place is refused as the flag is read (tgn.cli.output_folder)
@@ -197,7 +200,7 @@ def check_output(out, overwrite, inputs=()):
         source = Path(source).resolve()
         if source == out.resolve() or source in out.resolve().parents:
             raise UserError(f"--out {out} is inside the input {source}; write the dataset elsewhere")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(entry.name not in (STAGING, REPLACED) for entry in out.iterdir()):
         if not ((out / "classes.json").is_file() or (out / "anno").is_dir()):
             raise UserError(f"--out {out} holds other files and no prepared dataset (classes.json, anno/); "
                             "choose a new or empty folder")
@@ -215,38 +218,39 @@ def _layout_paths(out):
     return [(Path(out) / item).resolve() for item in LAYOUT_ITEMS]
 
 
-def _remove_layout(out):
-    """Remove the layout's items themselves: a symlink is unlinked, never followed."""
-    for path in (Path(out) / item for item in LAYOUT_ITEMS):
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        elif path.is_dir():
-            shutil.rmtree(path)
-
-
-def prepare_output(out, overwrite, inputs=()):
-    """Create `out`, refusing a non-empty one unless it holds a prepared dataset and
-    --overwrite is given; never inside an input, never deleting one."""
-    out = check_output(out, overwrite, inputs)
-    if out.is_dir():
-        _remove_layout(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 @contextmanager
-def removed_on_failure(out, created):
-    """Remove what a preparer wrote into `out` (prepare_output's folder) if it stops midway,
-    so that a rerun, with other flags, finds the folder as it can use it; `out` itself too
-    when this run `created` it."""
+def building_dataset(out, overwrite, inputs=()):
+    """Yield the folder to build a dataset in (hidden, inside `out`); once the block ends
+    without error, the new dataset takes the place of any previous one there (--overwrite).
+    Until then the previous dataset stays whole: a bad scene found an hour into cropping,
+    or a killed run, costs nothing already prepared. A failure removes the partial build,
+    and `out` too if this run created it and nothing else is there."""
+    out = check_output(out, overwrite, inputs)
+    created = not out.exists()
+    staging, replaced = out / STAGING, out / REPLACED
+    for leftover in (staging, replaced):  # of a run killed midway
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    staging.mkdir(parents=True)
     try:
-        yield
+        yield staging
     except BaseException:
-        _remove_layout(out)
+        shutil.rmtree(staging, ignore_errors=True)
         if created:
             with suppress(OSError):
-                Path(out).rmdir()  # only if nothing else is there
+                out.rmdir()  # only if nothing else is there
         raise
+    # Renames only between the two datasets (deleting a large one takes a while): the
+    # old items are moved aside, the new moved in, then the old deleted.
+    replaced.mkdir()
+    for item in LAYOUT_ITEMS:
+        if (out / item).is_symlink() or (out / item).exists():
+            (out / item).rename(replaced / item)  # a symlink is moved, never followed
+    for item in LAYOUT_ITEMS:
+        if (staging / item).exists():
+            (staging / item).rename(out / item)
+    staging.rmdir()
+    shutil.rmtree(replaced)
 
 
 def make_class_dirs(out, class_ids):
@@ -342,13 +346,11 @@ def prepare_chips(args, dataset, class_names, images, inputs, skipped=None):
     """The common tail of the chip preparers: output folder, crops, lists, counts."""
     check_subsets_found(Counter(image.subset for image in images for _ in image.objects),
                         "check --src and the layout its --help describes")
-    created = not Path(args.out).exists()
-    out = prepare_output(args.out, args.overwrite, inputs)
     tally = Tally(skipped=Counter(skipped or {}))
-    with removed_on_failure(out, created):
-        make_class_dirs(out, class_names)
-        options = CropOptions(out=out, context=args.context, min_size=args.min_size)
+    with building_dataset(args.out, args.overwrite, inputs) as folder:
+        make_class_dirs(folder, class_names)
+        options = CropOptions(out=folder, context=args.context, min_size=args.min_size)
         crop_all(images, options, args.workers, tally)
-        write_dataset(out, dataset, class_names, tally)
-    report(dataset, out, class_names, tally)
+        write_dataset(folder, dataset, class_names, tally)
+    report(dataset, Path(args.out), class_names, tally)
     return tally

@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data.chips import (
-    IMAGE_SUFFIXES, Tally, check_output, make_class_dirs, prepare_output, removed_on_failure, report, write_dataset,
+    IMAGE_SUFFIXES, Tally, building_dataset, check_output, make_class_dirs, report, write_dataset,
 )
 from tgn.data import Entry, check_readable
 from tgn.errors import UserError
@@ -106,11 +106,9 @@ def prepare_folder_dataset(args, dataset, class_names, sources, inputs):
     check_distinct_names(sources)
     check_output(args.out, args.overwrite, inputs)  # before the minutes decoding may take
     check_readable([pair for pairs in sources.values() for pair in pairs])  # copying never decodes
-    created = not Path(args.out).exists()
-    out = prepare_output(args.out, args.overwrite, inputs=inputs)
     tally = Tally()
-    with removed_on_failure(out, created):
-        make_class_dirs(out, class_names)
-        place_images(out, sources, args.link, tally)
-        write_dataset(out, dataset, class_names, tally)
-    report(dataset, out, class_names, tally)
+    with building_dataset(args.out, args.overwrite, inputs) as folder:
+        make_class_dirs(folder, class_names)
+        place_images(folder, sources, args.link, tally)
+        write_dataset(folder, dataset, class_names, tally)
+    report(dataset, Path(args.out), class_names, tally)

@@ -19,7 +19,7 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from data.chips import Tally, add_output_arguments, make_class_dirs, prepare_output, report, write_dataset  # noqa: E402
+from data.chips import Tally, add_output_arguments, building_dataset, make_class_dirs, report, write_dataset  # noqa: E402
 from tgn.data import SUBSETS, Entry  # noqa: E402
 from tgn.cli import make_parser, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -198,18 +198,19 @@ def main(argv=None):
     if args.test_per_class < 1:
         raise UserError(f"--test-per-class must be at least 1, got {args.test_per_class}")
     class_names = dict(enumerate(CLASSES))
-    out = prepare_output(args.out, args.overwrite)
-    make_class_dirs(out, class_names)
     tally = Tally()
-    for class_id, name in class_names.items():
-        counts = {"train": CLASSES[name][0], "test": args.test_per_class}
-        for subset in SUBSETS:
-            for number in range(counts[subset]):
-                relpath = f"{class_id}/{name}_{number:04d}.jpg"
-                render(name, args.seed, subset, class_id, number, args.size).save(out / subset / relpath, quality=90)
-                tally.entries[subset].append(Entry(relpath, class_id))
-    write_dataset(out, DATASET, class_names, tally)
-    report(DATASET, out, class_names, tally)
+    with building_dataset(args.out, args.overwrite) as folder:
+        make_class_dirs(folder, class_names)
+        for class_id, name in class_names.items():
+            counts = {"train": CLASSES[name][0], "test": args.test_per_class}
+            for subset in SUBSETS:
+                for number in range(counts[subset]):
+                    relpath = f"{class_id}/{name}_{number:04d}.jpg"
+                    image = render(name, args.seed, subset, class_id, number, args.size)
+                    image.save(folder / subset / relpath, quality=90)
+                    tally.entries[subset].append(Entry(relpath, class_id))
+        write_dataset(folder, DATASET, class_names, tally)
+    report(DATASET, Path(args.out), class_names, tally)
 
 
 if __name__ == "__main__":

@@ -160,16 +160,38 @@ def test_dior_unknown_class_is_a_one_line_error_naming_the_file(dior_src, tmp_pa
 
 def test_an_unreadable_scene_leaves_no_partial_dataset(dior_src, tmp_path, capsys):
     """Scenes are decoded as they are cropped: one that fails stops the run, and the chips of
-    the scenes before it are removed, so that --out stays usable for the rerun."""
+    the scenes before it are removed, so that --out stays usable for the rerun; with
+    --overwrite, the dataset prepared before stays as it was."""
     scene = dior_src / "JPEGImages-test" / "00003.jpg"
     good = scene.read_bytes()
     scene.write_bytes(good[:len(good) // 2])
     out = tmp_path / "out"
-    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(out), "--workers", "1"]) == 2
+    argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
+    assert exit_code(prepare_dior.main, argv) == 2
     assert "cannot read image" in capsys.readouterr().err and not out.exists()
     scene.write_bytes(good)
-    prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1"])
+    prepare_dior.main(argv)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     assert len(open_dataset(out).entries("test")) == 4
+
+    scene.write_bytes(good[:len(good) // 2])
+    assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+    # A run killed midway leaves its hidden build folder: the next run clears it.
+    (out / ".preparing" / "train").mkdir(parents=True)
+    (out / ".preparing" / "train" / "stale.jpg").write_bytes(b"")
+    scene.write_bytes(good)
+    prepare_dior.main([*argv, "--overwrite"])
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    shutil.rmtree(out / "train")
+    (out / ".preparing").mkdir()
+    shutil.move(str(out / "test"), str(out / ".preparing"))
+    for item in ("anno", "classes.json"):
+        (out / item).unlink() if (out / item).is_file() else shutil.rmtree(out / item)
+    prepare_dior.main(argv)  # only the killed build's folder there: not "other files"
+    assert sorted(path.name for path in out.iterdir()) == ["anno", "classes.json", "test", "train"]
 
 
 def test_refuses_a_non_empty_output_unless_overwrite(dior_src, tmp_path, capsys):
@@ -561,3 +583,4 @@ def test_make_demo_is_deterministic_long_tailed_and_distinct(tmp_path):
     means = np.stack([train_x[train_y == cid].mean(0) for cid in sorted(info.class_names)])
     predicted = ((test_x[:, None] - means[None]) ** 2).sum(-1).argmin(1)
     assert (predicted == test_y).mean() > 0.6
+
