@@ -9,6 +9,7 @@ built in code and handed over with --clip PATH (nothing can be downloaded). It p
 each stage's time and ends with the baseline vs TGN table. `--device cuda` runs the same
 on a GPU.
 """
+import shutil
 import subprocess
 import sys
 import time
@@ -37,6 +38,30 @@ def tiny_clip_file(path):
     return path
 
 
+# What the demo writes into --out: all that --overwrite removes.
+DEMO_ITEMS = ("data", "split", "kmdn", "cdtg", "generated", "baseline", "tgn", "comparison", "tiny_clip.pt")
+
+
+def clear_output(out, overwrite):
+    """A new or empty --out is used as it is; one the demo wrote before is emptied with
+    --overwrite; one holding anything else is refused, --overwrite or not (it is not ours
+    to delete)."""
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    foreign = sorted(entry.name for entry in entries if entry.name not in DEMO_ITEMS)
+    if foreign:
+        raise UserError(f"{out} holds files the demo did not write ({', '.join(foreign[:3])}); "
+                        "choose a new or empty --out")
+    if entries and not overwrite:
+        raise UserError(f"{out} is not empty; pass --overwrite to run the demo again from scratch")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--out", type=output_folder, default=Path("demo-run"), help="folder for the data and every run")
@@ -45,7 +70,7 @@ def build_parser():
     parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of each ResNet training")
     parser.add_argument("--gan-steps", type=positive_int, default=500, help="CDTG training steps")
     parser.add_argument("--per-class", type=positive_int, default=100, help="generated images per tail class")
-    parser.add_argument("--overwrite", action="store_true", help="delete --out first")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo run in --out")
     return parser
 
 
@@ -53,13 +78,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.out
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite:
-            raise UserError(f"{out} is not empty; pass --overwrite to run the demo again from scratch")
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    clear_output(out, args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     data, split, kmdn, cdtg = out / "data", out / "split", out / "kmdn", out / "cdtg"
     runtime = ["--device", args.device, "--workers", str(args.workers)]
     small_resnet = ["--arch", "resnet18", "--pretrained", "none", "--image-size", "32"]

@@ -12,6 +12,7 @@ from PIL import Image
 from data import make_demo, prepare_dior, prepare_dota, prepare_fgsc23, prepare_folders
 from data.chips import clip_box, pad_box, polygon_bounds
 from tgn.data import open_dataset
+from tgn.errors import UserError
 
 BACKGROUND = (20, 20, 20)
 
@@ -584,3 +585,21 @@ def test_make_demo_is_deterministic_long_tailed_and_distinct(tmp_path):
     predicted = ((test_x[:, None] - means[None]) ** 2).sum(-1).argmin(1)
     assert (predicted == test_y).mean() > 0.6
 
+
+def test_demo_output_takes_an_empty_folder_and_replaces_only_its_own_run(tmp_path, capsys):
+    from data.demo import clear_output
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    clear_output(out, overwrite=False)  # made by the user, empty: used as it is
+    (out / "kmdn" / "head").mkdir(parents=True)
+    (out / "tiny_clip.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="pass --overwrite"):
+        clear_output(out, overwrite=False)
+    clear_output(out, overwrite=True)
+    assert out.is_dir() and not any(out.iterdir())
+    (out / "kmdn").mkdir()
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(UserError, match="did not write .thesis.tex"):
+        clear_output(out, overwrite=True)
+    assert (out / "thesis.tex").read_text() == "mine" and (out / "kmdn").is_dir()
