@@ -35,8 +35,10 @@ from tgn import distributed as dist  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
 from tgn.engine import fit, seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import check_run_dir, prepare_run_dir, save_options  # noqa: E402
+from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resume import check_resume, epochs_done, last_state  # noqa: E402
+
+RESULTS = (*TRAINING_RESULTS, "report-best")  # with metrics.jsonl, what --overwrite replaces
 
 
 def build_parser():
@@ -68,7 +70,7 @@ def method_name(args):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     baseline = read_baseline(args)
     info = open_dataset(args.data_root)
@@ -93,10 +95,8 @@ def main(argv=None):
     device = dist.init(args.device)  # joined after the input checks: an input error prints once per node
     seed_everything(args.seed)
     model = initialise_backbone(build_classifier(args.arch, len(class_ids)), args.pretrained)
-    run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)
+    run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
-    if main and args.overwrite and not args.resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     options = save_options(run_dir, args, write=main)
     method = method_name(args)
     if main:

@@ -28,6 +28,7 @@ from tgn.split import check_official_order  # noqa: E402
 
 
 OFFICIAL_IMAGE_SIZE = 224  # what the official KMDN models were trained at
+RESULTS = ("last.pth", "M_H.pth", "M_T.pth")  # with metrics.jsonl, what --overwrite replaces
 
 
 def build_parser():
@@ -69,7 +70,7 @@ def load_group_model(path, split, group):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
+    check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     device = dist.process_device(args.device)
@@ -92,11 +93,8 @@ def main(argv=None):
     cfg = training_config(args, device)
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
-    run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite)
+    run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS)
     main = dist.is_main()
-    if main and args.overwrite and not args.resume:
-        for name in ("metrics.jsonl", "M_H.pth", "M_T.pth"):
-            (run_dir / name).unlink(missing_ok=True)
     options = save_options(run_dir, args, write=main)
     metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
     best = distill(models, datasets, metas, cfg, device, run_dir,

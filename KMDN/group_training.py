@@ -43,8 +43,6 @@ def train_group(args):
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
     main = dist.is_main()
-    if main and args.overwrite and not args.resume:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     options = save_options(run_dir, args, write=main)
     if main:
         print(f"{group} model: {len(split.ids(group))} classes, {len(train_set)} train / {len(test_set)} test "

@@ -112,6 +112,44 @@ def test_a_damaged_last_checkpoint_is_named_on_resume_and_overwrite_replaces_it(
     assert torch.load(last, weights_only=True)["epoch"] == 0
 
 
+def test_earlier_results_are_never_mixed_into_a_new_run(split_dir, tmp_path, capsys, monkeypatch):
+    """Any result marks a run folder, not only last.pth (which users delete to save space);
+    --resume without last.pth is refused rather than started again over the results; and
+    --overwrite removes the earlier run's results first, so that a new run stopped early
+    leaves none for a later --resume to continue under the new flags."""
+    import KMDN.Distill
+    import KMDN.group_training
+
+    out = tmp_path / "k"
+    run = ["--split", str(split_dir), "--out", str(out), *TINY, "--epochs", "1"]
+    umodel_main(run)
+    rmodel_main(run)
+    tail = out / "tail"
+    (tail / "last.pth").unlink()
+    expect_user_error(capsys, lambda: rmodel_main(run), f"{tail} already holds results (best.pth)")
+    expect_user_error(capsys, lambda: rmodel_main([*run, "--resume"]), "but no last.pth to continue from")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(KMDN.group_training, "fit", stopped)
+    with pytest.raises(SystemExit):  # interrupted: exit 130
+        rmodel_main([*run, "--lr", "0.01", "--overwrite"])
+    assert sorted(path.name for path in tail.iterdir()) == ["options.json"]
+
+    distill = ["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--image-size", "16",
+               "--head-ckpt", str(out / "head" / "best.pth"), "--tail-ckpt", str(out / "head" / "best.pth")]
+    monkeypatch.setattr(KMDN.Distill, "load_group_model", lambda path, split, group: FeatureResNet(
+        "resnet18", num_classes=len(split.ids(group)), width=4))
+    (out / "distill").mkdir()
+    (out / "distill" / "M_T.pth").write_bytes(b"an earlier run's")
+    expect_user_error(capsys, lambda: distill_main(distill), "already holds results (M_T.pth)")
+    monkeypatch.setattr(KMDN.Distill, "distill", stopped)
+    with pytest.raises(SystemExit):
+        distill_main([*distill, "--overwrite"])
+    assert not (out / "distill" / "M_T.pth").exists()
+
+
 def test_compile_on_a_torch_whose_compiler_fails_is_one_line(cdtg_inputs, tmp_path, capsys, monkeypatch):
     import tgn.compat
 

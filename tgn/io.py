@@ -2,6 +2,7 @@
 import ctypes
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -173,26 +174,46 @@ def append_jsonl(path, record):
         handle.write(json.dumps(record) + "\n")
 
 
-def check_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",), resumable=True):
-    """Refuse to reuse a folder that holds results unless told how (creates nothing).
-    `resumable=False`: the script has no --resume, so the message offers --overwrite or
-    another --out."""
+# What a ResNet trainer's run folder holds from its training: either marks a run. Its log
+# alone does not (a run killed in its first epoch); a new run drops the log's lines.
+TRAINING_RESULTS = ("last.pth", "best.pth")
+
+
+def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True,
+                  resume_from="last.pth"):
+    """Refuse to reuse a folder that holds any of `results` unless told how (creates
+    nothing). `resumable=False`: the script has no --resume, so the message offers
+    --overwrite or another --out. A --resume with results but without `resume_from` (the
+    checkpoint it continues; users delete it to save space) is refused too: it would start
+    again over them."""
     out_dir = Path(out_dir)
     existing = [name for name in results if (out_dir / name).exists()]
     if existing and not (resume or overwrite):
         remedy = ("pass --resume to continue or --overwrite to start again" if resumable
                   else "pass --overwrite to replace them or choose another --out")
         raise UserError(f"{out_dir} already holds results ({existing[0]}); {remedy}")
+    if resumable and resume and existing and not (out_dir / resume_from).exists():
+        raise UserError(f"--resume: {out_dir} holds results ({existing[0]}) but no {resume_from} to continue from; "
+                        "pass --overwrite instead to start again")
     return out_dir
 
 
-def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=("last.pth",)):
-    """check_run_dir, then create the folder. Call it once the inputs are validated, so
-    that a bad input leaves nothing behind. Under torchrun (after dist.init) every process
-    must see the same folder."""
+def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, logs=("metrics.jsonl",)):
+    """check_run_dir, then create the folder; with --overwrite (and no --resume) the earlier
+    run's `results` and `logs` are removed first, by rank 0, so that a new run stopped
+    early leaves none of them for a later --resume to take for its own. Call it once the
+    inputs are validated, so that a bad input leaves nothing behind. Under torchrun (after
+    dist.init) every process must see the same folder."""
     out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite, results=results)
     out_dir.mkdir(parents=True, exist_ok=True)
     dist.check_shared_folder(out_dir)
+    if overwrite and not resume and dist.is_main():
+        for path in (out_dir / name for name in (*results, *logs)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    dist.barrier()  # no process looks into the folder before the old results are gone
     return out_dir
 
 
