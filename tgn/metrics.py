@@ -3,6 +3,8 @@
 Conventions (they matter for long-tailed test sets):
 - a class absent from the test set has accuracy NaN (not 0) and is left out of means;
 - a class that is never predicted but present in test has precision 0, so F1 = 0;
+- F1, and so macro-F1, follow scikit-learn: a class absent from the test set but predicted
+  for some images has F1 0 and counts in macro-F1; one neither present nor predicted is NaN;
 - a group (head or tail) with no class present in test has mean accuracy NaN ("n/a").
 """
 import math
