@@ -5,7 +5,8 @@
 
 --ckpt is one of our checkpoints (it names its classes) or the official bare state dict
 result.pth (ResNet-50, fc.0.*; loaded with strict=True, its outputs are DATA's sorted class
-ids). Head/tail come from --split, or from DATA's real training counts (top 40% head).
+ids). Head/tail come from --split, or from DATA's real training counts (top --threshold %
+head); without either, from what the checkpoint's run used (40% for result.pth).
 Reports overall accuracy, mean per-class accuracy, head and tail means, macro-F1 and a
 per-class table; writes report.md/.csv/.json, confusion_matrix.png and long_tail.png to
 --out (default: beside the checkpoint, test-<checkpoint name>/, next to the report-best/ that
@@ -22,8 +23,8 @@ import torch  # noqa: E402
 from Classification.model import check_classes, load_classifier  # noqa: E402
 from Classification.report import REPORT_JSON  # noqa: E402
 from Classification.samples import class_order, count_per_class  # noqa: E402
-from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
-                                  report_and_figures)
+from Classification.stage import (DEFAULT_THRESHOLD, add_report_args, describe_classes, evaluation_set,  # noqa: E402
+                                  read_baseline, report_and_figures)
 from tgn import distributed as dist  # noqa: E402
 from tgn.cli import add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
@@ -45,9 +46,24 @@ def build_parser():
     parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision on GPUs")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
-    add_report_args(parser)
+    add_report_args(parser, from_run=True)
     add_runtime_args(parser)
     return parser
+
+
+def groups_from_run(args, options):
+    """Without --split and --threshold, head/tail as the checkpoint's run grouped them (its
+    options; the official result.pth has none: the paper's 40%)."""
+    if args.split is not None or args.threshold is not None:
+        args.threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        return
+    args.threshold = options.get("threshold", DEFAULT_THRESHOLD)
+    if options.get("split"):
+        if Path(options["split"]).is_dir():
+            args.split = Path(options["split"])
+        elif dist.is_main():
+            print(f"warning: the split the checkpoint's run used, {options['split']}, is not found; head/tail from "
+                  f"DATA's training counts with --threshold {args.threshold:g} (pass --split)", file=sys.stderr)
 
 
 @cli_main
@@ -61,8 +77,9 @@ def main(argv=None):
     model, meta = load_classifier(args.ckpt)
     check_classes(meta, model, class_ids, args.ckpt, args.data_root)
     train_counts = count_per_class(info.entries("train", check_files=False), class_ids)
-    classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"))
     options = meta.get("options", {})
+    groups_from_run(args, options)
+    classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"))
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
     dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
 

@@ -253,6 +253,28 @@ def test_test_py_writes_beside_the_checkpoint_without_touching_the_training_repo
     assert (out / "report-best" / "report.json").read_bytes() == before
 
 
+def test_test_py_groups_the_classes_as_the_checkpoints_run_did(trained, tmp_path, capsys):
+    """Without --split or --threshold, test.py takes the run's (its report then matches the
+    run's report-best/); flags given still win."""
+    data, out, _ = trained
+    checkpoint = torch.load(out / "best.pth", weights_only=False)
+    checkpoint["options"]["threshold"] = 60.0  # as if trained with --threshold 60
+    torch.save(checkpoint, tmp_path / "at60.pth")
+    common = ["--data-root", str(data), "--ckpt", str(tmp_path / "at60.pth"), "--workers", "0", "--device", "cpu"]
+    assert evaluate_main([*common, "--out", str(tmp_path / "a")])["head"] == [0, 1, 2]  # 60% of 5 classes
+    assert evaluate_main([*common, "--out", str(tmp_path / "b"), "--threshold", "40"])["head"] == [0, 1]
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split"), "--threshold", "20"])
+    checkpoint["options"]["split"] = str(tmp_path / "split")
+    torch.save(checkpoint, tmp_path / "at60.pth")
+    report = evaluate_main([*common, "--out", str(tmp_path / "c")])
+    assert report["head"] == [0] and "split" in report["grouping"]
+    checkpoint["options"]["split"] = str(tmp_path / "moved")
+    torch.save(checkpoint, tmp_path / "at60.pth")
+    capsys.readouterr()
+    assert evaluate_main([*common, "--out", str(tmp_path / "d")])["head"] == [0, 1, 2]
+    assert "moved, is not found" in capsys.readouterr().err
+
+
 def test_test_py_replaces_a_report_only_with_overwrite(trained, tmp_path, capsys):
     data, out, _ = trained
     common = ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "report"),
