@@ -22,7 +22,7 @@ from KMDN.RModel import main as rmodel_main
 from KMDN.UModel import main as umodel_main
 from tgn.checkpoint import load_checkpoint
 from tgn.errors import UserError
-from tgn.io import atomic_torch_save, trim_jsonl
+from tgn.io import append_jsonl, atomic_torch_save, atomic_write_json, trim_jsonl
 
 TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8",
         "--workers", "0"]
@@ -194,6 +194,20 @@ def test_trim_jsonl_drops_later_and_half_written_records(tmp_path):
     trim_jsonl(path, "epoch", 2)
     assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
 
+
+
+def test_logs_and_json_files_hold_strict_json_without_nan(tmp_path):
+    """A class with no test images has accuracy NaN: written as null, which strict readers
+    (jq, JavaScript) accept; Python's default would write the token NaN."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda token: pytest.fail(f"{token} in JSON"))
+
+    record = {"epoch": 1, "per_class_accuracy": [1.0, float("nan")], "nested": {"loss": float("inf")}}
+    append_jsonl(tmp_path / "metrics.jsonl", record)
+    atomic_write_json(tmp_path / "summary.json", record)
+    expected = {"epoch": 1, "per_class_accuracy": [1.0, None], "nested": {"loss": None}}
+    assert strict((tmp_path / "metrics.jsonl").read_text()) == expected
+    assert strict((tmp_path / "summary.json").read_text()) == expected
 
 # ----- exact resume ----------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Files that must never be left half-written, and run folders that must not be clobbered."""
 import ctypes
 import json
+import math
 import os
 import shutil
 import sys
@@ -125,8 +126,20 @@ def atomic_write_bytes(path, data):
     _atomic_replace(path, lambda handle: handle.write(data))
 
 
+def json_safe(value):
+    """`value` with every NaN or infinite float (an accuracy with no test images) as None:
+    JSON has no NaN, and strict readers (jq, JavaScript) refuse Python's NaN token."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def atomic_write_json(path, data):
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def atomic_torch_save(path, obj):
@@ -171,7 +184,7 @@ def trim_jsonl(path, key, last):
 def append_jsonl(path, record):
     """Append one metrics record; a line is small enough to be written whole."""
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
 # What a ResNet trainer's run folder holds from its training: either marks a run. Its log
