@@ -86,6 +86,10 @@ def main(argv=None):
         if sizes["head"] != sizes["tail"]:
             raise UserError(f"M_H was trained at {sizes['head']} px, M_T at {sizes['tail']} px; pass --image-size")
         args.image_size = sizes["head"]
+    shapes = {group: model.feature_shape(args.image_size) for group, model in models.items()}
+    if shapes["head"] != shapes["tail"]:  # the feature loss compares them: found now, not at the first batch
+        raise UserError(f"the head and tail models give layer3 features of different shapes ({shapes['head']} vs "
+                        f"{shapes['tail']}): {paths['head']} and {paths['tail']} need the same --arch and --width")
     state = last_state(args.out / "distill" / "last.pth")
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state)
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)

@@ -150,6 +150,19 @@ def test_earlier_results_are_never_mixed_into_a_new_run(split_dir, tmp_path, cap
     assert not (out / "distill" / "M_T.pth").exists()
 
 
+def test_distill_refuses_models_of_different_widths_before_writing(split_dir, tmp_path, capsys, monkeypatch):
+    import KMDN.Distill
+
+    widths = {"head": 4, "tail": 8}
+    monkeypatch.setattr(KMDN.Distill, "load_group_model", lambda path, split, group: FeatureResNet(
+        "resnet18", num_classes=len(split.ids(group)), width=widths[group]))
+    out = tmp_path / "k"
+    expect_user_error(capsys, lambda: distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1",
+                                                    "--image-size", "16"]),
+                      "layer3 features of different shapes ((16, 1, 1) vs (32, 1, 1))")
+    assert not out.exists()
+
+
 def test_compile_on_a_torch_whose_compiler_fails_is_one_line(cdtg_inputs, tmp_path, capsys, monkeypatch):
     import tgn.compat
 
