@@ -163,6 +163,17 @@ def test_distill_refuses_models_of_different_widths_before_writing(split_dir, tm
     assert not out.exists()
 
 
+def test_a_group_of_one_training_image_at_32_px_is_one_line(tmp_path, capsys):
+    """BatchNorm cannot train on one image whose layer4 map is 1x1; at 64 px it can."""
+    data = write_dataset(tmp_path / "data", {0: 6, 1: 5, 2: 1})
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split"), "--threshold", "70"])  # tail: class 2
+    run = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "k"), *TINY, "--epochs", "1"]
+    expect_user_error(capsys, lambda: rmodel_main(run), "the tail classes have 1 training image; at --image-size 16")
+    assert not (tmp_path / "k").exists()
+    rmodel_main([*run, "--image-size", "64"])
+    assert (tmp_path / "k" / "tail" / "best.pth").is_file()
+
+
 def test_compile_on_a_torch_whose_compiler_fails_is_one_line(cdtg_inputs, tmp_path, capsys, monkeypatch):
     import tgn.compat
 
