@@ -38,7 +38,8 @@ def build_parser():
     parser.add_argument("--per-class", type=positive_int, default=7000, help="images per tail class (the released classifier's)")
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="dataset class ids (default: every tail class)")
     parser.add_argument("--r", type=fraction, default=0.05, help="proportion of noise in the fused latent")
-    parser.add_argument("--truncation", type=float, default=1.0, help="truncation psi (1 = none)")
+    parser.add_argument("--truncation", type=fraction, default=1.0,
+                        help="truncation psi, 0 to 1 (1 = none; 0 = the class's mean W alone)")
     parser.add_argument("--batch", type=positive_int, default=64, help="images per generator call")
     parser.add_argument("--quality", type=jpeg_quality, default=75,
                         help="JPEG quality (75: PIL's default, what the official code's save_image wrote)")
@@ -58,6 +59,9 @@ def build_parser():
                         help="torch.compile the synthesis network (--compile alone: mode 'default'; "
                              "'reduce-overhead' also replays CUDA graphs); the first batch pays the compilation. "
                              "At 256 px and --batch 64 it was slower than eager on an H100 (see the README)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out unreadable real tail images (as train.py --skip-bad-images did), instead of "
+                             "stopping; the images then fuse the features of the readable ones")
     parser.add_argument("--overwrite", action="store_true", help="delete images already in --out and start again")
     return parser
 
@@ -69,13 +73,16 @@ def main(argv=None):
     device = dist.process_device(args.device)
     synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
                                             teacher=args.teacher, modconv=args.modconv, amp=args.amp,
-                                            compile=args.compile)
+                                            compile=args.compile, skip_bad_images=args.skip_bad_images)
     class_ids = args.classes if args.classes else synth.tail.ids
     unknown = [cid for cid in class_ids if cid not in synth.tail.ids]
     if unknown:
         raise UserError(f"--classes: {unknown[0]} is not a tail class (tail classes: {synth.tail.ids})")
+    # Each image fuses the feature of one of its class's real images, drawn by position:
+    # the same count of real images, and the same weights, give the same images.
     settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
-                "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources}
+                "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources,
+                "weights": synth.weights_fingerprint(), "real_images": synth.real_counts(synth.tail.ids, args.batch)}
     check_settings(args.out, settings, args.overwrite)
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     args.out.mkdir(parents=True, exist_ok=True)

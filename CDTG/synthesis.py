@@ -59,12 +59,13 @@ def image_name(index):
 class TailSynthesizer:
     """g_ema + noise fusion + the tail model's features of the real tail images."""
 
-    def __init__(self, g_ema, fusion, teacher, tail, device, *, modconv="shared", amp="off", compile="off"):
+    def __init__(self, g_ema, fusion, teacher, tail, device, *, modconv="shared", amp="off", compile="off",
+                 skip_bad_images=False):
         self.device, self.tail, self.amp, self.compile = device, tail, amp, compile
         self.g_ema, self.fusion, self.teacher = (module.to(device).eval() for module in (g_ema, fusion, teacher))
         self.g_ema.set_fused_modconv(modconv == "fused")
         self.size, self.latent_dim = g_ema.size, g_ema.style_dim
-        self.dataset = tail_image_dataset(tail, self.size)
+        self.dataset = tail_image_dataset(tail, self.size, skip_bad_images)
         self._projected, self._mean_latent = {}, {}
         self.sources = {}  # the tail data and teacher files, set by from_checkpoint
         self._pixels = self.synthesize if compile == "off" else compile_swagan(self.synthesize, compile, device,
@@ -145,6 +146,16 @@ class TailSynthesizer:
         real = torch.tensor([self.draw_image_inputs(seed, class_id, index, num_real, z[row], [n[row] for n in noise])
                              for row, index in enumerate(indices)], dtype=torch.long)
         return z, real.pin_memory() if pinned else real, noise
+
+    def weights_fingerprint(self):
+        """Of g_ema and the fusion layer: a generation folder refuses images of other weights
+        (a checkpoint replaced under the same name, as a retrained 200000.pt is)."""
+        return weights_fingerprint(self.g_ema) + weights_fingerprint(self.fusion)
+
+    def real_counts(self, class_ids, batch_size=64):
+        """{class id: real images whose features generation fuses}; computes them all, so
+        that an unreadable image stops generation before anything is written."""
+        return {str(cid): self.num_real(cid, batch_size) for cid in class_ids}
 
     def num_real(self, class_id, batch_size=64):
         return self.projected_features(self.tail.label_of()[class_id], batch_size).shape[0]
@@ -337,7 +348,8 @@ def check_settings(out_dir, settings, overwrite):
         previous.setdefault("quality", 95)
         previous.setdefault("truncation_centre", TRUNCATION_CENTRE if previous.get("truncation", 1.0) == 1.0
                             else "noise only")
-        unrecorded_before = ("data", "teacher")  # folders of earlier versions are not checked for these
+        # Folders of earlier versions are not checked for these.
+        unrecorded_before = ("data", "teacher", "weights", "real_images")
         changed = [key for key in settings if previous.get(key) != settings[key]
                    and not (key not in previous and key in unrecorded_before)]
         if changed:

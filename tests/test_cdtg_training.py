@@ -1,6 +1,8 @@
 """CDTG: tail data, CLIP and teacher losses that really train G, the loop, resume, generation."""
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -363,6 +365,39 @@ def test_each_image_draws_its_inputs_from_its_own_seed_in_a_fixed_order(trained_
         assert real[row] == torch.randint(num_real, (1,), generator=generator)
         for layer, shape in zip(noise, synth.g_ema.noise_shapes()):
             assert torch.equal(layer[row:row + 1], torch.randn(1, *shape[1:], generator=generator))
+
+
+def test_generation_checks_every_real_image_first_and_can_skip_unreadable_ones(trained_ckpt, tmp_path, capsys):
+    """A run trained with --skip-bad-images can generate (with the same flag); without it an
+    unreadable tail image stops generation before any folder is written."""
+    tail = load_tail_classes(trained_ckpt.parents[2] / "cdtg_data")
+    last = Path([path for path, label in tail.samples() if label == 2][-1])  # class id 4's, generated last
+    last.write_bytes(last.read_bytes()[:300])
+    out = tmp_path / "generated"
+    base = ["--ckpt", str(trained_ckpt), "--out", str(out), "--per-class", "2", "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        generation_main(base)
+    assert "cannot read image" in capsys.readouterr().err and not out.exists()
+    generation_main([*base, "--skip-bad-images"])
+    settings = json.loads((out / "generation.json").read_text())
+    assert settings["real_images"] == {"2": 8, "3": 4, "4": 3}  # class 4 without its unreadable image
+    assert len(read_anno(out)) == 6
+
+
+def test_generation_refuses_images_of_other_weights_under_the_same_checkpoint_name(trained_ckpt, tmp_path, capsys):
+    copy = tmp_path / "G.pt"
+    shutil.copyfile(trained_ckpt, copy)
+    base = ["--ckpt", str(copy), "--out", str(tmp_path / "generated"), "--device", "cpu"]
+    generation_main([*base, "--per-class", "1"])
+    train_main(tiny_train_args(trained_ckpt.parents[2], trained_ckpt.parents[1], "--iter", "4", "--clip", "none",
+                               "--resume"))
+    shutil.copyfile(trained_ckpt.parent / "4.pt", copy)  # retrained, same name
+    with pytest.raises(SystemExit):
+        generation_main([*base, "--per-class", "2"])
+    assert "other settings (weights)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # psi above 1 would be ignored, yet recorded
+        generation_main([*base, "--truncation", "1.5"])
+    assert "--truncation" in capsys.readouterr().err
 
 
 def test_generation_refuses_other_settings_in_the_same_folder(trained_ckpt, tmp_path, capsys):
