@@ -208,6 +208,7 @@ def main(argv=None):
         "class_ids": tail.ids,
         "class_names": tail.names,
         "prompts": tail.prompts,
+        "train_counts": [sum(1 for _, label in dataset.samples if label == index) for index in range(num_classes)],
         "teacher": str(args.teacher.resolve()),
         "teacher_fingerprint": weights_fingerprint(teacher),
         "data": str(Path(args.data).resolve()),

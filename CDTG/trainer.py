@@ -206,6 +206,15 @@ class CdtgTrainer:
             raise UserError(f"{path} was trained with another teacher (its weights differ from --teacher "
                             f"{self.metadata.get('teacher')}); resume with the teacher it started with, or pass "
                             "--overwrite to start again")
+        # What the run trains on. Checkpoints of earlier versions recorded no image counts.
+        if state.get("train_counts", self.metadata.get("train_counts")) != self.metadata.get("train_counts"):
+            raise UserError(f"{path} was trained on {state['train_counts']} images per tail class, --data has "
+                            f"{self.metadata['train_counts']}; resume with the data it started with, or pass "
+                            "--overwrite to start again")
+        if self.clip_loss is not None and state.get("prompts") != self.metadata.get("prompts"):
+            raise UserError(f"{path} was trained with the prompts {state.get('prompts')}, --data has "
+                            f"{self.metadata.get('prompts')}; the CLIP loss would change mid-run: restore them, or "
+                            "pass --overwrite to start again")
         if state.get("fusion_config") != self.fusion.config:
             earlier = "lr_mul" not in (state.get("fusion_config") or {"lr_mul": None})
             hint = (" (a run of an earlier version: resume it with --fusion-lr-mul 0 --flip --ada-every 256, the "

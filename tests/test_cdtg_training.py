@@ -269,6 +269,18 @@ def test_resume_refuses_other_flags_and_another_fusion_layer(cdtg_inputs, capsys
     with pytest.raises(SystemExit):
         train_main(args)
     assert "was trained with another teacher" in capsys.readouterr().err
+    data = cdtg_inputs / "cdtg_data"
+    original = {name: (data / name).read_text() for name in ("train.txt", "tail_classes.json")}
+    (data / "train.txt").write_text("".join(original["train.txt"].splitlines(keepends=True)[1:]))  # one image fewer
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume"))
+    assert "was trained on [8, 4, 4] images per tail class, --data has [7, 4, 4]" in capsys.readouterr().err
+    (data / "train.txt").write_text(original["train.txt"])
+    (data / "tail_classes.json").write_text(original["tail_classes.json"].replace("A photo of a dam", "A dam"))
+    with pytest.raises(SystemExit):  # the CLIP loss pulls towards the prompts
+        train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume"))
+    assert "the CLIP loss would change mid-run" in capsys.readouterr().err
+    (data / "tail_classes.json").write_text(original["tail_classes.json"])
     (out / "options.json").unlink()  # without the run's flags, the checkpoint's own check
     with pytest.raises(SystemExit):
         train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", "--fusion-lr-mul", "1"))
