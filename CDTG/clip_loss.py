@@ -24,6 +24,20 @@ def import_clip():
     return clip
 
 
+def tokenize_prompts(prompts):
+    """CLIP's tokens of the prompts; a prompt past CLIP's 77 tokens is a one-line error
+    naming it (prompts are edited by hand in tail_classes.json)."""
+    clip = import_clip()
+    tokens = []
+    for prompt in prompts:
+        try:
+            tokens.append(clip.tokenize([prompt]))
+        except RuntimeError as exc:
+            raise UserError(f"the prompt \"{prompt[:60]}...\" is longer than CLIP's 77 tokens; shorten it in "
+                            "tail_classes.json or --prompt") from exc
+    return torch.cat(tokens)
+
+
 def load_clip(spec, device, download_root=None):
     """'ViT-B/32' (or another name: downloaded when online), a local file, or 'none'.
 
@@ -67,7 +81,6 @@ class ClipConsistencyLoss(nn.Module):
 
     def __init__(self, clip_model, prompts):
         super().__init__()
-        clip = import_clip()
         self.clip = clip_model
         for parameter in self.clip.parameters():
             parameter.requires_grad_(False)
@@ -75,7 +88,7 @@ class ClipConsistencyLoss(nn.Module):
         self.resolution = clip_model.visual.input_resolution
         device = next(clip_model.parameters()).device
         with torch.no_grad():
-            text = clip_model.encode_text(clip.tokenize(prompts).to(device)).float()
+            text = clip_model.encode_text(tokenize_prompts(prompts).to(device)).float()
         self.register_buffer("text_features", F.normalize(text, dim=-1))
         self.register_buffer("mean", torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
+from CDTG.clip_loss import tokenize_prompts  # noqa: E402
 from CDTG.tail_data import DEFAULT_PROMPT, IMAGE_LIST, MANIFEST, TailClasses  # noqa: E402
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.data import open_dataset, write_annotation  # noqa: E402
@@ -34,6 +35,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if "{name}" not in args.prompt:
         raise UserError("--prompt must contain {name}")
+    try:
+        args.prompt.format(name="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"--prompt {args.prompt!r}: only {{name}} may stand in braces (write {{{{ and }}}} for a "
+                        f"brace itself); {type(exc).__name__}: {exc}") from exc
     if (args.out / MANIFEST).exists() and not args.overwrite:
         raise UserError(f"{args.out / MANIFEST} exists; pass --overwrite to replace it")
     split = load_split(args.split, data_root=args.data_root)
@@ -44,6 +50,7 @@ def main(argv=None):
          "prompt": args.prompt.format(name=split.class_names[cid]), "train_count": split.train_counts[cid]}
         for label, cid in enumerate(split.tail)
     ]
+    tokenize_prompts([cls["prompt"] for cls in classes])  # CLIP takes at most 77 tokens
     tail = TailClasses(args.out, split.data_root, classes, split.fingerprint)
     args.out.mkdir(parents=True, exist_ok=True)
     write_annotation(args.out / IMAGE_LIST, entries)

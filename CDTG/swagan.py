@@ -35,6 +35,10 @@ from CDTG.layers import (ConstantInput, ConvBlock, ConvLayer, EqualLinear, FromR
                          StyledConv, ToRGB, check_size, official_channels)
 from CDTG.ops import HaarTransform, InverseHaarTransform
 
+# The discriminator's minibatch standard deviation is taken over groups of this many
+# samples (StyleGAN2's); a batch above it must be a multiple of it.
+STDDEV_GROUP = 4
+
 
 class Generator(nn.Module):
     """Class-conditional SWAGAN generator; `forward` returns (image, latent or None)."""
@@ -175,7 +179,7 @@ class Discriminator(nn.Module):
         self.from_rgbs.append(FromRGB(channels[4], blur_kernel=blur_kernel))
 
         self.label_emb = nn.Embedding(num_classes, label_dim)
-        self.stddev_group = 4
+        self.stddev_group = STDDEV_GROUP
         self.stddev_feat = 1
         self.final_conv = ConvLayer(in_channel + 1, channels[4], 3)
         self.final_linear = nn.Sequential(

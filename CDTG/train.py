@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip  # noqa: E402
 from CDTG.fusion import NoiseFusion  # noqa: E402
-from CDTG.swagan import Discriminator, Generator  # noqa: E402
+from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator  # noqa: E402
 from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
 from tgn.checkpoint import weights_fingerprint  # noqa: E402
@@ -170,7 +170,11 @@ def main(argv=None):
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     check_resume(args.out, args, done=steps[-1] if steps else None, length="iter")
-    dist.local_batch(args.batch, "--batch")  # divisible by the torchrun processes, checked before joining
+    local = dist.local_batch(args.batch, "--batch")  # divisible by the torchrun processes, checked before joining
+    if local > STDDEV_GROUP and local % STDDEV_GROUP:
+        share = f"each process's share ({local})" if local != args.batch else "it"
+        raise UserError(f"--batch {args.batch}: {share} must be at most {STDDEV_GROUP} or a multiple of "
+                        f"{STDDEV_GROUP}, the discriminator's minibatch-std group")
     tail = load_tail_classes(args.data, args.data_root)
     device = dist.process_device(args.device)
     seed_everything(args.seed)

@@ -174,6 +174,29 @@ def test_a_group_of_one_training_image_at_32_px_is_one_line(tmp_path, capsys):
     assert (tmp_path / "k" / "tail" / "best.pth").is_file()
 
 
+def test_cdtg_batch_the_discriminator_cannot_group_is_one_line(cdtg_inputs, tmp_path, capsys):
+    run = tmp_path / "c"
+    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--batch", "10")),
+                      "--batch 10: it must be at most 4 or a multiple of 4, the discriminator's minibatch-std group")
+    assert not run.exists()
+
+
+def test_prompts_clip_cannot_take_are_one_line(cdtg_inputs, tmp_path, capsys):
+    from CDTG.dataset_split import main as cdtg_split_main
+
+    split = ["--split", str(cdtg_inputs / "split")]
+    for prompt, fragment in (("A {style} photo of a {name}", "only {name} may stand in braces"),
+                             ("{name} {0}", "only {name} may stand in braces"),
+                             ("a photo of " * 30 + "{name}", "is longer than CLIP's 77 tokens")):
+        expect_user_error(capsys, lambda: cdtg_split_main([*split, "--out", str(tmp_path / "d"), "--prompt", prompt]),
+                          fragment)
+        assert not (tmp_path / "d").exists()
+    manifest = cdtg_inputs / "cdtg_data" / "tail_classes.json"  # edited by hand, as the README invites
+    manifest.write_text(manifest.read_text().replace("A photo of a dam", "a dam " * 80))
+    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, tmp_path / "c")),
+                      "is longer than CLIP's 77 tokens")
+
+
 def test_compile_on_a_torch_whose_compiler_fails_is_one_line(cdtg_inputs, tmp_path, capsys, monkeypatch):
     import tgn.compat
 
