@@ -27,7 +27,7 @@ from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator  # noqa: E402
 from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  # noqa: E402
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
 from tgn.checkpoint import weights_fingerprint  # noqa: E402
-from tgn.cli import (DEFAULT_WORKERS, fraction, gan_size, make_parser, non_negative_float, open_fraction,  # noqa: E402
+from tgn.cli import (DEFAULT_WORKERS, below_one, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
                      non_negative_int, output_folder, positive_float, positive_int)
 from tgn import distributed as dist  # noqa: E402
 from tgn.compat import check_compile  # noqa: E402
@@ -94,8 +94,9 @@ def build_parser():
                             "rosinality's StyleGAN2 flips)")
     train.add_argument("--augment", action="store_true", help="adaptive discriminator augmentation (ADA)")
     train.add_argument("--augment-p", type=fraction, default=defaults.augment_p, help="fixed ADA p (0: adaptive)")
-    train.add_argument("--ada-target", type=open_fraction, default=defaults.ada_target,
-                       help="ADA raises p while the share of positive D outputs on reals is above this")
+    train.add_argument("--ada-target", type=below_one, default=defaults.ada_target,
+                       help="ADA raises p while the mean sign of D's outputs on reals (-1 to 1) is above this "
+                            "(below 1: at 1 or above, p would never rise)")
     train.add_argument("--ada-length", type=positive_int, default=defaults.ada_length,
                        help="images over which ADA's p can move from 0 to 1")
     train.add_argument("--ada-every", type=positive_int, default=defaults.ada_every,
