@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from torch import nn
 
 from data.fetch_weights import file_sha256
@@ -25,34 +24,44 @@ TORCHVISION_INCEPTION_SHA256 = "0cc3c7bd"  # the prefix in its file name, incept
 OFFLINE_HINT = "run data/fetch_weights.py where there is internet and set TORCH_HOME"
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), as the reference FID code.
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)), the reference FID.
 
-    A singular product (fewer images than feature dimensions) gets eps * I added to both
-    covariances; a small imaginary part of the square root (numerical noise) is dropped.
+    The reference code takes scipy's sqrtm of the product (and adds 1e-6 * I to both
+    covariances when the product is singular). Only its trace is needed: the sum of the
+    square roots of the eigenvalues of sqrt(sigma1) sigma2 sqrt(sigma1), which has the
+    product's eigenvalues and is symmetric, so two symmetric eigendecompositions give it,
+    exactly for singular products too (fewer images than feature dimensions). The same
+    value to about 1e-7 relative, and at 2048 dimensions several times faster (sqrtm took
+    one to three minutes per FID on a 2-core CPU). A clearly negative eigenvalue (no real
+    square root: not covariances) gives NaN with a warning.
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", linalg.LinAlgWarning)  # scipy's word for a singular product
-        try:
-            covmean = linalg.sqrtm(sigma1 @ sigma2)
-            singular = not np.isfinite(covmean).all()
-        except linalg.LinAlgWarning:
-            singular = True
-    if singular:
-        offset = np.eye(sigma1.shape[0]) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", linalg.LinAlgWarning)
-            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):  # one degenerate set: n/a, not a stop
-            warnings.warn(f"FID: the covariance square root has an imaginary part of "
-                          f"{np.max(np.abs(covmean.imag)):.3g} (degenerate features); reported as n/a")
-            return math.nan
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    trace_sqrt = _trace_sqrt_product(sigma1, sigma2)
+    if trace_sqrt is None:
+        warnings.warn("FID: the covariance square root is imaginary (a negative eigenvalue: degenerate features); "
+                      "reported as n/a")
+        return math.nan
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+
+
+def _trace_sqrt_product(sigma1, sigma2):
+    """Tr(sqrt(sigma1 sigma2)) of two covariance matrices; None if either, or their
+    product, has an eigenvalue below rounding's reach of zero."""
+    values, vectors = np.linalg.eigh(sigma1)
+    if _clearly_negative(values):
+        return None
+    root = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    product = np.linalg.eigvalsh(root @ sigma2 @ root)
+    if _clearly_negative(product):
+        return None
+    return float(np.sqrt(np.clip(product, 0, None)).sum())
+
+
+def _clearly_negative(eigenvalues, relative=1e-6):
+    return eigenvalues.min() < -relative * max(1.0, np.abs(eigenvalues).max())
 
 
 def fid(features_a, features_b):

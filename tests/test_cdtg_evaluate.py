@@ -42,6 +42,25 @@ def test_frechet_distance_of_singular_and_degenerate_covariances():
         assert np.isnan(frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0])))
 
 
+def test_frechet_distance_equals_the_reference_square_root_of_the_product():
+    """The reference FID code's scipy sqrtm(sigma1 sigma2), with full-rank covariances and
+    with fewer images than dimensions (then checked against the product's eigenvalues)."""
+    from scipy.linalg import sqrtm
+
+    rng = np.random.default_rng(2)
+    for count_a, count_b, dimension in ((200, 150, 12), (10, 14, 24)):
+        a = rng.normal(size=(count_a, dimension)) @ rng.normal(size=(dimension, dimension))
+        b = rng.normal(size=(count_b, dimension)) @ rng.normal(size=(dimension, dimension)) + 0.3
+        sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+        if count_a > dimension:
+            trace_sqrt = np.trace(sqrtm(sigma_a @ sigma_b).real)
+        else:
+            trace_sqrt = np.sqrt(np.clip(np.linalg.eigvals(sigma_a @ sigma_b).real, 0, None)).sum()
+        mean_term = np.sum((a.mean(0) - b.mean(0)) ** 2)
+        expected = mean_term + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_sqrt
+        assert fid(a, b) == pytest.approx(expected, rel=1e-6)
+
+
 def test_kid_is_the_unbiased_polynomial_mmd_and_unlike_fid_does_not_grow_at_small_counts():
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(7, 5)), rng.normal(0.3, 1.2, size=(4, 5))
