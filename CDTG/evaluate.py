@@ -54,6 +54,9 @@ def build_parser():
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                          help="DataLoader worker processes decoding images (4, at most the CPU count)")
+    runtime.add_argument("--skip-bad-images", action="store_true",
+                         help="leave out unreadable real tail images (as training and generation with this flag did) "
+                              "instead of stopping")
     return parser
 
 
@@ -71,7 +74,19 @@ def resolve_inputs(args):
     elif teacher != "none" and args.teacher is None and not Path(teacher).is_file():
         notes.append(f"M_T accuracy skipped: the recorded teacher {teacher} is not there; pass --teacher.")
         teacher = None
+    check_same_tail_data(args.folders, data)
     return data, None if teacher == "none" else teacher, notes
+
+
+def check_same_tail_data(folders, data):
+    """Every folder is compared with the real images of the tail data it was generated
+    from: refuse one whose recorded tail data is another folder that still exists (a
+    recorded folder that has moved away cannot be compared, and is let through)."""
+    for folder in folders:
+        recorded = recorded_inputs(folder).get("data")
+        if recorded and Path(recorded).is_dir() and Path(recorded).resolve() != Path(data).resolve():
+            raise UserError(f"{folder} was generated from the tail data {recorded}, this evaluation uses {data}; "
+                            "evaluate folders of one tail data together (--data chooses it)")
 
 
 def metric_notes(args, evaluator):
@@ -114,7 +129,8 @@ def main(argv=None):
         teacher=teacher.to(device).eval() if teacher else None,
         device=device, pairs=args.pairs, batch_size=args.batch)
     results, sheets, size = evaluate_folders(folders, tail, evaluator, max_per_class=args.max_per_class,
-                                             size=args.size, seed=args.seed, workers=args.workers)
+                                             size=args.size, seed=args.seed, workers=args.workers,
+                                             skip_bad_images=args.skip_bad_images)
     options = save_options(args.out, args)
     evaluation = build_evaluation(
         results, extractor=inception.name if inception else None,

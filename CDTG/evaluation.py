@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 from tqdm import tqdm
 
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fidelity import fid, kid, mean_pairwise_lpips
 from CDTG.synthesis import ANNOTATION
-from tgn.data import ImageList, check_files_exist, read_annotation
+from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation
 from tgn.errors import UserError
 from tgn.io import read_json
 
@@ -75,9 +75,11 @@ def generated_paths(folder, tail):
     return paths
 
 
-def real_paths(tail):
+def real_paths(tail, skip_bad_images=False):
+    """{tail class id: [real training image paths]}; with `skip_bad_images` (as training
+    and generation had) without the unreadable ones."""
     paths = {cid: [] for cid in tail.ids}
-    for path, label in tail.samples():
+    for path, label in drop_unreadable(tail.samples(), skip_bad_images, "real tail images"):
         paths[tail.ids[label]].append(path)
     return paths
 
@@ -95,8 +97,11 @@ def first_image_size(folders, generated):
     for folder, paths_of in zip(folders, generated):
         first = next((paths[0] for paths in paths_of.values() if paths), None)
         if first is not None:
-            with Image.open(first) as image:
-                sizes[str(folder)] = max(image.size)
+            try:
+                with Image.open(first) as image:
+                    sizes[str(folder)] = max(image.size)
+            except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+                raise UserError(f"cannot read image {first}: {exc}") from exc
     if not sizes:
         raise UserError(f"no generated image in {', '.join(str(folder) for folder in folders)}")
     size = next(iter(sizes.values()))
@@ -214,12 +219,12 @@ def overall_row(real, generated, seed=0):
     return row
 
 
-def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, workers=0):
+def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, workers=0, skip_bad_images=False):
     """Per folder: a row per tail class and an overall row; the sample-sheet images; the size used."""
     labels = folder_labels(folders)
     generated = [generated_paths(folder, tail) for folder in folders]
     size = size or first_image_size(folders, generated)
-    real_sets, sheets, real = {}, {REAL: {}}, real_paths(tail)
+    real_sets, sheets, real = {}, {REAL: {}}, real_paths(tail, skip_bad_images)
     for label, cid in enumerate(tail.ids):
         paths = subsample(real[cid], max_per_class, np.random.default_rng([seed, cid]))
         images = load_images(paths, size, evaluator.batch_size, workers, f"real {cid} ({tail.names[label]})")

@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +264,33 @@ def test_evaluate_without_teacher_notes_it_and_refuses_a_foreign_folder(evaluati
     with pytest.raises(SystemExit) as exit_info:
         evaluate_script.main([str(root / "foreign"), *common, "--overwrite"])
     assert exit_info.value.code == 2 and "class id 0 is not a tail class" in capsys.readouterr().err
+
+
+def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tail_data(evaluation_inputs, capsys):
+    """--skip-bad-images leaves out an unreadable real image, as training and generation
+    can; a folder generated from another tail data that still exists is refused; an
+    unreadable first generated image is one line."""
+    root = evaluation_inputs
+    common = ["--clip", "none", "--lpips", "none", "--inception", "none", "--device", "cpu", "--workers", "0"]
+    tail = load_tail_classes(root / "cdtg_data")
+    bad = Path(tail.samples()[0][0])
+    bad.write_bytes(b"not an image")
+    with pytest.raises(SystemExit):
+        evaluate_script.main([str(root / "gen_shifted"), *common, "--out", str(root / "e1")])
+    assert f"cannot read image {bad}" in capsys.readouterr().err
+    evaluation = evaluate_script.main([str(root / "gen_shifted"), *common, "--out", str(root / "e1"),
+                                       "--skip-bad-images"])
+    assert [row["real_images"] for row in evaluation["folders"][0]["classes"]] == [7, 4, 4]
+
+    shutil.copytree(root / "cdtg_data", root / "other_data")
+    settings = json.loads((root / "gen_shifted" / "generation.json").read_text())
+    (root / "gen_shifted" / "generation.json").write_text(json.dumps({**settings, "data": str(root / "other_data")}))
+    with pytest.raises(SystemExit):
+        evaluate_script.main([str(root / "gen_copy"), str(root / "gen_shifted"), *common, "--out", str(root / "e2")])
+    assert "gen_shifted was generated from the tail data" in capsys.readouterr().err
+    assert not (root / "e2").exists()
+
+    (root / "gen_copy" / "2" / image_name(0)).write_bytes(b"not an image")
+    with pytest.raises(SystemExit):
+        evaluate_script.main([str(root / "gen_copy"), *common, "--out", str(root / "e3"), "--skip-bad-images"])
+    assert "error: cannot read image" in capsys.readouterr().err
