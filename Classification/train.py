@@ -33,7 +33,7 @@ from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_trai
 from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset  # noqa: E402
 from tgn import distributed as dist  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
-from tgn.engine import fit, seed_everything  # noqa: E402
+from tgn.engine import check_one_image_batches, fit, seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resume import check_resume, epochs_done, last_state  # noqa: E402
@@ -88,7 +88,9 @@ def main(argv=None):
         if index not in present:  # none listed, or (with --skip-bad-images) none readable
             raise UserError(f"class {cid} ({info.class_names[cid]}) has no training image in "
                             f"{info.annotation_path('train')}{' or --extra' if args.extra else ''}")
-    cfg = training_config(args, dist.process_device(args.device))
+    device = dist.process_device(args.device)
+    cfg = training_config(args, device)
+    check_one_image_batches(len(train_samples), args.batch_size, args.image_size, device, args.sync_bn)
     cache = ResizeCache(args.cache, args.image_size) if args.cache is not None else None
     train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache)
 

@@ -19,7 +19,7 @@ from KMDN.stage import checkpoint_meta, group_datasets, open_split  # noqa: E402
 from tgn.cli import (add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
                      non_negative_float, positive_int, training_config)
 from tgn import distributed as dist  # noqa: E402
-from tgn.engine import seed_everything  # noqa: E402
+from tgn.engine import check_one_image_batches, seed_everything  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, read_json, save_options  # noqa: E402
 from tgn.resnet import load_feature_resnet  # noqa: E402
@@ -94,6 +94,9 @@ def main(argv=None):
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state)
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}
+    for group, (train_set, _) in datasets.items():
+        check_one_image_batches(len(train_set), args.batch_size, args.image_size, device, args.sync_bn,
+                                f"the {group} classes' training images")
     cfg = training_config(args, device)
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
     dist.init(args.device)  # joined after the input checks: an input error prints once per node

@@ -5,7 +5,7 @@ from KMDN.stage import build_group_model, checkpoint_meta, group_datasets, open_
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,
                      training_config)
 from tgn import distributed as dist
-from tgn.engine import fit, seed_everything
+from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError
 from tgn.io import check_run_dir, prepare_run_dir, save_options
 from tgn.resume import check_resume, epochs_done, last_state
@@ -39,6 +39,8 @@ def train_group(args):
     seed_everything(args.seed)
     model = build_group_model(split, group, args)
     train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
+    check_one_image_batches(len(train_set), args.batch_size, args.image_size, device, args.sync_bn,
+                            f"the {group} classes' training images")
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)

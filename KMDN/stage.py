@@ -23,10 +23,6 @@ def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=No
         problem = "lists no test images" if not listed else "lists only unreadable test images"
         raise UserError(f"{split.annotation_path(group, 'test')} {problem} of the {group} classes: KMDN keeps the "
                         f"epoch of best {group} test accuracy; give some of these classes test images")
-    if len(train_samples) == 1 and -(-image_size // 32) == 1:
-        # Every batch is that one image, and layer4's map is 1x1: BatchNorm sees one value.
-        raise UserError(f"the {group} classes have 1 training image; at --image-size {image_size} (32 or less) "
-                        "BatchNorm cannot train on it alone: use a larger --image-size or give them more images")
     cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
     train = ImageList(train_samples, build_transform(image_size, train=True), image_size, cache)
     test = ImageList(test_samples, build_transform(image_size, train=False), image_size, cache)

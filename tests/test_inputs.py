@@ -168,10 +168,31 @@ def test_a_group_of_one_training_image_at_32_px_is_one_line(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", {0: 6, 1: 5, 2: 1})
     split_main(["--data-root", str(data), "--out", str(tmp_path / "split"), "--threshold", "70"])  # tail: class 2
     run = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "k"), *TINY, "--epochs", "1"]
-    expect_user_error(capsys, lambda: rmodel_main(run), "the tail classes have 1 training image; at --image-size 16")
+    expect_user_error(capsys, lambda: rmodel_main(run), "the tail classes' training images: 1 in all, so every batch "
+                      "is that one image; at --image-size 16 (32 or less) BatchNorm cannot train on one image")
     assert not (tmp_path / "k").exists()
     rmodel_main([*run, "--image-size", "64"])
     assert (tmp_path / "k" / "tail" / "best.pth").is_file()
+
+
+def test_one_image_per_process_at_32_px_is_refused_unless_batchnorm_is_synchronised(monkeypatch):
+    """Under torchrun with N processes: a global batch of N, or a training set of at most
+    N images, leaves each process one image (one process accepts both)."""
+    from tgn.engine import check_one_image_batches
+    from tgn.errors import UserError
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    check_one_image_batches(2, 2, 32, cpu)  # one process: batches of 2
+    monkeypatch.setattr(dist, "planned_world_size", lambda: 2)
+    with pytest.raises(UserError, match="--batch-size 2 gives each of the 2 processes one image per step"):
+        check_one_image_batches(100, 2, 32, cpu)
+    with pytest.raises(UserError, match="training images: 2 in all, so 2 processes would each train on one"):
+        check_one_image_batches(2, 8, 32, cpu)
+    check_one_image_batches(3, 8, 32, cpu)  # 2 and 1 padded to 2 and 2
+    check_one_image_batches(100, 2, 33, cpu)  # 2x2 maps
+    check_one_image_batches(100, 2, 32, gpu)  # SyncBatchNorm on GPUs under torchrun
+    with pytest.raises(UserError, match="one image per step"):
+        check_one_image_batches(100, 2, 32, gpu, sync_bn="off")
 
 
 def test_cdtg_batch_the_discriminator_cannot_group_is_one_line(cdtg_inputs, tmp_path, capsys):
@@ -427,3 +448,4 @@ def test_warnings_of_the_scripts_are_one_line(tmp_path):
     assert result.returncode == 0
     assert result.stderr.splitlines() == [f"warning: {data / 'classes.json'} not found: classes are named by id "
                                           "(CLIP prompts need real names)"]
+

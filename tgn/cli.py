@@ -6,11 +6,10 @@ from pathlib import Path
 
 from tgn.compat import check_compile
 from tgn.errors import UserError
+from tgn.resnet import ONE_PIXEL_MAPS
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
 COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune"]  # torch.compile's modes, and off
-# ResNets reduce images 32-fold: at this size or less their last stage works on 1x1 maps.
-ONE_PIXEL_MAPS = 32
 # DataLoader worker processes: 4, or fewer on a machine with fewer cores (more would only
 # compete for them, and PyTorch warns about it).
 DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -25,9 +25,10 @@ from tqdm import tqdm
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.compat import grad_scaler, mark_cuda_graph_step
-from tgn.errors import CollectiveError
+from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
+from tgn.resnet import ONE_PIXEL_MAPS
 from tgn.resume import check_same_data
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
 
@@ -38,6 +39,26 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_one_image_batches(train_size, batch_size, image_size, device, sync_bn="auto", what="training images"):
+    """Refuse, before anything is written, a run in which some process would train on a
+    batch of one image at 32 px or less: the ResNets' last map is then 1x1, and BatchNorm
+    cannot normalise one value (unless synchronised over the processes: on GPUs under
+    torchrun). One image per process comes from a global batch of N over N processes, or
+    from a training set of at most N images (the sampler's only, padded batch)."""
+    world = dist.planned_world_size()
+    synchronised = world > 1 and (sync_bn == "on" or (sync_bn == "auto" and device.type == "cuda"))
+    if image_size > ONE_PIXEL_MAPS or synchronised:
+        return
+    cannot = f"at --image-size {image_size} ({ONE_PIXEL_MAPS} or less) BatchNorm cannot train on one image"
+    if batch_size // world == 1:
+        raise UserError(f"--batch-size {batch_size} gives each of the {world} processes one image per step; {cannot}: "
+                        f"use --batch-size {2 * world} or more, or a larger --image-size")
+    if train_size <= world:
+        processes = f"{world} processes would each train on one" if world > 1 else "every batch is that one image"
+        raise UserError(f"{what}: {train_size} in all, so {processes}; {cannot}: use a larger --image-size or "
+                        "more images")
 
 
 def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, device=None, weights=None,

@@ -14,6 +14,9 @@ from torch import nn
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
 from tgn.errors import UserError
 
+# ResNets reduce images 32-fold: at this size or less their last stage works on 1x1 maps.
+ONE_PIXEL_MAPS = 32
+
 ARCHS = {
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
     "resnet18": ("basic", (2, 2, 2, 2)),
