@@ -28,7 +28,7 @@ from Classification.stage import (DEFAULT_THRESHOLD, add_report_args, describe_c
 from tgn import distributed as dist  # noqa: E402
 from tgn.cli import add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, speaks  # noqa: E402
 from tgn.io import check_run_dir  # noqa: E402
 
 DEFAULT_IMAGE_SIZE = 224
@@ -61,7 +61,7 @@ def groups_from_run(args, options):
     if options.get("split"):
         if Path(options["split"]).is_dir():
             args.split = Path(options["split"])
-        elif dist.is_main():
+        elif speaks():  # before the processes join: once per node
             print(f"warning: the split the checkpoint's run used, {options['split']}, is not found; head/tail from "
                   f"DATA's training counts with --threshold {args.threshold:g} (pass --split)", file=sys.stderr)
 

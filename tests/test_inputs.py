@@ -449,3 +449,38 @@ def test_warnings_of_the_scripts_are_one_line(tmp_path):
     assert result.stderr.splitlines() == [f"warning: {data / 'classes.json'} not found: classes are named by id "
                                           "(CLIP prompts need real names)"]
 
+
+def test_flag_errors_and_help_print_once_per_node_under_torchrun(monkeypatch, capsys):
+    from tgn.cli import make_parser
+
+    parser = make_parser("doc")
+    parser.add_argument("--size", type=int)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--size", "big"])
+        assert exit_info.value.code == 2
+        assert ("error: argument --size: invalid int value: 'big'" in capsys.readouterr().err) == printed
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--help"])
+        assert bool(capsys.readouterr().out) == printed
+
+
+def test_evaluation_batches_need_not_divide_over_the_processes(monkeypatch):
+    """test.py's --batch-size is images per model call: 7 over 2 processes is fine there
+    (training refuses it: its global batch sets the statistics)."""
+    from tgn.errors import CollectiveError
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "planned_world_size", lambda: 2)
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        batches = list(make_loader(list(range(11)), 7, train=False))
+        assert max(len(batch) for batch in batches) == 4
+        seen += [int(item) for batch in batches for item in batch]
+    assert sorted(seen) == list(range(11))
+    with pytest.raises(CollectiveError, match="must be a multiple of the 2 processes"):
+        make_loader(list(range(11)), 7, train=True)

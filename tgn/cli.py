@@ -5,7 +5,7 @@ import warnings
 from pathlib import Path
 
 from tgn.compat import check_compile
-from tgn.errors import UserError
+from tgn.errors import UserError, speaks
 from tgn.resnet import ONE_PIXEL_MAPS
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
@@ -70,7 +70,12 @@ class ArgumentParser(argparse.ArgumentParser):
     (argparse's own print the whole usage block first)."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        # Under torchrun every process parses the same flags: one line per node, not per process.
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n" if speaks() else None)
+
+    def print_help(self, file=None):
+        if speaks():
+            super().print_help(file)
 
 
 def make_parser(doc):

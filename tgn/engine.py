@@ -65,13 +65,14 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
                 persistent=False, pin_memory="auto"):
     """A DataLoader of this process's share of the data, in an order (and, when training,
     with augmentations) that depend only on (seed, epoch): call `loader.sampler.set_epoch`
-    before each epoch. `batch_size` is the global batch; `persistent` keeps the workers
-    (and their decoded-image pipelines) alive across epochs."""
+    before each epoch. `batch_size` is the global batch (when evaluating, a process's share
+    is rounded up: no statistic depends on it, so it need not divide); `persistent` keeps
+    the workers (and their decoded-image pipelines) alive across epochs."""
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, epoch=epoch, weights=weights,
                            batch_size=batch_size)
     return DataLoader(
         SeededItems(dataset) if train else dataset,
-        batch_size=dist.local_batch(batch_size),
+        batch_size=dist.local_batch(batch_size) if train else -(-batch_size // dist.world_size()),
         sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory == "on" or (pin_memory == "auto" and device is not None and device.type == "cuda"),
