@@ -52,14 +52,14 @@ def load_group_model(path, split, group):
     also the group and class ids they were trained on (official files record neither)."""
     model, checkpoint = load_feature_resnet(path, f"{group} model checkpoint")
     model.training_size = (checkpoint.get("options") or {}).get("image_size", OFFICIAL_IMAGE_SIZE)
+    if checkpoint.get("group", group) != group:  # first: the likeliest mix-up, and the clearest message
+        raise UserError(f"{path} is the {checkpoint['group']} model; the {group} model is needed here")
     expected = len(split.ids(group))
     if model.config["num_classes"] != expected:
         raise UserError(f"{path} has {model.config['num_classes']} classes, the split's {group} group has {expected}")
     if "state_dict" not in checkpoint:
         check_official_order([split.train_counts[cid] for cid in split.ids(group)], path, f"the split's {group} group")
     else:
-        if checkpoint.get("group", group) != group:
-            raise UserError(f"{path} is the {checkpoint['group']} model; the {group} model is needed here")
         ids = checkpoint.get("class_ids")
         if ids is not None and list(ids) != list(split.ids(group)):
             raise UserError(f"{path} was trained on classes {ids}, the split's {group} classes are {split.ids(group)} "
