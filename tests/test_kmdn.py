@@ -157,9 +157,11 @@ def test_teacher_unchanged_during_its_teaching_epoch(split_dir, tmp_path):
 def test_distill_refuses_a_model_of_another_class_count(split_dir, tmp_path, capsys):
     out = tmp_path / "kmdn"
     rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    bare = tmp_path / "bare.pth"  # the official format: weights alone, no group recorded
+    torch.save(torch.load(out / "tail" / "best.pth", weights_only=True)["state_dict"], bare)
     with pytest.raises(SystemExit) as exit_info:
-        distill_main(["--split", str(split_dir), "--out", str(out), "--head-ckpt", str(out / "tail" / "best.pth"),
-                      "--epochs", "1", "--workers", "0"])
+        distill_main(["--split", str(split_dir), "--out", str(out), "--head-ckpt", str(bare), "--epochs", "1",
+                      "--workers", "0"])
     assert exit_info.value.code == 2
     assert "has 3 classes, the split's head group has 2" in capsys.readouterr().err
 
