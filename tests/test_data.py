@@ -21,6 +21,10 @@ def test_bad_annotation_line_names_file_and_line(tmp_path):
     anno.write_text("0/a.jpg 0\n0/b.jpg zero\n")
     with pytest.raises(UserError, match=r"a.txt:2: expected"):
         read_annotation(anno)
+    for label in ("--1", "\u00b2"):  # let through by isdigit, refused by int()
+        anno.write_text(f"0/a.jpg {label}\n", encoding="utf-8")
+        with pytest.raises(UserError, match=r"a.txt:1: expected"):
+            read_annotation(anno)
 
 
 def test_missing_image_is_named_with_its_line(tmp_path):
@@ -69,6 +73,21 @@ def test_undecodable_image_is_named(tmp_path):
     dataset = ImageList(samples_for(info.image_root("train"), info.entries("train"), {0: 0, 1: 1}))
     with pytest.raises(UserError, match="cannot read image .*img 1.jpg"):
         dataset[1]
+
+
+def test_an_image_past_pils_pixel_limit_is_unreadable_not_a_crash(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (a header claiming over ~179M pixels: a corrupt file or
+    a whole scene) is no OSError; it must still be one line, or skipped with the flag."""
+    from PIL import Image
+
+    from tgn.data import drop_unreadable, load_image
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (40, 40)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 40 is then past twice the limit
+    with pytest.raises(UserError, match="cannot read image .*huge.png"):
+        load_image(path)
+    assert drop_unreadable([(str(path), 0)], True) == []
 
 
 def test_without_classes_json_classes_are_named_by_id(tmp_path):

@@ -1,8 +1,10 @@
 """Speed options: sharded epoch order, per-image augmentation seeds, --cache, --amp defaults,
 --fusion-pool, generation's precision and modulated-conv paths, and generation that writes
 while it generates."""
+import os
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +101,17 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
     path = samples[0][0]
     Image.new("RGB", (40, 40), (255, 0, 0)).save(path)  # an edited image is decoded again
     assert torch.equal(cached[0][0], plain[0][0]) and len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+    # Replaced by a file of the same size with the old times set back (cp -p, rsync -t, tar).
+    bmp = Path(path).with_suffix(".bmp")
+    Image.new("RGB", (40, 40), (0, 0, 0)).save(bmp)
+    black = cache.load(bmp)
+    stat = os.stat(bmp)
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(str(bmp) + ".new", format="BMP")  # the same byte size
+    os.replace(str(bmp) + ".new", bmp)
+    os.utime(bmp, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert np.asarray(black).max() == 0 and np.asarray(cache.load(bmp)).min() == 255
+    with pytest.raises(UserError, match="cannot read image .*gone.jpg"):  # a file gone mid-run: one line
+        cache.load(tmp_path / "gone.jpg")
     cache.entry(path).write_bytes(b"half")  # an unreadable entry is rebuilt
     assert torch.equal(cached[0][0], plain[0][0])
     # Not two hex digits: no entry's folder can already have this name (a hash chose 'ab' once).

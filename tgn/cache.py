@@ -3,8 +3,8 @@
 An entry is the uint8 array of `Resize((size, size))(load_image(path, size))`, exactly what
 the uncached pipeline feeds to its next transform (resizing an image to its own size is the
 identity), so a cached run computes what an uncached one does. Entries are named by a hash
-of the source's absolute path, byte size and modification time and of the size, so an
-edited or replaced image is decoded again. Each entry is written to a temporary file and
+of the source's absolute path, byte size, modification and change times and inode and of
+the size, so an edited or replaced image is decoded again. Each entry is written to a temporary file and
 renamed into place: concurrent workers and processes never read a partial entry, and an
 entry that cannot be read (a crash mid-write on some file systems) is simply rebuilt.
 """
@@ -34,8 +34,14 @@ class ResizeCache:
 
     def entry(self, path):
         path = os.path.abspath(path)
-        stat = os.stat(path)
-        key = hashlib.sha1(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.size}".encode()).hexdigest()
+        try:
+            stat = os.stat(path)
+        except OSError as exc:
+            raise UserError(f"cannot read image {path}: {exc.strerror or exc}") from exc
+        # The change time too: a file replaced with the same size and its old mtime (cp -p,
+        # rsync -t, unpacking an archive) still gets a new ctime, which cannot be set back.
+        identity = f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+        key = hashlib.sha1(f"{path}\0{identity}\0{self.size}".encode()).hexdigest()
         return self.root / key[:2] / f"{key}.npy"
 
     def load(self, path):

@@ -10,6 +10,7 @@ File names may contain spaces: the label is the last field of a line. Without
 classes.json (the official preprocessed downloads have none) classes are named by id.
 """
 import codecs
+import re
 import json
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from tgn.errors import UserError, speaks
 from tgn.io import atomic_write_text, read_json
 
 SUBSETS = ("train", "test")
+CLASS_ID = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit also takes "²", which int() refuses
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def read_annotation(path):
         if not line.strip():
             continue
         fields = line.rstrip().rsplit(None, 1)
-        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+        if len(fields) != 2 or not CLASS_ID.fullmatch(fields[1]):
             raise UserError(f"{path}:{number}: expected '<class_id>/<file> <class_id>', got {line!r}")
         entries.append(Entry(fields[0].strip(), int(fields[1])))
     return entries
@@ -188,7 +190,9 @@ def load_image(path, size=None):
             if image.mode.startswith("I"):  # 16-bit grey: PIL's convert clips to 255 instead of scaling
                 image = to_8_bit(image)
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
+        # A bomb error: a header claiming over ~179M pixels (a corrupt file, or a whole scene
+        # where chips belong); a plain Exception, which --skip-bad-images must also skip.
         raise UserError(f"cannot read image {path}: {exc}") from exc
 
 
