@@ -110,7 +110,8 @@ def bench_step(args, device, with_clip, fusion_pool=None, amp="off", modconv="sh
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     fusion_parameters = sum(p.numel() for p in trainer.fusion.parameters())
     return {"bench": "cdtg_step", "clip": with_clip, "fusion_pool": fusion_pool, "amp": amp, "modconv": modconv,
-            "compile": compile, "fusion_parameters": fusion_parameters, "seconds_per_step": seconds, "peak_gib": peak}
+            "compile": compile, "size": args.size, "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats,
+            "fusion_parameters": fusion_parameters, "seconds_per_step": seconds, "peak_gib": peak}
 
 
 def write_tail_data(folder, size, images=16):
@@ -157,16 +158,17 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
         else:
             inputs = synth.batch_inputs(0, list(range(batch)), seed=0, batch_size=batch)
 
-            def render():
+            def render_one_batch():  # not `render`: that name is this function's flag, recorded below
                 synth.render(0, inputs, ratio=0.05, batch_size=batch)
 
-            seconds = timed(render, device, 2, max(1, images // batch)) * max(1, images // batch)
+            seconds = timed(render_one_batch, device, 2, max(1, images // batch)) * max(1, images // batch)
             images = batch * max(1, images // batch)
     return {"bench": "generation", "batch": batch, "modconv": modconv, "amp": amp, "compile": compile,
-            "jpeg": write_jpeg, "render": render, "images": images, "images_per_second": round(images / seconds, 1)}
+            "jpeg": write_jpeg, "render": render, "jpeg_workers": args.jpeg_workers if write_jpeg else None,
+            "images": images, "images_per_second": round(images / seconds, 1)}
 
 
-def main():
+def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
                         help="auto: paper on a GPU, tiny on a CPU")
@@ -182,7 +184,7 @@ def main():
                         help="run only these cases, in this order (default: every case of --part; a wrong name "
                              "lists them)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cdtg.jsonl"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
     if args.config == "auto" and not args.tiny:
         args.tiny = device.type != "cuda"

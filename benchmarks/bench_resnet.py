@@ -81,6 +81,10 @@ def write_jpegs(folder, count, size):
     return samples
 
 
+TRAINERS = ("kmdn", "distill", "classifier")
+SOURCES = ("memory", "jpeg", "jpeg+cache")
+
+
 def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch=None, compile_mode="off"):
     amp, channels_last = precision
     counters.clear()
@@ -131,7 +135,7 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if uses_cuda_graphs(compile_mode) else None}
 
 
-def main():
+def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
                         help="auto: paper on a GPU, tiny on a CPU")
@@ -139,8 +143,11 @@ def main():
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8 on GPUs, 2 on CPUs)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed batches")
-    parser.add_argument("--trainers", nargs="*", default=["kmdn", "distill", "classifier"])
-    parser.add_argument("--sources", nargs="*", default=["memory", "jpeg", "jpeg+cache"])
+    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
+                        help="trainers to time (KMDN's, Distill's, the classifier's)")
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
+                        help="where batches come from: synthetic in memory, JPEGs through the DataLoader, the "
+                             "same with --cache")
     parser.add_argument("--large-batch", type=int, default=256,
                         help="also time KMDN's trainer on in-memory batches of this size (0: no); at the paper's "
                              "batch of 32 a GPU spends much of each step waiting for kernel launches")
@@ -151,7 +158,7 @@ def main():
                         help="on a GPU, the settings each case runs in: fp32 (--amp off) and bf16 (--amp bf16 "
                              "--channels-last on); a CPU runs fp32 only")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/resnet.jsonl"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     name = args.config if args.config != "auto" else ("paper" if gpu else "tiny")
@@ -173,15 +180,16 @@ def main():
         samples = write_jpegs(Path(tmp) / "jpeg", largest, cfg["jpeg_size"])
         cases = [(trainer, source, precision, None, "off") for trainer in args.trainers for source in args.sources
                  for precision in precisions]
-        if args.large_batch and gpu:
+        kmdn_in_memory = "kmdn" in args.trainers and "memory" in args.sources  # the extra cases' setting
+        if args.large_batch and gpu and kmdn_in_memory:
             cases += [("kmdn", "memory", precision, args.large_batch, "off") for precision in precisions]
-        if gpu:
+        if gpu and kmdn_in_memory:
             cases += [("kmdn", "memory", precision, None, mode) for mode in args.compile_modes for precision in precisions]
         for trainer, source, precision, batch, compile_mode in cases:
             result = run(trainer, source, precision, cfg, args, device, samples, Path(tmp) / "cache", batch,
                          compile_mode)
             record = {**result, "config": name, "device": device_name, "workers": args.workers,
-                      "torch": torch.__version__}
+                      "warmup": args.warmup, "steps": args.steps, "torch": torch.__version__}
             print(json.dumps(record), flush=True)
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")

@@ -1,0 +1,62 @@
+"""The benchmark scripts run on a CPU and write complete records (their figures are not
+checked: speed is for `make bench` to print, not for tests to assert)."""
+import importlib.util
+import json
+import warnings
+
+import pytest
+import torch
+
+import tgn.engine
+from conftest import ROOT
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def restored_globals(monkeypatch):
+    """The scripts silence warnings, quiet the engine's progress bars and set cuDNN's
+    autotuning for their whole process: none of it may leak into other tests."""
+    monkeypatch.setattr(tgn.engine, "tqdm", tgn.engine.tqdm)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+    with warnings.catch_warnings():
+        yield
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_cdtg_benchmark_writes_a_record_per_case_with_its_settings(tmp_path):
+    out = tmp_path / "cdtg.jsonl"
+    load_script("bench_cdtg").main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--repeats", "1",
+                                    "--generation-batches", "1", "--jpeg-workers", "2", "--out", str(out),
+                                    "--cases", "step-no-clip", "gen-render", "gen-cpu-side", "gen-batch1-fused"])
+    step, render, cpu_side, batch1 = records(out)
+    assert [r["case"] for r in (step, render, cpu_side, batch1)] == ["step-no-clip", "gen-render", "gen-cpu-side",
+                                                                     "gen-batch1-fused"]
+    assert (step["clip"], step["size"], step["batch"], step["warmup"], step["repeats"]) == (False, 32, 4, 1, 1)
+    assert step["seconds_per_step"] > 0
+    assert (render["jpeg"], render["render"], render["jpeg_workers"]) == (False, True, None)
+    assert (cpu_side["jpeg"], cpu_side["render"], cpu_side["jpeg_workers"]) == (True, False, 2)
+    assert (batch1["batch"], batch1["modconv"]) == (1, "fused")
+    assert all(r["images_per_second"] > 0 and r["images"] >= r["batch"] for r in (render, cpu_side, batch1))
+
+
+def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_path, capsys):
+    out = tmp_path / "resnet.jsonl"
+    bench = load_script("bench_resnet")
+    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "kmdn",
+                "--sources", "memory", "jpeg+cache", "--out", str(out)])
+    written = records(out)
+    assert [(r["trainer"], r["source"]) for r in written] == [("kmdn", "memory"), ("kmdn", "jpeg+cache")]
+    assert all(r["images_per_second"] > 0 and (r["warmup"], r["steps"]) == (1, 1) for r in written)
+    for flag, name in (("--trainers", "resnet"), ("--sources", "disk")):
+        with pytest.raises(SystemExit):
+            bench.main([flag, name, "--out", str(out)])
+        assert f"argument {flag}: invalid choice: '{name}'" in capsys.readouterr().err
