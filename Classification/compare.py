@@ -50,7 +50,11 @@ def main(argv=None):
         reports.append(report)
     rows = comparison(reports, names)
     groups = {(tuple(sorted(report["head"])), tuple(sorted(report["tail"]))) for report in reports}
-    note = "Note: the reports use different head/tail groups." if len(groups) > 1 else None
+    counts = sorted({report["num_test_images"] for report in reports})
+    notes = (["the reports use different head/tail groups."] if len(groups) > 1 else []) + (
+        [f"the reports count different numbers of test images ({', '.join(map(str, counts))})."]
+        if len(counts) > 1 else [])
+    note = "Note: " + " Also, ".join(notes) if notes else None
     table = comparison_markdown(rows, note)
     atomic_write_text(args.out / TABLE_MD, table)
     atomic_write_text(args.out / TABLE_CSV, comparison_csv(rows))

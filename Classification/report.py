@@ -73,7 +73,11 @@ def _cell(value):
 
 
 def report_markdown(report):
-    groups = {"head": len(report["head"]), "tail": len(report["tail"])}
+    groups = {}
+    for group in ("head", "tail"):  # a mean is over the group's classes with test images
+        tested = sum(1 for row in report["classes"] if row["group"] == group and row["test_count"])
+        total = len(report[group])
+        groups[group] = f"{total}" if tested == total else f"{tested} of {total}"
     lines = [
         f"## {report['method']}",
         "",
@@ -137,9 +141,16 @@ def comparison(reports, labels=None):
     """Rows (method, head acc, tail acc, OA, macro-F1) of reports on the same classes."""
     first = reports[0]
     for report in reports[1:]:
+        if report.get("dataset") != first.get("dataset"):
+            raise UserError(f"reports {first['method']!r} and {report['method']!r} are on different datasets "
+                            f"({first.get('dataset')}, {report.get('dataset')})")
         if [c["id"] for c in report["classes"]] != [c["id"] for c in first["classes"]]:
             raise UserError(f"reports {first['method']!r} and {report['method']!r} are on different classes")
     labels = labels or [report["method"] for report in reports]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # e.g. every run with --extra is 'TGN'
+        raise UserError(f"two reports are named {repeated[0]!r}: name each row, NAME=REPORT "
+                        "(e.g. tgn-r0.5=RUN/report-best)")
     return [{"method": label, **{key: report[key] for _, key in COMPARISON_COLUMNS}}
             for label, report in zip(labels, reports)]
 

@@ -352,7 +352,10 @@ AUGMENTED_CM = [[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 1]]
 def test_an_empty_group_is_n_a_not_zero():
     report = hand_report("absent tail", [[3, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     assert report["tail_accuracy"] is None and report["head_accuracy"] == pytest.approx((0.75 + 1) / 2)
-    assert "| tail-class mean accuracy (2 classes) | n/a |" in report_markdown(report)
+    assert "| tail-class mean accuracy (0 of 2 classes) | n/a |" in report_markdown(report)  # none tested
+    assert "| head-class mean accuracy (2 classes) | 87.50 |" in report_markdown(report)
+    one_tested = hand_report("one", [[3, 1, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]])
+    assert "| tail-class mean accuracy (1 of 2 classes) | 100.00 |" in report_markdown(one_tested)
     assert "tail,tail-class mean accuracy,,,,,n/a," in report_csv(report)
     assert "| 7 | d | tail | 2 | n/a | 0 | n/a | n/a |" in report_markdown(report)
 
@@ -413,6 +416,17 @@ def test_compare_refuses_reports_on_other_classes(tmp_path, capsys):
     write_report(other, tmp_path / "b")
     err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path)])
     assert "different classes" in err
+    write_report({**hand_report("dior", BASELINE_CM), "dataset": "DIOR"}, tmp_path / "c")
+    err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path)])
+    assert "are on different datasets (TOY, DIOR)" in err
+    write_report(hand_report("baseline", AUGMENTED_CM), tmp_path / "d")  # both named 'baseline'
+    err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path)])
+    assert "two reports are named 'baseline': name each row, NAME=REPORT" in err
+    compare_main(["a=" + str(tmp_path / "a"), "d=" + str(tmp_path / "d"), "--out", str(tmp_path / "named")])
+    fewer = hand_report("fewer", [[4, 0, 0, 0], [1, 3, 0, 0], [2, 0, 2, 0], [0, 0, 0, 0]])
+    write_report(fewer, tmp_path / "e")
+    compare_main([str(tmp_path / "a"), str(tmp_path / "e"), "--out", str(tmp_path / "counts")])
+    assert "different numbers of test images (12, 13)" in (tmp_path / "counts" / "comparison.md").read_text()
 
 
 def test_pretrained_file_initialises_all_but_fc(tmp_path):
