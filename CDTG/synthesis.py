@@ -349,7 +349,7 @@ def check_settings(out_dir, settings, overwrite):
         previous.setdefault("truncation_centre", TRUNCATION_CENTRE if previous.get("truncation", 1.0) == 1.0
                             else "noise only")
         # Folders of earlier versions are not checked for these.
-        unrecorded_before = ("data", "teacher", "weights", "real_images")
+        unrecorded_before = ("data", "teacher", "weights", "real_images", "class_names")
         changed = [key for key in settings if previous.get(key) != settings[key]
                    and not (key not in previous and key in unrecorded_before)]
         if changed:

@@ -60,11 +60,15 @@ def load_classifier(path):
     return model, meta
 
 
-def check_classes(meta, model, class_ids, path, data_root):
+def check_classes(meta, model, class_ids, path, data_root, class_names=None):
     """Refuse a model whose outputs are not DATA's classes (output index = rank of the class id)."""
     num_outputs = model.config["num_classes"]
     if meta.get("class_ids") is not None and list(meta["class_ids"]) != list(class_ids):
         raise UserError(f"{path} was trained on classes {meta['class_ids']}, {data_root} has {list(class_ids)}")
+    if class_names is not None and meta.get("class_names") is not None and list(meta["class_names"]) != class_names:
+        differ = next(k for k, (a, b) in enumerate(zip(meta["class_names"], class_names)) if a != b)
+        raise UserError(f"{path} was trained with class {class_ids[differ]} named '{meta['class_names'][differ]}', "
+                        f"{data_root} names it '{class_names[differ]}': another dataset or class numbering")
     if num_outputs != len(class_ids):
         raise UserError(f"{path} has {num_outputs} outputs but {data_root} has {len(class_ids)} classes; "
                         "use the dataset the model was trained on")

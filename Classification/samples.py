@@ -9,6 +9,7 @@ ids (DIOR: identity 0..19, as in result.pth). A generated folder given with --ex
 (the dataset's annotation format with <DIR> as the image root). An image listed twice, in
 one folder or across folders, is used once.
 """
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from tgn.data import check_files_exist, read_annotation, samples_for
 from tgn.errors import UserError
 
 EXTRA_ANNOTATION = "anno.txt"
+# What CDTG/generation.py writes beside it, and the tail data file that it names (read as
+# plain JSON: the classifier does not depend on the CDTG stage).
+GENERATION_SETTINGS = "generation.json"
+TAIL_MANIFEST = "tail_classes.json"
 
 
 def class_order(info):
@@ -31,8 +36,9 @@ def count_per_class(entries, class_ids):
     return [counts[cid] for cid in class_ids]
 
 
-def read_extra(folder, class_names):
-    """Entries of one generated folder, checked: known class ids, existing images."""
+def read_extra(folder, class_names, names_known=True):
+    """Entries of one generated folder, checked: known class ids, existing images, and
+    (`names_known`: DATA has a class list) the class names it was generated for."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--extra {folder}: folder not found")
@@ -45,8 +51,27 @@ def read_extra(folder, class_names):
     unknown = sorted({entry.class_id for entry in entries} - set(class_names))
     if unknown:
         raise UserError(f"{annotation}: class id {unknown[0]} is not a class of the dataset")
+    recorded = generated_class_names(folder) if names_known else {}
+    for cid in sorted({entry.class_id for entry in entries}):
+        if cid in recorded and recorded[cid] != class_names[cid]:
+            raise UserError(f"--extra {folder}: its class {cid} is '{recorded[cid]}', the dataset's class {cid} is "
+                            f"'{class_names[cid]}': generated for another dataset or class numbering (adding a class "
+                            "folder renumbers the ones after it)")
     check_files_exist(folder, entries, annotation)
     return entries
+
+
+def generated_class_names(folder):
+    """{class id: name} that a generation.py folder was made for, where known: its
+    generation.json's, or (folders of earlier versions) those of the tail data it names."""
+    try:
+        settings = json.loads((Path(folder) / GENERATION_SETTINGS).read_text(encoding="utf-8"))
+        if isinstance(settings.get("class_names"), dict):
+            return {int(cid): name for cid, name in settings["class_names"].items()}
+        manifest = json.loads((Path(settings["data"]) / TAIL_MANIFEST).read_text(encoding="utf-8"))
+        return {int(cls["id"]): cls["name"] for cls in manifest["classes"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # not a generation.py folder, or its tail data is gone: nothing to compare
 
 
 @dataclass
@@ -66,7 +91,7 @@ def training_images(info, extra_folders=()):
     generated = []
     duplicates = 0
     for folder in extra_folders:
-        entries = read_extra(folder, info.class_names)
+        entries = read_extra(folder, info.class_names, info.has_class_list)
         for entry, (path, label) in zip(entries, samples_for(folder, entries, label_of)):
             key = str(Path(path).resolve())
             if key in label_by_path:

@@ -75,7 +75,8 @@ def main(argv=None):
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
     model, meta = load_classifier(args.ckpt)
-    check_classes(meta, model, class_ids, args.ckpt, args.data_root)
+    named = [info.class_names[cid] for cid in class_ids] if info.has_class_list else None  # else names are ids
+    check_classes(meta, model, class_ids, args.ckpt, args.data_root, named)
     train_counts = count_per_class(info.entries("train", check_files=False), class_ids)
     options = meta.get("options", {})
     groups_from_run(args, options)

@@ -393,6 +393,7 @@ def test_generation_checks_every_real_image_first_and_can_skip_unreadable_ones(t
     generation_main([*base, "--skip-bad-images"])
     settings = json.loads((out / "generation.json").read_text())
     assert settings["real_images"] == {"2": 8, "3": 4, "4": 3}  # class 4 without its unreadable image
+    assert settings["class_names"] == {"2": "airport", "3": "dam", "4": "golf field"}  # checked by --extra
     assert len(read_anno(out)) == 6
 
 

@@ -437,3 +437,28 @@ def test_pretrained_file_initialises_all_but_fc(tmp_path):
     assert model.fc[0].weight.shape == (5, 512)
     with pytest.raises(UserError, match="does not fit --arch resnet50"):
         initialise_backbone(build_classifier("resnet50", 5), str(tmp_path / "weights.pth"))
+
+
+def test_generated_images_and_checkpoints_of_another_class_numbering_are_refused(trained, tmp_path, capsys):
+    """Class ids follow the folders' order, so adding a class folder renumbers the rest:
+    --extra folders and checkpoints are checked by the class names they were made for."""
+    data, out, _ = trained
+    generated = write_generated(tmp_path / "gen", {3: 2})
+    (generated / "generation.json").write_text(json.dumps({"r": 0.05, "class_names": {"3": "dam"}}))
+    common = ["--data-root", str(data), "--epochs", "1", "--device", "cpu", *TINY]
+    err = exit_message(capsys, train_main, [*common, "--extra", str(generated), "--out", str(tmp_path / "a")])
+    assert err.startswith(f"error: --extra {generated}: its class 3 is 'dam', the dataset's class 3 is 'class 3'")
+    assert not (tmp_path / "a").exists()
+    tail_data = tmp_path / "tail"  # a folder of an earlier version: the names of the tail data it names
+    tail_data.mkdir()
+    (tail_data / "tail_classes.json").write_text(json.dumps({"classes": [{"id": 3, "name": "class 3"}]}))
+    (generated / "generation.json").write_text(json.dumps({"r": 0.05, "data": str(tail_data)}))
+    train_main([*common, "--extra", str(generated), "--out", str(tmp_path / "b")])
+    capsys.readouterr()
+
+    checkpoint = torch.load(out / "best.pth", weights_only=False)
+    checkpoint["class_names"][1] = "harbour"
+    torch.save(checkpoint, tmp_path / "renamed.pth")
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(data), "--ckpt", str(tmp_path / "renamed.pth"),
+                                               "--workers", "0", "--device", "cpu"])
+    assert "was trained with class 1 named 'harbour'" in err and "names it 'class 1'" in err
