@@ -2,6 +2,7 @@
 listing the class folders' images, checking that each decodes, copying or linking them."""
 import os
 import shutil
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -32,20 +33,24 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     `class_ids`; `unknown_folder(path)` is the error for any other folder. Other entries are
     counted and named once; images in subfolders of a class folder are not read, and said so."""
     images, ignored, nested = {}, [], []
+    # Accented names may be stored composed or decomposed (macOS writes the latter): a test
+    # folder copied from another system still matches its training folder.
+    by_form = {unicodedata.normalize("NFC", name): name for name in class_ids}
     for entry in sorted(subset_dir.iterdir()):
         if is_hidden(entry):
             continue
         if not entry.is_dir():
             ignored.append(entry)
             continue
-        if entry.name not in class_ids:
+        name = by_form.get(unicodedata.normalize("NFC", entry.name))
+        if name is None:
             raise UserError(unknown_folder(entry))
-        images[entry.name] = []
+        images[name] = []
         for path in sorted(entry.iterdir()):
             if is_hidden(path):
                 continue
             if is_image_file(path):
-                images[entry.name].append(path)
+                images[name].append(path)
             elif path.is_dir():
                 nested.append(path)
             else:

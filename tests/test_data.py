@@ -90,6 +90,18 @@ def test_an_image_past_pils_pixel_limit_is_unreadable_not_a_crash(tmp_path, monk
     assert drop_unreadable([(str(path), 0)], True) == []
 
 
+def test_float_images_are_refused_rather_than_clipped_to_black(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tgn.data import load_image
+
+    path = tmp_path / "reflectance.tif"
+    Image.fromarray(np.full((8, 8), 0.4, dtype=np.float32), mode="F").save(path)
+    with pytest.raises(UserError, match="reflectance.tif: 32-bit float pixels have no fixed range"):
+        load_image(path)
+
+
 def test_without_classes_json_classes_are_named_by_id(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 2, 3: 2})
     (data / "classes.json").unlink()

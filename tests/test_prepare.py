@@ -603,3 +603,19 @@ def test_demo_output_takes_an_empty_folder_and_replaces_only_its_own_run(tmp_pat
     with pytest.raises(UserError, match="did not write .thesis.tex"):
         clear_output(out, overwrite=True)
     assert (out / "thesis.tex").read_text() == "mine" and (out / "kmdn").is_dir()
+
+
+def test_a_test_folder_matches_its_class_whatever_the_unicode_form_of_its_name(tmp_path):
+    """macOS stores accented names decomposed (NFD), Linux keeps what it is given."""
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert composed != decomposed
+    for folder, subset in ((composed, "train"), ("port", "train"), (decomposed, "test"), ("port", "test")):
+        for i in range(2):
+            paint_scene(tmp_path / subset / folder / f"{i}.jpg", (8, 8), {})
+    prepare_folders.main(["--train-dir", str(tmp_path / "train"), "--test-dir", str(tmp_path / "test"),
+                          "--out", str(tmp_path / "data")])
+    info = open_dataset(tmp_path / "data")
+    assert sorted(info.class_names.values()) == [composed, "port"]
+    assert len(info.entries("test")) == 4

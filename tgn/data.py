@@ -189,6 +189,9 @@ def load_image(path, size=None):
                 image.draft("RGB", (size, size))
             if image.mode.startswith("I"):  # 16-bit grey: PIL's convert clips to 255 instead of scaling
                 image = to_8_bit(image)
+            elif image.mode == "F":  # no fixed range: PIL's convert would clip 0..1 values to black
+                raise UserError(f"cannot read image {path}: 32-bit float pixels have no fixed range; convert the "
+                                "image to 8 or 16 bits")
             return image.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as exc:
         # A bomb error: a header claiming over ~179M pixels (a corrupt file, or a whole scene
