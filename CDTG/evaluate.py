@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip  # noqa: E402
 from CDTG.eval_report import build_evaluation, evaluation_markdown, plot_sample_sheet, write_evaluation  # noqa: E402
-from CDTG.evaluation import Evaluator, evaluate_folders, recorded_inputs  # noqa: E402
+from CDTG.evaluation import Evaluator, evaluate_folders, generation_settings, recorded_inputs  # noqa: E402
 from CDTG.fidelity import load_inception, load_lpips  # noqa: E402
 from CDTG.tail_data import load_tail_classes  # noqa: E402
 from CDTG.tail_data import load_teacher  # noqa: E402
@@ -80,10 +80,11 @@ def resolve_inputs(args):
 
 def check_same_tail_data(folders, data):
     """Every folder is compared with the real images of the tail data it was generated
-    from: refuse one whose recorded tail data is another folder that still exists (a
-    recorded folder that has moved away cannot be compared, and is let through)."""
+    from: refuse one whose generation.json names another tail data folder that still
+    exists. A folder that has moved away, or a folder of an earlier version that names
+    none, is let through (its checkpoint is not loaded for this: at 256 px it holds GBs)."""
     for folder in folders:
-        recorded = recorded_inputs(folder).get("data")
+        recorded = generation_settings(folder).get("data")
         if recorded and Path(recorded).is_dir() and Path(recorded).resolve() != Path(data).resolve():
             raise UserError(f"{folder} was generated from the tail data {recorded}, this evaluation uses {data}; "
                             "evaluate folders of one tail data together (--data chooses it)")

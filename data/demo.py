@@ -9,7 +9,6 @@ built in code and handed over with --clip PATH (nothing can be downloaded). It p
 each stage's time and ends with the baseline vs TGN table. `--device cuda` runs the same
 on a GPU.
 """
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 
 from tgn.cli import make_parser, non_negative_int, output_folder, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import remove_path  # noqa: E402
 
 
 def tiny_clip_file(path):
@@ -56,10 +56,7 @@ def clear_output(out, overwrite):
     if entries and not overwrite:
         raise UserError(f"{out} is not empty; pass --overwrite to run the demo again from scratch")
     for entry in entries:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+        remove_path(entry)
 
 
 def build_parser():

@@ -4,9 +4,10 @@ An entry is the uint8 array of `Resize((size, size))(load_image(path, size))`, e
 the uncached pipeline feeds to its next transform (resizing an image to its own size is the
 identity), so a cached run computes what an uncached one does. Entries are named by a hash
 of the source's absolute path, byte size, modification and change times and inode and of
-the size, so an edited or replaced image is decoded again. Each entry is written to a temporary file and
-renamed into place: concurrent workers and processes never read a partial entry, and an
-entry that cannot be read (a crash mid-write on some file systems) is simply rebuilt.
+the size, so an edited or replaced image is decoded again. Each entry is written to a
+temporary file and renamed into place: concurrent workers and processes never read a
+partial entry, and an entry that cannot be read (a crash mid-write on some file systems)
+is simply rebuilt.
 """
 import hashlib
 import os

@@ -192,11 +192,10 @@ def append_jsonl(path, record):
 TRAINING_RESULTS = ("last.pth", "best.pth")
 
 
-def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True,
-                  resume_from="last.pth"):
+def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True):
     """Refuse to reuse a folder that holds any of `results` unless told how (creates
     nothing). `resumable=False`: the script has no --resume, so the message offers
-    --overwrite or another --out. A --resume with results but without `resume_from` (the
+    --overwrite or another --out. A --resume with results but without last.pth (the
     checkpoint it continues; users delete it to save space) is refused too: it would start
     again over them."""
     out_dir = Path(out_dir)
@@ -205,8 +204,8 @@ def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RE
         remedy = ("pass --resume to continue or --overwrite to start again" if resumable
                   else "pass --overwrite to replace them or choose another --out")
         raise UserError(f"{out_dir} already holds results ({existing[0]}); {remedy}")
-    if resumable and resume and existing and not (out_dir / resume_from).exists():
-        raise UserError(f"--resume: {out_dir} holds results ({existing[0]}) but no {resume_from} to continue from; "
+    if resumable and resume and existing and not (out_dir / "last.pth").exists():
+        raise UserError(f"--resume: {out_dir} holds results ({existing[0]}) but no last.pth to continue from; "
                         "pass --overwrite instead to start again")
     return out_dir
 
@@ -221,13 +220,20 @@ def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_
     out_dir.mkdir(parents=True, exist_ok=True)
     dist.check_shared_folder(out_dir)
     if overwrite and not resume and dist.is_main():
-        for path in (out_dir / name for name in (*results, *logs)):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink(missing_ok=True)
+        for name in (*results, *logs):
+            remove_path(out_dir / name)
     dist.barrier()  # no process looks into the folder before the old results are gone
     return out_dir
+
+
+def remove_path(path):
+    """Remove a file, a symlink (never what it points to) or a folder with its contents;
+    nothing if it is not there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def save_options(out_dir, args, write=True):
