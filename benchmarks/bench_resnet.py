@@ -3,18 +3,23 @@
     python benchmarks/bench_resnet.py                  # paper configuration on a GPU, tiny on a CPU
     python benchmarks/bench_resnet.py --config paper   # ResNet-50, 224 px, the paper's batches
 
-For each trainer (KMDN's feature ResNet at batch 32, Distill's student + frozen teacher at
-batch 64, the torchvision classifier at batch 32) the engine's own train_one_epoch runs
+First the data path alone: KMDN's DataLoader on JPEGs written for the run, and from
+--cache, with each batch moved to the device and scaled as training does, no model
+(--no-data-path: skip). Then, for each trainer (KMDN's feature ResNet at batch 32,
+Distill's student + frozen teacher at batch 64, the torchvision classifier at batch 32)
+the engine's own train_one_epoch runs
   - on synthetic batches already in memory (the model's speed), and
   - through the DataLoader on JPEGs written for the run (decode, resize, flip in workers),
     and reading the resized images from --cache (an untimed first epoch writes them),
 reporting images/s and, on GPUs, peak memory. On a GPU every case runs in fp32 and in
 bf16 + channels_last (the --amp/--channels-last defaults), in the same process, and
 KMDN's trainer also at --large-batch, where kernel launches no longer hide the GPU's
-speed, and compiled (--compile-modes, default reduce-overhead: CUDA graphs replay each step
-in one launch) at its own batch, in-memory. Models have random weights: timing depends on shapes, not values. JSON lines are
-appended to --out.
+speed, and compiled (--compile-modes, default reduce-overhead: CUDA graphs replay each
+step in one launch) at its own batch, in-memory. Models have random weights: timing
+depends on shapes, not values. JSON lines are appended to --out.
 """
+import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -38,8 +43,8 @@ from tgn.cache import ResizeCache  # noqa: E402
 from tgn.cli import COMPILE_MODES, make_parser  # noqa: E402
 from tgn.compat import grad_scaler  # noqa: E402
 from tgn.data import ImageList, build_transform  # noqa: E402
-from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, prepare_model,  # noqa: E402
-                        resolve_device, train_one_epoch, uses_cuda_graphs)
+from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, model_input,  # noqa: E402
+                        prepare_model, resolve_device, train_one_epoch, uses_cuda_graphs)
 from tgn.resnet import FeatureResNet  # noqa: E402
 
 CONFIGS = {
@@ -85,6 +90,34 @@ TRAINERS = ("kmdn", "distill", "classifier")
 SOURCES = ("memory", "jpeg", "jpeg+cache")
 
 
+def jpeg_loader(source, cfg, args, device, samples, cache_dir, batch):
+    """The trainers' DataLoader over `args.steps` batches of the JPEGs (source 'jpeg'), or of
+    their --cache entries ('jpeg+cache')."""
+    cache = ResizeCache(cache_dir, cfg["size"]) if source == "jpeg+cache" else None
+    dataset = ImageList(samples[: args.steps * batch], build_transform(cfg["size"], train=True), cfg["size"], cache)
+    return make_loader(dataset, batch, train=True, workers=args.workers, device=device, persistent=True)
+
+
+def time_data_path(source, cfg, args, device, samples, cache_dir):
+    """Images/s the data path alone delivers: each batch of KMDN's DataLoader moved to the
+    device and scaled as the engine does (channels_last on GPUs), no model. Above the
+    in-memory training rate, the data path does not hold training back."""
+    batch = cfg["batches"]["kmdn"]
+    loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
+    channels_last = device.type == "cuda"
+    timings = []
+    for epoch in range(2):  # the first, untimed, as in run()
+        loader.sampler.set_epoch(epoch)
+        synchronize(device)
+        started = time.perf_counter()
+        for images, _ in loader:
+            model_input(images, device, channels_last)
+        synchronize(device)
+        timings.append(time.perf_counter() - started)
+    return {"bench": "data_path", "source": source, "batch": batch, "channels_last": channels_last,
+            "images_per_second": round(args.steps * batch / timings[-1], 2)}
+
+
 def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch=None, compile_mode="off"):
     amp, channels_last = precision
     counters.clear()
@@ -101,18 +134,16 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
     scaler = grad_scaler(device) if amp == "fp16" else None
     batch = train_cfg.batch_size
     if source == "memory":
-        images = torch.randn(batch, 3, cfg["size"], cfg["size"])
+        # uint8 pixels, as the DataLoader delivers them: the same loop, scaling on the device included
+        images = torch.randint(0, 256, (batch, 3, cfg["size"], cfg["size"]), dtype=torch.uint8)
         labels = torch.arange(batch) % cfg["classes"]
         if device.type == "cuda":  # pinned, as the DataLoader's are: a pageable copy would sync every step
             images, labels = images.pin_memory(), labels.pin_memory()
         warm_loader, loader = [(images, labels)] * args.warmup, [(images, labels)] * args.steps
     else:
-        cache = ResizeCache(cache_dir, cfg["size"]) if source == "jpeg+cache" else None
-        dataset = ImageList(samples[: args.steps * batch], build_transform(cfg["size"], train=True), cfg["size"],
-                            cache)
         # A first, untimed epoch starts the persistent workers, fills the page cache and,
         # with --cache, writes the resized images; the second epoch is timed.
-        loader = make_loader(dataset, batch, train=True, workers=args.workers, device=device, persistent=True)
+        loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
         warm_loader = loader
     common = dict(amp=amp, scaler=scaler, channels_last=channels_last, desc=f"{trainer} {source}",
                   cuda_graphs=uses_cuda_graphs(compile_mode))
@@ -143,11 +174,14 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8 on GPUs, 2 on CPUs)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="timed batches")
-    parser.add_argument("--trainers", nargs="+", choices=TRAINERS, default=list(TRAINERS),
-                        help="trainers to time (KMDN's, Distill's, the classifier's)")
+    parser.add_argument("--trainers", nargs="*", choices=TRAINERS, default=list(TRAINERS),
+                        help="trainers to time (KMDN's, Distill's, the classifier's); none: the data path only")
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
                         help="where batches come from: synthetic in memory, JPEGs through the DataLoader, the "
                              "same with --cache")
+    parser.add_argument("--data-path", action=argparse.BooleanOptionalAction, default=True,
+                        help="first time the data path alone (DataLoader to device, no model) for each DataLoader "
+                             "source")
     parser.add_argument("--large-batch", type=int, default=256,
                         help="also time KMDN's trainer on in-memory batches of this size (0: no); at the paper's "
                              "batch of 32 a GPU spends much of each step waiting for kernel launches")
@@ -185,9 +219,13 @@ def main(argv=None):
             cases += [("kmdn", "memory", precision, args.large_batch, "off") for precision in precisions]
         if gpu and kmdn_in_memory:
             cases += [("kmdn", "memory", precision, None, mode) for mode in args.compile_modes for precision in precisions]
-        for trainer, source, precision, batch, compile_mode in cases:
-            result = run(trainer, source, precision, cfg, args, device, samples, Path(tmp) / "cache", batch,
-                         compile_mode)
+        cache_dir = Path(tmp) / "cache"
+        results = (time_data_path(source, cfg, args, device, samples, cache_dir)
+                   for source in args.sources if source != "memory" and args.data_path)
+        results = itertools.chain(results, (run(trainer, source, precision, cfg, args, device, samples, cache_dir,
+                                                batch, compile_mode)
+                                            for trainer, source, precision, batch, compile_mode in cases))
+        for result in results:  # each printed and written as soon as it is measured
             record = {**result, "config": name, "device": device_name, "workers": args.workers,
                       "warmup": args.warmup, "steps": args.steps, "torch": torch.__version__}
             print(json.dumps(record), flush=True)

@@ -53,9 +53,17 @@ def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_pa
     bench = load_script("bench_resnet")
     bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "kmdn",
                 "--sources", "memory", "jpeg+cache", "--out", str(out)])
-    written = records(out)
+    data_path, *written = records(out)
+    assert (data_path["bench"], data_path["source"], data_path["batch"]) == ("data_path", "jpeg+cache", 8)
+    assert data_path["images_per_second"] > 0 and data_path["channels_last"] is False
     assert [(r["trainer"], r["source"]) for r in written] == [("kmdn", "memory"), ("kmdn", "jpeg+cache")]
     assert all(r["images_per_second"] > 0 and (r["warmup"], r["steps"]) == (1, 1) for r in written)
+    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "--sources",
+                "jpeg", "--out", str(out)])  # no trainer: the data path alone
+    assert [(r["bench"], r["source"]) for r in records(out)[3:]] == [("data_path", "jpeg")]
+    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "kmdn",
+                "--sources", "jpeg", "--no-data-path", "--out", str(out)])
+    assert [(r["bench"], r["source"]) for r in records(out)[4:]] == [("resnet_train", "jpeg")]
     for flag, name in (("--trainers", "resnet"), ("--sources", "disk")):
         with pytest.raises(SystemExit):
             bench.main([flag, name, "--out", str(out)])

@@ -1,6 +1,6 @@
 """The CUDA paths, on a GPU (CI has none: these skip there; run them where one is lent).
 
-Checked: a ResNet trainer learns with the GPU defaults (bf16 autocast + channels_last), and
+Checked: uint8 batches scaled on the GPU give the CPU's values; a ResNet trainer learns with the GPU defaults (bf16 autocast + channels_last), and
 with CUDA graphs (--compile reduce-overhead) as without;
 CDTG trains on the GPU in fp32 and bf16, and compiled (no graph break); generation with
 CUDA graphs matches eager; pipelined generation (inputs drawn by a thread,
@@ -38,6 +38,13 @@ def jpeg_bytes(pixels, quality):
 
 def on_cuda(argv):
     return [*argv[:argv.index("--device")], *argv[argv.index("--device") + 2:], "--device", "cuda"]
+
+
+def test_uint8_batches_scaled_on_the_gpu_equal_the_cpus():
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8).pin_memory()
+    images = engine.model_input(pixels, torch.device("cuda"), channels_last=True)
+    assert images.dtype == torch.float32 and images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(images.cpu(), engine.model_input(pixels, torch.device("cpu")))
 
 
 def test_resnet_trainer_learns_with_the_gpu_defaults(toy_data, tmp_path, monkeypatch):

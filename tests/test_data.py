@@ -1,8 +1,14 @@
-"""Reading the dataset layout: spaces in names, bad lines, missing and broken images."""
+"""Reading the dataset layout: spaces in names, bad lines, missing and broken images; the
+preprocessing."""
+import numpy as np
 import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
 
 from conftest import write_dataset
-from tgn.data import ImageList, build_transform, open_dataset, read_annotation, samples_for
+from tgn.data import ImageList, build_transform, load_image, open_dataset, read_annotation, samples_for
+from tgn.engine import model_input
 from tgn.errors import UserError
 
 
@@ -14,6 +20,30 @@ def test_file_names_with_spaces(tmp_path):
     dataset = ImageList(samples_for(info.image_root("train"), entries, {0: 0, 1: 1}), build_transform(8, False))
     image, label = dataset[3]
     assert image.shape == (3, 8, 8) and label.item() == 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_uint8_batches_scaled_on_the_device_are_the_official_preprocessing(tmp_path, train, channels_last):
+    rng = np.random.default_rng(0)
+    paths = []
+    for k in range(12):  # asymmetric images at another size: the resize and the flips show
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(paths[-1])
+    steps = [transforms.Resize((16, 16))] + [transforms.RandomHorizontalFlip()] * train
+    official = transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    ours = build_transform(16, train)
+    torch.manual_seed(3)
+    expected = torch.stack([official(load_image(path, 16)) for path in paths])
+    torch.manual_seed(3)
+    pixels = torch.stack([ours(load_image(path, 16)) for path in paths])
+    assert pixels.dtype == torch.uint8 and pixels.shape == (12, 3, 16, 16)
+    images = model_input(pixels, torch.device("cpu"), channels_last)
+    assert torch.equal(images, expected)  # bit for bit
+    assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if train:
+        assert not torch.equal(images, model_input(torch.stack([build_transform(16, False)(load_image(path, 16))
+                                                                for path in paths]), torch.device("cpu")))
 
 
 def test_bad_annotation_line_names_file_and_line(tmp_path):

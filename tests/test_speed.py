@@ -96,11 +96,12 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
     for index in range(2):
         assert torch.equal(cached[index][0], plain[index][0])  # entry written
         assert torch.equal(cached[index][0], plain[index][0])  # entry read
-    entries = sorted((tmp_path / "cache" / "16px").rglob("*.npy"))
-    assert len(entries) == 2 and np.load(entries[0]).shape == (16, 16, 3)
+    entries = sorted((tmp_path / "cache" / "16px").rglob("*.chw"))
+    assert len(entries) == 2 and {entry.stat().st_size for entry in entries} == {3 * 16 * 16}
+    assert cached[0][0].dtype == torch.uint8 and cached[0][0].is_contiguous()
     path = samples[0][0]
     Image.new("RGB", (40, 40), (255, 0, 0)).save(path)  # an edited image is decoded again
-    assert torch.equal(cached[0][0], plain[0][0]) and len(list((tmp_path / "cache").rglob("*.npy"))) == 3
+    assert torch.equal(cached[0][0], plain[0][0]) and len(list((tmp_path / "cache").rglob("*.chw"))) == 3
     # Replaced by a file of the same size with the old times set back (cp -p, rsync -t, tar).
     bmp = Path(path).with_suffix(".bmp")
     Image.new("RGB", (40, 40), (0, 0, 0)).save(bmp)
@@ -112,12 +113,14 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
     assert np.asarray(black).max() == 0 and np.asarray(cache.load(bmp)).min() == 255
     with pytest.raises(UserError, match="cannot read image .*gone.jpg"):  # a file gone mid-run: one line
         cache.load(tmp_path / "gone.jpg")
-    cache.entry(path).write_bytes(b"half")  # an unreadable entry is rebuilt
-    assert torch.equal(cached[0][0], plain[0][0])
+    for damaged in (b"half", bytes(3 * 16 * 16 + 1)):  # an entry of the wrong length is rebuilt
+        cache.entry(path).write_bytes(damaged)
+        assert torch.equal(cached[0][0], plain[0][0])
+        assert cache.entry(path).stat().st_size == 3 * 16 * 16
     # Not two hex digits: no entry's folder can already have this name (a hash chose 'ab' once).
     blocker = tmp_path / "cache" / "16px" / "not-hex"
     blocker.write_text("a file where an entry folder goes")
-    monkeypatch.setattr(cache, "entry", lambda path: blocker / "x.npy")
+    monkeypatch.setattr(cache, "entry", lambda path: blocker / "x.chw")
     assert torch.equal(cached[1][0], plain[1][0])  # an entry that cannot be written costs speed only
     with pytest.raises(UserError, match="--cache .*cannot write there"):
         ResizeCache(blocker, 16)  # a wrong --cache: one line at start-up

@@ -1,25 +1,27 @@
 """--cache DIR: every image decoded and resized once, read back as raw pixels afterwards.
 
-An entry is the uint8 array of `Resize((size, size))(load_image(path, size))`, exactly what
-the uncached pipeline feeds to its next transform (resizing an image to its own size is the
-identity), so a cached run computes what an uncached one does. Entries are named by a hash
-of the source's absolute path, byte size, modification and change times and inode and of
-the size, so an edited or replaced image is decoded again. Each entry is written to a
+An entry holds the uint8 (C, H, W) pixels of `Resize((size, size))(load_image(path, size))`,
+exactly what the uncached pipeline feeds to its next transform (resizing an image to its
+own size is the identity), so a cached run computes what an uncached one does. The bytes
+are read straight into a tensor: no image library and no header to parse. Entries are named
+by a hash of the source's absolute path, byte size, modification and change times and inode
+and of the size, so an edited or replaced image is decoded again. Each entry is written to a
 temporary file and renamed into place: concurrent workers and processes never read a
-partial entry, and an entry that cannot be read (a crash mid-write on some file systems)
-is simply rebuilt.
+partial entry, and an entry of the wrong length (a crash mid-write on some file systems) is
+simply rebuilt.
 """
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+import torch
 from torchvision.transforms import functional as TF
 
 from tgn.data import load_image
 from tgn.errors import UserError
+
+SUFFIX = ".chw"  # raw pixels; earlier versions wrote .npy entries, which are not read
 
 
 class ResizeCache:
@@ -43,24 +45,28 @@ class ResizeCache:
         # rsync -t, unpacking an archive) still gets a new ctime, which cannot be set back.
         identity = f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
         key = hashlib.sha1(f"{path}\0{identity}\0{self.size}".encode()).hexdigest()
-        return self.root / key[:2] / f"{key}.npy"
+        return self.root / key[:2] / f"{key}{SUFFIX}"
 
     def load(self, path):
-        """The RGB image at `path`, resized to size x size."""
+        """The RGB image at `path`, resized to size x size, as a uint8 (3, size, size) tensor."""
         entry = self.entry(path)
+        pixels = torch.empty(3, self.size, self.size, dtype=torch.uint8)
         try:
-            return Image.fromarray(np.load(entry, allow_pickle=False))
-        except (OSError, ValueError, EOFError):
+            with open(entry, "rb") as handle:
+                # One byte more than an entry holds: a longer file is not an entry either.
+                if handle.readinto(memoryview(pixels.numpy()).cast("B")) == pixels.numel() and not handle.read(1):
+                    return pixels
+        except OSError:
             pass  # missing or unreadable: (re)build it
-        image = TF.resize(load_image(path, self.size), [self.size, self.size])
+        pixels = TF.pil_to_tensor(TF.resize(load_image(path, self.size), [self.size, self.size])).contiguous()
         tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
-                np.save(handle, np.asarray(image), allow_pickle=False)
+                handle.write(pixels.numpy().data)
             os.replace(tmp, entry)
         except OSError:  # a full disk costs speed, not the run
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
-        return image
+        return pixels

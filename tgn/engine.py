@@ -25,6 +25,7 @@ from tqdm import tqdm
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.compat import grad_scaler, mark_cuda_graph_step
+from tgn.data import normalize_pixels
 from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
@@ -127,6 +128,17 @@ def step_lr(optimizer, base_lr, epoch, milestones, gamma=0.1):
     return lr
 
 
+def model_input(images, device, channels_last=False):
+    """A batch on the device as the models take it. The DataLoader's uint8 pixels cross to
+    the device as they are and are scaled there (tgn.data.normalize_pixels), after the
+    change of layout, which also moves a quarter of the bytes; float batches are taken as
+    already scaled."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return normalize_pixels(images) if images.dtype == torch.uint8 else images
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", amp="off", scaler=None,
                     channels_last=False, check_every=20, cuda_graphs=False):
     """One pass over `loader`; returns mean loss and training accuracy over all processes.
@@ -140,10 +152,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
     for step, (images, labels) in enumerate(progress, start=1):
         if cuda_graphs:  # each batch is a new training step: its graph replay may reuse the last one's outputs
             mark_cuda_graph_step()
-        images = images.to(device, non_blocking=True)
+        images = model_input(images, device, channels_last)
         labels = labels.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp):
             loss, logits = loss_fn(model, images, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -173,9 +183,7 @@ def predict(model, loader, device, *, amp="off", channels_last=False, desc="test
     model.eval()
     targets, predictions = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main()):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = model_input(images, device, channels_last)
         with autocast(device, amp):
             logits = logits_of(model(images))
         predictions.append(logits.argmax(1).cpu())
