@@ -1,5 +1,7 @@
 """Reading the dataset layout: spaces in names, bad lines, missing and broken images; the
 preprocessing."""
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -44,6 +46,19 @@ def test_uint8_batches_scaled_on_the_device_are_the_official_preprocessing(tmp_p
     if train:
         assert not torch.equal(images, model_input(torch.stack([build_transform(16, False)(load_image(path, 16))
                                                                 for path in paths]), torch.device("cpu")))
+
+
+def test_training_datasets_pickle_for_spawned_workers(tmp_path):
+    # macOS and Windows start DataLoader workers by spawning: the dataset is pickled to them.
+    from tgn.cache import ResizeCache
+    from tgn.sampling import SeededItems
+
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    info = open_dataset(data)
+    samples = samples_for(info.image_root("train"), info.entries("train"), {0: 0, 1: 1})
+    dataset = SeededItems(ImageList(samples, build_transform(8, True), 8, ResizeCache(tmp_path / "cache", 8)))
+    copy = pickle.loads(pickle.dumps(dataset))
+    assert torch.equal(copy[(3, 7)][0], dataset[(3, 7)][0]) and copy[(3, 7)][1].item() == 1
 
 
 def test_bad_annotation_line_names_file_and_line(tmp_path):
