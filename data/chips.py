@@ -22,11 +22,7 @@ from tgn.cli import output_folder
 from tgn.data import SUBSETS, Entry, write_annotation, write_classes_json
 from tgn.errors import UserError
 
-# DOTA scenes reach 20000 x 20000 pixels, past PIL's decompression-bomb guard; the
-# sources here are the public releases the user downloaded, not untrusted uploads.
-Image.MAX_IMAGE_PIXELS = None
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")
 JPEG_QUALITY = 95
 # What --overwrite replaces in the output folder; anything else there is left alone.
 LAYOUT_ITEMS = ("train", "test", "anno", "classes.json")
@@ -286,16 +282,30 @@ def report(dataset, out, class_names, tally):
 
 # ---------------------------------------------------------------- cropping
 
+@contextmanager
+def scenes_of_any_size():
+    """Scenes open past PIL's decompression-bomb guard: DOTA's reach 20000 x 20000 pixels,
+    and they are the public release the user downloaded. Only scenes: a chip or a folder
+    dataset's image keeps the guard, as every stage reading it does."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def crop_chips(image, options):
     """Save one chip per object of one scene; return (subset, entries, skipped)."""
     entries, skipped = [], Counter()
-    try:
-        scene = Image.open(image.path)
-        scene.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-        raise UserError(f"cannot read image {image.path}: {exc}") from exc
-    with scene:
-        _crop_objects(scene, image, options, entries, skipped)
+    with scenes_of_any_size():  # PIL checks crops too: an airport's chip may be large
+        try:
+            scene = Image.open(image.path)
+            scene.load()
+        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+            raise UserError(f"cannot read image {image.path}: {exc}") from exc
+        with scene:
+            _crop_objects(scene, image, options, entries, skipped)
     return image.subset, entries, skipped
 
 

@@ -6,6 +6,7 @@ import unicodedata
 import warnings
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from data.chips import (
@@ -28,11 +29,21 @@ def class_folders(subset_dir):
     return [entry for entry in sorted(subset_dir.iterdir()) if entry.is_dir() and not is_hidden(entry)]
 
 
+def check_utf8_name(path, flag):
+    """The annotation files and classes.json are UTF-8 text: a name that is not (bytes from an
+    archive made on another system) cannot be written into them."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{flag}: the name of {str(path)!r} is not UTF-8 text; rename it (convmv converts "
+                        "such names)") from None
+
+
 def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     """{folder name: [image paths]} for the class folders of `subset_dir` named in
     `class_ids`; `unknown_folder(path)` is the error for any other folder. Other entries are
     counted and named once; images in subfolders of a class folder are not read, and said so."""
-    images, ignored, nested = {}, [], []
+    images, folder_of, stray, other_files, nested = {}, {}, [], [], []
     # Accented names may be stored composed or decomposed (macOS writes the latter): a test
     # folder copied from another system still matches its training folder.
     by_form = {unicodedata.normalize("NFC", name): name for name in class_ids}
@@ -40,29 +51,49 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
         if is_hidden(entry):
             continue
         if not entry.is_dir():
-            ignored.append(entry)
+            stray.append(entry)
             continue
+        check_utf8_name(entry, flag)
         name = by_form.get(unicodedata.normalize("NFC", entry.name))
         if name is None:
             raise UserError(unknown_folder(entry))
-        images[name] = []
+        if name in images:  # two folders that print alike: neither may silently replace the other
+            raise UserError(f"{flag}: folders {folder_of[name]} and {entry} are one name in two Unicode forms "
+                            "(composed and decomposed, as macOS stores names); merge them into one folder")
+        images[name], folder_of[name] = [], entry
         for path in sorted(entry.iterdir()):
             if is_hidden(path):
                 continue
             if is_image_file(path):
+                check_utf8_name(path, flag)
                 images[name].append(path)
             elif path.is_dir():
                 nested.append(path)
             else:
-                ignored.append(path)
+                other_files.append(path)
     if not any(images.values()):
         raise UserError(f"{flag}: no images in the class folders of {subset_dir}")
-    if ignored:
-        print(f"{flag}: ignored {len(ignored)} entries that are not images in class folders, e.g. {ignored[0]}")
+    report_ignored(flag, subset_dir, stray, other_files)
     if nested:
         warnings.warn(f"{flag}: images in folders inside a class folder are not read ({len(nested)} such folders, "
                       f"e.g. {nested[0]}); move them up into the class folder")
     return images
+
+
+def report_ignored(flag, subset_dir, stray, other_files):
+    """Name what is left out: files beside the class folders, and files inside them that are
+    not of the types read; images of other types (.gif, say) are warned about."""
+    if stray:
+        print(f"{flag}: ignored {len(stray)} files beside the class folders of {subset_dir}, e.g. {stray[0]}")
+    images = [path for path in other_files if path.suffix.lower() in Image.registered_extensions()]
+    if images:
+        types = " ".join(sorted({path.suffix.lower() for path in images}))
+        warnings.warn(f"{flag}: left out {len(images)} images of types not read ({types}), e.g. {images[0]}; "
+                      f"convert them to one of {' '.join(IMAGE_SUFFIXES)}")
+    if len(other_files) > len(images):
+        example = next(path for path in other_files if path not in images)
+        print(f"{flag}: ignored {len(other_files) - len(images)} files in class folders that are not images, "
+              f"e.g. {example}")
 
 
 def place(source, target, link):

@@ -5,17 +5,19 @@
 
 Each folder in --train-dir is a class. Its name, with underscores read as spaces, becomes
 the class name, which CDTG turns into the CLIP prompt "A photo of a {name}"; --class-names
-gives other names. Class ids 0, 1, ... follow the folders' alphabetical order (numeric
-order when every folder name is a number). --test-dir holds folders of the same names (a
-class may have none); without a test set, --test-fraction holds out that fraction of every
-class's images (at least one of a class with two or more), chosen at random with --seed.
-Images (.jpg .jpeg .png .bmp .tif .tiff) directly inside the class folders are read;
-hidden entries are not. Each is decoded once as a check, then copied under its own file
-name, or linked with --link hard|symlink.
+gives other names. Class ids 0, 1, ... follow the folders' names in order, case aside (by
+Unicode code point: accented initials after z), or numeric order when every folder name is
+a number. --test-dir holds folders of the same names (a class may have none); without a
+test set, --test-fraction holds out that fraction of every class's images (at least one of
+a class with two or more), chosen at random with --seed. Images (.jpg .jpeg .jfif .png .bmp
+.tif .tiff .webp) directly inside the class folders are read; hidden entries are not, and
+images of other types are named in a warning. Each is decoded once as a check, then copied
+under its own file name, or linked with --link hard|symlink.
 """
 import random
 import re
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def parse_args(argv):
 
 
 def folder_order(folders):
-    """Alphabetical, whatever the case, or numeric when every name is a number ('2' before '10')."""
+    """By name, case aside (code-point order), or numeric when every name is a number ('2' before '10')."""
     if all(name.isdecimal() for name in folders):
         return sorted(folders, key=int)
     return sorted(folders, key=lambda name: (name.casefold(), name))
@@ -67,10 +69,12 @@ def class_names_for(folders, names_path):
         given = read_json(names_path, "--class-names")
         if not isinstance(given, dict) or not all(isinstance(name, str) and name.strip() for name in given.values()):
             raise UserError(f'--class-names {names_path}: expected a JSON object {{"folder name": "class name"}}')
-        unknown = sorted(set(given) - set(folders))
+        # A name typed in one Unicode form matches a folder stored in the other (macOS: NFD).
+        by_form = {unicodedata.normalize("NFC", folder): folder for folder in folders}
+        unknown = sorted(key for key in given if unicodedata.normalize("NFC", key) not in by_form)
         if unknown:
             raise UserError(f"--class-names {names_path}: {unknown[0]!r} is not a class folder of --train-dir")
-        names.update({folder: name.strip() for folder, name in given.items()})
+        names.update({by_form[unicodedata.normalize("NFC", key)]: name.strip() for key, name in given.items()})
     seen = {}
     for folder in folders:  # CLIP's tokenizer lower-cases: 'Ship' and 'ship' are one prompt
         key = names[folder].casefold()

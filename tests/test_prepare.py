@@ -368,7 +368,7 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
     assert (out / "train/2/b.png").read_bytes() == (class_folders / "train/storage_tank/b.png").read_bytes()
     assert (out / "train/2/b.png").is_symlink() == (link == "symlink")
     printed = capsys.readouterr().out
-    assert "ignored 1 entries" in printed
+    assert re.search("ignored 1 files in class folders that are not images, e.g. .*readme.txt", printed)
 
 
 def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
@@ -619,3 +619,69 @@ def test_a_test_folder_matches_its_class_whatever_the_unicode_form_of_its_name(t
     info = open_dataset(tmp_path / "data")
     assert sorted(info.class_names.values()) == [composed, "port"]
     assert len(info.entries("test")) == 4
+
+
+def test_images_of_other_types_are_named_and_webp_is_read(class_folders, tmp_path, capsys):
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(class_folders / "train/ship/w.webp")
+    Image.new("RGB", (8, 8)).save(class_folders / "train/ship/anim.gif")
+    (class_folders / "train/notes.txt").write_text("beside the class folders")
+    with pytest.warns(UserWarning, match=r"left out 1 images of types not read \(.gif\), e.g. .*anim.gif"):
+        prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5",
+                              "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert re.search("ignored 1 files beside the class folders of .*train, e.g. .*notes.txt", printed)
+    assert "ignored 1 files in class folders that are not images, e.g. " in printed  # readme.txt
+    listed = [relpath for subset in ("train", "test") for relpath, _ in entries(open_dataset(tmp_path / "out"), subset)]
+    assert "1/w.webp" in listed and not any(name.endswith(".gif") for name in listed)
+
+
+def test_folder_dataset_images_keep_the_pixel_guard_that_training_keeps(class_folders, dota_src, tmp_path, capsys,
+                                                                        monkeypatch):
+    assert Image.MAX_IMAGE_PIXELS is not None  # importing the preparers lifts it nowhere
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 30)  # the 12 x 10 images are then past twice the limit
+    argv = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5", "--out", str(tmp_path / "out")]
+    assert exit_code(prepare_folders.main, argv) == 2
+    assert re.search(r"error: cannot read image .*exceeds limit", capsys.readouterr().err)
+    prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "dota"), "--workers", "1"])  # scenes: no guard
+    assert len(open_dataset(tmp_path / "dota").entries("train")) == 3
+    assert Image.MAX_IMAGE_PIXELS == 30
+
+
+def test_names_that_are_not_utf8_are_refused_before_anything_is_written(class_folders, tmp_path, capsys):
+    latin1 = os.fsdecode(b"caf\xe9")  # an archive's Latin-1 bytes, kept as they are by Linux
+    for bad in (class_folders / "train/ship" / f"{latin1}.jpg", class_folders / "train" / latin1 / "x.jpg"):
+        paint_scene(bad, (8, 8), {})
+        argv = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5", "--out", str(tmp_path / "out")]
+        assert exit_code(prepare_folders.main, argv) == 2
+        err = capsys.readouterr().err
+        assert re.search(r"error: --train-dir: the name of .*caf\\udce9.* is not UTF-8 text; rename it", err), err
+        assert "Traceback" not in err and not (tmp_path / "out").exists()
+        shutil.rmtree(bad.parent) if bad.parent.name == latin1 else bad.unlink()
+
+
+@pytest.mark.parametrize("subset", ["train", "test"])
+def test_two_folders_of_one_name_in_two_unicode_forms_are_refused(tmp_path, capsys, subset):
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    for folder, where in ((composed, "train"), ("port", "train"), (composed, "test"), ("port", "test"),
+                          (decomposed, subset)):
+        for i in range(2):
+            paint_scene(tmp_path / where / folder / f"{folder == decomposed}{i}.jpg", (8, 8), {})
+    argv = ["--train-dir", str(tmp_path / "train"), "--test-dir", str(tmp_path / "test"), "--out", str(tmp_path / "d")]
+    assert exit_code(prepare_folders.main, argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"error: --{subset}-dir: folders .* are one name in two Unicode forms", err), err
+    assert not (tmp_path / "d").exists()
+
+
+def test_class_names_match_folders_in_either_unicode_form(tmp_path):
+    import unicodedata
+
+    for folder in (unicodedata.normalize("NFD", "café"), "port"):  # as macOS stores it
+        for i in range(2):
+            paint_scene(tmp_path / "train" / folder / f"{i}.jpg", (8, 8), {})
+    (tmp_path / "names.json").write_text(json.dumps({unicodedata.normalize("NFC", "café"): "coffee shop"}))
+    prepare_folders.main(["--train-dir", str(tmp_path / "train"), "--test-fraction", "0.5", "--class-names",
+                          str(tmp_path / "names.json"), "--out", str(tmp_path / "d")])
+    assert open_dataset(tmp_path / "d").class_names == {0: "coffee shop", 1: "port"}
