@@ -16,6 +16,7 @@ from CDTG.tail_data import DEFAULT_PROMPT, IMAGE_LIST, MANIFEST, TailClasses  # 
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.data import open_dataset, write_annotation  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import make_folder  # noqa: E402
 from tgn.split import check_split_matches, load_split  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main(argv=None):
     ]
     tokenize_prompts([cls["prompt"] for cls in classes])  # CLIP takes at most 77 tokens
     tail = TailClasses(args.out, split.data_root, classes, split.fingerprint)
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_folder(args.out)
     write_annotation(args.out / IMAGE_LIST, entries)
     tail.write()
     print(f"{len(classes)} tail classes, {len(entries)} training images")

@@ -37,7 +37,9 @@ def build_parser():
     parser.add_argument("--out", type=output_folder, default=Path("runs/generated"), help="output folder")
     parser.add_argument("--per-class", type=positive_int, default=7000, help="images per tail class (the released classifier's)")
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="dataset class ids (default: every tail class)")
-    parser.add_argument("--r", type=fraction, default=0.05, help="proportion of noise in the fused latent")
+    parser.add_argument("--r", "--noise-ratio", dest="r", type=fraction, default=0.05,
+                        help="proportion of noise in the fused latent (under torchrun write --noise-ratio: torchrun "
+                             "reads --r as an abbreviation of its own flags)")
     parser.add_argument("--truncation", type=fraction, default=1.0,
                         help="truncation psi, 0 to 1 (1 = none; 0 = the class's mean W alone)")
     parser.add_argument("--batch", type=positive_int, default=64, help="images per generator call")
@@ -87,10 +89,9 @@ def main(argv=None):
                 "class_names": {str(cid): name for cid, name in zip(synth.tail.ids, synth.tail.names)}}
     check_settings(args.out, settings, args.overwrite)
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
-    args.out.mkdir(parents=True, exist_ok=True)
     # Rank 0 lists every process's images in anno.txt. Checked before anything is removed;
     # its collective also means every process checked the old settings.
-    dist.check_shared_folder(args.out)
+    dist.make_shared_folder(args.out)
     if dist.is_main():
         if args.overwrite:
             for cid in synth.tail.ids:

@@ -32,7 +32,7 @@ from tgn.cli import (DEFAULT_WORKERS, below_one, fraction, gan_size, make_parser
 from tgn import distributed as dist  # noqa: E402
 from tgn.compat import check_compile  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
-from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
 from tgn.io import save_options  # noqa: E402
 from tgn.resume import check_resume  # noqa: E402
 from CDTG.checkpoint import checkpoint_steps  # noqa: E402
@@ -199,13 +199,12 @@ def main(argv=None):
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
-    args.out.mkdir(parents=True, exist_ok=True)
-    dist.check_shared_folder(args.out)
+    dist.make_shared_folder(args.out)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
     if main and args.overwrite and not args.resume:
         clear_run(args.out)
     dist.barrier()  # no process looks for checkpoints before the old ones are gone
-    options = save_options(args.out, args, write=main)
+    options = save_options(args.out, args, write=False)
     metadata = {
         "generator_config": generator.config,
         "discriminator_config": discriminator.config,
@@ -222,7 +221,10 @@ def main(argv=None):
     trainer = CdtgTrainer(generator, discriminator, g_ema, fusion, teacher, clip_loss, gan_config(args), device,
                           args.out, metadata)
     if args.resume:
-        trainer.resume()
+        with alike_in_every_process():  # every process reads the same checkpoint: one line, from rank 0
+            trainer.resume()
+    # Written after the checkpoint's checks, so that a refused --resume leaves the run's own flags.
+    save_options(args.out, args, write=main)
     if main:
         print(f"CDTG: {num_classes} tail classes, {len(dataset)} images at {args.size} px, device {device}"
               f"{dist.describe()}, CLIP {'off' if clip_loss is None else args.clip}, steps {trainer.step}..{args.iter}")

@@ -45,6 +45,9 @@ from tgn.engine import adam, autocast, restore_optimizer
 from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
 
+# What a checkpoint needs to continue a run (fusion_ema and ada are optional: earlier versions).
+RESUMABLE = ("g", "d", "g_ema", "fusion", "g_optim", "d_optim", "ada_aug_p", "mean_path_length", "step")
+
 
 @dataclass
 class GanConfig:
@@ -199,6 +202,10 @@ class CdtgTrainer:
             return False
         path = self.out_dir / "checkpoint" / f"{steps[-1]}.pt"
         state = load_cdtg_checkpoint(path)
+        missing = [key for key in RESUMABLE if key not in state]
+        if missing:  # the official 200000.pt, say, has no fusion layer and no step
+            raise UserError(f"{path} holds no {missing[0]!r} to resume from (not a checkpoint of CDTG/train.py?); "
+                            "move it out of the run folder, or pass --overwrite to start again")
         if state.get("class_ids") != self.metadata["class_ids"]:
             raise UserError(f"{path} was trained on other tail classes; use another --out")
         if state.get("teacher_fingerprint", self.metadata.get("teacher_fingerprint")) != \

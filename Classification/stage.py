@@ -101,9 +101,11 @@ def report_and_figures(model, dataset, classes, out_dir, *, method, source, devi
                           generated_counts=classes.generated_counts, head=classes.head, tail=classes.tail,
                           grouping=classes.grouping)
     out_dir = Path(out_dir)
-    write_report(report, out_dir)
     plot_confusion(report, out_dir / "confusion_matrix.png")
     plot_long_tail([baseline, report] if baseline else [report], out_dir / "long_tail.png")
+    # report.json last: it marks a complete report (test.py refuses to replace one unasked),
+    # so a run stopped while writing leaves none, and its rerun writes the whole report.
+    write_report(report, out_dir)
     print(report_markdown(report))
     print(f"wrote {out_dir}/report.md, report.csv, report.json, confusion_matrix.png, long_tail.png")
     return report

@@ -90,7 +90,7 @@ def main(argv=None):
     if shapes["head"] != shapes["tail"]:  # the feature loss compares them: found now, not at the first batch
         raise UserError(f"the head and tail models give layer3 features of different shapes ({shapes['head']} vs "
                         f"{shapes['tail']}): {paths['head']} and {paths['tail']} need the same --arch and --width")
-    state = last_state(args.out / "distill" / "last.pth")
+    state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state)
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}

@@ -17,7 +17,7 @@ from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.compat import grad_scaler
 from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepare_model, restore_optimizer,
                         seed_everything, step_lr, train_one_epoch, uses_cuda_graphs)
-from tgn.errors import UserError
+from tgn.errors import UserError, alike_in_every_process
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import format_percent
 
@@ -85,12 +85,13 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
     best = {group: -math.inf for group in models}
     start_epoch = 0
     if resume and (out_dir / "last.pth").exists():
-        state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
-        for group in models:
-            load_weights(models[group], state["models"][group], out_dir / "last.pth")
-            restore_optimizer(optimizers[group], state["optimizers"][group])
-            if scalers[group] is not None and (state.get("scalers") or {}).get(group):
-                scalers[group].load_state_dict(state["scalers"][group])
+        with alike_in_every_process():  # every process reads the same file: one line, from rank 0
+            state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
+            for group in models:
+                load_weights(models[group], state["models"][group], out_dir / "last.pth")
+                restore_optimizer(optimizers[group], state["optimizers"][group])
+                if scalers[group] is not None and (state.get("scalers") or {}).get(group):
+                    scalers[group].load_state_dict(state["scalers"][group])
         best = state["best"]
         start_epoch = state["epoch"] + 1
         if main:

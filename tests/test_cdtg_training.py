@@ -285,6 +285,16 @@ def test_resume_refuses_other_flags_and_another_fusion_layer(cdtg_inputs, capsys
     with pytest.raises(SystemExit):
         train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", "--fusion-lr-mul", "1"))
     assert "another noise-fusion layer" in capsys.readouterr().err
+    assert not (out / "options.json").exists()  # a refused resume records none of its flags
+    state = torch.load(out / "checkpoint" / "2.pt", weights_only=False)
+    del state["g_optim"]  # as a checkpoint kept for generation only, or another tool's, would be
+    torch.save(state, out / "checkpoint" / "3.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert "3.pt holds no 'g_optim' to resume from (not a checkpoint of CDTG/train.py?)" in err
+    (out / "checkpoint" / "3.pt").unlink()
     assert sorted(path.name for path in (out / "checkpoint").iterdir()) == ["2.pt"]
 
 

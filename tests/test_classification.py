@@ -289,6 +289,27 @@ def test_test_py_replaces_a_report_only_with_overwrite(trained, tmp_path, capsys
     assert read_report(tmp_path / "report")["method"] == "second"
 
 
+def test_a_report_stopped_midway_is_written_whole_by_its_rerun(trained, tmp_path, capsys, monkeypatch):
+    import Classification.stage
+
+    data, out, _ = trained
+    common = ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "report"),
+              "--workers", "0", "--device", "cpu"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C, or a full disk, while the figures are drawn
+
+    monkeypatch.setattr(Classification.stage, "plot_long_tail", stopped)
+    with pytest.raises(SystemExit):
+        evaluate_main(common)
+    assert not (tmp_path / "report" / "report.json").exists()  # it marks a whole report
+    monkeypatch.undo()
+    capsys.readouterr()
+    evaluate_main(common)  # no --overwrite needed: nothing whole was there
+    names = {path.name for path in (tmp_path / "report").iterdir()}
+    assert {"report.json", "report.md", "report.csv", "confusion_matrix.png", "long_tail.png"} <= names
+
+
 def test_loading_errors_are_one_line(trained, tmp_path, capsys):
     _, out, _ = trained
     test_py = ["--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "report")]

@@ -292,6 +292,39 @@ def test_an_error_every_process_raises_prints_once(tmp_path):
     assert (tmp_path / "rank1.txt").read_text() == ""
 
 
+def run_mistakes(split_dir, root):
+    """Mistakes every process meets alike once joined: a run folder that cannot be created,
+    a last.pth of another shape. Records each process's error lines and exit status."""
+    common = ["--split", str(split_dir), "--out", str(root / "kmdn"), *TINY]
+    umodel_main([*common, "--epochs", "1"])
+    if dist.is_main():
+        last = root / "kmdn" / "head" / "last.pth"
+        state = load_checkpoint(last)
+        state["state_dict"]["conv1.weight"] = torch.zeros(8, 3, 7, 7)  # as a run of another --width left it
+        atomic_torch_save(last, state)
+    dist.barrier()
+    outcomes = {}
+    for name, argv in (("unwritable", [*common[:2], "--out", "/proc/tgn-no-such-run", *TINY, "--epochs", "1"]),
+                       ("other shape", [*common, "--epochs", "2", "--resume"])):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            umodel_main(argv)
+        outcomes[name] = {"code": exit_info.value.code,
+                          "errors": [line for line in err.getvalue().splitlines() if "error:" in line]}
+    (root / f"mistakes{dist.rank()}.json").write_text(json.dumps(outcomes))
+
+
+def test_mistakes_every_process_meets_print_one_line(split_dir, tmp_path):
+    run_in_processes(run_mistakes, split_dir, tmp_path)
+    rank0, rank1 = (json.loads((tmp_path / f"mistakes{r}.json").read_text()) for r in range(WORLD))
+    assert rank0["unwritable"]["errors"] == ["error: --out /proc/tgn-no-such-run/head: cannot create it (No such file "
+                                             "or directory)"]
+    assert len(rank0["other shape"]["errors"]) == 1
+    assert "last.pth does not fit this model: conv1.weight has shape (8, 3, 7, 7)" in rank0["other shape"]["errors"][0]
+    assert rank1 == {name: {"code": 2, "errors": []} for name in ("unwritable", "other shape")}
+    assert {outcome["code"] for outcome in rank0.values()} == {2}
+
+
 def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_removed(cdtg_inputs, monkeypatch,
                                                                                      capsys):
     run = cdtg_inputs / "run"

@@ -106,20 +106,71 @@ def test_lines_of_a_run_killed_before_its_first_checkpoint_are_dropped(split_dir
     assert len(lines) == 1 and json.loads(lines[0])["train_loss"] != 9
 
 
-def test_disk_full_while_saving_keeps_the_old_file(tmp_path, monkeypatch):
+class FullDisk:
+    """A file whose writes fail with ENOSPC past `room` bytes, as a full disk's do."""
+
+    def __init__(self, handle, room):
+        self.handle, self.room = handle, room
+
+    def write(self, data):
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "an OSError"])
+def test_disk_full_while_saving_keeps_the_old_file(tmp_path, monkeypatch, writer):
     path = tmp_path / "ckpt.pth"
     atomic_torch_save(path, {"version": 1})
+    if writer == "torch.save":  # its zip writer reports the OSError as a RuntimeError ("unexpected pos")
+        fdopen = os.fdopen
+        monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: FullDisk(fdopen(*args, **kwargs), 4096))
+    else:
+        def full_disk(obj, handle):
+            handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-    def full_disk(obj, handle):
-        handle.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match="No space left on device"):
-        atomic_torch_save(path, {"version": 2})
+        monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"cannot write .*ckpt.pth: No space left on device$"):
+        atomic_torch_save(path, {"version": 2, "weights": torch.zeros(10_000)})
     monkeypatch.undo()
     assert load_checkpoint(path) == {"version": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # the temporary file is gone
+
+
+def test_a_folder_that_cannot_be_written_is_one_line(split_dir, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(UserError, match=r"cannot write .*x.json: Read-only file system$"):
+        atomic_write_json(tmp_path / "x.json", {})
+    monkeypatch.undo()
+    # A run folder that cannot be created (here in /proc; a read-only mount does the same).
+    expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", "/proc/tgn-no-such-run",
+                                                   *TINY, "--epochs", "1"]),
+                      "--out /proc/tgn-no-such-run/head: cannot create it")
+
+
+def test_a_last_checkpoint_that_cannot_resume_is_one_line(split_dir, tmp_path, capsys):
+    common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY]
+    umodel_main([*common, "--epochs", "1"])
+    head = tmp_path / "kmdn" / "head"
+    (head / "last.pth").write_bytes((head / "best.pth").read_bytes())  # best.pth keeps no optimizer state
+    expect_user_error(capsys, lambda: umodel_main([*common, "--epochs", "2", "--resume"]),
+                      "it holds no 'optimizer' to resume from: a copy of best.pth")
 
 
 # ----- generated images: a batch reaches its names once on disk, whole or not at all -------------

@@ -141,6 +141,28 @@ def all_agree(flag):
 SHARED_FOLDER_WAIT_S = 10.0  # network file systems may show a new file to other nodes late
 
 
+def make_shared_folder(folder, flag="--out"):
+    """Create the run folder in every process, then (under torchrun) check that every
+    process shares it with rank 0. A process that cannot create it stops them all, with
+    one line from rank 0."""
+    failure = None
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or full file system, a file in the way
+        failure = exc.strerror or str(exc)
+    if not active():
+        if failure:
+            raise UserError(f"{flag} {folder}: cannot create it ({failure})")
+        return
+    failures = [None] * world_size()
+    dist.all_gather_object(failures, failure)
+    failed = [rank for rank, reason in enumerate(failures) if reason]
+    if failed:
+        where = "" if failed == list(range(world_size())) else f" in process {failed[0]}"
+        raise CollectiveError(f"{flag} {folder}: cannot create it{where} ({failures[failed[0]]})")
+    check_shared_folder(folder, flag)
+
+
 def check_shared_folder(folder, flag="--out"):
     """Under torchrun, refuse (in every process at once) a folder some process does not
     share with rank 0: rank 0 alone writes checkpoints, and every process reads them back
@@ -150,9 +172,15 @@ def check_shared_folder(folder, flag="--out"):
         return
     token = broadcast_object(f"{os.getpid()}-{time.time_ns()}" if is_main() else None)
     probe = Path(folder) / f".shared-check-{token}"  # a fresh name: no stale cached lookup of it
+    failure = None
     if is_main():
-        probe.write_text(token)
-    barrier()
+        try:
+            probe.write_text(token)
+        except OSError as exc:  # a read-only or full file system
+            failure = exc.strerror or str(exc)
+    failure = broadcast_object(failure)  # also the barrier: the probe is written when it returns
+    if failure:
+        raise CollectiveError(f"{flag} {folder}: cannot write there ({failure})")
     deadline = time.monotonic() + SHARED_FOLDER_WAIT_S
     while not (seen := _holds(probe, token)) and time.monotonic() < deadline:
         time.sleep(0.2)

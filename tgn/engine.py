@@ -26,7 +26,7 @@ from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.compat import grad_scaler, mark_cuda_graph_step
 from tgn.data import normalize_pixels
-from tgn.errors import CollectiveError, UserError
+from tgn.errors import CollectiveError, UserError, alike_in_every_process
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
 from tgn.resnet import ONE_PIXEL_MAPS
@@ -283,10 +283,11 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     result = TrainResult()
     start_epoch = 0
     if resume and (out_dir / "last.pth").exists():
-        state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
-        check_same_data(state, meta, out_dir / "last.pth")
-        load_weights(model, state["state_dict"], out_dir / "last.pth")
-        restore_optimizer(optimizer, state["optimizer"])
+        with alike_in_every_process():  # every process reads the same file: one line, from rank 0
+            state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
+            check_same_data(state, meta, out_dir / "last.pth")
+            load_weights(model, state["state_dict"], out_dir / "last.pth")
+            restore_optimizer(optimizer, state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1

@@ -9,6 +9,7 @@ line with its rank, since only it may have seen the problem (say, an unreadable 
 its share), except a CollectiveError, which all raise together. With gloo, a process whose
 collective fails because another one stopped says so in one line instead of a traceback.
 """
+import contextlib
 import functools
 import os
 import sys
@@ -26,6 +27,19 @@ class ProcessError(UserError):
 class CollectiveError(UserError):
     """Raised by every process of a torchrun job together (after a collective decided it,
     or from a check every process makes alike): rank 0 alone prints it."""
+
+
+@contextlib.contextmanager
+def alike_in_every_process():
+    """For what every process of a joined torchrun job does alike (reading the run's own
+    checkpoint to resume it): a UserError inside becomes a CollectiveError, which rank 0
+    alone prints, instead of one line per process."""
+    try:
+        yield
+    except (CollectiveError, ProcessError):
+        raise
+    except UserError as exc:
+        raise CollectiveError(str(exc)) from exc
 
 
 def _one_line(exc):
@@ -98,7 +112,8 @@ def cli_main(main):
             _print_error(exc)
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            if speaks():  # Ctrl-C reaches every process of a torchrun job
+                print("interrupted", file=sys.stderr)
             sys.exit(130)
         except RuntimeError as exc:
             rank = _joined_rank()

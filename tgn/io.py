@@ -29,8 +29,11 @@ def _write_temp(path, write, sync):
     `sync`); returns the temp file's path. The file gets the permissions open() would give
     it (mkstemp's are owner-only)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # a read-only or full file system
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             try:
@@ -41,13 +44,25 @@ def _write_temp(path, write, sync):
             if sync:
                 handle.flush()
                 os.fsync(handle.fileno())
-    except OSError as exc:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        failure = os_error_behind(exc)
+        if failure is None:
+            raise
+        raise UserError(f"cannot write {path}: {failure.strerror or failure}") from exc
     return tmp
+
+
+def os_error_behind(exc):
+    """The OSError that `exc` is or arose from, else None. torch.save's zip writer reports
+    a full disk as a RuntimeError ("unexpected pos") raised while handling the OSError."""
+    seen = set()
+    while isinstance(exc, Exception) and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _rename_into_place(tmp, path):
@@ -217,13 +232,22 @@ def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_
     inputs are validated, so that a bad input leaves nothing behind. Under torchrun (after
     dist.init) every process must see the same folder."""
     out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite, results=results)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dist.check_shared_folder(out_dir)
+    dist.make_shared_folder(out_dir)
     if overwrite and not resume and dist.is_main():
         for name in (*results, *logs):
             remove_path(out_dir / name)
     dist.barrier()  # no process looks into the folder before the old results are gone
     return out_dir
+
+
+def make_folder(path, flag="--out"):
+    """mkdir -p with a one-line error (a read-only or full file system, a file in the way)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {path}: cannot create it ({exc.strerror or exc})") from exc
+    return path
 
 
 def remove_path(path):

@@ -83,10 +83,14 @@ def check_same_data(state, meta, path):
                             "--overwrite to start again")
 
 
-def last_state(path):
+# What a ResNet trainer's last.pth holds to resume (its best.pth keeps no optimizer state).
+RESUMABLE = ("state_dict", "optimizer", "epoch")
+
+
+def last_state(path, needs=RESUMABLE):
     """The checkpoint a run resumes from, memory-mapped (its weights are not read); None
-    without one; {"unreadable": why} when it cannot be read (check_resume then says why,
-    and a run started again with --overwrite does not need it)."""
+    without one; {"unreadable": why} when it cannot be read or lacks one of `needs`
+    (check_resume then says why, and a run started again with --overwrite does not need it)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -94,7 +98,13 @@ def last_state(path):
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # torch 2.1 wants a str
     except Exception as exc:
         return {"unreadable": load_failure(path, exc)}
-    return state if isinstance(state, dict) else {"unreadable": "not one of this project's checkpoints"}
+    if not isinstance(state, dict):
+        return {"unreadable": "not one of this project's checkpoints"}
+    missing = [key for key in needs if key not in state]
+    if missing:
+        return {"unreadable": f"it holds no {missing[0]!r} to resume from: a copy of best.pth or of another "
+                              "checkpoint?"}
+    return state
 
 
 def epochs_done(state):

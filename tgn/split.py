@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tgn.data import Entry, check_files_exist, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
-from tgn.io import atomic_write_json, read_json
+from tgn.io import atomic_write_json, make_folder, read_json
 
 SPLIT_FORMAT = "tgn-split/1"
 GROUPS = ("head", "tail")
@@ -154,8 +154,7 @@ def compute_split(info, threshold_percent):
 
 def write_split(split, entries_by_subset, folder):
     """split.json plus head/tail annotation lists; the lists keep DATA-relative paths."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     split.folder = folder
     for group in GROUPS:
         members = set(split.ids(group))
