@@ -40,12 +40,11 @@ from tgn.compat import mark_cuda_graph_step
 from tgn.data import Entry, write_annotation
 from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
-from tgn.io import publish, write_pending
+from tgn.io import publish, remove_temp_files, write_pending
 from tgn.split import check_official_order
 
 ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
 IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
-UNFINISHED_NAME = re.compile(r"\.gen_\d{6}\.jpg\..+\.tmp")  # tgn.io's temp file of an image
 
 
 def image_seed(seed, class_id, index):
@@ -233,14 +232,6 @@ class HostImages:
         return self.host.numpy()
 
 
-def remove_unfinished(folder):
-    """Temp files of images a killed run had not yet published."""
-    if Path(folder).is_dir():
-        for path in Path(folder).iterdir():
-            if UNFINISHED_NAME.fullmatch(path.name):
-                path.unlink(missing_ok=True)
-
-
 def existing_indices(folder):
     folder = Path(folder)
     if not folder.is_dir():
@@ -362,13 +353,14 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     Under torchrun process r generates every N-th missing image (positions r, r + N, ...)."""
     out_dir = Path(out_dir)
     written = {}
+    if dist.is_main():  # before any process writes: the first listing below waits for it
+        remove_temp_files(out_dir)  # the images (and lists) a killed run had not yet published
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
             folder = out_dir / str(class_id)
             existing = None
             if dist.is_main():
-                remove_unfinished(folder)
                 existing = existing_indices(folder)
             # One listing for all processes (nodes may see a shared folder differently), made
             # before any process writes to it.

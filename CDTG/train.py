@@ -33,7 +33,7 @@ from tgn import distributed as dist  # noqa: E402
 from tgn.compat import check_compile  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
-from tgn.io import save_options  # noqa: E402
+from tgn.io import remove_temp_files, save_options  # noqa: E402
 from tgn.resume import check_resume  # noqa: E402
 from CDTG.checkpoint import checkpoint_steps  # noqa: E402
 
@@ -201,6 +201,8 @@ def main(argv=None):
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     dist.make_shared_folder(args.out)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
+    if main:
+        remove_temp_files(args.out)  # what a run killed mid-save left
     if main and args.overwrite and not args.resume:
         clear_run(args.out)
     dist.barrier()  # no process looks for checkpoints before the old ones are gone

@@ -10,6 +10,7 @@ from tgn.cli import head_percent
 from tgn.data import ImageList, build_transform, drop_unreadable, samples_for
 from tgn.engine import evaluate, make_loader
 from tgn.errors import UserError
+from tgn.io import remove_temp_files
 from tgn.split import check_split_matches, head_count, load_split, rank_classes
 
 DEFAULT_THRESHOLD = 40.0  # the paper's: the top 40% of classes by training count are head
@@ -101,6 +102,7 @@ def report_and_figures(model, dataset, classes, out_dir, *, method, source, devi
                           generated_counts=classes.generated_counts, head=classes.head, tail=classes.tail,
                           grouping=classes.grouping)
     out_dir = Path(out_dir)
+    remove_temp_files(out_dir)  # what a report killed mid-write left
     plot_confusion(report, out_dir / "confusion_matrix.png")
     plot_long_tail([baseline, report] if baseline else [report], out_dir / "long_tail.png")
     # report.json last: it marks a complete report (test.py refuses to replace one unasked),

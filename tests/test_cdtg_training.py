@@ -219,7 +219,10 @@ def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     options = ("--augment", "--augment-p", "0.5", "--flip")
     train_main(tiny_train_args(cdtg_inputs, straight, "--iter", "4", *options))
     train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "2", *options))
+    killed_mid_save = interrupted / "checkpoint" / ".3.pt.h4_plxqd.tmp"  # as SIGKILL leaves it
+    killed_mid_save.write_bytes(b"")
     train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "4", *options, "--resume"))
+    assert not killed_mid_save.exists()
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["ada_p"] == 0.5 for m in metrics)  # a fixed --augment-p stays fixed

@@ -148,6 +148,34 @@ def test_disk_full_while_saving_keeps_the_old_file(tmp_path, monkeypatch, writer
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # the temporary file is gone
 
 
+def test_ctrl_c_while_saving_is_an_interruption_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    class Interrupted(FullDisk):
+        def write(self, data):
+            self.room -= len(data)
+            if self.room < 0:
+                raise KeyboardInterrupt  # the signal lands in the middle of torch.save's writes
+            return self.handle.write(data)
+
+    fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda *args, **kwargs: Interrupted(fdopen(*args, **kwargs), 4096))
+    with pytest.raises(KeyboardInterrupt):  # not torch's RuntimeError ("unexpected pos"): cli_main's exit 130
+        atomic_torch_save(tmp_path / "ckpt.pth", {"weights": torch.zeros(10_000)})
+    assert not list(tmp_path.iterdir())
+
+
+def test_temp_files_of_a_run_killed_mid_save_are_removed(split_dir, tmp_path):
+    common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY]
+    umodel_main([*common, "--epochs", "1"])
+    head = tmp_path / "kmdn" / "head"
+    left = [head / ".best.pth.4vxlalbe.tmp", head / "report" / ".report.json.x1_y2.tmp"]  # as SIGKILL leaves them
+    for path in left:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half a checkpoint")
+    (head / ".notes.tmp").write_text("the user's")  # not a temp file of ours: kept
+    umodel_main([*common, "--epochs", "2", "--resume"])
+    assert not any(path.exists() for path in left) and (head / ".notes.tmp").exists()
+
+
 def test_a_folder_that_cannot_be_written_is_one_line(split_dir, tmp_path, capsys, monkeypatch):
     import tempfile
 

@@ -3,6 +3,7 @@ import ctypes
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -46,23 +47,40 @@ def _write_temp(path, write, sync):
                 os.fsync(handle.fileno())
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        failure = os_error_behind(exc)
-        if failure is None:
+        failure = failure_behind(exc)
+        if isinstance(failure, KeyboardInterrupt) and failure is not exc:
+            raise KeyboardInterrupt from exc  # Ctrl-C while saving: the scripts' "interrupted", exit 130
+        if not isinstance(failure, OSError):
             raise
         raise UserError(f"cannot write {path}: {failure.strerror or failure}") from exc
     return tmp
 
 
-def os_error_behind(exc):
-    """The OSError that `exc` is or arose from, else None. torch.save's zip writer reports
-    a full disk as a RuntimeError ("unexpected pos") raised while handling the OSError."""
-    seen = set()
-    while isinstance(exc, Exception) and id(exc) not in seen:
-        if isinstance(exc, OSError):
+def failure_behind(exc):
+    """The OSError or KeyboardInterrupt that `exc` is or arose from, else `exc`. torch.save's
+    zip writer reports either as a RuntimeError ("unexpected pos") raised while handling it:
+    a full disk, or Ctrl-C in the middle of a write."""
+    seen, first = set(), exc
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (OSError, KeyboardInterrupt)):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return None
+    return first
+
+
+# The hidden temp files _write_temp names ".<name>.<random>.tmp".
+TEMP_FILE = re.compile(r"\..+\.[^.]+\.tmp")
+
+
+def remove_temp_files(folder):
+    """Remove the temp files a killed process left in `folder` and below (whole files only
+    ever get their names by a rename, so a temp file is always an unfinished write)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for path in folder.rglob(".*.tmp"):
+            if TEMP_FILE.fullmatch(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def _rename_into_place(tmp, path):
@@ -226,16 +244,19 @@ def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RE
 
 
 def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, logs=("metrics.jsonl",)):
-    """check_run_dir, then create the folder; with --overwrite (and no --resume) the earlier
-    run's `results` and `logs` are removed first, by rank 0, so that a new run stopped
-    early leaves none of them for a later --resume to take for its own. Call it once the
-    inputs are validated, so that a bad input leaves nothing behind. Under torchrun (after
-    dist.init) every process must see the same folder."""
+    """check_run_dir, then create the folder and remove what a run killed mid-save left
+    (temp files); with --overwrite (and no --resume) the earlier run's `results` and `logs`
+    are removed first, by rank 0, so that a new run stopped early leaves none of them for a
+    later --resume to take for its own. Call it once the inputs are validated, so that a
+    bad input leaves nothing behind. Under torchrun (after dist.init) every process must
+    see the same folder."""
     out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite, results=results)
     dist.make_shared_folder(out_dir)
-    if overwrite and not resume and dist.is_main():
-        for name in (*results, *logs):
-            remove_path(out_dir / name)
+    if dist.is_main():
+        remove_temp_files(out_dir)  # what a run killed mid-save left
+        if overwrite and not resume:
+            for name in (*results, *logs):
+                remove_path(out_dir / name)
     dist.barrier()  # no process looks into the folder before the old results are gone
     return out_dir
 
