@@ -91,7 +91,9 @@ def main(argv=None):
         raise UserError(f"the head and tail models give layer3 features of different shapes ({shapes['head']} vs "
                         f"{shapes['tail']}): {paths['head']} and {paths['tail']} need the same --arch and --width")
     state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
-    check_resume(args.out / "distill", args, done=epochs_done(state), state=state)
+    # Runs of earlier versions recorded no split: theirs is not checked.
+    check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
+                 data={"split_fingerprint": split.fingerprint})
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}
     for group, (train_set, _) in datasets.items():

@@ -141,6 +141,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
                                                   **summary, "seconds": round(time.time() - started, 2)})
         save_checkpoint(out_dir / "last.pth", {
             "format": "tgn-distill-state/1",
+            "split_fingerprint": metas["head"]["split_fingerprint"],  # --resume continues on the same data only
             "models": {group: model.state_dict() for group, model in models.items()},
             "optimizers": {group: opt.state_dict() for group, opt in optimizers.items()},
             "scalers": {group: scaler.state_dict() for group, scaler in scalers.items() if scaler is not None},

@@ -307,6 +307,21 @@ def test_distillation_resume_equals_uninterrupted_run(split_dir, tmp_path):
             assert torch.equal(value, b["models"][group][key]), (group, key)
 
 
+def test_distillation_resumes_only_on_the_data_it_started_with(toy_data, split_dir, tmp_path, capsys):
+    kmdn = tmp_path / "kmdn"
+    for main in (umodel_main, rmodel_main):
+        main(["--split", str(split_dir), "--out", str(kmdn), "--epochs", "1", *TINY])
+    common = ["--head-ckpt", str(kmdn / "head" / "best.pth"), "--tail-ckpt", str(kmdn / "tail" / "best.pth"),
+              "--distill-interval", "1", "--image-size", "16", "--batch-size", "8", "--workers", "0",
+              "--out", str(kmdn)]
+    distill_main(["--split", str(split_dir), *common, "--epochs", "1"])
+    anno = toy_data / "anno" / "TOY_train.txt"
+    anno.write_text("".join(anno.read_text().splitlines(keepends=True)[1:]))  # one image of class 0 fewer
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "other-split")])  # the same groups
+    expect_user_error(capsys, lambda: distill_main(["--split", str(tmp_path / "other-split"), *common, "--epochs", "2",
+                                                    "--resume"]), "was trained on a split of other data")
+
+
 # ----- bad input: one line, exit 2, nothing written ----------------------------------------------
 
 def test_bad_inputs_write_nothing(toy_data, split_dir, tmp_path, capsys):
