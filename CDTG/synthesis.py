@@ -44,6 +44,7 @@ from tgn.io import publish, remove_temp_files, write_pending
 from tgn.split import check_official_order
 
 ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
+FEATURE_BATCH = 64  # real images per pass of M_T; fixed, so that images do not depend on --batch
 IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
 
 
@@ -112,13 +113,15 @@ class TailSynthesizer:
         return synth
 
     @torch.no_grad()
-    def projected_features(self, label, batch_size):
-        """fusion.embed(M_T layer3 feature) of every real image of one class, computed once."""
+    def projected_features(self, label):
+        """fusion.embed(M_T layer3 feature) of every real image of one class, computed once,
+        in chunks of FEATURE_BATCH whatever --batch is: a feature's last bits depend on its
+        chunk, and the images on the features."""
         if label not in self._projected:
             indices = [i for i, (_, lab) in enumerate(self.dataset.samples) if lab == label]
             chunks = []
-            for start in range(0, len(indices), batch_size):
-                images = torch.stack([self.dataset[i][0] for i in indices[start:start + batch_size]])
+            for start in range(0, len(indices), FEATURE_BATCH):
+                images = torch.stack([self.dataset[i][0] for i in indices[start:start + FEATURE_BATCH]])
                 _, features = self.teacher(images.to(self.device))
                 chunks.append(self.fusion.embed(features))
             self._projected[label] = torch.cat(chunks)
@@ -134,10 +137,10 @@ class TailSynthesizer:
             torch.randn(layer.shape, generator=generator, out=layer)
         return real_index
 
-    def batch_inputs(self, class_id, indices, *, seed, batch_size=64):
+    def batch_inputs(self, class_id, indices, *, seed):
         """CPU tensors (z [N, D], real-image choices [N], noise maps) of a batch of images,
         each image drawn straight into its row (no per-image tensors to join)."""
-        num_real = self.num_real(class_id, batch_size)
+        num_real = self.num_real(class_id)
         pinned = self.device.type == "cuda"  # the copies to the GPU then do not block
         count = len(indices)
         z = torch.empty(count, self.latent_dim, pin_memory=pinned)
@@ -151,30 +154,34 @@ class TailSynthesizer:
         (a checkpoint replaced under the same name, as a retrained 200000.pt is)."""
         return weights_fingerprint(self.g_ema) + weights_fingerprint(self.fusion)
 
-    def real_counts(self, class_ids, batch_size=64):
+    def real_counts(self, class_ids):
         """{class id: real images whose features generation fuses}; computes them all, so
         that an unreadable image stops generation before anything is written."""
-        return {str(cid): self.num_real(cid, batch_size) for cid in class_ids}
+        return {str(cid): self.num_real(cid) for cid in class_ids}
 
-    def num_real(self, class_id, batch_size=64):
-        return self.projected_features(self.tail.label_of()[class_id], batch_size).shape[0]
+    def num_real(self, class_id):
+        return self.projected_features(self.tail.label_of()[class_id]).shape[0]
 
     @torch.no_grad()
     def render(self, class_id, inputs, *, ratio, truncation=1.0, batch_size=64):
         """Images [N, H, W, 3] uint8 on the device (queued, not waited for) from batch_inputs."""
         label = self.tail.label_of()[class_id]
-        projected = self.projected_features(label, batch_size)
+        projected = self.projected_features(label)
         z, real, noise = (item.to(self.device, non_blocking=True) if torch.is_tensor(item)
                           else [n.to(self.device, non_blocking=True) for n in item] for item in inputs)
+        count = z.shape[0]
+        if count < batch_size:
+            # Every batch has --batch rows, a short one padded with copies of its first image:
+            # a kernel's rounding depends on the batch's shape, so an image then depends on
+            # --batch, not on which images share its batch (other processes, a folder extended
+            # later). One batch shape is also one compiled graph.
+            z, real, *noise = (torch.cat([item, item[:1].expand(batch_size - count, *item.shape[1:])])
+                               for item in (z, real, *noise))
         labels = torch.full((z.shape[0],), label, device=self.device, dtype=torch.long)
         # The mapping network stays fp32 under --amp (as StyleGAN2-ADA keeps it); only the
         # synthesis convolutions run in reduced precision.
         styles = self.g_ema.get_latent(ratio * z + (1 - ratio) * projected[real], labels)
-        truncation_latent = self.mean_latent(label, ratio, batch_size) if truncation < 1 else None
-        count = styles.shape[0]
-        if self.compile != "off" and count < batch_size:  # one batch size, one compiled graph
-            styles, labels, *noise = (torch.cat([item, item[:1].expand(batch_size - count, *item.shape[1:])])
-                                      for item in (styles, labels, *noise))
+        truncation_latent = self.mean_latent(label, ratio) if truncation < 1 else None
         if uses_cuda_graphs(self.compile):
             mark_cuda_graph_step()
         images = self._pixels(styles, labels, noise, truncation, truncation_latent)
@@ -190,14 +197,14 @@ class TailSynthesizer:
         return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
     @torch.no_grad()
-    def mean_latent(self, label, ratio, batch_size=64, samples=4096):
+    def mean_latent(self, label, ratio, samples=4096):
         """The class's mean W (the truncation centre) over the inputs generation feeds the
         mapping network, `ratio` * noise + (1 - ratio) * a real image's projected feature,
         from a fixed seed and computed once, so that truncated images too depend on nothing
         but (seed, class id, index)."""
         key = (label, float(ratio))
         if key not in self._mean_latent:
-            projected = self.projected_features(label, batch_size)
+            projected = self.projected_features(label)
             generator = torch.Generator().manual_seed(label)
             z = torch.randn(samples, self.latent_dim, generator=generator).to(self.device)
             real = torch.randint(projected.shape[0], (samples,), generator=generator).to(self.device)
@@ -208,7 +215,7 @@ class TailSynthesizer:
 
     def generate(self, class_id, indices, *, ratio, seed, truncation=1.0, batch_size=64):
         """Images [N, H, W, 3] uint8 (numpy) of one class for the given image indices."""
-        inputs = self.batch_inputs(class_id, indices, seed=seed, batch_size=batch_size)
+        inputs = self.batch_inputs(class_id, indices, seed=seed)
         images = self.render(class_id, inputs, ratio=ratio, truncation=truncation, batch_size=batch_size)
         return images.cpu().numpy()
 
@@ -368,11 +375,11 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
             missing = [i for i in range(per_class) if i not in existing]
             mine = dist.shard(missing)
             chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
-            synth.num_real(class_id, batch_size)  # the teacher's pass, before the prefetch thread starts
+            synth.num_real(class_id)  # the teacher's pass, before the prefetch thread starts
             name = synth.tail.names[synth.tail.ids.index(class_id)]
 
             def draw(chunk, class_id=class_id):
-                return synth.batch_inputs(class_id, chunk, seed=seed, batch_size=batch_size)
+                return synth.batch_inputs(class_id, chunk, seed=seed)
 
             upcoming = prefetch.submit(draw, chunks[0]) if chunks else None
             for position in tqdm(range(len(chunks)), desc=f"class {class_id} ({name})", dynamic_ncols=True,

@@ -144,7 +144,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
         synth = TailSynthesizer(trainer.g_ema, trainer.fusion, trainer.teacher, tail, device, modconv=modconv,
                                 amp=amp, compile=compile)
         if not render:
-            ready = synth.render(0, synth.batch_inputs(0, list(range(batch)), seed=0, batch_size=batch), ratio=0.05,
+            ready = synth.render(0, synth.batch_inputs(0, list(range(batch)), seed=0), ratio=0.05,
                                  batch_size=batch)
             synth.render = lambda class_id, inputs, **options: ready[: inputs[0].shape[0]]
         common = dict(class_ids=[0], ratio=0.05, seed=0, truncation=1.0, batch_size=batch, quality=95,
@@ -156,7 +156,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             run_generation(synth, folder / "timed", per_class=images, **common)
             seconds = time.perf_counter() - started
         else:
-            inputs = synth.batch_inputs(0, list(range(batch)), seed=0, batch_size=batch)
+            inputs = synth.batch_inputs(0, list(range(batch)), seed=0)
 
             def render_one_batch():  # not `render`: that name is this function's flag, recorded below
                 synth.render(0, inputs, ratio=0.05, batch_size=batch)

@@ -376,6 +376,19 @@ def test_generation_mixes_noise_and_feature_by_r(trained_ckpt):
     assert np.abs(images(0.05) - images(0.05, real=other_real)).max() > 10  # r = 0.05: mostly the feature
 
 
+def test_every_batch_is_rendered_with_the_batch_size_whoever_shares_it(trained_ckpt, monkeypatch):
+    """A kernel's rounding depends on the batch's shape: a short batch is padded, so an image
+    is the same whether it came last in a run, in one process of several, or in a folder
+    extended later."""
+    synth = TailSynthesizer.from_checkpoint(trained_ckpt, torch.device("cpu"))
+    shapes, get_latent = [], synth.g_ema.get_latent
+    monkeypatch.setattr(synth.g_ema, "get_latent", lambda z, labels: shapes.append(len(z)) or get_latent(z, labels))
+    first = synth.render(3, synth.batch_inputs(3, [0, 1, 2, 3], seed=0), ratio=0.05, batch_size=4)
+    last = synth.render(3, synth.batch_inputs(3, [2, 3], seed=0), ratio=0.05, batch_size=4)
+    assert shapes == [4, 4] and last.shape[0] == 2
+    assert torch.equal(last, first[2:])
+
+
 def test_each_image_draws_its_inputs_from_its_own_seed_in_a_fixed_order(trained_ckpt):
     """The order of draws defines every generated image: changing it would give folders
     written by earlier versions other images under the same settings."""

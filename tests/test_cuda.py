@@ -163,7 +163,7 @@ def test_cuda_graph_generation_matches_eager(cdtg_checkpoint):
     images = {}
     for mode in ("off", "reduce-overhead"):
         synth = TailSynthesizer.from_checkpoint(cdtg_checkpoint, torch.device("cuda"), compile=mode)
-        rendered = [synth.render(3, synth.batch_inputs(3, chunk, seed=0, batch_size=4), ratio=0.05, batch_size=4)
+        rendered = [synth.render(3, synth.batch_inputs(3, chunk, seed=0), ratio=0.05, batch_size=4)
                     for chunk in chunks]  # every batch rendered before any is read
         images[mode] = torch.cat(rendered).cpu().numpy().astype(np.int16)
     assert images["off"].shape == (10, 32, 32, 3)

@@ -255,7 +255,7 @@ def test_generation_paths_give_the_same_images(cdtg_inputs, tmp_path, capsys):
     z, real, _ = synth.batch_inputs(3, list(range(1000)), seed=5)
     labels = torch.full((1000,), label)
     with torch.no_grad():
-        used = synth.g_ema.get_latent(0.05 * z + 0.95 * synth.projected_features(label, 64)[real], labels).mean(0)
+        used = synth.g_ema.get_latent(0.05 * z + 0.95 * synth.projected_features(label)[real], labels).mean(0)
         of_noise = synth.g_ema.get_latent(torch.randn(1000, z.shape[1]), labels).mean(0)
     centre = synth.mean_latent(label, 0.05)[0]
     assert (centre - used).norm() < 0.05 * (of_noise - used).norm()  # 0.0075 against 3.0 measured
