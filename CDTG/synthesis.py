@@ -361,13 +361,14 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     out_dir = Path(out_dir)
     written = {}
     if dist.is_main():  # before any process writes: the first listing below waits for it
-        remove_temp_files(out_dir)  # the images (and lists) a killed run had not yet published
+        remove_temp_files(out_dir)  # the lists a killed run had not yet published
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
             folder = out_dir / str(class_id)
             existing = None
             if dist.is_main():
+                remove_temp_files(folder)  # the images a killed run had not yet published
                 existing = existing_indices(folder)
             # One listing for all processes (nodes may see a shared folder differently), made
             # before any process writes to it.

@@ -202,7 +202,8 @@ def main(argv=None):
     dist.make_shared_folder(args.out)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
     if main:
-        remove_temp_files(args.out)  # what a run killed mid-save left
+        for folder in (args.out, args.out / "checkpoint"):  # what a run killed mid-save left
+            remove_temp_files(folder)
     if main and args.overwrite and not args.resume:
         clear_run(args.out)
     dist.barrier()  # no process looks for checkpoints before the old ones are gone

@@ -6,7 +6,6 @@ import unicodedata
 import warnings
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
 from data.chips import (
@@ -80,12 +79,17 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     return images
 
 
+# Raster image types a class folder may hold that are not read: named in a warning.
+OTHER_IMAGE_TYPES = (".gif", ".jp2", ".j2k", ".avif", ".heic", ".heif", ".tga", ".psd", ".ppm", ".pgm", ".pbm",
+                     ".pnm", ".qoi", ".ico", ".dds", ".pcx", ".sgi")
+
+
 def report_ignored(flag, subset_dir, stray, other_files):
     """Name what is left out: files beside the class folders, and files inside them that are
     not of the types read; images of other types (.gif, say) are warned about."""
     if stray:
         print(f"{flag}: ignored {len(stray)} files beside the class folders of {subset_dir}, e.g. {stray[0]}")
-    images = [path for path in other_files if path.suffix.lower() in Image.registered_extensions()]
+    images = [path for path in other_files if path.suffix.lower() in OTHER_IMAGE_TYPES]
     if images:
         types = " ".join(sorted({path.suffix.lower() for path in images}))
         warnings.warn(f"{flag}: left out {len(images)} images of types not read ({types}), e.g. {images[0]}; "

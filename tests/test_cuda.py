@@ -140,7 +140,7 @@ def test_pipelined_generation_writes_what_the_synchronous_path_computes(cdtg_che
     run_generation(synth, tmp_path, class_ids=[3], per_class=10, ratio=0.05, seed=0, truncation=1.0, batch_size=4,
                    quality=95, workers=3)
     for chunk in ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9]):
-        expected = synth.generate(3, chunk, ratio=0.05, seed=0)
+        expected = synth.generate(3, chunk, ratio=0.05, seed=0, batch_size=4)  # the batch shape generation used
         for position, index in enumerate(chunk):
             assert (tmp_path / "3" / image_name(index)).read_bytes() == jpeg_bytes(expected[position], 95)
 

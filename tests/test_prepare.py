@@ -625,12 +625,13 @@ def test_images_of_other_types_are_named_and_webp_is_read(class_folders, tmp_pat
     Image.new("RGB", (8, 8), (10, 200, 30)).save(class_folders / "train/ship/w.webp")
     Image.new("RGB", (8, 8)).save(class_folders / "train/ship/anim.gif")
     (class_folders / "train/notes.txt").write_text("beside the class folders")
+    (class_folders / "train/ship/labels.pdf").write_bytes(b"%PDF-1.4")  # PIL writes PDFs: still no image
     with pytest.warns(UserWarning, match=r"left out 1 images of types not read \(.gif\), e.g. .*anim.gif"):
         prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5",
                               "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert re.search("ignored 1 files beside the class folders of .*train, e.g. .*notes.txt", printed)
-    assert "ignored 1 files in class folders that are not images, e.g. " in printed  # readme.txt
+    assert "ignored 2 files in class folders that are not images, e.g. " in printed  # readme.txt, labels.pdf
     listed = [relpath for subset in ("train", "test") for relpath, _ in entries(open_dataset(tmp_path / "out"), subset)]
     assert "1/w.webp" in listed and not any(name.endswith(".gif") for name in listed)
 

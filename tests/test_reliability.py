@@ -167,13 +167,15 @@ def test_temp_files_of_a_run_killed_mid_save_are_removed(split_dir, tmp_path):
     common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY]
     umodel_main([*common, "--epochs", "1"])
     head = tmp_path / "kmdn" / "head"
-    left = [head / ".best.pth.4vxlalbe.tmp", head / "report" / ".report.json.x1_y2.tmp"]  # as SIGKILL leaves them
-    for path in left:
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(b"half a checkpoint")
-    (head / ".notes.tmp").write_text("the user's")  # not a temp file of ours: kept
+    left = head / ".best.pth.4vxlalbe.tmp"  # as SIGKILL leaves it
+    left.write_bytes(b"half a checkpoint")
+    kept = [head / ".notes.tmp",  # not a temp file of ours
+            head / "other-run" / ".last.pth.x1_y2.tmp"]  # another job's save in progress, below this folder
+    kept[1].parent.mkdir()
+    for path in kept:
+        path.write_text("not this run's")
     umodel_main([*common, "--epochs", "2", "--resume"])
-    assert not any(path.exists() for path in left) and (head / ".notes.tmp").exists()
+    assert not left.exists() and all(path.exists() for path in kept)
 
 
 def test_a_folder_that_cannot_be_written_is_one_line(split_dir, tmp_path, capsys, monkeypatch):

@@ -74,11 +74,12 @@ TEMP_FILE = re.compile(r"\..+\.[^.]+\.tmp")
 
 
 def remove_temp_files(folder):
-    """Remove the temp files a killed process left in `folder` and below (whole files only
-    ever get their names by a rename, so a temp file is always an unfinished write)."""
+    """Remove the temp files a killed process left in `folder` (whole files only ever get
+    their names by a rename, so a temp file is always an unfinished write). Not in its
+    subfolders: another job may be saving into a run folder below this one."""
     folder = Path(folder)
     if folder.is_dir():
-        for path in folder.rglob(".*.tmp"):
+        for path in folder.glob(".*.tmp"):
             if TEMP_FILE.fullmatch(path.name) and path.is_file():
                 path.unlink(missing_ok=True)
 
