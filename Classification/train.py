@@ -27,14 +27,14 @@ from Classification.model import build_classifier, checkpoint_meta, initialise_b
 from Classification.samples import class_order, training_images  # noqa: E402
 from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
                                   report_and_figures)
-from tgn.checkpoint import load_checkpoint, load_weights  # noqa: E402
+from tgn.checkpoint import check_fits, load_checkpoint, load_weights  # noqa: E402
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
                      training_config)
 from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset  # noqa: E402
 from tgn import distributed as dist  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
 from tgn.engine import check_one_image_batches, fit, seed_everything  # noqa: E402
-from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
 from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resume import check_resume, epochs_done, last_state  # noqa: E402
 
@@ -97,6 +97,9 @@ def main(argv=None):
     device = dist.init(args.device)  # joined after the input checks: an input error prints once per node
     seed_everything(args.seed)
     model = initialise_backbone(build_classifier(args.arch, len(class_ids)), args.pretrained)
+    if args.resume and state is not None:  # weights of another shape are refused before anything is written
+        with alike_in_every_process():  # every process reads the same file: one line
+            check_fits(model, state["state_dict"], args.out / "last.pth")
     run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
     options = save_options(run_dir, args, write=main)

@@ -16,11 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from KMDN.distillation import distill  # noqa: E402
 from KMDN.stage import checkpoint_meta, group_datasets, open_split  # noqa: E402
+from tgn.checkpoint import check_fits  # noqa: E402
 from tgn.cli import (add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
                      non_negative_float, positive_int, training_config)
 from tgn import distributed as dist  # noqa: E402
 from tgn.engine import check_one_image_batches, seed_everything  # noqa: E402
-from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
 from tgn.io import check_run_dir, prepare_run_dir, read_json, save_options  # noqa: E402
 from tgn.resnet import load_feature_resnet  # noqa: E402
 from tgn.resume import check_resume, epochs_done, last_state  # noqa: E402
@@ -94,6 +95,10 @@ def main(argv=None):
     # Runs of earlier versions recorded no split: theirs is not checked.
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
                  data={"split_fingerprint": split.fingerprint})
+    if args.resume and state is not None:  # weights of another shape are refused before anything is written
+        with alike_in_every_process():  # every process reads the same file: one line
+            for group, model in models.items():
+                check_fits(model, state["models"].get(group, {}), args.out / "distill" / "last.pth")
     datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
                 for group in paths}
     for group, (train_set, _) in datasets.items():

@@ -2,11 +2,12 @@
 from pathlib import Path
 
 from KMDN.stage import build_group_model, checkpoint_meta, group_datasets, open_split
+from tgn.checkpoint import check_fits
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,
                      training_config)
 from tgn import distributed as dist
 from tgn.engine import check_one_image_batches, fit, seed_everything
-from tgn.errors import UserError
+from tgn.errors import UserError, alike_in_every_process
 from tgn.io import check_run_dir, prepare_run_dir, save_options
 from tgn.resume import check_resume, epochs_done, last_state
 
@@ -38,6 +39,9 @@ def train_group(args):
     cfg = training_config(args, device)
     seed_everything(args.seed)
     model = build_group_model(split, group, args)
+    if args.resume and state is not None:  # weights of another shape are refused before anything is written
+        with alike_in_every_process():  # every process reads the same file: one line
+            check_fits(model, state["state_dict"], args.out / group / "last.pth")
     train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
     check_one_image_batches(len(train_set), args.batch_size, args.image_size, device, args.sync_bn,
                             f"the {group} classes' training images")

@@ -133,6 +133,24 @@ def test_resume_refuses_other_generated_images(toy_data, tmp_path, capsys):
     assert (tmp_path / "cls" / "options.json").read_text() == options  # refused before writing anything
 
 
+def test_resume_refuses_a_last_checkpoint_of_another_shape_before_writing(toy_data, tmp_path, capsys):
+    run = tmp_path / "cls"
+    common = ["--data-root", str(toy_data), "--out", str(run), "--device", "cpu", *TINY]
+    train_main([*common, "--epochs", "1"])
+    capsys.readouterr()
+    state = load_checkpoint(run / "last.pth")
+    state["state_dict"]["fc.0.weight"] = torch.zeros(7, state["state_dict"]["fc.0.weight"].shape[1])
+    torch.save(state, run / "last.pth")
+    (run / "options.json").unlink()  # the run's flags, which would have caught it, are gone
+    before = {path.name: path.stat().st_mtime_ns for path in run.iterdir()}
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*common, "--epochs", "2", "--resume"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert "last.pth does not fit this model: fc.0.weight has shape (7, " in errors[0]
+    assert {path.name: path.stat().st_mtime_ns for path in run.iterdir()} == before
+
+
 def test_bad_extra_folders_are_refused(toy_data, tmp_path):
     info = open_dataset(toy_data)
     with pytest.raises(UserError, match="no anno.txt"):

@@ -324,6 +324,28 @@ def test_distillation_resumes_only_on_the_data_it_started_with(toy_data, split_d
                                                     "--resume"]), "was trained on a split of other data")
 
 
+def test_a_last_checkpoint_of_another_shape_is_refused_before_anything_is_written(split_dir, tmp_path, capsys):
+    kmdn = tmp_path / "kmdn"
+    for main in (umodel_main, rmodel_main):
+        main(["--split", str(split_dir), "--out", str(kmdn), "--epochs", "1", *TINY])
+    distill = ["--split", str(split_dir), "--out", str(kmdn), "--distill-interval", "1", "--image-size", "16",
+               "--batch-size", "8", "--workers", "0"]
+    distill_main([*distill, "--epochs", "1"])
+    runs = {"head": (lambda state: state["state_dict"], lambda: umodel_main(
+                ["--split", str(split_dir), "--out", str(kmdn), "--epochs", "2", "--resume", *TINY])),
+            "distill": (lambda state: state["models"]["tail"], lambda: distill_main([*distill, "--epochs", "2",
+                                                                                      "--resume"]))}
+    for name, (weights, resume) in runs.items():
+        run = kmdn / name
+        state = load_checkpoint(run / "last.pth")
+        weights(state)["conv1.weight"] = torch.zeros(8, 3, 7, 7)  # as a run of another --width left it
+        atomic_torch_save(run / "last.pth", state)
+        (run / "options.json").unlink()  # the run's flags, which would have caught it, are gone
+        before = {path.name: path.stat().st_mtime_ns for path in run.iterdir()}
+        expect_user_error(capsys, resume, "last.pth does not fit this model: conv1.weight has shape (8, 3, 7, 7)")
+        assert {path.name: path.stat().st_mtime_ns for path in run.iterdir()} == before, name
+
+
 # ----- bad input: one line, exit 2, nothing written ----------------------------------------------
 
 def test_bad_inputs_write_nothing(toy_data, split_dir, tmp_path, capsys):

@@ -52,6 +52,15 @@ def state_dict_of(checkpoint, source="the file"):
 
 def load_weights(model, state_dict, source):
     """load_state_dict(strict=True) with a one-line error that names the mismatch."""
+    check_fits(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def check_fits(model, state_dict, source):
+    """Raise a one-line UserError unless `state_dict` has exactly `model`'s parameter names
+    and shapes. Reads shapes only, so it suits a memory-mapped checkpoint checked before
+    anything is written."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -67,8 +76,6 @@ def load_weights(model, state_dict, source):
                 f"{source} does not fit this model: {key} has shape {tuple(value.shape)}, "
                 f"expected {tuple(own[key].shape)} (another class count or architecture?)"
             )
-    model.load_state_dict(state_dict, strict=True)
-    return model
 
 
 def load_all_but_classifier(model, state_dict, source, target, classifier="fc."):
