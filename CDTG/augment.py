@@ -81,13 +81,14 @@ class AdaptiveAugment:
     (so p can cross [0, 1] in `length` images): up when r_t > target, down otherwise (a tie
     lowers p, as in rosinality), clamped to [0, 1]. Then the accumulators restart.
 
-    `update_every` defaults to 8 images, what rosinality's train.py (the official code's base)
-    passes whatever its --ada_every flag (256) says: every step at batch 8. StyleGAN2-ADA
-    uses 4 batches of 64 images (256). The step is count / length either way, so p moves at
-    the same average rate; fewer updates only make it coarser.
+    `update_every` counts images. rosinality's train.py (the official code's base) updates p
+    every 8 steps whatever its --ada_every flag says: 64 images at batch 8, which the trainer
+    passes by default (CDTG.trainer.ada_interval). StyleGAN2-ADA uses 4 batches of 64 images
+    (256). The step is count / length either way, so p moves at the same average rate; the
+    interval sets how many predictions each update averages and how coarse it is.
     """
 
-    def __init__(self, target=0.6, length=500_000, update_every=8, device="cpu"):
+    def __init__(self, target=0.6, length=500_000, update_every=64, device="cpu"):
         self.target = target
         self.length = length
         self.update_every = update_every

@@ -25,7 +25,7 @@ from CDTG.clip_loss import ClipConsistencyLoss, load_clip  # noqa: E402
 from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator  # noqa: E402
 from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  # noqa: E402
-from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
+from CDTG.trainer import ADA_STEPS, CdtgTrainer, GanConfig, accumulate, ada_interval  # noqa: E402
 from tgn.checkpoint import weights_fingerprint  # noqa: E402
 from tgn.cli import (DEFAULT_WORKERS, below_one, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
                      non_negative_int, output_folder, positive_float, positive_int)
@@ -99,9 +99,9 @@ def build_parser():
                             "(below 1: at 1 or above, p would never rise)")
     train.add_argument("--ada-length", type=positive_int, default=defaults.ada_length,
                        help="images over which ADA's p can move from 0 to 1")
-    train.add_argument("--ada-every", type=positive_int, default=defaults.ada_every,
-                       help="images between updates of ADA's p (8: rosinality's, every step at batch 8; "
-                            "StyleGAN2-ADA uses 256)")
+    train.add_argument("--ada-every", type=positive_int, default=None,
+                       help=f"images between updates of ADA's p (default: {ADA_STEPS} steps, {ADA_STEPS} x --batch "
+                            "images, as the official code; StyleGAN2-ADA uses 256)")
     train.add_argument("--save-every", type=positive_int, default=defaults.save_every, help="steps between checkpoints")
     train.add_argument("--sample-every", type=positive_int, default=defaults.sample_every, help="steps between sample grids")
     train.add_argument("--log-every", type=positive_int, default=defaults.log_every, help="steps between metrics lines")
@@ -166,6 +166,7 @@ def clear_run(out):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
     check_compile(args.compile)
     steps = checkpoint_steps(args.out / "checkpoint")
     if steps and not (args.resume or args.overwrite):

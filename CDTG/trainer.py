@@ -26,6 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -49,6 +50,16 @@ from tgn.io import append_jsonl, trim_jsonl
 RESUMABLE = ("g", "d", "g_ema", "fusion", "g_optim", "d_optim", "ada_aug_p", "mean_path_length", "step")
 
 
+# The official code (rosinality's train.py) updates ADA's p every 8 training steps, whatever
+# the batch: 64 images at batch 8.
+ADA_STEPS = 8
+
+
+def ada_interval(cfg):
+    """Images between updates of ADA's p: --ada-every, else ADA_STEPS steps of --batch."""
+    return cfg.ada_every or ADA_STEPS * cfg.batch
+
+
 @dataclass
 class GanConfig:
     """Official defaults (rosinality stylegan2-pytorch train.py, as used by TGN)."""
@@ -70,7 +81,7 @@ class GanConfig:
     ada_target: float = 0.6
     ada_length: int = 500_000
     flip: bool = False  # random horizontal flips of the reals: off in the official CDTG
-    ada_every: int = 8  # images between p updates: rosinality's train.py (every step at batch 8)
+    ada_every: Optional[int] = None  # images between p updates; None: ADA_STEPS steps' worth
     ema_half_life_kimg: float = 10.0
     save_every: int = 5000
     sample_every: int = 100
@@ -151,7 +162,7 @@ class CdtgTrainer:
         self.d_optim = adam(self.d.parameters(), lr=cfg.lr * d_ratio, betas=(0 ** d_ratio, 0.99 ** d_ratio))
         # --augment with --augment-p > 0 fixes p; with 0 the ADA controller tunes it.
         adaptive = cfg.augment and cfg.augment_p == 0
-        self.ada = AdaptiveAugment(cfg.ada_target, cfg.ada_length, cfg.ada_every, device) if adaptive else None
+        self.ada = AdaptiveAugment(cfg.ada_target, cfg.ada_length, ada_interval(cfg), device) if adaptive else None
         self.ada_p = cfg.augment_p if cfg.augment else 0.0
         self.step = 0
         self.mean_path_length = torch.tensor(0.0, device=device)

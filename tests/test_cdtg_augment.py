@@ -5,6 +5,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.nn import functional as F
 
 from CDTG.augment import COLOUR_KINDS, GEOMETRIC_KINDS, AdaptiveAugment, _sample_bilinear, augment
+from CDTG.trainer import GanConfig, ada_interval
 
 
 def seeded(seed):
@@ -194,6 +195,14 @@ def test_p_falls_below_target_and_on_a_tie_and_stays_in_range():
     for _ in range(20):
         ada.tune(torch.ones(8, 1))
     assert ada.p == 1.0
+
+
+def test_p_moves_every_8_steps_by_default_as_in_the_official_code():
+    for batch in (8, 16):
+        ada = AdaptiveAugment(length=1000, update_every=ada_interval(GanConfig(batch=batch)))
+        seen = [ada.tune(torch.ones(batch, 1)) for _ in range(8)]
+        assert seen == [0.0] * 7 + [pytest.approx(8 * batch / 1000)]  # one update, by the 8 steps' images
+    assert ada_interval(GanConfig(ada_every=256)) == 256
 
 
 def test_tune_ignores_the_graph_of_real_pred():

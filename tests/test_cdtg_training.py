@@ -235,6 +235,7 @@ def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
             assert torch.equal(a[part][key], b[part][key]), (part, key)
     assert a["class_ids"] == TAIL_IDS and a["prompts"][2] == "A photo of a golf field"
     assert isinstance(a["options"], dict) and a["generator_config"]["size"] == 32
+    assert a["options"]["ada_every"] == 8 * 4  # 8 steps of --batch 4: the interval a resumed run keeps
     assert (straight / "sample" / "000002.png").is_file()
     assert not torch.equal(a["fusion"]["project.weight"], load_cdtg_checkpoint(
         straight / "checkpoint" / "2.pt")["fusion"]["project.weight"])  # the fusion layer trains
