@@ -28,14 +28,17 @@ def class_folders(subset_dir):
     return [entry for entry in sorted(subset_dir.iterdir()) if entry.is_dir() and not is_hidden(entry)]
 
 
-def check_utf8_name(path, flag):
-    """The annotation files and classes.json are UTF-8 text: a name that is not (bytes from an
-    archive made on another system) cannot be written into them."""
+def check_listable_name(path, flag):
+    """The annotation files and classes.json are UTF-8 text, one image per line: a name that
+    is not UTF-8 (bytes from an archive made on another system) or holds a line break cannot
+    be written into them."""
     try:
         path.name.encode("utf-8")
     except UnicodeEncodeError:
         raise UserError(f"{flag}: the name of {str(path)!r} is not UTF-8 text; rename it (convmv converts "
                         "such names)") from None
+    if "\n" in path.name or "\r" in path.name:
+        raise UserError(f"{flag}: the name of {str(path)!r} holds a line break; rename it")
 
 
 def list_class_images(subset_dir, class_ids, flag, unknown_folder):
@@ -52,7 +55,7 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
         if not entry.is_dir():
             stray.append(entry)
             continue
-        check_utf8_name(entry, flag)
+        check_listable_name(entry, flag)
         name = by_form.get(unicodedata.normalize("NFC", entry.name))
         if name is None:
             raise UserError(unknown_folder(entry))
@@ -64,7 +67,7 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
             if is_hidden(path):
                 continue
             if is_image_file(path):
-                check_utf8_name(path, flag)
+                check_listable_name(path, flag)
                 images[name].append(path)
             elif path.is_dir():
                 nested.append(path)

@@ -88,6 +88,13 @@ def test_annotation_encodings(tmp_path):
         read_annotation(anno)
 
 
+def test_file_names_with_unicode_line_separators_are_one_line_each(tmp_path):
+    names = ["0/x\u2028y.jpg", "0/a\x85b.jpg", "1/p\x0cq\x1er.jpg", "1/u\u2029v.jpg"]  # str.splitlines splits these
+    anno = tmp_path / "a.txt"
+    anno.write_bytes("".join(f"{name} {name[0]}\n" for name in names).encode("utf-8"))
+    assert [(e.relpath, e.class_id) for e in read_annotation(anno)] == [(name, int(name[0])) for name in names]
+
+
 def test_class_list_mistakes_are_named(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
     (data / "classes.json").write_text('{"dataset": "TOY", "classes": [{"id": 0, "name": "a"}, {"id": 0, "name": "b"}]}')

@@ -660,6 +660,21 @@ def test_names_that_are_not_utf8_are_refused_before_anything_is_written(class_fo
         shutil.rmtree(bad.parent) if bad.parent.name == latin1 else bad.unlink()
 
 
+def test_names_with_line_breaks_are_refused_and_other_separators_pass(class_folders, tmp_path, capsys):
+    argv = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5", "--out", str(tmp_path / "out")]
+    bad = class_folders / "train/ship" / "a\nb.jpg"  # no line of an annotation file can hold it
+    paint_scene(bad, (8, 8), {})
+    assert exit_code(prepare_folders.main, argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: --train-dir: the name of .*a\\nb.jpg.* holds a line break; rename it", err), err
+    assert not (tmp_path / "out").exists()
+    bad.unlink()
+    paint_scene(class_folders / "train/ship" / "x\u2028y.jpg", (8, 8), {})  # a Unicode line separator: fine
+    prepare_folders.main(argv)
+    listed = [entry.relpath for subset in ("train", "test") for entry in open_dataset(tmp_path / "out").entries(subset)]
+    assert sum("x\u2028y.jpg" in relpath for relpath in listed) == 1
+
+
 @pytest.mark.parametrize("subset", ["train", "test"])
 def test_two_folders_of_one_name_in_two_unicode_forms_are_refused(tmp_path, capsys, subset):
     import unicodedata

@@ -40,6 +40,13 @@ class Entry:
     class_id: int
 
 
+def lines_of(text):
+    """The lines of an annotation file: split at newlines only (str.splitlines would also
+    split at U+2028, U+0085 and other separators, which a file name may hold); a CR-LF
+    file's carriage returns go."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def read_annotation(path):
     """Parse an annotation file into a list of Entry, naming the line of any error."""
     path = Path(path)
@@ -54,7 +61,7 @@ def read_annotation(path):
         raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[bom + exc.start]:02x}); "
                         "save the file as UTF-8") from None
     entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines_of(text), start=1):
         if not line.strip():
             continue
         fields = line.rstrip().rsplit(None, 1)
@@ -85,7 +92,7 @@ def check_files_exist(root, entries, source):
 def _line_of(source, relpath):
     """'FILE:LINE' of the first line of annotation file `source` listing `relpath`; else `source`."""
     try:
-        for number, line in enumerate(Path(source).read_text(encoding="utf-8-sig").splitlines(), start=1):
+        for number, line in enumerate(lines_of(Path(source).read_bytes().decode("utf-8-sig")), start=1):
             if [field.strip() for field in line.rstrip().rsplit(None, 1)[:1]] == [relpath]:
                 return f"{source}:{number}"
     except (OSError, UnicodeDecodeError):
