@@ -76,7 +76,7 @@ def main(argv=None):
     synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
                                             teacher=args.teacher, modconv=args.modconv, amp=args.amp,
                                             compile=args.compile, skip_bad_images=args.skip_bad_images)
-    class_ids = args.classes if args.classes else synth.tail.ids
+    class_ids = list(dict.fromkeys(args.classes)) if args.classes else synth.tail.ids  # an id given twice: once
     unknown = [cid for cid in class_ids if cid not in synth.tail.ids]
     if unknown:
         raise UserError(f"--classes: {unknown[0]} is not a tail class (tail classes: {synth.tail.ids})")

@@ -352,6 +352,14 @@ def test_generation_restarts_and_adds_without_overwriting(trained_ckpt, tmp_path
     assert len(read_anno(restarted)) == 6
 
 
+def test_generation_takes_a_class_given_twice_once(trained_ckpt, tmp_path, capsys):
+    generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3", "3", "--per-class", "2",
+                     "--out", str(tmp_path / "gen")])
+    out = capsys.readouterr().out
+    assert "wrote 2 images" in out and out.count(" dam ") == 1, out
+    assert len(read_anno(tmp_path / "gen")) == 2
+
+
 def test_generation_uses_the_averaged_fusion_layer(trained_ckpt, tmp_path):
     checkpoint = load_cdtg_checkpoint(trained_ckpt)
     average = checkpoint["fusion_ema"]["project.weight"]
