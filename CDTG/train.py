@@ -15,6 +15,7 @@ stays the global batch (each GPU takes --batch / N; keep that at 4 or more, the 
 the discriminator's minibatch-stddev groups).
 """
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
@@ -232,6 +233,9 @@ def main(argv=None):
     if main:
         print(f"CDTG: {num_classes} tail classes, {len(dataset)} images at {args.size} px, device {device}"
               f"{dist.describe()}, CLIP {'off' if clip_loss is None else args.clip}, steps {trainer.step}..{args.iter}")
+        if num_classes == 1:  # cross-entropy over one class is 0 whatever the fake looks like
+            warnings.warn("one tail class: its classifier and CLIP losses are 0, so only the adversarial loss "
+                          "trains the generator")
     samples = sample_set(dataset, num_classes, args.latent, device) if main else None
     final_step = trainer.fit(dataset, samples)
     if main:

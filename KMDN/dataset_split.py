@@ -34,6 +34,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if (args.out / "split.json").exists() and not args.overwrite:
         raise UserError(f"{args.out / 'split.json'} exists; pass --overwrite to replace it")
+    if args.threshold < 1:  # a fraction where a percentage belongs
+        warnings.warn(f"--threshold is a percentage: {args.threshold:g} means {args.threshold:g}% of the classes "
+                      f"(for {100 * args.threshold:g}%, pass {100 * args.threshold:g})")
     info = open_dataset(args.data_root)
     split, entries = compute_split(info, args.threshold)
     write_split(split, entries, args.out)
@@ -44,6 +47,11 @@ def main(argv=None):
         print(f"  {rank:3d}. {group}  {cid:4d}  {split.class_names[cid]:<28s} train {split.train_counts[cid]:7d}"
               f"  test {split.test_counts[cid]:7d}")
     print(f"wrote {args.out / 'split.json'}")
+    for group, trains in (("head", "UModel.py trains nothing"),
+                          ("tail", "RModel.py trains nothing, and CDTG's classifier and CLIP losses are 0")):
+        if len(getattr(split, group)) == 1:  # cross-entropy over one class is 0 whatever the model says
+            hint = "; a --threshold that leaves 2 classes in each group avoids it" if len(split.ranking) >= 4 else ""
+            warnings.warn(f"the {group} group has one class: cross-entropy over one class is 0, so {trains}{hint}")
     for group in ("head", "tail"):
         if not sum(split.test_counts[cid] for cid in getattr(split, group)):
             warnings.warn(f"the {group} classes have no test images: KMDN keeps the epoch of best {group} test "

@@ -352,6 +352,23 @@ def test_generation_restarts_and_adds_without_overwriting(trained_ckpt, tmp_path
     assert len(read_anno(restarted)) == 6
 
 
+def test_one_tail_class_is_warned_that_the_guidance_losses_vanish(cdtg_inputs):
+    from CDTG.dataset_split import main as cdtg_split_main
+    from KMDN.dataset_split import main as split_main
+    from tgn.io import atomic_torch_save
+
+    with pytest.warns(UserWarning, match="tail group has one class"):
+        split_main(["--data-root", str(cdtg_inputs / "data"), "--out", str(cdtg_inputs / "split1"), "--threshold", "80"])
+    cdtg_split_main(["--split", str(cdtg_inputs / "split1"), "--out", str(cdtg_inputs / "cdtg_data"), "--overwrite"])
+    teacher = FeatureResNet("resnet18", num_classes=1, width=4)
+    atomic_torch_save(cdtg_inputs / "M_T.pth", {"state_dict": teacher.state_dict(), "model_config": teacher.config,
+                                                "class_ids": [4], "class_names": ["golf field"]})
+    with pytest.warns(UserWarning, match="one tail class: its classifier and CLIP losses are 0"):
+        train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1"))
+    metrics = json.loads((cdtg_inputs / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["cls"] == 0 and metrics["clip"] == 0  # what the warning says
+
+
 def test_generation_takes_a_class_given_twice_once(trained_ckpt, tmp_path, capsys):
     generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3", "3", "--per-class", "2",
                      "--out", str(tmp_path / "gen")])

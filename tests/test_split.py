@@ -1,5 +1,6 @@
 """Head/tail split: counts, ranking, ties, threshold edges, nothing copied."""
 import json
+import warnings
 
 import pytest
 
@@ -80,6 +81,28 @@ def test_class_without_training_images_is_an_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip()
     assert message.startswith("error: class 1") and "\n" not in message
+
+
+def test_a_group_of_one_class_and_a_fraction_for_a_percentage_are_warned(tmp_path):
+    data = write_dataset(tmp_path / "data", {0: 6, 1: 4, 2: 3, 3: 2, 4: 2})
+    with pytest.warns(UserWarning) as caught:
+        split_main(["--data-root", str(data), "--out", str(tmp_path / "a"), "--threshold", "0.4"])  # meant 40
+    messages = [str(warning.message) for warning in caught]
+    assert "--threshold is a percentage: 0.4 means 0.4% of the classes (for 40%, pass 40)" in messages
+    assert ("the head group has one class: cross-entropy over one class is 0, so UModel.py trains nothing; a "
+            "--threshold that leaves 2 classes in each group avoids it") in messages
+    with pytest.warns(UserWarning) as caught:
+        split_main(["--data-root", str(data), "--out", str(tmp_path / "b"), "--threshold", "80"])
+    assert [str(warning.message) for warning in caught] == [
+        "the tail group has one class: cross-entropy over one class is 0, so RModel.py trains nothing, and CDTG's "
+        "classifier and CLIP losses are 0; a --threshold that leaves 2 classes in each group avoids it"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split_main(["--data-root", str(data), "--out", str(tmp_path / "c")])  # 2 head, 3 tail
+    assert not caught, [str(w.message) for w in caught]
+    three = write_dataset(tmp_path / "three", {0: 6, 1: 4, 2: 3})
+    with pytest.warns(UserWarning, match=r"head group has one class: .* trains nothing$"):  # no threshold helps
+        split_main(["--data-root", str(three), "--out", str(tmp_path / "d")])
 
 
 def test_missing_data_root_is_one_line(tmp_path, capsys):
