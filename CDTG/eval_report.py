@@ -7,6 +7,7 @@ starts with the table comparing the folders (labelled by their r).
 import csv
 import io
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -113,23 +114,24 @@ def plot_sample_sheet(sheets, class_ids, class_names, path, per_set=6, gap=12):
             for k, tile in enumerate(_thumbnails(sheets[group].get(cid), per_set)):
                 left = column * group_width + k * step
                 mosaic[row * step:row * step + THUMBNAIL, left:left + THUMBNAIL] = tile
-    height, width = mosaic.shape[:2]
-    figure = Figure(figsize=(width / 100, height / 100), dpi=100)
-    axes = figure.add_axes([0, 0, 1, 1])  # one image pixel per figure pixel; labels fit by bbox_inches="tight"
-    axes.imshow(mosaic, interpolation="nearest")
-    axes.set_yticks([row * step + THUMBNAIL / 2 for row in range(len(class_ids))],
-                    [f"{cid} {name}" for cid, name in zip(class_ids, class_names)], fontsize=9)
-    axes.xaxis.tick_top()
-    axes.set_xticks([column * group_width + per_set * step / 2 for column in range(len(groups))], groups,
-                    fontsize=9)
-    axes.tick_params(length=0)
-    for spine in axes.spines.values():
-        spine.set_visible(False)
-    FigureCanvasAgg(figure)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    with matplotlib.rc_context({"text.parse_math": False}):  # names as written: two '$' are not math here
+        height, width = mosaic.shape[:2]
+        figure = Figure(figsize=(width / 100, height / 100), dpi=100)
+        axes = figure.add_axes([0, 0, 1, 1])  # one image pixel per figure pixel; labels fit by bbox_inches="tight"
+        axes.imshow(mosaic, interpolation="nearest")
+        axes.set_yticks([row * step + THUMBNAIL / 2 for row in range(len(class_ids))],
+                        [f"{cid} {name}" for cid, name in zip(class_ids, class_names)], fontsize=9)
+        axes.xaxis.tick_top()
+        axes.set_xticks([column * group_width + per_set * step / 2 for column in range(len(groups))], groups,
+                        fontsize=9)
+        axes.tick_params(length=0)
+        for spine in axes.spines.values():
+            spine.set_visible(False)
+        FigureCanvasAgg(figure)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
 
 
 def write_evaluation(evaluation, out_dir):

@@ -5,8 +5,10 @@
   real training count, head bars orange, tail bars green, generated images stacked in
   light green, and each report's per-class accuracy as a line (baseline vs augmented).
 """
+import functools
 import io
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -21,6 +23,18 @@ HEAD_COLOUR, TAIL_COLOUR, GENERATED_COLOUR = "orange", "green", "#a8d890"
 LINE_COLOURS = ("blue", "black", "red", "purple", "brown")
 
 
+def _names_as_written(plot):
+    """Class and method names are shown as written: matplotlib would read a name holding two
+    '$' ('coins 50$ & 100$') as math and drop the signs."""
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return wrapper
+
+
 def _save(figure, path):
     FigureCanvasAgg(figure)
     buffer = io.BytesIO()
@@ -33,6 +47,7 @@ def _percent(value):
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+@_names_as_written
 def plot_confusion(report, path):
     cm = np.asarray(report["confusion_matrix"], dtype=np.float64)
     rows = cm.sum(axis=1, keepdims=True)
@@ -56,6 +71,7 @@ def plot_confusion(report, path):
     return _save(figure, path)
 
 
+@_names_as_written
 def plot_long_tail(reports, path):
     """Bars from the last report (the augmented one); one accuracy line per report."""
     last = reports[-1]

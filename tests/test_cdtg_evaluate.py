@@ -294,3 +294,18 @@ def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tai
     with pytest.raises(SystemExit):
         evaluate_script.main([str(root / "gen_copy"), *common, "--out", str(root / "e3"), "--skip-bad-images"])
     assert "error: cannot read image" in capsys.readouterr().err
+
+
+def test_the_sample_sheet_shows_names_with_dollar_signs_as_written(tmp_path, monkeypatch):
+    import CDTG.eval_report as eval_report
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    drawn = []
+    monkeypatch.setattr(eval_report, "FigureCanvasAgg", lambda figure: drawn.append(figure) or FigureCanvasAgg(figure))
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    eval_report.plot_sample_sheet({"real": {3: images}, "gen $1$": {3: images}}, [3], ["coins 50$ & 100$"],
+                                  tmp_path / "sheet.png")
+    texts = [text for text in drawn[0].findobj(Text) if "$" in text.get_text()]
+    assert {text.get_text() for text in texts} >= {"3 coins 50$ & 100$", "gen $1$"}
+    assert not any(text.get_parse_math() for text in texts)

@@ -411,6 +411,24 @@ def test_figures_of_hand_made_reports(tmp_path):
         plot_long_tail([other, augmented], tmp_path / "bad.png")
 
 
+def test_figures_show_names_with_dollar_signs_as_written(tmp_path, monkeypatch):
+    import Classification.figures as figures
+    from matplotlib.text import Text
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    name = "coins 50$ & 100$"  # two '$': math to matplotlib, which would drop them
+    report = build_report(np.array(BASELINE_CM), method="TGN $2$", source="x.pth", dataset="TOY",
+                          class_ids=[0, 1, 5, 7], class_names=[name, "b", "c", "d"], train_counts=[50, 30, 5, 2],
+                          generated_counts=None, head=[0, 1], tail=[5, 7], grouping="hand")
+    plot_confusion(report, tmp_path / "cm.png")
+    plot_long_tail([report], tmp_path / "lt.png")
+    for figure in drawn:
+        texts = [text for text in figure.findobj(Text) if "$" in text.get_text()]
+        assert texts and not any(text.get_parse_math() for text in texts)
+        assert name in {text.get_text() for text in texts}
+
+
 def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
     write_report(hand_report("baseline", BASELINE_CM), tmp_path / "baseline")
     write_report(hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45]), tmp_path / "tgn")
