@@ -6,6 +6,7 @@ import unicodedata
 import warnings
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from data.chips import (
@@ -138,6 +139,23 @@ def place_images(out, sources, link, tally):
             tally.entries[subset].append(Entry(relpath, class_id))
 
 
+def warn_of_dark_16_bit_images(paths):
+    """16-bit grey images load scaled from 0..65535 to 0..255 (tgn.data.to_8_bit), so data
+    of fewer bits in 16-bit files (a 12-bit sensor's 0..4095) loads nearly black: say so
+    before the dataset is built on them."""
+    dark = []
+    for path in tqdm(paths, desc="checking bit depths", unit="image", leave=False, dynamic_ncols=True):
+        with Image.open(path) as image:  # reads the header; only integer images are decoded
+            peak = image.getextrema()[1] if image.mode.startswith("I") else None
+        if peak is not None and peak < 2 ** 14:
+            dark.append((path, peak))
+    if dark:
+        path, peak = dark[0]
+        warnings.warn(f"{len(dark)} 16-bit images use at most 14 of their 16 bits (e.g. {path}, brightest value "
+                      f"{peak}): they are scaled from 0..65535 to 0..255 and load dark (brightest {round(peak / 257)} "
+                      "of 255); scale them to 8 bits before preparing them")
+
+
 def add_link_argument(parser):
     parser.add_argument("--link", choices=("hard", "symlink"), default=None,
                         help="link the images instead of copying them")
@@ -149,6 +167,7 @@ def prepare_folder_dataset(args, dataset, class_names, sources, inputs):
     check_distinct_names(sources)
     check_output(args.out, args.overwrite, inputs)  # before the minutes decoding may take
     check_readable([pair for pairs in sources.values() for pair in pairs])  # copying never decodes
+    warn_of_dark_16_bit_images([path for pairs in sources.values() for path, _ in pairs])
     tally = Tally()
     with building_dataset(args.out, args.overwrite, inputs) as folder:
         make_class_dirs(folder, class_names)

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -673,6 +674,22 @@ def test_names_with_line_breaks_are_refused_and_other_separators_pass(class_fold
     prepare_folders.main(argv)
     listed = [entry.relpath for subset in ("train", "test") for entry in open_dataset(tmp_path / "out").entries(subset)]
     assert sum("x\u2028y.jpg" in relpath for relpath in listed) == 1
+
+
+def test_16_bit_images_of_fewer_bits_are_warned_of(class_folders, tmp_path):
+    def grey16(path, peak):
+        Image.fromarray(np.linspace(0, peak, 120, dtype=np.uint16).reshape(10, 12)).save(path)
+
+    grey16(class_folders / "train/ship/full.png", 65535)  # the whole 16-bit range: loads as it should
+    argv = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_folders.main([*argv, "--out", str(tmp_path / "full")])
+    assert not [w for w in caught if "16-bit" in str(w.message)]
+    grey16(class_folders / "train/ship/twelve.png", 4095)  # a 12-bit sensor's values
+    with pytest.warns(UserWarning, match=r"1 16-bit images use at most 14 of their 16 bits \(e.g. .*twelve.png, "
+                                         r"brightest value 4095\): .* load dark \(brightest 16 of 255\)"):
+        prepare_folders.main([*argv, "--out", str(tmp_path / "twelve")])
 
 
 @pytest.mark.parametrize("subset", ["train", "test"])
