@@ -98,7 +98,8 @@ def metric_notes(args, evaluator):
         f"at equal counts (--max-per-class {args.max_per_class}).",
         "KID (x1000 in this table; raw in the JSON and CSV) is the unbiased squared MMD of the same features "
         "with a cubic polynomial kernel: it does not depend on the count, so it compares small tail classes and "
-        "sets of different sizes; values near 0, even slightly negative, mean no detectable difference.",
+        "sets of different sizes; values near 0, even slightly negative, mean no detectable difference. Copies "
+        "of the real images are not independent draws: they score clearly below 0, the more so the fewer images.",
         "The overall FID and KID pool, of every class both sets hold, as many real as generated images (the smaller "
         "count, a seeded subset), so both pools have the same class proportions.",
         "Generated images are read from their JPEG files (generation.py --quality), real ones from the "

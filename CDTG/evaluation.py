@@ -6,7 +6,9 @@ images of a class, a seeded random subset, resized to one square size; every mod
 those images (FID's Inception resizes again to 299 px, CLIP to its own resolution).
 Subsets and LPIPS pairs depend only on (seed, class, image count), the same for real and
 generated sets, so a folder holding copies of the real images scores FID 0 and the real
-LPIPS: the floor of every metric.
+LPIPS, the floor of those metrics, and a KID below 0: copies are not independent draws,
+and the unbiased estimate then comes out at -2/n times the mean gap between an image's
+kernel value with itself and with the others (n images), far from 0 at small n.
 """
 import math
 import warnings
