@@ -41,6 +41,23 @@ def test_official_state_dict_loads_strictly(official_kmdn_format, tmp_path):
     assert torch.equal(model.state_dict()["layer3.0.shortcut.0.weight"], state["layer3.0.shortcut.0.weight"])
 
 
+def test_files_that_are_no_kmdn_model_are_named_with_their_flag(official_kmdn_format, tmp_path):
+    import argparse
+
+    deeper = fake_state_dict(official_kmdn_format)
+    deeper.update({key.replace("layer3.5.", "layer3.6."): value for key, value in deeper.items()
+                   if key.startswith("layer3.5.")})  # one block more in stage 3: no layout this code builds
+    torch.save(deeper, tmp_path / "deeper.pth")
+    with pytest.raises(UserError, match=r"^tail model \(--teacher\) .*deeper.pth is a ResNet of an unsupported "
+                                        r"layout \(blocks per stage \(3, 4, 7, 3\)\); the KMDN models are resnet50 "
+                                        r"or resnet18$"):
+        load_feature_resnet(tmp_path / "deeper.pth", "tail model (--teacher)")
+    torch.save({"g_ema": {}, "args": argparse.Namespace(size=256)}, tmp_path / "200000.pt")  # the official CDTG file
+    with pytest.raises(UserError, match=r"^cannot load tail model \(--teacher\) .*200000.pt: it holds an "
+                                        r"argparse.Namespace, as the official CDTG checkpoint \(200000.pt\) does"):
+        load_feature_resnet(tmp_path / "200000.pt", "tail model (--teacher)")
+
+
 def test_wrong_class_count_is_a_one_line_error(official_kmdn_format):
     state = fake_state_dict(official_kmdn_format)
     with pytest.raises(UserError, match=r"fc.weight has shape \(12, 2048\), expected \(7, 2048\)"):

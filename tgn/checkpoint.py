@@ -30,6 +30,8 @@ def load_failure(path, exc):
     if path.stat().st_size == 0:
         return "the file is empty"
     text = str(exc).strip()
+    if "argparse.Namespace" in text:  # what the official CDTG checkpoint stores its options as
+        return "it holds an argparse.Namespace, as the official CDTG checkpoint (200000.pt) does: not this kind of file"
     if "Unsupported global" in text:  # a pickle that names classes or functions to call
         return "not a PyTorch checkpoint of plain data (loading it any other way could run code from the file)"
     if "weights_only" in text:  # torch.load's advice to retry unsafely: the file is not a checkpoint

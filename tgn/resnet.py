@@ -156,7 +156,7 @@ def load_backbone(model, spec, arch):
                                    f"--arch {arch} --width {model.config['width']}")
 
 
-def infer_config(state_dict):
+def infer_config(state_dict, source="the state dict"):
     """Constructor arguments of a FeatureResNet from its bare state dict (official files)."""
     bottleneck = "layer1.0.conv3.weight" in state_dict
     layers = tuple(
@@ -166,7 +166,8 @@ def infer_config(state_dict):
         if arch_layers == layers and (block == "bottleneck") == bottleneck:
             return {"arch": arch, "num_classes": int(state_dict["fc.weight"].shape[0]),
                     "width": int(state_dict["conv1.weight"].shape[0])}
-    raise UserError(f"unsupported ResNet layout: blocks per stage {layers}")
+    raise UserError(f"{source} is a ResNet of an unsupported layout (blocks per stage {layers}); the KMDN models "
+                    f"are {' or '.join(ARCHS)}")
 
 
 def load_feature_resnet(path, what="model checkpoint"):
@@ -183,6 +184,6 @@ def load_feature_resnet(path, what="model checkpoint"):
     if "fc.weight" not in state or "conv1.weight" not in state:
         raise UserError(f"{path} is not a ResNet checkpoint (no conv1/fc weights)")
     config = checkpoint.get("model_config") if "state_dict" in checkpoint else None
-    model = FeatureResNet(**(config or infer_config(state)))
+    model = FeatureResNet(**(config or infer_config(state, f"{what} {path}")))
     load_weights(model, state, path)
     return model, checkpoint
