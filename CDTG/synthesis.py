@@ -75,6 +75,11 @@ class TailSynthesizer:
     def from_checkpoint(cls, ckpt_path, device, *, data=None, data_root=None, teacher=None, **options):
         """From a CDTG checkpoint (ours, or the official one with --data and --teacher)."""
         checkpoint = load_cdtg_checkpoint(ckpt_path)
+        for flag, given, what in (("--data", data, "tail data"), ("--teacher", teacher, "tail model")):
+            recorded = checkpoint.get(flag[2:])
+            if given is None and recorded is not None and not Path(recorded).exists():
+                raise UserError(f"the {what} {recorded}, recorded in {ckpt_path}, is gone (moved with its run "
+                                f"folder?): pass {flag}")
         data = data or checkpoint.get("data")
         teacher = teacher or checkpoint.get("teacher")
         if data is None or teacher is None:

@@ -16,7 +16,7 @@ from CDTG.parallel import step_seed
 from tgn import distributed as dist
 from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
-from tgn.io import atomic_write_json, read_json
+from tgn.io import absolute_path, atomic_write_json, read_json
 from tgn.resnet import load_feature_resnet
 from tgn.split import check_official_order
 
@@ -31,7 +31,7 @@ class TailClasses:
 
     def __init__(self, folder, data_root, classes, split_fingerprint=None):
         self.folder = Path(folder)
-        self.data_root = Path(data_root)
+        self.data_root = absolute_path(data_root)  # recorded in the manifest, read from any folder
         self.classes = classes  # list of {"label", "id", "name", "prompt", "train_count"}
         self.split_fingerprint = split_fingerprint
 

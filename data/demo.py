@@ -114,7 +114,8 @@ def main(argv=None):
     for name, command in stages:
         print(f"\n=== {name} ===", flush=True)
         started = time.time()
-        result = subprocess.run([sys.executable, str(ROOT / command[0]), *map(str, command[1:])], cwd=ROOT)
+        # In the caller's folder, where a relative --out points; each script finds the code itself.
+        result = subprocess.run([sys.executable, str(ROOT / command[0]), *map(str, command[1:])])
         if result.returncode != 0:
             raise UserError(f"demo stage '{name}' failed (exit {result.returncode}); see its output above")
         timings.append((name, time.time() - started))

@@ -369,6 +369,15 @@ def test_one_tail_class_is_warned_that_the_guidance_losses_vanish(cdtg_inputs):
     assert metrics["cls"] == 0 and metrics["clip"] == 0  # what the warning says
 
 
+def test_generation_names_the_flag_for_a_recorded_path_that_is_gone(trained_ckpt, tmp_path, capsys):
+    (trained_ckpt.parents[2] / "cdtg_data").rename(trained_ckpt.parents[2] / "moved")  # moved with its run folder
+    with pytest.raises(SystemExit):
+        generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--out", str(tmp_path / "gen")])
+    assert capsys.readouterr().err.strip() == (f"error: the tail data {trained_ckpt.parents[2] / 'cdtg_data'}, "
+                                               f"recorded in {trained_ckpt}, is gone (moved with its run folder?): "
+                                               "pass --data")
+
+
 def test_generation_takes_a_class_given_twice_once(trained_ckpt, tmp_path, capsys):
     generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3", "3", "--per-class", "2",
                      "--out", str(tmp_path / "gen")])

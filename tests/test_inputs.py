@@ -486,3 +486,28 @@ def test_evaluation_batches_need_not_divide_over_the_processes(monkeypatch):
     assert sorted(seen) == list(range(11))
     with pytest.raises(CollectiveError, match="must be a multiple of the 2 processes"):
         make_loader(list(range(11)), 7, train=True)
+
+
+# ----- paths recorded for later stages ------------------------------------------------------------
+
+def test_recorded_paths_are_absolute_and_keep_symlinks(tmp_path, monkeypatch):
+    from CDTG.dataset_split import main as cdtg_split_main
+
+    write_dataset(tmp_path / "v1", {0: 6, 1: 5, 2: 4, 3: 4, 4: 3})
+    (tmp_path / "DATA").symlink_to(tmp_path / "v1")  # pointed at a new version later: followed, not frozen
+    monkeypatch.chdir(tmp_path)
+    split_main(["--data-root", "DATA", "--out", "split"])
+    assert json.loads((tmp_path / "split" / "split.json").read_text())["data_root"] == str(tmp_path / "DATA")
+    cdtg_split_main(["--split", "split", "--data-root", "./sub/../DATA", "--out", "cdtg"])
+    assert json.loads((tmp_path / "cdtg" / "tail_classes.json").read_text())["data_root"] == str(tmp_path / "DATA")
+    umodel_main(["--split", "split", "--out", "kmdn", "--epochs", "1", *TINY])
+    options = json.loads((tmp_path / "kmdn" / "head" / "options.json").read_text())
+    assert options["split"] == str(tmp_path / "split") and options["out"] == str(tmp_path / "kmdn")
+
+
+def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, monkeypatch):
+    from KMDN.dataset_split import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["--data-root", "~/DATA", "--out=~/runs/split"])
+    assert args.data_root == tmp_path / "DATA" and args.out == tmp_path / "runs" / "split"

@@ -587,6 +587,26 @@ def test_make_demo_is_deterministic_long_tailed_and_distinct(tmp_path):
     assert (predicted == test_y).mean() > 0.6
 
 
+def test_demo_writes_a_relative_out_in_the_callers_folder(tmp_path, monkeypatch):
+    import subprocess
+
+    import data.demo as demo
+    from conftest import ROOT
+
+    run, stages = subprocess.run, []
+
+    def first_stage_only(command, **kwargs):  # the demo data; the later stages are not needed here
+        stages.append(command)
+        return run(command, **kwargs) if len(stages) == 1 else subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(demo.subprocess, "run", first_stage_only)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        demo.main(["--out", "relative-demo"])
+    assert (tmp_path / "relative-demo" / "data" / "classes.json").is_file()
+    assert (tmp_path / "relative-demo" / "tiny_clip.pt").is_file() and not (ROOT / "relative-demo").exists()
+
+
 def test_demo_output_takes_an_empty_folder_and_replaces_only_its_own_run(tmp_path, capsys):
     from data.demo import clear_output
 

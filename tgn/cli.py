@@ -56,7 +56,7 @@ gan_size = _number(int, lambda v: 16 <= v <= 1024 and v & (v - 1) == 0, "a power
 def output_folder(text):
     """argparse type of a folder the script writes into: it may exist (as a folder) or not;
     a file at its place or on its way is refused before anything runs."""
-    path = Path(text)
+    path = Path(text).expanduser()
     for candidate in (path, *path.parents):
         if candidate.exists():
             if not candidate.is_dir():
@@ -76,6 +76,20 @@ class ArgumentParser(argparse.ArgumentParser):
     def print_help(self, file=None):
         if speaks():
             super().print_help(file)
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for key, value in vars(namespace).items():  # '~' the shell left alone ("~/x", --out=~/x)
+            setattr(namespace, key, _expand_user(value))
+        return namespace, extras
+
+
+def _expand_user(value):
+    if isinstance(value, Path):
+        return value.expanduser()
+    if isinstance(value, list) and any(isinstance(item, Path) for item in value):
+        return [_expand_user(item) for item in value]
+    return value
 
 
 def make_parser(doc):

@@ -282,10 +282,25 @@ def remove_path(path):
         path.unlink(missing_ok=True)
 
 
+def absolute_path(path):
+    """`path` made absolute for a file that records it: a later stage may run from another
+    folder. Symlinks are kept (a link pointed elsewhere later is followed) and '..' folded."""
+    return Path(os.path.abspath(os.fspath(path)))
+
+
+def _recorded(value):
+    if isinstance(value, Path):
+        return str(absolute_path(value))
+    if isinstance(value, (list, tuple)) and any(isinstance(item, Path) for item in value):
+        return [_recorded(item) for item in value]
+    return value
+
+
 def save_options(out_dir, args, write=True):
     """Resolved command-line options, next to the results they produced (`write=False`:
-    only the dict, for the processes that do not write under torchrun)."""
-    options = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    only the dict, for the processes that do not write under torchrun). Paths are recorded
+    absolute: test.py reads the run's --split from any folder."""
+    options = {key: _recorded(value) for key, value in vars(args).items()}
     if write:
         atomic_write_json(Path(out_dir) / "options.json", options)
     return options

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tgn.data import Entry, check_files_exist, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
-from tgn.io import atomic_write_json, make_folder, read_json
+from tgn.io import absolute_path, atomic_write_json, make_folder, read_json
 
 SPLIT_FORMAT = "tgn-split/1"
 GROUPS = ("head", "tail")
@@ -140,7 +140,7 @@ def compute_split(info, threshold_percent):
     n_head = head_count(len(ranking), threshold_percent)
     split = Split(
         dataset=info.name,
-        data_root=info.root.resolve(),
+        data_root=absolute_path(info.root),
         threshold=threshold_percent,
         class_names=dict(info.class_names),
         train_counts=train_counts,
@@ -178,7 +178,7 @@ def load_split(path, data_root=None):
     classes = {int(item["id"]): item for item in data["classes"]}
     split = Split(
         dataset=data["dataset"],
-        data_root=Path(data_root) if data_root else Path(data["data_root"]),
+        data_root=absolute_path(data_root) if data_root else Path(data["data_root"]),
         threshold=data["threshold_percent"],
         class_names={cid: item["name"] for cid, item in classes.items()},
         train_counts={cid: int(item["train_count"]) for cid, item in classes.items()},
