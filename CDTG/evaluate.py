@@ -24,7 +24,7 @@ from CDTG.tail_data import load_teacher  # noqa: E402
 from tgn.cli import DEFAULT_WORKERS, make_parser, non_negative_int, output_folder, positive_int  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import check_run_dir, save_options  # noqa: E402
+from tgn.io import check_run_dir, read_json, save_options  # noqa: E402
 
 
 def build_parser():
@@ -117,6 +117,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     folders = [Path(folder) for folder in args.folders]
     check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False)
+    recorded = args.out / "options.json"
+    if recorded.is_file() and "inception" not in read_json(recorded, "options"):  # not an evaluation's: keep it
+        raise UserError(f"{args.out} is another script's run folder (its options.json); choose another --out for "
+                        "the evaluation")
     data, teacher_path, notes = resolve_inputs(args)
     tail = load_tail_classes(data, args.data_root)
     device = resolve_device(args.device)

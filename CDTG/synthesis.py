@@ -80,6 +80,10 @@ class TailSynthesizer:
             if given is None and recorded is not None and not Path(recorded).exists():
                 raise UserError(f"the {what} {recorded}, recorded in {ckpt_path}, is gone (moved with its run "
                                 f"folder?): pass {flag}")
+        if data_root is None and checkpoint.get("data_root") is not None:  # the dataset training read
+            data_root = checkpoint["data_root"]
+            if not Path(data_root).is_dir():
+                raise UserError(f"the dataset {data_root}, recorded in {ckpt_path}, is gone (moved?): pass --data-root")
         data = data or checkpoint.get("data")
         teacher = teacher or checkpoint.get("teacher")
         if data is None or teacher is None:

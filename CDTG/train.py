@@ -167,6 +167,13 @@ def clear_run(out):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    defaults = GanConfig()
+    inert = [flag for flag, value, default in (
+        ("--augment-p", args.augment_p, defaults.augment_p), ("--ada-target", args.ada_target, defaults.ada_target),
+        ("--ada-length", args.ada_length, defaults.ada_length), ("--ada-every", args.ada_every, None))
+        if value != default]
+    if inert and not args.augment:  # the official code ignores them without it: say so instead
+        raise UserError(f"{', '.join(inert)} act only with --augment (ADA): add --augment or leave them out")
     args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
     check_compile(args.compile)
     steps = checkpoint_steps(args.out / "checkpoint")
@@ -221,6 +228,8 @@ def main(argv=None):
         "teacher": str(args.teacher.resolve()),
         "teacher_fingerprint": weights_fingerprint(teacher),
         "data": str(Path(args.data).resolve()),
+        "data_root": str(tail.data_root),  # the dataset read (--data-root, else the tail data's): generation's too
+        "clip_fingerprint": weights_fingerprint(clip_model) if clip_model is not None else None,
         "options": options,
     }
     trainer = CdtgTrainer(generator, discriminator, g_ema, fusion, teacher, clip_loss, gan_config(args), device,

@@ -229,14 +229,19 @@ class CdtgTrainer:
             raise UserError(f"{path} was trained on {state['train_counts']} images per tail class, --data has "
                             f"{self.metadata['train_counts']}; resume with the data it started with, or pass "
                             "--overwrite to start again")
+        if self.clip_loss is not None and state.get("clip_fingerprint", self.metadata.get("clip_fingerprint")) != \
+                self.metadata.get("clip_fingerprint"):  # runs of earlier versions recorded none
+            raise UserError(f"{path} was trained with another CLIP model (its weights differ from --clip's); the "
+                            "CLIP loss would change mid-run: resume with the CLIP it started with, or pass "
+                            "--overwrite to start again")
         if self.clip_loss is not None and state.get("prompts") != self.metadata.get("prompts"):
             raise UserError(f"{path} was trained with the prompts {state.get('prompts')}, --data has "
                             f"{self.metadata.get('prompts')}; the CLIP loss would change mid-run: restore them, or "
                             "pass --overwrite to start again")
         if state.get("fusion_config") != self.fusion.config:
             earlier = "lr_mul" not in (state.get("fusion_config") or {"lr_mul": None})
-            hint = (" (a run of an earlier version: resume it with --fusion-lr-mul 0 --flip --ada-every 256, the "
-                    "settings it was trained with)" if earlier else "")
+            hint = (" (a run of an earlier version: resume it with --fusion-lr-mul 0 --flip, and --ada-every 256 "
+                    "if it had --augment: the settings it was trained with)" if earlier else "")
             raise UserError(f"{path} has another noise-fusion layer ({state.get('fusion_config')}); resume with the "
                             f"flags it was trained with (--fusion-pool, --fusion-lr-mul) or use another --out{hint}")
         for module, key in ((self.g, "g"), (self.d, "d"), (self.g_ema, "g_ema"), (self.fusion, "fusion")):

@@ -369,6 +369,35 @@ def test_one_tail_class_is_warned_that_the_guidance_losses_vanish(cdtg_inputs):
     assert metrics["cls"] == 0 and metrics["clip"] == 0  # what the warning says
 
 
+def test_resume_refuses_another_clip_model(cdtg_inputs, capsys):
+    run = cdtg_inputs / "run"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1"))
+    other = tiny_clip()
+    with torch.no_grad():
+        other.logit_scale += 1  # another CLIP: one weight differs
+    torch.save(other.state_dict(), cdtg_inputs / "other_clip.pt")
+    argv = tiny_train_args(cdtg_inputs, run, "--iter", "2", "--resume")
+    argv[argv.index("--clip") + 1] = str(cdtg_inputs / "other_clip.pt")
+    with pytest.raises(SystemExit):
+        train_main(argv)
+    assert "1.pt was trained with another CLIP model (its weights differ from --clip's)" in capsys.readouterr().err
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--resume"))  # the same CLIP from another file name
+
+
+def test_generation_reads_the_images_training_read(cdtg_inputs, tmp_path):
+    copy = cdtg_inputs / "copy"
+    shutil.copytree(cdtg_inputs / "data", copy)
+    next((copy / "train" / "3").iterdir()).write_bytes(b"not a JPEG")
+    run = cdtg_inputs / "run"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1", "--clip", "none", "--data-root", str(copy),
+                               "--skip-bad-images"))
+    trained_on = load_cdtg_checkpoint(run / "checkpoint" / "1.pt")["train_counts"]
+    common = ["--ckpt", str(run / "checkpoint" / "1.pt"), "--device", "cpu", "--per-class", "2", "--skip-bad-images"]
+    generation_main([*common, "--out", str(tmp_path / "gen")])  # the copy, which training read, not the tail data's
+    real = json.loads((tmp_path / "gen" / "generation.json").read_text())["real_images"]
+    assert [real[str(cid)] for cid in TAIL_IDS] == trained_on and trained_on[1] == 3  # the tail data's has 4
+
+
 def test_generation_names_the_flag_for_a_recorded_path_that_is_gone(trained_ckpt, tmp_path, capsys):
     (trained_ckpt.parents[2] / "cdtg_data").rename(trained_ckpt.parents[2] / "moved")  # moved with its run folder
     with pytest.raises(SystemExit):

@@ -65,6 +65,14 @@ def test_impossible_cdtg_flags_stop_before_anything_is_written(cdtg_inputs, caps
     assert not out.exists()
 
 
+def test_ada_flags_without_augment_are_refused_not_ignored(cdtg_inputs, capsys):
+    out = cdtg_inputs / "never"
+    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "1",
+                                                                      "--augment-p", "0.5", "--ada-every", "64")),
+                      "--augment-p, --ada-every act only with --augment (ADA): add --augment or leave them out")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("device, message", [("bogus", "--device bogus: not a device"),
                                              ("mps", "--device mps: this code runs on CPUs and CUDA GPUs")])
 def test_unknown_device_is_one_line(split_dir, tmp_path, capsys, device, message):
@@ -352,8 +360,10 @@ def test_a_resumed_optimizer_keeps_this_runs_kernel():
 
 def test_runs_of_earlier_versions_resume_with_their_fusion_layer(cdtg_inputs, capsys):
     out = cdtg_inputs / "legacy"
-    legacy = ("--fusion-lr-mul", "0", "--flip", "--ada-every", "256")  # the plain Linear of earlier versions
+    legacy = ("--fusion-lr-mul", "0", "--flip")  # the plain Linear of earlier versions
     cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "2", "--clip", "none", *legacy))
+    options = json.loads((out / "options.json").read_text())
+    (out / "options.json").write_text(json.dumps({**options, "ada_every": 256}))  # without --augment: inert
     expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none",
                                                                       "--resume")), "--fusion-lr-mul 0")
     cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none", "--resume", *legacy))

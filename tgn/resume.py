@@ -23,6 +23,8 @@ MAY_CHANGE = frozenset({
     "pretrained",  # only the first epoch's starting point: a resumed run starts from its checkpoint
     "name", "threshold",  # what the report says, not what is trained
 })
+# CDTG's ADA settings act only with --augment: a run without it may be resumed with any.
+ADA_FLAGS = frozenset({"augment_p", "ada_target", "ada_length", "ada_every"})
 PATH_FLAGS = frozenset({"out", "data_root", "split", "data", "teacher", "clip_root", "head_ckpt", "tail_ckpt",
                         "cache", "baseline_report", "extra"})
 
@@ -58,7 +60,9 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
     if options_file.is_file():
         saved = read_json(options_file, "options")
         now = json.loads(json.dumps(vars(args), default=str))  # the form options.json holds
-        changed = [key for key, value in now.items() if key in saved and _differs(key, saved[key], value)]
+        inert = ADA_FLAGS if not saved.get("augment") and not now.get("augment") else frozenset()
+        changed = [key for key, value in now.items()
+                   if key in saved and key not in inert and _differs(key, saved[key], value)]
         if changed:
             was = ", ".join(f"{_flag(key)} {saved[key]}" for key in changed)
             now_text = ", ".join(f"{_flag(key)} {now[key]}" for key in changed)
