@@ -68,9 +68,17 @@ def describe_classes(info, args, class_ids, train_counts, generated_counts):
                    None if generated_counts is None else list(generated_counts), head, tail, grouping)
 
 
-def read_baseline(args):
-    """Read --baseline-report up front, so that a wrong path fails before any work."""
-    return read_report(args.baseline_report) if args.baseline_report is not None else None
+def read_baseline(args, info, class_ids):
+    """Read --baseline-report up front, so that a wrong path, or a report of other data
+    (its line would join another dataset's chart), fails before any work."""
+    if args.baseline_report is None:
+        return None
+    report = read_report(args.baseline_report)
+    ids = [row.get("id") for row in report.get("classes", [])]
+    if report.get("dataset") != info.name or ids != list(class_ids):
+        raise UserError(f"--baseline-report {args.baseline_report} is a report on {report.get('dataset')} with classes "
+                        f"{ids}; DATA is {info.name} with {list(class_ids)}")
+    return report
 
 
 def evaluation_set(info, label_of, image_size, skip_bad_images=False, cache_dir=None, check=False):

@@ -71,13 +71,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out_dir = args.out or args.ckpt.parent / f"test-{args.ckpt.stem}"
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False)
-    baseline = read_baseline(args)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
+    baseline = read_baseline(args, info, class_ids)
     model, meta = load_classifier(args.ckpt)
     named = [info.class_names[cid] for cid in class_ids] if info.has_class_list else None  # else names are ids
     check_classes(meta, model, class_ids, args.ckpt, args.data_root, named)
-    train_counts = count_per_class(info.entries("train", check_files=False), class_ids)
+    data_counts = count_per_class(info.entries("train", check_files=False), class_ids)
+    train_counts = meta.get("train_counts") or data_counts  # the official result.pth records none
+    if list(train_counts) != list(data_counts) and speaks():
+        print(f"warning: {args.data_root} has other training images per class than {args.ckpt} was trained on; "
+              "the report counts and groups them as its run did", file=sys.stderr)
     options = meta.get("options", {})
     groups_from_run(args, options)
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"))

@@ -44,7 +44,7 @@ RESULTS = (*TRAINING_RESULTS, "report-best")  # with metrics.jsonl, what --overw
 def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (train/, test/, anno/)")
-    parser.add_argument("--extra", action="append", default=[], metavar="DIR",
+    parser.add_argument("--extra", action="append", default=[], metavar="DIR", type=Path,
                         help="generated folder with DIR/anno.txt; repeat for several")
     parser.add_argument("--sampler", choices=SAMPLERS, default="random",
                         help="class-balanced: re-sample so that every class is equally likely")
@@ -72,9 +72,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
-    baseline = read_baseline(args)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
+    baseline = read_baseline(args, info, class_ids)
     images = training_images(info, args.extra)
     state = last_state(args.out / "last.pth")
     check_resume(args.out, args, done=epochs_done(state), state=state,
@@ -96,7 +96,9 @@ def main(argv=None):
 
     device = dist.init(args.device)  # joined after the input checks: an input error prints once per node
     seed_everything(args.seed)
-    model = initialise_backbone(build_classifier(args.arch, len(class_ids)), args.pretrained)
+    model = build_classifier(args.arch, len(class_ids))
+    if not (args.resume and state is not None):  # a resumed run starts from its checkpoint: nothing to fetch
+        model = initialise_backbone(model, args.pretrained)
     if args.resume and state is not None:  # weights of another shape are refused before anything is written
         with alike_in_every_process():  # every process reads the same file: one line
             check_fits(model, state["state_dict"], args.out / "last.pth")

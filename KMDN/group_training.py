@@ -38,7 +38,7 @@ def train_group(args):
     device = dist.process_device(args.device)
     cfg = training_config(args, device)
     seed_everything(args.seed)
-    model = build_group_model(split, group, args)
+    model = build_group_model(split, group, args, resumed=args.resume and state is not None)
     if args.resume and state is not None:  # weights of another shape are refused before anything is written
         with alike_in_every_process():  # every process reads the same file: one line
             check_fits(model, state["state_dict"], args.out / group / "last.pth")

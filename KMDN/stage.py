@@ -29,9 +29,11 @@ def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=No
     return train, test
 
 
-def build_group_model(split, group, args):
+def build_group_model(split, group, args, resumed=False):
+    """The group's ResNet, initialised by --pretrained unless `resumed` (its checkpoint's
+    weights replace any: nothing to read or download)."""
     model = FeatureResNet(args.arch, num_classes=len(split.ids(group)), width=args.width)
-    return load_backbone(model, args.pretrained, args.arch)
+    return model if resumed else load_backbone(model, args.pretrained, args.arch)
 
 
 def checkpoint_meta(split, group, model, options):

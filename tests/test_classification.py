@@ -293,6 +293,46 @@ def test_test_py_groups_the_classes_as_the_checkpoints_run_did(trained, tmp_path
     assert "moved, is not found" in capsys.readouterr().err
 
 
+def test_resume_reads_no_pretrained_weights(toy_data, tmp_path):
+    import torchvision
+
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    common = ["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--device", "cpu", *TINY,
+              "--pretrained", str(weights)]
+    train_main([*common, "--epochs", "1"])
+    weights.unlink()  # its run's checkpoint holds what it gave
+    train_main([*common, "--epochs", "2", "--resume"])
+    assert load_checkpoint(tmp_path / "cls" / "last.pth")["epoch"] == 1
+
+
+def test_test_py_counts_and_groups_as_the_run_on_data_that_grew_since(trained, tmp_path, capsys):
+    data, out, report = trained
+    grown = tmp_path / "grown"
+    shutil.copytree(data, grown)
+    anno = grown / "anno" / "TOY_train.txt"
+    anno.write_text(anno.read_text() + "4/img 0.jpg 4\n" * 20)  # class 4 now leads the real counts
+    again = evaluate_main(["--data-root", str(grown), "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "r"),
+                           "--workers", "0", "--device", "cpu"])
+    assert again["head"] == report["head"] == [0, 1]
+    assert [row["train_count"] for row in again["classes"]] == [row["train_count"] for row in report["classes"]]
+    assert "has other training images per class than" in capsys.readouterr().err
+
+
+def test_a_baseline_report_of_other_data_is_refused_before_any_work(trained, tmp_path, capsys):
+    data, out, _ = trained
+    other = json.loads((out / "report-best" / "report.json").read_text())
+    other["dataset"] = "OTHER"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    for main, argv in ((evaluate_main, ["--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "r")]),
+                       (train_main, ["--out", str(tmp_path / "cls"), "--epochs", "1", *TINY])):
+        with pytest.raises(SystemExit):
+            main(["--data-root", str(data), "--baseline-report", str(tmp_path / "other.json"), "--device", "cpu",
+                  "--workers", "0", *argv])
+        assert "is a report on OTHER with classes [0, 1, 2, 3, 4]; DATA is TOY" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "cls").exists()
+
+
 def test_test_py_replaces_a_report_only_with_overwrite(trained, tmp_path, capsys):
     data, out, _ = trained
     common = ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "report"),

@@ -521,3 +521,7 @@ def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     args = build_parser().parse_args(["--data-root", "~/DATA", "--out=~/runs/split"])
     assert args.data_root == tmp_path / "DATA" and args.out == tmp_path / "runs" / "split"
+    from Classification.train import build_parser as classifier_parser
+
+    args = classifier_parser().parse_args(["--data-root", "~/DATA", "--extra=~/gen", "--pretrained", "~/r50.pth"])
+    assert args.extra == [tmp_path / "gen"] and args.pretrained == str(tmp_path / "r50.pth")

@@ -97,6 +97,19 @@ def test_resume_keeps_the_runs_flags(split_dir, tmp_path, capsys):
     assert epochs == [1, 2, 3]
 
 
+def test_resume_reads_no_pretrained_weights(split_dir, tmp_path):
+    import torchvision
+
+    weights = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY, "--width", "64", "--pretrained",
+              str(weights)]
+    umodel_main([*common, "--epochs", "1"])
+    weights.unlink()  # its run's checkpoint holds what it gave
+    umodel_main([*common, "--epochs", "2", "--resume"])
+    assert load_checkpoint(tmp_path / "kmdn" / "head" / "last.pth")["epoch"] == 1
+
+
 def test_lines_of_a_run_killed_before_its_first_checkpoint_are_dropped(split_dir, tmp_path):
     out = tmp_path / "kmdn"
     (out / "head").mkdir(parents=True)

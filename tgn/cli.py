@@ -53,6 +53,11 @@ head_percent = _number(float, lambda v: 0 < v < 100, "between 0 and 100 (percent
 gan_size = _number(int, lambda v: 16 <= v <= 1024 and v & (v - 1) == 0, "a power of two from 16 to 1024")
 
 
+def weights_spec(text):
+    """--pretrained: 'imagenet', 'none', or a file (a '~' the shell left is the home folder)."""
+    return text if text in ("imagenet", "none") else os.path.expanduser(text)
+
+
 def output_folder(text):
     """argparse type of a folder the script writes into: it may exist (as a folder) or not;
     a file at its place or on its way is refused before anything runs."""
@@ -146,7 +151,7 @@ def add_model_args(parser, *, arch_choices=("resnet50", "resnet18"), width=True)
     if width:  # torchvision's ResNet (the classifier) has a fixed width
         group.add_argument("--width", type=positive_int, default=64,
                            help="base channel width (64 = standard; smaller for tests)")
-    group.add_argument("--pretrained", default="imagenet",
+    group.add_argument("--pretrained", default="imagenet", type=weights_spec,
                        help="'imagenet' (torchvision weights, downloaded when online), 'none', or a weight file")
     return group
 
