@@ -21,7 +21,8 @@ from CDTG.evaluation import Evaluator, evaluate_folders, generation_settings, re
 from CDTG.fidelity import load_inception, load_lpips  # noqa: E402
 from CDTG.tail_data import load_tail_classes  # noqa: E402
 from CDTG.tail_data import load_teacher  # noqa: E402
-from tgn.cli import DEFAULT_WORKERS, make_parser, non_negative_int, output_folder, positive_int  # noqa: E402
+from tgn.cli import (DEFAULT_WORKERS, make_parser, non_negative_int, output_folder, positive_int,  # noqa: E402
+                     seed_value)
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_run_dir, read_json, save_options  # noqa: E402
@@ -50,7 +51,7 @@ def build_parser():
     runtime.add_argument("--size", type=positive_int, default=None,
                          help="images are resized to this square size (default: the generated images' size)")
     runtime.add_argument("--batch", type=positive_int, default=64, help="images per model call")
-    runtime.add_argument("--seed", type=non_negative_int, default=0, help="seed of the subsets and LPIPS pairs")
+    runtime.add_argument("--seed", type=seed_value, default=0, help="seed of the subsets and LPIPS pairs")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                          help="DataLoader worker processes decoding images (4, at most the CPU count)")

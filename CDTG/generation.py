@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from CDTG.synthesis import (ANNOTATION, TRUNCATION_CENTRE, TailSynthesizer, check_settings,  # noqa: E402
                              existing_indices, run_generation)
 from tgn import distributed as dist  # noqa: E402
-from tgn.cli import COMPILE_MODES, fraction, jpeg_quality, make_parser, output_folder, positive_int  # noqa: E402
+from tgn.cli import (COMPILE_MODES, fraction, jpeg_quality, make_parser, output_folder, positive_int,  # noqa: E402
+                     seed_value)
 from tgn.compat import check_compile  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import atomic_write_json  # noqa: E402
@@ -48,7 +49,7 @@ def build_parser():
     parser.add_argument("--data", type=Path, default=None, help="tail-class data (default: the one training used)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved")
     parser.add_argument("--teacher", type=Path, default=None, help="tail model M_T (default: the one training used)")
-    parser.add_argument("--seed", type=int, default=0, help="with the class and index, fixes every image")
+    parser.add_argument("--seed", type=seed_value, default=0, help="with the class and index, fixes every image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=positive_int, default=4, help="threads encoding and writing JPEGs")
     parser.add_argument("--amp", choices=["off", "bf16"], default="off",

@@ -29,7 +29,7 @@ from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset  
 from CDTG.trainer import ADA_STEPS, CdtgTrainer, GanConfig, accumulate, ada_interval  # noqa: E402
 from tgn.checkpoint import weights_fingerprint  # noqa: E402
 from tgn.cli import (DEFAULT_WORKERS, below_one, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
-                     non_negative_int, output_folder, positive_float, positive_int)
+                     non_negative_int, output_folder, positive_float, positive_int, seed_value)
 from tgn import distributed as dist  # noqa: E402
 from tgn.compat import check_compile  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
@@ -109,7 +109,7 @@ def build_parser():
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    runtime.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    runtime.add_argument("--seed", type=seed_value, default=0, help="seed of every random draw")
     runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                          help="DataLoader worker processes (4, at most the CPU count)")
     runtime.add_argument("--amp", choices=["off", "bf16"], default="off",

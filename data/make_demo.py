@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from data.chips import Tally, add_output_arguments, building_dataset, make_class_dirs, report, write_dataset  # noqa: E402
 from tgn.data import SUBSETS, Entry  # noqa: E402
-from tgn.cli import make_parser, positive_int  # noqa: E402
+from tgn.cli import make_parser, positive_int, seed_value  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 
 DATASET = "DEMO"
@@ -186,7 +186,7 @@ def parse_args(argv):
     add_output_arguments(parser, default=Path("demo"))
     parser.add_argument("--size", type=positive_int, default=32, help="image side in pixels")
     parser.add_argument("--test-per-class", type=positive_int, default=20, help="test images per class")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes identical files")
+    parser.add_argument("--seed", type=seed_value, default=0, help="random seed; the same seed writes identical files")
     return parser.parse_args(argv)
 
 

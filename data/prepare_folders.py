@@ -27,7 +27,7 @@ from data.chips import add_output_arguments, existing_dir  # noqa: E402
 from data.folders import (  # noqa: E402
     add_link_argument, class_folders, is_hidden, is_image_file, list_class_images, prepare_folder_dataset,
 )
-from tgn.cli import make_parser, open_fraction  # noqa: E402
+from tgn.cli import make_parser, open_fraction, seed_value  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import read_json  # noqa: E402
 
@@ -42,7 +42,7 @@ def parse_args(argv):
                         help="one folder of test images per class, named as in --train-dir")
     parser.add_argument("--test-fraction", type=open_fraction, default=None,
                         help="without --test-dir: hold out this fraction of each class's images as the test set")
-    parser.add_argument("--seed", type=int, default=0, help="which images --test-fraction holds out")
+    parser.add_argument("--seed", type=seed_value, default=0, help="which images --test-fraction holds out")
     parser.add_argument("--class-names", type=Path, default=None,
                         help='JSON {"folder name": "class name", ...} for names other than the folders\'')
     parser.add_argument("--dataset", default=None,

@@ -34,7 +34,9 @@ def split_dir(toy_data, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--epochs", "0"), ("--image-size", "-3"),
-                                         ("--workers", "-1"), ("--width", "0"), ("--lr", "-1"), ("--lr", "abc")])
+                                         ("--workers", "-1"), ("--width", "0"), ("--lr", "-1"), ("--lr", "abc"),
+                                         ("--weight-decay", "inf"), ("--lr", "1e400"),  # nan losses mid-run
+                                         ("--seed", "100000000000000"), ("--seed", "-1")])  # its epoch seeds overflow
 def test_impossible_resnet_flags_stop_before_anything_is_written(split_dir, tmp_path, capsys, flag, value):
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as exit_info:
@@ -47,7 +49,9 @@ def test_impossible_resnet_flags_stop_before_anything_is_written(split_dir, tmp_
 
 @pytest.mark.parametrize("main, argv", [(generation_main, ["--ckpt", "x.pt", "--r", "1.5"]),
                                         (generation_main, ["--ckpt", "x.pt", "--per-class", "0"]),
-                                        (split_main, ["--data-root", "x", "--threshold", "100"])])
+                                        (split_main, ["--data-root", "x", "--threshold", "100"]),
+                                        (distill_main, ["--alpha", "inf"]),
+                                        (generation_main, ["--ckpt", "x.pt", "--seed", str(2 ** 32)])])
 def test_impossible_values_of_other_scripts_are_argparse_errors(main, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

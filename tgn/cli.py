@@ -1,5 +1,6 @@
 """Command-line flags shared by the stage scripts; the paper's values are the defaults."""
 import argparse
+import math
 import os
 import warnings
 from pathlib import Path
@@ -32,6 +33,8 @@ def _number(kind, test, requirement):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):  # inf passes "positive", then turns a loss into nan mid-run
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number")
         if not test(value):
             raise argparse.ArgumentTypeError(f"{text} must be {requirement}")
         return value
@@ -50,6 +53,8 @@ open_fraction = _number(float, lambda v: 0 < v < 1, "between 0 and 1 (both exclu
 below_one = _number(float, lambda v: v < 1, "below 1")
 jpeg_quality = _number(int, lambda v: 1 <= v <= 100, "between 1 and 100")
 head_percent = _number(float, lambda v: 0 < v < 100, "between 0 and 100 (percent of classes)")
+# Each epoch's or step's seed is derived from it in 64-bit integers (tgn.sampling).
+seed_value = _number(int, lambda v: 0 <= v < 2 ** 32, "from 0 to 4294967295")
 gan_size = _number(int, lambda v: 16 <= v <= 1024 and v & (v - 1) == 0, "a power of two from 16 to 1024")
 
 
@@ -104,7 +109,7 @@ def make_parser(doc):
 def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    group.add_argument("--seed", type=int, default=0, help="seed of every random generator")
+    group.add_argument("--seed", type=seed_value, default=0, help="seed of every random generator")
     group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                        help="DataLoader worker processes (4, at most the CPU count)")
     group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
