@@ -154,7 +154,10 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
     # A model that never was the student (too few epochs) is passed on unchanged, marked as such.
     for group, model in models.items():
         if main and not (out_dir / OUTPUT_NAMES[group]).exists():
-            save_checkpoint(out_dir / OUTPUT_NAMES[group],
-                            {**metas[group], "state_dict": model.state_dict(), "distilled": False})
+            # Its weights are the given model's: so is the size it was trained at, which the
+            # next Distill or CDTG reads from the options.
+            options = {**metas[group]["options"], "image_size": getattr(model, "training_size", None)}
+            save_checkpoint(out_dir / OUTPUT_NAMES[group], {**metas[group], "options": options,
+                                                            "state_dict": model.state_dict(), "distilled": False})
     dist.barrier()  # the outputs are complete before any process reads them
     return best

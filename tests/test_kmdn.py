@@ -133,9 +133,11 @@ def test_a_run_too_short_to_distill_m_t_says_so(split_dir, tmp_path, capsys):
     rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
     capsys.readouterr()
     distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--distill-interval", "1",
-                  "--image-size", "16", "--batch-size", "8", "--workers", "0"])
+                  "--image-size", "24", "--batch-size", "8", "--workers", "0"])  # the groups trained at 16 px
     captured = capsys.readouterr()
     assert "warning: M_T was not distilled: the tail model learns in epochs 2 to 2, this run has 1" in captured.err
+    assert load_checkpoint(out / "distill" / "M_T.pth")["options"]["image_size"] == 16  # the size it trained at
+    assert load_checkpoint(out / "distill" / "M_H.pth")["options"]["image_size"] == 24
     assert "distilled tail model" not in captured.out
     m_t = load_checkpoint(out / "distill" / "M_T.pth")
     assert m_t["distilled"] is False and load_checkpoint(out / "distill" / "M_H.pth")["distilled"] is True
