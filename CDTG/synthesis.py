@@ -44,6 +44,9 @@ from tgn.io import publish, remove_temp_files, write_pending
 from tgn.split import check_official_order
 
 ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
+# Present while a run adds images (anno.txt is rewritten after each class): --extra refuses
+# a folder holding it, stopped or still running, rather than train on part of it.
+UNFINISHED = "generation.unfinished"
 FEATURE_BATCH = 64  # real images per pass of M_T; fixed, so that images do not depend on --batch
 IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
 
@@ -371,6 +374,7 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     written = {}
     if dist.is_main():  # before any process writes: the first listing below waits for it
         remove_temp_files(out_dir)  # the lists a killed run had not yet published
+        (out_dir / UNFINISHED).touch()
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
@@ -404,4 +408,6 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
             written[class_id] = len(missing)
             if dist.is_main():
                 write_generated_annotation(out_dir, synth.tail.ids)
+    if dist.is_main():
+        (out_dir / UNFINISHED).unlink()
     return written

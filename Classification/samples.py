@@ -21,6 +21,7 @@ EXTRA_ANNOTATION = "anno.txt"
 # plain JSON: the classifier does not depend on the CDTG stage).
 GENERATION_SETTINGS = "generation.json"
 TAIL_MANIFEST = "tail_classes.json"
+UNFINISHED = "generation.unfinished"  # present while generation.py adds images
 
 
 def class_order(info):
@@ -42,6 +43,9 @@ def read_extra(folder, class_names, names_known=True):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--extra {folder}: folder not found")
+    if (folder / UNFINISHED).exists():
+        raise UserError(f"--extra {folder}: its generation has not finished ({UNFINISHED}: stopped or still "
+                        "running); run CDTG/generation.py again with the same flags to finish it")
     annotation = folder / EXTRA_ANNOTATION
     if not annotation.is_file():
         raise UserError(f"--extra {folder}: no {EXTRA_ANNOTATION} (lines '<class_id>/<file> <class_id>')")

@@ -407,6 +407,31 @@ def test_generation_names_the_flag_for_a_recorded_path_that_is_gone(trained_ckpt
                                                "pass --data")
 
 
+def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_ckpt, tmp_path, monkeypatch):
+    from Classification.samples import read_extra
+
+    out = tmp_path / "gen"
+    argv = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--per-class", "2", "--out", str(out)]
+    render, calls = TailSynthesizer.render, []
+
+    def stopped_at_the_second_class(self, class_id, *args, **kwargs):
+        calls.append(class_id)
+        if len(set(calls)) == 2:
+            raise KeyboardInterrupt  # Ctrl-C with the first class listed in anno.txt
+        return render(self, class_id, *args, **kwargs)
+
+    monkeypatch.setattr(TailSynthesizer, "render", stopped_at_the_second_class)
+    with pytest.raises(SystemExit):
+        generation_main(argv)
+    assert len(read_anno(out)) == 2  # a readable list of part of the classes
+    names = {0: "ship", 1: "vehicle", 2: "airport", 3: "dam", 4: "golf field"}
+    with pytest.raises(UserError, match="its generation has not finished .*run CDTG/generation.py again"):
+        read_extra(out, names)
+    monkeypatch.setattr(TailSynthesizer, "render", render)
+    generation_main(argv)
+    assert len(read_extra(out, names)) == 6
+
+
 def test_generation_takes_a_class_given_twice_once(trained_ckpt, tmp_path, capsys):
     generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3", "3", "--per-class", "2",
                      "--out", str(tmp_path / "gen")])
