@@ -58,6 +58,7 @@ def describe_classes(info, args, class_ids, train_counts, generated_counts):
         split = load_split(args.split, data_root=info.root)
         check_split_matches(split, info)
         head, tail = split.head, split.tail
+        args.threshold = split.threshold  # recorded (options.json) as used: test.py's fallback if the split moves
         grouping = f"split {split.folder} ({split.threshold:g}% of classes are head)"
     else:
         ranking = rank_classes(dict(zip(class_ids, train_counts)))

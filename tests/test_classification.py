@@ -293,6 +293,14 @@ def test_test_py_groups_the_classes_as_the_checkpoints_run_did(trained, tmp_path
     assert "moved, is not found" in capsys.readouterr().err
 
 
+def test_a_run_with_a_split_records_the_splits_threshold(toy_data, tmp_path):
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split"), "--threshold", "60"])
+    train_main(["--data-root", str(toy_data), "--split", str(tmp_path / "split"), "--out", str(tmp_path / "cls"),
+                "--epochs", "1", "--device", "cpu", *TINY])
+    # What test.py groups by should the split move: the split's 60%, not the unused default 40%.
+    assert json.loads((tmp_path / "cls" / "options.json").read_text())["threshold"] == 60.0
+
+
 def test_resume_reads_no_pretrained_weights(toy_data, tmp_path):
     import torchvision
 
