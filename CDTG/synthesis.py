@@ -374,6 +374,7 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     written = {}
     if dist.is_main():  # before any process writes: the first listing below waits for it
         remove_temp_files(out_dir)  # the lists a killed run had not yet published
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / UNFINISHED).touch()
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
