@@ -97,11 +97,11 @@ def main(argv=None):
     device = dist.init(args.device)  # joined after the input checks: an input error prints once per node
     seed_everything(args.seed)
     model = build_classifier(args.arch, len(class_ids))
-    if not (args.resume and state is not None):  # a resumed run starts from its checkpoint: nothing to fetch
-        model = initialise_backbone(model, args.pretrained)
     if args.resume and state is not None:  # weights of another shape are refused before anything is written
         with alike_in_every_process():  # every process reads the same file: one line
             check_fits(model, state["state_dict"], args.out / "last.pth")
+    else:  # a resumed run starts from its checkpoint: no --pretrained to read or download
+        model = initialise_backbone(model, args.pretrained)
     run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
     options = save_options(run_dir, args, write=main)

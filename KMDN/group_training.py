@@ -38,8 +38,9 @@ def train_group(args):
     device = dist.process_device(args.device)
     cfg = training_config(args, device)
     seed_everything(args.seed)
-    model = build_group_model(split, group, args, resumed=args.resume and state is not None)
-    if args.resume and state is not None:  # weights of another shape are refused before anything is written
+    resuming = args.resume and state is not None
+    model = build_group_model(split, group, args, resumed=resuming)
+    if resuming:  # weights of another shape are refused before anything is written
         with alike_in_every_process():  # every process reads the same file: one line
             check_fits(model, state["state_dict"], args.out / group / "last.pth")
     train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
