@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tgn.compat import check_compile
 from tgn.errors import UserError, speaks
+from tgn.io import map_paths
 from tgn.resnet import ONE_PIXEL_MAPS
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
@@ -90,16 +91,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
         for key, value in vars(namespace).items():  # '~' the shell left alone ("~/x", --out=~/x)
-            setattr(namespace, key, _expand_user(value))
+            setattr(namespace, key, map_paths(value, Path.expanduser))
         return namespace, extras
-
-
-def _expand_user(value):
-    if isinstance(value, Path):
-        return value.expanduser()
-    if isinstance(value, list) and any(isinstance(item, Path) for item in value):
-        return [_expand_user(item) for item in value]
-    return value
 
 
 def make_parser(doc):

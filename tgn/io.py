@@ -288,11 +288,13 @@ def absolute_path(path):
     return Path(os.path.abspath(os.fspath(path)))
 
 
-def _recorded(value):
+def map_paths(value, fn):
+    """`fn` applied to a Path, or to each Path of a list of them (a repeatable path flag);
+    any other value as it is."""
     if isinstance(value, Path):
-        return str(absolute_path(value))
+        return fn(value)
     if isinstance(value, (list, tuple)) and any(isinstance(item, Path) for item in value):
-        return [_recorded(item) for item in value]
+        return [map_paths(item, fn) for item in value]
     return value
 
 
@@ -300,7 +302,7 @@ def save_options(out_dir, args, write=True):
     """Resolved command-line options, next to the results they produced (`write=False`:
     only the dict, for the processes that do not write under torchrun). Paths are recorded
     absolute: test.py reads the run's --split from any folder."""
-    options = {key: _recorded(value) for key, value in vars(args).items()}
+    options = {key: map_paths(value, lambda path: str(absolute_path(path))) for key, value in vars(args).items()}
     if write:
         atomic_write_json(Path(out_dir) / "options.json", options)
     return options
