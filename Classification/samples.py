@@ -10,10 +10,11 @@ ids (DIOR: identity 0..19, as in result.pth). A generated folder given with --ex
 one folder or across folders, is used once.
 """
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tgn.data import check_files_exist, read_annotation, samples_for
+from tgn.data import check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
 
 EXTRA_ANNOTATION = "anno.txt"
@@ -109,3 +110,18 @@ def training_images(info, extra_folders=()):
             samples.append((path, label))
     return TrainingImages(samples, count_per_class(real, class_ids), count_per_class(generated, class_ids),
                           duplicates)
+
+
+def readable_training_images(images, skip_bad_images):
+    """The training images less, with --skip-bad-images, the unreadable ones, counted again:
+    the report, the checkpoint (which test.py groups head and tail by) and --resume count
+    the images trained on."""
+    samples = drop_unreadable(images.samples, skip_bad_images, "training images")
+    if len(samples) == len(images.samples):
+        return images
+    kept = {path for path, _ in samples}  # unique: duplicates were left out above
+    n_real, n_classes = sum(images.real_counts), len(images.real_counts)
+    real = Counter(label for path, label in images.samples[:n_real] if path in kept)
+    generated = Counter(label for path, label in images.samples[n_real:] if path in kept)
+    return TrainingImages(samples, [real[index] for index in range(n_classes)],
+                          [generated[index] for index in range(n_classes)], images.duplicates)

@@ -26,7 +26,7 @@ def add_report_args(parser, from_run=False):
     group.add_argument("--split", type=Path, default=None,
                        help="head/tail from this split folder (KMDN/dataset_split.py); without it they are "
                             f"recomputed from DATA's real training counts with --threshold{split_default}")
-    group.add_argument("--threshold", type=head_percent, default=None if from_run else DEFAULT_THRESHOLD,
+    group.add_argument("--threshold", type=head_percent, default=None,  # None: not given, so --split may set it
                        help="percent of classes (ranked by real training count) that are head, without --split "
                             f"(default: {threshold_default})")
     group.add_argument("--name", default=None, help="method name in the report and comparison table")
@@ -52,15 +52,28 @@ class Classes:
         return [self.ids.index(cid) for cid in class_ids]
 
 
-def describe_classes(info, args, class_ids, train_counts, generated_counts):
-    """Head/tail from --split, or from the real training counts (never inflated by --extra)."""
-    if args.split is not None:
-        split = load_split(args.split, data_root=info.root)
-        check_split_matches(split, info)
+def grouping_split(args, info):
+    """The --split that groups head and tail (None without one), read and checked against
+    DATA and --threshold before any image is decoded."""
+    if args.split is None:
+        return None
+    split = load_split(args.split, data_root=info.root)
+    check_split_matches(split, info)
+    if args.threshold is not None and args.threshold != split.threshold:
+        raise UserError(f"--threshold {args.threshold:g} and --split {args.split} disagree: the split's head is "
+                        f"its top {split.threshold:g}% of classes; pass one of the two")
+    args.threshold = split.threshold  # recorded (options.json) as used: test.py's fallback if the split moves
+    return split
+
+
+def describe_classes(info, args, class_ids, train_counts, generated_counts, split=None):
+    """Head/tail from `split` (grouping_split), or from the real training counts (never
+    inflated by --extra) with --threshold."""
+    if split is not None:
         head, tail = split.head, split.tail
-        args.threshold = split.threshold  # recorded (options.json) as used: test.py's fallback if the split moves
         grouping = f"split {split.folder} ({split.threshold:g}% of classes are head)"
     else:
+        args.threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
         ranking = rank_classes(dict(zip(class_ids, train_counts)))
         n_head = head_count(len(ranking), args.threshold)
         head, tail = sorted(ranking[:n_head]), sorted(ranking[n_head:])

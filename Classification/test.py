@@ -24,7 +24,7 @@ from Classification.model import check_classes, load_classifier  # noqa: E402
 from Classification.report import REPORT_JSON  # noqa: E402
 from Classification.samples import class_order, count_per_class  # noqa: E402
 from Classification.stage import (DEFAULT_THRESHOLD, add_report_args, describe_classes, evaluation_set,  # noqa: E402
-                                  read_baseline, report_and_figures)
+                                  grouping_split, read_baseline, report_and_figures)
 from tgn import distributed as dist  # noqa: E402
 from tgn.cli import add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
@@ -54,16 +54,15 @@ def build_parser():
 def groups_from_run(args, options):
     """Without --split and --threshold, head/tail as the checkpoint's run grouped them (its
     options; the official result.pth has none: the paper's 40%)."""
-    if args.split is not None or args.threshold is not None:
-        args.threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+    if args.split is not None or args.threshold is not None:  # grouping_split checks the two agree
+        return
+    if options.get("split") and Path(options["split"]).is_dir():
+        args.split = Path(options["split"])  # its threshold comes with it
         return
     args.threshold = options.get("threshold", DEFAULT_THRESHOLD)
-    if options.get("split"):
-        if Path(options["split"]).is_dir():
-            args.split = Path(options["split"])
-        elif speaks():  # before the processes join: once per node
-            print(f"warning: the split the checkpoint's run used, {options['split']}, is not found; head/tail from "
-                  f"DATA's training counts with --threshold {args.threshold:g} (pass --split)", file=sys.stderr)
+    if options.get("split") and speaks():  # before the processes join: once per node
+        print(f"warning: the split the checkpoint's run used, {options['split']}, is not found; head/tail from "
+              f"DATA's training counts with --threshold {args.threshold:g} (pass --split)", file=sys.stderr)
 
 
 @cli_main
@@ -84,7 +83,8 @@ def main(argv=None):
               "the report counts and groups them as its run did", file=sys.stderr)
     options = meta.get("options", {})
     groups_from_run(args, options)
-    classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"))
+    classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
+                               grouping_split(args, info))
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
     dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
 

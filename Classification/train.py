@@ -24,19 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from Classification.long_tail import LOSSES, SAMPLERS, make_loss, make_sampler_weights  # noqa: E402
 from Classification.model import build_classifier, checkpoint_meta, initialise_backbone  # noqa: E402
-from Classification.samples import class_order, training_images  # noqa: E402
-from Classification.stage import (add_report_args, describe_classes, evaluation_set, read_baseline,  # noqa: E402
-                                  report_and_figures)
+from Classification.samples import class_order, readable_training_images, training_images  # noqa: E402
+from Classification.stage import (add_report_args, describe_classes, evaluation_set, grouping_split,  # noqa: E402
+                                  read_baseline, report_and_figures)
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights  # noqa: E402
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
                      training_config)
-from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset  # noqa: E402
+from tgn.data import ImageList, build_transform, open_dataset  # noqa: E402
 from tgn import distributed as dist  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
 from tgn.engine import check_one_image_batches, fit, seed_everything  # noqa: E402
 from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
 from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options  # noqa: E402
-from tgn.resume import check_resume, epochs_done, last_state  # noqa: E402
+from tgn.resume import check_resume, check_same_data, epochs_done, last_state  # noqa: E402
 
 RESULTS = (*TRAINING_RESULTS, "report-best")  # with metrics.jsonl, what --overwrite replaces
 
@@ -75,14 +75,17 @@ def main(argv=None):
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)
+    split = grouping_split(args, info)
     images = training_images(info, args.extra)
     state = last_state(args.out / "last.pth")
-    check_resume(args.out, args, done=epochs_done(state), state=state,
-                 data={"class_ids": list(class_ids), "train_counts": list(images.real_counts),
-                       "generated_counts": list(images.generated_counts)})
-    classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts)
+    check_resume(args.out, args, done=epochs_done(state), state=state)
     test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True)
-    train_samples = drop_unreadable(images.samples, args.skip_bad_images, "training images")
+    images = readable_training_images(images, args.skip_bad_images)
+    train_samples = images.samples
+    if args.resume and state is not None:  # the images trained on, as the checkpoint counted them
+        check_same_data(state, {"class_ids": list(class_ids), "train_counts": list(images.real_counts),
+                                "generated_counts": list(images.generated_counts)}, args.out / "last.pth")
+    classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts, split)
     present = {label for _, label in train_samples}
     for index, cid in enumerate(class_ids):
         if index not in present:  # none listed, or (with --skip-bad-images) none readable

@@ -2,6 +2,7 @@
 reports, figures and the comparison table."""
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tgn.checkpoint import load_checkpoint
 from tgn.data import open_dataset
 from tgn.engine import cross_entropy_loss
 from tgn.errors import UserError
+from tgn.split import load_split
 
 FORMATS = Path(__file__).resolve().parent / "official_state_dict_formats.json"  # the released keys and shapes
 RELEASED_KEY = "Classification.resnet50(fc=Sequential(Linear(2048,20)))"
@@ -299,6 +301,36 @@ def test_a_run_with_a_split_records_the_splits_threshold(toy_data, tmp_path):
                 "--epochs", "1", "--device", "cpu", *TINY])
     # What test.py groups by should the split move: the split's 60%, not the unused default 40%.
     assert json.loads((tmp_path / "cls" / "options.json").read_text())["threshold"] == 60.0
+
+
+def test_a_threshold_that_disagrees_with_the_split_is_refused(toy_data, tmp_path, capsys):
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split"), "--threshold", "60"])
+    common = ["--data-root", str(toy_data), "--split", str(tmp_path / "split"), "--device", "cpu"]
+    err = exit_message(capsys, train_main, [*common, "--threshold", "40", "--out", str(tmp_path / "cls"), *TINY])
+    assert "--threshold 40 and --split" in err and "top 60%" in err and not (tmp_path / "cls").exists()
+    train_main([*common, "--threshold", "60", "--out", str(tmp_path / "cls"), "--epochs", "1", *TINY])
+    test_args = [*common, "--ckpt", str(tmp_path / "cls" / "last.pth"), "--workers", "0"]
+    capsys.readouterr()
+    assert "disagree" in exit_message(capsys, evaluate_main, [*test_args, "--threshold", "20"])
+    assert evaluate_main([*test_args, "--threshold", "60"])["head"] == load_split(tmp_path / "split").head
+
+
+def test_skipped_bad_images_are_not_counted(tmp_path, capsys):
+    """The report, the checkpoint (test.py groups head and tail by its counts) and --resume
+    count the images trained on, without those --skip-bad-images left out."""
+    data = write_dataset(tmp_path / "data", COUNTS)
+    (data / "train" / "3" / "img 1.jpg").write_bytes(b"not an image")
+    generated = write_generated(tmp_path / "generated", {3: 2, 4: 2})
+    (generated / "4" / sorted(os.listdir(generated / "4"))[0]).write_bytes(b"")
+    common = ["--data-root", str(data), "--extra", str(generated), "--out", str(tmp_path / "cls"), "--device", "cpu",
+              "--skip-bad-images", *TINY]
+    report = train_main([*common, "--epochs", "1"])
+    assert "skipped 2 unreadable training images" in capsys.readouterr().out
+    checkpoint = load_checkpoint(tmp_path / "cls" / "last.pth")
+    assert checkpoint["train_counts"] == [12, 10, 8, 3, 3] and checkpoint["generated_counts"] == [0, 0, 0, 2, 1]
+    assert [row["train_count"] for row in report["classes"]] == [12, 10, 8, 3, 3]
+    train_main([*common, "--epochs", "2", "--resume"])  # the same images: resumed
+    assert load_checkpoint(tmp_path / "cls" / "last.pth")["epoch"] == 1
 
 
 def test_resume_reads_no_pretrained_weights(toy_data, tmp_path):
