@@ -16,6 +16,11 @@ from tgn.split import check_split_matches, head_count, load_split, rank_classes
 DEFAULT_THRESHOLD = 40.0  # the paper's: the top 40% of classes by training count are head
 
 
+def default_report_folder(ckpt):
+    """Where test.py writes the report of `ckpt` without --out."""
+    return Path(ckpt).parent / f"test-{Path(ckpt).stem}"
+
+
 def add_report_args(parser, from_run=False):
     """`from_run`: --split and --threshold default to the ones the checkpoint's run used
     (test.py), so that its report groups the classes as the run's own report did."""

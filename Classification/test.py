@@ -23,8 +23,9 @@ import torch  # noqa: E402
 from Classification.model import check_classes, load_classifier  # noqa: E402
 from Classification.report import REPORT_JSON  # noqa: E402
 from Classification.samples import class_order, count_per_class  # noqa: E402
-from Classification.stage import (DEFAULT_THRESHOLD, add_report_args, describe_classes, evaluation_set,  # noqa: E402
-                                  grouping_split, read_baseline, report_and_figures)
+from Classification.stage import (DEFAULT_THRESHOLD, add_report_args, default_report_folder,  # noqa: E402
+                                  describe_classes, evaluation_set, grouping_split, read_baseline,
+                                  report_and_figures)
 from tgn import distributed as dist  # noqa: E402
 from tgn.cli import add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
@@ -68,7 +69,7 @@ def groups_from_run(args, options):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    out_dir = args.out or args.ckpt.parent / f"test-{args.ckpt.stem}"
+    out_dir = args.out or default_report_folder(args.ckpt)
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)

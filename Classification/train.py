@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from Classification.long_tail import LOSSES, SAMPLERS, make_loss, make_sampler_weights  # noqa: E402
 from Classification.model import build_classifier, checkpoint_meta, initialise_backbone  # noqa: E402
 from Classification.samples import class_order, readable_training_images, training_images  # noqa: E402
-from Classification.stage import (add_report_args, describe_classes, evaluation_set, grouping_split,  # noqa: E402
-                                  read_baseline, report_and_figures)
+from Classification.stage import (add_report_args, default_report_folder, describe_classes,  # noqa: E402
+                                  evaluation_set, grouping_split, read_baseline, report_and_figures)
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights  # noqa: E402
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
                      training_config)
@@ -38,7 +38,9 @@ from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
 from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resume import check_resume, check_same_data, epochs_done, last_state  # noqa: E402
 
-RESULTS = (*TRAINING_RESULTS, "report-best")  # with metrics.jsonl, what --overwrite replaces
+RESULTS = (*TRAINING_RESULTS, "report-best")  # with LOGS, what --overwrite replaces
+# test.py's reports of the earlier run's checkpoints, beside them: stale once they are replaced.
+LOGS = ("metrics.jsonl", *(default_report_folder(name).name for name in TRAINING_RESULTS))
 
 
 def build_parser():
@@ -79,12 +81,12 @@ def main(argv=None):
     images = training_images(info, args.extra)
     state = last_state(args.out / "last.pth")
     check_resume(args.out, args, done=epochs_done(state), state=state)
-    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True)
-    images = readable_training_images(images, args.skip_bad_images)
+    images = readable_training_images(images, args.skip_bad_images)  # decodes them only with --skip-bad-images
     train_samples = images.samples
     if args.resume and state is not None:  # the images trained on, as the checkpoint counted them
         check_same_data(state, {"class_ids": list(class_ids), "train_counts": list(images.real_counts),
                                 "generated_counts": list(images.generated_counts)}, args.out / "last.pth")
+    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True)
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts, split)
     present = {label for _, label in train_samples}
     for index, cid in enumerate(class_ids):
@@ -105,7 +107,7 @@ def main(argv=None):
             check_fits(model, state["state_dict"], args.out / "last.pth")
     else:  # a resumed run starts from its checkpoint: no --pretrained to read or download
         model = initialise_backbone(model, args.pretrained)
-    run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS)
+    run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, logs=LOGS)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
     options = save_options(run_dir, args, write=main)
     method = method_name(args)

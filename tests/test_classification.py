@@ -315,6 +315,17 @@ def test_a_threshold_that_disagrees_with_the_split_is_refused(toy_data, tmp_path
     assert evaluate_main([*test_args, "--threshold", "60"])["head"] == load_split(tmp_path / "split").head
 
 
+def test_overwrite_removes_the_reports_of_the_replaced_checkpoints(toy_data, tmp_path):
+    common = ["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--device", "cpu", "--epochs", "1", *TINY]
+    train_main(common)
+    evaluate_main(["--data-root", str(toy_data), "--ckpt", str(tmp_path / "cls" / "last.pth"), "--workers", "0"])
+    (tmp_path / "cls" / "notes.txt").write_text("mine")
+    assert (tmp_path / "cls" / "test-last" / "report.json").is_file()
+    train_main([*common, "--overwrite", "--seed", "1"])
+    assert not (tmp_path / "cls" / "test-last").exists()  # it described the checkpoint replaced
+    assert (tmp_path / "cls" / "notes.txt").read_text() == "mine"
+
+
 def test_skipped_bad_images_are_not_counted(tmp_path, capsys):
     """The report, the checkpoint (test.py groups head and tail by its counts) and --resume
     count the images trained on, without those --skip-bad-images left out."""
