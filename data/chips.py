@@ -1,11 +1,14 @@
 """What the dataset preparers share: boxes, chip cropping, the output layout, the counts.
 
 Boxes are (x0, y0, x1, y1) in pixel edges, half-open like `PIL.Image.crop`: the chip of
-(4, 6, 20, 18) is 16 x 12 pixels. A preparer parses its release into `SourceImage`s (one
+(4, 6, 20, 18) is 16 x 12 pixels. The releases' numbers are taken as such edges as written:
+DIOR's VOC xmin, ymin, xmax, ymax become crop(xmin, ymin, xmax, ymax), not shifted by one
+as 1-based VOC pixel indices would be. A preparer parses its release into `SourceImage`s (one
 per scene, with its objects and whether it goes to train or test) and hands them to
 `prepare_chips`, which crops one JPEG chip per object into the layout of tgn/data.py,
 writes classes.json and the annotation lists, and prints the counts.
 """
+import codecs
 import math
 import shutil
 from collections import Counter
@@ -19,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from tgn.cli import output_folder
-from tgn.data import SUBSETS, Entry, write_annotation, write_classes_json
+from tgn.data import SUBSETS, Entry, to_8_bit, write_annotation, write_classes_json
 from tgn.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -59,13 +62,16 @@ class CropOptions:
 
 @dataclass
 class Tally:
-    """The entries written per subset and the objects skipped, by reason."""
+    """The entries written and the objects skipped (by reason), per subset."""
 
     entries: dict = field(default_factory=lambda: {subset: [] for subset in SUBSETS})
-    skipped: Counter = field(default_factory=Counter)
+    skipped: dict = field(default_factory=lambda: {subset: Counter() for subset in SUBSETS})
 
     def counts(self, subset):
         return Counter(entry.class_id for entry in self.entries[subset])
+
+    def all_skipped(self):
+        return sum(self.skipped.values(), Counter())
 
 
 # ---------------------------------------------------------------- boxes
@@ -75,15 +81,19 @@ def polygon_bounds(xs, ys):
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def clip_box(box, width, height):
-    """Round a box outward to whole pixels and clip it to the image; None if nothing is left.
-
-    A box of zero or negative size is degenerate before any rounding (rounding outward
-    would otherwise give it a pixel).
-    """
+def is_degenerate(box):
+    """Zero or negative size, or not a number, as written: before any rounding (rounding
+    outward would otherwise give it a pixel) or clipping (which would hide which it is)."""
     x0, y0, x1, y1 = box
-    if not all(math.isfinite(value) for value in box) or x1 <= x0 or y1 <= y0:
+    return not all(math.isfinite(value) for value in box) or x1 <= x0 or y1 <= y0
+
+
+def clip_box(box, width, height):
+    """Round a box outward to whole pixels and clip it to the image; None if nothing is left
+    (a degenerate box, or one wholly outside the image)."""
+    if is_degenerate(box):
         return None
+    x0, y0, x1, y1 = box
     x0, y0 = max(math.floor(x0), 0), max(math.floor(y0), 0)
     x1, y1 = min(math.ceil(x1), width), min(math.ceil(y1), height)
     if x1 <= x0 or y1 <= y0:
@@ -113,6 +123,24 @@ def find_class(lookup, name, source, dataset):
     except KeyError:
         known = f"not one of the {len(lookup)} {dataset} classes"
         raise UserError(f"{source}: unknown class name {name!r}, {known}") from None
+
+
+def read_release_text(path):
+    """A text file of the release (an id list, a labelTxt file), decoded as UTF-8 after any
+    byte-order mark. Their fields are ASCII, so a byte that is not UTF-8 means another kind
+    of file (UTF-16 from an editor, a damaged download): refused by name, since decoding it
+    leniently would only turn the bytes into ids or class names that fail later, or never."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:bom + exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[bom + exc.start]:02x}); "
+                        "save the file as UTF-8") from None
 
 
 def comma_list(text):
@@ -275,9 +303,13 @@ def report(dataset, out, class_names, tally):
     totals = {subset: sum(counts[subset].values()) for subset in SUBSETS}
     print(f"{'':>4}  {'total':<{width}}  {totals['train']:>8}  {totals['test']:>8}"
           f"  ({totals['train'] + totals['test']} images)")
-    if tally.skipped:
-        skips = ", ".join(f"{reason}: {number}" for reason, number in sorted(tally.skipped.items()))
-        print(f"skipped {sum(tally.skipped.values())} objects ({skips})")
+    skipped = tally.all_skipped()
+    if skipped:
+        print(f"skipped {sum(skipped.values())} objects ({reasons(skipped)})")
+
+
+def reasons(skipped):
+    return ", ".join(f"{reason}: {number}" for reason, number in sorted(skipped.items()))
 
 
 # ---------------------------------------------------------------- cropping
@@ -314,7 +346,7 @@ def _crop_objects(scene, image, options, entries, skipped):
     for obj in image.objects:
         box = clip_box(obj.box, width, height)
         if box is None:
-            skipped["outside the image" if clip_box(obj.box, math.inf, math.inf) else "degenerate box"] += 1
+            skipped["degenerate box" if is_degenerate(obj.box) else "outside the image"] += 1
             continue
         if min(box[2] - box[0], box[3] - box[1]) < options.min_size:
             skipped["smaller than --min-size"] += 1
@@ -323,10 +355,19 @@ def _crop_objects(scene, image, options, entries, skipped):
         relpath = f"{obj.class_id}/{image.image_id}_{obj.index}.jpg"
         target = options.out / image.subset / relpath
         try:
-            scene.crop(box).convert("RGB").save(target, quality=JPEG_QUALITY)
+            chip_pixels(scene.crop(box)).save(target, quality=JPEG_QUALITY)
         except OSError as exc:
             raise UserError(f"cannot write chip {target}: {exc.strerror or exc}") from exc
         entries.append(Entry(relpath, obj.class_id))
+
+
+def chip_pixels(chip):
+    """A chip as training would load it from the scene (tgn.data.load_image): 16-bit grey
+    scaled to 0..255, not clipped at 255 by PIL's convert. Scaled per chip, as it is pointwise:
+    the same pixels as scaling the scene, without a 20000 x 20000 scene in float64 (3.2 GB)."""
+    if chip.mode.startswith("I"):
+        chip = to_8_bit(chip)
+    return chip.convert("RGB")
 
 
 def crop_all(images, options, workers, tally):
@@ -342,7 +383,7 @@ def crop_all(images, options, workers, tally):
 def _collect(results, tally):
     for subset, entries, skipped in results:
         tally.entries[subset].extend(entries)
-        tally.skipped.update(skipped)
+        tally.skipped[subset].update(skipped)
 
 
 def check_subsets_found(counts, hint):
@@ -352,15 +393,28 @@ def check_subsets_found(counts, hint):
             raise UserError(f"no {subset} objects found; {hint}")
 
 
+def check_chips_written(tally):
+    """Refuse a subset whose objects were all skipped (a --min-size above them all, boxes
+    off the image): objects were found, so the reasons say what emptied it."""
+    for subset in SUBSETS:
+        if not tally.entries[subset]:
+            skipped = tally.skipped[subset]
+            raise UserError(f"no {subset} chips: all {sum(skipped.values())} {subset} objects were skipped "
+                            f"({reasons(skipped)}); --out is left as it was")
+
+
 def prepare_chips(args, dataset, class_names, images, inputs, skipped=None):
-    """The common tail of the chip preparers: output folder, crops, lists, counts."""
-    check_subsets_found(Counter(image.subset for image in images for _ in image.objects),
+    """The common tail of the chip preparers: output folder, crops, lists, counts.
+    `skipped`: {subset: Counter of reasons} for objects the preparer left out itself."""
+    tally = Tally(skipped={subset: Counter((skipped or {}).get(subset, {})) for subset in SUBSETS})
+    annotated = Counter(image.subset for image in images for _ in image.objects)
+    check_subsets_found(annotated + Counter({subset: sum(tally.skipped[subset].values()) for subset in SUBSETS}),
                         "check --src and the layout its --help describes")
-    tally = Tally(skipped=Counter(skipped or {}))
     with building_dataset(args.out, args.overwrite, inputs) as folder:
         make_class_dirs(folder, class_names)
         options = CropOptions(out=folder, context=args.context, min_size=args.min_size)
         crop_all(images, options, args.workers, tally)
+        check_chips_written(tally)  # inside: a dataset written before stays in --out
         write_dataset(folder, dataset, class_names, tally)
     report(dataset, Path(args.out), class_names, tally)
     return tally

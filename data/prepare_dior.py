@@ -8,6 +8,8 @@ XML per image, and ImageSets/Main/{train,val,test}.txt. Each folder has its own 
 
 Chips are DATA/<subset>/<class_id>/<image_id>_<k>.jpg, k being the object's position in the
 image's XML; class ids follow DIOR's official alphabetical order (0 airplane ... 19 windmill).
+A chip is crop(xmin, ymin, xmax, ymax) of the XML's numbers as written, read as pixel edges
+(not shifted by one as 1-based VOC pixel indices would be).
 
 Which official lists form our train and test sets: the paper's 68,025 train + 124,440 test
 chips = 192,465, all the objects of DIOR's train+val+test (the DIOR paper counts 192,472
@@ -25,7 +27,7 @@ from collections import Counter  # noqa: E402
 
 from data.chips import (  # noqa: E402
     ChipObject, SourceImage, add_crop_arguments, add_output_arguments, check_disjoint, class_lookup,
-    comma_list, default_dir, existing_dir, find_class, index_images, prepare_chips,
+    comma_list, default_dir, existing_dir, find_class, index_images, prepare_chips, read_release_text,
 )
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -79,7 +81,7 @@ def read_id_list(image_sets, name):
     path = Path(image_sets) / f"{name}.txt"
     if not path.is_file():
         raise UserError(f"image list not found: {path} (check --image-sets and the set names)")
-    return [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return [line.strip() for line in read_release_text(path).splitlines() if line.strip()]
 
 
 def read_ids(image_sets, names):
@@ -95,6 +97,10 @@ def parse_voc(path, lookup):
         root = ElementTree.parse(path).getroot()
     except ElementTree.ParseError as exc:
         raise UserError(f"{path}: not valid XML ({exc})") from exc
+    except (ValueError, LookupError) as exc:  # an encoding expat cannot read (multi-byte, unknown)
+        raise UserError(f"{path}: cannot read its XML encoding ({exc}); save the file as UTF-8") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
     objects = []
     for index, node in enumerate(root.iter("object")):
         class_id = find_class(lookup, (node.findtext("name") or "").strip(), path, DATASET)

@@ -21,7 +21,7 @@ from collections import Counter  # noqa: E402
 
 from data.chips import (  # noqa: E402
     ChipObject, SourceImage, add_crop_arguments, add_output_arguments, check_disjoint, class_lookup,
-    comma_list, existing_dir, find_class, index_images, polygon_bounds, prepare_chips,
+    comma_list, existing_dir, find_class, index_images, polygon_bounds, prepare_chips, read_release_text,
 )
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -54,7 +54,7 @@ def parse_label_file(path, lookup, skip_difficult, skipped):
     """The objects of one labelTxt file; header lines are skipped, k counts object lines."""
     objects = []
     index = 0
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(read_release_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields or (len(fields) < 9 and ":" in fields[0]):
             continue
@@ -90,22 +90,36 @@ def collect_split(src, split, subset, args, lookup, skipped):
     return images, [image_dir, label_dir]
 
 
+def check_splits_disjoint(args):
+    """Train and test from different folders: compared resolved, as 'val', './val' and a
+    symlink to val are one folder under three names."""
+    folders = {subset: {(args.src / split).resolve(): split for split in splits}
+               for subset, splits in (("train", args.train_splits), ("test", args.test_splits))}
+    shared = sorted(folders["train"].keys() & folders["test"].keys())
+    if shared:
+        raise UserError(f"--train-splits {folders['train'][shared[0]]} and --test-splits {folders['test'][shared[0]]} "
+                        f"are one folder ({shared[0]}); train and test need different splits")
+
+
 def collect_images(args, class_names):
     existing_dir(args.src, "--src")
-    check_disjoint(args.train_splits, args.test_splits, "--train-splits/--test-splits")
+    check_splits_disjoint(args)
     lookup = class_lookup(class_names)
-    skipped = Counter()
+    skipped = {"train": Counter(), "test": Counter()}
     images, inputs = [], []
     for subset, splits in (("train", args.train_splits), ("test", args.test_splits)):
         seen = set()
         for split in splits:
-            split_images, split_inputs = collect_split(args.src, split, subset, args, lookup, skipped)
+            split_images, split_inputs = collect_split(args.src, split, subset, args, lookup, skipped[subset])
             clash = seen & {image.image_id for image in split_images}
             if clash:
                 raise UserError(f"scene {sorted(clash)[0]} appears in two {subset} splits ({', '.join(splits)})")
             seen |= {image.image_id for image in split_images}
             images += split_images
             inputs += split_inputs
+    # Copies of one scene in two split folders would put it in train and test alike.
+    check_disjoint([image.image_id for image in images if image.subset == "train"],
+                   [image.image_id for image in images if image.subset == "test"], "--train-splits/--test-splits")
     return images, inputs, skipped
 
 

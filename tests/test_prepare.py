@@ -12,7 +12,7 @@ from PIL import Image
 
 from data import make_demo, prepare_dior, prepare_dota, prepare_fgsc23, prepare_folders
 from data.chips import clip_box, pad_box, polygon_bounds
-from tgn.data import open_dataset
+from tgn.data import load_image, open_dataset
 from tgn.errors import UserError
 
 BACKGROUND = (20, 20, 20)
@@ -211,6 +211,51 @@ def test_refuses_a_non_empty_output_unless_overwrite(dior_src, tmp_path, capsys)
     assert len(open_dataset(out).entries("train")) == 3
 
 
+def one_error(capsys):
+    """The single error line of a failed run; no traceback besides it."""
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]  # besides progress bars
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_a_subset_left_without_chips_is_refused_and_the_earlier_dataset_kept(dior_src, dota_src, tmp_path, capsys):
+    """Objects found, none cropped (--min-size above them all, all difficult): refused after
+    cropping, naming what emptied the subset, with --out as it was."""
+    out = tmp_path / "out"
+    argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
+    prepare_dior.main(argv)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert exit_code(prepare_dior.main, [*argv, "--overwrite", "--min-size", "100"]) == 2
+    assert one_error(capsys) == ("error: no train chips: all 5 train objects were skipped (degenerate box: 1, "
+                                 "outside the image: 1, smaller than --min-size: 3); --out is left as it was")
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    argv = ["--src", str(dior_src), "--out", str(tmp_path / "new"), "--min-size", "100"]
+    assert exit_code(prepare_dior.main, argv) == 2
+    assert "no train chips" in one_error(capsys) and not (tmp_path / "new").exists()
+    (dota_src / "val/labelTxt/P0002.txt").write_text("5 5 25 5 25 20 5 20 harbor 1\n30 30 50 30 50 50 30 50 ship 1\n")
+    argv = ["--src", str(dota_src), "--out", str(out), "--workers", "1", "--overwrite", "--skip-difficult"]
+    assert exit_code(prepare_dota.main, argv) == 2
+    assert one_error(capsys).startswith("error: no test chips: all 2 test objects were skipped "
+                                        "(difficult (--skip-difficult): 2)")
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_dior_text_that_is_not_utf8_is_a_one_line_error_naming_the_file(dior_src, tmp_path, capsys):
+    argv = ["--src", str(dior_src), "--out", str(tmp_path / "out"), "--workers", "1"]
+    id_list = dior_src / "ImageSets/Main/test.txt"
+    id_list.write_text("00003\n", encoding="utf-16")  # what some Windows editors save
+    assert exit_code(prepare_dior.main, argv) == 2
+    assert re.fullmatch(r"error: .*test.txt:1: not UTF-8 text \(byte 0xff\); save the file as UTF-8",
+                        one_error(capsys))
+    id_list.write_text("00003\n")
+    xml = dior_src / "Annotations/Horizontal Bounding Boxes/00003.xml"
+    xml.write_text('<?xml version="1.0" encoding="gbk"?>' + voc_xml(DIOR_SCENES["00003"][1]))
+    assert exit_code(prepare_dior.main, argv) == 2
+    assert re.fullmatch(r"error: .*00003.xml: cannot read its XML encoding .*; save the file as UTF-8",
+                        one_error(capsys))
+
+
 # ---------------------------------------------------------------- DOTA
 
 
@@ -279,6 +324,53 @@ def test_dota_bad_line_and_overwrite_onto_the_source_are_refused(dota_src, tmp_p
         handle.write("1 2 3 plane\n")
     assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "out")]) == 2
     assert "P0002.txt:6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("train_splits, test_splits, message", [
+    ("train,val", "./val", "--train-splits val and --test-splits ./val are one folder"),
+    ("train,val", "val_link", "--train-splits val and --test-splits val_link are one folder"),
+    ("train,extra", "val", "--train-splits/--test-splits: P0002 in both train and test"),
+])
+def test_dota_one_scene_in_train_and_test_is_refused(dota_src, tmp_path, capsys, train_splits, test_splits, message):
+    (dota_src / "val_link").symlink_to(dota_src / "val", target_is_directory=True)
+    shutil.copytree(dota_src / "val", dota_src / "extra")  # the val scenes again, under another split name
+    argv = ["--src", str(dota_src), "--out", str(tmp_path / "out"), "--workers", "1",
+            "--train-splits", train_splits, "--test-splits", test_splits]
+    assert exit_code(prepare_dota.main, argv) == 2
+    assert message in one_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dota_label_file_that_is_not_utf8_is_a_one_line_error(dota_src, tmp_path, capsys):
+    label = dota_src / "val/labelTxt/P0002.txt"
+    label.write_bytes(b"imagesource:GoogleEarth\ngsd:null\n5 5 25 5 25 20 5 20 harbor 0 caf\xe9\n")
+    assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "out")]) == 2
+    assert re.fullmatch(r"error: .*P0002.txt:3: not UTF-8 text \(byte 0xe9\); save the file as UTF-8",
+                        one_error(capsys))
+
+
+def test_dota_boxes_wholly_left_of_or_above_the_scene_are_outside_not_degenerate(dota_src, tmp_path, capsys):
+    with open(dota_src / "train/labelTxt/P0001.txt", "a") as handle:
+        handle.write("-30 5 -10 5 -10 15 -30 15 plane 0\n"  # left of the 80 x 60 scene
+                     "10 -20 30 -20 30 -5 10 -5 plane 0\n"  # above it
+                     "20 10 20 10 20 25 20 25 plane 0\n")  # zero width
+    prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "out"), "--workers", "1"])
+    assert "skipped 3 objects (degenerate box: 1, outside the image: 2)" in capsys.readouterr().out
+
+
+def test_16_bit_scenes_give_the_chips_training_would_load(dota_src, tmp_path):
+    """Scaled 0..65535 -> 0..255 as tgn.data.load_image scales them, not clipped at 255."""
+    scene = dota_src / "train/images/P0001.png"
+    pixels = np.full((60, 80), 5140, dtype=np.uint16)  # 20 of 255
+    pixels[10:25, 10:30] = 40000  # the plane: 156 of 255
+    Image.fromarray(pixels).save(scene)
+    assert Image.open(scene).mode.startswith("I")
+    out = tmp_path / "out"
+    prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1"])
+    chip = np.asarray(Image.open(out / "train/0/P0001_0.jpg").convert("L"), dtype=np.float32)
+    expected = np.asarray(load_image(scene).convert("L"), dtype=np.float32)[10:25, 10:30]
+    assert chip.shape == expected.shape and np.abs(chip - expected).mean() < 1
+    assert abs(chip.mean() - 156) < 2
 
 
 # ---------------------------------------------------------------- FGSC-23
