@@ -11,7 +11,7 @@ OUT/metrics.jsonl and OUT/options.json. Quick CPU run: --size 32 --latent 64 --n
 --channel-max 32 --batch 4 --iter 200 --clip none.
 
 Several GPUs: `torchrun --nproc_per_node=N CDTG/train.py ...` with the same flags; --batch
-stays the global batch (each GPU takes --batch / N; keep that at 4 or more, the size of
+stays the global batch (each GPU takes --batch / N, which must be 4 or more, the size of
 the discriminator's minibatch-stddev groups).
 """
 import sys
@@ -185,6 +185,11 @@ def main(argv=None):
         share = f"each process's share ({local})" if local != args.batch else "it"
         raise UserError(f"--batch {args.batch}: {share} must be at most {STDDEV_GROUP} or a multiple of "
                         f"{STDDEV_GROUP}, the discriminator's minibatch-std group")
+    if local < min(args.batch, STDDEV_GROUP):  # each process groups its own images: smaller groups than one process's
+        world = args.batch // local
+        raise UserError(f"--batch {args.batch} over {world} processes leaves {local} image(s) each, fewer than the "
+                        f"discriminator's minibatch-std group of {STDDEV_GROUP}, which changes training; use at most "
+                        f"{max(1, args.batch // STDDEV_GROUP)} processes or --batch {STDDEV_GROUP * world}")
     tail = load_tail_classes(args.data, args.data_root)
     device = dist.process_device(args.device)
     seed_everything(args.seed)

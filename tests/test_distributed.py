@@ -335,6 +335,10 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_remov
     with pytest.raises(SystemExit):
         cdtg_train_main(cdtg_args(cdtg_inputs, run, "--overwrite", "--batch", "6"))
     assert "--batch 6 is the global batch and must be a multiple of the 4 processes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 2 images a process: smaller minibatch-stddev groups than one process's 4
+        cdtg_train_main(cdtg_args(cdtg_inputs, run, "--overwrite", "--batch", "8"))
+    assert ("--batch 8 over 4 processes leaves 2 image(s) each, fewer than the discriminator's minibatch-std "
+            "group of 4, which changes training; use at most 2 processes or --batch 16") in capsys.readouterr().err
     assert (run / "checkpoint" / "1.pt").is_file()  # --overwrite had not started
 
 
