@@ -16,9 +16,15 @@ from tgn.data import Entry, check_readable
 from tgn.errors import UserError
 
 
+# Folders that file systems and archivers add beside the data (Synology thumbnails, macOS
+# resource forks unzipped, Windows' recycle bin): never a class, never images of one.
+SYSTEM_FOLDERS = frozenset({"@eaDir", "__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
+
+
 def is_hidden(path):
-    """Hidden entries (.DS_Store, macOS's ._name copies, .ipynb_checkpoints) are no data."""
-    return path.name.startswith(".")
+    """Hidden entries (.DS_Store, macOS's ._name copies, .ipynb_checkpoints) and the system
+    folders above are no data."""
+    return path.name.startswith(".") or path.name in SYSTEM_FOLDERS
 
 
 def is_image_file(path):
@@ -139,14 +145,25 @@ def place_images(out, sources, link, tally):
             tally.entries[subset].append(Entry(relpath, class_id))
 
 
+def sixteen_bit_peak(image):
+    """The brightest value, out of 65535, of a 16-bit image; None for other depths. PIL
+    opens 16-bit colour (PNG, TIFF) as 8-bit RGB of each value's high byte, so only the
+    undecoded tile's raw mode tells it was 16-bit."""
+    if image.mode.startswith("I"):
+        return image.getextrema()[1]
+    if image.tile and ";16" in str(image.tile[0][3]):
+        return max(high for _, high in image.getextrema()) * 257  # high bytes: the 16-bit peak to 1/256
+    return None
+
+
 def warn_of_dark_16_bit_images(paths):
-    """16-bit grey images load scaled from 0..65535 to 0..255 (tgn.data.to_8_bit), so data
-    of fewer bits in 16-bit files (a 12-bit sensor's 0..4095) loads nearly black: say so
-    before the dataset is built on them."""
+    """16-bit images load scaled from 0..65535 to 0..255 (grey: tgn.data.to_8_bit; colour:
+    PIL keeps the high byte), so data of fewer bits in 16-bit files (a 12-bit sensor's
+    0..4095) loads nearly black: say so before the dataset is built on them."""
     dark = []
     for path in tqdm(paths, desc="checking bit depths", unit="image", leave=False, dynamic_ncols=True):
-        with Image.open(path) as image:  # reads the header; only integer images are decoded
-            peak = image.getextrema()[1] if image.mode.startswith("I") else None
+        with Image.open(path) as image:  # reads the header; only 16-bit images are decoded
+            peak = sixteen_bit_peak(image)
         if peak is not None and peak < 2 ** 14:
             dark.append((path, peak))
     if dark:

@@ -160,6 +160,10 @@ def test_without_classes_json_classes_are_named_by_id(tmp_path):
     with pytest.warns(UserWarning, match="classes.json"):
         info = open_dataset(data)
     assert info.name == "TOY" and info.class_names == {0: "0", 3: "3"}
+    anno = data / "anno"
+    (anno / "._TOY_train.txt").write_bytes(b"\x00\x05\x16\x07 resource fork")  # macOS's copy of its metadata
+    with pytest.warns(UserWarning, match="classes.json"):
+        assert open_dataset(data).name == "TOY"
 
 
 def test_an_image_listed_under_another_class_folder_is_warned_about(tmp_path):

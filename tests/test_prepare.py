@@ -446,6 +446,11 @@ def entries(info, subset):
 def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, capsys, link):
     out = tmp_path / "datasets" / "mine"
     paint_scene(class_folders / "train/ship/more/h.jpg", (8, 8), {})
+    # What a NAS or an unzipped macOS archive adds: no class, and no images of one.
+    paint_scene(class_folders / "train/@eaDir/thumb.jpg", (8, 8), {})
+    paint_scene(class_folders / "train/ship/@eaDir/d.jpg/SYNOFILE_THUMB_M.jpg", (8, 8), {})
+    (class_folders / "test/__MACOSX/ship").mkdir(parents=True)
+    (class_folders / "test/__MACOSX/ship/._f.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
     with pytest.warns(UserWarning) as caught:
         prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-dir",
                               str(class_folders / "test"), "--out", str(out)] + (["--link", link] if link else []))
@@ -801,6 +806,36 @@ def test_16_bit_images_of_fewer_bits_are_warned_of(class_folders, tmp_path):
     grey16(class_folders / "train/ship/twelve.png", 4095)  # a 12-bit sensor's values
     with pytest.warns(UserWarning, match=r"1 16-bit images use at most 14 of their 16 bits \(e.g. .*twelve.png, "
                                          r"brightest value 4095\): .* load dark \(brightest 16 of 255\)"):
+        prepare_folders.main([*argv, "--out", str(tmp_path / "twelve")])
+
+
+def rgb16_png(path, pixels):
+    """A 16-bit RGB PNG (PIL writes none): (H, W, 3) uint16 pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width, _ = pixels.shape
+    rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter 0 per row
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_images_of_fewer_bits_are_warned_of(class_folders, tmp_path):
+    """PIL opens 16-bit colour as the high byte of each value: 12-bit data loads as 0..15."""
+    ramp = np.linspace(0, 1, 10 * 12 * 3).reshape(10, 12, 3)
+    rgb16_png(class_folders / "train/ship/full.png", (ramp * 65535).astype(np.uint16))
+    argv = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_folders.main([*argv, "--out", str(tmp_path / "full")])
+    assert not [w for w in caught if "16-bit" in str(w.message)]
+    rgb16_png(class_folders / "train/ship/twelve.png", (ramp * 4095).astype(np.uint16))
+    assert np.asarray(load_image(class_folders / "train/ship/twelve.png", 12)).max() == 15  # what training reads
+    with pytest.warns(UserWarning, match=r"1 16-bit images use at most 14 of their 16 bits \(e.g. .*twelve.png, "
+                                         r".* load dark \(brightest 15 of 255\)"):
         prepare_folders.main([*argv, "--out", str(tmp_path / "twelve")])
 
 

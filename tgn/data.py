@@ -139,7 +139,8 @@ class DatasetInfo:
 
 
 def _find_dataset_name(root):
-    candidates = sorted((root / "anno").glob("*_train.txt"))
+    # Not hidden ones: macOS leaves ._NAME_train.txt beside each file it copies to other disks.
+    candidates = sorted(path for path in (root / "anno").glob("*_train.txt") if not path.name.startswith("."))
     if not candidates:
         hint = ("; for a dataset in class folders, run data/prepare_folders.py first"
                 if not (root / "anno").is_dir() and not (root / "train").is_dir() else "")
