@@ -471,3 +471,23 @@ def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
     for x, y in zip(ddp_metrics, single_metrics):
         for key in ("d", "g_adv", "cls", "clip"):
             assert x[key] == pytest.approx(y[key], rel=1e-3, abs=1e-4), key
+
+
+def test_a_resume_by_another_process_count_is_noted(tmp_path, monkeypatch, capsys):
+    """Resuming on another number of GPUs is allowed, but it is not the run that kept its
+    count (BatchNorm statistics, last batches, CDTG's groups): options.json records the
+    count, and --resume says so."""
+    from argparse import Namespace
+
+    from tgn.io import save_options
+    from tgn.resume import check_resume
+
+    args = Namespace(epochs=1, resume=True)
+    save_options(tmp_path, args)  # one process
+    assert json.loads((tmp_path / "options.json").read_text())["processes"] == 1
+    check_resume(tmp_path, args, done=1)
+    assert "note" not in capsys.readouterr().out
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):  # as torchrun starts process 0
+        monkeypatch.setenv(name, value)
+    check_resume(tmp_path, args, done=1)
+    assert f"note: {tmp_path} was trained by 1 process(es) and resumes with 2" in capsys.readouterr().out

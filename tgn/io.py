@@ -303,6 +303,7 @@ def save_options(out_dir, args, write=True):
     only the dict, for the processes that do not write under torchrun). Paths are recorded
     absolute: test.py reads the run's --split from any folder."""
     options = {key: map_paths(value, lambda path: str(absolute_path(path))) for key, value in vars(args).items()}
+    options["processes"] = dist.planned_world_size()  # --resume notes a change of count
     if write:
         atomic_write_json(Path(out_dir) / "options.json", options)
     return options

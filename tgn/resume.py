@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tgn import distributed as dist
 from tgn.checkpoint import load_failure
 from tgn.errors import UserError
 from tgn.io import read_json
@@ -68,12 +69,23 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
             now_text = ", ".join(f"{_flag(key)} {now[key]}" for key in changed)
             raise UserError(f"--resume: {out_dir} was started with {was}, this call has {now_text}; resume with the "
                             "flags it was started with, or pass --overwrite to start again")
+        note_process_count(out_dir, saved.get("processes"))
     requested = getattr(args, length)
     if requested < done:
         raise UserError(f"--resume: {out_dir} has already trained {done} {'steps' if length == 'iter' else 'epochs'};"
                         f" {_flag(length)} {requested} is fewer")
     if state is not None and data is not None:
         check_same_data(state, data, out_dir / "last.pth")
+
+
+def note_process_count(out_dir, saved):
+    """A run resumed by another number of processes goes on correctly, but not as one that
+    kept its count would: say so."""
+    processes = dist.planned_world_size()
+    if saved is not None and saved != processes and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {out_dir} was trained by {saved} process(es) and resumes with {processes}: per-process "
+              "BatchNorm statistics, the last batch of each epoch and CDTG's minibatch-stddev groups and ADA "
+              "draws differ from a run that kept its count")
 
 
 def check_same_data(state, meta, path):
