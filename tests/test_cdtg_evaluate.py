@@ -316,3 +316,24 @@ def test_the_sample_sheet_shows_names_with_dollar_signs_as_written(tmp_path, mon
     texts = [text for text in drawn[0].findobj(Text) if "$" in text.get_text()]
     assert {text.get_text() for text in texts} >= {"3 coins 50$ & 100$", "gen $1$"}
     assert not any(text.get_parse_math() for text in texts)
+
+
+def test_teacher_accuracy_counts_the_images_put_in_their_own_class(evaluation_inputs):
+    """An M_T rigged to answer 'dam' (tail label 1) whatever the image: its accuracy is 1
+    on the dam images and 0 on the others, real and generated alike."""
+    from tgn.checkpoint import load_checkpoint
+
+    root = evaluation_inputs
+    checkpoint = load_checkpoint(root / "M_T.pth")
+    checkpoint["state_dict"]["fc.weight"].zero_()
+    checkpoint["state_dict"]["fc.bias"].copy_(torch.tensor([0.0, 1.0, 0.0]))
+    torch.save(checkpoint, root / "dam_only.pth")
+    evaluation = evaluate_script.main([str(root / "gen_shifted"), "--teacher", str(root / "dam_only.pth"),
+                                       "--clip", "none", "--lpips", "none", "--inception", "none", "--device", "cpu",
+                                       "--workers", "0", "--out", str(root / "evaluation")])
+    folder = evaluation["folders"][0]
+    assert [row["id"] for row in folder["classes"]] == [2, 3, 4]  # 3 is the dam
+    assert [row["teacher_accuracy_generated"] for row in folder["classes"]] == [0.0, 1.0, 0.0]
+    assert [row["teacher_accuracy_real"] for row in folder["classes"]] == [0.0, 1.0, 0.0]
+    assert folder["overall"]["teacher_accuracy_generated"] == pytest.approx(5 / 15)
+    assert folder["overall"]["teacher_accuracy_real"] == pytest.approx(4 / 16)  # 8, 4 and 4 real images

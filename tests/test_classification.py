@@ -434,7 +434,35 @@ def test_loading_errors_are_one_line(trained, tmp_path, capsys):
     assert err == f"error: test folder not found: {data / 'test'}"
 
 
-def test_long_tail_baselines_run_in_the_same_harness(toy_data, tmp_path):
+class TrainingStopped(Exception):
+    """Raised by a stand-in for fit once it has seen what training would get."""
+
+
+def spy_on_fit(monkeypatch, train=True):
+    """Record the training set and keyword arguments Classification/train.py passes to fit;
+    without `train`, stop there."""
+    import Classification.train
+
+    calls, real_fit = [], Classification.train.fit
+
+    def spy(model, train_set, *args, **kwargs):
+        calls.append({"train_set": train_set, **kwargs})
+        if not train:
+            raise TrainingStopped
+        return real_fit(model, train_set, *args, **kwargs)
+
+    monkeypatch.setattr(Classification.train, "fit", spy)
+    return calls
+
+
+def balanced_softmax_of(counts, logits, labels):
+    prior = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+    return torch.nn.functional.cross_entropy(logits + prior.log(), labels).item()
+
+
+def test_long_tail_baselines_run_in_the_same_harness(toy_data, tmp_path, monkeypatch):
+    calls = spy_on_fit(monkeypatch)
+
     def first_epoch_loss(name, *flags):
         report = train_main(["--data-root", str(toy_data), "--out", str(tmp_path / name), "--epochs", "1",
                              "--device", "cpu", *TINY, *flags])
@@ -444,11 +472,39 @@ def test_long_tail_baselines_run_in_the_same_harness(toy_data, tmp_path):
     report, both = first_epoch_loss("both", "--sampler", "class-balanced", "--loss", "balanced-softmax")
     assert report["method"] == "re-sampling + balanced softmax"
     assert all(row["generated_count"] == 0 for row in report["classes"])
+    labels = np.array(calls[0]["train_set"].targets())
+    weights = calls[0]["train_weights"]
+    assert len(weights) == len(labels) and np.bincount(labels).tolist() == [12, 10, 8, 4, 3]
+    assert [float(weights[labels == c].sum()) for c in range(5)] == pytest.approx([1] * 5)  # classes equally likely
+    logits, targets = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 4])
+    loss, returned = calls[0]["loss_fn"](torch.nn.Identity(), logits, targets)
+    assert loss.item() == pytest.approx(balanced_softmax_of([12, 10, 8, 4, 3], logits, targets), rel=1e-6)
+    assert torch.equal(returned, logits)
     # Each flag reaches training: the same seed gives another first epoch with it than without.
     _, plain = first_epoch_loss("plain")
+    assert calls[1]["train_weights"] is None and calls[1]["loss_fn"] is cross_entropy_loss
     _, resampled = first_epoch_loss("resampled", "--sampler", "class-balanced")
     _, balanced = first_epoch_loss("balanced", "--loss", "balanced-softmax")
     assert len({plain, resampled, balanced, both}) == 4
+
+
+def test_generated_images_are_trained_on_with_their_class(toy_data, tmp_path, monkeypatch):
+    """fit gets every --extra image, labelled with the output index of its class; the
+    balanced-softmax prior counts the images trained on, generated ones included."""
+    calls = spy_on_fit(monkeypatch, train=False)
+    generated = write_generated(tmp_path / "generated", {3: 5, 4: 6})
+    with pytest.raises(TrainingStopped):
+        train_main(["--data-root", str(toy_data), "--extra", str(generated), "--out", str(tmp_path / "cls"),
+                    "--loss", "balanced-softmax", "--device", "cpu", *TINY])
+    samples = calls[0]["train_set"].samples
+    listed = [line.rsplit(" ", 1) for line in (generated / "anno.txt").read_text().splitlines()]
+    from_extra = sorted((Path(path).relative_to(generated).as_posix(), label) for path, label in samples
+                        if Path(path).is_relative_to(generated))
+    assert from_extra == sorted((relpath, int(cid)) for relpath, cid in listed)  # class ids 3, 4 = outputs 3, 4
+    assert len(from_extra) == 11 and len(samples) == 37 + 11
+    logits, targets = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3, 4, 4])
+    loss, _ = calls[0]["loss_fn"](torch.nn.Identity(), logits, targets)
+    assert loss.item() == pytest.approx(balanced_softmax_of([12, 10, 8, 4 + 5, 3 + 6], logits, targets), rel=1e-6)
 
 
 def test_class_balanced_sampling_evens_out_the_classes():
@@ -465,6 +521,17 @@ def test_help_shows_the_defaults(main, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "default" in capsys.readouterr().out
+
+
+def test_training_help_shows_the_official_settings(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal's width
+    for option in ("--epochs EPOCHS training epochs (default: 50)", "takes 1/N of it (default: 32)",
+                   "--lr LR Adam learning rate (default: 0.001)", "Adam weight decay (default: 0.0001)",
+                   "divided by 10 (default: [30, 60, 90, 120, 150, 180])", "resized to this square size (default: 224)",
+                   "--arch {resnet50,resnet18} resnet50 is the paper's; resnet18 for quick runs (default: resnet50)"):
+        assert option in shown
 
 
 # --- hand-made reports: n/a groups, figures, comparison ------------------------------------------
@@ -518,6 +585,34 @@ def test_figures_show_names_with_dollar_signs_as_written(tmp_path, monkeypatch):
         texts = [text for text in figure.findobj(Text) if "$" in text.get_text()]
         assert texts and not any(text.get_parse_math() for text in texts)
         assert name in {text.get_text() for text in texts}
+
+
+def test_figures_draw_the_row_normalised_matrix_and_the_ranked_counts(tmp_path, monkeypatch):
+    import Classification.figures as figures
+    from matplotlib.colors import to_rgba
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    # listed out of count order: the chart ranks the classes 1, 7, 0, 5 by real training count
+    report = build_report(np.array(BASELINE_CM), method="TGN", source="x.pth", dataset="TOY", class_ids=[0, 1, 5, 7],
+                          class_names=["a", "b", "c", "d"], train_counts=[5, 50, 2, 30],
+                          generated_counts=[40, 0, 45, 0], head=[1, 7], tail=[0, 5], grouping="hand")
+    plot_confusion(report, tmp_path / "cm.png")
+    plot_long_tail([report], tmp_path / "lt.png")
+    confusion, long_tail = drawn
+    shown = np.ma.filled(confusion.axes[0].images[0].get_array(), np.nan)
+    # rows are the true classes (4, 4, 4 and 1 test images), each summing to 1
+    assert shown.tolist() == [[1, 0, 0, 0], [0.25, 0.75, 0, 0], [0.5, 0, 0.5, 0], [1, 0, 0, 0]]
+    counts_axes, accuracy_axes = long_tail.axes
+    real, generated = counts_axes.containers
+    assert [bar.get_height() for bar in real] == [50, 30, 5, 2]
+    head, tail = to_rgba(figures.HEAD_COLOUR), to_rgba(figures.TAIL_COLOUR)
+    assert [bar.get_facecolor() for bar in real] == [head, head, tail, tail]  # classes 1, 7 are head
+    # generated images stacked on the real ones of the classes that have them
+    assert [(bar.get_x() + bar.get_width() / 2, bar.get_y(), bar.get_height()) for bar in generated] == [
+        (2, 5, 40), (3, 2, 45)]
+    assert [label.get_text() for label in counts_axes.get_xticklabels()] == ["b", "d", "a", "c"]
+    assert accuracy_axes.lines[0].get_ydata().tolist() == [75, 0, 100, 50]
 
 
 def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
