@@ -9,14 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TAIL_IDS, tiny_clip  # the cdtg_inputs fixture lives in conftest
+from conftest import PALETTE, TAIL_IDS, tiny_clip  # the cdtg_inputs fixture lives in conftest
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.fusion import NoiseFusion
 from CDTG.generation import main as generation_main
 from CDTG.swagan import Discriminator, Generator
 from CDTG.synthesis import TailSynthesizer
-from CDTG.tail_data import StepBatchSampler, load_tail_classes
+from CDTG.tail_data import StepBatchSampler, load_tail_classes, load_teacher
+from CDTG.train import build_parser, gan_config
 from CDTG.train import main as train_main
 from CDTG.losses import d_logistic_loss, g_nonsaturating_loss, teacher_classification_loss
 from CDTG.trainer import CdtgTrainer, GanConfig, accumulate
@@ -214,6 +215,119 @@ def test_fusion_feature_term_keeps_its_scale_under_the_generators_adam(lr_mul):
         assert growth > 10  # what the equalised layer prevents
 
 
+def colour_batch(labels, generator):
+    """Real images made for the trainer's tests: class c is the colour PALETTE[c] plus a
+    little noise, in [-1, 1] at 32 px."""
+    colours = torch.tensor([PALETTE[c] for c in labels.tolist()], dtype=torch.float32) / 127.5 - 1
+    return (colours[:, :, None, None] + 0.1 * torch.randn(len(labels), 3, 32, 32, generator=generator)).clamp(-1, 1)
+
+
+def train_on_colours(trainer, steps, generator):
+    """`steps` train steps as fit takes them (reseeded from (seed, step)) on colour batches."""
+    for _ in range(steps):
+        labels = torch.randint(3, (4,), generator=generator)
+        trainer.noise.reseed(trainer.cfg.seed, trainer.step)
+        trainer.train_step(colour_batch(labels, generator), labels)
+        trainer.step += 1
+
+
+def adversarial_only(tmp_path):
+    """A tiny trainer whose G learns from D alone (no M_T, CLIP or path-length term)."""
+    return make_trainer(tmp_path, lambda_cls=0.0, lambda_clip=0.0, path_regularize=0.0)
+
+
+def fixed_fakes(trainer, real, labels):
+    """Fakes of the current G from the same noise at every call."""
+    trainer.noise.reseed(1, 0)
+    with torch.no_grad():
+        _, features = trainer.teacher(real)
+        fake, _ = trainer.generate(trainer.g_fused, len(labels), features, labels)
+    return fake
+
+
+def test_the_discriminator_learns_to_tell_the_real_colours_from_the_fakes(tmp_path):
+    """D's real-minus-fake margin on a fixed batch grows over 30 steps (a reversed D loss
+    drives it to -9)."""
+    trainer = adversarial_only(tmp_path)
+    data = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    real = colour_batch(labels, data)
+
+    def margin():
+        fake = fixed_fakes(trainer, real, labels)
+        with torch.no_grad():
+            return (trainer.d(real, labels).mean() - trainer.d(fake, labels).mean()).item()
+
+    start = margin()
+    train_on_colours(trainer, 30, data)
+    assert margin() > start + 0.3  # -0.97 to 1.10 here; other seeds (data, noise, weights) gain 0.7 to 2.4
+
+
+def test_a_generator_step_lowers_its_adversarial_loss_against_a_fixed_discriminator(tmp_path):
+    """With D held still, G's steps lower softplus(-D(G(z))) on fixed inputs (a negated
+    adversarial loss raises it)."""
+    trainer = adversarial_only(tmp_path)
+    trainer.d_optim.step = lambda: None  # D stays as it is: only G moves
+    d_start = [p.clone() for p in trainer.d.parameters()]
+    data = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    real = colour_batch(labels, data)
+
+    def adversarial_loss():
+        with torch.no_grad():
+            return g_nonsaturating_loss(trainer.d(fixed_fakes(trainer, real, labels), labels)).item()
+
+    start = adversarial_loss()
+    train_on_colours(trainer, 10, data)
+    assert all(torch.equal(a, b) for a, b in zip(d_start, trainer.d.parameters()))
+    assert adversarial_loss() < start - 0.05  # 0.37 to 0.17 here; other seeds lose 0.12 to 0.39
+
+
+def test_the_ema_generator_follows_the_generator_with_the_official_decay(tmp_path):
+    assert make_trainer(tmp_path).ema_decay == pytest.approx(0.5 ** (32 / 10_000))  # rosinality's, 10 kimg
+    trainer = make_trainer(tmp_path, lambda_clip=0.0, ema_half_life_kimg=0.064)  # decay 0.71: one step shows
+    decay = trainer.ema_decay
+    assert decay == pytest.approx(0.5 ** 0.5)
+    start = {name: p.clone() for name, p in trainer.g_ema.named_parameters()}
+    data = torch.Generator().manual_seed(0)
+    train_on_colours(trainer, 2, data)
+    before = {name: p.clone() for name, p in trainer.g_ema.named_parameters()}
+    train_on_colours(trainer, 1, data)
+    generator = dict(trainer.g.named_parameters())
+    for name, average in trainer.g_ema.named_parameters():
+        torch.testing.assert_close(average, decay * before[name] + (1 - decay) * generator[name].detach())
+    moved = [name for name, p in trainer.g_ema.named_parameters() if not torch.equal(p, start[name])]
+    assert "style.1.weight" in moved and "conv1.conv.weight" in moved
+
+
+def test_each_fake_fuses_the_features_of_its_own_real_image(tmp_path, monkeypatch):
+    """Changing real image 2 changes row 2, and no other row, of every latent a step fuses
+    (D step, G step, path length) and of the sample grid's."""
+    labels = torch.tensor([0, 1, 2, 0])
+    real = colour_batch(labels, torch.Generator().manual_seed(0))
+    changed = real.clone()
+    changed[2] = colour_batch(torch.tensor([1]), torch.Generator().manual_seed(1))[0]
+
+    def fused_latents(images):
+        trainer = make_trainer(tmp_path, lambda_clip=0.0, path_batch_shrink=1)
+        trainer.g_optim.step = lambda: None  # G's weights alike in both runs for every pass
+        seen = []
+        for generator in (trainer.g, trainer.g_ema):
+            get_latent = generator.get_latent
+            monkeypatch.setattr(generator, "get_latent", lambda z, labels, get_latent=get_latent: (
+                seen.append(z.detach().clone()) or get_latent(z, labels)))
+        trainer.noise.reseed(0, 0)
+        trainer.train_step(images, labels)  # step 0: R1 and path length too
+        trainer.write_samples(torch.randn(4, 16, generator=torch.Generator().manual_seed(2)), labels, images)
+        return seen
+
+    plain, perturbed = fused_latents(real), fused_latents(changed)
+    assert len(plain) == len(perturbed) >= 4 and all(len(z) == 4 for z in plain)
+    for a, b in zip(plain, perturbed):
+        torch.testing.assert_close(a[[0, 1, 3]], b[[0, 1, 3]], rtol=0, atol=1e-6)
+        assert (a[2] - b[2]).abs().max() > 1e-3
+
+
 def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     straight, interrupted = cdtg_inputs / "straight", cdtg_inputs / "interrupted"
     options = ("--augment", "--augment-p", "0.5", "--flip")
@@ -310,6 +424,26 @@ def test_teacher_with_wrong_class_count_is_refused(cdtg_inputs, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_main(args)
     assert exit_info.value.code == 2 and "has 5 classes, the tail data has 3" in capsys.readouterr().err
+
+
+def test_the_loss_and_fusion_flags_reach_the_training_config():
+    defaults = GanConfig()
+    given = {"lambda_cls": 0.3, "lambda_clip": 0.7, "fusion_noise": 0.6, "r1": 4.5}
+    assert all(getattr(defaults, field) != value for field, value in given.items())  # a dropped flag shows
+    argv = [item for field, value in given.items() for item in ("--" + field.replace("_", "-"), str(value))]
+    cfg = gan_config(build_parser().parse_args(argv))
+    assert {field: getattr(cfg, field) for field in given} == given
+    assert gan_config(build_parser().parse_args([*argv, "--clip", "none"])).lambda_clip == 0.0  # no CLIP, no loss
+
+
+def test_the_model_flags_reach_the_models(cdtg_inputs):
+    run = cdtg_inputs / "run"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1", "--clip", "none", "--channel-multiplier", "1",
+                               "--lr-mlp", "0.05"))
+    checkpoint = load_cdtg_checkpoint(run / "checkpoint" / "1.pt")
+    assert checkpoint["generator_config"]["channel_multiplier"] == 1  # defaults: 2 and 0.01
+    assert checkpoint["generator_config"]["lr_mlp"] == 0.05
+    assert checkpoint["discriminator_config"]["channel_multiplier"] == 1
 
 
 @pytest.fixture
@@ -463,6 +597,31 @@ def test_generation_mixes_noise_and_feature_by_r(trained_ckpt):
     assert (images(1.0) == images(1.0, real=other_real)).all()  # r = 1: noise alone
     assert (images(0.0) == images(0.0, z=torch.randn_like(z))).all()  # r = 0: the feature alone
     assert np.abs(images(0.05) - images(0.05, real=other_real)).max() > 10  # r = 0.05: mostly the feature
+
+
+def test_generation_renders_each_class_with_its_label_and_its_own_real_images(cdtg_inputs):
+    """Each image is g_ema(get_latent(r * z + (1 - r) * embed(M_T feature of a real image
+    of its class), its label)), computed here from the images in train/<class id>/."""
+    tail = load_tail_classes(cdtg_inputs / "cdtg_data")
+    teacher = load_teacher(cdtg_inputs / "M_T.pth", tail)
+    torch.manual_seed(0)
+    g_ema = Generator(32, 16, 2, num_classes=3, channel_max=16)
+    channels, height, width = teacher.feature_shape(32)
+    fusion = NoiseFusion(channels * height * width, 16, lr_mul=0.01)
+    synth = TailSynthesizer(g_ema, fusion, teacher, tail, torch.device("cpu"))
+    ratio, indices = 0.05, [0, 1, 2, 3]
+    for label, class_id in enumerate(TAIL_IDS):
+        own = [i for i, (path, _) in enumerate(synth.dataset.samples) if Path(path).parent.name == str(class_id)]
+        assert {synth.dataset.samples[i][1] for i in own} == {label} and synth.num_real(class_id) == len(own)
+        with torch.no_grad():
+            _, features = teacher(torch.stack([synth.dataset[i][0] for i in own]))
+            z, real, noise = synth.batch_inputs(class_id, indices, seed=0)
+            labels = torch.full((len(indices),), label)
+            styles = g_ema.get_latent(ratio * z + (1 - ratio) * fusion.embed(features)[real], labels)
+            images, _ = g_ema([styles], labels, noise=noise, input_is_latent=True)
+        expected = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        generated = synth.generate(class_id, indices, ratio=ratio, seed=0, batch_size=len(indices))
+        assert np.abs(generated.astype(int) - expected.astype(int)).max() <= 1, class_id
 
 
 def test_every_batch_is_rendered_with_the_batch_size_whoever_shares_it(trained_ckpt, monkeypatch):
