@@ -87,6 +87,7 @@ def main(argv=None):
     settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
                 "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources,
                 "weights": synth.weights_fingerprint(), "real_images": synth.real_counts(synth.tail.ids),
+                "real_features": synth.real_features_fingerprint(),
                 # Classification/train.py --extra checks them against the dataset it trains on.
                 "class_names": {str(cid): name for cid, name in zip(synth.tail.ids, synth.tail.names)}}
     check_settings(args.out, settings, args.overwrite)

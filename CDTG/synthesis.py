@@ -18,7 +18,9 @@ last, smaller batch is padded and cut back), so one graph serves the whole run; 
 modes (reduce-overhead, max-autotune) also remove the kernel launches, which dominate at
 small batches.
 """
+import hashlib
 import json
+import os
 import re
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -165,6 +167,15 @@ class TailSynthesizer:
         """Of g_ema and the fusion layer: a generation folder refuses images of other weights
         (a checkpoint replaced under the same name, as a retrained 200000.pt is)."""
         return weights_fingerprint(self.g_ema) + weights_fingerprint(self.fusion)
+
+    def real_features_fingerprint(self):
+        """Of the tail model's weights and the real images whose features are fused (named
+        within their dataset, in order): what the images depend on besides g_ema and the
+        fusion layer, wherever the files live now."""
+        digest = hashlib.sha256(weights_fingerprint(self.teacher).encode())
+        for path, label in self.dataset.samples:
+            digest.update(f"{os.path.relpath(path, self.tail.data_root)}\t{label}\n".encode())
+        return digest.hexdigest()[:16]
 
     def real_counts(self, class_ids):
         """{class id: real images whose features generation fuses}; computes them all, so
@@ -359,9 +370,12 @@ def check_settings(out_dir, settings, overwrite):
         previous.setdefault("truncation_centre", TRUNCATION_CENTRE if previous.get("truncation", 1.0) == 1.0
                             else "noise only")
         # Folders of earlier versions are not checked for these.
-        unrecorded_before = ("data", "teacher", "weights", "real_images", "class_names")
+        unrecorded_before = ("data", "teacher", "weights", "real_images", "class_names", "real_features")
+        # Where the files are does not matter once what they hold is compared (the weights, the
+        # real features' inputs): a run folder moved elsewhere may still add images.
+        moved = ("ckpt", "data", "teacher") if "real_features" in previous else ()
         changed = [key for key in settings if previous.get(key) != settings[key]
-                   and not (key not in previous and key in unrecorded_before)]
+                   and not (key not in previous and key in unrecorded_before) and key not in moved]
         if changed:
             raise UserError(f"{out_dir} holds images generated with other settings ({', '.join(changed)}); "
                             "use another --out or pass --overwrite")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, write_dataset
-from test_cdtg_training import tiny_train_args
+from test_cdtg_training import read_anno, tiny_train_args
 from test_reliability import TINY, expect_user_error
 from CDTG.generation import main as generation_main
 from CDTG.train import main as cdtg_train_main
@@ -296,9 +296,18 @@ def test_generation_checks_the_teacher_and_keeps_one_per_folder(cdtg_inputs, tmp
     expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "2", "--teacher",
                                                        str(tmp_path / "other_tail.pth")]),
                       "is not the tail model")  # another M_T's features would not fit the fusion layer
-    shutil.copy(cdtg_inputs / "M_T.pth", tmp_path / "copy.pth")  # the same weights elsewhere: fine, yet a
-    expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "2", "--teacher",  # folder keeps one
-                                                       str(tmp_path / "copy.pth")]), "other settings (teacher)")
+    # The same weights and real images elsewhere (a run folder moved): the folder grows as one run would have made it.
+    moved = tmp_path / "moved"
+    shutil.copytree(cdtg_inputs / "cdtg_data", moved / "cdtg_data")
+    shutil.copy(cdtg_inputs / "M_T.pth", moved / "M_T.pth")
+    shutil.copy(ckpt, moved / "1.pt")
+    generation_main([*base[:1], str(moved / "1.pt"), *base[2:], "--per-class", "2", "--data", str(moved / "cdtg_data"),
+                     "--teacher", str(moved / "M_T.pth")])
+    generation_main([*base[:2], "--out", str(tmp_path / "whole"), "--device", "cpu", "--per-class", "2"])
+    assert read_anno(tmp_path / "gen") == read_anno(tmp_path / "whole")
+    for relpath, _ in read_anno(tmp_path / "whole"):
+        assert (tmp_path / "gen" / relpath).read_bytes() == (tmp_path / "whole" / relpath).read_bytes()
+    assert json.loads((tmp_path / "gen" / "generation.json").read_text())["teacher"] == str(moved / "M_T.pth")
     for flags in ([], ["--overwrite"]):  # a folder generation did not write is never written into
         expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "1", "--out", str(run), *flags]),
                           "holds other files and no generation.json")
