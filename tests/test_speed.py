@@ -21,7 +21,7 @@ from CDTG.synthesis import JpegWriter, TailSynthesizer
 from CDTG.train import main as train_main
 from KMDN.group_training import build_parser
 from tgn import distributed as dist
-from tgn.cache import ResizeCache
+from tgn.cache import SUFFIX, ResizeCache
 from tgn.cli import training_config
 from tgn.data import ImageList, build_transform, open_dataset, samples_for
 from tgn.engine import make_loader, resolve_precision
@@ -96,12 +96,12 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
     for index in range(2):
         assert torch.equal(cached[index][0], plain[index][0])  # entry written
         assert torch.equal(cached[index][0], plain[index][0])  # entry read
-    entries = sorted((tmp_path / "cache" / "16px").rglob("*.chw"))
-    assert len(entries) == 2 and {entry.stat().st_size for entry in entries} == {3 * 16 * 16}
+    entries = sorted((tmp_path / "cache" / "16px").rglob("*" + SUFFIX))
+    assert len(entries) == 2 and {entry.stat().st_size for entry in entries} == {3 * 16 * 16 + 4}  # pixels, CRC
     assert cached[0][0].dtype == torch.uint8 and cached[0][0].is_contiguous()
     path = samples[0][0]
     Image.new("RGB", (40, 40), (255, 0, 0)).save(path)  # an edited image is decoded again
-    assert torch.equal(cached[0][0], plain[0][0]) and len(list((tmp_path / "cache").rglob("*.chw"))) == 3
+    assert torch.equal(cached[0][0], plain[0][0]) and len(list((tmp_path / "cache").rglob("*" + SUFFIX))) == 3
     # Replaced by a file of the same size with the old times set back (cp -p, rsync -t, tar).
     bmp = Path(path).with_suffix(".bmp")
     Image.new("RGB", (40, 40), (0, 0, 0)).save(bmp)
@@ -113,14 +113,19 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
     assert np.asarray(black).max() == 0 and np.asarray(cache.load(bmp)).min() == 255
     with pytest.raises(UserError, match="cannot read image .*gone.jpg"):  # a file gone mid-run: one line
         cache.load(tmp_path / "gone.jpg")
-    for damaged in (b"half", bytes(3 * 16 * 16 + 1)):  # an entry of the wrong length is rebuilt
+    # Rebuilt: an entry of the wrong length, or of the right one with other bytes (a power cut
+    # can leave zeros in a renamed file), or with one pixel changed.
+    whole = cache.entry(path).read_bytes()
+    flipped = bytearray(whole)
+    flipped[5] ^= 1
+    for damaged in (b"half", whole + b"\0", bytes(len(whole)), bytes(flipped)):
         cache.entry(path).write_bytes(damaged)
         assert torch.equal(cached[0][0], plain[0][0])
-        assert cache.entry(path).stat().st_size == 3 * 16 * 16
+        assert cache.entry(path).read_bytes() == whole
     # Not two hex digits: no entry's folder can already have this name (a hash chose 'ab' once).
     blocker = tmp_path / "cache" / "16px" / "not-hex"
     blocker.write_text("a file where an entry folder goes")
-    monkeypatch.setattr(cache, "entry", lambda path: blocker / "x.chw")
+    monkeypatch.setattr(cache, "entry", lambda path: blocker / ("x" + SUFFIX))
     assert torch.equal(cached[1][0], plain[1][0])  # an entry that cannot be written costs speed only
     with pytest.raises(UserError, match="--cache .*cannot write there"):
         ResizeCache(blocker, 16)  # a wrong --cache: one line at start-up

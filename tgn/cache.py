@@ -7,12 +7,14 @@ are read straight into a tensor: no image library and no header to parse. Entrie
 by a hash of the source's absolute path, byte size, modification and change times and inode
 and of the size, so an edited or replaced image is decoded again. Each entry is written to a
 temporary file and renamed into place: concurrent workers and processes never read a
-partial entry, and an entry of the wrong length (a crash mid-write on some file systems) is
-simply rebuilt.
+partial entry. The pixels are followed by their CRC-32: an entry of the wrong length, or of
+the right length with other bytes (zeros, as a power cut can leave a renamed file on some
+file systems), is simply rebuilt.
 """
 import hashlib
 import os
 import tempfile
+import zlib
 from pathlib import Path
 
 import torch
@@ -21,7 +23,8 @@ from torchvision.transforms import functional as TF
 from tgn.data import load_image
 from tgn.errors import UserError
 
-SUFFIX = ".chw"  # raw pixels; earlier versions wrote .npy entries, which are not read
+SUFFIX = ".chwc"  # raw pixels and their CRC-32; earlier versions' .npy and .chw entries are not read
+CRC_BYTES = 4
 
 
 class ResizeCache:
@@ -51,11 +54,14 @@ class ResizeCache:
         """The RGB image at `path`, resized to size x size, as a uint8 (3, size, size) tensor."""
         entry = self.entry(path)
         pixels = torch.empty(3, self.size, self.size, dtype=torch.uint8)
+        raw = memoryview(pixels.numpy()).cast("B")
         try:
             with open(entry, "rb") as handle:
                 # One byte more than an entry holds: a longer file is not an entry either.
-                if handle.readinto(memoryview(pixels.numpy()).cast("B")) == pixels.numel() and not handle.read(1):
-                    return pixels
+                if handle.readinto(raw) == len(raw):
+                    crc = handle.read(CRC_BYTES + 1)
+                    if len(crc) == CRC_BYTES and int.from_bytes(crc, "little") == zlib.crc32(raw):
+                        return pixels
         except OSError:
             pass  # missing or unreadable: (re)build it
         pixels = TF.pil_to_tensor(TF.resize(load_image(path, self.size), [self.size, self.size])).contiguous()
@@ -65,6 +71,7 @@ class ResizeCache:
             fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as handle:
                 handle.write(pixels.numpy().data)
+                handle.write(zlib.crc32(pixels.numpy().data).to_bytes(CRC_BYTES, "little"))
             os.replace(tmp, entry)
         except OSError:  # a full disk costs speed, not the run
             if tmp is not None:
