@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip  # noqa: E402
 from CDTG.eval_report import build_evaluation, evaluation_markdown, plot_sample_sheet, write_evaluation  # noqa: E402
-from CDTG.evaluation import Evaluator, evaluate_folders, generation_settings, recorded_inputs  # noqa: E402
+from CDTG.evaluation import (Evaluator, check_generated_folders, evaluate_folders, generation_settings,  # noqa: E402
+                             recorded_inputs)
 from CDTG.fidelity import load_inception, load_lpips  # noqa: E402
 from CDTG.tail_data import load_tail_classes  # noqa: E402
 from CDTG.tail_data import load_teacher  # noqa: E402
@@ -122,6 +123,7 @@ def main(argv=None):
     if recorded.is_file() and "inception" not in read_json(recorded, "options"):  # not an evaluation's: keep it
         raise UserError(f"{args.out} is another script's run folder (its options.json); choose another --out for "
                         "the evaluation")
+    check_generated_folders(folders)
     data, teacher_path, notes = resolve_inputs(args)
     tail = load_tail_classes(data, args.data_root)
     device = resolve_device(args.device)
@@ -138,6 +140,11 @@ def main(argv=None):
     results, sheets, size = evaluate_folders(folders, tail, evaluator, max_per_class=args.max_per_class,
                                              size=args.size, seed=args.seed, workers=args.workers,
                                              skip_bad_images=args.skip_bad_images)
+    for result in results:  # the overall rows of folders holding other classes compare other classes
+        held = [row["id"] for row in result["classes"] if row["generated_images"]]
+        if held != tail.ids:
+            notes.append(f"{result['label']} holds images of the tail classes {held} only (of {tail.ids}): its "
+                         "overall row covers those classes.")
     options = save_options(args.out, args)
     evaluation = build_evaluation(
         results, extractor=inception.name if inception else None,

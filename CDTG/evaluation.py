@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fidelity import fid, kid, mean_pairwise_lpips
-from CDTG.synthesis import ANNOTATION
+from CDTG.synthesis import ANNOTATION, UNFINISHED
 from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation
 from tgn.errors import UserError
 from tgn.io import read_json
@@ -31,6 +31,7 @@ from tgn.io import read_json
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
 GENERATION_SETTINGS = "generation.json"
 REAL = "real (training)"  # the sample sheet's first column group
+LPIPS_MIN_SIZE = 31  # AlexNet's second max-pool has nothing to pool below it
 
 
 def generation_settings(folder):
@@ -59,6 +60,17 @@ def folder_labels(folders):
         r = generation_settings(folder).get("r")
         labels.append(f"r={r:g}" if isinstance(r, (int, float)) else Path(folder).name)
     return [f"{label} ({folder})" if labels.count(label) > 1 else label for label, folder in zip(labels, folders)]
+
+
+def check_generated_folders(folders):
+    """Each folder is there and finished: one a run is still adding to (or stopped in) holds
+    part of its classes, and the overall row would cover those alone."""
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise UserError(f"generated folder not found: {folder}")
+        if (Path(folder) / UNFINISHED).exists():
+            raise UserError(f"{folder} holds {UNFINISHED}: its generation.py run stopped (or still runs) before "
+                            "every class was written; rerun it with the same flags to finish, then evaluate")
 
 
 def generated_paths(folder, tail):
@@ -226,6 +238,9 @@ def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, w
     labels = folder_labels(folders)
     generated = [generated_paths(folder, tail) for folder in folders]
     size = size or first_image_size(folders, generated)
+    if evaluator.lpips is not None and size < LPIPS_MIN_SIZE:
+        raise UserError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE} px, these are {size} px: pass "
+                        f"--size {LPIPS_MIN_SIZE + 1} (they are resized) or --lpips none")
     real_sets, sheets, real = {}, {REAL: {}}, real_paths(tail, skip_bad_images)
     for label, cid in enumerate(tail.ids):
         paths = subsample(real[cid], max_per_class, np.random.default_rng([seed, cid]))

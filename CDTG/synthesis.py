@@ -54,7 +54,10 @@ IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
 
 
 def image_seed(seed, class_id, index):
-    return (seed * 1_000_003 + class_id) * 1_000_003 + index
+    """One image's seed: unique per (class, index) under a --seed. Folded into the 64 bits a
+    torch generator takes (the product passes 2**64 from --seed 18,446,633; below it the
+    fold changes nothing, so earlier folders extend as they were)."""
+    return ((seed * 1_000_003 + class_id) * 1_000_003 + index) % 2**64
 
 
 def image_name(index):

@@ -469,6 +469,19 @@ def test_generation_writes_images_under_dataset_class_ids(trained_ckpt, tmp_path
             assert image.size == (32, 32) and image.mode == "RGB"
 
 
+def test_generation_takes_every_seed_the_flag_allows(trained_ckpt, tmp_path):
+    """Per-image seeds grow past 64 bits from --seed 18,446,633 (a date like 20240517 does)."""
+    from CDTG.synthesis import image_seed
+
+    assert image_seed(18_446_632, 4, 999) == (18_446_632 * 1_000_003 + 4) * 1_000_003 + 999  # as before
+    out = tmp_path / "generated"
+    for seed in ("20240517", str(2**32 - 1)):
+        generation_main(["--ckpt", str(trained_ckpt), "--out", str(out / seed), "--per-class", "1", "--classes", "3",
+                         "--seed", seed, "--device", "cpu"])
+    first, last = (np.asarray(Image.open(out / seed / "3" / "gen_000000.jpg")) for seed in ("20240517", str(2**32 - 1)))
+    assert not np.array_equal(first, last)
+
+
 def test_generation_restarts_and_adds_without_overwriting(trained_ckpt, tmp_path):
     straight, restarted = tmp_path / "straight", tmp_path / "restarted"
     common = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3"]
