@@ -24,8 +24,9 @@ from tqdm import tqdm
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fidelity import fid, kid, mean_pairwise_lpips
 from CDTG.synthesis import ANNOTATION, UNFINISHED
-from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation
+from tgn.data import check_files_exist, drop_unreadable, read_annotation
 from tgn.errors import UserError
+from tgn.images import ImageList
 from tgn.io import read_json
 
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet

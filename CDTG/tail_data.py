@@ -14,8 +14,9 @@ from torchvision import transforms
 
 from CDTG.parallel import step_seed
 from tgn import distributed as dist
-from tgn.data import ImageList, check_files_exist, drop_unreadable, read_annotation, samples_for
+from tgn.data import check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
+from tgn.images import ImageList
 from tgn.io import absolute_path, atomic_write_json, read_json
 from tgn.resnet import load_feature_resnet
 from tgn.split import check_official_order

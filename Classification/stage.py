@@ -7,9 +7,10 @@ from Classification.report import build_report, read_report, report_markdown, wr
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
 from tgn.cli import head_percent
-from tgn.data import ImageList, build_transform, drop_unreadable, samples_for
+from tgn.data import drop_unreadable, samples_for
 from tgn.engine import evaluate, make_loader
 from tgn.errors import UserError
+from tgn.images import ImageList, build_transform
 from tgn.io import remove_temp_files
 from tgn.split import check_split_matches, head_count, load_split, rank_classes
 

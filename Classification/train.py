@@ -30,11 +30,12 @@ from Classification.stage import (add_report_args, default_report_folder, descri
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights  # noqa: E402
 from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
                      training_config)
-from tgn.data import ImageList, build_transform, open_dataset  # noqa: E402
+from tgn.data import open_dataset  # noqa: E402
 from tgn import distributed as dist  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
 from tgn.engine import check_one_image_batches, fit, seed_everything  # noqa: E402
 from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
+from tgn.images import ImageList, build_transform  # noqa: E402
 from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options  # noqa: E402
 from tgn.resume import check_resume, check_same_data, epochs_done, last_state  # noqa: E402
 

@@ -1,7 +1,8 @@
 """What UModel, RModel and Distill share: datasets of one group and the feature ResNet."""
 from tgn.cache import ResizeCache
-from tgn.data import ImageList, build_transform, drop_unreadable, open_dataset
+from tgn.data import drop_unreadable, open_dataset
 from tgn.errors import UserError
+from tgn.images import ImageList, build_transform
 from tgn.resnet import FeatureResNet, load_backbone
 from tgn.split import check_split_matches, load_split
 

@@ -42,9 +42,9 @@ from KMDN.distillation import make_distill_loss_fn  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
 from tgn.cli import COMPILE_MODES, make_parser  # noqa: E402
 from tgn.compat import grad_scaler  # noqa: E402
-from tgn.data import ImageList, build_transform  # noqa: E402
 from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, model_input,  # noqa: E402
                         prepare_model, resolve_device, train_one_epoch, uses_cuda_graphs)
+from tgn.images import ImageList, build_transform  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
 
 CONFIGS = {

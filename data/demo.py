@@ -18,8 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere, no install needed
 
-import torch  # noqa: E402
-
 from tgn.cli import make_parser, non_negative_int, output_folder, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import remove_path  # noqa: E402
@@ -27,6 +25,8 @@ from tgn.io import remove_path  # noqa: E402
 
 def tiny_clip_file(path):
     """A random clip.model.CLIP (32 px, width 64) saved as a plain state dict."""
+    import torch  # here: the demo's other steps run in their own processes
+
     from CDTG.clip_loss import import_clip
 
     clip = import_clip()

@@ -9,9 +9,10 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import write_dataset
-from tgn.data import ImageList, build_transform, load_image, open_dataset, read_annotation, samples_for
+from tgn.data import load_image, open_dataset, read_annotation, samples_for
 from tgn.engine import model_input
 from tgn.errors import UserError
+from tgn.images import ImageList, build_transform
 
 
 def test_file_names_with_spaces(tmp_path):

@@ -222,7 +222,7 @@ def test_the_feature_term_pulls_the_student_toward_the_teacher(split_dir, tmp_pa
     """Distill's alpha weighs the layer3 MSE: with alpha 10 M_H's features on the head images
     end much nearer M_T's than with alpha 0 (plain CE), from the same start."""
     from KMDN.stage import group_datasets
-    from tgn.data import ImageList, build_transform, normalize_pixels
+    from tgn.images import ImageList, build_transform, normalize_pixels
     from tgn.split import load_split
 
     groups = tmp_path / "kmdn"

@@ -1,7 +1,9 @@
 """Speed options: sharded epoch order, per-image augmentation seeds, --cache, --amp defaults,
 --fusion-pool, generation's precision and modulated-conv paths, and generation that writes
-while it generates."""
+while it generates, and the stages without a model starting without torch."""
 import os
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import needs_compile, write_dataset
+from conftest import ROOT, needs_compile, write_dataset
 from test_cdtg_training import read_anno, tiny_train_args
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
@@ -23,9 +25,10 @@ from KMDN.group_training import build_parser
 from tgn import distributed as dist
 from tgn.cache import SUFFIX, ResizeCache
 from tgn.cli import training_config
-from tgn.data import ImageList, build_transform, open_dataset, samples_for
+from tgn.data import open_dataset, samples_for
 from tgn.engine import make_loader, resolve_precision
 from tgn.errors import UserError
+from tgn.images import ImageList, build_transform
 from tgn.sampling import EpochSampler
 
 
@@ -286,3 +289,41 @@ def test_generation_lists_each_class_folder_once(cdtg_inputs, tmp_path, monkeypa
     # One listing to find the missing images, one per tail class for anno.txt: not one per image.
     assert len(calls) == 1 + 3
     assert len(read_anno(tmp_path / "gen")) == 30
+
+
+MODEL_FREE_SCRIPTS = ["KMDN/dataset_split.py", "Classification/compare.py", "data/demo.py", "data/make_demo.py",
+                      "data/prepare_folders.py", "data/prepare_fgsc23.py", "data/prepare_dior.py",
+                      "data/prepare_dota.py", "data/fetch_weights.py"]
+
+
+def modules_imported(*args, cwd=ROOT):
+    """The modules a script run as `python SCRIPT ARGS` imported (from -X importtime)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", *map(str, args)], cwd=cwd, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+
+
+def imports_torch(modules):
+    return sorted(name for name in modules if name.split(".")[0] in ("torch", "torchvision"))
+
+
+@pytest.mark.parametrize("script", MODEL_FREE_SCRIPTS)
+def test_stages_without_a_model_answer_help_without_importing_torch(script):
+    # torch and torchvision take about 4 s to import: most of these stages' running time.
+    assert imports_torch(modules_imported(ROOT / script, "--help")) == []
+
+
+def test_splitting_and_preparing_a_dataset_run_without_torch(toy_data, tmp_path):
+    split = modules_imported(ROOT / "KMDN/dataset_split.py", "--data-root", toy_data, "--out", tmp_path / "split")
+    assert "tgn.split" in split and imports_torch(split) == []
+    assert (tmp_path / "split" / "split.json").is_file()
+    source = tmp_path / "folders"
+    for name in ("harbor", "ship"):
+        (source / name).mkdir(parents=True)
+        for k in range(4):
+            Image.new("RGB", (8, 8), (40 * k, 0, 0)).save(source / name / f"{k}.png")
+    prepared = modules_imported(ROOT / "data/prepare_folders.py", "--train-dir", source, "--test-fraction", 0.25,
+                                "--out", tmp_path / "prepared")
+    assert "data.folders" in prepared and imports_torch(prepared) == []
+    assert open_dataset(tmp_path / "prepared").class_names == {0: "harbor", 1: "ship"}

@@ -5,10 +5,8 @@ import os
 import warnings
 from pathlib import Path
 
-from tgn.compat import check_compile
 from tgn.errors import UserError, speaks
 from tgn.io import map_paths
-from tgn.resnet import ONE_PIXEL_MAPS
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
 COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune"]  # torch.compile's modes, and off
@@ -164,7 +162,9 @@ def add_output_args(parser, default_out):
 
 def training_config(args, device):
     """The engine's settings from the flags, with --amp and --channels-last resolved for `device`."""
+    from tgn.compat import check_compile  # torch: here, so that the stages without a model start without it
     from tgn.engine import TrainConfig, resolve_precision
+    from tgn.resnet import ONE_PIXEL_MAPS
 
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
     check_compile(args.compile)

@@ -18,11 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
-from torchvision import transforms
-from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from tgn.errors import UserError, speaks
@@ -263,60 +259,6 @@ def drop_unreadable(samples, skip_bad_images, what="images", workers=8, check=Fa
     if bad and speaks():  # every process finds the same ones
         print(f"skipped {len(bad)} unreadable {what} (--skip-bad-images), e.g. {sorted(bad)[0]}")
     return [sample for sample in samples if sample[0] not in bad]
-
-
-def build_transform(image_size, train):
-    """The official preprocessing up to the pixels' scaling: resize, then a horizontal flip
-    when training. Images leave as uint8 (C, H, W) tensors: a quarter of float32's bytes
-    through the workers' shared memory, pinning and the copy to the GPU. `normalize_pixels`
-    finishes ToTensor + Normalize(0.5, 0.5) on the device (the engine calls it)."""
-    steps = [transforms.Resize((image_size, image_size)), PixelTensor()]
-    if train:
-        steps.append(transforms.RandomHorizontalFlip())  # flips tensors and PIL images alike, same draw
-    return transforms.Compose(steps)
-
-
-class PixelTensor:
-    """PIL image -> uint8 (C, H, W) tensor; a tensor (a --cache entry) passes as it is."""
-
-    def __call__(self, image):
-        return image if torch.is_tensor(image) else TF.pil_to_tensor(image)
-
-
-def normalize_pixels(images):
-    """uint8 pixels -> [-1, 1]: ToTensor's /255 and Normalize(0.5, 0.5)'s (x - 0.5) / 0.5,
-    the same float operations in the same order, so the values are theirs bit for bit."""
-    return images.float().div_(255).sub_(0.5).div_(0.5)
-
-
-class ImageList(Dataset):
-    """Images given as (path, label) pairs; `label` is the model's output index.
-
-    `cache` (a tgn.cache.ResizeCache) serves images already resized to `image_size`, as
-    uint8 (C, H, W) tensors."""
-
-    def __init__(self, samples, transform=None, image_size=None, cache=None):
-        self.samples = list(samples)
-        self.transform = transform
-        self.image_size = image_size
-        self.cache = cache
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        path, label = self.samples[index]
-        try:
-            image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
-        except UserError as exc:
-            raise UserError(f"{exc} (fix or remove the file; scripts with --skip-bad-images can leave such "
-                            "files out)") from None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, torch.tensor(label, dtype=torch.long)
-
-    def targets(self):
-        return [label for _, label in self.samples]
 
 
 def samples_for(image_root, entries, label_of):

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.compat import grad_scaler, mark_cuda_graph_step
-from tgn.data import normalize_pixels
 from tgn.errors import CollectiveError, UserError, alike_in_every_process
+from tgn.images import normalize_pixels
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
 from tgn.resnet import ONE_PIXEL_MAPS
@@ -130,7 +130,7 @@ def step_lr(optimizer, base_lr, epoch, milestones, gamma=0.1):
 
 def model_input(images, device, channels_last=False):
     """A batch on the device as the models take it. The DataLoader's uint8 pixels cross to
-    the device as they are and are scaled there (tgn.data.normalize_pixels), after the
+    the device as they are and are scaled there (tgn.images.normalize_pixels), after the
     change of layout, which also moves a quarter of the bytes; float batches are taken as
     already scaled."""
     images = images.to(device, non_blocking=True)

@@ -9,9 +9,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-from tgn import distributed as dist
 from tgn.errors import UserError
 
 
@@ -177,6 +174,8 @@ def atomic_write_json(path, data):
 
 
 def atomic_torch_save(path, obj):
+    import torch  # here, not above: the stages that save no checkpoint start without torch
+
     _atomic_replace(path, lambda handle: torch.save(obj, handle))
 
 
@@ -251,6 +250,8 @@ def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_
     later --resume to take for its own. Call it once the inputs are validated, so that a
     bad input leaves nothing behind. Under torchrun (after dist.init) every process must
     see the same folder."""
+    from tgn import distributed as dist  # imports torch; training only
+
     out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite, results=results)
     dist.make_shared_folder(out_dir)
     if dist.is_main():
@@ -302,6 +303,8 @@ def save_options(out_dir, args, write=True):
     """Resolved command-line options, next to the results they produced (`write=False`:
     only the dict, for the processes that do not write under torchrun). Paths are recorded
     absolute: test.py reads the run's --split from any folder."""
+    from tgn import distributed as dist  # imports torch; training only
+
     options = {key: map_paths(value, lambda path: str(absolute_path(path))) for key, value in vars(args).items()}
     options["processes"] = dist.planned_world_size()  # --resume notes a change of count
     if write:

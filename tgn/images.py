@@ -1,0 +1,64 @@
+"""Images as the models read them: the official preprocessing and the Dataset of
+(path, label) pairs. Apart from tgn.data, which only reads and writes the dataset layout, so
+that the stages that need no model (splits, preparers, reports) start without torch."""
+import torch
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from tgn.data import load_image
+from tgn.errors import UserError
+
+
+def build_transform(image_size, train):
+    """The official preprocessing up to the pixels' scaling: resize, then a horizontal flip
+    when training. Images leave as uint8 (C, H, W) tensors: a quarter of float32's bytes
+    through the workers' shared memory, pinning and the copy to the GPU. `normalize_pixels`
+    finishes ToTensor + Normalize(0.5, 0.5) on the device (the engine calls it)."""
+    steps = [transforms.Resize((image_size, image_size)), PixelTensor()]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip())  # flips tensors and PIL images alike, same draw
+    return transforms.Compose(steps)
+
+
+class PixelTensor:
+    """PIL image -> uint8 (C, H, W) tensor; a tensor (a --cache entry) passes as it is."""
+
+    def __call__(self, image):
+        return image if torch.is_tensor(image) else TF.pil_to_tensor(image)
+
+
+def normalize_pixels(images):
+    """uint8 pixels -> [-1, 1]: ToTensor's /255 and Normalize(0.5, 0.5)'s (x - 0.5) / 0.5,
+    the same float operations in the same order, so the values are theirs bit for bit."""
+    return images.float().div_(255).sub_(0.5).div_(0.5)
+
+
+class ImageList(Dataset):
+    """Images given as (path, label) pairs; `label` is the model's output index.
+
+    `cache` (a tgn.cache.ResizeCache) serves images already resized to `image_size`, as
+    uint8 (C, H, W) tensors."""
+
+    def __init__(self, samples, transform=None, image_size=None, cache=None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.image_size = image_size
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        try:
+            image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
+        except UserError as exc:
+            raise UserError(f"{exc} (fix or remove the file; scripts with --skip-bad-images can leave such "
+                            "files out)") from None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.tensor(label, dtype=torch.long)
+
+    def targets(self):
+        return [label for _, label in self.samples]
