@@ -26,10 +26,14 @@ from CDTG.fidelity import fid, kid, mean_pairwise_lpips
 from CDTG.synthesis import ANNOTATION, UNFINISHED
 from tgn.data import check_files_exist, drop_unreadable, read_annotation
 from tgn.errors import UserError
-from tgn.images import ImageList
+from tgn.images import SKIP_BAD_IMAGES, ImageList
 from tgn.io import read_json
 
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
+# Generation writes each image whole (a temp file, then a rename) and rerun fills the gaps;
+# --skip-bad-images leaves out real images only.
+REWRITE_GENERATED = ("delete it and run CDTG/generation.py again with the same flags, which writes the images "
+                     "missing")
 GENERATION_SETTINGS = "generation.json"
 REAL = "real (training)"  # the sample sheet's first column group
 LPIPS_MIN_SIZE = 31  # AlexNet's second max-pool has nothing to pool below it
@@ -116,7 +120,7 @@ def first_image_size(folders, generated):
                 with Image.open(first) as image:
                     sizes[str(folder)] = max(image.size)
             except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-                raise UserError(f"cannot read image {first}: {exc}") from exc
+                raise UserError(f"cannot read image {first}: {exc} ({REWRITE_GENERATED})") from exc
     if not sizes:
         raise UserError(f"no generated image in {', '.join(str(folder) for folder in folders)}")
     size = next(iter(sizes.values()))
@@ -126,10 +130,10 @@ def first_image_size(folders, generated):
     return size
 
 
-def load_images(paths, size, batch_size, workers, desc):
+def load_images(paths, size, batch_size, workers, desc, bad_image_hint=SKIP_BAD_IMAGES):
     """uint8 [N, 3, size, size]."""
     dataset = ImageList([(p, 0) for p in paths], transforms.Compose(
-        [transforms.Resize((size, size)), transforms.PILToTensor()]), size)
+        [transforms.Resize((size, size)), transforms.PILToTensor()]), size, bad_image_hint=bad_image_hint)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     batches = [images for images, _ in tqdm(loader, desc=desc, dynamic_ncols=True, leave=False)]
     return torch.cat(batches) if batches else torch.zeros(0, 3, size, size, dtype=torch.uint8)
@@ -253,7 +257,8 @@ def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, w
         sets, sheets[folder_label] = {}, {}
         for label, cid in enumerate(tail.ids):
             paths = subsample(paths_of[cid], max_per_class, np.random.default_rng([seed, cid]))
-            images = load_images(paths, size, evaluator.batch_size, workers, f"{folder_label}: {cid}")
+            images = load_images(paths, size, evaluator.batch_size, workers, f"{folder_label}: {cid}",
+                                 REWRITE_GENERATED)
             sets[cid] = evaluator.score(images, label, [seed, cid])
             sheets[folder_label][cid] = sets[cid].sheet
         rows = [class_row(cid, name, real_sets[cid], sets[cid]) for cid, name in zip(tail.ids, tail.names)]

@@ -276,7 +276,7 @@ def test_evaluate_without_teacher_notes_it_and_refuses_a_foreign_folder(evaluati
 def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tail_data(evaluation_inputs, capsys):
     """--skip-bad-images leaves out an unreadable real image, as training and generation
     can; a folder generated from another tail data that still exists is refused; an
-    unreadable first generated image is one line."""
+    unreadable generated image is one line that says how to write it again."""
     root = evaluation_inputs
     common = ["--clip", "none", "--lpips", "none", "--inception", "none", "--device", "cpu", "--workers", "0"]
     tail = load_tail_classes(root / "cdtg_data")
@@ -297,10 +297,15 @@ def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tai
     assert "gen_shifted was generated from the tail data" in capsys.readouterr().err
     assert not (root / "e2").exists()
 
-    (root / "gen_copy" / "2" / image_name(0)).write_bytes(b"not an image")
-    with pytest.raises(SystemExit):
-        evaluate_script.main([str(root / "gen_copy"), *common, "--out", str(root / "e3"), "--skip-bad-images"])
-    assert "error: cannot read image" in capsys.readouterr().err
+    # A generated image is rewritten, not skipped: --skip-bad-images is for real images.
+    rewrite = "delete it and run CDTG/generation.py again with the same flags"
+    for index in (1, 0):  # a later image (read in batches) and the first (read for the size)
+        (root / "gen_copy" / "2" / image_name(index)).write_bytes(b"not an image")
+        with pytest.raises(SystemExit):
+            evaluate_script.main([str(root / "gen_copy"), *common, "--out", str(root / "e3"), "--skip-bad-images"])
+        error = capsys.readouterr().err
+        assert f"error: cannot read image {root / 'gen_copy' / '2' / image_name(index)}" in error
+        assert rewrite in error and "--skip-bad-images" not in error
 
 
 def test_the_sample_sheet_shows_names_with_dollar_signs_as_written(tmp_path, monkeypatch):

@@ -34,17 +34,22 @@ def normalize_pixels(images):
     return images.float().div_(255).sub_(0.5).div_(0.5)
 
 
+SKIP_BAD_IMAGES = "fix or remove the file; scripts with --skip-bad-images can leave such files out"
+
+
 class ImageList(Dataset):
     """Images given as (path, label) pairs; `label` is the model's output index.
 
     `cache` (a tgn.cache.ResizeCache) serves images already resized to `image_size`, as
-    uint8 (C, H, W) tensors."""
+    uint8 (C, H, W) tensors. `bad_image_hint` ends the error for an unreadable image: what
+    its reader can do about it."""
 
-    def __init__(self, samples, transform=None, image_size=None, cache=None):
+    def __init__(self, samples, transform=None, image_size=None, cache=None, bad_image_hint=SKIP_BAD_IMAGES):
         self.samples = list(samples)
         self.transform = transform
         self.image_size = image_size
         self.cache = cache
+        self.bad_image_hint = bad_image_hint
 
     def __len__(self):
         return len(self.samples)
@@ -54,8 +59,7 @@ class ImageList(Dataset):
         try:
             image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
         except UserError as exc:
-            raise UserError(f"{exc} (fix or remove the file; scripts with --skip-bad-images can leave such "
-                            "files out)") from None
+            raise UserError(f"{exc} ({self.bad_image_hint})") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.tensor(label, dtype=torch.long)
