@@ -357,6 +357,16 @@ def test_written_files_follow_the_umask(tmp_path):
     assert (tmp_path / "report.txt").stat().st_mode & 0o777 == 0o644
 
 
+def test_files_are_written_where_python_has_no_fchmod(tmp_path):
+    """Windows has os.fchmod from Python 3.13 only: every atomic write must still work."""
+    script = ("import os, sys; del os.fchmod; sys.path.insert(0, sys.argv[1]); "
+              "from tgn.io import atomic_write_text; atomic_write_text(sys.argv[2], 'x')")
+    run = subprocess.run([sys.executable, "-c", script, str(ROOT), str(tmp_path / "report.txt")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "report.txt").read_text() == "x"
+
+
 @pytest.mark.skipif(torch_version() < (2, 4), reason="Adam's fused kernel runs on CPUs from torch 2.4 on")
 def test_a_resumed_optimizer_keeps_this_runs_kernel():
     model = torch.nn.Linear(3, 2)

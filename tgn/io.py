@@ -20,6 +20,8 @@ def _current_umask():
 
 # Read once at import (os.umask can only be read by setting it, which is not thread-safe).
 FILE_MODE = 0o666 & ~_current_umask()
+# Windows has os.fchmod from Python 3.13 only; mkstemp's owner-only mode is a Unix matter.
+_set_mode = getattr(os, "fchmod", lambda fd, mode: None)
 
 
 def _write_temp(path, write, sync):
@@ -35,7 +37,7 @@ def _write_temp(path, write, sync):
     try:
         with os.fdopen(fd, "wb") as handle:
             try:
-                os.fchmod(handle.fileno(), FILE_MODE)
+                _set_mode(handle.fileno(), FILE_MODE)
             except OSError:  # file systems without Unix permissions keep their own
                 pass
             write(handle)
