@@ -1,6 +1,7 @@
 """Inputs a researcher gets wrong: impossible flag values, foreign or empty checkpoints,
 checkpoints of another group or teacher, 16-bit images; and what a rerun must not mix."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -548,3 +549,14 @@ def test_a_tilde_the_shell_left_is_the_home_folder(tmp_path, monkeypatch):
 
     args = classifier_parser().parse_args(["--data-root", "~/DATA", "--extra=~/gen", "--pretrained", "~/r50.pth"])
     assert args.extra == [tmp_path / "gen"] and args.pretrained == str(tmp_path / "r50.pth")
+
+
+def test_class_names_the_console_cannot_encode_are_printed_escaped(tmp_path):
+    """A Windows console or log file (cp1252) cannot encode '港口': the stage goes on and
+    prints it as escapes."""
+    data = write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 3}, class_names={0: "港口", 1: "Łódź", 2: "dam"})
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252"}
+    run = subprocess.run([sys.executable, str(ROOT / "KMDN/dataset_split.py"), "--data-root", str(data),
+                          "--out", str(tmp_path / "split")], capture_output=True, env=env)
+    assert run.returncode == 0, run.stderr.decode("cp1252", "replace")
+    assert b"\\u6e2f\\u53e3" in run.stdout and (tmp_path / "split" / "split.json").is_file()

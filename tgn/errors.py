@@ -99,6 +99,15 @@ def _print_error(exc):
     print(f"{prefix}error: {_one_line(exc)}", file=sys.stderr)
 
 
+def escape_unencodable_output():
+    """Print what the console cannot encode as escapes: a class name such as '港口' would
+    otherwise stop a stage midway where stdout is not UTF-8 (a Windows console or a log
+    file redirected there, a Latin-1 locale)."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def cli_main(main):
     """Decorate a script's main(argv) so user errors print one line and exit 2, and
     warnings print one line."""
@@ -106,6 +115,7 @@ def cli_main(main):
     @functools.wraps(main)
     def wrapper(argv=None):
         warnings.formatwarning = one_line_warning
+        escape_unencodable_output()
         try:
             return main(argv)
         except UserError as exc:
