@@ -483,3 +483,23 @@ def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdt
     for part in ("g", "d", "g_ema", "fusion", "fusion_ema"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), (part, key)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's list of mapped files")
+def test_the_checkpoint_checked_for_resume_is_not_left_mapped(tmp_path):
+    """Windows refuses to replace or remove a mapped file: the run's first save (--resume)
+    or its --overwrite would fail while the checked last.pth stayed mapped."""
+    from tgn.checkpoint import check_fits
+    from tgn.resume import last_state
+
+    model = torch.nn.Linear(3, 2)
+    path = tmp_path / "last.pth"
+    torch.save({"state_dict": model.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "epoch": 4,
+                "rng": [torch.zeros(5, dtype=torch.uint8)]}, path)
+    state = last_state(path)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert state["epoch"] == 4 and state["state_dict"]["weight"].shape == (2, 3)
+    assert state["rng"][0].dtype == torch.uint8
+    check_fits(model, state["state_dict"], path)
+    with pytest.raises(UserError, match="weight has shape"):
+        check_fits(torch.nn.Linear(4, 2), state["state_dict"], path)

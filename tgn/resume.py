@@ -104,9 +104,11 @@ RESUMABLE = ("state_dict", "optimizer", "epoch")
 
 
 def last_state(path, needs=RESUMABLE):
-    """The checkpoint a run resumes from, memory-mapped (its weights are not read); None
-    without one; {"unreadable": why} when it cannot be read or lacks one of `needs`
-    (check_resume then says why, and a run started again with --overwrite does not need it)."""
+    """What the checkpoint a run resumes from holds, its tensors as shapes only (meta
+    tensors: the weights are not read, and the file is not left mapped, which Windows
+    would not let the run replace or remove); None without one; {"unreadable": why} when
+    it cannot be read or lacks one of `needs` (check_resume then says why, and a run
+    started again with --overwrite does not need it)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -120,7 +122,19 @@ def last_state(path, needs=RESUMABLE):
     if missing:
         return {"unreadable": f"it holds no {missing[0]!r} to resume from: a copy of best.pth or of another "
                               "checkpoint?"}
-    return state
+    return shapes_only(state)
+
+
+def shapes_only(value):
+    """`value` with each tensor in its dicts, lists and tuples replaced by a meta tensor of
+    the same shape and dtype (no storage)."""
+    if torch.is_tensor(value):
+        return torch.empty_like(value, device="meta")
+    if isinstance(value, dict):
+        return {key: shapes_only(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(shapes_only(item) for item in value)
+    return value
 
 
 def epochs_done(state):
