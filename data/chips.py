@@ -29,6 +29,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".w
 JPEG_QUALITY = 95
 # What --overwrite replaces in the output folder; anything else there is left alone.
 LAYOUT_ITEMS = ("train", "test", "anno", "classes.json")
+
+# Folders that file systems and archivers add beside the data (Synology thumbnails, macOS
+# resource forks unzipped, Windows' recycle bin): never a class, never images of one.
+SYSTEM_FOLDERS = frozenset({"@eaDir", "__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
+
+
+def is_hidden(path):
+    """Hidden entries (.DS_Store, macOS's ._name copies, .ipynb_checkpoints) and the system
+    folders above are no data: neither images, labels nor classes."""
+    return path.name.startswith(".") or path.name in SYSTEM_FOLDERS
+
+
 # building_dataset's hidden folders inside the output: the dataset being built, and the one
 # it replaces while it is moved into place.
 STAGING, REPLACED = ".preparing", ".replaced"
@@ -172,7 +184,7 @@ def index_images(folders):
     index = {}
     for folder in folders:
         for path in sorted(Path(folder).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path):
                 index.setdefault(path.stem, path)
     return index
 

@@ -10,21 +10,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.chips import (
-    IMAGE_SUFFIXES, Tally, building_dataset, check_output, make_class_dirs, report, write_dataset,
+    IMAGE_SUFFIXES, Tally, building_dataset, check_output, is_hidden, make_class_dirs, report, write_dataset,
 )
 from tgn.data import Entry, check_readable
 from tgn.errors import UserError
-
-
-# Folders that file systems and archivers add beside the data (Synology thumbnails, macOS
-# resource forks unzipped, Windows' recycle bin): never a class, never images of one.
-SYSTEM_FOLDERS = frozenset({"@eaDir", "__MACOSX", "$RECYCLE.BIN", "System Volume Information"})
-
-
-def is_hidden(path):
-    """Hidden entries (.DS_Store, macOS's ._name copies, .ipynb_checkpoints) and the system
-    folders above are no data."""
-    return path.name.startswith(".") or path.name in SYSTEM_FOLDERS
 
 
 def is_image_file(path):

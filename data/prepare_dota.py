@@ -21,7 +21,7 @@ from collections import Counter  # noqa: E402
 
 from data.chips import (  # noqa: E402
     ChipObject, SourceImage, add_crop_arguments, add_output_arguments, check_disjoint, class_lookup,
-    comma_list, existing_dir, find_class, index_images, polygon_bounds, prepare_chips, read_release_text,
+    comma_list, existing_dir, find_class, index_images, is_hidden, polygon_bounds, prepare_chips, read_release_text,
 )
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -81,7 +81,9 @@ def collect_split(src, split, subset, args, lookup, skipped):
     label_dir = existing_dir(src / split / args.labels_subdir, "--labels-subdir")
     index = index_images([image_dir])
     images = []
-    for label_path in sorted(path for path in label_dir.iterdir() if path.suffix.lower() == ".txt"):
+    # Not hidden ones: macOS leaves a ._NAME.txt (not text) beside each file it copies to other disks.
+    labels = sorted(path for path in label_dir.iterdir() if path.suffix.lower() == ".txt" and not is_hidden(path))
+    for label_path in labels:
         scene = label_path.stem
         if scene not in index:
             raise UserError(f"{label_path}: no image {scene}.* in {image_dir}")

@@ -278,6 +278,17 @@ def dota_src(tmp_path):
     return src
 
 
+def test_dota_leaves_out_the_files_macos_adds_beside_each_copied_file(dota_src, tmp_path):
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x9a\xff"  # not text, not an image
+    for name in ("train/labelTxt/._P0001.txt", "train/images/._P0001.png", "val/labelTxt/.DS_Store"):
+        (dota_src / name).write_bytes(apple_double)
+    out = tmp_path / "out"
+    prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1"])
+    info = open_dataset(out)
+    assert sorted(e.relpath for e in info.entries("train")) == ["0/P0001_0.jpg", "4/P0001_1.jpg", "6/P0001_2.jpg"]
+    assert len(info.entries("test")) == 2
+
+
 def test_dota_crops_polygon_bounding_rectangles(dota_src, tmp_path):
     out = tmp_path / "out"
     prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1"])
