@@ -1,6 +1,7 @@
 """Speed options: sharded epoch order, per-image augmentation seeds, --cache, --amp defaults,
 --fusion-pool, generation's precision and modulated-conv paths, and generation that writes
 while it generates, and the stages without a model starting without torch."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -139,6 +140,26 @@ def test_precision_defaults():
     assert resolve_precision("auto", "auto", cpu) == ("off", False)
     assert resolve_precision("bf16", "on", cpu) == ("bf16", True)
     assert resolve_precision("off", "off", cpu) == ("off", False)
+
+
+def test_amp_this_torch_cannot_train_with_is_refused_up_front(monkeypatch):
+    args = build_parser("", "tail").parse_args(["--amp", "fp16"])
+    cpu = torch.device("cpu")
+    if not hasattr(torch.amp, "GradScaler"):  # torch before 2.3
+        with pytest.raises(UserError, match="--amp fp16 on cpu: torch .* use --amp bf16 or --amp off"):
+            training_config(args, cpu)
+        return
+    assert training_config(args, cpu).amp == "fp16"
+
+    def autocast_as_torch_2_1(device_type, dtype):
+        if device_type == "cpu" and dtype != torch.bfloat16:
+            raise RuntimeError("Currently, AutocastCPU only support Bfloat16 as the autocast_cpu_dtype")
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch, "autocast", autocast_as_torch_2_1)
+    with pytest.raises(UserError, match="--amp fp16 on cpu: torch .* cannot autocast to it there; use --amp bf16"):
+        training_config(args, cpu)
+    assert training_config(build_parser("", "tail").parse_args(["--amp", "bf16"]), cpu).amp == "bf16"
 
 
 @pytest.mark.parametrize("capability, amp", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])

@@ -6,6 +6,7 @@ either (the test suite passes on torch 2.1.2 and on our pin).
 """
 import contextlib
 import inspect
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,27 @@ def check_compile(mode):
     if mode not in ("off", False) and torch_version() < COMPILE_SINCE:
         raise UserError(f"--compile needs torch {'.'.join(map(str, COMPILE_SINCE))} or later (torch "
                         f"{torch.__version__}'s compiler fails on these models); run without --compile")
+
+
+def check_amp(amp, device):
+    """--amp (resolved: off, bf16 or fp16) is refused, in one line, where this torch cannot
+    train with it on `device`: fp16 on CPUs before torch 2.3 (no CPU loss scaler; 2.1
+    autocasts CPUs to bf16 only)."""
+    if amp == "off":
+        return
+    problem = None
+    if amp == "fp16" and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+        problem = "has no loss scaler for it there"
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch 2.1 warns before it raises
+                torch.autocast(device_type=device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+        except RuntimeError:
+            problem = "cannot autocast to it there"
+    if problem:
+        instead = "--amp bf16 or --amp off" if amp == "fp16" else "--amp off"
+        raise UserError(f"--amp {amp} on {device.type}: torch {torch.__version__} {problem}; use {instead}")
 
 
 def grad_scaler(device):
