@@ -264,7 +264,10 @@ def building_dataset(out, overwrite, inputs=()):
     out = check_output(out, overwrite, inputs)
     created = not out.exists()
     staging, replaced = out / STAGING, out / REPLACED
-    for leftover in (staging, replaced):  # of a run killed midway
+    if staging.exists() and replaced.exists():  # stopped between the swap's renames: which is which is unclear
+        raise UserError(f"--out {out}: an earlier run stopped while it moved its dataset into place; "
+                        f"{half_swapped(out, staging, replaced)}")
+    for leftover in (staging, replaced):  # of a run killed midway (building, or deleting the old dataset)
         if leftover.exists():
             shutil.rmtree(leftover)
     staging.mkdir(parents=True)
@@ -276,17 +279,41 @@ def building_dataset(out, overwrite, inputs=()):
             with suppress(OSError):
                 out.rmdir()  # only if nothing else is there
         raise
-    # Renames only between the two datasets (deleting a large one takes a while): the
-    # old items are moved aside, the new moved in, then the old deleted.
-    replaced.mkdir()
-    for item in LAYOUT_ITEMS:
-        if (out / item).is_symlink() or (out / item).exists():
-            (out / item).rename(replaced / item)  # a symlink is moved, never followed
-    for item in LAYOUT_ITEMS:
-        if (staging / item).exists():
-            (staging / item).rename(out / item)
+    swap_datasets(out, staging, replaced)
+
+
+def swap_datasets(out, staging, replaced):
+    """Renames only between the two datasets (deleting a large one takes a while): the old
+    items are moved aside, the new moved in, then the old deleted. A rename refused (on
+    Windows: a file held open) undoes the renames before it, keeping the old dataset."""
+    moved = []  # (from, to) in order
+    try:
+        replaced.mkdir()
+        for item in LAYOUT_ITEMS:
+            if (out / item).is_symlink() or (out / item).exists():
+                (out / item).rename(replaced / item)  # a symlink is moved, never followed
+                moved.append((out / item, replaced / item))
+        for item in LAYOUT_ITEMS:
+            if (staging / item).exists():
+                (staging / item).rename(out / item)
+                moved.append((staging / item, out / item))
+    except OSError as exc:
+        why = f"--out {out}: cannot move the new dataset into place ({exc.strerror or exc})"
+        try:
+            for source, target in reversed(moved):
+                target.rename(source)
+        except OSError:
+            raise UserError(f"{why}, nor the previous one back; {half_swapped(out, staging, replaced)}") from exc
+        shutil.rmtree(staging)
+        replaced.rmdir()
+        raise UserError(f"{why}; the previous one is kept: close what holds its files open and run again") from exc
     staging.rmdir()
     shutil.rmtree(replaced)
+
+
+def half_swapped(out, staging, replaced):
+    return (f"the previous dataset's items are in {replaced}, the new one's in {staging} or {out}: put back the "
+            f"ones to keep, then delete {staging.name} and {replaced.name}")
 
 
 def make_class_dirs(out, class_ids):

@@ -196,6 +196,47 @@ def test_an_unreadable_scene_leaves_no_partial_dataset(dior_src, tmp_path, capsy
     assert sorted(path.name for path in out.iterdir()) == ["anno", "classes.json", "test", "train"]
 
 
+def test_a_refused_rename_while_replacing_the_dataset_keeps_the_previous_one(dior_src, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Windows refuses to rename a folder with a file held open: the swap's renames are
+    undone; if even that fails, the next run says where each dataset's items are."""
+    out = tmp_path / "out"
+    argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
+    prepare_dior.main(argv)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    rename = Path.rename
+    refused = {"from": None}
+
+    def rename_refusing(source, target):
+        if Path(source).name == refused["from"] or refused["from"] == "all":
+            raise PermissionError(13, "Access is denied")
+        return rename(source, target)
+
+    monkeypatch.setattr(Path, "rename", rename_refusing)
+    refused["from"] = "test"  # the old test/ moves aside; the new test/ cannot move in
+    assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
+    assert "cannot move the new dataset into place (Access is denied); the previous one is kept" in one_error(capsys)
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    assert sorted(path.name for path in out.iterdir()) == ["anno", "classes.json", "test", "train"]
+
+    renames = {"count": 0}
+
+    def refuse_after_the_first_moves(source, target):
+        renames["count"] += 1
+        if renames["count"] > 2 and Path(source).parent.name in ("out", ".replaced", ".preparing"):
+            raise PermissionError(13, "Access is denied")
+        return rename(source, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_after_the_first_moves)
+    assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
+    assert "nor the previous one back; the previous dataset's items are in" in one_error(capsys)
+    monkeypatch.setattr(Path, "rename", rename)
+    assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
+    error = one_error(capsys)
+    assert "an earlier run stopped while it moved its dataset into place" in error and ".replaced" in error
+    assert (out / ".replaced" / "train").is_dir() and (out / ".replaced" / "test").is_dir()
+
+
 def test_refuses_a_non_empty_output_unless_overwrite(dior_src, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
