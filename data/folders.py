@@ -16,6 +16,18 @@ from tgn.data import Entry, check_readable
 from tgn.errors import UserError
 
 
+def composed(name):
+    """`name` in Unicode's composed form (NFC). macOS stores names decomposed (NFD): 'é' as
+    'e' plus an accent. Names are compared, sorted and seeded in this form, so that the
+    same folders give the same classes and test images on every system."""
+    return unicodedata.normalize("NFC", name)
+
+
+def by_name(path):
+    """Sort key of files by name alone: Windows' paths sort case aside, Linux's do not."""
+    return composed(path.name), path.name
+
+
 def is_image_file(path):
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
@@ -44,22 +56,22 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     images, folder_of, stray, other_files, nested = {}, {}, [], [], []
     # Accented names may be stored composed or decomposed (macOS writes the latter): a test
     # folder copied from another system still matches its training folder.
-    by_form = {unicodedata.normalize("NFC", name): name for name in class_ids}
-    for entry in sorted(subset_dir.iterdir()):
+    by_form = {composed(name): name for name in class_ids}
+    for entry in sorted(subset_dir.iterdir(), key=by_name):
         if is_hidden(entry):
             continue
         if not entry.is_dir():
             stray.append(entry)
             continue
         check_listable_name(entry, flag)
-        name = by_form.get(unicodedata.normalize("NFC", entry.name))
+        name = by_form.get(composed(entry.name))
         if name is None:
             raise UserError(unknown_folder(entry))
         if name in images:  # two folders that print alike: neither may silently replace the other
             raise UserError(f"{flag}: folders {folder_of[name]} and {entry} are one name in two Unicode forms "
                             "(composed and decomposed, as macOS stores names); merge them into one folder")
         images[name], folder_of[name] = [], entry
-        for path in sorted(entry.iterdir()):
+        for path in sorted(entry.iterdir(), key=by_name):  # hold_out shuffles this order
             if is_hidden(path):
                 continue
             if is_image_file(path):

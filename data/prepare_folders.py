@@ -17,7 +17,6 @@ under its own file name, or linked with --link hard|symlink.
 import random
 import re
 import sys
-import unicodedata
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.chips import add_output_arguments, existing_dir, is_hidden  # noqa: E402
 from data.folders import (  # noqa: E402
-    add_link_argument, class_folders, is_image_file, list_class_images, prepare_folder_dataset,
+    add_link_argument, class_folders, composed, is_image_file, list_class_images, prepare_folder_dataset,
 )
 from tgn.cli import make_parser, open_fraction, seed_value  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -56,25 +55,26 @@ def parse_args(argv):
 
 
 def folder_order(folders):
-    """By name, case aside (code-point order), or numeric when every name is a number ('2' before '10')."""
+    """By name, case aside (code-point order of the composed form), or numeric when every
+    name is a number ('2' before '10')."""
     if all(name.isdecimal() for name in folders):
         return sorted(folders, key=int)
-    return sorted(folders, key=lambda name: (name.casefold(), name))
+    return sorted(folders, key=lambda name: (composed(name).casefold(), composed(name)))
 
 
 def class_names_for(folders, names_path):
     """{class id: name} in folder order, from the folder names or --class-names."""
-    names = {folder: folder.replace("_", " ").strip() or folder for folder in folders}
+    names = {folder: composed(folder).replace("_", " ").strip() or folder for folder in folders}
     if names_path is not None:
         given = read_json(names_path, "--class-names")
         if not isinstance(given, dict) or not all(isinstance(name, str) and name.strip() for name in given.values()):
             raise UserError(f'--class-names {names_path}: expected a JSON object {{"folder name": "class name"}}')
         # A name typed in one Unicode form matches a folder stored in the other (macOS: NFD).
-        by_form = {unicodedata.normalize("NFC", folder): folder for folder in folders}
-        unknown = sorted(key for key in given if unicodedata.normalize("NFC", key) not in by_form)
+        by_form = {composed(folder): folder for folder in folders}
+        unknown = sorted(key for key in given if composed(key) not in by_form)
         if unknown:
             raise UserError(f"--class-names {names_path}: {unknown[0]!r} is not a class folder of --train-dir")
-        names.update({by_form[unicodedata.normalize("NFC", key)]: name.strip() for key, name in given.items()})
+        names.update({by_form[composed(key)]: name.strip() for key, name in given.items()})
     seen = {}
     for folder in folders:  # CLIP's tokenizer lower-cases: 'Ship' and 'ship' are one prompt
         key = names[folder].casefold()
@@ -95,7 +95,7 @@ def hold_out(train_images, fraction_held, seed):
     train, test = {}, {}
     for folder, paths in train_images.items():
         # A generator per class: adding a class or images to one leaves the others' choice.
-        shuffled = random.Random(f"{seed}/{folder}").sample(paths, len(paths))
+        shuffled = random.Random(f"{seed}/{composed(folder)}").sample(paths, len(paths))
         held = min(max(round(fraction_held * len(paths)), 1), len(paths) - 1)
         test[folder] = sorted(shuffled[:held])
         train[folder] = sorted(shuffled[held:])

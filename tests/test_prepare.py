@@ -917,3 +917,32 @@ def test_class_names_match_folders_in_either_unicode_form(tmp_path):
     prepare_folders.main(["--train-dir", str(tmp_path / "train"), "--test-fraction", "0.5", "--class-names",
                           str(tmp_path / "names.json"), "--out", str(tmp_path / "d")])
     assert open_dataset(tmp_path / "d").class_names == {0: "coffee shop", 1: "port"}
+
+
+def test_the_same_folders_give_the_same_classes_and_test_images_on_every_system(tmp_path, monkeypatch):
+    """macOS stores names decomposed (NFD) and Windows sorts paths case aside: neither may
+    change the class ids, the class names or which images --test-fraction holds out."""
+    import unicodedata
+    from pathlib import PurePosixPath
+
+    def layout(form, root):
+        for folder in ("église", "zone", "Ébène"):
+            for name in ("b.png", "A.png", "é1.png", "c.png", "D.png", "e2.png"):
+                paint_scene(root / unicodedata.normalize(form, folder) / unicodedata.normalize(form, name), (8, 8), {})
+        return root
+
+    def prepared(root, out):
+        prepare_folders.main(["--train-dir", str(root), "--test-fraction", "0.5", "--seed", "3", "--out", str(out)])
+        info = open_dataset(out)
+        tests = sorted(unicodedata.normalize("NFC", e.relpath) for e in info.entries("test"))
+        return info.class_names, tests
+
+    linux = prepared(layout("NFC", tmp_path / "nfc"), tmp_path / "a")
+    assert linux[0] == {0: "zone", 1: "Ébène", 2: "église"}  # code points: accented initials after z
+    assert prepared(layout("NFD", tmp_path / "nfd"), tmp_path / "b") == linux  # as macOS stores them
+
+    def sorted_case_aside(self, other):  # how Windows' paths compare
+        return (str(self).casefold(), str(self)) < (str(other).casefold(), str(other))
+
+    monkeypatch.setattr(PurePosixPath, "__lt__", sorted_case_aside)
+    assert prepared(tmp_path / "nfc", tmp_path / "c") == linux
