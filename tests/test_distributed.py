@@ -342,6 +342,24 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_remov
     assert (run / "checkpoint" / "1.pt").is_file()  # --overwrite had not started
 
 
+@pytest.mark.parametrize("nccl_built", [True, False])
+def test_gpus_join_with_nccl_where_torch_has_it_and_gloo_elsewhere(monkeypatch, nccl_built):
+    """Windows' torch builds have no NCCL: torchrun on its GPUs joins with gloo."""
+    from tgn import compat
+
+    joined = {}
+
+    def init_process_group(backend, device_id=None):  # as torch 2.3 and later have it
+        joined.update(backend=backend, device_id=device_id)
+
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl_built)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    compat.init_process_group(dist.backend_for(torch.device("cuda", 0)), torch.device("cuda", 0))
+    assert joined["backend"] == ("nccl" if nccl_built else "gloo")
+    assert joined["device_id"] == (torch.device("cuda", 0) if nccl_built else None)  # for NCCL's eager set-up
+    assert dist.backend_for(torch.device("cpu")) == "gloo"
+
+
 def test_a_single_process_always_prints(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "1")  # left over from another launcher: no WORLD_SIZE
     monkeypatch.delenv("WORLD_SIZE", raising=False)

@@ -101,7 +101,7 @@ def _allowed_meanwhile(classes):
 def init_process_group(backend, device):
     """dist.init_process_group, bound to this process's GPU where torch can (device_id,
     from 2.3 on: NCCL then sets up its communicator eagerly on the right GPU)."""
-    if device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters:
+    if backend == "nccl" and "device_id" in inspect.signature(dist.init_process_group).parameters:
         dist.init_process_group(backend, device_id=device)
     else:
         dist.init_process_group(backend)

@@ -79,9 +79,15 @@ def init(device_name="auto"):
     after those checks: an input error before joining prints once per node (errors.py)."""
     device = process_device(device_name)
     if launched() and not active():
-        compat.init_process_group("nccl" if device.type == "cuda" else "gloo", device)
+        compat.init_process_group(backend_for(device), device)
         atexit.register(shutdown)
     return device
+
+
+def backend_for(device):
+    """nccl for GPUs where torch has it; gloo otherwise (CPUs, and GPUs on Windows, whose
+    torch builds have no NCCL: gloo reduces CUDA tensors too, more slowly)."""
+    return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
 
 
 def process_device(device_name="auto"):
