@@ -365,7 +365,7 @@ def check_settings(out_dir, settings, overwrite):
         raise UserError(f"{out_dir} holds other files and no generation.json; generation writes into a new or empty "
                         "folder or one it wrote: choose another --out")
     if path.is_file() and not overwrite:
-        previous = json.loads(path.read_text())
+        previous = json.loads(path.read_text(encoding="utf-8"))
         # Folders written by earlier versions: fp32, JPEG quality 95, and a truncation centre
         # over noise alone (the same images as now when --truncation is 1).
         previous.setdefault("amp", "off")

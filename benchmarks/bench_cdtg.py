@@ -230,7 +230,7 @@ def main(argv=None):
         record = {"case": case, **cases[case](), "config": "tiny" if args.tiny else "paper", "device": device_name,
                   "torch": torch.__version__}
         print(json.dumps(record), flush=True)
-        with open(args.out, "a") as handle:
+        with open(args.out, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
 

@@ -229,7 +229,7 @@ def main(argv=None):
             record = {**result, "config": name, "device": device_name, "workers": args.workers,
                       "warmup": args.warmup, "steps": args.steps, "torch": torch.__version__}
             print(json.dumps(record), flush=True)
-            with open(args.out, "a") as handle:
+            with open(args.out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
 

@@ -181,7 +181,7 @@ def check_shared_folder(folder, flag="--out"):
     failure = None
     if is_main():
         try:
-            probe.write_text(token)
+            probe.write_text(token, encoding="utf-8")
         except OSError as exc:  # a read-only or full file system
             failure = exc.strerror or str(exc)
     failure = broadcast_object(failure)  # also the barrier: the probe is written when it returns
@@ -200,7 +200,7 @@ def check_shared_folder(folder, flag="--out"):
 
 def _holds(path, text):
     try:
-        return path.read_text() == text
+        return path.read_text(encoding="utf-8") == text
     except OSError:  # not there (yet), or unreadable: not seen; never skip the collective after
         return False
 
