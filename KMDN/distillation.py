@@ -100,7 +100,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     test_loaders = {
         group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device,
-                           pin_memory=cfg.pin_memory)
+                           persistent=True, pin_memory=cfg.pin_memory)
         for group in models
     }
     train_loaders = {

@@ -348,3 +348,37 @@ def test_splitting_and_preparing_a_dataset_run_without_torch(toy_data, tmp_path)
                                 "--out", tmp_path / "prepared")
     assert "data.folders" in prepared and imports_torch(prepared) == []
     assert open_dataset(tmp_path / "prepared").class_names == {0: "harbor", 1: "ship"}
+
+
+class WorkerRecorder(torch.utils.data.Dataset):
+    """A dataset that notes which process read each item."""
+
+    def __init__(self, dataset, log):
+        self.dataset, self.log = dataset, log
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with open(self.log, "a", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return self.dataset[index]
+
+
+def test_evaluation_workers_are_started_once_per_run(tmp_path):
+    """Workers started again each epoch cost seconds an epoch where they are spawned (macOS,
+    Windows): each imports torch anew."""
+    from tgn.engine import TrainConfig, fit
+    from tgn.resnet import FeatureResNet
+
+    data = write_dataset(tmp_path / "data", {0: 6, 1: 6}, {0: 4, 1: 4})
+    info = open_dataset(data)
+    subsets = {subset: ImageList(samples_for(info.image_root(subset), info.entries(subset), {0: 0, 1: 1}),
+                                 build_transform(16, train=subset == "train"), 16) for subset in ("train", "test")}
+    log = tmp_path / "readers.txt"
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.01, weight_decay=0.0, milestones=[], seed=0, workers=2)
+    (tmp_path / "run").mkdir()
+    fit(FeatureResNet("resnet18", 2, width=4), subsets["train"], WorkerRecorder(subsets["test"], log), cfg,
+        torch.device("cpu"), tmp_path / "run", meta={"class_ids": [0, 1]})
+    readers = log.read_text(encoding="utf-8").split()
+    assert len(readers) == 3 * 8 and len(set(readers)) <= 2

@@ -298,8 +298,10 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
         trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     num_classes = len(meta["class_ids"])
+    # Persistent, as the training loader: workers are not started again each epoch (where
+    # they are spawned, macOS and Windows, each start imports torch anew).
     test_loader = make_loader(test_set, cfg.batch_size, train=False, workers=cfg.workers, device=device,
-                              pin_memory=cfg.pin_memory)
+                              persistent=True, pin_memory=cfg.pin_memory)
     loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
                          epoch=start_epoch, device=device, weights=train_weights, persistent=True,
                          pin_memory=cfg.pin_memory)
