@@ -26,7 +26,7 @@ from tgn.cli import (DEFAULT_WORKERS, make_parser, non_negative_int, output_fold
                      seed_value)
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import check_run_dir, read_json, save_options  # noqa: E402
+from tgn.io import check_run_dir, save_options  # noqa: E402
 
 
 def build_parser():
@@ -118,11 +118,7 @@ def metric_notes(args, evaluator):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     folders = [Path(folder) for folder in args.folders]
-    check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False)
-    recorded = args.out / "options.json"
-    if recorded.is_file() and "inception" not in read_json(recorded, "options"):  # not an evaluation's: keep it
-        raise UserError(f"{args.out} is another script's run folder (its options.json); choose another --out for "
-                        "the evaluation")
+    check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False, args=args)
     check_generated_folders(folders)
     data, teacher_path, notes = resolve_inputs(args)
     tail = load_tail_classes(data, args.data_root)

@@ -34,7 +34,7 @@ from tgn import distributed as dist  # noqa: E402
 from tgn.compat import check_compile  # noqa: E402
 from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
-from tgn.io import remove_temp_files, save_options  # noqa: E402
+from tgn.io import check_own_run_folder, remove_temp_files, save_options  # noqa: E402
 from tgn.resume import check_resume  # noqa: E402
 from CDTG.checkpoint import checkpoint_steps  # noqa: E402
 
@@ -167,6 +167,7 @@ def clear_run(out):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_own_run_folder(args.out, args)
     defaults = GanConfig()
     inert = [flag for flag, value, default in (
         ("--augment-p", args.augment_p, defaults.augment_p), ("--ada-target", args.ada_target, defaults.ada_target),

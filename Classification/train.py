@@ -73,7 +73,7 @@ def method_name(args):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS)
+    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)

@@ -71,7 +71,7 @@ def load_group_model(path, split, group):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS)
+    check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     device = dist.process_device(args.device)

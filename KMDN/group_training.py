@@ -27,7 +27,7 @@ def build_parser(doc, group):
 def train_group(args):
     """Writes OUT/<group>/{best,last}.pth, metrics.jsonl and options.json."""
     group = args.group
-    check_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
+    check_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite, args=args)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     if not split.ids(group):

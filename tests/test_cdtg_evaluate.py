@@ -266,11 +266,11 @@ def test_evaluate_without_teacher_notes_it_and_refuses_a_foreign_folder(evaluati
     assert exit_info.value.code == 2 and "class id 0 is not a tail class" in capsys.readouterr().err
     run = root / "cdtg_run"  # a training run's folder: its options.json is what --resume checks
     run.mkdir()
-    (run / "options.json").write_text('{"size": 32, "clip": "none"}')
+    (run / "options.json").write_text('{"iter": 6, "size": 32, "clip": "none"}')
     with pytest.raises(SystemExit):
         evaluate_script.main([str(root / "gen_shifted"), *common[:-1], str(run), "--overwrite"])
-    assert "is another script's run folder (its options.json); choose another --out" in capsys.readouterr().err
-    assert (run / "options.json").read_text() == '{"size": 32, "clip": "none"}'
+    assert "is a run folder of CDTG/train.py (its options.json); choose another --out" in capsys.readouterr().err
+    assert (run / "options.json").read_text() == '{"iter": 6, "size": 32, "clip": "none"}'
 
 
 def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tail_data(evaluation_inputs, capsys):

@@ -503,3 +503,30 @@ def test_the_checkpoint_checked_for_resume_is_not_left_mapped(tmp_path):
     check_fits(model, state["state_dict"], path)
     with pytest.raises(UserError, match="weight has shape"):
         check_fits(torch.nn.Linear(4, 2), state["state_dict"], path)
+
+
+def test_another_scripts_run_folder_is_refused_whatever_the_flags(split_dir, toy_data, tmp_path, capsys):
+    """Training into another stage's run folder replaced its options.json and dropped its log
+    lines, so that run could no longer be resumed."""
+    from CDTG.train import main as cdtg_train_main
+    from Classification.train import main as cls_train_main
+
+    umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), "--epochs", "1", *TINY])
+    head = tmp_path / "kmdn" / "head"
+    cdtg = tmp_path / "cdtg"  # as CDTG/train.py leaves it: options and a log of steps
+    cdtg.mkdir()
+    (cdtg / "options.json").write_text(json.dumps({"iter": 6, "batch": 4, "lr": 0.002, "size": 32}))
+    (cdtg / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "d": 1.0}) + "\n" for step in (1, 2, 3)))
+    before = {folder: {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+              for folder in (head, cdtg)}
+    classifier = ["--data-root", str(toy_data), "--epochs", "1", "--arch", "resnet18", "--pretrained", "none",
+                  "--image-size", "16", "--batch-size", "8", "--workers", "0"]
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        expect_user_error(capsys, lambda: cls_train_main([*classifier, "--out", str(cdtg), *flags]),
+                          f"{cdtg} is a run folder of CDTG/train.py (its options.json); choose another --out")
+        expect_user_error(capsys, lambda: cls_train_main([*classifier, "--out", str(head), *flags]),
+                          f"{head} is a run folder of KMDN/UModel.py or RModel.py")
+    expect_user_error(capsys, lambda: cdtg_train_main(["--data", str(tmp_path / "none"), "--out", str(head)]),
+                      f"{head} is a run folder of KMDN/UModel.py or RModel.py")
+    assert before == {folder: {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+                      for folder in (head, cdtg)}

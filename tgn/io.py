@@ -227,13 +227,41 @@ def append_jsonl(path, record):
 TRAINING_RESULTS = ("last.pth", "best.pth")
 
 
-def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True):
+# Which script wrote a run folder's options.json, told by flags only that script has (runs
+# of every version record them); the ResNet group trainers write OUT/head and OUT/tail.
+RUN_FOLDER_OWNERS = (
+    ("CDTG/train.py", {"iter"}),
+    ("CDTG/evaluate.py", {"inception", "folders"}),
+    ("KMDN/Distill.py", {"alpha", "distill_interval"}),
+    ("Classification/train.py", {"extra", "sampler"}),
+)
+
+
+def run_folder_owner(options):
+    owner = (script for script, flags in RUN_FOLDER_OWNERS if flags & options.keys())
+    return next(owner, "KMDN/UModel.py or RModel.py")
+
+
+def check_own_run_folder(out_dir, args):
+    """Refuse (with --resume, --overwrite or neither) an --out that another script's run
+    uses: its options.json and log would be replaced, and it could not be resumed."""
+    recorded = Path(out_dir) / "options.json"
+    if not recorded.is_file():
+        return
+    owner = run_folder_owner(read_json(recorded, "options"))
+    if owner != run_folder_owner(vars(args)):
+        raise UserError(f"{out_dir} is a run folder of {owner} (its options.json); choose another --out")
+
+
+def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True, args=None):
     """Refuse to reuse a folder that holds any of `results` unless told how (creates
     nothing). `resumable=False`: the script has no --resume, so the message offers
     --overwrite or another --out. A --resume with results but without last.pth (the
     checkpoint it continues; users delete it to save space) is refused too: it would start
-    again over them."""
+    again over them. Given the script's `args`, another script's run folder is refused first."""
     out_dir = Path(out_dir)
+    if args is not None:
+        check_own_run_folder(out_dir, args)
     existing = [name for name in results if (out_dir / name).exists()]
     if existing and not (resume or overwrite):
         remedy = ("pass --resume to continue or --overwrite to start again" if resumable
