@@ -342,6 +342,21 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_remov
     assert (run / "checkpoint" / "1.pt").is_file()  # --overwrite had not started
 
 
+def test_sync_bn_on_over_cpu_processes_is_refused_before_anything_is_written(split_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    before = {path.name: path.read_bytes() for path in (out / "head").iterdir()}
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts process 0 of 2, before it joins
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit):
+        umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY, "--sync-bn", "on",
+                     "--overwrite"])
+    assert "--sync-bn on needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel)" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (out / "head").iterdir()} == before
+
+
 @pytest.mark.parametrize("nccl_built", [True, False])
 def test_gpus_join_with_nccl_where_torch_has_it_and_gloo_elsewhere(monkeypatch, nccl_built):
     """Windows' torch builds have no NCCL: torchrun on its GPUs joins with gloo."""
