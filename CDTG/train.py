@@ -50,8 +50,9 @@ def build_parser():
     io.add_argument("--clip", default="ViT-B/32", help="CLIP model name (downloaded when online), a local file, or 'none'")
     io.add_argument("--clip-root", default=None, help="download folder of CLIP weights")
     io.add_argument("--out", type=output_folder, default=Path("runs/cdtg"), help="run folder")
-    io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoint")
-    io.add_argument("--overwrite", action="store_true", help="start again even if OUT holds checkpoints")
+    either = io.add_mutually_exclusive_group()  # continue the run, or replace it
+    either.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoint")
+    either.add_argument("--overwrite", action="store_true", help="start again even if OUT holds checkpoints")
 
     model = parser.add_argument_group("model (official defaults)")
     model.add_argument("--size", type=gan_size, default=256, help="image size of the GAN")

@@ -530,3 +530,15 @@ def test_another_scripts_run_folder_is_refused_whatever_the_flags(split_dir, toy
                       f"{head} is a run folder of KMDN/UModel.py or RModel.py")
     assert before == {folder: {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
                       for folder in (head, cdtg)}
+
+
+def test_resume_and_overwrite_together_are_refused(split_dir, tmp_path, capsys):
+    """Together, --overwrite was silently ignored, and errors then said to pass it."""
+    from CDTG.train import main as cdtg_train_main
+
+    for main, argv in ((umodel_main, ["--split", str(split_dir), *TINY]), (cdtg_train_main, [])):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--out", str(tmp_path / "run"), "--resume", "--overwrite"])
+        assert exit_info.value.code == 2
+        assert "error: argument --overwrite: not allowed with argument --resume" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

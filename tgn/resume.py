@@ -68,7 +68,7 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
             was = ", ".join(f"{_flag(key)} {saved[key]}" for key in changed)
             now_text = ", ".join(f"{_flag(key)} {now[key]}" for key in changed)
             raise UserError(f"--resume: {out_dir} was started with {was}, this call has {now_text}; resume with the "
-                            "flags it was started with, or pass --overwrite to start again")
+                            "flags it was started with, or pass --overwrite instead of --resume to start again")
         note_process_count(out_dir, saved.get("processes"))
     requested = getattr(args, length)
     if requested < done:
