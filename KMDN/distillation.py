@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.compat import grad_scaler
-from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepare_model, restore_optimizer,
-                        seed_everything, step_lr, train_one_epoch, uses_cuda_graphs)
+from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepare_model, ran_with,
+                        restore_optimizer, seed_everything, step_lr, train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError, alike_in_every_process
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import format_percent
@@ -138,7 +138,8 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
                             {**metas[student_group], "state_dict": student.state_dict(), "epoch": epoch,
                              "metrics": summary, "distilled": True})
         append_jsonl(out_dir / "metrics.jsonl", {"epoch": epoch + 1, "student": student_group, "lr": lr, **stats,
-                                                  **summary, "seconds": round(time.time() - started, 2)})
+                                                  **summary, "seconds": round(time.time() - started, 2),
+                                                  **ran_with(cfg)})
         save_checkpoint(out_dir / "last.pth", {
             "format": "tgn-distill-state/1",
             "split_fingerprint": metas["head"]["split_fingerprint"],  # --resume continues on the same data only

@@ -158,6 +158,7 @@ def test_stage_scripts_under_torchrun(split_dir, tmp_path):
     kmdn = tmp_path / "kmdn"
     head = read_metrics(kmdn / "head" / "metrics.jsonl")
     assert [m["epoch"] for m in head] == [1, 2]  # one line per epoch: rank 0 alone writes
+    assert {m["processes"] for m in head} == {WORLD}
     # The logged test metrics are those of the whole test set (confusion matrices summed
     # over the processes): one process evaluating the saved model finds the same.
     last = load_checkpoint(kmdn / "head" / "last.pth")
@@ -168,7 +169,8 @@ def test_stage_scripts_under_torchrun(split_dir, tmp_path):
     cm, summary = evaluate(model, make_loader(test_set, 8, train=False), torch.device("cpu"), 2)
     assert cm.sum() == len(test_set) == 9
     assert head[-1]["overall_accuracy"] == summary["overall_accuracy"]
-    assert [m["student"] for m in read_metrics(kmdn / "distill" / "metrics.jsonl")] == ["head", "tail"]
+    distilled = read_metrics(kmdn / "distill" / "metrics.jsonl")
+    assert [m["student"] for m in distilled] == ["head", "tail"] and {m["processes"] for m in distilled} == {WORLD}
     assert (kmdn / "distill" / "M_T.pth").is_file()
     report = json.loads((tmp_path / "cls" / "report-best" / "report.json").read_text())
     assert sum(report["confusion_matrix"][0]) + sum(report["confusion_matrix"][1]) > 0

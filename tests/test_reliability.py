@@ -542,3 +542,14 @@ def test_resume_and_overwrite_together_are_refused(split_dir, tmp_path, capsys):
         assert exit_info.value.code == 2
         assert "error: argument --overwrite: not allowed with argument --resume" in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
+
+
+def test_each_epoch_logs_the_precision_it_ran_with(split_dir, tmp_path):
+    """A --resume may change --amp and --channels-last; options.json holds the latest call's
+    flags, so the log says how each epoch ran."""
+    common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY]
+    umodel_main([*common, "--epochs", "1", "--amp", "auto"])
+    umodel_main([*common, "--epochs", "2", "--amp", "bf16", "--channels-last", "--resume"])
+    lines = [json.loads(line) for line in (tmp_path / "kmdn" / "head" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["epoch"], m["amp"], m["channels_last"], m["processes"]) for m in lines] == [
+        (1, "off", False, 1), (2, "bf16", True, 1)]

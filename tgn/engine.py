@@ -267,6 +267,12 @@ def prepare_model(model, cfg, device):
     return model, torch.compile(net, mode=None if cfg.compile == "default" else cfg.compile)
 
 
+def ran_with(cfg):
+    """How an epoch ran, for its metrics line: a --resume may change these, and options.json
+    holds the latest call's flags (--amp auto, not what it chose)."""
+    return {"amp": cfg.amp, "channels_last": cfg.channels_last, "processes": dist.world_size()}
+
+
 def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross_entropy_loss, resume=False,
         head=None, tail=None, train_weights=None, desc="epoch"):
     """Train with Adam and step learning rates; evaluate, log and checkpoint every epoch.
@@ -323,7 +329,8 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
         result.last_summary, result.confusion = summary, cm
         if not main:
             continue
-        record = {"epoch": epoch + 1, "lr": lr, **train_stats, **summary, "seconds": round(time.time() - started, 2)}
+        record = {"epoch": epoch + 1, "lr": lr, **train_stats, **summary, "seconds": round(time.time() - started, 2),
+                  **ran_with(cfg)}
         append_jsonl(out_dir / "metrics.jsonl", record)
         payload = {
             **meta,
