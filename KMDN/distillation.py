@@ -20,6 +20,7 @@ from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepa
 from tgn.errors import UserError, alike_in_every_process
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import format_percent
+from tgn.resume import resuming_line
 
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
 
@@ -95,7 +96,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         best = state["best"]
         start_epoch = state["epoch"] + 1
         if main:
-            print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
+            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs))
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
         trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     test_loaders = {

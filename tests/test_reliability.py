@@ -553,3 +553,12 @@ def test_each_epoch_logs_the_precision_it_ran_with(split_dir, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "kmdn" / "head" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["epoch"], m["amp"], m["channels_last"], m["processes"]) for m in lines] == [
         (1, "off", False, 1), (2, "bf16", True, 1)]
+
+
+def test_resuming_a_finished_run_says_nothing_is_left_to_train(split_dir, tmp_path, capsys):
+    common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY, "--epochs", "2"]
+    umodel_main(common)
+    capsys.readouterr()
+    umodel_main([*common, "--resume"])
+    out = capsys.readouterr().out
+    assert "has trained all 2 epochs: nothing left to train" in out and "epoch 3/2" not in out

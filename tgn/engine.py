@@ -30,7 +30,7 @@ from tgn.images import normalize_pixels
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
 from tgn.resnet import ONE_PIXEL_MAPS
-from tgn.resume import check_same_data
+from tgn.resume import check_same_data, resuming_line
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
 
 resolve_device = dist.resolve_device  # kept here too: the scripts outside torchrun use it
@@ -298,7 +298,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
         if main:
-            print(f"resuming from {out_dir / 'last.pth'} at epoch {start_epoch + 1}/{cfg.epochs}")
+            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs))
         result.best_accuracy = state.get("best_accuracy", -math.inf)
         result.best_epoch = state.get("best_epoch", -1)
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go

@@ -137,6 +137,13 @@ def shapes_only(value):
     return value
 
 
+def resuming_line(path, done, epochs):
+    """What a resumed run prints first: where it goes on, or that nothing is left to train."""
+    if done >= epochs:
+        return f"{path} has trained all {epochs} epochs: nothing left to train (--epochs N to train longer)"
+    return f"resuming from {path} at epoch {done + 1}/{epochs}"
+
+
 def epochs_done(state):
     """Epochs trained by the run whose last_state is `state`; None without one."""
     return None if state is None else int(state.get("epoch", -1)) + 1
