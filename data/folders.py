@@ -126,14 +126,17 @@ def place(source, target, link):
 
 def check_distinct_names(sources):
     """Each image keeps its file name in its class's folder: two folders mapped to one class
-    (FGSC-23's --class-map) must not hold the same name."""
+    (FGSC-23's --class-map) must not hold the same name, nor names that differ only in
+    letter case or Unicode form (one file on macOS and Windows: one image would replace
+    the other there, or when the dataset is copied there)."""
     for subset, pairs in sources.items():
         seen = {}
         for source, class_id in pairs:
-            earlier = seen.setdefault((class_id, source.name), source)
-            if earlier != source:
-                raise UserError(f"{source} and {earlier} would both be {subset}/{class_id}/{source.name}: two folders "
-                                "map to one class with the same file name; rename one")
+            earlier = seen.setdefault((class_id, composed(source.name).casefold()), source)
+            if earlier.parent != source.parent:
+                alike = "" if earlier.name == source.name else " on macOS and Windows"
+                raise UserError(f"{source} and {earlier} would both be {subset}/{class_id}/{source.name}{alike}: two "
+                                "folders map to one class with the same file name; rename one")
 
 
 def place_images(out, sources, link, tally):

@@ -634,6 +634,9 @@ def test_fgsc_file_name_clash_is_found_before_overwrite_removes_anything(fgsc_sr
     assert exit_code(prepare_fgsc23.main, argv) == 2
     assert "would both be train/0/a.jpg" in capsys.readouterr().err
     assert len(open_dataset(out).entries("train")) == 3  # the earlier dataset is still there
+    (fgsc_src / "train/zero/a.jpg").rename(fgsc_src / "train/zero/A.JPG")  # one file where case is ignored
+    assert exit_code(prepare_fgsc23.main, argv) == 2
+    assert "would both be train/0/A.JPG on macOS and Windows" in capsys.readouterr().err
 
 
 def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
