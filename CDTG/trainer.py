@@ -216,28 +216,28 @@ class CdtgTrainer:
         missing = [key for key in RESUMABLE if key not in state]
         if missing:  # the official 200000.pt, say, has no fusion layer and no step
             raise UserError(f"{path} holds no {missing[0]!r} to resume from (not a checkpoint of CDTG/train.py?); "
-                            "move it out of the run folder, or pass --overwrite to start again")
+                            "move it out of the run folder, or pass --overwrite instead of --resume to start again")
         if state.get("class_ids") != self.metadata["class_ids"]:
             raise UserError(f"{path} was trained on other tail classes; use another --out")
         if state.get("teacher_fingerprint", self.metadata.get("teacher_fingerprint")) != \
                 self.metadata.get("teacher_fingerprint"):
             raise UserError(f"{path} was trained with another teacher (its weights differ from --teacher "
                             f"{self.metadata.get('teacher')}); resume with the teacher it started with, or pass "
-                            "--overwrite to start again")
+                            "--overwrite instead of --resume to start again")
         # What the run trains on. Checkpoints of earlier versions recorded no image counts.
         if state.get("train_counts", self.metadata.get("train_counts")) != self.metadata.get("train_counts"):
             raise UserError(f"{path} was trained on {state['train_counts']} images per tail class, --data has "
                             f"{self.metadata['train_counts']}; resume with the data it started with, or pass "
-                            "--overwrite to start again")
+                            "--overwrite instead of --resume to start again")
         if self.clip_loss is not None and state.get("clip_fingerprint", self.metadata.get("clip_fingerprint")) != \
                 self.metadata.get("clip_fingerprint"):  # runs of earlier versions recorded none
             raise UserError(f"{path} was trained with another CLIP model (its weights differ from --clip's); the "
                             "CLIP loss would change mid-run: resume with the CLIP it started with, or pass "
-                            "--overwrite to start again")
+                            "--overwrite instead of --resume to start again")
         if self.clip_loss is not None and state.get("prompts") != self.metadata.get("prompts"):
             raise UserError(f"{path} was trained with the prompts {state.get('prompts')}, --data has "
                             f"{self.metadata.get('prompts')}; the CLIP loss would change mid-run: restore them, or "
-                            "pass --overwrite to start again")
+                            "pass --overwrite instead of --resume to start again")
         if state.get("fusion_config") != self.fusion.config:
             earlier = "lr_mul" not in (state.get("fusion_config") or {"lr_mul": None})
             hint = (" (a run of an earlier version: resume it with --fusion-lr-mul 0 --flip, and --ada-every 256 "

@@ -96,7 +96,7 @@ def check_same_data(state, meta, path):
                       ("generated_counts", "other generated images (--extra)")):
         if key in state and key in meta and state[key] != meta[key]:
             raise UserError(f"{path} was trained on {what}; resume with the data it started with, or pass "
-                            "--overwrite to start again")
+                            "--overwrite instead of --resume to start again")
 
 
 # What a ResNet trainer's last.pth holds to resume (its best.pth keeps no optimizer state).
