@@ -28,6 +28,7 @@ from Classification.stage import (DEFAULT_THRESHOLD, add_report_args, default_re
                                   report_and_figures)
 from tgn import distributed as dist  # noqa: E402
 from tgn.cli import add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
+from tgn.compat import check_amp  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.errors import cli_main, speaks  # noqa: E402
 from tgn.io import check_run_dir  # noqa: E402
@@ -88,6 +89,7 @@ def main(argv=None):
                                grouping_split(args, info))
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
     dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
+    check_amp(args.amp, dist.process_device(args.device))
 
     device = dist.init(args.device)
     model.to(device)

@@ -1,5 +1,6 @@
 """Classification: released-weights format, --extra merging, long-tail baselines, training,
 reports, figures and the comparison table."""
+import contextlib
 import csv
 import json
 import os
@@ -229,6 +230,21 @@ def test_training_beats_chance_and_records_its_classes(trained):
     assert best["class_ids"] == [0, 1, 2, 3, 4] and best["method"] == "TGN"
     assert best["train_counts"] == [12, 10, 8, 4, 3] and best["generated_counts"] == [0, 0, 0, 9, 10]
     assert best["model_config"] == {"arch": "resnet18", "num_classes": 5}
+
+
+def test_evaluation_with_an_amp_this_torch_cannot_autocast_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    data, out, _ = trained
+
+    def autocast_as_torch_2_1(device_type, dtype):  # CPUs autocast to bf16 only
+        if device_type == "cpu" and dtype != torch.bfloat16:
+            raise RuntimeError("Currently, AutocastCPU only support Bfloat16 as the autocast_cpu_dtype")
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch, "autocast", autocast_as_torch_2_1)
+    with pytest.raises(SystemExit):
+        evaluate_main(["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "r"),
+                       "--amp", "fp16", "--device", "cpu", "--workers", "0"])
+    assert "error: --amp fp16 on cpu: torch" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
 def test_head_and_tail_come_from_the_real_counts(trained):
