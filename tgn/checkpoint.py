@@ -61,8 +61,8 @@ def load_weights(model, state_dict, source):
 
 def check_fits(model, state_dict, source):
     """Raise a one-line UserError unless `state_dict` has exactly `model`'s parameter names
-    and shapes. Reads shapes only, so it suits a memory-mapped checkpoint checked before
-    anything is written."""
+    and shapes. Reads shapes only, so it suits the shapes-only state of tgn.resume.last_state,
+    checked before anything is written."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

@@ -164,14 +164,14 @@ def add_output_args(parser, default_out):
 def training_config(args, device):
     """The engine's settings from the flags, with --amp and --channels-last resolved for `device`."""
     from tgn.compat import check_amp, check_compile  # torch: here, so that the stages without a model start without it
-    from tgn.distributed import planned_world_size
+    from tgn.distributed import SYNC_BN_NEEDS_GPUS, planned_world_size
     from tgn.engine import TrainConfig, resolve_precision
     from tgn.resnet import ONE_PIXEL_MAPS
 
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
     check_amp(amp, device)
     if args.sync_bn == "on" and device.type != "cuda" and planned_world_size() > 1:  # found now, not in fit()
-        raise UserError("--sync-bn on needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); use auto or off")
+        raise UserError(SYNC_BN_NEEDS_GPUS)
     check_compile(args.compile)
     if channels_last and args.compile != "off" and device.type == "cuda" and args.image_size <= ONE_PIXEL_MAPS:
         # Inductor predicts channels_last strides for the weight gradients of convolutions on

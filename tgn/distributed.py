@@ -250,12 +250,16 @@ def shard(items):
     return items[rank()::world_size()]
 
 
+SYNC_BN_NEEDS_GPUS = "--sync-bn on needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); use auto or off"
+
+
 def sync_batchnorm(model, device, mode="auto"):
-    """BatchNorm statistics over all processes: 'auto' = on GPUs; PyTorch has no CPU kernel."""
+    """BatchNorm statistics over all processes: 'auto' = on GPUs; PyTorch has no CPU kernel
+    (the scripts refuse 'on' without GPUs before they write anything: tgn.cli.training_config)."""
     if not active() or mode == "off" or (mode == "auto" and device.type != "cuda"):
         return model
     if device.type != "cuda":
-        raise CollectiveError("--sync-bn on needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); use auto or off")
+        raise CollectiveError(SYNC_BN_NEEDS_GPUS)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
