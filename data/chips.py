@@ -279,20 +279,20 @@ def building_dataset(out, overwrite, inputs=()):
             with suppress(OSError):
                 out.rmdir()  # only if nothing else is there
         raise
-    swap_datasets(out, staging, replaced)
+    swap_datasets(out, staging, replaced, created)
 
 
-def swap_datasets(out, staging, replaced):
+def swap_datasets(out, staging, replaced, created):
     """Renames only between the two datasets (deleting a large one takes a while): the old
     items are moved aside, the new moved in, then the old deleted. A rename refused (on
     Windows: a file held open) undoes the renames before it, keeping the old dataset."""
+    previous = [item for item in LAYOUT_ITEMS if (out / item).is_symlink() or (out / item).exists()]
     moved = []  # (from, to) in order
     try:
         replaced.mkdir()
-        for item in LAYOUT_ITEMS:
-            if (out / item).is_symlink() or (out / item).exists():
-                (out / item).rename(replaced / item)  # a symlink is moved, never followed
-                moved.append((out / item, replaced / item))
+        for item in previous:
+            (out / item).rename(replaced / item)  # a symlink is moved, never followed
+            moved.append((out / item, replaced / item))
         for item in LAYOUT_ITEMS:
             if (staging / item).exists():
                 (staging / item).rename(out / item)
@@ -302,11 +302,16 @@ def swap_datasets(out, staging, replaced):
         try:
             for source, target in reversed(moved):
                 target.rename(source)
+            if replaced.exists():
+                replaced.rmdir()  # before the build goes: a .preparing left alone, the next run clears
         except OSError:
             raise UserError(f"{why}, nor the previous one back; {half_swapped(out, staging, replaced)}") from exc
         shutil.rmtree(staging)
-        replaced.rmdir()
-        raise UserError(f"{why}; the previous one is kept: close what holds its files open and run again") from exc
+        if created:
+            with suppress(OSError):
+                out.rmdir()
+        kept = "; the previous one is kept" if previous else ""
+        raise UserError(f"{why}{kept}: close what holds its files open and run again") from exc
     staging.rmdir()
     shutil.rmtree(replaced)
 

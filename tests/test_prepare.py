@@ -199,25 +199,37 @@ def test_an_unreadable_scene_leaves_no_partial_dataset(dior_src, tmp_path, capsy
 def test_a_refused_rename_while_replacing_the_dataset_keeps_the_previous_one(dior_src, tmp_path, capsys,
                                                                              monkeypatch):
     """Windows refuses to rename a folder with a file held open: the swap's renames are
-    undone; if even that fails, the next run says where each dataset's items are."""
+    undone, whether an old item could not move aside or a new one could not move in; if
+    even that fails, the next run says where each dataset's items are."""
     out = tmp_path / "out"
     argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
     prepare_dior.main(argv)
-    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    def files():
+        return {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    before = files()
     rename = Path.rename
-    refused = {"from": None}
 
-    def rename_refusing(source, target):
-        if Path(source).name == refused["from"] or refused["from"] == "all":
-            raise PermissionError(13, "Access is denied")
-        return rename(source, target)
+    def refusing(refused):
+        def rename_unless_refused(source, target):
+            if refused(Path(source)):
+                raise PermissionError(13, "Access is denied")
+            return rename(source, target)
+        return rename_unless_refused
 
-    monkeypatch.setattr(Path, "rename", rename_refusing)
-    refused["from"] = "test"  # the old test/ moves aside; the new test/ cannot move in
-    assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
-    assert "cannot move the new dataset into place (Access is denied); the previous one is kept" in one_error(capsys)
-    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
-    assert sorted(path.name for path in out.iterdir()) == ["anno", "classes.json", "test", "train"]
+    for refused in (lambda source: source.parent == out and source.name == "test",  # the old test/ moving aside
+                    lambda source: source.parent.name == ".preparing" and source.name == "classes.json"):  # moving in
+        monkeypatch.setattr(Path, "rename", refusing(refused))
+        assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
+        error = one_error(capsys)
+        assert "cannot move the new dataset into place (Access is denied); the previous one is kept" in error
+        assert files() == before
+        assert sorted(path.name for path in out.iterdir()) == ["anno", "classes.json", "test", "train"]
+
+    fresh = tmp_path / "fresh"  # no dataset before: nothing is said to be kept, and nothing is left
+    assert exit_code(prepare_dior.main, [*argv[:-3], str(fresh), "--workers", "1"]) == 2
+    assert "is kept" not in one_error(capsys) and not fresh.exists()
 
     renames = {"count": 0}
 
