@@ -1,4 +1,4 @@
-"""What the dataset preparers share: boxes, chip cropping, the output layout, the counts.
+"""What the dataset preparers share: boxes, chip cropping, the layout's lists, the counts.
 
 Boxes are (x0, y0, x1, y1) in pixel edges, half-open like `PIL.Image.crop`: the chip of
 (4, 6, 20, 18) is 16 x 12 pixels. The releases' numbers are taken as such edges as written:
@@ -10,9 +10,8 @@ writes classes.json and the annotation lists, and prints the counts.
 """
 import codecs
 import math
-import shutil
 from collections import Counter
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import Pool
@@ -21,14 +20,12 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from tgn.cli import output_folder
+from data.output import building_dataset
 from tgn.data import SUBSETS, Entry, to_8_bit, write_annotation, write_classes_json
 from tgn.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")
 JPEG_QUALITY = 95
-# What --overwrite replaces in the output folder; anything else there is left alone.
-LAYOUT_ITEMS = ("train", "test", "anno", "classes.json")
 
 # Folders that file systems and archivers add beside the data (Synology thumbnails, macOS
 # resource forks unzipped, Windows' recycle bin): never a class, never images of one.
@@ -39,11 +36,6 @@ def is_hidden(path):
     """Hidden entries (.DS_Store, macOS's ._name copies, .ipynb_checkpoints) and the system
     folders above are no data: neither images, labels nor classes."""
     return path.name.startswith(".") or path.name in SYSTEM_FOLDERS
-
-
-# building_dataset's hidden folders inside the output: the dataset being built, and the one
-# it replaces while it is moved into place.
-STAGING, REPLACED = ".preparing", ".replaced"
 
 
 @dataclass(frozen=True)
@@ -196,17 +188,6 @@ def check_disjoint(train_ids, test_ids, what):
         raise UserError(f"{what}: {shared[0]}{more} in both train and test")
 
 
-# ---------------------------------------------------------------- the output folder
-
-def add_output_arguments(parser, default=None):
-    parser.add_argument("--out", type=output_folder, required=default is None, default=default,
-                        help="dataset folder to write")
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="replace train/, test/, anno/ and classes.json in a non-empty --out",
-    )
-
-
 def _at_least(minimum, kind):
     """argparse type: a number of `kind` no smaller than `minimum`."""
     def parse(text):
@@ -225,100 +206,6 @@ def add_crop_arguments(parser):
                         help="pad each box by this fraction of its width/height on every side (0: the box only)")
     parser.add_argument("--workers", type=_at_least(1, int), default=4,
                         help="processes cropping in parallel (1: crop in this process)")
-
-
-def check_output(out, overwrite, inputs=()):
-    """Refuse an --out that building_dataset would refuse, touching nothing: a folder inside
-    an input, a non-empty folder that is not a prepared dataset, one without
-    --overwrite, one whose --overwrite would delete an input."""
-    out = Path(out)  # a file at its place is refused as the flag is read (tgn.cli.output_folder)
-    for source in inputs:
-        source = Path(source).resolve()
-        if source == out.resolve() or source in out.resolve().parents:
-            raise UserError(f"--out {out} is inside the input {source}; write the dataset elsewhere")
-    if out.is_dir() and any(entry.name not in (STAGING, REPLACED) for entry in out.iterdir()):
-        if not ((out / "classes.json").is_file() or (out / "anno").is_dir()):
-            raise UserError(f"--out {out} holds other files and no prepared dataset (classes.json, anno/); "
-                            "choose a new or empty folder")
-        if not overwrite:
-            raise UserError(f"--out {out} is not empty; pass --overwrite to replace the dataset there")
-        for source in inputs:
-            source = Path(source).resolve()
-            if any(source == path or path in source.parents for path in _layout_paths(out)):
-                raise UserError(f"--out {out}: --overwrite would delete the input {source}; write elsewhere")
-    return out
-
-
-def _layout_paths(out):
-    """Where the layout's items lead (through symlinks): what removing them could reach."""
-    return [(Path(out) / item).resolve() for item in LAYOUT_ITEMS]
-
-
-@contextmanager
-def building_dataset(out, overwrite, inputs=()):
-    """Yield the folder to build a dataset in (hidden, inside `out`); once the block ends
-    without error, the new dataset takes the place of any previous one there (--overwrite).
-    Until then the previous dataset stays whole: a bad scene found an hour into cropping,
-    or a killed run, costs nothing already prepared. A failure removes the partial build,
-    and `out` too if this run created it and nothing else is there."""
-    out = check_output(out, overwrite, inputs)
-    created = not out.exists()
-    staging, replaced = out / STAGING, out / REPLACED
-    if staging.exists() and replaced.exists():  # stopped between the swap's renames: which is which is unclear
-        raise UserError(f"--out {out}: an earlier run stopped while it moved its dataset into place; "
-                        f"{half_swapped(out, staging, replaced)}")
-    for leftover in (staging, replaced):  # of a run killed midway (building, or deleting the old dataset)
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            with suppress(OSError):
-                out.rmdir()  # only if nothing else is there
-        raise
-    swap_datasets(out, staging, replaced, created)
-
-
-def swap_datasets(out, staging, replaced, created):
-    """Renames only between the two datasets (deleting a large one takes a while): the old
-    items are moved aside, the new moved in, then the old deleted. A rename refused (on
-    Windows: a file held open) undoes the renames before it, keeping the old dataset."""
-    previous = [item for item in LAYOUT_ITEMS if (out / item).is_symlink() or (out / item).exists()]
-    moved = []  # (from, to) in order
-    try:
-        replaced.mkdir()
-        for item in previous:
-            (out / item).rename(replaced / item)  # a symlink is moved, never followed
-            moved.append((out / item, replaced / item))
-        for item in LAYOUT_ITEMS:
-            if (staging / item).exists():
-                (staging / item).rename(out / item)
-                moved.append((staging / item, out / item))
-    except OSError as exc:
-        why = f"--out {out}: cannot move the new dataset into place ({exc.strerror or exc})"
-        try:
-            for source, target in reversed(moved):
-                target.rename(source)
-            if replaced.exists():
-                replaced.rmdir()  # before the build goes: a .preparing left alone, the next run clears
-        except OSError:
-            raise UserError(f"{why}, nor the previous one back; {half_swapped(out, staging, replaced)}") from exc
-        shutil.rmtree(staging)
-        if created:
-            with suppress(OSError):
-                out.rmdir()
-        kept = "; the previous one is kept" if previous else ""
-        raise UserError(f"{why}{kept}: close what holds its files open and run again") from exc
-    staging.rmdir()
-    shutil.rmtree(replaced)
-
-
-def half_swapped(out, staging, replaced):
-    return (f"the previous dataset's items are in {replaced}, the new one's in {staging} or {out}: put back the "
-            f"ones to keep, then delete {staging.name} and {replaced.name}")
 
 
 def make_class_dirs(out, class_ids):

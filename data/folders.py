@@ -9,9 +9,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from data.chips import (
-    IMAGE_SUFFIXES, Tally, building_dataset, check_output, is_hidden, make_class_dirs, report, write_dataset,
-)
+from data.chips import IMAGE_SUFFIXES, Tally, is_hidden, make_class_dirs, report, write_dataset
+from data.output import building_dataset, check_output
 from tgn.data import Entry, check_readable
 from tgn.errors import UserError
 

@@ -19,7 +19,8 @@ import math  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from data.chips import Tally, add_output_arguments, building_dataset, make_class_dirs, report, write_dataset  # noqa: E402
+from data.chips import Tally, make_class_dirs, report, write_dataset  # noqa: E402
+from data.output import add_output_arguments, building_dataset  # noqa: E402
 from tgn.data import SUBSETS, Entry  # noqa: E402
 from tgn.cli import make_parser, positive_int, seed_value  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402

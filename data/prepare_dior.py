@@ -26,9 +26,10 @@ import xml.etree.ElementTree as ElementTree  # noqa: E402
 from collections import Counter  # noqa: E402
 
 from data.chips import (  # noqa: E402
-    ChipObject, SourceImage, add_crop_arguments, add_output_arguments, check_disjoint, class_lookup,
+    ChipObject, SourceImage, add_crop_arguments, check_disjoint, class_lookup,
     comma_list, default_dir, existing_dir, find_class, index_images, prepare_chips, read_release_text,
 )
+from data.output import add_output_arguments  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 

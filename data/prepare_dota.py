@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from collections import Counter  # noqa: E402
 
 from data.chips import (  # noqa: E402
-    ChipObject, SourceImage, add_crop_arguments, add_output_arguments, check_disjoint, class_lookup,
+    ChipObject, SourceImage, add_crop_arguments, check_disjoint, class_lookup,
     comma_list, existing_dir, find_class, index_images, is_hidden, polygon_bounds, prepare_chips, read_release_text,
 )
+from data.output import add_output_arguments  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.chips import add_output_arguments, existing_dir  # noqa: E402
+from data.chips import existing_dir  # noqa: E402
 from data.folders import add_link_argument, list_class_images, prepare_folder_dataset  # noqa: E402
+from data.output import add_output_arguments  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import read_json  # noqa: E402

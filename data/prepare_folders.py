@@ -22,10 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.chips import add_output_arguments, existing_dir, is_hidden  # noqa: E402
+from data.chips import existing_dir, is_hidden  # noqa: E402
 from data.folders import (  # noqa: E402
     add_link_argument, class_folders, composed, is_image_file, list_class_images, prepare_folder_dataset,
 )
+from data.output import add_output_arguments  # noqa: E402
 from tgn.cli import make_parser, open_fraction, seed_value  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import read_json  # noqa: E402
