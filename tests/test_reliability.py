@@ -530,6 +530,15 @@ def test_another_scripts_run_folder_is_refused_whatever_the_flags(split_dir, toy
                       f"{head} is a run folder of KMDN/UModel.py or RModel.py")
     assert before == {folder: {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
                       for folder in (head, cdtg)}
+    other = tmp_path / "other" / "head"  # an options.json of another tool, or one that is not an object
+    other.mkdir(parents=True)
+    for text, fragment in (('{"model": "vit"}', "was not written by one of this project's training scripts"),
+                           ("[1, 2]", "was not written by one of this project's training scripts"),
+                           ('{"iter": ', "is not valid JSON")):
+        (other / "options.json").write_text(text)
+        expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(other.parent),
+                                                       "--epochs", "1", "--overwrite", *TINY]), fragment)
+        assert (other / "options.json").read_text() == text
 
 
 def test_resume_and_overwrite_together_are_refused(split_dir, tmp_path, capsys):

@@ -228,18 +228,21 @@ TRAINING_RESULTS = ("last.pth", "best.pth")
 
 
 # Which script wrote a run folder's options.json, told by flags only that script has (runs
-# of every version record them); the ResNet group trainers write OUT/head and OUT/tail.
+# of every version record them).
 RUN_FOLDER_OWNERS = (
     ("CDTG/train.py", {"iter"}),
     ("CDTG/evaluate.py", {"inception", "folders"}),
     ("KMDN/Distill.py", {"alpha", "distill_interval"}),
     ("Classification/train.py", {"extra", "sampler"}),
+    ("KMDN/UModel.py or RModel.py", {"group"}),  # they write OUT/head and OUT/tail
 )
 
 
 def run_folder_owner(options):
-    owner = (script for script, flags in RUN_FOLDER_OWNERS if flags & options.keys())
-    return next(owner, "KMDN/UModel.py or RModel.py")
+    """The script whose flags `options` holds; None for anything else."""
+    if not isinstance(options, dict):
+        return None
+    return next((script for script, flags in RUN_FOLDER_OWNERS if flags & options.keys()), None)
 
 
 def check_own_run_folder(out_dir, args):
@@ -248,7 +251,12 @@ def check_own_run_folder(out_dir, args):
     recorded = Path(out_dir) / "options.json"
     if not recorded.is_file():
         return
-    owner = run_folder_owner(read_json(recorded, "options"))
+    try:
+        owner = run_folder_owner(read_json(recorded, "options"))
+    except UserError as exc:  # unreadable: whose it is cannot be told
+        raise UserError(f"{exc}; delete it if it is this run's, or choose another --out") from None
+    if owner is None:
+        raise UserError(f"{recorded} was not written by one of this project's training scripts; choose another --out")
     if owner != run_folder_owner(vars(args)):
         raise UserError(f"{out_dir} is a run folder of {owner} (its options.json); choose another --out")
 
