@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.compat import grad_scaler
-from tgn.engine import (epoch_seed, evaluate, make_loader, make_optimizer, prepare_model, ran_with,
-                        restore_optimizer, seed_everything, step_lr, train_one_epoch, uses_cuda_graphs)
+from tgn.engine import (epoch_seed, evaluate, keep_evaluation_workers, make_loader, make_optimizer, prepare_model,
+                        ran_with, restore_optimizer, seed_everything, step_lr, train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError, alike_in_every_process
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import format_percent
@@ -101,7 +101,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     test_loaders = {
         group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device,
-                           persistent=True, pin_memory=cfg.pin_memory)
+                           persistent=keep_evaluation_workers(), pin_memory=cfg.pin_memory)
         for group in models
     }
     train_loaders = {

@@ -365,12 +365,17 @@ class WorkerRecorder(torch.utils.data.Dataset):
         return self.dataset[index]
 
 
-def test_evaluation_workers_are_started_once_per_run(tmp_path):
-    """Workers started again each epoch cost seconds an epoch where they are spawned (macOS,
-    Windows): each imports torch anew."""
+@pytest.mark.parametrize("keep", [True, False])
+def test_evaluation_workers_are_kept_where_starting_them_is_costly(tmp_path, monkeypatch, keep):
+    """Spawned workers (macOS, Windows) import torch at each start, seconds an epoch: kept
+    for the run there. Forked ones (Linux) start at once: started each epoch, they hold no
+    memory through the training epochs."""
+    from tgn import engine
     from tgn.engine import TrainConfig, fit
     from tgn.resnet import FeatureResNet
 
+    assert engine.keep_evaluation_workers() is (torch.multiprocessing.get_start_method() != "fork")
+    monkeypatch.setattr(engine, "keep_evaluation_workers", lambda: keep)
     data = write_dataset(tmp_path / "data", {0: 6, 1: 6}, {0: 4, 1: 4})
     info = open_dataset(data)
     subsets = {subset: ImageList(samples_for(info.image_root(subset), info.entries(subset), {0: 0, 1: 1}),
@@ -381,4 +386,4 @@ def test_evaluation_workers_are_started_once_per_run(tmp_path):
     fit(FeatureResNet("resnet18", 2, width=4), subsets["train"], WorkerRecorder(subsets["test"], log), cfg,
         torch.device("cpu"), tmp_path / "run", meta={"class_ids": [0, 1]})
     readers = log.read_text(encoding="utf-8").split()
-    assert len(readers) == 3 * 8 and len(set(readers)) <= 2
+    assert len(readers) == 3 * 8 and len(set(readers)) == (2 if keep else 6)

@@ -11,6 +11,7 @@ matrices are summed over the processes, and rank 0 alone logs and writes.
 """
 import contextlib
 import math
+import multiprocessing as mp
 import random
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,15 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
     )
+
+
+def keep_evaluation_workers():
+    """Whether evaluation loaders keep their workers between epochs (training loaders always
+    do): where workers are spawned (macOS, Windows) or come from a fork server, each start
+    imports torch anew, seconds an epoch; forked ones start at once, and kept idle through
+    every training epoch they would only hold memory (per process under torchrun)."""
+    method = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]  # unset: the platform's default
+    return method != "fork"
 
 
 def native_bf16(device):
@@ -304,10 +314,8 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
         trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     num_classes = len(meta["class_ids"])
-    # Persistent, as the training loader: workers are not started again each epoch (where
-    # they are spawned, macOS and Windows, each start imports torch anew).
     test_loader = make_loader(test_set, cfg.batch_size, train=False, workers=cfg.workers, device=device,
-                              persistent=True, pin_memory=cfg.pin_memory)
+                              persistent=keep_evaluation_workers(), pin_memory=cfg.pin_memory)
     loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
                          epoch=start_epoch, device=device, weights=train_weights, persistent=True,
                          pin_memory=cfg.pin_memory)
