@@ -105,6 +105,10 @@ def build_parser():
                        help=f"images between updates of ADA's p (default: {ADA_STEPS} steps, {ADA_STEPS} x --batch "
                             "images, as the official code; StyleGAN2-ADA uses 256)")
     train.add_argument("--save-every", type=positive_int, default=defaults.save_every, help="steps between checkpoints")
+    train.add_argument("--keep-full", type=non_negative_int, default=defaults.keep_full, metavar="N",
+                       help="checkpoints kept whole, the newest N (--resume reads the newest); older ones are cut to "
+                            "what generation reads, G_ema and the fusion layer's EMA (at 256 px about 0.65 of 3 GB); "
+                            "0 keeps every one whole, as the official code")
     train.add_argument("--sample-every", type=positive_int, default=defaults.sample_every, help="steps between sample grids")
     train.add_argument("--log-every", type=positive_int, default=defaults.log_every, help="steps between metrics lines")
 
@@ -137,8 +141,8 @@ def gan_config(args):
         mixing=args.mixing, fusion_noise=args.fusion_noise, lambda_cls=args.lambda_cls,
         lambda_clip=0.0 if args.clip == "none" else args.lambda_clip, augment=args.augment, flip=args.flip,
         augment_p=args.augment_p, ada_target=args.ada_target, ada_length=args.ada_length, ada_every=args.ada_every,
-        save_every=args.save_every, sample_every=args.sample_every, log_every=args.log_every, seed=args.seed,
-        workers=args.workers, amp=args.amp, compile=args.compile,
+        save_every=args.save_every, keep_full=args.keep_full, sample_every=args.sample_every,
+        log_every=args.log_every, seed=args.seed, workers=args.workers, amp=args.amp, compile=args.compile,
     )
 
 

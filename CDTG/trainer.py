@@ -34,7 +34,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from CDTG.augment import AdaptiveAugment, augment
-from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint, save_cdtg_checkpoint
+from CDTG.checkpoint import checkpoint_steps, cut_to_generation, load_cdtg_checkpoint, save_cdtg_checkpoint
 from CDTG.compilation import compile_swagan
 from CDTG.losses import (d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize,
                          teacher_classification_loss)
@@ -84,6 +84,7 @@ class GanConfig:
     ada_every: Optional[int] = None  # images between p updates; None: ADA_STEPS steps' worth
     ema_half_life_kimg: float = 10.0
     save_every: int = 5000
+    keep_full: int = 2  # whole checkpoints kept (the newest); older ones cut to what generation reads; 0: all
     sample_every: int = 100
     log_every: int = 10
     seed: int = 0
@@ -205,6 +206,8 @@ class CdtgTrainer:
                                 "lower --lr or check the data")
         path = self.out_dir / "checkpoint" / f"{self.step}.pt"
         save_cdtg_checkpoint(path, self.state())
+        if self.cfg.keep_full:
+            cut_to_generation(path.parent, self.cfg.keep_full)
         return path
 
     def resume(self):
@@ -213,6 +216,10 @@ class CdtgTrainer:
             return False
         path = self.out_dir / "checkpoint" / f"{steps[-1]}.pt"
         state = load_cdtg_checkpoint(path)
+        if state.get("generation_only"):
+            raise UserError(f"{path} keeps only what generation reads (an older checkpoint, cut by --keep-full): it "
+                            "cannot continue the run; restore the newer ones, or pass --overwrite instead of --resume "
+                            "to start again")
         missing = [key for key in RESUMABLE if key not in state]
         if missing:  # the official 200000.pt, say, has no fusion layer and no step
             raise UserError(f"{path} holds no {missing[0]!r} to resume from (not a checkpoint of CDTG/train.py?); "

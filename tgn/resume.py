@@ -20,7 +20,8 @@ from tgn.io import read_json
 
 MAY_CHANGE = frozenset({
     "epochs", "iter", "resume", "overwrite", "device", "workers", "amp", "channels_last", "compile",
-    "pin_memory", "skip_bad_images", "sync_bn", "log_every", "save_every", "sample_every", "modconv",
+    "pin_memory", "skip_bad_images", "sync_bn", "log_every", "save_every", "keep_full", "sample_every",
+    "modconv",
     "pretrained",  # only the first epoch's starting point: a resumed run starts from its checkpoint
     "name", "threshold",  # what the report says, not what is trained
 })
