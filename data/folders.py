@@ -83,6 +83,11 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     if not any(images.values()):
         raise UserError(f"{flag}: no images in the class folders of {subset_dir}")
     report_ignored(flag, subset_dir, stray, other_files)
+    alike = [pair for paths in images.values() for pair in names_alike(paths)]
+    if alike:
+        warnings.warn(f"{flag}: {len(alike)} image names differ from another in their class folder only in letter "
+                      f"case or Unicode form (e.g. {alike[0][0].name!r} and {alike[0][1].name!r}): one file on macOS "
+                      "and Windows, where the prepared dataset would lose one of them; rename them")
     if nested:
         warnings.warn(f"{flag}: images in folders inside a class folder are not read ({len(nested)} such folders, "
                       f"e.g. {nested[0]}); move them up into the class folder")
@@ -92,6 +97,17 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
 # Raster image types a class folder may hold that are not read: named in a warning.
 OTHER_IMAGE_TYPES = (".gif", ".jp2", ".j2k", ".avif", ".heic", ".heif", ".tga", ".psd", ".ppm", ".pgm", ".pbm",
                      ".pnm", ".qoi", ".ico", ".dds", ".pcx", ".sgi")
+
+
+def names_alike(paths):
+    """Pairs of `paths` whose names are one name where case is ignored (macOS, Windows)."""
+    seen, pairs = {}, []
+    for path in paths:
+        key = composed(path.name).casefold()
+        if key in seen:
+            pairs.append((seen[key], path))
+        seen.setdefault(key, path)
+    return pairs
 
 
 def report_ignored(flag, subset_dir, stray, other_files):

@@ -651,6 +651,16 @@ def test_fgsc_file_name_clash_is_found_before_overwrite_removes_anything(fgsc_sr
     assert "would both be train/0/A.JPG on macOS and Windows" in capsys.readouterr().err
 
 
+def test_image_names_one_where_case_is_ignored_are_warned_of(class_folders, tmp_path):
+    """Kept on Linux, but the prepared dataset would lose one of them on macOS or Windows."""
+    paint_scene(class_folders / "train/ship/D.JPG", (12, 10), {})
+    with pytest.warns(UserWarning, match="1 image names differ from another in their class folder only in letter "
+                                         "case or Unicode form \\(e.g. 'D.JPG' and 'd.jpg'\\)"):
+        prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-dir",
+                              str(class_folders / "test"), "--out", str(tmp_path / "data")])
+    assert len([e for e in open_dataset(tmp_path / "data").entries("train") if e.class_id == 1]) == 3
+
+
 def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     names = tmp_path / "names.json"
     names.write_text(json.dumps({"golf_field": "golf course"}))
