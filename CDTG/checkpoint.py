@@ -8,6 +8,7 @@ code from the file. Nothing else in such a file is trusted.
 """
 import argparse
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -80,23 +81,41 @@ TRAINING_ONLY = ("g", "d", "fusion", "g_optim", "d_optim", "ada", "mean_path_len
 
 def cut_to_generation(folder, keep):
     """Keep the newest `keep` numbered checkpoints in `folder` whole (--resume reads the
-    newest); cut the older ones of ours to what generation and evaluation read."""
+    newest); cut the older ones of ours to what generation and evaluation read. Returns
+    the paths cut. A file that cannot be read or replaced (another format, or on Windows
+    open in another program) is left whole with a warning: training goes on."""
+    cut = []
     for step in checkpoint_steps(folder)[:-keep]:
         path = Path(folder) / f"{step}.pt"
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # reads no weights yet
-        if state.get("format") != FORMAT or state.get("generation_only"):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # reads no weights yet
+        except Exception as exc:  # the official 200000.pt (its options need an allowance), a foreign file
+            warnings.warn(f"left {path} whole: {load_failure(path, exc)}")
+            continue
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("generation_only"):
             continue
         kept = {key: _copied(value) for key, value in state.items() if key not in TRAINING_ONLY}
+        if kept.get("fusion_ema") is None:  # runs of earlier versions saved only the layer: generation reads it
+            kept["fusion_ema"] = _copied(state.get("fusion"))
         del state  # unmapped before the file is replaced (Windows refuses to replace a mapped file)
-        save_cdtg_checkpoint(path, {**kept, "generation_only": True})
+        try:
+            save_cdtg_checkpoint(path, {**kept, "generation_only": True})
+        except UserError as exc:
+            warnings.warn(f"left {path} whole: {exc}")
+            continue
+        cut.append(path)
+    return cut
 
 
 def _copied(value):
     """`value` with its tensors read into memory, off the mapped file."""
     if torch.is_tensor(value):
         return value.clone()
-    if isinstance(value, dict):
-        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, dict):  # a state dict's OrderedDict keeps its type and its version _metadata
+        copy = type(value)((key, _copied(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            copy._metadata = value._metadata
+        return copy
     if isinstance(value, (list, tuple)):
         return type(value)(_copied(item) for item in value)
     return value

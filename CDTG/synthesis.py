@@ -120,8 +120,11 @@ class TailSynthesizer:
         if fusion_state is not None:
             fusion = NoiseFusion(**checkpoint["fusion_config"])
             load_weights(fusion, fusion_state, ckpt_path)
-        else:
+        elif checkpoint.get("official"):  # the official code never saved its fusion layer
             fusion = NoiseFusion.official_fallback(channels * height * width, config["style_dim"])
+        else:
+            raise UserError(f"{ckpt_path} holds no noise-fusion weights (fusion_ema or fusion); generate from a "
+                            "checkpoint that has them")
         if fusion.config["feature_numel"] != channels * height * width:
             raise UserError(f"--teacher {teacher} gives {channels}x{height}x{width} features at {config['size']} px, "
                             f"the checkpoint's fusion expects {fusion.config['feature_numel']} values")

@@ -207,7 +207,10 @@ class CdtgTrainer:
         path = self.out_dir / "checkpoint" / f"{self.step}.pt"
         save_cdtg_checkpoint(path, self.state())
         if self.cfg.keep_full:
-            cut_to_generation(path.parent, self.cfg.keep_full)
+            cut = cut_to_generation(path.parent, self.cfg.keep_full)
+            if len(cut) > 1:  # a run of an earlier version, or one resumed with a smaller --keep-full: say so once
+                print(f"cut {len(cut)} older checkpoints to what generation reads (--keep-full {self.cfg.keep_full}); "
+                      "only the newest can be resumed from")
         return path
 
     def resume(self):

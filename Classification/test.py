@@ -70,6 +70,7 @@ def groups_from_run(args, options):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_amp(args.amp, dist.process_device(args.device), training=False)
     out_dir = args.out or default_report_folder(args.ckpt)
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False)
     info = open_dataset(args.data_root)
@@ -89,7 +90,6 @@ def main(argv=None):
                                grouping_split(args, info))
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
     dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
-    check_amp(args.amp, dist.process_device(args.device))
 
     device = dist.init(args.device)
     model.to(device)

@@ -783,3 +783,32 @@ def test_older_checkpoints_are_cut_to_what_generation_reads(cdtg_inputs, tmp_pat
     with pytest.raises(SystemExit):
         train_main(tiny_train_args(cdtg_inputs, cut, "--iter", "8", "--clip", "none", "--resume"))
     assert "keeps only what generation reads (an older checkpoint, cut by --keep-full)" in capsys.readouterr().err
+
+
+def test_checkpoints_of_earlier_versions_keep_their_fusion_layer_when_cut(cdtg_inputs, tmp_path, capsys):
+    """Runs of earlier versions saved the fusion layer without an average: a cut keeps it, as
+    generation reads it; a checkpoint with no fusion weights at all is refused, not given the
+    official stand-in. A file the cut cannot read is left whole, and training goes on."""
+    run = cdtg_inputs / "legacy-run"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--clip", "none", "--keep-full", "0"))
+    legacy = load_cdtg_checkpoint(run / "checkpoint" / "2.pt")
+    del legacy["fusion_ema"]
+    torch.save(legacy, run / "checkpoint" / "2.pt")
+    generate = ["--per-class", "2", "--device", "cpu", "--workers", "1"]
+    generation_main(["--ckpt", str(run / "checkpoint" / "2.pt"), "--out", str(tmp_path / "whole"), *generate])
+    torch.save({"args": argparse.Namespace(iter=1)}, run / "checkpoint" / "1.pt")  # not one the cut can read
+    with pytest.warns(UserWarning, match="left .*1.pt whole"):
+        train_main(tiny_train_args(cdtg_inputs, run, "--iter", "6", "--clip", "none", "--keep-full", "1",
+                                   "--resume"))
+    cut = load_cdtg_checkpoint(run / "checkpoint" / "2.pt")
+    assert cut["generation_only"] and "fusion" not in cut and cut["fusion_ema"].keys() == legacy["fusion"].keys()
+    generation_main(["--ckpt", str(run / "checkpoint" / "2.pt"), "--out", str(tmp_path / "cut"), *generate])
+    assert [p.read_bytes() for p in sorted((tmp_path / "cut").rglob("*.jpg"))] == \
+        [p.read_bytes() for p in sorted((tmp_path / "whole").rglob("*.jpg"))]
+
+    del cut["fusion_ema"]
+    torch.save(cut, tmp_path / "no_fusion.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        generation_main(["--ckpt", str(tmp_path / "no_fusion.pt"), "--out", str(tmp_path / "none"), *generate])
+    assert "holds no noise-fusion weights" in capsys.readouterr().err

@@ -41,14 +41,14 @@ def check_compile(mode):
                         f"{torch.__version__}'s compiler fails on these models); run without --compile")
 
 
-def check_amp(amp, device):
+def check_amp(amp, device, training=True):
     """--amp (resolved: off, bf16 or fp16) is refused, in one line, where this torch cannot
-    train with it on `device`: fp16 on CPUs before torch 2.3 (no CPU loss scaler; 2.1
-    autocasts CPUs to bf16 only)."""
+    train (or, `training` False, evaluate) with it on `device`: fp16 on CPUs before torch
+    2.3 (no CPU loss scaler; 2.1 autocasts CPUs to bf16 only)."""
     if amp == "off":
         return
     problem = None
-    if amp == "fp16" and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
+    if training and amp == "fp16" and device.type != "cuda" and not hasattr(torch.amp, "GradScaler"):
         problem = "has no loss scaler for it there"
     else:
         try:
