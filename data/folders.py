@@ -22,6 +22,12 @@ def composed(name):
     return unicodedata.normalize("NFC", name)
 
 
+def case_aside(name):
+    """The one name that `name` and its other letter cases and Unicode forms are on macOS
+    and Windows."""
+    return composed(name).casefold()
+
+
 def by_name(path):
     """Sort key of files by name alone: Windows' paths sort case aside, Linux's do not."""
     return composed(path.name), path.name
@@ -103,7 +109,7 @@ def names_alike(paths):
     """Pairs of `paths` whose names are one name where case is ignored (macOS, Windows)."""
     seen, pairs = {}, []
     for path in paths:
-        key = composed(path.name).casefold()
+        key = case_aside(path.name)
         if key in seen:
             pairs.append((seen[key], path))
         seen.setdefault(key, path)
@@ -147,7 +153,7 @@ def check_distinct_names(sources):
     for subset, pairs in sources.items():
         seen = {}
         for source, class_id in pairs:
-            earlier = seen.setdefault((class_id, composed(source.name).casefold()), source)
+            earlier = seen.setdefault((class_id, case_aside(source.name)), source)
             if earlier.parent != source.parent:
                 alike = "" if earlier.name == source.name else " on macOS and Windows"
                 raise UserError(f"{source} and {earlier} would both be {subset}/{class_id}/{source.name}{alike}: two "

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.chips import existing_dir, is_hidden  # noqa: E402
 from data.folders import (  # noqa: E402
-    add_link_argument, class_folders, composed, is_image_file, list_class_images, prepare_folder_dataset,
+    add_link_argument, case_aside, class_folders, composed, is_image_file, list_class_images, prepare_folder_dataset,
 )
 from data.output import add_output_arguments  # noqa: E402
 from tgn.cli import make_parser, open_fraction, seed_value  # noqa: E402
@@ -60,7 +60,7 @@ def folder_order(folders):
     name is a number ('2' before '10')."""
     if all(name.isdecimal() for name in folders):
         return sorted(folders, key=int)
-    return sorted(folders, key=lambda name: (composed(name).casefold(), composed(name)))
+    return sorted(folders, key=lambda name: (case_aside(name), composed(name)))
 
 
 def class_names_for(folders, names_path):
