@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tgn.checkpoint import load_failure
+from tgn.checkpoint import load_failure, map_tensors
 from tgn.compat import can_load_classes, loading_classes
 from tgn.errors import UserError
 from tgn.io import atomic_torch_save, require_file
@@ -94,9 +94,10 @@ def cut_to_generation(folder, keep):
             continue
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("generation_only"):
             continue
-        kept = {key: _copied(value) for key, value in state.items() if key not in TRAINING_ONLY}
+        # Tensors read into memory, off the mapped file.
+        kept = {key: map_tensors(value, torch.clone) for key, value in state.items() if key not in TRAINING_ONLY}
         if kept.get("fusion_ema") is None:  # runs of earlier versions saved only the layer: generation reads it
-            kept["fusion_ema"] = _copied(state.get("fusion"))
+            kept["fusion_ema"] = map_tensors(state.get("fusion"), torch.clone)
         del state  # unmapped before the file is replaced (Windows refuses to replace a mapped file)
         try:
             save_cdtg_checkpoint(path, {**kept, "generation_only": True})
@@ -105,20 +106,6 @@ def cut_to_generation(folder, keep):
             continue
         cut.append(path)
     return cut
-
-
-def _copied(value):
-    """`value` with its tensors read into memory, off the mapped file."""
-    if torch.is_tensor(value):
-        return value.clone()
-    if isinstance(value, dict):  # a state dict's OrderedDict keeps its type and its version _metadata
-        copy = type(value)((key, _copied(item)) for key, item in value.items())
-        if hasattr(value, "_metadata"):
-            copy._metadata = value._metadata
-        return copy
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copied(item) for item in value)
-    return value
 
 
 def checkpoint_steps(folder):

@@ -97,6 +97,21 @@ def load_all_but_classifier(model, state_dict, source, target, classifier="fc.")
     return model
 
 
+def map_tensors(value, fn):
+    """`value` (a checkpoint's plain data) with `fn` applied to each tensor in its dicts,
+    lists and tuples; a state dict keeps its OrderedDict type and version `_metadata`."""
+    if torch.is_tensor(value):
+        return fn(value)
+    if isinstance(value, dict):
+        mapped = type(value)((key, map_tensors(item, fn)) for key, item in value.items())
+        if hasattr(value, "_metadata"):
+            mapped._metadata = value._metadata
+        return mapped
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(item, fn) for item in value)
+    return value
+
+
 def save_checkpoint(path, payload):
     atomic_torch_save(path, payload)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tgn import distributed as dist
-from tgn.checkpoint import load_failure
+from tgn.checkpoint import load_failure, map_tensors
 from tgn.errors import UserError
 from tgn.io import read_json
 
@@ -123,19 +123,7 @@ def last_state(path, needs=RESUMABLE):
     if missing:
         return {"unreadable": f"it holds no {missing[0]!r} to resume from: a copy of best.pth or of another "
                               "checkpoint?"}
-    return shapes_only(state)
-
-
-def shapes_only(value):
-    """`value` with each tensor in its dicts, lists and tuples replaced by a meta tensor of
-    the same shape and dtype (no storage)."""
-    if torch.is_tensor(value):
-        return torch.empty_like(value, device="meta")
-    if isinstance(value, dict):
-        return {key: shapes_only(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(shapes_only(item) for item in value)
-    return value
+    return map_tensors(state, lambda tensor: torch.empty_like(tensor, device="meta"))
 
 
 def resuming_line(path, done, epochs):
