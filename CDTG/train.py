@@ -180,6 +180,8 @@ def main(argv=None):
         if value != default]
     if inert and not args.augment:  # the official code ignores them without it: say so instead
         raise UserError(f"{', '.join(inert)} act only with --augment (ADA): add --augment or leave them out")
+    if args.clip == "none" and args.lambda_clip not in (0, defaults.lambda_clip):
+        raise UserError(f"--lambda-clip {args.lambda_clip} acts only with a CLIP model: leave it out with --clip none")
     args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
     check_compile(args.compile)
     steps = checkpoint_steps(args.out / "checkpoint")

@@ -78,6 +78,18 @@ def test_ada_flags_without_augment_are_refused_not_ignored(cdtg_inputs, capsys):
     assert not out.exists()
 
 
+def test_a_clip_weight_without_clip_is_refused_not_ignored(cdtg_inputs, capsys):
+    out = cdtg_inputs / "never"
+    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "1", "--clip", "none",
+                                                                      "--lambda-clip", "0.5")),
+                      "--lambda-clip 0.5 acts only with a CLIP model: leave it out with --clip none")
+    assert not out.exists()
+    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "1", "--clip", "none"))
+    # --lambda-clip 0 says the same as the default that a run without CLIP recorded
+    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "2", "--clip", "none", "--lambda-clip", "0", "--resume"))
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["1.pt", "2.pt"]
+
+
 @pytest.mark.parametrize("device, message", [("bogus", "--device bogus: not a device"),
                                              ("mps", "--device mps: this code runs on CPUs and CUDA GPUs")])
 def test_unknown_device_is_one_line(split_dir, tmp_path, capsys, device, message):

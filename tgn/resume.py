@@ -63,6 +63,8 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
         saved = read_json(options_file, "options")
         now = json.loads(json.dumps(vars(args), default=str))  # the form options.json holds
         inert = ADA_FLAGS if not saved.get("augment") and not now.get("augment") else frozenset()
+        if saved.get("clip") == now.get("clip") == "none":  # no CLIP loss whatever --lambda-clip says
+            inert |= {"lambda_clip"}
         changed = [key for key, value in now.items()
                    if key in saved and key not in inert and _differs(key, saved[key], value)]
         if changed:
