@@ -75,6 +75,7 @@ class TailSynthesizer:
         self.size, self.latent_dim = g_ema.size, g_ema.style_dim
         self.dataset = tail_image_dataset(tail, self.size, skip_bad_images)
         self._projected, self._mean_latent = {}, {}
+        self._teacher_fingerprint = None  # hashed once: a ResNet-50 is about 100 MB
         self.sources = {}  # the tail data and teacher files, set by from_checkpoint
         self._pixels = self.synthesize if compile == "off" else compile_swagan(self.synthesize, compile, device,
                                                                                dynamic=False)
@@ -111,7 +112,8 @@ class TailSynthesizer:
         load_weights(g_ema, checkpoint["g_ema"], ckpt_path)
         teacher_model = load_teacher(teacher, tail)
         trained_with = checkpoint.get("teacher_fingerprint")
-        if trained_with is not None and weights_fingerprint(teacher_model) != trained_with:
+        teacher_fingerprint = weights_fingerprint(teacher_model) if trained_with is not None else None
+        if trained_with is not None and teacher_fingerprint != trained_with:
             raise UserError(f"--teacher {teacher} is not the tail model {ckpt_path} was trained with (its weights "
                             "differ: was the file replaced since?); use the teacher the generator was trained with")
         channels, height, width = teacher_model.feature_shape(config["size"])
@@ -129,6 +131,7 @@ class TailSynthesizer:
             raise UserError(f"--teacher {teacher} gives {channels}x{height}x{width} features at {config['size']} px, "
                             f"the checkpoint's fusion expects {fusion.config['feature_numel']} values")
         synth = cls(g_ema, fusion, teacher_model, tail, device, **options)
+        synth._teacher_fingerprint = teacher_fingerprint
         synth.sources = {"data": str(Path(data).resolve()), "teacher": str(Path(teacher).resolve())}
         return synth
 
@@ -178,7 +181,9 @@ class TailSynthesizer:
         """Of the tail model's weights and the real images whose features are fused (named
         within their dataset, in order): what the images depend on besides g_ema and the
         fusion layer, wherever the files live now."""
-        digest = hashlib.sha256(weights_fingerprint(self.teacher).encode())
+        if self._teacher_fingerprint is None:
+            self._teacher_fingerprint = weights_fingerprint(self.teacher)
+        digest = hashlib.sha256(self._teacher_fingerprint.encode())
         for path, label in self.dataset.samples:
             digest.update(f"{os.path.relpath(path, self.tail.data_root)}\t{label}\n".encode())
         return digest.hexdigest()[:16]

@@ -456,7 +456,12 @@ def read_anno(folder):
     return [line.rsplit(" ", 1) for line in (folder / "anno.txt").read_text().splitlines()]
 
 
-def test_generation_writes_images_under_dataset_class_ids(trained_ckpt, tmp_path):
+def test_generation_writes_images_under_dataset_class_ids(trained_ckpt, tmp_path, monkeypatch):
+    import CDTG.synthesis
+
+    hashed = []
+    fingerprint = CDTG.synthesis.weights_fingerprint
+    monkeypatch.setattr(CDTG.synthesis, "weights_fingerprint", lambda model: hashed.append(model) or fingerprint(model))
     out = tmp_path / "generated"
     generation_main(["--ckpt", str(trained_ckpt), "--out", str(out), "--per-class", "5", "--batch", "2",
                      "--device", "cpu", "--workers", "2"])
@@ -467,6 +472,7 @@ def test_generation_writes_images_under_dataset_class_ids(trained_ckpt, tmp_path
         assert relpath.split("/")[0] == label
         with Image.open(out / relpath) as image:
             assert image.size == (32, 32) and image.mode == "RGB"
+    assert sum(isinstance(model, FeatureResNet) for model in hashed) == 1  # checked and recorded: hashed once
 
 
 def test_generation_takes_every_seed_the_flag_allows(trained_ckpt, tmp_path):
