@@ -68,6 +68,17 @@ def unfreeze(model):
         parameter.requires_grad_(True)
 
 
+def student_loaders(datasets, cfg, device, epoch):
+    """The student group's (train, test) loaders, made when it becomes the student. The
+    training workers live through its `interval` epochs; the order of each epoch depends
+    only on (seed, epoch), so new loaders draw what kept ones would."""
+    train_set, test_set = datasets
+    return (make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed, epoch=epoch,
+                        device=device, persistent=True, pin_memory=cfg.pin_memory),
+            make_loader(test_set, cfg.batch_size, train=False, workers=cfg.workers, device=device,
+                        persistent=keep_evaluation_workers(), pin_memory=cfg.pin_memory))
+
+
 def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, resume=False):
     """Run the alternating schedule; returns the best test accuracy of each model.
 
@@ -99,16 +110,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
             print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs))
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
         trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
-    test_loaders = {
-        group: make_loader(datasets[group][1], cfg.batch_size, train=False, workers=cfg.workers, device=device,
-                           persistent=keep_evaluation_workers(), pin_memory=cfg.pin_memory)
-        for group in models
-    }
-    train_loaders = {
-        group: make_loader(datasets[group][0], cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
-                           epoch=start_epoch, device=device, persistent=True, pin_memory=cfg.pin_memory)
-        for group in models
-    }
+    loaders, loaders_group = None, None
     precision = {"amp": cfg.amp, "channels_last": cfg.channels_last}
     cuda_graphs = uses_cuda_graphs(cfg.compile)
     for epoch in range(start_epoch, cfg.epochs):
@@ -119,14 +121,17 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         unfreeze(student)
         seed_everything(epoch_seed(cfg.seed, epoch))
         lr = step_lr(optimizers[student_group], cfg.lr, epoch, cfg.milestones)
-        loader = train_loaders[student_group]
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(nets[student_group], loader, optimizers[student_group],
+        if loaders_group != student_group:
+            loaders = None  # the idle group's workers stop: they would hold memory through its teacher epochs
+            loaders, loaders_group = student_loaders(datasets[student_group], cfg, device, epoch), student_group
+        train_loader, test_loader = loaders
+        train_loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(nets[student_group], train_loader, optimizers[student_group],
                                 make_distill_loss_fn(teacher, alpha), device, scaler=scalers[student_group],
                                 desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)",
                                 cuda_graphs=cuda_graphs, **precision)
         dist.broadcast_buffers_(student)  # BatchNorm statistics differ per process without SyncBatchNorm
-        _, summary = evaluate(student, test_loaders[student_group], device, len(metas[student_group]["class_ids"]),
+        _, summary = evaluate(student, test_loader, device, len(metas[student_group]["class_ids"]),
                               **precision)
         accuracy = summary["overall_accuracy"]
         improved = not math.isnan(accuracy) and accuracy > best[student_group]

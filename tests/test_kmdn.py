@@ -127,6 +127,30 @@ def test_distill_alternates_students_and_writes_named_outputs(split_dir, tmp_pat
     assert (out / "distill" / "M_H.pth").is_file()
 
 
+def test_distill_keeps_only_the_students_workers(split_dir, tmp_path, monkeypatch):
+    """The idle group's training workers would sit through all its teacher epochs."""
+    import multiprocessing
+
+    import KMDN.distillation
+
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    before, alive = len(multiprocessing.active_children()), []
+    train_one_epoch = KMDN.distillation.train_one_epoch
+
+    def counting(*args, **kwargs):
+        stats = train_one_epoch(*args, **kwargs)
+        alive.append(len(multiprocessing.active_children()) - before)
+        return stats
+
+    monkeypatch.setattr(KMDN.distillation, "train_one_epoch", counting)
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "4", "--distill-interval", "1",
+                  "--batch-size", "8", "--workers", "1"])
+    assert alive == [1, 1, 1, 1]  # the student's one worker, never the other group's too
+    assert [m["student"] for m in read_metrics(out / "distill" / "metrics.jsonl")] == ["head", "tail"] * 2
+
+
 def test_a_run_too_short_to_distill_m_t_says_so(split_dir, tmp_path, capsys):
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
