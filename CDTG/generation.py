@@ -30,6 +30,7 @@ from tgn.cli import (COMPILE_MODES, fraction, jpeg_quality, make_parser, output_
 from tgn.compat import check_compile  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import atomic_write_json  # noqa: E402
+from tgn.runlock import refuse_folder_in_use  # noqa: E402
 
 
 def build_parser():
@@ -90,6 +91,7 @@ def main(argv=None):
                 "real_features": synth.real_features_fingerprint(),
                 # Classification/train.py --extra checks them against the dataset it trains on.
                 "class_names": {str(cid): name for cid, name in zip(synth.tail.ids, synth.tail.names)}}
+    refuse_folder_in_use(args.out)
     check_settings(args.out, settings, args.overwrite)
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     # Rank 0 lists every process's images in anno.txt. Checked before anything is removed;

@@ -36,6 +36,7 @@ from tgn.engine import seed_everything  # noqa: E402
 from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
 from tgn.io import check_own_run_folder, remove_temp_files, save_options  # noqa: E402
 from tgn.resume import check_resume  # noqa: E402
+from tgn.runlock import refuse_folder_in_use  # noqa: E402
 from CDTG.checkpoint import checkpoint_steps  # noqa: E402
 
 
@@ -172,6 +173,7 @@ def clear_run(out):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    refuse_folder_in_use(args.out)
     check_own_run_folder(args.out, args)
     defaults = GanConfig()
     inert = [flag for flag, value, default in (

@@ -327,6 +327,32 @@ def test_mistakes_every_process_meets_print_one_line(split_dir, tmp_path):
     assert {outcome["code"] for outcome in rank0.values()} == {2}
 
 
+def train_into_a_held_folder(split_dir, root):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        umodel_main(["--split", str(split_dir), "--out", str(root / "kmdn"), *TINY, "--epochs", "1", "--overwrite"])
+    errors = [line for line in err.getvalue().splitlines() if "error:" in line]
+    (root / f"held{dist.rank()}.json").write_text(json.dumps({"code": exit_info.value.code, "errors": errors}))
+
+
+def test_a_folder_another_run_holds_stops_every_process_with_one_line(split_dir, tmp_path):
+    from tgn.runlock import claim_folder, release_folders
+
+    head = tmp_path / "kmdn" / "head"
+    head.mkdir(parents=True)
+    (head / "best.pth").write_bytes(b"the other run's")
+    claim_folder(head)  # this process stands for the other run
+    try:
+        run_in_processes(train_into_a_held_folder, split_dir, tmp_path)
+    finally:
+        release_folders()
+    rank0, rank1 = (json.loads((tmp_path / f"held{r}.json").read_text()) for r in range(WORLD))
+    assert rank0["code"] == rank1["code"] == 2
+    assert rank0["errors"] == [f"error: --out {head} is in use by another run (pid {os.getpid()} on "
+                               f"{socket.gethostname()}): wait for it to end, or choose another --out"]
+    assert rank1["errors"] == [] and (head / "best.pth").read_bytes() == b"the other run's"
+
+
 def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_removed(cdtg_inputs, monkeypatch,
                                                                                      capsys):
     run = cdtg_inputs / "run"

@@ -160,7 +160,7 @@ def test_earlier_results_are_never_mixed_into_a_new_run(split_dir, tmp_path, cap
     monkeypatch.setattr(KMDN.group_training, "fit", stopped)
     with pytest.raises(SystemExit):  # interrupted: exit 130
         rmodel_main([*run, "--lr", "0.01", "--overwrite"])
-    assert sorted(path.name for path in tail.iterdir()) == ["options.json"]
+    assert sorted(path.name for path in tail.iterdir()) == [".lock", "options.json"]  # the lock: see tgn/runlock.py
 
     distill = ["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--image-size", "16",
                "--head-ckpt", str(out / "head" / "best.pth"), "--tail-ckpt", str(out / "head" / "best.pth")]
@@ -324,7 +324,7 @@ def test_generation_checks_the_teacher_and_keeps_one_per_folder(cdtg_inputs, tmp
     for flags in ([], ["--overwrite"]):  # a folder generation did not write is never written into
         expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "1", "--out", str(run), *flags]),
                           "holds other files and no generation.json")
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "metrics.jsonl", "options.json"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint", "metrics.jsonl", "options.json"]
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / ".gitkeep").write_text("")  # hidden files do not make a folder someone else's
     generation_main([*base, "--per-class", "1", "--out", str(tmp_path / "fresh")])

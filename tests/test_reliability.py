@@ -191,6 +191,68 @@ def test_temp_files_of_a_run_killed_mid_save_are_removed(split_dir, tmp_path):
     assert not left.exists() and all(path.exists() for path in kept)
 
 
+HOLD = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from tgn.runlock import claim_folder
+claim_folder(sys.argv[2])
+worker = os.fork() if sys.argv[3] == "fork" else None  # as a DataLoader starts its workers
+if worker != 0:
+    print(worker, flush=True)
+time.sleep(600)
+"""
+
+
+def hold_folder(folder, fork=False):
+    """Another process holding `folder` for its run, as a running stage does; with `fork`,
+    it has a forked child (the child's pid: holder.worker)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT), str(folder), "fork" if fork else "-"],
+                              stdout=subprocess.PIPE, text=True)
+    worker = holder.stdout.readline().strip()
+    assert worker, f"{folder} could not be held"
+    holder.worker = None if worker == "None" else int(worker)
+    return holder
+
+
+def test_a_folder_another_run_writes_to_is_refused_until_it_ends(cdtg_inputs, tmp_path, capsys):
+    """A command started twice, or a cluster job requeued while the first still runs: the
+    second must neither train into the first's folder nor --overwrite its results."""
+    from CDTG.train import main as cdtg_train_main
+    from test_cdtg_training import tiny_train_args
+
+    common = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), *TINY, "--epochs", "1"]
+    umodel_main(common)
+    head = tmp_path / "kmdn" / "head"
+    before = {path.name: path.read_bytes() for path in head.iterdir()}
+    holder = hold_folder(head)
+    try:
+        for flag in ("--overwrite", "--resume"):
+            expect_user_error(capsys, lambda: umodel_main([*common, flag]),
+                              f"--out {head} is in use by another run (pid {holder.pid} on ")
+        assert {path.name: path.read_bytes() for path in head.iterdir() if path.name != ".lock"} == \
+            {name: data for name, data in before.items() if name != ".lock"}
+        rmodel_main(common)  # the same --out, another group's folder: free
+        gan = cdtg_inputs / "gan"
+        gan.mkdir()
+        killed = hold_folder(gan, fork=True)
+        killed.kill()  # a run killed outright leaves no lock behind, though its workers still wind down
+        killed.wait()
+        try:
+            holder_of_gan = hold_folder(gan)  # at once
+        finally:
+            os.kill(killed.worker, signal.SIGKILL)
+        expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, gan, "--iter", "1")),
+                          f"is in use by another run (pid {holder_of_gan.pid} on ")
+        holder_of_gan.kill()
+        holder_of_gan.wait()
+        cdtg_train_main(tiny_train_args(cdtg_inputs, gan, "--iter", "1", "--clip", "none"))
+    finally:
+        holder.kill()
+        holder.wait()
+    umodel_main([*common, "--overwrite"])  # free again once the other run has ended
+    assert (head / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
 def test_a_folder_that_cannot_be_written_is_one_line(split_dir, tmp_path, capsys, monkeypatch):
     import tempfile
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from tgn import compat
 from tgn.errors import CollectiveError, ProcessError, UserError, under_torchrun
+from tgn.runlock import claim_folder
 
 
 def launched():
@@ -149,8 +150,9 @@ SHARED_FOLDER_WAIT_S = 10.0  # network file systems may show a new file to other
 
 def make_shared_folder(folder, flag="--out"):
     """Create the run folder in every process, then (under torchrun) check that every
-    process shares it with rank 0. A process that cannot create it stops them all, with
-    one line from rank 0."""
+    process shares it with rank 0, and take it for this run (tgn.runlock: rank 0 holds
+    it). A process that cannot create it, or a folder another run holds, stops them all,
+    with one line from rank 0."""
     failure = None
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -159,6 +161,7 @@ def make_shared_folder(folder, flag="--out"):
     if not active():
         if failure:
             raise UserError(f"{flag} {folder}: cannot create it ({failure})")
+        claim_folder(folder, flag=flag)
         return
     failures = [None] * world_size()
     dist.all_gather_object(failures, failure)
@@ -167,6 +170,15 @@ def make_shared_folder(folder, flag="--out"):
         where = "" if failed == list(range(world_size())) else f" in process {failed[0]}"
         raise CollectiveError(f"{flag} {folder}: cannot create it{where} ({failures[failed[0]]})")
     check_shared_folder(folder, flag)
+    refusal = None
+    if is_main():
+        try:
+            claim_folder(folder, flag=flag)
+        except UserError as exc:
+            refusal = str(exc)
+    refusal = broadcast_object(refusal)
+    if refusal:
+        raise CollectiveError(refusal)
 
 
 def check_shared_folder(folder, flag="--out"):

@@ -110,7 +110,7 @@ def escape_unencodable_output():
 
 def cli_main(main):
     """Decorate a script's main(argv) so user errors print one line and exit 2, and
-    warnings print one line."""
+    warnings print one line; the output folders it held are free when it returns."""
 
     @functools.wraps(main)
     def wrapper(argv=None):
@@ -132,5 +132,9 @@ def cli_main(main):
             print(f"[rank {rank}] error: another process of this torchrun job stopped; its error is above "
                   "(or in its node's log)", file=sys.stderr)
             sys.exit(2)
+        finally:
+            from tgn.runlock import release_folders  # tgn.runlock raises UserError: imported here
+
+            release_folders()
 
     return wrapper

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from tgn.errors import UserError
+from tgn.runlock import refuse_folder_in_use
 
 
 def _current_umask():
@@ -268,6 +269,7 @@ def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RE
     checkpoint it continues; users delete it to save space) is refused too: it would start
     again over them. Given the script's `args`, another script's run folder is refused first."""
     out_dir = Path(out_dir)
+    refuse_folder_in_use(out_dir)
     if args is not None:
         check_own_run_folder(out_dir, args)
     existing = [name for name in results if (out_dir / name).exists()]

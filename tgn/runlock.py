@@ -1,0 +1,72 @@
+"""One run at a time per output folder.
+
+A second run started on a folder that a running one writes to (a command started twice, a
+cluster job requeued while the first still runs) is refused in one line, instead of the two
+overwriting each other's checkpoints and logs, or its --overwrite deleting a live run's
+results. The lock is an advisory POSIX record lock on OUT/.lock, held until the script's
+main() ends. The system drops it when the process dies, so a killed run leaves no stale
+lock; unlike flock's, it is not shared with forked children, so DataLoader workers still
+winding down after their run was killed hold nothing. Where the platform or file system
+has no such locks (Windows, some network file systems), runs go unguarded, as before.
+"""
+import errno
+import os
+import socket
+from pathlib import Path
+
+from tgn.errors import UserError, under_torchrun
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+LOCK_NAME = ".lock"
+_held = {}  # lock path -> file descriptor, for this process's current script
+
+
+def claim_folder(folder, *, create=True, flag="--out"):
+    """Hold `folder`'s lock until release_folders(); refuse a folder another process holds.
+    create=False (the checks before anything is written) takes an existing lock file only,
+    so a refused call leaves the folder as it was; create=True (the folder is being
+    prepared) also writes who holds it, for the refusal of a second run."""
+    if fcntl is None:
+        return
+    path = Path(os.path.abspath(Path(folder) / LOCK_NAME))
+    fd = _held.get(path)
+    if fd is None:
+        try:
+            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        except OSError:  # no lock file yet, or none can be made there: writing the run will say why
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):  # this file system keeps no locks
+                return
+            raise UserError(f"{flag} {folder} is in use by another run{f' ({holder})' if holder else ''}: wait for "
+                            f"it to end, or choose another {flag}") from None
+        _held[path] = fd
+    if create:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, and the run's own writes will say so
+            pass
+
+
+def refuse_folder_in_use(folder, flag="--out"):
+    """Before a run's checks: refuse a folder a running run holds (said first, whatever
+    the folder holds); from then on this run holds it. Not under torchrun: there rank 0
+    claims the folder once the processes have joined (tgn.distributed.make_shared_folder,
+    before anything is removed), so that all stop together."""
+    if not under_torchrun():
+        claim_folder(folder, create=False, flag=flag)
+
+
+def release_folders():
+    """Let go of every folder this process holds (the script is done)."""
+    while _held:
+        os.close(_held.popitem()[1])
