@@ -4,6 +4,7 @@ Unlike the official code (images through PIL, loss under no_grad, softmax before
 cross-entropy, CLIP reloaded every step), the fake batch goes through CLIP as tensors,
 so the loss has gradients; CLIP is loaded once and the text features are computed once.
 """
+import os
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgn.errors import UserError
+from tgn.runlock import one_at_a_time
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,41 +40,54 @@ def tokenize_prompts(prompts):
     return torch.cat(tokens)
 
 
+def clip_download_lock(root, spec):
+    """The lock file that serialises fetching CLIP `spec` into `root`."""
+    return Path(root) / f".{spec.replace('/', '-')}.lock"
+
+
+def fetch_clip(clip, name, download_root=None):
+    """The weight file of CLIP `name` in `download_root` (default ~/.cache/clip, as
+    clip.load's), downloaded unless already there with the right checksum. CLIP's download
+    writes straight to the final name, so processes starting together (torchrun) would
+    truncate each other's file and fail its checksum: one fetches while the others wait."""
+    root = download_root or os.path.expanduser("~/.cache/clip")
+    try:
+        with one_at_a_time(clip_download_lock(root, name)):
+            return Path(clip.clip._download(clip.clip._MODELS[name], root))
+    except Exception as exc:  # offline
+        raise UserError(f"cannot load CLIP {name} ({type(exc).__name__}); download it where there is internet "
+                        "and pass --clip PATH, or --clip none") from exc
+
+
 def load_clip(spec, device, download_root=None):
     """'ViT-B/32' (or another name: downloaded when online), a local file, or 'none'.
 
-    A local file may be the official TorchScript archive or a plain state dict. clip.load
+    A file may be the official TorchScript archive or a plain state dict. clip.load
     cannot read the latter (it fails with EOFError), so both are read here and rebuilt
-    with clip.model.build_model. Weights are kept in fp32 for stable gradients.
+    with clip.model.build_model, as clip.load(jit=False) does. Weights are kept in fp32 for
+    stable gradients.
     """
     if spec == "none":
         return None
     clip = import_clip()
     path = Path(spec)
-    if path.is_file():
+    if not path.is_file():
+        if spec not in clip.available_models():
+            raise UserError(f"--clip {spec}: no such file, and not one of {', '.join(clip.available_models())}")
+        path = fetch_clip(clip, spec, download_root)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit is deprecated, yet it reads CLIP's release files
+            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except RuntimeError:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.jit is deprecated, yet it reads CLIP's release files
-                state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except RuntimeError:
-            try:
-                state_dict = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise UserError(f"--clip {path}: neither a CLIP TorchScript archive nor a state dict") from exc
-        try:
-            model = clip.model.build_model(state_dict)
-        except (KeyError, RuntimeError) as exc:
-            raise UserError(f"--clip {path}: not a CLIP model ({type(exc).__name__}: {exc})") from exc
-    elif spec in clip.available_models():
-        try:
-            model, _ = clip.load(spec, device="cpu", jit=False, download_root=download_root)
-        except Exception as exc:  # offline
-            raise UserError(
-                f"cannot load CLIP {spec} ({type(exc).__name__}); download it where there is internet "
-                "and pass --clip PATH, or --clip none"
-            ) from exc
-    else:
-        raise UserError(f"--clip {spec}: no such file, and not one of {', '.join(clip.available_models())}")
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"--clip {path}: neither a CLIP TorchScript archive nor a state dict") from exc
+    try:
+        model = clip.model.build_model(state_dict)
+    except (KeyError, RuntimeError) as exc:
+        raise UserError(f"--clip {path}: not a CLIP model ({type(exc).__name__}: {exc})") from exc
     return model.float().to(device).eval()
 
 

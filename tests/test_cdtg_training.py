@@ -98,6 +98,40 @@ def test_clip_loads_from_a_plain_state_dict_file(tmp_path):
     assert model.visual.input_resolution == 32 and next(model.parameters()).dtype == torch.float32
 
 
+CLIP_FETCHER = """
+import shutil, sys, time
+sys.path.insert(0, sys.argv[1])
+from tgn.runlock import one_at_a_time
+with one_at_a_time(sys.argv[2]):
+    print("fetching", flush=True)
+    time.sleep(1)
+    shutil.copy(sys.argv[3], sys.argv[4])
+"""
+
+
+def test_processes_starting_together_fetch_clip_once(tmp_path, monkeypatch):
+    """Under torchrun every process loads CLIP at once, and clip.load writes its download
+    straight to the final name: one fetches it while the others wait, then find it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from CDTG.clip_loss import clip_download_lock, import_clip
+
+    clip = import_clip()
+    torch.save(tiny_clip().state_dict(), tmp_path / "weights.pt")
+    digest = hashlib.sha256((tmp_path / "weights.pt").read_bytes()).hexdigest()
+    # No file at the address: a process that did not wait would fail to download it.
+    monkeypatch.setitem(clip.clip._MODELS, "ViT-B/32", (tmp_path / "nowhere" / digest / "ViT-B-32.pt").as_uri())
+    root = tmp_path / "cache"
+    fetcher = subprocess.Popen([sys.executable, "-c", CLIP_FETCHER, str(ROOT), str(clip_download_lock(root, "ViT-B/32")),
+                                str(tmp_path / "weights.pt"), str(root / "ViT-B-32.pt")], stdout=subprocess.PIPE, text=True)
+    assert fetcher.stdout.readline() == "fetching\n"
+    model = load_clip("ViT-B/32", torch.device("cpu"), root)
+    assert fetcher.wait() == 0 and model.visual.input_resolution == 32
+
+
 def make_trainer(tmp_path, **overrides):
     torch.manual_seed(0)
     g = Generator(32, 16, 2, num_classes=3, channel_max=16)

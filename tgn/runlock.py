@@ -1,4 +1,4 @@
-"""One run at a time per output folder.
+"""One run at a time per output folder; one download at a time per shared file.
 
 A second run started on a folder that a running one writes to (a command started twice, a
 cluster job requeued while the first still runs) is refused in one line, instead of the two
@@ -9,6 +9,7 @@ lock; unlike flock's, it is not shared with forked children, so DataLoader worke
 winding down after their run was killed hold nothing. Where the platform or file system
 has no such locks (Windows, some network file systems), runs go unguarded, as before.
 """
+import contextlib
 import errno
 import os
 import socket
@@ -70,3 +71,26 @@ def release_folders():
     """Let go of every folder this process holds (the script is done)."""
     while _held:
         os.close(_held.popitem()[1])
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock_path):
+    """Wait until no other process holds `lock_path`, and hold it for the block: the
+    processes of a torchrun job (or jobs sharing a cache) that fetch the same file then
+    download it once, one after the other finding it there, instead of writing it all at
+    once. Unguarded where there are no locks or the lock file cannot be made."""
+    fd = None
+    if fcntl is not None:
+        try:
+            Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing drops the lock
