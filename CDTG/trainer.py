@@ -21,6 +21,7 @@ import contextlib
 import copy
 import math
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -119,19 +120,23 @@ def accumulate(ema, model, decay):
 
 @contextlib.contextmanager
 def stop_between_steps():
-    """Ctrl-C finishes the current step before stopping, so the checkpoint saved then
-    resumes exactly. Only for a single process: under torchrun every process would have to
-    agree on the step, so there Ctrl-C stops at once and a resumed run starts from the last
+    """Ctrl-C (SIGINT), or SIGTERM (what a cluster scheduler sends before it kills a job
+    that is preempted or out of time), finishes the current step before stopping, so the
+    checkpoint saved then resumes exactly. Yields a function giving the signal received,
+    else None. Only for a single process: under torchrun every process would have to agree
+    on the step, so there a signal stops at once and a resumed run starts from the last
     periodic checkpoint."""
     requested = []
     if dist.world_size() > 1 or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: None
         return
-    previous = signal.signal(signal.SIGINT, lambda *_: requested.append(True))
+    previous = {number: signal.signal(number, lambda received, _: requested.append(received))
+                for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: bool(requested)
+        yield lambda: requested[0] if requested else None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class CdtgTrainer:
@@ -427,6 +432,10 @@ class CdtgTrainer:
                     self.write_samples(*sample_set)
                 if self.step % cfg.save_every == 0:
                     self.save()
+                if interrupted == signal.SIGTERM:
+                    print(f"terminated: saving step {self.step}", flush=True)
+                    self.save()
+                    sys.exit(128 + signal.SIGTERM)  # the shell's status of a process SIGTERM ended
                 if interrupted:
                     print(f"interrupted: saving step {self.step}")
                     self.save()

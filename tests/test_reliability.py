@@ -516,35 +516,58 @@ def test_classifier_resume_equals_uninterrupted_run(toy_data, tmp_path):
     assert [json.loads(line)["epoch"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdtg_inputs):
-    from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
+def cdtg_command(cdtg_inputs, out, steps, *extra):
+    return [sys.executable, str(ROOT / "CDTG" / "train.py"), "--data", str(cdtg_inputs / "cdtg_data"),
+            "--teacher", str(cdtg_inputs / "M_T.pth"), "--clip", "none", "--out", str(out), "--size", "32",
+            "--latent", "16", "--n-mlp", "2", "--channel-max", "16", "--batch", "4", "--iter", str(steps),
+            "--save-every", "100000", "--sample-every", "100000", "--log-every", "1", "--workers", "0",
+            "--device", "cpu", *extra]
 
-    def command(out, steps, *extra):
-        return [sys.executable, str(ROOT / "CDTG" / "train.py"), "--data", str(cdtg_inputs / "cdtg_data"),
-                "--teacher", str(cdtg_inputs / "M_T.pth"), "--clip", "none", "--out", str(out), "--size", "32",
-                "--latent", "16", "--n-mlp", "2", "--channel-max", "16", "--batch", "4", "--iter", str(steps),
-                "--save-every", "100000", "--sample-every", "100000", "--log-every", "1", "--workers", "0",
-                "--device", "cpu", *extra]
+
+def stop_cdtg_midway(cdtg_inputs, out, signal_number):
+    """A long CDTG run sent `signal_number` once training has started: its exit status,
+    its output and the steps of the checkpoints it left."""
+    from CDTG.checkpoint import checkpoint_steps
+
+    process = subprocess.Popen(cdtg_command(cdtg_inputs, out, 100000), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)  # training has started (whatever the start-up takes) before the signal comes
+    time.sleep(1)
+    process.send_signal(signal_number)
+    stdout, stderr = process.communicate(timeout=60)
+    return process.returncode, stdout + stderr, checkpoint_steps(out / "checkpoint")
+
+
+def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdtg_inputs):
+    from CDTG.checkpoint import load_cdtg_checkpoint
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     interrupted = cdtg_inputs / "interrupted"
-    process = subprocess.Popen(command(interrupted, 100000), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (interrupted / "metrics.jsonl").is_file() and time.time() < deadline:
-        time.sleep(0.2)  # training has started (whatever the start-up takes) before Ctrl-C comes
-    time.sleep(1)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=60)
-    assert process.returncode == 130
-    [stopped_at] = checkpoint_steps(interrupted / "checkpoint")  # the step finished when Ctrl-C came
+    code, _, steps = stop_cdtg_midway(cdtg_inputs, interrupted, signal.SIGINT)
+    assert code == 130
+    [stopped_at] = steps  # the step finished when Ctrl-C came
     assert stopped_at > 0
-    subprocess.run(command(interrupted, stopped_at + 2, "--resume"), env=env, check=True, capture_output=True)
-    subprocess.run(command(cdtg_inputs / "straight", stopped_at + 2), env=env, check=True, capture_output=True)
+    subprocess.run(cdtg_command(cdtg_inputs, interrupted, stopped_at + 2, "--resume"), env=env, check=True,
+                   capture_output=True)
+    subprocess.run(cdtg_command(cdtg_inputs, cdtg_inputs / "straight", stopped_at + 2), env=env, check=True,
+                   capture_output=True)
     a = load_cdtg_checkpoint(interrupted / "checkpoint" / f"{stopped_at + 2}.pt")
     b = load_cdtg_checkpoint(cdtg_inputs / "straight" / "checkpoint" / f"{stopped_at + 2}.pt")
     for part in ("g", "d", "g_ema", "fusion", "fusion_ema"):
         for key, value in a[part].items():
             assert torch.equal(value, b[part][key]), (part, key)
+
+
+def test_a_cluster_stopping_cdtg_training_gets_a_checkpoint_of_the_last_step(cdtg_inputs):
+    """Slurm and other schedulers send SIGTERM, then SIGKILL seconds later, when a job is
+    preempted or its time is up: the run saves the step it finished, as for Ctrl-C
+    (the next periodic checkpoint may be thousands of steps away)."""
+    code, output, steps = stop_cdtg_midway(cdtg_inputs, cdtg_inputs / "stopped", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM
+    [stopped_at] = steps
+    assert stopped_at > 0 and f"terminated: saving step {stopped_at}" in output
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's list of mapped files")
