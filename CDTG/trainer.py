@@ -139,6 +139,13 @@ def stop_between_steps():
             signal.signal(number, handler)
 
 
+def leave_sigterm_to_the_trainer(_worker_id):
+    """DataLoader workers ignore SIGTERM: a scheduler sends it to every process of the job,
+    and a worker ended by it would stop the run before its last save. The workers end
+    with the training process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class CdtgTrainer:
     """Holds the models, optimisers and state of one CDTG run."""
 
@@ -404,7 +411,7 @@ class CdtgTrainer:
             trim_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
         sampler = StepBatchSampler(len(dataset), cfg.batch, cfg.seed, self.step, cfg.iterations)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", worker_init_fn=leave_sigterm_to_the_trainer)
         progress = tqdm(loader, total=len(sampler), initial=0, desc="cdtg", dynamic_ncols=True, disable=not main)
         started = time.time()
         with stop_between_steps() as stop_requested:

@@ -524,18 +524,22 @@ def cdtg_command(cdtg_inputs, out, steps, *extra):
             "--device", "cpu", *extra]
 
 
-def stop_cdtg_midway(cdtg_inputs, out, signal_number):
-    """A long CDTG run sent `signal_number` once training has started: its exit status,
-    its output and the steps of the checkpoints it left."""
+def stop_cdtg_midway(cdtg_inputs, out, signal_number, *extra):
+    """A long CDTG run, sent `signal_number` once training has started (SIGTERM to all its
+    processes, as Slurm sends it): its exit status, its output and the steps of the
+    checkpoints it left."""
     from CDTG.checkpoint import checkpoint_steps
 
-    process = subprocess.Popen(cdtg_command(cdtg_inputs, out, 100000), env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(cdtg_command(cdtg_inputs, out, 100000, *extra), env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.2)  # training has started (whatever the start-up takes) before the signal comes
     time.sleep(1)
-    process.send_signal(signal_number)
+    if signal_number == signal.SIGTERM:
+        os.killpg(process.pid, signal_number)  # the DataLoader's workers too
+    else:
+        process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=60)
     return process.returncode, stdout + stderr, checkpoint_steps(out / "checkpoint")
 
@@ -564,7 +568,7 @@ def test_a_cluster_stopping_cdtg_training_gets_a_checkpoint_of_the_last_step(cdt
     """Slurm and other schedulers send SIGTERM, then SIGKILL seconds later, when a job is
     preempted or its time is up: the run saves the step it finished, as for Ctrl-C
     (the next periodic checkpoint may be thousands of steps away)."""
-    code, output, steps = stop_cdtg_midway(cdtg_inputs, cdtg_inputs / "stopped", signal.SIGTERM)
+    code, output, steps = stop_cdtg_midway(cdtg_inputs, cdtg_inputs / "stopped", signal.SIGTERM, "--workers", "2")
     assert code == 128 + signal.SIGTERM
     [stopped_at] = steps
     assert stopped_at > 0 and f"terminated: saving step {stopped_at}" in output
