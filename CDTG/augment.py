@@ -325,9 +325,17 @@ def apply_geometric(images, matrix):
     margin = margin - constant(half_w, half_h, half_w, half_h) + filter_margin
     margin = torch.minimum(margin.clamp(min=0), constant(width - 1, height - 1, width - 1, height - 1))
     left, top, right, bottom = margin.ceil().long().tolist()
-    padded = F.pad(images, [left, right, top, bottom], mode="reflect")
-    # The padded image's centre sits off the original centre by half the padding difference.
-    inverse = _translate2d(per_sample((left - right) / 2), per_sample((top - bottom) / 2)) @ inverse
+    # Then zeros out to a frame of one of at most 17 widths (multiples of a sixteenth of
+    # the side, at most side - 1), the same on every side: the convolutions below then see
+    # a few shapes, not a new one nearly every batch. Each new shape costs cuDNN's autotuner
+    # (cudnn.benchmark) a search, and on CPUs oneDNN caches a primitive per shape (host
+    # memory grew ~10 KB a training step). The zeros are those upfirdn2d's own padding
+    # adds, and the mask below drops what the filter spreads into them: same result.
+    step_x, step_y = -(-width // 16), -(-height // 16)
+    level = max(-(-max(left, right) // step_x), -(-max(top, bottom) // step_y))
+    frame_x, frame_y = min(width - 1, level * step_x), min(height - 1, level * step_y)
+    padded = F.pad(F.pad(images, [left, right, top, bottom], mode="reflect"),
+                   [frame_x - left, frame_x - right, frame_y - top, frame_y - bottom])
 
     # Upsample 2x (true convolution, gain 2 per axis). The filter's centroid puts original
     # x at 2x + SYM6_DELAY there (ADA rounds this to 2x - 0.5).
@@ -335,6 +343,11 @@ def apply_geometric(images, matrix):
     lowpass = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
     kernel = torch.outer(lowpass, lowpass) / lowpass.sum() ** 2
     upsampled = upfirdn2d(padded, 4 * kernel, up=2, pad=((taps + 1) // 2, (taps - 2) // 2))
+    inside_y = torch.zeros(upsampled.shape[2], dtype=images.dtype, device=images.device)
+    inside_x = torch.zeros(upsampled.shape[3], dtype=images.dtype, device=images.device)
+    inside_y[2 * (frame_y - top): 2 * (frame_y + height + bottom)] = 1
+    inside_x[2 * (frame_x - left): 2 * (frame_x + width + right)] = 1
+    upsampled = upsampled * (inside_y[:, None] * inside_x)
     to_2x = _translate2d(per_sample(SYM6_DELAY), per_sample(SYM6_DELAY)) @ _scale2d(per_sample(2), per_sample(2))
     inverse = to_2x @ inverse @ torch.linalg.inv(to_2x)
 

@@ -125,6 +125,39 @@ def test_rotations_and_scalings_map_pixels_as_their_matrix_says():
         assert_near(image[:, 10:-10, 10:-10], expected[10:-10, 10:-10].expand(3, 4, 4), atol=1e-6)
 
 
+def test_geometric_augmentation_convolves_few_shapes_whatever_the_transforms(monkeypatch):
+    """Each new input shape costs cuDNN's autotuner a search and, on CPUs, a cached oneDNN
+    primitive (host memory grew every step): the padding takes one of at most 17 sizes."""
+    import CDTG.augment
+
+    shapes, upfirdn2d = set(), CDTG.augment.upfirdn2d
+
+    def recording(x, *args, **kwargs):
+        if kwargs.get("up") == 2:  # the padded images upsampled
+            shapes.add(tuple(x.shape))
+        return upfirdn2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(CDTG.augment, "upfirdn2d", recording)
+    x = images(batch=2, size=32)
+    for seed in range(60):
+        for p in (0.2, 1.0):
+            augment(x, p, seeded(seed), kinds=GEOMETRIC_KINDS)
+    assert 1 < len(shapes) <= 17  # 90 different shapes before
+
+
+def test_an_image_is_transformed_alike_whatever_else_is_in_its_batch():
+    """The padding depends on the batch's largest transform; the result must not."""
+    from CDTG.augment import apply_geometric
+
+    x = images(batch=3, size=24, dtype=torch.float64)
+    _, (geometric, _) = augment(x, 1.0, seeded(4), kinds=("scale", "rotate", "xfrac"))
+    mild = torch.eye(3, dtype=torch.float64)
+    mild[0, 2] = 0.3  # a small shift alone needs little padding
+    alone = apply_geometric(x[:1], mild[None])
+    beside_others = apply_geometric(x, torch.cat([mild[None], geometric[1:]]))
+    assert_near(beside_others[:1], alone, atol=1e-12)
+
+
 def test_integer_translation_moves_whole_pixels():
     x = images(batch=8, size=16, dtype=torch.float64)
     out, (geometric, _) = augment(x, 1.0, seeded(0), kinds=("xint",))
