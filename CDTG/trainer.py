@@ -121,19 +121,20 @@ def accumulate(ema, model, decay):
 @contextlib.contextmanager
 def stop_between_steps():
     """Ctrl-C (SIGINT), or SIGTERM (what a cluster scheduler sends before it kills a job
-    that is preempted or out of time), finishes the current step before stopping, so the
-    checkpoint saved then resumes exactly. Yields a function giving the signal received,
-    else None. Only for a single process: under torchrun every process would have to agree
-    on the step, so there a signal stops at once and a resumed run starts from the last
-    periodic checkpoint."""
-    requested = []
-    if dist.world_size() > 1 or threading.current_thread() is not threading.main_thread():
+    that is preempted or out of time, and torchrun passes on to its processes), finishes
+    the current step before stopping, so the checkpoint saved then resumes exactly. Yields
+    a function giving the signal to stop for (SIGTERM over SIGINT), else None. Under
+    torchrun the processes agree on it after every step, through a collective on the host
+    (a gloo group: no wait for the GPU), so all stop after the same step."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to it
         yield lambda: None
         return
-    previous = {number: signal.signal(number, lambda received, _: requested.append(received))
+    received = []
+    previous = {number: signal.signal(number, lambda number, _: received.append(number))
                 for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: requested[0] if requested else None
+        dist.host_group()  # made by every process here, before the first step
+        yield lambda: dist.agreed_max(max(received, default=0)) or None
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -430,22 +431,21 @@ class CdtgTrainer:
                     if main:
                         progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()
                                               if k in ("d", "g_adv", "cls", "clip", "r1", "ada_p")})
-                if not main:
-                    continue
-                if log:
-                    append_jsonl(self.out_dir / "metrics.jsonl",
-                                 {"step": self.step, **losses, "seconds": round(time.time() - started, 2)})
-                if self.step % cfg.sample_every == 0:
-                    self.write_samples(*sample_set)
-                if self.step % cfg.save_every == 0:
-                    self.save()
-                if interrupted == signal.SIGTERM:
-                    print(f"terminated: saving step {self.step}", flush=True)
-                    self.save()
-                    sys.exit(128 + signal.SIGTERM)  # the shell's status of a process SIGTERM ended
+                if main:
+                    if log:
+                        append_jsonl(self.out_dir / "metrics.jsonl",
+                                     {"step": self.step, **losses, "seconds": round(time.time() - started, 2)})
+                    if self.step % cfg.sample_every == 0:
+                        self.write_samples(*sample_set)
+                    if interrupted:
+                        print(f"{'terminated' if interrupted == signal.SIGTERM else 'interrupted'}: saving step "
+                              f"{self.step}", flush=True)
+                    if interrupted or self.step % cfg.save_every == 0:
+                        self.save()
                 if interrupted:
-                    print(f"interrupted: saving step {self.step}")
-                    self.save()
+                    dist.barrier()  # the checkpoint is whole before any process stops
+                    if interrupted == signal.SIGTERM:
+                        sys.exit(128 + signal.SIGTERM)  # the shell's status of a process SIGTERM ended
                     raise KeyboardInterrupt
         if main and not (self.out_dir / "checkpoint" / f"{self.step}.pt").exists():
             self.save()

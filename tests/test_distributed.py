@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import os
+import signal
 import socket
 import sys
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from conftest import write_dataset
-from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
 from CDTG.generation import main as generation_main
 from CDTG.train import main as cdtg_train_main
 from CDTG.trainer import CdtgTrainer
@@ -467,6 +468,33 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_at_the_same_step(t
     for rank in range(WORLD):
         record = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert record == {"outcome": "the training loss became nan; lower --lr or check the data", "steps": 4}
+
+
+def stop_cdtg_on_one_process(root, argv):
+    """CDTG training where process 1 alone gets SIGTERM, during step 3 (a scheduler's or
+    torchrun's signal reaches the processes at different moments)."""
+    train_step = CdtgTrainer.train_step
+
+    def signalled_step(trainer, *args):
+        if dist.rank() == 1 and trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(trainer, *args)
+
+    CdtgTrainer.train_step = signalled_step  # this process's own class: it ends with the job
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit_info:
+        cdtg_train_main(argv)
+    (root / f"stopped{dist.rank()}.json").write_text(json.dumps({"code": exit_info.value.code,
+                                                                  "printed": printed.getvalue()}))
+
+
+def test_a_signal_to_one_process_stops_all_after_the_same_step_with_a_checkpoint(cdtg_inputs):
+    out = cdtg_inputs / "stopped"
+    run_in_processes(stop_cdtg_on_one_process, cdtg_inputs, cdtg_args(cdtg_inputs, out, "--iter", "50"))
+    rank0, rank1 = (json.loads((cdtg_inputs / f"stopped{r}.json").read_text()) for r in range(WORLD))
+    assert rank0["code"] == rank1["code"] == 128 + signal.SIGTERM
+    assert "terminated: saving step 3" in rank0["printed"] and rank1["printed"] == ""
+    assert checkpoint_steps(out / "checkpoint") == [3]
 
 
 def run_cdtg_runs(runs, generation_argv):

@@ -115,8 +115,32 @@ def process_device(device_name="auto"):
 
 
 def shutdown():
+    global _host_group
     if active():
         dist.destroy_process_group()
+    _host_group = None
+
+
+_host_group = None
+
+
+def host_group():
+    """A gloo group of the job's processes, for small agreements on the host (under nccl
+    a GPU collective read back would make the host wait for the GPU's queue). Every
+    process must call it, the first time, at the same point; None outside torchrun."""
+    global _host_group
+    if active() and _host_group is None:
+        _host_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _host_group
+
+
+def agreed_max(value):
+    """The largest of the processes' integers `value` (this one's alone outside torchrun)."""
+    if not active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=host_group())
+    return int(tensor)
 
 
 def barrier():
