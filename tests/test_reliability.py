@@ -194,8 +194,11 @@ def test_temp_files_of_a_run_killed_mid_save_are_removed(split_dir, tmp_path):
 HOLD = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from tgn.runlock import claim_folder
-claim_folder(sys.argv[2])
+from tgn.runlock import claim_folder, refuse_folder_in_use
+if sys.argv[3] == "checking":  # a run still checking its inputs holds an existing lock
+    refuse_folder_in_use(sys.argv[2])
+else:
+    claim_folder(sys.argv[2])
 worker = os.fork() if sys.argv[3] == "fork" else None  # as a DataLoader starts its workers
 if worker != 0:
     print(worker, flush=True)
@@ -203,10 +206,11 @@ time.sleep(600)
 """
 
 
-def hold_folder(folder, fork=False):
-    """Another process holding `folder` for its run, as a running stage does; with `fork`,
-    it has a forked child (the child's pid: holder.worker)."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT), str(folder), "fork" if fork else "-"],
+def hold_folder(folder, how="-"):
+    """Another process holding `folder` for its run, as a running stage does; `how`: "fork"
+    (it has a forked child, whose pid is holder.worker) or "checking" (it holds the lock file
+    an earlier run left, as a run does while it checks its inputs)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(ROOT), str(folder), how],
                               stdout=subprocess.PIPE, text=True)
     worker = holder.stdout.readline().strip()
     assert worker, f"{folder} could not be held"
@@ -224,7 +228,7 @@ def test_a_folder_another_run_writes_to_is_refused_until_it_ends(cdtg_inputs, tm
     umodel_main(common)
     head = tmp_path / "kmdn" / "head"
     before = {path.name: path.read_bytes() for path in head.iterdir()}
-    holder = hold_folder(head)
+    holder = hold_folder(head, "checking")  # the lock file names the run above until the holder names itself
     try:
         for flag in ("--overwrite", "--resume"):
             expect_user_error(capsys, lambda: umodel_main([*common, flag]),
@@ -234,7 +238,7 @@ def test_a_folder_another_run_writes_to_is_refused_until_it_ends(cdtg_inputs, tm
         rmodel_main(common)  # the same --out, another group's folder: free
         gan = cdtg_inputs / "gan"
         gan.mkdir()
-        killed = hold_folder(gan, fork=True)
+        killed = hold_folder(gan, "fork")
         killed.kill()  # a run killed outright leaves no lock behind, though its workers still wind down
         killed.wait()
         try:
@@ -251,6 +255,42 @@ def test_a_folder_another_run_writes_to_is_refused_until_it_ends(cdtg_inputs, tm
         holder.wait()
     umodel_main([*common, "--overwrite"])  # free again once the other run has ended
     assert (head / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_lock_file_of_another_user_still_refuses_a_second_run(tmp_path, monkeypatch):
+    """In a folder shared by several users, the lock file is its maker's: another user may
+    only read it, and must still be refused while the first run holds it."""
+    from tgn import runlock
+
+    holder = hold_folder(tmp_path)
+    opened = []
+    real_open = runlock.os.open
+
+    def as_another_user(path, flags, *args):
+        if Path(path).name == runlock.LOCK_NAME and flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        opened.append(flags)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(runlock.os, "open", as_another_user)
+    try:
+        with pytest.raises(UserError, match=f"is in use by another run \\(pid {holder.pid} on "):
+            runlock.claim_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert opened == [os.O_RDONLY]
+    runlock.claim_folder(tmp_path)  # the run has ended: free, and this one now holds it
+    try:
+        assert hold_folder_fails(tmp_path)
+    finally:
+        runlock.release_folders()
+
+
+def hold_folder_fails(folder):
+    process = subprocess.run([sys.executable, "-c", HOLD, str(ROOT), str(folder), "-"], capture_output=True,
+                             text=True, timeout=60)
+    return process.returncode != 0 and "is in use by another run" in process.stderr
 
 
 def test_a_folder_that_cannot_be_written_is_one_line(split_dir, tmp_path, capsys, monkeypatch):
@@ -416,9 +456,10 @@ def test_a_last_checkpoint_of_another_shape_is_refused_before_anything_is_writte
         weights(state)["conv1.weight"] = torch.zeros(8, 3, 7, 7)  # as a run of another --width left it
         atomic_torch_save(run / "last.pth", state)
         (run / "options.json").unlink()  # the run's flags, which would have caught it, are gone
-        before = {path.name: path.stat().st_mtime_ns for path in run.iterdir()}
+        # The lock file aside: whichever run takes the folder, even to be refused, names itself there.
+        before = {path.name: path.stat().st_mtime_ns for path in run.iterdir() if path.name != ".lock"}
         expect_user_error(capsys, resume, "last.pth does not fit this model: conv1.weight has shape (8, 3, 7, 7)")
-        assert {path.name: path.stat().st_mtime_ns for path in run.iterdir()} == before, name
+        assert {path.name: path.stat().st_mtime_ns for path in run.iterdir() if path.name != ".lock"} == before, name
 
 
 # ----- bad input: one line, exit 2, nothing written ----------------------------------------------

@@ -23,39 +23,60 @@ except ImportError:  # Windows
     fcntl = None
 
 LOCK_NAME = ".lock"
-_held = {}  # lock path -> file descriptor, for this process's current script
+_held = {}  # lock path -> (file descriptor, writable), for this process's current script
 
 
 def claim_folder(folder, *, create=True, flag="--out"):
     """Hold `folder`'s lock until release_folders(); refuse a folder another process holds.
-    create=False (the checks before anything is written) takes an existing lock file only,
-    so a refused call leaves the folder as it was; create=True (the folder is being
-    prepared) also writes who holds it, for the refusal of a second run."""
+    create=False (the checks before anything is written) takes an existing lock file only;
+    create=True (the folder is being prepared) makes one. Whoever holds the lock writes its
+    process and host in the file, for the refusal of a second run to name it. A lock file
+    of another user that this one may only read is locked shared: it still refuses, and is
+    refused by, a run that holds it."""
     if fcntl is None:
         return
     path = Path(os.path.abspath(Path(folder) / LOCK_NAME))
-    fd = _held.get(path)
-    if fd is None:
-        try:
-            fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-        except OSError:  # no lock file yet, or none can be made there: writing the run will say why
+    if path not in _held:
+        fd, writable = _open_lock(path, create)
+        if fd is None:  # no lock file yet, or none can be made there: writing the run will say why
             return
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, (fcntl.LOCK_EX if writable else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError as exc:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+            holder = _holder(fd)
             os.close(fd)
             if exc.errno not in (errno.EACCES, errno.EAGAIN):  # this file system keeps no locks
                 return
             raise UserError(f"{flag} {folder} is in use by another run{f' ({holder})' if holder else ''}: wait for "
                             f"it to end, or choose another {flag}") from None
-        _held[path] = fd
-    if create:
+        _held[path] = (fd, writable)
+        if writable:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            except OSError:  # a full disk: the lock holds all the same, and the run's own writes will say so
+                pass
+
+
+def _open_lock(path, create):
+    """(descriptor, writable) of the lock file, or (None, False) where there is none to open."""
+    try:
+        return os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644), True
+    except PermissionError:  # another user's lock file
         try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        except OSError:  # a full disk: the lock holds all the same, and the run's own writes will say so
-            pass
+            return os.open(path, os.O_RDONLY), False
+        except OSError:
+            return None, False
+    except OSError:
+        return None, False
+
+
+def _holder(fd):
+    """The process and host written in a lock file ('' where it cannot be read)."""
+    try:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+    except OSError:  # a file system that enforces the lock on reads too
+        return ""
 
 
 def refuse_folder_in_use(folder, flag="--out"):
@@ -70,7 +91,7 @@ def refuse_folder_in_use(folder, flag="--out"):
 def release_folders():
     """Let go of every folder this process holds (the script is done)."""
     while _held:
-        os.close(_held.popitem()[1])
+        os.close(_held.popitem()[1][0])
 
 
 @contextlib.contextmanager
