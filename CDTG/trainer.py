@@ -140,11 +140,16 @@ def stop_between_steps():
             signal.signal(number, handler)
 
 
+WORKER_SIGTERM_GRACE_S = 60
+
+
 def leave_sigterm_to_the_trainer(_worker_id):
-    """DataLoader workers ignore SIGTERM: a scheduler sends it to every process of the job,
-    and a worker ended by it would stop the run before its last save. The workers end
-    with the training process."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers outlive SIGTERM by WORKER_SIGTERM_GRACE_S seconds: a scheduler
+    sends it to every process of the job, and a worker it ended at once would stop the run
+    before its last save. The trainer ends them first; one stuck in a read (which
+    DataLoader's own shutdown would have ended with SIGTERM) ends when the time is up."""
+    grace = (lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S)) if hasattr(signal, "alarm") else signal.SIG_IGN
+    signal.signal(signal.SIGTERM, grace)
 
 
 class CdtgTrainer:

@@ -605,6 +605,30 @@ def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdt
             assert torch.equal(value, b[part][key]), (part, key)
 
 
+def sleep_as_a_cdtg_worker():
+    from CDTG.trainer import leave_sigterm_to_the_trainer
+
+    leave_sigterm_to_the_trainer(0)
+    time.sleep(30)
+
+
+def test_cdtg_workers_outlive_sigterm_for_a_while_only(monkeypatch):
+    """Long enough for the trainer to save; a worker stuck in a read still ends."""
+    import multiprocessing
+
+    import CDTG.trainer
+
+    monkeypatch.setattr(CDTG.trainer, "WORKER_SIGTERM_GRACE_S", 1)
+    worker = multiprocessing.get_context("fork").Process(target=sleep_as_a_cdtg_worker)
+    worker.start()
+    time.sleep(0.5)  # its handler is set
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    worker.join(timeout=10)
+    assert worker.exitcode == -signal.SIGALRM
+
+
 def test_a_cluster_stopping_cdtg_training_gets_a_checkpoint_of_the_last_step(cdtg_inputs):
     """Slurm and other schedulers send SIGTERM, then SIGKILL seconds later, when a job is
     preempted or its time is up: the run saves the step it finished, as for Ctrl-C
