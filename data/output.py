@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tgn.cli import output_folder
 from tgn.errors import UserError
+from tgn.io import make_folder
+from tgn.runlock import LOCK_NAME, claim_folder, refuse_folder_in_use
 
 # What --overwrite replaces in the output folder; anything else there is left alone.
 LAYOUT_ITEMS = ("train", "test", "anno", "classes.json")
@@ -25,15 +27,16 @@ def add_output_arguments(parser, default=None):
 
 
 def check_output(out, overwrite, inputs=()):
-    """Refuse an --out that building_dataset would refuse, touching nothing: a folder inside
-    an input, a non-empty folder that is not a prepared dataset, one without
-    --overwrite, one whose --overwrite would delete an input."""
+    """Refuse an --out that building_dataset would refuse, touching nothing: one a running
+    preparer holds (tgn.runlock), a folder inside an input, a non-empty folder that is not
+    a prepared dataset, one without --overwrite, one whose --overwrite would delete an input."""
     out = Path(out)  # a file at its place is refused as the flag is read (tgn.cli.output_folder)
+    refuse_folder_in_use(out)
     for source in inputs:
         source = Path(source).resolve()
         if source == out.resolve() or source in out.resolve().parents:
             raise UserError(f"--out {out} is inside the input {source}; write the dataset elsewhere")
-    if out.is_dir() and any(entry.name not in (STAGING, REPLACED) for entry in out.iterdir()):
+    if out.is_dir() and any(entry.name not in (STAGING, REPLACED, LOCK_NAME) for entry in out.iterdir()):
         if not ((out / "classes.json").is_file() or (out / "anno").is_dir()):
             raise UserError(f"--out {out} holds other files and no prepared dataset (classes.json, anno/); "
                             "choose a new or empty folder")
@@ -64,22 +67,33 @@ def building_dataset(out, overwrite, inputs=()):
     if staging.exists() and replaced.exists():  # stopped between the swap's renames: which is which is unclear
         raise UserError(f"--out {out}: an earlier run stopped while it moved its dataset into place; "
                         f"{half_swapped(out, staging, replaced)}")
+    make_folder(out)
+    lock_made = not (out / LOCK_NAME).exists()
+    claim_folder(out)  # from here on this preparer alone writes there
     for leftover in (staging, replaced):  # of a run killed midway (building, or deleting the old dataset)
         if leftover.exists():
             shutil.rmtree(leftover)
-    staging.mkdir(parents=True)
+    staging.mkdir()
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            with suppress(OSError):
-                out.rmdir()  # only if nothing else is there
+        leave_as_found(out, created, lock_made)
         raise
-    swap_datasets(out, staging, replaced, created)
+    swap_datasets(out, staging, replaced, lambda: leave_as_found(out, created, lock_made))
 
 
-def swap_datasets(out, staging, replaced, created):
+def leave_as_found(out, created, lock_made):
+    """After a failure: no lock file that this run made, and no `out` if this run created
+    it and nothing else is there."""
+    if lock_made:
+        (out / LOCK_NAME).unlink(missing_ok=True)
+    if created:
+        with suppress(OSError):
+            out.rmdir()  # only if nothing else is there
+
+
+def swap_datasets(out, staging, replaced, undo_folder):
     """Renames only between the two datasets (deleting a large one takes a while): the old
     items are moved aside, the new moved in, then the old deleted. A rename refused (on
     Windows: a file held open) undoes the renames before it, keeping the old dataset."""
@@ -104,9 +118,7 @@ def swap_datasets(out, staging, replaced, created):
         except OSError:
             raise UserError(f"{why}, nor the previous one back; {half_swapped(out, staging, replaced)}") from exc
         shutil.rmtree(staging)
-        if created:
-            with suppress(OSError):
-                out.rmdir()
+        undo_folder()
         kept = "; the previous one is kept" if previous else ""
         raise UserError(f"{why}{kept}: close what holds its files open and run again") from exc
     staging.rmdir()

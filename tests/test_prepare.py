@@ -193,7 +193,30 @@ def test_an_unreadable_scene_leaves_no_partial_dataset(dior_src, tmp_path, capsy
     for item in ("anno", "classes.json"):
         (out / item).unlink() if (out / item).is_file() else shutil.rmtree(out / item)
     prepare_dior.main(argv)  # only the killed build's folder there: not "other files"
-    assert sorted(path.name for path in out.iterdir()) == ["anno", "classes.json", "test", "train"]
+    assert sorted(path.name for path in out.iterdir()) == [".lock", "anno", "classes.json", "test", "train"]
+
+
+def test_a_dataset_folder_another_preparer_writes_to_is_refused(dior_src, tmp_path, capsys):
+    """Two preparers on one --out would remove each other's build (a killed run's, to each)."""
+    from test_reliability import hold_folder
+
+    out = tmp_path / "out"
+    argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
+    prepare_dior.main(argv)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    (out / ".preparing").mkdir()  # the other run's build
+    holder = hold_folder(out, "checking")
+    try:
+        assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
+        assert f"--out {out} is in use by another run (pid {holder.pid} on " in one_error(capsys)
+        assert (out / ".preparing").is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / ".preparing").rmdir()
+    after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert {k: v for k, v in after.items() if k.name != ".lock"} == {k: v for k, v in before.items() if k.name != ".lock"}
+    prepare_dior.main([*argv, "--overwrite"])  # free once the other run has ended
 
 
 def test_a_refused_rename_while_replacing_the_dataset_keeps_the_previous_one(dior_src, tmp_path, capsys,
@@ -225,7 +248,7 @@ def test_a_refused_rename_while_replacing_the_dataset_keeps_the_previous_one(dio
         error = one_error(capsys)
         assert "cannot move the new dataset into place (Access is denied); the previous one is kept" in error
         assert files() == before
-        assert sorted(path.name for path in out.iterdir()) == ["anno", "classes.json", "test", "train"]
+        assert sorted(path.name for path in out.iterdir()) == [".lock", "anno", "classes.json", "test", "train"]
 
     fresh = tmp_path / "fresh"  # no dataset before: nothing is said to be kept, and nothing is left
     assert exit_code(prepare_dior.main, [*argv[:-3], str(fresh), "--workers", "1"]) == 2
