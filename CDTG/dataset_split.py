@@ -11,13 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from CDTG.clip_loss import tokenize_prompts  # noqa: E402
-from CDTG.tail_data import DEFAULT_PROMPT, IMAGE_LIST, MANIFEST, TailClasses  # noqa: E402
+from CDTG.config import DEFAULT_PROMPT  # noqa: E402
 from tgn.cli import make_parser, output_folder  # noqa: E402
-from tgn.data import open_dataset, write_annotation  # noqa: E402
-from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import make_folder  # noqa: E402
-from tgn.split import check_split_matches, load_split  # noqa: E402
+from tgn.errors import cli_main  # noqa: E402
 
 
 def build_parser():
@@ -34,32 +30,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if "{name}" not in args.prompt:
-        raise UserError("--prompt must contain {name}")
-    try:
-        args.prompt.format(name="")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UserError(f"--prompt {args.prompt!r}: only {{name}} may stand in braces (write {{{{ and }}}} for a "
-                        f"brace itself); {type(exc).__name__}: {exc}") from exc
-    if (args.out / MANIFEST).exists() and not args.overwrite:
-        raise UserError(f"{args.out / MANIFEST} exists; pass --overwrite to replace it")
-    split = load_split(args.split, data_root=args.data_root)
-    check_split_matches(split, open_dataset(split.data_root))
-    entries = split.entries("tail", "train")
-    classes = [
-        {"label": label, "id": cid, "name": split.class_names[cid],
-         "prompt": args.prompt.format(name=split.class_names[cid]), "train_count": split.train_counts[cid]}
-        for label, cid in enumerate(split.tail)
-    ]
-    tokenize_prompts([cls["prompt"] for cls in classes])  # CLIP takes at most 77 tokens
-    tail = TailClasses(args.out, split.data_root, classes, split.fingerprint)
-    make_folder(args.out)
-    write_annotation(args.out / IMAGE_LIST, entries)
-    tail.write()
-    print(f"{len(classes)} tail classes, {len(entries)} training images")
-    for cls in classes:
-        print(f"  label {cls['label']:2d}  class {cls['id']:4d}  {cls['train_count']:6d} images  \"{cls['prompt']}\"")
-    print(f"wrote {args.out / MANIFEST}")
+    from CDTG.tail_data import write_tail_data  # torch loads after the flags are read: --help answers at once
+    write_tail_data(args)
 
 
 if __name__ == "__main__":

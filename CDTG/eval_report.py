@@ -139,3 +139,25 @@ def write_evaluation(evaluation, out_dir):
     atomic_write_text(out_dir / "evaluation.md", evaluation_markdown(evaluation))
     atomic_write_text(out_dir / "evaluation.csv", evaluation_csv(evaluation))
     atomic_write_json(out_dir / "evaluation.json", evaluation)
+
+
+def metric_notes(args, evaluator):
+    notes = [
+        "FID uses torchvision's Inception-v3, not the TF-Inception of the original FID code: the numbers compare "
+        "only with FIDs from the same extractor (named above), never with published ones.",
+        "FID from fewer than 2048 images per set is biased upward and depends on the image count: compare rows "
+        f"at equal counts (--max-per-class {args.max_per_class}).",
+        "KID (x1000 in this table; raw in the JSON and CSV) is the unbiased squared MMD of the same features "
+        "with a cubic polynomial kernel: it does not depend on the count, so it compares small tail classes and "
+        "sets of different sizes; values near 0, even slightly negative, mean no detectable difference. Copies "
+        "of the real images are not independent draws: they score clearly below 0, the more so the fewer images.",
+        "The overall FID and KID pool, of every class both sets hold, as many real as generated images (the smaller "
+        "count, a seeded subset), so both pools have the same class proportions.",
+        "Generated images are read from their JPEG files (generation.py --quality), real ones from the "
+        "dataset's own files: FID and LPIPS include that compression difference.",
+        f"LPIPS: mean over at most {args.pairs} random pairs of distinct images within a class; overall: the "
+        "mean over classes. LPIPS real is the reference diversity.",
+        "CLIP: zero-shot over the prompts of all tail classes; M_T: argmax over the tail classes. "
+        "Accuracies on the real (training) images are the reference.",
+    ]
+    return notes if evaluator.inception is not None else notes[4:]

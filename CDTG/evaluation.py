@@ -22,12 +22,17 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from CDTG.checkpoint import load_cdtg_checkpoint
-from CDTG.fidelity import fid, kid, mean_pairwise_lpips
-from CDTG.synthesis import ANNOTATION, UNFINISHED
+from CDTG.clip_loss import ClipConsistencyLoss, load_clip
+from CDTG.eval_report import (build_evaluation, evaluation_markdown, metric_notes, plot_sample_sheet,
+                              write_evaluation)
+from CDTG.fidelity import fid, kid, load_inception, load_lpips, mean_pairwise_lpips
+from CDTG.generated_folder import ANNOTATION, UNFINISHED
+from CDTG.tail_data import load_tail_classes, load_teacher
 from tgn.data import check_files_exist, drop_unreadable, read_annotation
+from tgn.engine import resolve_device
 from tgn.errors import UserError
 from tgn.images import SKIP_BAD_IMAGES, ImageList
-from tgn.io import read_json
+from tgn.io import check_run_dir, read_json, save_options
 
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
 # Generation writes each image whole (a temp file, then a rename) and rerun fills the gaps;
@@ -265,3 +270,73 @@ def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, w
         results.append({"label": folder_label, "path": str(folder), "generation": generation_settings(folder),
                         "overall": overall_row(real_sets, sets, seed), "classes": rows})
     return results, sheets, size
+
+
+def resolve_inputs(args):
+    """--data and --teacher, defaulting to what the first folder's generation checkpoint records."""
+    recorded = recorded_inputs(args.folders[0]) if args.data is None or args.teacher is None else {}
+    data = args.data or recorded.get("data")
+    if data is None:
+        raise UserError(f"{args.folders[0]}: its generation checkpoint records no tail data; pass --data "
+                        "(CDTG/dataset_split.py output)")
+    notes = []
+    teacher = args.teacher if args.teacher is not None else recorded.get("teacher")
+    if teacher is None:
+        notes.append("M_T accuracy skipped: no --teacher, and the generation checkpoint records none.")
+    elif teacher != "none" and args.teacher is None and not Path(teacher).is_file():
+        notes.append(f"M_T accuracy skipped: the recorded teacher {teacher} is not there; pass --teacher.")
+        teacher = None
+    check_same_tail_data(args.folders, data)
+    return data, None if teacher == "none" else teacher, notes
+
+
+def check_same_tail_data(folders, data):
+    """Every folder is compared with the real images of the tail data it was generated
+    from: refuse one whose generation.json names another tail data folder that still
+    exists. A folder that has moved away, or a folder of an earlier version that names
+    none, is let through (its checkpoint is not loaded for this: at 256 px it holds GBs)."""
+    for folder in folders:
+        recorded = generation_settings(folder).get("data")
+        if recorded and Path(recorded).is_dir() and Path(recorded).resolve() != Path(data).resolve():
+            raise UserError(f"{folder} was generated from the tail data {recorded}, this evaluation uses {data}; "
+                            "evaluate folders of one tail data together (--data chooses it)")
+
+
+def evaluate_generation(args):
+    """CDTG/evaluate.py: the folders and models checked and loaded, every folder scored, the report written."""
+    folders = [Path(folder) for folder in args.folders]
+    check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False, args=args)
+    check_generated_folders(folders)
+    data, teacher_path, notes = resolve_inputs(args)
+    tail = load_tail_classes(data, args.data_root)
+    device = resolve_device(args.device)
+    inception = load_inception(args.inception)
+    lpips_model = load_lpips(args.lpips)
+    clip_model = load_clip(args.clip, device, args.clip_root)
+    teacher = load_teacher(teacher_path, tail) if teacher_path else None
+    evaluator = Evaluator(
+        inception=inception.to(device) if inception else None,
+        lpips=lpips_model.to(device) if lpips_model else None,
+        clip=ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None,
+        teacher=teacher.to(device).eval() if teacher else None,
+        device=device, pairs=args.pairs, batch_size=args.batch)
+    results, sheets, size = evaluate_folders(folders, tail, evaluator, max_per_class=args.max_per_class,
+                                             size=args.size, seed=args.seed, workers=args.workers,
+                                             skip_bad_images=args.skip_bad_images)
+    for result in results:  # the overall rows of folders holding other classes compare other classes
+        held = [row["id"] for row in result["classes"] if row["generated_images"]]
+        if held != tail.ids:
+            notes.append(f"{result['label']} holds images of the tail classes {held} only (of {tail.ids}): its "
+                         "overall row covers those classes.")
+    options = save_options(args.out, args)
+    evaluation = build_evaluation(
+        results, extractor=inception.name if inception else None,
+        lpips="LPIPS v0.1, AlexNet" if lpips_model else None, clip=None if clip_model is None else args.clip,
+        teacher=None if teacher is None else str(Path(teacher_path).resolve()),
+        settings={**options, "data": str(Path(data).resolve()), "size": size},
+        notes=metric_notes(args, evaluator) + notes)
+    write_evaluation(evaluation, args.out)
+    plot_sample_sheet(sheets, tail.ids, tail.names, args.out / "samples.png")
+    print(evaluation_markdown(evaluation).split("\n### ")[0].rstrip())
+    print(f"wrote {args.out / 'evaluation.md'}, .csv, .json and {args.out / 'samples.png'}")
+    return evaluation

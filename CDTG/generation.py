@@ -16,21 +16,14 @@ warning).
 Several GPUs: `torchrun --nproc_per_node=N CDTG/generation.py ...` splits each class's
 images over the processes; the images are the same as one process writes.
 """
-import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from CDTG.synthesis import (ANNOTATION, TRUNCATION_CENTRE, TailSynthesizer, check_settings,  # noqa: E402
-                             existing_indices, run_generation)
-from tgn import distributed as dist  # noqa: E402
 from tgn.cli import (COMPILE_MODES, fraction, jpeg_quality, make_parser, output_folder, positive_int,  # noqa: E402
                      seed_value)
-from tgn.compat import check_compile  # noqa: E402
-from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import atomic_write_json  # noqa: E402
-from tgn.runlock import refuse_folder_in_use  # noqa: E402
+from tgn.errors import cli_main  # noqa: E402
 
 
 def build_parser():
@@ -74,46 +67,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_compile(args.compile)
-    device = dist.process_device(args.device)
-    synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
-                                            teacher=args.teacher, modconv=args.modconv, amp=args.amp,
-                                            compile=args.compile, skip_bad_images=args.skip_bad_images)
-    class_ids = list(dict.fromkeys(args.classes)) if args.classes else synth.tail.ids  # an id given twice: once
-    unknown = [cid for cid in class_ids if cid not in synth.tail.ids]
-    if unknown:
-        raise UserError(f"--classes: {unknown[0]} is not a tail class (tail classes: {synth.tail.ids})")
-    # Each image fuses the feature of one of its class's real images, drawn by position:
-    # the same count of real images, and the same weights, give the same images.
-    settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
-                "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources,
-                "weights": synth.weights_fingerprint(), "real_images": synth.real_counts(synth.tail.ids),
-                "real_features": synth.real_features_fingerprint(),
-                # Classification/train.py --extra checks them against the dataset it trains on.
-                "class_names": {str(cid): name for cid, name in zip(synth.tail.ids, synth.tail.names)}}
-    refuse_folder_in_use(args.out)
-    check_settings(args.out, settings, args.overwrite)
-    dist.init(args.device)  # joined after the input checks: an input error prints once per node
-    # Rank 0 lists every process's images in anno.txt. Checked before anything is removed;
-    # its collective also means every process checked the old settings.
-    dist.make_shared_folder(args.out)
-    if dist.is_main():
-        if args.overwrite:
-            for cid in synth.tail.ids:
-                shutil.rmtree(args.out / str(cid), ignore_errors=True)
-            (args.out / ANNOTATION).unlink(missing_ok=True)
-        atomic_write_json(args.out / "generation.json", settings)
-    dist.barrier()
-    written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,
-                             seed=args.seed, truncation=args.truncation, batch_size=args.batch, quality=args.quality,
-                             workers=args.workers)
-    if not dist.is_main():
-        return
-    for cid in class_ids:
-        name = synth.tail.names[synth.tail.ids.index(cid)]
-        total = len(existing_indices(args.out / str(cid)))  # more than --per-class if an earlier run made more
-        print(f"  class {cid:4d} {name:<28s} {written[cid]:6d} new, {total:6d} in all")
-    print(f"wrote {sum(written.values())} images; annotation: {args.out / ANNOTATION}")
+    from CDTG.generated_folder import generate  # torch loads after the flags are read: --help answers at once
+    generate(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ move a rare pixel by one level. With the same batches they are the same bytes on
 
 The GPU never waits for the CPU: a thread draws the next batch's inputs while the GPU
 renders the current one, finished batches come back to pinned memory without blocking,
-and JpegWriter's threads encode and write them while later batches render.
+and the JPEG writer's threads (CDTG/generated_folder.py) encode and write them while later
+batches render.
 
 `compile` (generation.py --compile MODE) runs the synthesis network and the conversion to
 8-bit pixels through torch.compile. Every call then has the same batch size (a class's
@@ -19,38 +20,23 @@ modes (reduce-overhead, max-autotune) also remove the kernel launches, which dom
 small batches.
 """
 import hashlib
-import json
 import os
-import re
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.compilation import compile_swagan
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
 from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
-from tgn import distributed as dist
 from tgn.checkpoint import load_weights, weights_fingerprint
 from tgn.compat import mark_cuda_graph_step
-from tgn.data import Entry, write_annotation
 from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
-from tgn.io import publish, remove_temp_files, write_pending
 from tgn.split import check_official_order
 
-ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
-# Present while a run adds images (anno.txt is rewritten after each class): --extra refuses
-# a folder holding it, stopped or still running, rather than train on part of it.
-UNFINISHED = "generation.unfinished"
 FEATURE_BATCH = 64  # real images per pass of M_T; fixed, so that images do not depend on --batch
-IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
 
 
 def image_seed(seed, class_id, index):
@@ -58,10 +44,6 @@ def image_seed(seed, class_id, index):
     torch generator takes (the product passes 2**64 from --seed 18,446,633; below it the
     fold changes nothing, so earlier folders extend as they were)."""
     return ((seed * 1_000_003 + class_id) * 1_000_003 + index) % 2**64
-
-
-def image_name(index):
-    return f"gen_{index:06d}.jpg"
 
 
 class TailSynthesizer:
@@ -254,186 +236,4 @@ class TailSynthesizer:
         return images.cpu().numpy()
 
 
-class HostImages:
-    """A device batch copied to pinned CPU memory without blocking the caller; `numpy()`
-    waits for the copy (and so for the kernels that made the batch)."""
-
-    def __init__(self, images):
-        if images.device.type == "cuda":
-            self.host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-            self.host.copy_(images, non_blocking=True)
-            self.ready = torch.cuda.Event(blocking=True)  # waiting threads sleep instead of spinning
-            self.ready.record(torch.cuda.current_stream(images.device))
-        else:
-            self.host, self.ready = images, None
-
-    def numpy(self):
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host.numpy()
-
-
-def existing_indices(folder):
-    folder = Path(folder)
-    if not folder.is_dir():
-        return set()
-    return {int(m.group(1)) for p in folder.iterdir() if (m := IMAGE_NAME.fullmatch(p.name))}
-
-
-class JpegWriter:
-    """Encodes and writes batches in worker threads (PIL releases the GIL while encoding)
-    while the caller generates the next batch. A batch's images go into hidden temp files
-    and are renamed into place together once on disk (tgn.io.publish: one flush of the
-    file system for the batch, not an fsync per image), so an image under its final name is
-    always complete. At most `max_pending` batches wait, so memory stays bounded when the
-    disk is slower than the generator."""
-
-    def __init__(self, workers, quality, max_pending=2):
-        self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
-        self.publisher = ThreadPoolExecutor(max_workers=1)  # batches reach their names in order
-        self.quality, self.max_pending = quality, max_pending
-        self.pending = deque()
-
-    def submit(self, folder, indices, images):
-        """Queue a batch: a uint8 array [N, H, W, 3] or HostImages still on its way."""
-        folder.mkdir(parents=True, exist_ok=True)
-        while len(self.pending) >= self.max_pending:
-            self._finish_oldest()
-        if not isinstance(images, HostImages):
-            images = HostImages(torch.as_tensor(np.asarray(images)))
-        writes = [self.pool.submit(self._write_one, folder / image_name(i), images, k) for k, i in enumerate(indices)]
-        self.pending.append(self.publisher.submit(self._publish, writes))
-
-    def _write_one(self, path, images, position):
-        return self._write(path, images.numpy()[position])
-
-    def _write(self, path, pixels):
-        # PIL encodes into a real file without holding the GIL, so the threads encode in
-        # parallel (into a BytesIO they took turns).
-        image = Image.fromarray(np.ascontiguousarray(pixels))
-        return write_pending(path, lambda handle: image.save(handle, format="JPEG", quality=self.quality))
-
-    @staticmethod
-    def _publish(writes):
-        """Once every image of the batch is written: all of them into place, or none (the
-        first error is raised, the temp files removed)."""
-        written, error = [], None
-        for job in writes:
-            try:
-                written.append(job.result())
-            except BaseException as exc:
-                error = error or exc
-        if error is not None:
-            for tmp, _ in written:
-                Path(tmp).unlink(missing_ok=True)
-            raise error
-        publish(written)
-
-    def _finish_oldest(self):
-        self.pending.popleft().result()
-
-    def drain(self):
-        """Wait until every submitted image is on disk."""
-        while self.pending:
-            self._finish_oldest()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        try:
-            self.drain()  # images already generated are still written (each batch atomically)
-        finally:
-            self.pool.shutdown()
-            self.publisher.shutdown()
-
-
-def write_generated_annotation(out_dir, class_ids):
-    """anno.txt listing exactly the images on disk, in the dataset's annotation format."""
-    entries = [Entry(f"{cid}/{image_name(i)}", cid) for cid in class_ids
-               for i in sorted(existing_indices(Path(out_dir) / str(cid)))]
-    write_annotation(Path(out_dir) / ANNOTATION, entries)
-    return entries
-
-
 TRUNCATION_CENTRE = "mean W of the fused inputs"  # what mean_latent computes; recorded per folder
-
-
-def _visible(entry):
-    """Not a hidden file (.gitkeep, .DS_Store) or a file system's lost+found."""
-    return not entry.name.startswith(".") and entry.name != "lost+found"
-
-
-def check_settings(out_dir, settings, overwrite):
-    """A folder keeps one set of generation settings: adding images must not mix them. A
-    non-empty folder that generation did not write is refused, --overwrite or not: its
-    class-id folders may be someone else's."""
-    path = Path(out_dir) / "generation.json"
-    if not path.is_file() and Path(out_dir).is_dir() and any(_visible(entry) for entry in Path(out_dir).iterdir()):
-        raise UserError(f"{out_dir} holds other files and no generation.json; generation writes into a new or empty "
-                        "folder or one it wrote: choose another --out")
-    if path.is_file() and not overwrite:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-        # Folders written by earlier versions: fp32, JPEG quality 95, and a truncation centre
-        # over noise alone (the same images as now when --truncation is 1).
-        previous.setdefault("amp", "off")
-        previous.setdefault("quality", 95)
-        previous.setdefault("truncation_centre", TRUNCATION_CENTRE if previous.get("truncation", 1.0) == 1.0
-                            else "noise only")
-        # Folders of earlier versions are not checked for these.
-        unrecorded_before = ("data", "teacher", "weights", "real_images", "class_names", "real_features")
-        # Where the files are does not matter once what they hold is compared (the weights, the
-        # real features' inputs): a run folder moved elsewhere may still add images.
-        moved = ("ckpt", "data", "teacher") if "real_features" in previous else ()
-        changed = [key for key in settings if previous.get(key) != settings[key]
-                   and not (key not in previous and key in unrecorded_before) and key not in moved]
-        if changed:
-            raise UserError(f"{out_dir} holds images generated with other settings ({', '.join(changed)}); "
-                            "use another --out or pass --overwrite")
-
-
-def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncation, batch_size, quality, workers):
-    """Generate the missing images of each class; returns {class id: images written}.
-    Under torchrun process r generates every N-th missing image (positions r, r + N, ...)."""
-    out_dir = Path(out_dir)
-    written = {}
-    if dist.is_main():  # before any process writes: the first listing below waits for it
-        remove_temp_files(out_dir)  # the lists a killed run had not yet published
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / UNFINISHED).touch()
-
-    with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
-        for class_id in class_ids:
-            folder = out_dir / str(class_id)
-            existing = None
-            if dist.is_main():
-                remove_temp_files(folder)  # the images a killed run had not yet published
-                existing = existing_indices(folder)
-            # One listing for all processes (nodes may see a shared folder differently), made
-            # before any process writes to it.
-            existing = dist.broadcast_object(existing)
-            missing = [i for i in range(per_class) if i not in existing]
-            mine = dist.shard(missing)
-            chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
-            synth.num_real(class_id)  # the teacher's pass, before the prefetch thread starts
-            name = synth.tail.names[synth.tail.ids.index(class_id)]
-
-            def draw(chunk, class_id=class_id):
-                return synth.batch_inputs(class_id, chunk, seed=seed)
-
-            upcoming = prefetch.submit(draw, chunks[0]) if chunks else None
-            for position in tqdm(range(len(chunks)), desc=f"class {class_id} ({name})", dynamic_ncols=True,
-                                 leave=False, disable=not dist.is_main()):
-                inputs = upcoming.result()
-                if position + 1 < len(chunks):
-                    upcoming = prefetch.submit(draw, chunks[position + 1])
-                images = synth.render(class_id, inputs, ratio=ratio, truncation=truncation, batch_size=batch_size)
-                writer.submit(folder, chunks[position], HostImages(images))
-            writer.drain()  # anno.txt lists the images on disk
-            dist.barrier()
-            written[class_id] = len(missing)
-            if dist.is_main():
-                write_generated_annotation(out_dir, synth.tail.ids)
-    if dist.is_main():
-        (out_dir / UNFINISHED).unlink()
-    return written

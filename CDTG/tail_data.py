@@ -12,19 +12,19 @@ from pathlib import Path
 import torch
 from torchvision import transforms
 
+from CDTG.clip_loss import tokenize_prompts
 from CDTG.parallel import step_seed
 from tgn import distributed as dist
-from tgn.data import check_files_exist, drop_unreadable, read_annotation, samples_for
+from tgn.data import check_files_exist, drop_unreadable, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
 from tgn.images import ImageList
-from tgn.io import absolute_path, atomic_write_json, read_json
+from tgn.io import absolute_path, atomic_write_json, make_folder, read_json
 from tgn.resnet import load_feature_resnet
-from tgn.split import check_official_order
+from tgn.split import check_official_order, check_split_matches, load_split
 
 MANIFEST = "tail_classes.json"
 IMAGE_LIST = "train.txt"
 MANIFEST_FORMAT = "tgn-cdtg-data/1"
-DEFAULT_PROMPT = "A photo of a {name}"
 
 
 class TailClasses:
@@ -144,3 +144,33 @@ def load_teacher(path, tail):
         warnings.warn(f"--teacher {path} was written by a Distill.py run too short to distill it (the tail model "
                       "as given)")
     return teacher
+
+
+def write_tail_data(args):
+    """CDTG/dataset_split.py: the manifest and image list of the split's tail classes."""
+    if "{name}" not in args.prompt:
+        raise UserError("--prompt must contain {name}")
+    try:
+        args.prompt.format(name="")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"--prompt {args.prompt!r}: only {{name}} may stand in braces (write {{{{ and }}}} for a "
+                        f"brace itself); {type(exc).__name__}: {exc}") from exc
+    if (args.out / MANIFEST).exists() and not args.overwrite:
+        raise UserError(f"{args.out / MANIFEST} exists; pass --overwrite to replace it")
+    split = load_split(args.split, data_root=args.data_root)
+    check_split_matches(split, open_dataset(split.data_root))
+    entries = split.entries("tail", "train")
+    classes = [
+        {"label": label, "id": cid, "name": split.class_names[cid],
+         "prompt": args.prompt.format(name=split.class_names[cid]), "train_count": split.train_counts[cid]}
+        for label, cid in enumerate(split.tail)
+    ]
+    tokenize_prompts([cls["prompt"] for cls in classes])  # CLIP takes at most 77 tokens
+    tail = TailClasses(args.out, split.data_root, classes, split.fingerprint)
+    make_folder(args.out)
+    write_annotation(args.out / IMAGE_LIST, entries)
+    tail.write()
+    print(f"{len(classes)} tail classes, {len(entries)} training images")
+    for cls in classes:
+        print(f"  label {cls['label']:2d}  class {cls['id']:4d}  {cls['train_count']:6d} images  \"{cls['prompt']}\"")
+    print(f"wrote {args.out / MANIFEST}")

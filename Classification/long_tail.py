@@ -13,9 +13,6 @@ import torch.nn.functional as F
 
 from tgn.engine import cross_entropy_loss, logits_of
 
-SAMPLERS = ("random", "class-balanced")
-LOSSES = ("ce", "balanced-softmax")
-
 
 def class_counts(labels, num_classes):
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)

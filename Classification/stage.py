@@ -1,45 +1,18 @@
-"""What train.py and test.py share: report flags, head/tail groups, the test set, the report."""
+"""What train.py and test.py share: head/tail groups, the test set, the report."""
 from dataclasses import dataclass
 from pathlib import Path
 
 from Classification.figures import plot_confusion, plot_long_tail
+from Classification.flags import DEFAULT_THRESHOLD
 from Classification.report import build_report, read_report, report_markdown, write_report
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
-from tgn.cli import head_percent
 from tgn.data import drop_unreadable, samples_for
 from tgn.engine import evaluate, make_loader
 from tgn.errors import UserError
 from tgn.images import ImageList, build_transform
 from tgn.io import remove_temp_files
 from tgn.split import check_split_matches, head_count, load_split, rank_classes
-
-DEFAULT_THRESHOLD = 40.0  # the paper's: the top 40% of classes by training count are head
-
-
-def default_report_folder(ckpt):
-    """Where test.py writes the report of `ckpt` without --out."""
-    return Path(ckpt).parent / f"test-{Path(ckpt).stem}"
-
-
-def add_report_args(parser, from_run=False):
-    """`from_run`: --split and --threshold default to the ones the checkpoint's run used
-    (test.py), so that its report groups the classes as the run's own report did."""
-    group = parser.add_argument_group("report")
-    split_default = " (default: the split the checkpoint's run used, if any)" if from_run else ""
-    threshold_default = (f"the checkpoint's run's, else {DEFAULT_THRESHOLD:g}" if from_run
-                         else f"{DEFAULT_THRESHOLD:g}")
-    group.add_argument("--split", type=Path, default=None,
-                       help="head/tail from this split folder (KMDN/dataset_split.py); without it they are "
-                            f"recomputed from DATA's real training counts with --threshold{split_default}")
-    group.add_argument("--threshold", type=head_percent, default=None,  # None: not given, so --split may set it
-                       help="percent of classes (ranked by real training count) that are head, without --split "
-                            f"(default: {threshold_default})")
-    group.add_argument("--name", default=None, help="method name in the report and comparison table")
-    group.add_argument("--baseline-report", type=Path, default=None,
-                       help="report.json (or its folder) of the baseline: its accuracy line joins long_tail.png")
-    return group
-
 
 @dataclass
 class Classes:

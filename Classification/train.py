@@ -22,26 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from Classification.long_tail import LOSSES, SAMPLERS, make_loss, make_sampler_weights  # noqa: E402
-from Classification.model import build_classifier, checkpoint_meta, initialise_backbone  # noqa: E402
-from Classification.samples import class_order, readable_training_images, training_images  # noqa: E402
-from Classification.stage import (add_report_args, default_report_folder, describe_classes,  # noqa: E402
-                                  evaluation_set, grouping_split, read_baseline, report_and_figures)
-from tgn.checkpoint import check_fits, load_checkpoint, load_weights  # noqa: E402
-from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
-                     training_config)
-from tgn.data import open_dataset  # noqa: E402
-from tgn import distributed as dist  # noqa: E402
-from tgn.cache import ResizeCache  # noqa: E402
-from tgn.engine import check_one_image_batches, fit, seed_everything  # noqa: E402
-from tgn.errors import UserError, alike_in_every_process, cli_main  # noqa: E402
-from tgn.images import ImageList, build_transform  # noqa: E402
-from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options  # noqa: E402
-from tgn.resume import check_resume, check_same_data, epochs_done, last_state  # noqa: E402
-
-RESULTS = (*TRAINING_RESULTS, "report-best")  # with LOGS, what --overwrite replaces
-# test.py's reports of the earlier run's checkpoints, beside them: stale once they are replaced.
-LOGS = ("metrics.jsonl", *(default_report_folder(name).name for name in TRAINING_RESULTS))
+from Classification.flags import LOSSES, SAMPLERS, add_report_args  # noqa: E402
+from tgn.cli import add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser  # noqa: E402
+from tgn.errors import cli_main  # noqa: E402
 
 
 def build_parser():
@@ -61,87 +44,11 @@ def build_parser():
     return parser
 
 
-def method_name(args):
-    if args.name:
-        return args.name
-    parts = ["TGN"] if args.extra else []
-    parts += ["re-sampling"] if args.sampler == "class-balanced" else []
-    parts += ["balanced softmax"] if args.loss == "balanced-softmax" else []
-    return " + ".join(parts) or "baseline"
-
-
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
-    dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
-    info = open_dataset(args.data_root)
-    class_ids, label_of = class_order(info)
-    baseline = read_baseline(args, info, class_ids)
-    split = grouping_split(args, info)
-    images = training_images(info, args.extra)
-    state = last_state(args.out / "last.pth")
-    check_resume(args.out, args, done=epochs_done(state), state=state)
-    images = readable_training_images(images, args.skip_bad_images)  # decodes them only with --skip-bad-images
-    train_samples = images.samples
-    if args.resume and state is not None:  # the images trained on, as the checkpoint counted them
-        check_same_data(state, {"class_ids": list(class_ids), "train_counts": list(images.real_counts),
-                                "generated_counts": list(images.generated_counts)}, args.out / "last.pth")
-    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True)
-    classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts, split)
-    present = {label for _, label in train_samples}
-    for index, cid in enumerate(class_ids):
-        if index not in present:  # none listed, or (with --skip-bad-images) none readable
-            raise UserError(f"class {cid} ({info.class_names[cid]}) has no training image in "
-                            f"{info.annotation_path('train')}{' or --extra' if args.extra else ''}")
-    device = dist.process_device(args.device)
-    cfg = training_config(args, device)
-    check_one_image_batches(len(train_samples), args.batch_size, args.image_size, device, args.sync_bn)
-    cache = ResizeCache(args.cache, args.image_size) if args.cache is not None else None
-    train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache)
-
-    device = dist.init(args.device)  # joined after the input checks: an input error prints once per node
-    seed_everything(args.seed)
-    model = build_classifier(args.arch, len(class_ids))
-    if args.resume and state is not None:  # weights of another shape are refused before anything is written
-        with alike_in_every_process():  # every process reads the same file: one line
-            check_fits(model, state["state_dict"], args.out / "last.pth")
-    else:  # a resumed run starts from its checkpoint: no --pretrained to read or download
-        model = initialise_backbone(model, args.pretrained)
-    run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, logs=LOGS)
-    main = dist.is_main()  # under torchrun rank 0 alone prints and writes
-    options = save_options(run_dir, args, write=main)
-    method = method_name(args)
-    if main:
-        print(f"{method} on {info.name}: {len(train_images)} training images ({sum(images.generated_counts)} "
-              f"generated{f', {images.duplicates} duplicates skipped' if images.duplicates else ''}), "
-              f"{len(test_images)} test images, device {device}{dist.describe()}, amp {cfg.amp}")
-        for index, cid in enumerate(class_ids):
-            group = "head" if cid in classes.head else "tail"
-            print(f"  {cid:4d} {classes.names[index]:<28s} {group}  real {images.real_counts[index]:7d}"
-                  f"  generated {images.generated_counts[index]:7d}")
-        if args.sampler == "class-balanced" and args.loss == "balanced-softmax":
-            print("note: re-sampling and balanced softmax both correct for the class priors")
-
-    labels = train_images.targets()
-    meta = checkpoint_meta(model, class_ids, classes.names, images.real_counts, images.generated_counts, method,
-                           options)
-    result = fit(model, train_images, test_images, cfg, device, run_dir, meta=meta, resume=args.resume,
-                 loss_fn=make_loss(args.loss, labels, len(class_ids)), head=classes.indices(classes.head),
-                 tail=classes.indices(classes.tail),
-                 train_weights=make_sampler_weights(args.sampler, labels, len(class_ids)), desc="cls")
-
-    best = run_dir / "best.pth"
-    last_is_best = result.confusion is not None and result.best_epoch == cfg.epochs - 1
-    if best.exists() and not last_is_best:
-        load_weights(model, load_checkpoint(best)["state_dict"], best)
-    if best.exists() and main:
-        print(f"best test OA {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; report of {best}:")
-    source = best if best.exists() else run_dir / "last.pth"  # no best: the test set is empty
-    return report_and_figures(model, test_images, classes, run_dir / "report-best", method=method, source=source,
-                              device=device, batch_size=args.batch_size, workers=args.workers,
-                              pin_memory=args.pin_memory, amp=cfg.amp, channels_last=cfg.channels_last, baseline=baseline,
-                              cm=result.confusion if last_is_best else None)
+    from Classification.training import train_classifier  # torch loads after the flags: --help answers at once
+    return train_classifier(args)
 
 
 if __name__ == "__main__":

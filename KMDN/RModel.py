@@ -11,13 +11,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from KMDN.group_training import build_parser, train_group  # noqa: E402
+from KMDN.flags import group_parser  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
 
 
 @cli_main
 def main(argv=None):
-    return train_group(build_parser(__doc__, "tail").parse_args(argv))
+    args = group_parser(__doc__, "tail").parse_args(argv)
+    from KMDN.group_training import train_group  # torch loads after the flags are read: --help answers at once
+    return train_group(args)
 
 
 if __name__ == "__main__":

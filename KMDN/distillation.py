@@ -6,23 +6,31 @@ CE(student logits, labels) + alpha * MSE(student layer3, teacher layer3); the te
 frozen (eval mode, no gradients) and sees the student's batch.
 """
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from KMDN.flags import OFFICIAL_IMAGE_SIZE
+from KMDN.stage import checkpoint_meta, group_datasets, open_split
 from tgn import distributed as dist
-from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from tgn.checkpoint import check_fits, load_checkpoint, load_weights, save_checkpoint
+from tgn.cli import training_config
 from tgn.compat import grad_scaler
-from tgn.engine import (epoch_seed, evaluate, keep_evaluation_workers, make_loader, make_optimizer, prepare_model,
-                        ran_with, restore_optimizer, seed_everything, step_lr, train_one_epoch, uses_cuda_graphs)
+from tgn.engine import (check_one_image_batches, epoch_seed, evaluate, keep_evaluation_workers, make_loader,
+                        make_optimizer, prepare_model, ran_with, restore_optimizer, seed_everything, step_lr,
+                        train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError, alike_in_every_process
-from tgn.io import append_jsonl, trim_jsonl
+from tgn.io import append_jsonl, check_run_dir, prepare_run_dir, read_json, save_options, trim_jsonl
 from tgn.metrics import format_percent
-from tgn.resume import resuming_line
+from tgn.resnet import load_feature_resnet
+from tgn.resume import check_resume, epochs_done, last_state, resuming_line
+from tgn.split import check_official_order
 
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
+RESULTS = ("last.pth", *OUTPUT_NAMES.values())  # with metrics.jsonl, what --overwrite replaces
 
 
 def student_of_epoch(epoch, interval):
@@ -168,3 +176,80 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
                                                             "state_dict": model.state_dict(), "distilled": False})
     dist.barrier()  # the outputs are complete before any process reads them
     return best
+
+
+def load_group_model(path, split, group):
+    """M_H or M_T, checked against the split: the class count always; for our checkpoints
+    also the group and class ids they were trained on (official files record neither)."""
+    model, checkpoint = load_feature_resnet(path, f"{group} model checkpoint")
+    model.training_size = (checkpoint.get("options") or {}).get("image_size", OFFICIAL_IMAGE_SIZE)
+    if checkpoint.get("group", group) != group:  # first: the likeliest mix-up, and the clearest message
+        raise UserError(f"{path} is the {checkpoint['group']} model; the {group} model is needed here")
+    expected = len(split.ids(group))
+    if model.config["num_classes"] != expected:
+        raise UserError(f"{path} has {model.config['num_classes']} classes, the split's {group} group has {expected}")
+    if "state_dict" not in checkpoint:
+        check_official_order([split.train_counts[cid] for cid in split.ids(group)], path, f"the split's {group} group")
+    else:
+        ids = checkpoint.get("class_ids")
+        if ids is not None and list(ids) != list(split.ids(group)):
+            raise UserError(f"{path} was trained on classes {ids}, the split's {group} classes are {split.ids(group)} "
+                            "(another split?)")
+    return model
+
+
+def run_distillation(args):
+    """Distill.py: M_H and M_T loaded and checked against the split, then `distill`."""
+    check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
+    dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
+    split = open_split(args)
+    device = dist.process_device(args.device)
+    seed_everything(args.seed)
+    paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
+             "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
+    models = {group: load_group_model(paths[group], split, group) for group in paths}
+    recorded = args.out / "distill" / "options.json"
+    if args.image_size is None and args.resume and recorded.is_file():  # the size the run started with
+        args.image_size = read_json(recorded, "options").get("image_size")
+    if args.image_size is None:
+        sizes = {group: model.training_size for group, model in models.items()}
+        if sizes["head"] != sizes["tail"]:
+            raise UserError(f"M_H was trained at {sizes['head']} px, M_T at {sizes['tail']} px; pass --image-size")
+        args.image_size = sizes["head"]
+    shapes = {group: model.feature_shape(args.image_size) for group, model in models.items()}
+    if shapes["head"] != shapes["tail"]:  # the feature loss compares them: found now, not at the first batch
+        raise UserError(f"the head and tail models give layer3 features of different shapes ({shapes['head']} vs "
+                        f"{shapes['tail']}): {paths['head']} and {paths['tail']} need the same --arch and --width")
+    state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
+    # Runs of earlier versions recorded no split: theirs is not checked.
+    check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
+                 data={"split_fingerprint": split.fingerprint})
+    if args.resume and state is not None:  # weights of another shape are refused before anything is written
+        with alike_in_every_process():  # every process reads the same file: one line
+            for group, model in models.items():
+                check_fits(model, state["models"].get(group, {}), args.out / "distill" / "last.pth")
+    datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
+                for group in paths}
+    for group, (train_set, _) in datasets.items():
+        check_one_image_batches(len(train_set), args.batch_size, args.image_size, device, args.sync_bn,
+                                f"the {group} classes' training images")
+    cfg = training_config(args, device)
+    # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
+    dist.init(args.device)  # joined after the input checks: an input error prints once per node
+    run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS)
+    main = dist.is_main()
+    options = save_options(run_dir, args, write=main)
+    metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
+    best = distill(models, datasets, metas, cfg, device, run_dir,
+                   alpha=args.alpha, interval=args.distill_interval, resume=args.resume)
+    if not main:
+        return
+    for group, accuracy in best.items():
+        shown = f"{100 * accuracy:.2f}%" if accuracy > -1 else "not trained"
+        print(f"{group}: best test accuracy while student {shown}")
+    if best["tail"] > -1:
+        print(f"distilled tail model: {run_dir / 'M_T.pth'}")
+    else:  # CDTG reads M_T.pth: say loudly that it is the tail model as given
+        print(f"warning: M_T was not distilled: the tail model learns in epochs {args.distill_interval + 1} to "
+              f"{2 * args.distill_interval}, this run has {args.epochs}; {run_dir / 'M_T.pth'} is the tail model as "
+              "given (continue with --resume --epochs N to distill it)", file=sys.stderr)

@@ -1,27 +1,12 @@
 """Train the head model (UModel.py) or the tail model (RModel.py) on its own classes."""
-from pathlib import Path
-
 from KMDN.stage import build_group_model, checkpoint_meta, group_datasets, open_split
 from tgn.checkpoint import check_fits
-from tgn.cli import (add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser,
-                     training_config)
+from tgn.cli import training_config
 from tgn import distributed as dist
 from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.io import check_run_dir, prepare_run_dir, save_options
 from tgn.resume import check_resume, epochs_done, last_state
-
-
-def build_parser(doc, group):
-    parser = make_parser(doc)
-    parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
-    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
-    add_model_args(parser)
-    add_training_args(parser, epochs=100, batch_size=32)
-    add_runtime_args(parser)
-    add_output_args(parser, "runs/kmdn")
-    parser.set_defaults(group=group)
-    return parser
 
 
 def train_group(args):

@@ -32,11 +32,13 @@ from PIL import Image  # noqa: E402
 from CDTG.clip_loss import ClipConsistencyLoss, import_clip  # noqa: E402
 from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
-from CDTG.synthesis import TailSynthesizer, run_generation  # noqa: E402
+from CDTG.generated_folder import run_generation  # noqa: E402
+from CDTG.synthesis import TailSynthesizer  # noqa: E402
 from CDTG.tail_data import IMAGE_LIST, TailClasses  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.data import Entry, write_annotation  # noqa: E402
-from CDTG.trainer import CdtgTrainer, GanConfig, accumulate  # noqa: E402
+from CDTG.config import GanConfig  # noqa: E402
+from CDTG.trainer import CdtgTrainer, accumulate  # noqa: E402
 from tgn.engine import resolve_device  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
 

@@ -5,7 +5,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.nn import functional as F
 
 from CDTG.augment import COLOUR_KINDS, GEOMETRIC_KINDS, AdaptiveAugment, _sample_bilinear, augment
-from CDTG.trainer import GanConfig, ada_interval
+from CDTG.config import GanConfig, ada_interval
 
 
 def seeded(seed):

@@ -13,13 +13,14 @@ from torch import nn
 from conftest import PALETTE, tiny_clip
 from conftest import TAIL_IDS
 import CDTG.evaluate as evaluate_script
+import CDTG.evaluation
 from CDTG.checkpoint import save_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss
 from CDTG.eval_report import evaluation_markdown
 from CDTG.evaluation import Evaluator, SetScores, overall_row, pooled, recorded_inputs
 from CDTG.fidelity import (FeatureExtractor, fid, frechet_distance, inception_pool_network, kid, load_inception,
                            load_lpips, mean_pairwise_lpips, sample_pairs)
-from CDTG.synthesis import image_name, write_generated_annotation
+from CDTG.generated_folder import image_name, write_generated_annotation
 from CDTG.tail_data import load_tail_classes
 from tgn.io import atomic_write_json
 
@@ -200,8 +201,8 @@ def evaluation_inputs(cdtg_inputs, monkeypatch):
     tail = load_tail_classes(root / "cdtg_data")
     copy_real_as_generated(root / "gen_copy", tail, root / "gan.pt")
     write_generated(root / "gen_shifted", tail, r=0.8, ckpt=root / "gan.pt", shift=-90)
-    monkeypatch.setattr(evaluate_script, "load_inception", lambda spec: None if spec == "none" else tiny_extractor())
-    monkeypatch.setattr(evaluate_script, "load_lpips", lambda spec: load_lpips(spec, random_trunk=True))
+    monkeypatch.setattr(CDTG.evaluation, "load_inception", lambda spec: None if spec == "none" else tiny_extractor())
+    monkeypatch.setattr(CDTG.evaluation, "load_lpips", lambda spec: load_lpips(spec, random_trunk=True))
     return root
 
 

@@ -17,10 +17,12 @@ from CDTG.generation import main as generation_main
 from CDTG.swagan import Discriminator, Generator
 from CDTG.synthesis import TailSynthesizer
 from CDTG.tail_data import StepBatchSampler, load_tail_classes, load_teacher
-from CDTG.train import build_parser, gan_config
+from CDTG.train import build_parser
+from CDTG.training import gan_config
 from CDTG.train import main as train_main
 from CDTG.losses import d_logistic_loss, g_nonsaturating_loss, teacher_classification_loss
-from CDTG.trainer import CdtgTrainer, GanConfig, accumulate
+from CDTG.config import GanConfig
+from CDTG.trainer import CdtgTrainer, accumulate
 from tgn.compat import can_load_classes
 from tgn.errors import UserError
 from tgn.resnet import FeatureResNet
@@ -852,3 +854,4 @@ def test_checkpoints_of_earlier_versions_keep_their_fusion_layer_when_cut(cdtg_i
     with pytest.raises(SystemExit):
         generation_main(["--ckpt", str(tmp_path / "no_fusion.pt"), "--out", str(tmp_path / "none"), *generate])
     assert "holds no noise-fusion weights" in capsys.readouterr().err
+

@@ -458,9 +458,9 @@ class TrainingStopped(Exception):
 def spy_on_fit(monkeypatch, train=True):
     """Record the training set and keyword arguments Classification/train.py passes to fit;
     without `train`, stop there."""
-    import Classification.train
+    import Classification.training
 
-    calls, real_fit = [], Classification.train.fit
+    calls, real_fit = [], Classification.training.fit
 
     def spy(model, train_set, *args, **kwargs):
         calls.append({"train_set": train_set, **kwargs})
@@ -468,7 +468,7 @@ def spy_on_fit(monkeypatch, train=True):
             raise TrainingStopped
         return real_fit(model, train_set, *args, **kwargs)
 
-    monkeypatch.setattr(Classification.train, "fit", spy)
+    monkeypatch.setattr(Classification.training, "fit", spy)
     return calls
 
 

@@ -21,7 +21,8 @@ from conftest import needs_compile
 from test_cdtg_training import tiny_train_args
 from test_kmdn import TINY
 from CDTG.checkpoint import load_cdtg_checkpoint
-from CDTG.synthesis import TailSynthesizer, image_name, run_generation
+from CDTG.generated_folder import image_name, run_generation
+from CDTG.synthesis import TailSynthesizer
 from CDTG.train import main as train_main
 from KMDN.dataset_split import main as split_main
 from KMDN.RModel import main as rmodel_main

@@ -142,7 +142,7 @@ def test_earlier_results_are_never_mixed_into_a_new_run(split_dir, tmp_path, cap
     --resume without last.pth is refused rather than started again over the results; and
     --overwrite removes the earlier run's results first, so that a new run stopped early
     leaves none for a later --resume to continue under the new flags."""
-    import KMDN.Distill
+    import KMDN.distillation
     import KMDN.group_training
 
     out = tmp_path / "k"
@@ -164,22 +164,22 @@ def test_earlier_results_are_never_mixed_into_a_new_run(split_dir, tmp_path, cap
 
     distill = ["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--image-size", "16",
                "--head-ckpt", str(out / "head" / "best.pth"), "--tail-ckpt", str(out / "head" / "best.pth")]
-    monkeypatch.setattr(KMDN.Distill, "load_group_model", lambda path, split, group: FeatureResNet(
+    monkeypatch.setattr(KMDN.distillation, "load_group_model", lambda path, split, group: FeatureResNet(
         "resnet18", num_classes=len(split.ids(group)), width=4))
     (out / "distill").mkdir()
     (out / "distill" / "M_T.pth").write_bytes(b"an earlier run's")
     expect_user_error(capsys, lambda: distill_main(distill), "already holds results (M_T.pth)")
-    monkeypatch.setattr(KMDN.Distill, "distill", stopped)
+    monkeypatch.setattr(KMDN.distillation, "distill", stopped)
     with pytest.raises(SystemExit):
         distill_main([*distill, "--overwrite"])
     assert not (out / "distill" / "M_T.pth").exists()
 
 
 def test_distill_refuses_models_of_different_widths_before_writing(split_dir, tmp_path, capsys, monkeypatch):
-    import KMDN.Distill
+    import KMDN.distillation
 
     widths = {"head": 4, "tail": 8}
-    monkeypatch.setattr(KMDN.Distill, "load_group_model", lambda path, split, group: FeatureResNet(
+    monkeypatch.setattr(KMDN.distillation, "load_group_model", lambda path, split, group: FeatureResNet(
         "resnet18", num_classes=len(split.ids(group)), width=widths[group]))
     out = tmp_path / "k"
     expect_user_error(capsys, lambda: distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1",

@@ -326,7 +326,7 @@ def jpeg_batch(count):
 
 def test_generated_images_are_flushed_before_they_get_their_names(tmp_path, monkeypatch):
     import tgn.io
-    from CDTG.synthesis import JpegWriter
+    from CDTG.generated_folder import JpegWriter
 
     seen = []
 
@@ -350,7 +350,7 @@ def test_generated_images_are_flushed_before_they_get_their_names(tmp_path, monk
 
 def test_without_syncfs_each_generated_image_is_fsynced(tmp_path, monkeypatch):
     import tgn.io
-    from CDTG.synthesis import JpegWriter
+    from CDTG.generated_folder import JpegWriter
 
     monkeypatch.setattr(tgn.io, "SYNCFS", None)  # not Linux
     fsyncs, real_fsync = [], os.fsync
@@ -364,7 +364,7 @@ def test_without_syncfs_each_generated_image_is_fsynced(tmp_path, monkeypatch):
 @pytest.mark.parametrize("failure", ["an image", "the flush"])
 def test_a_failed_batch_leaves_none_of_its_images(tmp_path, monkeypatch, failure):
     import tgn.io
-    from CDTG.synthesis import JpegWriter
+    from CDTG.generated_folder import JpegWriter
 
     monkeypatch.setattr(tgn.io, "SYNCFS", lambda fd: ctypes.set_errno(errno.EIO) or -1 if failure == "the flush" else 0)
     writer = JpegWriter(workers=2, quality=90)

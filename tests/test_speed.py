@@ -18,11 +18,12 @@ from conftest import ROOT, needs_compile, write_dataset
 from test_cdtg_training import read_anno, tiny_train_args
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.fusion import NoiseFusion
-from CDTG import synthesis
+from CDTG import generated_folder
 from CDTG.generation import main as generation_main
-from CDTG.synthesis import JpegWriter, TailSynthesizer
+from CDTG.generated_folder import JpegWriter
+from CDTG.synthesis import TailSynthesizer
 from CDTG.train import main as train_main
-from KMDN.group_training import build_parser
+from KMDN.flags import group_parser
 from tgn import distributed as dist
 from tgn.cache import SUFFIX, ResizeCache
 from tgn.cli import training_config
@@ -143,7 +144,7 @@ def test_precision_defaults():
 
 
 def test_amp_this_torch_cannot_train_with_is_refused_up_front(monkeypatch):
-    args = build_parser("", "tail").parse_args(["--amp", "fp16"])
+    args = group_parser("", "tail").parse_args(["--amp", "fp16"])
     cpu = torch.device("cpu")
     if not hasattr(torch.amp, "GradScaler"):  # torch before 2.3
         with pytest.raises(UserError, match="--amp fp16 on cpu: torch .* use --amp bf16 or --amp off"):
@@ -159,7 +160,7 @@ def test_amp_this_torch_cannot_train_with_is_refused_up_front(monkeypatch):
     monkeypatch.setattr(torch, "autocast", autocast_as_torch_2_1)
     with pytest.raises(UserError, match="--amp fp16 on cpu: torch .* cannot autocast to it there; use --amp bf16"):
         training_config(args, cpu)
-    assert training_config(build_parser("", "tail").parse_args(["--amp", "bf16"]), cpu).amp == "bf16"
+    assert training_config(group_parser("", "tail").parse_args(["--amp", "bf16"]), cpu).amp == "bf16"
 
 
 @pytest.mark.parametrize("capability, amp", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
@@ -177,7 +178,7 @@ def test_amp_auto_takes_fp16_on_gpus_that_only_emulate_bf16(monkeypatch, capabil
 def test_compiled_training_keeps_channels_last_off_the_gpu_for_one_pixel_maps(size, compile_mode, flag,
                                                                               channels_last):
     # On CUDA, torch.compile mis-predicts the layout of convolution gradients on 1x1 maps.
-    args = build_parser("", "tail").parse_args(["--image-size", str(size), "--compile", compile_mode,
+    args = group_parser("", "tail").parse_args(["--image-size", str(size), "--compile", compile_mode,
                                                 "--channels-last", flag, "--amp", "off"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -189,7 +190,7 @@ def test_compiled_training_keeps_channels_last_off_the_gpu_for_one_pixel_maps(si
 
 @needs_compile
 def test_channels_last_asked_for_with_compile_and_one_pixel_maps_is_refused():
-    args = build_parser("", "tail").parse_args(["--image-size", "32", "--compile", "--channels-last", "--amp", "off"])
+    args = group_parser("", "tail").parse_args(["--image-size", "32", "--compile", "--channels-last", "--amp", "off"])
     with pytest.raises(UserError, match="--channels-last with --compile needs --image-size above 32"):
         training_config(args, torch.device("cuda"))
 
@@ -303,25 +304,28 @@ def test_generation_lists_each_class_folder_once(cdtg_inputs, tmp_path, monkeypa
     run = cdtg_inputs / "listing"
     train_main(tiny_train_args(cdtg_inputs, run, "--iter", "1", "--clip", "none"))
     calls = []
-    original = synthesis.existing_indices
-    monkeypatch.setattr(synthesis, "existing_indices", lambda folder: calls.append(folder) or original(folder))
+    original = generated_folder.existing_indices
+    monkeypatch.setattr(generated_folder, "existing_indices", lambda folder: calls.append(folder) or original(folder))
     generation_main(["--ckpt", str(run / "checkpoint" / "1.pt"), "--out", str(tmp_path / "gen"), "--per-class", "30",
                      "--classes", "3", "--device", "cpu"])
-    # One listing to find the missing images, one per tail class for anno.txt: not one per image.
-    assert len(calls) == 1 + 3
+    # One listing to find the missing images, one per tail class for anno.txt and one for the
+    # class's summary line: not one per image.
+    assert len(calls) == 1 + 3 + 1
     assert len(read_anno(tmp_path / "gen")) == 30
 
 
-MODEL_FREE_SCRIPTS = ["KMDN/dataset_split.py", "Classification/compare.py", "data/demo.py", "data/make_demo.py",
-                      "data/prepare_folders.py", "data/prepare_fgsc23.py", "data/prepare_dior.py",
-                      "data/prepare_dota.py", "data/fetch_weights.py"]
+SCRIPTS = ["KMDN/dataset_split.py", "KMDN/UModel.py", "KMDN/RModel.py", "KMDN/Distill.py", "CDTG/dataset_split.py",
+           "CDTG/train.py", "CDTG/generation.py", "CDTG/evaluate.py", "Classification/train.py",
+           "Classification/test.py", "Classification/compare.py", "data/demo.py", "data/make_demo.py",
+           "data/prepare_folders.py", "data/prepare_fgsc23.py", "data/prepare_dior.py", "data/prepare_dota.py",
+           "data/fetch_weights.py"]
 
 
-def modules_imported(*args, cwd=ROOT):
+def modules_imported(*args, cwd=ROOT, status=0):
     """The modules a script run as `python SCRIPT ARGS` imported (from -X importtime)."""
     run = subprocess.run([sys.executable, "-X", "importtime", *map(str, args)], cwd=cwd, capture_output=True,
                          text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == status, run.stderr[-2000:]
     return {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
 
 
@@ -329,10 +333,15 @@ def imports_torch(modules):
     return sorted(name for name in modules if name.split(".")[0] in ("torch", "torchvision"))
 
 
-@pytest.mark.parametrize("script", MODEL_FREE_SCRIPTS)
-def test_stages_without_a_model_answer_help_without_importing_torch(script):
-    # torch and torchvision take about 4 s to import: most of these stages' running time.
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_stage_answers_help_without_importing_torch(script):
+    # torch and torchvision take 3 to 5 s to import: the flags are read first.
     assert imports_torch(modules_imported(ROOT / script, "--help")) == []
+
+
+@pytest.mark.parametrize("script", ["KMDN/UModel.py", "CDTG/train.py", "CDTG/generation.py", "Classification/test.py"])
+def test_a_mistyped_flag_is_refused_before_torch_is_imported(script):
+    assert imports_torch(modules_imported(ROOT / script, "--no-such-flag", status=2)) == []
 
 
 def test_splitting_and_preparing_a_dataset_run_without_torch(toy_data, tmp_path):

@@ -1,0 +1,258 @@
+"""The folder generation fills: one JPEG per image under its class id, the settings that
+made them (generation.json) and anno.txt listing them, and the run that adds the missing
+images, written a batch at a time and published atomically."""
+import json
+import re
+import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from CDTG.synthesis import TRUNCATION_CENTRE, TailSynthesizer
+from tgn import distributed as dist
+from tgn.compat import check_compile
+from tgn.data import Entry, write_annotation
+from tgn.errors import UserError
+from tgn.io import atomic_write_json, publish, remove_temp_files, write_pending
+from tgn.runlock import refuse_folder_in_use
+
+ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
+# Present while a run adds images (anno.txt is rewritten after each class): --extra refuses
+# a folder holding it, stopped or still running, rather than train on part of it.
+UNFINISHED = "generation.unfinished"
+IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
+
+
+def image_name(index):
+    return f"gen_{index:06d}.jpg"
+
+
+class HostImages:
+    """A device batch copied to pinned CPU memory without blocking the caller; `numpy()`
+    waits for the copy (and so for the kernels that made the batch)."""
+
+    def __init__(self, images):
+        if images.device.type == "cuda":
+            self.host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+            self.host.copy_(images, non_blocking=True)
+            self.ready = torch.cuda.Event(blocking=True)  # waiting threads sleep instead of spinning
+            self.ready.record(torch.cuda.current_stream(images.device))
+        else:
+            self.host, self.ready = images, None
+
+    def numpy(self):
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.numpy()
+
+
+def existing_indices(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        return set()
+    return {int(m.group(1)) for p in folder.iterdir() if (m := IMAGE_NAME.fullmatch(p.name))}
+
+
+class JpegWriter:
+    """Encodes and writes batches in worker threads (PIL releases the GIL while encoding)
+    while the caller generates the next batch. A batch's images go into hidden temp files
+    and are renamed into place together once on disk (tgn.io.publish: one flush of the
+    file system for the batch, not an fsync per image), so an image under its final name is
+    always complete. At most `max_pending` batches wait, so memory stays bounded when the
+    disk is slower than the generator."""
+
+    def __init__(self, workers, quality, max_pending=2):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        self.publisher = ThreadPoolExecutor(max_workers=1)  # batches reach their names in order
+        self.quality, self.max_pending = quality, max_pending
+        self.pending = deque()
+
+    def submit(self, folder, indices, images):
+        """Queue a batch: a uint8 array [N, H, W, 3] or HostImages still on its way."""
+        folder.mkdir(parents=True, exist_ok=True)
+        while len(self.pending) >= self.max_pending:
+            self._finish_oldest()
+        if not isinstance(images, HostImages):
+            images = HostImages(torch.as_tensor(np.asarray(images)))
+        writes = [self.pool.submit(self._write_one, folder / image_name(i), images, k) for k, i in enumerate(indices)]
+        self.pending.append(self.publisher.submit(self._publish, writes))
+
+    def _write_one(self, path, images, position):
+        return self._write(path, images.numpy()[position])
+
+    def _write(self, path, pixels):
+        # PIL encodes into a real file without holding the GIL, so the threads encode in
+        # parallel (into a BytesIO they took turns).
+        image = Image.fromarray(np.ascontiguousarray(pixels))
+        return write_pending(path, lambda handle: image.save(handle, format="JPEG", quality=self.quality))
+
+    @staticmethod
+    def _publish(writes):
+        """Once every image of the batch is written: all of them into place, or none (the
+        first error is raised, the temp files removed)."""
+        written, error = [], None
+        for job in writes:
+            try:
+                written.append(job.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            for tmp, _ in written:
+                Path(tmp).unlink(missing_ok=True)
+            raise error
+        publish(written)
+
+    def _finish_oldest(self):
+        self.pending.popleft().result()
+
+    def drain(self):
+        """Wait until every submitted image is on disk."""
+        while self.pending:
+            self._finish_oldest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.drain()  # images already generated are still written (each batch atomically)
+        finally:
+            self.pool.shutdown()
+            self.publisher.shutdown()
+
+
+def write_generated_annotation(out_dir, class_ids):
+    """anno.txt listing exactly the images on disk, in the dataset's annotation format."""
+    entries = [Entry(f"{cid}/{image_name(i)}", cid) for cid in class_ids
+               for i in sorted(existing_indices(Path(out_dir) / str(cid)))]
+    write_annotation(Path(out_dir) / ANNOTATION, entries)
+    return entries
+
+
+def _visible(entry):
+    """Not a hidden file (.gitkeep, .DS_Store) or a file system's lost+found."""
+    return not entry.name.startswith(".") and entry.name != "lost+found"
+
+
+def check_settings(out_dir, settings, overwrite):
+    """A folder keeps one set of generation settings: adding images must not mix them. A
+    non-empty folder that generation did not write is refused, --overwrite or not: its
+    class-id folders may be someone else's."""
+    path = Path(out_dir) / "generation.json"
+    if not path.is_file() and Path(out_dir).is_dir() and any(_visible(entry) for entry in Path(out_dir).iterdir()):
+        raise UserError(f"{out_dir} holds other files and no generation.json; generation writes into a new or empty "
+                        "folder or one it wrote: choose another --out")
+    if path.is_file() and not overwrite:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        # Folders written by earlier versions: fp32, JPEG quality 95, and a truncation centre
+        # over noise alone (the same images as now when --truncation is 1).
+        previous.setdefault("amp", "off")
+        previous.setdefault("quality", 95)
+        previous.setdefault("truncation_centre", TRUNCATION_CENTRE if previous.get("truncation", 1.0) == 1.0
+                            else "noise only")
+        # Folders of earlier versions are not checked for these.
+        unrecorded_before = ("data", "teacher", "weights", "real_images", "class_names", "real_features")
+        # Where the files are does not matter once what they hold is compared (the weights, the
+        # real features' inputs): a run folder moved elsewhere may still add images.
+        moved = ("ckpt", "data", "teacher") if "real_features" in previous else ()
+        changed = [key for key in settings if previous.get(key) != settings[key]
+                   and not (key not in previous and key in unrecorded_before) and key not in moved]
+        if changed:
+            raise UserError(f"{out_dir} holds images generated with other settings ({', '.join(changed)}); "
+                            "use another --out or pass --overwrite")
+
+
+def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncation, batch_size, quality, workers):
+    """Generate the missing images of each class; returns {class id: images written}.
+    Under torchrun process r generates every N-th missing image (positions r, r + N, ...)."""
+    out_dir = Path(out_dir)
+    written = {}
+    if dist.is_main():  # before any process writes: the first listing below waits for it
+        remove_temp_files(out_dir)  # the lists a killed run had not yet published
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / UNFINISHED).touch()
+
+    with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
+        for class_id in class_ids:
+            folder = out_dir / str(class_id)
+            existing = None
+            if dist.is_main():
+                remove_temp_files(folder)  # the images a killed run had not yet published
+                existing = existing_indices(folder)
+            # One listing for all processes (nodes may see a shared folder differently), made
+            # before any process writes to it.
+            existing = dist.broadcast_object(existing)
+            missing = [i for i in range(per_class) if i not in existing]
+            mine = dist.shard(missing)
+            chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+            synth.num_real(class_id)  # the teacher's pass, before the prefetch thread starts
+            name = synth.tail.names[synth.tail.ids.index(class_id)]
+
+            def draw(chunk, class_id=class_id):
+                return synth.batch_inputs(class_id, chunk, seed=seed)
+
+            upcoming = prefetch.submit(draw, chunks[0]) if chunks else None
+            for position in tqdm(range(len(chunks)), desc=f"class {class_id} ({name})", dynamic_ncols=True,
+                                 leave=False, disable=not dist.is_main()):
+                inputs = upcoming.result()
+                if position + 1 < len(chunks):
+                    upcoming = prefetch.submit(draw, chunks[position + 1])
+                images = synth.render(class_id, inputs, ratio=ratio, truncation=truncation, batch_size=batch_size)
+                writer.submit(folder, chunks[position], HostImages(images))
+            writer.drain()  # anno.txt lists the images on disk
+            dist.barrier()
+            written[class_id] = len(missing)
+            if dist.is_main():
+                write_generated_annotation(out_dir, synth.tail.ids)
+    if dist.is_main():
+        (out_dir / UNFINISHED).unlink()
+    return written
+
+
+def generate(args):
+    """CDTG/generation.py: the synthesizer loaded and the folder checked, then the missing images."""
+    check_compile(args.compile)
+    device = dist.process_device(args.device)
+    synth = TailSynthesizer.from_checkpoint(args.ckpt, device, data=args.data, data_root=args.data_root,
+                                            teacher=args.teacher, modconv=args.modconv, amp=args.amp,
+                                            compile=args.compile, skip_bad_images=args.skip_bad_images)
+    class_ids = list(dict.fromkeys(args.classes)) if args.classes else synth.tail.ids  # an id given twice: once
+    unknown = [cid for cid in class_ids if cid not in synth.tail.ids]
+    if unknown:
+        raise UserError(f"--classes: {unknown[0]} is not a tail class (tail classes: {synth.tail.ids})")
+    # Each image fuses the feature of one of its class's real images, drawn by position:
+    # the same count of real images, and the same weights, give the same images.
+    settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
+                "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources,
+                "weights": synth.weights_fingerprint(), "real_images": synth.real_counts(synth.tail.ids),
+                "real_features": synth.real_features_fingerprint(),
+                # Classification/train.py --extra checks them against the dataset it trains on.
+                "class_names": {str(cid): name for cid, name in zip(synth.tail.ids, synth.tail.names)}}
+    refuse_folder_in_use(args.out)
+    check_settings(args.out, settings, args.overwrite)
+    dist.init(args.device)  # joined after the input checks: an input error prints once per node
+    # Rank 0 lists every process's images in anno.txt. Checked before anything is removed;
+    # its collective also means every process checked the old settings.
+    dist.make_shared_folder(args.out)
+    if dist.is_main():
+        if args.overwrite:
+            for cid in synth.tail.ids:
+                shutil.rmtree(args.out / str(cid), ignore_errors=True)
+            (args.out / ANNOTATION).unlink(missing_ok=True)
+        atomic_write_json(args.out / "generation.json", settings)
+    dist.barrier()
+    written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,
+                             seed=args.seed, truncation=args.truncation, batch_size=args.batch, quality=args.quality,
+                             workers=args.workers)
+    if not dist.is_main():
+        return
+    for cid in class_ids:
+        name = synth.tail.names[synth.tail.ids.index(cid)]
+        total = len(existing_indices(args.out / str(cid)))  # more than --per-class if an earlier run made more
+        print(f"  class {cid:4d} {name:<28s} {written[cid]:6d} new, {total:6d} in all")
+    print(f"wrote {sum(written.values())} images; annotation: {args.out / ANNOTATION}")

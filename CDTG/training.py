@@ -1,0 +1,151 @@
+"""A CDTG/train.py run from its flags: the checks, the models and the trainer that fits them."""
+import warnings
+from pathlib import Path
+
+import torch
+
+from CDTG.checkpoint import checkpoint_steps
+from CDTG.clip_loss import ClipConsistencyLoss, load_clip
+from CDTG.config import GanConfig, ada_interval
+from CDTG.fusion import NoiseFusion
+from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator
+from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
+from CDTG.trainer import CdtgTrainer, accumulate
+from tgn.checkpoint import weights_fingerprint
+from tgn import distributed as dist
+from tgn.compat import check_compile
+from tgn.engine import seed_everything
+from tgn.errors import UserError, alike_in_every_process
+from tgn.io import check_own_run_folder, remove_temp_files, save_options
+from tgn.resume import check_resume
+from tgn.runlock import refuse_folder_in_use
+
+
+def gan_config(args):
+    return GanConfig(
+        iterations=args.iter, batch=args.batch, lr=args.lr, r1=args.r1, path_regularize=args.path_regularize,
+        path_batch_shrink=args.path_batch_shrink, d_reg_every=args.d_reg_every, g_reg_every=args.g_reg_every,
+        mixing=args.mixing, fusion_noise=args.fusion_noise, lambda_cls=args.lambda_cls,
+        lambda_clip=0.0 if args.clip == "none" else args.lambda_clip, augment=args.augment, flip=args.flip,
+        augment_p=args.augment_p, ada_target=args.ada_target, ada_length=args.ada_length, ada_every=args.ada_every,
+        save_every=args.save_every, keep_full=args.keep_full, sample_every=args.sample_every,
+        log_every=args.log_every, seed=args.seed, workers=args.workers, amp=args.amp, compile=args.compile,
+    )
+
+
+def sample_set(dataset, num_classes, latent_dim, device):
+    """Fixed inputs of the sample grids: up to 8 rows of classes, 8 samples each."""
+    classes = list(range(min(num_classes, 8)))
+    labels = torch.tensor([c for c in classes for _ in range(8)])
+    first_of_class = {}
+    for index, (_, label) in enumerate(dataset.samples):
+        first_of_class.setdefault(label, index)
+    real = torch.stack([dataset[first_of_class[int(c)]][0] for c in labels])
+    z = torch.randn(len(labels), latent_dim, generator=torch.Generator().manual_seed(0))
+    return z.to(device), labels.to(device), real.to(device)
+
+
+def clear_run(out):
+    """--overwrite: remove an earlier run's checkpoints, metrics and sample grids, so that
+    neither the log nor a later --resume mixes the two runs."""
+    for path in (out / "checkpoint").glob("*.pt"):
+        if path.stem.isdigit():  # <step>.pt, zero-padded or not
+            path.unlink()
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    for grid in (out / "sample").glob("[0-9]*.png"):
+        grid.unlink()
+
+
+def train_cdtg(args):
+    """CDTG/train.py: the flags and inputs checked, the models built (or resumed), then training."""
+    refuse_folder_in_use(args.out)
+    check_own_run_folder(args.out, args)
+    defaults = GanConfig()
+    inert = [flag for flag, value, default in (
+        ("--augment-p", args.augment_p, defaults.augment_p), ("--ada-target", args.ada_target, defaults.ada_target),
+        ("--ada-length", args.ada_length, defaults.ada_length), ("--ada-every", args.ada_every, None))
+        if value != default]
+    if inert and not args.augment:  # the official code ignores them without it: say so instead
+        raise UserError(f"{', '.join(inert)} act only with --augment (ADA): add --augment or leave them out")
+    if args.clip == "none" and args.lambda_clip not in (0, defaults.lambda_clip):
+        raise UserError(f"--lambda-clip {args.lambda_clip} acts only with a CLIP model: leave it out with --clip none")
+    args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
+    check_compile(args.compile)
+    steps = checkpoint_steps(args.out / "checkpoint")
+    if steps and not (args.resume or args.overwrite):
+        raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
+    check_resume(args.out, args, done=steps[-1] if steps else None, length="iter")
+    local = dist.local_batch(args.batch, "--batch")  # divisible by the torchrun processes, checked before joining
+    if local > STDDEV_GROUP and local % STDDEV_GROUP:
+        share = f"each process's share ({local})" if local != args.batch else "it"
+        raise UserError(f"--batch {args.batch}: {share} must be at most {STDDEV_GROUP} or a multiple of "
+                        f"{STDDEV_GROUP}, the discriminator's minibatch-std group")
+    if local < min(args.batch, STDDEV_GROUP):  # each process groups its own images: smaller groups than one process's
+        world = args.batch // local
+        raise UserError(f"--batch {args.batch} over {world} processes leaves {local} image(s) each, fewer than the "
+                        f"discriminator's minibatch-std group of {STDDEV_GROUP}, which changes training; use at most "
+                        f"{max(1, args.batch // STDDEV_GROUP)} processes or --batch {STDDEV_GROUP * world}")
+    tail = load_tail_classes(args.data, args.data_root)
+    device = dist.process_device(args.device)
+    seed_everything(args.seed)
+    dataset = tail_image_dataset(tail, args.size, args.skip_bad_images)
+    teacher = load_teacher(args.teacher, tail)
+    num_classes = len(tail.classes)
+    generator = Generator(args.size, args.latent, args.n_mlp, num_classes=num_classes,
+                          channel_multiplier=args.channel_multiplier, lr_mlp=args.lr_mlp, channel_max=args.channel_max)
+    discriminator = Discriminator(args.size, num_classes, label_dim=args.latent,
+                                  channel_multiplier=args.channel_multiplier, channel_max=args.channel_max)
+    g_ema = Generator(**generator.config)
+    accumulate(g_ema, generator, 0)
+    for module in (generator, g_ema):
+        module.set_fused_modconv(args.modconv == "fused")
+    channels, height, width = teacher.feature_shape(args.size)
+    if not 0 <= args.fusion_pool <= min(height, width):
+        raise UserError(f"--fusion-pool {args.fusion_pool}: M_T's layer3 map is {height}x{width} at {args.size} px; "
+                        f"use 0 (off) to {min(height, width)}")
+    fusion = NoiseFusion(channels * height * width, args.latent, pool=args.fusion_pool or None, channels=channels,
+                         lr_mul=args.fusion_lr_mul)
+    clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
+    clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
+    dist.init(args.device)  # joined after the input checks: an input error prints once per node
+    dist.make_shared_folder(args.out)
+    main = dist.is_main()  # under torchrun rank 0 alone prints and writes
+    if main:
+        for folder in (args.out, args.out / "checkpoint"):  # what a run killed mid-save left
+            remove_temp_files(folder)
+    if main and args.overwrite and not args.resume:
+        clear_run(args.out)
+    dist.barrier()  # no process looks for checkpoints before the old ones are gone
+    options = save_options(args.out, args, write=False)
+    metadata = {
+        "generator_config": generator.config,
+        "discriminator_config": discriminator.config,
+        "fusion_config": fusion.config,
+        "class_ids": tail.ids,
+        "class_names": tail.names,
+        "prompts": tail.prompts,
+        "train_counts": [sum(1 for _, label in dataset.samples if label == index) for index in range(num_classes)],
+        "teacher": str(args.teacher.resolve()),
+        "teacher_fingerprint": weights_fingerprint(teacher),
+        "data": str(Path(args.data).resolve()),
+        "data_root": str(tail.data_root),  # the dataset read (--data-root, else the tail data's): generation's too
+        "clip_fingerprint": weights_fingerprint(clip_model) if clip_model is not None else None,
+        "options": options,
+    }
+    trainer = CdtgTrainer(generator, discriminator, g_ema, fusion, teacher, clip_loss, gan_config(args), device,
+                          args.out, metadata)
+    if args.resume:
+        with alike_in_every_process():  # every process reads the same checkpoint: one line, from rank 0
+            trainer.resume()
+    # Written after the checkpoint's checks, so that a refused --resume leaves the run's own flags.
+    save_options(args.out, args, write=main)
+    if main:
+        print(f"CDTG: {num_classes} tail classes, {len(dataset)} images at {args.size} px, device {device}"
+              f"{dist.describe()}, CLIP {'off' if clip_loss is None else args.clip}, steps {trainer.step}..{args.iter}")
+        if num_classes == 1:  # cross-entropy over one class is 0 whatever the fake looks like
+            warnings.warn("one tail class: its classifier and CLIP losses are 0, so only the adversarial loss "
+                          "trains the generator")
+    samples = sample_set(dataset, num_classes, args.latent, device) if main else None
+    final_step = trainer.fit(dataset, samples)
+    if main:
+        print(f"done at step {final_step}: {args.out / 'checkpoint' / f'{final_step}.pt'}")

@@ -1,0 +1,34 @@
+"""Flags that train.py and test.py share, kept free of torch so that --help and a mistyped
+flag answer at once (importing torch and torchvision takes seconds)."""
+from pathlib import Path
+
+from tgn.cli import head_percent
+
+SAMPLERS = ("random", "class-balanced")  # see long_tail.py
+LOSSES = ("ce", "balanced-softmax")
+DEFAULT_IMAGE_SIZE = 224  # test.py's, for checkpoints that do not record theirs (result.pth)
+DEFAULT_THRESHOLD = 40.0  # the paper's: the top 40% of classes by training count are head
+
+
+def default_report_folder(ckpt):
+    """Where test.py writes the report of `ckpt` without --out."""
+    return Path(ckpt).parent / f"test-{Path(ckpt).stem}"
+
+
+def add_report_args(parser, from_run=False):
+    """`from_run`: --split and --threshold default to the ones the checkpoint's run used
+    (test.py), so that its report groups the classes as the run's own report did."""
+    group = parser.add_argument_group("report")
+    split_default = " (default: the split the checkpoint's run used, if any)" if from_run else ""
+    threshold_default = (f"the checkpoint's run's, else {DEFAULT_THRESHOLD:g}" if from_run
+                         else f"{DEFAULT_THRESHOLD:g}")
+    group.add_argument("--split", type=Path, default=None,
+                       help="head/tail from this split folder (KMDN/dataset_split.py); without it they are "
+                            f"recomputed from DATA's real training counts with --threshold{split_default}")
+    group.add_argument("--threshold", type=head_percent, default=None,  # None: not given, so --split may set it
+                       help="percent of classes (ranked by real training count) that are head, without --split "
+                            f"(default: {threshold_default})")
+    group.add_argument("--name", default=None, help="method name in the report and comparison table")
+    group.add_argument("--baseline-report", type=Path, default=None,
+                       help="report.json (or its folder) of the baseline: its accuracy line joins long_tail.png")
+    return group

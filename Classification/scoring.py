@@ -1,0 +1,66 @@
+"""A Classification/test.py run from its flags: one checkpoint scored on DATA's test images."""
+import sys
+from pathlib import Path
+
+import torch
+
+from Classification.flags import DEFAULT_IMAGE_SIZE, DEFAULT_THRESHOLD, default_report_folder
+from Classification.model import check_classes, load_classifier
+from Classification.report import REPORT_JSON
+from Classification.samples import class_order, count_per_class
+from Classification.stage import describe_classes, evaluation_set, grouping_split, read_baseline, report_and_figures
+from tgn import distributed as dist
+from tgn.compat import check_amp
+from tgn.data import open_dataset
+from tgn.errors import speaks
+from tgn.io import check_run_dir
+
+
+def groups_from_run(args, options):
+    """Without --split and --threshold, head/tail as the checkpoint's run grouped them (its
+    options; the official result.pth has none: the paper's 40%)."""
+    if args.split is not None or args.threshold is not None:  # grouping_split checks the two agree
+        return
+    if options.get("split") and Path(options["split"]).is_dir():
+        args.split = Path(options["split"])  # its threshold comes with it
+        return
+    args.threshold = options.get("threshold", DEFAULT_THRESHOLD)
+    if options.get("split") and speaks():  # before the processes join: once per node
+        print(f"warning: the split the checkpoint's run used, {options['split']}, is not found; head/tail from "
+              f"DATA's training counts with --threshold {args.threshold:g} (pass --split)", file=sys.stderr)
+
+
+def score_checkpoint(args):
+    """Classification/test.py: a checkpoint checked against DATA, scored on its test images, reported."""
+    check_amp(args.amp, dist.process_device(args.device), training=False)
+    out_dir = args.out or default_report_folder(args.ckpt)
+    check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False)
+    info = open_dataset(args.data_root)
+    class_ids, label_of = class_order(info)
+    baseline = read_baseline(args, info, class_ids)
+    model, meta = load_classifier(args.ckpt)
+    named = [info.class_names[cid] for cid in class_ids] if info.has_class_list else None  # else names are ids
+    check_classes(meta, model, class_ids, args.ckpt, args.data_root, named)
+    data_counts = count_per_class(info.entries("train", check_files=False), class_ids)
+    train_counts = meta.get("train_counts") or data_counts  # the official result.pth records none
+    if list(train_counts) != list(data_counts) and speaks():
+        print(f"warning: {args.data_root} has other training images per class than {args.ckpt} was trained on; "
+              "the report counts and groups them as its run did", file=sys.stderr)
+    options = meta.get("options", {})
+    groups_from_run(args, options)
+    classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
+                               grouping_split(args, info))
+    image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
+    dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
+
+    device = dist.init(args.device)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    method = args.name or meta.get("method") or args.ckpt.name
+    if dist.is_main():
+        print(f"{method}: {args.ckpt} on {len(dataset)} test images of {info.name} at {image_size} px, "
+              f"device {device}{dist.describe()}")
+    return report_and_figures(model, dataset, classes, out_dir, method=method, source=args.ckpt, device=device,
+                              batch_size=args.batch_size, workers=args.workers, pin_memory=args.pin_memory,
+                              amp=args.amp, channels_last=args.channels_last, baseline=baseline)

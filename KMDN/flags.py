@@ -1,0 +1,24 @@
+"""Flags of the KMDN trainers, kept free of torch so that --help and a mistyped flag
+answer at once (importing torch and torchvision takes seconds)."""
+from pathlib import Path
+
+from tgn.cli import add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser
+
+OFFICIAL_IMAGE_SIZE = 224  # what the official KMDN models were trained at
+
+
+def add_split_args(parser):
+    parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
+    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
+
+
+def group_parser(doc, group):
+    """UModel.py's (group 'head') and RModel.py's (group 'tail') flags."""
+    parser = make_parser(doc)
+    add_split_args(parser)
+    add_model_args(parser)
+    add_training_args(parser, epochs=100, batch_size=32)
+    add_runtime_args(parser)
+    add_output_args(parser, "runs/kmdn")
+    parser.set_defaults(group=group)
+    return parser
