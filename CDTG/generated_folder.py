@@ -25,7 +25,8 @@ ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
 # Present while a run adds images (anno.txt is rewritten after each class): --extra refuses
 # a folder holding it, stopped or still running, rather than train on part of it.
 UNFINISHED = "generation.unfinished"
-IMAGE_NAME = re.compile(r"gen_(\d{6})\.jpg")
+# What image_name writes: six digits, more from index 1,000,000 on (never a leading zero there).
+IMAGE_NAME = re.compile(r"gen_(\d{6}|[1-9]\d{6,})\.jpg")
 
 
 def image_name(index):
