@@ -27,6 +27,10 @@ def build_parser():
     parser.add_argument("--tail-ckpt", type=Path, default=None, help="M_T checkpoint (default OUT/tail/best.pth)")
     parser.add_argument("--alpha", type=non_negative_float, default=0.2, help="weight of the layer3 feature MSE")
     parser.add_argument("--distill-interval", type=positive_int, default=50, help="epochs before the roles switch")
+    parser.add_argument("--keep-fc", action="store_true",
+                        help="each student keeps its trained classifier (fc); by default, as in the official Distill, "
+                             "which loads M_H and M_T without it, the fc layer is drawn again when the model first "
+                             "learns (its layer3 features are what the teacher is compared on)")
     add_training_args(parser, epochs=100, batch_size=64, image_size=None,
                       image_size_help="images are resized to this square size (default: the size M_H and M_T were "
                                       f"trained at; {OFFICIAL_IMAGE_SIZE} for official files)")

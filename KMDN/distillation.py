@@ -44,6 +44,10 @@ def teacher_of(student):
     return "tail" if student == "head" else "head"
 
 
+def first_student_epoch(group, interval):
+    return 0 if group == "head" else interval
+
+
 def distillation_loss(student_logits, labels, student_feature, teacher_feature, alpha):
     """CE on the labels plus alpha times the mean squared distance of the layer3 features."""
     return F.cross_entropy(student_logits, labels) + alpha * F.mse_loss(student_feature, teacher_feature)
@@ -87,13 +91,14 @@ def student_loaders(datasets, cfg, device, epoch):
                         persistent=keep_evaluation_workers(), pin_memory=cfg.pin_memory))
 
 
-def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, resume=False):
+def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, resume=False, keep_fc=False):
     """Run the alternating schedule; returns the best test accuracy of each model.
 
     `models`, `datasets` (train, test) and `metas` are dicts keyed by 'head' and 'tail'.
     Writes last.pth (both models, both optimizers: for --resume), M_H.pth and M_T.pth
     (each model at its best test accuracy while it was the student) and metrics.jsonl.
     Under torchrun the student trains through DistributedDataParallel and rank 0 writes.
+    Without `keep_fc`, a model's classifier (fc) is drawn again when the model first learns.
     """
     out_dir = Path(out_dir)
     main = dist.is_main()
@@ -128,6 +133,11 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         freeze(teacher)
         unfreeze(student)
         seed_everything(epoch_seed(cfg.seed, epoch))
+        if not keep_fc and epoch == first_student_epoch(student_group, interval):
+            # As the official Distill, which loads M_H and M_T without their fc layers: the
+            # student's classifier starts afresh (drawn from the epoch's seed, so a resumed
+            # run draws it alike); a model that never learns is passed on with its own.
+            student.fc.reset_parameters()
         lr = step_lr(optimizers[student_group], cfg.lr, epoch, cfg.milestones)
         if loaders_group != student_group:
             loaders = None  # the idle group's workers stop: they would hold memory through its teacher epochs
@@ -209,8 +219,12 @@ def run_distillation(args):
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
     models = {group: load_group_model(paths[group], split, group) for group in paths}
     recorded = args.out / "distill" / "options.json"
-    if args.image_size is None and args.resume and recorded.is_file():  # the size the run started with
-        args.image_size = read_json(recorded, "options").get("image_size")
+    if args.resume and recorded.is_file():
+        started_with = read_json(recorded, "options")
+        if args.image_size is None:  # the size the run started with
+            args.image_size = started_with.get("image_size")
+        if "keep_fc" not in started_with:  # runs of earlier versions kept the classifiers
+            args.keep_fc = True
     if args.image_size is None:
         sizes = {group: model.training_size for group, model in models.items()}
         if sizes["head"] != sizes["tail"]:
@@ -241,7 +255,7 @@ def run_distillation(args):
     options = save_options(run_dir, args, write=main)
     metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
     best = distill(models, datasets, metas, cfg, device, run_dir,
-                   alpha=args.alpha, interval=args.distill_interval, resume=args.resume)
+                   alpha=args.alpha, interval=args.distill_interval, resume=args.resume, keep_fc=args.keep_fc)
     if not main:
         return
     for group, accuracy in best.items():

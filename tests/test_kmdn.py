@@ -151,6 +151,40 @@ def test_distill_keeps_only_the_students_workers(split_dir, tmp_path, monkeypatc
     assert [m["student"] for m in read_metrics(out / "distill" / "metrics.jsonl")] == ["head", "tail"] * 2
 
 
+@pytest.mark.parametrize("keep_fc", [False, True])
+def test_each_student_starts_with_a_new_classifier_as_in_the_official_distill(split_dir, tmp_path, keep_fc):
+    """The official Distill loads M_H and M_T without their fc layers; --keep-fc keeps them.
+    At a learning rate of 1e-9 an epoch moves no weight by more than about 1e-8."""
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    given = {group: load_checkpoint(out / group / "best.pth")["state_dict"] for group in ("head", "tail")}
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "2", "--distill-interval", "1",
+                  "--batch-size", "8", "--workers", "0", "--lr", "1e-9", *(["--keep-fc"] if keep_fc else [])])
+    learnt = load_checkpoint(out / "distill" / "last.pth")["models"]
+    for group in ("head", "tail"):
+        assert torch.allclose(learnt[group]["conv1.weight"], given[group]["conv1.weight"], atol=1e-6)
+        same_fc = torch.allclose(learnt[group]["fc.weight"], given[group]["fc.weight"], atol=1e-6)
+        assert same_fc == keep_fc, group
+        assert learnt[group]["fc.weight"].abs().max() > 0.01  # drawn, not zeroed
+
+
+def test_a_distill_run_of_an_earlier_version_resumes_keeping_its_classifiers(split_dir, tmp_path):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    run = ["--split", str(split_dir), "--out", str(out), "--distill-interval", "1", "--batch-size", "8", "--workers",
+           "0", "--lr", "1e-9"]
+    distill_main([*run, "--epochs", "1", "--keep-fc"])
+    options = json.loads((out / "distill" / "options.json").read_text())
+    del options["keep_fc"]  # what earlier versions recorded: they had no such flag, and kept fc
+    (out / "distill" / "options.json").write_text(json.dumps(options))
+    distill_main([*run, "--epochs", "2", "--resume"])
+    tail = load_checkpoint(out / "distill" / "last.pth")["models"]["tail"]
+    given = load_checkpoint(out / "tail" / "best.pth")["state_dict"]
+    assert torch.allclose(tail["fc.weight"], given["fc.weight"], atol=1e-6)
+
+
 def test_a_run_too_short_to_distill_m_t_says_so(split_dir, tmp_path, capsys):
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
