@@ -1,5 +1,7 @@
 """A Classification/train.py run from its flags: real and generated training images, the
 classifier, its training and the report of its best epoch."""
+import torch
+
 from Classification.flags import default_report_folder
 from Classification.long_tail import make_loss, make_sampler_weights
 from Classification.model import build_classifier, checkpoint_meta, initialise_backbone
@@ -98,7 +100,16 @@ def train_classifier(args):
     if best.exists() and main:
         print(f"best test OA {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; report of {best}:")
     source = best if best.exists() else run_dir / "last.pth"  # no best: the test set is empty
+    # The report is computed as test.py computes it by default, in fp32 and the standard
+    # memory layout, so that report-best/ is what `test.py --ckpt best.pth` writes; the
+    # epochs' test accuracy (which chose best.pth) came from the training precision.
+    as_tested = cfg.amp == "off" and not cfg.channels_last
+    if cfg.channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    if best.exists() and main and not as_tested:
+        print(f"(the epochs were evaluated with --amp {cfg.amp}{' and channels_last' if cfg.channels_last else ''}; "
+              "the report in fp32, as test.py)")
     return report_and_figures(model, test_images, classes, run_dir / "report-best", method=method, source=source,
                               device=device, batch_size=args.batch_size, workers=args.workers,
-                              pin_memory=args.pin_memory, amp=cfg.amp, channels_last=cfg.channels_last, baseline=baseline,
-                              cm=result.confusion if last_is_best else None)
+                              pin_memory=args.pin_memory, baseline=baseline,
+                              cm=result.confusion if last_is_best and as_tested else None)

@@ -281,6 +281,24 @@ def test_test_py_reproduces_the_training_report_with_a_split(trained, tmp_path):
     assert (tmp_path / "report" / "long_tail.png").is_file()
 
 
+def test_the_training_report_is_computed_as_test_py_computes_it(tmp_path, monkeypatch):
+    """report-best/ is what `test.py --ckpt best.pth` writes, also after training in bf16 and
+    channels_last (the GPU defaults): the epochs are evaluated as they train, the report in fp32."""
+    import Classification.stage
+
+    evaluate, calls = Classification.stage.evaluate, []
+    monkeypatch.setattr(Classification.stage, "evaluate", lambda *args, **kwargs: calls.append(kwargs) or evaluate(
+        *args, **kwargs))
+    data = write_dataset(tmp_path / "data", COUNTS)
+    out = tmp_path / "cls"
+    report = train_main(["--data-root", str(data), "--out", str(out), "--epochs", "1", "--device", "cpu", *TINY,
+                         "--amp", "bf16", "--channels-last"])
+    assert calls == [{"amp": "off", "channels_last": False}]
+    again = evaluate_main(["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--workers", "0",
+                           "--device", "cpu"])
+    assert again["confusion_matrix"] == report["confusion_matrix"]
+
+
 def test_test_py_writes_beside_the_checkpoint_without_touching_the_training_report(trained):
     data, out, report = trained
     before = (out / "report-best" / "report.json").read_bytes()
