@@ -57,7 +57,7 @@ def test_process_shares_partition_the_global_order_of_an_epoch(monkeypatch, weig
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_no_process_trains_a_batch_of_one_image(monkeypatch, world):
+def test_no_process_trains_a_batch_of_one_image_where_batchnorm_cannot(monkeypatch, world):
     monkeypatch.setattr(dist, "world_size", lambda: world)
     local = 8 // world  # each process's share of a global batch of 8
     for size in range(9, 41):
@@ -68,6 +68,15 @@ def test_no_process_trains_a_batch_of_one_image(monkeypatch, world):
         last_batches = [share - (share - 1) // local * local for share in shares]
         assert min(last_batches) >= 2, (size, last_batches)
         assert sum(shares) >= size - world  # at most N images left out of an epoch
+
+
+@pytest.mark.parametrize("image_size, trained", [(32, 16), (33, 17)])
+def test_a_last_batch_of_one_image_is_trained_where_the_maps_are_larger_than_one_pixel(tmp_path, image_size,
+                                                                                         trained):
+    """At 33 px and more the ResNets' last map is at least 2x2: BatchNorm trains on one image,
+    and the epoch keeps it, as the official loaders (drop_last=False) do."""
+    images = ImageList([(tmp_path / f"{i}.png", 0) for i in range(17)], image_size=image_size)
+    assert len(make_loader(images, 8, train=True).sampler) == trained
 
 
 def test_augmentation_depends_on_the_epoch_not_on_the_workers(tmp_path):

@@ -70,8 +70,9 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
     before each epoch. `batch_size` is the global batch (when evaluating, a process's share
     is rounded up: no statistic depends on it, so it need not divide); `persistent` keeps
     the workers (and their decoded-image pipelines) alive across epochs."""
+    image_size = getattr(dataset, "image_size", None)  # unknown: as if small
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, epoch=epoch, weights=weights,
-                           batch_size=batch_size)
+                           batch_size=batch_size, drop_single=image_size is None or image_size <= ONE_PIXEL_MAPS)
     return DataLoader(
         SeededItems(dataset) if train else dataset,
         batch_size=dist.local_batch(batch_size) if train else -(-batch_size // dist.world_size()),

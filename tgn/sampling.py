@@ -25,19 +25,21 @@ class EpochSampler(Sampler):
     shuffle=True: a permutation of range(size) (or, with `weights`, `size` draws with
     replacement, as WeightedRandomSampler does), each position paired with an
     augmentation seed; the list is padded to a multiple of the process count by
-    repeating its start, like DistributedSampler. With `batch_size` (the global batch), a
-    last batch that would leave a process a single image (at most N images over N
-    processes) is left out of the epoch: BatchNorm cannot train on one image. Otherwise N
-    processes train on the batches one would. shuffle=False: indices in order, sharded
-    without padding (confusion matrices are summed: every image counts once).
+    repeating its start, like DistributedSampler. With `batch_size` (the global batch) and
+    `drop_single`, a last batch that would leave a process a single image (at most N images
+    over N processes) is left out of the epoch: for models whose last feature map is 1x1
+    (images of 32 px or less), where BatchNorm cannot train on one image. Otherwise N
+    processes train on the batches one would, the last one included (as the official
+    loaders, which keep it). shuffle=False: indices in order, sharded without padding
+    (confusion matrices are summed: every image counts once).
     """
 
-    def __init__(self, size, *, shuffle, seed=0, epoch=0, weights=None, batch_size=None):
+    def __init__(self, size, *, shuffle, seed=0, epoch=0, weights=None, batch_size=None, drop_single=True):
         self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, epoch
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.rank, self.world = dist.rank(), dist.world_size()
         # The number of images an epoch trains on.
-        last = size % batch_size if shuffle and batch_size else 0
+        last = size % batch_size if shuffle and batch_size and drop_single else 0
         self.used = size - last if 0 < last <= self.world and size > last else size
 
     def set_epoch(self, epoch):
