@@ -239,6 +239,22 @@ class CdtgTrainer:
             print(f"resuming from {path} at step {self.step}")
         return True
 
+    def start_from(self, state, path):
+        """--init: G, D and G_ema from another checkpoint (checked by the caller), and the
+        noise-fusion layer with its average where the file has one of this shape; the
+        optimizers, ADA's p, the path-length mean and the step start afresh."""
+        for module, key in ((self.g, "g"), (self.d, "d"), (self.g_ema, "g_ema")):
+            load_weights(module, state[key], path)
+        fusion = state.get("fusion")
+        if fusion is not None and state.get("fusion_config") == self.fusion.config:
+            load_weights(self.fusion, fusion, path)
+            load_weights(self.fusion_ema, state.get("fusion_ema") or fusion, path)
+        elif dist.is_main():
+            held = "none (the official format)" if fusion is None else f"one of another shape ({state['fusion_config']})"
+            warnings.warn(f"--init {path} holds {held}: the noise-fusion layer starts afresh")
+        if dist.is_main():
+            print(f"starting from the weights of {path}: new optimizers, step 0")
+
     # ----- one step ----------------------------------------------------------------------
     def autocast(self):
         return autocast(self.device, self.cfg.amp)

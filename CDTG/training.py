@@ -4,14 +4,14 @@ from pathlib import Path
 
 import torch
 
-from CDTG.checkpoint import checkpoint_steps
+from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig, ada_interval
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator
-from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
+from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
 from CDTG.trainer import CdtgTrainer, accumulate
-from tgn.checkpoint import weights_fingerprint
+from tgn.checkpoint import check_fits, weights_fingerprint
 from tgn import distributed as dist
 from tgn.compat import check_compile
 from tgn.engine import seed_everything
@@ -19,6 +19,7 @@ from tgn.errors import UserError, alike_in_every_process
 from tgn.io import check_own_run_folder, remove_temp_files, save_options
 from tgn.resume import check_resume
 from tgn.runlock import refuse_folder_in_use
+from tgn.split import check_official_order
 
 
 def gan_config(args):
@@ -43,6 +44,23 @@ def sample_set(dataset, num_classes, latent_dim, device):
     real = torch.stack([dataset[first_of_class[int(c)]][0] for c in labels])
     z = torch.randn(len(labels), latent_dim, generator=torch.Generator().manual_seed(0))
     return z.to(device), labels.to(device), real.to(device)
+
+
+def starting_weights(path, tail, generator, discriminator, g_ema):
+    """--init's checkpoint, checked before anything is written: whole (G and D, not cut to
+    what generation reads), of these tail classes in this order, of these models' shapes."""
+    state = load_cdtg_checkpoint(path)
+    if state.get("generation_only") or "g" not in state or "d" not in state:
+        raise UserError(f"--init {path} keeps only what generation reads, not G and D (an older checkpoint, cut by "
+                        "--keep-full): pass one of the run's newest checkpoints")
+    if state.get("official"):  # it records no classes: its labels follow the training counts
+        check_official_order([cls["train_count"] for cls in tail.classes], path, tail.folder / MANIFEST)
+    elif state.get("class_ids") != tail.ids:
+        raise UserError(f"--init {path} was trained on the tail classes {state.get('class_ids')}, --data has "
+                        f"{tail.ids}: its labels would draw other classes")
+    for module, key in ((generator, "g"), (discriminator, "d"), (g_ema, "g_ema")):
+        check_fits(module, state[key], f"--init {path}")
+    return state
 
 
 def clear_run(out):
@@ -105,6 +123,9 @@ def train_cdtg(args):
                         f"use 0 (off) to {min(height, width)}")
     fusion = NoiseFusion(channels * height * width, args.latent, pool=args.fusion_pool or None, channels=channels,
                          lr_mul=args.fusion_lr_mul)
+    # A run with checkpoints to resume continues from them: --init only starts runs.
+    init = (starting_weights(args.init, tail, generator, discriminator, g_ema)
+            if args.init is not None and not (args.resume and steps) else None)
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
@@ -137,6 +158,9 @@ def train_cdtg(args):
     if args.resume:
         with alike_in_every_process():  # every process reads the same checkpoint: one line, from rank 0
             trainer.resume()
+    if init is not None:
+        trainer.start_from(init, args.init)
+        del init  # at 256 px about 3 GB
     # Written after the checkpoint's checks, so that a refused --resume leaves the run's own flags.
     save_options(args.out, args, write=main)
     if main:

@@ -12,17 +12,17 @@ from PIL import Image
 from conftest import PALETTE, TAIL_IDS, tiny_clip  # the cdtg_inputs fixture lives in conftest
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
+from CDTG.config import GanConfig
 from CDTG.fusion import NoiseFusion
 from CDTG.generation import main as generation_main
+from CDTG.losses import d_logistic_loss, g_nonsaturating_loss, teacher_classification_loss
 from CDTG.swagan import Discriminator, Generator
 from CDTG.synthesis import TailSynthesizer
 from CDTG.tail_data import StepBatchSampler, load_tail_classes, load_teacher
 from CDTG.train import build_parser
-from CDTG.training import gan_config
 from CDTG.train import main as train_main
-from CDTG.losses import d_logistic_loss, g_nonsaturating_loss, teacher_classification_loss
-from CDTG.config import GanConfig
 from CDTG.trainer import CdtgTrainer, accumulate
+from CDTG.training import gan_config
 from tgn.compat import can_load_classes
 from tgn.errors import UserError
 from tgn.resnet import FeatureResNet
@@ -865,3 +865,71 @@ def test_generated_images_are_found_under_every_name_generation_writes(tmp_path)
     for foreign in ("gen_0000005.jpg", "gen_12345.jpg", "gen_000007.png", "x_000008.jpg"):  # never written by it
         (tmp_path / foreign).write_bytes(b"")
     assert existing_indices(tmp_path) == set(indices)
+
+
+def weights_at_the_start(monkeypatch):
+    """What CdtgTrainer.fit starts from; fit itself is skipped."""
+    seen = {}
+
+    def record(trainer, dataset, samples):
+        seen.update(g=trainer.g.state_dict(), d=trainer.d.state_dict(), g_ema=trainer.g_ema.state_dict(),
+                    fusion=trainer.fusion.state_dict(), fusion_ema=trainer.fusion_ema.state_dict(),
+                    step=trainer.step, g_optim=trainer.g_optim.state_dict()["state"])
+        return trainer.step
+
+    monkeypatch.setattr(CdtgTrainer, "fit", record)
+    return seen
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_init_starts_a_new_run_from_another_runs_weights(trained_ckpt, cdtg_inputs, monkeypatch):
+    source = load_cdtg_checkpoint(trained_ckpt)
+    seen = weights_at_the_start(monkeypatch)
+    train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "tuned", "--iter", "4", "--clip", "none",
+                               "--init", str(trained_ckpt)))
+    for key in ("g", "d", "g_ema", "fusion", "fusion_ema"):
+        assert same_weights(seen[key], source[key]), key
+    assert seen["step"] == 0 and seen["g_optim"] == {}  # a new run: new optimizers
+    assert not same_weights(source["fusion"], source["fusion_ema"])  # each from its own entry
+
+
+@pytest.mark.skipif(not can_load_classes(), reason="the official options need torch 2.4 or later")
+def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(cdtg_inputs, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    g = Generator(32, 16, 2, num_classes=3, channel_max=16)
+    d = Discriminator(32, 3, label_dim=16, channel_max=16)
+    torch.save({"g": g.state_dict(), "d": d.state_dict(), "g_ema": g.state_dict(), "g_optim": {}, "d_optim": {},
+                "ada_aug_p": 0.0, "args": argparse.Namespace(size=32, channel_multiplier=2, iter=2, batch=4)},
+               tmp_path / "200000.pt")
+    seen = weights_at_the_start(monkeypatch)
+    with pytest.warns(UserWarning, match="holds none \\(the official format\\): the noise-fusion layer starts afresh"):
+        train_main(tiny_train_args(cdtg_inputs, tmp_path / "run", "--iter", "4", "--clip", "none", "--init",
+                                   str(tmp_path / "200000.pt")))
+    assert same_weights(seen["g"], g.state_dict()) and same_weights(seen["d"], d.state_dict())
+
+
+def test_init_refuses_what_it_cannot_start_from_before_writing(trained_ckpt, cdtg_inputs, tmp_path, capsys):
+    from CDTG.checkpoint import cut_to_generation
+
+    run = cdtg_inputs / "run"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--clip", "none", "--resume"))
+    assert cut_to_generation(run / "checkpoint", keep=1) == [trained_ckpt]
+    cases = [
+        ([], trained_ckpt, "keeps only what generation reads, not G and D"),
+        (["--size", "64"], run / "checkpoint" / "4.pt", "does not fit this model"),
+    ]
+    for extra, path, message in cases:
+        out = tmp_path / f"refused-{len(extra)}"
+        with pytest.raises(SystemExit):
+            train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--clip", "none", "--init", str(path),
+                                       *extra))
+        assert message in capsys.readouterr().err and not out.exists()
+    other = load_cdtg_checkpoint(run / "checkpoint" / "4.pt")
+    torch.save({**other, "class_ids": [4, 3, 2]}, tmp_path / "other_classes.pt")
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, tmp_path / "refused-classes", "--iter", "4", "--clip", "none",
+                                   "--init", str(tmp_path / "other_classes.pt")))
+    assert "was trained on the tail classes [4, 3, 2], --data has [2, 3, 4]" in capsys.readouterr().err

@@ -28,7 +28,8 @@ MAY_CHANGE = frozenset({
 # CDTG's ADA settings act only with --augment: a run without it may be resumed with any.
 ADA_FLAGS = frozenset({"augment_p", "ada_target", "ada_length", "ada_every"})
 PATH_FLAGS = frozenset({"out", "data_root", "split", "data", "teacher", "clip_root", "head_ckpt", "tail_ckpt",
-                        "cache", "baseline_report", "extra"})
+                        "cache", "baseline_report", "extra",
+                        "init"})  # only a run's start: a resumed run continues from its own checkpoints
 
 
 def _differs(key, saved, now):
