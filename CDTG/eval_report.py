@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tgn.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from tgn.metrics import format_percent
+from tgn.metrics import format_percent, markdown_cell
 
 EVALUATION_FORMAT = "tgn-cdtg-evaluation/1"
 METRICS = (  # (key, Markdown title, kind)
@@ -57,7 +57,8 @@ def _table(first_title, rows, first_cells):
         cells = [_markdown_cell(row[key], kind) for key, _, kind in METRICS]
         if row["fid"] is not None and _fid_images(row) < SMALL_FID_SET:
             cells[0] += " *"
-        lines.append(f"| {first} | {row['real_images']} | {row['generated_images']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {markdown_cell(first)} | {row['real_images']} | {row['generated_images']} | "
+                     + " | ".join(cells) + " |")
     return lines
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from tgn.errors import UserError
 from tgn.io import atomic_write_json, atomic_write_text, read_json
-from tgn.metrics import format_percent, summarize
+from tgn.metrics import format_percent, markdown_cell, summarize
 
 REPORT_FORMAT = "tgn-classification-report/1"
 REPORT_JSON = "report.json"  # the machine-readable report; its folder stands for it on command lines
@@ -93,7 +93,7 @@ def report_markdown(report):
     lines += ["", "| id | name | group | train | generated | test | accuracy % | F1 % |",
               "|---:|---|---|---:|---:|---:|---:|---:|"]
     for row in report["classes"]:
-        lines.append(f"| {row['id']} | {row['name']} | {row['group']} | {row['train_count']} | "
+        lines.append(f"| {row['id']} | {markdown_cell(row['name'])} | {row['group']} | {row['train_count']} | "
                      f"{_cell(row['generated_count'])} | {row['test_count']} | {format_percent(row['accuracy'])} | "
                      f"{format_percent(row['f1'])} |")
     return "\n".join(lines) + "\n"
@@ -159,7 +159,7 @@ def comparison_markdown(rows, note=None):
     lines = ["| method | " + " | ".join(f"{title} %" for title, _ in COMPARISON_COLUMNS) + " |",
              "|---|" + "---:|" * len(COMPARISON_COLUMNS)]
     for row in rows:
-        lines.append(f"| {row['method']} | " + " | ".join(format_percent(row[key]) for _, key in COMPARISON_COLUMNS)
+        lines.append(f"| {markdown_cell(row['method'])} | " + " | ".join(format_percent(row[key]) for _, key in COMPARISON_COLUMNS)
                      + " |")
     if note:
         lines += ["", note]

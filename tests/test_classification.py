@@ -592,6 +592,22 @@ def test_an_empty_group_is_n_a_not_zero():
     assert "| 7 | d | tail | 2 | n/a | 0 | n/a | n/a |" in report_markdown(report)
 
 
+def test_markdown_tables_keep_their_columns_whatever_the_names():
+    import re
+
+    from Classification.report import comparison, comparison_markdown
+
+    report = build_report(np.array(BASELINE_CM), method="TGN | r=0.05", source="x.pth", dataset="TOY",
+                          class_ids=[0, 1, 5, 7], class_names=["a|b", "line\nbreak", "c", "d"],
+                          train_counts=[50, 30, 5, 2], generated_counts=None, head=[0, 1], tail=[5, 7],
+                          grouping="hand")
+    for markdown in (report_markdown(report), comparison_markdown(comparison([report]))):
+        rows = [line for line in markdown.splitlines() if line.startswith("|")]
+        columns = {len(re.split(r"(?<!\\)\|", row)) for row in rows[-4:]}  # unescaped bars only
+        assert len(columns) == 1, rows
+    assert "| 0 | a\\|b |" in report_markdown(report) and "| 1 | line break |" in report_markdown(report)
+
+
 def test_figures_of_hand_made_reports(tmp_path):
     baseline = hand_report("baseline", BASELINE_CM)
     augmented = hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45])

@@ -79,3 +79,9 @@ def format_percent(value):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{100.0 * value:.2f}"
+
+
+def markdown_cell(text):
+    """`text` as one cell of a Markdown table: a '|' in a class or method name would start a
+    new column, a line break a new row."""
+    return " ".join(str(text).split()).replace("|", "\\|")
