@@ -48,6 +48,7 @@ from tgn.io import append_jsonl, trim_jsonl
 
 # What a checkpoint needs to continue a run (fusion_ema and ada are optional: earlier versions).
 RESUMABLE = ("g", "d", "g_ema", "fusion", "g_optim", "d_optim", "ada_aug_p", "mean_path_length", "step")
+SAMPLES_PER_CLASS = 8  # a row of each sample grid: one class, up to 8 rows
 
 
 def set_requires_grad(module, flag):
@@ -374,7 +375,7 @@ class CdtgTrainer:
         images, _ = self.g_ema([z], sample_labels)
         path = self.out_dir / "sample" / f"{self.step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images, path, nrow=int(math.sqrt(images.shape[0])) or 1, normalize=True, value_range=(-1, 1))
+        save_image(images, path, nrow=SAMPLES_PER_CLASS, normalize=True, value_range=(-1, 1))
 
     # ----- loop ----------------------------------------------------------------------------
     def fit(self, dataset, sample_set):

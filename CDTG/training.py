@@ -10,7 +10,7 @@ from CDTG.config import GanConfig, ada_interval
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator
 from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
-from CDTG.trainer import CdtgTrainer, accumulate
+from CDTG.trainer import SAMPLES_PER_CLASS, CdtgTrainer, accumulate
 from tgn.checkpoint import check_fits, weights_fingerprint
 from tgn import distributed as dist
 from tgn.compat import check_compile
@@ -35,9 +35,9 @@ def gan_config(args):
 
 
 def sample_set(dataset, num_classes, latent_dim, device):
-    """Fixed inputs of the sample grids: up to 8 rows of classes, 8 samples each."""
+    """Fixed inputs of the sample grids: up to 8 rows of classes, SAMPLES_PER_CLASS each."""
     classes = list(range(min(num_classes, 8)))
-    labels = torch.tensor([c for c in classes for _ in range(8)])
+    labels = torch.tensor([c for c in classes for _ in range(SAMPLES_PER_CLASS)])
     first_of_class = {}
     for index, (_, label) in enumerate(dataset.samples):
         first_of_class.setdefault(label, index)

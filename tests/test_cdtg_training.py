@@ -386,7 +386,8 @@ def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     assert a["class_ids"] == TAIL_IDS and a["prompts"][2] == "A photo of a golf field"
     assert isinstance(a["options"], dict) and a["generator_config"]["size"] == 32
     assert a["options"]["ada_every"] == 8 * 4  # 8 steps of --batch 4: the interval a resumed run keeps
-    assert (straight / "sample" / "000002.png").is_file()
+    with Image.open(straight / "sample" / "000002.png") as grid:  # a row of 8 per tail class, 2 px apart
+        assert grid.size == (8 * 34 + 2, len(TAIL_IDS) * 34 + 2)
     assert not torch.equal(a["fusion"]["project.weight"], load_cdtg_checkpoint(
         straight / "checkpoint" / "2.pt")["fusion"]["project.weight"])  # the fusion layer trains
     assert a["fusion_config"]["lr_mul"] == 0.01  # equalised, as --fusion-lr-mul's default
