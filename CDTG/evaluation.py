@@ -243,14 +243,21 @@ def overall_row(real, generated, seed=0):
     return row
 
 
-def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, workers=0, skip_bad_images=False):
-    """Per folder: a row per tail class and an overall row; the sample-sheet images; the size used."""
-    labels = folder_labels(folders)
-    generated = [generated_paths(folder, tail) for folder in folders]
+def scored_size(folders, generated, size, lpips):
+    """The side every image is resized to: --size, else the first generated image's; checked
+    against LPIPS's minimum before any model is loaded (or downloaded)."""
     size = size or first_image_size(folders, generated)
-    if evaluator.lpips is not None and size < LPIPS_MIN_SIZE:
+    if lpips and size < LPIPS_MIN_SIZE:
         raise UserError(f"LPIPS (AlexNet) needs images of at least {LPIPS_MIN_SIZE} px, these are {size} px: pass "
                         f"--size {LPIPS_MIN_SIZE + 1} (they are resized) or --lpips none")
+    return size
+
+
+def evaluate_folders(folders, generated, tail, evaluator, *, max_per_class, size, seed=0, workers=0,
+                     skip_bad_images=False):
+    """Per folder (its `generated` paths): a row per tail class and an overall row; the
+    sample-sheet images. Every image is resized to `size`."""
+    labels = folder_labels(folders)
     real_sets, sheets, real = {}, {REAL: {}}, real_paths(tail, skip_bad_images)
     for label, cid in enumerate(tail.ids):
         paths = subsample(real[cid], max_per_class, np.random.default_rng([seed, cid]))
@@ -269,7 +276,7 @@ def evaluate_folders(folders, tail, evaluator, *, max_per_class, size, seed=0, w
         rows = [class_row(cid, name, real_sets[cid], sets[cid]) for cid, name in zip(tail.ids, tail.names)]
         results.append({"label": folder_label, "path": str(folder), "generation": generation_settings(folder),
                         "overall": overall_row(real_sets, sets, seed), "classes": rows})
-    return results, sheets, size
+    return results, sheets
 
 
 def resolve_inputs(args):
@@ -309,6 +316,8 @@ def evaluate_generation(args):
     check_generated_folders(folders)
     data, teacher_path, notes = resolve_inputs(args)
     tail = load_tail_classes(data, args.data_root)
+    generated = [generated_paths(folder, tail) for folder in folders]
+    size = scored_size(folders, generated, args.size, lpips=args.lpips != "none")
     device = resolve_device(args.device)
     inception = load_inception(args.inception)
     lpips_model = load_lpips(args.lpips)
@@ -320,9 +329,9 @@ def evaluate_generation(args):
         clip=ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None,
         teacher=teacher.to(device).eval() if teacher else None,
         device=device, pairs=args.pairs, batch_size=args.batch)
-    results, sheets, size = evaluate_folders(folders, tail, evaluator, max_per_class=args.max_per_class,
-                                             size=args.size, seed=args.seed, workers=args.workers,
-                                             skip_bad_images=args.skip_bad_images)
+    results, sheets = evaluate_folders(folders, generated, tail, evaluator, max_per_class=args.max_per_class,
+                                       size=size, seed=args.seed, workers=args.workers,
+                                       skip_bad_images=args.skip_bad_images)
     for result in results:  # the overall rows of folders holding other classes compare other classes
         held = [row["id"] for row in result["classes"] if row["generated_images"]]
         if held != tail.ids:

@@ -345,7 +345,8 @@ def test_teacher_accuracy_counts_the_images_put_in_their_own_class(evaluation_in
     assert folder["overall"]["teacher_accuracy_real"] == pytest.approx(4 / 16)  # 8, 4 and 4 real images
 
 
-def test_evaluate_refuses_a_missing_or_unfinished_folder_and_notes_one_of_fewer_classes(evaluation_inputs, capsys):
+def test_evaluate_refuses_a_missing_or_unfinished_folder_and_notes_one_of_fewer_classes(evaluation_inputs, capsys,
+                                                                                       monkeypatch):
     root = evaluation_inputs
     common = ["--clip", "none", "--inception", "none", "--device", "cpu", "--workers", "0", "--pairs", "4"]
     with pytest.raises(SystemExit):
@@ -356,9 +357,12 @@ def test_evaluate_refuses_a_missing_or_unfinished_folder_and_notes_one_of_fewer_
         evaluate_script.main([str(root / "gen_shifted"), *common, "--out", str(root / "e1")])
     assert "holds generation.unfinished: its generation.py run stopped" in capsys.readouterr().err
     (root / "gen_shifted" / "generation.unfinished").unlink()
-    with pytest.raises(SystemExit):  # AlexNet has nothing to pool below 31 px: refused before any scoring
+    loading = CDTG.evaluation.load_lpips
+    monkeypatch.setattr(CDTG.evaluation, "load_lpips", lambda spec: pytest.fail("loaded AlexNet first"))
+    with pytest.raises(SystemExit):  # AlexNet has nothing to pool below 31 px: refused before it is loaded
         evaluate_script.main([str(root / "gen_shifted"), *common, "--out", str(root / "e2"), "--size", "16"])
     assert "LPIPS (AlexNet) needs images of at least 31 px, these are 16 px" in capsys.readouterr().err
+    monkeypatch.setattr(CDTG.evaluation, "load_lpips", loading)
     anno = root / "gen_shifted" / "anno.txt"
     anno.write_text("".join(line + "\n" for line in anno.read_text().splitlines() if not line.startswith("3/")))
     evaluation = evaluate_script.main([str(root / "gen_shifted"), *common, "--out", str(root / "e3"), "--size", "31"])
