@@ -31,14 +31,10 @@ from CDTG.tail_data import load_tail_classes, load_teacher
 from tgn.data import check_files_exist, drop_unreadable, read_annotation
 from tgn.engine import resolve_device
 from tgn.errors import UserError
-from tgn.images import SKIP_BAD_IMAGES, ImageList
+from tgn.images import REWRITE_GENERATED, SKIP_BAD_IMAGES, ImageList
 from tgn.io import check_run_dir, read_json, save_options
 
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
-# Generation writes each image whole (a temp file, then a rename) and rerun fills the gaps;
-# --skip-bad-images leaves out real images only.
-REWRITE_GENERATED = ("delete it and run CDTG/generation.py again with the same flags, which writes the images "
-                     "missing")
 GENERATION_SETTINGS = "generation.json"
 REAL = "real (training)"  # the sample sheet's first column group
 LPIPS_MIN_SIZE = 31  # AlexNet's second max-pool has nothing to pool below it

@@ -60,7 +60,8 @@ def train_classifier(args):
     cfg = training_config(args, device)
     check_one_image_batches(len(train_samples), args.batch_size, args.image_size, device, args.sync_bn)
     cache = ResizeCache(args.cache, args.image_size) if args.cache is not None else None
-    train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache)
+    train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache,
+                             generated_from=sum(images.real_counts))  # DATA's images come first
 
     device = dist.init(args.device)  # joined after the input checks: an input error prints once per node
     seed_everything(args.seed)

@@ -221,6 +221,23 @@ def trained(tmp_path_factory):
     return data, out, report
 
 
+def test_an_unreadable_training_image_is_named_with_what_mends_it(tmp_path, capsys):
+    """A generated image is written again by generation (its anno.txt lists it), a real one
+    is fixed, removed, or skipped with --skip-bad-images."""
+    data = write_dataset(tmp_path / "data", COUNTS)
+    generated = write_generated(tmp_path / "generated", {3: 9, 4: 10})
+    run = ["--data-root", str(data), "--extra", str(generated), "--epochs", "1", "--device", "cpu", *TINY]
+    for bad, hint in ((sorted((generated / "4").iterdir())[0], "run CDTG/generation.py again with the same flags"),
+                      (sorted((data / "train" / "0").iterdir())[0], "scripts with --skip-bad-images can leave")):
+        whole = bad.read_bytes()
+        bad.write_bytes(whole[:100])
+        with pytest.raises(SystemExit):  # when the epoch reaches it (progress bars before)
+            train_main([*run, "--out", str(tmp_path / bad.parent.name)])
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert f"error: cannot read image {bad}" in err and hint in err, err
+        bad.write_bytes(whole)
+
+
 def test_training_beats_chance_and_records_its_classes(trained):
     _, out, report = trained
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -35,6 +35,10 @@ def normalize_pixels(images):
 
 
 SKIP_BAD_IMAGES = "fix or remove the file; scripts with --skip-bad-images can leave such files out"
+# Generation writes each image whole (a temp file, then a rename) and a rerun fills the gaps
+# (anno.txt included); evaluate.py's --skip-bad-images leaves out real images only.
+REWRITE_GENERATED = ("delete it and run CDTG/generation.py again with the same flags, which writes the images "
+                     "missing")
 
 
 class ImageList(Dataset):
@@ -42,14 +46,17 @@ class ImageList(Dataset):
 
     `cache` (a tgn.cache.ResizeCache) serves images already resized to `image_size`, as
     uint8 (C, H, W) tensors. `bad_image_hint` ends the error for an unreadable image: what
-    its reader can do about it."""
+    its reader can do about it; samples from index `generated_from` on are generated images
+    (Classification/train.py --extra), which generation writes again."""
 
-    def __init__(self, samples, transform=None, image_size=None, cache=None, bad_image_hint=SKIP_BAD_IMAGES):
+    def __init__(self, samples, transform=None, image_size=None, cache=None, bad_image_hint=SKIP_BAD_IMAGES,
+                 generated_from=None):
         self.samples = list(samples)
         self.transform = transform
         self.image_size = image_size
         self.cache = cache
         self.bad_image_hint = bad_image_hint
+        self.generated_from = len(self.samples) if generated_from is None else generated_from
 
     def __len__(self):
         return len(self.samples)
@@ -59,7 +66,8 @@ class ImageList(Dataset):
         try:
             image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
         except UserError as exc:
-            raise UserError(f"{exc} ({self.bad_image_hint})") from None
+            hint = REWRITE_GENERATED if index >= self.generated_from else self.bad_image_hint
+            raise UserError(f"{exc} ({hint})") from None
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.tensor(label, dtype=torch.long)
