@@ -118,8 +118,8 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
                        help="images per batch in all: under torchrun each of N processes takes 1/N of it")
     group.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
     group.add_argument("--weight-decay", type=non_negative_float, default=weight_decay, help="Adam weight decay")
-    group.add_argument("--milestones", type=non_negative_int, nargs="*", default=OFFICIAL_MILESTONES,
-                       help="epochs after which the learning rate is divided by 10")
+    group.add_argument("--milestones", type=positive_int, nargs="*", default=OFFICIAL_MILESTONES,
+                       help="epochs after which the learning rate is divided by 10 (the flag alone: never)")
     group.add_argument("--image-size", type=positive_int, default=image_size, help=image_size_help)
     speed = parser.add_argument_group("speed and scale")
     speed.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
