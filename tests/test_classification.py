@@ -581,7 +581,7 @@ def test_training_help_shows_the_official_settings(capsys):
     shown = " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal's width
     for option in ("--epochs EPOCHS training epochs (default: 50)", "takes 1/N of it (default: 32)",
                    "--lr LR Adam learning rate (default: 0.001)", "Adam weight decay (default: 0.0001)",
-                   "divided by 10 (default: [30, 60, 90, 120, 150, 180])", "resized to this square size (default: 224)",
+                   "divided by 10 (the flag alone: never) (default: [30, 60, 90, 120, 150, 180])", "resized to this square size (default: 224)",
                    "--arch {resnet50,resnet18} resnet50 is the paper's; resnet18 for quick runs (default: resnet50)"):
         assert option in shown
 
