@@ -41,7 +41,7 @@ def parse_report_arg(text):
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_run_dir(args.out, overwrite=args.overwrite, results=(TABLE_MD, TABLE_CSV), resumable=False)
+    check_run_dir(args.out, overwrite=args.overwrite, results=(TABLE_MD, TABLE_CSV), resumable=False, args=args)
     names, reports = [], []
     for text in args.reports:
         name, path = parse_report_arg(text)

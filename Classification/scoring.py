@@ -34,7 +34,7 @@ def score_checkpoint(args):
     """Classification/test.py: a checkpoint checked against DATA, scored on its test images, reported."""
     check_amp(args.amp, dist.process_device(args.device), training=False)
     out_dir = args.out or default_report_folder(args.ckpt)
-    check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False)
+    check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)
     info = open_dataset(args.data_root)
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)

@@ -325,6 +325,18 @@ def test_test_py_writes_beside_the_checkpoint_without_touching_the_training_repo
     assert (out / "report-best" / "report.json").read_bytes() == before
 
 
+def test_reports_are_not_written_into_a_training_run_folder(trained, capsys):
+    from Classification.compare import main as compare_main
+
+    data, out, _ = trained
+    err = exit_message(capsys, evaluate_main, ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--out",
+                                               str(out), "--workers", "0", "--device", "cpu"])
+    assert err == f"error: {out} is a run folder of Classification/train.py (its options.json); choose another --out"
+    err = exit_message(capsys, compare_main, [str(out / "report-best"), "--out", str(out)])
+    assert "is a run folder of Classification/train.py" in err
+    assert not (out / "report.json").exists() and not (out / "comparison.md").exists()
+
+
 def test_test_py_groups_the_classes_as_the_checkpoints_run_did(trained, tmp_path, capsys):
     """Without --split or --threshold, test.py takes the run's (its report then matches the
     run's report-best/); flags given still win."""
