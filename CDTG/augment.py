@@ -83,7 +83,7 @@ class AdaptiveAugment:
 
     `update_every` counts images. rosinality's train.py (the official code's base) updates p
     every 8 steps whatever its --ada_every flag says: 64 images at batch 8, which the trainer
-    passes by default (CDTG.trainer.ada_interval). StyleGAN2-ADA uses 4 batches of 64 images
+    passes by default (CDTG.config.ada_interval). StyleGAN2-ADA uses 4 batches of 64 images
     (256). The step is count / length either way, so p moves at the same average rate; the
     interval sets how many predictions each update averages and how coarse it is.
     """

@@ -251,7 +251,8 @@ class CdtgTrainer:
             load_weights(self.fusion, fusion, path)
             load_weights(self.fusion_ema, state.get("fusion_ema") or fusion, path)
         elif dist.is_main():
-            held = "none (the official format)" if fusion is None else f"one of another shape ({state['fusion_config']})"
+            held = ("none (the official format)" if fusion is None else
+                    f"one of other settings ({state.get('fusion_config')}; this run's: {self.fusion.config})")
             warnings.warn(f"--init {path} holds {held}: the noise-fusion layer starts afresh")
         if dist.is_main():
             print(f"starting from the weights of {path}: new optimizers, step 0")

@@ -219,12 +219,9 @@ def run_distillation(args):
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
     models = {group: load_group_model(paths[group], split, group) for group in paths}
     recorded = args.out / "distill" / "options.json"
-    if args.resume and recorded.is_file():
-        started_with = read_json(recorded, "options")
-        if args.image_size is None:  # the size the run started with
-            args.image_size = started_with.get("image_size")
-        if "keep_fc" not in started_with:  # runs of earlier versions kept the classifiers
-            args.keep_fc = True
+    started_with = read_json(recorded, "options") if args.resume and recorded.is_file() else {}
+    if args.image_size is None and started_with:  # the size the run started with
+        args.image_size = started_with.get("image_size")
     if args.image_size is None:
         sizes = {group: model.training_size for group, model in models.items()}
         if sizes["head"] != sizes["tail"]:
@@ -238,6 +235,9 @@ def run_distillation(args):
     # Runs of earlier versions recorded no split: theirs is not checked.
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
                  data={"split_fingerprint": split.fingerprint})
+    if state is not None and started_with and "keep_fc" not in started_with and not args.keep_fc:
+        raise UserError(f"--resume: {args.out / 'distill'} was started by an earlier version, which kept M_H's and "
+                        "M_T's classifiers: resume it with --keep-fc")
     if args.resume and state is not None:  # weights of another shape are refused before anything is written
         with alike_in_every_process():  # every process reads the same file: one line
             for group, model in models.items():

@@ -93,3 +93,12 @@ def cdtg_inputs(tmp_path):
                                              "class_ids": TAIL_IDS, "class_names": ["airport", "dam", "golf field"]})
     torch.save(tiny_clip().state_dict(), tmp_path / "clip.pt")
     return tmp_path
+
+
+def exit_message(capsys, main, argv):
+    """The one line a script prints when it refuses its input (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err

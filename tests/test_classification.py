@@ -20,7 +20,7 @@ from Classification.report import build_report, read_report, report_csv, report_
 from Classification.samples import training_images
 from Classification.test import main as evaluate_main
 from Classification.train import main as train_main
-from conftest import write_dataset
+from conftest import exit_message, write_dataset
 from KMDN.dataset_split import main as split_main
 from tgn.checkpoint import load_checkpoint
 from tgn.data import open_dataset
@@ -42,14 +42,6 @@ def write_generated(folder, counts, seed=7):
     shutil.move(str(source / "train"), str(folder))
     shutil.move(str(source / "anno" / "TOY_train.txt"), str(folder / "anno.txt"))
     return folder
-
-
-def exit_message(capsys, main, argv):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
 
 
 # --- the released weights ------------------------------------------------------------------

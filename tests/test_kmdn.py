@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import exit_message
 from KMDN.dataset_split import main as split_main
 from KMDN.Distill import main as distill_main
 from KMDN.distillation import distillation_loss, freeze, make_distill_loss_fn, student_of_epoch
@@ -169,7 +170,7 @@ def test_each_student_starts_with_a_new_classifier_as_in_the_official_distill(sp
         assert learnt[group]["fc.weight"].abs().max() > 0.01  # drawn, not zeroed
 
 
-def test_a_distill_run_of_an_earlier_version_resumes_keeping_its_classifiers(split_dir, tmp_path):
+def test_a_distill_run_of_an_earlier_version_resumes_with_keep_fc_which_it_had(split_dir, tmp_path, capsys):
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
     rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
@@ -179,10 +180,25 @@ def test_a_distill_run_of_an_earlier_version_resumes_keeping_its_classifiers(spl
     options = json.loads((out / "distill" / "options.json").read_text())
     del options["keep_fc"]  # what earlier versions recorded: they had no such flag, and kept fc
     (out / "distill" / "options.json").write_text(json.dumps(options))
-    distill_main([*run, "--epochs", "2", "--resume"])
+    capsys.readouterr()
+    err = exit_message(capsys, distill_main, [*run, "--epochs", "2", "--resume"])
+    assert err.endswith("was started by an earlier version, which kept M_H's and M_T's classifiers: resume it "
+                        "with --keep-fc")
+    distill_main([*run, "--epochs", "2", "--resume", "--keep-fc"])
     tail = load_checkpoint(out / "distill" / "last.pth")["models"]["tail"]
     given = load_checkpoint(out / "tail" / "best.pth")["state_dict"]
     assert torch.allclose(tail["fc.weight"], given["fc.weight"], atol=1e-6)
+    distill_main([*run, "--epochs", "3", "--resume", "--keep-fc"])  # recorded now: the same call resumes again
+    capsys.readouterr()
+    err = exit_message(capsys, distill_main, [*run, "--epochs", "4", "--resume"])
+    assert "was started with --keep-fc, this call has no --keep-fc" in err
+    # Nothing to resume: a new run, with this version's defaults.
+    (out / "distill" / "last.pth").unlink()
+    for name in ("M_H.pth", "M_T.pth"):
+        (out / "distill" / name).unlink()
+    (out / "distill" / "options.json").write_text(json.dumps(options))
+    distill_main([*run, "--epochs", "1", "--resume"])
+    assert json.loads((out / "distill" / "options.json").read_text())["keep_fc"] is False
 
 
 def test_a_run_too_short_to_distill_m_t_says_so(split_dir, tmp_path, capsys):

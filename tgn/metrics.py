@@ -84,4 +84,4 @@ def format_percent(value):
 def markdown_cell(text):
     """`text` as one cell of a Markdown table: a '|' in a class or method name would start a
     new column, a line break a new row."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    return " ".join(str(text).split()).replace("\\", "\\\\").replace("|", "\\|")

@@ -44,6 +44,13 @@ def _flag(key):
     return "--" + key.replace("_", "-")
 
 
+def _setting(key, value):
+    """A flag as it is written: a switch is there or not."""
+    if isinstance(value, bool):
+        return _flag(key) if value else f"no {_flag(key)}"
+    return f"{_flag(key)} {value}"
+
+
 def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None):
     """Refuse a --resume whose run-defining flags differ from the run's, whose --epochs
     (`length`) is below the `done` epochs (steps) already trained, or (given the run's last
@@ -69,8 +76,8 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
         changed = [key for key, value in now.items()
                    if key in saved and key not in inert and _differs(key, saved[key], value)]
         if changed:
-            was = ", ".join(f"{_flag(key)} {saved[key]}" for key in changed)
-            now_text = ", ".join(f"{_flag(key)} {now[key]}" for key in changed)
+            was = ", ".join(_setting(key, saved[key]) for key in changed)
+            now_text = ", ".join(_setting(key, now[key]) for key in changed)
             raise UserError(f"--resume: {out_dir} was started with {was}, this call has {now_text}; resume with the "
                             "flags it was started with, or pass --overwrite instead of --resume to start again")
         note_process_count(out_dir, saved.get("processes"))
