@@ -95,6 +95,9 @@ def test_resume_keeps_the_runs_flags(split_dir, tmp_path, capsys):
     umodel_main([*common, "--epochs", "3", "--resume", "--workers", "1", "--amp", "off"])
     epochs = [json.loads(line)["epoch"] for line in (out / "head" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+    (out / "head" / "options.json").unlink()  # the flags are also in the checkpoint
+    expect_user_error(capsys, lambda: umodel_main([*common, "--epochs", "4", "--resume", "--image-size", "32"]),
+                      "was started with --image-size 16, this call has --image-size 32; resume with the flags")
 
 
 def test_resume_reads_no_pretrained_weights(split_dir, tmp_path):

@@ -67,8 +67,9 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
             print(f"note: nothing to resume in {out_dir}: starting a new run")
         return
     options_file = out_dir / "options.json"
-    if options_file.is_file():
-        saved = read_json(options_file, "options")
+    # Without options.json (deleted, or lost with a copied folder), the checkpoint's copy of them.
+    saved = read_json(options_file, "options") if options_file.is_file() else (state or {}).get("options")
+    if isinstance(saved, dict):
         now = json.loads(json.dumps(vars(args), default=str))  # the form options.json holds
         inert = ADA_FLAGS if not saved.get("augment") and not now.get("augment") else frozenset()
         if saved.get("clip") == now.get("clip") == "none":  # no CLIP loss whatever --lambda-clip says
