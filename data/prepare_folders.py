@@ -65,7 +65,7 @@ def folder_order(folders):
 
 def class_names_for(folders, names_path):
     """{class id: name} in folder order, from the folder names or --class-names."""
-    names = {folder: composed(folder).replace("_", " ").strip() or folder for folder in folders}
+    names = {folder: " ".join(composed(folder).replace("_", " ").split()) or folder for folder in folders}
     if names_path is not None:
         given = read_json(names_path, "--class-names")
         if not isinstance(given, dict) or not all(isinstance(name, str) and name.strip() for name in given.values()):

@@ -564,7 +564,7 @@ def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
     from KMDN.dataset_split import main as split_main
 
     src = tmp_path / "mine"
-    for folder, count in {"ship": 12, "harbor": 10, "storage_tank": 5, "golf_field": 4, "wind_mill": 3}.items():
+    for folder, count in {"ship": 12, "harbor": 10, "storage_tank": 5, "golf__field_": 4, "wind_mill": 3}.items():
         for i in range(count):
             paint_scene(src / folder / f"{i}.jpg", (8, 8), {})
     prepare_folders.main(["--train-dir", str(src), "--test-fraction", "0.2", "--out", str(tmp_path / "data")])
