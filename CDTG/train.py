@@ -6,7 +6,7 @@ tail model's features, the tail model's classification loss and a CLIP text loss
 Official defaults: 256 px, latent 512, 8 mapping layers, channel multiplier 2, batch 8,
 lr 0.002, 200,000 iterations, R1 10 every 16 steps, path length 2 every 4 steps, style
 mixing 0.9, fusion 0.8 * noise + 0.2 * feature, CLIP ViT-B/32. Writes
-OUT/checkpoint/<step>.pt every --save-every steps, OUT/sample/<step>.png grids,
+OUT/checkpoint/<step>.pt every --save-every steps, OUT/sample/<step, 6 digits>.png grids,
 OUT/metrics.jsonl and OUT/options.json. Quick CPU run: --size 32 --latent 64 --n-mlp 2
 --channel-max 32 --batch 4 --iter 200 --clip none.
 
