@@ -382,17 +382,19 @@ def test_files_are_written_where_python_has_no_fchmod(tmp_path):
 
 
 @pytest.mark.skipif(torch_version() < (2, 4), reason="Adam's fused kernel runs on CPUs from torch 2.4 on")
-def test_a_resumed_optimizer_keeps_this_runs_kernel():
+@pytest.mark.parametrize("saved_fused", [True, None])  # a GPU run's kernel; earlier versions' on CPUs
+def test_a_resumed_optimizer_keeps_this_runs_kernel(saved_fused):
     model = torch.nn.Linear(3, 2)
-    fused = torch.optim.Adam(model.parameters(), fused=True)  # as a GPU run saved it
+    saved = torch.optim.Adam(model.parameters(), fused=saved_fused)
     model(torch.ones(1, 3)).sum().backward()
-    fused.step()
-    plain = adam(model.parameters())
-    restore_optimizer(plain, fused.state_dict())
-    assert plain.param_groups[0]["fused"] is None and len(plain.state) == 2
+    saved.step()
+    this_run = adam(model.parameters())
+    assert this_run.param_groups[0]["fused"] is True  # CPUs have the fused kernel from torch 2.4 on
+    restore_optimizer(this_run, saved.state_dict())
+    assert this_run.param_groups[0]["fused"] is True and len(this_run.state) == 2
     model(torch.ones(1, 3)).sum().backward()
-    plain.step()  # the restored state works with this run's kernel
-    assert all(int(state["step"]) == 2 for state in plain.state.values())
+    this_run.step()  # the restored state works with this run's kernel
+    assert all(int(state["step"]) == 2 for state in this_run.state.values())
 
 
 def test_runs_of_earlier_versions_resume_with_their_fusion_layer(cdtg_inputs, capsys):

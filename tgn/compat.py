@@ -5,6 +5,7 @@ torch has it and the older spelling where it does not, so the scripts run unchan
 either (the test suite passes on torch 2.1.2 and on our pin).
 """
 import contextlib
+import functools
 import inspect
 import warnings
 
@@ -68,6 +69,19 @@ def grad_scaler(device):
     if hasattr(torch.amp, "GradScaler"):
         return torch.amp.GradScaler(device.type)
     return torch.cuda.amp.GradScaler()
+
+
+@functools.lru_cache(maxsize=None)
+def has_fused_adam(device_type):
+    """Whether torch.optim.Adam has a fused kernel for this device type: CUDA, and CPUs from
+    torch 2.4 on (older releases refuse fused=True off the GPU)."""
+    if device_type == "cuda":
+        return True
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device_type, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def can_load_classes():
