@@ -192,6 +192,8 @@ def _at_least(minimum, kind):
     """argparse type: a number of `kind` no smaller than `minimum`."""
     def parse(text):
         value = kind(text)
+        if not math.isfinite(value):  # nan passes any comparison's test by failing it
+            raise ValueError("must be a finite number")
         if value < minimum:
             raise ValueError(f"must be at least {minimum}")
         return value

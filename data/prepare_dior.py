@@ -104,7 +104,10 @@ def parse_voc(path, lookup):
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
     objects = []
     for index, node in enumerate(root.iter("object")):
-        class_id = find_class(lookup, (node.findtext("name") or "").strip(), path, DATASET)
+        name = (node.findtext("name") or "").strip()
+        if not name:
+            raise UserError(f"{path}: object {index} has no <name>")
+        class_id = find_class(lookup, name, f"{path}: object {index}", DATASET)
         try:
             box = tuple(float(node.find("bndbox").findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError):

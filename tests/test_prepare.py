@@ -156,8 +156,19 @@ def test_dior_unknown_class_is_a_one_line_error_naming_the_file(dior_src, tmp_pa
     xml.write_text(xml.read_text().replace("<name>ship</name>", "<name>spaceship</name>"))
     assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith("error:") and "00003.xml" in error and "spaceship" in error
+    assert error.startswith("error:") and "00003.xml: object " in error and "spaceship" in error
     assert "\n" not in error
+    xml.write_text(xml.read_text().replace("<name>spaceship</name>", "<name> </name>"))
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith("00003.xml: object 0 has no <name>")
+
+
+@pytest.mark.parametrize("flag", ["--context", "--min-size"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_crop_settings_must_be_finite(dior_src, tmp_path, capsys, flag, value):
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out"), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: argument {flag}") and "\n" not in err and not (tmp_path / "out").exists()
 
 
 def test_an_unreadable_scene_leaves_no_partial_dataset(dior_src, tmp_path, capsys):
@@ -499,6 +510,15 @@ def test_fgsc_folder_names_need_a_class_map(fgsc_src, tmp_path, capsys):
     assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "o2"), "--class-map",
                                            str(class_map)]) == 2
     assert "expected a JSON object" in capsys.readouterr().err
+
+
+def test_fgsc_refuses_to_test_on_its_training_images(fgsc_src, tmp_path, capsys):
+    (tmp_path / "same").symlink_to(fgsc_src / "train")
+    for test_dir in (fgsc_src / "train", tmp_path / "same"):
+        assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--test-dir", str(test_dir), "--out",
+                                               str(tmp_path / "out")]) == 2
+        assert "a.jpg and 2 more in both train and test" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
 
 
 def test_fgsc_checks_that_images_decode(fgsc_src, tmp_path, capsys):
