@@ -111,6 +111,9 @@ def parse_voc(path, lookup):
         try:
             box = tuple(float(node.find("bndbox").findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError):
+            if node.find("robndbox") is not None:  # DIOR-R's oriented boxes
+                raise UserError(f"{path}: object {index} has an oriented box (robndbox); pass --annotations "
+                                "DIOR/Annotations/'Horizontal Bounding Boxes'") from None
             raise UserError(f"{path}: object {index} has no numeric bndbox xmin/ymin/xmax/ymax") from None
         objects.append(ChipObject(index, class_id, box))
     return objects

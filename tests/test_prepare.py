@@ -163,6 +163,14 @@ def test_dior_unknown_class_is_a_one_line_error_naming_the_file(dior_src, tmp_pa
     assert capsys.readouterr().err.strip().endswith("00003.xml: object 0 has no <name>")
 
 
+def test_dior_r_oriented_boxes_point_to_the_horizontal_ones(dior_src, tmp_path, capsys):
+    xml = dior_src / "Annotations" / "Horizontal Bounding Boxes" / "00003.xml"
+    xml.write_text(xml.read_text().replace("bndbox>", "robndbox>"))
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith("00003.xml: object 0 has an oriented box (robndbox); pass "
+                                                    "--annotations DIOR/Annotations/'Horizontal Bounding Boxes'")
+
+
 @pytest.mark.parametrize("flag", ["--context", "--min-size"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_crop_settings_must_be_finite(dior_src, tmp_path, capsys, flag, value):
