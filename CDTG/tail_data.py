@@ -18,7 +18,7 @@ from tgn import distributed as dist
 from tgn.data import check_files_exist, drop_unreadable, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
 from tgn.images import ImageList
-from tgn.io import absolute_path, atomic_write_json, make_folder, read_json
+from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
 from tgn.resnet import load_feature_resnet
 from tgn.split import check_official_order, check_split_matches, load_split
 
@@ -168,6 +168,7 @@ def write_tail_data(args):
     tokenize_prompts([cls["prompt"] for cls in classes])  # CLIP takes at most 77 tokens
     tail = TailClasses(args.out, split.data_root, classes, split.fingerprint)
     make_folder(args.out)
+    remove_temp_files(args.out)  # what a run killed mid-write left
     write_annotation(args.out / IMAGE_LIST, entries)
     tail.write()
     print(f"{len(classes)} tail classes, {len(entries)} training images")

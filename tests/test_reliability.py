@@ -194,6 +194,27 @@ def test_temp_files_of_a_run_killed_mid_save_are_removed(split_dir, tmp_path):
     assert not left.exists() and all(path.exists() for path in kept)
 
 
+def test_the_splits_and_the_comparison_remove_what_a_killed_run_of_theirs_left(toy_data, tmp_path):
+    from CDTG.dataset_split import main as cdtg_split_main
+    from Classification.compare import main as compare_main
+    from Classification.report import build_report, write_report
+
+    split, tail_data, table = tmp_path / "split", tmp_path / "tail", tmp_path / "table"
+    left = [split / ".split.json.k1ll3d.tmp", tail_data / ".tail_classes.json.k1ll3d.tmp",
+            table / ".comparison.md.k1ll3d.tmp"]
+    for path in left:
+        path.parent.mkdir()
+        path.write_text("half a file")
+    split_main(["--data-root", str(toy_data), "--out", str(split)])
+    cdtg_split_main(["--split", str(split), "--out", str(tail_data)])
+    report = build_report(np.eye(2, dtype=int), method="m", source="m.pth", dataset="TOY", class_ids=[0, 1],
+                          class_names=["a", "b"], train_counts=[2, 1], generated_counts=None, head=[0], tail=[1],
+                          grouping="hand")
+    write_report(report, tmp_path / "report")
+    compare_main([str(tmp_path / "report"), "--out", str(table)])
+    assert not any(path.exists() for path in left)
+
+
 HOLD = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tgn.data import Entry, check_files_exist, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
-from tgn.io import absolute_path, atomic_write_json, make_folder, read_json
+from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
 
 SPLIT_FORMAT = "tgn-split/1"
 GROUPS = ("head", "tail")
@@ -155,6 +155,7 @@ def compute_split(info, threshold_percent):
 def write_split(split, entries_by_subset, folder):
     """split.json plus head/tail annotation lists; the lists keep DATA-relative paths."""
     folder = make_folder(folder)
+    remove_temp_files(folder)  # what a split killed mid-write left
     split.folder = folder
     for group in GROUPS:
         members = set(split.ids(group))
