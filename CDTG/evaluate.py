@@ -24,7 +24,8 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("folders", nargs="+", metavar="FOLDER", help="generated folders")
     parser.add_argument("--data", type=Path, default=None,
-                        help="tail-class data, CDTG/dataset_split.py output (default: the one the first folder's generation checkpoint records)")
+                        help="tail-class data, CDTG/dataset_split.py output (default: the one the first folder's "
+                             "generation checkpoint records)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved")
     parser.add_argument("--out", type=output_folder, default=Path("runs/cdtg/evaluation"), help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")

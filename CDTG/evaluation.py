@@ -26,16 +26,15 @@ from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.eval_report import (build_evaluation, evaluation_markdown, metric_notes, plot_sample_sheet,
                               write_evaluation)
 from CDTG.fidelity import fid, kid, load_inception, load_lpips, mean_pairwise_lpips
-from CDTG.generated_folder import ANNOTATION, UNFINISHED
 from CDTG.tail_data import load_tail_classes, load_teacher
 from tgn.data import check_files_exist, drop_unreadable, read_annotation
 from tgn.engine import resolve_device
 from tgn.errors import UserError
+from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
 from tgn.images import REWRITE_GENERATED, SKIP_BAD_IMAGES, ImageList
 from tgn.io import check_run_dir, read_json, save_options
 
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
-GENERATION_SETTINGS = "generation.json"
 REAL = "real (training)"  # the sample sheet's first column group
 LPIPS_MIN_SIZE = 31  # AlexNet's second max-pool has nothing to pool below it
 
@@ -74,16 +73,16 @@ def check_generated_folders(folders):
     for folder in folders:
         if not Path(folder).is_dir():
             raise UserError(f"generated folder not found: {folder}")
-        if (Path(folder) / UNFINISHED).exists():
-            raise UserError(f"{folder} holds {UNFINISHED}: its generation.py run stopped (or still runs) before "
-                            "every class was written; rerun it with the same flags to finish, then evaluate")
+        if (Path(folder) / GENERATION_UNFINISHED).exists():
+            raise UserError(f"{folder} holds {GENERATION_UNFINISHED}: its generation.py run stopped (or still runs) "
+                            "before every class was written; rerun it with the same flags to finish, then evaluate")
 
 
 def generated_paths(folder, tail):
     """{tail class id: [image paths]} from the folder's anno.txt."""
-    annotation = Path(folder) / ANNOTATION
+    annotation = Path(folder) / GENERATED_ANNOTATION
     if not annotation.is_file():
-        raise UserError(f"{folder}: no {ANNOTATION}; is it a CDTG/generation.py output folder?")
+        raise UserError(f"{folder}: no {GENERATED_ANNOTATION}; is it a CDTG/generation.py output folder?")
     entries = read_annotation(annotation)
     unknown = sorted({entry.class_id for entry in entries} - set(tail.ids))
     if unknown:

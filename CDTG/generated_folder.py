@@ -18,13 +18,10 @@ from tgn import distributed as dist
 from tgn.compat import check_compile
 from tgn.data import Entry, write_annotation
 from tgn.errors import UserError
+from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
 from tgn.io import atomic_write_json, publish, remove_temp_files, write_pending
 from tgn.runlock import refuse_folder_in_use
 
-ANNOTATION = "anno.txt"  # the name Classification/train.py --extra reads
-# Present while a run adds images (anno.txt is rewritten after each class): --extra refuses
-# a folder holding it, stopped or still running, rather than train on part of it.
-UNFINISHED = "generation.unfinished"
 # What image_name writes: six digits, more from index 1,000,000 on (never a leading zero there).
 IMAGE_NAME = re.compile(r"gen_(\d{6}|[1-9]\d{6,})\.jpg")
 
@@ -131,7 +128,7 @@ def write_generated_annotation(out_dir, class_ids):
     """anno.txt listing exactly the images on disk, in the dataset's annotation format."""
     entries = [Entry(f"{cid}/{image_name(i)}", cid) for cid in class_ids
                for i in sorted(existing_indices(Path(out_dir) / str(cid)))]
-    write_annotation(Path(out_dir) / ANNOTATION, entries)
+    write_annotation(Path(out_dir) / GENERATED_ANNOTATION, entries)
     return entries
 
 
@@ -144,7 +141,7 @@ def check_settings(out_dir, settings, overwrite):
     """A folder keeps one set of generation settings: adding images must not mix them. A
     non-empty folder that generation did not write is refused, --overwrite or not: its
     class-id folders may be someone else's."""
-    path = Path(out_dir) / "generation.json"
+    path = Path(out_dir) / GENERATION_SETTINGS
     if not path.is_file() and Path(out_dir).is_dir() and any(_visible(entry) for entry in Path(out_dir).iterdir()):
         raise UserError(f"{out_dir} holds other files and no generation.json; generation writes into a new or empty "
                         "folder or one it wrote: choose another --out")
@@ -176,7 +173,7 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     if dist.is_main():  # before any process writes: the first listing below waits for it
         remove_temp_files(out_dir)  # the lists a killed run had not yet published
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / UNFINISHED).touch()
+        (out_dir / GENERATION_UNFINISHED).touch()
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
@@ -211,7 +208,7 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
             if dist.is_main():
                 write_generated_annotation(out_dir, synth.tail.ids)
     if dist.is_main():
-        (out_dir / UNFINISHED).unlink()
+        (out_dir / GENERATION_UNFINISHED).unlink()
     return written
 
 
@@ -244,8 +241,8 @@ def generate(args):
         if args.overwrite:
             for cid in synth.tail.ids:
                 shutil.rmtree(args.out / str(cid), ignore_errors=True)
-            (args.out / ANNOTATION).unlink(missing_ok=True)
-        atomic_write_json(args.out / "generation.json", settings)
+            (args.out / GENERATED_ANNOTATION).unlink(missing_ok=True)
+        atomic_write_json(args.out / GENERATION_SETTINGS, settings)
     dist.barrier()
     written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,
                              seed=args.seed, truncation=args.truncation, batch_size=args.batch, quality=args.quality,
@@ -256,4 +253,4 @@ def generate(args):
         name = synth.tail.names[synth.tail.ids.index(cid)]
         total = len(existing_indices(args.out / str(cid)))  # more than --per-class if an earlier run made more
         print(f"  class {cid:4d} {name:<28s} {written[cid]:6d} new, {total:6d} in all")
-    print(f"wrote {sum(written.values())} images; annotation: {args.out / ANNOTATION}")
+    print(f"wrote {sum(written.values())} images; annotation: {args.out / GENERATED_ANNOTATION}")

@@ -29,11 +29,12 @@ from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.compilation import compile_swagan
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
-from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
+from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
 from tgn.checkpoint import load_weights, weights_fingerprint
 from tgn.compat import mark_cuda_graph_step
 from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
+from tgn.handoff import TAIL_MANIFEST
 from tgn.split import check_official_order
 
 FEATURE_BATCH = 64  # real images per pass of M_T; fixed, so that images do not depend on --batch
@@ -82,7 +83,7 @@ class TailSynthesizer:
                             "and --teacher (the tail model M_T)")
         tail = load_tail_classes(data, data_root)
         if checkpoint.get("official"):
-            check_official_order([c["train_count"] for c in tail.classes], ckpt_path, tail.folder / MANIFEST)
+            check_official_order([c["train_count"] for c in tail.classes], ckpt_path, tail.folder / TAIL_MANIFEST)
         config = checkpoint["generator_config"]
         if config["num_classes"] != len(tail.classes):
             raise UserError(f"{ckpt_path} generates {config['num_classes']} classes, "

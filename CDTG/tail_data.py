@@ -17,12 +17,12 @@ from CDTG.parallel import step_seed
 from tgn import distributed as dist
 from tgn.data import check_files_exist, drop_unreadable, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
+from tgn.handoff import TAIL_MANIFEST
 from tgn.images import ImageList
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
 from tgn.resnet import load_feature_resnet
 from tgn.split import check_official_order, check_split_matches, load_split
 
-MANIFEST = "tail_classes.json"
 IMAGE_LIST = "train.txt"
 MANIFEST_FORMAT = "tgn-cdtg-data/1"
 
@@ -61,7 +61,7 @@ class TailClasses:
         return samples_for(self.data_root / "train", entries, self.label_of())
 
     def write(self):
-        atomic_write_json(self.folder / MANIFEST, {
+        atomic_write_json(self.folder / TAIL_MANIFEST, {
             "format": MANIFEST_FORMAT,
             "data_root": str(self.data_root),
             "split_fingerprint": self.split_fingerprint,
@@ -71,7 +71,7 @@ class TailClasses:
 
 def load_tail_classes(folder, data_root=None):
     folder = Path(folder)
-    path = folder / MANIFEST if folder.is_dir() or not folder.suffix else folder
+    path = folder / TAIL_MANIFEST if folder.is_dir() or not folder.suffix else folder
     if not path.is_file():
         raise UserError(f"tail-class data not found: {path} (run CDTG/dataset_split.py first)")
     data = read_json(path, "tail-class manifest")
@@ -136,7 +136,7 @@ def load_teacher(path, tail):
         raise UserError(f"--teacher {path} has {teacher.config['num_classes']} classes, "
                         f"the tail data has {len(tail.classes)}")
     if "state_dict" not in checkpoint:
-        check_official_order([c["train_count"] for c in tail.classes], f"--teacher {path}", tail.folder / MANIFEST)
+        check_official_order([c["train_count"] for c in tail.classes], f"--teacher {path}", tail.folder / TAIL_MANIFEST)
     ids = checkpoint.get("class_ids") if "state_dict" in checkpoint else None
     if ids is not None and list(ids) != tail.ids:
         raise UserError(f"--teacher {path} was trained on classes {ids}, the tail classes are {tail.ids}")
@@ -155,8 +155,8 @@ def write_tail_data(args):
     except (KeyError, IndexError, ValueError) as exc:
         raise UserError(f"--prompt {args.prompt!r}: only {{name}} may stand in braces (write {{{{ and }}}} for a "
                         f"brace itself); {type(exc).__name__}: {exc}") from exc
-    if (args.out / MANIFEST).exists() and not args.overwrite:
-        raise UserError(f"{args.out / MANIFEST} exists; pass --overwrite to replace it")
+    if (args.out / TAIL_MANIFEST).exists() and not args.overwrite:
+        raise UserError(f"{args.out / TAIL_MANIFEST} exists; pass --overwrite to replace it")
     split = load_split(args.split, data_root=args.data_root)
     check_split_matches(split, open_dataset(split.data_root))
     entries = split.entries("tail", "train")
@@ -174,4 +174,4 @@ def write_tail_data(args):
     print(f"{len(classes)} tail classes, {len(entries)} training images")
     for cls in classes:
         print(f"  label {cls['label']:2d}  class {cls['id']:4d}  {cls['train_count']:6d} images  \"{cls['prompt']}\"")
-    print(f"wrote {args.out / MANIFEST}")
+    print(f"wrote {args.out / TAIL_MANIFEST}")

@@ -9,13 +9,14 @@ from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig, ada_interval
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator
-from CDTG.tail_data import MANIFEST, load_tail_classes, load_teacher, tail_image_dataset
+from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
 from CDTG.trainer import SAMPLES_PER_CLASS, CdtgTrainer, accumulate
 from tgn.checkpoint import check_fits, weights_fingerprint
 from tgn import distributed as dist
 from tgn.compat import check_compile
 from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process
+from tgn.handoff import TAIL_MANIFEST
 from tgn.io import check_own_run_folder, remove_temp_files, save_options
 from tgn.resume import check_resume
 from tgn.runlock import refuse_folder_in_use
@@ -54,7 +55,7 @@ def starting_weights(path, tail, generator, discriminator, g_ema):
         raise UserError(f"--init {path} keeps only what generation reads, not G and D (an older checkpoint, cut by "
                         "--keep-full): pass one of the run's newest checkpoints")
     if state.get("official"):  # it records no classes: its labels follow the training counts
-        check_official_order([cls["train_count"] for cls in tail.classes], path, tail.folder / MANIFEST)
+        check_official_order([cls["train_count"] for cls in tail.classes], path, tail.folder / TAIL_MANIFEST)
     elif state.get("class_ids") != tail.ids:
         raise UserError(f"--init {path} was trained on the tail classes {state.get('class_ids')}, --data has "
                         f"{tail.ids}: its labels would draw other classes")

@@ -159,8 +159,8 @@ def comparison_markdown(rows, note=None):
     lines = ["| method | " + " | ".join(f"{title} %" for title, _ in COMPARISON_COLUMNS) + " |",
              "|---|" + "---:|" * len(COMPARISON_COLUMNS)]
     for row in rows:
-        lines.append(f"| {markdown_cell(row['method'])} | " + " | ".join(format_percent(row[key]) for _, key in COMPARISON_COLUMNS)
-                     + " |")
+        cells = [format_percent(row[key]) for _, key in COMPARISON_COLUMNS]
+        lines.append(f"| {markdown_cell(row['method'])} | " + " | ".join(cells) + " |")
     if note:
         lines += ["", note]
     return "\n".join(lines) + "\n"

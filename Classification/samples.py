@@ -16,13 +16,8 @@ from pathlib import Path
 
 from tgn.data import check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
+from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED, TAIL_MANIFEST
 
-EXTRA_ANNOTATION = "anno.txt"
-# What CDTG/generation.py writes beside it, and the tail data file that it names (read as
-# plain JSON: the classifier does not depend on the CDTG stage).
-GENERATION_SETTINGS = "generation.json"
-TAIL_MANIFEST = "tail_classes.json"
-UNFINISHED = "generation.unfinished"  # present while generation.py adds images
 
 
 def class_order(info):
@@ -44,12 +39,12 @@ def read_extra(folder, class_names, names_known=True):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"--extra {folder}: folder not found")
-    if (folder / UNFINISHED).exists():
-        raise UserError(f"--extra {folder}: its generation has not finished ({UNFINISHED}: stopped or still "
+    if (folder / GENERATION_UNFINISHED).exists():
+        raise UserError(f"--extra {folder}: its generation has not finished ({GENERATION_UNFINISHED}: stopped or still "
                         "running); run CDTG/generation.py again with the same flags to finish it")
-    annotation = folder / EXTRA_ANNOTATION
+    annotation = folder / GENERATED_ANNOTATION
     if not annotation.is_file():
-        raise UserError(f"--extra {folder}: no {EXTRA_ANNOTATION} (lines '<class_id>/<file> <class_id>')")
+        raise UserError(f"--extra {folder}: no {GENERATED_ANNOTATION} (lines '<class_id>/<file> <class_id>')")
     entries = read_annotation(annotation)
     if not entries:  # training would silently be the baseline
         raise UserError(f"--extra {folder}: {annotation} lists no images")
@@ -101,7 +96,7 @@ def training_images(info, extra_folders=()):
             key = str(Path(path).resolve())
             if key in label_by_path:
                 if label_by_path[key] != label:
-                    raise UserError(f"{Path(folder) / EXTRA_ANNOTATION}: {entry.relpath} is listed with another "
+                    raise UserError(f"{Path(folder) / GENERATED_ANNOTATION}: {entry.relpath} is listed with another "
                                     "class elsewhere")
                 duplicates += 1
                 continue
