@@ -167,6 +167,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         save_checkpoint(out_dir / "last.pth", {
             "format": "tgn-distill-state/1",
             "split_fingerprint": metas["head"]["split_fingerprint"],  # --resume continues on the same data only
+            "options": metas["head"]["options"],  # what --resume compares with, should options.json be gone
             "models": {group: model.state_dict() for group, model in models.items()},
             "optimizers": {group: opt.state_dict() for group, opt in optimizers.items()},
             "scalers": {group: scaler.state_dict() for group, scaler in scalers.items() if scaler is not None},

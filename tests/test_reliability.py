@@ -98,6 +98,32 @@ def test_resume_keeps_the_runs_flags(split_dir, tmp_path, capsys):
     (out / "head" / "options.json").unlink()  # the flags are also in the checkpoint
     expect_user_error(capsys, lambda: umodel_main([*common, "--epochs", "4", "--resume", "--image-size", "32"]),
                       "was started with --image-size 16, this call has --image-size 32; resume with the flags")
+    expect_user_error(capsys, lambda: umodel_main([*common, "--epochs", "4", "--resume", "--milestones", "2", "3"]),
+                      "was started with --milestones 30 60 90 120 150 180, this call has --milestones 2 3")
+
+
+def test_milestone_0_is_refused_for_a_new_run_but_a_run_started_with_it_resumes(split_dir, tmp_path, capsys):
+    """It divides --lr from the first epoch; earlier versions took it (their demo passed it)."""
+    out = tmp_path / "kmdn"
+    common = ["--split", str(split_dir), "--out", str(out), *TINY, "--milestones", "0"]
+    expect_user_error(capsys, lambda: umodel_main([*common, "--epochs", "1"]),
+                      "--milestones 0 divides --lr by 10 from the first epoch: pass a lower --lr instead")
+    assert not out.exists()
+    umodel_main([*common, "--epochs", "1", "--resume"])  # nothing to resume: a new run, as an earlier version's
+    umodel_main([*common, "--epochs", "2", "--resume"])
+    lrs = [json.loads(line)["lr"] for line in (out / "head" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == [1e-4, 1e-4]
+
+
+def test_distill_resumes_with_the_flags_of_its_checkpoint_when_options_json_is_gone(split_dir, tmp_path, capsys):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    run = ["--split", str(split_dir), "--out", str(out), "--batch-size", "8", "--workers", "0"]
+    distill_main([*run, "--epochs", "1"])
+    (out / "distill" / "options.json").unlink()
+    expect_user_error(capsys, lambda: distill_main([*run, "--epochs", "2", "--resume", "--alpha", "0.9"]),
+                      "was started with --alpha 0.2, this call has --alpha 0.9")
 
 
 def test_resume_reads_no_pretrained_weights(split_dir, tmp_path):

@@ -118,7 +118,7 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
                        help="images per batch in all: under torchrun each of N processes takes 1/N of it")
     group.add_argument("--lr", type=positive_float, default=lr, help="Adam learning rate")
     group.add_argument("--weight-decay", type=non_negative_float, default=weight_decay, help="Adam weight decay")
-    group.add_argument("--milestones", type=positive_int, nargs="*", default=OFFICIAL_MILESTONES,
+    group.add_argument("--milestones", type=non_negative_int, nargs="*", default=OFFICIAL_MILESTONES,
                        help="epochs after which the learning rate is divided by 10 (the flag alone: never)")
     group.add_argument("--image-size", type=positive_int, default=image_size, help=image_size_help)
     speed = parser.add_argument_group("speed and scale")
@@ -168,6 +168,8 @@ def training_config(args, device):
     from tgn.engine import TrainConfig, resolve_precision
     from tgn.resnet import ONE_PIXEL_MAPS
 
+    if 0 in args.milestones and not args.resume:  # runs started with it before it was refused still resume
+        raise UserError("--milestones 0 divides --lr by 10 from the first epoch: pass a lower --lr instead")
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
     check_amp(amp, device)
     if args.sync_bn == "on" and device.type != "cuda" and planned_world_size() > 1:  # found now, not in fit()

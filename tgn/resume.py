@@ -48,6 +48,8 @@ def _setting(key, value):
     """A flag as it is written: a switch is there or not."""
     if isinstance(value, bool):
         return _flag(key) if value else f"no {_flag(key)}"
+    if isinstance(value, list):
+        return " ".join([_flag(key), *map(str, value)])
     return f"{_flag(key)} {value}"
 
 
