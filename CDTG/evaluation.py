@@ -32,7 +32,7 @@ from tgn.engine import resolve_device
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
 from tgn.images import REWRITE_GENERATED, SKIP_BAD_IMAGES, ImageList
-from tgn.io import check_run_dir, read_json, save_options
+from tgn.io import check_run_dir, read_json, remove_temp_files, save_options
 
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
 REAL = "real (training)"  # the sample sheet's first column group
@@ -332,6 +332,7 @@ def evaluate_generation(args):
         if held != tail.ids:
             notes.append(f"{result['label']} holds images of the tail classes {held} only (of {tail.ids}): its "
                          "overall row covers those classes.")
+    remove_temp_files(args.out)  # what an evaluation killed mid-write left
     options = save_options(args.out, args)
     evaluation = build_evaluation(
         results, extractor=inception.name if inception else None,

@@ -112,8 +112,9 @@ def parse_voc(path, lookup):
             box = tuple(float(node.find("bndbox").findtext(tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
         except (AttributeError, TypeError, ValueError):
             if node.find("robndbox") is not None:  # DIOR-R's oriented boxes
-                raise UserError(f"{path}: object {index} has an oriented box (robndbox); pass --annotations "
-                                "DIOR/Annotations/'Horizontal Bounding Boxes'") from None
+                horizontal = "the folder of horizontal boxes (DIOR's Annotations/'Horizontal Bounding Boxes')"
+                raise UserError(f"{path}: object {index} has an oriented box (robndbox, DIOR-R); pass --annotations "
+                                f"{horizontal}") from None
             raise UserError(f"{path}: object {index} has no numeric bndbox xmin/ymin/xmax/ymax") from None
         objects.append(ChipObject(index, class_id, box))
     return objects

@@ -209,9 +209,13 @@ def evaluation_inputs(cdtg_inputs, monkeypatch):
 def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(evaluation_inputs):
     root = evaluation_inputs
     out = root / "evaluation"
+    stale = out / ".evaluation.json.k1ll3d.tmp"  # what an evaluation killed mid-write leaves
+    out.mkdir()
+    stale.write_text("half a report")
     evaluation = evaluate_script.main([str(root / "gen_copy"), str(root / "gen_shifted"), "--clip",
                                        str(root / "clip.pt"), "--out", str(out), "--device", "cpu",
                                        "--workers", "0", "--pairs", "20", "--max-per-class", "6"])
+    assert not stale.exists()
     assert [folder["label"] for folder in evaluation["folders"]] == ["r=0.05", "r=0.8"]
     assert evaluation["teacher"] == str(root / "M_T.pth")  # recorded by the generation checkpoint
     assert evaluation["feature_extractor"] == "tiny random test net" and evaluation["settings"]["size"] == 32

@@ -167,8 +167,9 @@ def test_dior_r_oriented_boxes_point_to_the_horizontal_ones(dior_src, tmp_path, 
     xml = dior_src / "Annotations" / "Horizontal Bounding Boxes" / "00003.xml"
     xml.write_text(xml.read_text().replace("bndbox>", "robndbox>"))
     assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.strip().endswith("00003.xml: object 0 has an oriented box (robndbox); pass "
-                                                    "--annotations DIOR/Annotations/'Horizontal Bounding Boxes'")
+    assert capsys.readouterr().err.strip().endswith(
+        "00003.xml: object 0 has an oriented box (robndbox, DIOR-R); pass --annotations the folder of horizontal "
+        "boxes (DIOR's Annotations/'Horizontal Bounding Boxes')")
 
 
 @pytest.mark.parametrize("flag", ["--context", "--min-size"])
@@ -582,6 +583,13 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
     assert (out / "train/2/b.png").is_symlink() == (link == "symlink")
     printed = capsys.readouterr().out
     assert re.search("ignored 1 files in class folders that are not images, e.g. .*readme.txt", printed)
+
+
+def test_folders_refuse_to_test_on_the_training_images(class_folders, tmp_path, capsys):
+    train = class_folders / "train"
+    assert exit_code(prepare_folders.main, ["--train-dir", str(train), "--test-dir", str(train), "--out",
+                                            str(tmp_path / "out")]) == 2
+    assert "in both train and test" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
