@@ -406,6 +406,20 @@ def test_dota_skip_difficult_keeps_object_numbering(dota_src, tmp_path, capsys):
     assert "difficult (--skip-difficult): 1" in capsys.readouterr().out
 
 
+def test_dota_labels_of_later_versions_skip_their_extra_classes_when_asked(dota_src, tmp_path, capsys):
+    labels = dota_src / "train/labelTxt/P0001.txt"
+    labels.write_text(labels.read_text().replace("small-vehicle 1", "container-crane 0"))  # as v1.5 labels it
+    argv = ["--src", str(dota_src), "--workers", "1"]
+    assert exit_code(prepare_dota.main, [*argv, "--out", str(tmp_path / "refused")]) == 2
+    assert "unknown class name 'container-crane'" in one_error(capsys)
+    assert exit_code(prepare_dota.main, [*argv, "--out", str(tmp_path / "kept"), "--skip-classes", "ship"]) == 2
+    assert "--skip-classes: ship is one of the 15 DOTA v1.0 classes" in one_error(capsys)
+    prepare_dota.main([*argv, "--out", str(tmp_path / "out"), "--skip-classes", "Container-Crane,helipad"])
+    assert sorted(e.relpath for e in open_dataset(tmp_path / "out").entries("train")) == ["0/P0001_0.jpg",
+                                                                                          "6/P0001_2.jpg"]
+    assert "class container-crane (--skip-classes): 1" in capsys.readouterr().out
+
+
 def test_dota_bad_line_and_overwrite_onto_the_source_are_refused(dota_src, tmp_path, capsys):
     argv = ["--src", str(dota_src), "--out", str(dota_src), "--overwrite"]
     assert exit_code(prepare_dota.main, argv) == 2
