@@ -242,7 +242,7 @@ class CdtgTrainer:
 
     def start_from(self, state, path):
         """--init: G, D and G_ema from another checkpoint (checked by the caller), and the
-        noise-fusion layer with its average where the file has one of this shape; the
+        noise-fusion layer with its average where the file has one of these settings; the
         optimizers, ADA's p, the path-length mean and the step start afresh."""
         for module, key in ((self.g, "g"), (self.d, "d"), (self.g_ema, "g_ema")):
             load_weights(module, state[key], path)

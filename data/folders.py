@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from data.chips import IMAGE_SUFFIXES, Tally, is_hidden, make_class_dirs, report, write_dataset
+from data.chips import IMAGE_SUFFIXES, Tally, check_disjoint, is_hidden, make_class_dirs, report, write_dataset
 from data.output import building_dataset, check_output
 from tgn.data import Entry, check_readable
 from tgn.errors import UserError
@@ -52,6 +52,13 @@ def check_listable_name(path, flag):
                         "such names)") from None
     if "\n" in path.name or "\r" in path.name:
         raise UserError(f"{flag}: the name of {str(path)!r} holds a line break; rename it")
+
+
+def check_not_training_images(train_paths, test_paths):
+    """Refuse test images that are training images: the same folder given as --train-dir and
+    --test-dir, or reached through a link."""
+    check_disjoint([str(Path(path).resolve()) for path in train_paths],
+                   [str(Path(path).resolve()) for path in test_paths], "--train-dir/--test-dir")
 
 
 def list_class_images(subset_dir, class_ids, flag, unknown_folder):

@@ -12,8 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.chips import check_disjoint, existing_dir  # noqa: E402
-from data.folders import add_link_argument, list_class_images, prepare_folder_dataset  # noqa: E402
+from data.chips import existing_dir  # noqa: E402
+from data.folders import (add_link_argument, check_not_training_images, list_class_images,  # noqa: E402
+                          prepare_folder_dataset)
 from data.output import add_output_arguments  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -77,9 +78,7 @@ def main(argv=None):
     class_ids = folder_class_ids(args.class_map)
     sources = {subset: list_images(folder, class_ids, f"--{subset}-dir", args.class_map is not None)
                for subset, folder in subset_dirs.items()}
-    # The same folder given twice (or through a link) would test on the training images.
-    check_disjoint([str(path.resolve()) for path, _ in sources["train"]],
-                   [str(path.resolve()) for path, _ in sources["test"]], "--train-dir/--test-dir")
+    check_not_training_images([path for path, _ in sources["train"]], [path for path, _ in sources["test"]])
     class_names = dict(enumerate(FGSC23_CLASSES))
     prepare_folder_dataset(args, DATASET, class_names, sources, inputs=[args.src, *subset_dirs.values()])
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.chips import check_disjoint, existing_dir, is_hidden  # noqa: E402
+from data.chips import existing_dir, is_hidden  # noqa: E402
 from data.folders import (  # noqa: E402
-    add_link_argument, case_aside, class_folders, composed, is_image_file, list_class_images, prepare_folder_dataset,
+    add_link_argument, case_aside, check_not_training_images, class_folders, composed, is_image_file,
+    list_class_images, prepare_folder_dataset,
 )
 from data.output import add_output_arguments  # noqa: E402
 from tgn.cli import make_parser, open_fraction, seed_value  # noqa: E402
@@ -130,9 +131,8 @@ def list_subsets(args):
         test_dir = existing_dir(args.test_dir, "--test-dir")
         test = list_class_images(test_dir, set(folders), "--test-dir", lambda folder: (
             f"--test-dir: folder {folder} is not a class of --train-dir (a test class needs training images)"))
-        # The same folder given twice (or through a link) would test on the training images.
-        check_disjoint([str(path.resolve()) for paths in train.values() for path in paths],
-                       [str(path.resolve()) for paths in test.values() for path in paths], "--train-dir/--test-dir")
+        check_not_training_images([path for paths in train.values() for path in paths],
+                                  [path for paths in test.values() for path in paths])
         warn_shared_names(train, test)
     without_test = [folder for folder in folders if not test.get(folder)]
     if len(without_test) == len(folders):
