@@ -17,12 +17,8 @@ Mixed precision (--amp, off by default) covers the D-step and G-step passes (G's
 synthesis convolutions, D, the teacher and CLIP); the mapping network, the losses and
 the R1 and path-length regularisers stay in fp32, as in StyleGAN2-ADA.
 """
-import contextlib
 import copy
 import math
-import signal
-import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +41,7 @@ from tgn.checkpoint import load_weights
 from tgn.engine import adam, autocast, restore_optimizer
 from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
+from tgn.stopping import leave_sigterm_to_the_trainer, stop_between_steps, stop_for, stopping_line
 
 # What a checkpoint needs to continue a run (fusion_ema and ada are optional: earlier versions).
 RESUMABLE = ("g", "d", "g_ema", "fusion", "g_optim", "d_optim", "ada_aug_p", "mean_path_length", "step")
@@ -69,40 +66,6 @@ def accumulate(ema, model, decay):
     targets, sources = zip(*[(ema_params[name], parameter.detach()) for name, parameter in model.named_parameters()])
     torch._foreach_mul_(targets, decay)
     torch._foreach_add_(targets, sources, alpha=1 - decay)
-
-
-@contextlib.contextmanager
-def stop_between_steps():
-    """Ctrl-C (SIGINT), or SIGTERM (what a cluster scheduler sends before it kills a job
-    that is preempted or out of time, and torchrun passes on to its processes), finishes
-    the current step before stopping, so the checkpoint saved then resumes exactly. Yields
-    a function giving the signal to stop for (SIGTERM over SIGINT), else None. Under
-    torchrun the processes agree on it after every step, through a collective on the host
-    (a gloo group: no wait for the GPU), so all stop after the same step."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to it
-        yield lambda: None
-        return
-    received = []
-    previous = {number: signal.signal(number, lambda number, _: received.append(number))
-                for number in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        dist.host_group()  # made by every process here, before the first step
-        yield lambda: dist.agreed_max(max(received, default=0)) or None
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-
-
-WORKER_SIGTERM_GRACE_S = 60
-
-
-def leave_sigterm_to_the_trainer(_worker_id):
-    """DataLoader workers outlive SIGTERM by WORKER_SIGTERM_GRACE_S seconds: a scheduler
-    sends it to every process of the job, and a worker it ended at once would stop the run
-    before its last save. The trainer ends them first; one stuck in a read (which
-    DataLoader's own shutdown would have ended with SIGTERM) ends when the time is up."""
-    grace = (lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S)) if hasattr(signal, "alarm") else signal.SIG_IGN
-    signal.signal(signal.SIGTERM, grace)
 
 
 class CdtgTrainer:
@@ -413,15 +376,12 @@ class CdtgTrainer:
                     if self.step % cfg.sample_every == 0:
                         self.write_samples(*sample_set)
                     if interrupted:
-                        print(f"{'terminated' if interrupted == signal.SIGTERM else 'interrupted'}: saving step "
-                              f"{self.step}", flush=True)
+                        print(stopping_line(interrupted, f"saving step {self.step}"), flush=True)
                     if interrupted or self.step % cfg.save_every == 0:
                         self.save()
                 if interrupted:
                     dist.barrier()  # the checkpoint is whole before any process stops
-                    if interrupted == signal.SIGTERM:
-                        sys.exit(128 + signal.SIGTERM)  # the shell's status of a process SIGTERM ended
-                    raise KeyboardInterrupt
+                    stop_for(interrupted)
         if main and not (self.out_dir / "checkpoint" / f"{self.step}.pt").exists():
             self.save()
         dist.barrier()  # the last checkpoint is complete before any process reads it

@@ -19,8 +19,9 @@ from tgn import distributed as dist
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights, save_checkpoint
 from tgn.cli import training_config
 from tgn.compat import grad_scaler
-from tgn.engine import (check_one_image_batches, epoch_seed, evaluate, keep_evaluation_workers, make_loader,
-                        make_optimizer, prepare_model, ran_with, restore_optimizer, seed_everything, step_lr,
+from tgn.engine import (EpochProgress, Stopped, check_one_image_batches, epoch_seed, evaluate,
+                        keep_evaluation_workers, make_loader, make_optimizer, prepare_model, ran_with,
+                        restore_optimizer, save_and_stop, seed_everything, step_lr, stop_if_requested,
                         train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError, alike_in_every_process
 from tgn.io import append_jsonl, check_run_dir, prepare_run_dir, read_json, save_options, trim_jsonl
@@ -28,6 +29,7 @@ from tgn.metrics import format_percent
 from tgn.resnet import load_feature_resnet
 from tgn.resume import check_resume, epochs_done, last_state, resuming_line
 from tgn.split import check_official_order
+from tgn.stopping import stop_between_steps
 
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
 RESULTS = ("last.pth", *OUTPUT_NAMES.values())  # with metrics.jsonl, what --overwrite replaces
@@ -108,7 +110,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         optimizers[group] = make_optimizer(models[group], cfg)
         scalers[group] = grad_scaler(device) if cfg.amp == "fp16" else None
     best = {group: -math.inf for group in models}
-    start_epoch = 0
+    start_epoch, unfinished = 0, None
     if resume and (out_dir / "last.pth").exists():
         with alike_in_every_process():  # every process reads the same file: one line, from rank 0
             state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
@@ -119,52 +121,17 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
                     scalers[group].load_state_dict(state["scalers"][group])
         best = state["best"]
         start_epoch = state["epoch"] + 1
+        unfinished = EpochProgress.saved(state, start_epoch)
         if main:
-            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs))
+            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs, unfinished and unfinished.steps))
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
         trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     loaders, loaders_group = None, None
     precision = {"amp": cfg.amp, "channels_last": cfg.channels_last}
     cuda_graphs = uses_cuda_graphs(cfg.compile)
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.time()
-        student_group = student_of_epoch(epoch, interval)
-        student, teacher = models[student_group], models[teacher_of(student_group)]
-        freeze(teacher)
-        unfreeze(student)
-        seed_everything(epoch_seed(cfg.seed, epoch))
-        if not keep_fc and epoch == first_student_epoch(student_group, interval):
-            # As the official Distill, which loads M_H and M_T without their fc layers: the
-            # student's classifier starts afresh (drawn from the epoch's seed, so a resumed
-            # run draws it alike); a model that never learns is passed on with its own.
-            student.fc.reset_parameters()
-        lr = step_lr(optimizers[student_group], cfg.lr, epoch, cfg.milestones)
-        if loaders_group != student_group:
-            loaders = None  # the idle group's workers stop: they would hold memory through its teacher epochs
-            loaders, loaders_group = student_loaders(datasets[student_group], cfg, device, epoch), student_group
-        train_loader, test_loader = loaders
-        train_loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(nets[student_group], train_loader, optimizers[student_group],
-                                make_distill_loss_fn(teacher, alpha), device, scaler=scalers[student_group],
-                                desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)",
-                                cuda_graphs=cuda_graphs, **precision)
-        dist.broadcast_buffers_(student)  # BatchNorm statistics differ per process without SyncBatchNorm
-        _, summary = evaluate(student, test_loader, device, len(metas[student_group]["class_ids"]),
-                              **precision)
-        accuracy = summary["overall_accuracy"]
-        improved = not math.isnan(accuracy) and accuracy > best[student_group]
-        if improved:
-            best[student_group] = accuracy
-        if not main:
-            continue
-        if improved:
-            save_checkpoint(out_dir / OUTPUT_NAMES[student_group],
-                            {**metas[student_group], "state_dict": student.state_dict(), "epoch": epoch,
-                             "metrics": summary, "distilled": True})
-        append_jsonl(out_dir / "metrics.jsonl", {"epoch": epoch + 1, "student": student_group, "lr": lr, **stats,
-                                                  **summary, "seconds": round(time.time() - started, 2),
-                                                  **ran_with(cfg)})
-        save_checkpoint(out_dir / "last.pth", {
+
+    def checkpoint(epoch, **extra):
+        return {
             "format": "tgn-distill-state/1",
             "split_fingerprint": metas["head"]["split_fingerprint"],  # --resume continues on the same data only
             "options": metas["head"]["options"],  # what --resume compares with, should options.json be gone
@@ -173,10 +140,60 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
             "scalers": {group: scaler.state_dict() for group, scaler in scalers.items() if scaler is not None},
             "best": best,
             "epoch": epoch,
-        })
-        print(f"epoch {epoch + 1}/{cfg.epochs} student {student_group} lr {lr:.1e} loss {stats['train_loss']:.4f} "
-              f"test OA {format_percent(accuracy)} macro-F1 {format_percent(summary['macro_f1'])}"
-              + (" *best" if improved else ""))
+            **extra,
+        }
+
+    with stop_between_steps() as stop_requested:
+        for epoch in range(start_epoch, cfg.epochs):
+            done = unfinished if epoch == start_epoch else None
+            started = time.time() - (done.seconds if done else 0)
+            student_group = student_of_epoch(epoch, interval)
+            student, teacher = models[student_group], models[teacher_of(student_group)]
+            freeze(teacher)
+            unfreeze(student)
+            seed_everything(epoch_seed(cfg.seed, epoch))
+            if not keep_fc and epoch == first_student_epoch(student_group, interval) and not done:
+                # As the official Distill, which loads M_H and M_T without their fc layers: the
+                # student's classifier starts afresh (drawn from the epoch's seed, so a resumed
+                # run draws it alike); a model that never learns is passed on with its own.
+                student.fc.reset_parameters()
+            lr = step_lr(optimizers[student_group], cfg.lr, epoch, cfg.milestones)
+            if loaders_group != student_group:
+                loaders = None  # the idle group's workers stop: they would hold memory through its teacher epochs
+                loaders, loaders_group = student_loaders(datasets[student_group], cfg, device, epoch), student_group
+            train_loader, test_loader = loaders
+            train_loader.sampler.set_epoch(epoch, done.steps if done else 0)
+            steps = (done.steps if done else 0) + len(train_loader)
+            try:
+                stats = train_one_epoch(nets[student_group], train_loader, optimizers[student_group],
+                                        make_distill_loss_fn(teacher, alpha), device, scaler=scalers[student_group],
+                                        desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)",
+                                        cuda_graphs=cuda_graphs, done=done, stop_requested=stop_requested,
+                                        **precision)
+            except Stopped as stop:
+                save_and_stop(stop, epoch, steps, started, lambda **extra: checkpoint(epoch - 1, **extra),
+                              out_dir / "last.pth")
+            dist.broadcast_buffers_(student)  # BatchNorm statistics differ per process without SyncBatchNorm
+            _, summary = evaluate(student, test_loader, device, len(metas[student_group]["class_ids"]),
+                                  **precision)
+            accuracy = summary["overall_accuracy"]
+            improved = not math.isnan(accuracy) and accuracy > best[student_group]
+            if improved:
+                best[student_group] = accuracy
+            if main:
+                if improved:
+                    save_checkpoint(out_dir / OUTPUT_NAMES[student_group],
+                                    {**metas[student_group], "state_dict": student.state_dict(), "epoch": epoch,
+                                     "metrics": summary, "distilled": True})
+                append_jsonl(out_dir / "metrics.jsonl", {"epoch": epoch + 1, "student": student_group, "lr": lr,
+                                                          **stats, **summary,
+                                                          "seconds": round(time.time() - started, 2),
+                                                          **ran_with(cfg)})
+                save_checkpoint(out_dir / "last.pth", checkpoint(epoch))
+                print(f"epoch {epoch + 1}/{cfg.epochs} student {student_group} lr {lr:.1e} "
+                      f"loss {stats['train_loss']:.4f} test OA {format_percent(accuracy)} "
+                      f"macro-F1 {format_percent(summary['macro_f1'])}" + (" *best" if improved else ""))
+            stop_if_requested(stop_requested, epoch)
     # A model that never was the student (too few epochs) is passed on unchanged, marked as such.
     for group, model in models.items():
         if main and not (out_dir / OUTPUT_NAMES[group]).exists():

@@ -655,21 +655,21 @@ def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdt
             assert torch.equal(value, b[part][key]), (part, key)
 
 
-def sleep_as_a_cdtg_worker():
-    from CDTG.trainer import leave_sigterm_to_the_trainer
+def sleep_as_a_data_worker():
+    from tgn.stopping import leave_sigterm_to_the_trainer
 
     leave_sigterm_to_the_trainer(0)
     time.sleep(30)
 
 
-def test_cdtg_workers_outlive_sigterm_for_a_while_only(monkeypatch):
+def test_data_workers_outlive_sigterm_for_a_while_only(monkeypatch):
     """Long enough for the trainer to save; a worker stuck in a read still ends."""
     import multiprocessing
 
-    import CDTG.trainer
+    import tgn.stopping
 
-    monkeypatch.setattr(CDTG.trainer, "WORKER_SIGTERM_GRACE_S", 1)
-    worker = multiprocessing.get_context("fork").Process(target=sleep_as_a_cdtg_worker)
+    monkeypatch.setattr(tgn.stopping, "WORKER_SIGTERM_GRACE_S", 1)
+    worker = multiprocessing.get_context("fork").Process(target=sleep_as_a_data_worker)
     worker.start()
     time.sleep(0.5)  # its handler is set
     os.kill(worker.pid, signal.SIGTERM)

@@ -3,7 +3,9 @@
 Determinism: every epoch reseeds all generators from (seed, epoch), and the data order
 and each image's augmentation come from (seed, epoch) too (tgn/sampling.py), so a run
 resumed at an epoch boundary continues exactly as the uninterrupted run would have
-(bit-identical on CPU), whatever the number of DataLoader workers.
+(bit-identical on CPU), whatever the number of DataLoader workers. Nothing draws from the
+generators within an epoch, so a run stopped midway by Ctrl-C or SIGTERM (tgn/stopping.py)
+resumes exactly too, after the last step it saved.
 
 Under torchrun (tgn/distributed.py) the model is wrapped in DistributedDataParallel,
 each process takes its share of every global batch, training statistics and confusion
@@ -33,6 +35,7 @@ from tgn.metrics import confusion_matrix, format_percent, summarize
 from tgn.resnet import ONE_PIXEL_MAPS
 from tgn.resume import check_same_data, resuming_line
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
+from tgn.stopping import leave_sigterm_to_the_trainer, stop_between_steps, stop_for, stopping_line
 
 resolve_device = dist.resolve_device  # kept here too: the scripts outside torchrun use it
 
@@ -82,6 +85,7 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
         persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
+        worker_init_fn=leave_sigterm_to_the_trainer,
     )
 
 
@@ -150,17 +154,83 @@ def model_input(images, device, channels_last=False):
     return normalize_pixels(images) if images.dtype == torch.uint8 else images
 
 
+@dataclass
+class EpochProgress:
+    """How far an epoch got: its global batches trained and, over all processes, their
+    summed loss (times the batch), correct predictions and images; and its seconds."""
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def saved(cls, state, epoch):
+        """The progress a last.pth records of `epoch`, the one a resumed run starts with."""
+        unfinished = state.get("unfinished_epoch") or {}
+        if unfinished.get("epoch") != epoch:
+            return None
+        return cls(**{key: unfinished[key] for key in cls.__dataclass_fields__})
+
+    def record(self, epoch):
+        """What last.pth keeps of it."""
+        return {"epoch": epoch, **{key: getattr(self, key) for key in self.__dataclass_fields__}}
+
+
+class Stopped(Exception):
+    """A signal came: the epoch stopped after a whole step, at `progress`."""
+
+    def __init__(self, signal_number, progress):
+        super().__init__(signal_number)
+        self.signal_number, self.progress = signal_number, progress
+
+
+def save_and_stop(stop, epoch, steps, started, checkpoint, path):
+    """After Stopped in `epoch` (of `steps` steps, begun at time `started`): rank 0 saves
+    `checkpoint(unfinished_epoch=...)` (the state after the epochs before, with this one's
+    progress) to `path`, then every process ends as the signal would have."""
+    stop.progress.seconds = round(time.time() - started, 2)
+    if dist.is_main():
+        saving = f"saving epoch {epoch + 1} at step {stop.progress.steps}/{steps}"
+        print(stopping_line(stop.signal_number, saving), flush=True)
+        save_checkpoint(path, checkpoint(unfinished_epoch=stop.progress.record(epoch)))
+    dist.barrier()  # the checkpoint is whole before any process stops
+    stop_for(stop.signal_number)
+
+
+def stop_if_requested(stop_requested, epoch):
+    """After `epoch` is saved: a signal that came while it was evaluated or saved stops the
+    run there (a collective under torchrun)."""
+    signal_number = stop_requested()
+    if signal_number:
+        if dist.is_main():
+            print(stopping_line(signal_number, f"epoch {epoch + 1} is saved"), flush=True)
+        dist.barrier()
+        stop_for(signal_number)
+
+
 def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", amp="off", scaler=None,
-                    channels_last=False, check_every=20, cuda_graphs=False):
+                    channels_last=False, check_every=20, cuda_graphs=False, done=None, stop_requested=None):
     """One pass over `loader`; returns mean loss and training accuracy over all processes.
 
     Sums stay on the device and are read back every `check_every` steps (a non-finite
     loss stops the run there), so the GPU is not waited for after every step.
-    `cuda_graphs`: the model was compiled in a mode that replays CUDA graphs."""
+    `cuda_graphs`: the model was compiled in a mode that replays CUDA graphs.
+    `done`: the EpochProgress of the steps a stopped run trained (the loader, from
+    EpochSampler.set_epoch, leaves them out). `stop_requested` (tgn.stopping) is asked after
+    every step; when it gives a signal, Stopped is raised with the progress so far."""
     model.train()
+    done = done or EpochProgress()
     sums, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # (loss * batch, correct), images
-    progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main())
-    for step, (images, labels) in enumerate(progress, start=1):
+
+    def progress_so_far(steps):  # a collective under torchrun
+        loss_sum, correct, images = dist.sum_numbers([*sums.tolist(), seen], device)
+        return EpochProgress(steps, done.loss_sum + loss_sum, done.correct + correct, done.seen + int(images))
+
+    progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main(),
+                    initial=done.steps, total=done.steps + len(loader))
+    last_step = done.steps + len(loader)
+    for step, (images, labels) in enumerate(progress, start=done.steps + 1):
         if cuda_graphs:  # each batch is a new training step: its graph replay may reuse the last one's outputs
             mark_cuda_graph_step()
         images = model_input(images, device, channels_last)
@@ -178,14 +248,17 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
         batch = labels.numel()
         sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == labels).sum().double()])
         seen += batch
-        if step % check_every == 0 or step == len(loader):
+        if step % check_every == 0 or step == last_step:
             # Summed over the processes (each has as many steps), so all stop together.
             total_loss, total_seen = dist.sum_numbers([sums[0].item(), seen], device)
             if not math.isfinite(total_loss):
                 raise CollectiveError(f"the training loss became {total_loss / total_seen}; lower --lr or check the data")
-            progress.set_postfix(loss=f"{total_loss / total_seen:.4f}")
-    total_loss, correct, seen = dist.sum_numbers([*sums.tolist(), seen], device)
-    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+            progress.set_postfix(loss=f"{(done.loss_sum + total_loss) / (done.seen + total_seen):.4f}")
+        signal_number = stop_requested() if stop_requested else None
+        if signal_number:
+            raise Stopped(signal_number, progress_so_far(step))
+    epoch = progress_so_far(last_step)
+    return {"train_loss": epoch.loss_sum / max(epoch.seen, 1), "train_accuracy": epoch.correct / max(epoch.seen, 1)}
 
 
 @torch.no_grad()
@@ -293,7 +366,8 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
 
     Writes `last.pth` (for --resume) and `best.pth` (highest overall test accuracy) in
     `out_dir`, and one JSON line per epoch to `metrics.jsonl`. `meta` (model config,
-    class ids and names, options) is stored in every checkpoint.
+    class ids and names, options) is stored in every checkpoint. Ctrl-C or SIGTERM saves
+    `last.pth` after the step it comes in (its "unfinished_epoch": EpochProgress) and stops.
     """
     out_dir = Path(out_dir)
     main = dist.is_main()
@@ -301,7 +375,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     optimizer = make_optimizer(model, cfg)
     scaler = grad_scaler(device) if cfg.amp == "fp16" else None
     result = TrainResult()
-    start_epoch = 0
+    start_epoch, unfinished = 0, None
     if resume and (out_dir / "last.pth").exists():
         with alike_in_every_process():  # every process reads the same file: one line, from rank 0
             state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
@@ -311,8 +385,9 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
+        unfinished = EpochProgress.saved(state, start_epoch)
         if main:
-            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs))
+            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs, unfinished and unfinished.steps))
         result.best_accuracy = state.get("best_accuracy", -math.inf)
         result.best_epoch = state.get("best_epoch", -1)
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
@@ -323,44 +398,51 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, seed=cfg.seed,
                          epoch=start_epoch, device=device, weights=train_weights, persistent=True,
                          pin_memory=cfg.pin_memory)
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.time()
-        seed_everything(epoch_seed(cfg.seed, epoch))
-        lr = step_lr(optimizer, cfg.lr, epoch, cfg.milestones)
-        loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(net, loader, optimizer, loss_fn, device,
-                                      desc=f"{desc} {epoch + 1}/{cfg.epochs}", amp=cfg.amp, scaler=scaler,
-                                      channels_last=cfg.channels_last, cuda_graphs=uses_cuda_graphs(cfg.compile))
-        dist.broadcast_buffers_(model)  # BatchNorm statistics differ per process without SyncBatchNorm
-        cm, summary = evaluate(model, test_loader, device, num_classes, head=head, tail=tail, amp=cfg.amp,
-                               channels_last=cfg.channels_last)
-        accuracy = summary["overall_accuracy"]
-        improved = not math.isnan(accuracy) and accuracy > result.best_accuracy
-        if improved:
-            result.best_accuracy, result.best_epoch = accuracy, epoch
-        result.last_summary, result.confusion = summary, cm
-        if not main:
-            continue
-        record = {"epoch": epoch + 1, "lr": lr, **train_stats, **summary, "seconds": round(time.time() - started, 2),
-                  **ran_with(cfg)}
-        append_jsonl(out_dir / "metrics.jsonl", record)
-        payload = {
-            **meta,
-            "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch,
-            "best_accuracy": result.best_accuracy,
-            "best_epoch": result.best_epoch,
-            "metrics": summary,
-        }
-        if improved:
-            save_checkpoint(out_dir / "best.pth", {k: v for k, v in payload.items() if k not in ("optimizer", "scaler")})
-        save_checkpoint(out_dir / "last.pth", payload)
-        print(
-            f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.1e} loss {train_stats['train_loss']:.4f} "
-            f"test OA {format_percent(accuracy)} mean-acc {format_percent(summary['mean_class_accuracy'])} "
-            f"macro-F1 {format_percent(summary['macro_f1'])}" + (" *best" if improved else "")
-        )
+
+    def checkpoint(epoch, **extra):
+        return {**meta, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+                "best_accuracy": result.best_accuracy, "best_epoch": result.best_epoch, **extra}
+
+    with stop_between_steps() as stop_requested:
+        for epoch in range(start_epoch, cfg.epochs):
+            done = unfinished if epoch == start_epoch else None
+            started = time.time() - (done.seconds if done else 0)
+            seed_everything(epoch_seed(cfg.seed, epoch))
+            lr = step_lr(optimizer, cfg.lr, epoch, cfg.milestones)
+            loader.sampler.set_epoch(epoch, done.steps if done else 0)
+            steps = (done.steps if done else 0) + len(loader)
+            try:
+                train_stats = train_one_epoch(net, loader, optimizer, loss_fn, device,
+                                              desc=f"{desc} {epoch + 1}/{cfg.epochs}", amp=cfg.amp, scaler=scaler,
+                                              channels_last=cfg.channels_last,
+                                              cuda_graphs=uses_cuda_graphs(cfg.compile), done=done,
+                                              stop_requested=stop_requested)
+            except Stopped as stop:
+                save_and_stop(stop, epoch, steps, started, lambda **extra: checkpoint(epoch - 1, **extra),
+                              out_dir / "last.pth")
+            dist.broadcast_buffers_(model)  # BatchNorm statistics differ per process without SyncBatchNorm
+            cm, summary = evaluate(model, test_loader, device, num_classes, head=head, tail=tail, amp=cfg.amp,
+                                   channels_last=cfg.channels_last)
+            accuracy = summary["overall_accuracy"]
+            improved = not math.isnan(accuracy) and accuracy > result.best_accuracy
+            if improved:
+                result.best_accuracy, result.best_epoch = accuracy, epoch
+            result.last_summary, result.confusion = summary, cm
+            if main:
+                record = {"epoch": epoch + 1, "lr": lr, **train_stats, **summary,
+                          "seconds": round(time.time() - started, 2), **ran_with(cfg)}
+                append_jsonl(out_dir / "metrics.jsonl", record)
+                payload = checkpoint(epoch, metrics=summary)
+                if improved:
+                    save_checkpoint(out_dir / "best.pth",
+                                    {k: v for k, v in payload.items() if k not in ("optimizer", "scaler")})
+                save_checkpoint(out_dir / "last.pth", payload)
+                print(
+                    f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.1e} loss {train_stats['train_loss']:.4f} "
+                    f"test OA {format_percent(accuracy)} mean-acc {format_percent(summary['mean_class_accuracy'])} "
+                    f"macro-F1 {format_percent(summary['macro_f1'])}" + (" *best" if improved else "")
+                )
+            stop_if_requested(stop_requested, epoch)
     dist.barrier()  # the checkpoints are complete before any process reads them
     return result

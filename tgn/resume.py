@@ -139,11 +139,12 @@ def last_state(path, needs=RESUMABLE):
     return map_tensors(state, lambda tensor: torch.empty_like(tensor, device="meta"))
 
 
-def resuming_line(path, done, epochs):
-    """What a resumed run prints first: where it goes on, or that nothing is left to train."""
+def resuming_line(path, done, epochs, steps=None):
+    """What a resumed run prints first: where it goes on (after `steps` of the epoch, for a
+    run stopped midway), or that nothing is left to train."""
     if done >= epochs:
         return f"{path} has trained all {epochs} epochs: nothing left to train (--epochs N to train longer)"
-    return f"resuming from {path} at epoch {done + 1}/{epochs}"
+    return f"resuming from {path} at epoch {done + 1}/{epochs}" + (f", after its step {steps}" if steps else "")
 
 
 def epochs_done(state):

@@ -32,22 +32,33 @@ class EpochSampler(Sampler):
     processes train on the batches one would, the last one included (as the official
     loaders, which keep it). shuffle=False: indices in order, sharded without padding
     (confusion matrices are summed: every image counts once).
+
+    `set_epoch(epoch, start_batch)` leaves out the epoch's first `start_batch` global
+    batches: those a run stopped midway had trained (training samplers given their batch).
     """
 
     def __init__(self, size, *, shuffle, seed=0, epoch=0, weights=None, batch_size=None, drop_single=True):
         self.size, self.shuffle, self.seed, self.epoch = size, shuffle, seed, epoch
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.rank, self.world = dist.rank(), dist.world_size()
+        self.local_batch = batch_size // self.world if batch_size else None
+        self.skipped = 0  # this process's images in the batches left out
         # The number of images an epoch trains on.
         last = size % batch_size if shuffle and batch_size and drop_single else 0
         self.used = size - last if 0 < last <= self.world and size > last else size
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start_batch=0):
+        if start_batch and not (self.shuffle and self.local_batch):
+            raise ValueError("only a training sampler given its batch size starts an epoch midway")
+        self.epoch, self.skipped = epoch, start_batch * (self.local_batch or 0)
 
     def __len__(self):
         if not self.shuffle:
             return len(range(self.rank, self.size, self.world))
+        return max(self.share() - self.skipped, 0)
+
+    def share(self):
+        """This process's positions of a whole training epoch, padding included."""
         return -(-self.used // self.world)
 
     def global_order(self):
@@ -64,9 +75,9 @@ class EpochSampler(Sampler):
         if not self.shuffle:
             return iter(range(self.rank, self.size, self.world))
         order = self.global_order()
-        padding = len(self) * self.world - len(order)
+        padding = self.share() * self.world - len(order)
         order = order + (order * (padding // max(len(order), 1) + 1))[:padding]
-        return iter(order[self.rank::self.world])
+        return iter(order[self.rank::self.world][self.skipped:])
 
 
 class SeededItems(Dataset):

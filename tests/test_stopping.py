@@ -1,0 +1,167 @@
+"""Stopping the ResNet trainers between two steps: Ctrl-C or a scheduler's SIGTERM saves the
+step the run finished, mid-epoch, and --resume continues exactly as the uninterrupted run."""
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+from Classification.train import main as train_main
+from KMDN.dataset_split import main as split_main
+from KMDN.Distill import main as distill_main
+from KMDN.RModel import main as rmodel_main
+from KMDN.UModel import main as umodel_main
+from tgn import distributed as dist
+from tgn import engine
+from tgn.checkpoint import load_checkpoint
+from tgn.sampling import EpochSampler
+from tgn.stopping import stop_between_steps
+
+TINY = ["--image-size", "16", "--batch-size", "8", "--workers", "0"]
+MODEL = ["--arch", "resnet18", "--width", "4", "--pretrained", "none"]
+EXIT_STATUS = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 130}
+
+
+@contextlib.contextmanager
+def signal_at_training_step(step, signal_number):
+    """This process receives `signal_number` while it trains its `step`-th batch (counted
+    over the whole run): as from a scheduler or a Ctrl-C then."""
+    calls = itertools.count(1)
+    model_input = engine.model_input
+
+    def sending(images, *args):
+        if torch.is_grad_enabled() and next(calls) == step:  # evaluation runs without gradients
+            os.kill(os.getpid(), signal_number)
+        return model_input(images, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "model_input", sending)
+        yield
+
+
+def stopped(main, argv, step, signal_number):
+    with signal_at_training_step(step, signal_number), pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == EXIT_STATUS[signal_number]
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+
+
+def metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+# The toy data's 37 training images in batches of 8: 5 steps an epoch. Step 7 is the second
+# epoch's second; step 5 is the first epoch's last (its evaluation had not begun).
+@pytest.mark.parametrize("step, signal_number", [(7, signal.SIGTERM), (5, signal.SIGINT)])
+def test_a_classifier_stopped_mid_epoch_resumes_as_the_uninterrupted_run(toy_data, tmp_path, capsys, step,
+                                                                         signal_number):
+    common = ["--data-root", str(toy_data), "--milestones", "2", "--device", "cpu", "--arch", "resnet18",
+              "--pretrained", "none", *TINY, "--epochs", "3"]
+    stopped(train_main, [*common, "--out", str(tmp_path / "b")], step, signal_number)
+    state = load_checkpoint(tmp_path / "b" / "last.pth")
+    epoch, steps = divmod(step - 1, 5)
+    assert state["epoch"] == epoch - 1 and state["unfinished_epoch"]["epoch"] == epoch
+    assert state["unfinished_epoch"]["steps"] == steps + 1
+    assert f"saving epoch {epoch + 1} at step {steps + 1}/5" in capsys.readouterr().out
+    assert len(metrics(tmp_path / "b" / "metrics.jsonl")) == epoch  # the stopped epoch is not logged
+
+    train_main([*common, "--out", str(tmp_path / "b"), "--resume"])
+    assert f"at epoch {epoch + 1}/3, after its step {steps + 1}" in capsys.readouterr().out
+    train_main([*common, "--out", str(tmp_path / "a")])
+    a, b = load_checkpoint(tmp_path / "a" / "last.pth"), load_checkpoint(tmp_path / "b" / "last.pth")
+    assert_same_state(a["state_dict"], b["state_dict"])
+    for key in ("exp_avg", "exp_avg_sq"):
+        for index, saved in a["optimizer"]["state"].items():
+            assert torch.equal(saved[key], b["optimizer"]["state"][index][key])
+    assert "unfinished_epoch" not in b
+    straight, resumed = metrics(tmp_path / "a" / "metrics.jsonl"), metrics(tmp_path / "b" / "metrics.jsonl")
+    assert [line["epoch"] for line in resumed] == [1, 2, 3]
+    for one, other in zip(straight, resumed):  # the stopped epoch's loss and accuracy count all its steps
+        assert other["train_loss"] == pytest.approx(one["train_loss"], rel=1e-9)
+        assert other["train_accuracy"] == one["train_accuracy"] and other["macro_f1"] == one["macro_f1"]
+
+
+def test_distillation_stopped_in_its_first_student_epoch_resumes_without_redrawing_the_classifier(toy_data,
+                                                                                                  tmp_path):
+    """The first epoch a model learns draws its fc afresh: a resume within it must keep the
+    fc the stopped run had trained."""
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    kmdn = tmp_path / "kmdn"
+    for main in (umodel_main, rmodel_main):
+        main(["--split", str(tmp_path / "split"), "--out", str(kmdn), "--epochs", "1", *MODEL, *TINY])
+    common = ["--split", str(tmp_path / "split"), "--head-ckpt", str(kmdn / "head" / "best.pth"), "--tail-ckpt",
+              str(kmdn / "tail" / "best.pth"), "--distill-interval", "1", *TINY, "--epochs", "2"]
+    # Head classes hold 30 training images (4 steps): step 2 is within the head's first epoch.
+    stopped(distill_main, [*common, "--out", str(tmp_path / "b")], 2, signal.SIGTERM)
+    assert load_checkpoint(tmp_path / "b" / "distill" / "last.pth")["unfinished_epoch"]["steps"] == 2
+    distill_main([*common, "--out", str(tmp_path / "b"), "--resume"])
+    distill_main([*common, "--out", str(tmp_path / "a")])
+    a = load_checkpoint(tmp_path / "a" / "distill" / "last.pth")
+    b = load_checkpoint(tmp_path / "b" / "distill" / "last.pth")
+    for group in ("head", "tail"):
+        assert_same_state(a["models"][group], b["models"][group])
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_an_epoch_started_midway_leaves_out_the_batches_trained(monkeypatch, world):
+    monkeypatch.setattr(dist, "world_size", lambda: world)
+    for rank in range(world):
+        monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
+        whole = EpochSampler(37, shuffle=True, seed=3, epoch=1, batch_size=8)
+        rest = EpochSampler(37, shuffle=True, seed=3, epoch=0, batch_size=8)
+        rest.set_epoch(1, start_batch=2)
+        local = 8 // world
+        assert list(rest) == list(whole)[2 * local:] and len(rest) == len(whole) - 2 * local
+        rest.set_epoch(2)
+        whole.set_epoch(2)
+        assert list(rest) == list(whole)  # the next epoch is whole again
+
+
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored():
+    before = signal.getsignal(signal.SIGINT)
+    with stop_between_steps() as stop_requested:
+        assert stop_requested() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop_requested() == signal.SIGTERM  # a scheduler's stop is the one to exit with
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_cluster_stopping_a_resnet_trainer_with_workers_gets_a_checkpoint_it_resumes_from(toy_data, tmp_path):
+    """SIGTERM to every process of the job (the DataLoader's workers too), as Slurm sends it."""
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    out = tmp_path / "kmdn"
+    command = [sys.executable, str(ROOT / "KMDN" / "UModel.py"), "--split", str(tmp_path / "split"), "--out",
+               str(out), *MODEL, "--image-size", "16", "--batch-size", "4", "--workers", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*command, "--epochs", "100000"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (out / "head" / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGTERM)
+    output = "".join(process.communicate(timeout=60))
+    assert process.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "terminated: " in output and "Traceback" not in output
+    state = load_checkpoint(out / "head" / "last.pth")
+    epochs = state["epoch"] + 2  # the stopped epoch (or the next), then one more
+    finished = subprocess.run([*command, "--epochs", str(epochs), "--resume"], env=env, capture_output=True,
+                              text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert [line["epoch"] for line in metrics(out / "head" / "metrics.jsonl")] == list(range(1, epochs + 1))
