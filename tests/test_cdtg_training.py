@@ -453,6 +453,30 @@ def test_resume_refuses_other_flags_and_another_fusion_layer(cdtg_inputs, capsys
     assert sorted(path.name for path in (out / "checkpoint").iterdir()) == ["2.pt"]
 
 
+def test_a_run_with_clip_weight_0_resumes_with_or_without_clip(cdtg_inputs, capsys):
+    """With --lambda-clip 0 no CLIP is loaded: a machine without its file may resume the run
+    with --clip none, and one with it with the file again; a run with the CLIP loss may not."""
+    run, copy = cdtg_inputs / "run", cdtg_inputs / "copy"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--lambda-clip", "0"))
+    shutil.copytree(run, copy)
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "3", "--clip", "none", "--resume"))
+    train_main(tiny_train_args(cdtg_inputs, copy, "--iter", "3", "--lambda-clip", "0", "--resume"))
+    without_file, with_file = (load_cdtg_checkpoint(folder / "checkpoint" / "3.pt") for folder in (run, copy))
+    assert all(same_weights(without_file[part], with_file[part]) for part in ("g", "d", "g_ema", "fusion"))
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--lambda-clip", "0", "--resume"))  # and back
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the CLIP loss turned on mid-run
+        train_main(tiny_train_args(cdtg_inputs, run, "--iter", "5", "--resume"))
+    assert "was started with --lambda-clip 0.0, this call has --lambda-clip 1.0" in capsys.readouterr().err
+    with_loss = cdtg_inputs / "with_loss"
+    train_main(tiny_train_args(cdtg_inputs, with_loss, "--iter", "1"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, with_loss, "--iter", "2", "--clip", "none", "--lambda-clip", "0",
+                                   "--resume"))
+    assert "this call has --clip none, --lambda-clip 0.0;" in capsys.readouterr().err
+
+
 def test_teacher_with_wrong_class_count_is_refused(cdtg_inputs, capsys):
     teacher = FeatureResNet("resnet18", num_classes=5, width=4)
     torch.save(teacher.state_dict(), cdtg_inputs / "wrong.pth")

@@ -74,8 +74,8 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
     if isinstance(saved, dict):
         now = json.loads(json.dumps(vars(args), default=str))  # the form options.json holds
         inert = ADA_FLAGS if not saved.get("augment") and not now.get("augment") else frozenset()
-        if saved.get("clip") == now.get("clip") == "none":  # no CLIP loss whatever --lambda-clip says
-            inert |= {"lambda_clip"}
+        if "clip" in saved and not uses_clip_loss(saved) and not uses_clip_loss(now):  # CDTG loads no CLIP then
+            inert |= {"clip", "lambda_clip"}
         changed = [key for key, value in now.items()
                    if key in saved and key not in inert and _differs(key, saved[key], value)]
         if changed:
@@ -90,6 +90,12 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
                         f" {_flag(length)} {requested} is fewer")
     if state is not None and data is not None:
         check_same_data(state, data, out_dir / "last.pth")
+
+
+def uses_clip_loss(options):
+    """Whether CDTG options train with the CLIP loss: a model (not --clip none) and a weight
+    above 0. Without one of them the CLIP model is not even loaded."""
+    return options.get("clip") != "none" and options.get("lambda_clip", 1) > 0  # 1: the flag's default
 
 
 def note_process_count(out_dir, saved):
