@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
+from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint, recorded_options
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig, ada_interval
 from CDTG.fusion import NoiseFusion
@@ -93,7 +93,10 @@ def train_cdtg(args):
     steps = checkpoint_steps(args.out / "checkpoint")
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
-    check_resume(args.out, args, done=steps[-1] if steps else None, length="iter")
+    done = steps[-1] if steps else None
+    # Without options.json (deleted, or lost with a copied folder), the flags are compared with the newest checkpoint's.
+    recorded = recorded_options(args.out / "checkpoint" / f"{done}.pt") if args.resume and steps else None
+    check_resume(args.out, args, done=done, length="iter", state={"options": recorded})
     local = dist.local_batch(args.batch, "--batch")  # divisible by the torchrun processes, checked before joining
     if local > STDDEV_GROUP and local % STDDEV_GROUP:
         share = f"each process's share ({local})" if local != args.batch else "it"

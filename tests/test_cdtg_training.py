@@ -436,7 +436,13 @@ def test_resume_refuses_other_flags_and_another_fusion_layer(cdtg_inputs, capsys
         train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume"))
     assert "the CLIP loss would change mid-run" in capsys.readouterr().err
     (data / "tail_classes.json").write_text(original["tail_classes.json"])
-    (out / "options.json").unlink()  # without the run's flags, the checkpoint's own check
+    (out / "options.json").unlink()  # without the run's flags, the checkpoint's copy of them
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", "--fusion-lr-mul", "1"))
+    assert "was started with --fusion-lr-mul 0.01, this call has --fusion-lr-mul 1.0" in capsys.readouterr().err
+    state = torch.load(out / "checkpoint" / "2.pt", weights_only=False)
+    del state["options"]  # as a checkpoint of an earlier version: the checkpoint's own check
+    torch.save(state, out / "checkpoint" / "2.pt")
     with pytest.raises(SystemExit):
         train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume", "--fusion-lr-mul", "1"))
     assert "another noise-fusion layer" in capsys.readouterr().err
@@ -451,6 +457,19 @@ def test_resume_refuses_other_flags_and_another_fusion_layer(cdtg_inputs, capsys
     assert "3.pt holds no 'g_optim' to resume from (not a checkpoint of CDTG/train.py?)" in err
     (out / "checkpoint" / "3.pt").unlink()
     assert sorted(path.name for path in (out / "checkpoint").iterdir()) == ["2.pt"]
+
+
+def test_resume_without_options_json_compares_the_flags_with_the_newest_checkpoints(cdtg_inputs, capsys):
+    out = cdtg_inputs / "run"
+    train_main(tiny_train_args(cdtg_inputs, out, "--iter", "2", "--clip", "none"))
+    (out / "options.json").unlink()  # deleted, or lost when the run folder was copied
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none", "--resume", "--seed", "5"))
+    assert "was started with --seed 0, this call has --seed 5" in capsys.readouterr().err
+    assert not (out / "options.json").exists()
+    train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none", "--resume", "--log-every", "2"))
+    assert json.loads((out / "options.json").read_text())["log_every"] == 2  # how it runs may change
 
 
 def test_a_run_with_clip_weight_0_resumes_with_or_without_clip(cdtg_inputs, capsys):
