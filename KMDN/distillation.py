@@ -19,9 +19,8 @@ from tgn import distributed as dist
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights, save_checkpoint
 from tgn.cli import training_config
 from tgn.compat import grad_scaler
-from tgn.engine import (EpochProgress, Stopped, check_one_image_batches, epoch_seed, evaluate,
-                        keep_evaluation_workers, make_loader, make_optimizer, prepare_model, ran_with,
-                        restore_optimizer, save_and_stop, seed_everything, step_lr, stop_if_requested,
+from tgn.engine import (check_one_image_batches, epoch_seed, evaluate, keep_evaluation_workers, make_loader,
+                        make_optimizer, prepare_model, ran_with, restore_optimizer, seed_everything, step_lr,
                         train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError, alike_in_every_process
 from tgn.io import append_jsonl, check_run_dir, prepare_run_dir, read_json, save_options, trim_jsonl
@@ -29,7 +28,7 @@ from tgn.metrics import format_percent
 from tgn.resnet import load_feature_resnet
 from tgn.resume import check_resume, epochs_done, last_state, resuming_line
 from tgn.split import check_official_order
-from tgn.stopping import stop_between_steps
+from tgn.stopping import EpochProgress, saved_if_stopped, stop_between_steps, stop_if_requested
 
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
 RESULTS = ("last.pth", *OUTPUT_NAMES.values())  # with metrics.jsonl, what --overwrite replaces
@@ -110,7 +109,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         optimizers[group] = make_optimizer(models[group], cfg)
         scalers[group] = grad_scaler(device) if cfg.amp == "fp16" else None
     best = {group: -math.inf for group in models}
-    start_epoch, unfinished = 0, None
+    start_epoch, unfinished = 0, EpochProgress()
     if resume and (out_dir / "last.pth").exists():
         with alike_in_every_process():  # every process reads the same file: one line, from rank 0
             state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
@@ -123,7 +122,7 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         start_epoch = state["epoch"] + 1
         unfinished = EpochProgress.saved(state, start_epoch)
         if main:
-            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs, unfinished and unfinished.steps))
+            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs, unfinished.steps))
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
         trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
     loaders, loaders_group = None, None
@@ -145,37 +144,35 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
 
     with stop_between_steps() as stop_requested:
         for epoch in range(start_epoch, cfg.epochs):
-            done = unfinished if epoch == start_epoch else None
-            started = time.time() - (done.seconds if done else 0)
+            progress = unfinished if epoch == start_epoch else EpochProgress()
+            started = time.time() - progress.seconds
             student_group = student_of_epoch(epoch, interval)
             student, teacher = models[student_group], models[teacher_of(student_group)]
             freeze(teacher)
             unfreeze(student)
             seed_everything(epoch_seed(cfg.seed, epoch))
-            if not keep_fc and epoch == first_student_epoch(student_group, interval) and not done:
+            if not keep_fc and epoch == first_student_epoch(student_group, interval) and not progress.steps:
                 # As the official Distill, which loads M_H and M_T without their fc layers: the
                 # student's classifier starts afresh (drawn from the epoch's seed, so a resumed
-                # run draws it alike); a model that never learns is passed on with its own.
+                # run draws it alike; one resumed within the epoch has it trained already); a
+                # model that never learns is passed on with its own.
                 student.fc.reset_parameters()
             lr = step_lr(optimizers[student_group], cfg.lr, epoch, cfg.milestones)
             if loaders_group != student_group:
                 loaders = None  # the idle group's workers stop: they would hold memory through its teacher epochs
                 loaders, loaders_group = student_loaders(datasets[student_group], cfg, device, epoch), student_group
             train_loader, test_loader = loaders
-            train_loader.sampler.set_epoch(epoch, done.steps if done else 0)
-            steps = (done.steps if done else 0) + len(train_loader)
-            try:
+            train_loader.sampler.set_epoch(epoch, progress.steps)
+            with saved_if_stopped(progress, epoch, lambda **extra: checkpoint(epoch - 1, **extra),
+                                  out_dir / "last.pth"):
                 stats = train_one_epoch(nets[student_group], train_loader, optimizers[student_group],
                                         make_distill_loss_fn(teacher, alpha), device, scaler=scalers[student_group],
                                         desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)",
-                                        cuda_graphs=cuda_graphs, done=done, stop_requested=stop_requested,
+                                        cuda_graphs=cuda_graphs, progress=progress, stop_requested=stop_requested,
                                         **precision)
-            except Stopped as stop:
-                save_and_stop(stop, epoch, steps, started, lambda **extra: checkpoint(epoch - 1, **extra),
-                              out_dir / "last.pth")
-            dist.broadcast_buffers_(student)  # BatchNorm statistics differ per process without SyncBatchNorm
-            _, summary = evaluate(student, test_loader, device, len(metas[student_group]["class_ids"]),
-                                  **precision)
+                dist.broadcast_buffers_(student)  # BatchNorm statistics differ per process without SyncBatchNorm
+                _, summary = evaluate(student, test_loader, device, len(metas[student_group]["class_ids"]),
+                                      stop_requested=stop_requested, **precision)
             accuracy = summary["overall_accuracy"]
             improved = not math.isnan(accuracy) and accuracy > best[student_group]
             if improved:

@@ -498,35 +498,40 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step_with_a_checkpoint
 
 
 def stop_a_resnet_trainer_on_one_process(split_dir, out):
-    """UModel where process 1 alone gets SIGTERM, during its 2nd training step of 3 in the
-    first epoch; then the run resumed, and the same run uninterrupted, by both processes."""
+    """UModel where process 1 alone gets SIGTERM during its 2nd training step of 3 in the
+    first epoch; resumed, where it gets one during its first evaluation batch (process 0
+    evaluates 2 batches, process 1 one); then resumed to the end, and the same run
+    uninterrupted, by both processes."""
     from tgn import engine
 
-    model_input, calls = engine.model_input, []
-
-    def signalled_input(images, *args):
-        calls.append(torch.is_grad_enabled())
-        if dist.rank() == 1 and calls.count(True) == 2 and calls[-1]:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return model_input(images, *args)
-
+    model_input = engine.model_input
     common = ["--split", str(split_dir), "--epochs", "2", *TINY]
-    engine.model_input = signalled_input  # this process's own module: it ends with the job
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit_info:
-        umodel_main([*common, "--out", str(out / "stopped")])
-    engine.model_input = model_input
-    (out / f"stopped{dist.rank()}.json").write_text(json.dumps({"code": exit_info.value.code,
-                                                              "printed": printed.getvalue()}))
+    for name, training, batch in (("training", True, 2), ("evaluation", False, 1)):
+        calls = []
+
+        def signalled_input(images, *args):
+            calls.append(torch.is_grad_enabled() == training)
+            if dist.rank() == 1 and calls.count(True) == batch and calls[-1]:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return model_input(images, *args)
+
+        engine.model_input = signalled_input  # this process's own module: it ends with the job
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit_info:
+            umodel_main([*common, "--out", str(out / "stopped"), "--resume"])
+        engine.model_input = model_input
+        (out / f"{name}{dist.rank()}.json").write_text(json.dumps({"code": exit_info.value.code,
+                                                                  "printed": printed.getvalue()}))
     umodel_main([*common, "--out", str(out / "stopped"), "--resume"])
     umodel_main([*common, "--out", str(out / "straight")])
 
 
 def test_a_signal_to_one_process_stops_a_resnet_trainer_mid_epoch_and_the_resume_is_exact(split_dir, tmp_path):
     run_in_processes(stop_a_resnet_trainer_on_one_process, split_dir, tmp_path)
-    rank0, rank1 = (json.loads((tmp_path / f"stopped{r}.json").read_text()) for r in range(WORLD))
-    assert rank0["code"] == rank1["code"] == 128 + signal.SIGTERM
-    assert "terminated: saving epoch 1 at step 2/3" in rank0["printed"] and rank1["printed"] == ""
+    for name, steps in (("training", 2), ("evaluation", 3)):
+        rank0, rank1 = (json.loads((tmp_path / f"{name}{r}.json").read_text()) for r in range(WORLD))
+        assert rank0["code"] == rank1["code"] == 128 + signal.SIGTERM
+        assert f"terminated: saving epoch 1 at step {steps}/3" in rank0["printed"] and rank1["printed"] == ""
     a, b = (load_checkpoint(tmp_path / run / "head" / "last.pth") for run in ("straight", "stopped"))
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key

@@ -35,7 +35,8 @@ from tgn.metrics import confusion_matrix, format_percent, summarize
 from tgn.resnet import ONE_PIXEL_MAPS
 from tgn.resume import check_same_data, resuming_line
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
-from tgn.stopping import leave_sigterm_to_the_trainer, stop_between_steps, stop_for, stopping_line
+from tgn.stopping import (EpochProgress, Stopped, leave_sigterm_to_the_trainer, saved_if_stopped,
+                          stop_between_steps, stop_if_requested)
 
 resolve_device = dist.resolve_device  # kept here too: the scripts outside torchrun use it
 
@@ -154,83 +155,33 @@ def model_input(images, device, channels_last=False):
     return normalize_pixels(images) if images.dtype == torch.uint8 else images
 
 
-@dataclass
-class EpochProgress:
-    """How far an epoch got: its global batches trained and, over all processes, their
-    summed loss (times the batch), correct predictions and images; and its seconds."""
-    steps: int = 0
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    seen: int = 0
-    seconds: float = 0.0
-
-    @classmethod
-    def saved(cls, state, epoch):
-        """The progress a last.pth records of `epoch`, the one a resumed run starts with."""
-        unfinished = state.get("unfinished_epoch") or {}
-        if unfinished.get("epoch") != epoch:
-            return None
-        return cls(**{key: unfinished[key] for key in cls.__dataclass_fields__})
-
-    def record(self, epoch):
-        """What last.pth keeps of it."""
-        return {"epoch": epoch, **{key: getattr(self, key) for key in self.__dataclass_fields__}}
-
-
-class Stopped(Exception):
-    """A signal came: the epoch stopped after a whole step, at `progress`."""
-
-    def __init__(self, signal_number, progress):
-        super().__init__(signal_number)
-        self.signal_number, self.progress = signal_number, progress
-
-
-def save_and_stop(stop, epoch, steps, started, checkpoint, path):
-    """After Stopped in `epoch` (of `steps` steps, begun at time `started`): rank 0 saves
-    `checkpoint(unfinished_epoch=...)` (the state after the epochs before, with this one's
-    progress) to `path`, then every process ends as the signal would have."""
-    stop.progress.seconds = round(time.time() - started, 2)
-    if dist.is_main():
-        saving = f"saving epoch {epoch + 1} at step {stop.progress.steps}/{steps}"
-        print(stopping_line(stop.signal_number, saving), flush=True)
-        save_checkpoint(path, checkpoint(unfinished_epoch=stop.progress.record(epoch)))
-    dist.barrier()  # the checkpoint is whole before any process stops
-    stop_for(stop.signal_number)
-
-
-def stop_if_requested(stop_requested, epoch):
-    """After `epoch` is saved: a signal that came while it was evaluated or saved stops the
-    run there (a collective under torchrun)."""
-    signal_number = stop_requested()
-    if signal_number:
-        if dist.is_main():
-            print(stopping_line(signal_number, f"epoch {epoch + 1} is saved"), flush=True)
-        dist.barrier()
-        stop_for(signal_number)
-
-
 def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", amp="off", scaler=None,
-                    channels_last=False, check_every=20, cuda_graphs=False, done=None, stop_requested=None):
+                    channels_last=False, check_every=20, cuda_graphs=False, progress=None, stop_requested=None):
     """One pass over `loader`; returns mean loss and training accuracy over all processes.
 
     Sums stay on the device and are read back every `check_every` steps (a non-finite
     loss stops the run there), so the GPU is not waited for after every step.
     `cuda_graphs`: the model was compiled in a mode that replays CUDA graphs.
-    `done`: the EpochProgress of the steps a stopped run trained (the loader, from
-    EpochSampler.set_epoch, leaves them out). `stop_requested` (tgn.stopping) is asked after
-    every step; when it gives a signal, Stopped is raised with the progress so far."""
+    `progress` (tgn.stopping.EpochProgress) is updated at the end, or when `stop_requested`,
+    asked after every step, gives a signal: Stopped is raised then. A stopped epoch's
+    progress holds the steps it trained, which the loader leaves out (EpochSampler.set_epoch)."""
     model.train()
-    done = done or EpochProgress()
-    sums, seen = torch.zeros(2, dtype=torch.float64, device=device), 0  # (loss * batch, correct), images
+    progress = progress if progress is not None else EpochProgress()
+    first, last = progress.steps + 1, progress.steps + len(loader)
+    progress.total_steps = last
+    # (loss * batch, correct) and images; rank 0 carries those of the steps a stopped run trained.
+    carried = dist.is_main()
+    sums = torch.tensor([progress.loss_sum, progress.correct] if carried else [0.0, 0.0], dtype=torch.float64,
+                        device=device)
+    seen = progress.seen if carried else 0
 
-    def progress_so_far(steps):  # a collective under torchrun
+    def update(steps):  # a collective under torchrun
         loss_sum, correct, images = dist.sum_numbers([*sums.tolist(), seen], device)
-        return EpochProgress(steps, done.loss_sum + loss_sum, done.correct + correct, done.seen + int(images))
+        progress.steps, progress.loss_sum, progress.correct, progress.seen = steps, loss_sum, correct, int(images)
 
-    progress = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main(),
-                    initial=done.steps, total=done.steps + len(loader))
-    last_step = done.steps + len(loader)
-    for step, (images, labels) in enumerate(progress, start=done.steps + 1):
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main(),
+               initial=first - 1, total=last)
+    for step, (images, labels) in enumerate(bar, start=first):
         if cuda_graphs:  # each batch is a new training step: its graph replay may reuse the last one's outputs
             mark_cuda_graph_step()
         images = model_input(images, device, channels_last)
@@ -248,39 +199,49 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
         batch = labels.numel()
         sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == labels).sum().double()])
         seen += batch
-        if step % check_every == 0 or step == last_step:
+        if step % check_every == 0 or step == last:
             # Summed over the processes (each has as many steps), so all stop together.
             total_loss, total_seen = dist.sum_numbers([sums[0].item(), seen], device)
             if not math.isfinite(total_loss):
                 raise CollectiveError(f"the training loss became {total_loss / total_seen}; lower --lr or check the data")
-            progress.set_postfix(loss=f"{(done.loss_sum + total_loss) / (done.seen + total_seen):.4f}")
+            bar.set_postfix(loss=f"{total_loss / total_seen:.4f}")
         signal_number = stop_requested() if stop_requested else None
         if signal_number:
-            raise Stopped(signal_number, progress_so_far(step))
-    epoch = progress_so_far(last_step)
-    return {"train_loss": epoch.loss_sum / max(epoch.seen, 1), "train_accuracy": epoch.correct / max(epoch.seen, 1)}
+            update(step)
+            raise Stopped(signal_number)
+    update(last)
+    return progress.stats()
 
 
 @torch.no_grad()
-def predict(model, loader, device, *, amp="off", channels_last=False, desc="test"):
-    """Targets and argmax predictions over `loader` (this process's share), as numpy arrays."""
+def predict(model, loader, device, *, amp="off", channels_last=False, desc="test", stop_requested=None):
+    """Targets and argmax predictions over `loader` (this process's share), as numpy arrays.
+    `stop_requested` is asked after each batch every process has (their shares differ by an
+    image at most), and Stopped raised on a signal."""
     model.eval()
     targets, predictions = [], []
-    for images, labels in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main()):
+    asked = loader.sampler.fewest_batches(loader.batch_size) if stop_requested else 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main())
+    for index, (images, labels) in enumerate(bar):
         images = model_input(images, device, channels_last)
         with autocast(device, amp):
             logits = logits_of(model(images))
         predictions.append(logits.argmax(1).cpu())
         targets.append(labels)
+        signal_number = stop_requested() if index < asked else None
+        if signal_number:
+            raise Stopped(signal_number)
     if not targets:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return torch.cat(targets).numpy(), torch.cat(predictions).numpy()
 
 
-def evaluate(model, loader, device, num_classes, *, head=None, tail=None, amp="off", channels_last=False):
+def evaluate(model, loader, device, num_classes, *, head=None, tail=None, amp="off", channels_last=False,
+             stop_requested=None):
     """Confusion matrix and summary; under torchrun every process evaluates its share (a
     loader from make_loader) and the matrices are summed, so all get the whole test set's."""
-    targets, predictions = predict(model, loader, device, amp=amp, channels_last=channels_last)
+    targets, predictions = predict(model, loader, device, amp=amp, channels_last=channels_last,
+                                   stop_requested=stop_requested)
     cm = confusion_matrix(targets, predictions, num_classes)
     if dist.active():
         cm = dist.all_reduce_(torch.as_tensor(cm, dtype=torch.int64, device=device)).cpu().numpy()
@@ -367,7 +328,8 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     Writes `last.pth` (for --resume) and `best.pth` (highest overall test accuracy) in
     `out_dir`, and one JSON line per epoch to `metrics.jsonl`. `meta` (model config,
     class ids and names, options) is stored in every checkpoint. Ctrl-C or SIGTERM saves
-    `last.pth` after the step it comes in (its "unfinished_epoch": EpochProgress) and stops.
+    `last.pth` after the step it comes in (its "unfinished_epoch": tgn.stopping.EpochProgress)
+    and stops.
     """
     out_dir = Path(out_dir)
     main = dist.is_main()
@@ -375,7 +337,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     optimizer = make_optimizer(model, cfg)
     scaler = grad_scaler(device) if cfg.amp == "fp16" else None
     result = TrainResult()
-    start_epoch, unfinished = 0, None
+    start_epoch, unfinished = 0, EpochProgress()
     if resume and (out_dir / "last.pth").exists():
         with alike_in_every_process():  # every process reads the same file: one line, from rank 0
             state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
@@ -387,7 +349,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
         start_epoch = state["epoch"] + 1
         unfinished = EpochProgress.saved(state, start_epoch)
         if main:
-            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs, unfinished and unfinished.steps))
+            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs, unfinished.steps))
         result.best_accuracy = state.get("best_accuracy", -math.inf)
         result.best_epoch = state.get("best_epoch", -1)
     if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
@@ -406,24 +368,21 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
 
     with stop_between_steps() as stop_requested:
         for epoch in range(start_epoch, cfg.epochs):
-            done = unfinished if epoch == start_epoch else None
-            started = time.time() - (done.seconds if done else 0)
+            progress = unfinished if epoch == start_epoch else EpochProgress()
+            started = time.time() - progress.seconds
             seed_everything(epoch_seed(cfg.seed, epoch))
             lr = step_lr(optimizer, cfg.lr, epoch, cfg.milestones)
-            loader.sampler.set_epoch(epoch, done.steps if done else 0)
-            steps = (done.steps if done else 0) + len(loader)
-            try:
+            loader.sampler.set_epoch(epoch, progress.steps)
+            with saved_if_stopped(progress, epoch, lambda **extra: checkpoint(epoch - 1, **extra),
+                                  out_dir / "last.pth"):
                 train_stats = train_one_epoch(net, loader, optimizer, loss_fn, device,
                                               desc=f"{desc} {epoch + 1}/{cfg.epochs}", amp=cfg.amp, scaler=scaler,
                                               channels_last=cfg.channels_last,
-                                              cuda_graphs=uses_cuda_graphs(cfg.compile), done=done,
+                                              cuda_graphs=uses_cuda_graphs(cfg.compile), progress=progress,
                                               stop_requested=stop_requested)
-            except Stopped as stop:
-                save_and_stop(stop, epoch, steps, started, lambda **extra: checkpoint(epoch - 1, **extra),
-                              out_dir / "last.pth")
-            dist.broadcast_buffers_(model)  # BatchNorm statistics differ per process without SyncBatchNorm
-            cm, summary = evaluate(model, test_loader, device, num_classes, head=head, tail=tail, amp=cfg.amp,
-                                   channels_last=cfg.channels_last)
+                dist.broadcast_buffers_(model)  # BatchNorm statistics differ per process without SyncBatchNorm
+                cm, summary = evaluate(model, test_loader, device, num_classes, head=head, tail=tail,
+                                       amp=cfg.amp, channels_last=cfg.channels_last, stop_requested=stop_requested)
             accuracy = summary["overall_accuracy"]
             improved = not math.isnan(accuracy) and accuracy > result.best_accuracy
             if improved:

@@ -88,6 +88,9 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
     if requested < done:
         raise UserError(f"--resume: {out_dir} has already trained {done} {'steps' if length == 'iter' else 'epochs'};"
                         f" {_flag(length)} {requested} is fewer")
+    if (state or {}).get("unfinished_epoch") and requested <= done:  # last.pth would keep weights of no epoch
+        raise UserError(f"--resume: {out_dir} was stopped within epoch {done + 1}; pass {_flag(length)} {done + 1} "
+                        "or more to finish it, or --overwrite instead of --resume to start again")
     if state is not None and data is not None:
         check_same_data(state, data, out_dir / "last.pth")
 

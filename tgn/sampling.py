@@ -61,6 +61,11 @@ class EpochSampler(Sampler):
         """This process's positions of a whole training epoch, padding included."""
         return -(-self.used // self.world)
 
+    def fewest_batches(self, batch_size):
+        """The batches of `batch_size` every process has: all of them in training (padded);
+        in evaluation, as many as the smallest share gives."""
+        return -(-(self.share() if self.shuffle else self.size // self.world) // batch_size)
+
     def global_order(self):
         """The epoch's (index, augmentation seed) pairs, before sharding."""
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))

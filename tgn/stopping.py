@@ -3,14 +3,18 @@
 Ctrl-C (SIGINT), or SIGTERM (what a cluster scheduler sends before it kills a job that is
 preempted or out of time, and torchrun passes on to its processes), lets the current step
 finish; the trainer then saves and stops. A second Ctrl-C stops at once, for a step that
-never ends.
+never ends. The ResNet trainers save mid-epoch: last.pth then holds the EpochProgress of
+the epoch it stopped in, and a resumed run trains that epoch's remaining steps only.
 """
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
+import time
 
 from tgn import distributed as dist
+from tgn.checkpoint import save_checkpoint
 
 WORKER_SIGTERM_GRACE_S = 60
 
@@ -57,6 +61,75 @@ def leave_sigterm_to_the_trainer(_worker_id):
     """DataLoader workers outlive SIGTERM by WORKER_SIGTERM_GRACE_S seconds: a scheduler
     sends it to every process of the job, and a worker it ended at once would stop the run
     before its last save. The trainer ends them first; one stuck in a read (which
-    DataLoader's own shutdown would have ended with SIGTERM) ends when the time is up."""
+    DataLoader's own shutdown would have ended with SIGTERM) ends when the time is up.
+    Every loader of tgn.engine.make_loader sets it, test.py's too: there the workers end
+    with their process, or at the latest when the time is up."""
     grace = (lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S)) if hasattr(signal, "alarm") else signal.SIG_IGN
     signal.signal(signal.SIGTERM, grace)
+
+
+@dataclasses.dataclass
+class EpochProgress:
+    """How far an epoch got: its global batches trained (of `total_steps`) and, over all
+    processes, their summed loss (times the batch), correct predictions and images; and
+    its seconds."""
+    steps: int = 0
+    total_steps: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+    seconds: float = 0.0
+
+    @classmethod
+    def saved(cls, state, epoch):
+        """The progress a last.pth records of `epoch` (the one a resumed run starts with),
+        else a new one."""
+        unfinished = state.get("unfinished_epoch") or {}
+        if unfinished.get("epoch") != epoch:
+            return cls()
+        return cls(**{field.name: unfinished[field.name] for field in dataclasses.fields(cls)})
+
+    def record(self, epoch):
+        """What last.pth keeps of it."""
+        return {"epoch": epoch, **dataclasses.asdict(self)}
+
+    def stats(self):
+        return {"train_loss": self.loss_sum / max(self.seen, 1), "train_accuracy": self.correct / max(self.seen, 1)}
+
+
+class Stopped(Exception):
+    """A signal came: training or evaluation stopped after a whole step."""
+
+    def __init__(self, signal_number):
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+
+
+@contextlib.contextmanager
+def saved_if_stopped(progress, epoch, checkpoint, path):
+    """Around an epoch's training and evaluation: when they raise Stopped, rank 0 saves
+    `checkpoint(unfinished_epoch=...)` (the state after the epochs before, with this
+    epoch's `progress`: all its steps when the stop came while evaluating, and a resumed
+    run then evaluates first) to `path`, and every process ends as the signal would have."""
+    started = time.time() - progress.seconds
+    try:
+        yield
+    except Stopped as stop:
+        progress.seconds = round(time.time() - started, 2)
+        if dist.is_main():
+            saving = f"saving epoch {epoch + 1} at step {progress.steps}/{progress.total_steps}"
+            print(stopping_line(stop.signal_number, saving), flush=True)
+            save_checkpoint(path, checkpoint(unfinished_epoch=progress.record(epoch)))
+        dist.barrier()  # the checkpoint is whole before any process stops
+        stop_for(stop.signal_number)
+
+
+def stop_if_requested(stop_requested, epoch):
+    """After `epoch` is saved: a signal that came while it was saved (or in an evaluation
+    batch not every process has) stops the run there (a collective under torchrun)."""
+    signal_number = stop_requested()
+    if signal_number:
+        if dist.is_main():
+            print(stopping_line(signal_number, f"epoch {epoch + 1} is saved"), flush=True)
+        dist.barrier()
+        stop_for(signal_number)
