@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -23,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch._dynamo.utils import counters
 
-from conftest import write_dataset
+from conftest import ROOT, write_dataset
 from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
 from CDTG.generation import main as generation_main
 from CDTG.train import main as cdtg_train_main
@@ -416,6 +417,20 @@ def test_a_single_process_always_prints(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         script(None)
     assert capsys.readouterr().err == "error: --data x: no such folder\n"
+
+
+def test_ctrl_c_while_torch_is_being_imported_under_torchrun_is_one_line():
+    """The script's "interrupted", not the tracebacks of importing a torch that Ctrl-C cut
+    short (torchrun passes Ctrl-C on while its processes may still be starting)."""
+    script = ("import sys; sys.modules['torch'] = None  # a torch whose import failed\n"
+              "from tgn.errors import cli_main\n"
+              "@cli_main\n"
+              "def main(argv):\n"
+              "    raise KeyboardInterrupt\n"
+              "main(None)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n")
 
 
 @pytest.mark.parametrize("local_rank", ["0", "1"])

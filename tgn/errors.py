@@ -76,10 +76,15 @@ def speaks():
 
 
 def _joined_rank():
-    """This process's rank once it joined a torchrun process group, else None."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+    """This process's rank once it joined a torchrun process group, else None. Only a
+    torch.distributed imported already is asked: a process joins after importing it, and
+    a Ctrl-C that came while torch was being imported leaves a torch that fails to import
+    again (the scripts' "interrupted" would become tracebacks)."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        return dist.get_rank() if dist is not None and dist.is_available() and dist.is_initialized() else None
+    except AttributeError:  # one whose own import was cut short
+        return None
 
 
 # What a collective raises when another process of the job has stopped (gloo: a plain
