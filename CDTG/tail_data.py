@@ -20,6 +20,7 @@ from tgn.errors import UserError
 from tgn.handoff import TAIL_MANIFEST
 from tgn.images import ImageList
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
+from tgn.runlock import claim_folder
 from tgn.resnet import load_feature_resnet
 from tgn.split import check_official_order, check_split_matches, load_split
 
@@ -168,6 +169,7 @@ def write_tail_data(args):
     tokenize_prompts([cls["prompt"] for cls in classes])  # CLIP takes at most 77 tokens
     tail = TailClasses(args.out, split.data_root, classes, split.fingerprint)
     make_folder(args.out)
+    claim_folder(args.out)  # a second run into it is refused: it would remove this one's temp files
     remove_temp_files(args.out)  # what a run killed mid-write left
     write_annotation(args.out / IMAGE_LIST, entries)
     tail.write()

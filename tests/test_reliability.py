@@ -337,6 +337,28 @@ def test_a_lock_file_of_another_user_still_refuses_a_second_run(tmp_path, monkey
         runlock.release_folders()
 
 
+def test_a_split_into_a_folder_another_split_writes_is_refused_and_leaves_its_files(toy_data, tmp_path, capsys):
+    """Each split removes the temp files a killed split left: a second one at once would
+    remove the first's files mid-write."""
+    from CDTG.dataset_split import main as cdtg_split_main
+
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    for folder, run in ((tmp_path / "split", lambda: split_main(["--data-root", str(toy_data), "--out",
+                                                                   str(tmp_path / "split"), "--overwrite"])),
+                        (tmp_path / "tail", lambda: cdtg_split_main(["--split", str(tmp_path / "split"), "--out",
+                                                                      str(tmp_path / "tail")]))):
+        folder.mkdir(exist_ok=True)
+        writing = folder / ".split.json.wr1t1ng.tmp"  # the other split's file, half written
+        writing.write_text("half a file")
+        holder = hold_folder(folder)
+        try:
+            expect_user_error(capsys, run, f"--out {folder} is in use by another run (pid {holder.pid} on ")
+        finally:
+            holder.kill()
+            holder.wait()
+        assert writing.exists()
+
+
 def hold_folder_fails(folder):
     process = subprocess.run([sys.executable, "-c", HOLD, str(ROOT), str(folder), "-"], capture_output=True,
                              text=True, timeout=60)

@@ -15,6 +15,7 @@ from pathlib import Path
 from tgn.data import Entry, check_files_exist, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
+from tgn.runlock import claim_folder
 
 SPLIT_FORMAT = "tgn-split/1"
 GROUPS = ("head", "tail")
@@ -155,6 +156,7 @@ def compute_split(info, threshold_percent):
 def write_split(split, entries_by_subset, folder):
     """split.json plus head/tail annotation lists; the lists keep DATA-relative paths."""
     folder = make_folder(folder)
+    claim_folder(folder)  # a second split into it is refused: it would remove this one's temp files
     remove_temp_files(folder)  # what a split killed mid-write left
     split.folder = folder
     for group in GROUPS:
