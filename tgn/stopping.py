@@ -87,7 +87,7 @@ class EpochProgress:
         unfinished = state.get("unfinished_epoch") or {}
         if unfinished.get("epoch") != epoch:
             return cls()
-        return cls(**{field.name: unfinished[field.name] for field in dataclasses.fields(cls)})
+        return cls(**{field.name: unfinished.get(field.name, field.default) for field in dataclasses.fields(cls)})
 
     def record(self, epoch):
         """What last.pth keeps of it."""
