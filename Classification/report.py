@@ -137,6 +137,16 @@ def read_report(path):
     return report
 
 
+def renamed_class(report, names):
+    """The first (id, its name in `report`, its name in `names`: id -> name) that differ, else
+    None: a dataset whose classes are numbered otherwise (DOTA's chip releases number its
+    15 classes in two orders) keeps its ids and name, not its class names."""
+    for row in report["classes"]:
+        if row["id"] in names and row.get("name") != names[row["id"]]:
+            return row["id"], row.get("name"), names[row["id"]]
+    return None
+
+
 def comparison(reports, labels=None):
     """Rows (method, head acc, tail acc, OA, macro-F1) of reports on the same classes."""
     first = reports[0]
@@ -146,6 +156,10 @@ def comparison(reports, labels=None):
                             f"({first.get('dataset')}, {report.get('dataset')})")
         if [c["id"] for c in report["classes"]] != [c["id"] for c in first["classes"]]:
             raise UserError(f"reports {first['method']!r} and {report['method']!r} are on different classes")
+        renamed = renamed_class(report, {c["id"]: c.get("name") for c in first["classes"]})
+        if renamed:
+            raise UserError(f"reports {first['method']!r} and {report['method']!r} name class {renamed[0]} "
+                            f"'{renamed[2]}' and '{renamed[1]}': another dataset or class numbering")
     labels = labels or [report["method"] for report in reports]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:  # e.g. every run with --extra is 'TGN'

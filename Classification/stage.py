@@ -4,7 +4,7 @@ from pathlib import Path
 
 from Classification.figures import plot_confusion, plot_long_tail
 from Classification.flags import DEFAULT_THRESHOLD
-from Classification.report import build_report, read_report, report_markdown, write_report
+from Classification.report import build_report, read_report, renamed_class, report_markdown, write_report
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
 from tgn.data import drop_unreadable, samples_for
@@ -71,6 +71,10 @@ def read_baseline(args, info, class_ids):
     if report.get("dataset") != info.name or ids != list(class_ids):
         raise UserError(f"--baseline-report {args.baseline_report} is a report on {report.get('dataset')} with classes "
                         f"{ids}; DATA is {info.name} with {list(class_ids)}")
+    renamed = renamed_class(report, info.class_names) if info.has_class_list else None  # else names are ids
+    if renamed:
+        raise UserError(f"--baseline-report {args.baseline_report} names class {renamed[0]} '{renamed[1]}', DATA "
+                        f"names it '{renamed[2]}': another dataset or class numbering")
     return report
 
 

@@ -437,6 +437,13 @@ def test_a_baseline_report_of_other_data_is_refused_before_any_work(trained, tmp
             main(["--data-root", str(data), "--baseline-report", str(tmp_path / "other.json"), "--device", "cpu",
                   "--workers", "0", *argv])
         assert "is a report on OTHER with classes [0, 1, 2, 3, 4]; DATA is TOY" in capsys.readouterr().err
+    renamed = {**other, "dataset": "TOY"}
+    renamed["classes"][0]["name"] = "class 9"
+    (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+    with pytest.raises(SystemExit):
+        evaluate_main(["--data-root", str(data), "--baseline-report", str(tmp_path / "renamed.json"), "--device",
+                       "cpu", "--workers", "0", "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "r")])
+    assert "names class 0 'class 9', DATA names it 'class 0'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "cls").exists()
 
 
@@ -734,6 +741,12 @@ def test_compare_refuses_reports_on_other_classes(tmp_path, capsys):
     write_report({**hand_report("dior", BASELINE_CM), "dataset": "DIOR"}, tmp_path / "c")
     err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path)])
     assert "are on different datasets (TOY, DIOR)" in err
+    renumbered = hand_report("renumbered", BASELINE_CM)  # the same ids, numbered from other class names
+    renumbered["classes"][0]["name"], renumbered["classes"][1]["name"] = (renumbered["classes"][1]["name"],
+                                                                          renumbered["classes"][0]["name"])
+    write_report(renumbered, tmp_path / "f")
+    err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "f"), "--out", str(tmp_path)])
+    assert "name class 0 'a' and 'b': another dataset or class numbering" in err
     write_report(hand_report("baseline", AUGMENTED_CM), tmp_path / "d")  # both named 'baseline'
     err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path)])
     assert "two reports are named 'baseline': name each row, NAME=REPORT" in err
