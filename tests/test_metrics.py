@@ -1,5 +1,6 @@
 """tgn.metrics on hand-made confusion matrices, incl. a class never predicted and classes absent from test."""
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -64,6 +65,13 @@ def test_perfect_predictions():
     summary = summarize(np.diag([4, 1, 2]), head=[0], tail=[1, 2])
     for key in ("overall_accuracy", "mean_class_accuracy", "macro_f1", "head_accuracy", "tail_accuracy"):
         assert summary[key] == pytest.approx(1.0), key
+
+
+def test_percentages_round_halves_up_as_a_table_made_from_the_fractions_would():
+    for n in range(1, 201):  # test sets of up to 200 images: every accuracy k/n, 29/32 among them
+        for k in range(n + 1):
+            hundredths = math.floor(Fraction(100 * 100 * k, n) + Fraction(1, 2))
+            assert format_percent(k / n) == f"{hundredths // 100}.{hundredths % 100:02d}", (k, n)
 
 
 def test_format_percent():
