@@ -74,6 +74,14 @@ def test_percentages_round_halves_up_as_a_table_made_from_the_fractions_would():
             assert format_percent(k / n) == f"{hundredths // 100}.{hundredths % 100:02d}", (k, n)
 
 
+def test_a_class_outside_the_matrix_is_refused_not_counted_in_another_cell():
+    with pytest.raises(ValueError, match="predictions outside 0..2"):
+        confusion_matrix([1], [5], 3)  # row 1, column 5: the flat index of cell (2, 2)
+    with pytest.raises(ValueError, match="targets outside 0..2"):
+        confusion_matrix([-1], [1], 3)
+    assert confusion_matrix([], [], 3).sum() == 0
+
+
 def test_format_percent():
     assert format_percent(0.8656) == "86.56"
     assert format_percent(float("nan")) == "n/a"

@@ -19,6 +19,9 @@ def confusion_matrix(targets, predictions, num_classes):
     predictions = np.asarray(predictions, dtype=np.int64).ravel()
     if targets.shape != predictions.shape:
         raise ValueError("targets and predictions differ in length")
+    for name, values in (("targets", targets), ("predictions", predictions)):
+        if values.size and not 0 <= values.min() <= values.max() < num_classes:  # it would land in another cell
+            raise ValueError(f"{name} outside 0..{num_classes - 1}")
     flat = targets * num_classes + predictions
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
