@@ -165,15 +165,31 @@ def check_settings(out_dir, settings, overwrite):
                             "use another --out or pass --overwrite")
 
 
+def unfinished_classes(out_dir, tail_ids):
+    """The classes runs stopped in `out_dir` left unfinished, from GENERATION_UNFINISHED: a
+    list of class ids (all tail classes for the empty marker of an earlier version, which
+    named none); none without the marker."""
+    path = Path(out_dir) / GENERATION_UNFINISHED
+    if not path.is_file():
+        return []
+    try:
+        return [int(cid) for cid in json.loads(path.read_text(encoding="utf-8"))["classes"]]
+    except (ValueError, KeyError, TypeError):  # empty (an earlier version's) or not ours: every class
+        return list(tail_ids)
+
+
 def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncation, batch_size, quality, workers):
     """Generate the missing images of each class; returns {class id: images written}.
-    Under torchrun process r generates every N-th missing image (positions r, r + N, ...)."""
+    Under torchrun process r generates every N-th missing image (positions r, r + N, ...).
+    GENERATION_UNFINISHED names the classes being generated while it runs; it names those a
+    stopped run left unfinished until a run finishes them (a run of other --classes keeps it)."""
     out_dir = Path(out_dir)
     written = {}
     if dist.is_main():  # before any process writes: the first listing below waits for it
         remove_temp_files(out_dir)  # the lists a killed run had not yet published
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / GENERATION_UNFINISHED).touch()
+        stopped = unfinished_classes(out_dir, synth.tail.ids)
+        atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": list(dict.fromkeys([*stopped, *class_ids]))})
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
@@ -208,7 +224,14 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
             if dist.is_main():
                 write_generated_annotation(out_dir, synth.tail.ids)
     if dist.is_main():
-        (out_dir / GENERATION_UNFINISHED).unlink()
+        left = [cid for cid in stopped if cid not in class_ids]
+        if left:
+            atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": left})
+            print(f"note: a stopped run left classes {', '.join(map(str, left))} unfinished: {GENERATION_UNFINISHED} "
+                  "stays, and the folder is not used, until a run generates them (without --classes, or with "
+                  f"--classes {' '.join(map(str, left))})")
+        else:
+            (out_dir / GENERATION_UNFINISHED).unlink()
     return written
 
 

@@ -640,7 +640,8 @@ def test_generation_names_the_flag_for_a_recorded_path_that_is_gone(trained_ckpt
                                                "pass --data")
 
 
-def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_ckpt, tmp_path, monkeypatch):
+def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_ckpt, tmp_path, monkeypatch,
+                                                                       capsys):
     from Classification.samples import read_extra
 
     out = tmp_path / "gen"
@@ -661,6 +662,13 @@ def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_
     with pytest.raises(UserError, match="its generation has not finished .*run CDTG/generation.py again"):
         read_extra(out, names)
     monkeypatch.setattr(TailSynthesizer, "render", render)
+    asked = json.loads((out / "generation.unfinished").read_text())["classes"]
+    assert len(asked) == 3  # every tail class
+    generation_main([*argv, "--classes", str(asked[-1])])  # a run of one class finishes that class only
+    assert json.loads((out / "generation.unfinished").read_text())["classes"] == asked[:-1]
+    assert f"note: a stopped run left classes {asked[0]}, {asked[1]} unfinished" in capsys.readouterr().out
+    with pytest.raises(UserError, match="its generation has not finished"):
+        read_extra(out, names)
     generation_main(argv)
     assert len(read_extra(out, names)) == 6
 
