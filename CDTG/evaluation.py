@@ -68,11 +68,16 @@ def folder_labels(folders):
 
 
 def check_generated_folders(folders):
-    """Each folder is there and finished: one a run is still adding to (or stopped in) holds
-    part of its classes, and the overall row would cover those alone."""
+    """Each folder is there, once, and finished: one a run is still adding to (or stopped in)
+    holds part of its classes, and the overall row would cover those alone."""
+    seen = {}
     for folder in folders:
         if not Path(folder).is_dir():
             raise UserError(f"generated folder not found: {folder}")
+        resolved = Path(folder).resolve()
+        if resolved in seen:  # its rows would repeat, and its samples would take one column group
+            raise UserError(f"generated folder {folder} is given twice (also as {seen[resolved]})")
+        seen[resolved] = folder
         if (Path(folder) / GENERATION_UNFINISHED).exists():
             raise UserError(f"{folder} holds {GENERATION_UNFINISHED}: its generation.py run stopped (or still runs) "
                             "before every class was written; rerun it with the same flags to finish, then evaluate")

@@ -361,6 +361,10 @@ def test_evaluate_refuses_a_missing_or_unfinished_folder_and_notes_one_of_fewer_
         evaluate_script.main([str(root / "gen_shifted"), *common, "--out", str(root / "e1")])
     assert "holds generation.unfinished: its generation.py run stopped" in capsys.readouterr().err
     (root / "gen_shifted" / "generation.unfinished").unlink()
+    with pytest.raises(SystemExit):  # its rows would repeat, its samples fill one column group
+        evaluate_script.main([str(root / "gen_shifted"), str(root / "gen_shifted") + "/", *common, "--out",
+                              str(root / "e1")])
+    assert f"is given twice (also as {root / 'gen_shifted'})" in capsys.readouterr().err
     loading = CDTG.evaluation.load_lpips
     monkeypatch.setattr(CDTG.evaluation, "load_lpips", lambda spec: pytest.fail("loaded AlexNet first"))
     with pytest.raises(SystemExit):  # AlexNet has nothing to pool below 31 px: refused before it is loaded
