@@ -181,15 +181,16 @@ def unfinished_classes(out_dir, tail_ids):
 def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncation, batch_size, quality, workers):
     """Generate the missing images of each class; returns {class id: images written}.
     Under torchrun process r generates every N-th missing image (positions r, r + N, ...).
-    GENERATION_UNFINISHED names the classes being generated while it runs; it names those a
-    stopped run left unfinished until a run finishes them (a run of other --classes keeps it)."""
+    GENERATION_UNFINISHED names the classes still to generate, a class leaving it once it is
+    written: those of this run, and those a stopped run left (a run of other --classes keeps
+    them, and says so)."""
     out_dir = Path(out_dir)
     written = {}
     if dist.is_main():  # before any process writes: the first listing below waits for it
         remove_temp_files(out_dir)  # the lists a killed run had not yet published
         out_dir.mkdir(parents=True, exist_ok=True)
-        stopped = unfinished_classes(out_dir, synth.tail.ids)
-        atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": list(dict.fromkeys([*stopped, *class_ids]))})
+        pending = list(dict.fromkeys([*unfinished_classes(out_dir, synth.tail.ids), *class_ids]))
+        atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": pending})
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
@@ -223,13 +224,13 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
             written[class_id] = len(missing)
             if dist.is_main():
                 write_generated_annotation(out_dir, synth.tail.ids)
+                pending.remove(class_id)
+                atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": pending})
     if dist.is_main():
-        left = [cid for cid in stopped if cid not in class_ids]
-        if left:
-            atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": left})
-            print(f"note: a stopped run left classes {', '.join(map(str, left))} unfinished: {GENERATION_UNFINISHED} "
-                  "stays, and the folder is not used, until a run generates them (without --classes, or with "
-                  f"--classes {' '.join(map(str, left))})")
+        if pending:
+            print(f"note: a stopped run left classes {', '.join(map(str, pending))} unfinished: "
+                  f"{GENERATION_UNFINISHED} stays, and the folder is not used, until a run generates them (without "
+                  f"--classes, or with --classes {' '.join(map(str, pending))})")
         else:
             (out_dir / GENERATION_UNFINISHED).unlink()
     return written
