@@ -17,6 +17,7 @@ from matplotlib.patches import Patch
 
 from tgn.errors import UserError
 from tgn.io import atomic_write_bytes
+from tgn.metrics import format_percent
 from tgn.split import rank_classes
 
 HEAD_COLOUR, TAIL_COLOUR, GENERATED_COLOUR = "orange", "green", "#a8d890"
@@ -44,7 +45,8 @@ def _save(figure, path):
 
 
 def _percent(value):
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+    shown = format_percent(value)
+    return shown if shown == "n/a" else f"{shown}%"
 
 
 @_names_as_written

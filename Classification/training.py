@@ -17,6 +17,7 @@ from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.images import ImageList, build_transform
 from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options
+from tgn.metrics import format_percent
 from tgn.resume import check_resume, check_same_data, epochs_done, last_state
 
 RESULTS = (*TRAINING_RESULTS, "report-best")  # with LOGS, what --overwrite replaces
@@ -99,7 +100,8 @@ def train_classifier(args):
     if best.exists() and not last_is_best:
         load_weights(model, load_checkpoint(best)["state_dict"], best)
     if best.exists() and main:
-        print(f"best test OA {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; report of {best}:")
+        print(f"best test OA {format_percent(result.best_accuracy)}% at epoch {result.best_epoch + 1}; "
+              f"report of {best}:")
     source = best if best.exists() else run_dir / "last.pth"  # no best: the test set is empty
     # The report is computed as test.py computes it by default, in fp32 and the standard
     # memory layout, so that report-best/ is what `test.py --ckpt best.pth` writes; the

@@ -274,7 +274,7 @@ def run_distillation(args):
     if not main:
         return
     for group, accuracy in best.items():
-        shown = f"{100 * accuracy:.2f}%" if accuracy > -1 else "not trained"
+        shown = f"{format_percent(accuracy)}%" if accuracy > -1 else "not trained"
         print(f"{group}: best test accuracy while student {shown}")
     if best["tail"] > -1:
         print(f"distilled tail model: {run_dir / 'M_T.pth'}")

@@ -6,6 +6,7 @@ from tgn import distributed as dist
 from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.io import check_run_dir, prepare_run_dir, save_options
+from tgn.metrics import format_percent
 from tgn.resume import check_resume, epochs_done, last_state
 
 
@@ -42,6 +43,6 @@ def train_group(args):
     result = fit(model, train_set, test_set, cfg, device, run_dir,
                  meta=checkpoint_meta(split, group, model, options), resume=args.resume, desc=group)
     if main:
-        print(f"best test accuracy {100 * result.best_accuracy:.2f}% at epoch {result.best_epoch + 1}; "
+        print(f"best test accuracy {format_percent(result.best_accuracy)}% at epoch {result.best_epoch + 1}; "
               f"checkpoints in {run_dir}")
     return result

@@ -666,6 +666,18 @@ def test_figures_show_names_with_dollar_signs_as_written(tmp_path, monkeypatch):
         assert name in {text.get_text() for text in texts}
 
 
+def test_figure_titles_round_as_the_report_does(tmp_path, monkeypatch):
+    import Classification.figures as figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    report = build_report(np.array([[16, 0], [3, 13]]), method="m", source="x.pth", dataset="TOY", class_ids=[0, 1],
+                          class_names=["a", "b"], train_counts=[5, 2], generated_counts=None, head=[0], tail=[1],
+                          grouping="hand")
+    plot_confusion(report, tmp_path / "cm.png")
+    assert drawn[0].axes[0].get_title() == "m: OA 90.63%" and "| 90.63 |" in report_markdown(report)  # 29/32
+
+
 def test_figures_draw_the_row_normalised_matrix_and_the_ranked_counts(tmp_path, monkeypatch):
     import Classification.figures as figures
     from matplotlib.colors import to_rgba
