@@ -19,7 +19,7 @@ from tgn.data import check_files_exist, drop_unreadable, open_dataset, read_anno
 from tgn.errors import UserError
 from tgn.handoff import TAIL_MANIFEST
 from tgn.images import ImageList
-from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
+from tgn.io import absolute_path, atomic_write_json, check_own_run_folder, make_folder, read_json, remove_temp_files
 from tgn.runlock import claim_folder
 from tgn.resnet import load_feature_resnet
 from tgn.split import check_official_order, check_split_matches, load_split
@@ -156,6 +156,7 @@ def write_tail_data(args):
     except (KeyError, IndexError, ValueError) as exc:
         raise UserError(f"--prompt {args.prompt!r}: only {{name}} may stand in braces (write {{{{ and }}}} for a "
                         f"brace itself); {type(exc).__name__}: {exc}") from exc
+    check_own_run_folder(args.out, args)  # a trainer's run folder: not tail data
     if (args.out / TAIL_MANIFEST).exists() and not args.overwrite:
         raise UserError(f"{args.out / TAIL_MANIFEST} exists; pass --overwrite to replace it")
     split = load_split(args.split, data_root=args.data_root)

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from tgn.cli import head_percent, make_parser, output_folder  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import check_own_run_folder  # noqa: E402
 from tgn.split import compute_split, write_split  # noqa: E402
 
 
@@ -32,6 +33,7 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_own_run_folder(args.out, args)  # a trainer's run folder: not a split's
     if (args.out / "split.json").exists() and not args.overwrite:
         raise UserError(f"{args.out / 'split.json'} exists; pass --overwrite to replace it")
     if args.threshold < 1:  # a fraction where a percentage belongs

@@ -754,6 +754,12 @@ def test_another_scripts_run_folder_is_refused_whatever_the_flags(split_dir, toy
                           f"{head} is a run folder of KMDN/UModel.py or RModel.py")
     expect_user_error(capsys, lambda: cdtg_train_main(["--data", str(tmp_path / "none"), "--out", str(head)]),
                       f"{head} is a run folder of KMDN/UModel.py or RModel.py")
+    from CDTG.dataset_split import main as cdtg_split_main
+
+    expect_user_error(capsys, lambda: split_main(["--data-root", str(toy_data), "--out", str(head), "--overwrite"]),
+                      f"{head} is a run folder of KMDN/UModel.py or RModel.py")
+    expect_user_error(capsys, lambda: cdtg_split_main(["--split", str(split_dir), "--out", str(cdtg), "--overwrite"]),
+                      f"{cdtg} is a run folder of CDTG/train.py")
     assert before == {folder: {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
                       for folder in (head, cdtg)}
     other = tmp_path / "other" / "head"  # an options.json of another tool, or one that is not an object
