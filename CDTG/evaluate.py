@@ -35,7 +35,8 @@ def build_parser():
     metrics.add_argument("--lpips", default="alex", choices=["alex", "none"], help="LPIPS backbone")
     metrics.add_argument("--pairs", type=positive_int, default=1000, help="random LPIPS pairs per class and set")
     metrics.add_argument("--clip", default="ViT-B/32", help="CLIP model name, a local file, or 'none'")
-    metrics.add_argument("--clip-root", default=None, help="download folder of CLIP weights")
+    metrics.add_argument("--clip-root", default=None,
+                    help="download folder of CLIP weights (default: CLIP's own, ~/.cache/clip)")
     metrics.add_argument("--teacher", default=None,
                          help="tail model M_T, or 'none' (default: the one the generation checkpoint records)")
     runtime = parser.add_argument_group("cost and runtime")

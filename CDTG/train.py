@@ -11,8 +11,8 @@ OUT/metrics.jsonl and OUT/options.json. Quick CPU run: --size 32 --latent 64 --n
 --channel-max 32 --batch 4 --iter 200 --clip none.
 
 Several GPUs: `torchrun --nproc_per_node=N CDTG/train.py ...` with the same flags; --batch
-stays the global batch (each GPU takes --batch / N, which must be 4 or more, the size of
-the discriminator's minibatch-stddev groups).
+stays the global batch (each GPU takes --batch / N, which must be 4 or a multiple of 4,
+the size of the discriminator's minibatch-stddev groups).
 """
 import sys
 from pathlib import Path
@@ -34,11 +34,13 @@ def build_parser():
     io.add_argument("--teacher", type=Path, default=Path("runs/kmdn/distill/M_T.pth"),
                     help="the distilled tail model M_T (KMDN/Distill.py); official bare state dicts work too")
     io.add_argument("--clip", default="ViT-B/32", help="CLIP model name (downloaded when online), a local file, or 'none'")
-    io.add_argument("--clip-root", default=None, help="download folder of CLIP weights")
+    io.add_argument("--clip-root", default=None,
+                    help="download folder of CLIP weights (default: CLIP's own, ~/.cache/clip)")
     io.add_argument("--out", type=output_folder, default=Path("runs/cdtg"), help="run folder")
     io.add_argument("--init", type=Path, default=None,
                     help="start from the weights of a CDTG checkpoint, ours or the official 200000.pt (as the official "
-                         "train.py --ckpt): G, D, G_ema and, where it holds one of this shape, the noise-fusion layer; "
+                         "train.py --ckpt): G, D, G_ema and, where it holds one of the same settings (size, --fusion-pool, "
+                         "--fusion-lr-mul), the noise-fusion layer; "
                          "the optimizers and the step start afresh. A --resume that finds checkpoints ignores it")
     either = io.add_mutually_exclusive_group()  # continue the run, or replace it
     either.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoint")
@@ -58,7 +60,9 @@ def build_parser():
     train = parser.add_argument_group("training (official defaults)")
     train.add_argument("--iter", type=positive_int, default=defaults.iterations, help="total training steps")
     train.add_argument("--batch", type=positive_int, default=defaults.batch,
-                       help="images per step in all: under torchrun each of N processes takes 1/N of it")
+                       help="images per step in all: under torchrun each of N processes takes 1/N of it; each "
+                            "process's share is at most 4 or a multiple of 4 (the discriminator's "
+                            "minibatch-stddev group)")
     train.add_argument("--lr", type=positive_float, default=defaults.lr,
                        help="Adam learning rate (scaled by the lazy-regularisation ratios)")
     train.add_argument("--r1", type=non_negative_float, default=defaults.r1, help="R1 weight (gamma)")

@@ -28,7 +28,9 @@ def add_report_args(parser, from_run=False):
     group.add_argument("--threshold", type=head_percent, default=None,  # None: not given, so --split may set it
                        help="percent of classes (ranked by real training count) that are head, without --split "
                             f"(default: {threshold_default})")
-    group.add_argument("--name", default=None, help="method name in the report and comparison table")
+    group.add_argument("--name", default=None,
+                       help="method name in the report and comparison table (default: train.py names the method "
+                            "from its flags, e.g. 'TGN', 're-sampling', 'baseline'; test.py takes the checkpoint's)")
     group.add_argument("--baseline-report", type=Path, default=None,
                        help="report.json (or its folder) of the baseline: its accuracy line joins long_tail.png")
     return group

@@ -3,7 +3,7 @@
     python data/fetch_weights.py --out weights
 
 Run it where there is internet, then copy the folder to the cluster. Each file is checked
-against the SHA-256 in the table below (torchvision publishes the first 8 hex digits in
+against the SHA-256 this script records for it (torchvision publishes the first 8 hex digits in
 its file names, which is what torch.hub checks; CLIP's URLs hold the full digest); a file
 already present and valid is not downloaded again. At the end it prints the environment
 variable and flags that make every stage read these files instead of the network.
