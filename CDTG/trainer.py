@@ -41,7 +41,8 @@ from tgn.checkpoint import load_weights
 from tgn.engine import adam, autocast, restore_optimizer
 from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
-from tgn.stopping import leave_sigterm_to_the_trainer, stop_between_steps, stop_for, stopping_line
+from tgn.stopping import (leave_sigterm_to_the_trainer, sigterm_held, stop_between_steps, stop_for,
+                          stopping_line)
 
 # What a checkpoint needs to continue a run (fusion_ema and ada are optional: earlier versions).
 RESUMABLE = ("g", "d", "g_ema", "fusion", "g_optim", "d_optim", "ada_aug_p", "mean_path_length", "step")
@@ -351,9 +352,11 @@ class CdtgTrainer:
         sampler = StepBatchSampler(len(dataset), cfg.batch, cfg.seed, self.step, cfg.iterations)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                             pin_memory=self.device.type == "cuda", worker_init_fn=leave_sigterm_to_the_trainer)
-        progress = tqdm(loader, total=len(sampler), initial=0, desc="cdtg", dynamic_ncols=True, disable=not main)
         started = time.time()
         with stop_between_steps() as stop_requested:
+            with sigterm_held():  # the workers this starts set their SIGTERM handling first
+                batches = iter(loader)
+            progress = tqdm(batches, total=len(sampler), desc="cdtg", dynamic_ncols=True, disable=not main)
             for real, labels in progress:
                 self.noise.reseed(cfg.seed, self.step)
                 real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)

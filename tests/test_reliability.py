@@ -677,25 +677,29 @@ def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdt
             assert torch.equal(value, b[part][key]), (part, key)
 
 
-def sleep_as_a_data_worker():
+def sleep_as_a_data_worker(starting_s):
     from tgn.stopping import leave_sigterm_to_the_trainer
 
+    time.sleep(starting_s)  # torch's worker loop sets its own SIGTERM handler here, which ends the worker
     leave_sigterm_to_the_trainer(0)
     time.sleep(30)
 
 
-def test_data_workers_outlive_sigterm_for_a_while_only(monkeypatch):
-    """Long enough for the trainer to save; a worker stuck in a read still ends."""
+@pytest.mark.parametrize("starting_s", [0, 1])
+def test_data_workers_outlive_sigterm_for_a_while_only(monkeypatch, starting_s):
+    """Long enough for the trainer to save, even for a SIGTERM that comes while the worker
+    starts (held until its handler is set); a worker stuck in a read still ends."""
     import multiprocessing
 
     import tgn.stopping
 
     monkeypatch.setattr(tgn.stopping, "WORKER_SIGTERM_GRACE_S", 1)
-    worker = multiprocessing.get_context("fork").Process(target=sleep_as_a_data_worker)
-    worker.start()
-    time.sleep(0.5)  # its handler is set
+    with tgn.stopping.sigterm_held():  # as the trainers start their loaders' workers
+        worker = multiprocessing.get_context("fork").Process(target=sleep_as_a_data_worker, args=(starting_s,))
+        worker.start()
+    time.sleep(0.5)  # started, with its handler set (0) or not yet (1)
     os.kill(worker.pid, signal.SIGTERM)
-    time.sleep(0.5)
+    time.sleep(0.5 + starting_s)
     assert worker.is_alive()
     worker.join(timeout=10)
     assert worker.exitcode == -signal.SIGALRM

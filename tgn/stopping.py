@@ -63,9 +63,29 @@ def leave_sigterm_to_the_trainer(_worker_id):
     before its last save. The trainer ends them first; one stuck in a read (which
     DataLoader's own shutdown would have ended with SIGTERM) ends when the time is up.
     Every loader of tgn.engine.make_loader sets it, test.py's too: there the workers end
-    with their process, or at the latest when the time is up."""
+    with their process, or at the latest when the time is up. A SIGTERM held since the
+    worker started (sigterm_held) comes now, to this handler."""
     grace = (lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S)) if hasattr(signal, "alarm") else signal.SIG_IGN
     signal.signal(signal.SIGTERM, grace)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def sigterm_held():
+    """SIGTERM waits (the kernel keeps it pending) while DataLoader workers start: torch's
+    worker loop sets a handler that ends the worker before leave_sigterm_to_the_trainer
+    replaces it, and a worker ended in that gap crashed the run before its save. The
+    workers inherit the held signal and take it once their handler is set; this process
+    takes it on leaving. Wrap the start of every iteration over a loader with workers."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no SIGTERM from schedulers
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclasses.dataclass
