@@ -189,7 +189,8 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     if dist.is_main():  # before any process writes: the first listing below waits for it
         remove_temp_files(out_dir)  # the lists a killed run had not yet published
         out_dir.mkdir(parents=True, exist_ok=True)
-        pending = list(dict.fromkeys([*unfinished_classes(out_dir, synth.tail.ids), *class_ids]))
+        left = [cid for cid in unfinished_classes(out_dir, synth.tail.ids) if cid in synth.tail.ids]
+        pending = list(dict.fromkeys([*left, *class_ids]))
         atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": pending})
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
@@ -265,7 +266,8 @@ def generate(args):
         if args.overwrite:
             for cid in synth.tail.ids:
                 shutil.rmtree(args.out / str(cid), ignore_errors=True)
-            (args.out / GENERATED_ANNOTATION).unlink(missing_ok=True)
+            for name in (GENERATED_ANNOTATION, GENERATION_UNFINISHED):  # what the replaced run left
+                (args.out / name).unlink(missing_ok=True)
         atomic_write_json(args.out / GENERATION_SETTINGS, settings)
     dist.barrier()
     written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,

@@ -673,6 +673,18 @@ def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_
     assert len(read_extra(out, names)) == 6
 
 
+def test_the_mark_of_a_stopped_generation_goes_with_overwrite_and_keeps_tail_classes_only(trained_ckpt, tmp_path):
+    out = tmp_path / "gen"
+    argv = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--per-class", "1", "--out", str(out)]
+    generation_main([*argv, "--classes", "3"])
+    (out / "generation.unfinished").write_text(json.dumps({"classes": [99]}))  # of another checkpoint's tail
+    generation_main([*argv, "--classes", "3"])
+    assert not (out / "generation.unfinished").exists()
+    (out / "generation.unfinished").write_text(json.dumps({"classes": [4]}))  # a stopped run's class
+    generation_main([*argv, "--classes", "3", "--overwrite"])  # the stopped run's images are gone: so is its mark
+    assert not (out / "generation.unfinished").exists()
+
+
 def test_generation_takes_a_class_given_twice_once(trained_ckpt, tmp_path, capsys):
     generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3", "3", "--per-class", "2",
                      "--out", str(tmp_path / "gen")])
