@@ -46,6 +46,11 @@ def score_checkpoint(args):
     if list(train_counts) != list(data_counts) and speaks():
         print(f"warning: {args.data_root} has other training images per class than {args.ckpt} was trained on; "
               "the report counts and groups them as its run did", file=sys.stderr)
+    stopped = meta.get("unfinished_epoch")
+    if stopped and speaks():  # a last.pth saved by Ctrl-C or SIGTERM
+        print(f"warning: {args.ckpt} was saved when its run stopped within epoch {stopped['epoch'] + 1} (step "
+              f"{stopped['steps']}): its weights are of no whole epoch; --resume the run to finish it",
+              file=sys.stderr)
     options = meta.get("options", {})
     groups_from_run(args, options)
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
