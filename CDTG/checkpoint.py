@@ -69,17 +69,6 @@ def from_official(checkpoint):
     }
 
 
-def recorded_options(path):
-    """The options a checkpoint of ours records, its weights unread (--resume compares them
-    when options.json is gone); None for one that records none (the official file, one of
-    an earlier version) or cannot be read, which --resume's loading then reports."""
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # torch 2.1 wants a str
-    except Exception:
-        return None
-    return state.get("options") if isinstance(state, dict) and state.get("format") == FORMAT else None
-
-
 def save_cdtg_checkpoint(path, payload):
     atomic_torch_save(path, {"format": FORMAT, **payload})
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint, recorded_options
+from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig, ada_interval
 from CDTG.fusion import NoiseFusion
@@ -18,7 +18,7 @@ from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.handoff import TAIL_MANIFEST
 from tgn.io import check_own_run_folder, remove_temp_files, save_options
-from tgn.resume import check_resume
+from tgn.resume import check_resume, last_state
 from tgn.runlock import refuse_folder_in_use
 from tgn.split import check_official_order
 
@@ -94,9 +94,11 @@ def train_cdtg(args):
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     done = steps[-1] if steps else None
-    # Without options.json (deleted, or lost with a copied folder), the flags are compared with the newest checkpoint's.
-    recorded = recorded_options(args.out / "checkpoint" / f"{done}.pt") if args.resume and steps else None
-    check_resume(args.out, args, done=done, length="iter", state={"options": recorded})
+    # Without options.json (deleted, or lost with a copied folder), the flags are compared with the newest
+    # checkpoint's (none in the official format; one that cannot be read is reported where it is loaded).
+    newest = last_state(args.out / "checkpoint" / f"{done}.pt", needs=()) \
+        if args.resume and steps and not (args.out / "options.json").is_file() else None
+    check_resume(args.out, args, done=done, length="iter", state={"options": (newest or {}).get("options")})
     local = dist.local_batch(args.batch, "--batch")  # divisible by the torchrun processes, checked before joining
     if local > STDDEV_GROUP and local % STDDEV_GROUP:
         share = f"each process's share ({local})" if local != args.batch else "it"
