@@ -23,7 +23,7 @@ from tgn import distributed as dist
 from tgn import engine
 from tgn.checkpoint import load_checkpoint
 from tgn.sampling import EpochSampler
-from tgn.stopping import stop_between_steps
+from tgn.stopping import EpochProgress, stop_between_steps
 
 TINY = ["--image-size", "16", "--batch-size", "8", "--workers", "0"]
 MODEL = ["--arch", "resnet18", "--width", "4", "--pretrained", "none"]
@@ -152,6 +152,13 @@ def test_evaluation_asks_to_stop_only_after_the_batches_every_process_has(monkey
                     monkeypatch.setattr(dist, "rank", lambda rank=rank: rank)
                     counts.append(-(-len(EpochSampler(size, shuffle=False)) // batch))
                 assert EpochSampler(size, shuffle=False).fewest_batches(batch) == min(counts), (world, size, batch)
+
+
+def test_a_stopped_epoch_recorded_by_an_earlier_version_resumes():
+    record = {"epoch": 2, "steps": 3, "loss_sum": 1.5, "correct": 7.0, "seen": 24, "seconds": 4.0}  # no total_steps
+    progress = EpochProgress.saved({"unfinished_epoch": record}, 2)
+    assert (progress.steps, progress.seen, progress.total_steps) == (3, 24, 0)
+    assert EpochProgress.saved({"unfinished_epoch": record}, 3) == EpochProgress()  # of another epoch: a new one
 
 
 def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored():

@@ -62,9 +62,9 @@ class EpochSampler(Sampler):
         return -(-self.used // self.world)
 
     def fewest_batches(self, batch_size):
-        """The batches of `batch_size` every process has: all of them in training (padded);
-        in evaluation, as many as the smallest share gives."""
-        return -(-(self.share() if self.shuffle else self.size // self.world) // batch_size)
+        """The evaluation batches of `batch_size` every process has: as many as the smallest
+        share gives (training shares are padded to one length)."""
+        return -(-(self.size // self.world) // batch_size)
 
     def global_order(self):
         """The epoch's (index, augmentation seed) pairs, before sharding."""
