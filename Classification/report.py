@@ -7,6 +7,7 @@ Head/tail are the groups of the real training counts; an empty group is n/a, nev
 import csv
 import io
 import math
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -137,12 +138,18 @@ def read_report(path):
     return report
 
 
+def _spelling_aside(name):
+    """A class name as two preparations of one dataset may spell it (earlier versions kept
+    'golf__field' as 'golf  field'; macOS decomposes 'é')."""
+    return " ".join(unicodedata.normalize("NFC", str(name)).replace("_", " ").split()).casefold()
+
+
 def renamed_class(report, names):
     """The first (id, its name in `report`, its name in `names`: id -> name) that differ, else
     None: a dataset whose classes are numbered otherwise (DOTA's chip releases number its
     15 classes in two orders) keeps its ids and name, not its class names."""
     for row in report["classes"]:
-        if row["id"] in names and row.get("name") != names[row["id"]]:
+        if row["id"] in names and _spelling_aside(row.get("name")) != _spelling_aside(names[row["id"]]):
             return row["id"], row.get("name"), names[row["id"]]
     return None
 

@@ -759,6 +759,10 @@ def test_compare_refuses_reports_on_other_classes(tmp_path, capsys):
     write_report(renumbered, tmp_path / "f")
     err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "f"), "--out", str(tmp_path)])
     assert "name class 0 'a' and 'b': another dataset or class numbering" in err
+    respelled = hand_report("respelled", BASELINE_CM)  # as an earlier version, or macOS, spelled the names
+    respelled["classes"][0]["name"] = "A_"
+    write_report(respelled, tmp_path / "g")
+    compare_main([str(tmp_path / "a"), str(tmp_path / "g"), "--out", str(tmp_path / "respelled")])
     write_report(hand_report("baseline", AUGMENTED_CM), tmp_path / "d")  # both named 'baseline'
     err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path)])
     assert "two reports are named 'baseline': name each row, NAME=REPORT" in err
