@@ -68,7 +68,7 @@ def plot_confusion(report, path):
     if len(names) <= 30:
         for (i, j), value in np.ndenumerate(normalised):
             if not np.isnan(value) and cm[i, j] > 0:
-                axes.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=6,
+                axes.text(j, i, format_percent(value, places=0), ha="center", va="center", fontsize=6,
                           color="white" if value > 0.5 else "black")
     return _save(figure, path)
 

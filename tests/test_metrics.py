@@ -85,6 +85,7 @@ def test_a_class_outside_the_matrix_is_refused_not_counted_in_another_cell():
 def test_format_percent():
     assert format_percent(0.8656) == "86.56"
     assert format_percent(-math.inf) == "n/a"  # the best accuracy of a run that never had one
+    assert (format_percent(1 / 8, places=0), format_percent(0.994, places=0)) == ("13", "99")  # the figures' cells
     assert format_percent(float("nan")) == "n/a"
     assert format_percent(None) == "n/a"
     assert format_percent(0.0) == "0.00"

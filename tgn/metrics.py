@@ -78,13 +78,13 @@ def summarize(cm, head=None, tail=None):
     return summary
 
 
-def format_percent(value):
-    """'86.56' for 0.8656, 'n/a' for NaN, infinities or None. Halves round up (29/32: 90.63), as a table
+def format_percent(value, places=2):
+    """'86.56' for 0.8656 ('87' with no `places`), 'n/a' for NaN, infinities or None. Halves round up (29/32: 90.63), as a table
     made by hand or in a spreadsheet from the CSV's fractions would, not to even as Python's
     format does; the 9 places first drop the float product's last-digit noise."""
     if value is None or not math.isfinite(value):  # -inf: the best accuracy of a run that never had one
         return "n/a"
-    return str(Decimal(f"{100.0 * value:.9f}").quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+    return str(Decimal(f"{100.0 * value:.9f}").quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
 
 
 def markdown_cell(text):
