@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
-from Classification.test import main as test_main
+from Classification.test import main as score_main
 from Classification.train import main as train_main
 from KMDN.dataset_split import main as split_main
 from KMDN.Distill import main as distill_main
@@ -82,7 +82,7 @@ def test_a_classifier_stopped_mid_epoch_resumes_as_the_uninterrupted_run(toy_dat
     assert f"saving epoch {epoch + 1} at step {steps}/5" in capsys.readouterr().out
     assert len(metrics(tmp_path / "b" / "metrics.jsonl")) == epoch  # the stopped epoch is not logged
     if batch == 7:  # test.py tells such a last.pth from a whole epoch's
-        test_main(["--data-root", str(toy_data), "--ckpt", str(tmp_path / "b" / "last.pth"), "--out",
+        score_main(["--data-root", str(toy_data), "--ckpt", str(tmp_path / "b" / "last.pth"), "--out",
                    str(tmp_path / "report"), "--device", "cpu", "--workers", "0"])
         assert "stopped within epoch 2 (step 2): its weights are of no whole epoch" in capsys.readouterr().err
     if epoch:  # an --epochs that would leave the stopped epoch unfinished is refused
