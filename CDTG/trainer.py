@@ -41,7 +41,7 @@ from tgn.checkpoint import load_weights
 from tgn.engine import adam, autocast, restore_optimizer
 from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
-from tgn.stopping import (leave_sigterm_to_the_trainer, sigterm_held, stop_between_steps, stop_for,
+from tgn.stopping import (leave_signals_to_the_trainer, signals_held, stop_between_steps, stop_for,
                           stopping_line)
 
 # What a checkpoint needs to continue a run (fusion_ema and ada are optional: earlier versions).
@@ -351,10 +351,10 @@ class CdtgTrainer:
             trim_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
         sampler = StepBatchSampler(len(dataset), cfg.batch, cfg.seed, self.step, cfg.iterations)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=leave_sigterm_to_the_trainer)
+                            pin_memory=self.device.type == "cuda", worker_init_fn=leave_signals_to_the_trainer)
         started = time.time()
         with stop_between_steps() as stop_requested:
-            with sigterm_held():  # the workers this starts set their SIGTERM handling first
+            with signals_held():  # the workers this starts set their signal handling first
                 batches = iter(loader)
             progress = tqdm(batches, total=len(sampler), desc="cdtg", dynamic_ncols=True, disable=not main)
             for real, labels in progress:

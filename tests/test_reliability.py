@@ -678,28 +678,31 @@ def test_ctrl_c_during_cdtg_training_saves_a_checkpoint_that_resumes_exactly(cdt
 
 
 def sleep_as_a_data_worker(starting_s):
-    from tgn.stopping import leave_sigterm_to_the_trainer
+    from tgn.stopping import leave_signals_to_the_trainer
 
-    time.sleep(starting_s)  # torch's worker loop sets its own SIGTERM handler here, which ends the worker
-    leave_sigterm_to_the_trainer(0)
+    time.sleep(starting_s)  # a worker starts with torch's SIGTERM handler and Python's Ctrl-C: both end it
+    leave_signals_to_the_trainer(0)
     time.sleep(30)
 
 
 @pytest.mark.parametrize("starting_s", [0, 1])
-def test_data_workers_outlive_sigterm_for_a_while_only(monkeypatch, starting_s):
-    """Long enough for the trainer to save, even for a SIGTERM that comes while the worker
-    starts (held until its handler is set); a worker stuck in a read still ends."""
+def test_data_workers_leave_ctrl_c_to_the_trainer_and_outlive_sigterm_for_a_while_only(monkeypatch, starting_s):
+    """Long enough for the trainer to save, even for signals that come while the worker
+    starts (held until its handlers are set); a worker stuck in a read still ends."""
     import multiprocessing
 
     import tgn.stopping
 
     monkeypatch.setattr(tgn.stopping, "WORKER_SIGTERM_GRACE_S", 1)
-    with tgn.stopping.sigterm_held():  # as the trainers start their loaders' workers
+    with tgn.stopping.signals_held():  # as the trainers start their loaders' workers
         worker = multiprocessing.get_context("fork").Process(target=sleep_as_a_data_worker, args=(starting_s,))
         worker.start()
-    time.sleep(0.5)  # started, with its handler set (0) or not yet (1)
-    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)  # started, with its handlers set (0) or not yet (1)
+    os.kill(worker.pid, signal.SIGINT)  # a spawned worker (macOS, Windows) has Python's KeyboardInterrupt
     time.sleep(0.5 + starting_s)
+    assert worker.is_alive()
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
     assert worker.is_alive()
     worker.join(timeout=10)
     assert worker.exitcode == -signal.SIGALRM

@@ -35,7 +35,7 @@ from tgn.metrics import confusion_matrix, format_percent, summarize
 from tgn.resnet import ONE_PIXEL_MAPS
 from tgn.resume import check_same_data, resuming_line
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
-from tgn.stopping import (EpochProgress, Stopped, leave_sigterm_to_the_trainer, saved_if_stopped, sigterm_held,
+from tgn.stopping import (EpochProgress, Stopped, leave_signals_to_the_trainer, saved_if_stopped, signals_held,
                           stop_between_steps, stop_if_requested)
 
 resolve_device = dist.resolve_device  # kept here too: the scripts outside torchrun use it
@@ -86,7 +86,7 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
         persistent_workers=persistent and workers > 0,
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
-        worker_init_fn=leave_sigterm_to_the_trainer,
+        worker_init_fn=leave_signals_to_the_trainer,
     )
 
 
@@ -179,7 +179,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
         loss_sum, correct, images = dist.sum_numbers([*sums.tolist(), seen], device)
         progress.steps, progress.loss_sum, progress.correct, progress.seen = steps, loss_sum, correct, int(images)
 
-    with sigterm_held():  # the workers this starts set their SIGTERM handling first
+    with signals_held():  # the workers this starts set their signal handling first
         batches = iter(loader)
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main(),
                initial=first - 1, total=last)
@@ -223,7 +223,7 @@ def predict(model, loader, device, *, amp="off", channels_last=False, desc="test
     model.eval()
     targets, predictions = [], []
     asked = loader.sampler.fewest_batches(loader.batch_size) if stop_requested else 0
-    with sigterm_held():  # the workers this starts set their SIGTERM handling first
+    with signals_held():  # the workers this starts set their signal handling first
         batches = iter(loader)
     bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main(), total=len(loader))
     for index, (images, labels) in enumerate(bar):

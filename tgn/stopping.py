@@ -57,31 +57,39 @@ def stop_for(signal_number):
     raise KeyboardInterrupt
 
 
-def leave_sigterm_to_the_trainer(_worker_id):
-    """DataLoader workers outlive SIGTERM by WORKER_SIGTERM_GRACE_S seconds: a scheduler
-    sends it to every process of the job, and a worker it ended at once would stop the run
-    before its last save. The trainer ends them first; one stuck in a read (which
-    DataLoader's own shutdown would have ended with SIGTERM) ends when the time is up.
-    Every loader of tgn.engine.make_loader sets it, test.py's too: there the workers end
-    with their process, or at the latest when the time is up. A SIGTERM held since the
-    worker started (sigterm_held) comes now, to this handler."""
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def leave_signals_to_the_trainer(_worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the trainer, which stops between steps
+    and ends them after its save: a worker a signal ended crashed the run before it.
+    Ctrl-C, which reaches every process of the terminal (on Windows, of the console), is
+    ignored: forked workers inherit the trainer's handler, spawned ones (macOS, Windows) do
+    not. SIGTERM, which a scheduler sends every process of the job, is outlived by
+    WORKER_SIGTERM_GRACE_S seconds: one stuck in a read (which DataLoader's own shutdown
+    would have ended with SIGTERM) ends when the time is up. Every loader of
+    tgn.engine.make_loader sets it, test.py's too: there the workers end with their process,
+    or at the latest when the time is up. Signals held since the worker started
+    (signals_held) come now, to these handlers."""
     grace = (lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S)) if hasattr(signal, "alarm") else signal.SIG_IGN
     signal.signal(signal.SIGTERM, grace)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @contextlib.contextmanager
-def sigterm_held():
-    """SIGTERM waits (the kernel keeps it pending) while DataLoader workers start: torch's
-    worker loop sets a handler that ends the worker before leave_sigterm_to_the_trainer
-    replaces it, and a worker ended in that gap crashed the run before its save. The
-    workers inherit the held signal and take it once their handler is set; this process
-    takes it on leaving. Wrap the start of every iteration over a loader with workers."""
+def signals_held():
+    """Ctrl-C and SIGTERM wait (the kernel keeps them pending) while DataLoader workers
+    start: a worker starts with torch's or Python's own handling (torch's SIGTERM handler,
+    Python's KeyboardInterrupt), which ends it before leave_signals_to_the_trainer has set
+    its own, and a worker ended in that gap crashed the run before its save. The workers
+    inherit the held signals and take them once their handlers are set; this process takes
+    them on leaving. Wrap the start of every iteration over a loader with workers."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no SIGTERM from schedulers
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
