@@ -21,7 +21,7 @@ small batches.
 """
 import hashlib
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
@@ -167,8 +167,9 @@ class TailSynthesizer:
         if self._teacher_fingerprint is None:
             self._teacher_fingerprint = weights_fingerprint(self.teacher)
         digest = hashlib.sha256(self._teacher_fingerprint.encode())
-        for path, label in self.dataset.samples:
-            digest.update(f"{os.path.relpath(path, self.tail.data_root)}\t{label}\n".encode())
+        for path, label in self.dataset.samples:  # named with '/' on every system, Windows too
+            name = PurePath(os.path.relpath(path, self.tail.data_root)).as_posix()
+            digest.update(f"{name}\t{label}\n".encode())
         return digest.hexdigest()[:16]
 
     def real_counts(self, class_ids):

@@ -685,6 +685,19 @@ def test_the_mark_of_a_stopped_generation_goes_with_overwrite_and_keeps_tail_cla
     assert not (out / "generation.unfinished").exists()
 
 
+def test_the_real_images_are_named_alike_in_the_fingerprint_on_windows(trained_ckpt, monkeypatch):
+    """A generated folder made on one system extends on another (generation.json compares it)."""
+    import ntpath
+    import pathlib
+
+    import CDTG.synthesis
+
+    here = TailSynthesizer.from_checkpoint(trained_ckpt, torch.device("cpu")).real_features_fingerprint()
+    monkeypatch.setattr(CDTG.synthesis.os.path, "relpath", ntpath.relpath)  # 'train\\2\\img 0.jpg'
+    monkeypatch.setattr(CDTG.synthesis, "PurePath", pathlib.PureWindowsPath)
+    assert TailSynthesizer.from_checkpoint(trained_ckpt, torch.device("cpu")).real_features_fingerprint() == here
+
+
 def test_generation_takes_a_class_given_twice_once(trained_ckpt, tmp_path, capsys):
     generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3", "3", "--per-class", "2",
                      "--out", str(tmp_path / "gen")])
