@@ -170,6 +170,30 @@ class FullDisk:
         self.handle.close()
 
 
+def test_a_save_waits_while_windows_refuses_to_replace_a_file_another_program_has_open(tmp_path, monkeypatch):
+    import tgn.io
+
+    path = tmp_path / "best.pth"
+    atomic_torch_save(path, {"version": 1})
+    replace, refusals = os.replace, []
+
+    def refused_twice(source, target):  # test.py loading best.pth, or a virus scanner reading it
+        if len(refusals) < 2:
+            refusals.append(target)
+            raise PermissionError(errno.EACCES, "Access is denied")
+        return replace(source, target)
+
+    monkeypatch.setattr(tgn.io.os, "replace", refused_twice)
+    monkeypatch.setattr(tgn.io, "REPLACE_RETRIES_S", (0.01, 0.01, 0.01))  # Windows' waits
+    atomic_torch_save(path, {"version": 2})
+    assert len(refusals) == 2 and load_checkpoint(path) == {"version": 2}
+    refusals.clear()
+    monkeypatch.setattr(tgn.io, "REPLACE_RETRIES_S", ())  # elsewhere such a refusal is for good: one line
+    with pytest.raises(UserError, match=r"cannot write .*best.pth: Access is denied$"):
+        atomic_torch_save(path, {"version": 3})
+    assert load_checkpoint(path) == {"version": 2} and [p.name for p in tmp_path.iterdir()] == ["best.pth"]
+
+
 @pytest.mark.parametrize("writer", ["torch.save", "an OSError"])
 def test_disk_full_while_saving_keeps_the_old_file(tmp_path, monkeypatch, writer):
     path = tmp_path / "ckpt.pth"

@@ -7,6 +7,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tgn.errors import UserError
@@ -84,12 +85,23 @@ def remove_temp_files(folder):
                 path.unlink(missing_ok=True)
 
 
+# Windows refuses to replace a file another program has open (test.py reading best.pth, a
+# virus scanner): a save tries again for about 8 s before the run stops for it.
+REPLACE_RETRIES_S = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0) if os.name == "nt" else ()
+
+
 def _rename_into_place(tmp, path):
-    try:
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    waits = list(REPLACE_RETRIES_S)
+    while True:
+        try:
+            os.replace(tmp, path)
+            return
+        except OSError as exc:
+            if isinstance(exc, PermissionError) and waits:
+                time.sleep(waits.pop(0))
+                continue
+            Path(tmp).unlink(missing_ok=True)
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def _atomic_replace(path, write):
