@@ -313,6 +313,30 @@ def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tai
         assert rewrite in error and "--skip-bad-images" not in error
 
 
+def test_one_dataloader_reads_every_class_of_every_set(evaluation_inputs, monkeypatch):
+    """Its workers start once: under spawn (macOS, Windows) a loader per class and folder
+    started them 9 times here. Read by 2 workers, the scores are those read in the process."""
+    root = evaluation_inputs
+    common = [str(root / "gen_copy"), str(root / "gen_shifted"), "--clip", "none", "--inception", "none",
+              "--device", "cpu", "--pairs", "6", "--batch", "2"]
+    loaders = []
+
+    class CountedLoader(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs):
+            loaders.append(kwargs.get("num_workers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", CountedLoader)
+    torch.manual_seed(0)  # the same random LPIPS trunk for both
+    read_by_workers = evaluate_script.main([*common, "--workers", "2", "--out", str(root / "e1")])
+    assert loaders == [2]
+    torch.manual_seed(0)
+    read_here = evaluate_script.main([*common, "--workers", "0", "--out", str(root / "e2")])
+    for by_workers, here in zip(read_by_workers["folders"], read_here["folders"]):
+        assert by_workers["classes"] == here["classes"] and by_workers["overall"] == here["overall"]
+    assert [row["generated_images"] for row in read_here["folders"][1]["classes"]] == [5, 5, 5]
+
+
 def test_the_sample_sheet_shows_names_with_dollar_signs_as_written(tmp_path, monkeypatch):
     import CDTG.eval_report as eval_report
     from matplotlib.backends.backend_agg import FigureCanvasAgg
