@@ -33,6 +33,11 @@ def step_seed(seed, step):
     return seed * 1_000_003 + step
 
 
+def epoch_order_seed(seed, epoch):
+    """The seed of the training images' order in an epoch: apart from every step's seed."""
+    return step_seed(seed, epoch) + 2**62
+
+
 class StepNoise:
     def __init__(self, device, latent_dim, mixing, noise_shapes, n_latent):
         self.device, self.latent_dim, self.mixing, self.n_latent = device, latent_dim, mixing, n_latent

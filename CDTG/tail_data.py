@@ -13,7 +13,7 @@ import torch
 from torchvision import transforms
 
 from CDTG.clip_loss import tokenize_prompts
-from CDTG.parallel import step_seed
+from CDTG.parallel import epoch_order_seed
 from tgn import distributed as dist
 from tgn.data import check_files_exist, drop_unreadable, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
@@ -109,25 +109,37 @@ def tail_image_dataset(tail, size, skip_bad_images=False):
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Batch indices for steps start..end-1; step s's batch depends only on (seed, s).
-
-    Sampling with replacement per step makes an interrupted run resume on exactly the
-    batches the uninterrupted run would have seen. `batch_size` is the global batch:
-    under torchrun each process takes its share (positions rank, rank + N, ...).
+    """Batch indices for steps start..end-1, as the official loader draws them: shuffled
+    epochs without replacement, each epoch's last partial batch dropped (RandomSampler,
+    drop_last=True). Epoch e's order depends only on (seed, e), so step s's batch depends
+    only on (seed, s) and an interrupted run resumes on exactly the batches the
+    uninterrupted run would have seen. A tail set smaller than one batch (where the official
+    loader yields nothing and its training loop never ends) fills each batch by cycling its
+    shuffled images. `batch_size` is the global batch: under torchrun each process takes its
+    share (positions rank, rank + N, ...).
     """
 
     def __init__(self, dataset_size, batch_size, seed, start, end):
         self.dataset_size, self.batch_size = dataset_size, batch_size
         self.seed, self.start, self.end = seed, start, end
+        self.steps_per_epoch = max(dataset_size // batch_size, 1)
         dist.local_batch(batch_size, "--batch")
 
     def __len__(self):
         return max(self.end - self.start, 0)
 
+    def epoch_order(self, epoch):
+        generator = torch.Generator().manual_seed(epoch_order_seed(self.seed, epoch))
+        order = torch.randperm(self.dataset_size, generator=generator)
+        return order.repeat(-(-self.batch_size // self.dataset_size))  # once, unless smaller than a batch
+
     def __iter__(self):
+        order, order_epoch = None, None
         for step in range(self.start, self.end):
-            generator = torch.Generator().manual_seed(step_seed(self.seed, step))
-            yield dist.shard(torch.randint(self.dataset_size, (self.batch_size,), generator=generator).tolist())
+            epoch, position = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = self.epoch_order(epoch), epoch
+            yield dist.shard(order[position * self.batch_size:(position + 1) * self.batch_size].tolist())
 
 
 def load_teacher(path, tail):

@@ -45,9 +45,22 @@ def test_tail_data_manifest(cdtg_inputs):
 
 
 def test_step_batches_depend_only_on_seed_and_step():
-    whole = list(StepBatchSampler(50, 4, seed=1, start=0, end=6))
-    tail = list(StepBatchSampler(50, 4, seed=1, start=3, end=6))
-    assert tail == whole[3:] and whole[0] != whole[1]
+    whole = list(StepBatchSampler(50, 4, seed=1, start=0, end=30))
+    tail = list(StepBatchSampler(50, 4, seed=1, start=15, end=30))
+    assert tail == whole[15:] and whole[0] != whole[1]
+    assert list(StepBatchSampler(50, 4, seed=2, start=0, end=30)) != whole
+
+
+def test_step_batches_go_through_shuffled_epochs_without_replacement():
+    """As the official loader (RandomSampler, drop_last=True): an epoch of 50 images in
+    batches of 4 is 12 batches of 48 distinct images; the next epoch is another order."""
+    batches = list(StepBatchSampler(50, 4, seed=1, start=0, end=24))
+    first, second = sum(batches[:12], []), sum(batches[12:], [])
+    assert len(set(first)) == len(first) == 48 and len(set(second)) == 48
+    assert set(first) <= set(range(50)) and first != second
+    small = list(StepBatchSampler(3, 8, seed=1, start=0, end=2))  # fewer images than a batch: cycled
+    assert all(len(batch) == 8 and sorted(set(batch)) == [0, 1, 2] for batch in small)
+    assert all(max(batch.count(index) for index in batch) == 3 for batch in small)
 
 
 def test_clip_loss_is_differentiable_and_clip_stays_frozen():
