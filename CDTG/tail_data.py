@@ -6,6 +6,7 @@ model's output order too), the
 class names and the CLIP prompts; `train.txt` lists the tail training images in the
 dataset's annotation format, pointing into DATA (nothing is copied).
 """
+import re
 import warnings
 from pathlib import Path
 
@@ -140,6 +141,17 @@ class StepBatchSampler(torch.utils.data.Sampler):
             if epoch != order_epoch:
                 order, order_epoch = self.epoch_order(epoch), epoch
             yield dist.shard(order[position * self.batch_size:(position + 1) * self.batch_size].tolist())
+
+
+def check_prompts_name_classes(tail):
+    """The CLIP loss pulls each tail class's images towards its prompt: refuse one made of
+    the class's id (DATA without classes.json names its classes by id), which would pull
+    them towards 'A photo of a 4'."""
+    for cls in tail.classes:
+        if cls["name"] == str(cls["id"]) and re.search(rf"(?<![0-9]){cls['id']}(?![0-9])", cls["prompt"]):
+            raise UserError(f"tail class {cls['id']} is named by its id, so its CLIP prompt reads {cls['prompt']!r}: "
+                            f"write the class names in the prompts of {tail.folder / TAIL_MANIFEST}, or in "
+                            "DATA/classes.json and run the splits again, or train without the CLIP loss (--clip none)")
 
 
 def load_teacher(path, tail):

@@ -9,7 +9,7 @@ from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig, ada_interval
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator
-from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
+from CDTG.tail_data import check_prompts_name_classes, load_tail_classes, load_teacher, tail_image_dataset
 from CDTG.trainer import SAMPLES_PER_CLASS, CdtgTrainer, accumulate
 from tgn.checkpoint import check_fits, weights_fingerprint
 from tgn import distributed as dist
@@ -18,7 +18,7 @@ from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.handoff import TAIL_MANIFEST
 from tgn.io import check_own_run_folder, remove_temp_files, save_options
-from tgn.resume import check_resume, last_state
+from tgn.resume import check_resume, last_state, uses_clip_loss
 from tgn.runlock import refuse_folder_in_use
 from tgn.split import check_official_order
 
@@ -110,6 +110,8 @@ def train_cdtg(args):
                         f"discriminator's minibatch-std group of {STDDEV_GROUP}, which changes training; use at most "
                         f"{max(1, args.batch // STDDEV_GROUP)} processes or --batch {STDDEV_GROUP * world}")
     tail = load_tail_classes(args.data, args.data_root)
+    if uses_clip_loss(vars(args)):
+        check_prompts_name_classes(tail)
     device = dist.process_device(args.device)
     seed_everything(args.seed)
     dataset = tail_image_dataset(tail, args.size, args.skip_bad_images)

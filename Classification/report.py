@@ -7,11 +7,11 @@ Head/tail are the groups of the real training counts; an empty group is n/a, nev
 import csv
 import io
 import math
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 
+from tgn.class_names import class_name_key
 from tgn.errors import UserError
 from tgn.io import atomic_write_json, atomic_write_text, read_json
 from tgn.metrics import format_percent, markdown_cell, summarize
@@ -138,18 +138,12 @@ def read_report(path):
     return report
 
 
-def _spelling_aside(name):
-    """A class name as two preparations of one dataset may spell it (earlier versions kept
-    'golf__field' as 'golf  field'; macOS decomposes 'é')."""
-    return " ".join(unicodedata.normalize("NFC", str(name)).replace("_", " ").split()).casefold()
-
-
 def renamed_class(report, names):
     """The first (id, its name in `report`, its name in `names`: id -> name) that differ, else
     None: a dataset whose classes are numbered otherwise (DOTA's chip releases number its
     15 classes in two orders) keeps its ids and name, not its class names."""
     for row in report["classes"]:
-        if row["id"] in names and _spelling_aside(row.get("name")) != _spelling_aside(names[row["id"]]):
+        if row["id"] in names and class_name_key(row.get("name")) != class_name_key(names[row["id"]]):
             return row["id"], row.get("name"), names[row["id"]]
     return None
 

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from tgn.class_names import class_name_key
 from tgn.data import check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED, TAIL_MANIFEST
@@ -53,7 +54,7 @@ def read_extra(folder, class_names, names_known=True):
         raise UserError(f"{annotation}: class id {unknown[0]} is not a class of the dataset")
     recorded = generated_class_names(folder) if names_known else {}
     for cid in sorted({entry.class_id for entry in entries}):
-        if cid in recorded and recorded[cid] != class_names[cid]:
+        if cid in recorded and class_name_key(recorded[cid]) != class_name_key(class_names[cid]):
             raise UserError(f"--extra {folder}: its class {cid} is '{recorded[cid]}', the dataset's class {cid} is "
                             f"'{class_names[cid]}': generated for another dataset or class numbering (adding a class "
                             "folder renumbers the ones after it)")

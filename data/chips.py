@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data.output import building_dataset
+from tgn.class_names import class_name_key
 from tgn.data import SUBSETS, Entry, to_8_bit, write_annotation, write_classes_json
 from tgn.errors import UserError
 
@@ -117,13 +118,14 @@ def pad_box(box, context, width, height):
 # ---------------------------------------------------------------- reading the release
 
 def class_lookup(class_names):
-    """{case-folded name: class id}; releases differ in case (DIOR's 'Expressway-Service-area')."""
-    return {name.casefold(): cid for cid, name in class_names.items()}
+    """{name key: class id}: the releases spell the names otherwise ('Expressway-Service-area',
+    'basketballcourt', 'baseball-diamond')."""
+    return {class_name_key(name): cid for cid, name in class_names.items()}
 
 
 def find_class(lookup, name, source, dataset):
     try:
-        return lookup[name.casefold()]
+        return lookup[class_name_key(name)]
     except KeyError:
         known = f"not one of the {len(lookup)} {dataset} classes"
         raise UserError(f"{source}: unknown class name {name!r}, {known}") from None

@@ -30,16 +30,11 @@ from data.chips import (  # noqa: E402
     comma_list, default_dir, existing_dir, find_class, index_images, prepare_chips, read_release_text,
 )
 from data.output import add_output_arguments  # noqa: E402
+from tgn.class_names import DIOR_CLASSES  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 
 DATASET = "DIOR"
-DIOR_CLASSES = (
-    "airplane", "airport", "baseballfield", "basketballcourt", "bridge", "chimney", "dam",
-    "Expressway-Service-area", "Expressway-toll-station", "golffield", "groundtrackfield",
-    "harbor", "overpass", "ship", "stadium", "storagetank", "tenniscourt", "trainstation",
-    "vehicle", "windmill",
-)
 IMAGE_DIRS = ("JPEGImages-trainval", "JPEGImages-test", "JPEGImages")
 ANNOTATION_DIRS = ("Annotations/Horizontal Bounding Boxes", "Annotations")
 IMAGE_SET_DIRS = ("ImageSets/Main", "ImageSets")

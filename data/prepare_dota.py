@@ -24,15 +24,11 @@ from data.chips import (  # noqa: E402
     comma_list, existing_dir, find_class, index_images, is_hidden, polygon_bounds, prepare_chips, read_release_text,
 )
 from data.output import add_output_arguments  # noqa: E402
+from tgn.class_names import DOTA_CLASSES, class_name_key  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 
 DATASET = "DOTA"
-DOTA_CLASSES = (
-    "plane", "baseball-diamond", "bridge", "ground-track-field", "small-vehicle", "large-vehicle",
-    "ship", "tennis-court", "basketball-court", "storage-tank", "soccer-ball-field", "roundabout",
-    "harbor", "swimming-pool", "helicopter",
-)
 SKIP_DIFFICULT = "difficult (--skip-difficult)"
 
 
@@ -71,7 +67,7 @@ def parse_label_file(path, lookup, skip_difficult, skipped, skip_classes=frozens
         except ValueError:
             expected = "'x1 y1 x2 y2 x3 y3 x4 y4 class difficult'"
             raise UserError(f"{path}:{number}: expected {expected}, got {line!r}") from None
-        if fields[8].casefold() in skip_classes:
+        if class_name_key(fields[8]) in skip_classes:
             skipped[f"class {fields[8]} (--skip-classes)"] += 1
             index += 1
             continue
@@ -97,7 +93,7 @@ def collect_split(src, split, subset, args, lookup, skipped):
         if scene not in index:
             raise UserError(f"{label_path}: no image {scene}.* in {image_dir}")
         objects = parse_label_file(label_path, lookup, args.skip_difficult, skipped,
-                                   frozenset(name.casefold() for name in args.skip_classes))
+                                   frozenset(class_name_key(name) for name in args.skip_classes))
         images.append(SourceImage(index[scene], scene, subset, tuple(objects)))
     return images, [image_dir, label_dir]
 
@@ -117,7 +113,7 @@ def collect_images(args, class_names):
     existing_dir(args.src, "--src")
     check_splits_disjoint(args)
     lookup = class_lookup(class_names)
-    kept = [name for name in args.skip_classes if name.casefold() in lookup]
+    kept = [name for name in args.skip_classes if class_name_key(name) in lookup]
     if kept:  # classes.json lists every v1.0 class: one without images would stop the stages
         raise UserError(f"--skip-classes: {kept[0]} is one of the 15 DOTA v1.0 classes, which stay; it takes the "
                         "classes later versions add (container-crane, airport, helipad)")

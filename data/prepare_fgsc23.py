@@ -16,18 +16,12 @@ from data.chips import existing_dir  # noqa: E402
 from data.folders import (add_link_argument, check_not_training_images, list_class_images,  # noqa: E402
                           prepare_folder_dataset)
 from data.output import add_output_arguments  # noqa: E402
+from tgn.class_names import FGSC23_CLASSES  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import read_json  # noqa: E402
 
 DATASET = "FGSC23"
-FGSC23_CLASSES = (
-    "non-ship", "air carrier", "destroyer", "landing craft", "frigate", "amphibious transport dock",
-    "cruiser", "Tarawa-class amphibious assault ship", "amphibious assault ship", "command ship",
-    "submarine", "medical ship", "combat boat", "auxiliary ship", "container ship", "car carrier",
-    "hovercraft", "bulk carrier", "oil tanker", "fishing boat", "passenger ship", "liquefied gas ship",
-    "barge",
-)
 
 
 def parse_args(argv):

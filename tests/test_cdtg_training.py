@@ -519,6 +519,30 @@ def test_teacher_with_wrong_class_count_is_refused(cdtg_inputs, capsys):
     assert exit_info.value.code == 2 and "has 5 classes, the tail data has 3" in capsys.readouterr().err
 
 
+def test_the_clip_loss_refuses_prompts_made_of_class_ids(cdtg_inputs, capsys):
+    """DATA without classes.json names its classes by id: CLIP would pull the fakes towards
+    'A photo of a 2'. Without the CLIP loss, or with the prompts written, it trains."""
+    from CDTG.dataset_split import main as cdtg_split_main
+    from KMDN.dataset_split import main as split_main
+
+    (cdtg_inputs / "data" / "classes.json").unlink()
+    with pytest.warns(UserWarning, match="named by id"):
+        split_main(["--data-root", str(cdtg_inputs / "data"), "--out", str(cdtg_inputs / "split-ids")])
+        cdtg_split_main(["--split", str(cdtg_inputs / "split-ids"), "--out", str(cdtg_inputs / "cdtg_data"),
+                         "--overwrite"])
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1"))
+    assert "tail class 2 is named by its id, so its CLIP prompt reads 'A photo of a 2'" in capsys.readouterr().err
+    assert not (cdtg_inputs / "run").exists()
+    train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "no-clip", "--iter", "1", "--clip", "none"))
+    manifest = cdtg_inputs / "cdtg_data" / "tail_classes.json"
+    written = json.loads(manifest.read_text())
+    for cls in written["classes"]:
+        cls["prompt"] = f"A photo of a {({2: 'airport', 3: 'dam', 4: 'golf field'})[cls['id']]}"
+    manifest.write_text(json.dumps(written))
+    train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1"))
+
+
 def test_the_loss_and_fusion_flags_reach_the_training_config():
     defaults = GanConfig()
     given = {"lambda_cls": 0.3, "lambda_clip": 0.7, "fusion_noise": 0.6, "r1": 4.5}

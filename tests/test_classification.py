@@ -806,3 +806,10 @@ def test_generated_images_and_checkpoints_of_another_class_numbering_are_refused
     err = exit_message(capsys, evaluate_main, ["--data-root", str(data), "--ckpt", str(tmp_path / "renamed.pth"),
                                                "--workers", "0", "--device", "cpu"])
     assert "was trained with class 1 named 'harbour'" in err and "names it 'class 1'" in err
+    # Spelled otherwise, as the releases and earlier preparers spell names: the same classes.
+    (tail_data / "tail_classes.json").write_text(json.dumps({"classes": [{"id": 3, "name": "Class_3"}]}))
+    train_main([*common, "--extra", str(generated), "--out", str(tmp_path / "c")])
+    checkpoint["class_names"][1] = "CLASS-1"
+    torch.save(checkpoint, tmp_path / "respelled.pth")
+    evaluate_main(["--data-root", str(data), "--ckpt", str(tmp_path / "respelled.pth"), "--workers", "0",
+                   "--device", "cpu", "--out", str(tmp_path / "respelled-report")])

@@ -167,6 +167,43 @@ def test_without_classes_json_classes_are_named_by_id(tmp_path):
         assert open_dataset(data).name == "TOY"
 
 
+def test_without_classes_json_dior_and_fgsc23_are_named_in_their_official_order(tmp_path):
+    """The official preprocessed downloads have no classes.json: their names, the CLIP
+    prompts' words, come from the official lists; a split made by an earlier version, which
+    named them by id, still matches the folder."""
+    from tgn.split import check_split_matches, compute_split, write_split, load_split
+
+    for name, counts, expected in (("DIOR", {3: 3, 15: 2}, {3: "basketball court", 15: "storage tank"}),
+                                   ("FGSC", {0: 2, 22: 2}, {0: "non-ship", 22: "barge"})):
+        data = write_dataset(tmp_path / name, counts, name=name)
+        (data / "classes.json").unlink()
+        assert open_dataset(data).class_names == expected
+    data = write_dataset(tmp_path / "DIOR-more", {0: 2, 20: 2}, name="DIOR")  # no DIOR class 20: by id
+    (data / "classes.json").unlink()
+    with pytest.warns(UserWarning, match="named by id"):
+        assert open_dataset(data).class_names == {0: "0", 20: "20"}
+
+    info = open_dataset(tmp_path / "DIOR")
+    by_id, entries = compute_split(info, 50)
+    by_id.class_names = {cid: str(cid) for cid in by_id.class_names}  # as earlier versions wrote it
+    write_split(by_id, entries, tmp_path / "old-split")
+    check_split_matches(load_split(tmp_path / "old-split"), info)
+    renamed, entries = compute_split(info, 50)
+    renamed.class_names = {3: "basketball court", 15: "ship"}
+    write_split(renamed, entries, tmp_path / "other-split")
+    with pytest.raises(UserError, match="made from another dataset"):
+        check_split_matches(load_split(tmp_path / "other-split"), info)
+
+
+def test_class_names_compare_with_their_spelling_aside():
+    from tgn.class_names import class_name_key as key
+
+    assert key("Expressway-Service-area") == key("expressway service area") == key("expressway_service__area")
+    assert key("basketballcourt") == key("basketball court") == key("Basketball-Court")
+    assert key("E\u0301olienne") == key("\u00c9olienne")  # macOS decomposes accents
+    assert key("ship") != key("ships") and key("small vehicle") != key("large vehicle")
+
+
 def test_an_image_listed_under_another_class_folder_is_warned_about(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
     with open(data / "anno" / "TOY_train.txt", "a") as handle:

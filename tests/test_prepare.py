@@ -114,8 +114,9 @@ def test_dior_crops_one_chip_per_object_with_class_and_box(dior_src, tmp_path, c
     prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1"])
     info = open_dataset(out)
     assert info.name == "DIOR" and len(info.class_names) == 20
-    assert info.class_names[0] == "airplane" and info.class_names[7] == "Expressway-Service-area"
-    assert info.class_names[19] == "windmill"
+    # Words, for CLIP: the XML's 'Expressway-Service-area' and 'storagetank' are these classes.
+    assert info.class_names[0] == "airplane" and info.class_names[7] == "expressway service area"
+    assert info.class_names[15] == "storage tank" and info.class_names[19] == "windmill"
     train, test = info.entries("train"), info.entries("test")
     assert {(e.relpath, e.class_id) for e in train} == {
         ("0/00001_0.jpg", 0), ("18/00001_1.jpg", 18), ("15/00001_4.jpg", 15)}
@@ -390,6 +391,7 @@ def test_dota_crops_polygon_bounding_rectangles(dota_src, tmp_path):
     prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1"])
     info = open_dataset(out)
     assert info.name == "DOTA" and info.class_names[0] == "plane" and info.class_names[14] == "helicopter"
+    assert info.class_names[4] == "small vehicle"  # labelled 'small-vehicle'
     assert {(e.relpath, e.class_id) for e in info.entries("train")} == {
         ("0/P0001_0.jpg", 0), ("4/P0001_1.jpg", 4), ("6/P0001_2.jpg", 6)}
     assert {(e.relpath, e.class_id) for e in info.entries("test")} == {("12/P0002_0.jpg", 12), ("7/P0002_1.jpg", 7)}

@@ -7,7 +7,8 @@
     DATA/test/<class_id>/<file>
 
 File names may contain spaces: the label is the last field of a line. Without
-classes.json (the official preprocessed downloads have none) classes are named by id.
+classes.json (the official preprocessed downloads have none) DIOR's and FGSC-23's classes are
+named in their official order, others by id.
 """
 import codecs
 import re
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from tgn.class_names import official_class_names
 from tgn.errors import UserError, speaks
 from tgn.io import atomic_write_text, read_json
 
@@ -180,8 +182,10 @@ def open_dataset(root):
     else:
         name = _find_dataset_name(root)
         ids = sorted({entry.class_id for entry in read_annotation(root / "anno" / f"{name}_train.txt")})
-        class_names = {cid: str(cid) for cid in ids}
-        warnings.warn(f"{classes_file} not found: classes are named by id (CLIP prompts need real names)")
+        class_names = official_class_names(name, ids)
+        if class_names is None:
+            class_names = {cid: str(cid) for cid in ids}
+            warnings.warn(f"{classes_file} not found: classes are named by id (CLIP prompts need real names)")
         return DatasetInfo(root, name, class_names, has_class_list=False, name_from_class_list=False)
     return DatasetInfo(root, name, class_names)
 

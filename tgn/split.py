@@ -201,7 +201,10 @@ def check_split_matches(split, info):
     counts = {cid: 0 for cid in info.class_names}
     for entry in info.entries("train", check_files=False):
         counts[entry.class_id] = counts.get(entry.class_id, 0) + 1
-    if fingerprint(info.class_names, counts) != split.fingerprint:
+    named = [info.class_names]
+    if not info.has_class_list:  # DIOR, FGSC-23 without classes.json: earlier versions named the classes by id
+        named.append({cid: str(cid) for cid in info.class_names})
+    if all(fingerprint(names, counts) != split.fingerprint for names in named):
         raise UserError(
             f"split {split.folder} was made from another dataset than {info.root} "
             "(class ids, names or training counts differ); rerun KMDN/dataset_split.py"
