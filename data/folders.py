@@ -1,5 +1,6 @@
 """What the preparers of datasets that come as one folder per class share (FGSC-23, your own):
 listing the class folders' images, checking that each decodes, copying or linking them."""
+import difflib
 import os
 import shutil
 import unicodedata
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from data.chips import IMAGE_SUFFIXES, Tally, check_disjoint, is_hidden, make_class_dirs, report, write_dataset
 from data.output import building_dataset, check_output
+from tgn.class_names import class_name_key
 from tgn.data import Entry, check_readable
 from tgn.errors import UserError
 
@@ -61,11 +63,18 @@ def check_not_training_images(train_paths, test_paths):
                    [str(Path(path).resolve()) for path in test_paths], "--train-dir/--test-dir")
 
 
+def meant_class(folder, class_ids):
+    """' (is it X?)' for the class folder a mistyped or respelled folder name likely means."""
+    same = [name for name in class_ids if class_name_key(name) == class_name_key(folder)]
+    close = same or difflib.get_close_matches(folder, sorted(class_ids), n=1, cutoff=0.8)
+    return f" (is it {close[0]!r}?)" if close else ""
+
+
 def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     """{folder name: [image paths]} for the class folders of `subset_dir` named in
     `class_ids`; `unknown_folder(path)` is the error for any other folder. Other entries are
     counted and named once; images in subfolders of a class folder are not read, and said so."""
-    images, folder_of, stray, other_files, nested = {}, {}, [], [], []
+    images, folder_of, stray, other_files, nested, unknown = {}, {}, [], [], [], []
     # Accented names may be stored composed or decomposed (macOS writes the latter): a test
     # folder copied from another system still matches its training folder.
     by_form = {composed(name): name for name in class_ids}
@@ -78,7 +87,8 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
         check_listable_name(entry, flag)
         name = by_form.get(composed(entry.name))
         if name is None:
-            raise UserError(unknown_folder(entry))
+            unknown.append(entry)
+            continue
         if name in images:  # two folders that print alike: neither may silently replace the other
             raise UserError(f"{flag}: folders {folder_of[name]} and {entry} are one name in two Unicode forms "
                             "(composed and decomposed, as macOS stores names); merge them into one folder")
@@ -93,6 +103,10 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
                 nested.append(path)
             else:
                 other_files.append(path)
+    if unknown:  # all of them at once, with the class each may have meant
+        others = [entry.name for entry in unknown[1:]]
+        more = f" ({len(others)} more: {', '.join(others[:4])}{', ...' if len(others) > 4 else ''})" if others else ""
+        raise UserError(f"{unknown_folder(unknown[0])}{meant_class(unknown[0].name, class_ids)}{more}")
     if not any(images.values()):
         raise UserError(f"{flag}: no images in the class folders of {subset_dir}")
     report_ignored(flag, subset_dir, stray, other_files)

@@ -755,6 +755,8 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
 @pytest.mark.parametrize("change, argv, message", [
     ("empty class", [], "class folder .*empty_class holds no images"),
     ("stray test class", ["--test-dir", "{src}/test"], "folder .*planes is not a class of --train-dir"),
+    ("respelled test classes", ["--test-dir", "{src}/test"],
+     r"folder .*Storage-Tank is not a class of --train-dir .* \(is it 'storage_tank'\?\) \(1 more: zebras\)$"),
     ("none", ["--test-dir", "{src}/test", "--test-fraction", "0.2"], "either --test-dir or --test-fraction"),
     ("none", ["--test-fraction", "1.5"], "--test-fraction: 1.5 must be between 0 and 1"),
     ("none", ["--test-fraction", "0.5", "--class-names", "{src}/names.json"], "'tank' is not a class folder"),
@@ -763,6 +765,7 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     ("single images", ["--test-fraction", "0.5"], "no class has a test image"),
     ("same letters", ["--test-fraction", "0.5"], "'Ship' and 'ship' both have the class name 'ship'"),
     ("truncated", ["--test-fraction", "0.5"], "cannot read image .*t.jpg: image file is truncated"),
+    ("truncated twice", ["--test-fraction", "0.5"], r"t.jpg: image file is truncated .*\(1 more unreadable images: .*/u.jpg\)$"),
     ("truncated and not empty", ["--test-fraction", "0.5"], "--out .* is not empty; pass --overwrite"),
     ("space in --out", ["--test-fraction", "0.5"], r"\(--out's folder name\) 'my data'.*pass --dataset NAME"),
     ("parent folder", ["--test-fraction", "0.5"], "holds folders but no images; is --train-dir one level above"),
@@ -774,6 +777,9 @@ def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, caps
         argv = ["--test-fraction", "0.2"]
     elif change == "stray test class":
         paint_scene(src / "test/planes/p.jpg", (8, 8), {})
+    elif change == "respelled test classes":
+        for folder in ("Storage-Tank", "zebras"):
+            paint_scene(src / "test" / folder / "p.jpg", (8, 8), {})
     elif change == "same names":
         paint_scene(src / "train/golf field/z.jpg", (8, 8), {})
     elif change == "single images":
@@ -786,6 +792,8 @@ def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, caps
         Image.fromarray(noise).save(src / "train/ship/t.jpg", quality=90)
         data = (src / "train/ship/t.jpg").read_bytes()
         (src / "train/ship/t.jpg").write_bytes(data[:len(data) * 7 // 10])  # a header that verify() accepts
+        if change.endswith("twice"):
+            (src / "train/ship/u.jpg").write_bytes(data[:len(data) * 7 // 10])
         if change.endswith("not empty"):  # --out's mistakes come before minutes of decoding
             (tmp_path / "out").mkdir()
             (tmp_path / "out" / "classes.json").write_text("{}")

@@ -234,11 +234,13 @@ def find_unreadable(samples, workers=8):
 
 def check_readable(samples, what="images", hint="", workers=8):
     """Decode every image of (path, label) samples once, in threads; stop at the first
-    unreadable one with its reason, the number of others and `hint`."""
+    unreadable one with its reason, the others (the first few named) and `hint`."""
     bad = sorted(find_unreadable(samples, workers), key=str)
     if not bad:
         return
-    more = f" ({len(bad) - 1} more unreadable {what})" if len(bad) > 1 else ""
+    others = [str(path) for path in bad[1:]]
+    more = (f" ({len(others)} more unreadable {what}: {', '.join(others[:4])}{', ...' if len(others) > 4 else ''})"
+            if others else "")
     try:
         load_image(bad[0])
     except UserError as exc:
