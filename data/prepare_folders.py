@@ -14,6 +14,7 @@ a class with two or more), chosen at random with --seed. Images (.jpg .jpeg .jfi
 images of other types are named in a warning. Each is decoded once as a check, then copied
 under its own file name, or linked with --link hard|symlink.
 """
+import hashlib
 import random
 import re
 import sys
@@ -133,7 +134,7 @@ def list_subsets(args):
             f"--test-dir: folder {folder} is not a class of --train-dir (a test class needs training images)"))
         check_not_training_images([path for paths in train.values() for path in paths],
                                   [path for paths in test.values() for path in paths])
-        warn_shared_names(train, test)
+        warn_test_copies(train, test)
     without_test = [folder for folder in folders if not test.get(folder)]
     if len(without_test) == len(folders):
         raise UserError("no class has a test image: every class has one training image; give --test-dir")
@@ -143,13 +144,29 @@ def list_subsets(args):
     return {"train": train, "test": test}, folders
 
 
-def warn_shared_names(train, test):
-    """The same file name in a class's train and test folders is often the same image."""
-    shared = [(folder, name) for folder, paths in test.items()
-              for name in sorted({path.name for path in paths} & {path.name for path in train.get(folder, [])})]
-    if shared:
-        warnings.warn(f"{len(shared)} test images have the file name of a training image of their class, e.g. "
-                      f"{shared[0][1]!r} in {shared[0][0]!r}: if they are the same images, test accuracy is inflated")
+def warn_test_copies(train, test):
+    """A test image that is a training image of its class (the same bytes, under any name)
+    inflates test accuracy. Only files of a training image's size are read."""
+    digests = {}
+
+    def digest(path):
+        if path not in digests:
+            digests[path] = hashlib.sha256(path.read_bytes()).digest()
+        return digests[path]
+
+    copies = []
+    for folder, test_paths in test.items():
+        train_by_size = {}
+        for path in train.get(folder, []):
+            train_by_size.setdefault(path.stat().st_size, []).append(path)
+        for path in test_paths:
+            same_size = train_by_size.get(path.stat().st_size, [])
+            if same_size and digest(path) in {digest(other) for other in same_size}:
+                copies.append((folder, path.name))
+    if copies:
+        warnings.warn(f"{len(copies)} test images are copies of a training image of their class (the same bytes), "
+                      f"e.g. {copies[0][1]!r} in {copies[0][0]!r}: they inflate test accuracy; remove them from "
+                      "--test-dir or --train-dir")
 
 
 def dataset_name(args):

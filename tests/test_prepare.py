@@ -574,6 +574,21 @@ def entries(info, subset):
     return [(e.relpath, e.class_id) for e in info.entries(subset)]
 
 
+def test_test_images_that_are_training_images_are_warned_about_by_content_not_name(tmp_path):
+    src = tmp_path / "mine"
+    for relpath, colour in (("train/ship/0001.jpg", (200, 10, 10)), ("train/dam/0001.jpg", (10, 200, 10)),
+                            ("test/ship/0001.jpg", (10, 10, 200)), ("test/dam/0002.jpg", (90, 90, 90))):
+        paint_scene(src / relpath, (12, 10), {(0, 0, 6, 5): colour})
+    common = ["--train-dir", str(src / "train"), "--test-dir", str(src / "test")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numbered alike in train and test, as many datasets are: no copies
+        prepare_folders.main([*common, "--out", str(tmp_path / "a")])
+    shutil.copy(src / "train/dam/0001.jpg", src / "test/dam/renamed.jpg")
+    with pytest.warns(UserWarning, match="1 test images are copies of a training image of their class .* "
+                                         "'renamed.jpg' in 'dam'"):
+        prepare_folders.main([*common, "--out", str(tmp_path / "b")])
+
+
 @pytest.mark.parametrize("link", [None, "symlink"])
 def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, capsys, link):
     out = tmp_path / "datasets" / "mine"
