@@ -73,6 +73,33 @@ def test_official_format_loads_with_strict():
             model.load_state_dict({**state, "unexpected.weight": torch.empty(1, device="meta")})
 
 
+def test_the_official_checkpoints_settings_are_read_off_its_full_size_weights():
+    """200000.pt at its own size (on the meta device): the settings read off its weights
+    and options rebuild models that load its G_ema and D strictly."""
+    import argparse
+
+    from CDTG.checkpoint import from_official
+
+    formats = official_formats()
+    if formats is None:
+        pytest.skip("official_state_dict_formats.json not available")
+    weights = {name: {key: torch.empty(shape, device="meta") for key, shape in formats[name].items()}
+               for name in (OFFICIAL_G, OFFICIAL_D)}
+    official = {"g": weights[OFFICIAL_G], "g_ema": weights[OFFICIAL_G], "d": weights[OFFICIAL_D],
+                "args": argparse.Namespace(size=256, iter=200000, channel_multiplier=2, batch=8), "ada_aug_p": 0.1}
+    read = from_official(official)
+    assert read["generator_config"] == {"size": 256, "style_dim": 512, "n_mlp": 8, "num_classes": 12,
+                                        "channel_multiplier": 2}
+    assert read["discriminator_config"] == {"size": 256, "num_classes": 12, "channel_multiplier": 2,
+                                            "label_dim": 512}
+    assert read["step"] == 200000 and read["fusion"] is None and read["options"]["batch"] == 8
+    with torch.device("meta"):
+        generator = Generator(**read["generator_config"])
+        discriminator = Discriminator(**read["discriminator_config"])
+    generator.load_state_dict(read["g_ema"], strict=True, assign=True)
+    discriminator.load_state_dict(read["d"], strict=True, assign=True)
+
+
 def test_config_rebuilds_model_that_loads_and_matches(small_generator):
     rebuilt = Generator(**small_generator.config)
     rebuilt.load_state_dict(small_generator.state_dict(), strict=True)
