@@ -174,6 +174,23 @@ def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_an_error_while_data_workers_run_ends_the_run_with_them(toy_data, tmp_path):
+    """An unreadable image stops a run whose DataLoader workers are running: one error line,
+    and the workers end with the run. Before, they outlived Python's SIGTERM at exit by their
+    60 s grace, and torch then reported their end as a second error."""
+    bad = toy_data / "train" / "0" / "img 5.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    command = [sys.executable, str(ROOT / "KMDN" / "UModel.py"), "--split", str(tmp_path / "split"), "--out",
+               str(tmp_path / "kmdn"), *MODEL, "--image-size", "16", "--batch-size", "4", "--workers", "2",
+               "--epochs", "1"]
+    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=45)  # the workers' grace is 60 s
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1 and f"cannot read image {bad}" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "Exception ignored" not in result.stderr
+
+
 def test_a_cluster_stopping_a_resnet_trainer_with_workers_gets_a_checkpoint_it_resumes_from(toy_data, tmp_path):
     """SIGTERM to every process of the job (the DataLoader's workers too), as Slurm sends it."""
     split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])

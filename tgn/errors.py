@@ -121,8 +121,11 @@ def cli_main(main):
     def wrapper(argv=None):
         warnings.formatwarning = one_line_warning
         escape_unencodable_output()
+        returned = False
         try:
-            return main(argv)
+            result = main(argv)
+            returned = True
+            return result
         except UserError as exc:
             _print_error(exc)
             sys.exit(2)
@@ -140,6 +143,10 @@ def cli_main(main):
         finally:
             from tgn.runlock import release_folders  # tgn.runlock raises UserError: imported here
 
+            if not returned and getattr(sys.modules.get("torch.utils.data.dataloader"), "DataLoader", None):
+                from tgn.stopping import end_worker_processes  # (only where a DataLoader can have run)
+
+                end_worker_processes()
             release_folders()
 
     return wrapper

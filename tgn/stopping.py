@@ -78,6 +78,27 @@ def leave_signals_to_the_trainer(_worker_id):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
+def end_worker_processes():
+    """End this process's DataLoader workers now, on an exit by an error or a signal. Python
+    would end them at exit with SIGTERM, which they outlive by WORKER_SIGTERM_GRACE_S
+    (leave_signals_to_the_trainer): the run hung that long after its error line, and torch
+    then reported the workers' end as a second error. The loaders still running (the error's
+    traceback holds their iterators) are shut down as when they are collected; a worker left
+    (stuck in a read) is killed."""
+    import gc
+
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    for candidate in gc.get_objects():
+        # type(): isinstance asks an object its __class__, and some warn when asked (torch's reduce_op)
+        if issubclass(type(candidate), _MultiProcessingDataLoaderIter):
+            candidate._shutdown_workers()  # asks them to end, then takes them from torch's SIGCHLD watch
+            for worker in candidate._workers:
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5)
+
+
 @contextlib.contextmanager
 def signals_held():
     """Ctrl-C and SIGTERM wait (the kernel keeps them pending) while DataLoader workers
