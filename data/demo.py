@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere, no install needed
 
 from tgn.cli import make_parser, non_negative_int, output_folder, positive_int  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import remove_path  # noqa: E402
+from tgn.io import atomic_torch_save, make_folder, remove_path  # noqa: E402
 
 
 def tiny_clip_file(path):
@@ -34,7 +34,7 @@ def tiny_clip_file(path):
     model = clip.model.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
                             vision_patch_size=8, context_length=77, vocab_size=49408, transformer_width=64,
                             transformer_heads=1, transformer_layers=2)
-    torch.save(model.state_dict(), path)
+    atomic_torch_save(path, model.state_dict())
     return path
 
 
@@ -76,7 +76,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.out
     clear_output(out, args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     data, split, kmdn, cdtg = out / "data", out / "split", out / "kmdn", out / "cdtg"
     runtime = ["--device", args.device, "--workers", str(args.workers)]
     small_resnet = ["--arch", "resnet18", "--pretrained", "none", "--image-size", "32"]

@@ -25,6 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import make_folder  # noqa: E402
 
 TORCH_CHECKPOINTS = "torch/hub/checkpoints"  # torch.hub's cache layout under TORCH_HOME
 CLIP_FOLDER = "clip"
@@ -83,7 +84,7 @@ def fetch(weight, out_dir, downloader=None):
     target = Path(out_dir) / weight.folder / weight.file_name
     if target.is_file() and file_sha256(target).startswith(weight.sha256):
         return target, "present"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -73,7 +73,7 @@ def building_dataset(out, overwrite, inputs=()):
     for leftover in (staging, replaced):  # of a run killed midway (building, or deleting the old dataset)
         if leftover.exists():
             shutil.rmtree(leftover)
-    staging.mkdir()
+    make_folder(staging)
     try:
         yield staging
     except BaseException:

@@ -229,6 +229,25 @@ def test_ctrl_c_while_saving_is_an_interruption_and_leaves_no_temp_file(tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_what_the_system_refuses_anywhere_is_one_line_and_other_os_errors_are_not_hidden(capsys):
+    """A write refused by permissions or a full disk, wherever a script makes it, names the
+    file in one line; an OSError that is not the system's refusal stays a traceback (a bug)."""
+    from tgn.errors import cli_main
+
+    @cli_main
+    def script(error):
+        raise error
+
+    for error, line in ((PermissionError(errno.EACCES, "Permission denied", "/ro/.preparing"),
+                         "error: /ro/.preparing: Permission denied\n"),
+                        (OSError(errno.ENOSPC, "No space left on device"), "error: [Errno 28] No space left on device\n")):
+        with pytest.raises(SystemExit) as exit_info:
+            script(error)
+        assert exit_info.value.code == 2 and capsys.readouterr().err == line
+    with pytest.raises(FileNotFoundError):
+        script(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x"))
+
+
 def test_temp_files_of_a_run_killed_mid_save_are_removed(split_dir, tmp_path):
     common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY]
     umodel_main([*common, "--epochs", "1"])

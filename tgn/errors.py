@@ -10,10 +10,16 @@ its share), except a CollectiveError, which all raise together. With gloo, a pro
 collective fails because another one stopped says so in one line instead of a traceback.
 """
 import contextlib
+import errno
 import functools
 import os
 import sys
 import warnings
+
+
+# What the system refuses (permissions, a read-only, full or over-quota disk), wherever a
+# script reads or writes: one line naming the file, not a traceback.
+REFUSED_BY_THE_SYSTEM = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class UserError(Exception):
@@ -133,6 +139,11 @@ def cli_main(main):
             if speaks():  # Ctrl-C reaches every process of a torchrun job
                 print("interrupted", file=sys.stderr)
             sys.exit(130)
+        except OSError as exc:
+            if exc.errno not in REFUSED_BY_THE_SYSTEM:
+                raise
+            _print_error(ProcessError(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)))
+            sys.exit(2)
         except RuntimeError as exc:
             rank = _joined_rank()
             if rank is None or not any(sign in str(exc) for sign in PEER_GONE):
