@@ -81,6 +81,8 @@ def check_generated_folders(folders):
         if (Path(folder) / GENERATION_UNFINISHED).exists():
             raise UserError(f"{folder} holds {GENERATION_UNFINISHED}: its generation.py run stopped (or still runs) "
                             "before every class was written; rerun it with the same flags to finish, then evaluate")
+        if not (Path(folder) / GENERATED_ANNOTATION).is_file():  # before its settings are looked for
+            raise UserError(f"{folder}: no {GENERATED_ANNOTATION}; is it a CDTG/generation.py output folder?")
 
 
 def generated_paths(folder, tail):

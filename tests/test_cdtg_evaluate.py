@@ -380,6 +380,10 @@ def test_evaluate_refuses_a_missing_or_unfinished_folder_and_notes_one_of_fewer_
     with pytest.raises(SystemExit):
         evaluate_script.main([str(root / "nowhere"), *common, "--out", str(root / "e0")])
     assert capsys.readouterr().err.strip() == f"error: generated folder not found: {root / 'nowhere'}"
+    with pytest.raises(SystemExit):  # a dataset, say: named for what it is, not for a checkpoint it lacks
+        evaluate_script.main([str(root / "data"), *common, "--out", str(root / "e0")])
+    assert capsys.readouterr().err.strip() == (f"error: {root / 'data'}: no anno.txt; is it a CDTG/generation.py "
+                                               "output folder?")
     (root / "gen_shifted" / "generation.unfinished").touch()
     with pytest.raises(SystemExit):
         evaluate_script.main([str(root / "gen_shifted"), *common, "--out", str(root / "e1")])
