@@ -135,7 +135,34 @@ def read_report(path):
     report = read_json(path, "report")
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise UserError(f"{path} is not a report written by Classification/test.py or train.py")
+    damaged = damage_in(report)
+    if damaged:
+        raise UserError(f"{path}: {damaged}, so the report is damaged; write it again with Classification/test.py")
     return report
+
+
+def _is_metric(value):
+    """A fraction as reports store it: a number, or null for n/a (not a bool, not a string)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def damage_in(report):
+    """What a report read back lacks of what the comparison and the figures use, else None."""
+    if not isinstance(report.get("method"), str):
+        return "it has no method name"
+    for _, key in COMPARISON_COLUMNS:
+        if not _is_metric(report.get(key, "missing")):
+            return f"its {key!r} is missing or not a number"
+    classes = report.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(row, dict) for row in classes):
+        return "it has no class rows"
+    for row in classes:
+        cid = row.get("id")
+        if not isinstance(cid, int) or isinstance(cid, bool) or not isinstance(row.get("name"), str):
+            return "a class row has no id or name"
+        if not _is_metric(row.get("accuracy", "missing")):
+            return f"class {row['id']}'s accuracy is missing or not a number"
+    return None
 
 
 def renamed_class(report, names):

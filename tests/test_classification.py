@@ -743,6 +743,27 @@ def test_compare_notes_other_groups_but_not_another_listing_order(tmp_path):
     assert note in (tmp_path / "differ" / "comparison.md").read_text()
 
 
+def test_a_damaged_report_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+    """A report.json with the right format tag but a field lost or mistyped (edited by hand,
+    cut short) stopped compare.py, and train.py --baseline-report after every epoch, with a
+    traceback."""
+    write_report(hand_report("baseline", BASELINE_CM), tmp_path / "good")
+    good = json.loads((tmp_path / "good" / "report.json").read_text())
+    for name, damage, message in (
+            ("no-oa", lambda r: r.pop("overall_accuracy"), "its 'overall_accuracy' is missing or not a number"),
+            ("text-oa", lambda r: r.update(overall_accuracy="abc"), "its 'overall_accuracy' is missing or not"),
+            ("no-accuracy", lambda r: r["classes"][2].pop("accuracy"), "class 5's accuracy is missing"),
+            ("no-rows", lambda r: r.update(classes=[]), "it has no class rows")):
+        damaged = json.loads(json.dumps(good))
+        damage(damaged)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(damaged))
+        err = exit_message(capsys, compare_main, [str(tmp_path / "good"), str(tmp_path / name), "--out",
+                                                  str(tmp_path / "table")])
+        assert err.startswith(f"error: {tmp_path / name / 'report.json'}: {message}") and "damaged" in err
+    assert not (tmp_path / "table").exists()
+
+
 def test_compare_refuses_reports_on_other_classes(tmp_path, capsys):
     write_report(hand_report("baseline", BASELINE_CM), tmp_path / "a")
     other = hand_report("other", BASELINE_CM)
