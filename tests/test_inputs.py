@@ -124,6 +124,28 @@ def test_empty_or_foreign_checkpoint_files_are_one_line(split_dir, tmp_path, cap
                                                     "--head-ckpt", str(bad), "--epochs", "1"]), reason)
 
 
+def test_a_checkpoint_cut_short_or_an_archive_of_other_files_is_named_for_what_it_is(split_dir, tmp_path, capsys):
+    """torch's own words were '[Errno 22] Invalid argument', a line about miniz, or
+    '[enforce fail at inline_container.cc:180]'."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    torch.save({"weights": torch.zeros(1000)}, buffer)
+    whole = buffer.getvalue()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as handle:
+        handle.writestr("notes.txt", "not weights")
+    bad = tmp_path / "bad.pth"
+    for content, reason in ((whole[:-10], "the file is cut short or damaged"),
+                            (whole[:len(whole) // 5], "the file is cut short or damaged"),
+                            (archive.getvalue(), "not a PyTorch checkpoint (an archive of other files)")):
+        bad.write_bytes(content)
+        expect_user_error(capsys, lambda: distill_main(["--split", str(split_dir), "--out", str(tmp_path / "k"),
+                                                        "--head-ckpt", str(bad), "--epochs", "1"]),
+                          f"cannot load head model checkpoint {bad}: {reason}")
+
+
 def test_a_damaged_last_checkpoint_is_named_on_resume_and_overwrite_replaces_it(split_dir, tmp_path, capsys):
     """It used to be reported as 'trained on other classes'."""
     out = tmp_path / "k"

@@ -5,6 +5,7 @@ Our checkpoints are dicts: `state_dict`, `model_config` (constructor arguments),
 `options`. They load with `weights_only=True`. Official files are bare state dicts,
 which load the same way.
 """
+import errno
 import hashlib
 from pathlib import Path
 
@@ -36,8 +37,13 @@ def load_failure(path, exc):
         return "not a PyTorch checkpoint of plain data (loading it any other way could run code from the file)"
     if "weights_only" in text:  # torch.load's advice to retry unsafely: the file is not a checkpoint
         return "not a PyTorch checkpoint"
+    # torch's zip reader on a file cut short: "PytorchStreamReader failed ...", or EINVAL from a seek
+    if "PytorchStreamReader" in text or (isinstance(exc, OSError) and exc.errno == errno.EINVAL):
+        return "the file is cut short or damaged (a copy or download that did not finish?)"
+    if "enforce fail" in text:  # a zip archive, but not laid out as torch.save lays one out
+        return "not a PyTorch checkpoint (an archive of other files)"
     first = text.splitlines()[0] if text else ""
-    if len(first) < 12:  # e.g. "101" or "invalid load key, 'h'."
+    if len(first) < 12 or isinstance(exc, (IndexError, KeyError, EOFError)):  # e.g. "101", "pop from empty list"
         return f"not a PyTorch checkpoint or a damaged one ({type(exc).__name__}{': ' + first if first else ''})"
     return first
 
