@@ -26,6 +26,7 @@ from tgn.cli import make_parser, positive_int, seed_value  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 
 DATASET = "DEMO"
+MAX_SIZE = 512
 SUPERSAMPLE = 4  # shapes are drawn this much larger, then downsampled with antialiasing
 
 
@@ -194,8 +195,8 @@ def parse_args(argv):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    if args.size < 8:
-        raise UserError(f"--size must be at least 8 pixels, got {args.size}")
+    if not 8 <= args.size <= MAX_SIZE:  # the scenes are drawn for small chips; a huge side fills the memory
+        raise UserError(f"--size must be from 8 to {MAX_SIZE} pixels, got {args.size}")
     if args.test_per_class < 1:
         raise UserError(f"--test-per-class must be at least 1, got {args.test_per_class}")
     class_names = dict(enumerate(CLASSES))

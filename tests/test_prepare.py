@@ -879,6 +879,19 @@ def test_demo_writes_a_relative_out_in_the_callers_folder(tmp_path, monkeypatch)
     assert (tmp_path / "relative-demo" / "tiny_clip.pt").is_file() and not (ROOT / "relative-demo").exists()
 
 
+def test_demo_refuses_a_bad_device_and_size_before_writing(tmp_path, capsys):
+    import data.demo as demo
+
+    for main, argv, message in (
+            (demo.main, ["--device", "foo"], "--device foo: not a device"),
+            (make_demo.main, ["--size", "4"], "--size must be from 8 to 512 pixels, got 4"),
+            (make_demo.main, ["--size", "100000"], "--size must be from 8 to 512 pixels, got 100000")):
+        assert exit_code(main, [*argv, "--out", str(tmp_path / "demo")]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0]
+        assert not (tmp_path / "demo").exists()
+
+
 def test_demo_output_takes_an_empty_folder_and_replaces_only_its_own_run(tmp_path, capsys):
     from data.demo import clear_output
 
