@@ -13,6 +13,7 @@ DATA/<subset>/<class_id>/<scene>_<k>.jpg (k: the object's line among the object 
 Class ids follow the DOTA devkit order (0 plane ... 14 helicopter); classes.json keeps it.
 """
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +31,7 @@ from tgn.errors import UserError, cli_main  # noqa: E402
 
 DATASET = "DOTA"
 SKIP_DIFFICULT = "difficult (--skip-difficult)"
+SKIPPED_CLASS = "class {} (--skip-classes)"
 
 
 def parse_args(argv):
@@ -68,7 +70,7 @@ def parse_label_file(path, lookup, skip_difficult, skipped, skip_classes=frozens
             expected = "'x1 y1 x2 y2 x3 y3 x4 y4 class difficult'"
             raise UserError(f"{path}:{number}: expected {expected}, got {line!r}") from None
         if class_name_key(fields[8]) in skip_classes:
-            skipped[f"class {fields[8]} (--skip-classes)"] += 1
+            skipped[SKIPPED_CLASS.format(fields[8])] += 1
             index += 1
             continue
         class_id = find_class(lookup, fields[8], f"{path}:{number}", DATASET)
@@ -129,6 +131,12 @@ def collect_images(args, class_names):
             seen |= {image.image_id for image in split_images}
             images += split_images
             inputs += split_inputs
+    prefix, suffix = SKIPPED_CLASS.split("{}")
+    left_out = {class_name_key(key[len(prefix):-len(suffix)]) for counts in skipped.values() for key in counts
+                if key.startswith(prefix) and key.endswith(suffix)}
+    unseen = [name for name in args.skip_classes if class_name_key(name) not in left_out]
+    if unseen:  # a misspelt name skips nothing; an object of the class meant then stops the run as unknown
+        warnings.warn(f"--skip-classes: no object is labelled {', '.join(unseen)}; nothing of it was left out")
     # Copies of one scene in two split folders would put it in train and test alike.
     check_disjoint([image.image_id for image in images if image.subset == "train"],
                    [image.image_id for image in images if image.subset == "test"], "--train-splits/--test-splits")

@@ -74,6 +74,12 @@ def main(argv=None):
                for subset, folder in subset_dirs.items()}
     check_not_training_images([path for path, _ in sources["train"]], [path for path, _ in sources["test"]])
     class_names = dict(enumerate(FGSC23_CLASSES))
+    trained = {cid for _, cid in sources["train"]}
+    missing = [cid for cid in class_names if cid not in trained]
+    if missing:  # classes.json lists all 23: every stage would stop at a class without training images
+        folders = [folder for folder, cid in class_ids.items() if cid == missing[0]]
+        raise UserError(f"--train-dir {subset_dirs['train']}: class {missing[0]} ({class_names[missing[0]]}) has no "
+                        f"training images (its folder {folders[0] if folders else missing[0]} is missing or empty)")
     prepare_folder_dataset(args, DATASET, class_names, sources, inputs=[args.src, *subset_dirs.values()])
 
 

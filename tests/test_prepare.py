@@ -416,7 +416,8 @@ def test_dota_labels_of_later_versions_skip_their_extra_classes_when_asked(dota_
     assert "unknown class name 'container-crane'" in one_error(capsys)
     assert exit_code(prepare_dota.main, [*argv, "--out", str(tmp_path / "kept"), "--skip-classes", "ship"]) == 2
     assert "--skip-classes: ship is one of the 15 DOTA v1.0 classes" in one_error(capsys)
-    prepare_dota.main([*argv, "--out", str(tmp_path / "out"), "--skip-classes", "Container-Crane,helipad"])
+    with pytest.warns(UserWarning, match="--skip-classes: no object is labelled helipad; nothing of it was left out"):
+        prepare_dota.main([*argv, "--out", str(tmp_path / "out"), "--skip-classes", "Container-Crane,helipad"])
     assert sorted(e.relpath for e in open_dataset(tmp_path / "out").entries("train")) == ["0/P0001_0.jpg",
                                                                                           "6/P0001_2.jpg"]
     assert "class container-crane (--skip-classes): 1" in capsys.readouterr().out
@@ -501,10 +502,16 @@ def test_16_bit_scenes_give_the_chips_training_would_load(dota_src, tmp_path):
 
 @pytest.fixture
 def fgsc_src(tmp_path):
+    """Every class has training images (x.jpg), 0 and 5 the ones the tests look at."""
     src = tmp_path / "FGSC-23"
-    for relpath in ("train/0/a.jpg", "train/5/b.jpg", "train/5/c.jpg", "test/22/d.jpg"):
+    others = [f"train/{cid}/x.jpg" for cid in range(23) if cid not in (0, 5)]
+    for relpath in ("train/0/a.jpg", "train/5/b.jpg", "train/5/c.jpg", "test/22/d.jpg", *others):
         paint_scene(src / relpath, (12, 10), {})
     return src
+
+
+def looked_at(entries):
+    return sorted((e.relpath, e.class_id) for e in entries if e.class_id in (0, 5))
 
 
 @pytest.mark.parametrize("link", [None, "hard", "symlink"])
@@ -514,7 +521,8 @@ def test_fgsc_maps_class_folders(fgsc_src, tmp_path, link):
     info = open_dataset(out)
     assert info.name == "FGSC23" and len(info.class_names) == 23
     assert info.class_names[0] == "non-ship" and info.class_names[22] == "barge"
-    assert [(e.relpath, e.class_id) for e in info.entries("train")] == [("0/a.jpg", 0), ("5/b.jpg", 5), ("5/c.jpg", 5)]
+    assert looked_at(info.entries("train")) == [("0/a.jpg", 0), ("5/b.jpg", 5), ("5/c.jpg", 5)]
+    assert len(info.entries("train")) == 3 + 21
     assert [(e.relpath, e.class_id) for e in info.entries("test")] == [("22/d.jpg", 22)]
     placed, source = out / "train/5/b.jpg", fgsc_src / "train/5/b.jpg"
     assert placed.read_bytes() == source.read_bytes()
@@ -528,9 +536,9 @@ def test_fgsc_folder_names_need_a_class_map(fgsc_src, tmp_path, capsys):
     assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(out)]) == 2
     assert "--class-map" in capsys.readouterr().err
     class_map = tmp_path / "map.json"
-    class_map.write_text(json.dumps({**{str(i): i for i in range(23)}, "frigate": 4}))
+    class_map.write_text(json.dumps({**{str(i): i for i in range(23)}, "frigate": 5}))
     prepare_fgsc23.main(["--src", str(fgsc_src), "--out", str(out), "--class-map", str(class_map)])
-    assert sorted(e.relpath for e in open_dataset(out).entries("train")) == ["0/a.jpg", "4/b.jpg", "4/c.jpg"]
+    assert looked_at(open_dataset(out).entries("train")) == [("0/a.jpg", 0), ("5/b.jpg", 5), ("5/c.jpg", 5)]
     class_map.write_text(json.dumps({"0": 0, "5": 5, "22": 22, "frigate": True}))  # JSON true is no class id
     assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "o2"), "--class-map",
                                            str(class_map)]) == 2
@@ -542,8 +550,19 @@ def test_fgsc_refuses_to_test_on_its_training_images(fgsc_src, tmp_path, capsys)
     for test_dir in (fgsc_src / "train", tmp_path / "same"):
         assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--test-dir", str(test_dir), "--out",
                                                str(tmp_path / "out")]) == 2
-        assert "a.jpg and 2 more in both train and test" in capsys.readouterr().err
+        assert "a.jpg and 23 more in both train and test" in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_fgsc_refuses_a_class_without_training_images(fgsc_src, tmp_path, capsys):
+    """classes.json lists all 23 classes, and every stage refuses one without training
+    images: refused here, before anything is written."""
+    (fgsc_src / "train/2/x.jpg").unlink()
+    paint_scene(fgsc_src / "test/2/t.jpg", (12, 10), {})
+    assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "out")]) == 2
+    assert (f"--train-dir {fgsc_src / 'train'}: class 2 (destroyer) has no training images (its folder 2 is "
+            "missing or empty)") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_fgsc_checks_that_images_decode(fgsc_src, tmp_path, capsys):
@@ -735,7 +754,7 @@ def test_fgsc_file_name_clash_is_found_before_overwrite_removes_anything(fgsc_sr
     argv = ["--src", str(fgsc_src), "--out", str(out), "--class-map", str(class_map), "--overwrite"]
     assert exit_code(prepare_fgsc23.main, argv) == 2
     assert "would both be train/0/a.jpg" in capsys.readouterr().err
-    assert len(open_dataset(out).entries("train")) == 3  # the earlier dataset is still there
+    assert len(open_dataset(out).entries("train")) == 3 + 21  # the earlier dataset is still there
     (fgsc_src / "train/zero/a.jpg").rename(fgsc_src / "train/zero/A.JPG")  # one file where case is ignored
     assert exit_code(prepare_fgsc23.main, argv) == 2
     assert "would both be train/0/A.JPG on macOS and Windows" in capsys.readouterr().err
