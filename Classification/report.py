@@ -153,6 +153,13 @@ def damage_in(report):
     for _, key in COMPARISON_COLUMNS:
         if not _is_metric(report.get(key, "missing")):
             return f"its {key!r} is missing or not a number"
+    for key in ("head", "tail"):
+        ids = report.get(key)
+        if not isinstance(ids, list) or not all(isinstance(cid, int) and not isinstance(cid, bool) for cid in ids):
+            return f"its {key!r} class ids are missing"
+    count = report.get("num_test_images")
+    if not isinstance(count, int) or isinstance(count, bool):
+        return "its 'num_test_images' is missing or not a number"
     classes = report.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(row, dict) for row in classes):
         return "it has no class rows"

@@ -75,9 +75,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     out = args.out
-    from tgn.distributed import resolve_device  # (imports torch)
+    from tgn.distributed import checked_device  # (imports torch; sets nothing up on the GPU: the stages use it)
 
-    resolve_device(args.device)  # before anything is written: each stage would find a bad one only when it runs
+    checked_device(args.device)  # before anything is written: each stage would find a bad one only when it runs
     clear_output(out, args.overwrite)
     make_folder(out)
     data, split, kmdn, cdtg = out / "data", out / "split", out / "kmdn", out / "cdtg"

@@ -29,6 +29,7 @@ from data.folders import (  # noqa: E402
     list_class_images, prepare_folder_dataset,
 )
 from data.output import add_output_arguments  # noqa: E402
+from tgn.class_names import class_name_key  # noqa: E402
 from tgn.cli import make_parser, open_fraction, seed_value  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import read_json  # noqa: E402
@@ -79,11 +80,16 @@ def class_names_for(folders, names_path):
             raise UserError(f"--class-names {names_path}: {unknown[0]!r} is not a class folder of --train-dir")
         names.update({by_form[composed(key)]: name.strip() for key, name in given.items()})
     seen = {}
-    for folder in folders:  # CLIP's tokenizer lower-cases: 'Ship' and 'ship' are one prompt
-        key = names[folder].casefold()
+    # CLIP's tokenizer lower-cases ('Ship' and 'ship' are one prompt), and checkpoints, reports and
+    # generated folders compare names with spelling aside ('storage-tank', 'storage tank').
+    for folder in folders:
+        key = class_name_key(names[folder])
         if key in seen:
-            raise UserError(f"class folders {seen[key]!r} and {folder!r} both have the class name "
-                            f"{names[folder]!r} (letter case aside); give them distinct names with --class-names")
+            first = names[seen[key]]
+            named = (f"both have the class name {names[folder]!r}" if first.casefold() == names[folder].casefold()
+                     else f"have the class names {first!r} and {names[folder]!r}")
+            raise UserError(f"class folders {seen[key]!r} and {folder!r} {named} (letter case, spaces and hyphens "
+                            "aside: one name); give them distinct names with --class-names")
         seen[key] = folder
     if all(folder.isdecimal() for folder in folders) and names_path is None:
         warnings.warn("the class folders are numbers, so the class names (and CDTG's CLIP prompts, 'A photo "

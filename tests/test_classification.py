@@ -753,7 +753,9 @@ def test_a_damaged_report_is_refused_in_one_line_before_any_work(tmp_path, capsy
             ("no-oa", lambda r: r.pop("overall_accuracy"), "its 'overall_accuracy' is missing or not a number"),
             ("text-oa", lambda r: r.update(overall_accuracy="abc"), "its 'overall_accuracy' is missing or not"),
             ("no-accuracy", lambda r: r["classes"][2].pop("accuracy"), "class 5's accuracy is missing"),
-            ("no-rows", lambda r: r.update(classes=[]), "it has no class rows")):
+            ("no-rows", lambda r: r.update(classes=[]), "it has no class rows"),
+            ("no-head", lambda r: r.pop("head"), "its 'head' class ids are missing"),
+            ("no-count", lambda r: r.pop("num_test_images"), "its 'num_test_images' is missing")):
         damaged = json.loads(json.dumps(good))
         damage(damaged)
         (tmp_path / name).mkdir()

@@ -188,6 +188,10 @@ def test_without_classes_json_dior_and_fgsc23_are_named_in_their_official_order(
     by_id.class_names = {cid: str(cid) for cid in by_id.class_names}  # as earlier versions wrote it
     write_split(by_id, entries, tmp_path / "old-split")
     check_split_matches(load_split(tmp_path / "old-split"), info)
+    respelled, entries = compute_split(info, 50)
+    respelled.class_names = {3: "basketballcourt", 15: "Storage-Tank"}  # as the XML and earlier preparers spell them
+    write_split(respelled, entries, tmp_path / "respelled-split")
+    check_split_matches(load_split(tmp_path / "respelled-split"), info)
     renamed, entries = compute_split(info, 50)
     renamed.class_names = {3: "basketball court", 15: "ship"}
     write_split(renamed, entries, tmp_path / "other-split")

@@ -10,6 +10,7 @@ CDTG with --compile (G and D compiled through DDP) stays identical across the pr
 """
 import contextlib
 import copy
+import errno
 import io
 import json
 import os
@@ -443,13 +444,15 @@ def test_before_joining_only_local_rank_0_prints_what_every_process_finds(monkey
     def script(error):
         raise error
 
-    for error, everywhere in ((UserError("--data x: no such folder"), False), (ProcessError("its GPU"), True)):
+    refused = PermissionError(errno.EACCES, "Permission denied", "/shared/runs")  # the node's shared --out
+    for error, everywhere in ((UserError("--data x: no such folder"), False), (ProcessError("its GPU"), True),
+                              (refused, False)):
         with pytest.raises(SystemExit) as exit_info:
             script(error)
         assert exit_info.value.code == 2
         printed = capsys.readouterr().err
         if local_rank == "0":
-            assert printed == f"error: {error}\n"
+            assert printed == ("error: /shared/runs: Permission denied\n" if error is refused else f"error: {error}\n")
         else:  # the other processes of the node stay quiet, unless the problem is their own
             assert printed == ("[local rank 1] error: its GPU\n" if everywhere else "")
     warning = one_line_warning("3 images listed twice", UserWarning, "data.py", 1)

@@ -795,6 +795,7 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     ("none", ["--test-fraction", "1.5"], "--test-fraction: 1.5 must be between 0 and 1"),
     ("none", ["--test-fraction", "0.5", "--class-names", "{src}/names.json"], "'tank' is not a class folder"),
     ("same names", ["--test-fraction", "0.5"], "both have the class name 'golf field'"),
+    ("spelled apart", ["--test-fraction", "0.5"], "'golf-field' and 'golf_field' have the class names 'golf-field' and 'golf field'"),
     ("none", ["--test-fraction", "0.2", "--dataset", "my data"], "--dataset 'my data': use letters"),
     ("single images", ["--test-fraction", "0.5"], "no class has a test image"),
     ("same letters", ["--test-fraction", "0.5"], "'Ship' and 'ship' both have the class name 'ship'"),
@@ -816,6 +817,8 @@ def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, caps
             paint_scene(src / "test" / folder / "p.jpg", (8, 8), {})
     elif change == "same names":
         paint_scene(src / "train/golf field/z.jpg", (8, 8), {})
+    elif change == "spelled apart":  # one class to the reports and checkpoints, which compare names so
+        paint_scene(src / "train/golf-field/z.jpg", (8, 8), {})
     elif change == "single images":
         for path in (src / "train/ship/e.jpg", src / "train/storage_tank/b.png"):
             path.unlink()

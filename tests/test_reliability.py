@@ -248,6 +248,28 @@ def test_what_the_system_refuses_anywhere_is_one_line_and_other_os_errors_are_no
         script(FileNotFoundError(errno.ENOENT, "No such file or directory", "/x"))
 
 
+def test_an_error_exit_survives_a_loader_that_failed_while_starting_its_workers(tmp_path, capsys):
+    """Its iterator, half made (fork refused a worker), is found among the ones to shut down:
+    that failed with an AttributeError that hid the error, and the run folder stayed held."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    from tgn.errors import cli_main
+    from tgn.runlock import claim_folder
+
+    @cli_main
+    def script(_argv):
+        claim_folder(tmp_path / "run")
+        half_made = _MultiProcessingDataLoaderIter.__new__(_MultiProcessingDataLoaderIter)
+        raise UserError(f"fork: Resource temporarily unavailable ({type(half_made).__name__} half made)")
+
+    with pytest.raises(SystemExit) as exit_info:
+        script(None)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: fork: Resource")
+    from tgn import runlock
+
+    assert not runlock._held  # the folder was released
+
+
 def test_temp_files_of_a_run_killed_mid_save_are_removed(split_dir, tmp_path):
     common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY]
     umodel_main([*common, "--epochs", "1"])

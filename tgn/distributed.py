@@ -49,7 +49,8 @@ def is_main():
     return rank() == 0
 
 
-def resolve_device(name):
+def checked_device(name):
+    """The device --device names, checked against this machine; nothing is set up on it."""
     try:
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     except RuntimeError:
@@ -59,9 +60,15 @@ def resolve_device(name):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
+    return device
+
+
+def resolve_device(name):
+    device = checked_device(name)
+    if device.type == "cuda":
         if device.index is not None:
-            if device.index >= torch.cuda.device_count():
-                raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPUs")
             torch.cuda.set_device(device)  # streams, events and new CUDA tensors then follow --device
         tune_cuda()
     return device

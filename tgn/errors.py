@@ -142,7 +142,7 @@ def cli_main(main):
         except OSError as exc:
             if exc.errno not in REFUSED_BY_THE_SYSTEM:
                 raise
-            _print_error(ProcessError(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)))
+            _print_error(UserError(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)))
             sys.exit(2)
         except RuntimeError as exc:
             rank = _joined_rank()
@@ -154,10 +154,12 @@ def cli_main(main):
         finally:
             from tgn.runlock import release_folders  # tgn.runlock raises UserError: imported here
 
-            if not returned and getattr(sys.modules.get("torch.utils.data.dataloader"), "DataLoader", None):
-                from tgn.stopping import end_worker_processes  # (only where a DataLoader can have run)
+            try:
+                if not returned and getattr(sys.modules.get("torch.utils.data.dataloader"), "DataLoader", None):
+                    from tgn.stopping import end_worker_processes  # (only where a DataLoader can have run)
 
-                end_worker_processes()
-            release_folders()
+                    end_worker_processes()
+            finally:
+                release_folders()
 
     return wrapper

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tgn.class_names import class_name_key
 from tgn.data import Entry, check_files_exist, open_dataset, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
@@ -197,14 +198,19 @@ def load_split(path, data_root=None):
 
 
 def check_split_matches(split, info):
-    """Refuse a split made from another dataset than DATA."""
+    """Refuse a split made from another dataset than DATA: other class ids, training counts
+    or class names. Names compare with spelling aside (DIOR prepared again names
+    'basketballcourt' 'basketball court'), and a DIOR or FGSC-23 folder without classes.json
+    also matches the split an earlier version made of it, naming its classes by id."""
     counts = {cid: 0 for cid in info.class_names}
     for entry in info.entries("train", check_files=False):
         counts[entry.class_id] = counts.get(entry.class_id, 0) + 1
-    named = [info.class_names]
-    if not info.has_class_list:  # DIOR, FGSC-23 without classes.json: earlier versions named the classes by id
-        named.append({cid: str(cid) for cid in info.class_names})
-    if all(fingerprint(names, counts) != split.fingerprint for names in named):
+    same_classes = set(split.class_names) == set(info.class_names) and split.train_counts == counts
+    named_alike = same_classes and all(class_name_key(split.class_names[cid]) == class_name_key(info.class_names[cid])
+                                       for cid in info.class_names)
+    named_by_id = same_classes and not info.has_class_list and all(
+        split.class_names[cid] == str(cid) for cid in info.class_names)
+    if not (named_alike or named_by_id):
         raise UserError(
             f"split {split.folder} was made from another dataset than {info.root} "
             "(class ids, names or training counts differ); rerun KMDN/dataset_split.py"

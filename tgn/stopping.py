@@ -92,8 +92,11 @@ def end_worker_processes():
     for candidate in gc.get_objects():
         # type(): isinstance asks an object its __class__, and some warn when asked (torch's reduce_op)
         if issubclass(type(candidate), _MultiProcessingDataLoaderIter):
-            candidate._shutdown_workers()  # asks them to end, then takes them from torch's SIGCHLD watch
-            for worker in candidate._workers:
+            try:
+                candidate._shutdown_workers()  # asks them to end, then takes them from torch's SIGCHLD watch
+            except Exception:  # noqa: BLE001 (one that failed while starting its workers is half made)
+                pass
+            for worker in getattr(candidate, "_workers", []):
                 if worker.is_alive():
                     worker.kill()
                     worker.join(timeout=5)
