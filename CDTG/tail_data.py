@@ -16,7 +16,8 @@ from torchvision import transforms
 from CDTG.clip_loss import tokenize_prompts
 from CDTG.parallel import epoch_order_seed
 from tgn import distributed as dist
-from tgn.data import check_files_exist, drop_unreadable, open_dataset, read_annotation, samples_for, write_annotation
+from tgn.data import (CLASS_ID, check_files_exist, drop_unreadable, open_dataset, read_annotation, samples_for,
+                      write_annotation)
 from tgn.errors import UserError
 from tgn.handoff import TAIL_MANIFEST
 from tgn.images import ImageList
@@ -144,12 +145,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 def check_prompts_name_classes(tail):
-    """The CLIP loss pulls each tail class's images towards its prompt: refuse one made of
-    the class's id (DATA without classes.json names its classes by id), which would pull
-    them towards 'A photo of a 4'."""
+    """The CLIP loss pulls each tail class's images towards its prompt: refuse a prompt made
+    of a number for a name (a dataset without classes.json names its classes by id, class
+    folders numbered 1..N are named so), which would pull them towards 'A photo of a 4'."""
     for cls in tail.classes:
-        if cls["name"] == str(cls["id"]) and re.search(rf"(?<![0-9]){cls['id']}(?![0-9])", cls["prompt"]):
-            raise UserError(f"tail class {cls['id']} is named by its id, so its CLIP prompt reads {cls['prompt']!r}: "
+        name = str(cls["name"])
+        if CLASS_ID.fullmatch(name) and re.search(rf"(?<![0-9]){name}(?![0-9])", cls["prompt"]):
+            raise UserError(f"tail class {cls['id']} is named {name!r}, so its CLIP prompt reads {cls['prompt']!r}: "
                             f"write the class names in the prompts of {tail.folder / TAIL_MANIFEST}, or in "
                             "DATA/classes.json and run the splits again, or train without the CLIP loss (--clip none)")
 
@@ -184,11 +186,14 @@ def write_tail_data(args):
     if (args.out / TAIL_MANIFEST).exists() and not args.overwrite:
         raise UserError(f"{args.out / TAIL_MANIFEST} exists; pass --overwrite to replace it")
     split = load_split(args.split, data_root=args.data_root)
-    check_split_matches(split, open_dataset(split.data_root))
+    info = open_dataset(split.data_root)
+    check_split_matches(split, info)
     entries = split.entries("tail", "train")
+    # The dataset's names, not the split's: a split of DIOR or FGSC-23 without classes.json
+    # that an earlier version made names the classes by id, the dataset now in words.
     classes = [
-        {"label": label, "id": cid, "name": split.class_names[cid],
-         "prompt": args.prompt.format(name=split.class_names[cid]), "train_count": split.train_counts[cid]}
+        {"label": label, "id": cid, "name": info.class_names[cid],
+         "prompt": args.prompt.format(name=info.class_names[cid]), "train_count": split.train_counts[cid]}
         for label, cid in enumerate(split.tail)
     ]
     tokenize_prompts([cls["prompt"] for cls in classes])  # CLIP takes at most 77 tokens

@@ -177,8 +177,11 @@ def renamed_class(report, names):
     None: a dataset whose classes are numbered otherwise (DOTA's chip releases number its
     15 classes in two orders) keeps its ids and name, not its class names."""
     for row in report["classes"]:
-        if row["id"] in names and class_name_key(row.get("name")) != class_name_key(names[row["id"]]):
-            return row["id"], row.get("name"), names[row["id"]]
+        cid = row["id"]
+        if cid not in names or str(cid) in (str(row.get("name")), str(names[cid])):
+            continue  # a class named by its id (a dataset without classes.json): nothing to contradict
+        if class_name_key(row.get("name")) != class_name_key(names[cid]):
+            return cid, row.get("name"), names[cid]
     return None
 
 

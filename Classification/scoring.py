@@ -39,7 +39,8 @@ def score_checkpoint(args):
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)
     model, meta = load_classifier(args.ckpt)
-    named = [info.class_names[cid] for cid in class_ids] if info.has_class_list else None  # else names are ids
+    # Without classes.json the names are not the dataset's own (ids, or DIOR's or FGSC-23's official list).
+    named = [info.class_names[cid] for cid in class_ids] if info.has_class_list else None
     check_classes(meta, model, class_ids, args.ckpt, args.data_root, named)
     data_counts = count_per_class(info.entries("train", check_files=False), class_ids)
     train_counts = meta.get("train_counts") or data_counts  # the official result.pth records none

@@ -71,7 +71,8 @@ def read_baseline(args, info, class_ids):
     if report.get("dataset") != info.name or ids != list(class_ids):
         raise UserError(f"--baseline-report {args.baseline_report} is a report on {report.get('dataset')} with classes "
                         f"{ids}; DATA is {info.name} with {list(class_ids)}")
-    renamed = renamed_class(report, info.class_names) if info.has_class_list else None  # else names are ids
+    # Without classes.json the names are not the dataset's own (ids, or DIOR's or FGSC-23's official list).
+    renamed = renamed_class(report, info.class_names) if info.has_class_list else None
     if renamed:
         raise UserError(f"--baseline-report {args.baseline_report} names class {renamed[0]} '{renamed[1]}', DATA "
                         f"names it '{renamed[2]}': another dataset or class numbering")

@@ -156,15 +156,16 @@ def paint_windmill(draw, rng, canvas):
     disc(draw, centre, 0.04 * scale, fill=blade)
 
 
-# name -> (training images, background colour, painter); ids are the alphabetical order.
+# name (words: they become CLIP prompts) -> (training images, background colour, painter); ids are
+# the alphabetical order.
 CLASSES = {
     "airplane": (40, (165, 165, 160), paint_airplane),
-    "baseballfield": (16, (75, 145, 65), paint_baseballfield),
+    "baseball field": (16, (75, 145, 65), paint_baseballfield),
     "bridge": (8, (45, 85, 120), paint_bridge),
     "harbor": (12, (35, 70, 125), paint_harbor),
     "ship": (90, (25, 55, 100), paint_ship),
-    "storagetank": (60, (195, 180, 145), paint_storagetank),
-    "tenniscourt": (24, (125, 100, 80), paint_tenniscourt),
+    "storage tank": (60, (195, 180, 145), paint_storagetank),
+    "tennis court": (24, (125, 100, 80), paint_tenniscourt),
     "vehicle": (120, (85, 85, 90), paint_vehicle),
     "windmill": (10, (150, 160, 95), paint_windmill),
 }
@@ -186,7 +187,7 @@ def render(class_name, seed, subset, class_id, number, size):
 def parse_args(argv):
     parser = make_parser(__doc__)
     add_output_arguments(parser, default=Path("demo"))
-    parser.add_argument("--size", type=positive_int, default=32, help="image side in pixels")
+    parser.add_argument("--size", type=positive_int, default=32, help=f"image side in pixels, 8 to {MAX_SIZE}")
     parser.add_argument("--test-per-class", type=positive_int, default=20, help="test images per class")
     parser.add_argument("--seed", type=seed_value, default=0, help="random seed; the same seed writes identical files")
     return parser.parse_args(argv)
@@ -207,7 +208,7 @@ def main(argv=None):
             counts = {"train": CLASSES[name][0], "test": args.test_per_class}
             for subset in SUBSETS:
                 for number in range(counts[subset]):
-                    relpath = f"{class_id}/{name}_{number:04d}.jpg"
+                    relpath = f"{class_id}/{name.replace(' ', '_')}_{number:04d}.jpg"
                     image = render(name, args.seed, subset, class_id, number, args.size)
                     image.save(folder / subset / relpath, quality=90)
                     tally.entries[subset].append(Entry(relpath, class_id))

@@ -88,8 +88,8 @@ def class_names_for(folders, names_path):
             first = names[seen[key]]
             named = (f"both have the class name {names[folder]!r}" if first.casefold() == names[folder].casefold()
                      else f"have the class names {first!r} and {names[folder]!r}")
-            raise UserError(f"class folders {seen[key]!r} and {folder!r} {named} (letter case, spaces and hyphens "
-                            "aside: one name); give them distinct names with --class-names")
+            raise UserError(f"class folders {seen[key]!r} and {folder!r} {named} (letter case, spaces, hyphens and "
+                            "underscores aside: one name); give them distinct names with --class-names")
         seen[key] = folder
     if all(folder.isdecimal() for folder in folders) and names_path is None:
         warnings.warn("the class folders are numbers, so the class names (and CDTG's CLIP prompts, 'A photo "

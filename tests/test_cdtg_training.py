@@ -532,7 +532,7 @@ def test_the_clip_loss_refuses_prompts_made_of_class_ids(cdtg_inputs, capsys):
                          "--overwrite"])
     with pytest.raises(SystemExit):
         train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1"))
-    assert "tail class 2 is named by its id, so its CLIP prompt reads 'A photo of a 2'" in capsys.readouterr().err
+    assert "tail class 2 is named '2', so its CLIP prompt reads 'A photo of a 2'" in capsys.readouterr().err
     assert not (cdtg_inputs / "run").exists()
     train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "no-clip", "--iter", "1", "--clip", "none"))
     manifest = cdtg_inputs / "cdtg_data" / "tail_classes.json"
@@ -541,6 +541,19 @@ def test_the_clip_loss_refuses_prompts_made_of_class_ids(cdtg_inputs, capsys):
         cls["prompt"] = f"A photo of a {({2: 'airport', 3: 'dam', 4: 'golf field'})[cls['id']]}"
     manifest.write_text(json.dumps(written))
     train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1"))
+
+
+def test_a_number_for_a_name_is_refused_whatever_the_class_id():
+    """Class folders numbered 1..N are classes 0..N-1 named '1'..'N': 'A photo of a 1' too."""
+    from CDTG.tail_data import TailClasses, check_prompts_name_classes
+
+    def tail(name, prompt):
+        return TailClasses("t", ".", [{"label": 0, "id": 0, "name": name, "prompt": prompt, "train_count": 3}])
+
+    with pytest.raises(UserError, match="tail class 0 is named '1', so its CLIP prompt reads 'A photo of a 1'"):
+        check_prompts_name_classes(tail("1", "A photo of a 1"))
+    check_prompts_name_classes(tail("1", "A photo of a harbour crane"))  # its prompt written by hand
+    check_prompts_name_classes(tail("Boeing 747", "A photo of a Boeing 747"))
 
 
 def test_the_loss_and_fusion_flags_reach_the_training_config():

@@ -786,6 +786,11 @@ def test_compare_refuses_reports_on_other_classes(tmp_path, capsys):
     respelled["classes"][0]["name"] = "A_"
     write_report(respelled, tmp_path / "g")
     compare_main([str(tmp_path / "a"), str(tmp_path / "g"), "--out", str(tmp_path / "respelled")])
+    by_id = hand_report("by id", BASELINE_CM)  # an earlier version, on DIOR without classes.json, named them so
+    for row in by_id["classes"]:
+        row["name"] = str(row["id"])
+    write_report(by_id, tmp_path / "h")
+    compare_main([str(tmp_path / "a"), str(tmp_path / "h"), "--out", str(tmp_path / "by-id")])
     write_report(hand_report("baseline", AUGMENTED_CM), tmp_path / "d")  # both named 'baseline'
     err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "d"), "--out", str(tmp_path)])
     assert "two reports are named 'baseline': name each row, NAME=REPORT" in err

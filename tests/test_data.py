@@ -1,5 +1,6 @@
 """Reading the dataset layout: spaces in names, bad lines, missing and broken images; the
 preprocessing."""
+import json
 import pickle
 
 import numpy as np
@@ -188,6 +189,11 @@ def test_without_classes_json_dior_and_fgsc23_are_named_in_their_official_order(
     by_id.class_names = {cid: str(cid) for cid in by_id.class_names}  # as earlier versions wrote it
     write_split(by_id, entries, tmp_path / "old-split")
     check_split_matches(load_split(tmp_path / "old-split"), info)
+    from CDTG.dataset_split import main as cdtg_split_main  # its prompts take the dataset's names
+
+    cdtg_split_main(["--split", str(tmp_path / "old-split"), "--out", str(tmp_path / "tail")])
+    tail = json.loads((tmp_path / "tail" / "tail_classes.json").read_text())["classes"]
+    assert [cls["prompt"] for cls in tail] == ["A photo of a storage tank"]
     respelled, entries = compute_split(info, 50)
     respelled.class_names = {3: "basketballcourt", 15: "Storage-Tank"}  # as the XML and earlier preparers spell them
     write_split(respelled, entries, tmp_path / "respelled-split")
