@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tgn.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tgn.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
 from tgn.metrics import format_percent, markdown_cell
 
 EVALUATION_FORMAT = "tgn-cdtg-evaluation/1"
@@ -138,7 +138,7 @@ def plot_sample_sheet(sheets, class_ids, class_names, path, per_set=6, gap=12):
 def write_evaluation(evaluation, out_dir):
     """out_dir/evaluation.{md,csv,json}."""
     atomic_write_text(out_dir / "evaluation.md", evaluation_markdown(evaluation))
-    atomic_write_text(out_dir / "evaluation.csv", evaluation_csv(evaluation))
+    atomic_write_csv(out_dir / "evaluation.csv", evaluation_csv(evaluation))
     atomic_write_json(out_dir / "evaluation.json", evaluation)
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from Classification.report import comparison, comparison_csv, comparison_markdown, read_report  # noqa: E402
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
-from tgn.io import atomic_write_text, check_run_dir, remove_temp_files  # noqa: E402
+from tgn.io import atomic_write_csv, atomic_write_text, check_run_dir, remove_temp_files  # noqa: E402
 
 TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
 
@@ -58,7 +58,7 @@ def main(argv=None):
     table = comparison_markdown(rows, note)
     remove_temp_files(args.out)  # what a comparison killed mid-write left
     atomic_write_text(args.out / TABLE_MD, table)
-    atomic_write_text(args.out / TABLE_CSV, comparison_csv(rows))
+    atomic_write_csv(args.out / TABLE_CSV, comparison_csv(rows))
     print(table)
     print(f"wrote {args.out / TABLE_MD} and {args.out / TABLE_CSV}")
     return rows

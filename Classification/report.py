@@ -13,7 +13,7 @@ import numpy as np
 
 from tgn.class_names import class_name_key
 from tgn.errors import UserError
-from tgn.io import atomic_write_json, atomic_write_text, read_json
+from tgn.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from tgn.metrics import format_percent, markdown_cell, summarize
 
 REPORT_FORMAT = "tgn-classification-report/1"
@@ -122,7 +122,7 @@ def write_report(report, folder):
     """folder/report.{md,csv,json}; returns the folder."""
     folder = Path(folder)
     atomic_write_text(folder / "report.md", report_markdown(report))
-    atomic_write_text(folder / "report.csv", report_csv(report))
+    atomic_write_csv(folder / "report.csv", report_csv(report))
     atomic_write_json(folder / REPORT_JSON, report)
     return folder
 

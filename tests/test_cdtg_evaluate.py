@@ -1,4 +1,5 @@
 """CDTG/evaluate.py: FID, LPIPS diversity, CLIP and M_T consistency, reports, sample sheet."""
+import codecs
 import csv
 import json
 import shutil
@@ -234,7 +235,8 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
         assert row["teacher_accuracy_generated"] == row["teacher_accuracy_real"]
     assert json.loads((out / "evaluation.json").read_text()) == evaluation
 
-    rows = list(csv.DictReader((out / "evaluation.csv").open()))
+    assert (out / "evaluation.csv").read_bytes().startswith(codecs.BOM_UTF8)  # for Excel
+    rows = list(csv.DictReader((out / "evaluation.csv").open(encoding="utf-8-sig")))
     assert [(row["folder"], row["id"]) for row in rows] == [
         (label, cid) for label in ("r=0.05", "r=0.8") for cid in ["2", "3", "4", "all"]]
     markdown = (out / "evaluation.md").read_text()

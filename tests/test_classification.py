@@ -1,5 +1,6 @@
 """Classification: released-weights format, --extra merging, long-tail baselines, training,
 reports, figures and the comparison table."""
+import codecs
 import contextlib
 import csv
 import json
@@ -270,7 +271,7 @@ def test_report_files_and_figures_are_written(trained):
     markdown = (folder / "report.md").read_text()
     assert "| overall accuracy (OA) |" in markdown and "| tail-class mean accuracy (3 classes) |" in markdown
     assert "| 4 | class 4 | tail | 3 | 10 | 3 |" in markdown
-    rows = list(csv.DictReader((folder / "report.csv").open()))
+    rows = list(csv.DictReader((folder / "report.csv").open(encoding="utf-8-sig")))
     assert [row["id"] for row in rows] == ["0", "1", "2", "3", "4", "all", "mean", "head", "tail", "f1"]
     assert rows[3]["generated_count"] == "9" and rows[3]["group"] == "tail"
     assert float(rows[5]["accuracy"]) == pytest.approx(report["overall_accuracy"], abs=1e-6)
@@ -636,6 +637,18 @@ def test_markdown_tables_keep_their_columns_whatever_the_names():
     assert "| 0 | a\\|b |" in report_markdown(report) and "| 1 | line break |" in report_markdown(report)
 
 
+def test_the_report_csv_carries_a_byte_order_mark_so_excel_reads_names_outside_ascii(tmp_path):
+    report = build_report(np.array(BASELINE_CM), method="TGN", source="x.pth", dataset="TOY", class_ids=[0, 1, 5, 7],
+                          class_names=["飞机", "船只", "储油罐", "café"], train_counts=[50, 30, 5, 2],
+                          generated_counts=None, head=[0, 1], tail=[5, 7], grouping="hand")
+    write_report(report, tmp_path)
+    raw = (tmp_path / "report.csv").read_bytes()
+    assert raw.startswith(codecs.BOM_UTF8) and raw.count(codecs.BOM_UTF8) == 1
+    rows = list(csv.DictReader(raw.decode("utf-8-sig").splitlines()))
+    assert [row["name"] for row in rows[:4]] == ["飞机", "船只", "储油罐", "café"] and "id" in rows[0]
+    assert not (tmp_path / "report.md").read_bytes().startswith(codecs.BOM_UTF8)  # Markdown stays plain
+
+
 def test_figures_of_hand_made_reports(tmp_path):
     baseline = hand_report("baseline", BASELINE_CM)
     augmented = hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45])
@@ -718,7 +731,8 @@ def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
     assert "| plain CE | 87.50 | 25.00 | 69.23 |" in table
     assert "| TGN | 100.00 | 100.00 | 100.00 | 100.00 |" in table
     assert table in capsys.readouterr().out
-    rows = list(csv.reader((tmp_path / "comparison" / "comparison.csv").open()))
+    assert (tmp_path / "comparison" / "comparison.csv").read_bytes().startswith(codecs.BOM_UTF8)
+    rows = list(csv.reader((tmp_path / "comparison" / "comparison.csv").open(encoding="utf-8-sig")))
     assert rows[0] == ["method", "head_accuracy", "tail_accuracy", "overall_accuracy", "macro_f1"]
     assert rows[1][:4] == ["plain CE", "0.875000", "0.250000", f"{9 / 13:.6f}"]
     # a second table goes to the same folder only when asked

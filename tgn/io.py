@@ -168,6 +168,12 @@ def atomic_write_text(path, text):
     _atomic_replace(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
+def atomic_write_csv(path, text):
+    """UTF-8 with a byte-order mark: without it Excel reads a class name outside ASCII (Chinese
+    names, accents) as another code page. Python reads it with encoding="utf-8-sig", pandas as is."""
+    _atomic_replace(path, lambda handle: handle.write(text.encode("utf-8-sig")))
+
+
 def atomic_write_bytes(path, data):
     _atomic_replace(path, lambda handle: handle.write(data))
 
