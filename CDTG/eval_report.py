@@ -7,7 +7,6 @@ starts with the table comparing the folders (labelled by their r).
 import csv
 import io
 
-import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -16,6 +15,7 @@ from matplotlib.figure import Figure
 
 from tgn.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
 from tgn.metrics import format_percent, markdown_cell
+from tgn.plot_text import text_as_written
 
 EVALUATION_FORMAT = "tgn-cdtg-evaluation/1"
 METRICS = (  # (key, Markdown title, kind)
@@ -115,7 +115,7 @@ def plot_sample_sheet(sheets, class_ids, class_names, path, per_set=6, gap=12):
             for k, tile in enumerate(_thumbnails(sheets[group].get(cid), per_set)):
                 left = column * group_width + k * step
                 mosaic[row * step:row * step + THUMBNAIL, left:left + THUMBNAIL] = tile
-    with matplotlib.rc_context({"text.parse_math": False}):  # names as written: two '$' are not math here
+    with text_as_written([*groups, *class_names]):
         height, width = mosaic.shape[:2]
         figure = Figure(figsize=(width / 100, height / 100), dpi=100)
         axes = figure.add_axes([0, 0, 1, 1])  # one image pixel per figure pixel; labels fit by bbox_inches="tight"

@@ -8,7 +8,6 @@
 import functools
 import io
 
-import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -18,6 +17,7 @@ from matplotlib.patches import Patch
 from tgn.errors import UserError
 from tgn.io import atomic_write_bytes
 from tgn.metrics import format_percent
+from tgn.plot_text import text_as_written
 from tgn.split import rank_classes
 
 HEAD_COLOUR, TAIL_COLOUR, GENERATED_COLOUR = "orange", "green", "#a8d890"
@@ -25,13 +25,14 @@ LINE_COLOURS = ("blue", "black", "red", "purple", "brown")
 
 
 def _names_as_written(plot):
-    """Class and method names are shown as written: matplotlib would read a name holding two
-    '$' ('coins 50$ & 100$') as math and drop the signs."""
+    """Class and method names drawn as written (tgn/plot_text.py)."""
 
     @functools.wraps(plot)
-    def wrapper(*args, **kwargs):
-        with matplotlib.rc_context({"text.parse_math": False}):
-            return plot(*args, **kwargs)
+    def wrapper(report_or_reports, path):
+        reports = report_or_reports if isinstance(report_or_reports, list) else [report_or_reports]
+        names = [text for report in reports for text in (report["method"], *(row["name"] for row in report["classes"]))]
+        with text_as_written(names):
+            return plot(report_or_reports, path)
 
     return wrapper
 
