@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from CDTG.synthesis import TRUNCATION_CENTRE, TailSynthesizer
 from tgn import distributed as dist
+from tgn.class_names import padded
 from tgn.compat import check_compile
 from tgn.data import Entry, write_annotation
 from tgn.errors import UserError
@@ -278,5 +279,5 @@ def generate(args):
     for cid in class_ids:
         name = synth.tail.names[synth.tail.ids.index(cid)]
         total = len(existing_indices(args.out / str(cid)))  # more than --per-class if an earlier run made more
-        print(f"  class {cid:4d} {name:<28s} {written[cid]:6d} new, {total:6d} in all")
+        print(f"  class {cid:4d} {padded(name, 28)} {written[cid]:6d} new, {total:6d} in all")
     print(f"wrote {sum(written.values())} images; annotation: {args.out / GENERATED_ANNOTATION}")

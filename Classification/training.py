@@ -8,6 +8,7 @@ from Classification.model import build_classifier, checkpoint_meta, initialise_b
 from Classification.samples import class_order, readable_training_images, training_images
 from Classification.stage import (describe_classes, evaluation_set, grouping_split, read_baseline,
                                   report_and_figures)
+from tgn.class_names import padded
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights
 from tgn.cli import training_config
 from tgn.data import open_dataset
@@ -82,7 +83,7 @@ def train_classifier(args):
               f"{len(test_images)} test images, device {device}{dist.describe()}, amp {cfg.amp}")
         for index, cid in enumerate(class_ids):
             group = "head" if cid in classes.head else "tail"
-            print(f"  {cid:4d} {classes.names[index]:<28s} {group}  real {images.real_counts[index]:7d}"
+            print(f"  {cid:4d} {padded(classes.names[index], 28)} {group}  real {images.real_counts[index]:7d}"
                   f"  generated {images.generated_counts[index]:7d}")
         if args.sampler == "class-balanced" and args.loss == "balanced-softmax":
             print("note: re-sampling and balanced softmax both correct for the class priors")

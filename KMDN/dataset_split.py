@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
+from tgn.class_names import padded  # noqa: E402
 from tgn.cli import head_percent, make_parser, output_folder  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
@@ -46,7 +47,7 @@ def main(argv=None):
           f"(threshold {args.threshold:g}%)")
     for rank, cid in enumerate(split.ranking, start=1):
         group = "head" if cid in split.head else "tail"
-        print(f"  {rank:3d}. {group}  {cid:4d}  {split.class_names[cid]:<28s} train {split.train_counts[cid]:7d}"
+        print(f"  {rank:3d}. {group}  {cid:4d}  {padded(split.class_names[cid], 28)} train {split.train_counts[cid]:7d}"
               f"  test {split.test_counts[cid]:7d}")
     print(f"wrote {args.out / 'split.json'}")
     for group, trains in (("head", "UModel.py trains nothing"),

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from data.output import building_dataset
-from tgn.class_names import class_name_key
+from tgn.class_names import class_name_key, display_width, padded
 from tgn.data import SUBSETS, Entry, to_8_bit, write_annotation, write_classes_json
 from tgn.errors import UserError
 
@@ -230,11 +230,11 @@ def write_dataset(out, dataset, class_names, tally):
 def report(dataset, out, class_names, tally):
     """Per-class counts, totals and skips, as a table on stdout."""
     counts = {subset: tally.counts(subset) for subset in SUBSETS}
-    width = max(len(name) for name in class_names.values())
+    width = max(display_width(name) for name in class_names.values())
     print(f"{dataset} -> {out}")
     print(f"{'id':>4}  {'class':<{width}}  {'train':>8}  {'test':>8}")
     for cid, name in sorted(class_names.items()):
-        print(f"{cid:>4}  {name:<{width}}  {counts['train'][cid]:>8}  {counts['test'][cid]:>8}")
+        print(f"{cid:>4}  {padded(name, width)}  {counts['train'][cid]:>8}  {counts['test'][cid]:>8}")
     totals = {subset: sum(counts[subset].values()) for subset in SUBSETS}
     print(f"{'':>4}  {'total':<{width}}  {totals['train']:>8}  {totals['test']:>8}"
           f"  ({totals['train'] + totals['test']} images)")

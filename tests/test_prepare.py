@@ -608,6 +608,24 @@ def test_test_images_that_are_training_images_are_warned_about_by_content_not_na
         prepare_folders.main([*common, "--out", str(tmp_path / "b")])
 
 
+def test_the_class_table_stays_aligned_with_chinese_names(tmp_path, capsys):
+    from tgn.class_names import display_width
+
+    src = tmp_path / "mine"
+    for name, count in (("飞机", 3), ("船只", 2), ("storage_tank", 2), ("储油罐", 1)):
+        for index in range(count):
+            paint_scene(src / "train" / name / f"{index}.jpg", (8, 8), {(0, 0, 4, 4): (40 * index, 9, 9)})
+        paint_scene(src / "test" / name / "t.jpg", (8, 8), {(0, 0, 4, 4): (250, 250, 250)})
+    prepare_folders.main(["--train-dir", str(src / "train"), "--test-dir", str(src / "test"),
+                          "--out", str(tmp_path / "data")])
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\s+(id|\d+|)\s+\S", line)]
+    table = [line for line in rows if re.search(r"(train|\d)\s+(test|\d+)(\s+\(.*)?$", line)]
+    assert len(table) == 6  # header, four classes, total
+    # Every row's test count ends in the same terminal column: a Chinese character takes two.
+    ends = {display_width(re.sub(r"\s+\(\d+ images\)$", "", line)) for line in table}
+    assert len(ends) == 1, table
+
+
 @pytest.mark.parametrize("link", [None, "symlink"])
 def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, capsys, link):
     out = tmp_path / "datasets" / "mine"

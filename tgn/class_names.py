@@ -47,3 +47,15 @@ def class_name_key(name):
     field' of earlier versions' preparers are the names of this one's)."""
     folded = unicodedata.normalize("NFC", str(name)).casefold()
     return "".join(folded.replace("-", " ").replace("_", " ").split())
+
+
+def display_width(name):
+    """Terminal columns of `name`: Chinese and other wide characters take two, combining
+    marks none, so tables of class names stay aligned."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+               for char in str(name))
+
+
+def padded(name, width):
+    """`name` left-aligned in `width` terminal columns (f"{name:<{width}}" counts characters)."""
+    return f"{name}{' ' * max(0, width - display_width(name))}"
