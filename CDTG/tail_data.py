@@ -7,6 +7,7 @@ class names and the CLIP prompts; `train.txt` lists the tail training images in 
 dataset's annotation format, pointing into DATA (nothing is copied).
 """
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -154,6 +155,12 @@ def check_prompts_name_classes(tail):
             raise UserError(f"tail class {cls['id']} is named {name!r}, so its CLIP prompt reads {cls['prompt']!r}: "
                             f"write the class names in the prompts of {tail.folder / TAIL_MANIFEST}, or in "
                             "DATA/classes.json and run the splits again, or train without the CLIP loss (--clip none)")
+    foreign = [cls for cls in tail.classes if any(char.isalpha() and not unicodedata.name(char, "").startswith("LATIN")
+                                                  for char in cls["prompt"])]
+    if foreign:  # a warning, not an error: a prompt of another script still tells the classes apart
+        warnings.warn(f"the CLIP prompts of {len(foreign)} tail classes hold letters outside the Latin alphabet (e.g. "
+                      f"{foreign[0]['prompt']!r}): CLIP learned from English captions and barely knows them; write "
+                      f"English names in the prompts of {tail.folder / TAIL_MANIFEST}")
 
 
 def load_teacher(path, tail):

@@ -2,6 +2,7 @@
 import argparse
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -554,6 +555,21 @@ def test_a_number_for_a_name_is_refused_whatever_the_class_id():
         check_prompts_name_classes(tail("1", "A photo of a 1"))
     check_prompts_name_classes(tail("1", "A photo of a harbour crane"))  # its prompt written by hand
     check_prompts_name_classes(tail("Boeing 747", "A photo of a Boeing 747"))
+
+
+def test_prompts_outside_the_latin_alphabet_are_warned_of():
+    from CDTG.tail_data import TailClasses, check_prompts_name_classes
+
+    def tail(*names):
+        return TailClasses("t", ".", [{"label": k, "id": k, "name": name, "prompt": f"A photo of a {name}",
+                                       "train_count": 3} for k, name in enumerate(names)])
+
+    with pytest.warns(UserWarning, match="prompts of 2 tail classes hold letters outside the Latin alphabet "
+                                         "\\(e.g. 'A photo of a 储油罐'\\).* English names in the prompts of"):
+        check_prompts_name_classes(tail("储油罐", "ship", "Корабль"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_prompts_name_classes(tail("café terrace", "Boeing 747", "Ålesund ferry"))  # Latin letters
 
 
 def test_the_loss_and_fusion_flags_reach_the_training_config():
