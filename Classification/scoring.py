@@ -12,6 +12,7 @@ from Classification.stage import describe_classes, evaluation_set, grouping_spli
 from tgn import distributed as dist
 from tgn.compat import check_amp
 from tgn.data import open_dataset
+from tgn.engine import resolve_precision
 from tgn.errors import speaks
 from tgn.io import check_run_dir
 
@@ -32,6 +33,7 @@ def groups_from_run(args, options):
 
 def score_checkpoint(args):
     """Classification/test.py: a checkpoint checked against DATA, scored on its test images, reported."""
+    args.amp, args.channels_last = resolve_precision(args.amp, args.channels_last, dist.process_device(args.device))
     check_amp(args.amp, dist.process_device(args.device), training=False)
     out_dir = args.out or default_report_folder(args.ckpt)
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)

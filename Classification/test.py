@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from Classification.flags import DEFAULT_IMAGE_SIZE, add_report_args  # noqa: E402
-from tgn.cli import add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
+from tgn.cli import add_precision_args, add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
 
 
@@ -32,8 +32,7 @@ def build_parser():
     parser.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")
-    parser.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="mixed precision on GPUs")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (faster on GPUs)")
+    add_precision_args(parser, default="off")  # off: the report's figures in fp32, as the trainers' own reports
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     add_report_args(parser, from_run=True)
     add_runtime_args(parser)

@@ -309,6 +309,20 @@ def test_the_training_report_is_computed_as_test_py_computes_it(tmp_path, monkey
     assert again["confusion_matrix"] == report["confusion_matrix"]
 
 
+@pytest.mark.parametrize("flags, resolved", [([], ("off", False)), (["--amp", "auto", "--channels-last"], ("off", True)),
+                                             (["--amp", "bf16", "--channels-last", "off"], ("bf16", False))])
+def test_test_py_spells_amp_and_channels_last_as_the_trainers(trained, tmp_path, monkeypatch, flags, resolved):
+    import Classification.stage
+
+    data, out, _ = trained
+    evaluate, calls = Classification.stage.evaluate, []
+    monkeypatch.setattr(Classification.stage, "evaluate", lambda *args, **kwargs: calls.append(kwargs) or evaluate(
+        *args, **kwargs))
+    evaluate_main(["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--workers", "0", "--device", "cpu",
+                   "--out", str(tmp_path / "report"), *flags])
+    assert calls == [{"amp": resolved[0], "channels_last": resolved[1]}]  # auto: off on a CPU
+
+
 def test_test_py_writes_beside_the_checkpoint_without_touching_the_training_report(trained):
     data, out, report = trained
     before = (out / "report-best" / "report.json").read_bytes()

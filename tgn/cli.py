@@ -122,11 +122,7 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
                        help="epochs after which the learning rate is divided by 10 (the flag alone: never)")
     group.add_argument("--image-size", type=positive_int, default=image_size, help=image_size_help)
     speed = parser.add_argument_group("speed and scale")
-    speed.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
-                       help="mixed precision: auto = bf16 on GPUs (fp16 with a GradScaler where bf16 is missing), "
-                            "off on CPUs")
-    speed.add_argument("--channels-last", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                       help="channels_last memory format: auto = on with GPUs")
+    add_precision_args(speed, default="auto")
     speed.add_argument("--sync-bn", choices=["auto", "on", "off"], default="auto",
                        help="under torchrun, BatchNorm statistics over all processes (the global batch): "
                             "auto = on GPUs; PyTorch has no SyncBatchNorm on CPUs")
@@ -138,6 +134,15 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
                        help="keep every image resized to --image-size in DIR (written once, read by later epochs "
                             "and runs; about 3 * size^2 bytes per image)")
     return group
+
+
+def add_precision_args(group, *, default):
+    """--amp and --channels-last, spelled alike by the trainers (default auto) and test.py (off)."""
+    group.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=default,
+                       help="mixed precision: auto = bf16 on GPUs (fp16 with a GradScaler where bf16 is missing), "
+                            "off on CPUs")
+    group.add_argument("--channels-last", nargs="?", const="on", default=default, choices=["auto", "on", "off"],
+                       help="channels_last memory format: auto = on with GPUs")
 
 
 def add_model_args(parser, *, arch_choices=("resnet50", "resnet18"), width=True):
