@@ -2,12 +2,11 @@
 flag answer at once (importing torch and torchvision takes seconds)."""
 from pathlib import Path
 
-from tgn.cli import head_percent
+from tgn.cli import HEAD_PERCENT, head_percent
 
 SAMPLERS = ("random", "class-balanced")  # see long_tail.py
 LOSSES = ("ce", "balanced-softmax")
 DEFAULT_IMAGE_SIZE = 224  # test.py's, for checkpoints that do not record theirs (result.pth)
-DEFAULT_THRESHOLD = 40.0  # the paper's: the top 40% of classes by training count are head
 
 
 def default_report_folder(ckpt):
@@ -20,8 +19,8 @@ def add_report_args(parser, from_run=False):
     (test.py), so that its report groups the classes as the run's own report did."""
     group = parser.add_argument_group("report")
     split_default = " (default: the split the checkpoint's run used, if any)" if from_run else ""
-    threshold_default = (f"the checkpoint's run's, else {DEFAULT_THRESHOLD:g}" if from_run
-                         else f"{DEFAULT_THRESHOLD:g}")
+    threshold_default = (f"the checkpoint's run's, else {HEAD_PERCENT:g}" if from_run
+                         else f"{HEAD_PERCENT:g}")
     group.add_argument("--split", type=Path, default=None,
                        help="head/tail from this split folder (KMDN/dataset_split.py); without it they are "
                             f"recomputed from DATA's real training counts with --threshold{split_default}")

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import torch
 
-from Classification.flags import DEFAULT_IMAGE_SIZE, DEFAULT_THRESHOLD, default_report_folder
+from Classification.flags import DEFAULT_IMAGE_SIZE, default_report_folder
 from Classification.model import check_classes, load_classifier
 from Classification.report import REPORT_JSON
 from Classification.samples import class_order, count_per_class
 from Classification.stage import describe_classes, evaluation_set, grouping_split, read_baseline, report_and_figures
 from tgn import distributed as dist
+from tgn.cli import HEAD_PERCENT
 from tgn.compat import check_amp
 from tgn.data import open_dataset
 from tgn.engine import resolve_precision
@@ -25,7 +26,7 @@ def groups_from_run(args, options):
     if options.get("split") and Path(options["split"]).is_dir():
         args.split = Path(options["split"])  # its threshold comes with it
         return
-    args.threshold = options.get("threshold", DEFAULT_THRESHOLD)
+    args.threshold = options.get("threshold", HEAD_PERCENT)
     if options.get("split") and speaks():  # before the processes join: once per node
         print(f"warning: the split the checkpoint's run used, {options['split']}, is not found; head/tail from "
               f"DATA's training counts with --threshold {args.threshold:g} (pass --split)", file=sys.stderr)

@@ -3,16 +3,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from Classification.figures import plot_confusion, plot_long_tail
-from Classification.flags import DEFAULT_THRESHOLD
 from Classification.report import build_report, read_report, renamed_class, report_markdown, write_report
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
+from tgn.cli import HEAD_PERCENT
 from tgn.data import drop_unreadable, samples_for
 from tgn.engine import evaluate, make_loader
 from tgn.errors import UserError
 from tgn.images import ImageList, build_transform
 from tgn.io import remove_temp_files
-from tgn.split import check_split_matches, head_count, load_split, rank_classes
+from tgn.split import check_split_matches, head_and_tail, load_split
 
 @dataclass
 class Classes:
@@ -52,10 +52,8 @@ def describe_classes(info, args, class_ids, train_counts, generated_counts, spli
         head, tail = split.head, split.tail
         grouping = f"split {split.folder} ({split.threshold:g}% of classes are head)"
     else:
-        args.threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-        ranking = rank_classes(dict(zip(class_ids, train_counts)))
-        n_head = head_count(len(ranking), args.threshold)
-        head, tail = sorted(ranking[:n_head]), sorted(ranking[n_head:])
+        args.threshold = HEAD_PERCENT if args.threshold is None else args.threshold
+        head, tail = map(sorted, head_and_tail(dict(zip(class_ids, train_counts)), args.threshold))
         grouping = f"real training counts (top {args.threshold:g}% of classes are head)"
     return Classes(info.name, list(class_ids), [info.class_names[cid] for cid in class_ids], list(train_counts),
                    None if generated_counts is None else list(generated_counts), head, tail, grouping)

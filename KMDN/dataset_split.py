@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from tgn.class_names import padded  # noqa: E402
-from tgn.cli import head_percent, make_parser, output_folder  # noqa: E402
+from tgn.cli import HEAD_PERCENT, head_percent, make_parser, output_folder  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import check_own_run_folder  # noqa: E402
@@ -25,7 +25,7 @@ def build_parser():
     parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (train/, test/, anno/)")
     parser.add_argument("--out", type=output_folder, default=Path("runs/split"),
                         help="folder for split.json and the lists")
-    parser.add_argument("--threshold", type=head_percent, default=40.0,
+    parser.add_argument("--threshold", type=head_percent, default=HEAD_PERCENT,
                         help="percent of classes (by training count) that are head; the paper also tried 33")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing split in --out")
     return parser
@@ -37,9 +37,6 @@ def main(argv=None):
     check_own_run_folder(args.out, args)  # a trainer's run folder: not a split's
     if (args.out / "split.json").exists() and not args.overwrite:
         raise UserError(f"{args.out / 'split.json'} exists; pass --overwrite to replace it")
-    if args.threshold < 1:  # a fraction where a percentage belongs
-        warnings.warn(f"--threshold is a percentage: {args.threshold:g} means {args.threshold:g}% of the classes "
-                      f"(for {100 * args.threshold:g}%, pass {100 * args.threshold:g})")
     info = open_dataset(args.data_root)
     split, entries = compute_split(info, args.threshold)
     write_split(split, entries, args.out)

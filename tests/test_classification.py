@@ -386,6 +386,17 @@ def test_a_threshold_that_disagrees_with_the_split_is_refused(toy_data, tmp_path
     assert evaluate_main([*test_args, "--threshold", "60"])["head"] == load_split(tmp_path / "split").head
 
 
+@pytest.mark.parametrize("script", ["Classification/train.py", "Classification/test.py"])
+def test_a_fraction_for_the_threshold_percentage_is_warned_of_in_the_classifier_too(script):
+    from Classification.test import build_parser as test_parser
+    from Classification.train import build_parser as train_parser
+
+    parser = (train_parser if script.endswith("train.py") else test_parser)()
+    required = ["--data-root", "d"] + (["--ckpt", "c.pth"] if script.endswith("test.py") else [])
+    with pytest.warns(UserWarning, match=r"--threshold is a percentage: 0.4 means 0.4% of the classes \(for 40%"):
+        assert parser.parse_args([*required, "--threshold", "0.4"]).threshold == 0.4
+
+
 def test_overwrite_removes_the_reports_of_the_replaced_checkpoints(toy_data, tmp_path):
     common = ["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--device", "cpu", "--epochs", "1", *TINY]
     train_main(common)

@@ -51,7 +51,19 @@ fraction = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 open_fraction = _number(float, lambda v: 0 < v < 1, "between 0 and 1 (both excluded)")
 below_one = _number(float, lambda v: v < 1, "below 1")
 jpeg_quality = _number(int, lambda v: 1 <= v <= 100, "between 1 and 100")
-head_percent = _number(float, lambda v: 0 < v < 100, "between 0 and 100 (percent of classes)")
+_percent_of_classes = _number(float, lambda v: 0 < v < 100, "between 0 and 100 (percent of classes)")
+HEAD_PERCENT = 40.0  # the paper's: the top 40% of classes by training count are head
+
+
+def head_percent(text):
+    value = _percent_of_classes(text)
+    if value < 1:  # a fraction where a percentage belongs
+        warnings.warn(f"--threshold is a percentage: {value:g} means {value:g}% of the classes "
+                      f"(for {100 * value:g}%, pass {100 * value:g})")
+    return value
+
+
+head_percent.__name__ = _percent_of_classes.__name__
 # Each epoch's or step's seed is derived from it in 64-bit integers (tgn.sampling).
 seed_value = _number(int, lambda v: 0 <= v < 2 ** 32, "from 0 to 4294967295")
 gan_size = _number(int, lambda v: 16 <= v <= 1024 and v & (v - 1) == 0, "a power of two from 16 to 1024")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tgn.class_names import class_name_key
-from tgn.data import Entry, check_files_exist, open_dataset, read_annotation, samples_for, write_annotation
+from tgn.data import check_files_exist, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
 from tgn.runlock import claim_folder
@@ -36,6 +36,13 @@ def head_count(num_classes, threshold_percent):
 def rank_classes(train_counts):
     """Class ids by training count, descending; ties broken by ascending class id."""
     return sorted(train_counts, key=lambda cid: (-train_counts[cid], cid))
+
+
+def head_and_tail(train_counts, threshold_percent):
+    """(head, tail) class ids, each by training count, descending: the top threshold% are head."""
+    ranking = rank_classes(train_counts)
+    n_head = head_count(len(ranking), threshold_percent)
+    return ranking[:n_head], ranking[n_head:]
 
 
 def check_official_order(counts, source, listing):
@@ -138,8 +145,7 @@ def compute_split(info, threshold_percent):
     test_counts = {cid: 0 for cid in info.class_names}
     for entry in test_entries:
         test_counts[entry.class_id] += 1
-    ranking = rank_classes(train_counts)
-    n_head = head_count(len(ranking), threshold_percent)
+    head, tail = head_and_tail(train_counts, threshold_percent)
     split = Split(
         dataset=info.name,
         data_root=absolute_path(info.root),
@@ -147,9 +153,9 @@ def compute_split(info, threshold_percent):
         class_names=dict(info.class_names),
         train_counts=train_counts,
         test_counts=test_counts,
-        head=ranking[:n_head],
-        tail=ranking[n_head:],
-        ranking=ranking,
+        head=head,
+        tail=tail,
+        ranking=head + tail,
     )
     return split, {"train": train_entries, "test": test_entries}
 
@@ -216,5 +222,3 @@ def check_split_matches(split, info):
             "(class ids, names or training counts differ); rerun KMDN/dataset_split.py"
         )
 
-
-__all__ = ["Entry", "Split", "compute_split", "write_split", "load_split", "check_split_matches", "open_dataset"]
