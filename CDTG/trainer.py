@@ -310,8 +310,8 @@ class CdtgTrainer:
             self.mean_path_length = dist.all_reduce_(path_mean.clone(), average=True)
             self.g_fused.zero_grad(set_to_none=True)
             weighted = cfg.path_regularize * cfg.g_reg_every * path_loss
-            if cfg.path_batch_shrink:
-                weighted = weighted + 0 * fake[0, 0, 0, 0]
+            # As rosinality's loop: the output joins the graph, so DDP sees every parameter used.
+            weighted = weighted + 0 * fake[0, 0, 0, 0]
             weighted.backward()
             self.g_optim.step()
             losses.update(path=path_loss.detach(), path_length=path_lengths.detach().mean())

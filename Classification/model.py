@@ -10,9 +10,8 @@ from torch import nn
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
 from tgn.class_names import class_name_key
 from tgn.errors import UserError
-from tgn.resnet import imagenet_state_dict
+from tgn.resnet import ARCHS, imagenet_state_dict
 
-ARCHS = ("resnet50", "resnet18")
 CHECKPOINT_FORMAT = "tgn-classifier/1"
 
 

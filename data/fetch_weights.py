@@ -79,7 +79,7 @@ def download(url, target):
                 progress.update(len(block))
 
 
-def fetch(weight, out_dir, downloader=None):
+def fetch(weight, out_dir):
     """Place one file under out_dir; returns its path and 'present' or 'downloaded'."""
     target = Path(out_dir) / weight.folder / weight.file_name
     if target.is_file() and file_sha256(target).startswith(weight.sha256):
@@ -89,7 +89,7 @@ def fetch(weight, out_dir, downloader=None):
     os.close(fd)
     try:
         try:
-            (downloader or download)(weight.url, tmp)
+            download(weight.url, tmp)
         except OSError as exc:
             raise UserError(f"cannot download {weight.url}: {exc}") from exc
         digest = file_sha256(tmp)

@@ -95,3 +95,14 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
     with pytest.raises(UserError, match="does not fit --arch resnet50"):
         load_backbone(FeatureResNet("resnet50", num_classes=3), str(tmp_path / "resnet18.pth"), "resnet50")
+
+
+def test_every_arch_the_flags_offer_is_one_both_stages_build():
+    from Classification.model import build_classifier
+    from tgn.cli import ARCH_NAMES
+    from tgn.resnet import ARCHS
+
+    assert tuple(ARCHS) == ARCH_NAMES
+    for arch in ARCH_NAMES:
+        assert FeatureResNet(arch=arch, num_classes=3, width=8).config["arch"] == arch
+        assert build_classifier(arch, num_classes=3).config["arch"] == arch

@@ -9,6 +9,7 @@ from tgn.errors import UserError, speaks
 from tgn.io import map_paths
 
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
+ARCH_NAMES = ("resnet50", "resnet18")  # tgn.resnet builds both; torch-free here for --help
 COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune"]  # torch.compile's modes, and off
 # DataLoader worker processes: 4, or fewer on a machine with fewer cores (more would only
 # compete for them, and PyTorch warns about it).
@@ -157,9 +158,9 @@ def add_precision_args(group, *, default):
                        help="channels_last memory format: auto = on with GPUs")
 
 
-def add_model_args(parser, *, arch_choices=("resnet50", "resnet18"), width=True):
+def add_model_args(parser, *, width=True):
     group = parser.add_argument_group("model")
-    group.add_argument("--arch", default="resnet50", choices=arch_choices,
+    group.add_argument("--arch", default="resnet50", choices=ARCH_NAMES,
                        help="resnet50 is the paper's; resnet18 for quick runs")
     if width:  # torchvision's ResNet (the classifier) has a fixed width
         group.add_argument("--width", type=positive_int, default=64,

@@ -16,7 +16,7 @@ import math
 import multiprocessing as mp
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +272,6 @@ class TrainConfig:
 class TrainResult:
     best_accuracy: float = -math.inf
     best_epoch: int = -1
-    last_summary: dict = field(default_factory=dict)
     confusion: np.ndarray = None
 
 
@@ -391,7 +390,7 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
             improved = not math.isnan(accuracy) and accuracy > result.best_accuracy
             if improved:
                 result.best_accuracy, result.best_epoch = accuracy, epoch
-            result.last_summary, result.confusion = summary, cm
+            result.confusion = cm
             if main:
                 record = {"epoch": epoch + 1, "lr": lr, **train_stats, **summary,
                           "seconds": round(time.time() - started, 2), **ran_with(cfg)}
