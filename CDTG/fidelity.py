@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.fetch_weights import file_sha256
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, state_dict_of
 from tgn.errors import UserError
+from tgn.io import file_sha256
 
 INCEPTION_SIZE = 299
 TORCHVISION_INCEPTION = "torchvision inception_v3 IMAGENET1K_V1"

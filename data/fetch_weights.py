@@ -11,7 +11,6 @@ variable and flags that make every stage read these files instead of the network
     OUT/torch/hub/checkpoints/<torchvision files>   TORCH_HOME=OUT/torch
     OUT/clip/ViT-B-32.pt                            --clip OUT/clip/ViT-B-32.pt
 """
-import hashlib
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import make_folder  # noqa: E402
+from tgn.io import file_sha256, make_folder  # noqa: E402
 
 TORCH_CHECKPOINTS = "torch/hub/checkpoints"  # torch.hub's cache layout under TORCH_HOME
 CLIP_FOLDER = "clip"
@@ -58,14 +57,6 @@ WEIGHTS = (
     Weight("alexnet", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", TORCH_CHECKPOINTS,
            "7be5be79", "the AlexNet trunk of LPIPS in CDTG/evaluate.py (--lpips alex)"),
 )
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url, target):

@@ -1,5 +1,6 @@
 """Files that must never be left half-written, and run folders that must not be clobbered."""
 import ctypes
+import hashlib
 import json
 import math
 import os
@@ -172,6 +173,14 @@ def atomic_write_csv(path, text):
     """UTF-8 with a byte-order mark: without it Excel reads a class name outside ASCII (Chinese
     names, accents) as another code page. Python reads it with encoding="utf-8-sig", pandas as is."""
     _atomic_replace(path, lambda handle: handle.write(text.encode("utf-8-sig")))
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write_bytes(path, data):
