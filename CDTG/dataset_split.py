@@ -12,14 +12,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from CDTG.config import DEFAULT_PROMPT  # noqa: E402
-from tgn.cli import make_parser, output_folder  # noqa: E402
+from tgn.cli import add_split_args, make_parser, output_folder  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
 
 
 def build_parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
-    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
+    add_split_args(parser)
     parser.add_argument("--out", type=output_folder, default=Path("runs/cdtg/data"),
                         help="folder for the tail-class data")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="CLIP prompt template; {name} is the class name")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
+from CDTG.flags import add_clip_args  # noqa: E402
 from tgn.cli import (DEFAULT_WORKERS, make_parser, non_negative_int, output_folder, positive_int,  # noqa: E402
                      seed_value)
 from tgn.errors import cli_main  # noqa: E402
@@ -34,9 +35,7 @@ def build_parser():
                          help="FID features: 'torchvision' (downloaded when online), a weight file, or 'none'")
     metrics.add_argument("--lpips", default="alex", choices=["alex", "none"], help="LPIPS backbone")
     metrics.add_argument("--pairs", type=positive_int, default=1000, help="random LPIPS pairs per class and set")
-    metrics.add_argument("--clip", default="ViT-B/32", help="CLIP model name, a local file, or 'none'")
-    metrics.add_argument("--clip-root", default=None,
-                    help="download folder of CLIP weights (default: CLIP's own, ~/.cache/clip)")
+    add_clip_args(metrics, help="CLIP model name, a local file, or 'none'")
     metrics.add_argument("--teacher", default=None,
                          help="tail model M_T, or 'none' (default: the one the generation checkpoint records)")
     runtime = parser.add_argument_group("cost and runtime")

@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from CDTG.config import ADA_STEPS, GanConfig  # noqa: E402
-from tgn.cli import (DEFAULT_WORKERS, below_one, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
-                     non_negative_int, output_folder, positive_float, positive_int, seed_value)
+from CDTG.flags import add_clip_args  # noqa: E402
+from tgn.cli import (add_runtime_args, below_one, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
+                     non_negative_int, output_folder, positive_float, positive_int)
 from tgn.errors import cli_main  # noqa: E402
 
 
@@ -33,9 +34,7 @@ def build_parser():
     io.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
     io.add_argument("--teacher", type=Path, default=Path("runs/kmdn/distill/M_T.pth"),
                     help="the distilled tail model M_T (KMDN/Distill.py); official bare state dicts work too")
-    io.add_argument("--clip", default="ViT-B/32", help="CLIP model name (downloaded when online), a local file, or 'none'")
-    io.add_argument("--clip-root", default=None,
-                    help="download folder of CLIP weights (default: CLIP's own, ~/.cache/clip)")
+    add_clip_args(io, help="CLIP model name (downloaded when online), a local file, or 'none'")
     io.add_argument("--out", type=output_folder, default=Path("runs/cdtg"), help="run folder")
     io.add_argument("--init", type=Path, default=None,
                     help="start from the weights of a CDTG checkpoint, ours or the official 200000.pt (as the official "
@@ -106,11 +105,7 @@ def build_parser():
     train.add_argument("--sample-every", type=positive_int, default=defaults.sample_every, help="steps between sample grids")
     train.add_argument("--log-every", type=positive_int, default=defaults.log_every, help="steps between metrics lines")
 
-    runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    runtime.add_argument("--seed", type=seed_value, default=0, help="seed of every random draw")
-    runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
-                         help="DataLoader worker processes (4, at most the CPU count)")
+    runtime = add_runtime_args(parser, pin_memory=False)  # pinned whenever the run is on a GPU
     runtime.add_argument("--amp", choices=["off", "bf16"], default="off",
                          help="mixed precision of the D and G passes (regularisers, fusion, mapping and ADA "
                               "stay fp32); fp16 is not offered: the shared-weight convolutions can overflow it")
@@ -123,8 +118,6 @@ def build_parser():
     runtime.add_argument("--fusion-pool", type=non_negative_int, default=0, metavar="K",
                          help="average-pool M_T's layer3 map to K x K before the fusion layer (0: the faithful "
                               "full-size layer); far less memory at 256 px")
-    runtime.add_argument("--skip-bad-images", action="store_true",
-                         help="check every image once and skip (and count) unreadable ones instead of stopping")
     return parser
 
 

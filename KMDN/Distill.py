@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from KMDN.flags import OFFICIAL_IMAGE_SIZE, add_split_args  # noqa: E402
-from tgn.cli import (add_output_args, add_runtime_args, add_training_args, make_parser,  # noqa: E402
+from KMDN.flags import OFFICIAL_IMAGE_SIZE  # noqa: E402
+from tgn.cli import (add_output_args, add_runtime_args, add_split_args, add_training_args, make_parser,  # noqa: E402
                      non_negative_float, positive_int)
 from tgn.errors import cli_main  # noqa: E402
 

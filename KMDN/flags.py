@@ -1,15 +1,8 @@
 """Flags of the KMDN trainers, kept free of torch so that --help and a mistyped flag
 answer at once (importing torch and torchvision takes seconds)."""
-from pathlib import Path
-
-from tgn.cli import add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser
+from tgn.cli import add_model_args, add_output_args, add_runtime_args, add_split_args, add_training_args, make_parser
 
 OFFICIAL_IMAGE_SIZE = 224  # what the official KMDN models were trained at
-
-
-def add_split_args(parser):
-    parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
-    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
 
 
 def group_parser(doc, group):

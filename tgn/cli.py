@@ -110,14 +110,21 @@ def make_parser(doc):
     return ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
 
-def add_runtime_args(parser):
+def add_split_args(parser):
+    """The head/tail split (KMDN/dataset_split.py) a stage starts from."""
+    parser.add_argument("--split", type=Path, default=Path("runs/split"), help="folder made by KMDN/dataset_split.py")
+    parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
+
+
+def add_runtime_args(parser, *, pin_memory=True):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--seed", type=seed_value, default=0, help="seed of every random generator")
     group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
                        help="DataLoader worker processes (4, at most the CPU count)")
-    group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
-                       help="page-locked host memory for faster GPU copies (auto: on when training on a GPU)")
+    if pin_memory:
+        group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
+                           help="page-locked host memory for faster GPU copies (auto: on when training on a GPU)")
     group.add_argument("--skip-bad-images", action="store_true",
                        help="check every image once and skip (and count) unreadable ones instead of stopping")
     return group
