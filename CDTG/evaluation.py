@@ -28,7 +28,7 @@ from CDTG.eval_report import (build_evaluation, evaluation_markdown, metric_note
 from CDTG.fidelity import fid, kid, load_inception, load_lpips, mean_pairwise_lpips
 from CDTG.tail_data import load_tail_classes, load_teacher
 from tgn.data import check_files_exist, drop_unreadable, read_annotation
-from tgn.engine import resolve_device
+from tgn.distributed import resolve_device
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
 from tgn.images import REWRITE_GENERATED, ImageList

@@ -38,7 +38,8 @@ from CDTG.parallel import FusedGenerator, StepNoise
 from CDTG.tail_data import StepBatchSampler
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
-from tgn.engine import adam, autocast, restore_optimizer
+from tgn.engine import autocast
+from tgn.optim import adam, restore_optimizer
 from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.stopping import (leave_signals_to_the_trainer, signals_held, stop_between_steps, stop_for,

@@ -39,7 +39,7 @@ from tgn.cli import make_parser  # noqa: E402
 from tgn.data import Entry, write_annotation  # noqa: E402
 from CDTG.config import GanConfig  # noqa: E402
 from CDTG.trainer import CdtgTrainer, accumulate  # noqa: E402
-from tgn.engine import resolve_device  # noqa: E402
+from tgn.distributed import resolve_device  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
 
 

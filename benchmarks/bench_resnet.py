@@ -42,8 +42,10 @@ from KMDN.distillation import make_distill_loss_fn  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
 from tgn.cli import COMPILE_MODES, make_parser  # noqa: E402
 from tgn.compat import grad_scaler  # noqa: E402
-from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, make_optimizer, model_input,  # noqa: E402
-                        prepare_model, resolve_device, train_one_epoch, uses_cuda_graphs)
+from tgn.distributed import resolve_device  # noqa: E402
+from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, model_input, prepare_model,  # noqa: E402
+                        train_one_epoch, uses_cuda_graphs)
+from tgn.optim import make_optimizer  # noqa: E402
 from tgn.images import ImageList, build_transform  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
 

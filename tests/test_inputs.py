@@ -24,7 +24,8 @@ from KMDN.RModel import main as rmodel_main
 from tgn import distributed as dist
 from tgn.compat import torch_version
 from tgn.data import load_image
-from tgn.engine import adam, make_loader, restore_optimizer
+from tgn.engine import make_loader
+from tgn.optim import adam, restore_optimizer
 from tgn.resnet import FeatureResNet
 
 

@@ -27,18 +27,17 @@ from tqdm import tqdm
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
-from tgn.compat import grad_scaler, has_fused_adam, mark_cuda_graph_step
+from tgn.compat import grad_scaler, mark_cuda_graph_step
 from tgn.errors import CollectiveError, UserError, alike_in_every_process
 from tgn.images import normalize_pixels
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
+from tgn.optim import make_optimizer, restore_optimizer, step_lr
 from tgn.resnet import ONE_PIXEL_MAPS
 from tgn.resume import check_same_data, resuming_line
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
 from tgn.stopping import (EpochProgress, Stopped, leave_signals_to_the_trainer, saved_if_stopped, signals_held,
                           stop_between_steps, stop_if_requested)
-
-resolve_device = dist.resolve_device  # kept here too: the scripts outside torchrun use it
 
 
 def seed_everything(seed):
@@ -134,14 +133,6 @@ def logits_of(output):
 def cross_entropy_loss(model, images, labels):
     logits = logits_of(model(images))
     return F.cross_entropy(logits, labels), logits
-
-
-def step_lr(optimizer, base_lr, epoch, milestones, gamma=0.1):
-    """Divide the learning rate by 1/gamma after each milestone epoch (0-indexed epochs)."""
-    lr = base_lr * gamma ** sum(epoch >= m for m in milestones)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
 
 
 def model_input(images, device, channels_last=False):
@@ -275,34 +266,9 @@ class TrainResult:
     confusion: np.ndarray = None
 
 
-def adam(parameters, **options):
-    """torch.optim.Adam with its fused kernel where torch has one for the device (GPUs; CPUs
-    from torch 2.4): every parameter updated in a few passes, the arithmetic of the default
-    kernel (on CPUs one parameter at a time) up to float rounding. On 2 CPU cores ResNet-50's
-    update took 14 ms against 81 ms."""
-    parameters = list(parameters)
-    fused = has_fused_adam(parameters[0].device.type)
-    return torch.optim.Adam(parameters, fused=True if fused else None, **options)
-
-
-def restore_optimizer(optimizer, state):
-    """load_state_dict, keeping this run's kernel choice (fused on GPUs): the saved state
-    carries the flags of the run that wrote it, perhaps on another device or version. The
-    flags are set before loading, which places each step counter where the kernel wants it."""
-    kernel_flags = ("fused", "foreach", "capturable")
-    groups = [{**saved, **{key: current.get(key) for key in kernel_flags}}
-              for saved, current in zip(state["param_groups"], optimizer.param_groups)]
-    optimizer.load_state_dict({**state, "param_groups": groups})
-
-
 def uses_cuda_graphs(compile_mode):
     """torch.compile modes that replay CUDA graphs: each training step must be marked."""
     return compile_mode in ("reduce-overhead", "max-autotune")
-
-
-def make_optimizer(model, cfg):
-    """Adam over the model's parameters, which must already be on their device."""
-    return adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def prepare_model(model, cfg, device):
