@@ -29,19 +29,19 @@ from tgn.errors import cli_main  # noqa: E402
 def build_parser():
     defaults = GanConfig()
     parser = make_parser(__doc__)
-    io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--data", type=Path, default=Path("runs/cdtg/data"), help="folder made by CDTG/dataset_split.py")
-    io.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
-    io.add_argument("--teacher", type=Path, default=Path("runs/kmdn/distill/M_T.pth"),
-                    help="the distilled tail model M_T (KMDN/Distill.py); official bare state dicts work too")
-    add_clip_args(io, help="CLIP model name (downloaded when online), a local file, or 'none'")
-    io.add_argument("--out", type=output_folder, default=Path("runs/cdtg"), help="run folder")
-    io.add_argument("--init", type=Path, default=None,
-                    help="start from the weights of a CDTG checkpoint, ours or the official 200000.pt (as the official "
-                         "train.py --ckpt): G, D, G_ema and, where it holds one of the same settings (size, --fusion-pool, "
-                         "--fusion-lr-mul), the noise-fusion layer; "
-                         "the optimizers and the step start afresh. A --resume that finds checkpoints ignores it")
-    either = io.add_mutually_exclusive_group()  # continue the run, or replace it
+    paths = parser.add_argument_group("inputs and outputs")
+    paths.add_argument("--data", type=Path, default=Path("runs/cdtg/data"), help="folder made by CDTG/dataset_split.py")
+    paths.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved since the split")
+    paths.add_argument("--teacher", type=Path, default=Path("runs/kmdn/distill/M_T.pth"),
+                       help="the distilled tail model M_T (KMDN/Distill.py); official bare state dicts work too")
+    add_clip_args(paths, help="CLIP model name (downloaded when online), a local file, or 'none'")
+    paths.add_argument("--out", type=output_folder, default=Path("runs/cdtg"), help="run folder")
+    paths.add_argument("--init", type=Path, default=None,
+                       help="start from the weights of a CDTG checkpoint, ours or the official 200000.pt (as the "
+                            "official train.py --ckpt): G, D, G_ema and, where it holds one of the same settings (size, "
+                            "--fusion-pool, --fusion-lr-mul), the noise-fusion layer; the optimizers and the step start "
+                            "afresh. A --resume that finds checkpoints ignores it")
+    either = paths.add_mutually_exclusive_group()  # continue the run, or replace it
     either.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoint")
     either.add_argument("--overwrite", action="store_true", help="start again even if OUT holds checkpoints")
 
