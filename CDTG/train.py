@@ -38,9 +38,9 @@ def build_parser():
     paths.add_argument("--out", type=output_folder, default=Path("runs/cdtg"), help="run folder")
     paths.add_argument("--init", type=Path, default=None,
                        help="start from the weights of a CDTG checkpoint, ours or the official 200000.pt (as the "
-                            "official train.py --ckpt): G, D, G_ema and, where it holds one of the same settings (size, "
-                            "--fusion-pool, --fusion-lr-mul), the noise-fusion layer; the optimizers and the step start "
-                            "afresh. A --resume that finds checkpoints ignores it")
+                            "official train.py --ckpt): G, D, G_ema and, where it holds one of the same settings "
+                            "(size, --fusion-pool, --fusion-lr-mul), the noise-fusion layer; the optimizers and the "
+                            "step start afresh. A --resume that finds checkpoints ignores it")
     either = paths.add_mutually_exclusive_group()  # continue the run, or replace it
     either.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoint")
     either.add_argument("--overwrite", action="store_true", help="start again even if OUT holds checkpoints")
