@@ -4,7 +4,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 from torch.nn import functional as F
 
-from CDTG.augment import COLOUR_KINDS, GEOMETRIC_KINDS, AdaptiveAugment, _sample_bilinear, augment
+from CDTG.augment import COLOUR_KINDS, GEOMETRIC_KINDS, AdaptiveAugment, _sample_bilinear, augment, sample_geometric
 from CDTG.config import GanConfig, ada_interval
 
 
@@ -271,3 +271,10 @@ def test_bilinear_sampling_matches_grid_sample_zero_padding():
     grid = torch.stack([(2 * x + 1) / 7 - 1, (2 * y + 1) / 5 - 1], dim=-1).unsqueeze(1)
     reference = F.grid_sample(picture, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     assert_near(ours, reference.squeeze(2), atol=1e-12)
+
+
+def test_at_least_one_rotation_happens_with_probability_p():
+    """ADA: each of the two rotations has 1 - sqrt(1 - p). Catches p for each (0.75 at p 0.5)."""
+    m = sample_geometric(20000, 32, 32, 0.5, kinds=("rotate",), generator=torch.Generator().manual_seed(0))
+    rotated = (m - torch.eye(3, dtype=m.dtype)).abs().amax((1, 2)) > 1e-9
+    assert abs(rotated.double().mean().item() - 0.5) < 0.02

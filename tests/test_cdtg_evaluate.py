@@ -18,7 +18,7 @@ import CDTG.evaluation
 from CDTG.checkpoint import save_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss
 from CDTG.eval_report import evaluation_markdown
-from CDTG.evaluation import Evaluator, SetScores, overall_row, pooled, recorded_inputs
+from CDTG.evaluation import Evaluator, SetScores, class_row, overall_row, pooled, recorded_inputs
 from CDTG.fidelity import (FeatureExtractor, fid, frechet_distance, inception_pool_network, kid, load_inception,
                            load_lpips, mean_pairwise_lpips, sample_pairs)
 from CDTG.generated_folder import image_name, write_generated_annotation
@@ -407,3 +407,22 @@ def test_evaluate_refuses_a_missing_or_unfinished_folder_and_notes_one_of_fewer_
     assert "r=0.8 holds images of the tail classes [2, 4] only (of [2, 3, 4]): its overall row covers those " \
            "classes." in evaluation["notes"]
 
+
+def test_lpips_pairs_are_never_an_image_with_itself():
+    """Catches random partners drawn from 0..count-1 (40 pairs of 10 images give about 4
+    self-pairs of LPIPS 0), and random pairs where all pairs fit exactly."""
+    for seed in range(5):
+        pairs = sample_pairs(10, 40, seed)
+        assert pairs.shape == (40, 2) and (pairs[:, 0] != pairs[:, 1]).all()
+    assert sample_pairs(4, 6, 0).tolist() == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
+
+
+def test_rows_report_each_sets_own_lpips_and_equal_counts_use_every_image():
+    """Catches lpips_real / lpips_generated swapped, overall subsets drawn with
+    replacement: with equal counts the overall FID is the FID of the whole sets."""
+    rng = np.random.default_rng(0)
+    real = SetScores(6, features=rng.normal(0, 1, (6, 3)), lpips=0.2)
+    generated = SetScores(6, features=rng.normal(1, 1, (6, 3)), lpips=0.6)
+    row = class_row(3, "dam", real, generated)
+    assert row["lpips_generated"] == 0.6 and row["lpips_real"] == 0.2
+    assert overall_row({3: real}, {3: generated})["fid"] == pytest.approx(fid(real.features, generated.features))

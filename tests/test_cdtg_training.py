@@ -1,6 +1,7 @@
 """CDTG: tail data, CLIP and teacher losses that really train G, the loop, resume, generation."""
 import argparse
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -8,16 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+import CDTG.trainer as trainer_module
 from conftest import PALETTE, TAIL_IDS, tiny_clip  # the cdtg_inputs fixture lives in conftest
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig
 from CDTG.fusion import NoiseFusion
 from CDTG.generation import main as generation_main
-from CDTG.losses import d_logistic_loss, g_nonsaturating_loss, teacher_classification_loss
+from CDTG.losses import (d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize,
+                         teacher_classification_loss)
 from CDTG.swagan import Discriminator, Generator
+from CDTG.parallel import StepNoise
 from CDTG.synthesis import TailSynthesizer
 from CDTG.tail_data import StepBatchSampler, load_tail_classes, load_teacher
 from CDTG.train import build_parser
@@ -1076,3 +1081,168 @@ def test_init_refuses_what_it_cannot_start_from_before_writing(trained_ckpt, cdt
         train_main(tiny_train_args(cdtg_inputs, tmp_path / "refused-classes", "--iter", "4", "--clip", "none",
                                    "--init", str(tmp_path / "other_classes.pt")))
     assert "was trained on the tail classes [4, 3, 2], --data has [2, 3, 4]" in capsys.readouterr().err
+
+
+# --- the GAN losses and the trainer's wiring, against their formulas -------------------------
+
+LABELS = torch.tensor([0, 1, 2, 0])
+
+
+def real_batch():
+    return colour_batch(LABELS, torch.Generator().manual_seed(0))
+
+
+def test_gan_losses_match_their_formulas():
+    """Catches G loss -> saturating -softplus(x); R1 mean over pixels instead of sum."""
+    x = torch.tensor([-5.0, -2.0, 0.0, 3.0])
+    torch.testing.assert_close(g_nonsaturating_loss(x), F.softplus(-x).mean())
+    assert g_nonsaturating_loss(torch.zeros(4)).item() == pytest.approx(math.log(2))
+    torch.testing.assert_close(d_logistic_loss(x, -x), 2 * F.softplus(-x).mean())
+    # A linear D, pred = <w, image>: its gradient is w, so R1 = |w|^2 for every sample.
+    torch.manual_seed(0)
+    w = torch.randn(3, 4, 5)
+    images = torch.randn(2, 3, 4, 5, requires_grad=True)
+    pred = (images * w).sum([1, 2, 3])
+    assert d_r1_loss(pred, images).item() == pytest.approx(w.pow(2).sum().item(), rel=1e-5)
+
+
+def test_path_length_penalty_matches_its_formula():
+    """On a linear G (fake = A latents) the gradient is A^T noise: lengths, running mean and
+    penalty by hand. Catches sum over the latent layers, decay <-> 1 - decay,
+    noise / sqrt(H) only, |.| instead of ^2, the mean not moved."""
+    torch.manual_seed(0)
+    batch, n_latent, dim, shape = 3, 4, 5, (2, 2, 4)  # H != W
+    latents = torch.randn(batch, n_latent, dim, requires_grad=True)
+    a = torch.randn(n_latent * dim, math.prod(shape))
+    fake = (latents.flatten(1) @ a).view(batch, *shape)
+    noise = torch.randn(batch, *shape)
+    penalty, mean, lengths = g_path_regularize(fake, latents, torch.tensor(0.5), decay=0.1, noise=noise)
+    grad = ((noise / math.sqrt(2 * 4)).flatten(1) @ a.t()).view(batch, n_latent, dim)
+    expected_lengths = grad.pow(2).sum(2).mean(1).sqrt()
+    expected_mean = 0.5 + 0.1 * (expected_lengths.mean() - 0.5)
+    torch.testing.assert_close(lengths, expected_lengths)
+    torch.testing.assert_close(mean, expected_mean)
+    torch.testing.assert_close(penalty, (expected_lengths - expected_mean).pow(2).mean())
+
+
+def test_the_optimisers_use_the_lazy_regularisation_ratios(tmp_path):
+    """StyleGAN2: lr * k/(k+1), betas (0, 0.99 ** (k/(k+1))), k = 4 for G, 16 for D.
+    Catches G's beta2 not scaled, G with D's ratio."""
+    trainer = make_trainer(tmp_path)
+    (g,), (d,) = trainer.g_optim.param_groups, trainer.d_optim.param_groups
+    assert g["lr"] == pytest.approx(0.002 * 4 / 5) and g["betas"] == pytest.approx((0.0, 0.99 ** (4 / 5)))
+    assert d["lr"] == pytest.approx(0.002 * 16 / 17) and d["betas"] == pytest.approx((0.0, 0.99 ** (16 / 17)))
+
+
+def test_the_r1_step_back_propagates_gamma_over_2_times_the_interval(tmp_path):
+    """Step 0 regularises D: its second update's gradient is that of r1 / 2 * d_reg_every *
+    R1, R1 computed here from D itself. Catches gamma instead of gamma / 2, R1 mean."""
+    trainer = make_trainer(tmp_path, lambda_cls=0.0, lambda_clip=0.0, path_regularize=0.0)
+    grads = []
+    trainer.d_optim.step = lambda: grads.append({name: p.grad.clone() for name, p in trainer.d.named_parameters()
+                                                 if p.grad is not None})  # D does not move
+    real = real_batch()
+    trainer.noise.reseed(0, 0)
+    trainer.train_step(real, LABELS)
+    assert len(grads) == 2  # the D step and the R1 step
+    names, params = zip(*trainer.d.named_parameters())
+    for p in params:
+        p.requires_grad_(True)
+    x = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(trainer.d(x, LABELS).sum(), x, create_graph=True)
+    r1 = grad.pow(2).flatten(1).sum(1).mean()
+    expected = torch.autograd.grad(10.0 / 2 * 16 * r1, params, allow_unused=True)
+    checked = 0
+    for name, value in zip(names, expected):
+        if value is not None and value.abs().sum() > 0:
+            torch.testing.assert_close(grads[1][name], value, rtol=1e-4, atol=1e-7)
+            checked += 1
+    assert checked > 5
+
+
+def test_the_path_length_step_takes_half_the_batch_and_weight_times_interval(tmp_path, monkeypatch):
+    """Catches the path batch not shrunk, the weight without * g_reg_every."""
+    trainer = make_trainer(tmp_path, lambda_cls=0.0, lambda_clip=0.0)  # path 2, every 4, shrink 2
+    params = list(trainer.g_optim.param_groups[0]["params"])
+    seen = {}
+    original = trainer_module.g_path_regularize
+
+    def spy(fake, latents, mean, **kwargs):
+        penalty, path_mean, lengths = original(fake, latents, mean, **kwargs)
+        seen["batch"] = fake.shape[0]
+        seen["expected"] = torch.autograd.grad(2.0 * 4 * penalty, params, retain_graph=True, allow_unused=True)
+        return penalty, path_mean, lengths
+
+    monkeypatch.setattr(trainer_module, "g_path_regularize", spy)
+    grads = []
+    trainer.g_optim.step = lambda: grads.append([None if p.grad is None else p.grad.clone() for p in params])
+    trainer.noise.reseed(0, 0)
+    trainer.train_step(real_batch(), LABELS)
+    assert seen["batch"] == 2 and len(grads) == 2
+    checked = 0
+    for got, expected in zip(grads[1], seen["expected"]):
+        if expected is not None and expected.abs().sum() > 0:
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-8)
+            checked += 1
+    assert checked > 5
+
+
+def test_ada_augments_reals_and_fakes_and_tunes_on_the_real_predictions(tmp_path):
+    """Every D input is augmented (D step fakes and reals, the R1 reals, the G step's fakes),
+    and ADA's p follows D's outputs on the reals. Catches reals not augmented, G's fakes
+    not augmented, p tuned on the fakes' predictions."""
+    trainer = make_trainer(tmp_path, lambda_cls=0.0, lambda_clip=0.0, path_regularize=0.0, augment=True)
+    assert trainer.ada is not None
+    augmented, outputs, tuned = [], [], []
+    maybe_augment, d_main, tune = trainer.maybe_augment, trainer.d_main, trainer.ada.tune
+    trainer.maybe_augment = lambda images: augmented.append(images.detach().clone()) or maybe_augment(images)
+    trainer.d_main = lambda images, labels: outputs.append(d_main(images, labels)) or outputs[-1]
+    trainer.ada.tune = lambda pred: tuned.append(pred.detach().clone()) or tune(pred)
+    real = real_batch()
+    trainer.noise.reseed(0, 0)
+    trainer.train_step(real, LABELS)
+    assert len(augmented) == 4  # D fakes, D reals, R1 reals, G fakes
+    assert torch.equal(augmented[1], real) and torch.equal(augmented[2], real)
+    assert len(tuned) == 1 and torch.equal(tuned[0], outputs[1].detach().float())
+
+
+def test_training_fuses_with_the_fusion_noise_ratio(tmp_path, monkeypatch):
+    """Catches the step's generate() passing 1 - fusion_noise."""
+    trainer = make_trainer(tmp_path, lambda_clip=0.0, fusion_noise=0.7)
+    ratios = []
+    forward = NoiseFusion.forward
+    monkeypatch.setattr(NoiseFusion, "forward", lambda self, noise, feature, ratio: ratios.append(ratio) or forward(
+        self, noise, feature, ratio))
+    trainer.noise.reseed(0, 0)
+    trainer.train_step(real_batch(), LABELS)
+    assert len(ratios) >= 3 and all(r == 0.7 for r in ratios)
+
+
+def test_fit_reseeds_every_step_from_the_seed_and_the_step(cdtg_inputs, monkeypatch):
+    """Catches every step reseeded as step 0: the same latents, noise and flips at every step,
+    invisible to the resume tests, which compare two runs of the same code."""
+    seen = []
+    reseed = StepNoise.reseed
+    monkeypatch.setattr(StepNoise, "reseed", lambda self, seed, step: seen.append((seed, step)) or reseed(
+        self, seed, step))
+    train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "3", "--clip", "none", "--seed", "7"))
+    assert seen == [(7, 0), (7, 1), (7, 2)]
+
+
+def test_the_fusion_bias_has_the_learning_rate_multiplier():
+    """Catches the bias used without * lr_mul: it would learn 100x faster than the weights."""
+    fusion = NoiseFusion(8, 4, lr_mul=0.01)
+    with torch.no_grad():
+        fusion.project.weight.zero_()
+        fusion.project.bias.fill_(1.0)
+    torch.testing.assert_close(fusion.embed(torch.rand(2, 8)), torch.full((2, 4), 0.01))
+
+
+def test_generated_pixels_are_rounded_not_truncated():
+    """Catches the 8-bit conversion flooring: every image half a level darker on average,
+    within the <= 1 tolerance of the rendering test."""
+    synth = TailSynthesizer.__new__(TailSynthesizer)
+    images = torch.tensor([-1.0, -0.999, 0.0, 0.5, 0.999, 1.2]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    synth.g_ema, synth.amp, synth.device = (lambda *args, **kwargs: (images, None)), "off", torch.device("cpu")
+    out = synth.synthesize(None, None, None, 1.0, None)
+    assert out[0, 0, 0].tolist() == [0, 0, 128, 191, 255, 255]

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from data import make_demo, prepare_dior, prepare_dota, prepare_fgsc23, prepare_folders
-from data.chips import clip_box, pad_box, polygon_bounds
+from data.chips import ChipObject, CropOptions, SourceImage, _crop_objects, clip_box, pad_box, polygon_bounds
 from tgn.data import load_image, open_dataset
 from tgn.errors import UserError
 
@@ -1122,3 +1123,16 @@ def test_the_same_folders_give_the_same_classes_and_test_images_on_every_system(
 
     monkeypatch.setattr(PurePosixPath, "__lt__", sorted_case_aside)
     assert prepared(tmp_path / "nfc", tmp_path / "c") == linux
+
+
+def test_context_stays_within_the_scene_and_min_size_keeps_its_own_size(tmp_path):
+    """Catches the context padding not clipped to the scene (PIL pads the chip with black),
+    and an object exactly --min-size wide skipped ('smaller than --min-size')."""
+    assert pad_box((2, 2, 10, 10), 0.5, 12, 12) == (0, 0, 12, 12)
+    assert pad_box((4, 4, 8, 8), 0.25, 12, 12) == (3, 3, 9, 9)
+    (tmp_path / "train" / "1").mkdir(parents=True)
+    scene = Image.new("RGB", (20, 20), (200, 10, 10))
+    image = SourceImage(tmp_path / "s.jpg", "s", "train", (ChipObject(0, 1, (2, 2, 6, 10)),))  # 4 px wide
+    entries, skipped = [], Counter()
+    _crop_objects(scene, image, CropOptions(out=tmp_path, min_size=4), entries, skipped)
+    assert len(entries) == 1 and not skipped
