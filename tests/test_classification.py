@@ -880,3 +880,82 @@ def test_generated_images_and_checkpoints_of_another_class_numbering_are_refused
     torch.save(checkpoint, tmp_path / "respelled.pth")
     evaluate_main(["--data-root", str(data), "--ckpt", str(tmp_path / "respelled.pth"), "--workers", "0",
                    "--device", "cpu", "--out", str(tmp_path / "respelled-report")])
+
+
+def test_output_order_is_the_rank_of_the_class_id_whatever_the_order_of_classes_json(tmp_path):
+    """A classes.json listing its classes out of id order must not renumber the outputs (the
+    released result.pth's output k is class k)."""
+    from Classification.samples import class_order, training_images
+    from tgn.data import open_dataset
+
+    data = write_dataset(tmp_path / "data", {2: 3, 5: 2, 9: 4})
+    listing = json.loads((data / "classes.json").read_text())
+    listing["classes"].reverse()
+    (data / "classes.json").write_text(json.dumps(listing))
+    info = open_dataset(data)
+    assert class_order(info) == ([2, 5, 9], {2: 0, 5: 1, 9: 2})
+    images = training_images(info)
+    assert images.real_counts == [3, 2, 4]
+    assert {(Path(path).parent.name, label) for path, label in images.samples} == {("2", 0), ("5", 1), ("9", 2)}
+
+
+def test_the_training_report_is_of_the_best_epoch_when_a_later_one_is_worse(tmp_path, monkeypatch):
+    """report-best/ scores best.pth's weights, not the last epoch's: scripted accuracies make
+    the first of three epochs the best."""
+    import Classification.stage
+    import tgn.engine
+    from Classification.train import main as train_main
+    from tgn.checkpoint import load_checkpoint
+
+    accuracies = iter([0.9, 0.1, 0.2])
+    real_evaluate = tgn.engine.evaluate
+
+    def scripted(*args, **kwargs):
+        cm, summary = real_evaluate(*args, **kwargs)
+        return cm, {**summary, "overall_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(tgn.engine, "evaluate", scripted)
+    reported = []
+    stage_evaluate = Classification.stage.evaluate
+    monkeypatch.setattr(Classification.stage, "evaluate", lambda model, *args, **kwargs: reported.append(
+        {k: v.detach().clone() for k, v in model.state_dict().items()}) or stage_evaluate(model, *args, **kwargs))
+    data = write_dataset(tmp_path / "data", COUNTS)
+    out = tmp_path / "cls"
+    train_main(["--data-root", str(data), "--out", str(out), "--epochs", "3", "--lr", "0.01", "--device", "cpu", *TINY])
+    best = load_checkpoint(out / "best.pth")
+    assert best["epoch"] == 0
+    assert len(reported) == 1 and all(torch.equal(reported[0][k], v) for k, v in best["state_dict"].items())
+
+
+def test_the_epochs_are_scored_with_head_and_tail_of_the_real_counts(toy_data, tmp_path, monkeypatch):
+    """The per-epoch head and tail accuracies of metrics.jsonl come from the head and tail
+    groups of the real counts, not from each other's."""
+    import Classification.training
+    from Classification.train import main as train_main
+
+    class Captured(Exception):
+        pass
+
+    def fake_fit(*args, **kwargs):
+        raise Captured(kwargs["head"], kwargs["tail"])
+
+    monkeypatch.setattr(Classification.training, "fit", fake_fit)
+    with pytest.raises(Captured) as captured:
+        train_main(["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--epochs", "1", "--device", "cpu",
+                    *TINY])
+    assert captured.value.args == ([0, 1], [2, 3, 4])  # output indices; classes 0, 1 have the most images
+
+
+def test_a_classifier_resumes_only_on_the_real_images_it_started_with(toy_data, tmp_path, capsys):
+    """A --resume after DATA's training list changed is refused (the --extra images have
+    their own test)."""
+    from Classification.train import main as train_main
+
+    common = ["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--device", "cpu", *TINY]
+    train_main([*common, "--epochs", "1"])
+    annotation = toy_data / "anno" / "TOY_train.txt"
+    lines = annotation.read_text().splitlines(keepends=True)
+    annotation.write_text("".join(lines[1:]))  # one class-0 training image fewer
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([*common, "--epochs", "2", "--resume"])
+    assert exit_info.value.code == 2 and "other real images" in capsys.readouterr().err

@@ -324,3 +324,106 @@ def test_the_feature_term_pulls_the_student_toward_the_teacher(split_dir, tmp_pa
     start = feature_gap(load_checkpoint(groups / "head" / "best.pth")["state_dict"])
     plain, distilled = distilled_gap("0"), distilled_gap("10")
     assert distilled < 0.5 * start and distilled < 0.5 * plain
+
+
+def test_a_later_epoch_only_as_good_does_not_replace_best(toy_data, tmp_path, monkeypatch):
+    """On a tie (common on small test sets) best.pth stays at the earlier epoch."""
+    import tgn.engine
+    from KMDN.dataset_split import main as split_main
+    from KMDN.UModel import main as umodel_main
+    from tgn.checkpoint import load_checkpoint
+
+    accuracies = iter([0.5, 0.9, 0.9])
+    real_evaluate = tgn.engine.evaluate
+
+    def scripted(*args, **kwargs):
+        cm, summary = real_evaluate(*args, **kwargs)
+        return cm, {**summary, "overall_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(tgn.engine, "evaluate", scripted)
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    umodel_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--epochs", "3", "--arch",
+                 "resnet18", "--width", "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8",
+                 "--workers", "0"])
+    assert load_checkpoint(tmp_path / "kmdn" / "head" / "best.pth")["epoch"] == 1
+
+
+def test_a_resumed_run_keeps_the_best_epoch_of_the_run_before(toy_data, tmp_path, monkeypatch):
+    """The first epoch after a --resume is the best only if it beats the run before it."""
+    import tgn.engine
+    from KMDN.dataset_split import main as split_main
+    from KMDN.UModel import main as umodel_main
+    from tgn.checkpoint import load_checkpoint
+
+    accuracies = iter([0.9, 0.5, 0.6])
+    real_evaluate = tgn.engine.evaluate
+
+    def scripted(*args, **kwargs):
+        cm, summary = real_evaluate(*args, **kwargs)
+        return cm, {**summary, "overall_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(tgn.engine, "evaluate", scripted)
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    common = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--arch", "resnet18", "--width",
+              "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8", "--workers", "0"]
+    umodel_main([*common, "--epochs", "2"])
+    umodel_main([*common, "--epochs", "3", "--resume"])
+    best = load_checkpoint(tmp_path / "kmdn" / "head" / "best.pth")
+    assert best["epoch"] == 0 and best["best_accuracy"] == pytest.approx(0.9)
+
+
+def test_a_resumed_distillation_keeps_each_students_best(toy_data, tmp_path, monkeypatch):
+    """After --resume a student's first epoch replaces M_H.pth or M_T.pth only if it beats its
+    best before (the resume test compares last.pth only)."""
+    import KMDN.distillation
+    import tgn.engine
+    from KMDN.dataset_split import main as split_main
+    from KMDN.Distill import main as distill_main
+    from KMDN.RModel import main as rmodel_main
+    from KMDN.UModel import main as umodel_main
+    from tgn.checkpoint import load_checkpoint
+
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    accuracies = iter([0.9, 0.5])  # M_H's two epochs as the student
+    real_evaluate = tgn.engine.evaluate
+
+    def scripted(*args, **kwargs):
+        cm, summary = real_evaluate(*args, **kwargs)
+        return cm, {**summary, "overall_accuracy": next(accuracies)}
+
+    monkeypatch.setattr(KMDN.distillation, "evaluate", scripted)
+    common = ["--split", str(tmp_path / "split"), "--out", str(out), "--distill-interval", "2", "--batch-size", "8",
+              "--workers", "0"]
+    distill_main([*common, "--epochs", "1"])
+    distill_main([*common, "--epochs", "2", "--resume"])
+    assert load_checkpoint(out / "distill" / "M_H.pth")["epoch"] == 0
+    assert load_checkpoint(out / "distill" / "last.pth")["best"]["head"] == pytest.approx(0.9)
+
+
+def test_distill_refuses_a_checkpoint_of_other_classes_of_the_group(toy_data, tmp_path, capsys):
+    """A head model of another split with as many head classes is not distilled as if its
+    outputs were this split's classes."""
+    from KMDN.dataset_split import main as split_main
+    from KMDN.Distill import main as distill_main
+    from KMDN.RModel import main as rmodel_main
+    from KMDN.UModel import main as umodel_main
+    from tgn.checkpoint import load_checkpoint
+    from tgn.io import atomic_torch_save
+
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    other = load_checkpoint(out / "head" / "best.pth")
+    assert other["class_ids"] == [0, 1]
+    other["class_ids"] = [1, 0]  # another split's head of two classes (or this one's in another order)
+    atomic_torch_save(tmp_path / "other_head.pth", other)
+    with pytest.raises(SystemExit) as exit_info:
+        distill_main(["--split", str(tmp_path / "split"), "--out", str(out), "--head-ckpt",
+                      str(tmp_path / "other_head.pth"), "--epochs", "1", "--batch-size", "8", "--workers", "0"])
+    assert exit_info.value.code == 2
+    assert "was trained on classes [1, 0]" in capsys.readouterr().err
+    assert not (out / "distill").exists()

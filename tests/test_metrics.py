@@ -89,3 +89,13 @@ def test_format_percent():
     assert format_percent(float("nan")) == "n/a"
     assert format_percent(None) == "n/a"
     assert format_percent(0.0) == "0.00"
+
+
+def test_a_class_id_equal_to_the_class_count_is_refused():
+    """Label 3 of 3 classes is refused, not counted in a neighbouring cell."""
+    from tgn.metrics import confusion_matrix
+
+    with pytest.raises(ValueError, match="predictions outside 0..2"):
+        confusion_matrix([0], [3], 3)
+    with pytest.raises(ValueError, match="targets outside 0..2"):
+        confusion_matrix([3], [0], 3)

@@ -878,3 +878,37 @@ def test_resuming_a_finished_run_says_nothing_is_left_to_train(split_dir, tmp_pa
     umodel_main([*common, "--resume"])
     out = capsys.readouterr().out
     assert "has trained all 2 epochs: nothing left to train" in out and "epoch 3/2" not in out
+
+
+def test_a_resumed_fp16_run_continues_with_its_saved_loss_scale(toy_data, tmp_path):
+    """The fp16 loss scale comes back with --resume: restarting at 65536 would overflow again
+    where the run had backed off. The saved scale is set to 1024 by hand."""
+    from KMDN.dataset_split import main as split_main
+    from KMDN.UModel import main as umodel_main
+    from tgn.checkpoint import load_checkpoint
+    from tgn.io import atomic_torch_save
+
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    common = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--arch", "resnet18", "--width",
+              "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8", "--workers", "0",
+              "--device", "cpu", "--amp", "fp16"]
+    umodel_main([*common, "--epochs", "1"])
+    last = tmp_path / "kmdn" / "head" / "last.pth"
+    state = load_checkpoint(last)
+    assert state["scaler"] is not None
+    state["scaler"]["scale"] = 1024.0
+    atomic_torch_save(last, state)
+    umodel_main([*common, "--epochs", "2", "--resume"])
+    assert load_checkpoint(last)["scaler"]["scale"] <= 1024.0  # halved on an overflow, never back to 65536
+
+
+def test_resume_refuses_a_checkpoint_of_other_class_ids_with_the_same_counts():
+    """A dataset renumbered with the same counts (or a run of an earlier version without a
+    split fingerprint) is refused by the class-id comparison alone."""
+    from tgn.errors import UserError
+    from tgn.resume import check_same_data
+
+    state = {"class_ids": [0, 1, 2], "train_counts": [5, 4, 3]}
+    check_same_data(state, {"class_ids": [0, 1, 2], "train_counts": [5, 4, 3]}, "last.pth")
+    with pytest.raises(UserError, match="other classes"):
+        check_same_data(state, {"class_ids": [1, 2, 3], "train_counts": [5, 4, 3]}, "last.pth")

@@ -405,3 +405,43 @@ def test_evaluation_workers_are_kept_where_starting_them_is_costly(tmp_path, mon
         torch.device("cpu"), tmp_path / "run", meta={"class_ids": [0, 1]})
     readers = log.read_text(encoding="utf-8").split()
     assert len(readers) == 3 * 8 and len(set(readers)) == (2 if keep else 6)
+
+
+class _Listed(torch.utils.data.Dataset):
+    def __init__(self, labels):
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return torch.zeros(3, 2, 2), torch.tensor(self.labels[index])
+
+
+def test_the_training_loss_is_the_mean_over_images_not_over_batches():
+    """train_loss is the mean over images (batches of 4, 4 and 2), not of the batch means."""
+    from tgn.engine import make_loader, train_one_epoch
+
+    labels = list(range(10))  # batches of 4, 4 and 2 images
+    model = torch.nn.Linear(12, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def loss_fn(net, images, targets):  # a per-image loss equal to the label
+        logits = net(images.flatten(1))
+        return targets.double().mean() + 0 * logits.sum(), logits
+
+    loader = make_loader(_Listed(labels), 4, train=True)
+    loader.sampler.set_epoch(0)
+    stats = train_one_epoch(model, loader, optimizer, loss_fn, torch.device("cpu"))
+    assert stats["train_loss"] == pytest.approx(np.mean(labels))
+
+
+def test_runs_of_different_seeds_never_share_an_epochs_order():
+    """--seed 1's first epoch is not --seed 0's second: runs repeated over seeds for error bars
+    draw orders of their own."""
+    from tgn.sampling import EpochSampler, epoch_seed
+
+    assert len({epoch_seed(seed, epoch) for seed in range(5) for epoch in range(500)}) == 5 * 500
+    a = EpochSampler(50, shuffle=True, seed=0, epoch=1)
+    b = EpochSampler(50, shuffle=True, seed=1, epoch=0)
+    assert list(a) != list(b)

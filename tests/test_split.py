@@ -123,3 +123,38 @@ def test_a_moved_dataset_is_found_with_data_root(toy_data, tmp_path):
         with pytest.raises(UserError, match=rf"dataset folder not found: {toy_data} \(recorded in .*pass --data-root"):
             load()
         assert load(data_root=moved).data_root == moved
+
+
+def test_a_threshold_a_hair_below_100_still_leaves_a_tail():
+    """The 1e-9 that keeps 20 * 40 / 100 from flooring to 7 would lift 2 * 99.9999999999 / 100
+    to 2: the clamp keeps a tail."""
+    from tgn.split import head_count
+
+    assert head_count(2, 99.9999999999) == 1
+
+
+def test_official_weights_accept_a_group_with_tied_training_counts():
+    """Tied counts (the split breaks ties by class id) are in the official order; only a
+    rising count is refused."""
+    from tgn.errors import UserError
+    from tgn.split import check_official_order
+
+    check_official_order([8, 4, 4], "official.pth", "the listing")  # ties: the order the split writes
+    check_official_order([12, 12], "official.pth", "the listing")
+    with pytest.raises(UserError, match="is an official file"):
+        check_official_order([4, 8, 4], "official.pth", "the listing")
+
+
+def test_a_split_json_edited_by_hand_is_refused(toy_data, tmp_path):
+    """A split.json whose counts were edited by hand does not load as if made from DATA."""
+    from KMDN.dataset_split import main as split_main
+    from tgn.errors import UserError
+    from tgn.split import load_split
+
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    path = tmp_path / "split" / "split.json"
+    data = json.loads(path.read_text())
+    data["classes"][0]["train_count"] += 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(UserError, match="edited by hand"):
+        load_split(tmp_path / "split")
