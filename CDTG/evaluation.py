@@ -32,7 +32,8 @@ from tgn.distributed import resolve_device
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
 from tgn.images import REWRITE_GENERATED, ImageList
-from tgn.io import check_run_dir, read_json, remove_temp_files, save_options
+from tgn.io import read_json, remove_temp_files
+from tgn.run_folder import check_run_dir, save_options
 
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
 REAL = "real (training)"  # the sample sheet's first column group

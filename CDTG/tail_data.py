@@ -22,7 +22,8 @@ from tgn.data import (CLASS_ID, check_files_exist, drop_unreadable, open_dataset
 from tgn.errors import UserError
 from tgn.handoff import TAIL_MANIFEST
 from tgn.images import ImageList
-from tgn.io import absolute_path, atomic_write_json, check_own_run_folder, make_folder, read_json, remove_temp_files
+from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
+from tgn.run_folder import check_own_run_folder
 from tgn.runlock import claim_folder
 from tgn.resnet import load_feature_resnet
 from tgn.split import check_official_order, check_split_matches, load_split

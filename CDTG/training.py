@@ -17,8 +17,9 @@ from tgn.compat import check_compile
 from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.handoff import TAIL_MANIFEST
-from tgn.io import check_own_run_folder, remove_temp_files, save_options
+from tgn.io import remove_temp_files
 from tgn.resume import check_resume, last_state, uses_clip_loss
+from tgn.run_folder import check_own_run_folder, save_options
 from tgn.runlock import refuse_folder_in_use
 from tgn.split import check_official_order
 

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from Classification.report import comparison, comparison_csv, comparison_markdown, read_report  # noqa: E402
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
-from tgn.io import atomic_write_csv, atomic_write_text, check_run_dir, remove_temp_files  # noqa: E402
+from tgn.io import atomic_write_csv, atomic_write_text, remove_temp_files  # noqa: E402
+from tgn.run_folder import check_run_dir  # noqa: E402
 
 TABLE_MD, TABLE_CSV = "comparison.md", "comparison.csv"
 

@@ -15,7 +15,7 @@ from tgn.compat import check_amp
 from tgn.data import open_dataset
 from tgn.engine import resolve_precision
 from tgn.errors import speaks
-from tgn.io import check_run_dir
+from tgn.run_folder import check_run_dir
 
 
 def groups_from_run(args, options):

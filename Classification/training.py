@@ -17,9 +17,9 @@ from tgn.cache import ResizeCache
 from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.images import ImageList, build_transform
-from tgn.io import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options
 from tgn.metrics import format_percent
 from tgn.resume import check_resume, check_same_data, epochs_done, last_state
+from tgn.run_folder import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options
 
 RESULTS = (*TRAINING_RESULTS, "report-best")  # with LOGS, what --overwrite replaces
 # test.py's reports of the earlier run's checkpoints, beside them: stale once they are replaced.

@@ -16,7 +16,7 @@ from tgn.class_names import padded  # noqa: E402
 from tgn.cli import HEAD_PERCENT, head_percent, make_parser, output_folder  # noqa: E402
 from tgn.data import open_dataset  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import check_own_run_folder  # noqa: E402
+from tgn.run_folder import check_own_run_folder  # noqa: E402
 from tgn.split import compute_split, write_split  # noqa: E402
 
 

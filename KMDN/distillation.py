@@ -22,11 +22,12 @@ from tgn.compat import grad_scaler
 from tgn.engine import (check_one_image_batches, evaluate, keep_evaluation_workers, make_loader, prepare_model,
                         ran_with, seed_everything, train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError, alike_in_every_process
-from tgn.io import append_jsonl, check_run_dir, prepare_run_dir, read_json, save_options, trim_jsonl
+from tgn.io import append_jsonl, read_json, trim_jsonl
 from tgn.metrics import format_percent
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
 from tgn.resnet import load_feature_resnet
 from tgn.resume import check_resume, epochs_done, last_state, resuming_line
+from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
 from tgn.sampling import epoch_seed
 from tgn.split import check_official_order
 from tgn.stopping import EpochProgress, saved_if_stopped, stop_between_steps, stop_if_requested

@@ -5,9 +5,9 @@ from tgn.cli import training_config
 from tgn import distributed as dist
 from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
-from tgn.io import check_run_dir, prepare_run_dir, save_options
 from tgn.metrics import format_percent
 from tgn.resume import check_resume, epochs_done, last_state
+from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
 
 
 def train_group(args):

@@ -42,8 +42,9 @@ from tgn.checkpoint import load_checkpoint
 from tgn.compat import COMPILE_SINCE, torch_version
 from tgn.engine import TrainConfig, evaluate, fit, make_loader, train_one_epoch
 from tgn.errors import ProcessError, UserError, cli_main, one_line_warning
-from tgn.io import atomic_torch_save, prepare_run_dir
+from tgn.io import atomic_torch_save
 from tgn.resnet import FeatureResNet
+from tgn.run_folder import prepare_run_dir
 
 WORLD = 2
 TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8",
@@ -627,7 +628,7 @@ def test_a_resume_by_another_process_count_is_noted(tmp_path, monkeypatch, capsy
     count, and --resume says so."""
     from argparse import Namespace
 
-    from tgn.io import save_options
+    from tgn.run_folder import save_options
     from tgn.resume import check_resume
 
     args = Namespace(epochs=1, resume=True)

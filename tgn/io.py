@@ -1,4 +1,4 @@
-"""Files that must never be left half-written, and run folders that must not be clobbered."""
+"""Files that must never be left half-written: atomic writes, JSON, JSON lines, folders."""
 import ctypes
 import hashlib
 import json
@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from tgn.errors import UserError
-from tgn.runlock import refuse_folder_in_use
 
 
 def _current_umask():
@@ -250,86 +249,6 @@ def append_jsonl(path, record):
         handle.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
-# What a ResNet trainer's run folder holds from its training: either marks a run. Its log
-# alone does not (a run killed in its first epoch); a new run drops the log's lines.
-TRAINING_RESULTS = ("last.pth", "best.pth")
-
-
-# Which script wrote a run folder's options.json, told by flags only that script has (runs
-# of every version record them).
-RUN_FOLDER_OWNERS = (
-    ("CDTG/train.py", {"iter"}),
-    ("CDTG/evaluate.py", {"inception", "folders"}),
-    ("KMDN/Distill.py", {"alpha", "distill_interval"}),
-    ("Classification/train.py", {"extra", "sampler"}),
-    ("KMDN/UModel.py or RModel.py", {"group"}),  # they write OUT/head and OUT/tail
-)
-
-
-def run_folder_owner(options):
-    """The script whose flags `options` holds; None for anything else."""
-    if not isinstance(options, dict):
-        return None
-    return next((script for script, flags in RUN_FOLDER_OWNERS if flags & options.keys()), None)
-
-
-def check_own_run_folder(out_dir, args):
-    """Refuse (with --resume, --overwrite or neither) an --out that another script's run
-    uses: its options.json and log would be replaced, and it could not be resumed."""
-    recorded = Path(out_dir) / "options.json"
-    if not recorded.is_file():
-        return
-    try:
-        owner = run_folder_owner(read_json(recorded, "options"))
-    except UserError as exc:  # unreadable: whose it is cannot be told
-        raise UserError(f"{exc}; delete it if it is this run's, or choose another --out") from None
-    if owner is None:
-        raise UserError(f"{recorded} was not written by one of this project's training scripts; choose another --out")
-    if owner != run_folder_owner(vars(args)):
-        raise UserError(f"{out_dir} is a run folder of {owner} (its options.json); choose another --out")
-
-
-def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True, args=None):
-    """Refuse to reuse a folder that holds any of `results` unless told how (creates
-    nothing). `resumable=False`: the script has no --resume, so the message offers
-    --overwrite or another --out. A --resume with results but without last.pth (the
-    checkpoint it continues; users delete it to save space) is refused too: it would start
-    again over them. Given the script's `args`, another script's run folder is refused first."""
-    out_dir = Path(out_dir)
-    refuse_folder_in_use(out_dir)
-    if args is not None:
-        check_own_run_folder(out_dir, args)
-    existing = [name for name in results if (out_dir / name).exists()]
-    if existing and not (resume or overwrite):
-        remedy = ("pass --resume to continue or --overwrite to start again" if resumable
-                  else "pass --overwrite to replace them or choose another --out")
-        raise UserError(f"{out_dir} already holds results ({existing[0]}); {remedy}")
-    if resumable and resume and existing and not (out_dir / "last.pth").exists():
-        raise UserError(f"--resume: {out_dir} holds results ({existing[0]}) but no last.pth to continue from; "
-                        "pass --overwrite instead to start again")
-    return out_dir
-
-
-def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, logs=("metrics.jsonl",)):
-    """check_run_dir, then create the folder and remove what a run killed mid-save left
-    (temp files); with --overwrite (and no --resume) the earlier run's `results` and `logs`
-    are removed first, by rank 0, so that a new run stopped early leaves none of them for a
-    later --resume to take for its own. Call it once the inputs are validated, so that a
-    bad input leaves nothing behind. Under torchrun (after dist.init) every process must
-    see the same folder."""
-    from tgn import distributed as dist  # imports torch; training only
-
-    out_dir = check_run_dir(out_dir, resume=resume, overwrite=overwrite, results=results)
-    dist.make_shared_folder(out_dir)
-    if dist.is_main():
-        remove_temp_files(out_dir)  # what a run killed mid-save left
-        if overwrite and not resume:
-            for name in (*results, *logs):
-                remove_path(out_dir / name)
-    dist.barrier()  # no process looks into the folder before the old results are gone
-    return out_dir
-
-
 def make_folder(path, flag="--out"):
     """mkdir -p with a one-line error (a read-only or full file system, a file in the way)."""
     path = Path(path)
@@ -364,16 +283,3 @@ def map_paths(value, fn):
     if isinstance(value, (list, tuple)) and any(isinstance(item, Path) for item in value):
         return [map_paths(item, fn) for item in value]
     return value
-
-
-def save_options(out_dir, args, write=True):
-    """Resolved command-line options, next to the results they produced (`write=False`:
-    only the dict, for the processes that do not write under torchrun). Paths are recorded
-    absolute: test.py reads the run's --split from any folder."""
-    from tgn import distributed as dist  # imports torch; training only
-
-    options = {key: map_paths(value, lambda path: str(absolute_path(path))) for key, value in vars(args).items()}
-    options["processes"] = dist.planned_world_size()  # --resume notes a change of count
-    if write:
-        atomic_write_json(Path(out_dir) / "options.json", options)
-    return options
