@@ -15,6 +15,10 @@ import torch
 from torch import nn
 
 from tgn import distributed as dist
+from tgn.sampling import mixed_seed
+
+# What else a step or an epoch seeds besides the shared draws, told apart in mixed_seed.
+OWN_DRAWS, EPOCH_ORDER = 1, 2
 
 
 class FusedGenerator(nn.Module):
@@ -34,8 +38,9 @@ def step_seed(seed, step):
 
 
 def epoch_order_seed(seed, epoch):
-    """The seed of the training images' order in an epoch: apart from every step's seed."""
-    return step_seed(seed, epoch) + 2**62
+    """The seed of the training images' order in an epoch, apart from every step's seeds on
+    every device (a CPU generator reads only a seed's low 32 bits)."""
+    return mixed_seed(seed, epoch, EPOCH_ORDER)
 
 
 class StepNoise:
@@ -46,11 +51,12 @@ class StepNoise:
 
     def reseed(self, seed, step):
         """Seed the shared draws, Python's `random` (style-mixing choices) and this process's
-        own torch generator for the step."""
+        own torch generators for the step: apart from the shared stream and from the other
+        processes' on CPUs too, whose generator reads only a seed's low 32 bits."""
         base = step_seed(seed, step)
         self.generator.manual_seed(base)
         random.seed(base)
-        torch.manual_seed(base + (dist.rank() + 1) * 2**40)
+        torch.manual_seed(mixed_seed(seed, step, OWN_DRAWS, dist.rank()))
 
     def randn(self, batch, *shape):
         """This process's `batch` rows of a standard-normal draw for all processes."""

@@ -41,9 +41,10 @@ FEATURE_BATCH = 64  # real images per pass of M_T; fixed, so that images do not 
 
 
 def image_seed(seed, class_id, index):
-    """One image's seed: unique per (class, index) under a --seed. Folded into the 64 bits a
-    torch generator takes (the product passes 2**64 from --seed 18,446,633; below it the
-    fold changes nothing, so earlier folders extend as they were)."""
+    """One image's seed, for a CPU generator, which reads its low 32 bits: distinct for every
+    (class, index) of a --seed while class ids stay below 4,294 and indices below 1,000,003.
+    Folded into 64 bits, which torch refuses beyond (the product passes 2**64 from --seed
+    18,446,633; below it the fold changes nothing, so earlier folders extend as they were)."""
     return ((seed * 1_000_003 + class_id) * 1_000_003 + index) % 2**64
 
 

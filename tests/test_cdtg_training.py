@@ -69,6 +69,35 @@ def test_step_batches_go_through_shuffled_epochs_without_replacement():
     assert all(max(batch.count(index) for index in batch) == 3 for batch in small)
 
 
+def test_each_process_draws_its_own_stream_and_the_epoch_order_its_own_on_cpus_too(monkeypatch):
+    """torch's CPU generator reads only a seed's low 32 bits: offsets in the high bits left
+    ADA's draws equal to the shared latents and alike in every process, and an epoch's order
+    drawn from the stream of its step's noise."""
+    import tgn.distributed
+    from CDTG.parallel import epoch_order_seed, step_seed
+
+    noise = StepNoise(torch.device("cpu"), 8, 0.0, [], 2)
+    own = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(tgn.distributed, "rank", lambda rank=rank: rank)
+        noise.reseed(3, 5)
+        own[rank] = torch.randn(2, 8)  # this process's generator: ADA's draws
+    shared = torch.randn(2, 8, generator=torch.Generator().manual_seed(step_seed(3, 5)))
+    assert not torch.equal(own[0], shared) and not torch.equal(own[0], own[1])
+    for seed, epoch in ((0, 0), (3, 5), (2**32 - 1, 7)):
+        order = torch.randperm(50, generator=torch.Generator().manual_seed(epoch_order_seed(seed, epoch)))
+        step = torch.randperm(50, generator=torch.Generator().manual_seed(step_seed(seed, epoch)))
+        assert not torch.equal(order, step)
+
+
+def test_image_seeds_are_distinct_in_the_32_bits_a_cpu_generator_reads():
+    from CDTG.synthesis import image_seed
+
+    for seed in (0, 7, 20240517):
+        low_bits = {image_seed(seed, cid, index) % 2**32 for cid in (0, 1, 19, 4293) for index in range(3000)}
+        assert len(low_bits) == 4 * 3000
+
+
 def test_clip_loss_is_differentiable_and_clip_stays_frozen():
     clip_model = tiny_clip()
     loss_fn = ClipConsistencyLoss(clip_model, ["A photo of a dam", "A photo of a airport"])

@@ -9,6 +9,7 @@ Training positions also carry a seed for the image's augmentation (SeededItems),
 random flip of an image depends on (seed, epoch, position) alone: not on the number of
 DataLoader workers, on persistent workers' history, or on the number of processes.
 """
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -17,6 +18,13 @@ from tgn import distributed as dist
 
 def epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch
+
+
+def mixed_seed(*parts):
+    """One 64-bit seed from non-negative integers, every bit depending on every part. torch's
+    CPU generator keeps only the low 32 bits of a seed (CUDA's keeps all 64): streams told
+    apart by an offset in the high bits (seed + rank * 2**40) would be one stream on CPUs."""
+    return int(np.random.SeedSequence([int(part) for part in parts]).generate_state(1, dtype=np.uint64)[0])
 
 
 class EpochSampler(Sampler):
