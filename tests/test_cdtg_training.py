@@ -1275,3 +1275,28 @@ def test_generated_pixels_are_rounded_not_truncated():
     synth.g_ema, synth.amp, synth.device = (lambda *args, **kwargs: (images, None)), "off", torch.device("cpu")
     out = synth.synthesize(None, None, None, 1.0, None)
     assert out[0, 0, 0].tolist() == [0, 0, 128, 191, 255, 255]
+
+
+def test_generating_one_class_keeps_the_other_classes_in_the_annotation(trained_ckpt, tmp_path):
+    """Adding the images of one class (--classes) to a generated folder keeps the images of
+    the classes generated before listed in anno.txt, which Classification/train.py --extra
+    trains on: it lists every image on disk."""
+    from CDTG.generation import main as generation_main
+
+    out = tmp_path / "gen"
+    argv = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--per-class", "1", "--out", str(out)]
+    generation_main([*argv, "--classes", "3"])
+    generation_main([*argv, "--classes", "4"])
+    assert sorted(label for _, label in read_anno(out)) == ["3", "4"]
+
+
+def test_the_newest_checkpoint_is_the_highest_step_past_a_power_of_ten(tmp_path):
+    """--resume continues from, and --keep-full keeps whole, the checkpoint of the highest
+    step also when the step numbers have different digit counts (9.pt, 10.pt, 100.pt): a
+    text sort would take 9.pt for the newest and cut 100.pt."""
+    from CDTG.checkpoint import checkpoint_steps
+
+    for step in (100, 9, 10, 1000):
+        (tmp_path / f"{step}.pt").write_bytes(b"")
+    (tmp_path / "notes.pt").write_bytes(b"")  # not a numbered checkpoint
+    assert checkpoint_steps(tmp_path) == [9, 10, 100, 1000]

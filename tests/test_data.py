@@ -221,3 +221,17 @@ def test_an_image_listed_under_another_class_folder_is_warned_about(tmp_path):
     with pytest.warns(UserWarning, match=r"1 lines list an image in another class's folder \(e.g. '0/img 0.jpg 1'\)"):
         entries = open_dataset(data).entries("train")
     assert entries[-1].class_id == 1
+
+
+def test_a_folder_listed_as_an_image_is_named_with_its_line(tmp_path):
+    """An annotation line naming a folder where an image belongs (a path cut short, an
+    image replaced by an unpacked folder) is refused when the dataset is opened, naming
+    the annotation line, rather than stopping training later at that image."""
+    from tgn.data import open_dataset
+
+    root = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    image = root / "train" / "1" / "img 0.jpg"
+    image.unlink()
+    image.mkdir()
+    with pytest.raises(UserError, match=r"TOY_train\.txt:3: image .*img 0\.jpg does not exist"):
+        open_dataset(root).entries("train")

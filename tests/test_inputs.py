@@ -25,6 +25,7 @@ from tgn import distributed as dist
 from tgn.compat import torch_version
 from tgn.data import load_image
 from tgn.engine import make_loader
+from tgn.errors import UserError
 from tgn.optim import adam, restore_optimizer
 from tgn.resnet import FeatureResNet
 
@@ -227,7 +228,6 @@ def test_one_image_per_process_at_32_px_is_refused_unless_batchnorm_is_synchroni
     """Under torchrun with N processes: a global batch of N, or a training set of at most
     N images, leaves each process one image (one process accepts both)."""
     from tgn.engine import check_one_image_batches
-    from tgn.errors import UserError
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     check_one_image_batches(2, 2, 32, cpu)  # one process: batches of 2
@@ -280,7 +280,6 @@ def test_compile_on_a_torch_whose_compiler_fails_is_one_line(cdtg_inputs, tmp_pa
 def test_a_run_folder_given_for_a_checkpoint_names_the_file_to_pass(cdtg_inputs, tmp_path, capsys):
     from CDTG.checkpoint import load_cdtg_checkpoint
     from tgn.checkpoint import load_checkpoint
-    from tgn.errors import UserError
 
     (tmp_path / "kmdn").mkdir()
     (tmp_path / "kmdn" / "best.pth").write_bytes(b"")
@@ -499,7 +498,6 @@ def test_teacher_files_of_the_wrong_kind_are_named(cdtg_inputs, tmp_path):
     from Classification.model import build_classifier
     from CDTG.tail_data import load_tail_classes, load_teacher
     from tgn.checkpoint import load_checkpoint
-    from tgn.errors import UserError
 
     tail = load_tail_classes(cdtg_inputs / "cdtg_data")
     torch.save(build_classifier("resnet18", 3).state_dict(), tmp_path / "classifier.pth")
@@ -597,3 +595,15 @@ def test_class_names_the_console_cannot_encode_are_printed_escaped(tmp_path):
                           "--out", str(tmp_path / "split")], capture_output=True, env=env)
     assert run.returncode == 0, run.stderr.decode("cp1252", "replace")
     assert b"\\u6e2f\\u53e3" in run.stdout and (tmp_path / "split" / "split.json").is_file()
+
+
+def test_a_gpu_index_the_machine_lacks_is_one_line(monkeypatch):
+    """--device cuda:N on a machine with N GPUs (indices 0..N-1) is refused with one line
+    naming the GPU count, instead of failing later inside CUDA."""
+    from tgn import distributed as dist
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist.checked_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="--device cuda:1: this machine has 1 GPUs"):
+        dist.checked_device("cuda:1")

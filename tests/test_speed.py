@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -445,3 +446,62 @@ def test_runs_of_different_seeds_never_share_an_epochs_order():
     a = EpochSampler(50, shuffle=True, seed=0, epoch=1)
     b = EpochSampler(50, shuffle=True, seed=1, epoch=0)
     assert list(a) != list(b)
+
+
+def test_cache_rebuilds_an_image_rewritten_in_place_with_its_old_size_and_times(tmp_path):
+    """An image overwritten in place (same file, same byte size, its modification time set
+    back, as `cp -p` onto an existing file or `rsync -t --inplace` do) is decoded again,
+    not served from the stale --cache entry: only its change time tells."""
+    from tgn.cache import ResizeCache
+
+    path = tmp_path / "img.bmp"
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(path)
+    cache = ResizeCache(tmp_path / "cache", 8)
+    assert np.asarray(cache.load(path)).max() == 0
+    stat = os.stat(path)
+    data = path.read_bytes()
+    header = len(data) - 20 * 20 * 3
+    deadline = time.monotonic() + 3
+    while True:  # the change-time clock is coarse (a jiffy, a second on some file systems)
+        time.sleep(0.01)
+        with open(path, "r+b") as handle:  # the same inode and size
+            handle.seek(header)
+            handle.write(b"\xff" * (len(data) - header))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        if os.stat(path).st_ctime_ns != stat.st_ctime_ns or time.monotonic() > deadline:
+            break
+    assert os.stat(path).st_ino == stat.st_ino and os.stat(path).st_size == stat.st_size
+    assert np.asarray(cache.load(path)).min() == 255
+
+
+def test_cache_rebuilds_an_edited_image_where_the_change_time_is_the_creation_time(tmp_path, monkeypatch):
+    """On Windows st_ctime is the creation time and an in-place edit keeps the file's index:
+    an image edited in place to the same byte size is still decoded again, told by its
+    modification time."""
+    from tgn import cache as cache_module
+    from tgn.cache import ResizeCache
+
+    real_stat = os.stat
+
+    class WindowsStat:
+        def __init__(self, stat):
+            self.st_size, self.st_mtime_ns, self.st_ino = stat.st_size, stat.st_mtime_ns, stat.st_ino
+            self.st_ctime_ns = 1_000_000_000  # the creation time: an edit leaves it
+
+    class WindowsOs:  # tgn.cache's view of os; the rest of the process keeps the real one
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def stat(path, *args, **kwargs):
+            return WindowsStat(real_stat(path, *args, **kwargs))
+
+    monkeypatch.setattr(cache_module, "os", WindowsOs())
+    path = tmp_path / "img.bmp"
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(path)
+    cache = ResizeCache(tmp_path / "cache", 8)
+    assert np.asarray(cache.load(path)).max() == 0
+    stat = real_stat(path)
+    Image.new("RGB", (20, 20), (255, 255, 255)).save(path)  # rewritten in place: same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a later modification time
+    assert np.asarray(cache.load(path)).min() == 255

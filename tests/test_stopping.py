@@ -214,3 +214,39 @@ def test_a_cluster_stopping_a_resnet_trainer_with_workers_gets_a_checkpoint_it_r
                               text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert [line["epoch"] for line in metrics(out / "head" / "metrics.jsonl")] == list(range(1, epochs + 1))
+
+
+def test_an_epoch_stopped_twice_records_the_seconds_of_both_parts(tmp_path, monkeypatch):
+    """A run stopped, resumed and stopped again in the same epoch saves the epoch's time so
+    far including the part before the first stop, so the epoch's logged seconds are whole."""
+    from tgn.checkpoint import load_checkpoint
+    from tgn.stopping import EpochProgress, Stopped, saved_if_stopped
+
+    progress = EpochProgress(steps=3, total_steps=5, seconds=100.0)  # what the first stop saved
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C ends the process as "interrupted"
+        with saved_if_stopped(progress, 2, lambda **extra: {"epoch": 1, **extra}, tmp_path / "last.pth"):
+            raise Stopped(signal.SIGINT)
+    saved = load_checkpoint(tmp_path / "last.pth")["unfinished_epoch"]
+    assert saved["epoch"] == 2 and saved["steps"] == 3 and saved["seconds"] >= 100.0
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks (Windows)")
+def test_signals_held_while_workers_start_reach_the_trainer_afterwards():
+    """Ctrl-C and SIGTERM, held while DataLoader workers start, are delivered again once
+    they have started: the trainer's signal mask is back as it was, and a SIGTERM sent
+    meanwhile then reaches its handler (the run can still be stopped and saved)."""
+    from tgn.stopping import signals_held
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == []  # held
+        time.sleep(0.05)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        signal.signal(signal.SIGTERM, previous)
