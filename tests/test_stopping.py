@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -242,7 +243,8 @@ def test_signals_held_while_workers_start_reach_the_trainer_afterwards():
     previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
     try:
         with signals_held():
-            os.kill(os.getpid(), signal.SIGTERM)
+            # To this thread: a signal to the process may go to another thread that does not hold it.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
             assert received == []  # held
         time.sleep(0.05)
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
