@@ -149,7 +149,8 @@ class StepBatchSampler(torch.utils.data.Sampler):
 def check_prompts_name_classes(tail):
     """The CLIP loss pulls each tail class's images towards its prompt: refuse a prompt made
     of a number for a name (a dataset without classes.json names its classes by id, class
-    folders numbered 1..N are named so), which would pull them towards 'A photo of a 4'."""
+    folders numbered 1..N are named so), which would pull them towards 'A photo of a 4';
+    warn of prompts in another script than Latin, which CLIP barely knows."""
     for cls in tail.classes:
         name = str(cls["name"])
         if CLASS_ID.fullmatch(name) and re.search(rf"(?<![0-9]){name}(?![0-9])", cls["prompt"]):

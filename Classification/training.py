@@ -8,8 +8,8 @@ from Classification.model import build_classifier, checkpoint_meta, initialise_b
 from Classification.samples import class_order, readable_training_images, training_images
 from Classification.stage import (describe_classes, evaluation_set, grouping_split, read_baseline,
                                   report_and_figures)
-from tgn.class_names import padded
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights
+from tgn.class_names import padded
 from tgn.cli import training_config
 from tgn.data import open_dataset
 from tgn import distributed as dist

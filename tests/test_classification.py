@@ -309,7 +309,8 @@ def test_the_training_report_is_computed_as_test_py_computes_it(tmp_path, monkey
     assert again["confusion_matrix"] == report["confusion_matrix"]
 
 
-@pytest.mark.parametrize("flags, resolved", [([], ("off", False)), (["--amp", "auto", "--channels-last"], ("off", True)),
+@pytest.mark.parametrize("flags, resolved", [([], ("off", False)),
+                                             (["--amp", "auto", "--channels-last"], ("off", True)),
                                              (["--amp", "bf16", "--channels-last", "off"], ("bf16", False))])
 def test_test_py_spells_amp_and_channels_last_as_the_trainers(trained, tmp_path, monkeypatch, flags, resolved):
     import Classification.stage

@@ -610,7 +610,7 @@ def test_test_images_that_are_training_images_are_warned_about_by_content_not_na
 
 
 def test_the_class_table_stays_aligned_with_chinese_names(tmp_path, capsys):
-    from tgn.class_names import display_width
+    from tgn.class_names import display_width, padded
 
     src = tmp_path / "mine"
     for name, count in (("飞机", 3), ("船只", 2), ("storage_tank", 2), ("储油罐", 1)):
@@ -622,9 +622,14 @@ def test_the_class_table_stays_aligned_with_chinese_names(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\s+(id|\d+|)\s+\S", line)]
     table = [line for line in rows if re.search(r"(train|\d)\s+(test|\d+)(\s+\(.*)?$", line)]
     assert len(table) == 6  # header, four classes, total
-    # Every row's test count ends in the same terminal column: a Chinese character takes two.
-    ends = {display_width(re.sub(r"\s+\(\d+ images\)$", "", line)) for line in table}
+
+    def columns(text):  # as a terminal shows them, counted here by hand: a Chinese character takes two
+        return sum(2 if "\u4e00" <= char <= "\u9fff" else 1 for char in text)
+
+    # Every row's test count ends in the same terminal column.
+    ends = {columns(re.sub(r"\s+\(\d+ images\)$", "", line)) for line in table}
     assert len(ends) == 1, table
+    assert display_width("飞机") == 4 and display_width("e\u0301") == 1 and padded("飞机", 6) == "飞机  "
 
 
 @pytest.mark.parametrize("link", [None, "symlink"])
