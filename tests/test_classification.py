@@ -21,7 +21,7 @@ from Classification.report import build_report, read_report, report_csv, report_
 from Classification.samples import training_images
 from Classification.test import main as evaluate_main
 from Classification.train import main as train_main
-from conftest import exit_message, write_dataset
+from conftest import exit_message, script_accuracies, write_dataset
 from KMDN.dataset_split import main as split_main
 from tgn.checkpoint import load_checkpoint
 from tgn.data import open_dataset
@@ -905,17 +905,8 @@ def test_the_training_report_is_of_the_best_epoch_when_a_later_one_is_worse(tmp_
     the first of three epochs the best."""
     import Classification.stage
     import tgn.engine
-    from Classification.train import main as train_main
-    from tgn.checkpoint import load_checkpoint
 
-    accuracies = iter([0.9, 0.1, 0.2])
-    real_evaluate = tgn.engine.evaluate
-
-    def scripted(*args, **kwargs):
-        cm, summary = real_evaluate(*args, **kwargs)
-        return cm, {**summary, "overall_accuracy": next(accuracies)}
-
-    monkeypatch.setattr(tgn.engine, "evaluate", scripted)
+    script_accuracies(monkeypatch, [0.9, 0.1, 0.2], tgn.engine)
     reported = []
     stage_evaluate = Classification.stage.evaluate
     monkeypatch.setattr(Classification.stage, "evaluate", lambda model, *args, **kwargs: reported.append(

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import exit_message
+from conftest import exit_message, script_accuracies
 from KMDN.dataset_split import main as split_main
 from KMDN.Distill import main as distill_main
 from KMDN.distillation import distillation_loss, freeze, make_distill_loss_fn, student_of_epoch
@@ -272,15 +272,7 @@ def test_best_checkpoints_are_the_most_accurate_epochs(split_dir, tmp_path, monk
     import KMDN.distillation
     import tgn.engine
 
-    accuracies = iter([0.5, 0.9, 0.6, 0.3, 0.8, 0.4, 0.2, 0.7])
-    real_evaluate = tgn.engine.evaluate
-
-    def scripted(*args, **kwargs):  # the real evaluation, with a scripted accuracy
-        cm, summary = real_evaluate(*args, **kwargs)
-        return cm, {**summary, "overall_accuracy": next(accuracies)}
-
-    monkeypatch.setattr(tgn.engine, "evaluate", scripted)
-    monkeypatch.setattr(KMDN.distillation, "evaluate", scripted)
+    script_accuracies(monkeypatch, [0.5, 0.9, 0.6, 0.3, 0.8, 0.4, 0.2, 0.7], tgn.engine, KMDN.distillation)
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "3", *TINY])  # 0.5, 0.9, 0.6
     assert load_checkpoint(out / "head" / "best.pth")["epoch"] == 1
@@ -326,76 +318,37 @@ def test_the_feature_term_pulls_the_student_toward_the_teacher(split_dir, tmp_pa
     assert distilled < 0.5 * start and distilled < 0.5 * plain
 
 
-def test_a_later_epoch_only_as_good_does_not_replace_best(toy_data, tmp_path, monkeypatch):
+def test_a_later_epoch_only_as_good_does_not_replace_best(split_dir, tmp_path, monkeypatch):
     """On a tie (common on small test sets) best.pth stays at the earlier epoch."""
     import tgn.engine
-    from KMDN.dataset_split import main as split_main
-    from KMDN.UModel import main as umodel_main
-    from tgn.checkpoint import load_checkpoint
 
-    accuracies = iter([0.5, 0.9, 0.9])
-    real_evaluate = tgn.engine.evaluate
-
-    def scripted(*args, **kwargs):
-        cm, summary = real_evaluate(*args, **kwargs)
-        return cm, {**summary, "overall_accuracy": next(accuracies)}
-
-    monkeypatch.setattr(tgn.engine, "evaluate", scripted)
-    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
-    umodel_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--epochs", "3", "--arch",
-                 "resnet18", "--width", "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8",
-                 "--workers", "0"])
+    script_accuracies(monkeypatch, [0.5, 0.9, 0.9], tgn.engine)
+    umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), "--epochs", "3", *TINY])
     assert load_checkpoint(tmp_path / "kmdn" / "head" / "best.pth")["epoch"] == 1
 
 
-def test_a_resumed_run_keeps_the_best_epoch_of_the_run_before(toy_data, tmp_path, monkeypatch):
+def test_a_resumed_run_keeps_the_best_epoch_of_the_run_before(split_dir, tmp_path, monkeypatch):
     """The first epoch after a --resume is the best only if it beats the run before it."""
     import tgn.engine
-    from KMDN.dataset_split import main as split_main
-    from KMDN.UModel import main as umodel_main
-    from tgn.checkpoint import load_checkpoint
 
-    accuracies = iter([0.9, 0.5, 0.6])
-    real_evaluate = tgn.engine.evaluate
-
-    def scripted(*args, **kwargs):
-        cm, summary = real_evaluate(*args, **kwargs)
-        return cm, {**summary, "overall_accuracy": next(accuracies)}
-
-    monkeypatch.setattr(tgn.engine, "evaluate", scripted)
-    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
-    common = ["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--arch", "resnet18", "--width",
-              "4", "--pretrained", "none", "--image-size", "16", "--batch-size", "8", "--workers", "0"]
+    script_accuracies(monkeypatch, [0.9, 0.5, 0.6], tgn.engine)
+    common = ["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), *TINY]
     umodel_main([*common, "--epochs", "2"])
     umodel_main([*common, "--epochs", "3", "--resume"])
     best = load_checkpoint(tmp_path / "kmdn" / "head" / "best.pth")
     assert best["epoch"] == 0 and best["best_accuracy"] == pytest.approx(0.9)
 
 
-def test_a_resumed_distillation_keeps_each_students_best(toy_data, tmp_path, monkeypatch):
+def test_a_resumed_distillation_keeps_each_students_best(split_dir, tmp_path, monkeypatch):
     """After --resume a student's first epoch replaces M_H.pth or M_T.pth only if it beats its
     best before (the resume test compares last.pth only)."""
     import KMDN.distillation
-    import tgn.engine
-    from KMDN.dataset_split import main as split_main
-    from KMDN.Distill import main as distill_main
-    from KMDN.RModel import main as rmodel_main
-    from KMDN.UModel import main as umodel_main
-    from tgn.checkpoint import load_checkpoint
 
-    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
     out = tmp_path / "kmdn"
-    umodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
-    rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
-    accuracies = iter([0.9, 0.5])  # M_H's two epochs as the student
-    real_evaluate = tgn.engine.evaluate
-
-    def scripted(*args, **kwargs):
-        cm, summary = real_evaluate(*args, **kwargs)
-        return cm, {**summary, "overall_accuracy": next(accuracies)}
-
-    monkeypatch.setattr(KMDN.distillation, "evaluate", scripted)
-    common = ["--split", str(tmp_path / "split"), "--out", str(out), "--distill-interval", "2", "--batch-size", "8",
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    script_accuracies(monkeypatch, [0.9, 0.5], KMDN.distillation)  # M_H's two epochs as the student
+    common = ["--split", str(split_dir), "--out", str(out), "--distill-interval", "2", "--batch-size", "8",
               "--workers", "0"]
     distill_main([*common, "--epochs", "1"])
     distill_main([*common, "--epochs", "2", "--resume"])
@@ -403,27 +356,20 @@ def test_a_resumed_distillation_keeps_each_students_best(toy_data, tmp_path, mon
     assert load_checkpoint(out / "distill" / "last.pth")["best"]["head"] == pytest.approx(0.9)
 
 
-def test_distill_refuses_a_checkpoint_of_other_classes_of_the_group(toy_data, tmp_path, capsys):
+def test_distill_refuses_a_checkpoint_of_other_classes_of_the_group(split_dir, tmp_path, capsys):
     """A head model of another split with as many head classes is not distilled as if its
     outputs were this split's classes."""
-    from KMDN.dataset_split import main as split_main
-    from KMDN.Distill import main as distill_main
-    from KMDN.RModel import main as rmodel_main
-    from KMDN.UModel import main as umodel_main
-    from tgn.checkpoint import load_checkpoint
     from tgn.io import atomic_torch_save
 
-    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
     out = tmp_path / "kmdn"
-    umodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
-    rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
     other = load_checkpoint(out / "head" / "best.pth")
     assert other["class_ids"] == [0, 1]
     other["class_ids"] = [1, 0]  # another split's head of two classes (or this one's in another order)
     atomic_torch_save(tmp_path / "other_head.pth", other)
-    with pytest.raises(SystemExit) as exit_info:
-        distill_main(["--split", str(tmp_path / "split"), "--out", str(out), "--head-ckpt",
-                      str(tmp_path / "other_head.pth"), "--epochs", "1", "--batch-size", "8", "--workers", "0"])
-    assert exit_info.value.code == 2
-    assert "was trained on classes [1, 0]" in capsys.readouterr().err
-    assert not (out / "distill").exists()
+    capsys.readouterr()
+    err = exit_message(capsys, distill_main, ["--split", str(split_dir), "--out", str(out), "--head-ckpt",
+                                              str(tmp_path / "other_head.pth"), "--epochs", "1", "--batch-size", "8",
+                                              "--workers", "0"])
+    assert "was trained on classes [1, 0]" in err and not (out / "distill").exists()
