@@ -17,6 +17,7 @@ instances; a few degenerate boxes would explain the gap). The default is --train
 --test-sets val,test; the other candidate is --train-sets train,val --test-sets test. The
 totals this script prints show which choice reproduces the paper's split.
 """
+import re
 import sys
 from pathlib import Path
 
@@ -85,6 +86,25 @@ def read_ids(image_sets, names):
     return list(dict.fromkeys(image_id for name in names for image_id in read_id_list(image_sets, name)))
 
 
+def parse_declared_encoding(path, exc):
+    """The root of an XML file in an encoding expat cannot read itself (GBK, which Chinese
+    annotation tools write): decoded by Python's codec of the declared name, then parsed."""
+    data = path.read_bytes()
+    declared = re.match(rb"\s*<\?xml[^>]*encoding=[\"']([A-Za-z0-9._-]+)[\"']", data)
+    reason = exc
+    if declared:
+        try:
+            text = data.decode(declared.group(1).decode("ascii"))
+        except (LookupError, UnicodeDecodeError) as error:
+            reason = error
+        else:
+            try:
+                return ElementTree.fromstring(text)
+            except ElementTree.ParseError as error:
+                raise UserError(f"{path}: not valid XML ({error})") from error
+    raise UserError(f"{path}: cannot read its XML encoding ({reason}); save the file as UTF-8") from exc
+
+
 def parse_voc(path, lookup):
     """The objects of one VOC XML file, in file order, with their class ids and boxes."""
     if not path.is_file():
@@ -94,7 +114,7 @@ def parse_voc(path, lookup):
     except ElementTree.ParseError as exc:
         raise UserError(f"{path}: not valid XML ({exc})") from exc
     except (ValueError, LookupError) as exc:  # an encoding expat cannot read (multi-byte, unknown)
-        raise UserError(f"{path}: cannot read its XML encoding ({exc}); save the file as UTF-8") from exc
+        root = parse_declared_encoding(path, exc)
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
     objects = []

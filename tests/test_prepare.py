@@ -348,10 +348,24 @@ def test_dior_text_that_is_not_utf8_is_a_one_line_error_naming_the_file(dior_src
                         one_error(capsys))
     id_list.write_text("00003\n")
     xml = dior_src / "Annotations/Horizontal Bounding Boxes/00003.xml"
-    xml.write_text('<?xml version="1.0" encoding="gbk"?>' + voc_xml(DIOR_SCENES["00003"][1]))
+    xml.write_text('<?xml version="1.0" encoding="x-unknown"?>' + voc_xml(DIOR_SCENES["00003"][1]))
     assert exit_code(prepare_dior.main, argv) == 2
     assert re.fullmatch(r"error: .*00003.xml: cannot read its XML encoding .*; save the file as UTF-8",
                         one_error(capsys))
+
+
+def test_dior_xml_in_gbk_is_read_as_declared(dior_src, tmp_path):
+    """Chinese annotation tools save VOC XML in GBK, which expat cannot read itself."""
+    argv = ["--src", str(dior_src), "--workers", "1"]
+    prepare_dior.main([*argv, "--out", str(tmp_path / "utf8")])
+    xml = dior_src / "Annotations/Horizontal Bounding Boxes/00003.xml"
+    text = voc_xml(DIOR_SCENES["00003"][1]).replace("<annotation>", "<annotation><folder>遥感</folder>", 1)
+    assert "遥感" in text
+    xml.write_bytes(('<?xml version="1.0" encoding="GBK"?>\n' + text).encode("gbk"))
+    prepare_dior.main([*argv, "--out", str(tmp_path / "gbk")])
+    for subset in ("train", "test"):  # the same chips, 00003's among them
+        assert anno_lines(tmp_path / "gbk", "DIOR", subset) == anno_lines(tmp_path / "utf8", "DIOR", subset)
+    assert any("00003" in line for subset in ("train", "test") for line in anno_lines(tmp_path / "gbk", "DIOR", subset))
 
 
 # ---------------------------------------------------------------- DOTA
