@@ -34,8 +34,9 @@ def groups_from_run(args, options):
 
 def score_checkpoint(args):
     """Classification/test.py: a checkpoint checked against DATA, scored on its test images, reported."""
-    args.amp, args.channels_last = resolve_precision(args.amp, args.channels_last, dist.process_device(args.device))
-    check_amp(args.amp, dist.process_device(args.device), training=False)
+    planned_device = dist.process_device(args.device)
+    args.amp, args.channels_last = resolve_precision(args.amp, args.channels_last, planned_device)
+    check_amp(args.amp, planned_device, training=False)
     out_dir = args.out or default_report_folder(args.ckpt)
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)
     info = open_dataset(args.data_root)
