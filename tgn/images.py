@@ -30,8 +30,13 @@ class PixelTensor:
 
 def normalize_pixels(images):
     """uint8 pixels -> [-1, 1]: ToTensor's /255 and Normalize(0.5, 0.5)'s (x - 0.5) / 0.5,
-    the same float operations in the same order, so the values are theirs bit for bit."""
-    return images.float().div_(255).sub_(0.5).div_(0.5)
+    the same float operations in the same order, so the values are theirs bit for bit.
+    The divisor is a tensor on the images' device: CUDA divides by a Python number as a
+    product with its reciprocal, which misses ToTensor's quotient by one unit in the last
+    place for some pixels (seen on an H200); a device tensor gets a true division. A fill, not
+    a copy from the host, so the GPU is not waited for."""
+    divisor = torch.full((), 255.0, device=images.device)
+    return images.float().div_(divisor).sub_(0.5).div_(0.5)
 
 
 SKIP_BAD_IMAGES = "fix or remove the file; scripts with --skip-bad-images can leave such files out"
