@@ -20,6 +20,7 @@ modes (reduce-overhead, max-autotune) also remove the kernel launches, which dom
 small batches.
 """
 import hashlib
+import math
 import os
 from pathlib import Path, PurePath
 
@@ -134,25 +135,37 @@ class TailSynthesizer:
             self._projected[label] = torch.cat(chunks)
         return self._projected[label]
 
+    def noise_sizes(self):
+        return [math.prod(shape[1:]) for shape in self.g_ema.noise_shapes()]
+
+    def noise_maps(self, noise):
+        """The generator's noise maps [N, 1, H, W] (contiguous) from batch_inputs' rows."""
+        return [part.unflatten(1, shape[1:]).contiguous()
+                for part, shape in zip(noise.split(self.noise_sizes(), dim=1), self.g_ema.noise_shapes())]
+
     def draw_image_inputs(self, seed, class_id, index, num_real, z, noise):
-        """Fill one image's noise vector `z` [D] and noise maps (views [C, H, W]) from its own
-        generator; returns its real-image choice."""
+        """Fill one image's noise vector `z` [D] and its noise maps, flattened one after
+        another into `noise`, from its own generator; returns its real-image choice."""
         generator = torch.Generator().manual_seed(image_seed(seed, class_id, index))
         torch.randn(z.shape, generator=generator, out=z)
         real_index = int(torch.randint(num_real, (1,), generator=generator))
-        for layer in noise:
-            torch.randn(layer.shape, generator=generator, out=layer)
+        # torch's CPU normal sampler takes its uniforms in blocks of 16 and every map's size is
+        # a multiple of 16 (square maps from 4x4 on), so one draw for all the maps equals
+        # drawing map after map, as earlier versions did (tested), in one call instead of 11 at
+        # 256 px (0.17 instead of 0.20 ms an image on a CPU core), and a batch crosses to the
+        # GPU in three copies.
+        torch.randn(noise.shape, generator=generator, out=noise)
         return real_index
 
     def batch_inputs(self, class_id, indices, *, seed):
-        """CPU tensors (z [N, D], real-image choices [N], noise maps) of a batch of images,
-        each image drawn straight into its row (no per-image tensors to join)."""
+        """CPU tensors (z [N, D], real-image choices [N], noise [N, the maps' sizes summed],
+        which noise_maps splits) of a batch of images, each image drawn straight into its row."""
         num_real = self.num_real(class_id)
         pinned = self.device.type == "cuda"  # the copies to the GPU then do not block
         count = len(indices)
         z = torch.empty(count, self.latent_dim, pin_memory=pinned)
-        noise = [torch.empty(count, *shape[1:], pin_memory=pinned) for shape in self.g_ema.noise_shapes()]
-        real = torch.tensor([self.draw_image_inputs(seed, class_id, index, num_real, z[row], [n[row] for n in noise])
+        noise = torch.empty(count, sum(self.noise_sizes()), pin_memory=pinned)
+        real = torch.tensor([self.draw_image_inputs(seed, class_id, index, num_real, z[row], noise[row])
                              for row, index in enumerate(indices)], dtype=torch.long)
         return z, real.pin_memory() if pinned else real, noise
 
@@ -186,16 +199,15 @@ class TailSynthesizer:
         """Images [N, H, W, 3] uint8 on the device (queued, not waited for) from batch_inputs."""
         label = self.tail.label_of()[class_id]
         projected = self.projected_features(label)
-        z, real, noise = (item.to(self.device, non_blocking=True) if torch.is_tensor(item)
-                          else [n.to(self.device, non_blocking=True) for n in item] for item in inputs)
+        z, real, noise = (item.to(self.device, non_blocking=True) for item in inputs)
         count = z.shape[0]
         if count < batch_size:
             # Every batch has --batch rows, a short one padded with copies of its first image:
             # a kernel's rounding depends on the batch's shape, so an image then depends on
             # --batch, not on which images share its batch (other processes, a folder extended
             # later). One batch shape is also one compiled graph.
-            z, real, *noise = (torch.cat([item, item[:1].expand(batch_size - count, *item.shape[1:])])
-                               for item in (z, real, *noise))
+            z, real, noise = (torch.cat([item, item[:1].expand(batch_size - count, *item.shape[1:])])
+                              for item in (z, real, noise))
         labels = torch.full((z.shape[0],), label, device=self.device, dtype=torch.long)
         # The mapping network stays fp32 under --amp (as StyleGAN2-ADA keeps it); only the
         # synthesis convolutions run in reduced precision.
@@ -203,7 +215,7 @@ class TailSynthesizer:
         truncation_latent = self.mean_latent(label, ratio) if truncation < 1 else None
         if uses_cuda_graphs(self.compile):
             mark_cuda_graph_step()
-        images = self._pixels(styles, labels, noise, truncation, truncation_latent)
+        images = self._pixels(styles, labels, self.noise_maps(noise), truncation, truncation_latent)
         if uses_cuda_graphs(self.compile):
             images = images.clone()  # the graph's output memory is reused by its next replay
         return images[:count].permute(0, 2, 3, 1)

@@ -850,7 +850,7 @@ def test_generation_renders_each_class_with_its_label_and_its_own_real_images(cd
             z, real, noise = synth.batch_inputs(class_id, indices, seed=0)
             labels = torch.full((len(indices),), label)
             styles = g_ema.get_latent(ratio * z + (1 - ratio) * fusion.embed(features)[real], labels)
-            images, _ = g_ema([styles], labels, noise=noise, input_is_latent=True)
+            images, _ = g_ema([styles], labels, noise=synth.noise_maps(noise), input_is_latent=True)
         expected = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         generated = synth.generate(class_id, indices, ratio=ratio, seed=0, batch_size=len(indices))
         assert np.abs(generated.astype(int) - expected.astype(int)).max() <= 1, class_id
@@ -881,8 +881,19 @@ def test_each_image_draws_its_inputs_from_its_own_seed_in_a_fixed_order(trained_
         generator = torch.Generator().manual_seed(image_seed(4, 3, index))
         assert torch.equal(z[row], torch.randn(synth.latent_dim, generator=generator))
         assert real[row] == torch.randint(num_real, (1,), generator=generator)
-        for layer, shape in zip(noise, synth.g_ema.noise_shapes()):
+        for layer, shape in zip(synth.noise_maps(noise), synth.g_ema.noise_shapes()):  # map after map
             assert torch.equal(layer[row:row + 1], torch.randn(1, *shape[1:], generator=generator))
+
+
+def test_one_draw_for_all_noise_maps_equals_map_after_map_at_the_papers_size():
+    """Generation draws an image's noise maps in one call, which torch's CPU sampler makes
+    equal to one call per map (the order earlier versions drew in) when every map's size is
+    a multiple of 16, as at 256 px."""
+    shapes = Generator(256, 16, 1, num_classes=2, channel_max=16).noise_shapes()
+    assert shapes[-1][-1] == 128 and all(math.prod(shape) % 16 == 0 for shape in shapes)
+    one_call = torch.randn(sum(math.prod(shape) for shape in shapes), generator=torch.Generator().manual_seed(9))
+    generator = torch.Generator().manual_seed(9)
+    assert torch.equal(one_call, torch.cat([torch.randn(shape, generator=generator).flatten() for shape in shapes]))
 
 
 def test_generation_checks_every_real_image_first_and_can_skip_unreadable_ones(trained_ckpt, tmp_path, capsys):
