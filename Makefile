@@ -1,7 +1,10 @@
 # `make test` is the project's test command (CI runs it through .ci/run).
 PYTHON ?= python3
 VENV := .venv
+# `make gpu-check PY=python3` (any target) runs in an environment that already has torch and
+# the other requirements, a GPU machine's own CUDA build say, instead of building .venv.
 PY := $(VENV)/bin/python
+ENV := $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 
 .PHONY: test test-oldest demo smoke bench gpu-check venv clean
 
@@ -13,7 +16,7 @@ $(VENV)/.installed: requirements.txt
 
 venv: $(VENV)/.installed
 
-test: venv
+test: $(ENV)
 	$(PY) -m pytest -q tests
 
 # The suite on the oldest PyTorch we support, torch 2.1 (its wheels need numpy 1.x). Not part
@@ -30,21 +33,21 @@ test-oldest: $(OLDEST)/.installed
 	$(OLDEST)/bin/python -m pytest -q tests
 
 # The whole pipeline on a small synthetic dataset, CPU only, offline (reruns from scratch).
-demo: venv
+demo: $(ENV)
 	$(PY) data/demo.py --out demo-run --overwrite
 
 # CDTG trained with random SIGKILLs and resumes must match an uninterrupted run (minutes).
-smoke: venv
+smoke: $(ENV)
 	$(PY) tests/long_run_smoke.py --work runs/smoke
 
 # Speed figures (not part of `make test`; nothing is asserted): printed and appended to
 # runs/bench/*.jsonl. The paper configuration on a GPU, a tiny one on a CPU.
-bench: venv
+bench: $(ENV)
 	$(PY) benchmarks/bench_resnet.py
 	$(PY) benchmarks/bench_cdtg.py
 
 # On a machine with a GPU: the CUDA checks that CI (no GPU) skips, then the benchmarks.
-gpu-check: venv
+gpu-check: $(ENV)
 	$(PY) -m pytest -q tests/test_cuda.py
 	$(MAKE) bench
 
