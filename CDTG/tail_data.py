@@ -26,7 +26,7 @@ from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, rem
 from tgn.run_folder import check_own_run_folder
 from tgn.runlock import claim_folder
 from tgn.resnet import load_feature_resnet
-from tgn.split import check_official_order, check_split_matches, load_split
+from tgn.split import check_model_classes, check_split_matches, load_split
 
 IMAGE_LIST = "train.txt"
 MANIFEST_FORMAT = "tgn-cdtg-data/1"
@@ -168,14 +168,8 @@ def check_prompts_name_classes(tail):
 def load_teacher(path, tail):
     """The tail model M_T, checked against the tail classes (count, and ids where recorded)."""
     teacher, checkpoint = load_feature_resnet(path, "tail model (--teacher)")
-    if teacher.config["num_classes"] != len(tail.classes):
-        raise UserError(f"--teacher {path} has {teacher.config['num_classes']} classes, "
-                        f"the tail data has {len(tail.classes)}")
-    if "state_dict" not in checkpoint:
-        check_official_order([c["train_count"] for c in tail.classes], f"--teacher {path}", tail.folder / TAIL_MANIFEST)
-    ids = checkpoint.get("class_ids") if "state_dict" in checkpoint else None
-    if ids is not None and list(ids) != tail.ids:
-        raise UserError(f"--teacher {path} was trained on classes {ids}, the tail classes are {tail.ids}")
+    check_model_classes(f"--teacher {path}", checkpoint, teacher.config["num_classes"], tail.ids,
+                        [c["train_count"] for c in tail.classes], "the tail data")
     if checkpoint.get("distilled") is False:
         warnings.warn(f"--teacher {path} was written by a Distill.py run too short to distill it (the tail model "
                       "as given)")

@@ -29,7 +29,7 @@ from tgn.resnet import load_feature_resnet
 from tgn.resume import check_resume, epochs_done, last_state, resuming_line
 from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
 from tgn.sampling import epoch_seed
-from tgn.split import check_official_order
+from tgn.split import check_model_classes
 from tgn.stopping import EpochProgress, saved_if_stopped, stop_between_steps, stop_if_requested
 
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
@@ -212,16 +212,8 @@ def load_group_model(path, split, group):
     model.training_size = (checkpoint.get("options") or {}).get("image_size", OFFICIAL_IMAGE_SIZE)
     if checkpoint.get("group", group) != group:  # first: the likeliest mix-up, and the clearest message
         raise UserError(f"{path} is the {checkpoint['group']} model; the {group} model is needed here")
-    expected = len(split.ids(group))
-    if model.config["num_classes"] != expected:
-        raise UserError(f"{path} has {model.config['num_classes']} classes, the split's {group} group has {expected}")
-    if "state_dict" not in checkpoint:
-        check_official_order([split.train_counts[cid] for cid in split.ids(group)], path, f"the split's {group} group")
-    else:
-        ids = checkpoint.get("class_ids")
-        if ids is not None and list(ids) != list(split.ids(group)):
-            raise UserError(f"{path} was trained on classes {ids}, the split's {group} classes are {split.ids(group)} "
-                            "(another split?)")
+    check_model_classes(path, checkpoint, model.config["num_classes"], split.ids(group),
+                        [split.train_counts[cid] for cid in split.ids(group)], f"the split's {group} group")
     return model
 
 

@@ -145,6 +145,24 @@ def test_official_weights_accept_a_group_with_tied_training_counts():
         check_official_order([4, 8, 4], "official.pth", "the listing")
 
 
+def test_a_models_classes_are_checked_by_count_official_order_and_recorded_ids():
+    """M_H, M_T and CDTG's teacher: the output count always; an official bare state dict
+    by the training-count order; ours by the class ids they record (older ones record none)."""
+    from tgn.errors import UserError
+    from tgn.split import check_model_classes
+
+    ours, official = {"state_dict": {}, "class_ids": [4, 2]}, {"conv1.weight": None}
+    check_model_classes("M_T.pth", ours, 2, [4, 2], [5, 9], "the tail data")  # ours: the ids, not the counts
+    check_model_classes("M_T.pth", {"state_dict": {}}, 2, [4, 2], [5, 9], "the tail data")  # no ids recorded
+    check_model_classes("M_T.pth", official, 2, [2, 4], [9, 5], "the tail data")
+    for checkpoint, num_classes, ids, counts, message in (
+            (ours, 3, [4, 2], [5, 9], "M_T.pth has 3 classes, the tail data has 2"),
+            (ours, 2, [2, 4], [9, 5], r"M_T.pth was trained on classes \[4, 2\], the tail data has \[2, 4\]"),
+            (official, 2, [4, 2], [5, 9], "M_T.pth is an official file")):
+        with pytest.raises(UserError, match=message):
+            check_model_classes("M_T.pth", checkpoint, num_classes, ids, counts, "the tail data")
+
+
 def test_a_split_json_edited_by_hand_is_refused(toy_data, tmp_path):
     """A split.json whose counts were edited by hand does not load as if made from DATA."""
     from KMDN.dataset_split import main as split_main

@@ -56,6 +56,19 @@ def check_official_order(counts, source, listing):
                         "make the split (and the CDTG tail data) again")
 
 
+def check_model_classes(source, checkpoint, num_classes, ids, counts, listing):
+    """A ResNet's outputs against the classes `listing` names (`ids` and their training
+    `counts`, in output order): their number always; an official bare state dict, which
+    records no classes, by the training-count order; ours by the class ids they record."""
+    if num_classes != len(ids):
+        raise UserError(f"{source} has {num_classes} classes, {listing} has {len(ids)}")
+    if "state_dict" not in checkpoint:
+        check_official_order(counts, source, listing)
+    elif checkpoint.get("class_ids") is not None and list(checkpoint["class_ids"]) != list(ids):
+        raise UserError(f"{source} was trained on classes {checkpoint['class_ids']}, {listing} has {list(ids)} "
+                        "(another split?)")
+
+
 def fingerprint(class_names, train_counts):
     """Identifies the dataset a split was made from (class ids, names, training counts)."""
     text = ";".join(f"{cid}:{class_names[cid]}:{train_counts[cid]}" for cid in sorted(class_names))
