@@ -16,17 +16,17 @@ import torch.nn.functional as F
 from KMDN.flags import OFFICIAL_IMAGE_SIZE
 from KMDN.stage import checkpoint_meta, group_datasets, open_split
 from tgn import distributed as dist
-from tgn.checkpoint import check_fits, load_checkpoint, load_weights, save_checkpoint
+from tgn.checkpoint import check_fits, load_weights, save_checkpoint
 from tgn.cli import training_config
 from tgn.compat import grad_scaler
 from tgn.engine import (check_one_image_batches, evaluate, keep_evaluation_workers, make_loader, prepare_model,
-                        ran_with, seed_everything, train_one_epoch, uses_cuda_graphs)
+                        ran_with, resume_from_last, seed_everything, train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError, alike_in_every_process
-from tgn.io import append_jsonl, read_json, trim_jsonl
+from tgn.io import append_jsonl, read_json
 from tgn.metrics import format_percent
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
 from tgn.resnet import load_feature_resnet
-from tgn.resume import check_resume, epochs_done, last_state, resuming_line
+from tgn.resume import check_resume, epochs_done, last_state
 from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
 from tgn.sampling import epoch_seed
 from tgn.split import check_model_classes
@@ -111,22 +111,16 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
         optimizers[group] = make_optimizer(models[group], cfg)
         scalers[group] = grad_scaler(device) if cfg.amp == "fp16" else None
     best = {group: -math.inf for group in models}
-    start_epoch, unfinished = 0, EpochProgress()
-    if resume and (out_dir / "last.pth").exists():
-        with alike_in_every_process():  # every process reads the same file: one line, from rank 0
-            state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
-            for group in models:
-                load_weights(models[group], state["models"][group], out_dir / "last.pth")
-                restore_optimizer(optimizers[group], state["optimizers"][group])
-                if scalers[group] is not None and (state.get("scalers") or {}).get(group):
-                    scalers[group].load_state_dict(state["scalers"][group])
-        best = state["best"]
-        start_epoch = state["epoch"] + 1
-        unfinished = EpochProgress.saved(state, start_epoch)
-        if main:
-            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs, unfinished.steps))
-    if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
-        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
+
+    def restore(state):
+        for group in models:
+            load_weights(models[group], state["models"][group], out_dir / "last.pth")
+            restore_optimizer(optimizers[group], state["optimizers"][group])
+            if scalers[group] is not None and (state.get("scalers") or {}).get(group):
+                scalers[group].load_state_dict(state["scalers"][group])
+        best.update(state["best"])
+
+    start_epoch, unfinished = resume_from_last(out_dir, resume, cfg.epochs, restore)
     loaders, loaders_group = None, None
     precision = {"amp": cfg.amp, "channels_last": cfg.channels_last}
     cuda_graphs = uses_cuda_graphs(cfg.compile)

@@ -290,6 +290,26 @@ def ran_with(cfg):
     return {"amp": cfg.amp, "channels_last": cfg.channels_last, "processes": dist.world_size()}
 
 
+def resume_from_last(out_dir, resume, epochs, restore):
+    """Where a run goes on: (first epoch to train, its EpochProgress).
+    With `resume` and an OUT/last.pth, `restore(state)` loads its weights and optimizers, in
+    every process alike, and rank 0 says where the run resumes. Rank 0 then drops the lines of
+    metrics.jsonl logged after the checkpoint (or, without one, by a run killed before it)."""
+    out_dir = Path(out_dir)
+    start_epoch, unfinished = 0, EpochProgress()
+    if resume and (out_dir / "last.pth").exists():
+        with alike_in_every_process():  # every process reads the same file: one line, from rank 0
+            state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
+            restore(state)
+        start_epoch = state["epoch"] + 1
+        unfinished = EpochProgress.saved(state, start_epoch)
+        if dist.is_main():
+            print(resuming_line(out_dir / "last.pth", start_epoch, epochs, unfinished.steps))
+    if dist.is_main():
+        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
+    return start_epoch, unfinished
+
+
 def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross_entropy_loss, resume=False,
         head=None, tail=None, train_weights=None, desc="epoch"):
     """Train with Adam and step learning rates; evaluate, log and checkpoint every epoch.
@@ -306,23 +326,17 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
     optimizer = make_optimizer(model, cfg)
     scaler = grad_scaler(device) if cfg.amp == "fp16" else None
     result = TrainResult()
-    start_epoch, unfinished = 0, EpochProgress()
-    if resume and (out_dir / "last.pth").exists():
-        with alike_in_every_process():  # every process reads the same file: one line, from rank 0
-            state = load_checkpoint(out_dir / "last.pth", "checkpoint to resume")
-            check_same_data(state, meta, out_dir / "last.pth")
-            load_weights(model, state["state_dict"], out_dir / "last.pth")
-            restore_optimizer(optimizer, state["optimizer"])
+
+    def restore(state):
+        check_same_data(state, meta, out_dir / "last.pth")
+        load_weights(model, state["state_dict"], out_dir / "last.pth")
+        restore_optimizer(optimizer, state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
-        unfinished = EpochProgress.saved(state, start_epoch)
-        if main:
-            print(resuming_line(out_dir / "last.pth", start_epoch, cfg.epochs, unfinished.steps))
         result.best_accuracy = state.get("best_accuracy", -math.inf)
         result.best_epoch = state.get("best_epoch", -1)
-    if main:  # lines logged after the checkpoint (or, without one, by a run killed before it) go
-        trim_jsonl(out_dir / "metrics.jsonl", "epoch", start_epoch)  # logged epochs are 1-based
+
+    start_epoch, unfinished = resume_from_last(out_dir, resume, cfg.epochs, restore)
     num_classes = len(meta["class_ids"])
     test_loader = make_loader(test_set, cfg.batch_size, train=False, workers=cfg.workers, device=device,
                               persistent=keep_evaluation_workers(), pin_memory=cfg.pin_memory)
