@@ -10,8 +10,8 @@ ENV := $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
 venv: $(VENV)/.installed
