@@ -139,8 +139,9 @@ class TailSynthesizer:
         return [math.prod(shape[1:]) for shape in self.g_ema.noise_shapes()]
 
     def noise_maps(self, noise):
-        """The generator's noise maps [N, 1, H, W] (contiguous) from batch_inputs' rows."""
-        return [part.unflatten(1, shape[1:]).contiguous()
+        """The generator's noise maps [N, 1, H, W] from batch_inputs' rows (views: the maps
+        are only added, which takes them strided as they are)."""
+        return [part.unflatten(1, shape[1:])
                 for part, shape in zip(noise.split(self.noise_sizes(), dim=1), self.g_ema.noise_shapes())]
 
     def draw_image_inputs(self, seed, class_id, index, num_real, z, noise):

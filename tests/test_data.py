@@ -26,6 +26,13 @@ def test_file_names_with_spaces(tmp_path):
     assert image.shape == (3, 8, 8) and label.item() == 1
 
 
+def test_every_pixel_value_scales_to_the_official_value_bit_for_bit():
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=2)
+    official = transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(transforms.ToTensor()(Image.fromarray(pixels)))
+    ours = model_input(torch.from_numpy(pixels).permute(2, 0, 1)[None], torch.device("cpu"))[0]
+    assert torch.equal(ours, official)
+
+
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_uint8_batches_scaled_on_the_device_are_the_official_preprocessing(tmp_path, train, channels_last):

@@ -564,6 +564,26 @@ def test_distillation_resume_equals_uninterrupted_run(split_dir, tmp_path):
             assert torch.equal(value, b["models"][group][key]), (group, key)
 
 
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="fp16 on CPUs needs the loss scaler of torch 2.3")
+def test_a_resumed_fp16_distillation_continues_with_its_students_saved_loss_scale(split_dir, tmp_path):
+    """As for the other trainers: the student's fp16 loss scale comes back with --resume
+    (set to 1024 by hand), not 65536 again."""
+    kmdn = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(kmdn), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(kmdn), "--epochs", "1", *TINY])
+    run = ["--split", str(split_dir), "--out", str(kmdn), "--distill-interval", "2", "--image-size", "16",
+           "--batch-size", "8", "--workers", "0", "--amp", "fp16"]
+    distill_main([*run, "--epochs", "1"])
+    last = kmdn / "distill" / "last.pth"
+    state = load_checkpoint(last)
+    assert set(state["scalers"]) == {"head", "tail"}
+    for scaler in state["scalers"].values():
+        scaler["scale"] = 1024.0
+    atomic_torch_save(last, state)
+    distill_main([*run, "--epochs", "2", "--resume"])  # the same student as in the first epoch
+    assert all(scaler["scale"] <= 1024.0 for scaler in load_checkpoint(last)["scalers"].values())
+
+
 def test_distillation_resumes_only_on_the_data_it_started_with(toy_data, split_dir, tmp_path, capsys):
     kmdn = tmp_path / "kmdn"
     for main in (umodel_main, rmodel_main):
