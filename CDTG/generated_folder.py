@@ -5,7 +5,7 @@ import json
 import re
 import shutil
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -60,16 +60,19 @@ def existing_indices(folder):
 class JpegWriter:
     """Encodes and writes batches in worker threads (PIL releases the GIL while encoding)
     while the caller generates the next batch. A batch's images go into hidden temp files
-    and are renamed into place together once on disk (tgn.io.publish: one flush of the
-    file system for the batch, not an fsync per image), so an image under its final name is
-    always complete. At most `max_pending` batches wait, so memory stays bounded when the
-    disk is slower than the generator."""
+    and are renamed into place once on disk (tgn.io.publish), so an image under its final
+    name is always complete. One flush of the file system serves every batch whose images
+    are all written by the time the oldest one is: a flush can take tens of milliseconds (a
+    virtual machine's disk), and one per batch would then set the pace. At most
+    `max_pending` batches wait, so memory stays bounded when the disk is slower than the
+    generator."""
 
-    def __init__(self, workers, quality, max_pending=2):
+    def __init__(self, workers, quality, max_pending=4):
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
         self.publisher = ThreadPoolExecutor(max_workers=1)  # batches reach their names in order
         self.quality, self.max_pending = quality, max_pending
-        self.pending = deque()
+        self.pending = deque()  # a future per batch, done once its images have their names
+        self.unpublished = deque()  # (image writes, that future), oldest first: the publisher's
 
     def submit(self, folder, indices, images):
         """Queue a batch: a uint8 array [N, H, W, 3] or HostImages still on its way."""
@@ -79,7 +82,10 @@ class JpegWriter:
         if not isinstance(images, HostImages):
             images = HostImages(torch.as_tensor(np.asarray(images)))
         writes = [self.pool.submit(self._write_one, folder / image_name(i), images, k) for k, i in enumerate(indices)]
-        self.pending.append(self.publisher.submit(self._publish, writes))
+        published = Future()
+        self.unpublished.append((writes, published))
+        self.pending.append(published)
+        self.publisher.submit(self._publish_ready)
 
     def _write_one(self, path, images, position):
         return self._write(path, images.numpy()[position])
@@ -90,21 +96,47 @@ class JpegWriter:
         image = Image.fromarray(np.ascontiguousarray(pixels))
         return write_pending(path, lambda handle: image.save(handle, format="JPEG", quality=self.quality))
 
+    def _publish_ready(self):
+        """Once the oldest unpublished batch is written, publish it with every later batch
+        already written: one flush, then their renames. A batch with an image that failed
+        gets none of its images (its error is raised to the caller); the others still go."""
+        if not self.unpublished:
+            return  # this call's batch went with an earlier one
+        batches = [self.unpublished.popleft()]
+        wait(batches[0][0])
+        while self.unpublished and all(job.done() for job in self.unpublished[0][0]):
+            batches.append(self.unpublished.popleft())
+        try:
+            self._publish(batches)
+        except BaseException as exc:  # never leave the caller waiting for a batch
+            for _, published in batches:
+                if not published.done():
+                    published.set_exception(exc)
+
     @staticmethod
-    def _publish(writes):
-        """Once every image of the batch is written: all of them into place, or none (the
-        first error is raised, the temp files removed)."""
-        written, error = [], None
-        for job in writes:
-            try:
-                written.append(job.result())
-            except BaseException as exc:
-                error = error or exc
-        if error is not None:
-            for tmp, _ in written:
-                Path(tmp).unlink(missing_ok=True)
-            raise error
-        publish(written)
+    def _publish(batches):
+        ready = []
+        for writes, published in batches:
+            written, error = [], None
+            for job in writes:
+                try:
+                    written.append(job.result())
+                except BaseException as exc:
+                    error = error or exc
+            if error is None:
+                ready.append((written, published))
+            else:
+                for tmp, _ in written:
+                    Path(tmp).unlink(missing_ok=True)
+                published.set_exception(error)
+        try:
+            publish([pair for written, _ in ready for pair in written])
+        except BaseException as exc:
+            for _, published in ready:
+                published.set_exception(exc)
+        else:
+            for _, published in ready:
+                published.set_result(None)
 
     def _finish_oldest(self):
         self.pending.popleft().result()

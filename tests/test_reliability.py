@@ -8,7 +8,9 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import wait
 from pathlib import Path
 
 import numpy as np
@@ -483,9 +485,40 @@ def test_generated_images_are_flushed_before_they_get_their_names(tmp_path, monk
         writer.submit(tmp_path / "3", [4, 5], jpeg_batch(2))
     folder_inode = os.stat(tmp_path / "3").st_ino
     names = [f"gen_{i:06d}.jpg" for i in range(6)]
-    assert seen == [([], folder_inode), (names[:4], folder_inode)]  # one flush a batch, before its renames
+    # Before any rename: one flush for both batches, or one each (the second written after the
+    # first was flushed), each before its batch's renames.
+    assert seen in ([([], folder_inode)], [([], folder_inode), (names[:4], folder_inode)])
     assert not fsyncs  # not one per image
     assert sorted(p.name for p in (tmp_path / "3").iterdir()) == names
+
+
+def test_batches_written_while_the_oldest_is_still_written_share_its_flush(tmp_path, monkeypatch):
+    import tgn.io
+    from CDTG.generated_folder import JpegWriter
+
+    flushes = []
+    monkeypatch.setattr(tgn.io, "SYNCFS", lambda fd: flushes.append(sorted(os.listdir(tmp_path))) or 0)
+    writer = JpegWriter(workers=3, quality=90, max_pending=3)
+    release, original = threading.Event(), writer._write
+
+    def first_image_waits(path, pixels):
+        if path.name == "gen_000000.jpg":
+            release.wait()
+        return original(path, pixels)
+
+    monkeypatch.setattr(writer, "_write", first_image_waits)
+    jobs, submit = [], writer.pool.submit
+    monkeypatch.setattr(writer.pool, "submit", lambda *args: jobs.append(submit(*args)) or jobs[-1])
+    with writer:
+        try:
+            for index in range(3):  # three batches of one image
+                writer.submit(tmp_path, [index], jpeg_batch(1))
+            wait(jobs[1:], timeout=10)
+            assert all(job.done() for job in jobs[1:]) and not flushes
+        finally:
+            release.set()  # a failure must not leave the writer waiting forever
+    assert len(flushes) == 1 and not any(name.startswith("gen_") for name in flushes[0])  # before the renames
+    assert sorted(os.listdir(tmp_path)) == [f"gen_{i:06d}.jpg" for i in range(3)]
 
 
 def test_without_syncfs_each_generated_image_is_fsynced(tmp_path, monkeypatch):
