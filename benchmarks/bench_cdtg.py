@@ -11,12 +11,14 @@ CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp) a
 per step and peak GPU memory. Generation: CDTG/generation.py's own pipeline (seeded
 inputs, g_ema, JPEG encoding and writing) at --batch 1 with the fused conv (the official
 way) and at the default batch, plus the render alone and the rest alone (the CPU side's
-ceiling), and on GPUs with --amp bf16, a
+ceiling; records with JPEGs also hold flush_ms, the file system's flush time), and on GPUs
+with --amp bf16, a
 4x larger batch and --compile (default and reduce-overhead, also without JPEG writing; compiled before the timing). Models have random weights (nothing is downloaded): timing depends on
 shapes, not values. Results are appended as JSON lines to --out.
 """
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -40,6 +42,7 @@ from tgn.data import Entry, write_annotation  # noqa: E402
 from CDTG.config import GanConfig  # noqa: E402
 from CDTG.trainer import CdtgTrainer, accumulate  # noqa: E402
 from tgn.distributed import resolve_device  # noqa: E402
+from tgn.io import SYNCFS, flush_file_system  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
 
 
@@ -131,6 +134,20 @@ def write_tail_data(folder, size, images=16):
     return tail
 
 
+def flush_milliseconds(folder, repeats=5):
+    """The median time of one flush of `folder`'s file system (what publishing a batch waits
+    for; None where there is no syncfs), each after writing a batch's worth of data there."""
+    if SYNCFS is None:
+        return None
+    times = []
+    for index in range(repeats):
+        (folder / f"flush-{index}").write_bytes(os.urandom(64 * 40_000))  # 64 JPEGs of 256 px at quality 95
+        started = time.perf_counter()
+        flush_file_system(folder)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(sorted(times)[repeats // 2], 2)
+
+
 def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpeg=True, images=None, compile="off",
                      render=True):
     """CDTG/generation.py's own path: per-image seeded inputs drawn by a thread, g_ema, copy to
@@ -151,12 +168,14 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             synth.render = lambda class_id, inputs, **options: ready[: inputs[0].shape[0]]
         common = dict(class_ids=[0], ratio=0.05, seed=0, truncation=1.0, batch_size=batch, quality=95,
                       workers=args.jpeg_workers)
+        flush_ms = None
         if write_jpeg:
             run_generation(synth, folder / "warmup", per_class=2 * batch, **common)  # cuDNN autotuning, warm pools
             synchronize(device)
             started = time.perf_counter()
             run_generation(synth, folder / "timed", per_class=images, **common)
             seconds = time.perf_counter() - started
+            flush_ms = flush_milliseconds(folder)
         else:
             inputs = synth.batch_inputs(0, list(range(batch)), seed=0)
 
@@ -167,7 +186,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             images = batch * max(1, images // batch)
     return {"bench": "generation", "batch": batch, "modconv": modconv, "amp": amp, "compile": compile,
             "jpeg": write_jpeg, "render": render, "jpeg_workers": args.jpeg_workers if write_jpeg else None,
-            "images": images, "images_per_second": round(images / seconds, 1)}
+            "images": images, "images_per_second": round(images / seconds, 1), "flush_ms": flush_ms}
 
 
 def main(argv=None):

@@ -141,7 +141,7 @@ def publish(pending):
     pending = list(pending)
     if SYNCFS is not None:
         for folder in sorted({Path(path).parent for _, path in pending}):
-            failure = _syncfs(folder)
+            failure = flush_file_system(folder)
             if failure:
                 for tmp, _ in pending:
                     Path(tmp).unlink(missing_ok=True)
@@ -150,7 +150,7 @@ def publish(pending):
         _rename_into_place(tmp, path)
 
 
-def _syncfs(folder):
+def flush_file_system(folder):
     """Flush the file system holding `folder`; the reason it failed, or None."""
     try:
         fd = os.open(folder, os.O_RDONLY)
