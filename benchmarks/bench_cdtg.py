@@ -7,14 +7,14 @@
 Training step (all losses back-propagated, averaged over a whole regulariser cycle): the
 official fused modulated conv against our default shared-weight one, with and without the
 CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp) and with
---compile (compiled in the warm-up steps); seconds
-per step and peak GPU memory. Generation: CDTG/generation.py's own pipeline (seeded
-inputs, g_ema, JPEG encoding and writing) at --batch 1 with the fused conv (the official
-way) and at the default batch, plus the render alone and the rest alone (the CPU side's
-ceiling; records with JPEGs also hold flush_ms, the file system's flush time), and on GPUs
-with --amp bf16, a
-4x larger batch and --compile (default and reduce-overhead, also without JPEG writing; compiled before the timing). Models have random weights (nothing is downloaded): timing depends on
-shapes, not values. Results are appended as JSON lines to --out.
+--compile (compiled in the warm-up steps); seconds per step and peak GPU memory. Generation:
+CDTG/generation.py's own pipeline (seeded inputs, g_ema, JPEG encoding and writing) at
+--batch 1 with the fused conv (the official way) and at the default batch, plus the render
+alone and the rest alone (the CPU side's ceiling; records with JPEGs also hold flush_ms, the
+file system's flush time), and on GPUs with --amp bf16, a 4x larger batch and --compile
+(default and reduce-overhead, also without JPEG writing; compiled before the timing). Models
+have random weights (nothing is downloaded): timing depends on shapes, not values. Results
+are appended as JSON lines to --out.
 """
 import gc
 import json
