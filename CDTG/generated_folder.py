@@ -143,15 +143,22 @@ class JpegWriter:
 
     def drain(self):
         """Wait until every submitted image is on disk."""
+        # One more publishing call, which finds nothing to do unless a Ctrl-C cut `submit`
+        # short between queueing a batch and queueing its call: that batch is published too.
+        self.publisher.submit(self._publish_ready)
         while self.pending:
             self._finish_oldest()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, traceback):
         try:
             self.drain()  # images already generated are still written (each batch atomically)
+        except BaseException:
+            if exc_type is None:
+                raise
+            # The first error (or Ctrl-C) is the one reported, not a later batch's.
         finally:
             self.pool.shutdown()
             self.publisher.shutdown()

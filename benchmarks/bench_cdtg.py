@@ -42,7 +42,7 @@ from tgn.data import Entry, write_annotation  # noqa: E402
 from CDTG.config import GanConfig  # noqa: E402
 from CDTG.trainer import CdtgTrainer, accumulate  # noqa: E402
 from tgn.distributed import resolve_device  # noqa: E402
-from tgn.io import SYNCFS, flush_file_system  # noqa: E402
+import tgn.io  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
 
 
@@ -135,15 +135,17 @@ def write_tail_data(folder, size, images=16):
 
 
 def flush_milliseconds(folder, repeats=5):
-    """The median time of one flush of `folder`'s file system (what publishing a batch waits
-    for; None where there is no syncfs), each after writing a batch's worth of data there."""
-    if SYNCFS is None:
+    """The median time of one flush of `folder`'s file system, where the case wrote its images
+    (what publishing batches waits for; None without syncfs, or if the flush fails), each
+    after writing a batch's worth of data there."""
+    if tgn.io.SYNCFS is None:
         return None
     times = []
     for index in range(repeats):
         (folder / f"flush-{index}").write_bytes(os.urandom(64 * 40_000))  # 64 JPEGs of 256 px at quality 95
         started = time.perf_counter()
-        flush_file_system(folder)
+        if tgn.io.flush_file_system(folder):
+            return None
         times.append((time.perf_counter() - started) * 1000)
     return round(sorted(times)[repeats // 2], 2)
 

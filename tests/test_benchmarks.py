@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tgn.engine
+import tgn.io
 from conftest import ROOT
 
 
@@ -46,6 +47,9 @@ def test_cdtg_benchmark_writes_a_record_per_case_with_its_settings(tmp_path):
     assert (cpu_side["jpeg"], cpu_side["render"], cpu_side["jpeg_workers"]) == (True, False, 2)
     assert (batch1["batch"], batch1["modconv"]) == (1, "fused")
     assert all(r["images_per_second"] > 0 and r["images"] >= r["batch"] for r in (render, cpu_side, batch1))
+    assert render["flush_ms"] is None  # no JPEGs written
+    if tgn.io.SYNCFS is not None:  # Linux
+        assert cpu_side["flush_ms"] > 0 and batch1["flush_ms"] > 0
 
 
 def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_path, capsys):

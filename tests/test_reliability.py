@@ -557,6 +557,68 @@ def test_a_failed_batch_leaves_none_of_its_images(tmp_path, monkeypatch, failure
     assert list(tmp_path.iterdir()) == []  # no image of the batch, no temp file
 
 
+def test_a_ctrl_c_inside_submit_neither_hangs_the_writer_nor_loses_the_batch(tmp_path):
+    """Ctrl-C between queueing a batch and queueing its publishing call: leaving the writer
+    still publishes that batch instead of waiting for it forever."""
+    from CDTG.generated_folder import JpegWriter
+
+    def scenario():
+        writer = JpegWriter(workers=2, quality=90)
+        calls, submit = [], writer.publisher.submit
+
+        def interrupted_second_call(fn):
+            calls.append(fn)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return submit(fn)
+
+        writer.publisher.submit = interrupted_second_call
+        with pytest.raises(KeyboardInterrupt):
+            with writer:
+                writer.submit(tmp_path, [0, 1], jpeg_batch(2))
+                writer.submit(tmp_path, [2, 3], jpeg_batch(2))
+
+    thread = threading.Thread(target=scenario, daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the writer waits for a batch nobody publishes"
+    assert sorted(os.listdir(tmp_path)) == [f"gen_{i:06d}.jpg" for i in range(4)]
+
+
+def test_a_ctrl_c_is_reported_rather_than_a_later_batchs_error(tmp_path, monkeypatch):
+    from CDTG.generated_folder import JpegWriter
+
+    writer = JpegWriter(workers=2, quality=90)
+
+    def full_disk(path, pixels):
+        raise UserError(f"cannot write {path}: No space left on device")
+
+    monkeypatch.setattr(writer, "_write", full_disk)
+    with pytest.raises(KeyboardInterrupt):
+        with writer:
+            writer.submit(tmp_path, [0, 1], jpeg_batch(2))
+            raise KeyboardInterrupt  # while the batch is still being written
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_rename_leaves_no_temp_file_of_the_files_after_it(tmp_path, monkeypatch):
+    import tgn.io
+
+    pending = [tgn.io.write_pending(tmp_path / f"{name}.jpg", lambda handle: handle.write(b"x")) for name in "abc"]
+    rename = tgn.io._rename_into_place
+
+    def refuse_b(tmp, path):
+        if path.name == "b.jpg":
+            Path(tmp).unlink()
+            raise UserError(f"cannot write {path}: Permission denied")
+        rename(tmp, path)
+
+    monkeypatch.setattr(tgn.io, "_rename_into_place", refuse_b)
+    with pytest.raises(UserError, match="Permission denied"):
+        tgn.io.publish(pending)
+    assert os.listdir(tmp_path) == ["a.jpg"]
+
+
 def test_trim_jsonl_drops_later_and_half_written_records(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"epoch": 1}\n{"epoch": 2}\n{"epoch": 3}\n{"epo')

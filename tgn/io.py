@@ -146,8 +146,13 @@ def publish(pending):
                 for tmp, _ in pending:
                     Path(tmp).unlink(missing_ok=True)
                 raise UserError(f"cannot write into {folder}: {failure}")
-    for tmp, path in pending:
-        _rename_into_place(tmp, path)
+    for position, (tmp, path) in enumerate(pending):
+        try:
+            _rename_into_place(tmp, path)
+        except BaseException:
+            for later, _ in pending[position + 1:]:  # no temp file is left behind
+                Path(later).unlink(missing_ok=True)
+            raise
 
 
 def flush_file_system(folder):
