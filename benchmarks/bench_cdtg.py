@@ -7,20 +7,26 @@
 Training step (all losses back-propagated, averaged over a whole regulariser cycle): the
 official fused modulated conv against our default shared-weight one, with and without the
 CLIP loss, with --fusion-pool (paper: 4, tiny: 1), and on GPUs in bf16 (--amp) and with
---compile (compiled in the warm-up steps); seconds per step and peak GPU memory. Generation:
-CDTG/generation.py's own pipeline (seeded inputs, g_ema, JPEG encoding and writing) at
---batch 1 with the fused conv (the official way) and at the default batch, plus the render
-alone and the rest alone (the CPU side's ceiling; records with JPEGs also hold flush_ms, the
-file system's flush time), and on GPUs with --amp bf16, a 4x larger batch and --compile
-(default and reduce-overhead, also without JPEG writing; compiled before the timing). Models
-have random weights (nothing is downloaded): timing depends on shapes, not values. Results
-are appended as JSON lines to --out.
+--compile (compiled in the warm-up steps); seconds per step and peak GPU memory, and on GPUs
+the host's time to queue a step and the GPU's busy time in it (which of the two sets the
+pace). Generation: CDTG/generation.py's own pipeline (seeded inputs, g_ema, JPEG encoding and
+writing) at --batch 1 with the fused conv (the official way) and at the default batch, plus
+the render alone and the rest alone (the CPU side's ceiling), and on GPUs with --amp bf16, a
+4x larger batch and --compile (default and reduce-overhead, also without JPEG writing;
+compiled before the timing). Records with JPEGs also hold flush_ms (the time one flush of
+the file system takes), the megabytes written, and the seconds spent in each stage of the
+pipeline, summed over its threads (StageClock.PARTS): what the run waited on. Models have
+random weights (nothing is downloaded): timing depends on shapes, not values. Results are
+appended as JSON lines to --out.
 """
+import argparse
+import contextlib
 import gc
 import json
 import os
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -30,11 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from CDTG.clip_loss import ClipConsistencyLoss, import_clip  # noqa: E402
 from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
-from CDTG.generated_folder import run_generation  # noqa: E402
+from CDTG.generated_folder import HostImages, JpegWriter, run_generation  # noqa: E402
 from CDTG.synthesis import TailSynthesizer  # noqa: E402
 from CDTG.tail_data import IMAGE_LIST, TailClasses  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
@@ -75,6 +83,49 @@ def timed(fn, device, warmup, repeats):
     return (time.perf_counter() - started) / repeats
 
 
+def activity_spans(profiled, device_type=DeviceType.CUDA):
+    """(start, end) in seconds of every activity of one device type a torch.profiler run
+    recorded, read from its raw results: turning 100,000 kernels into FunctionEvents takes
+    seconds of device time a benchmark session cannot spare."""
+    spans = []
+    for event in profiled.profiler.kineto_results.events():
+        if event.device_type() == device_type:
+            if hasattr(event, "start_ns"):
+                spans.append((event.start_ns() / 1e9, event.end_ns() / 1e9))
+            else:  # torch before 2.2
+                spans.append((event.start_us() / 1e6, (event.start_us() + event.duration_us()) / 1e6))
+    return spans
+
+
+def busy_seconds(spans):
+    """Seconds covered by any of the (start, end) spans: work on overlapping streams counts once."""
+    busy, reached = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        busy += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return busy
+
+
+def host_and_gpu_seconds(fn, device, repeats):
+    """Seconds per call (means) that the host takes to queue `fn`'s work (each call starts on
+    an idle GPU, so none waits for a full queue) and that the GPU is busy with it (profiled).
+    A host time near the step time means the host's Python and launches set the pace (fewer
+    ops, --compile or CUDA graphs help); a busy time near it, the GPU's kernels."""
+    host = 0.0
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        host += time.perf_counter() - started
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as profiled:
+        for _ in range(repeats):
+            fn()
+        synchronize(device)
+    busy = busy_seconds(activity_spans(profiled))
+    return host / repeats, (busy / repeats if busy > 0 else None)  # None: no device events recorded
+
+
 def release(device):
     gc.collect()
     if device.type == "cuda":
@@ -113,10 +164,14 @@ def bench_step(args, device, with_clip, fusion_pool=None, amp="off", modconv="sh
 
     seconds = timed(step, device, args.warmup, args.repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    host = gpu_busy = None
+    if device.type == "cuda" and args.host_and_gpu_time:  # on a CPU both are the step itself
+        host, gpu_busy = host_and_gpu_seconds(step, device, args.repeats)
     fusion_parameters = sum(p.numel() for p in trainer.fusion.parameters())
     return {"bench": "cdtg_step", "clip": with_clip, "fusion_pool": fusion_pool, "amp": amp, "modconv": modconv,
             "compile": compile, "size": args.size, "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats,
-            "fusion_parameters": fusion_parameters, "seconds_per_step": seconds, "peak_gib": peak}
+            "fusion_parameters": fusion_parameters, "seconds_per_step": seconds, "peak_gib": peak,
+            "host_seconds_per_step": host, "gpu_busy_seconds_per_step": gpu_busy}
 
 
 def write_tail_data(folder, size, images=16):
@@ -150,6 +205,63 @@ def flush_milliseconds(folder, repeats=5):
     return round(sorted(times)[repeats // 2], 2)
 
 
+MISSING = object()
+
+
+class StageClock:
+    """Seconds each part of generation takes, summed over the threads that run it, while
+    in `with clock.timing(synth):`; wraps the functions and puts them back after."""
+
+    PARTS = {  # what each reading times, and in which thread
+        "draw": "drawing the seeded inputs (prefetch thread)",
+        "render_call": "queueing the render (main thread; on a GPU it does not wait for the kernels)",
+        "writer_wait": "waiting for the writer to take a batch, and for its last one (main thread)",
+        "gpu_wait": "waiting for a batch's pixels to reach the host (writer threads)",
+        "encode_write": "encoding and writing JPEGs into temp files (writer threads, summed)",
+        "flush": "flushing the file system before renames (publisher thread)",
+        "rename": "renaming the written files into place (publisher thread)",
+    }
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.calls = dict.fromkeys(self.PARTS, 0)
+        self.lock = threading.Lock()
+
+    def wrap(self, part, fn):
+        def timed_call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.seconds[part] += time.perf_counter() - started
+                    self.calls[part] += 1
+        return timed_call
+
+    @contextlib.contextmanager
+    def timing(self, synth):
+        targets = [(synth, "batch_inputs", "draw"), (synth, "render", "render_call"),
+                   (JpegWriter, "_finish_oldest", "writer_wait"), (HostImages, "numpy", "gpu_wait"),
+                   (JpegWriter, "_write", "encode_write"), (tgn.io, "flush_file_system", "flush"),
+                   (tgn.io, "_rename_into_place", "rename")]
+        originals = []
+        try:
+            for owner, name, part in targets:  # a module, a class or the instance
+                originals.append((owner, name, vars(owner).get(name, MISSING)))
+                setattr(owner, name, self.wrap(part, getattr(owner, name)))
+            yield self
+        finally:
+            for owner, name, original in reversed(originals):
+                if original is MISSING:  # the instance reached its class's method
+                    delattr(owner, name)
+                else:
+                    setattr(owner, name, original)
+
+    def record(self):
+        return {"stage_seconds": {part: round(value, 4) for part, value in self.seconds.items()},
+                "flushes": self.calls["flush"]}
+
+
 def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpeg=True, images=None, compile="off",
                      render=True):
     """CDTG/generation.py's own path: per-image seeded inputs drawn by a thread, g_ema, copy to
@@ -170,13 +282,17 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             synth.render = lambda class_id, inputs, **options: ready[: inputs[0].shape[0]]
         common = dict(class_ids=[0], ratio=0.05, seed=0, truncation=1.0, batch_size=batch, quality=95,
                       workers=args.jpeg_workers)
-        flush_ms = None
+        flush_ms, stages = None, {}
         if write_jpeg:
             run_generation(synth, folder / "warmup", per_class=2 * batch, **common)  # cuDNN autotuning, warm pools
             synchronize(device)
-            started = time.perf_counter()
-            run_generation(synth, folder / "timed", per_class=images, **common)
-            seconds = time.perf_counter() - started
+            clock = StageClock()
+            with clock.timing(synth):  # a microsecond or two a call, against about a millisecond an image
+                started = time.perf_counter()
+                run_generation(synth, folder / "timed", per_class=images, **common)
+                seconds = time.perf_counter() - started
+            jpeg_bytes = sum(path.stat().st_size for path in (folder / "timed").rglob("*.jpg"))
+            stages = {**clock.record(), "jpeg_mb": round(jpeg_bytes / 2**20, 2)}
             flush_ms = flush_milliseconds(folder)
         else:
             inputs = synth.batch_inputs(0, list(range(batch)), seed=0)
@@ -188,7 +304,8 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             images = batch * max(1, images // batch)
     return {"bench": "generation", "batch": batch, "modconv": modconv, "amp": amp, "compile": compile,
             "jpeg": write_jpeg, "render": render, "jpeg_workers": args.jpeg_workers if write_jpeg else None,
-            "images": images, "images_per_second": round(images / seconds, 1), "flush_ms": flush_ms}
+            "images": images, "images_per_second": round(images / seconds, 1), "seconds": round(seconds, 4),
+            "flush_ms": flush_ms, **stages}
 
 
 def main(argv=None):
@@ -200,6 +317,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=16,
                         help="timed steps; 16 hold one R1 step and four path-length steps, as training does")
+    parser.add_argument("--host-and-gpu-time", action=argparse.BooleanOptionalAction, default=True,
+                        help="on GPUs, also time each step case's host side (queueing a step on an idle GPU) and "
+                             "its GPU busy time (profiled): which of the two sets the pace")
     parser.add_argument("--generation-batches", type=int, default=8, help="batches timed per generation case")
     parser.add_argument("--jpeg-workers", type=int, default=4, help="JPEG writer threads (generation.py --workers)")
     parser.add_argument("--part", choices=["all", "step", "generation"], default="all")

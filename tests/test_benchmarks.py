@@ -2,6 +2,7 @@
 checked: speed is for `make bench` to print, not for tests to assert)."""
 import importlib.util
 import json
+import time
 import warnings
 
 import pytest
@@ -50,6 +51,51 @@ def test_cdtg_benchmark_writes_a_record_per_case_with_its_settings(tmp_path):
     assert render["flush_ms"] is None  # no JPEGs written
     if tgn.io.SYNCFS is not None:  # Linux
         assert cpu_side["flush_ms"] > 0 and batch1["flush_ms"] > 0
+    assert step["host_seconds_per_step"] is None and step["gpu_busy_seconds_per_step"] is None  # GPUs only
+
+
+def test_generation_records_split_their_time_into_stages(tmp_path):
+    from CDTG.generated_folder import HostImages, JpegWriter
+
+    originals = (JpegWriter._write, JpegWriter._finish_oldest, HostImages.numpy, tgn.io.flush_file_system,
+                 tgn.io._rename_into_place)
+    out = tmp_path / "cdtg.jsonl"
+    load_script("bench_cdtg").main(["--config", "tiny", "--device", "cpu", "--generation-batches", "2",
+                                    "--jpeg-workers", "2", "--out", str(out), "--cases", "gen", "gen-render"])
+    gen, render = records(out)
+    stages = gen["stage_seconds"]
+    assert set(stages) == {"draw", "render_call", "writer_wait", "gpu_wait", "encode_write", "flush", "rename"}
+    assert all(stages[part] > 0 for part in ("draw", "render_call", "encode_write", "rename"))
+    # Thread time summed over the writers cannot pass their number times the run's time.
+    assert stages["encode_write"] <= gen["jpeg_workers"] * gen["seconds"]
+    assert stages["render_call"] <= gen["seconds"]
+    assert gen["flushes"] >= 1 if tgn.io.SYNCFS is not None else gen["flushes"] == 0
+    assert 0 < gen["jpeg_mb"] < 1  # 32 JPEGs of 32 px
+    assert "stage_seconds" not in render  # nothing written, nothing to split
+    # The timed functions are put back.
+    assert originals == (JpegWriter._write, JpegWriter._finish_oldest, HostImages.numpy, tgn.io.flush_file_system,
+                         tgn.io._rename_into_place)
+
+
+def test_busy_time_is_the_union_of_the_activities_spans():
+    bench = load_script("bench_cdtg")
+    # Two streams overlapping, one kernel inside another, then a gap.
+    assert bench.busy_seconds([(20, 25), (0, 10), (5, 12), (6, 8)]) == pytest.approx(17)
+    assert bench.busy_seconds([]) == 0
+    # The spans come from the profiler's raw records (on a CPU, of the CPU's ops).
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    matrix = torch.randn(64, 64)
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in range(5):
+            matrix @ matrix
+    wall = time.perf_counter() - started
+    spans = bench.activity_spans(profiled, DeviceType.CPU)
+    assert len(spans) >= 5 and all(start <= end for start, end in spans)
+    assert 0 < bench.busy_seconds(spans) <= wall
+    assert bench.activity_spans(profiled) == []  # no GPU activity on a CPU
 
 
 def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_path, capsys):

@@ -3,11 +3,12 @@
 Checked: uint8 batches scaled on the GPU give the CPU's values; a ResNet trainer learns with the GPU defaults (bf16 autocast + channels_last), and
 with CUDA graphs (--compile reduce-overhead) as without;
 CDTG trains on the GPU in fp32 and bf16, and compiled (no graph break); generation with
-CUDA graphs matches eager; pipelined generation (inputs drawn by a thread,
+CUDA graphs matches eager; the benchmarks see the GPU's busy time; pipelined generation (inputs drawn by a thread,
 pinned copies, writers that wait on CUDA events) writes exactly what the synchronous path
 computes; the GPU draws the same images as the CPU from the same seeds.
 """
 import json
+import time
 from io import BytesIO
 
 import numpy as np
@@ -169,3 +170,25 @@ def test_cuda_graph_generation_matches_eager(cdtg_checkpoint):
         images[mode] = torch.cat(rendered).cpu().numpy().astype(np.int16)
     assert images["off"].shape == (10, 32, 32, 3)
     assert np.abs(images["off"] - images["reduce-overhead"]).mean() < 1
+
+
+def test_the_benchmarks_gpu_busy_time_sees_the_kernels():
+    """bench_cdtg's host and busy times: large matrix products keep the GPU busy longer than
+    the host takes to queue them, and the profiler reports them as device events."""
+    from test_benchmarks import load_script
+
+    host_and_gpu_seconds = load_script("bench_cdtg").host_and_gpu_seconds
+    matrix = torch.randn(2048, 2048, device="cuda")
+
+    def work():
+        for _ in range(20):
+            matrix @ matrix
+
+    host, busy = host_and_gpu_seconds(work, torch.device("cuda"), repeats=3)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    work()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    assert busy is not None and 0 < busy <= wall * 1.5
+    assert host < wall  # queueing 20 launches takes less than running 20 large products
