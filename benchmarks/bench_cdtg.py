@@ -43,6 +43,7 @@ from CDTG.clip_loss import ClipConsistencyLoss, import_clip  # noqa: E402
 from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
 from CDTG.generated_folder import HostImages, JpegWriter, run_generation  # noqa: E402
+from CDTG.generation import build_parser as generation_parser  # noqa: E402
 from CDTG.synthesis import TailSynthesizer  # noqa: E402
 from CDTG.tail_data import IMAGE_LIST, TailClasses  # noqa: E402
 from tgn.cli import make_parser  # noqa: E402
@@ -189,15 +190,15 @@ def write_tail_data(folder, size, images=16):
     return tail
 
 
-def flush_milliseconds(folder, repeats=5):
+def flush_milliseconds(folder, batch_bytes, repeats=5):
     """The median time of one flush of `folder`'s file system, where the case wrote its images
     (what publishing batches waits for; None without syncfs, or if the flush fails), each
-    after writing a batch's worth of data there."""
+    after writing a batch's worth of data there (`batch_bytes`, as the case's JPEGs)."""
     if tgn.io.SYNCFS is None:
         return None
     times = []
     for index in range(repeats):
-        (folder / f"flush-{index}").write_bytes(os.urandom(64 * 40_000))  # 64 JPEGs of 256 px at quality 95
+        (folder / f"flush-{index}").write_bytes(os.urandom(batch_bytes))
         started = time.perf_counter()
         if tgn.io.flush_file_system(folder):
             return None
@@ -280,7 +281,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             ready = synth.render(0, synth.batch_inputs(0, list(range(batch)), seed=0), ratio=0.05,
                                  batch_size=batch)
             synth.render = lambda class_id, inputs, **options: ready[: inputs[0].shape[0]]
-        common = dict(class_ids=[0], ratio=0.05, seed=0, truncation=1.0, batch_size=batch, quality=95,
+        common = dict(class_ids=[0], ratio=0.05, seed=0, truncation=1.0, batch_size=batch, quality=args.quality,
                       workers=args.jpeg_workers)
         flush_ms, stages = None, {}
         if write_jpeg:
@@ -293,7 +294,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
                 seconds = time.perf_counter() - started
             jpeg_bytes = sum(path.stat().st_size for path in (folder / "timed").rglob("*.jpg"))
             stages = {**clock.record(), "jpeg_mb": round(jpeg_bytes / 2**20, 2)}
-            flush_ms = flush_milliseconds(folder)
+            flush_ms = flush_milliseconds(folder, jpeg_bytes * batch // images)
         else:
             inputs = synth.batch_inputs(0, list(range(batch)), seed=0)
 
@@ -304,6 +305,7 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             images = batch * max(1, images // batch)
     return {"bench": "generation", "batch": batch, "modconv": modconv, "amp": amp, "compile": compile,
             "jpeg": write_jpeg, "render": render, "jpeg_workers": args.jpeg_workers if write_jpeg else None,
+            "quality": args.quality if write_jpeg else None,
             "images": images, "images_per_second": round(images / seconds, 1), "seconds": round(seconds, 4),
             "flush_ms": flush_ms, **stages}
 
@@ -321,7 +323,11 @@ def main(argv=None):
                         help="on GPUs, also time each step case's host side (queueing a step on an idle GPU) and "
                              "its GPU busy time (profiled): which of the two sets the pace")
     parser.add_argument("--generation-batches", type=int, default=8, help="batches timed per generation case")
-    parser.add_argument("--jpeg-workers", type=int, default=4, help="JPEG writer threads (generation.py --workers)")
+    defaults = generation_parser().parse_args(["--ckpt", "unused"])
+    parser.add_argument("--jpeg-workers", type=int, default=defaults.workers,
+                        help="JPEG writer threads (generation.py --workers, whose default is this one's)")
+    parser.add_argument("--quality", type=int, default=defaults.quality,
+                        help="JPEG quality (generation.py --quality, whose default is this one's)")
     parser.add_argument("--part", choices=["all", "step", "generation"], default="all")
     parser.add_argument("--cases", nargs="+", metavar="NAME",
                         help="run only these cases, in this order (default: every case of --part; a wrong name "
@@ -340,7 +346,7 @@ def main(argv=None):
         setattr(args, key, value)
     warnings.simplefilter("ignore")
     gpu = device.type == "cuda"
-    batch, pool = (16, 1) if args.tiny else (64, 4)
+    batch, pool = (16, 1) if args.tiny else (defaults.batch, 4)  # generation.py's --batch on the paper configuration
     steps = {"step-fused": dict(with_clip=True, modconv="fused"), "step": dict(with_clip=True),
              "step-no-clip": dict(with_clip=False), "step-pool": dict(with_clip=True, fusion_pool=pool)}
     if gpu:

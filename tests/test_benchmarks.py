@@ -46,6 +46,7 @@ def test_cdtg_benchmark_writes_a_record_per_case_with_its_settings(tmp_path):
     assert step["seconds_per_step"] > 0
     assert (render["jpeg"], render["render"], render["jpeg_workers"]) == (False, True, None)
     assert (cpu_side["jpeg"], cpu_side["render"], cpu_side["jpeg_workers"]) == (True, False, 2)
+    assert cpu_side["quality"] == 75 and render["quality"] is None  # generation.py's default
     assert (batch1["batch"], batch1["modconv"]) == (1, "fused")
     assert all(r["images_per_second"] > 0 and r["images"] >= r["batch"] for r in (render, cpu_side, batch1))
     assert render["flush_ms"] is None  # no JPEGs written
