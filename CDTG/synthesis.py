@@ -32,6 +32,7 @@ from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
 from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
 from tgn.checkpoint import load_weights, weights_fingerprint
+from tgn.class_names import renamed_class
 from tgn.compat import mark_cuda_graph_step
 from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
@@ -93,6 +94,10 @@ class TailSynthesizer:
         if checkpoint.get("class_ids") not in (None, tail.ids):
             raise UserError(f"{ckpt_path} was trained on classes {checkpoint['class_ids']}, "
                             f"the tail data {data} has {tail.ids}")
+        if (position := renamed_class(checkpoint.get("class_names"), tail.names)) is not None:
+            raise UserError(f"{ckpt_path} was trained with tail class {tail.ids[position]} named "
+                            f"'{checkpoint['class_names'][position]}', the tail data {data} names it "
+                            f"'{tail.names[position]}' (another dataset?)")
         g_ema = Generator(**config)
         load_weights(g_ema, checkpoint["g_ema"], ckpt_path)
         teacher_model = load_teacher(teacher, tail)

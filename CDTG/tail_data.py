@@ -169,7 +169,7 @@ def load_teacher(path, tail):
     """The tail model M_T, checked against the tail classes (count, and ids where recorded)."""
     teacher, checkpoint = load_feature_resnet(path, "tail model (--teacher)")
     check_model_classes(f"--teacher {path}", checkpoint, teacher.config["num_classes"], tail.ids,
-                        [c["train_count"] for c in tail.classes], "the tail data")
+                        [c["train_count"] for c in tail.classes], "the tail data", tail.names)
     if checkpoint.get("distilled") is False:
         warnings.warn(f"--teacher {path} was written by a Distill.py run too short to distill it (the tail model "
                       "as given)")

@@ -12,6 +12,7 @@ from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator
 from CDTG.tail_data import check_prompts_name_classes, load_tail_classes, load_teacher, tail_image_dataset
 from CDTG.trainer import SAMPLES_PER_CLASS, CdtgTrainer, accumulate
 from tgn.checkpoint import check_fits, weights_fingerprint
+from tgn.class_names import renamed_class
 from tgn import distributed as dist
 from tgn.compat import check_compile
 from tgn.engine import seed_everything
@@ -60,6 +61,10 @@ def starting_weights(path, tail, generator, discriminator, g_ema):
     elif state.get("class_ids") != tail.ids:
         raise UserError(f"--init {path} was trained on the tail classes {state.get('class_ids')}, --data has "
                         f"{tail.ids}: its labels would draw other classes")
+    elif (position := renamed_class(state.get("class_names"), tail.names)) is not None:
+        raise UserError(f"--init {path} was trained with tail class {tail.ids[position]} named "
+                        f"'{state['class_names'][position]}', --data names it '{tail.names[position]}': its labels "
+                        "would draw other classes")
     for module, key in ((generator, "g"), (discriminator, "d"), (g_ema, "g_ema")):
         check_fits(module, state[key], f"--init {path}")
     return state

@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
-from tgn.class_names import class_name_key
+from tgn.class_names import renamed_class
 from tgn.errors import UserError
 from tgn.resnet import ARCHS, imagenet_state_dict
 
@@ -65,10 +65,8 @@ def check_classes(meta, model, class_ids, path, data_root, class_names=None):
     num_outputs = model.config["num_classes"]
     if meta.get("class_ids") is not None and list(meta["class_ids"]) != list(class_ids):
         raise UserError(f"{path} was trained on classes {meta['class_ids']}, {data_root} has {list(class_ids)}")
-    keys = [class_name_key(name) for name in meta.get("class_names") or ()]
-    if class_names is not None and keys and keys != [class_name_key(name) for name in class_names]:
-        differ = next(k for k, (a, b) in enumerate(zip(meta["class_names"], class_names))
-                      if class_name_key(a) != class_name_key(b))
+    differ = renamed_class(meta.get("class_names"), class_names or ())
+    if differ is not None:
         raise UserError(f"{path} was trained with class {class_ids[differ]} named '{meta['class_names'][differ]}', "
                         f"{data_root} names it '{class_names[differ]}': another dataset or class numbering")
     if num_outputs != len(class_ids):

@@ -49,8 +49,9 @@ def train_classifier(args):
     images = readable_training_images(images, args.skip_bad_images)  # decodes them only with --skip-bad-images
     train_samples = images.samples
     if args.resume and state is not None:  # the images trained on, as the checkpoint counted them
-        check_same_data(state, {"class_ids": list(class_ids), "train_counts": list(images.real_counts),
-                                "generated_counts": list(images.generated_counts)}, args.out / "last.pth")
+        trained_on = {"class_ids": list(class_ids), "class_names": [info.class_names[cid] for cid in class_ids],
+                      "train_counts": list(images.real_counts), "generated_counts": list(images.generated_counts)}
+        check_same_data(state, trained_on, args.out / "last.pth")
     test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True)
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts, split)
     present = {label for _, label in train_samples}

@@ -207,7 +207,8 @@ def load_group_model(path, split, group):
     if checkpoint.get("group", group) != group:  # first: the likeliest mix-up, and the clearest message
         raise UserError(f"{path} is the {checkpoint['group']} model; the {group} model is needed here")
     check_model_classes(path, checkpoint, model.config["num_classes"], split.ids(group),
-                        [split.train_counts[cid] for cid in split.ids(group)], f"the split's {group} group")
+                        [split.train_counts[cid] for cid in split.ids(group)], f"the split's {group} group",
+                        split.names(group))
     return model
 
 

@@ -129,6 +129,21 @@ def test_resume_refuses_other_generated_images(toy_data, tmp_path, capsys):
     assert (tmp_path / "cls" / "options.json").read_text() == options  # refused before writing anything
 
 
+def test_resume_refuses_a_dataset_that_names_its_classes_otherwise(toy_data, tmp_path, capsys):
+    """Another dataset laid out alike (as many images under the same ids) is not trained on
+    as if it were the one the run started with."""
+    common = ["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--device", "cpu", *TINY]
+    train_main([*common, "--epochs", "1"])
+    capsys.readouterr()
+    classes = json.loads((toy_data / "classes.json").read_text())
+    classes["classes"][3]["name"] = "bridge"
+    (toy_data / "classes.json").write_text(json.dumps(classes))
+    options = (tmp_path / "cls" / "options.json").read_text()
+    err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume"])
+    assert "was trained with class 3 named 'class 3', the data names it 'bridge': resume with the data" in err
+    assert (tmp_path / "cls" / "options.json").read_text() == options  # refused before writing anything
+
+
 def test_resume_refuses_a_last_checkpoint_of_another_shape_before_writing(toy_data, tmp_path, capsys):
     run = tmp_path / "cls"
     common = ["--data-root", str(toy_data), "--out", str(run), "--device", "cpu", *TINY]

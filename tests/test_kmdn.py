@@ -373,3 +373,10 @@ def test_distill_refuses_a_checkpoint_of_other_classes_of_the_group(split_dir, t
                                               str(tmp_path / "other_head.pth"), "--epochs", "1", "--batch-size", "8",
                                               "--workers", "0"])
     assert "was trained on classes [1, 0]" in err and not (out / "distill").exists()
+    # Another dataset's head model, its classes under the same ids, with as many images.
+    atomic_torch_save(tmp_path / "other_head.pth", {**other, "class_ids": [0, 1], "class_names": ["dam", "bridge"]})
+    err = exit_message(capsys, distill_main, ["--split", str(split_dir), "--out", str(out), "--head-ckpt",
+                                              str(tmp_path / "other_head.pth"), "--epochs", "1", "--batch-size", "8",
+                                              "--workers", "0"])
+    assert "was trained with class 0 named 'dam', the split's head group names it" in err
+    assert not (out / "distill").exists()

@@ -1028,3 +1028,18 @@ def test_resume_refuses_a_checkpoint_of_other_class_ids_with_the_same_counts():
     check_same_data(state, {"class_ids": [0, 1, 2], "train_counts": [5, 4, 3]}, "last.pth")
     with pytest.raises(UserError, match="other classes"):
         check_same_data(state, {"class_ids": [1, 2, 3], "train_counts": [5, 4, 3]}, "last.pth")
+
+
+def test_resume_refuses_a_checkpoint_of_other_class_names_with_the_same_ids_and_counts():
+    """Another dataset laid out alike (as many images under the same ids) names its classes
+    otherwise; the names' spelling aside, they must be the checkpoint's."""
+    from tgn.errors import UserError
+    from tgn.resume import check_same_data
+
+    state = {"class_ids": [0, 1], "class_names": ["golf field", "dam"], "train_counts": [5, 4]}
+    check_same_data(state, {"class_ids": [0, 1], "class_names": ["Golf_Field", "dam"], "train_counts": [5, 4]},
+                    "last.pth")
+    check_same_data({**state, "class_names": None}, {"class_ids": [0, 1], "class_names": ["a", "b"]}, "last.pth")
+    with pytest.raises(UserError, match="last.pth was trained with class 1 named 'dam', the data names it 'bridge'"):
+        check_same_data(state, {"class_ids": [0, 1], "class_names": ["golf field", "bridge"], "train_counts": [5, 4]},
+                        "last.pth")

@@ -147,7 +147,8 @@ def test_official_weights_accept_a_group_with_tied_training_counts():
 
 def test_a_models_classes_are_checked_by_count_official_order_and_recorded_ids():
     """M_H, M_T and CDTG's teacher: the output count always; an official bare state dict
-    by the training-count order; ours by the class ids they record (older ones record none)."""
+    by the training-count order; ours by the class ids and names they record (older ones
+    record none), names with their spelling aside."""
     from tgn.errors import UserError
     from tgn.split import check_model_classes
 
@@ -155,6 +156,11 @@ def test_a_models_classes_are_checked_by_count_official_order_and_recorded_ids()
     check_model_classes("M_T.pth", ours, 2, [4, 2], [5, 9], "the tail data")  # ours: the ids, not the counts
     check_model_classes("M_T.pth", {"state_dict": {}}, 2, [4, 2], [5, 9], "the tail data")  # no ids recorded
     check_model_classes("M_T.pth", official, 2, [2, 4], [9, 5], "the tail data")
+    named = {**ours, "class_names": ["storage tank", "golf field"]}
+    check_model_classes("M_T.pth", named, 2, [4, 2], [5, 9], "the tail data", ["Storage-Tank", "golf_field"])
+    with pytest.raises(UserError, match="M_T.pth was trained with class 2 named 'golf field', the tail data names it "
+                                        "'dam' \\(another dataset\\?\\)"):  # as many images per class, other classes
+        check_model_classes("M_T.pth", named, 2, [4, 2], [5, 9], "the tail data", ["storage tank", "dam"])
     for checkpoint, num_classes, ids, counts, message in (
             (ours, 3, [4, 2], [5, 9], "M_T.pth has 3 classes, the tail data has 2"),
             (ours, 2, [2, 4], [9, 5], r"M_T.pth was trained on classes \[4, 2\], the tail data has \[2, 4\]"),

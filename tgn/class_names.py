@@ -49,6 +49,16 @@ def class_name_key(name):
     return "".join(folded.replace("-", " ").replace("_", " ").split())
 
 
+def renamed_class(recorded, names):
+    """The position of the first class that `recorded` (a checkpoint's names, in output
+    order) names otherwise than `names`, spelling aside; None if none does, or if nothing is
+    recorded (the official files, checkpoints of earlier versions)."""
+    for position, (before, now) in enumerate(zip(recorded or (), names)):
+        if class_name_key(before) != class_name_key(now):
+            return position
+    return None
+
+
 def display_width(name):
     """Terminal columns of `name`: Chinese and other wide characters take two, combining
     marks none, so tables of class names stay aligned."""

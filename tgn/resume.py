@@ -15,6 +15,7 @@ import torch
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_failure, map_tensors
+from tgn.class_names import renamed_class
 from tgn.errors import UserError
 from tgn.io import read_json
 
@@ -115,6 +116,10 @@ def check_same_data(state, meta, path):
     """A checkpoint resumes only on the classes and images it was trained on."""
     if state.get("class_ids") != meta.get("class_ids"):
         raise UserError(f"{path} was trained on other classes; use another --out")
+    if (position := renamed_class(state.get("class_names"), meta.get("class_names") or ())) is not None:
+        raise UserError(f"{path} was trained with class {meta['class_ids'][position]} named "
+                        f"'{state['class_names'][position]}', the data names it '{meta['class_names'][position]}': "
+                        "resume with the data it started with, or pass --overwrite instead of --resume to start again")
     for key, what in (("split_fingerprint", "a split of other data"), ("train_counts", "other real images"),
                       ("generated_counts", "other generated images (--extra)")):
         if key in state and key in meta and state[key] != meta[key]:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tgn.class_names import class_name_key
+from tgn.class_names import class_name_key, renamed_class
 from tgn.data import check_files_exist, read_annotation, samples_for, write_annotation
 from tgn.errors import UserError
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
@@ -56,10 +56,11 @@ def check_official_order(counts, source, listing):
                         "make the split (and the CDTG tail data) again")
 
 
-def check_model_classes(source, checkpoint, num_classes, ids, counts, listing):
-    """A ResNet's outputs against the classes `listing` names (`ids` and their training
-    `counts`, in output order): their number always; an official bare state dict, which
-    records no classes, by the training-count order; ours by the class ids they record."""
+def check_model_classes(source, checkpoint, num_classes, ids, counts, listing, names=()):
+    """A ResNet's outputs against the classes `listing` holds (`ids`, their training `counts`
+    and `names`, in output order): their number always; an official bare state dict, which
+    records no classes, by the training-count order; ours by the class ids and names they
+    record (another dataset of as many images per class names them otherwise)."""
     if num_classes != len(ids):
         raise UserError(f"{source} has {num_classes} classes, {listing} has {len(ids)}")
     if "state_dict" not in checkpoint:
@@ -67,6 +68,10 @@ def check_model_classes(source, checkpoint, num_classes, ids, counts, listing):
     elif checkpoint.get("class_ids") is not None and list(checkpoint["class_ids"]) != list(ids):
         raise UserError(f"{source} was trained on classes {checkpoint['class_ids']}, {listing} has {list(ids)} "
                         "(another split?)")
+    elif (position := renamed_class(checkpoint.get("class_names"), names)) is not None:
+        raise UserError(f"{source} was trained with class {ids[position]} named "
+                        f"'{checkpoint['class_names'][position]}', {listing} names it '{names[position]}' "
+                        "(another dataset?)")
 
 
 def fingerprint(class_names, train_counts):
