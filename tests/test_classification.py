@@ -966,3 +966,17 @@ def test_a_classifier_resumes_only_on_the_real_images_it_started_with(toy_data, 
     with pytest.raises(SystemExit) as exit_info:
         train_main([*common, "--epochs", "2", "--resume"])
     assert exit_info.value.code == 2 and "other real images" in capsys.readouterr().err
+
+
+def test_a_checkpoint_naming_more_classes_than_the_data_is_refused_by_its_output_count():
+    """Names recorded without ids (a hand-made checkpoint) whose first ones match DATA's: the
+    output count decides, with its one line (the name comparison used to stop with a
+    StopIteration there)."""
+    from types import SimpleNamespace
+
+    from Classification.model import check_classes
+
+    model = SimpleNamespace(config={"num_classes": 3})
+    with pytest.raises(UserError, match="ckpt.pth has 3 outputs but DATA has 2 classes"):
+        check_classes({"class_names": ["dam", "bridge", "harbor"]}, model, [0, 1], "ckpt.pth", "DATA",
+                      ["dam", "bridge"])
