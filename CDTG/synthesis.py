@@ -94,7 +94,7 @@ class TailSynthesizer:
         if checkpoint.get("class_ids") not in (None, tail.ids):
             raise UserError(f"{ckpt_path} was trained on classes {checkpoint['class_ids']}, "
                             f"the tail data {data} has {tail.ids}")
-        if (position := renamed_class(checkpoint.get("class_names"), tail.names)) is not None:
+        if (position := renamed_class(checkpoint.get("class_names"), tail.names, tail.ids)) is not None:
             raise UserError(f"{ckpt_path} was trained with tail class {tail.ids[position]} named "
                             f"'{checkpoint['class_names'][position]}', the tail data {data} names it "
                             f"'{tail.names[position]}' (another dataset?)")

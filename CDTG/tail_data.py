@@ -17,8 +17,8 @@ from torchvision import transforms
 from CDTG.clip_loss import tokenize_prompts
 from CDTG.parallel import epoch_order_seed
 from tgn import distributed as dist
-from tgn.data import (CLASS_ID, check_files_exist, drop_unreadable, open_dataset, read_annotation, samples_for,
-                      write_annotation)
+from tgn.data import (CLASS_ID, check_files_exist, check_outside_dataset, drop_unreadable, open_dataset,
+                      read_annotation, samples_for, write_annotation)
 from tgn.errors import UserError
 from tgn.handoff import TAIL_MANIFEST
 from tgn.images import ImageList
@@ -190,6 +190,7 @@ def write_tail_data(args):
         raise UserError(f"{args.out / TAIL_MANIFEST} exists; pass --overwrite to replace it")
     split = load_split(args.split, data_root=args.data_root)
     info = open_dataset(split.data_root)
+    check_outside_dataset(args.out, info.root)
     check_split_matches(split, info)
     entries = split.entries("tail", "train")
     # The dataset's names, not the split's: a split of DIOR or FGSC-23 without classes.json

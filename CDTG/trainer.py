@@ -154,7 +154,12 @@ class CdtgTrainer:
         if not steps:
             return False
         path = self.out_dir / "checkpoint" / f"{steps[-1]}.pt"
-        state = load_cdtg_checkpoint(path)
+        try:
+            state = load_cdtg_checkpoint(path)
+        except UserError as exc:  # damaged (a copy cut short, a full disk of an earlier version)
+            before = f"move it away to resume from {steps[-2]}.pt, " if len(steps) > 1 else ""
+            raise UserError(f"--resume: {exc}; {before}or pass --overwrite instead of --resume to start "
+                            "again") from None
         if state.get("generation_only"):
             raise UserError(f"{path} keeps only what generation reads (an older checkpoint, cut by --keep-full): it "
                             "cannot continue the run; restore the newer ones, or pass --overwrite instead of --resume "

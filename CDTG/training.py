@@ -61,7 +61,7 @@ def starting_weights(path, tail, generator, discriminator, g_ema):
     elif state.get("class_ids") != tail.ids:
         raise UserError(f"--init {path} was trained on the tail classes {state.get('class_ids')}, --data has "
                         f"{tail.ids}: its labels would draw other classes")
-    elif (position := renamed_class(state.get("class_names"), tail.names)) is not None:
+    elif (position := renamed_class(state.get("class_names"), tail.names, tail.ids)) is not None:
         raise UserError(f"--init {path} was trained with tail class {tail.ids[position]} named "
                         f"'{state['class_names'][position]}', --data names it '{tail.names[position]}': its labels "
                         "would draw other classes")

@@ -65,7 +65,7 @@ def check_classes(meta, model, class_ids, path, data_root, class_names=None):
     num_outputs = model.config["num_classes"]
     if meta.get("class_ids") is not None and list(meta["class_ids"]) != list(class_ids):
         raise UserError(f"{path} was trained on classes {meta['class_ids']}, {data_root} has {list(class_ids)}")
-    differ = renamed_class(meta.get("class_names"), class_names or ())
+    differ = renamed_class(meta.get("class_names"), class_names or (), class_ids)
     if differ is not None:
         raise UserError(f"{path} was trained with class {class_ids[differ]} named '{meta['class_names'][differ]}', "
                         f"{data_root} names it '{class_names[differ]}': another dataset or class numbering")

@@ -38,6 +38,8 @@ def read_extra(folder, class_names, names_known=True):
     """Entries of one generated folder, checked: known class ids, existing images, and
     (`names_known`: DATA has a class list) the class names it was generated for."""
     folder = Path(folder)
+    if folder.is_file():
+        raise UserError(f"--extra {folder} is a file; pass the generation folder that holds it")
     if not folder.is_dir():
         raise UserError(f"--extra {folder}: folder not found")
     if (folder / GENERATION_UNFINISHED).exists():

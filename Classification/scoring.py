@@ -12,7 +12,7 @@ from Classification.stage import describe_classes, evaluation_set, grouping_spli
 from tgn import distributed as dist
 from tgn.cli import HEAD_PERCENT
 from tgn.compat import check_amp
-from tgn.data import open_dataset
+from tgn.data import check_outside_dataset, open_dataset
 from tgn.engine import resolve_precision
 from tgn.errors import speaks
 from tgn.run_folder import check_run_dir
@@ -40,6 +40,7 @@ def score_checkpoint(args):
     out_dir = args.out or default_report_folder(args.ckpt)
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)
     info = open_dataset(args.data_root)
+    check_outside_dataset(out_dir, info.root)
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)
     model, meta = load_classifier(args.ckpt)

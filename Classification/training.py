@@ -11,7 +11,7 @@ from Classification.stage import (describe_classes, evaluation_set, grouping_spl
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights
 from tgn.class_names import padded
 from tgn.cli import training_config
-from tgn.data import open_dataset
+from tgn.data import check_outside_dataset, open_dataset
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
 from tgn.engine import check_one_image_batches, fit, seed_everything
@@ -40,6 +40,7 @@ def train_classifier(args):
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     info = open_dataset(args.data_root)
+    check_outside_dataset(args.out, info.root)
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)
     split = grouping_split(args, info)

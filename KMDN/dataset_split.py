@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from tgn.class_names import padded  # noqa: E402
 from tgn.cli import HEAD_PERCENT, head_percent, make_parser, output_folder  # noqa: E402
-from tgn.data import open_dataset  # noqa: E402
+from tgn.data import check_outside_dataset, open_dataset  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.run_folder import check_own_run_folder  # noqa: E402
 from tgn.split import compute_split, write_split  # noqa: E402
@@ -38,6 +38,7 @@ def main(argv=None):
     if (args.out / "split.json").exists() and not args.overwrite:
         raise UserError(f"{args.out / 'split.json'} exists; pass --overwrite to replace it")
     info = open_dataset(args.data_root)
+    check_outside_dataset(args.out, info.root)
     split, entries = compute_split(info, args.threshold)
     write_split(split, entries, args.out)
     print(f"{info.name}: {len(split.class_names)} classes, {len(split.head)} head / {len(split.tail)} tail "

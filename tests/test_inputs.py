@@ -2,6 +2,7 @@
 checkpoints of another group or teacher, 16-bit images; and what a rerun must not mix."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -607,3 +608,75 @@ def test_a_gpu_index_the_machine_lacks_is_one_line(monkeypatch):
     assert dist.checked_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(UserError, match="--device cuda:1: this machine has 1 GPUs"):
         dist.checked_device("cuda:1")
+
+
+def test_nothing_is_written_into_the_dataset_itself(toy_data, split_dir, tmp_path, capsys):
+    """A split written into DATA/anno left two training annotation files there, and every
+    later stage refused the dataset; the dataset folder and its train/ and test/ are refused
+    alike, a folder of one's own inside DATA is not."""
+    from CDTG.dataset_split import main as cdtg_split_main
+    from Classification.test import main as cls_test_main
+
+    anno = sorted(os.listdir(toy_data / "anno"))
+    for out in (toy_data / "anno", toy_data, toy_data / "train" / "runs"):
+        expect_user_error(capsys, lambda: split_main(["--data-root", str(toy_data), "--out", str(out)]),
+                          f"--out {out} is the dataset folder {toy_data} or inside its anno/, train/, test/")
+    expect_user_error(capsys, lambda: cdtg_split_main(["--split", str(split_dir), "--out", str(toy_data / "anno")]),
+                      "is the dataset folder")
+    common = ["--data-root", str(toy_data), "--device", "cpu", "--workers", "0"]
+    expect_user_error(capsys, lambda: cls_train_main([*common, "--out", str(toy_data / "test" / "cls"), "--arch",
+                                                      "resnet18", "--pretrained", "none", "--image-size", "16"]),
+                      "is the dataset folder")
+    (tmp_path / "model.pth").write_bytes(b"unused: refused before it is read")
+    expect_user_error(capsys, lambda: cls_test_main([*common, "--ckpt", str(tmp_path / "model.pth"), "--out",
+                                                     str(toy_data)]), "is the dataset folder")
+    assert sorted(os.listdir(toy_data / "anno")) == anno and not (toy_data / "train" / "runs").exists()
+    assert not (toy_data / "split.json").exists() and not (toy_data / "test" / "cls").exists()
+    split_main(["--data-root", str(toy_data), "--out", str(toy_data / "splits" / "t50")])  # one's own folder
+    assert (toy_data / "splits" / "t50" / "split.json").is_file()
+
+
+def test_a_file_or_a_split_given_for_the_dataset_is_named_for_what_it_is(split_dir, tmp_path, capsys):
+    (tmp_path / "clip.pt").write_bytes(b"x")
+    for root, message in ((tmp_path / "clip.pt", f"dataset folder {tmp_path / 'clip.pt'} is a file; pass the folder"),
+                          (split_dir, f"{split_dir} is a split (KMDN/dataset_split.py's output), not a dataset")):
+        expect_user_error(capsys, lambda: split_main(["--data-root", str(root), "--out", str(tmp_path / "s")]),
+                          message)
+
+
+def test_a_damaged_newest_cdtg_checkpoint_names_the_ways_on(cdtg_inputs, capsys):
+    run = cdtg_inputs / "run"
+    cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--clip", "none"))
+    newest = run / "checkpoint" / "4.pt"
+    newest.write_bytes(newest.read_bytes()[:2000])  # cut short, as by a failed copy
+    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "6", "--clip", "none",
+                                                                      "--resume")),
+                      f"--resume: cannot load CDTG checkpoint {newest}: the file is cut short or damaged (a copy or "
+                      "download that did not finish?); move it away to resume from 2.pt, or pass --overwrite")
+
+
+def test_model_files_of_other_kinds_given_for_resnet_weights_are_named(tmp_path):
+    from tgn.checkpoint import state_dict_of
+
+    distill_last = {"models": {}, "optimizers": {}, "epoch": 3, "best": {}}
+    for checkpoint, message in (({"g_ema": {}, "g": {}}, "is a CDTG checkpoint (a generator), not the ResNet weights"),
+                                (distill_last, "is Distill.py's last.pth, which only resumes its run: pass the M_H.pth"),
+                                ({"epoch": 3}, "holds neither a state dict nor a model checkpoint of this project")):
+        with pytest.raises(UserError, match=re.escape(f"--head-ckpt last.pth {message}")):
+            state_dict_of(checkpoint, "--head-ckpt last.pth")
+
+
+def test_a_milestone_listed_twice_is_refused(split_dir, tmp_path, capsys):
+    """MultiStepLR divides once per listing: '--milestones 2 2' divided by 100 at epoch 2."""
+    expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "k"), *TINY,
+                                                   "--milestones", "3", "2", "2"]),
+                      "--milestones lists epoch 2 twice, which would divide --lr by 100 there")
+    assert not (tmp_path / "k").exists()
+
+
+def test_a_generation_file_given_to_extra_names_its_folder(toy_data, tmp_path, capsys):
+    from Classification.samples import read_extra
+
+    (tmp_path / "anno.txt").write_text("3/gen_000000.jpg 3\n")
+    with pytest.raises(UserError, match="is a file; pass the generation folder that holds it"):
+        read_extra(tmp_path / "anno.txt", {3: "class 3"})

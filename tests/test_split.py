@@ -182,3 +182,15 @@ def test_a_split_json_edited_by_hand_is_refused(toy_data, tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match="edited by hand"):
         load_split(tmp_path / "split")
+
+
+def test_a_class_named_by_its_id_matches_any_name():
+    """A dataset without classes.json names its classes by id: a model trained before the
+    class list was written (or after it was removed) is still the dataset's."""
+    from tgn.class_names import renamed_class
+
+    assert renamed_class(["airport", "dam"], ["2", "dam"], [2, 3]) is None
+    assert renamed_class(["2", "3"], ["airport", "dam"], [2, 3]) is None
+    assert renamed_class(["airport", "3"], ["airport", "bridge"], [2, 3]) is None
+    assert renamed_class(["airport", "dam"], ["Airport", "bridge"], [2, 3]) == 1
+    assert renamed_class(None, ["airport"], [2]) is None

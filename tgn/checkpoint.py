@@ -54,8 +54,12 @@ def state_dict_of(checkpoint, source="the file"):
         return checkpoint["state_dict"]
     if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
-    kind = " (a CDTG checkpoint)" if isinstance(checkpoint, dict) and "g_ema" in checkpoint else ""
-    raise UserError(f"{source}{kind} holds neither a state dict nor one of this project's model checkpoints")
+    if isinstance(checkpoint, dict) and "g_ema" in checkpoint:
+        raise UserError(f"{source} is a CDTG checkpoint (a generator), not the ResNet weights needed here")
+    if isinstance(checkpoint, dict) and "models" in checkpoint and "optimizers" in checkpoint:
+        raise UserError(f"{source} is Distill.py's last.pth, which only resumes its run: pass the M_H.pth or M_T.pth "
+                        "it wrote beside it")
+    raise UserError(f"{source} holds neither a state dict nor a model checkpoint of this project")
 
 
 def load_weights(model, state_dict, source):

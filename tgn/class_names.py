@@ -49,12 +49,14 @@ def class_name_key(name):
     return "".join(folded.replace("-", " ").replace("_", " ").split())
 
 
-def renamed_class(recorded, names):
+def renamed_class(recorded, names, ids):
     """The position of the first class that `recorded` (a checkpoint's names, in output
     order) names otherwise than `names`, spelling aside; None if none does, or if nothing is
-    recorded (the official files, checkpoints of earlier versions)."""
-    for position, (before, now) in enumerate(zip(recorded or (), names)):
-        if class_name_key(before) != class_name_key(now):
+    recorded (the official files, checkpoints of earlier versions). A class named by its id
+    on either side (a dataset without classes.json) matches any name: the id says nothing
+    of what the class is."""
+    for position, (before, now, cid) in enumerate(zip(recorded or (), names, ids)):
+        if str(cid) not in (str(before), str(now)) and class_name_key(before) != class_name_key(now):
             return position
     return None
 

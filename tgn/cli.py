@@ -52,7 +52,7 @@ fraction = _number(float, lambda v: 0 <= v <= 1, "between 0 and 1")
 open_fraction = _number(float, lambda v: 0 < v < 1, "between 0 and 1 (both excluded)")
 below_one = _number(float, lambda v: v < 1, "below 1")
 jpeg_quality = _number(int, lambda v: 1 <= v <= 100, "between 1 and 100")
-_percent_of_classes = _number(float, lambda v: 0 < v < 100, "between 0 and 100 (percent of classes)")
+_percent_of_classes = _number(float, lambda v: 0 < v < 100, "above 0 and below 100 (percent of classes)")
 HEAD_PERCENT = 40.0  # the paper's: the top 40% of classes by training count are head
 
 
@@ -195,6 +195,11 @@ def training_config(args, device):
 
     if 0 in args.milestones and not args.resume:  # runs started with it before it was refused still resume
         raise UserError("--milestones 0 divides --lr by 10 from the first epoch: pass a lower --lr instead")
+    twice = sorted({epoch for epoch in args.milestones if args.milestones.count(epoch) > 1})
+    if twice and not args.resume:
+        # The scheduler divides by 10 once per listing: a typo would divide by 100 there.
+        raise UserError(f"--milestones lists epoch {twice[0]} twice, which would divide --lr by 100 there; list each "
+                        "epoch once")
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
     check_amp(amp, device)
     if args.sync_bn == "on" and device.type != "cuda" and planned_world_size() > 1:  # found now, not in fit()

@@ -149,6 +149,19 @@ def _find_dataset_name(root):
     return candidates[0].name[: -len("_train.txt")]
 
 
+DATASET_FOLDERS = ("anno", "train", "test")
+
+
+def check_outside_dataset(out, root, flag="--out"):
+    """Refuse to write into the dataset itself: its folder, or its anno/, train/ or test/ (a
+    split's head_train.txt beside the dataset's X_train.txt would leave two annotation files
+    to choose from)."""
+    out, root = Path(out).resolve(), Path(root).resolve()
+    if out == root or any(out == root / folder or root / folder in out.parents for folder in DATASET_FOLDERS):
+        raise UserError(f"{flag} {out} is the dataset folder {root} or inside its {'/, '.join(DATASET_FOLDERS)}/: "
+                        "write beside the dataset, not into it (e.g. runs/NAME/...)")
+
+
 def read_classes_json(path):
     """Return (dataset name or None, {class_id: name}) from a classes.json file."""
     data = read_json(path, "class list")
@@ -172,8 +185,13 @@ def write_classes_json(path, dataset, class_names):
 def open_dataset(root):
     """Read DATA's metadata, with one-line errors for the usual mistakes."""
     root = Path(root)
+    if root.is_file():
+        raise UserError(f"dataset folder {root} is a file; pass the folder that holds anno/, train/ and test/")
     if not root.is_dir():
         raise UserError(f"dataset folder not found: {root}")
+    if (root / "split.json").is_file() and not (root / "anno").is_dir():
+        raise UserError(f"{root} is a split (KMDN/dataset_split.py's output), not a dataset: pass the dataset folder, "
+                        "the one that holds anno/, train/ and test/")
     classes_file = root / "classes.json"
     if classes_file.is_file():
         name, class_names = read_classes_json(classes_file)

@@ -116,7 +116,8 @@ def check_same_data(state, meta, path):
     """A checkpoint resumes only on the classes and images it was trained on."""
     if state.get("class_ids") != meta.get("class_ids"):
         raise UserError(f"{path} was trained on other classes; use another --out")
-    if (position := renamed_class(state.get("class_names"), meta.get("class_names") or ())) is not None:
+    position = renamed_class(state.get("class_names"), meta.get("class_names") or (), meta.get("class_ids") or ())
+    if position is not None:
         raise UserError(f"{path} was trained with class {meta['class_ids'][position]} named "
                         f"'{state['class_names'][position]}', the data names it '{meta['class_names'][position]}': "
                         "resume with the data it started with, or pass --overwrite instead of --resume to start again")

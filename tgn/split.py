@@ -27,7 +27,7 @@ def head_count(num_classes, threshold_percent):
     if num_classes < 2:
         raise UserError(f"a head/tail split needs at least 2 classes, the dataset has {num_classes}")
     if not 0 < threshold_percent < 100:
-        raise UserError(f"--threshold must be between 0 and 100 (percent of classes), got {threshold_percent}")
+        raise UserError(f"--threshold must be above 0 and below 100 (percent of classes), got {threshold_percent}")
     # The small epsilon keeps e.g. 20 * 40 / 100 = 8 from flooring to 7 on float error.
     count = math.floor(num_classes * threshold_percent / 100 + 1e-9)
     return min(max(count, 1), num_classes - 1)
@@ -68,7 +68,7 @@ def check_model_classes(source, checkpoint, num_classes, ids, counts, listing, n
     elif checkpoint.get("class_ids") is not None and list(checkpoint["class_ids"]) != list(ids):
         raise UserError(f"{source} was trained on classes {checkpoint['class_ids']}, {listing} has {list(ids)} "
                         "(another split?)")
-    elif (position := renamed_class(checkpoint.get("class_names"), names)) is not None:
+    elif (position := renamed_class(checkpoint.get("class_names"), names, ids)) is not None:
         raise UserError(f"{source} was trained with class {ids[position]} named "
                         f"'{checkpoint['class_names'][position]}', {listing} names it '{names[position]}' "
                         "(another dataset?)")
