@@ -156,8 +156,9 @@ def check_outside_dataset(out, root, flag="--out"):
     """Refuse to write into the dataset itself: its folder, or its anno/, train/ or test/ (a
     split's head_train.txt beside the dataset's X_train.txt would leave two annotation files
     to choose from)."""
-    out, root = Path(out).resolve(), Path(root).resolve()
-    if out == root or any(out == root / folder or root / folder in out.parents for folder in DATASET_FOLDERS):
+    resolved, dataset = Path(out).resolve(), Path(root).resolve()
+    if resolved == dataset or any(resolved == dataset / folder or dataset / folder in resolved.parents
+                                  for folder in DATASET_FOLDERS):
         raise UserError(f"{flag} {out} is the dataset folder {root} or inside its {'/, '.join(DATASET_FOLDERS)}/: "
                         "write beside the dataset, not into it (e.g. runs/NAME/...)")
 
