@@ -157,7 +157,9 @@ class CdtgTrainer:
         try:
             state = load_cdtg_checkpoint(path)
         except UserError as exc:  # damaged (a copy cut short, a full disk of an earlier version)
-            before = f"move it away to resume from {steps[-2]}.pt, " if len(steps) > 1 else ""
+            # The one before is whole (not cut to what generation reads) when --keep-full keeps two or all.
+            whole_before = len(steps) > 1 and self.cfg.keep_full != 1
+            before = f"move it away to resume from {steps[-2]}.pt, " if whole_before else ""
             raise UserError(f"--resume: {exc}; {before}or pass --overwrite instead of --resume to start "
                             "again") from None
         if state.get("generation_only"):

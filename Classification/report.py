@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tgn.class_names import class_name_key
+from tgn.class_names import renamed_class
 from tgn.errors import UserError
 from tgn.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
 from tgn.metrics import format_percent, markdown_cell, summarize
@@ -172,17 +172,17 @@ def damage_in(report):
     return None
 
 
-def renamed_class(report, names):
+def renamed_report_class(report, names):
     """The first (id, its name in `report`, its name in `names`: id -> name) that differ, else
     None: a dataset whose classes are numbered otherwise (DOTA's chip releases number its
     15 classes in two orders) keeps its ids and name, not its class names."""
-    for row in report["classes"]:
-        cid = row["id"]
-        if cid not in names or str(cid) in (str(row.get("name")), str(names[cid])):
-            continue  # a class named by its id (a dataset without classes.json): nothing to contradict
-        if class_name_key(row.get("name")) != class_name_key(names[cid]):
-            return cid, row.get("name"), names[cid]
-    return None
+    rows = [row for row in report["classes"] if row["id"] in names]
+    position = renamed_class([row.get("name") for row in rows], [names[row["id"]] for row in rows],
+                             [row["id"] for row in rows])
+    if position is None:
+        return None
+    row = rows[position]
+    return row["id"], row.get("name"), names[row["id"]]
 
 
 def comparison(reports, labels=None):
@@ -194,7 +194,7 @@ def comparison(reports, labels=None):
                             f"({first.get('dataset')}, {report.get('dataset')})")
         if [c["id"] for c in report["classes"]] != [c["id"] for c in first["classes"]]:
             raise UserError(f"reports {first['method']!r} and {report['method']!r} are on different classes")
-        renamed = renamed_class(report, {c["id"]: c.get("name") for c in first["classes"]})
+        renamed = renamed_report_class(report, {c["id"]: c.get("name") for c in first["classes"]})
         if renamed:
             raise UserError(f"reports {first['method']!r} and {report['method']!r} name class {renamed[0]} "
                             f"'{renamed[2]}' and '{renamed[1]}': another dataset or class numbering")

@@ -40,7 +40,7 @@ def score_checkpoint(args):
     out_dir = args.out or default_report_folder(args.ckpt)
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)
     info = open_dataset(args.data_root)
-    check_outside_dataset(out_dir, info.root)
+    check_outside_dataset(out_dir, info.root, "--out" if args.out else "the report folder (beside --ckpt; pass --out)")
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)
     model, meta = load_classifier(args.ckpt)

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from Classification.figures import plot_confusion, plot_long_tail
-from Classification.report import build_report, read_report, renamed_class, report_markdown, write_report
+from Classification.report import build_report, read_report, renamed_report_class, report_markdown, write_report
 from tgn import distributed as dist
 from tgn.cache import ResizeCache
 from tgn.cli import HEAD_PERCENT
@@ -70,7 +70,7 @@ def read_baseline(args, info, class_ids):
         raise UserError(f"--baseline-report {args.baseline_report} is a report on {report.get('dataset')} with classes "
                         f"{ids}; DATA is {info.name} with {list(class_ids)}")
     # Without classes.json the names are not the dataset's own (ids, or DIOR's or FGSC-23's official list).
-    renamed = renamed_class(report, info.class_names) if info.has_class_list else None
+    renamed = renamed_report_class(report, info.class_names) if info.has_class_list else None
     if renamed:
         raise UserError(f"--baseline-report {args.baseline_report} names class {renamed[0]} '{renamed[1]}', DATA "
                         f"names it '{renamed[2]}': another dataset or class numbering")

@@ -18,7 +18,7 @@ from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.images import ImageList, build_transform
 from tgn.metrics import format_percent
-from tgn.resume import check_resume, check_same_data, epochs_done, last_state
+from tgn.resume import check_resume, check_same_data, check_same_names, epochs_done, last_state
 from tgn.run_folder import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options
 
 RESULTS = (*TRAINING_RESULTS, "report-best")  # with LOGS, what --overwrite replaces
@@ -50,9 +50,11 @@ def train_classifier(args):
     images = readable_training_images(images, args.skip_bad_images)  # decodes them only with --skip-bad-images
     train_samples = images.samples
     if args.resume and state is not None:  # the images trained on, as the checkpoint counted them
-        trained_on = {"class_ids": list(class_ids), "class_names": [info.class_names[cid] for cid in class_ids],
-                      "train_counts": list(images.real_counts), "generated_counts": list(images.generated_counts)}
-        check_same_data(state, trained_on, args.out / "last.pth")
+        check_same_data(state, {"class_ids": list(class_ids), "train_counts": list(images.real_counts),
+                                "generated_counts": list(images.generated_counts)}, args.out / "last.pth")
+        if info.has_class_list:  # without one the names are ids or the official list: test.py compares none either
+            names = [info.class_names[cid] for cid in class_ids]
+            check_same_names(state, list(class_ids), names, args.out / "last.pth")
     test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True)
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts, split)
     present = {label for _, label in train_samples}

@@ -46,7 +46,7 @@ from CDTG.generated_folder import HostImages, JpegWriter, run_generation  # noqa
 from CDTG.generation import build_parser as generation_parser  # noqa: E402
 from CDTG.synthesis import TailSynthesizer  # noqa: E402
 from CDTG.tail_data import IMAGE_LIST, TailClasses  # noqa: E402
-from tgn.cli import make_parser  # noqa: E402
+from tgn.cli import jpeg_quality, make_parser  # noqa: E402
 from tgn.data import Entry, write_annotation  # noqa: E402
 from CDTG.config import GanConfig  # noqa: E402
 from CDTG.trainer import CdtgTrainer, accumulate  # noqa: E402
@@ -123,8 +123,11 @@ def host_and_gpu_seconds(fn, device, repeats):
         for _ in range(repeats):
             fn()
         synchronize(device)
-    busy = busy_seconds(activity_spans(profiled))
-    return host / repeats, (busy / repeats if busy > 0 else None)  # None: no device events recorded
+    spans = activity_spans(profiled)
+    busy = busy_seconds(spans)
+    # None: no device events recorded. The activity count tells whether a step could fill CUDA's launch queue
+    # (about a thousand kernels), which would make the host wait within a step even from an idle GPU.
+    return host / repeats, (busy / repeats if busy > 0 else None), len(spans) / repeats
 
 
 def release(device):
@@ -165,14 +168,15 @@ def bench_step(args, device, with_clip, fusion_pool=None, amp="off", modconv="sh
 
     seconds = timed(step, device, args.warmup, args.repeats)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    host = gpu_busy = None
+    host = gpu_busy = gpu_activities = None
     if device.type == "cuda" and args.host_and_gpu_time:  # on a CPU both are the step itself
-        host, gpu_busy = host_and_gpu_seconds(step, device, args.repeats)
+        host, gpu_busy, gpu_activities = host_and_gpu_seconds(step, device, args.repeats)
     fusion_parameters = sum(p.numel() for p in trainer.fusion.parameters())
     return {"bench": "cdtg_step", "clip": with_clip, "fusion_pool": fusion_pool, "amp": amp, "modconv": modconv,
             "compile": compile, "size": args.size, "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats,
             "fusion_parameters": fusion_parameters, "seconds_per_step": seconds, "peak_gib": peak,
-            "host_seconds_per_step": host, "gpu_busy_seconds_per_step": gpu_busy}
+            "host_seconds_per_step": host, "gpu_busy_seconds_per_step": gpu_busy,
+            "gpu_activities_per_step": gpu_activities}
 
 
 def write_tail_data(folder, size, images=16):
@@ -220,7 +224,7 @@ class StageClock:
         "gpu_wait": "waiting for a batch's pixels to reach the host (writer threads)",
         "encode_write": "encoding and writing JPEGs into temp files (writer threads, summed)",
         "flush": "flushing the file system before renames (publisher thread)",
-        "rename": "renaming the written files into place (publisher thread)",
+        "rename": "renaming the written files into place (publisher thread; also the run's few JSON and list files)",
     }
 
     def __init__(self):
@@ -245,14 +249,15 @@ class StageClock:
                    (JpegWriter, "_finish_oldest", "writer_wait"), (HostImages, "numpy", "gpu_wait"),
                    (JpegWriter, "_write", "encode_write"), (tgn.io, "flush_file_system", "flush"),
                    (tgn.io, "_rename_into_place", "rename")]
-        originals = []
+        patched = []  # only what was replaced is put back, whatever stops the case
         try:
             for owner, name, part in targets:  # a module, a class or the instance
-                originals.append((owner, name, vars(owner).get(name, MISSING)))
+                original = vars(owner).get(name, MISSING)
                 setattr(owner, name, self.wrap(part, getattr(owner, name)))
+                patched.append((owner, name, original))
             yield self
         finally:
-            for owner, name, original in reversed(originals):
+            for owner, name, original in reversed(patched):
                 if original is MISSING:  # the instance reached its class's method
                     delattr(owner, name)
                 else:
@@ -326,7 +331,7 @@ def main(argv=None):
     defaults = generation_parser().parse_args(["--ckpt", "unused"])
     parser.add_argument("--jpeg-workers", type=int, default=defaults.workers,
                         help="JPEG writer threads (generation.py --workers, whose default is this one's)")
-    parser.add_argument("--quality", type=int, default=defaults.quality,
+    parser.add_argument("--quality", type=jpeg_quality, default=defaults.quality,
                         help="JPEG quality (generation.py --quality, whose default is this one's)")
     parser.add_argument("--part", choices=["all", "step", "generation"], default="all")
     parser.add_argument("--cases", nargs="+", metavar="NAME",

@@ -53,6 +53,7 @@ def test_cdtg_benchmark_writes_a_record_per_case_with_its_settings(tmp_path):
     if tgn.io.SYNCFS is not None:  # Linux
         assert cpu_side["flush_ms"] > 0 and batch1["flush_ms"] > 0
     assert step["host_seconds_per_step"] is None and step["gpu_busy_seconds_per_step"] is None  # GPUs only
+    assert step["gpu_activities_per_step"] is None
 
 
 def test_generation_records_split_their_time_into_stages(tmp_path):
@@ -76,6 +77,41 @@ def test_generation_records_split_their_time_into_stages(tmp_path):
     # The timed functions are put back.
     assert originals == (JpegWriter._write, JpegWriter._finish_oldest, HostImages.numpy, tgn.io.flush_file_system,
                          tgn.io._rename_into_place)
+
+
+def test_the_stage_clock_puts_back_what_it_replaced_whatever_stops_the_case():
+    from CDTG.generated_folder import HostImages, JpegWriter
+
+    def timed_functions():
+        return (JpegWriter._write, JpegWriter._finish_oldest, HostImages.numpy, tgn.io.flush_file_system,
+                tgn.io._rename_into_place)
+
+    before = timed_functions()
+    bench = load_script("bench_cdtg")
+
+    class Synth:
+        def batch_inputs(self):
+            return "drawn"
+
+    synth = Synth()
+    synth.render = lambda: "rendered"  # an instance's own attribute, as the CPU-side case sets
+    clock = bench.StageClock()
+    with pytest.raises(RuntimeError, match="the case failed"):
+        with clock.timing(synth):
+            assert synth.batch_inputs() == "drawn" and synth.render() == "rendered"
+            raise RuntimeError("the case failed")
+    assert clock.calls["draw"] == clock.calls["render_call"] == 1
+    assert "batch_inputs" not in vars(synth) and synth.render() == "rendered" and timed_functions() == before
+
+    class NoRender:  # a target missing: its own error, and what was replaced before it is put back
+        def batch_inputs(self):
+            return "drawn"
+
+    partial = NoRender()
+    with pytest.raises(AttributeError, match="render"):
+        with clock.timing(partial):
+            pass
+    assert "batch_inputs" not in vars(partial) and timed_functions() == before
 
 
 def test_busy_time_is_the_union_of_the_activities_spans():

@@ -632,8 +632,28 @@ def test_nothing_is_written_into_the_dataset_itself(toy_data, split_dir, tmp_pat
                                                      str(toy_data)]), "is the dataset folder")
     assert sorted(os.listdir(toy_data / "anno")) == anno and not (toy_data / "train" / "runs").exists()
     assert not (toy_data / "split.json").exists() and not (toy_data / "test" / "cls").exists()
+    (toy_data / "test" / "model.pth").write_bytes(b"unused")  # test.py's report folder would be beside it
+    expect_user_error(capsys, lambda: cls_test_main([*common, "--ckpt", str(toy_data / "test" / "model.pth")]),
+                      "the report folder (beside --ckpt; pass --out)")
+    (toy_data / "test" / "model.pth").unlink()
     split_main(["--data-root", str(toy_data), "--out", str(toy_data / "splits" / "t50")])  # one's own folder
     assert (toy_data / "splits" / "t50" / "split.json").is_file()
+
+
+def test_the_dataset_is_recognised_through_symlinks(toy_data, tmp_path):
+    """DATA/train a link to another disk: a folder under it is still inside the dataset."""
+    from tgn.data import check_outside_dataset
+
+    shutil.move(toy_data / "train", tmp_path / "elsewhere")
+    (toy_data / "train").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for out in (toy_data / "train" / "runs", tmp_path / "elsewhere" / "runs", toy_data / "anno" / "new" / "deeper"):
+        with pytest.raises(UserError, match="is the dataset folder"):
+            check_outside_dataset(out, toy_data)
+    (tmp_path / "link").symlink_to(toy_data, target_is_directory=True)
+    with pytest.raises(UserError, match="is the dataset folder"):
+        check_outside_dataset(tmp_path / "link", toy_data)
+    check_outside_dataset(tmp_path / "runs" / "split", toy_data)
+    check_outside_dataset(toy_data / "splits", toy_data)
 
 
 def test_a_file_or_a_split_given_for_the_dataset_is_named_for_what_it_is(split_dir, tmp_path, capsys):
@@ -644,23 +664,29 @@ def test_a_file_or_a_split_given_for_the_dataset_is_named_for_what_it_is(split_d
                           message)
 
 
-def test_a_damaged_newest_cdtg_checkpoint_names_the_ways_on(cdtg_inputs, capsys):
+@pytest.mark.parametrize("keep_full, way_on", [("2", "did not finish?); move it away to resume from 2.pt, or pass"),
+                                                ("1", "did not finish?); or pass --overwrite instead of --resume")])
+def test_a_damaged_newest_cdtg_checkpoint_names_the_ways_on(cdtg_inputs, capsys, keep_full, way_on):
+    """The checkpoint before it is named only if it is whole (--keep-full 1 cuts it to what
+    generation reads, which cannot resume)."""
     run = cdtg_inputs / "run"
-    cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--clip", "none"))
+    args = ["--clip", "none", "--keep-full", keep_full]
+    cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", *args))
     newest = run / "checkpoint" / "4.pt"
     newest.write_bytes(newest.read_bytes()[:2000])  # cut short, as by a failed copy
-    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "6", "--clip", "none",
+    expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "6", *args,
                                                                       "--resume")),
                       f"--resume: cannot load CDTG checkpoint {newest}: the file is cut short or damaged (a copy or "
-                      "download that did not finish?); move it away to resume from 2.pt, or pass --overwrite")
+                      f"download that {way_on}")
 
 
 def test_model_files_of_other_kinds_given_for_resnet_weights_are_named(tmp_path):
     from tgn.checkpoint import state_dict_of
 
     distill_last = {"models": {}, "optimizers": {}, "epoch": 3, "best": {}}
-    for checkpoint, message in (({"g_ema": {}, "g": {}}, "is a CDTG checkpoint (a generator), not the ResNet weights"),
-                                (distill_last, "is Distill.py's last.pth, which only resumes its run: pass the M_H.pth"),
+    cdtg = {"g_ema": {}, "g": {}}
+    for checkpoint, message in ((cdtg, "is a CDTG checkpoint (a generator), not the ResNet weights"),
+                                (distill_last, "is Distill.py's last.pth, which only resumes its run: pass"),
                                 ({"epoch": 3}, "holds neither a state dict nor a model checkpoint of this project")):
         with pytest.raises(UserError, match=re.escape(f"--head-ckpt last.pth {message}")):
             state_dict_of(checkpoint, "--head-ckpt last.pth")
@@ -671,6 +697,9 @@ def test_a_milestone_listed_twice_is_refused(split_dir, tmp_path, capsys):
     expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "k"), *TINY,
                                                    "--milestones", "3", "2", "2"]),
                       "--milestones lists epoch 2 twice, which would divide --lr by 100 there")
+    expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "k"), *TINY,
+                                                   "--milestones", "2", "2", "2"]),
+                      "--milestones lists epoch 2 3 times, which would divide --lr by 1000 there")
     assert not (tmp_path / "k").exists()
 
 

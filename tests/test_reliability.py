@@ -1034,12 +1034,11 @@ def test_resume_refuses_a_checkpoint_of_other_class_names_with_the_same_ids_and_
     """Another dataset laid out alike (as many images under the same ids) names its classes
     otherwise; the names' spelling aside, they must be the checkpoint's."""
     from tgn.errors import UserError
-    from tgn.resume import check_same_data
+    from tgn.resume import check_same_names
 
     state = {"class_ids": [0, 1], "class_names": ["golf field", "dam"], "train_counts": [5, 4]}
-    check_same_data(state, {"class_ids": [0, 1], "class_names": ["Golf_Field", "dam"], "train_counts": [5, 4]},
-                    "last.pth")
-    check_same_data({**state, "class_names": None}, {"class_ids": [0, 1], "class_names": ["a", "b"]}, "last.pth")
+    check_same_names(state, [0, 1], ["Golf_Field", "dam"], "last.pth")
+    check_same_names({**state, "class_names": None}, [0, 1], ["a", "b"], "last.pth")  # an earlier version's
+    check_same_names(state, [0, 1], ["golf field", "1"], "last.pth")  # named by id: DATA without classes.json
     with pytest.raises(UserError, match="last.pth was trained with class 1 named 'dam', the data names it 'bridge'"):
-        check_same_data(state, {"class_ids": [0, 1], "class_names": ["golf field", "bridge"], "train_counts": [5, 4]},
-                        "last.pth")
+        check_same_names(state, [0, 1], ["golf field", "bridge"], "last.pth")

@@ -153,10 +153,11 @@ def test_a_models_classes_are_checked_by_count_official_order_and_recorded_ids()
     from tgn.split import check_model_classes
 
     ours, official = {"state_dict": {}, "class_ids": [4, 2]}, {"conv1.weight": None}
-    check_model_classes("M_T.pth", ours, 2, [4, 2], [5, 9], "the tail data")  # ours: the ids, not the counts
-    check_model_classes("M_T.pth", {"state_dict": {}}, 2, [4, 2], [5, 9], "the tail data")  # no ids recorded
-    check_model_classes("M_T.pth", official, 2, [2, 4], [9, 5], "the tail data")
-    named = {**ours, "class_names": ["storage tank", "golf field"]}
+    names = ["storage tank", "golf field"]  # the tail data's, in output order
+    check_model_classes("M_T.pth", ours, 2, [4, 2], [5, 9], "the tail data", names)  # ours: the ids, not the counts
+    check_model_classes("M_T.pth", {"state_dict": {}}, 2, [4, 2], [5, 9], "the tail data", names)  # no ids recorded
+    check_model_classes("M_T.pth", official, 2, [2, 4], [9, 5], "the tail data", names)
+    named = {**ours, "class_names": names}
     check_model_classes("M_T.pth", named, 2, [4, 2], [5, 9], "the tail data", ["Storage-Tank", "golf_field"])
     with pytest.raises(UserError, match="M_T.pth was trained with class 2 named 'golf field', the tail data names it "
                                         "'dam' \\(another dataset\\?\\)"):  # as many images per class, other classes
@@ -166,7 +167,7 @@ def test_a_models_classes_are_checked_by_count_official_order_and_recorded_ids()
             (ours, 2, [2, 4], [9, 5], r"M_T.pth was trained on classes \[4, 2\], the tail data has \[2, 4\]"),
             (official, 2, [4, 2], [5, 9], "M_T.pth is an official file")):
         with pytest.raises(UserError, match=message):
-            check_model_classes("M_T.pth", checkpoint, num_classes, ids, counts, "the tail data")
+            check_model_classes("M_T.pth", checkpoint, num_classes, ids, counts, "the tail data", names)
 
 
 def test_a_split_json_edited_by_hand_is_refused(toy_data, tmp_path):

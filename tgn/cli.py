@@ -195,11 +195,12 @@ def training_config(args, device):
 
     if 0 in args.milestones and not args.resume:  # runs started with it before it was refused still resume
         raise UserError("--milestones 0 divides --lr by 10 from the first epoch: pass a lower --lr instead")
-    twice = sorted({epoch for epoch in args.milestones if args.milestones.count(epoch) > 1})
-    if twice and not args.resume:
+    repeated = sorted({epoch for epoch in args.milestones if args.milestones.count(epoch) > 1})
+    if repeated and not args.resume:
         # The scheduler divides by 10 once per listing: a typo would divide by 100 there.
-        raise UserError(f"--milestones lists epoch {twice[0]} twice, which would divide --lr by 100 there; list each "
-                        "epoch once")
+        times = args.milestones.count(repeated[0])
+        raise UserError(f"--milestones lists epoch {repeated[0]} {'twice' if times == 2 else f'{times} times'}, which "
+                        f"would divide --lr by {10 ** times} there; list each epoch once")
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
     check_amp(amp, device)
     if args.sync_bn == "on" and device.type != "cuda" and planned_world_size() > 1:  # found now, not in fit()

@@ -13,6 +13,7 @@ named in their official order, others by id.
 import codecs
 import re
 import json
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -152,13 +153,21 @@ def _find_dataset_name(root):
 DATASET_FOLDERS = ("anno", "train", "test")
 
 
+def _same_folder(a, b):
+    try:
+        return os.path.samefile(a, b)  # through symlinks, and a case-insensitive file system's spellings
+    except OSError:
+        return False
+
+
 def check_outside_dataset(out, root, flag="--out"):
     """Refuse to write into the dataset itself: its folder, or its anno/, train/ or test/ (a
     split's head_train.txt beside the dataset's X_train.txt would leave two annotation files
     to choose from)."""
-    resolved, dataset = Path(out).resolve(), Path(root).resolve()
-    if resolved == dataset or any(resolved == dataset / folder or dataset / folder in resolved.parents
-                                  for folder in DATASET_FOLDERS):
+    guarded = [Path(root) / folder for folder in DATASET_FOLDERS]
+    resolved = Path(out).resolve()
+    if _same_folder(resolved, root) or any(_same_folder(place, folder) for place in (resolved, *resolved.parents)
+                                           for folder in guarded):
         raise UserError(f"{flag} {out} is the dataset folder {root} or inside its {'/, '.join(DATASET_FOLDERS)}/: "
                         "write beside the dataset, not into it (e.g. runs/NAME/...)")
 

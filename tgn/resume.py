@@ -116,16 +116,22 @@ def check_same_data(state, meta, path):
     """A checkpoint resumes only on the classes and images it was trained on."""
     if state.get("class_ids") != meta.get("class_ids"):
         raise UserError(f"{path} was trained on other classes; use another --out")
-    position = renamed_class(state.get("class_names"), meta.get("class_names") or (), meta.get("class_ids") or ())
-    if position is not None:
-        raise UserError(f"{path} was trained with class {meta['class_ids'][position]} named "
-                        f"'{state['class_names'][position]}', the data names it '{meta['class_names'][position]}': "
-                        "resume with the data it started with, or pass --overwrite instead of --resume to start again")
     for key, what in (("split_fingerprint", "a split of other data"), ("train_counts", "other real images"),
                       ("generated_counts", "other generated images (--extra)")):
         if key in state and key in meta and state[key] != meta[key]:
             raise UserError(f"{path} was trained on {what}; resume with the data it started with, or pass "
                             "--overwrite instead of --resume to start again")
+
+
+def check_same_names(state, class_ids, class_names, path):
+    """A checkpoint resumes only on classes of the names it was trained on (another dataset
+    laid out alike has as many images under the same ids); spelling aside, and a class named
+    by its id on either side matches any name."""
+    position = renamed_class(state.get("class_names"), class_names, class_ids)
+    if position is not None:
+        raise UserError(f"{path} was trained with class {class_ids[position]} named "
+                        f"'{state['class_names'][position]}', the data names it '{class_names[position]}': "
+                        "resume with the data it started with, or pass --overwrite instead of --resume to start again")
 
 
 # What a ResNet trainer's last.pth holds to resume (its best.pth keeps no optimizer state).

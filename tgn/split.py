@@ -56,7 +56,7 @@ def check_official_order(counts, source, listing):
                         "make the split (and the CDTG tail data) again")
 
 
-def check_model_classes(source, checkpoint, num_classes, ids, counts, listing, names=()):
+def check_model_classes(source, checkpoint, num_classes, ids, counts, listing, names):
     """A ResNet's outputs against the classes `listing` holds (`ids`, their training `counts`
     and `names`, in output order): their number always; an official bare state dict, which
     records no classes, by the training-count order; ours by the class ids and names they
