@@ -4,6 +4,7 @@ images, written a batch at a time and published atomically."""
 import json
 import re
 import shutil
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -310,13 +311,17 @@ def generate(args):
                 (args.out / name).unlink(missing_ok=True)
         atomic_write_json(args.out / GENERATION_SETTINGS, settings)
     dist.barrier()
+    started = time.perf_counter()
     written = run_generation(synth, args.out, class_ids=class_ids, per_class=args.per_class, ratio=args.r,
                              seed=args.seed, truncation=args.truncation, batch_size=args.batch, quality=args.quality,
                              workers=args.workers)
+    seconds = time.perf_counter() - started
     if not dist.is_main():
         return
     for cid in class_ids:
         name = synth.tail.names[synth.tail.ids.index(cid)]
         total = len(existing_indices(args.out / str(cid)))  # more than --per-class if an earlier run made more
         print(f"  class {cid:4d} {padded(name, 28)} {written[cid]:6d} new, {total:6d} in all")
-    print(f"wrote {sum(written.values())} images; annotation: {args.out / GENERATED_ANNOTATION}")
+    count = sum(written.values())
+    rate = f" ({count / seconds:,.0f} images/s over {dist.world_size()} process(es))" if count and seconds > 0 else ""
+    print(f"wrote {count} images in {seconds:.1f} s{rate}; annotation: {args.out / GENERATED_ANNOTATION}")
