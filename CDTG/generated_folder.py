@@ -18,7 +18,7 @@ from CDTG.synthesis import TRUNCATION_CENTRE, TailSynthesizer
 from tgn import distributed as dist
 from tgn.class_names import padded
 from tgn.compat import check_compile
-from tgn.data import Entry, write_annotation
+from tgn.data import Entry, check_outside_dataset, write_annotation
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
 from tgn.io import atomic_write_json, publish, remove_temp_files, write_pending
@@ -297,6 +297,7 @@ def generate(args):
                 "real_features": synth.real_features_fingerprint(),
                 # Classification/train.py --extra checks them against the dataset it trains on.
                 "class_names": {str(cid): name for cid, name in zip(synth.tail.ids, synth.tail.names)}}
+    check_outside_dataset(args.out, synth.tail.data_root)
     refuse_folder_in_use(args.out)
     check_settings(args.out, settings, args.overwrite)
     dist.init(args.device)  # joined after the input checks: an input error prints once per node

@@ -15,6 +15,7 @@ from tgn.checkpoint import check_fits, weights_fingerprint
 from tgn.class_names import renamed_class
 from tgn import distributed as dist
 from tgn.compat import check_compile
+from tgn.data import check_outside_dataset
 from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.handoff import TAIL_MANIFEST
@@ -116,6 +117,7 @@ def train_cdtg(args):
                         f"discriminator's minibatch-std group of {STDDEV_GROUP}, which changes training; use at most "
                         f"{max(1, args.batch // STDDEV_GROUP)} processes or --batch {STDDEV_GROUP * world}")
     tail = load_tail_classes(args.data, args.data_root)
+    check_outside_dataset(args.out, tail.data_root)
     if uses_clip_loss(vars(args)):
         check_prompts_name_classes(tail)
     device = dist.process_device(args.device)

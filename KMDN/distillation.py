@@ -19,6 +19,7 @@ from tgn import distributed as dist
 from tgn.checkpoint import check_fits, load_weights, save_checkpoint
 from tgn.cli import training_config
 from tgn.compat import grad_scaler
+from tgn.data import check_outside_dataset
 from tgn.engine import (check_one_image_batches, evaluate, keep_evaluation_workers, make_loader, prepare_model,
                         ran_with, resume_from_last, seed_everything, train_one_epoch, uses_cuda_graphs)
 from tgn.errors import UserError, alike_in_every_process
@@ -217,6 +218,7 @@ def run_distillation(args):
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
+    check_outside_dataset(args.out, split.data_root)
     device = dist.process_device(args.device)
     seed_everything(args.seed)
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",

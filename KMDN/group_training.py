@@ -3,6 +3,7 @@ from KMDN.stage import build_group_model, checkpoint_meta, group_datasets, open_
 from tgn.checkpoint import check_fits
 from tgn.cli import training_config
 from tgn import distributed as dist
+from tgn.data import check_outside_dataset
 from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.metrics import format_percent
@@ -16,6 +17,7 @@ def train_group(args):
     check_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite, args=args)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
+    check_outside_dataset(args.out, split.data_root)
     if not split.ids(group):
         raise UserError(f"the split in {args.split} has no {group} classes")
     state = last_state(args.out / group / "last.pth")

@@ -799,6 +799,18 @@ def test_the_real_images_are_named_alike_in_the_fingerprint_on_windows(trained_c
     assert TailSynthesizer.from_checkpoint(trained_ckpt, torch.device("cpu")).real_features_fingerprint() == here
 
 
+def test_cdtg_writes_nothing_into_the_dataset(cdtg_inputs, trained_ckpt, capsys):
+    data = cdtg_inputs / "data"
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, data / "anno" / "run", "--iter", "2", "--clip", "none"))
+    assert f"--out {data / 'anno' / 'run'} is the dataset folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--per-class", "1", "--out",
+                         str(data / "train" / "gen")])
+    assert f"--out {data / 'train' / 'gen'} is the dataset folder" in capsys.readouterr().err
+    assert not (data / "anno" / "run").exists() and not (data / "train" / "gen").exists()
+
+
 def test_generation_takes_a_class_given_twice_once(trained_ckpt, tmp_path, capsys):
     generation_main(["--ckpt", str(trained_ckpt), "--device", "cpu", "--classes", "3", "3", "--per-class", "2",
                      "--out", str(tmp_path / "gen")])

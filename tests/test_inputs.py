@@ -632,6 +632,12 @@ def test_nothing_is_written_into_the_dataset_itself(toy_data, split_dir, tmp_pat
                                                      str(toy_data)]), "is the dataset folder")
     assert sorted(os.listdir(toy_data / "anno")) == anno and not (toy_data / "train" / "runs").exists()
     assert not (toy_data / "split.json").exists() and not (toy_data / "test" / "cls").exists()
+    assert not (toy_data / "train" / "kmdn").exists()
+    inside = str(toy_data / "train" / "kmdn")
+    expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", inside, *TINY]),
+                      "is the dataset folder")
+    expect_user_error(capsys, lambda: distill_main(["--split", str(split_dir), "--out", inside, "--epochs", "1"]),
+                      "is the dataset folder")
     (toy_data / "test" / "model.pth").write_bytes(b"unused")  # test.py's report folder would be beside it
     expect_user_error(capsys, lambda: cls_test_main([*common, "--ckpt", str(toy_data / "test" / "model.pth")]),
                       "the report folder (beside --ckpt; pass --out)")
