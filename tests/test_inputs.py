@@ -706,6 +706,10 @@ def test_a_milestone_listed_twice_is_refused(split_dir, tmp_path, capsys):
     expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "k"), *TINY,
                                                    "--milestones", "2", "2", "2"]),
                       "--milestones lists epoch 2 3 times, which would divide --lr by 1000 there")
+    # --resume with nothing to resume starts a new run: held to the same rule.
+    expect_user_error(capsys, lambda: umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "k"), *TINY,
+                                                   "--milestones", "2", "2", "--resume"]),
+                      "--milestones lists epoch 2 twice")
     assert not (tmp_path / "k").exists()
 
 

@@ -186,6 +186,22 @@ def add_output_args(parser, default_out):
     return group
 
 
+def check_milestones(milestones):
+    """Refuse --milestones that a new run would not mean: epoch 0, or an epoch listed twice."""
+    if 0 in milestones:
+        raise UserError("--milestones 0 divides --lr by 10 from the first epoch: pass a lower --lr instead")
+    check_repeated_milestones(milestones)
+
+
+def check_repeated_milestones(milestones):
+    repeated = sorted({epoch for epoch in milestones if milestones.count(epoch) > 1})
+    if repeated:
+        # The scheduler divides by 10 once per listing: a typo would divide by 100 there.
+        times = milestones.count(repeated[0])
+        raise UserError(f"--milestones lists epoch {repeated[0]} {'twice' if times == 2 else f'{times} times'}, which "
+                        f"would divide --lr by {10 ** times} there; list each epoch once")
+
+
 def training_config(args, device):
     """The engine's settings from the flags, with --amp and --channels-last resolved for `device`."""
     from tgn.compat import check_amp, check_compile  # torch: here, so that the stages without a model start without it
@@ -193,14 +209,8 @@ def training_config(args, device):
     from tgn.engine import TrainConfig, resolve_precision
     from tgn.resnet import ONE_PIXEL_MAPS
 
-    if 0 in args.milestones and not args.resume:  # runs started with it before it was refused still resume
-        raise UserError("--milestones 0 divides --lr by 10 from the first epoch: pass a lower --lr instead")
-    repeated = sorted({epoch for epoch in args.milestones if args.milestones.count(epoch) > 1})
-    if repeated and not args.resume:
-        # The scheduler divides by 10 once per listing: a typo would divide by 100 there.
-        times = args.milestones.count(repeated[0])
-        raise UserError(f"--milestones lists epoch {repeated[0]} {'twice' if times == 2 else f'{times} times'}, which "
-                        f"would divide --lr by {10 ** times} there; list each epoch once")
+    if not args.resume:  # runs started before these were refused still resume (check_resume checks a new run)
+        check_milestones(args.milestones)
     amp, channels_last = resolve_precision(args.amp, args.channels_last, device)
     check_amp(amp, device)
     if args.sync_bn == "on" and device.type != "cuda" and planned_world_size() > 1:  # found now, not in fit()

@@ -16,6 +16,7 @@ import torch
 from tgn import distributed as dist
 from tgn.checkpoint import load_failure, map_tensors
 from tgn.class_names import renamed_class
+from tgn.cli import check_repeated_milestones
 from tgn.errors import UserError
 from tgn.io import read_json
 
@@ -66,6 +67,10 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
         raise UserError(f"--resume: cannot read {out_dir / 'last.pth'} ({state['unreadable']}); restore it from a "
                         "copy, or pass --overwrite instead of --resume to start again")
     if done is None:
+        # A new run after all. Epoch 0 stays allowed here: earlier versions' commands passed
+        # "--milestones 0 --resume" to start and to continue alike.
+        if hasattr(args, "milestones"):
+            check_repeated_milestones(args.milestones)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"note: nothing to resume in {out_dir}: starting a new run")
         return
