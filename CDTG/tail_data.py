@@ -17,8 +17,8 @@ from torchvision import transforms
 from CDTG.clip_loss import tokenize_prompts
 from CDTG.parallel import epoch_order_seed
 from tgn import distributed as dist
-from tgn.data import (CLASS_ID, check_files_exist, check_outside_dataset, drop_unreadable, open_dataset,
-                      read_annotation, samples_for, write_annotation)
+from tgn.data import (CLASS_ID, changed_entries, changed_text, check_files_exist, check_outside_dataset,
+                      drop_unreadable, open_dataset, read_annotation, samples_for, write_annotation)
 from tgn.errors import UserError
 from tgn.handoff import TAIL_MANIFEST
 from tgn.images import ImageList
@@ -62,8 +62,23 @@ class TailClasses:
     def samples(self):
         """(image path, generator label) of every tail training image, checked to exist."""
         entries = self.entries()
+        self.check_matches_dataset(entries)
         check_files_exist(self.data_root / "train", entries, self.folder / IMAGE_LIST)
         return samples_for(self.data_root / "train", entries, self.label_of())
+
+    def check_matches_dataset(self, entries):
+        """train.txt is DATA's training list cut to the tail classes: refuse it once DATA lists
+        other images (prepared again, images added), as KMDN refuses its split then."""
+        with warnings.catch_warnings():  # only DATA's list is read here: its warnings were given by the splits
+            warnings.simplefilter("ignore")
+            info = open_dataset(self.data_root)
+            tail_ids = set(self.ids)
+            current = [entry for entry in info.entries("train", check_files=False) if entry.class_id in tail_ids]
+        only_kept, only_current = changed_entries(entries, current)
+        if only_kept or only_current:
+            raise UserError(f"{self.folder / IMAGE_LIST} lists other tail images than {info.annotation_path('train')} "
+                            f"({changed_text(only_kept, only_current)}): DATA changed since the tail data was made; "
+                            "make the splits again (KMDN/dataset_split.py, then CDTG/dataset_split.py)")
 
     def write(self):
         atomic_write_json(self.folder / TAIL_MANIFEST, {

@@ -53,6 +53,12 @@ def main(argv=None):
         if len(getattr(split, group)) == 1:  # cross-entropy over one class is 0 whatever the model says
             hint = "; a --threshold that leaves 2 classes in each group avoids it" if len(split.ranking) >= 4 else ""
             warnings.warn(f"the {group} group has one class: cross-entropy over one class is 0, so {trains}{hint}")
+    last_head, first_tail = split.head[-1], split.tail[0]
+    if split.train_counts[last_head] == split.train_counts[first_tail]:
+        # Ranked by count, then by class id: the folder order, not the data, decides here.
+        tied = [cid for cid in split.ranking if split.train_counts[cid] == split.train_counts[last_head]]
+        warnings.warn(f"classes {', '.join(map(str, tied))} have {split.train_counts[last_head]} training images each "
+                      f"and the head/tail cut falls among them: the lower class ids went to head")
     for group in ("head", "tail"):
         if not sum(split.test_counts[cid] for cid in getattr(split, group)):
             warnings.warn(f"the {group} classes have no test images: KMDN keeps the epoch of best {group} test "

@@ -180,13 +180,15 @@ def bench_step(args, device, with_clip, fusion_pool=None, amp="off", modconv="sh
 
 
 def write_tail_data(folder, size, images=16):
-    """One tail class of random JPEGs in the layout CDTG/dataset_split.py writes."""
+    """One tail class of random JPEGs in a dataset, and the tail data CDTG/dataset_split.py
+    would write of it."""
     rng = np.random.default_rng(0)
     (folder / "train" / "0").mkdir(parents=True)
     entries = []
     for index in range(images):
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / "train" / "0" / f"{index}.jpg")
         entries.append(Entry(f"0/{index}.jpg", 0))
+    write_annotation(folder / "anno" / "BENCH_train.txt", entries)
     write_annotation(folder / IMAGE_LIST, entries)
     tail = TailClasses(folder, folder, [{"label": 0, "id": 0, "name": "tail", "prompt": "A photo of a tail",
                                          "train_count": images}])

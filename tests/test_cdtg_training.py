@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import CDTG.trainer as trainer_module
-from conftest import PALETTE, TAIL_IDS, tiny_clip  # the cdtg_inputs fixture lives in conftest
+from conftest import PALETTE, TAIL_IDS, exit_message, tiny_clip  # the cdtg_inputs fixture lives in conftest
 from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.dataset_split import main as cdtg_split_main
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig
 from CDTG.fusion import NoiseFusion
@@ -29,6 +30,7 @@ from CDTG.tail_data import StepBatchSampler, load_tail_classes, load_teacher
 from CDTG.train import build_parser
 from CDTG.train import main as train_main
 from CDTG.trainer import CdtgTrainer, accumulate
+from KMDN.dataset_split import main as split_main
 from CDTG.training import gan_config
 from tgn.compat import can_load_classes
 from tgn.errors import UserError
@@ -49,6 +51,23 @@ def test_tail_data_manifest(cdtg_inputs):
     labels = sorted({label for _, label in tail.samples()})
     assert labels == [0, 1, 2] and len(tail.samples()) == 16
     assert all(str(cdtg_inputs / "data") in path for path, _ in tail.samples())
+
+
+def test_tail_data_that_no_longer_lists_datas_tail_images_is_refused(cdtg_inputs, capsys):
+    """KMDN refuses its split once DATA lists other images; CDTG trained on the stale list."""
+    data, anno = cdtg_inputs / "data", cdtg_inputs / "data" / "anno" / "TOY_train.txt"
+    original = anno.read_text()
+    shutil.copy(data / "train" / "3" / "img 0.jpg", data / "train" / "3" / "new.jpg")
+    anno.write_text(original + "3/new.jpg 3\n")  # DATA prepared again with one tail image more
+    with pytest.raises(UserError, match=re.escape(
+            f"{cdtg_inputs / 'cdtg_data' / 'train.txt'} lists other tail images than {anno} (0 of its images are no "
+            "longer listed there, 1 listed there are new to it): DATA changed since the tail data was made; make "
+            "the splits again (KMDN/dataset_split.py, then CDTG/dataset_split.py)")):
+        load_tail_classes(cdtg_inputs / "cdtg_data").samples()
+    assert "lists other tail images than" in exit_message(capsys, train_main,
+                                                          tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1"))
+    anno.write_text(original + "0/img 0.jpg 0\n")  # a head image more: not the tail data's
+    assert len(load_tail_classes(cdtg_inputs / "cdtg_data").samples()) == 16
 
 
 def test_step_batches_depend_only_on_seed_and_step():
@@ -475,11 +494,18 @@ def test_resume_refuses_other_flags_and_another_fusion_layer(cdtg_inputs, capsys
     assert "was trained with another teacher" in capsys.readouterr().err
     data = cdtg_inputs / "cdtg_data"
     original = {name: (data / name).read_text() for name in ("train.txt", "tail_classes.json")}
-    (data / "train.txt").write_text("".join(original["train.txt"].splitlines(keepends=True)[1:]))  # one image fewer
+    for folder in ("data", "split", "cdtg_data"):
+        shutil.copytree(cdtg_inputs / folder, cdtg_inputs / f"{folder}.kept")
+    anno = cdtg_inputs / "data" / "anno" / "TOY_train.txt"
+    anno.write_text(anno.read_text().replace("2/img 0.jpg 2\n", ""))  # one image fewer, the splits made again
+    split_main(["--data-root", str(cdtg_inputs / "data"), "--out", str(cdtg_inputs / "split"), "--overwrite"])
+    cdtg_split_main(["--split", str(cdtg_inputs / "split"), "--out", str(data), "--overwrite"])
     with pytest.raises(SystemExit):
         train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume"))
     assert "was trained on [8, 4, 4] images per tail class, --data has [7, 4, 4]" in capsys.readouterr().err
-    (data / "train.txt").write_text(original["train.txt"])
+    for folder in ("data", "split", "cdtg_data"):
+        shutil.rmtree(cdtg_inputs / folder)
+        (cdtg_inputs / f"{folder}.kept").rename(cdtg_inputs / folder)
     (data / "tail_classes.json").write_text(original["tail_classes.json"].replace("A photo of a dam", "A dam"))
     with pytest.raises(SystemExit):  # the CLIP loss pulls towards the prompts
         train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--resume"))

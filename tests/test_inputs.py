@@ -511,7 +511,7 @@ def test_teacher_files_of_the_wrong_kind_are_named(cdtg_inputs, tmp_path):
 
 
 def test_warnings_of_the_scripts_are_one_line(tmp_path):
-    data = write_dataset(tmp_path / "data", {0: 6, 1: 6, 2: 2})
+    data = write_dataset(tmp_path / "data", {0: 7, 1: 6, 2: 2})
     (data / "classes.json").unlink()
     result = subprocess.run([sys.executable, str(ROOT / "KMDN" / "dataset_split.py"), "--data-root", str(data),
                              "--out", str(tmp_path / "split")], capture_output=True, text=True)

@@ -74,6 +74,48 @@ def test_split_from_another_dataset_is_refused(toy_data, tmp_path):
         check_split_matches(load_split(tmp_path / "split"), open_dataset(other))
 
 
+def test_a_split_of_data_prepared_again_with_the_same_counts_is_refused(toy_data, tmp_path, capsys):
+    """Counts and names alike, other files: a test image swapped (a preparer run with another
+    seed), or a training image renamed. KMDN picked best.pth on the split's test list while
+    Classification scored DATA's."""
+    from KMDN.UModel import main as umodel_main
+
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    info = open_dataset(toy_data)
+    check_split_matches(load_split(tmp_path / "split"), info)
+    test_anno, train_anno = (toy_data / "anno" / f"TOY_{subset}.txt" for subset in ("test", "train"))
+    original = test_anno.read_text()
+    (toy_data / "test" / "3" / "img 0.jpg").rename(toy_data / "test" / "3" / "swapped.jpg")
+    test_anno.write_text(original.replace("3/img 0.jpg 3", "3/swapped.jpg 3"))
+    with pytest.raises(SystemExit):
+        umodel_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--epochs", "1"])
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: split {tmp_path / 'split'} lists other test images than {test_anno} (1 of its "
+                              "images are no longer listed there, 1 listed there are new to it): DATA changed since")
+    assert not (tmp_path / "kmdn").exists()
+    train_anno.write_text(train_anno.read_text().replace("4/img 2.jpg 4", "4/img 0.jpg 4"))  # a copy named twice
+    with pytest.raises(UserError, match="lists other train images than"):
+        check_split_matches(load_split(tmp_path / "split"), open_dataset(toy_data))
+    lines = original.splitlines(keepends=True)
+    test_anno.write_text("".join(reversed(lines)))  # the order does not matter
+    train_anno.write_text(train_anno.read_text().replace("4/img 0.jpg 4\n", "4/img 2.jpg 4\n", 1))
+    (toy_data / "test" / "3" / "swapped.jpg").rename(toy_data / "test" / "3" / "img 0.jpg")
+    check_split_matches(load_split(tmp_path / "split"), open_dataset(toy_data))
+
+
+def test_a_cut_among_classes_of_equal_counts_is_warned_about(tmp_path):
+    """The folder order, not the data, then decides which of them are head."""
+    data = write_dataset(tmp_path / "data", {0: 9, 1: 5, 2: 5, 3: 5, 4: 2})
+    with pytest.warns(UserWarning, match="classes 1, 2, 3 have 5 training images each and the head/tail cut falls "
+                                         "among them: the lower class ids went to head"):
+        split_main(["--data-root", str(data), "--out", str(tmp_path / "tied")])
+    assert load_split(tmp_path / "tied").head == [0, 1]
+    untied = write_dataset(tmp_path / "untied", {0: 9, 1: 6, 2: 5, 3: 5, 4: 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ties within a group are no matter
+        split_main(["--data-root", str(untied), "--out", str(tmp_path / "split")])
+
+
 def test_class_without_training_images_is_an_error(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", {0: 5, 1: 0, 2: 3})
     with pytest.raises(SystemExit) as exit_info:
@@ -84,7 +126,7 @@ def test_class_without_training_images_is_an_error(tmp_path, capsys):
 
 
 def test_a_group_of_one_class_and_a_fraction_for_a_percentage_are_warned(tmp_path):
-    data = write_dataset(tmp_path / "data", {0: 6, 1: 4, 2: 3, 3: 2, 4: 2})
+    data = write_dataset(tmp_path / "data", {0: 6, 1: 4, 2: 3, 3: 2, 4: 1})
     with pytest.warns(UserWarning) as caught:
         split_main(["--data-root", str(data), "--out", str(tmp_path / "a"), "--threshold", "0.4"])  # meant 40
     messages = [str(warning.message) for warning in caught]

@@ -15,6 +15,7 @@ import re
 import json
 import os
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,18 @@ def format_annotation(entries):
 
 def write_annotation(path, entries):
     atomic_write_text(path, format_annotation(entries))
+
+
+def changed_entries(kept, current):
+    """How a list written earlier (`kept`: a split's or the tail data's) differs from the one
+    DATA lists now (`current`), order aside: (listed only in `kept`, listed only in `current`)."""
+    kept, current = Counter(kept), Counter(current)
+    return sum((kept - current).values()), sum((current - kept).values())
+
+
+def changed_text(only_kept, only_current):
+    """Says how two image lists differ, for changed_entries' counts."""
+    return f"{only_kept} of its images are no longer listed there, {only_current} listed there are new to it"
 
 
 def check_files_exist(root, entries, source):

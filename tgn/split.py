@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tgn.class_names import class_name_key, renamed_class
-from tgn.data import check_files_exist, read_annotation, samples_for, write_annotation
+from tgn.data import SUBSETS, changed_entries, changed_text, check_files_exist, read_annotation, samples_for, \
+    write_annotation
 from tgn.errors import UserError
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
 from tgn.runlock import claim_folder
@@ -222,12 +223,13 @@ def load_split(path, data_root=None):
 
 
 def check_split_matches(split, info):
-    """Refuse a split made from another dataset than DATA: other class ids, training counts
-    or class names. Names compare with spelling aside (DIOR prepared again names
+    """Refuse a split made from another dataset than DATA: other class ids, training counts,
+    class names or image lists. Names compare with spelling aside (DIOR prepared again names
     'basketballcourt' 'basketball court'), and a DIOR or FGSC-23 folder without classes.json
     also matches the split an earlier version made of it, naming its classes by id."""
+    current = {subset: info.entries(subset, check_files=False) for subset in SUBSETS}
     counts = {cid: 0 for cid in info.class_names}
-    for entry in info.entries("train", check_files=False):
+    for entry in current["train"]:
         counts[entry.class_id] = counts.get(entry.class_id, 0) + 1
     same_classes = set(split.class_names) == set(info.class_names) and split.train_counts == counts
     named_alike = same_classes and all(class_name_key(split.class_names[cid]) == class_name_key(info.class_names[cid])
@@ -239,4 +241,13 @@ def check_split_matches(split, info):
             f"split {split.folder} was made from another dataset than {info.root} "
             "(class ids, names or training counts differ); rerun KMDN/dataset_split.py"
         )
+    # The same counts may still list other files (DATA prepared again with another seed or
+    # test fraction, images swapped): the split's lists are DATA's, cut by group.
+    for subset in SUBSETS:
+        kept = [entry for group in GROUPS for entry in split.entries(group, subset)]
+        only_kept, only_current = changed_entries(kept, current[subset])
+        if only_kept or only_current:
+            raise UserError(f"split {split.folder} lists other {subset} images than {info.annotation_path(subset)} "
+                            f"({changed_text(only_kept, only_current)}): DATA changed since the split was made; "
+                            "rerun KMDN/dataset_split.py")
 
