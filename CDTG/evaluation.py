@@ -28,7 +28,7 @@ from CDTG.eval_report import (build_evaluation, evaluation_markdown, metric_note
 from CDTG.fidelity import fid, kid, load_inception, load_lpips, mean_pairwise_lpips
 from CDTG.tail_data import load_tail_classes, load_teacher
 from tgn.data import check_files_exist, drop_unreadable, read_annotation
-from tgn.distributed import resolve_device
+from tgn.distributed import make_shared_folder, planned_world_size, resolve_device
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
 from tgn.images import REWRITE_GENERATED, ImageList
@@ -328,6 +328,8 @@ def check_same_tail_data(folders, data):
 
 def evaluate_generation(args):
     """CDTG/evaluate.py: the folders and models checked and loaded, every folder scored, the report written."""
+    if planned_world_size() > 1:  # each process would score every folder and write the same files
+        raise UserError("CDTG/evaluate.py runs in one process: start it with python, not torchrun")
     folders = [Path(folder) for folder in args.folders]
     check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False, args=args)
     check_generated_folders(folders)
@@ -354,6 +356,7 @@ def evaluate_generation(args):
         if held != tail.ids:
             notes.append(f"{result['label']} holds images of the tail classes {held} only (of {tail.ids}): its "
                          "overall row covers those classes.")
+    make_shared_folder(args.out)  # from here on this evaluation alone writes there
     remove_temp_files(args.out)  # what an evaluation killed mid-write left
     options = save_options(args.out, args)
     evaluation = build_evaluation(

@@ -131,6 +131,10 @@ def read_report(path):
     """A report.json, or a folder holding one."""
     path = Path(path)
     if path.is_dir():
+        if not (path / REPORT_JSON).is_file() and (path / "report-best" / REPORT_JSON).is_file():
+            # A training run folder: its report (of best.pth) lies one folder down.
+            raise UserError(f"{path} is a training run folder, which holds no report.json itself; pass "
+                            f"{path / 'report-best'}, the report of its best.pth")
         path = path / REPORT_JSON
     report = read_json(path, "report")
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:

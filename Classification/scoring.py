@@ -65,6 +65,7 @@ def score_checkpoint(args):
     dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
 
     device = dist.init(args.device)
+    dist.make_shared_folder(out_dir)  # from here on this report alone writes there (rank 0 holds it)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -254,6 +254,29 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
         assert sheet.format == "PNG" and sheet.width > 3 * 6 * 64 and sheet.height > 3 * 64
 
 
+def test_evaluate_holds_its_folder_while_it_writes_and_runs_in_one_process(evaluation_inputs, monkeypatch, capsys):
+    """A second evaluation into the same new folder is refused while the first writes; under
+    torchrun every process scored every folder and wrote the same files."""
+    import CDTG.evaluation as evaluation_module
+    from test_reliability import hold_folder_fails
+
+    root = evaluation_inputs
+    argv = [str(root / "gen_copy"), "--clip", "none", "--out", str(root / "fresh"), "--device", "cpu",
+            "--workers", "0", "--pairs", "4", "--max-per-class", "4"]
+    held = []
+    real_write = evaluation_module.write_evaluation
+    monkeypatch.setattr(evaluation_module, "write_evaluation", lambda evaluation, folder: (
+        held.append(hold_folder_fails(folder)), real_write(evaluation, folder)))
+    evaluate_script.main(argv)
+    assert held == [True]
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        evaluate_script.main([*argv, "--out", str(root / "torchrun")])
+    assert "CDTG/evaluate.py runs in one process: start it with python, not torchrun" in capsys.readouterr().err
+    assert not (root / "torchrun").exists()
+
+
 def test_evaluate_without_teacher_notes_it_and_refuses_a_foreign_folder(evaluation_inputs, capsys):
     root = evaluation_inputs
     common = ["--data", str(root / "cdtg_data"), "--clip", "none", "--lpips", "none", "--inception", "none",

@@ -306,6 +306,22 @@ def test_test_py_reproduces_the_training_report_with_a_split(trained, tmp_path):
     assert (tmp_path / "report" / "long_tail.png").is_file()
 
 
+def test_test_py_holds_its_report_folder_while_it_writes(trained, tmp_path, monkeypatch):
+    """A second test.py into the same new folder is refused while the first writes (it took
+    only an existing lock file, so two runs into a fresh folder wrote over each other)."""
+    import Classification.stage as stage
+    from test_reliability import hold_folder_fails
+
+    data, out, _ = trained
+    held = []
+    real_write = stage.write_report
+    monkeypatch.setattr(stage, "write_report", lambda report, folder: (held.append(hold_folder_fails(folder)),
+                                                                        real_write(report, folder)))
+    evaluate_main(["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "fresh"),
+                   "--workers", "0", "--device", "cpu"])
+    assert held == [True]
+
+
 def test_the_training_report_is_computed_as_test_py_computes_it(tmp_path, monkeypatch):
     """report-best/ is what `test.py --ckpt best.pth` writes, also after training in bf16 and
     channels_last (the GPU defaults): the epochs are evaluated as they train, the report in fp32."""
@@ -782,6 +798,13 @@ def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
     assert (tmp_path / "comparison" / "comparison.md").read_text() == table
     compare_main([*again, "--overwrite"])
     assert "plain CE" not in (tmp_path / "comparison" / "comparison.md").read_text()
+
+
+def test_a_training_run_folder_given_for_a_report_names_its_report_folder(trained, capsys):
+    _, out, _ = trained
+    message = exit_message(capsys, compare_main, [str(out), str(out / "report-best")])
+    assert message == (f"error: {out} is a training run folder, which holds no report.json itself; pass "
+                       f"{out / 'report-best'}, the report of its best.pth")
 
 
 def test_compare_notes_other_groups_but_not_another_listing_order(tmp_path):
