@@ -18,6 +18,7 @@ import hashlib
 import random
 import re
 import sys
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -73,6 +74,10 @@ def class_names_for(folders, names_path):
         given = read_json(names_path, "--class-names")
         if not isinstance(given, dict) or not all(isinstance(name, str) and name.strip() for name in given.values()):
             raise UserError(f'--class-names {names_path}: expected a JSON object {{"folder name": "class name"}}')
+        broken = [name for name in given.values() if any(unicodedata.category(char) == "Cc" for char in name.strip())]
+        if broken:  # a line break or tab would split the name in prompts, tables and reports
+            raise UserError(f"--class-names {names_path}: the class name {broken[0]!r} holds a control character "
+                            "(a line break, a tab); write it on one line")
         # A name typed in one Unicode form matches a folder stored in the other (macOS: NFD).
         by_form = {composed(folder): folder for folder in folders}
         unknown = sorted(key for key in given if composed(key) not in by_form)
@@ -134,13 +139,14 @@ def list_subsets(args):
     train = list_class_images(train_dir, set(folders), "--train-dir", lambda folder: "")
     if args.test_dir is None:
         train, test = hold_out(train, args.test_fraction, args.seed)
+        warn_test_copies(train, test, "--train-dir (the copies of a class may be held out apart)")
     else:
         test_dir = existing_dir(args.test_dir, "--test-dir")
         test = list_class_images(test_dir, set(folders), "--test-dir", lambda folder: (
             f"--test-dir: folder {folder} is not a class of --train-dir (a test class needs training images)"))
         check_not_training_images([path for paths in train.values() for path in paths],
                                   [path for paths in test.values() for path in paths])
-        warn_test_copies(train, test)
+        warn_test_copies(train, test, "--test-dir or --train-dir")
     without_test = [folder for folder in folders if not test.get(folder)]
     if len(without_test) == len(folders):
         raise UserError("no class has a test image: every class has one training image; give --test-dir")
@@ -150,7 +156,7 @@ def list_subsets(args):
     return {"train": train, "test": test}, folders
 
 
-def warn_test_copies(train, test):
+def warn_test_copies(train, test, remove_from):
     """A test image that is a training image of its class (the same bytes, under any name)
     inflates test accuracy. Only files of a training image's size are read."""
     digests = {}
@@ -172,7 +178,7 @@ def warn_test_copies(train, test):
     if copies:
         warnings.warn(f"{len(copies)} test images are copies of a training image of their class (the same bytes), "
                       f"e.g. {copies[0][1]!r} in {copies[0][0]!r}: they inflate test accuracy; remove them from "
-                      "--test-dir or --train-dir")
+                      f"{remove_from}")
 
 
 def dataset_name(args):

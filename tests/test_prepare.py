@@ -621,6 +621,22 @@ def test_test_images_that_are_training_images_are_warned_about_by_content_not_na
     with pytest.warns(UserWarning, match="1 test images are copies of a training image of their class .* "
                                          "'renamed.jpg' in 'dam'"):
         prepare_folders.main([*common, "--out", str(tmp_path / "b")])
+    # Held out from --train-dir: two copies of an image may fall on either side.
+    for index in range(2, 6):
+        paint_scene(src / f"train/dam/{index:04d}.jpg", (12, 10), {(0, 0, 6, 5): (40 * index, 40 * index, 10)})
+    shutil.copy(src / "train/dam/0001.jpg", src / "train/dam/copy.jpg")
+    held_out = ["--train-dir", str(src / "train"), "--test-fraction", "0.5"]
+    with pytest.warns(UserWarning) as caught:
+        for seed in range(6):  # some seed holds one copy out and keeps the other
+            prepare_folders.main([*held_out, "--seed", str(seed), "--out", str(tmp_path / f"held{seed}")])
+    copies = [str(warning.message) for warning in caught if "copies of a training image" in str(warning.message)]
+    assert copies and all(message.endswith("remove them from --train-dir (the copies of a class may be held out "
+                                           "apart)") for message in copies)
+    apart = 0
+    for seed in range(6):
+        tested = {path.name for path in (tmp_path / f"held{seed}" / "test").rglob("*.jpg")}
+        apart += len(tested & {"0001.jpg", "copy.jpg"}) == 1
+    assert len(copies) == apart
 
 
 def test_the_class_table_stays_aligned_with_chinese_names(tmp_path, capsys):
@@ -832,6 +848,8 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     ("none", ["--test-dir", "{src}/test", "--test-fraction", "0.2"], "either --test-dir or --test-fraction"),
     ("none", ["--test-fraction", "1.5"], "--test-fraction: 1.5 must be between 0 and 1"),
     ("none", ["--test-fraction", "0.5", "--class-names", "{src}/names.json"], "'tank' is not a class folder"),
+    ("none", ["--test-fraction", "0.5", "--class-names", "{src}/two_lines.json"],
+     r"the class name 'large\\nship' holds a control character \(a line break, a tab\); write it on one line"),
     ("same names", ["--test-fraction", "0.5"], "both have the class name 'golf field'"),
     ("spelled apart", ["--test-fraction", "0.5"], "'golf-field' and 'golf_field' have the class names 'golf-field' and 'golf field'"),
     ("none", ["--test-fraction", "0.2", "--dataset", "my data"], "--dataset 'my data': use letters"),
@@ -873,6 +891,7 @@ def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, caps
             (tmp_path / "out").mkdir()
             (tmp_path / "out" / "classes.json").write_text("{}")
     (src / "names.json").write_text(json.dumps({"tank": "tank"}))
+    (src / "two_lines.json").write_text(json.dumps({"ship": "large\nship"}))
     argv = [arg.format(src=src) for arg in argv]
     out = tmp_path / ("my data" if change == "space in --out" else "out")
     train_dir = src if change == "parent folder" else src / "train"
