@@ -3,7 +3,8 @@
 Ctrl-C (SIGINT), or SIGTERM (what a cluster scheduler sends before it kills a job that is
 preempted or out of time, and torchrun passes on to its processes), lets the current step
 finish; the trainer then saves and stops. A second Ctrl-C stops at once, for a step that
-never ends. The ResNet trainers save mid-epoch: last.pth then holds the EpochProgress of
+never ends (under torchrun Ctrl-C reaches torchrun only, which sends its processes SIGTERM
+and kills them 30 s later). The ResNet trainers save mid-epoch: last.pth then holds the EpochProgress of
 the epoch it stopped in, and a resumed run trains that epoch's remaining steps only.
 """
 import contextlib
