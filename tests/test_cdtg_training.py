@@ -60,8 +60,8 @@ def test_tail_data_that_no_longer_lists_datas_tail_images_is_refused(cdtg_inputs
     shutil.copy(data / "train" / "3" / "img 0.jpg", data / "train" / "3" / "new.jpg")
     anno.write_text(original + "3/new.jpg 3\n")  # DATA prepared again with one tail image more
     with pytest.raises(UserError, match=re.escape(
-            f"{cdtg_inputs / 'cdtg_data' / 'train.txt'} lists other tail images than {anno} (0 of its images are no "
-            "longer listed there, 1 listed there are new to it): DATA changed since the tail data was made; make "
+            f"{cdtg_inputs / 'cdtg_data' / 'train.txt'} lists other tail images than {anno} (1 listed there is new "
+            "to it): DATA changed since the tail data was made; make "
             "the splits again (KMDN/dataset_split.py, then CDTG/dataset_split.py)")):
         load_tail_classes(cdtg_inputs / "cdtg_data").samples()
     assert "lists other tail images than" in exit_message(capsys, train_main,

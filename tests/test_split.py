@@ -91,7 +91,7 @@ def test_a_split_of_data_prepared_again_with_the_same_counts_is_refused(toy_data
         umodel_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--epochs", "1"])
     message = capsys.readouterr().err
     assert message.startswith(f"error: split {tmp_path / 'split'} lists other test images than {test_anno} (1 of its "
-                              "images are no longer listed there, 1 listed there are new to it): DATA changed since")
+                              "images is no longer listed there, 1 listed there is new to it): DATA changed since")
     assert not (tmp_path / "kmdn").exists()
     train_anno.write_text(train_anno.read_text().replace("4/img 2.jpg 4", "4/img 0.jpg 4"))  # a copy named twice
     with pytest.raises(UserError, match="lists other train images than"):

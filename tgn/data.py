@@ -88,7 +88,12 @@ def changed_entries(kept, current):
 
 def changed_text(only_kept, only_current):
     """Says how two image lists differ, for changed_entries' counts."""
-    return f"{only_kept} of its images are no longer listed there, {only_current} listed there are new to it"
+    parts = []
+    if only_kept:
+        parts.append(f"{only_kept} of its images {'is' if only_kept == 1 else 'are'} no longer listed there")
+    if only_current:
+        parts.append(f"{only_current} listed there {'is' if only_current == 1 else 'are'} new to it")
+    return ", ".join(parts)
 
 
 def check_files_exist(root, entries, source):
