@@ -66,9 +66,32 @@ def starting_weights(path, tail, generator, discriminator, g_ema):
         raise UserError(f"--init {path} was trained with tail class {tail.ids[position]} named "
                         f"'{state['class_names'][position]}', --data names it '{tail.names[position]}': its labels "
                         "would draw other classes")
+    check_same_models(path, state, generator, discriminator)
     for module, key in ((generator, "g"), (discriminator, "d"), (g_ema, "g_ema")):
         check_fits(module, state[key], f"--init {path}")
     return state
+
+
+# The model flags behind each recorded constructor argument (num_classes comes from --data).
+MODEL_FLAGS = {"size": "--size", "style_dim": "--latent", "label_dim": "--latent", "n_mlp": "--n-mlp",
+               "channel_multiplier": "--channel-multiplier", "channel_max": "--channel-max", "lr_mlp": "--lr-mlp"}
+
+
+def check_same_models(path, state, generator, discriminator):
+    """--init's models were built as this run's: a setting that keeps the shapes can still
+    change the function (the mapping network stores its weights divided by --lr-mlp, so
+    another value scales every latent). Compares what the checkpoint records (the official
+    format records only some)."""
+    for what, recorded, own in (("generator", state.get("generator_config"), generator.config),
+                                ("discriminator", state.get("discriminator_config"), discriminator.config)):
+        for key, value in own.items():
+            saved = (recorded or {}).get(key, value)
+            saved = list(saved) if isinstance(saved, tuple) else saved  # blur_kernel, as the config holds it
+            if saved != value:
+                flag = MODEL_FLAGS.get(key)
+                remedy = f"pass {flag} {saved}" if flag else "it cannot start this run"
+                raise UserError(f"--init {path}: its {what} was built with {key} {saved}, this run's with {value}, "
+                                f"which the weights do not carry over to; {remedy}")
 
 
 def clear_run(out):

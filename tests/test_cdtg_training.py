@@ -1147,10 +1147,15 @@ def test_init_refuses_what_it_cannot_start_from_before_writing(trained_ckpt, cdt
     assert cut_to_generation(run / "checkpoint", keep=1) == [trained_ckpt]
     cases = [
         ([], trained_ckpt, "keeps only what generation reads, not G and D"),
-        (["--size", "64"], run / "checkpoint" / "4.pt", "does not fit this model"),
+        (["--size", "64"], run / "checkpoint" / "4.pt", "its generator was built with size 32, this run's with 64, "
+                                                        "which the weights do not carry over to; pass --size 32"),
+        # Shapes alike, another function: the mapping weights are stored divided by --lr-mlp.
+        (["--lr-mlp", "0.1"], run / "checkpoint" / "4.pt", "its generator was built with lr_mlp 0.01, this run's "
+                                                           "with 0.1, which the weights do not carry over to; pass "
+                                                           "--lr-mlp 0.01"),
     ]
     for extra, path, message in cases:
-        out = tmp_path / f"refused-{len(extra)}"
+        out = tmp_path / f"refused-{'-'.join(extra)}"
         with pytest.raises(SystemExit):
             train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--clip", "none", "--init", str(path),
                                        *extra))
