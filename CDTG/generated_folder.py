@@ -206,17 +206,25 @@ def check_settings(out_dir, settings, overwrite):
                             "use another --out or pass --overwrite")
 
 
-def unfinished_classes(out_dir, tail_ids):
-    """The classes runs stopped in `out_dir` left unfinished, from GENERATION_UNFINISHED: a
-    list of class ids (all tail classes for the empty marker of an earlier version, which
-    named none); none without the marker."""
+def unfinished_classes(out_dir, tail_ids, per_class):
+    """{class id: images it needs} of the classes runs stopped in `out_dir` left unfinished,
+    from GENERATION_UNFINISHED (every tail class for the empty marker of an earlier version,
+    which named none; `per_class` where a marker records no count); {} without the marker."""
     path = Path(out_dir) / GENERATION_UNFINISHED
     if not path.is_file():
-        return []
+        return {}
     try:
-        return [int(cid) for cid in json.loads(path.read_text(encoding="utf-8"))["classes"]]
-    except (ValueError, KeyError, TypeError):  # empty (an earlier version's) or not ours: every class
-        return list(tail_ids)
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        targets = marker.get("targets", {})
+        return {int(cid): int(targets.get(str(cid), per_class)) for cid in marker["classes"]}
+    except (ValueError, KeyError, TypeError, AttributeError):  # empty (an earlier version's) or not ours
+        return {cid: per_class for cid in tail_ids}
+
+
+def mark_unfinished(out_dir, pending):
+    """GENERATION_UNFINISHED naming the classes `pending` ({class id: images it needs})."""
+    atomic_write_json(Path(out_dir) / GENERATION_UNFINISHED,
+                      {"classes": list(pending), "targets": {str(cid): target for cid, target in pending.items()}})
 
 
 def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncation, batch_size, quality, workers):
@@ -230,9 +238,11 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     if dist.is_main():  # before any process writes: the first listing below waits for it
         remove_temp_files(out_dir)  # the lists a killed run had not yet published
         out_dir.mkdir(parents=True, exist_ok=True)
-        left = [cid for cid in unfinished_classes(out_dir, synth.tail.ids) if cid in synth.tail.ids]
-        pending = list(dict.fromkeys([*left, *class_ids]))
-        atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": pending})
+        left = {cid: target for cid, target in unfinished_classes(out_dir, synth.tail.ids, per_class).items()
+                if cid in synth.tail.ids}
+        # A stopped run's class needs its own count: a later run asking fewer does not finish it.
+        pending = {**left, **{cid: max(left.get(cid, 0), per_class) for cid in class_ids}}
+        mark_unfinished(out_dir, pending)
 
     with JpegWriter(workers, quality) as writer, ThreadPoolExecutor(max_workers=1) as prefetch:
         for class_id in class_ids:
@@ -266,13 +276,17 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
             written[class_id] = len(missing)
             if dist.is_main():
                 write_generated_annotation(out_dir, synth.tail.ids)
-                pending.remove(class_id)
-                atomic_write_json(out_dir / GENERATION_UNFINISHED, {"classes": pending})
+                have = existing_indices(folder)
+                if all(index in have for index in range(pending[class_id])):
+                    del pending[class_id]
+                    mark_unfinished(out_dir, pending)
     if dist.is_main():
         if pending:
-            print(f"note: a stopped run left classes {', '.join(map(str, pending))} unfinished: "
-                  f"{GENERATION_UNFINISHED} stays, and the folder is not used, until a run generates them (without "
-                  f"--classes, or with --classes {' '.join(map(str, pending))})")
+            counts = sorted(set(pending.values()))
+            print(f"note: a stopped run left classes {', '.join(f'{cid} ({n} images)' for cid, n in pending.items())} "
+                  f"unfinished: {GENERATION_UNFINISHED} stays, and the folder is not used, until a run generates "
+                  f"them (with --per-class {counts[-1]}{'' if len(counts) == 1 else ' or as listed'}, and without "
+                  f"--classes or with --classes {' '.join(map(str, pending))})")
         else:
             (out_dir / GENERATION_UNFINISHED).unlink()
     return written

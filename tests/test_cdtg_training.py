@@ -793,9 +793,14 @@ def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_
     assert len(left) == 2 and calls[0] not in left  # the tail's 3 classes but the one written
     generation_main([*argv, "--classes", str(left[-1])])  # a run of one class finishes that class only
     assert json.loads((out / "generation.unfinished").read_text())["classes"] == left[:1]
-    assert f"note: a stopped run left classes {left[0]} unfinished" in capsys.readouterr().out
+    assert f"note: a stopped run left classes {left[0]} (2 images) unfinished" in capsys.readouterr().out
     with pytest.raises(UserError, match="its generation has not finished"):
         read_extra(out, names)
+    generation_main([*argv[:4], "--per-class", "1", "--out", str(out)])  # asks fewer: the stopped class needs 2
+    assert json.loads((out / "generation.unfinished").read_text()) == {"classes": left[:1],
+                                                                       "targets": {str(left[0]): 2}}
+    assert (f"note: a stopped run left classes {left[0]} (2 images) unfinished: generation.unfinished stays, and the "
+            "folder is not used, until a run generates them (with --per-class 2") in capsys.readouterr().out
     generation_main(argv)
     assert len(read_extra(out, names)) == 6
 
