@@ -9,6 +9,7 @@ ids (DIOR: identity 0..19, as in result.pth). A generated folder given with --ex
 (the dataset's annotation format with <DIR> as the image root). An image listed twice, in
 one folder or across folders, is used once.
 """
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass
@@ -77,12 +78,31 @@ def generated_class_names(folder):
         return {}  # not a generation.py folder, or its tail data is gone: nothing to compare
 
 
+# What a generated folder's images are, as generation.json records it (not where the
+# checkpoint, tail data or folder lie: a folder may move).
+GENERATION_IDENTITY = ("weights", "real_features", "real_images", "r", "truncation", "truncation_centre", "seed",
+                       "amp", "quality")
+
+
+def generated_identity(folder, entries):
+    """A folder's generation settings that decide its images, and the images it lists."""
+    try:
+        settings = json.loads((Path(folder) / GENERATION_SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a folder of images made otherwise: its list alone
+        settings = {}
+    settings = settings if isinstance(settings, dict) else {}
+    return {"settings": {key: settings[key] for key in GENERATION_IDENTITY if key in settings},
+            "images": sorted(entry.relpath for entry in entries)}
+
+
 @dataclass
 class TrainingImages:
     samples: list  # (absolute path, output index)
     real_counts: list  # per output index: DATA's training images
     generated_counts: list  # per output index: images added from --extra
     duplicates: int  # listed images skipped because already present
+    # --resume compares it: the same counts may be other images (another checkpoint's, another r).
+    generated_fingerprint: str = None
 
 
 def training_images(info, extra_folders=()):
@@ -93,8 +113,10 @@ def training_images(info, extra_folders=()):
     label_by_path = {str(Path(path).resolve()): label for path, label in samples}
     generated = []
     duplicates = 0
+    identities = []
     for folder in extra_folders:
         entries = read_extra(folder, info.class_names, info.has_class_list)
+        identities.append(generated_identity(folder, entries))
         for entry, (path, label) in zip(entries, samples_for(folder, entries, label_of)):
             key = str(Path(path).resolve())
             if key in label_by_path:
@@ -106,8 +128,10 @@ def training_images(info, extra_folders=()):
             label_by_path[key] = label
             generated.append(entry)
             samples.append((path, label))
+    fingerprint = (hashlib.sha256(json.dumps(identities, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+                   if identities else None)
     return TrainingImages(samples, count_per_class(real, class_ids), count_per_class(generated, class_ids),
-                          duplicates)
+                          duplicates, fingerprint)
 
 
 def readable_training_images(images, skip_bad_images):
@@ -122,4 +146,5 @@ def readable_training_images(images, skip_bad_images):
     real = Counter(label for path, label in images.samples[:n_real] if path in kept)
     generated = Counter(label for path, label in images.samples[n_real:] if path in kept)
     return TrainingImages(samples, [real[index] for index in range(n_classes)],
-                          [generated[index] for index in range(n_classes)], images.duplicates)
+                          [generated[index] for index in range(n_classes)], images.duplicates,
+                          images.generated_fingerprint)

@@ -51,7 +51,8 @@ def train_classifier(args):
     train_samples = images.samples
     if args.resume and state is not None:  # the images trained on, as the checkpoint counted them
         check_same_data(state, {"class_ids": list(class_ids), "train_counts": list(images.real_counts),
-                                "generated_counts": list(images.generated_counts)}, args.out / "last.pth")
+                                "generated_counts": list(images.generated_counts),
+                                "generated_fingerprint": images.generated_fingerprint}, args.out / "last.pth")
         if info.has_class_list:  # without one the names are ids or the official list: test.py compares none either
             names = [info.class_names[cid] for cid in class_ids]
             check_same_names(state, list(class_ids), names, args.out / "last.pth")
@@ -93,8 +94,9 @@ def train_classifier(args):
             print("note: re-sampling and balanced softmax both correct for the class priors")
 
     labels = train_images.targets()
-    meta = checkpoint_meta(model, class_ids, classes.names, images.real_counts, images.generated_counts, method,
-                           options)
+    meta = {**checkpoint_meta(model, class_ids, classes.names, images.real_counts, images.generated_counts, method,
+                              options),
+            "generated_fingerprint": images.generated_fingerprint}
     result = fit(model, train_images, test_images, cfg, device, run_dir, meta=meta, resume=args.resume,
                  loss_fn=make_loss(args.loss, labels, len(class_ids)), head=classes.indices(classes.head),
                  tail=classes.indices(classes.tail),

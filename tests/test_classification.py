@@ -127,6 +127,13 @@ def test_resume_refuses_other_generated_images(toy_data, tmp_path, capsys):
     err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume"])  # --extra forgotten
     assert "was trained on other generated images (--extra); resume with the data it started with" in err
     assert (tmp_path / "cls" / "options.json").read_text() == options  # refused before writing anything
+    # As many images under the same names, generated again from another checkpoint.
+    (generated / "generation.json").write_text(json.dumps({"weights": "another checkpoint's", "r": 0.05}))
+    err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume", "--extra", str(generated)])
+    assert "was trained on other generated images (--extra: other images or generation settings)" in err
+    (generated / "generation.json").unlink()
+    moved = generated.rename(tmp_path / "moved")  # a folder moved elsewhere is the same images
+    train_main([*common, "--epochs", "2", "--resume", "--extra", str(moved)])
 
 
 def test_resume_refuses_a_dataset_that_names_its_classes_otherwise(toy_data, tmp_path, capsys):

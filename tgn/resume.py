@@ -122,7 +122,9 @@ def check_same_data(state, meta, path):
     if state.get("class_ids") != meta.get("class_ids"):
         raise UserError(f"{path} was trained on other classes; use another --out")
     for key, what in (("split_fingerprint", "a split of other data"), ("train_counts", "other real images"),
-                      ("generated_counts", "other generated images (--extra)")):
+                      ("generated_counts", "other generated images (--extra)"),
+                      ("generated_fingerprint", "other generated images (--extra: other images or generation "
+                                                "settings)")):
         if key in state and key in meta and state[key] != meta[key]:
             raise UserError(f"{path} was trained on {what}; resume with the data it started with, or pass "
                             "--overwrite instead of --resume to start again")
