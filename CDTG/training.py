@@ -17,7 +17,7 @@ from tgn import distributed as dist
 from tgn.compat import check_compile
 from tgn.data import check_outside_dataset
 from tgn.engine import seed_everything
-from tgn.errors import UserError, alike_in_every_process
+from tgn.errors import UserError, alike_in_every_process, speaks
 from tgn.handoff import TAIL_MANIFEST
 from tgn.io import remove_temp_files
 from tgn.resume import check_resume, last_state, uses_clip_loss
@@ -165,6 +165,8 @@ def train_cdtg(args):
     # A run with checkpoints to resume continues from them: --init only starts runs.
     init = (starting_weights(args.init, tail, generator, discriminator, g_ema)
             if args.init is not None and not (args.resume and steps) else None)
+    if args.init is not None and init is None and speaks():
+        print(f"note: --init is not read: the run resumes from {args.out / 'checkpoint' / f'{steps[-1]}.pt'}")
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
@@ -176,7 +178,7 @@ def train_cdtg(args):
     if main and args.overwrite and not args.resume:
         clear_run(args.out)
     dist.barrier()  # no process looks for checkpoints before the old ones are gone
-    options = save_options(args.out, args, write=False)
+    options = save_options(args.out, args, write=False, resumed=bool(args.resume and steps))
     metadata = {
         "generator_config": generator.config,
         "discriminator_config": discriminator.config,
@@ -201,7 +203,7 @@ def train_cdtg(args):
         trainer.start_from(init, args.init)
         del init  # at 256 px about 3 GB
     # Written after the checkpoint's checks, so that a refused --resume leaves the run's own flags.
-    save_options(args.out, args, write=main)
+    save_options(args.out, args, write=main, resumed=bool(args.resume and steps))
     if main:
         print(f"CDTG: {num_classes} tail classes, {len(dataset)} images at {args.size} px, device {device}"
               f"{dist.describe()}, CLIP {'off' if clip_loss is None else args.clip}, steps {trainer.step}..{args.iter}")

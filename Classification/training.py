@@ -80,7 +80,7 @@ def train_classifier(args):
         model = initialise_backbone(model, args.pretrained)
     run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, logs=LOGS)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
-    options = save_options(run_dir, args, write=main)
+    options = save_options(run_dir, args, write=main, resumed=args.resume and state is not None)
     method = method_name(args)
     if main:
         print(f"{method} on {info.name}: {len(train_images)} training images ({sum(images.generated_counts)} "

@@ -258,7 +258,7 @@ def run_distillation(args):
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS)
     main = dist.is_main()
-    options = save_options(run_dir, args, write=main)
+    options = save_options(run_dir, args, write=main, resumed=args.resume and state is not None)
     metas = {group: checkpoint_meta(split, group, models[group], options) for group in paths}
     best = distill(models, datasets, metas, cfg, device, run_dir,
                    alpha=args.alpha, interval=args.distill_interval, resume=args.resume, keep_fc=args.keep_fc)

@@ -38,7 +38,7 @@ def train_group(args):
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite)
     main = dist.is_main()
-    options = save_options(run_dir, args, write=main)
+    options = save_options(run_dir, args, write=main, resumed=resuming)
     if main:
         print(f"{group} model: {len(split.ids(group))} classes, {len(train_set)} train / {len(test_set)} test "
               f"images, device {device}{dist.describe()}, amp {cfg.amp}")

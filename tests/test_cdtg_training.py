@@ -1129,6 +1129,22 @@ def test_init_starts_a_new_run_from_another_runs_weights(trained_ckpt, cdtg_inpu
     assert not same_weights(source["fusion"], source["fusion_ema"])  # each from its own entry
 
 
+def test_a_resumed_run_still_records_the_weights_it_started_from(trained_ckpt, cdtg_inputs, capsys):
+    """options.json held the latest call's flags: after a --resume without --init it said the
+    run started from nothing, and an --init a resume ignores was recorded as the start."""
+    out = cdtg_inputs / "tuned"
+    train_main(tiny_train_args(cdtg_inputs, out, "--iter", "2", "--clip", "none", "--init", str(trained_ckpt)))
+    for extra in ([], ["--init", str(cdtg_inputs / "elsewhere.pt")]):
+        capsys.readouterr()
+        train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3" if not extra else "4", "--clip", "none",
+                                   "--resume", *extra))
+        assert json.loads((out / "options.json").read_text())["init"] == str(trained_ckpt)
+        newest = load_cdtg_checkpoint(out / "checkpoint" / ("3.pt" if not extra else "4.pt"))
+        assert newest["options"]["init"] == str(trained_ckpt)
+        noted = f"note: --init is not read: the run resumes from {out / 'checkpoint' / '3.pt'}"
+        assert (noted in capsys.readouterr().out) == bool(extra)
+
+
 @pytest.mark.skipif(not can_load_classes(), reason="the official options need torch 2.4 or later")
 def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(cdtg_inputs, tmp_path, monkeypatch):
     torch.manual_seed(0)

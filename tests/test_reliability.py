@@ -137,8 +137,10 @@ def test_resume_reads_no_pretrained_weights(split_dir, tmp_path):
               str(weights)]
     umodel_main([*common, "--epochs", "1"])
     weights.unlink()  # its run's checkpoint holds what it gave
-    umodel_main([*common, "--epochs", "2", "--resume"])
+    umodel_main([*common[:-1], "imagenet", "--epochs", "2", "--resume"])  # --pretrained may change: not read
     assert load_checkpoint(tmp_path / "kmdn" / "head" / "last.pth")["epoch"] == 1
+    # The run's record still says what it started from.
+    assert json.loads((tmp_path / "kmdn" / "head" / "options.json").read_text())["pretrained"] == str(weights)
 
 
 def test_lines_of_a_run_killed_before_its_first_checkpoint_are_dropped(split_dir, tmp_path):

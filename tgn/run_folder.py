@@ -85,13 +85,24 @@ def prepare_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_
     return out_dir
 
 
-def save_options(out_dir, args, write=True):
+# Flags that say only how a run started (CDTG's --init, the ResNets' --pretrained): a resumed
+# run keeps the first call's values in options.json, whatever this call passes.
+START_FLAGS = ("init", "pretrained")
+
+
+def save_options(out_dir, args, write=True, resumed=False):
     """Resolved command-line options, next to the results they produced (`write=False`:
     only the dict, for the processes that do not write under torchrun). Paths are recorded
-    absolute: test.py reads the run's --split from any folder."""
+    absolute: test.py reads the run's --split from any folder. A `resumed` run keeps the
+    START_FLAGS its options.json records."""
     from tgn import distributed as dist  # imports torch; training only
 
     options = {key: map_paths(value, lambda path: str(absolute_path(path))) for key, value in vars(args).items()}
+    saved_file = Path(out_dir) / "options.json"
+    if resumed and saved_file.is_file():
+        saved = read_json(saved_file, "options")
+        # What the run started from stays recorded: a resumed run starts from its checkpoint.
+        options.update({key: saved[key] for key in START_FLAGS if isinstance(saved, dict) and key in saved})
     options["processes"] = dist.planned_world_size()  # --resume notes a change of count
     if write:
         atomic_write_json(Path(out_dir) / "options.json", options)
