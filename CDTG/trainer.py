@@ -102,6 +102,8 @@ class CdtgTrainer:
         self.ada = AdaptiveAugment(cfg.ada_target, cfg.ada_length, ada_interval(cfg), device) if adaptive else None
         self.ada_p = cfg.augment_p if cfg.augment else 0.0
         self.step = 0
+        self.seconds_before = 0.0  # trained by the runs this one resumes: metrics count the run's seconds in all
+        self.fit_started = None
         self.mean_path_length = torch.tensor(0.0, device=device)
         self.ema_decay = 0.5 ** (32 / (cfg.ema_half_life_kimg * 1000))
         self.local_batch = dist.local_batch(cfg.batch, "--batch")
@@ -133,7 +135,12 @@ class CdtgTrainer:
             "ada": self.ada.state_dict() if self.ada is not None else None,
             "mean_path_length": float(self.mean_path_length),
             "step": self.step,
+            "seconds": round(self.seconds(), 2),
         }
+
+    def seconds(self):
+        """Seconds of training so far, over every call of the run."""
+        return self.seconds_before + (time.time() - self.fit_started if self.fit_started is not None else 0.0)
 
     def save(self):
         for name, module in (("generator", self.g), ("discriminator", self.d)):
@@ -208,6 +215,7 @@ class CdtgTrainer:
             self.ada.load_state_dict(state["ada"])
         self.mean_path_length = torch.tensor(state["mean_path_length"], device=self.device)
         self.step = state["step"]
+        self.seconds_before = float(state.get("seconds", 0.0))  # checkpoints of earlier versions have none
         if dist.is_main():
             print(f"resuming from {path} at step {self.step}")
         return True
@@ -360,7 +368,7 @@ class CdtgTrainer:
         sampler = StepBatchSampler(len(dataset), cfg.batch, cfg.seed, self.step, cfg.iterations)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                             pin_memory=self.device.type == "cuda", worker_init_fn=leave_signals_to_the_trainer)
-        started = time.time()
+        self.fit_started = time.time()
         with stop_between_steps() as stop_requested:
             with signals_held():  # the workers this starts set their signal handling first
                 batches = iter(loader)
@@ -383,7 +391,7 @@ class CdtgTrainer:
                 if main:
                     if log:
                         append_jsonl(self.out_dir / "metrics.jsonl",
-                                     {"step": self.step, **losses, "seconds": round(time.time() - started, 2)})
+                                     {"step": self.step, **losses, "seconds": round(self.seconds(), 2)})
                     if self.step % cfg.sample_every == 0:
                         self.write_samples(*sample_set)
                     if interrupted:

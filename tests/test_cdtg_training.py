@@ -439,8 +439,13 @@ def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "2", *options))
     killed_mid_save = interrupted / "checkpoint" / ".3.pt.h4_plxqd.tmp"  # as SIGKILL leaves it
     killed_mid_save.write_bytes(b"")
+    stopped = torch.load(interrupted / "checkpoint" / "2.pt", weights_only=False)
+    assert 0 < stopped["seconds"] < 1000
+    torch.save({**stopped, "seconds": 1000.0}, interrupted / "checkpoint" / "2.pt")  # as after a long first call
     train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "4", *options, "--resume"))
     assert not killed_mid_save.exists()
+    resumed = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4] and all(m["seconds"] > 1000 for m in resumed[2:])
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert all(m["ada_p"] == 0.5 for m in metrics)  # a fixed --augment-p stays fixed
