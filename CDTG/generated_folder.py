@@ -276,7 +276,7 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
             written[class_id] = len(missing)
             if dist.is_main():
                 write_generated_annotation(out_dir, synth.tail.ids)
-                have = existing_indices(folder)
+                have = existing | set(missing)  # every process has written its share (the barrier above)
                 if all(index in have for index in range(pending[class_id])):
                     del pending[class_id]
                     mark_unfinished(out_dir, pending)
