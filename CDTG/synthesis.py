@@ -86,7 +86,8 @@ class TailSynthesizer:
                             "and --teacher (the tail model M_T)")
         tail = load_tail_classes(data, data_root)
         if checkpoint.get("official"):
-            check_official_order([c["train_count"] for c in tail.classes], ckpt_path, tail.folder / TAIL_MANIFEST)
+            check_official_order(ckpt_path, tail.folder / TAIL_MANIFEST, tail.ids,
+                                 [c["train_count"] for c in tail.classes], tail.names)
         config = checkpoint["generator_config"]
         if config["num_classes"] != len(tail.classes):
             raise UserError(f"{ckpt_path} generates {config['num_classes']} classes, "

@@ -173,8 +173,11 @@ class CdtgTrainer:
             raise UserError(f"{path} keeps only what generation reads (an older checkpoint, cut by --keep-full): it "
                             "cannot continue the run; restore the newer ones, or pass --overwrite instead of --resume "
                             "to start again")
+        if state.get("official"):  # no fusion layer, no path-length mean: nothing to continue exactly
+            raise UserError(f"{path} is an official CDTG checkpoint, which cannot continue a run: move it out of "
+                            f"the run folder and start a run from its weights with --init {path.name}")
         missing = [key for key in RESUMABLE if key not in state]
-        if missing:  # the official 200000.pt, say, has no fusion layer and no step
+        if missing:  # a file of another kind
             raise UserError(f"{path} holds no {missing[0]!r} to resume from (not a checkpoint of CDTG/train.py?); "
                             "move it out of the run folder, or pass --overwrite instead of --resume to start again")
         if state.get("class_ids") != self.metadata["class_ids"]:

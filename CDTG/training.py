@@ -58,7 +58,8 @@ def starting_weights(path, tail, generator, discriminator, g_ema):
         raise UserError(f"--init {path} keeps only what generation reads, not G and D (an older checkpoint, cut by "
                         "--keep-full): pass one of the run's newest checkpoints")
     if state.get("official"):  # it records no classes: its labels follow the training counts
-        check_official_order([cls["train_count"] for cls in tail.classes], path, tail.folder / TAIL_MANIFEST)
+        check_official_order(path, tail.folder / TAIL_MANIFEST, tail.ids, [cls["train_count"] for cls in tail.classes],
+                             tail.names)
     elif state.get("class_ids") != tail.ids:
         raise UserError(f"--init {path} was trained on the tail classes {state.get('class_ids')}, --data has "
                         f"{tail.ids}: its labels would draw other classes")

@@ -4,11 +4,13 @@ That is the layout of the released `result.pth` (`fc.0.weight`, `fc.0.bias`, tor
 names elsewhere), so the official file loads with strict=True and needs no mapping. Our
 checkpoints hold the same state dict plus metadata (see `checkpoint_meta`).
 """
+import warnings
+
 import torchvision
 from torch import nn
 
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
-from tgn.class_names import renamed_class
+from tgn.class_names import DIOR_CLASSES, class_name_key, renamed_class
 from tgn.errors import UserError
 from tgn.resnet import ARCHS, imagenet_state_dict
 
@@ -72,6 +74,17 @@ def check_classes(meta, model, class_ids, path, data_root, class_names=None):
     if num_outputs != len(class_ids):
         raise UserError(f"{path} has {num_outputs} outputs but {data_root} has {len(class_ids)} classes; "
                         "use the dataset the model was trained on")
+    if not meta and class_names and list(class_ids) == list(range(len(DIOR_CLASSES))):
+        # A bare state dict (the released result.pth) records no names: its outputs are DIOR's
+        # classes in their official id order. A 20-class dataset named otherwise is scored as if
+        # it were DIOR.
+        other = [cid for cid, name in zip(class_ids, class_names)
+                 if class_name_key(name) != class_name_key(DIOR_CLASSES[cid])]
+        if other:
+            warnings.warn(f"{path} records no class names (the released result.pth's format): its outputs are taken "
+                          f"as DIOR's classes in their official order, but {data_root} names class {other[0]} "
+                          f"'{class_names[other[0]]}', DIOR's is '{DIOR_CLASSES[other[0]]}' ({len(other)} of 20 "
+                          "differ): the report is only right if the model was trained on this numbering")
 
 
 def checkpoint_meta(model, class_ids, class_names, train_counts, generated_counts, method, options):

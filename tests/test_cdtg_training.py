@@ -1151,7 +1151,8 @@ def test_a_resumed_run_still_records_the_weights_it_started_from(trained_ckpt, c
 
 
 @pytest.mark.skipif(not can_load_classes(), reason="the official options need torch 2.4 or later")
-def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(cdtg_inputs, tmp_path, monkeypatch):
+def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(cdtg_inputs, tmp_path, monkeypatch,
+                                                                              capsys):
     torch.manual_seed(0)
     g = Generator(32, 16, 2, num_classes=3, channel_max=16)
     d = Discriminator(32, 3, label_dim=16, channel_max=16)
@@ -1163,6 +1164,13 @@ def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(c
         train_main(tiny_train_args(cdtg_inputs, tmp_path / "run", "--iter", "4", "--clip", "none", "--init",
                                    str(tmp_path / "200000.pt")))
     assert same_weights(seen["g"], g.state_dict()) and same_weights(seen["d"], d.state_dict())
+    copied = tmp_path / "copied" / "checkpoint"  # the official file put where --resume looks
+    copied.mkdir(parents=True)
+    shutil.copy(tmp_path / "200000.pt", copied / "200000.pt")
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, copied.parent, "--iter", "200001", "--clip", "none", "--resume"))
+    assert (f"error: {copied / '200000.pt'} is an official CDTG checkpoint, which cannot continue a run: move it "
+            "out of the run folder and start a run from its weights with --init 200000.pt") in capsys.readouterr().err
 
 
 def test_init_refuses_what_it_cannot_start_from_before_writing(trained_ckpt, cdtg_inputs, tmp_path, capsys):

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,12 +84,24 @@ def test_released_weights_load_strictly_and_evaluate(released_file, tmp_path):
     state = torch.load(released_file, weights_only=True)
     assert torch.equal(model.state_dict()["fc.0.weight"], state["fc.0.weight"])
     data = write_dataset(tmp_path / "dior", {cid: 1 for cid in range(20)}, {cid: 1 for cid in range(20)})
-    report = evaluate_main(["--data-root", str(data), "--ckpt", str(released_file), "--out", str(tmp_path / "report"),
-                        "--image-size", "32", "--workers", "0", "--device", "cpu"])
+    # It records no names: a dataset of 20 classes is scored as DIOR, which this one's names say it is not.
+    with pytest.warns(UserWarning, match="result.pth records no class names .* names class 0 'class 0', DIOR's is "
+                                         "'airplane' \\(20 of 20 differ\\)"):
+        report = evaluate_main(["--data-root", str(data), "--ckpt", str(released_file), "--out",
+                                str(tmp_path / "report"), "--image-size", "32", "--workers", "0", "--device", "cpu"])
     assert report["method"] == "result.pth" and report["num_test_images"] == 20
     assert len(report["head"]) == 8 and len(report["tail"]) == 12  # 40% of 20
     assert all(row["generated_count"] is None for row in report["classes"])
     assert "| 0 | class 0 | head | 1 | n/a | 1 |" in (tmp_path / "report" / "report.md").read_text()
+    from tgn.class_names import DIOR_CLASSES
+
+    dior_names = {cid: name.replace(" ", "") for cid, name in enumerate(DIOR_CLASSES)}  # as the XML spells them
+    dior = write_dataset(tmp_path / "named", {cid: 1 for cid in range(20)}, {cid: 1 for cid in range(20)},
+                         class_names=dior_names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate_main(["--data-root", str(dior), "--ckpt", str(released_file), "--out", str(tmp_path / "dior-report"),
+                       "--image-size", "32", "--workers", "0", "--device", "cpu"])
 
 
 def test_released_weights_of_another_class_count_are_a_one_line_error(released_file, toy_data, capsys):

@@ -106,3 +106,20 @@ def test_every_arch_the_flags_offer_is_one_both_stages_build():
     for arch in ARCH_NAMES:
         assert FeatureResNet(arch=arch, num_classes=3, width=8).config["arch"] == arch
         assert build_classifier(arch, num_classes=3).config["arch"] == arch
+
+
+def test_a_resnet_of_the_other_layout_is_named_for_what_it_likely_is():
+    """KMDN's ResNets name the projection branch shortcut.* (the official custom ResNet), the
+    classifier's torchvision downsample.*: one given for the other is named so."""
+    from tgn.checkpoint import check_fits
+
+    kmdn, classifier = FeatureResNet("resnet18", num_classes=3, width=64), torchvision.models.resnet18(num_classes=3)
+    with pytest.raises(UserError, match=r"18 missing and 18 unexpected parameters \(e.g. layer2.0.shortcut.0.weight\) "
+                                        r"\(a torchvision ResNet's names, downsample.\*, where KMDN's ResNets have "
+                                        r"shortcut.\*: a classifier, not a KMDN model\?\)$"):
+        check_fits(kmdn, classifier.state_dict(), "result.pth")
+    with pytest.raises(UserError, match=r"\(a KMDN ResNet's names, shortcut.\*, where torchvision's have "
+                                        r"downsample.\*: a KMDN model, not a classifier\?\)$"):
+        check_fits(classifier, kmdn.state_dict(), "M_T.pth")
+    with pytest.raises(UserError, match=r"unexpected parameters \(e.g. [^)]*\)$"):  # no layout to name
+        check_fits(kmdn, {**kmdn.state_dict(), "extra.weight": torch.zeros(1)}, "other.pth")

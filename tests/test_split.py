@@ -181,10 +181,36 @@ def test_official_weights_accept_a_group_with_tied_training_counts():
     from tgn.errors import UserError
     from tgn.split import check_official_order
 
-    check_official_order([8, 4, 4], "official.pth", "the listing")  # ties: the order the split writes
-    check_official_order([12, 12], "official.pth", "the listing")
+    def check(counts):
+        ids = list(range(len(counts)))
+        check_official_order("official.pth", "the listing", ids, counts, [f"class {cid}" for cid in ids])
+
+    check([8, 4, 4])  # ties: the order the split writes
+    check([12, 12])
     with pytest.raises(UserError, match="is an official file"):
-        check_official_order([4, 8, 4], "official.pth", "the listing")
+        check([4, 8, 4])
+
+
+def test_official_head_weights_need_dior_ranked_as_the_official_scripts_rank_it(capsys):
+    """DIOR prepared otherwise (other image lists, --min-size) may rank its head classes
+    otherwise: the official M_H's outputs would then name other classes, silently."""
+    from tgn.class_names import DIOR_CLASSES
+    from tgn.errors import UserError
+    from tgn.split import OFFICIAL_DIOR_HEAD, check_official_order
+
+    counts = [9, 8, 7, 6, 5, 4, 3, 2]
+    check_official_order("M_H.pth", "the split's head group", OFFICIAL_DIOR_HEAD, counts,
+                         [DIOR_CLASSES[cid].replace(" ", "") for cid in OFFICIAL_DIOR_HEAD])  # the XML's spelling
+    assert capsys.readouterr().out == ""  # checked: nothing assumed
+    swapped = [13, 18, 0, 15, 16, 2, 11, 19]
+    with pytest.raises(UserError, match="its outputs are DIOR's head classes as the official scripts rank them "
+                                        "\\(13, 18, 15, 0, 16, 2, 11, 19\\), but this DIOR's training counts rank them "
+                                        "13, 18, 0, 15, 16, 2, 11, 19 \\(prepared otherwise"):
+        check_official_order("M_H.pth", "the split's head group", swapped, counts, [DIOR_CLASSES[c] for c in swapped])
+    # Another dataset's classes under DIOR's head ids: not DIOR, nothing known of its ranking.
+    check_official_order("M_H.pth", "the split's head group", swapped, counts, [f"class {c}" for c in swapped])
+    assert capsys.readouterr().out.startswith("note: M_H.pth records no classes: its output k is taken as the k-th "
+                                              "class of the split's head group by training count")
 
 
 def test_a_models_classes_are_checked_by_count_official_order_and_recorded_ids():

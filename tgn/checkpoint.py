@@ -78,9 +78,15 @@ def check_fits(model, state_dict, source):
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
         example = (missing + unexpected)[0]
+        names = ("shortcut.", "downsample.")  # KMDN's projection branch; torchvision's
+        layouts = [(any(n in key for key in missing), any(n in key for key in unexpected)) for n in names]
+        hint = {((True, False), (False, True)): " (a torchvision ResNet's names, downsample.*, where KMDN's ResNets "
+                                                "have shortcut.*: a classifier, not a KMDN model?)",
+                ((False, True), (True, False)): " (a KMDN ResNet's names, shortcut.*, where torchvision's have "
+                                                "downsample.*: a KMDN model, not a classifier?)"}.get(tuple(layouts), "")
         raise UserError(
             f"{source} does not fit this model: {len(missing)} missing and {len(unexpected)} "
-            f"unexpected parameters (e.g. {example})"
+            f"unexpected parameters (e.g. {example}){hint}"
         )
     for key, value in state_dict.items():
         if tuple(value.shape) != tuple(own[key].shape):

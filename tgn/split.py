@@ -12,15 +12,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tgn.class_names import class_name_key, renamed_class
+from tgn.class_names import DIOR_CLASSES, class_name_key, renamed_class
 from tgn.data import SUBSETS, changed_entries, changed_text, check_files_exist, read_annotation, samples_for, \
     write_annotation
-from tgn.errors import UserError
+from tgn.errors import UserError, speaks
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
 from tgn.runlock import claim_folder
 
 SPLIT_FORMAT = "tgn-split/1"
 GROUPS = ("head", "tail")
+# DIOR's head classes as the official KMDN scripts list them (by the official release's
+# training counts, descending): official head weights' output k is the k-th of them.
+OFFICIAL_DIOR_HEAD = [13, 18, 15, 0, 16, 2, 11, 19]
 
 
 def head_count(num_classes, threshold_percent):
@@ -46,15 +49,31 @@ def head_and_tail(train_counts, threshold_percent):
     return ranking[:n_head], ranking[n_head:]
 
 
-def check_official_order(counts, source, listing):
+def check_official_order(source, listing, ids, counts, names):
     """Official KMDN and CDTG weights record no classes: their output k is the k-th class of
-    its group by training count, descending. Refuse a listing in another order (splits and
-    tail data made by earlier versions of this code list classes by ascending id).
-    `counts`: the training counts in the listing's output order."""
+    its group by the official release's training counts, descending. Refuse a listing in
+    another order (splits and tail data made by earlier versions of this code list classes
+    by ascending id), and DIOR's head group ranked otherwise than the official scripts list
+    it. Other groups cannot be checked: say what is assumed. `ids`, `counts`, `names`: the
+    listing's classes in output order."""
     if any(later > earlier for earlier, later in zip(counts, counts[1:])):
         raise UserError(f"{source} is an official file, whose outputs follow the training counts (descending), "
                         f"but {listing} lists its classes in another order (made by an earlier version?); "
                         "make the split (and the CDTG tail data) again")
+    ids = list(ids)
+    dior = [class_name_key(DIOR_CLASSES[cid]) if 0 <= cid < len(DIOR_CLASSES) else None for cid in ids]
+    if set(ids) == set(OFFICIAL_DIOR_HEAD) and dior == [class_name_key(name) for name in names]:
+        if ids != OFFICIAL_DIOR_HEAD:
+            raise UserError(f"{source} is an official file: its outputs are DIOR's head classes as the official "
+                            f"scripts rank them ({', '.join(map(str, OFFICIAL_DIOR_HEAD))}), but this DIOR's training "
+                            f"counts rank them {', '.join(map(str, ids))} (prepared otherwise than the official "
+                            "release?), so its outputs would name other classes; train the head model on this data "
+                            "with KMDN/UModel.py instead")
+        return
+    if speaks():
+        print(f"note: {source} records no classes: its output k is taken as the k-th class of {listing} by "
+              "training count, which is the ranking its training data had only if this dataset was prepared as "
+              "that data was (CDTG/evaluate.py --teacher shows the tail model's accuracy per class)")
 
 
 def check_model_classes(source, checkpoint, num_classes, ids, counts, listing, names):
@@ -65,7 +84,7 @@ def check_model_classes(source, checkpoint, num_classes, ids, counts, listing, n
     if num_classes != len(ids):
         raise UserError(f"{source} has {num_classes} classes, {listing} has {len(ids)}")
     if "state_dict" not in checkpoint:
-        check_official_order(counts, source, listing)
+        check_official_order(source, listing, ids, counts, names)
     elif checkpoint.get("class_ids") is not None and list(checkpoint["class_ids"]) != list(ids):
         raise UserError(f"{source} was trained on classes {checkpoint['class_ids']}, {listing} has {list(ids)} "
                         "(another split?)")
