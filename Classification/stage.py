@@ -37,7 +37,7 @@ def grouping_split(args, info):
     if args.split is None:
         return None
     split = load_split(args.split, data_root=info.root)
-    check_split_matches(split, info)
+    check_split_matches(split, info, image_lists=False)  # DATA's test list may change: the groups stay
     if args.threshold is not None and args.threshold != split.threshold:
         raise UserError(f"--threshold {args.threshold:g} and --split {args.split} disagree: the split's head is "
                         f"its top {split.threshold:g}% of classes; pass one of the two")

@@ -149,6 +149,18 @@ def test_resume_refuses_other_generated_images(toy_data, tmp_path, capsys):
     train_main([*common, "--epochs", "2", "--resume", "--extra", str(moved)])
 
 
+def test_the_generated_images_fingerprint_is_what_the_folders_hold_in_any_order(toy_data, tmp_path):
+    info = open_dataset(toy_data)
+    a, b = write_generated(tmp_path / "a", {3: 2}), write_generated(tmp_path / "b", {4: 2}, seed=8)
+    both = training_images(info, [a, b]).generated_fingerprint
+    assert both == training_images(info, [b, a]).generated_fingerprint
+    assert training_images(info, []).generated_fingerprint is None
+    (b / "4" / "fake 1.jpg").rename(b / "4" / "other.jpg")  # as many images per class, another one
+    (b / "anno.txt").write_text("4/fake 0.jpg 4\n4/other.jpg 4\n")
+    assert training_images(info, [a, b]).generated_counts == [0, 0, 0, 2, 2]
+    assert training_images(info, [a, b]).generated_fingerprint != both
+
+
 def test_resume_refuses_a_dataset_that_names_its_classes_otherwise(toy_data, tmp_path, capsys):
     """Another dataset laid out alike (as many images under the same ids) is not trained on
     as if it were the one the run started with."""
@@ -502,6 +514,21 @@ def test_test_py_counts_and_groups_as_the_run_on_data_that_grew_since(trained, t
     assert again["head"] == report["head"] == [0, 1]
     assert [row["train_count"] for row in again["classes"]] == [row["train_count"] for row in report["classes"]]
     assert "has other training images per class than" in capsys.readouterr().err
+
+
+def test_a_split_groups_the_classes_of_data_whose_test_list_changed_since(trained, tmp_path):
+    """Classification reads a split for its groups alone, which the training counts decide:
+    a test list changed since (KMDN and CDTG refuse that) is scored, grouped by the split."""
+    data, out, _ = trained
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    fewer = tmp_path / "fewer"
+    shutil.copytree(data, fewer)
+    anno = fewer / "anno" / "TOY_test.txt"
+    anno.write_text("".join(anno.read_text().splitlines(keepends=True)[1:]))
+    report = evaluate_main(["--data-root", str(fewer), "--ckpt", str(out / "best.pth"), "--split",
+                            str(tmp_path / "split"), "--out", str(tmp_path / "r"), "--workers", "0", "--device", "cpu"])
+    assert report["head"] == load_split(tmp_path / "split").head and "split" in report["grouping"]
+    assert report["num_test_images"] == len(anno.read_text().splitlines())
 
 
 def test_a_baseline_report_of_other_data_is_refused_before_any_work(trained, tmp_path, capsys):
