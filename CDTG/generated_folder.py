@@ -276,6 +276,8 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
             written[class_id] = len(missing)
             if dist.is_main():
                 write_generated_annotation(out_dir, synth.tail.ids)
+                if not existing and pending[class_id] > per_class:  # a stopped run's class it never started
+                    pending[class_id] = per_class
                 have = existing | set(missing)  # every process has written its share (the barrier above)
                 if all(index in have for index in range(pending[class_id])):
                     del pending[class_id]

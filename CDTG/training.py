@@ -67,9 +67,13 @@ def starting_weights(path, tail, generator, discriminator, g_ema):
         raise UserError(f"--init {path} was trained with tail class {tail.ids[position]} named "
                         f"'{state['class_names'][position]}', --data names it '{tail.names[position]}': its labels "
                         "would draw other classes")
-    check_same_models(path, state, generator, discriminator)
-    for module, key in ((generator, "g"), (discriminator, "d"), (g_ema, "g_ema")):
-        check_fits(module, state[key], f"--init {path}")
+    check_same_models(path, state, generator, discriminator, FUNCTION_SETTINGS)
+    try:
+        for module, key in ((generator, "g"), (discriminator, "d"), (g_ema, "g_ema")):
+            check_fits(module, state[key], f"--init {path}")
+    except UserError:
+        check_same_models(path, state, generator, discriminator)  # the flag behind the shapes, where one is
+        raise
     return state
 
 
@@ -78,14 +82,21 @@ MODEL_FLAGS = {"size": "--size", "style_dim": "--latent", "label_dim": "--latent
                "channel_multiplier": "--channel-multiplier", "channel_max": "--channel-max", "lr_mlp": "--lr-mlp"}
 
 
-def check_same_models(path, state, generator, discriminator):
-    """--init's models were built as this run's: a setting that keeps the shapes can still
-    change the function (the mapping network stores its weights divided by --lr-mlp, so
-    another value scales every latent). Compares what the checkpoint records (the official
-    format records only some)."""
+# Settings that change what the weights compute without changing their shapes: the mapping
+# network stores its weights divided by --lr-mlp (another value scales every latent).
+FUNCTION_SETTINGS = ("lr_mlp", "blur_kernel")
+
+
+def check_same_models(path, state, generator, discriminator, keys=None):
+    """--init's models were built as this run's, in `keys` (all by default) of their
+    constructor arguments; compares what the checkpoint records (the official format records
+    only some). Other settings matter only where they change shapes (widths are capped at
+    --channel-max anyway): check_fits finds those, and this names the flag."""
     for what, recorded, own in (("generator", state.get("generator_config"), generator.config),
                                 ("discriminator", state.get("discriminator_config"), discriminator.config)):
         for key, value in own.items():
+            if keys is not None and key not in keys:
+                continue
             saved = (recorded or {}).get(key, value)
             saved = list(saved) if isinstance(saved, tuple) else saved  # blur_kernel, as the config holds it
             if saved != value:

@@ -128,8 +128,9 @@ def training_images(info, extra_folders=()):
             label_by_path[key] = label
             generated.append(entry)
             samples.append((path, label))
-    fingerprint = (hashlib.sha256(json.dumps(identities, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-                   if identities else None)
+    # In any order: a duplicate is one file, whichever folder lists it first.
+    identities = sorted(json.dumps(identity, sort_keys=True) for identity in identities)
+    fingerprint = hashlib.sha256("\n".join(identities).encode("utf-8")).hexdigest()[:16] if identities else None
     return TrainingImages(samples, count_per_class(real, class_ids), count_per_class(generated, class_ids),
                           duplicates, fingerprint)
 

@@ -777,16 +777,16 @@ def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_
     from Classification.samples import read_extra
 
     out = tmp_path / "gen"
-    argv = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--per-class", "2", "--out", str(out)]
+    argv = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--per-class", "2", "--batch", "1", "--out", str(out)]
     render, calls = TailSynthesizer.render, []
 
-    def stopped_at_the_second_class(self, class_id, *args, **kwargs):
+    def stopped_within_the_second_class(self, class_id, *args, **kwargs):
         calls.append(class_id)
-        if len(set(calls)) == 2:
-            raise KeyboardInterrupt  # Ctrl-C with the first class listed in anno.txt
+        if len(set(calls)) == 2 and calls.count(class_id) == 2:
+            raise KeyboardInterrupt  # Ctrl-C with the first class listed in anno.txt, the second begun
         return render(self, class_id, *args, **kwargs)
 
-    monkeypatch.setattr(TailSynthesizer, "render", stopped_at_the_second_class)
+    monkeypatch.setattr(TailSynthesizer, "render", stopped_within_the_second_class)
     with pytest.raises(SystemExit):
         generation_main(argv)
     assert len(read_anno(out)) == 2  # a readable list of part of the classes
@@ -794,17 +794,20 @@ def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_
     with pytest.raises(UserError, match="its generation has not finished .*run CDTG/generation.py again"):
         read_extra(out, names)
     monkeypatch.setattr(TailSynthesizer, "render", render)
-    left = json.loads((out / "generation.unfinished").read_text())["classes"]
-    assert len(left) == 2 and calls[0] not in left  # the tail's 3 classes but the one written
-    generation_main([*argv, "--classes", str(left[-1])])  # a run of one class finishes that class only
-    assert json.loads((out / "generation.unfinished").read_text())["classes"] == left[:1]
-    assert f"note: a stopped run left classes {left[0]} (2 images) unfinished" in capsys.readouterr().out
+    marker = json.loads((out / "generation.unfinished").read_text())
+    begun, untouched = marker["classes"]
+    assert calls[0] not in marker["classes"] and marker["targets"] == {str(begun): 2, str(untouched): 2}
+    assert len(list((out / str(begun)).glob("*.jpg"))) == 1
+    # A run of one class finishes that class only; one the stopped run never began takes its count.
+    generation_main([*argv[:6], "--per-class", "1", "--classes", str(untouched), "--out", str(out)])
+    assert json.loads((out / "generation.unfinished").read_text()) == {"classes": [begun], "targets": {str(begun): 2}}
+    assert f"note: a stopped run left classes {begun} (2 images) unfinished" in capsys.readouterr().out
     with pytest.raises(UserError, match="its generation has not finished"):
         read_extra(out, names)
-    generation_main([*argv[:4], "--per-class", "1", "--out", str(out)])  # asks fewer: the stopped class needs 2
-    assert json.loads((out / "generation.unfinished").read_text()) == {"classes": left[:1],
-                                                                       "targets": {str(left[0]): 2}}
-    assert (f"note: a stopped run left classes {left[0]} (2 images) unfinished: generation.unfinished stays, and the "
+    # Asking fewer does not finish the class the stopped run began: it would stay half as large.
+    generation_main([*argv[:6], "--per-class", "1", "--out", str(out)])
+    assert json.loads((out / "generation.unfinished").read_text()) == {"classes": [begun], "targets": {str(begun): 2}}
+    assert (f"note: a stopped run left classes {begun} (2 images) unfinished: generation.unfinished stays, and the "
             "folder is not used, until a run generates them (with --per-class 2") in capsys.readouterr().out
     generation_main(argv)
     assert len(read_extra(out, names)) == 6
@@ -1132,6 +1135,23 @@ def test_init_starts_a_new_run_from_another_runs_weights(trained_ckpt, cdtg_inpu
         assert same_weights(seen[key], source[key]), key
     assert seen["step"] == 0 and seen["g_optim"] == {}  # a new run: new optimizers
     assert not same_weights(source["fusion"], source["fusion_ema"])  # each from its own entry
+
+
+def test_init_takes_weights_of_settings_that_build_the_same_models():
+    """--channel-max 1024 builds what 512 builds (no layer is wider than 512): not refused;
+    --lr-mlp keeps the shapes but not the function: refused."""
+    from CDTG.training import FUNCTION_SETTINGS, check_same_models
+    from tgn.checkpoint import check_fits
+
+    built = {cap: (Generator(16, 8, 1, num_classes=2, channel_max=cap), Discriminator(16, 2, label_dim=8,
+                                                                                      channel_max=cap))
+             for cap in (512, 1024)}
+    state = {"generator_config": built[1024][0].config, "discriminator_config": built[1024][1].config}
+    check_same_models("x.pt", state, *built[512], FUNCTION_SETTINGS)
+    check_fits(built[512][0], built[1024][0].state_dict(), "x.pt")
+    faster = Generator(16, 8, 1, num_classes=2, channel_max=512, lr_mlp=0.1)
+    with pytest.raises(UserError, match="its generator was built with lr_mlp 0.01, this run's with 0.1"):
+        check_same_models("x.pt", state, faster, built[512][1], FUNCTION_SETTINGS)
 
 
 def test_a_resumed_run_still_records_the_weights_it_started_from(trained_ckpt, cdtg_inputs, capsys):
