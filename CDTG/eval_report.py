@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tgn.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
-from tgn.metrics import format_percent, markdown_cell
+from tgn.metrics import csv_fraction, format_percent, markdown_cell
 from tgn.plot_text import text_as_written
 
 EVALUATION_FORMAT = "tgn-cdtg-evaluation/1"
@@ -45,9 +45,10 @@ def build_evaluation(results, *, extractor, lpips, clip, teacher, settings, note
 def _markdown_cell(value, kind):
     if value is None:
         return "n/a"
-    if kind == "kid":
-        return f"{1000 * value:.2f}"
-    return format_percent(value) if kind == "accuracy" else f"{value:.2f}" if kind == "distance" else f"{value:.4f}"
+    if kind == "accuracy":
+        return format_percent(value)
+    text = f"{1000 * value:.2f}" if kind == "kid" else f"{value:.2f}" if kind == "distance" else f"{value:.4f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # FID of copies: -4e-5 is 0.00, not -0.00
 
 
 def _table(first_title, rows, first_cells):
@@ -90,7 +91,8 @@ def evaluation_csv(evaluation):
         for row in [*folder["classes"], folder["overall"]]:
             writer.writerow([folder["label"], folder["path"], row["id"], row["name"], row["real_images"],
                              row["generated_images"],
-                             *("n/a" if row[key] is None else f"{row[key]:.6f}" for key, _, _ in METRICS)])
+                             *(csv_fraction(row[key]) if kind == "accuracy" else "n/a" if row[key] is None
+                               else f"{row[key]:.6f}" for key, _, kind in METRICS)])
     return buffer.getvalue()
 
 

@@ -229,14 +229,16 @@ def class_row(cid, name, real, generated):
     }
 
 
-def pooled(sets, class_ids, feature_rows=None):
+def pooled(sets, class_ids, feature_rows=None, lpips_ids=None):
     """The sets of several classes as one: features stacked (of each class the rows
-    `feature_rows[cid]`, all without it), LPIPS averaged, counts summed."""
+    `feature_rows[cid]`, all without it), LPIPS averaged (over `lpips_ids`, by default the
+    classes that have one), counts summed."""
     scores = SetScores(sum(sets[cid].count for cid in class_ids))
     if class_ids and all(sets[cid].features is not None for cid in class_ids):
         scores.features = np.concatenate([sets[cid].features if feature_rows is None
                                           else sets[cid].features[feature_rows[cid]] for cid in class_ids])
-    lpips_values = [sets[cid].lpips for cid in class_ids if not math.isnan(sets[cid].lpips)]
+    lpips_ids = class_ids if lpips_ids is None else lpips_ids
+    lpips_values = [sets[cid].lpips for cid in lpips_ids if not math.isnan(sets[cid].lpips)]
     scores.lpips = float(np.mean(lpips_values)) if lpips_values else math.nan
     for metric in ("clip_correct", "teacher_correct"):
         values = [getattr(sets[cid], metric) for cid in class_ids]
@@ -256,8 +258,10 @@ def overall_row(real, generated, seed=0):
         for side, sets in (("real", real), ("generated", generated)):
             rng = np.random.default_rng([seed, cid, len(rows[side])])
             rows[side][cid] = np.sort(rng.choice(sets[cid].count, count, replace=False))
-    row = class_row("all", "all tail classes", pooled(real, present, rows["real"]),
-                    pooled(generated, present, rows["generated"]))
+    # Diversity of both sides over the same classes: a class of one generated image has none.
+    both = [cid for cid in present if not (math.isnan(real[cid].lpips) or math.isnan(generated[cid].lpips))]
+    row = class_row("all", "all tail classes", pooled(real, present, rows["real"], both),
+                    pooled(generated, present, rows["generated"], both))
     row["fid_images"] = sum(len(indices) for indices in rows["real"].values())
     return row
 

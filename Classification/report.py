@@ -14,7 +14,7 @@ import numpy as np
 from tgn.class_names import renamed_class
 from tgn.errors import UserError
 from tgn.io import atomic_write_csv, atomic_write_json, atomic_write_text, read_json
-from tgn.metrics import format_percent, markdown_cell, summarize
+from tgn.metrics import csv_fraction, format_percent, markdown_cell, summarize
 
 REPORT_FORMAT = "tgn-classification-report/1"
 REPORT_JSON = "report.json"  # the machine-readable report; its folder stands for it on command lines
@@ -100,8 +100,6 @@ def report_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def _fraction(value):
-    return "n/a" if value is None else f"{value:.6f}"
 
 
 def report_csv(report):
@@ -111,9 +109,9 @@ def report_csv(report):
     writer.writerow(CLASS_COLUMNS)
     for row in report["classes"]:
         writer.writerow([row["id"], row["name"], row["group"], row["train_count"], _cell(row["generated_count"]),
-                         row["test_count"], _fraction(row["accuracy"]), _fraction(row["f1"])])
+                         row["test_count"], csv_fraction(row["accuracy"]), csv_fraction(row["f1"])])
     for csv_id, label, key in SUMMARY_ROWS:
-        value = _fraction(report[key])
+        value = csv_fraction(report[key])
         writer.writerow([csv_id, label, "", "", "", "", *(("", value) if key == "macro_f1" else (value, ""))])
     return buffer.getvalue()
 
@@ -227,5 +225,5 @@ def comparison_csv(rows):
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["method", *(key for _, key in COMPARISON_COLUMNS)])
     for row in rows:
-        writer.writerow([row["method"], *(_fraction(row[key]) for _, key in COMPARISON_COLUMNS)])
+        writer.writerow([row["method"], *(csv_fraction(row[key]) for _, key in COMPARISON_COLUMNS)])
     return buffer.getvalue()

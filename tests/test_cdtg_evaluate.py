@@ -95,6 +95,15 @@ def test_the_overall_fid_pools_the_classes_in_equal_proportions():
     assert overall_row(real, generated)["fid"] == row["fid"]  # seeded subsets
 
 
+def test_the_overall_diversity_of_both_sets_is_over_the_same_classes():
+    """A class of one generated image has no generated LPIPS: its real LPIPS must not count
+    either, or the overall row compares the diversity of other classes."""
+    real = {3: SetScores(5, lpips=0.2), 5: SetScores(5, lpips=0.6)}
+    generated = {3: SetScores(5, lpips=0.2), 5: SetScores(1)}  # one image: no pair
+    row = overall_row(real, generated)
+    assert row["lpips_generated"] == pytest.approx(0.2) and row["lpips_real"] == pytest.approx(0.2)
+
+
 def test_the_inputs_generation_recorded_come_first(tmp_path):
     # generation.py with --data / --teacher (e.g. from the official 200000.pt, which records neither)
     atomic_write_json(tmp_path / "generation.json", {"ckpt": str(tmp_path / "200000.pt"), "data": "tail",

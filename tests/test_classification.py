@@ -838,7 +838,7 @@ def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
     assert (tmp_path / "comparison" / "comparison.csv").read_bytes().startswith(codecs.BOM_UTF8)
     rows = list(csv.reader((tmp_path / "comparison" / "comparison.csv").open(encoding="utf-8-sig")))
     assert rows[0] == ["method", "head_accuracy", "tail_accuracy", "overall_accuracy", "macro_f1"]
-    assert rows[1][:4] == ["plain CE", "0.875000", "0.250000", f"{9 / 13:.6f}"]
+    assert rows[1][:4] == ["plain CE", "0.8750000000", "0.2500000000", f"{9 / 13:.10f}"]
     # a second table goes to the same folder only when asked
     again = [str(tmp_path / "tgn"), "--out", str(tmp_path / "comparison")]
     assert "--overwrite" in exit_message(capsys, compare_main, again)

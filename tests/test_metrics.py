@@ -99,3 +99,14 @@ def test_a_class_id_equal_to_the_class_count_is_refused():
         confusion_matrix([0], [3], 3)
     with pytest.raises(ValueError, match="targets outside 0..2"):
         confusion_matrix([3], [0], 3)
+
+
+def test_the_csv_fractions_round_to_the_markdown_percents():
+    """A table made from the CSV (rounding its fraction half up) shows what the Markdown
+    shows: with 6 places 50/101 was 0.495050, which reads 49.51 against the report's 49.50."""
+    from tgn.metrics import csv_fraction, format_percent
+
+    assert csv_fraction(None) == "n/a" and format_percent(50 / 101) == "49.50"
+    for total in range(1, 400):
+        for right in range(total + 1):
+            assert format_percent(float(csv_fraction(right / total))) == format_percent(right / total), (right, total)

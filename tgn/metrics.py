@@ -87,6 +87,13 @@ def format_percent(value, places=2):
     return str(Decimal(f"{100.0 * value:.9f}").quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
 
 
+def csv_fraction(value):
+    """A fraction as the CSVs hold it ('n/a' for None): 10 places, so that rounding it again
+    gives what format_percent shows (6 would not: 50/101 is 0.495050, which reads 49.51, not
+    49.50; 10 tell apart every k/n of n below 10^6 from the halves between two cells)."""
+    return "n/a" if value is None else f"{value:.10f}"
+
+
 def markdown_cell(text):
     """`text` as one cell of a Markdown table: a '|' in a class or method name would start a
     new column, a line break a new row."""
