@@ -34,6 +34,7 @@ from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UN
 from tgn.images import REWRITE_GENERATED, ImageList
 from tgn.io import read_json, remove_temp_files
 from tgn.run_folder import check_run_dir, save_options
+from tgn.stopping import leave_signals_to_the_trainer
 
 SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
 REAL = "real (training)"  # the sample sheet's first column group
@@ -154,7 +155,8 @@ def load_groups(groups, size, batch_size, workers, generated_from):
         counts.append(len(group_batches))
     dataset = ImageList(samples, transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()]),
                         size, generated_from=sum(len(paths) for _, paths in groups[:generated_from]))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         worker_init_fn=leave_signals_to_the_trainer)
     with tqdm(loader, total=len(batches), dynamic_ncols=True, leave=False) as progress:
         batch_iterator = iter(progress)
         for (description, _), count in zip(groups, counts):

@@ -242,3 +242,11 @@ def test_a_folder_listed_as_an_image_is_named_with_its_line(tmp_path):
     image.mkdir()
     with pytest.raises(UserError, match=r"TOY_train\.txt:3: image .*img 0\.jpg does not exist"):
         open_dataset(root).entries("train")
+
+
+def test_a_class_list_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows PowerShell 5.1 writes one with -Encoding UTF8 (and CR-LF line ends)."""
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2}, class_names={0: "ship", 1: "storage tank"})
+    text = (data / "classes.json").read_text(encoding="utf-8")
+    (data / "classes.json").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
+    assert open_dataset(data).class_names == {0: "ship", 1: "storage tank"}

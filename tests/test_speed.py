@@ -141,7 +141,12 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
     blocker = tmp_path / "cache" / "16px" / "not-hex"
     blocker.write_text("a file where an entry folder goes")
     monkeypatch.setattr(cache, "entry", lambda path: blocker / ("x" + SUFFIX))
-    assert torch.equal(cached[1][0], plain[1][0])  # an entry that cannot be written costs speed only
+    with pytest.warns(UserWarning, match="--cache: cannot write .*not-hex/x.chwc .*: the images it cannot keep are "
+                                         "decoded again every epoch"):
+        assert torch.equal(cached[1][0], plain[1][0])  # an entry that cannot be written costs speed only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not once per image
+        assert torch.equal(cached[0][0], plain[0][0])
     with pytest.raises(UserError, match="--cache .*cannot write there"):
         ResizeCache(blocker, 16)  # a wrong --cache: one line at start-up
 

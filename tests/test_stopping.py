@@ -252,3 +252,14 @@ def test_signals_held_while_workers_start_reach_the_trainer_afterwards():
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_spawned_worker_warns_in_one_line_as_the_script_does():
+    """Spawned workers (macOS, Windows) start without the script's setup: a warning in one
+    (an unusual image's, from PIL) printed PIL's file, line and source line there."""
+    code = ("import sys, warnings; sys.path.insert(0, sys.argv[1]); "
+            "from tgn.stopping import leave_signals_to_the_trainer; leave_signals_to_the_trainer(0); "
+            "warnings.warn('Palette images with Transparency expressed in bytes should be converted')")
+    run = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stderr == ("warning: Palette images with Transparency expressed in bytes "
+                                                  "should be converted\n")

@@ -14,6 +14,7 @@ file systems), is simply rebuilt.
 import hashlib
 import os
 import tempfile
+import warnings
 import zlib
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class ResizeCache:
     def __init__(self, root, size):
         self.root = Path(root) / f"{int(size)}px"
         self.size = int(size)
+        self.said_unwritable = False  # one warning per process, not one per image
         try:  # checked once here, so that a wrong --cache is one line at start-up
             self.root.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.root).close()
@@ -73,7 +75,13 @@ class ResizeCache:
                 handle.write(pixels.numpy().data)
                 handle.write(zlib.crc32(pixels.numpy().data).to_bytes(CRC_BYTES, "little"))
             os.replace(tmp, entry)
-        except OSError:  # a full disk costs speed, not the run
+        except OSError as exc:  # a full disk costs speed, not the run
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+            # Said once (another process may have written the entry meanwhile: then all is well).
+            if not self.said_unwritable and not entry.exists():
+                self.said_unwritable = True
+                warnings.warn(f"--cache: cannot write {entry} ({exc.strerror or exc}): the images it cannot keep are "
+                              "decoded again every epoch (a full disk? on Windows, a path over 260 characters: "
+                              "a shorter --cache)")
         return pixels

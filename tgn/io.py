@@ -226,7 +226,7 @@ def require_file(path, what="file", folder_hint=""):
 def read_json(path, what="file"):
     path = require_file(path, what)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark: Windows editors write one
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{what} {path} is not valid JSON: {exc}") from exc
 

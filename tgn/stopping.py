@@ -13,9 +13,11 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 from tgn import distributed as dist
 from tgn.checkpoint import save_checkpoint
+from tgn.errors import escape_unencodable_output, one_line_warning
 
 WORKER_SIGTERM_GRACE_S = 60
 
@@ -69,9 +71,12 @@ def leave_signals_to_the_trainer(_worker_id):
     not. SIGTERM, which a scheduler sends every process of the job, is outlived by
     WORKER_SIGTERM_GRACE_S seconds: one stuck in a read (which DataLoader's own shutdown
     would have ended with SIGTERM) ends when the time is up. Every loader of
-    tgn.engine.make_loader sets it, test.py's too: there the workers end with their process,
+    tgn.engine.make_loader sets it, test.py's and evaluate.py's too: there the workers end with their process,
     or at the latest when the time is up. Signals held since the worker started
     (signals_held) come now, to these handlers."""
+    # Spawned workers (macOS, Windows) start without the script's setup: warnings in one line.
+    warnings.formatwarning = one_line_warning
+    escape_unencodable_output()
     grace = (lambda *_: signal.alarm(WORKER_SIGTERM_GRACE_S)) if hasattr(signal, "alarm") else signal.SIG_IGN
     signal.signal(signal.SIGTERM, grace)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
