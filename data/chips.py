@@ -10,6 +10,7 @@ writes classes.json and the annotation lists, and prints the counts.
 """
 import codecs
 import math
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,7 +83,10 @@ class Tally:
 # ---------------------------------------------------------------- boxes
 
 def polygon_bounds(xs, ys):
-    """The axis-aligned rectangle around a polygon."""
+    """The axis-aligned rectangle around a polygon; all NaN if a coordinate is not a number
+    (min and max would pass over a NaN after the first), which is_degenerate then counts."""
+    if not all(math.isfinite(value) for value in (*xs, *ys)):
+        return (math.nan,) * 4
     return min(xs), min(ys), max(xs), max(ys)
 
 
@@ -106,13 +110,19 @@ def clip_box(box, width, height):
     return x0, y0, x1, y1
 
 
-def pad_box(box, context, width, height):
-    """Grow a pixel box by `context` times its width/height on each side, within the image."""
-    if context <= 0:
-        return box
+def pad_box(box, context):
+    """Grow a box as written by `context` times its width/height on each side (before it is
+    clipped: an object at the border gets the context of the same object elsewhere)."""
     x0, y0, x1, y1 = box
-    pad_x, pad_y = round((x1 - x0) * context), round((y1 - y0) * context)
-    return max(x0 - pad_x, 0), max(y0 - pad_y, 0), min(x1 + pad_x, width), min(y1 + pad_y, height)
+    pad_x, pad_y = (x1 - x0) * context, (y1 - y0) * context
+    return x0 - pad_x, y0 - pad_y, x1 + pad_x, y1 + pad_y
+
+
+def visible_size(box, width, height):
+    """Width and height of the part of a box as written that lies in the image (before the
+    outward rounding to whole pixels, which can add up to 2 pixels)."""
+    x0, y0, x1, y1 = box
+    return min(x1, width) - max(x0, 0), min(y1, height) - max(y0, 0)
 
 
 # ---------------------------------------------------------------- reading the release
@@ -174,12 +184,21 @@ def default_dir(src, candidates, flag):
 
 
 def index_images(folders):
-    """{file stem: path} for the images in `folders`; the first folder wins a shared stem."""
-    index = {}
+    """{file stem: path} for the images in `folders`; the first folder (then the first name)
+    wins a shared stem, and a stem of several files is warned about: a JPEG kept beside a
+    scene's PNG, or a resized copy, is one of them."""
+    index, others = {}, []
     for folder in folders:
         for path in sorted(Path(folder).iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path):
-                index.setdefault(path.stem, path)
+                if path.stem in index:
+                    others.append(path)
+                else:
+                    index[path.stem] = path
+    if others:
+        warnings.warn(f"{len(others)} images share their name with another image file (e.g. {index[others[0].stem]} "
+                      f"and {others[0]}): the first of each is cropped; remove the others if that is not the scene "
+                      "the labels were made on")
     return index
 
 
@@ -205,9 +224,11 @@ def _at_least(minimum, kind):
 
 def add_crop_arguments(parser):
     parser.add_argument("--min-size", type=_at_least(0, float), default=0,
-                        help="skip objects whose shorter side (clipped to the image) is below this many pixels")
+                        help="skip objects whose shorter side (within the image, as written) is below this many "
+                             "pixels")
     parser.add_argument("--context", type=_at_least(0, float), default=0.0,
-                        help="pad each box by this fraction of its width/height on every side (0: the box only)")
+                        help="pad each box by this fraction of its width/height on every side, then clip it to the "
+                             "image (0: the box only)")
     parser.add_argument("--workers", type=_at_least(1, int), default=4,
                         help="processes cropping in parallel (1: crop in this process)")
 
@@ -283,10 +304,10 @@ def _crop_objects(scene, image, options, entries, skipped):
         if box is None:
             skipped["degenerate box" if is_degenerate(obj.box) else "outside the image"] += 1
             continue
-        if min(box[2] - box[0], box[3] - box[1]) < options.min_size:
+        if min(visible_size(obj.box, width, height)) < options.min_size:
             skipped["smaller than --min-size"] += 1
             continue
-        box = pad_box(box, options.context, width, height)
+        box = clip_box(pad_box(obj.box, options.context), width, height)
         relpath = f"{obj.class_id}/{image.image_id}_{obj.index}.jpg"
         target = options.out / image.subset / relpath
         try:

@@ -90,6 +90,15 @@ def collect_split(src, split, subset, args, lookup, skipped):
     images = []
     # Not hidden ones: macOS leaves a ._NAME.txt (not text) beside each file it copies to other disks.
     labels = sorted(path for path in label_dir.iterdir() if path.suffix.lower() == ".txt" and not is_hidden(path))
+    stems = [path.stem for path in labels]
+    twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if twice:  # P0004.txt and P0004.TXT: one scene's chips would be cut twice, over each other
+        names = ", ".join(path.name for path in labels if path.stem == twice[0])
+        raise UserError(f"{label_dir}: two label files for scene {twice[0]} ({names}); keep one")
+    unlabelled = sorted(set(index) - set(stems))
+    if unlabelled:  # every DOTA v1.0 image has a label file: a partial download or extraction?
+        warnings.warn(f"{len(unlabelled)} images in {image_dir} have no label file in {label_dir} (e.g. "
+                      f"{index[unlabelled[0]].name}): their objects are not read")
     for label_path in labels:
         scene = label_path.stem
         if scene not in index:

@@ -63,7 +63,7 @@ def test_clip_box_rounds_outward_clips_and_rejects_degenerate():
     assert clip_box((10, 10, 10, 20), 64, 48) is None  # zero width
     assert clip_box((5.7, 10, 5.2, 20), 64, 48) is None  # negative width, not rounded into a pixel
     assert clip_box((70, 5, 90, 20), 64, 48) is None  # entirely outside
-    assert pad_box((10, 10, 20, 30), 0.5, 64, 48) == (5, 0, 25, 40)
+    assert clip_box(pad_box((10, 10, 20, 30), 0.5), 64, 48) == (5, 0, 25, 40)
     assert polygon_bounds([42.5, 60.7, 55, 40], [5.2, 12, 30.1, 20]) == (40, 5.2, 60.7, 30.1)
 
 
@@ -495,6 +495,44 @@ def test_dota_boxes_wholly_left_of_or_above_the_scene_are_outside_not_degenerate
                      "20 10 20 10 20 25 20 25 plane 0\n")  # zero width
     prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "out"), "--workers", "1"])
     assert "skipped 3 objects (degenerate box: 1, outside the image: 2)" in capsys.readouterr().out
+
+
+def test_dota_scenes_without_labels_or_with_two_files_are_said(dota_src, tmp_path, capsys):
+    """A scene kept as a PNG and as a smaller JPEG, an image whose label file is missing (a
+    partial download), a NaN after the first coordinate: none silent; two label files of one
+    scene (P0004.txt, P0004.TXT) would cut its chips over each other."""
+    paint_scene(dota_src / "train/images/P0001.jpg", (20, 15), {})  # a resized copy beside the PNG
+    paint_scene(dota_src / "train/images/P0005.png", (40, 30), {})  # no labelTxt/P0005.txt
+    with open(dota_src / "train/labelTxt/P0001.txt", "a") as handle:
+        handle.write("1 1 nan 1 9 9 1 9 plane 0\n")
+    with pytest.warns(UserWarning) as caught:
+        prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "out"), "--workers", "1"])
+    messages = [str(warning.message) for warning in caught]
+    assert any(message.startswith("1 images share their name with another image file (e.g. ") and
+               "P0001.jpg and " in message and "P0001.png): the first of each is cropped" in message
+               for message in messages), messages
+    assert any(message.startswith("1 images in ") and "have no label file in" in message and "(e.g. P0005.png)"
+               in message for message in messages), messages
+    # The NaN one; and the JPEG, first by name, was cropped: the PNG's boxes fall outside it.
+    assert "(degenerate box: 1, outside the image: 2)" in capsys.readouterr().out
+    (dota_src / "val/labelTxt/P0002.TXT").write_text("5 5 25 5 25 20 5 20 harbor 0\n")
+    assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "twice"), "--workers",
+                                         "1"]) == 2
+    assert "two label files for scene P0002 (P0002.TXT, P0002.txt); keep one" in one_error(capsys)
+
+
+def test_context_is_a_fraction_of_the_box_as_written_and_min_size_of_its_visible_part(tmp_path):
+    """An object at the border gets the context the same object gets elsewhere (the padding
+    was a fraction of the clipped box); --min-size measures the box before the outward
+    rounding to whole pixels (which made a 9.2 px box 11 px)."""
+    assert clip_box(pad_box((50, 30, 80, 60), 0.5), 64, 48) == (35, 15, 64, 48)  # 15 px each side, then clipped
+    assert polygon_bounds([1, float("nan"), 9, 1], [1, 1, 9, 9]) != polygon_bounds([1, 9, 9, 1], [1, 1, 9, 9])
+    (tmp_path / "train" / "1").mkdir(parents=True)
+    scene = Image.new("RGB", (20, 20), (200, 10, 10))
+    image = SourceImage(tmp_path / "s.jpg", "s", "train", (ChipObject(0, 1, (0.9, 0, 10.1, 20)),))
+    entries, skipped = [], Counter()
+    _crop_objects(scene, image, CropOptions(out=tmp_path, min_size=10), entries, skipped)
+    assert not entries and skipped == {"smaller than --min-size": 1}
 
 
 def test_16_bit_scenes_give_the_chips_training_would_load(dota_src, tmp_path):
@@ -1166,8 +1204,8 @@ def test_the_same_folders_give_the_same_classes_and_test_images_on_every_system(
 def test_context_stays_within_the_scene_and_min_size_keeps_its_own_size(tmp_path):
     """Catches the context padding not clipped to the scene (PIL pads the chip with black),
     and an object exactly --min-size wide skipped ('smaller than --min-size')."""
-    assert pad_box((2, 2, 10, 10), 0.5, 12, 12) == (0, 0, 12, 12)
-    assert pad_box((4, 4, 8, 8), 0.25, 12, 12) == (3, 3, 9, 9)
+    assert clip_box(pad_box((2, 2, 10, 10), 0.5), 12, 12) == (0, 0, 12, 12)
+    assert clip_box(pad_box((4, 4, 8, 8), 0.25), 12, 12) == (3, 3, 9, 9)
     (tmp_path / "train" / "1").mkdir(parents=True)
     scene = Image.new("RGB", (20, 20), (200, 10, 10))
     image = SourceImage(tmp_path / "s.jpg", "s", "train", (ChipObject(0, 1, (2, 2, 6, 10)),))  # 4 px wide
