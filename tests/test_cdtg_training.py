@@ -64,8 +64,8 @@ def test_tail_data_that_no_longer_lists_datas_tail_images_is_refused(cdtg_inputs
             "to it): DATA changed since the tail data was made; make "
             "the splits again (KMDN/dataset_split.py, then CDTG/dataset_split.py)")):
         load_tail_classes(cdtg_inputs / "cdtg_data").samples()
-    assert "lists other tail images than" in exit_message(capsys, train_main,
-                                                          tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1"))
+    argv = tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1")
+    assert "lists other tail images than" in exit_message(capsys, train_main, argv)
     anno.write_text(original + "0/img 0.jpg 0\n")  # a head image more: not the tail data's
     assert len(load_tail_classes(cdtg_inputs / "cdtg_data").samples()) == 16
 

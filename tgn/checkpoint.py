@@ -69,6 +69,20 @@ def load_weights(model, state_dict, source):
     return model
 
 
+def layout_hint(missing, unexpected):
+    """Names a ResNet of the other layout: KMDN's name the projection branch shortcut.*
+    (the official custom ResNet), torchvision's (the classifier) downsample.*."""
+    kmdn_missing = any("shortcut." in key for key in missing) and any("downsample." in key for key in unexpected)
+    torchvision_missing = any("downsample." in key for key in missing) and any("shortcut." in key for key in unexpected)
+    if kmdn_missing and not torchvision_missing:
+        return (" (a torchvision ResNet's names, downsample.*, where KMDN's ResNets have shortcut.*: a classifier, "
+                "not a KMDN model?)")
+    if torchvision_missing and not kmdn_missing:
+        return (" (a KMDN ResNet's names, shortcut.*, where torchvision's have downsample.*: a KMDN model, not a "
+                "classifier?)")
+    return ""
+
+
 def check_fits(model, state_dict, source):
     """Raise a one-line UserError unless `state_dict` has exactly `model`'s parameter names
     and shapes. Reads shapes only, so it suits the shapes-only state of tgn.resume.last_state,
@@ -78,12 +92,7 @@ def check_fits(model, state_dict, source):
     unexpected = [k for k in state_dict if k not in own]
     if missing or unexpected:
         example = (missing + unexpected)[0]
-        names = ("shortcut.", "downsample.")  # KMDN's projection branch; torchvision's
-        layouts = [(any(n in key for key in missing), any(n in key for key in unexpected)) for n in names]
-        hint = {((True, False), (False, True)): " (a torchvision ResNet's names, downsample.*, where KMDN's ResNets "
-                                                "have shortcut.*: a classifier, not a KMDN model?)",
-                ((False, True), (True, False)): " (a KMDN ResNet's names, shortcut.*, where torchvision's have "
-                                                "downsample.*: a KMDN model, not a classifier?)"}.get(tuple(layouts), "")
+        hint = layout_hint(missing, unexpected)
         raise UserError(
             f"{source} does not fit this model: {len(missing)} missing and {len(unexpected)} "
             f"unexpected parameters (e.g. {example}){hint}"

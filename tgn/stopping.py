@@ -4,8 +4,9 @@ Ctrl-C (SIGINT), or SIGTERM (what a cluster scheduler sends before it kills a jo
 preempted or out of time, and torchrun passes on to its processes), lets the current step
 finish; the trainer then saves and stops. A second Ctrl-C stops at once, for a step that
 never ends (under torchrun Ctrl-C reaches torchrun only, which sends its processes SIGTERM
-and kills them 30 s later). The ResNet trainers save mid-epoch: last.pth then holds the EpochProgress of
-the epoch it stopped in, and a resumed run trains that epoch's remaining steps only.
+and kills them 30 s later). The ResNet trainers save mid-epoch: last.pth then holds the
+EpochProgress of the epoch it stopped in, and a resumed run trains that epoch's remaining
+steps only.
 """
 import contextlib
 import dataclasses
@@ -71,8 +72,8 @@ def leave_signals_to_the_trainer(_worker_id):
     not. SIGTERM, which a scheduler sends every process of the job, is outlived by
     WORKER_SIGTERM_GRACE_S seconds: one stuck in a read (which DataLoader's own shutdown
     would have ended with SIGTERM) ends when the time is up. Every loader of
-    tgn.engine.make_loader sets it, test.py's and evaluate.py's too: there the workers end with their process,
-    or at the latest when the time is up. Signals held since the worker started
+    tgn.engine.make_loader sets it, test.py's and evaluate.py's too: there the workers end
+    with their process, or at the latest when the time is up. Signals held since the worker started
     (signals_held) come now, to these handlers."""
     # Spawned workers (macOS, Windows) start without the script's setup: warnings in one line.
     warnings.formatwarning = one_line_warning
