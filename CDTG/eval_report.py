@@ -91,8 +91,7 @@ def evaluation_csv(evaluation):
         for row in [*folder["classes"], folder["overall"]]:
             writer.writerow([folder["label"], folder["path"], row["id"], row["name"], row["real_images"],
                              row["generated_images"],
-                             *(csv_fraction(row[key]) if kind == "accuracy" else "n/a" if row[key] is None
-                               else f"{row[key]:.6f}" for key, _, kind in METRICS)])
+                             *(csv_fraction(row[key]) for key, _, _ in METRICS)])
     return buffer.getvalue()
 
 

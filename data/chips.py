@@ -10,6 +10,7 @@ writes classes.json and the annotation lists, and prints the counts.
 """
 import codecs
 import math
+import os
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -191,15 +192,23 @@ def index_images(folders):
     for folder in folders:
         for path in sorted(Path(folder).iterdir()):
             if path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path):
-                if path.stem in index:
-                    others.append(path)
-                else:
+                if path.stem not in index:
                     index[path.stem] = path
+                elif not same_image_file(index[path.stem], path):  # a folder linked or copied twice is no matter
+                    others.append(path)
     if others:
         warnings.warn(f"{len(others)} images share their name with another image file (e.g. {index[others[0].stem]} "
                       f"and {others[0]}): the first of each is cropped; remove the others if that is not the scene "
                       "the labels were made on")
     return index
+
+
+def same_image_file(first, second):
+    """One file reached twice (a linked folder), or a copy of it (as many bytes)."""
+    try:
+        return os.path.samefile(first, second) or first.stat().st_size == second.stat().st_size
+    except OSError:
+        return False
 
 
 def check_disjoint(train_ids, test_ids, what):

@@ -521,6 +521,23 @@ def test_dota_scenes_without_labels_or_with_two_files_are_said(dota_src, tmp_pat
     assert "two label files for scene P0002 (P0002.TXT, P0002.txt); keep one" in one_error(capsys)
 
 
+def test_an_image_folder_given_twice_is_not_two_files_of_one_name(tmp_path):
+    """DIOR's JPEGImages beside its split folders may be a link to one of them or a merged
+    copy: the same images, no warning; a resized copy under the same name is warned about."""
+    from data.chips import index_images
+
+    paint_scene(tmp_path / "trainval/00001.jpg", (20, 16), {(2, 2, 8, 8): (200, 20, 20)})
+    (tmp_path / "linked").symlink_to(tmp_path / "trainval")
+    shutil.copytree(tmp_path / "trainval", tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index = index_images([tmp_path / "trainval", tmp_path / "linked", tmp_path / "merged"])
+    assert index == {"00001": tmp_path / "trainval/00001.jpg"}
+    paint_scene(tmp_path / "smaller/00001.jpg", (10, 8), {})
+    with pytest.warns(UserWarning, match="1 images share their name with another image file"):
+        index_images([tmp_path / "trainval", tmp_path / "smaller"])
+
+
 def test_context_is_a_fraction_of_the_box_as_written_and_min_size_of_its_visible_part(tmp_path):
     """An object at the border gets the context the same object gets elsewhere (the padding
     was a fraction of the clipped box); --min-size measures the box before the outward

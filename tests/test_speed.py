@@ -151,6 +151,41 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
         ResizeCache(blocker, 16)  # a wrong --cache: one line at start-up
 
 
+def test_a_cache_that_cannot_be_written_is_said_once_in_a_run_of_workers(tmp_path, monkeypatch):
+    """Evaluation workers start again every epoch: a flag of each worker's own said it once
+    per worker and epoch (800 lines over 100 epochs of 8 workers). An entry's folder that
+    cannot even be looked into (another user's, mode 700) costs speed, not the run."""
+    import errno
+
+    import tgn.cache
+
+    data = write_dataset(tmp_path / "d", {0: 4}, size=24)
+    info = open_dataset(data)
+    samples = samples_for(info.image_root("train"), info.entries("train"), {0: 0})
+    cache = ResizeCache(tmp_path / "cache", 16)
+    images = ImageList(samples, build_transform(16, train=False), 16, cache)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def not_to_be_looked_into(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    def written_down(message, *args, **kwargs):  # what the workers warn, where this process can read it
+        with open(tmp_path / "warned.txt", "a") as handle:
+            handle.write(f"{message}\n")
+
+    monkeypatch.setattr(tgn.cache.tempfile, "mkstemp", full_disk)
+    monkeypatch.setattr(tgn.cache.warnings, "warn", written_down)
+    for epoch in range(2):
+        loader = torch.utils.data.DataLoader(images, batch_size=1, num_workers=2)  # fork: new workers each epoch
+        assert len(list(loader)) == 4
+    warned = [line for line in (tmp_path / "warned.txt").read_text().splitlines() if line.startswith("--cache")]
+    assert len(warned) == 1 and "No space left on device" in warned[0]
+    monkeypatch.setattr(Path, "exists", not_to_be_looked_into)
+    assert images[0][0].shape == (3, 16, 16)
+
+
 def test_precision_defaults():
     cpu = torch.device("cpu")
     assert resolve_precision("auto", "auto", cpu) == ("off", False)

@@ -12,6 +12,7 @@ the right length with other bytes (zeros, as a power cut can leave a renamed fil
 file systems), is simply rebuilt.
 """
 import hashlib
+import multiprocessing
 import os
 import tempfile
 import warnings
@@ -32,7 +33,9 @@ class ResizeCache:
     def __init__(self, root, size):
         self.root = Path(root) / f"{int(size)}px"
         self.size = int(size)
-        self.said_unwritable = False  # one warning per process, not one per image
+        # Shared with the DataLoader workers (which are started again every evaluation): one
+        # warning in the run, not one per worker and epoch.
+        self.said_unwritable = multiprocessing.RawValue("b", 0)
         try:  # checked once here, so that a wrong --cache is one line at start-up
             self.root.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=self.root).close()
@@ -79,8 +82,8 @@ class ResizeCache:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
             # Said once (another process may have written the entry meanwhile: then all is well).
-            if not self.said_unwritable and not entry.exists():
-                self.said_unwritable = True
+            if not self.said_unwritable.value and not os.path.exists(entry):  # exists() may raise: this cannot
+                self.said_unwritable.value = 1
                 warnings.warn(f"--cache: cannot write {entry} ({exc.strerror or exc}): the images it cannot keep are "
                               "decoded again every epoch (a full disk? on Windows, a path over 260 characters: "
                               "a shorter --cache)")

@@ -88,8 +88,8 @@ def format_percent(value, places=2):
 
 
 def csv_fraction(value):
-    """A fraction as the CSVs hold it ('n/a' for None): 10 places, so that rounding it again
-    gives what format_percent shows (6 would not: 50/101 is 0.495050, which reads 49.51, not
+    """A number as the CSVs hold it ('n/a' for None): 10 places, so that rounding it again
+    gives what the Markdown shows (6 would not: 50/101 is 0.495050, which reads 49.51, not
     49.50; 10 tell apart every k/n of n below 10^6 from the halves between two cells)."""
     return "n/a" if value is None else f"{value:.10f}"
 
