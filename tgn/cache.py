@@ -18,6 +18,7 @@ import tempfile
 import warnings
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torchvision.transforms import functional as TF
@@ -33,8 +34,9 @@ class ResizeCache:
     def __init__(self, root, size):
         self.root = Path(root) / f"{int(size)}px"
         self.size = int(size)
-        # Shared with the DataLoader workers (which are started again every evaluation): one
-        # warning in the run, not one per worker and epoch.
+        # Shared with forked DataLoader workers (started again every evaluation): one warning
+        # in the run, not one per worker and epoch. Spawned ones (macOS, Windows) get a copy
+        # (__getstate__); they are kept between epochs, so each says it once at most.
         self.said_unwritable = multiprocessing.RawValue("b", 0)
         try:  # checked once here, so that a wrong --cache is one line at start-up
             self.root.mkdir(parents=True, exist_ok=True)
@@ -42,6 +44,9 @@ class ResizeCache:
         except OSError as exc:
             raise UserError(f"--cache {root}: cannot write there ({exc.strerror or exc}); "
                             "pass a writable folder") from exc
+
+    def __getstate__(self):
+        return {**self.__dict__, "said_unwritable": SimpleNamespace(value=self.said_unwritable.value)}
 
     def entry(self, path):
         path = os.path.abspath(path)
