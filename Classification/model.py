@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
-from tgn.class_names import DIOR_CLASSES, class_name_key, renamed_class
+from tgn.class_names import DIOR_CLASSES, names_unlike_dior, renamed_class
 from tgn.errors import UserError
 from tgn.resnet import ARCHS, imagenet_state_dict
 
@@ -78,8 +78,7 @@ def check_classes(meta, model, class_ids, path, data_root, class_names=None):
         # A bare state dict (the released result.pth) records no names: its outputs are DIOR's
         # classes in their official id order. A 20-class dataset named otherwise is scored as if
         # it were DIOR.
-        other = [cid for cid, name in zip(class_ids, class_names)
-                 if class_name_key(name) != class_name_key(DIOR_CLASSES[cid])]
+        other = names_unlike_dior(class_ids, class_names)
         if other:
             warnings.warn(f"{path} records no class names (the released result.pth's format): its outputs are taken "
                           f"as DIOR's classes in their official order, but {data_root} names class {other[0]} "

@@ -100,8 +100,6 @@ def report_markdown(report):
     return "\n".join(lines) + "\n"
 
 
-
-
 def report_csv(report):
     """One row per class, then one row per summary metric (id = all, mean, head, tail, f1)."""
     buffer = io.StringIO()

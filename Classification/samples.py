@@ -65,11 +65,21 @@ def read_extra(folder, class_names, names_known=True):
     return entries
 
 
+def recorded_settings(folder):
+    """The folder's generation.json ({} for a folder of images made otherwise, or one that
+    cannot be read: what it would tell is then not compared)."""
+    try:
+        settings = json.loads((Path(folder) / GENERATION_SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
 def generated_class_names(folder):
     """{class id: name} that a generation.py folder was made for, where known: its
     generation.json's, or (folders of earlier versions) those of the tail data it names."""
+    settings = recorded_settings(folder)
     try:
-        settings = json.loads((Path(folder) / GENERATION_SETTINGS).read_text(encoding="utf-8"))
         if isinstance(settings.get("class_names"), dict):
             return {int(cid): name for cid, name in settings["class_names"].items()}
         manifest = json.loads((Path(settings["data"]) / TAIL_MANIFEST).read_text(encoding="utf-8"))
@@ -86,11 +96,7 @@ GENERATION_IDENTITY = ("weights", "real_features", "real_images", "r", "truncati
 
 def generated_identity(folder, entries):
     """A folder's generation settings that decide its images, and the images it lists."""
-    try:
-        settings = json.loads((Path(folder) / GENERATION_SETTINGS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # a folder of images made otherwise: its list alone
-        settings = {}
-    settings = settings if isinstance(settings, dict) else {}
+    settings = recorded_settings(folder)
     return {"settings": {key: settings[key] for key in GENERATION_IDENTITY if key in settings},
             "images": sorted(entry.relpath for entry in entries)}
 

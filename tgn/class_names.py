@@ -41,6 +41,13 @@ def official_class_names(dataset, class_ids):
     return {cid: names[cid] for cid in class_ids}
 
 
+def names_unlike_dior(class_ids, names):
+    """The ids among `class_ids` whose `names` (in the same order) are not DIOR's name of that
+    id, spelling aside (an id outside DIOR's 0..19 is unlike too)."""
+    return [cid for cid, name in zip(class_ids, names)
+            if not 0 <= cid < len(DIOR_CLASSES) or class_name_key(name) != class_name_key(DIOR_CLASSES[cid])]
+
+
 def class_name_key(name):
     """A class name with its spelling aside: case, Unicode form (macOS decomposes 'é'),
     spaces, hyphens and underscores ('Expressway-Service-area', 'golf__field' and 'golf

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tgn.class_names import DIOR_CLASSES, class_name_key, renamed_class
+from tgn.class_names import class_name_key, names_unlike_dior, renamed_class
 from tgn.data import SUBSETS, changed_entries, changed_text, check_files_exist, read_annotation, samples_for, \
     write_annotation
 from tgn.errors import UserError, speaks
@@ -62,8 +62,7 @@ def check_official_order(source, listing, ids, counts, names):
                         f"but {listing} lists its classes in another order (made by an earlier version?); "
                         "make the split (and the CDTG tail data) again")
     ids = list(ids)
-    dior = [class_name_key(DIOR_CLASSES[cid]) if 0 <= cid < len(DIOR_CLASSES) else None for cid in ids]
-    if set(ids) == set(OFFICIAL_DIOR_HEAD) and dior == [class_name_key(name) for name in names]:
+    if set(ids) == set(OFFICIAL_DIOR_HEAD) and not names_unlike_dior(ids, names):
         if ids != OFFICIAL_DIOR_HEAD:
             raise UserError(f"{source} is an official file: its outputs are DIOR's head classes as the official "
                             f"scripts rank them ({', '.join(map(str, OFFICIAL_DIOR_HEAD))}), but this DIOR's training "
