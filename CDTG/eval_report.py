@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tgn.io import atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
-from tgn.metrics import csv_fraction, format_percent, markdown_cell
+from tgn.metrics import csv_fraction, format_decimal, format_percent, markdown_cell
 from tgn.plot_text import text_as_written
 
 EVALUATION_FORMAT = "tgn-cdtg-evaluation/1"
@@ -47,8 +47,9 @@ def _markdown_cell(value, kind):
         return "n/a"
     if kind == "accuracy":
         return format_percent(value)
-    text = f"{1000 * value:.2f}" if kind == "kid" else f"{value:.2f}" if kind == "distance" else f"{value:.4f}"
-    return text[1:] if text.startswith("-") and float(text) == 0 else text  # FID of copies: -4e-5 is 0.00, not -0.00
+    if kind == "kid":
+        return format_decimal(1000 * value, 2)
+    return format_decimal(value, 2 if kind == "distance" else 4)
 
 
 def _table(first_title, rows, first_cells):

@@ -263,6 +263,18 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
         assert sheet.format == "PNG" and sheet.width > 3 * 6 * 64 and sheet.height > 3 * 64
 
 
+def test_every_number_of_the_evaluation_table_rounds_halves_up_and_never_shows_minus_zero():
+    """FID, KID and LPIPS round as the accuracies beside them do (half up, as a table made
+    from evaluation.csv would), not half to even as Python's format does (2.125 read 2.12)."""
+    row = {"fid": 2.125, "kid": 0.0030625, "lpips_generated": 0.03125, "lpips_real": -0.00001,
+           "clip_accuracy_generated": 29 / 32, "clip_accuracy_real": None, "teacher_accuracy_generated": 0.5,
+           "teacher_accuracy_real": 1.0, "real_images": 200, "generated_images": 200, "fid_images": 200}
+    evaluation = {"feature_extractor": "x", "lpips": "x", "clip": "x", "teacher": "x", "notes": [],
+                  "folders": [{"label": "gen", "path": "gen", "overall": row, "classes": []}]}
+    line = next(line for line in evaluation_markdown(evaluation).splitlines() if line.startswith("| gen |"))
+    assert line == "| gen | 200 | 200 | 2.13 | 3.06 | 0.0313 | 0.0000 | 90.63 | n/a | 50.00 | 100.00 |"
+
+
 def test_evaluate_holds_its_folder_while_it_writes_and_runs_in_one_process(evaluation_inputs, monkeypatch, capsys):
     """A second evaluation into the same new folder is refused while the first writes; under
     torchrun every process scored every folder and wrote the same files."""

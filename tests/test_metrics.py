@@ -89,6 +89,7 @@ def test_format_percent():
     assert format_percent(float("nan")) == "n/a"
     assert format_percent(None) == "n/a"
     assert format_percent(0.0) == "0.00"
+    assert format_percent(-0.00001) == "0.00"  # a difference that rounds to none has no sign
 
 
 def test_a_class_id_equal_to_the_class_count_is_refused():

@@ -79,12 +79,20 @@ def summarize(cm, head=None, tail=None):
 
 
 def format_percent(value, places=2):
-    """'86.56' for 0.8656 ('87' with no `places`), 'n/a' for NaN, infinities or None. Halves round up (29/32: 90.63), as a table
+    """'86.56' for 0.8656 ('87' with places=0), 'n/a' for NaN, infinities or None. Halves round up (29/32: 90.63), as a table
     made by hand or in a spreadsheet from the CSV's fractions would, not to even as Python's
-    format does; the 9 places first drop the float product's last-digit noise."""
+    format does."""
+    return format_decimal(None if value is None else 100.0 * value, places)
+
+
+def format_decimal(value, places):
+    """`value` to `places` decimals with halves rounded away from zero, 'n/a' for NaN,
+    infinities or None, and no '-0.00' for a negative that rounds to zero (the FID of copies
+    comes out as -4e-5). The 9 places first drop the float's last-digit noise."""
     if value is None or not math.isfinite(value):  # -inf: the best accuracy of a run that never had one
         return "n/a"
-    return str(Decimal(f"{100.0 * value:.9f}").quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP))
+    rounded = Decimal(f"{value:.9f}").quantize(Decimal(1).scaleb(-places), rounding=ROUND_HALF_UP)
+    return str(abs(rounded) if rounded == 0 else rounded)
 
 
 def csv_fraction(value):
