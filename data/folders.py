@@ -39,6 +39,15 @@ def is_image_file(path):
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+# Hidden folders that tools make beside data, which may hold images and never hold a class.
+TOOL_FOLDERS = frozenset({".ipynb_checkpoints", ".git", ".thumbnails", ".Trash", ".Trashes", ".cache"})
+
+
+def holds_images(entry):
+    """A folder with an image file directly inside (not a macOS '._' resource copy)."""
+    return entry.is_dir() and any(is_image_file(path) and not is_hidden(path) for path in entry.iterdir())
+
+
 def class_folders(subset_dir):
     return [entry for entry in sorted(subset_dir.iterdir()) if entry.is_dir() and not is_hidden(entry)]
 
@@ -74,12 +83,14 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     """{folder name: [image paths]} for the class folders of `subset_dir` named in
     `class_ids`; `unknown_folder(path)` is the error for any other folder. Other entries are
     counted and named once; images in subfolders of a class folder are not read, and said so."""
-    images, folder_of, stray, other_files, nested, unknown = {}, {}, [], [], [], []
+    images, folder_of, stray, other_files, nested, unknown, hidden = {}, {}, [], [], [], [], []
     # Accented names may be stored composed or decomposed (macOS writes the latter): a test
     # folder copied from another system still matches its training folder.
     by_form = {composed(name): name for name in class_ids}
     for entry in sorted(subset_dir.iterdir(), key=by_name):
         if is_hidden(entry):
+            if entry.name.startswith(".") and entry.name not in TOOL_FOLDERS and holds_images(entry):
+                hidden.append(entry)
             continue
         if not entry.is_dir():
             stray.append(entry)
@@ -115,6 +126,9 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
         warnings.warn(f"{flag}: {len(alike)} image names differ from another in their class folder only in letter "
                       f"case or Unicode form (e.g. {alike[0][0].name!r} and {alike[0][1].name!r}): one file on macOS "
                       "and Windows, where the prepared dataset would lose one of them; rename them")
+    if hidden:  # a class named '.net' would be skipped as .DS_Store is, with nothing said
+        warnings.warn(f"{flag}: hidden folders (name starting with '.') are not classes, and {len(hidden)} of "
+                      f"them hold images, e.g. {hidden[0]}; rename it without the dot if it is a class")
     if nested:
         warnings.warn(f"{flag}: images in folders inside a class folder are not read ({len(nested)} such folders, "
                       f"e.g. {nested[0]}); move them up into the class folder")

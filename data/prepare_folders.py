@@ -11,7 +11,7 @@ a number. --test-dir holds folders of the same names (a class may have none); wi
 test set, --test-fraction holds out that fraction of every class's images (at least one of
 a class with two or more), chosen at random with --seed. Images (.jpg .jpeg .jfif .png .bmp
 .tif .tiff .webp) directly inside the class folders are read; hidden entries are not, and
-images of other types are named in a warning. Each is decoded once as a check, then copied
+hidden folders of images and images of other types are named in a warning. Each is decoded once as a check, then copied
 under its own file name, or linked with --link hard|symlink.
 """
 import hashlib

@@ -732,6 +732,7 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
     messages = [str(warning.message) for warning in caught]
     assert any(re.search("images in folders inside a class folder are not read .* e.g. .*more", m) for m in messages)
     assert any("1 of 3 classes have no test images, e.g. 'storage_tank'" in m for m in messages)
+    assert not any("hidden" in m for m in messages)  # a notebook's checkpoints are no class
     info = open_dataset(out)
     assert info.name == "mine" and (out / "anno" / "mine_train.txt").is_file()
     # Ids in the folders' sorted order; underscores become spaces (the CLIP prompt's words).
@@ -742,6 +743,15 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
     assert (out / "train/2/b.png").is_symlink() == (link == "symlink")
     printed = capsys.readouterr().out
     assert re.search("ignored 1 files in class folders that are not images, e.g. .*readme.txt", printed)
+
+
+def test_a_hidden_folder_of_images_is_named_not_skipped_unsaid(class_folders, tmp_path):
+    """A class named '.net' is hidden as .DS_Store is: it is not read, but said so."""
+    paint_scene(class_folders / "train/.net/n.jpg", (8, 8), {})
+    with pytest.warns(UserWarning, match=r"--train-dir: hidden folders .* 1 of them hold images, e.g. .*\.net"):
+        prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-dir",
+                              str(class_folders / "test"), "--out", str(tmp_path / "out")])
+    assert set(open_dataset(tmp_path / "out").class_names.values()) == {"golf field", "ship", "storage tank"}
 
 
 def test_folders_refuse_to_test_on_the_training_images(class_folders, tmp_path, capsys):
