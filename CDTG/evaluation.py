@@ -30,9 +30,9 @@ from CDTG.tail_data import load_tail_classes, load_teacher
 from tgn.data import check_files_exist, drop_unreadable, read_annotation
 from tgn.distributed import make_shared_folder, planned_world_size, resolve_device
 from tgn.errors import UserError
-from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
-from tgn.images import REWRITE_GENERATED, ImageList
-from tgn.io import read_json, remove_temp_files
+from tgn.handoff import GENERATED_ANNOTATION, GENERATION_UNFINISHED, read_generation_settings
+from tgn.images import REWRITE_GENERATED, ImageList, normalize_pixels
+from tgn.io import remove_temp_files
 from tgn.run_folder import check_run_dir, save_options
 from tgn.stopping import leave_signals_to_the_trainer
 
@@ -41,17 +41,11 @@ REAL = "real (training)"  # the sample sheet's first column group
 LPIPS_MIN_SIZE = 31  # AlexNet's second max-pool has nothing to pool below it
 
 
-def generation_settings(folder):
-    """The settings CDTG/generation.py recorded in the folder ({} if none)."""
-    path = Path(folder) / GENERATION_SETTINGS
-    return read_json(path, "generation settings") if path.is_file() else {}
-
-
 def recorded_inputs(folder):
     """{'data', 'teacher'} the folder was generated with, where known: as generation.json
     records them (generation.py's own --data / --teacher included), else as the checkpoint
     it names records them."""
-    settings = generation_settings(folder)
+    settings = read_generation_settings(folder)
     recorded = {key: settings[key] for key in ("data", "teacher") if settings.get(key)}
     ckpt = settings.get("ckpt")
     if len(recorded) < 2 and ckpt and Path(ckpt).is_file():
@@ -64,7 +58,7 @@ def folder_labels(folders):
     """'r=0.05' from generation.json, else the folder name; made unique with the path."""
     labels = []
     for folder in folders:
-        r = generation_settings(folder).get("r")
+        r = read_generation_settings(folder).get("r")
         labels.append(f"r={r:g}" if isinstance(r, (int, float)) else Path(folder).name)
     return [f"{label} ({folder})" if labels.count(label) > 1 else label for label, folder in zip(labels, folders)]
 
@@ -194,7 +188,7 @@ class Evaluator:
         scores = SetScores(len(images), sheet=images[:SHEET_IMAGES].clone())  # not a view: frees the rest
         features, clip_correct, teacher_correct = [], 0, 0
         for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size].to(self.device).float() / 127.5 - 1
+            batch = normalize_pixels(images[start:start + self.batch_size].to(self.device))  # as M_T trained
             if self.inception is not None:
                 features.append(self.inception(batch))
             if self.clip is not None:
@@ -297,7 +291,7 @@ def evaluate_folders(folders, generated, tail, evaluator, *, max_per_class, size
         sets = {cid: evaluator.score(next(loaded), label, [seed, cid]) for label, cid in enumerate(tail.ids)}
         sheets[folder_label] = {cid: scores.sheet for cid, scores in sets.items()}
         rows = [class_row(cid, name, real_sets[cid], sets[cid]) for cid, name in zip(tail.ids, tail.names)]
-        results.append({"label": folder_label, "path": str(folder), "generation": generation_settings(folder),
+        results.append({"label": folder_label, "path": str(folder), "generation": read_generation_settings(folder),
                         "overall": overall_row(real_sets, sets, seed), "classes": rows})
     return results, sheets
 
@@ -326,7 +320,7 @@ def check_same_tail_data(folders, data):
     exists. A folder that has moved away, or a folder of an earlier version that names
     none, is let through (its checkpoint is not loaded for this: at 256 px it holds GBs)."""
     for folder in folders:
-        recorded = generation_settings(folder).get("data")
+        recorded = read_generation_settings(folder).get("data")
         if recorded and Path(recorded).is_dir() and Path(recorded).resolve() != Path(data).resolve():
             raise UserError(f"{folder} was generated from the tail data {recorded}, this evaluation uses {data}; "
                             "evaluate folders of one tail data together (--data chooses it)")

@@ -20,7 +20,7 @@ from tgn.class_names import padded
 from tgn.compat import check_compile
 from tgn.data import Entry, check_outside_dataset, write_annotation
 from tgn.errors import UserError
-from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED
+from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED, read_generation_settings
 from tgn.io import atomic_write_json, publish, remove_temp_files, write_pending
 from tgn.runlock import refuse_folder_in_use
 
@@ -187,7 +187,7 @@ def check_settings(out_dir, settings, overwrite):
         raise UserError(f"{out_dir} holds other files and no generation.json; generation writes into a new or empty "
                         "folder or one it wrote: choose another --out")
     if path.is_file() and not overwrite:
-        previous = json.loads(path.read_text(encoding="utf-8"))
+        previous = read_generation_settings(out_dir)
         # Folders written by earlier versions: fp32, JPEG quality 95, and a truncation centre
         # over noise alone (the same images as now when --truncation is 1).
         previous.setdefault("amp", "off")

@@ -18,7 +18,7 @@ from pathlib import Path
 from tgn.class_names import class_name_key
 from tgn.data import check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
-from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED, TAIL_MANIFEST
+from tgn.handoff import GENERATED_ANNOTATION, GENERATION_UNFINISHED, TAIL_MANIFEST, read_generation_settings
 
 
 
@@ -65,20 +65,10 @@ def read_extra(folder, class_names, names_known=True):
     return entries
 
 
-def recorded_settings(folder):
-    """The folder's generation.json ({} for a folder of images made otherwise, or one that
-    cannot be read: what it would tell is then not compared)."""
-    try:
-        settings = json.loads((Path(folder) / GENERATION_SETTINGS).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return settings if isinstance(settings, dict) else {}
-
-
 def generated_class_names(folder):
     """{class id: name} that a generation.py folder was made for, where known: its
     generation.json's, or (folders of earlier versions) those of the tail data it names."""
-    settings = recorded_settings(folder)
+    settings = read_generation_settings(folder)
     try:
         if isinstance(settings.get("class_names"), dict):
             return {int(cid): name for cid, name in settings["class_names"].items()}
@@ -96,7 +86,7 @@ GENERATION_IDENTITY = ("weights", "real_features", "real_images", "r", "truncati
 
 def generated_identity(folder, entries):
     """A folder's generation settings that decide its images, and the images it lists."""
-    settings = recorded_settings(folder)
+    settings = read_generation_settings(folder)
     return {"settings": {key: settings[key] for key in GENERATION_IDENTITY if key in settings},
             "images": sorted(entry.relpath for entry in entries)}
 

@@ -811,6 +811,19 @@ def test_a_generation_stopped_midway_is_refused_by_extra_until_finished(trained_
             "folder is not used, until a run generates them (with --per-class 2") in capsys.readouterr().out
     generation_main(argv)
     assert len(read_extra(out, names)) == 6
+    # A damaged generation.json stops both stages in one line: skipping it skipped their checks.
+    settings = (out / "generation.json").read_text()
+    (out / "generation.json").write_text(settings[:len(settings) // 2])
+    damaged = f"generation settings {out / 'generation.json'} is not valid JSON"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        generation_main(argv)
+    assert capsys.readouterr().err.startswith(f"error: {damaged}")
+    with pytest.raises(UserError, match=re.escape(damaged)):
+        read_extra(out, names)
+    (out / "generation.json").write_text("[]")
+    with pytest.raises(UserError, match="hold no settings"):
+        read_extra(out, names)
 
 
 def test_the_mark_of_a_stopped_generation_goes_with_overwrite_and_keeps_tail_classes_only(trained_ckpt, tmp_path):
