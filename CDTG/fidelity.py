@@ -16,6 +16,7 @@ from torch import nn
 
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, state_dict_of
 from tgn.errors import UserError
+from tgn.images import normalize_pixels
 from tgn.io import file_sha256
 
 INCEPTION_SIZE = 299
@@ -198,6 +199,6 @@ def mean_pairwise_lpips(model, images, num_pairs, seed, batch_size=64):
     total = 0.0
     for start in range(0, len(pairs), batch_size):
         chunk = torch.from_numpy(pairs[start:start + batch_size])
-        first, second = (images[chunk[:, k]].to(device).float() / 127.5 - 1 for k in (0, 1))
+        first, second = (normalize_pixels(images[chunk[:, k]].to(device)) for k in (0, 1))
         total += model(first, second).sum().item()
     return total / len(pairs)

@@ -12,6 +12,6 @@ def group_parser(doc, group):
     add_model_args(parser)
     add_training_args(parser, epochs=100, batch_size=32)
     add_runtime_args(parser)
-    add_output_args(parser, "runs/kmdn")
+    add_output_args(parser, "runs/kmdn", f"folder of the KMDN runs: this one goes into OUT/{group}")
     parser.set_defaults(group=group)
     return parser

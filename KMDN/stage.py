@@ -8,7 +8,7 @@ from tgn.split import check_split_matches, load_split
 
 
 def open_split(args):
-    """The split file, checked against DATA when --data-root is given."""
+    """The split file (its dataset moved to --data-root, if given), checked against DATA."""
     split = load_split(args.split, data_root=args.data_root)
     check_split_matches(split, open_dataset(split.data_root))
     return split

@@ -177,11 +177,11 @@ def add_model_args(parser, *, width=True):
     return group
 
 
-def add_output_args(parser, default_out):
+def add_output_args(parser, default_out, out_help="run folder"):
     group = parser.add_argument_group("output")
-    group.add_argument("--out", type=output_folder, default=Path(default_out), help="run folder")
+    group.add_argument("--out", type=output_folder, default=Path(default_out), help=out_help)
     either = group.add_mutually_exclusive_group()  # continue the run, or replace it
-    either.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    either.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     either.add_argument("--overwrite", action="store_true", help="start again even if --out holds results")
     return group
 

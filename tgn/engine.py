@@ -1,4 +1,6 @@
-"""The one training engine of the ResNet stages (UModel, RModel, Distill, Classification).
+"""The training engine of the ResNet stages: UModel, RModel and Classification train with
+`fit`; Distill runs the same epoch steps (train_one_epoch, evaluate, resume_from_last) in a
+loop of its own, whose student changes every few epochs.
 
 Determinism: every epoch reseeds all generators from (seed, epoch), and the data order
 and each image's augmentation come from (seed, epoch) too (tgn/sampling.py), so a run

@@ -1,6 +1,7 @@
 """Images as the models read them: the official preprocessing and the Dataset of
-(path, label) pairs. Apart from tgn.data, which only reads and writes the dataset layout, so
-that the stages that need no model (splits, preparers, reports) start without torch."""
+(path, label) pairs. Apart from tgn.data (the dataset layout, and decoding one image), which
+needs no torch, so that the stages that need no model (splits, preparers, reports) start
+without it."""
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms
@@ -50,17 +51,15 @@ class ImageList(Dataset):
     """Images given as (path, label) pairs; `label` is the model's output index.
 
     `cache` (a tgn.cache.ResizeCache) serves images already resized to `image_size`, as
-    uint8 (C, H, W) tensors. `bad_image_hint` ends the error for an unreadable image: what
-    its reader can do about it; samples from index `generated_from` on are generated images
+    uint8 (C, H, W) tensors. The error for an unreadable image ends with what its reader can
+    do about it; samples from index `generated_from` on are generated images
     (Classification/train.py --extra), which generation writes again."""
 
-    def __init__(self, samples, transform=None, image_size=None, cache=None, bad_image_hint=SKIP_BAD_IMAGES,
-                 generated_from=None):
+    def __init__(self, samples, transform=None, image_size=None, cache=None, generated_from=None):
         self.samples = list(samples)
         self.transform = transform
         self.image_size = image_size
         self.cache = cache
-        self.bad_image_hint = bad_image_hint
         self.generated_from = len(self.samples) if generated_from is None else generated_from
 
     def __len__(self):
@@ -71,7 +70,7 @@ class ImageList(Dataset):
         try:
             image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
         except UserError as exc:
-            hint = REWRITE_GENERATED if index >= self.generated_from else self.bad_image_hint
+            hint = REWRITE_GENERATED if index >= self.generated_from else SKIP_BAD_IMAGES
             raise UserError(f"{exc} ({hint})") from None
         if self.transform is not None:
             image = self.transform(image)
