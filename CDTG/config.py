@@ -38,6 +38,8 @@ class GanConfig:
     ada_length: int = 500_000
     flip: bool = False  # random horizontal flips of the reals: off in the official CDTG
     ada_every: Optional[int] = None  # images between p updates; None: ADA_STEPS steps' worth
+    # g_ema's decay is 0.5 ** (32 / (this * 1000)), rosinality's constant, whatever the batch:
+    # a half-life of 10 kimg at batch 32, and 312.5 steps (2.5 kimg) at the default batch 8.
     ema_half_life_kimg: float = 10.0
     save_every: int = 5000
     keep_full: int = 2  # whole checkpoints kept (the newest); older ones cut to what generation reads; 0: all

@@ -388,7 +388,7 @@ def test_a_generator_step_lowers_its_adversarial_loss_against_a_fixed_discrimina
 
 
 def test_the_ema_generator_follows_the_generator_with_the_official_decay(tmp_path):
-    assert make_trainer(tmp_path).ema_decay == pytest.approx(0.5 ** (32 / 10_000))  # rosinality's, 10 kimg
+    assert make_trainer(tmp_path).ema_decay == pytest.approx(0.5 ** (32 / 10_000))  # rosinality's, at any batch
     trainer = make_trainer(tmp_path, lambda_clip=0.0, ema_half_life_kimg=0.064)  # decay 0.71: one step shows
     decay = trainer.ema_decay
     assert decay == pytest.approx(0.5 ** 0.5)
