@@ -58,6 +58,15 @@ def toy_data(tmp_path):
     return write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 8, 3: 4, 4: 3})
 
 
+@pytest.fixture
+def split_dir(toy_data, tmp_path):
+    """toy_data's KMDN split, made with the default 40%."""
+    from KMDN.dataset_split import main as split_main
+
+    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
+    return tmp_path / "split"
+
+
 def tiny_clip():
     """A randomly initialised clip.model.CLIP small enough for CPU tests (32 px input)."""
     import warnings

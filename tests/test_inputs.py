@@ -31,12 +31,6 @@ from tgn.optim import adam, restore_optimizer
 from tgn.resnet import FeatureResNet
 
 
-@pytest.fixture
-def split_dir(toy_data, tmp_path):
-    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
-    return tmp_path / "split"
-
-
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--epochs", "0"), ("--image-size", "-3"),
                                          ("--workers", "-1"), ("--width", "0"), ("--lr", "-1"), ("--lr", "abc"),
                                          ("--weight-decay", "inf"), ("--lr", "1e400"),  # nan losses mid-run

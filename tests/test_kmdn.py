@@ -17,12 +17,6 @@ TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-s
         "--batch-size", "8", "--workers", "0"]
 
 
-@pytest.fixture
-def split_dir(toy_data, tmp_path):
-    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
-    return tmp_path / "split"
-
-
 def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -30,12 +30,6 @@ TINY = ["--arch", "resnet18", "--width", "4", "--pretrained", "none", "--image-s
         "--workers", "0"]
 
 
-@pytest.fixture
-def split_dir(toy_data, tmp_path):
-    split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
-    return tmp_path / "split"
-
-
 def expect_user_error(capsys, run, fragment):
     """The run exits with status 2 and one stderr line containing `fragment`."""
     with pytest.raises(SystemExit) as exit_info:
