@@ -8,7 +8,8 @@ from Classification.flags import DEFAULT_IMAGE_SIZE, default_report_folder
 from Classification.model import check_classes, load_classifier
 from Classification.report import REPORT_JSON
 from Classification.samples import class_order, count_per_class
-from Classification.stage import describe_classes, evaluation_set, grouping_split, read_baseline, report_and_figures
+from Classification.stage import (dataset_root, describe_classes, evaluation_set, grouping_split, read_baseline,
+                                  report_and_figures)
 from tgn import distributed as dist
 from tgn.cli import HEAD_PERCENT
 from tgn.compat import check_amp
@@ -39,11 +40,11 @@ def score_checkpoint(args):
     check_amp(args.amp, planned_device, training=False)
     out_dir = args.out or default_report_folder(args.ckpt)
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)
-    info = open_dataset(args.data_root)
+    model, meta = load_classifier(args.ckpt)
+    info = open_dataset(dataset_root(args, meta.get("options", {}).get("data_root")))
     check_outside_dataset(out_dir, info.root, "--out" if args.out else "the report folder (beside --ckpt; pass --out)")
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)
-    model, meta = load_classifier(args.ckpt)
     # Without classes.json the names are not the dataset's own (ids, or DIOR's or FGSC-23's official list).
     named = [info.class_names[cid] for cid in class_ids] if info.has_class_list else None
     check_classes(meta, model, class_ids, args.ckpt, args.data_root, named)

@@ -31,6 +31,20 @@ class Classes:
         return [self.ids.index(cid) for cid in class_ids]
 
 
+def dataset_root(args, trained_on=None):
+    """--data-root; without it the dataset --split was made on, else `trained_on` (test.py:
+    the one the checkpoint's run trained on). Sets args.data_root, which options.json records."""
+    if args.data_root is None and args.split is not None:
+        args.data_root = load_split(args.split).data_root
+    elif args.data_root is None and trained_on:
+        if not Path(trained_on).is_dir():
+            raise UserError(f"the dataset {args.ckpt} was trained on, {trained_on}, is not found; pass --data-root")
+        args.data_root = Path(trained_on)
+    elif args.data_root is None:
+        raise UserError("which dataset? pass --data-root DATA (or --split, made on it)")
+    return args.data_root
+
+
 def grouping_split(args, info):
     """The --split that groups head and tail (None without one), read and checked against
     DATA and --threshold before any image is decoded."""

@@ -25,7 +25,9 @@ from tgn.errors import cli_main  # noqa: E402
 
 def build_parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (test/, anno/)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset folder (test/, anno/) (default: the one --split was made on, else the one "
+                             "the checkpoint's run trained on)")
     parser.add_argument("--ckpt", type=Path, required=True, help="our checkpoint or the official result.pth")
     parser.add_argument("--out", type=output_folder, default=None,
                         help="report folder (default CKPT_DIR/test-CKPT_NAME)")

@@ -29,7 +29,8 @@ from tgn.errors import cli_main  # noqa: E402
 
 def build_parser():
     parser = make_parser(__doc__)
-    parser.add_argument("--data-root", type=Path, required=True, help="dataset folder (train/, test/, anno/)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset folder (train/, test/, anno/) (default: the one --split was made on)")
     parser.add_argument("--extra", action="append", default=[], metavar="DIR", type=Path,
                         help="generated folder with DIR/anno.txt; repeat for several")
     parser.add_argument("--sampler", choices=SAMPLERS, default="random",

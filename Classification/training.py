@@ -6,7 +6,7 @@ from Classification.flags import default_report_folder
 from Classification.long_tail import make_loss, make_sampler_weights
 from Classification.model import build_classifier, checkpoint_meta, initialise_backbone
 from Classification.samples import class_order, readable_training_images, training_images
-from Classification.stage import (describe_classes, evaluation_set, grouping_split, read_baseline,
+from Classification.stage import (dataset_root, describe_classes, evaluation_set, grouping_split, read_baseline,
                                   report_and_figures)
 from tgn.checkpoint import check_fits, load_checkpoint, load_weights
 from tgn.class_names import padded
@@ -39,7 +39,7 @@ def train_classifier(args):
     """Classification/train.py: the inputs checked, the classifier trained, the report of its best epoch."""
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
-    info = open_dataset(args.data_root)
+    info = open_dataset(dataset_root(args))
     check_outside_dataset(args.out, info.root)
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)

@@ -338,6 +338,29 @@ def test_test_py_reproduces_the_training_report_with_a_split(trained, tmp_path):
     assert (tmp_path / "report" / "long_tail.png").is_file()
 
 
+def test_the_dataset_defaults_to_the_splits_else_the_one_the_checkpoint_trained_on(trained, tmp_path, capsys):
+    data, out, report = trained
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    common = ["--workers", "0", "--device", "cpu"]
+    from_run = evaluate_main(["--ckpt", str(out / "best.pth"), "--out", str(tmp_path / "r1"), *common])
+    from_split = evaluate_main(["--ckpt", str(out / "best.pth"), "--split", str(tmp_path / "split"),
+                                "--out", str(tmp_path / "r2"), *common])
+    assert from_run["confusion_matrix"] == from_split["confusion_matrix"] == report["confusion_matrix"]
+    assert from_run["dataset"] == from_split["dataset"] == report["dataset"]
+    train_main(["--split", str(tmp_path / "split"), "--epochs", "1", "--device", "cpu", *TINY,
+                "--out", str(tmp_path / "cls")])
+    assert json.loads((tmp_path / "cls" / "options.json").read_text())["data_root"] == str(data)
+    capsys.readouterr()
+    assert exit_message(capsys, train_main, ["--epochs", "1", "--out", str(tmp_path / "none")]) == (
+        "error: which dataset? pass --data-root DATA (or --split, made on it)")
+    moved = torch.load(out / "best.pth", weights_only=False)
+    moved["options"]["data_root"] = str(tmp_path / "gone")
+    torch.save(moved, tmp_path / "moved.pth")
+    assert exit_message(capsys, evaluate_main, ["--ckpt", str(tmp_path / "moved.pth"), *common]) == (
+        f"error: the dataset {tmp_path / 'moved.pth'} was trained on, {tmp_path / 'gone'}, is not found; "
+        "pass --data-root")
+
+
 def test_test_py_holds_its_report_folder_while_it_writes(trained, tmp_path, monkeypatch):
     """A second test.py into the same new folder is refused while the first writes (it took
     only an existing lock file, so two runs into a fresh folder wrote over each other)."""
