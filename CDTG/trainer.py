@@ -29,7 +29,8 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from CDTG.augment import AdaptiveAugment, augment
-from CDTG.checkpoint import checkpoint_steps, cut_to_generation, load_cdtg_checkpoint, save_cdtg_checkpoint
+from CDTG.checkpoint import (checkpoint_steps, cut_to_generation, load_cdtg_checkpoint, official_not_resumable,
+                             save_cdtg_checkpoint)
 from CDTG.compilation import compile_swagan
 from CDTG.config import ada_interval
 from CDTG.losses import (d_logistic_loss, d_r1_loss, g_nonsaturating_loss, g_path_regularize,
@@ -174,8 +175,7 @@ class CdtgTrainer:
                             "cannot continue the run; restore the newer ones, or pass --overwrite instead of --resume "
                             "to start again")
         if state.get("official"):  # no fusion layer, no path-length mean: nothing to continue exactly
-            raise UserError(f"{path} is an official CDTG checkpoint, which cannot continue a run: move it out of "
-                            f"the run folder and start a run from its weights with --init {path.name}")
+            raise official_not_resumable(path)
         missing = [key for key in RESUMABLE if key not in state]
         if missing:  # a file of another kind
             raise UserError(f"{path} holds no {missing[0]!r} to resume from (not a checkpoint of CDTG/train.py?); "

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
+from CDTG.checkpoint import checkpoint_steps, is_official, load_cdtg_checkpoint, official_not_resumable
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig, ada_interval
 from CDTG.fusion import NoiseFusion
@@ -136,6 +136,8 @@ def train_cdtg(args):
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     done = steps[-1] if steps else None
+    if args.resume and steps and is_official(args.out / "checkpoint" / f"{done}.pt"):  # before its steps are counted
+        raise official_not_resumable(args.out / "checkpoint" / f"{done}.pt")
     # Without options.json (deleted, or lost with a copied folder), the flags are compared with the newest
     # checkpoint's (none in the official format; one that cannot be read is reported where it is loaded).
     newest = last_state(args.out / "checkpoint" / f"{done}.pt", needs=()) \

@@ -1200,10 +1200,12 @@ def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(c
     copied = tmp_path / "copied" / "checkpoint"  # the official file put where --resume looks
     copied.mkdir(parents=True)
     shutil.copy(tmp_path / "200000.pt", copied / "200000.pt")
-    with pytest.raises(SystemExit):
-        train_main(tiny_train_args(cdtg_inputs, copied.parent, "--iter", "200001", "--clip", "none", "--resume"))
-    assert (f"error: {copied / '200000.pt'} is an official CDTG checkpoint, which cannot continue a run: move it "
-            "out of the run folder and start a run from its weights with --init 200000.pt") in capsys.readouterr().err
+    for steps in ("200001", "4"):  # with fewer steps too: not "it has already trained 200000 steps"
+        with pytest.raises(SystemExit):
+            train_main(tiny_train_args(cdtg_inputs, copied.parent, "--iter", steps, "--clip", "none", "--resume"))
+        assert (f"error: {copied / '200000.pt'} is an official CDTG checkpoint, which cannot continue a run: move "
+                "it out of the run folder and start a run from its weights with --init 200000.pt"
+                ) in capsys.readouterr().err
 
 
 def test_init_refuses_what_it_cannot_start_from_before_writing(trained_ckpt, cdtg_inputs, tmp_path, capsys):

@@ -280,6 +280,18 @@ def test_a_run_folder_given_for_a_checkpoint_names_the_file_to_pass(cdtg_inputs,
     (tmp_path / "kmdn" / "best.pth").write_bytes(b"")
     with pytest.raises(UserError, match=f"kmdn is a folder, not a file; pass {tmp_path / 'kmdn' / 'best.pth'}$"):
         load_checkpoint(tmp_path / "kmdn")
+    # Distill's folder, and KMDN's --out: the models in them (not last.pth, which resumes a run).
+    root = tmp_path / "runs"
+    for name in ("head/best.pth", "head/last.pth", "distill/M_H.pth", "distill/M_T.pth", "distill/last.pth"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(root / "distill")
+    assert str(raised.value).endswith(f"pass one of {root / 'distill' / 'M_H.pth'}, {root / 'distill' / 'M_T.pth'}")
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(root)
+    assert str(raised.value).endswith(f"pass one of {root / 'distill' / 'M_H.pth'}, {root / 'distill' / 'M_T.pth'}, "
+                                      f"{root / 'head' / 'best.pth'}")
     run = tmp_path / "cdtg"
     cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--clip", "none"))
     with pytest.raises(UserError, match=f"is a folder, not a file; pass {run / 'checkpoint' / '4.pt'}, its newest"):

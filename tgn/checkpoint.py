@@ -17,12 +17,23 @@ from tgn.io import atomic_torch_save, require_file
 
 def load_checkpoint(path, what="checkpoint"):
     """torch.load with weights_only=True; a one-line error for a missing or foreign file."""
-    best = Path(path) / "best.pth"
-    path = require_file(path, what, f"; pass {best}" if best.is_file() else "; pass a .pth file")
+    path = require_file(path, what, checkpoints_hint(Path(path)))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, foreign formats
         raise UserError(f"cannot load {what} {path}: {load_failure(path, exc)}") from exc
+
+
+def checkpoints_hint(folder):
+    """For a folder given as a checkpoint: the checkpoints in it, or in the run folders in it
+    (a KMDN --out: head/best.pth, distill/M_T.pth), that were likely meant."""
+    if not folder.is_dir():
+        return "; pass a .pth file"
+    if (folder / "best.pth").is_file():
+        return f"; pass {folder / 'best.pth'}"
+    found = [path for path in sorted(folder.glob("*.pth")) if path.name != "last.pth"]  # resume state, not a model
+    found = found or sorted([*folder.glob("*/best.pth"), *folder.glob("*/M_*.pth")])
+    return f"; pass one of {', '.join(map(str, found))}" if found else "; pass a .pth file"
 
 
 def load_failure(path, exc):
