@@ -32,6 +32,7 @@ from tgn.errors import UserError, cli_main  # noqa: E402
 DATASET = "DOTA"
 SKIP_DIFFICULT = "difficult (--skip-difficult)"
 SKIPPED_CLASS = "class {} (--skip-classes)"
+LATER_CLASSES = frozenset(map(class_name_key, ("container-crane", "airport", "helipad")))  # of v1.5 and 2.0
 
 
 def parse_args(argv):
@@ -73,6 +74,10 @@ def parse_label_file(path, lookup, skip_difficult, skipped, skip_classes=frozens
             skipped[SKIPPED_CLASS.format(fields[8])] += 1
             index += 1
             continue
+        if class_name_key(fields[8]) in LATER_CLASSES:  # DOTA v1.5 or 2.0: the way on is a flag away
+            raise UserError(f"{path}:{number}: class {fields[8]!r} is one DOTA v1.5 or 2.0 adds to the 15 of v1.0: "
+                            "leave such classes out with --skip-classes (container-crane for v1.5, "
+                            "container-crane,airport,helipad for 2.0)")
         class_id = find_class(lookup, fields[8], f"{path}:{number}", DATASET)
         if difficult and skip_difficult:
             skipped[SKIP_DIFFICULT] += 1

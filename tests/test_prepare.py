@@ -428,7 +428,9 @@ def test_dota_labels_of_later_versions_skip_their_extra_classes_when_asked(dota_
     labels.write_text(labels.read_text().replace("small-vehicle 1", "container-crane 0"))  # as v1.5 labels it
     argv = ["--src", str(dota_src), "--workers", "1"]
     assert exit_code(prepare_dota.main, [*argv, "--out", str(tmp_path / "refused")]) == 2
-    assert "unknown class name 'container-crane'" in one_error(capsys)
+    assert ("P0001.txt:4: class 'container-crane' is one DOTA v1.5 or 2.0 adds to the 15 of v1.0: leave such classes "
+            "out with --skip-classes (container-crane for v1.5, container-crane,airport,helipad for 2.0)"
+            ) in one_error(capsys)
     assert exit_code(prepare_dota.main, [*argv, "--out", str(tmp_path / "kept"), "--skip-classes", "ship"]) == 2
     assert "--skip-classes: ship is one of the 15 DOTA v1.0 classes" in one_error(capsys)
     with pytest.warns(UserWarning, match="--skip-classes: no object is labelled helipad; nothing of it was left out"):
