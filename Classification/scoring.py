@@ -40,11 +40,13 @@ def score_checkpoint(args):
     check_amp(args.amp, planned_device, training=False)
     out_dir = args.out or default_report_folder(args.ckpt)
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)
-    model, meta = load_classifier(args.ckpt)
-    info = open_dataset(dataset_root(args, meta.get("options", {}).get("data_root")))
+    # Read first only when it names the dataset: else the cheaper checks of DATA and --out come first.
+    loaded = load_classifier(args.ckpt) if args.data_root is None and args.split is None else None
+    info = open_dataset(dataset_root(args, loaded and loaded[1].get("options", {}).get("data_root")))
     check_outside_dataset(out_dir, info.root, "--out" if args.out else "the report folder (beside --ckpt; pass --out)")
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)
+    model, meta = loaded or load_classifier(args.ckpt)
     # Without classes.json the names are not the dataset's own (ids, or DIOR's or FGSC-23's official list).
     named = [info.class_names[cid] for cid in class_ids] if info.has_class_list else None
     check_classes(meta, model, class_ids, args.ckpt, args.data_root, named)
