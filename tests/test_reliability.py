@@ -352,6 +352,11 @@ def test_a_folder_another_run_writes_to_is_refused_until_it_ends(cdtg_inputs, tm
         assert {path.name: path.read_bytes() for path in head.iterdir() if path.name != ".lock"} == \
             {name: data for name, data in before.items() if name != ".lock"}
         rmodel_main(common)  # the same --out, another group's folder: free
+        # Distill started before UModel ends: its best.pth may yet change, which is said.
+        with pytest.warns(UserWarning, match=f"the head model {head / 'best.pth'} is in the folder of a run still "
+                                             f"going \\(pid {holder.pid} on "):
+            distill_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--batch-size", "8",
+                          "--workers", "0", "--epochs", "1"])
         gan = cdtg_inputs / "gan"
         gan.mkdir()
         killed = hold_folder(gan, "fork")
@@ -371,6 +376,8 @@ def test_a_folder_another_run_writes_to_is_refused_until_it_ends(cdtg_inputs, tm
         holder.wait()
     umodel_main([*common, "--overwrite"])  # free again once the other run has ended
     assert (head / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
+    from tgn.runlock import running_run
+    assert running_run(head) is None and running_run(tmp_path / "kmdn" / "distill") is None
 
 
 def test_a_lock_file_of_another_user_still_refuses_a_second_run(tmp_path, monkeypatch):

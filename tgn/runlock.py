@@ -13,9 +13,10 @@ import contextlib
 import errno
 import os
 import socket
+import warnings
 from pathlib import Path
 
-from tgn.errors import UserError, under_torchrun
+from tgn.errors import UserError, speaks, under_torchrun
 
 try:
     import fcntl
@@ -86,6 +87,35 @@ def refuse_folder_in_use(folder, flag="--out"):
     before anything is removed), so that all stop together."""
     if not under_torchrun():
         claim_folder(folder, create=False, flag=flag)
+
+
+def running_run(folder):
+    """The running run (its process and host, or 'another run') that holds `folder`, else
+    None: for a checkpoint read from a run folder, which may still change once read."""
+    path = Path(os.path.abspath(Path(folder) / LOCK_NAME))
+    if fcntl is None or path in _held:  # closing another descriptor of a held lock file would drop its lock
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except OSError as exc:
+        return (_holder(fd) or "another run") if exc.errno in (errno.EACCES, errno.EAGAIN) else None
+    finally:
+        os.close(fd)
+
+
+def warn_if_still_written(path, what):
+    """Warn when checkpoint `path` lies in the folder of a run still going: its best.pth or
+    M_T.pth may yet change (the head and tail models may train at once, and Distill or CDTG
+    be started before they end)."""
+    holder = running_run(Path(path).parent)
+    if holder and speaks():
+        warnings.warn(f"{what} {path} is in the folder of a run still going ({holder}): it may change once read; "
+                      "wait for that run to end")
 
 
 def release_folders():
