@@ -55,7 +55,7 @@ def build_parser():
     parser.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_MODES,
                         help="torch.compile the synthesis network (--compile alone: mode 'default'; "
                              "'reduce-overhead' also replays CUDA graphs); the first batch pays the compilation. "
-                             "Rendering alone at 256 px and --batch 64 ran 1.6x eager on an H100; the whole "
+                             "Rendering alone at 256 px and --batch 64 ran 1.4x eager on an H100; the whole "
                              "pipeline with JPEGs, compiled as now, is not measured yet (see the README)")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave out unreadable real tail images (as train.py --skip-bad-images did), instead of "
