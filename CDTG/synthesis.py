@@ -32,12 +32,10 @@ from CDTG.fusion import NoiseFusion
 from CDTG.swagan import Generator
 from CDTG.tail_data import load_tail_classes, load_teacher, tail_image_dataset
 from tgn.checkpoint import load_weights, weights_fingerprint
-from tgn.class_names import renamed_class
 from tgn.compat import mark_cuda_graph_step
 from tgn.engine import autocast, uses_cuda_graphs
 from tgn.errors import UserError
-from tgn.handoff import TAIL_MANIFEST
-from tgn.split import check_official_order
+from tgn.split import check_recorded_classes
 
 FEATURE_BATCH = 64  # real images per pass of M_T; fixed, so that images do not depend on --batch
 
@@ -85,20 +83,10 @@ class TailSynthesizer:
             raise UserError(f"{ckpt_path} is an official checkpoint: pass --data (CDTG/dataset_split.py output) "
                             "and --teacher (the tail model M_T)")
         tail = load_tail_classes(data, data_root)
-        if checkpoint.get("official"):
-            check_official_order(ckpt_path, tail.folder / TAIL_MANIFEST, tail.ids,
-                                 [c["train_count"] for c in tail.classes], tail.names)
         config = checkpoint["generator_config"]
-        if config["num_classes"] != len(tail.classes):
-            raise UserError(f"{ckpt_path} generates {config['num_classes']} classes, "
-                            f"the tail data {data} has {len(tail.classes)}")
-        if checkpoint.get("class_ids") not in (None, tail.ids):
-            raise UserError(f"{ckpt_path} was trained on classes {checkpoint['class_ids']}, "
-                            f"the tail data {data} has {tail.ids}")
-        if (position := renamed_class(checkpoint.get("class_names"), tail.names, tail.ids)) is not None:
-            raise UserError(f"{ckpt_path} was trained with tail class {tail.ids[position]} named "
-                            f"'{checkpoint['class_names'][position]}', the tail data {data} names it "
-                            f"'{tail.names[position]}' (another dataset?)")
+        check_recorded_classes(ckpt_path, checkpoint, config["num_classes"], tail.ids,
+                               [c["train_count"] for c in tail.classes], f"the tail data {data}", tail.names,
+                               official=checkpoint.get("official"))
         g_ema = Generator(**config)
         load_weights(g_ema, checkpoint["g_ema"], ckpt_path)
         teacher_model = load_teacher(teacher, tail)

@@ -12,18 +12,16 @@ from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator
 from CDTG.tail_data import check_prompts_name_classes, load_tail_classes, load_teacher, tail_image_dataset
 from CDTG.trainer import SAMPLES_PER_CLASS, CdtgTrainer, accumulate
 from tgn.checkpoint import check_fits, weights_fingerprint
-from tgn.class_names import renamed_class
 from tgn import distributed as dist
 from tgn.compat import check_compile
 from tgn.data import check_outside_dataset
 from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process, speaks
-from tgn.handoff import TAIL_MANIFEST
 from tgn.io import remove_temp_files
 from tgn.resume import check_resume, last_state, uses_clip_loss
 from tgn.run_folder import check_own_run_folder, save_options
 from tgn.runlock import refuse_folder_in_use
-from tgn.split import check_official_order
+from tgn.split import check_recorded_classes
 
 
 def gan_config(args):
@@ -57,16 +55,10 @@ def starting_weights(path, tail, generator, discriminator, g_ema):
     if state.get("generation_only") or "g" not in state or "d" not in state:
         raise UserError(f"--init {path} keeps only what generation reads, not G and D (an older checkpoint, cut by "
                         "--keep-full): pass one of the run's newest checkpoints")
-    if state.get("official"):  # it records no classes: its labels follow the training counts
-        check_official_order(path, tail.folder / TAIL_MANIFEST, tail.ids, [cls["train_count"] for cls in tail.classes],
-                             tail.names)
-    elif state.get("class_ids") != tail.ids:
-        raise UserError(f"--init {path} was trained on the tail classes {state.get('class_ids')}, --data has "
-                        f"{tail.ids}: its labels would draw other classes")
-    elif (position := renamed_class(state.get("class_names"), tail.names, tail.ids)) is not None:
-        raise UserError(f"--init {path} was trained with tail class {tail.ids[position]} named "
-                        f"'{state['class_names'][position]}', --data names it '{tail.names[position]}': its labels "
-                        "would draw other classes")
+    # Its labels would draw other classes. An official file records none: they follow the training counts.
+    check_recorded_classes(f"--init {path}", state, state["generator_config"]["num_classes"], tail.ids,
+                           [cls["train_count"] for cls in tail.classes], f"--data {tail.folder}", tail.names,
+                           official=state.get("official"))
     check_same_models(path, state, generator, discriminator, FUNCTION_SETTINGS)
     try:
         for module, key in ((generator, "g"), (discriminator, "d"), (g_ema, "g_ema")):

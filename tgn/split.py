@@ -77,13 +77,21 @@ def check_official_order(source, listing, ids, counts, names):
 
 
 def check_model_classes(source, checkpoint, num_classes, ids, counts, listing, names):
-    """A ResNet's outputs against the classes `listing` holds (`ids`, their training `counts`
-    and `names`, in output order): their number always; an official bare state dict, which
-    records no classes, by the training-count order; ours by the class ids and names they
-    record (another dataset of as many images per class names them otherwise)."""
+    """A ResNet's outputs against the classes `listing` holds (check_recorded_classes); an
+    official file is a bare state dict."""
+    check_recorded_classes(source, checkpoint, num_classes, ids, counts, listing, names,
+                           official="state_dict" not in checkpoint)
+
+
+def check_recorded_classes(source, checkpoint, num_classes, ids, counts, listing, names, *, official):
+    """A model's outputs (a ResNet's classes, a generator's labels) against the classes
+    `listing` holds (`ids`, their training `counts` and `names`, in output order): their
+    number always; an official file, which records no classes, by the training-count order;
+    ours by the class ids and names they record (another dataset of as many images per class
+    names them otherwise)."""
     if num_classes != len(ids):
         raise UserError(f"{source} has {num_classes} classes, {listing} has {len(ids)}")
-    if "state_dict" not in checkpoint:
+    if official:
         check_official_order(source, listing, ids, counts, names)
     elif checkpoint.get("class_ids") is not None and list(checkpoint["class_ids"]) != list(ids):
         raise UserError(f"{source} was trained on classes {checkpoint['class_ids']}, {listing} has {list(ids)} "
