@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import random
 import re
 import shutil
 import warnings
@@ -1436,3 +1437,113 @@ def test_the_newest_checkpoint_is_the_highest_step_past_a_power_of_ten(tmp_path)
         (tmp_path / f"{step}.pt").write_bytes(b"")
     (tmp_path / "notes.pt").write_bytes(b"")  # not a numbered checkpoint
     assert checkpoint_steps(tmp_path) == [9, 10, 100, 1000]
+
+
+# --- the wiring: flags reach the code, orders match, intervals, starting copies ---------------------
+
+def trainer_as_train_py_builds_it(cdtg_inputs, monkeypatch, *extra):
+    """CDTG/train.py up to the training loop: the CdtgTrainer it built (fit does nothing)."""
+    import CDTG.training as training
+
+    built = {}
+
+    def no_fit(trainer, dataset, samples):
+        built["trainer"] = trainer
+        return 0
+
+    monkeypatch.setattr(training.CdtgTrainer, "fit", no_fit)
+    train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1", *extra))
+    return built["trainer"]
+
+
+def test_r1_and_the_path_length_run_at_their_own_intervals(tmp_path, monkeypatch):
+    """R1 every d_reg_every steps, the path length every g_reg_every: step 0, which every
+    interval regularises, cannot tell them apart."""
+    trainer = make_trainer(tmp_path, lambda_cls=0.0, lambda_clip=0.0, d_reg_every=3, g_reg_every=2)
+    calls = {"r1": [], "path": []}
+    r1, path = trainer_module.d_r1_loss, trainer_module.g_path_regularize
+    monkeypatch.setattr(trainer_module, "d_r1_loss", lambda *a, **k: calls["r1"].append(trainer.step) or r1(*a, **k))
+    monkeypatch.setattr(trainer_module, "g_path_regularize",
+                        lambda *a, **k: calls["path"].append(trainer.step) or path(*a, **k))
+    real = real_batch()
+    for step in range(7):
+        trainer.noise.reseed(0, step)
+        trainer.train_step(real, LABELS)
+        trainer.step += 1
+    assert calls == {"r1": [0, 3, 6], "path": [0, 2, 4, 6]}
+
+
+def test_style_mixing_happens_with_the_mixing_probability():
+    """A step mixes two latents with probability `mixing` (0.9), not 1 - mixing."""
+    noise = StepNoise(torch.device("cpu"), 4, 0.9, [(1, 1, 4, 4)], 6)
+    random.seed(0)
+    mixed = [len(noise.latents(1)[0]) == 2 for _ in range(2000)]
+    assert 0.87 < sum(mixed) / len(mixed) < 0.93
+    noise.mixing = 0.0
+    assert not any(len(noise.latents(1)[0]) == 2 for _ in range(100))
+
+
+def test_g_ema_starts_as_a_copy_of_g(cdtg_inputs, monkeypatch):
+    """train.py starts g_ema as a copy of G, not as another random draw (make_trainer copies
+    it itself)."""
+    trainer = trainer_as_train_py_builds_it(cdtg_inputs, monkeypatch, "--clip", "none")
+    ema = dict(trainer.g_ema.named_parameters())
+    for name, parameter in trainer.g.named_parameters():
+        assert torch.equal(ema[name], parameter), name
+
+
+def test_the_clip_text_rows_follow_the_generator_labels(cdtg_inputs, monkeypatch):
+    """Row k of CLIP's text features is label k's prompt: the toy prompts (airport, dam, golf
+    field) are in alphabetical order already, so prompts sorted on the way would pass."""
+    from CDTG.clip_loss import tokenize_prompts
+
+    manifest = cdtg_inputs / "cdtg_data" / "tail_classes.json"
+    data = json.loads(manifest.read_text())
+    written = {2: "A photo of a zebra crossing", 3: "A photo of a dam", 4: "A photo of an apple orchard"}
+    for cls in data["classes"]:
+        cls["prompt"] = written[cls["id"]]
+    manifest.write_text(json.dumps(data))
+    loss = trainer_as_train_py_builds_it(cdtg_inputs, monkeypatch).clip_loss
+    in_label_order = [cls["prompt"] for cls in sorted(data["classes"], key=lambda c: c["label"])]
+    assert in_label_order != sorted(in_label_order)
+    with torch.no_grad():
+        expected = F.normalize(loss.clip.encode_text(tokenize_prompts(in_label_order)).float(), dim=-1)
+    torch.testing.assert_close(loss.text_features, expected)
+
+
+def test_truncated_images_use_their_own_class_centre(cdtg_inputs):
+    """With truncation 0 an image is its own class's centre rendered (not another label's)."""
+
+    tail = load_tail_classes(cdtg_inputs / "cdtg_data")
+    torch.manual_seed(0)
+    generator = Generator(32, 16, 2, num_classes=3, channel_max=16)
+    teacher = load_teacher(cdtg_inputs / "M_T.pth", tail)
+    channels, height, width = teacher.feature_shape(32)
+    synth = TailSynthesizer(generator, NoiseFusion(channels * height * width, 16, lr_mul=0.01), teacher, tail,
+                            torch.device("cpu"))
+    for class_id in (3, 4):  # labels 1 and 2
+        label = tail.label_of()[class_id]
+        inputs = synth.batch_inputs(class_id, [0], seed=0)
+        got = synth.render(class_id, inputs, ratio=0.05, truncation=0.0, batch_size=1)
+        centre = synth.mean_latent(label, 0.05)
+        expected = synth.synthesize(centre, torch.tensor([label]), synth.noise_maps(inputs[2]), 1.0, None)
+        assert torch.equal(got, expected.permute(0, 2, 3, 1)), class_id
+
+
+def test_generation_flags_r_and_truncation_reach_the_renderer(cdtg_inputs, tmp_path, monkeypatch):
+    """generation.py's --r and --truncation reach the renderer as given (the other tests
+    give the ratio by hand, or read the flags only as generation.json records them)."""
+
+    train_main(tiny_train_args(cdtg_inputs, cdtg_inputs / "run", "--iter", "1", "--clip", "none"))
+    seen = []
+    render = TailSynthesizer.render
+
+    def spy(self, class_id, inputs, *, ratio, truncation=1.0, batch_size=64):
+        seen.append((ratio, truncation))
+        return render(self, class_id, inputs, ratio=ratio, truncation=truncation, batch_size=batch_size)
+
+    monkeypatch.setattr(TailSynthesizer, "render", spy)
+    generation_main(["--ckpt", str(cdtg_inputs / "run" / "checkpoint" / "1.pt"), "--out", str(tmp_path / "gen"),
+                     "--per-class", "1", "--batch", "1", "--r", "0.3", "--truncation", "0.7", "--device", "cpu",
+                     "--workers", "1"])
+    assert len(seen) == 3 and set(seen) == {(0.3, 0.7)}

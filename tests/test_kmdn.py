@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import exit_message, script_accuracies
 from KMDN.dataset_split import main as split_main
@@ -374,3 +375,44 @@ def test_distill_refuses_a_checkpoint_of_other_classes_of_the_group(split_dir, t
                                               "--workers", "0"])
     assert "was trained with class 0 named 'dam', the split's head group names it" in err
     assert not (out / "distill").exists()
+
+
+def test_the_distillation_loss_compares_with_the_teachers_features_of_the_same_batch():
+    """The teacher's features come from the student's own batch (not flipped, not another)."""
+    torch.manual_seed(0)
+    teacher = FeatureResNet("resnet18", num_classes=2, width=4)
+    student = FeatureResNet("resnet18", num_classes=3, width=4)
+    reference = FeatureResNet("resnet18", num_classes=3, width=4)
+    reference.load_state_dict(student.state_dict())
+    freeze(teacher)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 0])
+    loss, _ = make_distill_loss_fn(teacher, 0.2)(student, images, labels)
+    logits, feature = reference(images)  # train mode, as the student
+    with torch.no_grad():
+        _, teacher_feature = teacher(images)
+    expected = F.cross_entropy(logits, labels) + 0.2 * F.mse_loss(feature, teacher_feature)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_distill_and_gan_defaults_are_the_official_ones():
+    """The paper's Distill and CDTG defaults, which no run in the suite uses as they are."""
+    from CDTG.config import GanConfig
+    from KMDN.Distill import build_parser as distill_parser
+
+    args = distill_parser().parse_args([])
+    assert (args.alpha, args.distill_interval, args.epochs, args.batch_size) == (0.2, 50, 100, 64)
+    assert args.milestones == [30, 60, 90, 120, 150, 180] and args.lr == 1e-3 and args.weight_decay == 1e-4
+    cfg = GanConfig()
+    assert (cfg.iterations, cfg.batch, cfg.lr, cfg.r1, cfg.path_regularize, cfg.path_batch_shrink) == \
+        (200_000, 8, 0.002, 10.0, 2.0, 2)
+    assert (cfg.d_reg_every, cfg.g_reg_every, cfg.mixing, cfg.fusion_noise, cfg.ada_target) == (16, 4, 0.9, 0.8, 0.6)
+
+
+def test_the_optimizer_gets_the_weight_decay():
+    """Adam gets --weight-decay (without it, only a loss threshold of a training test would notice)."""
+    from tgn.engine import TrainConfig
+    from tgn.optim import make_optimizer
+
+    cfg = TrainConfig(epochs=1, batch_size=2, lr=1e-3, weight_decay=1e-4, milestones=[])
+    (group,) = make_optimizer(torch.nn.Linear(2, 2), cfg).param_groups
+    assert group["lr"] == 1e-3 and group["weight_decay"] == 1e-4

@@ -1,6 +1,7 @@
 """Head/tail split: counts, ranking, ties, threshold edges, nothing copied."""
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -263,3 +264,19 @@ def test_a_class_named_by_its_id_matches_any_name():
     assert renamed_class(["airport", "3"], ["airport", "bridge"], [2, 3]) is None
     assert renamed_class(["airport", "dam"], ["Airport", "bridge"], [2, 3]) == 1
     assert renamed_class(None, ["airport"], [2]) is None
+
+
+def test_group_samples_are_labelled_by_the_groups_ranking(tmp_path):
+    """A group's labels follow its ranking, as the models record their classes (class_ids
+    [2, 4, 0]) and official weights are read: labels by ascending id would train each output
+    on another class, unseen by a dataset ranked in id order."""
+    data = write_dataset(tmp_path / "data", {0: 3, 1: 9, 2: 5, 3: 12, 4: 4}, size=8)
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    split = load_split(tmp_path / "split")
+    assert split.head == [3, 1] and split.tail == [2, 4, 0]  # not ascending: the point of the test
+    for group in ("head", "tail"):
+        samples = split.samples(group, "train")
+        assert samples
+        for path, label in samples:
+            class_id = int(Path(path).parent.name)  # DATA/train/<class_id>/<file>
+            assert label == split.ids(group).index(class_id), (group, path)
