@@ -433,6 +433,28 @@ def test_each_fake_fuses_the_features_of_its_own_real_image(tmp_path, monkeypatc
         assert (a[2] - b[2]).abs().max() > 1e-3
 
 
+def test_the_sample_grid_is_written_as_save_image_wrote_it_by_a_thread_of_its_own(tmp_path, monkeypatch):
+    """The grid's PNG is encoded while training goes on, and is the file save_image wrote."""
+    import threading
+
+    from torchvision.utils import save_image
+
+    trainer = make_trainer(tmp_path, lambda_clip=0.0)
+    rendered, writers = [], []
+    forward = trainer.g_ema.forward
+    monkeypatch.setattr(trainer.g_ema, "forward", lambda *a, **k: rendered.append(forward(*a, **k)) or rendered[-1])
+    save = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: writers.append(threading.current_thread()) or save(*a, **k))
+    labels = torch.tensor([0, 1, 2, 0])
+    trainer.write_samples(torch.randn(4, 16), labels, colour_batch(labels, torch.Generator().manual_seed(0)))
+    trainer.finish_samples()
+    assert writers and threading.current_thread() not in writers
+    save_image(rendered[0][0], tmp_path / "expected.png", nrow=trainer_module.SAMPLES_PER_CLASS, normalize=True,
+               value_range=(-1, 1))
+    with Image.open(tmp_path / "sample" / "000000.png") as written, Image.open(tmp_path / "expected.png") as expected:
+        assert written.size == expected.size and np.array_equal(np.asarray(written), np.asarray(expected))
+
+
 def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     straight, interrupted = cdtg_inputs / "straight", cdtg_inputs / "interrupted"
     options = ("--augment", "--augment-p", "0.5", "--flip")
