@@ -153,10 +153,15 @@ def load_groups(groups, size, batch_size, workers, generated_from):
                                          worker_init_fn=leave_signals_to_the_trainer)
     with tqdm(loader, total=len(batches), dynamic_ncols=True, leave=False) as progress:
         batch_iterator = iter(progress)
-        for (description, _), count in zip(groups, counts):
+        for (description, paths), count in zip(groups, counts):
             progress.set_description(description)
-            images = [next(batch_iterator)[0] for _ in range(count)]
-            yield torch.cat(images) if images else torch.zeros(0, 3, size, size, dtype=torch.uint8)
+            # Filled in place: a list of batches and its concatenation held each group twice over.
+            images, filled = torch.empty((len(paths), 3, size, size), dtype=torch.uint8), 0
+            for _ in range(count):
+                batch = next(batch_iterator)[0]
+                images[filled:filled + len(batch)] = batch
+                filled += len(batch)
+            yield images
 
 
 @dataclass

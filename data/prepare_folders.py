@@ -168,12 +168,16 @@ def warn_test_copies(train, test, remove_from):
 
     copies = []
     for folder, test_paths in test.items():
-        train_by_size = {}
+        train_by_size, digests_of_size = {}, {}
         for path in train.get(folder, []):
             train_by_size.setdefault(path.stat().st_size, []).append(path)
         for path in test_paths:
-            same_size = train_by_size.get(path.stat().st_size, [])
-            if same_size and digest(path) in {digest(other) for other in same_size}:
+            size = path.stat().st_size
+            if size not in train_by_size:
+                continue
+            if size not in digests_of_size:  # once per size: files of one size (BMPs, TIFFs) may be all of them
+                digests_of_size[size] = {digest(other) for other in train_by_size[size]}
+            if digest(path) in digests_of_size[size]:
                 copies.append((folder, path.name))
     if copies:
         warnings.warn(f"{len(copies)} test images are copies of a training image of their class (the same bytes), "

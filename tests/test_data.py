@@ -250,3 +250,17 @@ def test_a_class_list_saved_with_a_byte_order_mark_is_read(tmp_path):
     text = (data / "classes.json").read_text(encoding="utf-8")
     (data / "classes.json").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode("utf-8"))
     assert open_dataset(data).class_names == {0: "ship", 1: "storage tank"}
+
+
+def test_the_decode_check_finds_every_unreadable_image_across_its_chunks(tmp_path, monkeypatch):
+    import tgn.data
+
+    paths = []
+    for index in range(7):
+        path = tmp_path / f"{index}.png"
+        Image.new("RGB", (8, 8), (index * 30, 0, 0)).save(path)
+        paths.append(str(path))
+    for index in (1, 4, 6):  # in three chunks of two
+        (tmp_path / f"{index}.png").write_bytes((tmp_path / f"{index}.png").read_bytes()[:20])
+    monkeypatch.setattr(tgn.data, "CHECK_CHUNK", 2)
+    assert tgn.data.find_unreadable([(path, 0) for path in paths], workers=2) == [paths[1], paths[4], paths[6]]
