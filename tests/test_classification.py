@@ -121,6 +121,13 @@ def test_extra_folders_merge_without_duplicates(toy_data, tmp_path):
     assert len(paths) == len(set(paths)) == 37 + 11
     extra = [(Path(path), label) for path, label in images.samples if str(generated) in path]
     assert all(path.parent.name == str(label) for path, label in extra)
+    # Reached through a link to the folder, or a file that links to a training image: the same files.
+    (tmp_path / "linked").symlink_to(generated)
+    assert training_images(open_dataset(toy_data), [generated, tmp_path / "linked"]).duplicates == 11
+    image = sorted((generated / "3").iterdir())[0]
+    image.unlink()
+    image.symlink_to(sorted((toy_data / "train" / "3").iterdir())[0])
+    assert training_images(open_dataset(toy_data), [generated]).duplicates == 1
 
 
 def test_output_index_is_the_rank_of_the_class_id(tmp_path):
