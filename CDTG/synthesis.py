@@ -24,6 +24,7 @@ import math
 import os
 from pathlib import Path, PurePath
 
+import numpy as np
 import torch
 
 from CDTG.checkpoint import load_cdtg_checkpoint
@@ -120,7 +121,7 @@ class TailSynthesizer:
         in chunks of FEATURE_BATCH whatever --batch is: a feature's last bits depend on its
         chunk, and the images on the features."""
         if label not in self._projected:
-            indices = [i for i, (_, lab) in enumerate(self.dataset.samples) if lab == label]
+            indices = np.flatnonzero(self.dataset.labels == label).tolist()
             chunks = []
             for start in range(0, len(indices), FEATURE_BATCH):
                 images = torch.stack([self.dataset[i][0] for i in indices[start:start + FEATURE_BATCH]])

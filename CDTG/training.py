@@ -2,6 +2,7 @@
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from CDTG.checkpoint import checkpoint_steps, is_official, load_cdtg_checkpoint, official_not_resumable
@@ -41,7 +42,7 @@ def sample_set(dataset, num_classes, latent_dim, device):
     classes = list(range(min(num_classes, 8)))
     labels = torch.tensor([c for c in classes for _ in range(SAMPLES_PER_CLASS)])
     first_of_class = {}
-    for index, (_, label) in enumerate(dataset.samples):
+    for index, label in enumerate(dataset.targets()):
         first_of_class.setdefault(label, index)
     real = torch.stack([dataset[first_of_class[int(c)]][0] for c in labels])
     z = torch.randn(len(labels), latent_dim, generator=torch.Generator().manual_seed(0))
@@ -192,7 +193,7 @@ def train_cdtg(args):
         "class_ids": tail.ids,
         "class_names": tail.names,
         "prompts": tail.prompts,
-        "train_counts": [sum(1 for _, label in dataset.samples if label == index) for index in range(num_classes)],
+        "train_counts": np.bincount(dataset.labels, minlength=num_classes).tolist(),
         "teacher": str(args.teacher.resolve()),
         "teacher_fingerprint": weights_fingerprint(teacher),
         "data": str(Path(args.data).resolve()),

@@ -35,7 +35,8 @@ def build_parser():
                       image_size_help="images are resized to this square size (default: the size M_H and M_T were "
                                       f"trained at; {OFFICIAL_IMAGE_SIZE} for official files)")
     add_runtime_args(parser)
-    add_output_args(parser, "runs/kmdn", "folder of the KMDN runs: writes OUT/distill (M_H and M_T from OUT/head, OUT/tail)")
+    add_output_args(parser, "runs/kmdn",
+                    "folder of the KMDN runs: writes OUT/distill (M_H and M_T from OUT/head, OUT/tail)")
     return parser
 
 

@@ -444,7 +444,8 @@ def test_the_sample_grid_is_written_as_save_image_wrote_it_by_a_thread_of_its_ow
     forward = trainer.g_ema.forward
     monkeypatch.setattr(trainer.g_ema, "forward", lambda *a, **k: rendered.append(forward(*a, **k)) or rendered[-1])
     save = Image.Image.save
-    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: writers.append(threading.current_thread()) or save(*a, **k))
+    monkeypatch.setattr(Image.Image, "save",
+                        lambda *a, **k: writers.append(threading.current_thread()) or save(*a, **k))
     labels = torch.tensor([0, 1, 2, 0])
     trainer.write_samples(torch.randn(4, 16), labels, colour_batch(labels, torch.Generator().manual_seed(0)))
     trainer.finish_samples()
@@ -931,9 +932,10 @@ def test_generation_renders_each_class_with_its_label_and_its_own_real_images(cd
     fusion = NoiseFusion(channels * height * width, 16, lr_mul=0.01)
     synth = TailSynthesizer(g_ema, fusion, teacher, tail, torch.device("cpu"))
     ratio, indices = 0.05, [0, 1, 2, 3]
+    samples = synth.dataset.samples
     for label, class_id in enumerate(TAIL_IDS):
-        own = [i for i, (path, _) in enumerate(synth.dataset.samples) if Path(path).parent.name == str(class_id)]
-        assert {synth.dataset.samples[i][1] for i in own} == {label} and synth.num_real(class_id) == len(own)
+        own = [i for i, (path, _) in enumerate(samples) if Path(path).parent.name == str(class_id)]
+        assert {samples[i][1] for i in own} == {label} and synth.num_real(class_id) == len(own)
         with torch.no_grad():
             _, features = teacher(torch.stack([synth.dataset[i][0] for i in own]))
             z, real, noise = synth.batch_inputs(class_id, indices, seed=0)
@@ -1498,8 +1500,10 @@ def test_r1_and_the_path_length_run_at_their_own_intervals(tmp_path, monkeypatch
 def test_style_mixing_happens_with_the_mixing_probability():
     """A step mixes two latents with probability `mixing` (0.9), not 1 - mixing."""
     noise = StepNoise(torch.device("cpu"), 4, 0.9, [(1, 1, 4, 4)], 6)
+    state = random.getstate()
     random.seed(0)
     mixed = [len(noise.latents(1)[0]) == 2 for _ in range(2000)]
+    random.setstate(state)  # the draws StepNoise makes come from Python's shared generator
     assert 0.87 < sum(mixed) / len(mixed) < 0.93
     noise.mixing = 0.0
     assert not any(len(noise.latents(1)[0]) == 2 for _ in range(100))

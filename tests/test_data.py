@@ -1,6 +1,7 @@
 """Reading the dataset layout: spaces in names, bad lines, missing and broken images; the
 preprocessing."""
 import json
+import os
 import pickle
 
 import numpy as np
@@ -264,3 +265,21 @@ def test_the_decode_check_finds_every_unreadable_image_across_its_chunks(tmp_pat
         (tmp_path / f"{index}.png").write_bytes((tmp_path / f"{index}.png").read_bytes()[:20])
     monkeypatch.setattr(tgn.data, "CHECK_CHUNK", 2)
     assert tgn.data.find_unreadable([(path, 0) for path in paths], workers=2) == [paths[1], paths[4], paths[6]]
+
+
+def test_an_image_list_keeps_its_samples_in_arrays_and_reads_any_file_name(tmp_path):
+    """Arrays, which DataLoader workers read without copying them page by page (a list of
+    tuples is copied as its reference counts change); names of any system round trip."""
+    names = ["plain.png", "façade é.png", "ünïcode 雪.png"]
+    if os.name == "posix":  # a name that is not UTF-8 (an archive made on another system)
+        names.append(os.fsdecode(b"latin-1 caf\xe9.png"))
+    for index, name in enumerate(names):
+        Image.new("RGB", (6, 4), (index * 80, 0, 0)).save(tmp_path / name)
+    samples = [(str(tmp_path / name), index + 3) for index, name in enumerate(names)]
+    images = ImageList(samples, transforms.PILToTensor())
+    assert all(isinstance(array, np.ndarray) for array in (images.path_bytes, images.path_ends, images.labels))
+    assert images.samples == samples and images.targets() == list(range(3, 3 + len(names)))
+    assert [images[index][1].item() for index in range(len(names))] == images.targets()  # every name read
+    image, label = images[2]
+    assert label.item() == 5 and image[0, 0, 0].item() == 160
+    assert pickle.loads(pickle.dumps(images)).samples == samples  # as spawned workers receive it

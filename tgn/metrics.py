@@ -79,9 +79,9 @@ def summarize(cm, head=None, tail=None):
 
 
 def format_percent(value, places=2):
-    """'86.56' for 0.8656 ('87' with places=0), 'n/a' for NaN, infinities or None. Halves round up (29/32: 90.63), as a table
-    made by hand or in a spreadsheet from the CSV's fractions would, not to even as Python's
-    format does."""
+    """'86.56' for 0.8656 ('87' with places=0), 'n/a' for NaN, infinities or None. Halves
+    round up (29/32: 90.63), as a table made by hand or in a spreadsheet from the CSV's
+    fractions would, not to even as Python's format does."""
     return format_decimal(None if value is None else 100.0 * value, places)
 
 
