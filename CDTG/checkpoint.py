@@ -48,8 +48,8 @@ def is_official(path):
     try:
         with loading_classes([argparse.Namespace]):
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable, or an older file layout: the loader says why where it matters
-        return False
+    except Exception as exc:  # unreadable, or an older file layout: the loader says why where it matters
+        return "argparse.Namespace" in str(exc)  # torch before 2.4, which cannot be allowed the official options
     return isinstance(state, dict) and "g_ema" in state and state.get("format") != FORMAT
 
 

@@ -44,8 +44,13 @@ TOOL_FOLDERS = frozenset({".ipynb_checkpoints", ".git", ".thumbnails", ".Trash",
 
 
 def holds_images(entry):
-    """A folder with an image file directly inside (not a macOS '._' resource copy)."""
-    return entry.is_dir() and any(is_image_file(path) and not is_hidden(path) for path in entry.iterdir())
+    """A folder with an image file directly inside (not a macOS '._' resource copy); False
+    for one that cannot be listed (a volume's .Spotlight-V100 is the system's alone)."""
+    try:
+        return entry.is_dir() and any(path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path)
+                                      and path.is_file() for path in entry.iterdir())
+    except OSError:
+        return False
 
 
 def class_folders(subset_dir):

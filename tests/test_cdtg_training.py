@@ -1233,6 +1233,23 @@ def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(c
                 ) in capsys.readouterr().err
 
 
+def test_an_official_checkpoint_is_told_from_ours_on_every_torch(trained_ckpt, tmp_path, monkeypatch):
+    """torch before 2.4 cannot be allowed the official options (an argparse.Namespace): the
+    file is official all the same, not 'a run that has trained 200000 steps'."""
+    import contextlib
+
+    import CDTG.checkpoint as checkpoint_module
+
+    official = tmp_path / "200000.pt"
+    torch.save({"g_ema": {}, "args": argparse.Namespace(size=32, iter=200000)}, official)
+    for allowed in (True, False):
+        if not allowed:
+            monkeypatch.setattr(checkpoint_module, "loading_classes", lambda classes: contextlib.nullcontext())
+        if allowed and not can_load_classes():
+            continue
+        assert checkpoint_module.is_official(official) and not checkpoint_module.is_official(trained_ckpt)
+
+
 def test_init_refuses_what_it_cannot_start_from_before_writing(trained_ckpt, cdtg_inputs, tmp_path, capsys):
     from CDTG.checkpoint import cut_to_generation
 

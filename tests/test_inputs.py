@@ -292,6 +292,9 @@ def test_a_run_folder_given_for_a_checkpoint_names_the_file_to_pass(cdtg_inputs,
         load_checkpoint(root)
     assert str(raised.value).endswith(f"pass one of {root / 'distill' / 'M_H.pth'}, {root / 'distill' / 'M_T.pth'}, "
                                       f"{root / 'head' / 'best.pth'}")
+    (root / "head" / "best.pth").unlink()  # a run that had no test images writes last.pth alone
+    with pytest.raises(UserError, match=f"pass one of {root / 'head' / 'last.pth'}$"):
+        load_checkpoint(root / "head")
     run = tmp_path / "cdtg"
     cdtg_train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--clip", "none"))
     with pytest.raises(UserError, match=f"is a folder, not a file; pass {run / 'checkpoint' / '4.pt'}, its newest"):

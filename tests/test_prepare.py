@@ -747,9 +747,19 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
     assert re.search("ignored 1 files in class folders that are not images, e.g. .*readme.txt", printed)
 
 
-def test_a_hidden_folder_of_images_is_named_not_skipped_unsaid(class_folders, tmp_path):
-    """A class named '.net' is hidden as .DS_Store is: it is not read, but said so."""
+def test_a_hidden_folder_of_images_is_named_not_skipped_unsaid(class_folders, tmp_path, monkeypatch):
+    """A class named '.net' is hidden as .DS_Store is: it is not read, but said so. A hidden
+    folder that cannot be listed (a volume's .Spotlight-V100) is passed over."""
     paint_scene(class_folders / "train/.net/n.jpg", (8, 8), {})
+    (class_folders / "train/.Spotlight-V100").mkdir()
+    iterdir = Path.iterdir
+
+    def system_only(folder):
+        if folder.name == ".Spotlight-V100":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return iterdir(folder)
+
+    monkeypatch.setattr(Path, "iterdir", system_only)
     with pytest.warns(UserWarning, match=r"--train-dir: hidden folders .* 1 of them hold images, e.g. .*\.net"):
         prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-dir",
                               str(class_folders / "test"), "--out", str(tmp_path / "out")])

@@ -376,8 +376,15 @@ def test_a_folder_another_run_writes_to_is_refused_until_it_ends(cdtg_inputs, tm
         holder.wait()
     umodel_main([*common, "--overwrite"])  # free again once the other run has ended
     assert (head / ".lock").read_text().startswith(f"pid {os.getpid()} on ")
-    from tgn.runlock import running_run
+    from tgn.runlock import claim_folder, release_folders, running_run
     assert running_run(head) is None and running_run(tmp_path / "kmdn" / "distill") is None
+    # This process's own folder, under another spelling: probing it must not let go of its lock.
+    claim_folder(head)
+    (tmp_path / "alias").symlink_to(tmp_path / "kmdn")
+    try:
+        assert running_run(tmp_path / "alias" / "head") is None and hold_folder_fails(head)
+    finally:
+        release_folders()
 
 
 def test_a_lock_file_of_another_user_still_refuses_a_second_run(tmp_path, monkeypatch):

@@ -33,6 +33,7 @@ def checkpoints_hint(folder):
         return f"; pass {folder / 'best.pth'}"
     found = [path for path in sorted(folder.glob("*.pth")) if path.name != "last.pth"]  # resume state, not a model
     found = found or sorted([*folder.glob("*/best.pth"), *folder.glob("*/M_*.pth")])
+    found = found or [path for path in [folder / "last.pth"] if path.is_file()]  # a run with no test images
     return f"; pass one of {', '.join(map(str, found))}" if found else "; pass a .pth file"
 
 

@@ -93,7 +93,7 @@ def running_run(folder):
     """The running run (its process and host, or 'another run') that holds `folder`, else
     None: for a checkpoint read from a run folder, which may still change once read."""
     path = Path(os.path.abspath(Path(folder) / LOCK_NAME))
-    if fcntl is None or path in _held:  # closing another descriptor of a held lock file would drop its lock
+    if fcntl is None or holds(path):  # closing another descriptor of a held lock file would drop its lock
         return None
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -106,6 +106,20 @@ def running_run(folder):
         return (_holder(fd) or "another run") if exc.errno in (errno.EACCES, errno.EAGAIN) else None
     finally:
         os.close(fd)
+
+
+def holds(path):
+    """Whether this process holds the lock file `path`, under any spelling (a link, another
+    letter case): the same file as one of its held descriptors."""
+    try:
+        identity = os.stat(path)
+    except OSError:
+        return False
+    for fd, _ in _held.values():
+        held = os.fstat(fd)
+        if (held.st_dev, held.st_ino) == (identity.st_dev, identity.st_ino):
+            return True
+    return False
 
 
 def warn_if_still_written(path, what):
