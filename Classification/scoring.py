@@ -42,7 +42,7 @@ def score_checkpoint(args):
     check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)
     # Read first only when it names the dataset: else the cheaper checks of DATA and --out come first.
     loaded = load_classifier(args.ckpt) if args.data_root is None and args.split is None else None
-    info = open_dataset(dataset_root(args, loaded and loaded[1].get("options", {}).get("data_root")))
+    info = open_dataset(dataset_root(args, loaded and loaded[1].get("options", {}).get("data_root"), args.ckpt))
     check_outside_dataset(out_dir, info.root, "--out" if args.out else "the report folder (beside --ckpt; pass --out)")
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)

@@ -31,14 +31,15 @@ class Classes:
         return [self.ids.index(cid) for cid in class_ids]
 
 
-def dataset_root(args, trained_on=None):
-    """--data-root; without it the dataset --split was made on, else `trained_on` (test.py:
-    the one the checkpoint's run trained on). Sets args.data_root, which options.json records."""
+def dataset_root(args, trained_on=None, recorded_in=None):
+    """--data-root; without it the dataset --split was made on, else `trained_on`, as
+    `recorded_in` records it (test.py: the checkpoint; train.py --resume: the run's
+    options.json). Sets args.data_root, which options.json records."""
     if args.data_root is None and args.split is not None:
         args.data_root = load_split(args.split).data_root
     elif args.data_root is None and trained_on:
         if not Path(trained_on).is_dir():
-            raise UserError(f"the dataset {args.ckpt} was trained on, {trained_on}, is not found; pass --data-root")
+            raise UserError(f"the dataset {recorded_in} was trained on, {trained_on}, is not found; pass --data-root")
         args.data_root = Path(trained_on)
     elif args.data_root is None:
         raise UserError("which dataset? pass --data-root DATA (or --split, made on it)")

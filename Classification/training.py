@@ -1,5 +1,7 @@
 """A Classification/train.py run from its flags: real and generated training images, the
 classifier, its training and the report of its best epoch."""
+from pathlib import Path
+
 import torch
 
 from Classification.flags import default_report_folder
@@ -17,6 +19,7 @@ from tgn.cache import ResizeCache
 from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.images import ImageList, build_transform
+from tgn.io import read_json
 from tgn.metrics import format_percent
 from tgn.resume import check_resume, check_same_data, check_same_names, epochs_done, last_state
 from tgn.run_folder import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options
@@ -39,7 +42,12 @@ def train_classifier(args):
     """Classification/train.py: the inputs checked, the classifier trained, the report of its best epoch."""
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
-    info = open_dataset(dataset_root(args))
+    trained_on = None
+    if args.resume and args.data_root is None and args.split is None and (args.out / "options.json").is_file():
+        recorded = read_json(args.out / "options.json", "options")  # neither flag: the run's own dataset and split
+        trained_on = recorded.get("data_root")
+        args.split = Path(recorded["split"]) if recorded.get("split") and Path(recorded["split"]).is_dir() else None
+    info = open_dataset(dataset_root(args, trained_on, args.out))
     check_outside_dataset(args.out, info.root)
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)

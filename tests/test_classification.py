@@ -357,6 +357,10 @@ def test_the_dataset_defaults_to_the_splits_else_the_one_the_checkpoint_trained_
     train_main(["--split", str(tmp_path / "split"), "--epochs", "1", "--device", "cpu", *TINY,
                 "--out", str(tmp_path / "cls")])
     assert json.loads((tmp_path / "cls" / "options.json").read_text())["data_root"] == str(data)
+    # --resume without either: the dataset and split the run recorded.
+    resumed = train_main(["--resume", "--epochs", "2", "--device", "cpu", *TINY, "--out", str(tmp_path / "cls")])
+    assert len((tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert "split" in resumed["grouping"] and resumed["dataset"] == report["dataset"]
     capsys.readouterr()
     assert exit_message(capsys, train_main, ["--epochs", "1", "--out", str(tmp_path / "none")]) == (
         "error: which dataset? pass --data-root DATA (or --split, made on it)")
