@@ -82,7 +82,7 @@ class CdtgTrainer:
         # The fusion layer is the generator's first layer: it is averaged with the rest of G,
         # so that g_ema's mapping network meets the fusion it was averaged along with.
         self.fusion_ema = copy.deepcopy(fusion)
-        self.sample_writer, self.sample_write = ThreadPoolExecutor(max_workers=1), None  # write_samples
+        self.sample_writer, self.sample_write = None, None  # write_samples' thread, and its grid being written
         self.teacher, self.clip_loss, self.cfg, self.device = teacher, clip_loss, cfg, device
         self.out_dir = Path(out_dir)
         self.metadata = metadata
@@ -367,13 +367,18 @@ class CdtgTrainer:
         # The PNG is encoded while training goes on: at 256 px, 0.7 s every --sample-every steps
         # the GPU would wait (about 4% of the paper's run). One grid waits at most.
         self.finish_samples()
+        self.sample_writer = self.sample_writer or ThreadPoolExecutor(max_workers=1)
         self.sample_write = self.sample_writer.submit(lambda: Image.fromarray(pixels).save(path))
 
-    def finish_samples(self):
-        """Wait for the sample grid being written (its error, a full disk say, is raised here)."""
-        if self.sample_write is not None:
-            write, self.sample_write = self.sample_write, None
+    def finish_samples(self, close=False):
+        """Wait for the sample grid being written (its error, a full disk say, is raised
+        here); `close`: let its thread go too."""
+        write, self.sample_write = self.sample_write, None
+        if write is not None:
             write.result()
+        if close and self.sample_writer is not None:
+            self.sample_writer.shutdown()
+            self.sample_writer = None
 
     # ----- loop ----------------------------------------------------------------------------
     def fit(self, dataset, sample_set):
@@ -416,11 +421,11 @@ class CdtgTrainer:
                     if interrupted or self.step % cfg.save_every == 0:
                         self.save()
                 if interrupted:
-                    self.finish_samples()
+                    self.finish_samples(close=True)
                     dist.barrier()  # the checkpoint is whole before any process stops
                     stop_for(interrupted)
         if main and not (self.out_dir / "checkpoint" / f"{self.step}.pt").exists():
             self.save()
-        self.finish_samples()
+        self.finish_samples(close=True)
         dist.barrier()  # the last checkpoint is complete before any process reads it
         return self.step
