@@ -411,6 +411,8 @@ class CdtgTrainer:
                         progress.set_postfix({k: f"{v:.3f}" for k, v in losses.items()
                                               if k in ("d", "g_adv", "cls", "clip", "r1", "ada_p")})
                 if main:
+                    if self.sample_write is not None and self.sample_write.done():
+                        self.finish_samples()  # a failed write (a full disk) stops the run now, not a grid later
                     if log:
                         append_jsonl(self.out_dir / "metrics.jsonl",
                                      {"step": self.step, **losses, "seconds": round(self.seconds(), 2)})

@@ -456,6 +456,32 @@ def test_the_sample_grid_is_written_as_save_image_wrote_it_by_a_thread_of_its_ow
         assert written.size == expected.size and np.array_equal(np.asarray(written), np.asarray(expected))
 
 
+def test_a_sample_grid_that_cannot_be_written_stops_training_the_step_after(tmp_path, monkeypatch):
+    """A full disk under the sample folder stops the run at once, not a --sample-every later."""
+    import concurrent.futures
+    import errno
+
+    trainer = make_trainer(tmp_path, lambda_clip=0.0, iterations=6, sample_every=2, save_every=100, log_every=100)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    train_step = trainer.train_step
+
+    def step_after_the_write(*args):
+        if trainer.sample_write is not None:  # the thread has failed before the next step ends
+            concurrent.futures.wait([trainer.sample_write])
+        return train_step(*args)
+
+    monkeypatch.setattr(trainer, "train_step", step_after_the_write)
+    labels = torch.tensor([0, 1, 2, 0])
+    images = colour_batch(labels, torch.Generator().manual_seed(0))
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(torch.utils.data.TensorDataset(images, labels), (torch.randn(4, 16), labels, images))
+    assert trainer.step == 3  # the grid of step 2 failed
+
+
 def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     straight, interrupted = cdtg_inputs / "straight", cdtg_inputs / "interrupted"
     options = ("--augment", "--augment-p", "0.5", "--flip")
