@@ -97,13 +97,20 @@ def save_cdtg_checkpoint(path, payload):
 TRAINING_ONLY = ("g", "d", "fusion", "g_optim", "d_optim", "ada", "mean_path_length")
 
 
-def cut_to_generation(folder, keep):
+def cut_to_generation(folder, keep, settled=None):
     """Keep the newest `keep` numbered checkpoints in `folder` whole (--resume reads the
     newest); cut the older ones of ours to what generation and evaluation read. Returns
     the paths cut. A file that cannot be read or replaced (another format, or on Windows
-    open in another program) is left whole with a warning: training goes on."""
-    cut = []
+    open in another program) is left whole with a warning: training goes on.
+
+    `settled`, a set kept over a run's saves, collects the steps dealt with (cut, left
+    whole, not ours): later calls pass over them instead of reading every older file
+    again and repeating a warning at every save."""
+    cut, settled = [], set() if settled is None else settled
     for step in checkpoint_steps(folder)[:-keep]:
+        if step in settled:
+            continue
+        settled.add(step)
         path = Path(folder) / f"{step}.pt"
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # reads no weights yet

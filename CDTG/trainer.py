@@ -86,6 +86,7 @@ class CdtgTrainer:
         self.teacher, self.clip_loss, self.cfg, self.device = teacher, clip_loss, cfg, device
         self.out_dir = Path(out_dir)
         self.metadata = metadata
+        self.settled_checkpoints = set()  # older checkpoints --keep-full has dealt with (cut_to_generation)
         for module in (self.g, self.d, self.g_ema, self.fusion, self.fusion_ema, self.teacher):
             module.to(device)
         # The teacher is frozen: eval mode (BatchNorm statistics never see fakes), no
@@ -154,7 +155,7 @@ class CdtgTrainer:
         path = self.out_dir / "checkpoint" / f"{self.step}.pt"
         save_cdtg_checkpoint(path, self.state())
         if self.cfg.keep_full:
-            cut = cut_to_generation(path.parent, self.cfg.keep_full)
+            cut = cut_to_generation(path.parent, self.cfg.keep_full, self.settled_checkpoints)
             if len(cut) > 1:  # a run of an earlier version, or one resumed with a smaller --keep-full: say so once
                 print(f"cut {len(cut)} older checkpoints to what generation reads (--keep-full {self.cfg.keep_full}); "
                       "only the newest can be resumed from")

@@ -1132,10 +1132,15 @@ def test_older_checkpoints_are_cut_to_what_generation_reads(cdtg_inputs, tmp_pat
     assert "keeps only what generation reads (an older checkpoint, cut by --keep-full)" in capsys.readouterr().err
 
 
-def test_checkpoints_of_earlier_versions_keep_their_fusion_layer_when_cut(cdtg_inputs, tmp_path, capsys):
+def test_checkpoints_of_earlier_versions_keep_their_fusion_layer_when_cut(cdtg_inputs, tmp_path, capsys,
+                                                                         monkeypatch):
     """Runs of earlier versions saved the fusion layer without an average: a cut keeps it, as
     generation reads it; a checkpoint with no fusion weights at all is refused, not given the
-    official stand-in. A file the cut cannot read is left whole, and training goes on."""
+    official stand-in. A file the cut cannot read is left whole, and training goes on; a
+    run's later saves read neither again."""
+    import CDTG.checkpoint as checkpoint_module
+
+    torch_load = torch.load
     run = cdtg_inputs / "legacy-run"
     train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--clip", "none", "--keep-full", "0"))
     legacy = load_cdtg_checkpoint(run / "checkpoint" / "2.pt")
@@ -1144,9 +1149,14 @@ def test_checkpoints_of_earlier_versions_keep_their_fusion_layer_when_cut(cdtg_i
     generate = ["--per-class", "2", "--device", "cpu", "--workers", "1"]
     generation_main(["--ckpt", str(run / "checkpoint" / "2.pt"), "--out", str(tmp_path / "whole"), *generate])
     torch.save({"args": argparse.Namespace(iter=1)}, run / "checkpoint" / "1.pt")  # not one the cut can read
-    with pytest.warns(UserWarning, match="left .*1.pt whole"):
+    reads = []
+    monkeypatch.setattr(checkpoint_module.torch, "load", lambda path, *a, **k: reads.append(Path(path).name) or
+                        torch_load(path, *a, **k))
+    with pytest.warns(UserWarning, match="left .*1.pt whole") as warned:
         train_main(tiny_train_args(cdtg_inputs, run, "--iter", "6", "--clip", "none", "--keep-full", "1",
                                    "--resume"))
+    assert sum("1.pt whole" in str(w.message) for w in warned) == 1  # at the first save, not at each
+    assert reads.count("1.pt") == 1 and reads.count("4.pt") == 1  # older files read once in the run
     cut = load_cdtg_checkpoint(run / "checkpoint" / "2.pt")
     assert cut["generation_only"] and "fusion" not in cut and cut["fusion_ema"].keys() == legacy["fusion"].keys()
     generation_main(["--ckpt", str(run / "checkpoint" / "2.pt"), "--out", str(tmp_path / "cut"), *generate])
