@@ -217,11 +217,12 @@ def _nan_to_none(value):
     return None if value is None or math.isnan(value) else value
 
 
-def class_row(cid, name, real, generated):
+def class_row(cid, name, real, generated, device=None):
+    """A table row of one class; KID computed on `device` where it is a GPU."""
     return {
         "id": cid, "name": name, "real_images": real.count, "generated_images": generated.count,
         "fid": None if real.features is None else _nan_to_none(fid(real.features, generated.features)),
-        "kid": None if real.features is None else _nan_to_none(kid(real.features, generated.features)),
+        "kid": None if real.features is None else _nan_to_none(kid(real.features, generated.features, device=device)),
         "lpips_generated": _nan_to_none(generated.lpips), "lpips_real": _nan_to_none(real.lpips),
         "clip_accuracy_generated": _accuracy(generated.clip_correct, generated.count),
         "clip_accuracy_real": _accuracy(real.clip_correct, real.count),
@@ -247,7 +248,7 @@ def pooled(sets, class_ids, feature_rows=None, lpips_ids=None):
     return scores
 
 
-def overall_row(real, generated, seed=0):
+def overall_row(real, generated, seed=0, device=None):
     """FID and KID of the pooled sets, LPIPS averaged over classes (diversity within a class),
     accuracies over all images; only the classes both sets hold count. For FID and KID each
     class gives both sets the same number of images (the smaller count, a seeded subset):
@@ -262,7 +263,7 @@ def overall_row(real, generated, seed=0):
     # Diversity of both sides over the same classes: a class of one generated image has none.
     both = [cid for cid in present if not (math.isnan(real[cid].lpips) or math.isnan(generated[cid].lpips))]
     row = class_row("all", "all tail classes", pooled(real, present, rows["real"], both),
-                    pooled(generated, present, rows["generated"], both))
+                    pooled(generated, present, rows["generated"], both), device)
     row["fid_images"] = sum(len(indices) for indices in rows["real"].values())
     return row
 
@@ -295,9 +296,10 @@ def evaluate_folders(folders, generated, tail, evaluator, *, max_per_class, size
     for folder, folder_label in zip(folders, labels):
         sets = {cid: evaluator.score(next(loaded), label, [seed, cid]) for label, cid in enumerate(tail.ids)}
         sheets[folder_label] = {cid: scores.sheet for cid, scores in sets.items()}
-        rows = [class_row(cid, name, real_sets[cid], sets[cid]) for cid, name in zip(tail.ids, tail.names)]
+        rows = [class_row(cid, name, real_sets[cid], sets[cid], evaluator.device)
+                for cid, name in zip(tail.ids, tail.names)]
         results.append({"label": folder_label, "path": str(folder), "generation": read_generation_settings(folder),
-                        "overall": overall_row(real_sets, sets, seed), "classes": rows})
+                        "overall": overall_row(real_sets, sets, seed, evaluator.device), "classes": rows})
     return results, sheets
 
 

@@ -74,30 +74,41 @@ def fid(features_a, features_b):
     return frechet_distance(*stats[0], *stats[1])
 
 
-def _polynomial_kernel_sum(x, y, block):
-    """The sum of (x_i . y_j / d + 1)^3 over all pairs, a block of rows at a time (bounded memory)."""
-    dimension = x.shape[1]
-    return sum(float((((x[start:start + block] @ y.T) / dimension + 1) ** 3).sum())
-               for start in range(0, len(x), block))
+def _polynomial_kernel_sum(x, y, block, within=False):
+    """The sum of (x_i . y_j / d + 1)^3 over all pairs, a block of rows at a time (bounded
+    memory). `within` (y is x): each block of rows meets only the columns from its own on,
+    the pairs right of the diagonal counting twice, so half the products are computed."""
+    dimension, total = x.shape[1], 0.0
+    for start in range(0, len(x), block):
+        rows = x[start:start + block]
+        kernel = (rows @ (y[start:] if within else y).T).div_(dimension).add_(1).pow_(3)
+        if within:  # the block on the diagonal is symmetric: counted once; the rest twice
+            total += 2 * float(kernel.sum()) - float(kernel[:, :len(rows)].sum())
+        else:
+            total += float(kernel.sum())
+    return total
 
 
-def kid(features_a, features_b, block=1024):
+def kid(features_a, features_b, block=1024, device=None):
     """Kernel Inception Distance (Binkowski et al., 2018): the unbiased estimate of the
     squared MMD between two feature sets [N, D] with the kernel k(x, y) = (x . y / D + 1)^3.
 
     Unlike FID it has no bias from the image count, so small tail classes and sets of
     different sizes compare; it can be slightly negative. Every pair is used (no random
     subsets), so it is deterministic. NaN when either set has fewer than 2 rows.
+    In float64, on `device` where it is a GPU: all pairs of 10,000 features of 2,048 take
+    half a minute on a CPU, a fraction of a second on a GPU.
     """
-    x, y = (np.asarray(f, np.float64) for f in (features_a, features_b))
+    device = torch.device(device) if device is not None and torch.device(device).type == "cuda" else None
+    x, y = (torch.as_tensor(np.asarray(f, np.float64), device=device) for f in (features_a, features_b))
     m, n = len(x), len(y)
     if m < 2 or n < 2:
         return math.nan
     dimension = x.shape[1]
 
     def within(z):  # the sum over pairs i != j
-        diagonal = ((np.einsum("ij,ij->i", z, z) / dimension + 1) ** 3).sum()
-        return _polynomial_kernel_sum(z, z, block) - diagonal
+        diagonal = float(((z * z).sum(1) / dimension + 1).pow(3).sum())
+        return _polynomial_kernel_sum(z, z, block, within=True) - diagonal
 
     return (within(x) / (m * (m - 1)) + within(y) / (n * (n - 1))
             - 2 * _polynomial_kernel_sum(x, y, block) / (m * n))

@@ -71,7 +71,9 @@ def test_kid_is_the_unbiased_polynomial_mmd_and_unlike_fid_does_not_grow_at_smal
     off_diagonal = lambda k: (k.sum() - np.trace(k)) / (len(k) * (len(k) - 1))  # noqa: E731
     expected = off_diagonal(kernel(x, x)) + off_diagonal(kernel(y, y)) - 2 * kernel(x, y).mean()
     assert kid(x, y) == pytest.approx(expected, rel=1e-12)
-    assert kid(x, y, block=2) == pytest.approx(expected, rel=1e-12)  # blocks of rows: the same sums
+    for block in (1, 2, 3):  # blocks of rows (within a set, from the diagonal on): the same sums
+        assert kid(x, y, block=block) == pytest.approx(expected, rel=1e-12)
+    assert kid(x, y, device="cpu") == kid(x, y)
     assert np.isnan(kid(x[:1], y))
     # Draws of 30 from one distribution: their FID, from the count alone, is near half that of
     # a real shift; their KID averages to 0 (unbiased), under 5% of the shift's.

@@ -49,6 +49,14 @@ def test_uint8_batches_scaled_on_the_gpu_equal_the_cpus():
     assert torch.equal(images.cpu(), engine.model_input(pixels, torch.device("cpu")))
 
 
+def test_kid_on_the_gpu_equals_the_cpus():
+    from CDTG.fidelity import kid
+
+    rng = np.random.default_rng(0)
+    x, y = np.abs(rng.normal(size=(300, 64))), np.abs(rng.normal(0.1, 1.0, size=(200, 64)))
+    assert kid(x, y, block=64, device=torch.device("cuda")) == pytest.approx(kid(x, y, block=64), rel=1e-9)
+
+
 def test_resnet_trainer_learns_with_the_gpu_defaults(toy_data, tmp_path, monkeypatch):
     split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
     precisions = []  # what training and evaluation actually ran in
