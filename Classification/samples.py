@@ -11,6 +11,7 @@ one folder or across folders, is used once.
 """
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,16 +105,17 @@ class TrainingImages:
 def path_resolver():
     """path -> the file it names, as Path.resolve() finds it but resolving each folder once:
     per file it made a dozen system calls, 9 s for 150k images in every process (more on a
-    network file system). A file that is itself a link is resolved whole."""
+    network file system). A file that is itself a link is resolved whole. On Windows the
+    case is folded too (os.path.normcase), as its file systems ignore it."""
     folders = {}
 
     def resolved(path):
         path = Path(path)
         if path.is_symlink():
-            return str(path.resolve())
+            return os.path.normcase(path.resolve())
         if path.parent not in folders:
             folders[path.parent] = path.parent.resolve()
-        return str(folders[path.parent] / path.name)
+        return os.path.normcase(folders[path.parent] / path.name)
 
     return resolved
 

@@ -19,7 +19,7 @@ from Classification.figures import plot_confusion, plot_long_tail
 from Classification.long_tail import balanced_softmax_loss, class_balanced_weights, make_loss, make_sampler_weights
 from Classification.model import build_classifier, initialise_backbone, load_classifier
 from Classification.report import build_report, read_report, report_csv, report_markdown, write_report
-from Classification.samples import training_images
+from Classification.samples import path_resolver, training_images
 from Classification.test import main as evaluate_main
 from Classification.train import main as train_main
 from conftest import exit_message, script_accuracies, write_dataset
@@ -128,6 +128,19 @@ def test_extra_folders_merge_without_duplicates(toy_data, tmp_path):
     image.unlink()
     image.symlink_to(sorted((toy_data / "train" / "3").iterdir())[0])
     assert training_images(open_dataset(toy_data), [generated]).duplicates == 1
+
+
+def test_the_duplicate_check_folds_the_case_of_names_where_the_system_does(toy_data, tmp_path, monkeypatch):
+    """On Windows, 3/IMG_1.JPG and 3/img_1.jpg are one file: the check folds the case of
+    every part, the file name too, as os.path.normcase says the system does."""
+    import os
+
+    resolved = path_resolver()
+    folder = toy_data / "train" / "3"
+    assert resolved(folder / "IMG_1.JPG") != resolved(folder / "img_1.jpg")  # this system keeps case
+    monkeypatch.setattr(os.path, "normcase", lambda path: str(path).lower())  # as Windows' does
+    resolved = path_resolver()
+    assert resolved(folder / "IMG_1.JPG") == resolved(folder / "img_1.jpg") == resolved(folder.parent / "3/Img_1.jpg")
 
 
 def test_output_index_is_the_rank_of_the_class_id(tmp_path):
