@@ -16,6 +16,41 @@ def ada_interval(cfg):
     return cfg.ada_every or ADA_STEPS * cfg.batch
 
 
+# What a --resume may change besides how any run goes (tgn.resume.check_resume): what is
+# logged, sampled and kept, the implementation of the modulated convolution (one function),
+# and where the teacher and CLIP are read from (their weights are checked instead).
+RESUME_MAY_CHANGE = frozenset({"log_every", "save_every", "keep_full", "sample_every", "modconv", "teacher",
+                               "clip_root",
+                               "init"})  # only a run's start: a resumed run continues from its own checkpoints
+ADA_FLAGS = ("augment_p", "ada_target", "ada_length", "ada_every")
+
+
+def uses_clip_loss(options):
+    """Whether CDTG options (a dict) train with the CLIP loss: a model (not --clip none) and
+    a weight above 0. Without one of them the CLIP model is not even loaded."""
+    return options.get("clip") != "none" and options.get("lambda_clip", 1) > 0  # 1: the flag's default
+
+
+def resume_view(saved, now):
+    """What of a run's options (`saved`) and of a --resume's (`now`) must be alike
+    (tgn.resume.check_resume): whether a CLIP model is given, not which file holds it; none of
+    CLIP's flags when neither call trains with its loss (no CLIP is loaded), nor ADA's when
+    neither augments (they act only with --augment)."""
+    inert = set()
+    if not saved.get("augment") and not now.get("augment"):
+        inert.update(ADA_FLAGS)
+    if not uses_clip_loss(saved) and not uses_clip_loss(now):
+        inert.update(("clip", "lambda_clip"))
+
+    def view(options):
+        kept = {key: value for key, value in options.items() if key not in inert}
+        if "clip" in kept:
+            kept["clip"] = kept["clip"] != "none"
+        return kept
+
+    return view(saved), view(now)
+
+
 @dataclass
 class GanConfig:
     """Official defaults (rosinality stylegan2-pytorch train.py, as used by TGN)."""

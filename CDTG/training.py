@@ -7,7 +7,7 @@ import torch
 
 from CDTG.checkpoint import checkpoint_steps, is_official, load_cdtg_checkpoint, official_not_resumable
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
-from CDTG.config import GanConfig, ada_interval
+from CDTG.config import RESUME_MAY_CHANGE, GanConfig, ada_interval, resume_view, uses_clip_loss
 from CDTG.fusion import NoiseFusion
 from CDTG.swagan import STDDEV_GROUP, Discriminator, Generator
 from CDTG.tail_data import check_prompts_name_classes, load_tail_classes, load_teacher, tail_image_dataset
@@ -19,7 +19,7 @@ from tgn.data import check_outside_dataset
 from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process, speaks
 from tgn.io import remove_temp_files
-from tgn.resume import check_resume, last_state, uses_clip_loss
+from tgn.resume import check_resume, last_state
 from tgn.run_folder import check_own_run_folder, save_options
 from tgn.runlock import refuse_folder_in_use
 from tgn.split import check_recorded_classes
@@ -135,7 +135,8 @@ def train_cdtg(args):
     # checkpoint's (none in the official format; one that cannot be read is reported where it is loaded).
     newest = last_state(args.out / "checkpoint" / f"{done}.pt", needs=()) \
         if args.resume and steps and not (args.out / "options.json").is_file() else None
-    check_resume(args.out, args, done=done, length="iter", state={"options": (newest or {}).get("options")})
+    check_resume(args.out, args, done=done, length="iter", state={"options": (newest or {}).get("options")},
+                 may_change=RESUME_MAY_CHANGE, compared=resume_view)
     local = dist.local_batch(args.batch, "--batch")  # divisible by the torchrun processes, checked before joining
     if local > STDDEV_GROUP and local % STDDEV_GROUP:
         share = f"each process's share ({local})" if local != args.batch else "it"

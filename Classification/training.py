@@ -27,6 +27,10 @@ from tgn.run_folder import TRAINING_RESULTS, check_run_dir, prepare_run_dir, sav
 RESULTS = (*TRAINING_RESULTS, "report-best")  # with LOGS, what --overwrite replaces
 # test.py's reports of the earlier run's checkpoints, beside them: stale once they are replaced.
 LOGS = ("metrics.jsonl", *(default_report_folder(name).name for name in TRAINING_RESULTS))
+# What a --resume may change besides how any run goes (tgn.resume): what the report says,
+# the --extra folders (their images are checked instead), and --pretrained (a resumed run
+# starts from last.pth).
+RESUME_MAY_CHANGE = frozenset({"name", "threshold", "baseline_report", "extra", "pretrained"})
 
 
 def method_name(args):
@@ -54,7 +58,7 @@ def train_classifier(args):
     split = grouping_split(args, info)
     images = training_images(info, args.extra)
     state = last_state(args.out / "last.pth")
-    check_resume(args.out, args, done=epochs_done(state), state=state)
+    check_resume(args.out, args, done=epochs_done(state), state=state, may_change=RESUME_MAY_CHANGE)
     images = readable_training_images(images, args.skip_bad_images)  # decodes them only with --skip-bad-images
     train_samples = images.samples
     if args.resume and state is not None:  # the images trained on, as the checkpoint counted them

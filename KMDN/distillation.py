@@ -240,7 +240,8 @@ def run_distillation(args):
     state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
     # Runs of earlier versions recorded no split: theirs is not checked.
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
-                 data={"split_fingerprint": split.fingerprint})
+                 data={"split_fingerprint": split.fingerprint},
+                 may_change={"head_ckpt", "tail_ckpt"})  # only the start: a resumed run continues from last.pth
     if state is not None and started_with and "keep_fc" not in started_with and not args.keep_fc:
         raise UserError(f"--resume: {args.out / 'distill'} was started by an earlier version, which kept M_H's and "
                         "M_T's classifiers: resume it with --keep-fc")

@@ -22,7 +22,8 @@ def train_group(args):
         raise UserError(f"the split in {args.split} has no {group} classes")
     state = last_state(args.out / group / "last.pth")
     check_resume(args.out / group, args, done=epochs_done(state), state=state,
-                 data={"class_ids": split.ids(group), "split_fingerprint": split.fingerprint})
+                 data={"class_ids": split.ids(group), "split_fingerprint": split.fingerprint},
+                 may_change={"pretrained"})  # only the first epoch's start: a resumed run starts from last.pth
     device = dist.process_device(args.device)
     cfg = training_config(args, device)
     seed_everything(args.seed)

@@ -602,6 +602,34 @@ def test_resume_without_options_json_compares_the_flags_with_the_newest_checkpoi
     assert json.loads((out / "options.json").read_text())["log_every"] == 2  # how it runs may change
 
 
+def test_resume_compares_ada_and_clip_flags_only_where_they_act(tmp_path):
+    """ADA's flags act only with --augment, CLIP's only with the CLIP loss; --clip may name
+    the model's file anywhere; what is logged and kept may change, the seed may not."""
+    from argparse import Namespace
+
+    from CDTG.config import RESUME_MAY_CHANGE, resume_view
+    from tgn.resume import check_resume
+    from tgn.run_folder import save_options
+
+    def resumed(saved, **changes):
+        save_options(tmp_path, Namespace(**saved))
+        check_resume(tmp_path, Namespace(**{**saved, **changes}), done=1, length="iter",
+                     may_change=RESUME_MAY_CHANGE, compared=resume_view)
+
+    start = dict(iter=2, resume=True, seed=0, augment=False, ada_target=0.6, clip="ViT-B/32", lambda_clip=1.0,
+                 save_every=5000)
+    resumed(start, ada_target=0.8, clip=str(tmp_path / "ViT-B-32.pt"), save_every=10, iter=3)
+    resumed({**start, "clip": "none"}, clip="ViT-B/32", lambda_clip=0.0)  # no CLIP loss either way
+    for saved, changes, message in (
+            ({**start, "augment": True}, {"ada_target": 0.8}, "started with --ada-target 0.6, this call has "
+                                                               "--ada-target 0.8;"),
+            (start, {"clip": "none"}, "started with --clip ViT-B/32, this call has --clip none;"),
+            (start, {"lambda_clip": 0.5}, "started with --lambda-clip 1.0, this call has --lambda-clip 0.5;"),
+            (start, {"seed": 1}, "started with --seed 0, this call has --seed 1;")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            resumed(saved, **changes)
+
+
 def test_a_run_with_clip_weight_0_resumes_with_or_without_clip(cdtg_inputs, capsys):
     """With --lambda-clip 0 no CLIP is loaded: a machine without its file may resume the run
     with --clip none, and one with it with the file again; a run with the CLIP loss may not."""

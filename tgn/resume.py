@@ -20,26 +20,13 @@ from tgn.cli import check_repeated_milestones
 from tgn.errors import UserError
 from tgn.io import read_json
 
-MAY_CHANGE = frozenset({
-    "epochs", "iter", "resume", "overwrite", "device", "workers", "amp", "channels_last", "compile",
-    "pin_memory", "skip_bad_images", "sync_bn", "log_every", "save_every", "keep_full", "sample_every",
-    "modconv",
-    "pretrained",  # only the first epoch's starting point: a resumed run starts from its checkpoint
-    "name", "threshold",  # what the report says, not what is trained
-})
-# CDTG's ADA settings act only with --augment: a run without it may be resumed with any.
-ADA_FLAGS = frozenset({"augment_p", "ada_target", "ada_length", "ada_every"})
-PATH_FLAGS = frozenset({"out", "data_root", "split", "data", "teacher", "clip_root", "head_ckpt", "tail_ckpt",
-                        "cache", "baseline_report", "extra",
-                        "init"})  # only a run's start: a resumed run continues from its own checkpoints
-
-
-def _differs(key, saved, now):
-    if key in MAY_CHANGE or key in PATH_FLAGS:
-        return False
-    if key == "clip":  # a model name or a file; what must not change is whether CLIP is used
-        return (saved == "none") != (now == "none")
-    return saved != now
+# How a run goes, not what it trains: every trainer's may change on --resume (its length
+# too, never below what is done: check_resume's `length`).
+HOW_IT_RUNS = frozenset({"resume", "overwrite", "device", "workers", "amp", "channels_last", "compile", "pin_memory",
+                         "skip_bad_images", "sync_bn"})
+# Where the inputs and outputs are: files and folders may move or be named from elsewhere;
+# the checkpoints check what they hold instead. A script adds its own (`may_change`).
+PATH_FLAGS = frozenset({"out", "data_root", "split", "data", "cache"})
 
 
 def _flag(key):
@@ -55,11 +42,16 @@ def _setting(key, value):
     return f"{_flag(key)} {value}"
 
 
-def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None):
+def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None, may_change=frozenset(),
+                 compared=None):
     """Refuse a --resume whose run-defining flags differ from the run's, whose --epochs
     (`length`) is below the `done` epochs (steps) already trained, or (given the run's last
     `state` and this call's `data`: class ids, image counts, split) whose data differs. Prints
-    a note when there is nothing to resume (`done` None). Call it before anything is written."""
+    a note when there is nothing to resume (`done` None). Call it before anything is written.
+
+    Every flag is run-defining but those of HOW_IT_RUNS, PATH_FLAGS, `length` and the
+    script's own `may_change`; `compared(saved, now)` gives what of the run's options and of
+    this call's (as options.json holds them) must be alike, where it is not all their values."""
     out_dir = Path(out_dir)
     if not args.resume:
         return
@@ -79,11 +71,10 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
     saved = read_json(options_file, "options") if options_file.is_file() else (state or {}).get("options")
     if isinstance(saved, dict):
         now = json.loads(json.dumps(vars(args), default=str))  # the form options.json holds
-        inert = ADA_FLAGS if not saved.get("augment") and not now.get("augment") else frozenset()
-        if "clip" in saved and not uses_clip_loss(saved) and not uses_clip_loss(now):  # CDTG loads no CLIP then
-            inert |= {"clip", "lambda_clip"}
-        changed = [key for key, value in now.items()
-                   if key in saved and key not in inert and _differs(key, saved[key], value)]
+        free = HOW_IT_RUNS | PATH_FLAGS | may_change | {length}
+        saved_view, now_view = compared(saved, now) if compared else (saved, now)
+        changed = [key for key in now if key in saved and key not in free
+                   and saved_view.get(key) != now_view.get(key)]
         if changed:
             was = ", ".join(_setting(key, saved[key]) for key in changed)
             now_text = ", ".join(_setting(key, now[key]) for key in changed)
@@ -99,12 +90,6 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None)
                         "or more to finish it, or --overwrite instead of --resume to start again")
     if state is not None and data is not None:
         check_same_data(state, data, out_dir / "last.pth")
-
-
-def uses_clip_loss(options):
-    """Whether CDTG options train with the CLIP loss: a model (not --clip none) and a weight
-    above 0. Without one of them the CLIP model is not even loaded."""
-    return options.get("clip") != "none" and options.get("lambda_clip", 1) > 0  # 1: the flag's default
 
 
 def note_process_count(out_dir, saved):
