@@ -23,9 +23,10 @@ from tgn.errors import UserError
 from tgn.handoff import TAIL_MANIFEST
 from tgn.images import ImageList
 from tgn.io import absolute_path, atomic_write_json, make_folder, read_json, remove_temp_files
-from tgn.run_folder import check_own_run_folder
-from tgn.runlock import claim_folder, warn_if_still_written
 from tgn.resnet import load_feature_resnet
+from tgn.resume import warn_if_unfinished
+from tgn.run_folder import check_own_run_folder
+from tgn.runlock import claim_folder
 from tgn.split import check_model_classes, check_split_matches, load_split
 
 IMAGE_LIST = "train.txt"
@@ -183,7 +184,7 @@ def check_prompts_name_classes(tail):
 def load_teacher(path, tail):
     """The tail model M_T, checked against the tail classes (count, and ids where recorded)."""
     teacher, checkpoint = load_feature_resnet(path, "tail model (--teacher)")
-    warn_if_still_written(path, "--teacher")
+    warn_if_unfinished(path, "--teacher")
     check_model_classes(f"--teacher {path}", checkpoint, teacher.config["num_classes"], tail.ids,
                         [c["train_count"] for c in tail.classes], "the tail data", tail.names)
     if checkpoint.get("distilled") is False:

@@ -27,9 +27,8 @@ from tgn.io import append_jsonl, read_json
 from tgn.metrics import format_percent
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
 from tgn.resnet import load_feature_resnet
-from tgn.resume import check_resume, epochs_done, last_state
+from tgn.resume import check_resume, epochs_done, last_state, warn_if_unfinished
 from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
-from tgn.runlock import warn_if_still_written
 from tgn.sampling import epoch_seed
 from tgn.split import check_model_classes
 from tgn.stopping import EpochProgress, saved_if_stopped, stop_between_steps, stop_if_requested
@@ -203,7 +202,7 @@ def load_group_model(path, split, group):
     """M_H or M_T, checked against the split: the class count always; for our checkpoints
     also the group and class ids they were trained on (official files record neither)."""
     model, checkpoint = load_feature_resnet(path, f"{group} model checkpoint")
-    warn_if_still_written(path, f"the {group} model")
+    warn_if_unfinished(path, f"the {group} model")
     model.training_size = (checkpoint.get("options") or {}).get("image_size", OFFICIAL_IMAGE_SIZE)
     if checkpoint.get("group", group) != group:  # first: the likeliest mix-up, and the clearest message
         raise UserError(f"{path} is the {checkpoint['group']} model; the {group} model is needed here")

@@ -214,6 +214,34 @@ def test_a_run_too_short_to_distill_m_t_says_so(split_dir, tmp_path, capsys):
     assert all(torch.equal(tail[k], m_t["state_dict"][k]) for k in tail)  # passed on unchanged
 
 
+def test_a_model_of_a_stopped_run_is_named_when_the_next_stage_reads_it(split_dir, tmp_path):
+    """best.pth or M_T.pth of a run stopped before its last epoch (Ctrl-C, a time limit) is
+    the best model so far: Distill and CDTG say so when they read it; of an ended run, nothing."""
+    import re
+    import warnings
+
+    from tgn.resume import warn_if_unfinished
+
+    out = tmp_path / "kmdn"
+    for train in (umodel_main, rmodel_main):
+        train(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    options = json.loads((out / "head" / "options.json").read_text())
+    (out / "head" / "options.json").write_text(json.dumps({**options, "epochs": 3}))  # as if stopped after epoch 1
+    with pytest.warns(UserWarning) as warned:
+        distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--distill-interval", "1",
+                      "--batch-size", "8", "--workers", "0"])
+    said = [str(w.message) for w in warned if "stopped" in str(w.message)]
+    assert len(said) == 1 and re.match(f"the head model {re.escape(str(out / 'head' / 'best.pth'))} comes from a "
+                                       "run stopped after epoch 1 of 3: it is the best model so far", said[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_unfinished(out / "distill" / "M_H.pth", "--teacher")  # the distill run ended
+    options = json.loads((out / "distill" / "options.json").read_text())
+    (out / "distill" / "options.json").write_text(json.dumps({**options, "epochs": 4}))
+    with pytest.warns(UserWarning, match="comes from a run stopped after epoch 1 of 4"):
+        warn_if_unfinished(out / "distill" / "M_T.pth", "--teacher")
+
+
 def test_teacher_unchanged_during_its_teaching_epoch(split_dir, tmp_path):
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])

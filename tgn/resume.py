@@ -9,6 +9,7 @@ folders may move or be named from elsewhere; the checkpoints check what they hol
 """
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ from tgn import distributed as dist
 from tgn.checkpoint import load_failure, map_tensors
 from tgn.class_names import renamed_class
 from tgn.cli import check_repeated_milestones
-from tgn.errors import UserError
+from tgn.errors import UserError, speaks
 from tgn.io import read_json
+from tgn.runlock import running_run
 
 # How a run goes, not what it trains: every trainer's may change on --resume (its length
 # too, never below what is done: check_resume's `length`).
@@ -163,3 +165,39 @@ def resuming_line(path, done, epochs, steps=None):
 def epochs_done(state):
     """Epochs trained by the run whose last_state is `state`; None without one."""
     return None if state is None else int(state.get("epoch", -1)) + 1
+
+
+def stopped_early(folder):
+    """(epochs trained, epochs planned) of the ResNet run in `folder` when it stopped before
+    its last epoch (Ctrl-C, a crash, a job's time limit); None when it ended, or when the
+    folder holds no run of ours (a released file's)."""
+    folder = Path(folder)
+    state = last_state(folder / "last.pth", needs=("epoch",))
+    if state is None or "unreadable" in state or not (folder / "options.json").is_file():
+        return None
+    try:
+        planned = read_json(folder / "options.json", "options").get("epochs")
+    except (UserError, AttributeError):  # damaged, or not a dict: only a warning depended on it
+        return None
+    done = epochs_done(state)
+    return (done, planned) if isinstance(planned, int) and done < planned else None
+
+
+def warn_if_unfinished(path, what):
+    """Warn when the model `path` (a best.pth, M_T.pth) lies in the folder of a run still
+    going, whose model may yet change (the head and tail models may train at once, and
+    Distill or CDTG be started before they end), or of a run stopped before its last epoch:
+    either way it is the best model so far, not the run's."""
+    if not speaks():
+        return
+    folder = Path(path).parent
+    holder = running_run(folder)
+    if holder:
+        warnings.warn(f"{what} {path} is in the folder of a run still going ({holder}): it may change once read; "
+                      "wait for that run to end")
+        return
+    stopped = stopped_early(folder)
+    if stopped:
+        warnings.warn(f"{what} {path} comes from a run stopped after epoch {stopped[0]} of {stopped[1]}: it is the "
+                      "best model so far, not the run's; finish that run with --resume first, unless this one is "
+                      "meant")

@@ -13,10 +13,9 @@ import contextlib
 import errno
 import os
 import socket
-import warnings
 from pathlib import Path
 
-from tgn.errors import UserError, speaks, under_torchrun
+from tgn.errors import UserError, under_torchrun
 
 try:
     import fcntl
@@ -120,16 +119,6 @@ def holds(path):
         if (held.st_dev, held.st_ino) == (identity.st_dev, identity.st_ino):
             return True
     return False
-
-
-def warn_if_still_written(path, what):
-    """Warn when checkpoint `path` lies in the folder of a run still going: its best.pth or
-    M_T.pth may yet change (the head and tail models may train at once, and Distill or CDTG
-    be started before they end)."""
-    holder = running_run(Path(path).parent)
-    if holder and speaks():
-        warnings.warn(f"{what} {path} is in the folder of a run still going ({holder}): it may change once read; "
-                      "wait for that run to end")
 
 
 def release_folders():
