@@ -53,6 +53,7 @@ def train_classifier(args):
         args.split = Path(recorded["split"]) if recorded.get("split") and Path(recorded["split"]).is_dir() else None
     info = open_dataset(dataset_root(args, trained_on, args.out))
     check_outside_dataset(args.out, info.root)
+    check_outside_dataset(args.cache, info.root, "--cache")
     class_ids, label_of = class_order(info)
     baseline = read_baseline(args, info, class_ids)
     split = grouping_split(args, info)

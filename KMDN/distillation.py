@@ -218,6 +218,7 @@ def run_distillation(args):
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     check_outside_dataset(args.out, split.data_root)
+    check_outside_dataset(args.cache, split.data_root, "--cache")
     device = dist.process_device(args.device)
     seed_everything(args.seed)
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",

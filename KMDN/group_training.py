@@ -18,6 +18,7 @@ def train_group(args):
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     check_outside_dataset(args.out, split.data_root)
+    check_outside_dataset(args.cache, split.data_root, "--cache")
     if not split.ids(group):
         raise UserError(f"the split in {args.split} has no {group} classes")
     state = last_state(args.out / group / "last.pth")

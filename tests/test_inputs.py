@@ -647,6 +647,13 @@ def test_nothing_is_written_into_the_dataset_itself(toy_data, split_dir, tmp_pat
                       "is the dataset folder")
     expect_user_error(capsys, lambda: distill_main(["--split", str(split_dir), "--out", inside, "--epochs", "1"]),
                       "is the dataset folder")
+    cache = str(toy_data / "train" / "0")  # a class folder: its resized copies would join the class
+    for script, flags in ((umodel_main, ["--split", str(split_dir), *TINY]),
+                          (distill_main, ["--split", str(split_dir), "--epochs", "1"]),
+                          (cls_train_main, [*common, "--arch", "resnet18", "--pretrained", "none"])):
+        expect_user_error(capsys, lambda: script([*flags, "--out", str(tmp_path / "runs"), "--cache", cache]),
+                          f"--cache {cache} is the dataset folder")
+    assert not any(path.is_dir() for path in (toy_data / "train" / "0").iterdir())  # no cache made there
     (toy_data / "test" / "model.pth").write_bytes(b"unused")  # test.py's report folder would be beside it
     expect_user_error(capsys, lambda: cls_test_main([*common, "--ckpt", str(toy_data / "test" / "model.pth")]),
                       "the report folder (beside --ckpt; pass --out)")

@@ -181,7 +181,9 @@ def _same_folder(a, b):
 def check_outside_dataset(out, root, flag="--out"):
     """Refuse to write into the dataset itself: its folder, or its anno/, train/ or test/ (a
     split's head_train.txt beside the dataset's X_train.txt would leave two annotation files
-    to choose from)."""
+    to choose from). `out` None (a flag not given): nothing to check."""
+    if out is None:
+        return
     guarded = [Path(root) / folder for folder in DATASET_FOLDERS]
     resolved = Path(out).resolve()
     if _same_folder(resolved, root) or any(_same_folder(place, folder) for place in (resolved, *resolved.parents)
