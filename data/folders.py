@@ -39,6 +39,11 @@ def is_image_file(path):
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def is_broken_image_link(path):
+    """A link named as an image whose target is gone (moved, deleted, on a drive not mounted)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_symlink() and not path.exists()
+
+
 # Hidden folders that tools make beside data, which may hold images and never hold a class.
 TOOL_FOLDERS = frozenset({".ipynb_checkpoints", ".git", ".thumbnails", ".Trash", ".Trashes", ".cache"})
 
@@ -88,7 +93,7 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
     """{folder name: [image paths]} for the class folders of `subset_dir` named in
     `class_ids`; `unknown_folder(path)` is the error for any other folder. Other entries are
     counted and named once; images in subfolders of a class folder are not read, and said so."""
-    images, folder_of, stray, other_files, nested, unknown, hidden = {}, {}, [], [], [], [], []
+    images, folder_of, stray, other_files, nested, unknown, hidden, broken = {}, {}, [], [], [], [], [], []
     # Accented names may be stored composed or decomposed (macOS writes the latter): a test
     # folder copied from another system still matches its training folder.
     by_form = {composed(name): name for name in class_ids}
@@ -117,12 +122,17 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
                 images[name].append(path)
             elif path.is_dir():
                 nested.append(path)
+            elif is_broken_image_link(path):
+                broken.append(path)
             else:
                 other_files.append(path)
     if unknown:  # all of them at once, with the class each may have meant
         others = [entry.name for entry in unknown[1:]]
         more = f" ({len(others)} more: {', '.join(others[:4])}{', ...' if len(others) > 4 else ''})" if others else ""
         raise UserError(f"{unknown_folder(unknown[0])}{meant_class(unknown[0].name, class_ids)}{more}")
+    if broken:  # images the user meant to give: left out, a class could lose them all unseen
+        raise UserError(f"{flag}: {len(broken)} links to images lead nowhere (their targets moved or were deleted), "
+                        f"e.g. {broken[0]} -> {os.readlink(broken[0])}; restore the targets, or remove the links")
     if not any(images.values()):
         raise UserError(f"{flag}: no images in the class folders of {subset_dir}")
     report_ignored(flag, subset_dir, stray, other_files)

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.chips import existing_dir, is_hidden  # noqa: E402
 from data.folders import (  # noqa: E402
-    add_link_argument, case_aside, check_not_training_images, class_folders, composed, is_image_file,
-    list_class_images, prepare_folder_dataset,
+    add_link_argument, case_aside, check_not_training_images, class_folders, composed, is_broken_image_link,
+    is_image_file, list_class_images, prepare_folder_dataset,
 )
 from data.output import add_output_arguments  # noqa: E402
 from tgn.class_names import class_name_key  # noqa: E402
@@ -119,7 +119,7 @@ def hold_out(train_images, fraction_held, seed):
 def check_has_images(folder):
     """A training class folder must hold images (it may hold other files too)."""
     entries = [entry for entry in folder.iterdir() if not is_hidden(entry)]
-    if any(is_image_file(entry) for entry in entries):
+    if any(is_image_file(entry) or is_broken_image_link(entry) for entry in entries):  # the latter: named later
         return
     if any(entry.is_dir() for entry in entries):
         raise UserError(f"--train-dir: class folder {folder} holds folders but no images; is --train-dir "

@@ -937,6 +937,9 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     ("truncated and not empty", ["--test-fraction", "0.5"], "--out .* is not empty; pass --overwrite"),
     ("space in --out", ["--test-fraction", "0.5"], r"\(--out's folder name\) 'my data'.*pass --dataset NAME"),
     ("parent folder", ["--test-fraction", "0.5"], "holds folders but no images; is --train-dir one level above"),
+    ("broken link", ["--test-fraction", "0.5"],
+     r"--train-dir: 1 links to images lead nowhere \(their targets moved or were deleted\), e.g. .*ship/z.jpg -> "),
+    ("class of broken links", ["--test-fraction", "0.5"], "2 links to images lead nowhere"),
 ])
 def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, capsys, change, argv, message):
     src = class_folders
@@ -957,6 +960,12 @@ def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, caps
             path.unlink()
     elif change == "same letters":
         paint_scene(src / "train/Ship/z.jpg", (8, 8), {})
+    elif change == "broken link":  # a tree of links to images since moved: "not images" said nothing useful
+        (src / "train/ship/z.jpg").symlink_to(tmp_path / "moved" / "z.jpg")
+    elif change == "class of broken links":  # "holds no images" was wrong: it holds links to them
+        (src / "train/dam").mkdir()
+        for name in ("y.jpg", "z.png"):
+            (src / "train/dam" / name).symlink_to(tmp_path / "moved" / name)
     elif change.startswith("truncated"):
         noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
         Image.fromarray(noise).save(src / "train/ship/t.jpg", quality=90)
