@@ -19,7 +19,7 @@ from tgn.data import check_outside_dataset
 from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process, speaks
 from tgn.io import remove_temp_files
-from tgn.resume import check_resume, last_state
+from tgn.resume import check_resume, last_state, take_the_runs_flags
 from tgn.run_folder import check_own_run_folder, save_options
 from tgn.runlock import refuse_folder_in_use
 from tgn.split import check_recorded_classes
@@ -114,6 +114,8 @@ def train_cdtg(args):
     """CDTG/train.py: the flags and inputs checked, the models built (or resumed), then training."""
     refuse_folder_in_use(args.out)
     check_own_run_folder(args.out, args)
+    take_the_runs_flags(args, args.out, length="iter", may_change=RESUME_MAY_CHANGE,
+                        paths={"data", "data_root", "teacher", "clip_root"}, compared=resume_view)
     defaults = GanConfig()
     inert = [flag for flag, value, default in (
         ("--augment-p", args.augment_p, defaults.augment_p), ("--ada-target", args.ada_target, defaults.ada_target),

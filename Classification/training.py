@@ -21,7 +21,7 @@ from tgn.errors import UserError, alike_in_every_process
 from tgn.images import ImageList, build_transform
 from tgn.io import read_json
 from tgn.metrics import format_percent
-from tgn.resume import check_resume, check_same_data, check_same_names, epochs_done, last_state
+from tgn.resume import check_resume, check_same_data, check_same_names, epochs_done, last_state, take_the_runs_flags
 from tgn.run_folder import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options
 
 RESULTS = (*TRAINING_RESULTS, "report-best")  # with LOGS, what --overwrite replaces
@@ -45,6 +45,7 @@ def method_name(args):
 def train_classifier(args):
     """Classification/train.py: the inputs checked, the classifier trained, the report of its best epoch."""
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
+    take_the_runs_flags(args, args.out, may_change=RESUME_MAY_CHANGE, paths={"extra"})
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     trained_on = None
     if args.resume and args.data_root is None and args.split is None and (args.out / "options.json").is_file():

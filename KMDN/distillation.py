@@ -27,7 +27,7 @@ from tgn.io import append_jsonl, read_json
 from tgn.metrics import format_percent
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
 from tgn.resnet import load_feature_resnet
-from tgn.resume import check_resume, epochs_done, last_state, warn_if_unfinished
+from tgn.resume import check_resume, epochs_done, last_state, take_the_runs_flags, warn_if_unfinished
 from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
 from tgn.sampling import epoch_seed
 from tgn.split import check_model_classes
@@ -35,6 +35,9 @@ from tgn.stopping import EpochProgress, saved_if_stopped, stop_between_steps, st
 
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
 RESULTS = ("last.pth", *OUTPUT_NAMES.values())  # with metrics.jsonl, what --overwrite replaces
+# What a --resume may change besides how any run goes (tgn.resume): where M_H and M_T are
+# read from (a resumed run continues from last.pth; their classes are checked).
+RESUME_MAY_CHANGE = frozenset({"head_ckpt", "tail_ckpt"})
 
 
 def student_of_epoch(epoch, interval):
@@ -215,6 +218,8 @@ def load_group_model(path, split, group):
 def run_distillation(args):
     """Distill.py: M_H and M_T loaded and checked against the split, then `distill`."""
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
+    take_the_runs_flags(args, args.out / "distill", may_change=RESUME_MAY_CHANGE,
+                        paths={"split", "data_root", "head_ckpt", "tail_ckpt"})
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     check_outside_dataset(args.out, split.data_root)
@@ -240,8 +245,7 @@ def run_distillation(args):
     state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
     # Runs of earlier versions recorded no split: theirs is not checked.
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
-                 data={"split_fingerprint": split.fingerprint},
-                 may_change={"head_ckpt", "tail_ckpt"})  # only the start: a resumed run continues from last.pth
+                 data={"split_fingerprint": split.fingerprint}, may_change=RESUME_MAY_CHANGE)
     if state is not None and started_with and "keep_fc" not in started_with and not args.keep_fc:
         raise UserError(f"--resume: {args.out / 'distill'} was started by an earlier version, which kept M_H's and "
                         "M_T's classifiers: resume it with --keep-fc")

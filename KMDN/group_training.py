@@ -7,14 +7,20 @@ from tgn.data import check_outside_dataset
 from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.metrics import format_percent
-from tgn.resume import check_resume, epochs_done, last_state
+from tgn.resume import check_resume, epochs_done, last_state, take_the_runs_flags
 from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
+
+
+# What a --resume may change besides how any run goes (tgn.resume): --pretrained, only the
+# first epoch's start (a resumed run starts from last.pth).
+RESUME_MAY_CHANGE = frozenset({"pretrained"})
 
 
 def train_group(args):
     """Writes OUT/<group>/{best,last}.pth, metrics.jsonl and options.json."""
     group = args.group
     check_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite, args=args)
+    take_the_runs_flags(args, args.out / group, may_change=RESUME_MAY_CHANGE, paths={"split", "data_root"})
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     check_outside_dataset(args.out, split.data_root)
@@ -24,7 +30,7 @@ def train_group(args):
     state = last_state(args.out / group / "last.pth")
     check_resume(args.out / group, args, done=epochs_done(state), state=state,
                  data={"class_ids": split.ids(group), "split_fingerprint": split.fingerprint},
-                 may_change={"pretrained"})  # only the first epoch's start: a resumed run starts from last.pth
+                 may_change=RESUME_MAY_CHANGE)
     device = dist.process_device(args.device)
     cfg = training_config(args, device)
     seed_everything(args.seed)

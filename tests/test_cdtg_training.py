@@ -643,7 +643,7 @@ def test_a_run_with_clip_weight_0_resumes_with_or_without_clip(cdtg_inputs, caps
     train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--lambda-clip", "0", "--resume"))  # and back
     capsys.readouterr()
     with pytest.raises(SystemExit):  # the CLIP loss turned on mid-run
-        train_main(tiny_train_args(cdtg_inputs, run, "--iter", "5", "--resume"))
+        train_main(tiny_train_args(cdtg_inputs, run, "--iter", "5", "--lambda-clip", "1", "--resume"))
     assert "was started with --lambda-clip 0.0, this call has --lambda-clip 1.0" in capsys.readouterr().err
     with_loss = cdtg_inputs / "with_loss"
     train_main(tiny_train_args(cdtg_inputs, with_loss, "--iter", "1"))

@@ -157,9 +157,13 @@ def test_resume_refuses_other_generated_images(toy_data, tmp_path, capsys):
     train_main([*common, "--epochs", "1", "--extra", str(generated)])
     capsys.readouterr()
     options = (tmp_path / "cls" / "options.json").read_text()
-    err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume"])  # --extra forgotten
+    other = write_generated(tmp_path / "other", {3: 4, 4: 3})
+    err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume", "--extra", str(other)])
     assert "was trained on other generated images (--extra); resume with the data it started with" in err
     assert (tmp_path / "cls" / "options.json").read_text() == options  # refused before writing anything
+    train_main([*common, "--epochs", "2", "--resume"])  # --extra left out: the run's own
+    assert f"--resume: left out, as the run was started: --extra {generated}\n" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cls" / "options.json").read_text())["extra"] == [str(generated)]
     # As many images under the same names, generated again from another checkpoint.
     (generated / "generation.json").write_text(json.dumps({"weights": "another checkpoint's", "r": 0.05}))
     err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume", "--extra", str(generated)])

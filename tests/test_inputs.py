@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -428,6 +429,20 @@ def test_a_resumed_optimizer_keeps_this_runs_kernel(saved_fused):
     assert all(int(state["step"]) == 2 for state in this_run.state.values())
 
 
+def test_the_flags_given_are_told_from_defaults_however_they_are_spelled():
+    """--resume fills the flags left out from the run: what counts as given must be exact
+    (an abbreviation, --flag=value, a repeated flag, a value equal to the default)."""
+    from Classification.train import build_parser
+
+    args = build_parser().parse_args(["--epo", "3", "--lr=0.001", "--extra", "a", "--extra", "b", "--milestones",
+                                      "--resume"])
+    assert args.given == {"epochs", "lr", "extra", "milestones", "resume"}
+    assert args.epochs == 3 and args.lr == 0.001 and args.extra == [Path("a"), Path("b")] and args.milestones == []
+    assert "given" not in vars(args)  # no flag: options.json neither records nor compares it
+    args = build_parser().parse_args([])
+    assert args.given == set() and args.arch == "resnet50" and args.extra == []
+
+
 def test_runs_of_earlier_versions_resume_with_their_fusion_layer(cdtg_inputs, capsys):
     out = cdtg_inputs / "legacy"
     legacy = ("--fusion-lr-mul", "0", "--flip")  # the plain Linear of earlier versions
@@ -435,9 +450,13 @@ def test_runs_of_earlier_versions_resume_with_their_fusion_layer(cdtg_inputs, ca
     options = json.loads((out / "options.json").read_text())
     (out / "options.json").write_text(json.dumps({**options, "ada_every": 256}))  # without --augment: inert
     expect_user_error(capsys, lambda: cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none",
-                                                                      "--resume")), "--fusion-lr-mul 0")
-    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none", "--resume", *legacy))
-    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["2.pt", "3.pt"]
+                                                                      "--resume", "--fusion-lr-mul", "0.01")),
+                      "was started with --fusion-lr-mul 0")
+    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none", "--resume"))  # as it started
+    taken = capsys.readouterr().out
+    assert "left out, as the run was started: " in taken and "--fusion-lr-mul 0.0" in taken and "--flip" in taken
+    cdtg_train_main(tiny_train_args(cdtg_inputs, out, "--iter", "4", "--clip", "none", "--resume", *legacy))
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["2.pt", "3.pt", "4.pt"]
 
 
 def test_generation_folders_of_earlier_versions_refuse_other_jpeg_settings(cdtg_inputs, tmp_path, capsys):

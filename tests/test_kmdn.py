@@ -53,12 +53,16 @@ def test_tail_model_learns_the_easy_task(split_dir, tmp_path):
     assert best["model_config"] == {"arch": "resnet18", "num_classes": 3, "width": 4}
 
 
-def test_resume_equals_uninterrupted_run(split_dir, tmp_path):
+def test_resume_equals_uninterrupted_run(split_dir, tmp_path, capsys):
+    """A run resumed with only --epochs (the flags left out are the run's, from its
+    options.json) ends as the uninterrupted run does, bit for bit."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     umodel_main(["--split", str(split_dir), "--out", str(straight), "--epochs", "3", "--milestones", "2", *TINY])
     umodel_main(["--split", str(split_dir), "--out", str(interrupted), "--epochs", "2", "--milestones", "2", *TINY])
-    umodel_main(["--split", str(split_dir), "--out", str(interrupted), "--epochs", "3", "--milestones", "2",
-                 "--resume", *TINY])
+    capsys.readouterr()
+    umodel_main(["--split", str(split_dir), "--out", str(interrupted), "--epochs", "3", "--resume", "--workers", "0"])
+    assert ("--resume: left out, as the run was started: --arch resnet18, --width 4, --batch-size 8, "
+            "--milestones 2, --image-size 16\n") in capsys.readouterr().out
     a = load_checkpoint(straight / "head" / "last.pth")
     b = load_checkpoint(interrupted / "head" / "last.pth")
     assert a["epoch"] == b["epoch"] == 2
@@ -185,8 +189,9 @@ def test_a_distill_run_of_an_earlier_version_resumes_with_keep_fc_which_it_had(s
     assert torch.allclose(tail["fc.weight"], given["fc.weight"], atol=1e-6)
     distill_main([*run, "--epochs", "3", "--resume", "--keep-fc"])  # recorded now: the same call resumes again
     capsys.readouterr()
-    err = exit_message(capsys, distill_main, [*run, "--epochs", "4", "--resume"])
-    assert "was started with --keep-fc, this call has no --keep-fc" in err
+    distill_main([*run, "--epochs", "4", "--resume"])  # left out: as the run was started
+    assert "--resume: left out, as the run was started: --keep-fc, " in capsys.readouterr().out
+    assert json.loads((out / "distill" / "options.json").read_text())["keep_fc"] is True
     # Nothing to resume: a new run, with this version's defaults.
     (out / "distill" / "last.pth").unlink()
     for name in ("M_H.pth", "M_T.pth"):

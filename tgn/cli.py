@@ -87,9 +87,18 @@ def output_folder(text):
     return path
 
 
+class ParsedFlags(argparse.Namespace):
+    """The parsed flags, and `given`: the names of those the command line gave (the others
+    hold their defaults), which a --resume fills from the run's record. A slot, so that it
+    is no flag: vars(args), what options.json records and --resume compares, leaves it out."""
+
+    __slots__ = ("given",)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser whose errors are one line, like every other error of the scripts
-    (argparse's own print the whole usage block first)."""
+    (argparse's own print the whole usage block first); its flags note which were given
+    (ParsedFlags)."""
 
     def error(self, message):
         # Under torchrun every process parses the same flags: one line per node, not per process.
@@ -100,10 +109,27 @@ class ArgumentParser(argparse.ArgumentParser):
             super().print_help(file)
 
     def parse_known_args(self, args=None, namespace=None):
-        namespace, extras = super().parse_known_args(args, namespace)
-        for key, value in vars(namespace).items():  # '~' the shell left alone ("~/x", --out=~/x)
-            setattr(namespace, key, map_paths(value, Path.expanduser))
-        return namespace, extras
+        flags = ParsedFlags() if namespace is None else namespace
+        flags, extras = super().parse_known_args(args, flags)
+        for key, value in vars(flags).items():  # '~' the shell left alone ("~/x", --out=~/x)
+            setattr(flags, key, map_paths(value, Path.expanduser))
+        if isinstance(flags, ParsedFlags):
+            flags.given = self.given_flags(args)
+        return flags, extras
+
+    def given_flags(self, args):
+        """Names of the flags `args` gives, abbreviations and --flag=value included: parsed
+        again over a namespace where every flag is already set, so that argparse leaves the
+        ones not given alone (it fills in defaults only where nothing is set)."""
+        unset = object()
+        # A flag that accumulates (--extra A --extra B) adds to what is set: None starts it.
+        accumulating = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction)
+        marks = {action.dest: None if isinstance(action, accumulating) else unset for action in self._actions
+                 if action.dest != argparse.SUPPRESS}
+        with warnings.catch_warnings():  # said by the parse above
+            warnings.simplefilter("ignore")
+            probe, _ = super().parse_known_args(args, argparse.Namespace(**marks))
+        return frozenset(key for key, value in vars(probe).items() if key in marks and value is not marks[key])
 
 
 def make_parser(doc):

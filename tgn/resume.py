@@ -19,7 +19,7 @@ from tgn.checkpoint import load_failure, map_tensors
 from tgn.class_names import renamed_class
 from tgn.cli import check_repeated_milestones
 from tgn.errors import UserError, speaks
-from tgn.io import read_json
+from tgn.io import absolute_path, map_paths, read_json
 from tgn.runlock import running_run
 
 # How a run goes, not what it trains: every trainer's may change on --resume (its length
@@ -42,6 +42,43 @@ def _setting(key, value):
     if isinstance(value, list):
         return " ".join([_flag(key), *map(str, value)])
     return f"{_flag(key)} {value}"
+
+
+def take_the_runs_flags(args, run_dir, *, length="epochs", may_change=frozenset(), paths=frozenset(),
+                        compared=None):
+    """With --resume, each flag that defines the run and that this call leaves out (not in
+    args.given, tgn.cli.ParsedFlags) takes the value the run's options.json records, and so
+    do the stage's `paths` (the inputs it read: a run resumed with none of them reads what
+    it started with). `--resume` alone thus continues a run as it was started; the flags
+    given are compared by check_resume (and `compared` as there: a flag it leaves out of both
+    calls' options plays no part, and is not taken). Call it once the folder is known to be
+    the script's own run; prints what it took."""
+    given = getattr(args, "given", None)
+    record = Path(run_dir) / "options.json"
+    if not args.resume or given is None or not record.is_file():
+        return
+    try:
+        saved = read_json(record, "options")
+    except UserError:  # check_resume says what is wrong with it
+        return
+    if not isinstance(saved, dict):
+        return
+    free = HOW_IT_RUNS | PATH_FLAGS | may_change | {length}
+    now, taken = vars(args), []
+    acting = compared(saved, json.loads(json.dumps(now, default=str)))[0] if compared else saved
+    for key, value in saved.items():
+        if key in given or key not in now or key not in acting or (key in free and key not in paths) or value is None:
+            continue
+        if key in paths:  # recorded absolute; the flags' own form is a Path (or a list of them)
+            if map_paths(now[key], lambda path: str(absolute_path(path))) == value:
+                continue
+            value = [Path(item) for item in value] if isinstance(value, list) else Path(value)
+        elif json.loads(json.dumps(now[key], default=str)) == value:
+            continue
+        setattr(args, key, value)
+        taken.append(key)
+    if taken and speaks():
+        print(f"--resume: left out, as the run was started: {', '.join(_setting(key, saved[key]) for key in taken)}")
 
 
 def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None, may_change=frozenset(),
