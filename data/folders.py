@@ -58,6 +58,14 @@ def holds_images(entry):
         return False
 
 
+def holds_images_within(folder):
+    """Whether an image file lies anywhere under `folder` (stops at the first)."""
+    try:
+        return any(path.suffix.lower() in IMAGE_SUFFIXES for path in folder.rglob("*"))
+    except OSError:  # a folder that cannot be listed holds nothing read
+        return False
+
+
 def class_folders(subset_dir):
     return [entry for entry in sorted(subset_dir.iterdir()) if entry.is_dir() and not is_hidden(entry)]
 
@@ -121,7 +129,8 @@ def list_class_images(subset_dir, class_ids, flag, unknown_folder):
                 check_listable_name(path, flag)
                 images[name].append(path)
             elif path.is_dir():
-                nested.append(path)
+                if holds_images_within(path):  # an empty __pycache__ is nothing to warn of
+                    nested.append(path)
             elif is_broken_image_link(path):
                 broken.append(path)
             else:

@@ -72,8 +72,12 @@ def class_names_for(folders, names_path):
     names = {folder: " ".join(composed(folder).replace("_", " ").split()) or folder for folder in folders}
     if names_path is not None:
         given = read_json(names_path, "--class-names")
-        if not isinstance(given, dict) or not all(isinstance(name, str) and name.strip() for name in given.values()):
+        if not isinstance(given, dict) or not all(isinstance(name, str) for name in given.values()):
             raise UserError(f'--class-names {names_path}: expected a JSON object {{"folder name": "class name"}}')
+        empty = [folder for folder, name in given.items() if not name.strip()]
+        if empty:
+            raise UserError(f"--class-names {names_path}: the class name of {empty[0]!r} is empty; give it a name, or "
+                            "leave the folder out of the file to keep its folder name")
         broken = [name for name in given.values() if any(unicodedata.category(char) == "Cc" for char in name.strip())]
         if broken:  # a line break or tab would split the name in prompts, tables and reports
             raise UserError(f"--class-names {names_path}: the class name {broken[0]!r} holds a control character "

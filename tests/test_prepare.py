@@ -723,6 +723,7 @@ def test_the_class_table_stays_aligned_with_chinese_names(tmp_path, capsys):
 def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, capsys, link):
     out = tmp_path / "datasets" / "mine"
     paint_scene(class_folders / "train/ship/more/h.jpg", (8, 8), {})
+    (class_folders / "train/golf_field/__pycache__").mkdir()  # no images: nothing to warn of
     # What a NAS or an unzipped macOS archive adds: no class, and no images of one.
     paint_scene(class_folders / "train/@eaDir/thumb.jpg", (8, 8), {})
     paint_scene(class_folders / "train/ship/@eaDir/d.jpg/SYNOFILE_THUMB_M.jpg", (8, 8), {})
@@ -732,7 +733,8 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
         prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-dir",
                               str(class_folders / "test"), "--out", str(out)] + (["--link", link] if link else []))
     messages = [str(warning.message) for warning in caught]
-    assert any(re.search("images in folders inside a class folder are not read .* e.g. .*more", m) for m in messages)
+    assert any(re.search(r"images in folders inside a class folder are not read \(1 such folders, e.g. .*more",
+                         m) for m in messages)
     assert any("1 of 3 classes have no test images, e.g. 'storage_tank'" in m for m in messages)
     assert not any("hidden" in m for m in messages)  # a notebook's checkpoints are no class
     info = open_dataset(out)
@@ -927,6 +929,8 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     ("none", ["--test-fraction", "0.5", "--class-names", "{src}/names.json"], "'tank' is not a class folder"),
     ("none", ["--test-fraction", "0.5", "--class-names", "{src}/two_lines.json"],
      r"the class name 'large\\nship' holds a control character \(a line break, a tab\); write it on one line"),
+    ("none", ["--test-fraction", "0.5", "--class-names", "{src}/empty.json"],
+     "the class name of 'ship' is empty; give it a name, or leave the folder out of the file"),
     ("same names", ["--test-fraction", "0.5"], "both have the class name 'golf field'"),
     ("spelled apart", ["--test-fraction", "0.5"], "'golf-field' and 'golf_field' have the class names 'golf-field' and 'golf field'"),
     ("none", ["--test-fraction", "0.2", "--dataset", "my data"], "--dataset 'my data': use letters"),
@@ -978,6 +982,7 @@ def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, caps
             (tmp_path / "out" / "classes.json").write_text("{}")
     (src / "names.json").write_text(json.dumps({"tank": "tank"}))
     (src / "two_lines.json").write_text(json.dumps({"ship": "large\nship"}))
+    (src / "empty.json").write_text(json.dumps({"ship": " "}))
     argv = [arg.format(src=src) for arg in argv]
     out = tmp_path / ("my data" if change == "space in --out" else "out")
     train_dir = src if change == "parent folder" else src / "train"
