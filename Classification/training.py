@@ -45,7 +45,7 @@ def method_name(args):
 def train_classifier(args):
     """Classification/train.py: the inputs checked, the classifier trained, the report of its best epoch."""
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
-    take_the_runs_flags(args, args.out, may_change=RESUME_MAY_CHANGE, paths={"extra"})
+    take_the_runs_flags(args, args.out, may_change=RESUME_MAY_CHANGE, paths={"extra"}, also={"name"})
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     trained_on = None
     if args.resume and args.data_root is None and args.split is None and (args.out / "options.json").is_file():

@@ -154,16 +154,18 @@ def test_output_index_is_the_rank_of_the_class_id(tmp_path):
 def test_resume_refuses_other_generated_images(toy_data, tmp_path, capsys):
     generated = write_generated(tmp_path / "gen", {3: 4, 4: 4})
     common = ["--data-root", str(toy_data), "--out", str(tmp_path / "cls"), "--device", "cpu", *TINY]
-    train_main([*common, "--epochs", "1", "--extra", str(generated)])
+    train_main([*common, "--epochs", "1", "--extra", str(generated), "--name", "TGN (ours)"])
     capsys.readouterr()
     options = (tmp_path / "cls" / "options.json").read_text()
     other = write_generated(tmp_path / "other", {3: 4, 4: 3})
     err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume", "--extra", str(other)])
     assert "was trained on other generated images (--extra); resume with the data it started with" in err
     assert (tmp_path / "cls" / "options.json").read_text() == options  # refused before writing anything
-    train_main([*common, "--epochs", "2", "--resume"])  # --extra left out: the run's own
-    assert f"--resume: left out, as the run was started: --extra {generated}\n" in capsys.readouterr().out
+    train_main([*common, "--epochs", "2", "--resume"])  # --extra and --name left out: the run's own
+    assert (f"--resume: left out, as the run was started: --extra {generated}, --name TGN (ours)\n"
+            in capsys.readouterr().out)
     assert json.loads((tmp_path / "cls" / "options.json").read_text())["extra"] == [str(generated)]
+    assert json.loads((tmp_path / "cls" / "report-best" / "report.json").read_text())["method"] == "TGN (ours)"
     # As many images under the same names, generated again from another checkpoint.
     (generated / "generation.json").write_text(json.dumps({"weights": "another checkpoint's", "r": 0.05}))
     err = exit_message(capsys, train_main, [*common, "--epochs", "2", "--resume", "--extra", str(generated)])

@@ -45,11 +45,12 @@ def _setting(key, value):
 
 
 def take_the_runs_flags(args, run_dir, *, length="epochs", may_change=frozenset(), paths=frozenset(),
-                        compared=None):
+                        also=frozenset(), compared=None):
     """With --resume, each flag that defines the run and that this call leaves out (not in
     args.given, tgn.cli.ParsedFlags) takes the value the run's options.json records, and so
     do the stage's `paths` (the inputs it read: a run resumed with none of them reads what
-    it started with). `--resume` alone thus continues a run as it was started; the flags
+    it started with) and `also` (say, the name its reports give it). `--resume` alone thus
+    continues a run as it was started; the flags
     given are compared by check_resume (and `compared` as there: a flag it leaves out of both
     calls' options plays no part, and is not taken). Call it once the folder is known to be
     the script's own run; prints what it took."""
@@ -67,7 +68,7 @@ def take_the_runs_flags(args, run_dir, *, length="epochs", may_change=frozenset(
     now, taken = vars(args), []
     acting = compared(saved, json.loads(json.dumps(now, default=str)))[0] if compared else saved
     for key, value in saved.items():
-        if key in given or key not in now or key not in acting or (key in free and key not in paths) or value is None:
+        if key in given or key not in now or key not in acting or (key in free - paths - also) or value is None:
             continue
         if key in paths:  # recorded absolute; the flags' own form is a Path (or a list of them)
             if map_paths(now[key], lambda path: str(absolute_path(path))) == value:
