@@ -18,7 +18,7 @@ from tgn.compat import check_compile
 from tgn.data import check_outside_dataset
 from tgn.engine import seed_everything
 from tgn.errors import UserError, alike_in_every_process, speaks
-from tgn.io import remove_temp_files
+from tgn.io import absolute_path, remove_temp_files
 from tgn.resume import check_resume, last_state, take_the_runs_flags
 from tgn.run_folder import check_own_run_folder, save_options
 from tgn.runlock import refuse_folder_in_use
@@ -114,8 +114,13 @@ def train_cdtg(args):
     """CDTG/train.py: the flags and inputs checked, the models built (or resumed), then training."""
     refuse_folder_in_use(args.out)
     check_own_run_folder(args.out, args)
-    take_the_runs_flags(args, args.out, length="iter", may_change=RESUME_MAY_CHANGE,
-                        paths={"data", "data_root", "teacher", "clip_root"}, compared=resume_view)
+    take_the_runs_flags(args, args.out, not_taken={"modconv"}, taken_without={"data_root": {"data"}},
+                        compared=resume_view)
+    # Recorded absolute, as the path flags are: a --resume from another folder finds them.
+    if args.clip != "none" and Path(args.clip).is_file():  # a file, not a model name
+        args.clip = str(absolute_path(args.clip))
+    if args.clip_root is not None:
+        args.clip_root = str(absolute_path(args.clip_root))
     defaults = GanConfig()
     inert = [flag for flag, value, default in (
         ("--augment-p", args.augment_p, defaults.augment_p), ("--ada-target", args.ada_target, defaults.ada_target),
@@ -175,7 +180,7 @@ def train_cdtg(args):
     # A run with checkpoints to resume continues from them: --init only starts runs.
     init = (starting_weights(args.init, tail, generator, discriminator, g_ema)
             if args.init is not None and not (args.resume and steps) else None)
-    if args.init is not None and init is None and speaks():
+    if args.init is not None and init is None and speaks() and "init" in getattr(args, "given", {"init"}):
         print(f"note: --init is not read: the run resumes from {args.out / 'checkpoint' / f'{steps[-1]}.pt'}")
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None

@@ -45,7 +45,9 @@ def method_name(args):
 def train_classifier(args):
     """Classification/train.py: the inputs checked, the classifier trained, the report of its best epoch."""
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
-    take_the_runs_flags(args, args.out, may_change=RESUME_MAY_CHANGE, paths={"extra"}, also={"name"})
+    # The dataset and split, left out, are the run's below (dataset_root), where a split since
+    # moved away is passed over; a split given brings its own head/tail threshold.
+    take_the_runs_flags(args, args.out, not_taken={"data_root", "split"}, taken_without={"threshold": {"split"}})
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     trained_on = None
     if args.resume and args.data_root is None and args.split is None and (args.out / "options.json").is_file():

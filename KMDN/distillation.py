@@ -218,8 +218,7 @@ def load_group_model(path, split, group):
 def run_distillation(args):
     """Distill.py: M_H and M_T loaded and checked against the split, then `distill`."""
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
-    take_the_runs_flags(args, args.out / "distill", may_change=RESUME_MAY_CHANGE,
-                        paths={"split", "data_root", "head_ckpt", "tail_ckpt"})
+    take_the_runs_flags(args, args.out / "distill", taken_without={"data_root": {"split"}})
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     check_outside_dataset(args.out, split.data_root)

@@ -16,7 +16,7 @@ from PIL import Image
 
 import CDTG.trainer as trainer_module
 from conftest import PALETTE, TAIL_IDS, exit_message, tiny_clip  # the cdtg_inputs fixture lives in conftest
-from CDTG.checkpoint import load_cdtg_checkpoint
+from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
 from CDTG.dataset_split import main as cdtg_split_main
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import GanConfig
@@ -600,6 +600,24 @@ def test_resume_without_options_json_compares_the_flags_with_the_newest_checkpoi
     assert not (out / "options.json").exists()
     train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none", "--resume", "--log-every", "2"))
     assert json.loads((out / "options.json").read_text())["log_every"] == 2  # how it runs may change
+
+
+def test_resume_alone_keeps_the_runs_steps_checkpoints_and_clip_file(cdtg_inputs, capsys, monkeypatch):
+    """--resume alone: the run's --iter, its --keep-full 0 (the default 2 would cut its older
+    checkpoints for good) and --save-every, and its --clip file named from another folder."""
+    run = cdtg_inputs / "run"
+    monkeypatch.chdir(cdtg_inputs)
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--keep-full", "0", "--save-every", "1",
+                               "--clip", "clip.pt"))  # relative to this folder
+    monkeypatch.chdir(run)
+    capsys.readouterr()
+    train_main(["--out", str(run), "--resume", "--workers", "0", "--device", "cpu"])
+    said = capsys.readouterr().out
+    assert "--iter 2" in said and "--keep-full 0" in said and f"--clip {cdtg_inputs / 'clip.pt'}" in said
+    assert checkpoint_steps(run / "checkpoint") == [1, 2]  # no step trained beyond the run's --iter
+    train_main(["--out", str(run), "--resume", "--workers", "0", "--device", "cpu", "--iter", "3"])
+    assert checkpoint_steps(run / "checkpoint") == [1, 2, 3]
+    assert not any(load_cdtg_checkpoint(run / "checkpoint" / f"{step}.pt").get("generation_only") for step in (1, 2))
 
 
 def test_resume_compares_ada_and_clip_flags_only_where_they_act(tmp_path):

@@ -61,14 +61,38 @@ def test_resume_equals_uninterrupted_run(split_dir, tmp_path, capsys):
     umodel_main(["--split", str(split_dir), "--out", str(interrupted), "--epochs", "2", "--milestones", "2", *TINY])
     capsys.readouterr()
     umodel_main(["--split", str(split_dir), "--out", str(interrupted), "--epochs", "3", "--resume", "--workers", "0"])
-    assert ("--resume: left out, as the run was started: --arch resnet18, --width 4, --batch-size 8, "
-            "--milestones 2, --image-size 16\n") in capsys.readouterr().out
+    assert ("--resume: left out, as the run was started: --arch resnet18, --width 4, --pretrained none, "
+            "--batch-size 8, --milestones 2, --image-size 16\n") in capsys.readouterr().out
     a = load_checkpoint(straight / "head" / "last.pth")
     b = load_checkpoint(interrupted / "head" / "last.pth")
     assert a["epoch"] == b["epoch"] == 2
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert read_metrics(straight / "head" / "metrics.jsonl") [-1]["lr"] == pytest.approx(1e-4)
+
+
+def test_resume_alone_keeps_the_runs_length_and_a_given_split_brings_its_dataset(split_dir, tmp_path, capsys):
+    """--resume alone: the run's --epochs too (not the default 100); a --split given names
+    its own dataset (the run's --data-root is not taken then); --group, no flag, is compared."""
+    import shutil
+
+    from tgn.split import load_split
+
+    out, moved = tmp_path / "kmdn", tmp_path / "moved"
+    shutil.copytree(load_split(split_dir).data_root, moved)
+    umodel_main(["--split", str(split_dir), "--data-root", str(moved), "--out", str(out), "--epochs", "2", *TINY])
+    capsys.readouterr()
+    umodel_main(["--out", str(out), "--resume", "--workers", "0"])
+    said = capsys.readouterr().out
+    assert f"--split {split_dir}, --data-root {moved}, " in said and "has trained all 2 epochs" in said
+    assert json.loads((out / "head" / "options.json").read_text())["epochs"] == 2
+    shutil.rmtree(moved)
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--resume", "--epochs", "3", "--workers", "0"])
+    assert load_checkpoint(out / "head" / "last.pth")["epoch"] == 2  # on the split's own dataset
+    shutil.copytree(out / "head", out / "tail")
+    capsys.readouterr()
+    err = exit_message(capsys, rmodel_main, ["--out", str(out), "--resume", "--workers", "0"])
+    assert "was started with --group head, this call has --group tail" in err
 
 
 def test_existing_results_are_not_overwritten(split_dir, tmp_path, capsys):

@@ -88,11 +88,12 @@ def output_folder(text):
 
 
 class ParsedFlags(argparse.Namespace):
-    """The parsed flags, and `given`: the names of those the command line gave (the others
-    hold their defaults), which a --resume fills from the run's record. A slot, so that it
-    is no flag: vars(args), what options.json records and --resume compares, leaves it out."""
+    """The parsed flags, and of their names: `given`, those the command line gave (the
+    others hold their defaults), which a --resume fills from the run's record; `flags`, all
+    the script's own; `paths`, those whose values are Paths. Slots, so that they are no
+    flags: vars(args), what options.json records and --resume compares, leaves them out."""
 
-    __slots__ = ("given",)
+    __slots__ = ("given", "flags", "paths")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -115,6 +116,9 @@ class ArgumentParser(argparse.ArgumentParser):
             setattr(flags, key, map_paths(value, Path.expanduser))
         if isinstance(flags, ParsedFlags):
             flags.given = self.given_flags(args)
+            own = [action for action in self._actions if action.dest != argparse.SUPPRESS]
+            flags.flags = frozenset(action.dest for action in own)
+            flags.paths = frozenset(action.dest for action in own if action.type in (Path, output_folder))
         return flags, extras
 
     def given_flags(self, args):

@@ -44,16 +44,22 @@ def _setting(key, value):
     return f"{_flag(key)} {value}"
 
 
-def take_the_runs_flags(args, run_dir, *, length="epochs", may_change=frozenset(), paths=frozenset(),
-                        also=frozenset(), compared=None):
-    """With --resume, each flag that defines the run and that this call leaves out (not in
-    args.given, tgn.cli.ParsedFlags) takes the value the run's options.json records, and so
-    do the stage's `paths` (the inputs it read: a run resumed with none of them reads what
-    it started with) and `also` (say, the name its reports give it). `--resume` alone thus
-    continues a run as it was started; the flags
-    given are compared by check_resume (and `compared` as there: a flag it leaves out of both
-    calls' options plays no part, and is not taken). Call it once the folder is known to be
-    the script's own run; prints what it took."""
+# How a run uses the machine it runs on: a --resume that leaves them out takes this call's
+# defaults, not the run's (another machine, another GPU).
+MACHINE_FLAGS = frozenset({"resume", "overwrite", "out", "device", "workers", "amp", "channels_last", "compile",
+                           "pin_memory", "sync_bn", "cache"})
+
+
+def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=None, compared=None):
+    """With --resume, each flag this call leaves out (not in args.given, tgn.cli.ParsedFlags)
+    takes the value the run's options.json records, but for MACHINE_FLAGS and the script's
+    `not_taken`: `--resume` alone continues a run as it was started, its length, inputs,
+    checkpointing and reports included; the flags given are compared by check_resume.
+    `taken_without`: {flag: flags that, given, keep it from being taken} (--data-root is
+    the run's only when --split is left out too: a split given names its own dataset).
+    `compared`, as check_resume's: a flag it leaves out of both calls' options plays no
+    part, and is not taken. Call it once the folder is known to be the script's own run;
+    prints what it took."""
     given = getattr(args, "given", None)
     record = Path(run_dir) / "options.json"
     if not args.resume or given is None or not record.is_file():
@@ -64,16 +70,16 @@ def take_the_runs_flags(args, run_dir, *, length="epochs", may_change=frozenset(
         return
     if not isinstance(saved, dict):
         return
-    free = HOW_IT_RUNS | PATH_FLAGS | may_change | {length}
-    now, taken = vars(args), []
+    now, taken, skipped = vars(args), [], MACHINE_FLAGS | not_taken
     acting = compared(saved, json.loads(json.dumps(now, default=str)))[0] if compared else saved
     for key, value in saved.items():
-        if key in given or key not in now or key not in acting or (key in free - paths - also) or value is None:
+        if (key in given or key in skipped or key not in args.flags or key not in acting
+                or given & set((taken_without or {}).get(key, ()))):
             continue
-        if key in paths:  # recorded absolute; the flags' own form is a Path (or a list of them)
+        if key in args.paths:  # recorded absolute; the flag's own form is a Path (or a list of them)
             if map_paths(now[key], lambda path: str(absolute_path(path))) == value:
                 continue
-            value = [Path(item) for item in value] if isinstance(value, list) else Path(value)
+            value = value if value is None else [Path(v) for v in value] if isinstance(value, list) else Path(value)
         elif json.loads(json.dumps(now[key], default=str)) == value:
             continue
         setattr(args, key, value)
