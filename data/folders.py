@@ -59,11 +59,17 @@ def holds_images(entry):
 
 
 def holds_images_within(folder):
-    """Whether an image file lies anywhere under `folder` (stops at the first)."""
+    """Whether an image (of any type) lies under `folder`, outside hidden and system folders
+    (a NAS's thumbnails); stops at the first."""
     try:
-        return any(path.suffix.lower() in IMAGE_SUFFIXES for path in folder.rglob("*"))
+        for root, folders, files in os.walk(folder):
+            folders[:] = [name for name in folders if not is_hidden(Path(root) / name)]
+            if any(Path(name).suffix.lower() in IMAGE_SUFFIXES + OTHER_IMAGE_TYPES and not is_hidden(Path(name))
+                   for name in files):
+                return True
     except OSError:  # a folder that cannot be listed holds nothing read
         return False
+    return False
 
 
 def class_folders(subset_dir):

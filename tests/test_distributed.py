@@ -78,6 +78,8 @@ def _process(rank, port, job, args):
 # The processes start from a fresh interpreter's state, as spawned ones do (nothing of
 # pytest's process), but forked from a server that imported these once for the session:
 # spawned, each imported them again, seconds per process (the file took twice as long).
+# They see the environment and working folder the server started with (at the first call):
+# a job sets what it needs itself (_process), never through monkeypatch.
 PRELOAD = ["torch", "torchvision", "torch._dynamo", "clip", "conftest", "test_distributed"]
 
 

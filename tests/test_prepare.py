@@ -724,6 +724,7 @@ def test_class_folders_become_classes_named_after_them(class_folders, tmp_path, 
     out = tmp_path / "datasets" / "mine"
     paint_scene(class_folders / "train/ship/more/h.jpg", (8, 8), {})
     (class_folders / "train/golf_field/__pycache__").mkdir()  # no images: nothing to warn of
+    paint_scene(class_folders / "train/golf_field/thumbs/@eaDir/t.jpg", (8, 8), {})  # a NAS's, deeper: neither
     # What a NAS or an unzipped macOS archive adds: no class, and no images of one.
     paint_scene(class_folders / "train/@eaDir/thumb.jpg", (8, 8), {})
     paint_scene(class_folders / "train/ship/@eaDir/d.jpg/SYNOFILE_THUMB_M.jpg", (8, 8), {})
