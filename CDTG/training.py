@@ -114,13 +114,14 @@ def train_cdtg(args):
     """CDTG/train.py: the flags and inputs checked, the models built (or resumed), then training."""
     refuse_folder_in_use(args.out)
     check_own_run_folder(args.out, args)
+    steps = checkpoint_steps(args.out / "checkpoint")
     take_the_runs_flags(args, args.out, not_taken={"modconv"}, taken_without={"data_root": {"data"}},
-                        compared=resume_view)
+                        compared=resume_view, checkpoint=args.out / "checkpoint" / f"{steps[-1]}.pt" if steps else None)
     # Recorded absolute, as the path flags are: a --resume from another folder finds them.
-    if args.clip != "none" and Path(args.clip).is_file():  # a file, not a model name
-        args.clip = str(absolute_path(args.clip))
+    if args.clip != "none" and Path(args.clip).expanduser().is_file():  # a file, not a model name
+        args.clip = str(absolute_path(Path(args.clip).expanduser()))
     if args.clip_root is not None:
-        args.clip_root = str(absolute_path(args.clip_root))
+        args.clip_root = str(absolute_path(Path(args.clip_root).expanduser()))
     defaults = GanConfig()
     inert = [flag for flag, value, default in (
         ("--augment-p", args.augment_p, defaults.augment_p), ("--ada-target", args.ada_target, defaults.ada_target),
@@ -132,7 +133,6 @@ def train_cdtg(args):
         raise UserError(f"--lambda-clip {args.lambda_clip} acts only with a CLIP model: leave it out with --clip none")
     args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
     check_compile(args.compile)
-    steps = checkpoint_steps(args.out / "checkpoint")
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     done = steps[-1] if steps else None

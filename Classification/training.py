@@ -1,6 +1,6 @@
 """A Classification/train.py run from its flags: real and generated training images, the
 classifier, its training and the report of its best epoch."""
-from pathlib import Path
+import warnings
 
 import torch
 
@@ -19,7 +19,6 @@ from tgn.cache import ResizeCache
 from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.images import ImageList, build_transform
-from tgn.io import read_json
 from tgn.metrics import format_percent
 from tgn.resume import check_resume, check_same_data, check_same_names, epochs_done, last_state, take_the_runs_flags
 from tgn.run_folder import TRAINING_RESULTS, check_run_dir, prepare_run_dir, save_options
@@ -45,16 +44,15 @@ def method_name(args):
 def train_classifier(args):
     """Classification/train.py: the inputs checked, the classifier trained, the report of its best epoch."""
     check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
-    # The dataset and split, left out, are the run's below (dataset_root), where a split since
-    # moved away is passed over; a split given brings its own head/tail threshold.
-    take_the_runs_flags(args, args.out, not_taken={"data_root", "split"}, taken_without={"threshold": {"split"}})
+    # A split given brings its own dataset and head/tail threshold.
+    taken = take_the_runs_flags(args, args.out, taken_without={"data_root": {"split"}, "threshold": {"split"}},
+                                checkpoint=args.out / "last.pth")
+    if "split" in taken and not args.split.is_dir():  # it only groups the report's classes: passed over
+        warnings.warn(f"--resume: the run's --split {args.split} is not found (moved?): head and tail are its top "
+                      f"{args.threshold:g}% of classes by training count; pass --split to group them by it")
+        args.split = None
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
-    trained_on = None
-    if args.resume and args.data_root is None and args.split is None and (args.out / "options.json").is_file():
-        recorded = read_json(args.out / "options.json", "options")  # neither flag: the run's own dataset and split
-        trained_on = recorded.get("data_root")
-        args.split = Path(recorded["split"]) if recorded.get("split") and Path(recorded["split"]).is_dir() else None
-    info = open_dataset(dataset_root(args, trained_on, args.out))
+    info = open_dataset(dataset_root(args))
     check_outside_dataset(args.out, info.root)
     check_outside_dataset(args.cache, info.root, "--cache")
     class_ids, label_of = class_order(info)

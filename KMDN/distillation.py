@@ -218,7 +218,8 @@ def load_group_model(path, split, group):
 def run_distillation(args):
     """Distill.py: M_H and M_T loaded and checked against the split, then `distill`."""
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
-    take_the_runs_flags(args, args.out / "distill", taken_without={"data_root": {"split"}})
+    take_the_runs_flags(args, args.out / "distill", taken_without={"data_root": {"split"}},
+                        checkpoint=args.out / "distill" / "last.pth")
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     check_outside_dataset(args.out, split.data_root)

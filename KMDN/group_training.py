@@ -20,7 +20,8 @@ def train_group(args):
     """Writes OUT/<group>/{best,last}.pth, metrics.jsonl and options.json."""
     group = args.group
     check_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite, args=args)
-    take_the_runs_flags(args, args.out / group, taken_without={"data_root": {"split"}})
+    take_the_runs_flags(args, args.out / group, taken_without={"data_root": {"split"}},
+                        checkpoint=args.out / group / "last.pth")
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
     split = open_split(args)
     check_outside_dataset(args.out, split.data_root)

@@ -163,7 +163,8 @@ def test_resume_refuses_other_generated_images(toy_data, tmp_path, capsys):
     assert (tmp_path / "cls" / "options.json").read_text() == options  # refused before writing anything
     train_main([*common, "--epochs", "2", "--resume"])  # --extra and --name left out: the run's own
     taken = capsys.readouterr().out
-    assert f"--resume: left out, as the run was started: --extra {generated}, " in taken and "--name TGN (ours)" in taken
+    assert f"--resume: left out, as the run was started: --extra {generated}, " in taken
+    assert "--name 'TGN (ours)'" in taken
     assert json.loads((tmp_path / "cls" / "options.json").read_text())["extra"] == [str(generated)]
     assert json.loads((tmp_path / "cls" / "report-best" / "report.json").read_text())["method"] == "TGN (ours)"
     # As many images under the same names, generated again from another checkpoint.
@@ -380,6 +381,18 @@ def test_the_dataset_defaults_to_the_splits_else_the_one_the_checkpoint_trained_
     resumed = train_main(["--resume", "--epochs", "2", "--device", "cpu", *TINY, "--out", str(tmp_path / "cls")])
     assert len((tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()) == 2
     assert "split" in resumed["grouping"] and resumed["dataset"] == report["dataset"]
+    # A split of a dataset moved since, given with --data-root: --resume alone reads the moved one.
+    shutil.copytree(data, tmp_path / "copy")
+    split_main(["--data-root", str(tmp_path / "copy"), "--out", str(tmp_path / "copy_split")])
+    (tmp_path / "copy").rename(tmp_path / "moved")
+    run = ["--device", "cpu", *TINY, "--out", str(tmp_path / "cls2")]
+    train_main(["--split", str(tmp_path / "copy_split"), "--data-root", str(tmp_path / "moved"), "--epochs", "1", *run])
+    train_main(["--resume", "--epochs", "2", *run])
+    shutil.rmtree(tmp_path / "copy_split")  # gone: it only groups the report's classes
+    with pytest.warns(UserWarning, match=f"the run's --split {tmp_path / 'copy_split'} is not found"):
+        resumed = train_main(["--resume", "--epochs", "3", *run])
+    assert "top 40% of classes" in resumed["grouping"]
+    assert len((tmp_path / "cls2" / "metrics.jsonl").read_text().splitlines()) == 3
     capsys.readouterr()
     assert exit_message(capsys, train_main, ["--epochs", "1", "--out", str(tmp_path / "none")]) == (
         "error: which dataset? pass --data-root DATA (or --split, made on it)")

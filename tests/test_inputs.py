@@ -439,8 +439,9 @@ def test_the_flags_given_are_told_from_defaults_however_they_are_spelled():
     assert args.given == {"epochs", "lr", "extra", "milestones", "resume"}
     assert args.epochs == 3 and args.lr == 0.001 and args.extra == [Path("a"), Path("b")] and args.milestones == []
     assert "given" not in vars(args)  # no flag: options.json neither records nor compares it
-    args = build_parser().parse_args([])
-    assert args.given == set() and args.arch == "resnet50" and args.extra == []
+    args = build_parser().parse_args(["--pretrained", "r50.pth"])
+    assert args.given == {"pretrained"} and args.arch == "resnet50" and args.extra == []
+    assert args.pretrained == str(Path.cwd() / "r50.pth")  # recorded absolute: a --resume elsewhere reads it
 
 
 def test_runs_of_earlier_versions_resume_with_their_fusion_layer(cdtg_inputs, capsys):

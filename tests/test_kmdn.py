@@ -86,6 +86,9 @@ def test_resume_alone_keeps_the_runs_length_and_a_given_split_brings_its_dataset
     said = capsys.readouterr().out
     assert f"--split {split_dir}, --data-root {moved}, " in said and "has trained all 2 epochs" in said
     assert json.loads((out / "head" / "options.json").read_text())["epochs"] == 2
+    (out / "head" / "options.json").unlink()  # lost with a copied folder: last.pth's copy of the options serves
+    umodel_main(["--out", str(out), "--resume", "--workers", "0"])
+    assert "has trained all 2 epochs" in capsys.readouterr().out
     shutil.rmtree(moved)
     umodel_main(["--split", str(split_dir), "--out", str(out), "--resume", "--epochs", "3", "--workers", "0"])
     assert load_checkpoint(out / "head" / "last.pth")["epoch"] == 2  # on the split's own dataset

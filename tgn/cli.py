@@ -71,8 +71,9 @@ gan_size = _number(int, lambda v: 16 <= v <= 1024 and v & (v - 1) == 0, "a power
 
 
 def weights_spec(text):
-    """--pretrained: 'imagenet', 'none', or a file (a '~' the shell left is the home folder)."""
-    return text if text in ("imagenet", "none") else os.path.expanduser(text)
+    """--pretrained: 'imagenet', 'none', or a file (a '~' the shell left is the home folder),
+    made absolute: options.json records it, and a --resume from another folder reads it."""
+    return text if text in ("imagenet", "none") else os.path.abspath(os.path.expanduser(text))
 
 
 def output_folder(text):

@@ -9,6 +9,7 @@ folders may move or be named from elsewhere; the checkpoints check what they hol
 """
 import json
 import os
+import shlex
 import warnings
 from pathlib import Path
 
@@ -36,12 +37,12 @@ def _flag(key):
 
 
 def _setting(key, value):
-    """A flag as it is written: a switch is there or not."""
+    """A flag as it is written: a switch is there or not; a value with spaces quoted."""
     if isinstance(value, bool):
         return _flag(key) if value else f"no {_flag(key)}"
     if isinstance(value, list):
-        return " ".join([_flag(key), *map(str, value)])
-    return f"{_flag(key)} {value}"
+        return " ".join([_flag(key), *(shlex.quote(str(item)) for item in value)])
+    return f"{_flag(key)} {shlex.quote(str(value))}"
 
 
 # How a run uses the machine it runs on: a --resume that leaves them out takes this call's
@@ -50,7 +51,8 @@ MACHINE_FLAGS = frozenset({"resume", "overwrite", "out", "device", "workers", "a
                            "pin_memory", "sync_bn", "cache"})
 
 
-def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=None, compared=None):
+def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=None, compared=None,
+                        checkpoint=None):
     """With --resume, each flag this call leaves out (not in args.given, tgn.cli.ParsedFlags)
     takes the value the run's options.json records, but for MACHINE_FLAGS and the script's
     `not_taken`: `--resume` alone continues a run as it was started, its length, inputs,
@@ -58,18 +60,23 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
     `taken_without`: {flag: flags that, given, keep it from being taken} (--data-root is
     the run's only when --split is left out too: a split given names its own dataset).
     `compared`, as check_resume's: a flag it leaves out of both calls' options plays no
-    part, and is not taken. Call it once the folder is known to be the script's own run;
-    prints what it took."""
+    part, and is not taken. Without options.json (deleted, or lost with a copied folder), the
+    copy of the options in `checkpoint` (the one the run resumes from), as check_resume
+    compares with. Call it once the folder is known to be the script's own run; prints what
+    it took, and returns the names."""
     given = getattr(args, "given", None)
     record = Path(run_dir) / "options.json"
-    if not args.resume or given is None or not record.is_file():
-        return
+    if not args.resume or given is None:
+        return []
     try:
-        saved = read_json(record, "options")
+        if record.is_file():
+            saved = read_json(record, "options")
+        else:
+            saved = (last_state(checkpoint, needs=()) or {}).get("options") if checkpoint is not None else None
     except UserError:  # check_resume says what is wrong with it
-        return
+        return []
     if not isinstance(saved, dict):
-        return
+        return []
     now, taken, skipped = vars(args), [], MACHINE_FLAGS | not_taken
     acting = compared(saved, json.loads(json.dumps(now, default=str)))[0] if compared else saved
     for key, value in saved.items():
@@ -86,6 +93,7 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
         taken.append(key)
     if taken and speaks():
         print(f"--resume: left out, as the run was started: {', '.join(_setting(key, saved[key]) for key in taken)}")
+    return taken
 
 
 def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None, may_change=frozenset(),
