@@ -31,5 +31,6 @@ def add_report_args(parser, from_run=False):
                        help="method name in the report and comparison table (default: train.py names the method "
                             "from its flags, e.g. 'TGN', 're-sampling', 'baseline'; test.py takes the checkpoint's)")
     group.add_argument("--baseline-report", type=Path, default=None,
-                       help="report.json (or its folder) of the baseline: its accuracy line joins long_tail.png")
+                       help="report.json (or its folder) of the baseline: its accuracy line joins long_tail.png "
+                            "('none': without one, where a resumed run recorded one)")
     return group

@@ -77,6 +77,8 @@ def describe_classes(info, args, class_ids, train_counts, generated_counts, spli
 def read_baseline(args, info, class_ids):
     """Read --baseline-report up front, so that a wrong path, or a report of other data
     (its line would join another dataset's chart), fails before any work."""
+    if args.baseline_report is not None and str(args.baseline_report) == "none":  # as if left out (recorded so)
+        args.baseline_report = None
     if args.baseline_report is None:
         return None
     report = read_report(args.baseline_report)

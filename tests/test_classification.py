@@ -597,6 +597,22 @@ def test_a_split_groups_the_classes_of_data_whose_test_list_changed_since(traine
     assert report["num_test_images"] == len(anno.read_text().splitlines())
 
 
+def test_a_resume_leaves_a_recorded_baseline_report_out_with_none(trained, tmp_path, capsys):
+    """--resume takes the run's --baseline-report when left out; one since deleted is left out
+    with 'none' (recorded so), not only by editing options.json."""
+    data, out, _ = trained
+    shutil.copytree(out / "report-best", tmp_path / "baseline")
+    resume = ["--out", str(tmp_path / "cls"), "--resume", "--epochs", "2", "--device", "cpu", "--workers", "0"]
+    train_main(["--data-root", str(data), "--device", "cpu", *TINY, "--out", str(tmp_path / "cls"), "--epochs", "1",
+                "--baseline-report", str(tmp_path / "baseline")])
+    shutil.rmtree(tmp_path / "baseline")
+    capsys.readouterr()
+    assert str(tmp_path / "baseline") in exit_message(capsys, train_main, resume)
+    train_main([*resume, "--baseline-report", "none"])
+    assert json.loads((tmp_path / "cls" / "options.json").read_text())["baseline_report"] is None
+    assert len((tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_a_baseline_report_of_other_data_is_refused_before_any_work(trained, tmp_path, capsys):
     data, out, _ = trained
     other = json.loads((out / "report-best" / "report.json").read_text())
