@@ -23,8 +23,8 @@ FORMAT = "tgn-cdtg/1"
 
 def load_cdtg_checkpoint(path):
     path = Path(path)
-    steps = checkpoint_steps(path / "checkpoint") if path.is_dir() else []
-    hint = f"; pass {path / 'checkpoint' / f'{steps[-1]}.pt'}, its newest" if steps else "; pass RUN/checkpoint/STEP.pt"
+    newest = newest_checkpoint(path / "checkpoint") if path.is_dir() else None
+    hint = f"; pass {newest}, its newest" if newest else "; pass RUN/checkpoint/STEP.pt"
     path = require_file(path, "CDTG checkpoint", hint)
     try:
         with loading_classes([argparse.Namespace]):
@@ -107,11 +107,10 @@ def cut_to_generation(folder, keep, settled=None):
     whole, not ours): later calls pass over them instead of reading every older file
     again and repeating a warning at every save."""
     cut, settled = [], set() if settled is None else settled
-    for step in checkpoint_steps(folder)[:-keep]:
+    for step, path in list(numbered_checkpoints(folder).items())[:-keep]:
         if step in settled:
             continue
         settled.add(step)
-        path = Path(folder) / f"{step}.pt"
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)  # reads no weights yet
         except Exception as exc:  # the official 200000.pt (its options need an allowance), a foreign file
@@ -133,9 +132,28 @@ def cut_to_generation(folder, keep, settled=None):
     return cut
 
 
-def checkpoint_steps(folder):
-    """Steps of the numbered checkpoints (`<step>.pt`) in `folder`, ascending."""
+def numbered_checkpoints(folder):
+    """The numbered checkpoints (`<step>.pt`) in `folder`, {step: path} in ascending steps.
+    Runs of the official code name them zero-padded (`010000.pt`); where both names of a
+    step are there, ours (`10000.pt`) is the one read."""
     folder = Path(folder)
     if not folder.is_dir():
-        return []
-    return sorted(int(p.stem) for p in folder.glob("*.pt") if re.fullmatch(r"\d+", p.stem))
+        return {}
+    found = {}
+    for path in folder.glob("*.pt"):
+        if re.fullmatch(r"\d+", path.stem):
+            step = int(path.stem)
+            if step not in found or path.stem == str(step):
+                found[step] = path
+    return dict(sorted(found.items()))
+
+
+def checkpoint_steps(folder):
+    """Steps of the numbered checkpoints in `folder`, ascending."""
+    return list(numbered_checkpoints(folder))
+
+
+def newest_checkpoint(folder):
+    """The path of the highest step's checkpoint in `folder`, or None."""
+    found = numbered_checkpoints(folder)
+    return found[max(found)] if found else None

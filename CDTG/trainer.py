@@ -31,7 +31,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from CDTG.augment import AdaptiveAugment, augment
-from CDTG.checkpoint import (checkpoint_steps, cut_to_generation, load_cdtg_checkpoint, official_not_resumable,
+from CDTG.checkpoint import (cut_to_generation, load_cdtg_checkpoint, numbered_checkpoints, official_not_resumable,
                              save_cdtg_checkpoint)
 from CDTG.compilation import compile_swagan
 from CDTG.config import ada_interval
@@ -162,16 +162,16 @@ class CdtgTrainer:
         return path
 
     def resume(self):
-        steps = checkpoint_steps(self.out_dir / "checkpoint")
-        if not steps:
+        found = list(numbered_checkpoints(self.out_dir / "checkpoint").values())
+        if not found:
             return False
-        path = self.out_dir / "checkpoint" / f"{steps[-1]}.pt"
+        path = found[-1]
         try:
             state = load_cdtg_checkpoint(path)
         except UserError as exc:  # damaged (a copy cut short, a full disk of an earlier version)
             # The one before is whole (not cut to what generation reads) when --keep-full keeps two or all.
-            whole_before = len(steps) > 1 and self.cfg.keep_full != 1
-            before = f"move it away to resume from {steps[-2]}.pt, " if whole_before else ""
+            whole_before = len(found) > 1 and self.cfg.keep_full != 1
+            before = f"move it away to resume from {found[-2].name}, " if whole_before else ""
             raise UserError(f"--resume: {exc}; {before}or pass --overwrite instead of --resume to start "
                             "again") from None
         if state.get("generation_only"):

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from CDTG.checkpoint import checkpoint_steps, is_official, load_cdtg_checkpoint, official_not_resumable
+from CDTG.checkpoint import (checkpoint_steps, is_official, load_cdtg_checkpoint, newest_checkpoint,
+                             official_not_resumable)
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import RESUME_MAY_CHANGE, GanConfig, ada_interval, resume_view, uses_clip_loss
 from CDTG.fusion import NoiseFusion
@@ -115,8 +116,9 @@ def train_cdtg(args):
     refuse_folder_in_use(args.out)
     check_own_run_folder(args.out, args)
     steps = checkpoint_steps(args.out / "checkpoint")
+    newest_path = newest_checkpoint(args.out / "checkpoint")
     take_the_runs_flags(args, args.out, not_taken={"modconv"}, taken_without={"data_root": {"data"}},
-                        compared=resume_view, checkpoint=args.out / "checkpoint" / f"{steps[-1]}.pt" if steps else None)
+                        compared=resume_view, checkpoint=newest_path)
     # Recorded absolute, as the path flags are: a --resume from another folder finds them.
     if args.clip != "none" and Path(args.clip).expanduser().is_file():  # a file, not a model name
         args.clip = str(absolute_path(Path(args.clip).expanduser()))
@@ -136,11 +138,11 @@ def train_cdtg(args):
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     done = steps[-1] if steps else None
-    if args.resume and steps and is_official(args.out / "checkpoint" / f"{done}.pt"):  # before its steps are counted
-        raise official_not_resumable(args.out / "checkpoint" / f"{done}.pt")
+    if args.resume and steps and is_official(newest_path):  # before its steps are counted
+        raise official_not_resumable(newest_path)
     # Without options.json (deleted, or lost with a copied folder), the flags are compared with the newest
     # checkpoint's (none in the official format; one that cannot be read is reported where it is loaded).
-    newest = last_state(args.out / "checkpoint" / f"{done}.pt", needs=()) \
+    newest = last_state(newest_path, needs=()) \
         if args.resume and steps and not (args.out / "options.json").is_file() else None
     check_resume(args.out, args, done=done, length="iter", state={"options": (newest or {}).get("options")},
                  may_change=RESUME_MAY_CHANGE, compared=resume_view)
@@ -181,7 +183,7 @@ def train_cdtg(args):
     init = (starting_weights(args.init, tail, generator, discriminator, g_ema)
             if args.init is not None and not (args.resume and steps) else None)
     if args.init is not None and init is None and speaks() and "init" in getattr(args, "given", {"init"}):
-        print(f"note: --init is not read: the run resumes from {args.out / 'checkpoint' / f'{steps[-1]}.pt'}")
+        print(f"note: --init is not read: the run resumes from {newest_path}")
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None
     dist.init(args.device)  # joined after the input checks: an input error prints once per node

@@ -1562,6 +1562,26 @@ def test_the_newest_checkpoint_is_the_highest_step_past_a_power_of_ten(tmp_path)
     assert checkpoint_steps(tmp_path) == [9, 10, 100, 1000]
 
 
+def test_zero_padded_checkpoint_names_are_found_by_their_step(cdtg_inputs):
+    """Runs of the official code name checkpoints zero-padded (`000004.pt`): --resume reads
+    the newest of them, --keep-full cuts the older ones, and a run folder given as a
+    checkpoint names the file to pass. Where both names of a step are there, ours is read."""
+    from CDTG.checkpoint import numbered_checkpoints
+
+    run = cdtg_inputs / "padded"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "4", "--clip", "none", "--keep-full", "0"))
+    for step in (2, 4):
+        (run / "checkpoint" / f"{step}.pt").rename(run / "checkpoint" / f"{step:06d}.pt")
+    with pytest.raises(UserError, match=re.escape(f"pass {run / 'checkpoint' / '000004.pt'}, its newest")):
+        load_cdtg_checkpoint(run)
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "6", "--clip", "none", "--keep-full", "1", "--resume"))
+    assert load_cdtg_checkpoint(run / "checkpoint" / "6.pt")["step"] == 6
+    assert all(load_cdtg_checkpoint(run / "checkpoint" / name).get("generation_only")
+               for name in ("000002.pt", "000004.pt"))
+    (run / "checkpoint" / "000006.pt").write_bytes(b"")  # a padded copy beside ours
+    assert numbered_checkpoints(run / "checkpoint")[6] == run / "checkpoint" / "6.pt"
+
+
 # --- the wiring: flags reach the code, orders match, intervals, starting copies ---------------------
 
 def trainer_as_train_py_builds_it(cdtg_inputs, monkeypatch, *extra):
