@@ -444,6 +444,26 @@ def test_the_flags_given_are_told_from_defaults_however_they_are_spelled():
     assert args.pretrained == str(Path.cwd() / "r50.pth")  # recorded absolute: a --resume elsewhere reads it
 
 
+def test_a_resume_prints_repeated_flags_as_typed_and_may_turn_a_recorded_switch_off(tmp_path, capsys):
+    """What a --resume takes is printed as it would be typed (--extra A --extra B, not
+    --extra A B); --skip-bad-images, once recorded, is taken when left out and turned off by
+    --no-skip-bad-images."""
+    from Classification.train import build_parser
+    from tgn.resume import take_the_runs_flags
+
+    extra = [tmp_path / "gen a", tmp_path / "b"]
+    run = build_parser().parse_args(["--extra", str(extra[0]), "--extra", str(extra[1]), "--skip-bad-images"])
+    (tmp_path / "options.json").write_text(json.dumps(vars(run), default=str))
+    resumed = build_parser().parse_args(["--resume"])
+    assert {"extra", "skip_bad_images"} <= set(take_the_runs_flags(resumed, tmp_path))
+    assert resumed.skip_bad_images and resumed.extra == extra
+    taken = capsys.readouterr().out
+    assert f"--extra '{extra[0]}' --extra {extra[1]}, " in taken and "--skip-bad-images" in taken
+    turned_off = build_parser().parse_args(["--resume", "--no-skip-bad-images"])
+    take_the_runs_flags(turned_off, tmp_path)
+    assert turned_off.skip_bad_images is False
+
+
 def test_runs_of_earlier_versions_resume_with_their_fusion_layer(cdtg_inputs, capsys):
     out = cdtg_inputs / "legacy"
     legacy = ("--fusion-lr-mul", "0", "--flip")  # the plain Linear of earlier versions

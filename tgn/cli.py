@@ -91,10 +91,11 @@ def output_folder(text):
 class ParsedFlags(argparse.Namespace):
     """The parsed flags, and of their names: `given`, those the command line gave (the
     others hold their defaults), which a --resume fills from the run's record; `flags`, all
-    the script's own; `paths`, those whose values are Paths. Slots, so that they are no
-    flags: vars(args), what options.json records and --resume compares, leaves them out."""
+    the script's own; `paths`, those whose values are Paths; `repeated`, those given once
+    per value (--extra A --extra B). Slots, so that they are no flags: vars(args), what
+    options.json records and --resume compares, leaves them out."""
 
-    __slots__ = ("given", "flags", "paths")
+    __slots__ = ("given", "flags", "paths", "repeated")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -120,6 +121,7 @@ class ArgumentParser(argparse.ArgumentParser):
             own = [action for action in self._actions if action.dest != argparse.SUPPRESS]
             flags.flags = frozenset(action.dest for action in own)
             flags.paths = frozenset(action.dest for action in own if action.type in (Path, output_folder))
+            flags.repeated = frozenset(action.dest for action in own if isinstance(action, argparse._AppendAction))
         return flags, extras
 
     def given_flags(self, args):
@@ -156,7 +158,8 @@ def add_runtime_args(parser, *, pin_memory=True):
     if pin_memory:
         group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
                            help="page-locked host memory for faster GPU copies (auto: on when training on a GPU)")
-    group.add_argument("--skip-bad-images", action="store_true",
+    # With a negation: a --resume takes the run's choice when left out, and may turn it off.
+    group.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
                        help="check every image once and skip (and count) unreadable ones instead of stopping")
     return group
 

@@ -36,10 +36,13 @@ def _flag(key):
     return "--" + key.replace("_", "-")
 
 
-def _setting(key, value):
-    """A flag as it is written: a switch is there or not; a value with spaces quoted."""
+def _setting(key, value, repeated=()):
+    """A flag as it is written: a switch is there or not; a value with spaces quoted; a
+    list after the flag, or the flag before each value where it is `repeated`."""
     if isinstance(value, bool):
         return _flag(key) if value else f"no {_flag(key)}"
+    if isinstance(value, list) and key in repeated:
+        return " ".join(f"{_flag(key)} {shlex.quote(str(item))}" for item in value) or f"no {_flag(key)}"
     if isinstance(value, list):
         return " ".join([_flag(key), *(shlex.quote(str(item)) for item in value)])
     return f"{_flag(key)} {shlex.quote(str(value))}"
@@ -92,7 +95,9 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
         setattr(args, key, value)
         taken.append(key)
     if taken and speaks():
-        print(f"--resume: left out, as the run was started: {', '.join(_setting(key, saved[key]) for key in taken)}")
+        repeated = getattr(args, "repeated", ())
+        taken_text = ", ".join(_setting(key, saved[key], repeated) for key in taken)
+        print(f"--resume: left out, as the run was started: {taken_text}")
     return taken
 
 
@@ -130,8 +135,9 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None,
         changed = [key for key in now if key in saved and key not in free
                    and saved_view.get(key) != now_view.get(key)]
         if changed:
-            was = ", ".join(_setting(key, saved[key]) for key in changed)
-            now_text = ", ".join(_setting(key, now[key]) for key in changed)
+            repeated = getattr(args, "repeated", ())
+            was = ", ".join(_setting(key, saved[key], repeated) for key in changed)
+            now_text = ", ".join(_setting(key, now[key], repeated) for key in changed)
             raise UserError(f"--resume: {out_dir} was started with {was}, this call has {now_text}; resume with the "
                             "flags it was started with, or pass --overwrite instead of --resume to start again")
         note_process_count(out_dir, saved.get("processes"))
