@@ -1,9 +1,11 @@
 """Figures of a report (PNG through matplotlib's Agg canvas; no pyplot, no display needed).
 
 - confusion matrix, row-normalised, class names on both axes;
-- the long-tail chart of the paper (figures/dior-longtail-result.png): classes ranked by
-  real training count, head bars orange, tail bars green, generated images stacked in
-  light green, and each report's per-class accuracy as a line (baseline vs augmented).
+- the long-tail chart, laid out as the paper's (figures/dior-longtail-result.png): classes
+  ranked by real training count, head bars orange, tail bars green, generated images
+  stacked in light green. The paper's lines trace the sample counts, each labelled with an
+  overall accuracy; ours plot each report's per-class accuracy on a second axis, labelled
+  with its OA (baseline vs augmented), which shows where the tail gains.
 """
 import functools
 import io

@@ -75,10 +75,11 @@ def _cell(value):
 
 def report_markdown(report):
     groups = {}
-    for group in ("head", "tail"):  # a mean is over the group's classes with test images
-        tested = sum(1 for row in report["classes"] if row["group"] == group and row["test_count"])
-        total = len(report[group])
-        groups[group] = f"{total}" if tested == total else f"{tested} of {total}"
+    for group in ("mean", "head", "tail"):  # a mean is over the group's classes with test images
+        rows = [row for row in report["classes"] if group == "mean" or row["group"] == group]
+        tested, total = sum(1 for row in rows if row["test_count"]), len(rows)
+        if group != "mean" or tested != total:  # the overall mean names its count where some have no test images
+            groups[group] = f"{total}" if tested == total else f"{tested} of {total}"
     lines = [
         f"## {report['method']}",
         "",

@@ -52,9 +52,12 @@ def score_checkpoint(args):
     check_classes(meta, model, class_ids, args.ckpt, args.data_root, named)
     data_counts = count_per_class(info.entries("train", check_files=False), class_ids)
     train_counts = meta.get("train_counts") or data_counts  # the official result.pth records none
+    grouped_by_flags = args.split is not None or args.threshold is not None
     if list(train_counts) != list(data_counts) and speaks():
+        how = "counts them as its run did, grouped by the flags given" if grouped_by_flags else \
+            "counts and groups them as its run did"
         print(f"warning: {args.data_root} has other training images per class than {args.ckpt} was trained on; "
-              "the report counts and groups them as its run did", file=sys.stderr)
+              f"the report {how}", file=sys.stderr)
     stopped = meta.get("unfinished_epoch")
     if stopped and speaks():  # a last.pth saved by Ctrl-C or SIGTERM
         print(f"warning: {args.ckpt} was saved when its run stopped within epoch {stopped['epoch'] + 1} (step "
@@ -62,8 +65,9 @@ def score_checkpoint(args):
               file=sys.stderr)
     options = meta.get("options", {})
     groups_from_run(args, options)
+    run_counts = None if grouped_by_flags else dict(zip(class_ids, train_counts))
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
-                               grouping_split(args, info))
+                               grouping_split(args, info, run_counts))
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
     dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
 

@@ -46,13 +46,22 @@ def dataset_root(args, trained_on=None, recorded_in=None):
     return args.data_root
 
 
-def grouping_split(args, info):
+def grouping_split(args, info, run_counts=None):
     """The --split that groups head and tail (None without one), read and checked against
-    DATA and --threshold before any image is decoded."""
+    DATA and --threshold before any image is decoded. `run_counts` ({class id: training
+    count} a checkpoint's run recorded; test.py, where --split is the run's own): a split
+    of the data the run trained on groups as the run did, also when DATA grew since."""
     if args.split is None:
         return None
     split = load_split(args.split, data_root=info.root)
-    check_split_matches(split, info, image_lists=False)  # DATA's test list may change: the groups stay
+    try:
+        check_split_matches(split, info, image_lists=False)  # DATA's test list may change: the groups stay
+    except UserError:
+        if run_counts is None:
+            raise
+        if {cid: split.train_counts.get(cid) for cid in run_counts} != run_counts:
+            raise UserError(f"the split the checkpoint's run used, {split.folder}, counts other training images "
+                            f"than the run and than {info.root}: pass --split or --threshold") from None
     if args.threshold is not None and args.threshold != split.threshold:
         raise UserError(f"--threshold {args.threshold:g} and --split {args.split} disagree: the split's head is "
                         f"its top {split.threshold:g}% of classes; pass one of the two")

@@ -5,8 +5,9 @@
 
 --ckpt is one of our checkpoints (it names its classes) or the official bare state dict
 result.pth (ResNet-50, fc.0.*; loaded with strict=True, its outputs are DATA's sorted class
-ids). Head/tail come from --split, or from DATA's real training counts (top --threshold %
-head); without either, from what the checkpoint's run used (40% for result.pth).
+ids). Head/tail come from --split, or from the real training counts the checkpoint recorded
+(else DATA's; top --threshold % head); without either, from what the checkpoint's run used
+(40% for result.pth).
 Reports overall accuracy, mean per-class accuracy, head and tail means, macro-F1 and a
 per-class table; writes report.md/.csv/.json, confusion_matrix.png and long_tail.png to
 --out (default: beside the checkpoint, test-<checkpoint name>/, next to the report-best/ that

@@ -580,6 +580,30 @@ def test_test_py_counts_and_groups_as_the_run_on_data_that_grew_since(trained, t
     assert again["head"] == report["head"] == [0, 1]
     assert [row["train_count"] for row in again["classes"]] == [row["train_count"] for row in report["classes"]]
     assert "has other training images per class than" in capsys.readouterr().err
+    # A run with a split: the split, made on the data it trained on, still groups its classes.
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split"), "--threshold", "20"])
+    checkpoint = torch.load(out / "best.pth", weights_only=False)
+    checkpoint["options"]["split"] = str(tmp_path / "split")
+    torch.save(checkpoint, tmp_path / "with-split.pth")
+    common = ["--data-root", str(grown), "--ckpt", str(tmp_path / "with-split.pth"), "--workers", "0", "--device",
+              "cpu"]
+    grouped = evaluate_main([*common, "--out", str(tmp_path / "s")])
+    assert grouped["head"] == [0] and "split" in grouped["grouping"]
+    assert "the report counts and groups them as its run did" in capsys.readouterr().err
+    by_flag = evaluate_main([*common, "--out", str(tmp_path / "t"), "--threshold", "40"])
+    assert by_flag["head"] == [0, 1]  # the run's counts (class 4 grew since), grouped by the flag given
+    assert "the report counts them as its run did, grouped by the flags given" in capsys.readouterr().err
+    # A split of other training images than the run counted groups nothing as the run did.
+    split_main(["--data-root", str(grown), "--out", str(tmp_path / "grown-split")])
+    checkpoint["options"]["split"] = str(tmp_path / "grown-split")
+    torch.save(checkpoint, tmp_path / "with-split.pth")
+    shutil.copytree(grown, tmp_path / "grown-more")
+    anno = tmp_path / "grown-more" / "anno" / "TOY_train.txt"
+    anno.write_text(anno.read_text() + "3/img 0.jpg 3\n")
+    with pytest.raises(SystemExit):
+        evaluate_main([*common[:1], str(tmp_path / "grown-more"), *common[2:], "--out", str(tmp_path / "u")])
+    assert (f"error: the split the checkpoint's run used, {tmp_path / 'grown-split'}, counts other training images "
+            f"than the run and than {tmp_path / 'grown-more'}: pass --split or --threshold") in capsys.readouterr().err
 
 
 def test_a_split_groups_the_classes_of_data_whose_test_list_changed_since(trained, tmp_path):
@@ -803,6 +827,8 @@ def test_an_empty_group_is_n_a_not_zero():
     assert "| head-class mean accuracy (2 classes) | 87.50 |" in report_markdown(report)
     one_tested = hand_report("one", [[3, 1, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0]])
     assert "| tail-class mean accuracy (1 of 2 classes) | 100.00 |" in report_markdown(one_tested)
+    assert "| mean per-class accuracy (3 of 4 classes) | 91.67 |" in report_markdown(one_tested)
+    assert "| mean per-class accuracy | " in report_markdown(hand_report("all", BASELINE_CM))  # all tested
     assert "tail,tail-class mean accuracy,,,,,n/a," in report_csv(report)
     assert "| 7 | d | tail | 2 | n/a | 0 | n/a | n/a |" in report_markdown(report)
 
