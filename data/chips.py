@@ -9,12 +9,16 @@ per scene, with its objects and whether it goes to train or test) and hands them
 writes classes.json and the annotation lists, and prints the counts.
 """
 import codecs
+import ctypes
+import filecmp
 import math
 import os
+import signal
+import sys
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -65,6 +69,7 @@ class CropOptions:
     out: Path
     context: float = 0.0
     min_size: float = 0
+    parent: int = None  # the preparer's process id, in its cropping workers
 
 
 @dataclass
@@ -204,9 +209,10 @@ def index_images(folders):
 
 
 def same_image_file(first, second):
-    """One file reached twice (a linked folder), or a copy of it (as many bytes)."""
+    """One file reached twice (a linked folder), or a copy of it (the same bytes: scenes of
+    one size, as uncompressed BMP or TIFF scenes all are, may differ)."""
     try:
-        return os.path.samefile(first, second) or first.stat().st_size == second.stat().st_size
+        return os.path.samefile(first, second) or filecmp.cmp(first, second, shallow=False)
     except OSError:
         return False
 
@@ -302,6 +308,9 @@ def crop_chips(image, options):
         except (OSError, UnidentifiedImageError, SyntaxError) as exc:
             raise UserError(f"cannot read image {image.path}: {exc}") from exc
         with scene:
+            if scene.mode == "F":  # PIL's convert would clip 0..1 values to black chips
+                raise UserError(f"cannot read image {image.path}: 32-bit float pixels have no fixed range; convert "
+                                "the scene to 8 or 16 bits")
             _crop_objects(scene, image, options, entries, skipped)
     return image.subset, entries, skipped
 
@@ -319,6 +328,8 @@ def _crop_objects(scene, image, options, entries, skipped):
         box = clip_box(pad_box(obj.box, options.context), width, height)
         relpath = f"{obj.class_id}/{image.image_id}_{obj.index}.jpg"
         target = options.out / image.subset / relpath
+        if options.parent is not None and os.getppid() != options.parent:  # the preparer is gone: so is its build
+            os._exit(1)
         try:
             chip_pixels(scene.crop(box)).save(target, quality=JPEG_QUALITY)
         except OSError as exc:
@@ -336,13 +347,28 @@ def chip_pixels(chip):
 
 
 def crop_all(images, options, workers, tally):
-    work = partial(crop_chips, options=options)
     progress = dict(total=len(images), unit="image", desc="cropping", dynamic_ncols=True)
     if workers == 1:
-        _collect(tqdm(map(work, images), **progress), tally)
+        _collect(tqdm(map(partial(crop_chips, options=options), images), **progress), tally)
         return
-    with Pool(workers) as pool:
+    work = partial(crop_chips, options=replace(options, parent=os.getpid()))
+    with Pool(workers, initializer=start_cropping_worker, initargs=(os.getpid(),)) as pool:
         _collect(tqdm(pool.imap_unordered(work, images, chunksize=8), **progress), tally)
+
+
+def start_cropping_worker(parent):
+    """A cropping worker leaves Ctrl-C to the preparer, which ends the pool (each worker
+    printed its own traceback), and ends with the preparer: one orphaned by a kill (SIGKILL,
+    SIGTERM, the OOM killer) went on writing chips into the build folder of the next run.
+    Linux ends it at once (PR_SET_PDEATHSIG); elsewhere it ends before its next chip."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl to call: the check before each chip serves
+            pass
+    if os.getppid() != parent:  # gone before the request was made
+        os._exit(1)
 
 
 def _collect(results, tally):
@@ -358,28 +384,55 @@ def check_subsets_found(counts, hint):
             raise UserError(f"no {subset} objects found; {hint}")
 
 
-def check_chips_written(tally):
+def check_chips_written(tally, class_names, hint=""):
     """Refuse a subset whose objects were all skipped (a --min-size above them all, boxes
-    off the image): objects were found, so the reasons say what emptied it."""
+    off the image): objects were found, so the reasons say what emptied it. Refuse a class
+    left without training chips too (classes.json lists it: every stage would stop at it),
+    and warn of classes without test chips."""
     for subset in SUBSETS:
         if not tally.entries[subset]:
             skipped = tally.skipped[subset]
             raise UserError(f"no {subset} chips: all {sum(skipped.values())} {subset} objects were skipped "
                             f"({reasons(skipped)}); --out is left as it was")
+    counts = {subset: tally.counts(subset) for subset in SUBSETS}
+    untrained = [cid for cid in sorted(class_names) if not counts["train"][cid]]
+    if untrained:
+        skipped = tally.skipped["train"]
+        why = f" (skipped objects of every class: {reasons(skipped)})" if skipped else ""
+        raise UserError(f"class {untrained[0]} ({class_names[untrained[0]]}) has no training chips{why}: every "
+                        f"stage needs training images of each class{hint}; --out is left as it was")
+    untested = [cid for cid in sorted(class_names) if not counts["test"][cid]]
+    if untested:
+        warnings.warn(f"{len(untested)} of {len(class_names)} classes have no test chips, e.g. {untested[0]} "
+                      f"({class_names[untested[0]]}): their accuracy is n/a, and KMDN stops if all head or all tail "
+                      "classes have none")
 
 
-def prepare_chips(args, dataset, class_names, images, inputs, skipped=None):
+def check_classes_annotated(images, class_names, hint=""):
+    """Refuse, before any cropping, a class no training object is labelled with (lists
+    that leave out its scenes, a partial download)."""
+    annotated = Counter(obj.class_id for image in images if image.subset == "train" for obj in image.objects)
+    missing = [cid for cid in sorted(class_names) if not annotated[cid]]
+    if missing:
+        raise UserError(f"class {missing[0]} ({class_names[missing[0]]}) has no training object"
+                        f"{f' (nor {len(missing) - 1} more classes)' if len(missing) > 1 else ''} in the train "
+                        f"subset's annotations: every stage needs training images of each class{hint}")
+
+
+def prepare_chips(args, dataset, class_names, images, inputs, skipped=None, empty_class_hint=""):
     """The common tail of the chip preparers: output folder, crops, lists, counts.
-    `skipped`: {subset: Counter of reasons} for objects the preparer left out itself."""
+    `skipped`: {subset: Counter of reasons} for objects the preparer left out itself;
+    `empty_class_hint` ends the error for a class without training chips (what to do)."""
     tally = Tally(skipped={subset: Counter((skipped or {}).get(subset, {})) for subset in SUBSETS})
     annotated = Counter(image.subset for image in images for _ in image.objects)
     check_subsets_found(annotated + Counter({subset: sum(tally.skipped[subset].values()) for subset in SUBSETS}),
                         "check --src and the layout its --help describes")
+    check_classes_annotated(images, class_names, empty_class_hint)
     with building_dataset(args.out, args.overwrite, inputs) as folder:
         make_class_dirs(folder, class_names)
         options = CropOptions(out=folder, context=args.context, min_size=args.min_size)
         crop_all(images, options, args.workers, tally)
-        check_chips_written(tally)  # inside: a dataset written before stays in --out
+        check_chips_written(tally, class_names, empty_class_hint)  # inside: a dataset written before stays in --out
         write_dataset(folder, dataset, class_names, tally)
     report(dataset, Path(args.out), class_names, tally)
     return tally

@@ -2,7 +2,7 @@
 once complete, so that a failure or a kill never leaves half a dataset, nor loses the
 previous one (--overwrite)."""
 import shutil
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 from tgn.cli import output_folder
@@ -15,6 +15,8 @@ LAYOUT_ITEMS = ("train", "test", "anno", "classes.json")
 # building_dataset's hidden folders inside the output: the dataset being built, and the one
 # it replaces while it is moved into place.
 STAGING, REPLACED = ".preparing", ".replaced"
+# What file managers leave in a folder they showed: not "other files".
+SYSTEM_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def add_output_arguments(parser, default=None):
@@ -36,7 +38,8 @@ def check_output(out, overwrite, inputs=()):
         source = Path(source).resolve()
         if source == out.resolve() or source in out.resolve().parents:
             raise UserError(f"--out {out} is inside the input {source}; write the dataset elsewhere")
-    if out.is_dir() and any(entry.name not in (STAGING, REPLACED, LOCK_NAME) for entry in out.iterdir()):
+    if out.is_dir() and any(entry.name not in (STAGING, REPLACED, LOCK_NAME, *SYSTEM_FILES)
+                            for entry in out.iterdir()):
         if not ((out / "classes.json").is_file() or (out / "anno").is_dir()):
             raise UserError(f"--out {out} holds other files and no prepared dataset (classes.json, anno/); "
                             "choose a new or empty folder")
@@ -60,9 +63,9 @@ def building_dataset(out, overwrite, inputs=()):
     without error, the new dataset takes the place of any previous one there (--overwrite).
     Until then the previous dataset stays whole: a bad scene found an hour into cropping,
     or a killed run, costs nothing already prepared. A failure removes the partial build,
-    and `out` too if this run created it and nothing else is there."""
+    and `out` (with the parents this run made for it) if nothing else is there."""
     out = check_output(out, overwrite, inputs)
-    created = not out.exists()
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]  # removed again after a failure
     staging, replaced = out / STAGING, out / REPLACED
     if staging.exists() and replaced.exists():  # stopped between the swap's renames: which is which is unclear
         raise UserError(f"--out {out}: an earlier run stopped while it moved its dataset into place; "
@@ -72,7 +75,12 @@ def building_dataset(out, overwrite, inputs=()):
     claim_folder(out)  # from here on this preparer alone writes there
     for leftover in (staging, replaced):  # of a run killed midway (building, or deleting the old dataset)
         if leftover.exists():
-            shutil.rmtree(leftover)
+            try:
+                shutil.rmtree(leftover)
+            except OSError as exc:  # written into as it is removed: the run that left it is still going
+                leave_as_found(out, created, lock_made)
+                raise UserError(f"--out {out}: cannot remove {leftover.name}, left by an earlier run "
+                                f"({exc.strerror or exc}); if that run still goes, wait for its end") from exc
     make_folder(staging)
     try:
         yield staging
@@ -84,13 +92,15 @@ def building_dataset(out, overwrite, inputs=()):
 
 
 def leave_as_found(out, created, lock_made):
-    """After a failure: no lock file that this run made, and no `out` if this run created
-    it and nothing else is there."""
+    """After a failure: no lock file that this run made, and none of the `created` folders
+    (`out` and the parents this run made for it) where nothing else is there."""
     if lock_made:
         (out / LOCK_NAME).unlink(missing_ok=True)
-    if created:
-        with suppress(OSError):
-            out.rmdir()  # only if nothing else is there
+    for folder in created:  # innermost first
+        try:
+            folder.rmdir()  # only if nothing else is there
+        except OSError:
+            break
 
 
 def swap_datasets(out, staging, replaced, undo_folder):

@@ -62,7 +62,8 @@ def resolve_inputs(args):
     """Image, annotation and id-list folders: the flags, or the release's own names in --src."""
     existing_dir(args.src, "--src")
     if args.images:
-        image_dirs = [existing_dir(folder, "--images") for folder in args.images]
+        # '~' after a comma is left to us by the shell
+        image_dirs = [existing_dir(Path(folder).expanduser(), "--images") for folder in args.images]
     else:
         image_dirs = [args.src / name for name in IMAGE_DIRS if (args.src / name).is_dir()]
         if not image_dirs:
@@ -135,6 +136,13 @@ def parse_voc(path, lookup):
     return objects
 
 
+def annotation_file(annotations, image_id):
+    """<id>.xml, or <id>.XML as some copies (a Windows tool, a FAT drive) name it."""
+    path = annotations / f"{image_id}.xml"
+    upper = path.with_suffix(".XML")
+    return upper if not path.is_file() and upper.is_file() else path
+
+
 def collect_images(args, class_names):
     image_dirs, annotations, image_sets = resolve_inputs(args)
     ids = {"train": read_ids(image_sets, args.train_sets), "test": read_ids(image_sets, args.test_sets)}
@@ -147,7 +155,7 @@ def collect_images(args, class_names):
             if image_id not in index:
                 folders = ", ".join(map(str, image_dirs))
                 raise UserError(f"image {image_id} (listed in --{subset}-sets) not found in {folders}")
-            objects = parse_voc(annotations / f"{image_id}.xml", lookup)
+            objects = parse_voc(annotation_file(annotations, image_id), lookup)
             images.append(SourceImage(index[image_id], image_id, subset, tuple(objects)))
     return images, [*image_dirs, annotations, image_sets]
 
@@ -159,7 +167,8 @@ def main(argv=None):
     images, inputs = collect_images(args, class_names)
     objects = Counter(image.subset for image in images for _ in image.objects)
     print(f"{len(images)} images, {objects['train']} train and {objects['test']} test objects annotated")
-    prepare_chips(args, DATASET, class_names, images, inputs=[args.src, *inputs])
+    prepare_chips(args, DATASET, class_names, images, inputs=[args.src, *inputs],
+                  empty_class_hint=" (check --train-sets and the lists in --image-sets)")
 
 
 if __name__ == "__main__":

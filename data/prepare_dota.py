@@ -164,7 +164,8 @@ def main(argv=None):
     images, inputs, skipped = collect_images(args, class_names)
     objects = Counter(image.subset for image in images for _ in image.objects)
     print(f"{len(images)} scenes, {objects['train']} train and {objects['test']} test objects to crop")
-    prepare_chips(args, DATASET, class_names, images, inputs=[args.src, *inputs], skipped=skipped)
+    prepare_chips(args, DATASET, class_names, images, inputs=[args.src, *inputs], skipped=skipped,
+                  empty_class_hint=" (DOTA's train split has objects of all 15 v1.0 classes: is part of it missing?)")
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def main(argv=None):
     missing = [cid for cid in class_names if cid not in trained]
     if missing:  # classes.json lists all 23: every stage would stop at a class without training images
         folders = [folder for folder, cid in class_ids.items() if cid == missing[0]]
+        where = f"its folder {folders[0]} is missing or empty" if folders else "no folder of --class-map maps to it"
         raise UserError(f"--train-dir {subset_dirs['train']}: class {missing[0]} ({class_names[missing[0]]}) has no "
-                        f"training images (its folder {folders[0] if folders else missing[0]} is missing or empty)")
+                        f"training images ({where})")
     prepare_folder_dataset(args, DATASET, class_names, sources, inputs=[args.src, *subset_dirs.values()])
 
 

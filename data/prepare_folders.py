@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.chips import existing_dir, is_hidden  # noqa: E402
 from data.folders import (  # noqa: E402
-    add_link_argument, case_aside, check_not_training_images, class_folders, composed, is_broken_image_link,
-    is_image_file, list_class_images, prepare_folder_dataset,
+    OTHER_IMAGE_TYPES, add_link_argument, case_aside, check_not_training_images, class_folders, composed,
+    is_broken_image_link, is_image_file, list_class_images, prepare_folder_dataset,
 )
 from data.output import add_output_arguments  # noqa: E402
 from tgn.class_names import class_name_key  # noqa: E402
@@ -128,6 +128,10 @@ def check_has_images(folder):
     if any(entry.is_dir() for entry in entries):
         raise UserError(f"--train-dir: class folder {folder} holds folders but no images; is --train-dir "
                         "one level above the class folders?")
+    others = [entry.name for entry in entries if entry.suffix.lower() in OTHER_IMAGE_TYPES]
+    if others:
+        raise UserError(f"--train-dir: class folder {folder} holds no images of the types read ({len(others)} of "
+                        f"other types, e.g. {others[0]}): convert them to JPEG or PNG")
     raise UserError(f"--train-dir: class folder {folder} holds no images (a class needs training images; "
                     "remove the folder or fill it)")
 

@@ -3,6 +3,10 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -12,7 +16,10 @@ import pytest
 from PIL import Image
 
 from data import make_demo, prepare_dior, prepare_dota, prepare_fgsc23, prepare_folders
-from data.chips import ChipObject, CropOptions, SourceImage, _crop_objects, clip_box, pad_box, polygon_bounds
+from conftest import ROOT
+from data.chips import (ChipObject, CropOptions, SourceImage, _crop_objects, clip_box, index_images, pad_box,
+                        polygon_bounds)
+from tgn.class_names import DIOR_CLASSES, DOTA_CLASSES
 from tgn.data import load_image, open_dataset
 from tgn.errors import UserError
 
@@ -86,7 +93,23 @@ DIOR_SCENES = {  # image id -> (folder, [(class name, box, colour)]), in XML ord
         ("vehicle", (35, 25, 60, 45), (200, 200, 200)),
     ]),
 }
-DIOR_SETS = {"train": ["00001"], "val": ["00002"], "test": ["00003"]}
+DIOR_SETS = {"train": ["00000", "00001"], "val": ["00002"], "test": ["00003"]}
+# A preparer refuses a class without training chips (every stage would): scene 00000 holds
+# one object of each class the tests' own DIOR scenes leave out of train; P0000, of every
+# DOTA class.
+FILLER_SCENES = ("00000", "P0000")
+
+
+def filler_objects(class_names, present):
+    """(class name, 8 x 8 box, no colour) of each class not in `present`, placed in a row."""
+    missing = [name for name in class_names if name not in present]
+    return [(name, (3 * index, 3 * (index % 2), 3 * index + 8, 3 * (index % 2) + 8), None)
+            for index, name in enumerate(missing)]
+
+
+def shown(entries):
+    """The entries of the tests' own scenes: the filler scene's left out."""
+    return [entry for entry in entries if entry.relpath.split("/")[-1].rsplit("_", 1)[0] not in FILLER_SCENES]
 
 
 def voc_xml(objects):
@@ -101,7 +124,8 @@ def dior_src(tmp_path):
     src = tmp_path / "DIOR"
     annotations = src / "Annotations" / "Horizontal Bounding Boxes"
     annotations.mkdir(parents=True)
-    for image_id, (folder, objects) in DIOR_SCENES.items():
+    filler = ("JPEGImages-trainval", filler_objects(DIOR_CLASSES, {"airplane", "vehicle", "storage tank"}))
+    for image_id, (folder, objects) in {"00000": filler, **DIOR_SCENES}.items():
         paint_scene(src / folder / f"{image_id}.jpg", (64, 48), {box: c for _, box, c in objects if c})
         (annotations / f"{image_id}.xml").write_text(voc_xml(objects))
     (src / "ImageSets" / "Main").mkdir(parents=True)
@@ -118,7 +142,7 @@ def test_dior_crops_one_chip_per_object_with_class_and_box(dior_src, tmp_path, c
     # Words, for CLIP: the XML's 'Expressway-Service-area' and 'storagetank' are these classes.
     assert info.class_names[0] == "airplane" and info.class_names[7] == "expressway service area"
     assert info.class_names[15] == "storage tank" and info.class_names[19] == "windmill"
-    train, test = info.entries("train"), info.entries("test")
+    train, test = shown(info.entries("train")), info.entries("test")
     assert {(e.relpath, e.class_id) for e in train} == {
         ("0/00001_0.jpg", 0), ("18/00001_1.jpg", 18), ("15/00001_4.jpg", 15)}
     assert {(e.relpath, e.class_id) for e in test} == {
@@ -130,7 +154,7 @@ def test_dior_crops_one_chip_per_object_with_class_and_box(dior_src, tmp_path, c
     assert np.abs(chip.mean(axis=(0, 1)) - (230, 40, 40)).max() < 15  # the painted airplane
     printed = capsys.readouterr().out
     assert "degenerate box: 1, outside the image: 1" in printed
-    assert "(7 images)" in printed
+    assert "(24 images)" in printed  # 17 of them the filler scene's
 
 
 def test_dior_min_size_context_and_set_choice(dior_src, tmp_path, capsys):
@@ -139,7 +163,7 @@ def test_dior_min_size_context_and_set_choice(dior_src, tmp_path, capsys):
                        "--context", "0.25", "--train-sets", "train,val", "--test-sets", "test"])
     assert "smaller than --min-size: 1" in capsys.readouterr().out
     info = open_dataset(out)
-    assert sorted(e.relpath for e in info.entries("train")) == [
+    assert sorted(e.relpath for e in shown(info.entries("train"))) == [
         "0/00001_0.jpg", "15/00001_4.jpg", "18/00001_1.jpg", "7/00002_0.jpg"]
     assert len(info.entries("test")) == 2
     # (4, 6, 20, 18) padded by a quarter of 16 x 12 on each side: (0, 3, 24, 21)
@@ -306,7 +330,7 @@ def test_refuses_a_non_empty_output_unless_overwrite(dior_src, tmp_path, capsys)
     assert stale.exists()
     prepare_dior.main(argv + ["--overwrite"])
     assert not stale.exists() and (out / "notes.txt").exists()
-    assert len(open_dataset(out).entries("train")) == 3
+    assert len(shown(open_dataset(out).entries("train"))) == 3
 
 
 def one_error(capsys):
@@ -325,8 +349,8 @@ def test_a_subset_left_without_chips_is_refused_and_the_earlier_dataset_kept(dio
     prepare_dior.main(argv)
     before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     assert exit_code(prepare_dior.main, [*argv, "--overwrite", "--min-size", "100"]) == 2
-    assert one_error(capsys) == ("error: no train chips: all 5 train objects were skipped (degenerate box: 1, "
-                                 "outside the image: 1, smaller than --min-size: 3); --out is left as it was")
+    assert one_error(capsys) == ("error: no train chips: all 22 train objects were skipped (degenerate box: 1, "
+                                 "outside the image: 1, smaller than --min-size: 20); --out is left as it was")
     assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
     argv = ["--src", str(dior_src), "--out", str(tmp_path / "new"), "--min-size", "100"]
     assert exit_code(prepare_dior.main, argv) == 2
@@ -337,6 +361,148 @@ def test_a_subset_left_without_chips_is_refused_and_the_earlier_dataset_kept(dio
     assert one_error(capsys).startswith("error: no test chips: all 2 test objects were skipped "
                                         "(difficult (--skip-difficult): 2)")
     assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_a_class_left_without_training_chips_is_refused_before_or_after_cropping(dior_src, tmp_path, capsys):
+    """classes.json lists every class of the release, and every stage stops at one without
+    training images: the preparer says so first, before cropping when no training object is
+    labelled with it, after when all its objects were skipped; a class without test chips
+    is warned about."""
+    out = tmp_path / "out"
+    argv = ["--src", str(dior_src), "--out", str(out), "--workers", "1"]
+    with pytest.warns(UserWarning, match=r"16 of 20 classes have no test chips, e\.g\. 0 \(airplane\)"):
+        prepare_dior.main(argv)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    (dior_src / "ImageSets/Main/train.txt").write_text("00001\n")  # the filler scene left out
+    assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
+    assert one_error(capsys) == (
+        "error: class 1 (airport) has no training object (nor 15 more classes) in the train subset's annotations: "
+        "every stage needs training images of each class (check --train-sets and the lists in --image-sets)")
+    (dior_src / "ImageSets/Main/train.txt").write_text("00000\n00001\n")
+    xml = dior_src / "Annotations" / "Horizontal Bounding Boxes" / "00000.xml"
+    xml.write_text(xml.read_text().replace("<xmax>8</xmax><ymax>8</ymax>", "<xmax>2</xmax><ymax>8</ymax>"))
+    assert exit_code(prepare_dior.main, [*argv, "--overwrite", "--min-size", "4"]) == 2
+    assert one_error(capsys).startswith("error: class 1 (airport) has no training chips (skipped objects of every "
+                                        "class: degenerate box: 1, outside the image: 1, smaller than --min-size: 1)")
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_float_scenes_are_refused_not_cropped_black(dior_src, tmp_path, capsys):
+    scene = dior_src / "JPEGImages-test" / "00003.jpg"
+    Image.fromarray(np.full((48, 64), 0.5, dtype=np.float32), mode="F").save(scene.with_suffix(".tif"))
+    scene.unlink()
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out"), "--workers",
+                                         "1"]) == 2
+    assert "00003.tif: 32-bit float pixels have no fixed range; convert the scene to 8 or 16 bits" in one_error(capsys)
+
+
+def test_two_scenes_of_one_name_and_size_are_told_apart_by_content(dior_src, tmp_path):
+    """Uncompressed scenes of one size have as many bytes: only their content tells a copy."""
+    trainval = dior_src / "JPEGImages-trainval"
+    for name, colour in (("00009.bmp", (1, 2, 3)), ("copy/00009.bmp", (1, 2, 3)), ("other/00009.bmp", (9, 9, 9))):
+        paint_scene(trainval / name, (64, 48), {(0, 0, 5, 5): colour})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index_images([trainval, trainval / "copy"])  # a copy: no matter
+    with pytest.warns(UserWarning, match="1 images share their name with another image file"):
+        index_images([trainval, trainval / "other"])
+
+
+def run_preparer_slowly(dior_src, out, **popen):
+    """prepare_dior.py in a process of its own, each scene taking 0.5 s to crop (the
+    workers are forked from the patched module)."""
+    script = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import data.chips as chips; "
+              "crop = chips._crop_objects; "
+              "chips._crop_objects = lambda *args: (time.sleep(0.5), crop(*args)); "
+              "from data import prepare_dior; prepare_dior.main(sys.argv[1:])")
+    for index in range(4, 12):  # 12 scenes: two workers each take a share
+        paint_scene(dior_src / "JPEGImages-trainval" / f"{index:05d}.jpg", (64, 48), {})
+        (dior_src / "Annotations" / "Horizontal Bounding Boxes" / f"{index:05d}.xml").write_text(
+            voc_xml([("ship", (1, 1, 9, 9), None)]))
+    (dior_src / "ImageSets/Main/train.txt").write_text("".join(f"{index:05d}\n" for index in (0, 1, *range(4, 12))))
+    return subprocess.Popen([sys.executable, "-c", script, "--src", str(dior_src), "--out", str(out), "--workers",
+                             "2"], text=True, **popen)
+
+
+def children_of(pid):
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def chips_written(out):
+    return sorted(path.relative_to(out) for path in (out / ".preparing").rglob("*.jpg"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+def test_cropping_workers_end_with_a_killed_preparer(dior_src, tmp_path):
+    """A preparer killed (SIGKILL, the OOM killer) left its cropping workers running: they
+    went on writing chips into the build folder, which the next run, started at once, took
+    for its own."""
+    out = tmp_path / "out"
+    # Output to nowhere: an orphaned worker holds a pipe open, and reading it would wait for its end.
+    process = run_preparer_slowly(dior_src, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (len(children_of(process.pid)) >= 2 and chips_written(out)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = children_of(process.pid)
+    assert len(workers) >= 2 and chips_written(out), "the preparer did not start cropping"
+    process.kill()
+    process.wait()
+    time.sleep(1.5)  # three scenes' time: an orphaned worker would have written more
+    written = chips_written(out)
+    time.sleep(1.5)
+    assert chips_written(out) == written
+    for worker in workers:
+        stat = Path(f"/proc/{worker}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # ended (perhaps unreaped)
+
+
+def test_ctrl_c_ends_the_cropping_workers_in_one_line(dior_src, tmp_path):
+    """Ctrl-C reaches every process of the terminal: each cropping worker printed its own
+    KeyboardInterrupt traceback."""
+    out = tmp_path / "out"
+    process = run_preparer_slowly(dior_src, out, start_new_session=True, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not chips_written(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chips_written(out), "the preparer did not start cropping"
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr, stderr
+    assert not (out / ".preparing").exists()
+
+
+def test_dior_release_copies_as_they_come(dior_src, tmp_path, monkeypatch, capsys):
+    """'~' in each of --images' folders (the shell expands only the first), annotations
+    named .XML, an --out a file manager left .DS_Store in; a failed run removes the parent
+    folders it made for --out, and a build folder it cannot remove is one line."""
+    monkeypatch.setenv("HOME", str(dior_src))
+    xml = dior_src / "Annotations" / "Horizontal Bounding Boxes" / "00003.xml"
+    xml.rename(xml.with_suffix(".XML"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1",
+                       "--images", "~/JPEGImages-trainval,~/JPEGImages-test"])
+    assert len(shown(open_dataset(out).entries("test"))) == 4
+    scene = dior_src / "JPEGImages-test" / "00003.jpg"
+    scene.write_bytes(scene.read_bytes()[:100])
+    nested = tmp_path / "new" / "deeper" / "dior"
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(nested), "--workers", "1"]) == 2
+    assert "cannot read image" in one_error(capsys) and not (tmp_path / "new").exists()
+    (out / ".preparing").mkdir()
+    rmtree = shutil.rmtree
+
+    def written_into(path, *args, **kwargs):
+        if Path(path).name == ".preparing":
+            raise OSError(39, "Directory not empty")
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", written_into)
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(out), "--overwrite"]) == 2
+    assert one_error(capsys) == (f"error: --out {out}: cannot remove .preparing, left by an earlier run (Directory "
+                                 "not empty); if that run still goes, wait for its end")
 
 
 def test_dior_text_that_is_not_utf8_is_a_one_line_error_naming_the_file(dior_src, tmp_path, capsys):
@@ -380,6 +546,10 @@ def dota_src(tmp_path):
                 {(5, 5, 25, 20): (230, 230, 40), (30, 30, 50, 50): (40, 230, 230)})
     (src / "train/labelTxt").mkdir(parents=True)
     (src / "val/labelTxt").mkdir(parents=True)
+    paint_scene(src / "train/images/P0000.png", (80, 60), {})
+    (src / "train/labelTxt/P0000.txt").write_text("".join(
+        f"{x0} {y0} {x1} {y0} {x1} {y1} {x0} {y1} {name.replace(' ', '-')} 0\n"
+        for name, (x0, y0, x1, y1), _ in filler_objects(DOTA_CLASSES, set())))
     (src / "train/labelTxt/P0001.txt").write_text(
         "imagesource:GoogleEarth\ngsd:0.146343590398\n"
         "10 10 30 10 30 25 10 25 plane 0\n"
@@ -397,7 +567,8 @@ def test_dota_leaves_out_the_files_macos_adds_beside_each_copied_file(dota_src, 
     out = tmp_path / "out"
     prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1"])
     info = open_dataset(out)
-    assert sorted(e.relpath for e in info.entries("train")) == ["0/P0001_0.jpg", "4/P0001_1.jpg", "6/P0001_2.jpg"]
+    assert sorted(e.relpath for e in shown(info.entries("train"))) == ["0/P0001_0.jpg", "4/P0001_1.jpg",
+                                                                       "6/P0001_2.jpg"]
     assert len(info.entries("test")) == 2
 
 
@@ -407,7 +578,7 @@ def test_dota_crops_polygon_bounding_rectangles(dota_src, tmp_path):
     info = open_dataset(out)
     assert info.name == "DOTA" and info.class_names[0] == "plane" and info.class_names[14] == "helicopter"
     assert info.class_names[4] == "small vehicle"  # labelled 'small-vehicle'
-    assert {(e.relpath, e.class_id) for e in info.entries("train")} == {
+    assert {(e.relpath, e.class_id) for e in shown(info.entries("train"))} == {
         ("0/P0001_0.jpg", 0), ("4/P0001_1.jpg", 4), ("6/P0001_2.jpg", 6)}
     assert {(e.relpath, e.class_id) for e in info.entries("test")} == {("12/P0002_0.jpg", 12), ("7/P0002_1.jpg", 7)}
     scene = dota_src / "train/images/P0001.png"
@@ -419,7 +590,7 @@ def test_dota_crops_polygon_bounding_rectangles(dota_src, tmp_path):
 def test_dota_skip_difficult_keeps_object_numbering(dota_src, tmp_path, capsys):
     out = tmp_path / "out"
     prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1", "--skip-difficult"])
-    assert sorted(e.relpath for e in open_dataset(out).entries("train")) == ["0/P0001_0.jpg", "6/P0001_2.jpg"]
+    assert sorted(e.relpath for e in shown(open_dataset(out).entries("train"))) == ["0/P0001_0.jpg", "6/P0001_2.jpg"]
     assert "difficult (--skip-difficult): 1" in capsys.readouterr().out
 
 
@@ -435,7 +606,7 @@ def test_dota_labels_of_later_versions_skip_their_extra_classes_when_asked(dota_
     assert "--skip-classes: ship is one of the 15 DOTA v1.0 classes" in one_error(capsys)
     with pytest.warns(UserWarning, match="--skip-classes: no object is labelled helipad; nothing of it was left out"):
         prepare_dota.main([*argv, "--out", str(tmp_path / "out"), "--skip-classes", "Container-Crane,helipad"])
-    assert sorted(e.relpath for e in open_dataset(tmp_path / "out").entries("train")) == ["0/P0001_0.jpg",
+    assert sorted(e.relpath for e in shown(open_dataset(tmp_path / "out").entries("train"))) == ["0/P0001_0.jpg",
                                                                                           "6/P0001_2.jpg"]
     assert "class container-crane (--skip-classes): 1" in capsys.readouterr().out
 
@@ -460,7 +631,7 @@ def test_dota_bad_line_and_overwrite_onto_the_source_are_refused(dota_src, tmp_p
     for label in nested.glob("*.txt"):
         label.rename(dota_src / "train/labelTxt" / (label.stem + ".TXT"))  # upper-case suffixes are labels too
     prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "upper"), "--workers", "1"])
-    assert len(open_dataset(tmp_path / "upper").entries("train")) == 3
+    assert len(shown(open_dataset(tmp_path / "upper").entries("train"))) == 3
     with open(dota_src / "val/labelTxt/P0002.txt", "a") as handle:
         handle.write("1 2 3 plane\n")
     assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "out")]) == 2
@@ -635,6 +806,12 @@ def test_fgsc_refuses_a_class_without_training_images(fgsc_src, tmp_path, capsys
     assert (f"--train-dir {fgsc_src / 'train'}: class 2 (destroyer) has no training images (its folder 2 is "
             "missing or empty)") in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    for subset in ("train", "test"):
+        shutil.rmtree(fgsc_src / subset / "2")
+    (fgsc_src / "map.json").write_text(json.dumps({str(cid): cid for cid in range(23) if cid != 2}))
+    assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "out"), "--class-map",
+                                           str(fgsc_src / "map.json")]) == 2
+    assert "class 2 (destroyer) has no training images (no folder of --class-map maps to it)" in one_error(capsys)
 
 
 def test_fgsc_checks_that_images_decode(fgsc_src, tmp_path, capsys):
@@ -945,6 +1122,8 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     ("broken link", ["--test-fraction", "0.5"],
      r"--train-dir: 1 links to images lead nowhere \(their targets moved or were deleted\), e.g. .*ship/z.jpg -> "),
     ("class of broken links", ["--test-fraction", "0.5"], "2 links to images lead nowhere"),
+    ("class of gifs", ["--test-fraction", "0.5"],
+     r"class folder .*dam holds no images of the types read \(1 of other types, e.g. a.gif\): convert them"),
 ])
 def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, capsys, change, argv, message):
     src = class_folders
@@ -971,6 +1150,9 @@ def test_class_folder_mistakes_are_one_line_errors(class_folders, tmp_path, caps
         (src / "train/dam").mkdir()
         for name in ("y.jpg", "z.png"):
             (src / "train/dam" / name).symlink_to(tmp_path / "moved" / name)
+    elif change == "class of gifs":  # "holds no images" was wrong: it holds images, of a type not read
+        (src / "train/dam").mkdir()
+        Image.new("RGB", (8, 8)).save(src / "train/dam/a.gif")
     elif change.startswith("truncated"):
         noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
         Image.fromarray(noise).save(src / "train/ship/t.jpg", quality=90)
@@ -1034,7 +1216,6 @@ def test_demo_writes_a_relative_out_in_the_callers_folder(tmp_path, monkeypatch)
     import subprocess
 
     import data.demo as demo
-    from conftest import ROOT
 
     run, stages = subprocess.run, []
 
@@ -1121,7 +1302,7 @@ def test_folder_dataset_images_keep_the_pixel_guard_that_training_keeps(class_fo
     assert exit_code(prepare_folders.main, argv) == 2
     assert re.search(r"error: cannot read image .*exceeds limit", capsys.readouterr().err)
     prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "dota"), "--workers", "1"])  # scenes: no guard
-    assert len(open_dataset(tmp_path / "dota").entries("train")) == 3
+    assert len(shown(open_dataset(tmp_path / "dota").entries("train"))) == 3
     assert Image.MAX_IMAGE_PIXELS == 30
 
 
