@@ -38,6 +38,9 @@ def load_cdtg_checkpoint(path):
     if not isinstance(checkpoint, dict) or "g_ema" not in checkpoint:
         raise UserError(f"{path} is not a CDTG checkpoint (no g_ema)")
     if checkpoint.get("format") != FORMAT:
+        if not isinstance(checkpoint["g_ema"], dict) or "label_emb.weight" not in checkpoint["g_ema"]:
+            raise UserError(f"{path} is not a CDTG checkpoint: its generator has no class embedding (label_emb; "
+                            "an unconditional StyleGAN2 or SWAGAN?)")
         checkpoint = from_official(checkpoint)
     return checkpoint
 

@@ -355,6 +355,10 @@ def evaluate_generation(args):
         clip=ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None,
         teacher=teacher.to(device).eval() if teacher else None,
         device=device, pairs=args.pairs, batch_size=args.batch)
+    # Made before the scoring, as test.py makes its report folder: an --out that cannot be
+    # created or written (a read-only mount) costs no evaluation.
+    make_shared_folder(args.out)  # from here on this evaluation alone writes there
+    remove_temp_files(args.out)  # what an evaluation killed mid-write left
     results, sheets = evaluate_folders(folders, generated, tail, evaluator, max_per_class=args.max_per_class,
                                        size=size, seed=args.seed, workers=args.workers,
                                        skip_bad_images=args.skip_bad_images)
@@ -363,8 +367,6 @@ def evaluate_generation(args):
         if held != tail.ids:
             notes.append(f"{result['label']} holds images of the tail classes {held} only (of {tail.ids}): its "
                          "overall row covers those classes.")
-    make_shared_folder(args.out)  # from here on this evaluation alone writes there
-    remove_temp_files(args.out)  # what an evaluation killed mid-write left
     options = save_options(args.out, args)
     evaluation = build_evaluation(
         results, extractor=inception.name if inception else None,

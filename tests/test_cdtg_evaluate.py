@@ -326,6 +326,29 @@ def test_evaluate_without_teacher_notes_it_and_refuses_a_foreign_folder(evaluati
     assert (run / "options.json").read_text() == '{"iter": 6, "size": 32, "clip": "none"}'
 
 
+def test_an_out_that_cannot_be_made_is_refused_before_any_scoring(evaluation_inputs, capsys, monkeypatch):
+    """Scoring takes minutes to hours: an --out that cannot be created (a file in the way, a
+    read-only mount) stops the evaluation before it, not after."""
+    import CDTG.evaluation as evaluation_module
+
+    root = evaluation_inputs
+    mkdir = Path.mkdir
+
+    def read_only_mount(path, *args, **kwargs):
+        if root / "mount" in (path, *path.parents):
+            raise OSError(30, "Read-only file system")
+        return mkdir(path, *args, **kwargs)
+
+    scored = []
+    monkeypatch.setattr(Path, "mkdir", read_only_mount)
+    monkeypatch.setattr(evaluation_module, "evaluate_folders", lambda *args, **kwargs: scored.append(1))
+    with pytest.raises(SystemExit):
+        evaluate_script.main([str(root / "gen_shifted"), "--data", str(root / "cdtg_data"), "--clip", "none",
+                              "--lpips", "none", "--inception", "none", "--device", "cpu", "--workers", "0", "--out",
+                              str(root / "mount" / "evaluation")])
+    assert "cannot create it (Read-only file system)" in capsys.readouterr().err and not scored
+
+
 def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tail_data(evaluation_inputs, capsys):
     """--skip-bad-images leaves out an unreadable real image, as training and generation
     can; a folder generated from another tail data that still exists is refused; an

@@ -544,6 +544,16 @@ def test_official_teacher_refuses_tail_data_in_another_class_order(cdtg_inputs, 
     expect_user_error(capsys, lambda: cdtg_train_main(args), "is an official file")
 
 
+def test_an_unconditional_generator_given_for_a_cdtg_checkpoint_is_named(tmp_path):
+    """A StyleGAN2 or SWAGAN checkpoint without classes has a g_ema too: one line, not a
+    KeyError from reading its class embedding."""
+    from CDTG.checkpoint import load_cdtg_checkpoint
+
+    torch.save({"g_ema": {"style.1.weight": torch.zeros(2, 2)}}, tmp_path / "unconditional.pt")
+    with pytest.raises(UserError, match="is not a CDTG checkpoint: its generator has no class embedding"):
+        load_cdtg_checkpoint(tmp_path / "unconditional.pt")
+
+
 def test_teacher_files_of_the_wrong_kind_are_named(cdtg_inputs, tmp_path):
     from Classification.model import build_classifier
     from CDTG.tail_data import load_tail_classes, load_teacher
