@@ -69,7 +69,7 @@ def score_checkpoint(args):
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
                                grouping_split(args, info, run_counts))
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
-    dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images)
+    dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images, draft=not args.full_decode)
 
     device = dist.init(args.device)
     dist.make_shared_folder(out_dir)  # from here on this report alone writes there (rank 0 holds it)

@@ -103,16 +103,17 @@ def read_baseline(args, info, class_ids):
     return report
 
 
-def evaluation_set(info, label_of, image_size, skip_bad_images=False, cache_dir=None, check=False):
+def evaluation_set(info, label_of, image_size, skip_bad_images=False, cache_dir=None, check=False, draft=True):
     """The test images; `check` (training, which evaluates only after an epoch) decodes them
-    all first, so that a bad one stops the run before it trains."""
+    all first, so that a bad one stops the run before it trains; `draft=False` (test.py
+    --full-decode) decodes JPEGs in full, as the official code does."""
     folder = info.image_root("test")
     if not folder.is_dir():
         raise UserError(f"test folder not found: {folder}")
     samples = drop_unreadable(samples_for(folder, info.entries("test"), label_of), skip_bad_images, "test images",
                               check=check)
     cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
-    return ImageList(samples, build_transform(image_size, train=False), image_size, cache)
+    return ImageList(samples, build_transform(image_size, train=False), image_size, cache, draft=draft)
 
 
 def report_and_figures(model, dataset, classes, out_dir, *, method, source, device, batch_size, workers,

@@ -606,6 +606,24 @@ def test_test_py_counts_and_groups_as_the_run_on_data_that_grew_since(trained, t
             f"than the run and than {tmp_path / 'grown-more'}: pass --split or --threshold") in capsys.readouterr().err
 
 
+def test_full_decode_reads_the_test_jpegs_as_the_official_code_does(trained, tmp_path, monkeypatch):
+    """Draft mode decodes a JPEG at least twice the input size at a fraction of it (faster,
+    pixels a few levels apart); --full-decode decodes every one whole, as the official
+    test.py does, for figures comparable image for image."""
+    import tgn.images
+
+    data, out, _ = trained
+    decode = tgn.images.load_image
+    sizes = []
+    monkeypatch.setattr(tgn.images, "load_image", lambda path, size=None: sizes.append(size) or decode(path, size))
+    common = ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--workers", "0", "--device", "cpu"]
+    drafted = evaluate_main([*common, "--out", str(tmp_path / "draft")])
+    assert sizes and set(sizes) == {load_checkpoint(out / "best.pth")["options"]["image_size"]}
+    sizes.clear()
+    whole = evaluate_main([*common, "--out", str(tmp_path / "whole"), "--full-decode"])
+    assert len(sizes) == drafted["num_test_images"] == whole["num_test_images"] and set(sizes) == {None}
+
+
 def test_a_split_groups_the_classes_of_data_whose_test_list_changed_since(trained, tmp_path):
     """Classification reads a split for its groups alone, which the training counts decide:
     a test list changed since (KMDN and CDTG refuse that) is scored, grouped by the split."""

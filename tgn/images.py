@@ -58,7 +58,7 @@ class ImageList(Dataset):
     do about it; samples from index `generated_from` on are generated images
     (Classification/train.py --extra), which generation writes again."""
 
-    def __init__(self, samples, transform=None, image_size=None, cache=None, generated_from=None):
+    def __init__(self, samples, transform=None, image_size=None, cache=None, generated_from=None, draft=True):
         samples = list(samples)
         # Arrays, not a list of (str, int): DataLoader workers reading a list touch the
         # reference count of every item they read, which copies its memory page into each
@@ -71,6 +71,7 @@ class ImageList(Dataset):
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.transform = transform
         self.image_size = image_size
+        self.draft = draft  # JPEGs decoded near image_size (tgn.data.load_image); False: in full, as the official code
         self.cache = cache
         self.generated_from = len(samples) if generated_from is None else generated_from
 
@@ -89,7 +90,8 @@ class ImageList(Dataset):
     def __getitem__(self, index):
         path, label = self.path(index), int(self.labels[index])
         try:
-            image = self.cache.load(path) if self.cache is not None else load_image(path, self.image_size)
+            image = self.cache.load(path) if self.cache is not None else \
+                load_image(path, self.image_size if self.draft else None)
         except UserError as exc:
             hint = REWRITE_GENERATED if index >= self.generated_from else SKIP_BAD_IMAGES
             raise UserError(f"{exc} ({hint})") from None
