@@ -147,14 +147,14 @@ def list_subsets(args):
     train = list_class_images(train_dir, set(folders), "--train-dir", lambda folder: "")
     if args.test_dir is None:
         train, test = hold_out(train, args.test_fraction, args.seed)
-        warn_test_copies(train, test, "--train-dir (the copies of a class may be held out apart)")
+        warn_copies(train, test, "--train-dir (the copies of a class may be held out apart)")
     else:
         test_dir = existing_dir(args.test_dir, "--test-dir")
         test = list_class_images(test_dir, set(folders), "--test-dir", lambda folder: (
             f"--test-dir: folder {folder} is not a class of --train-dir (a test class needs training images)"))
         check_not_training_images([path for paths in train.values() for path in paths],
                                   [path for paths in test.values() for path in paths])
-        warn_test_copies(train, test, "--test-dir or --train-dir")
+        warn_copies(train, test, "--test-dir or --train-dir")
     without_test = [folder for folder in folders if not test.get(folder)]
     if len(without_test) == len(folders):
         raise UserError("no class has a test image: every class has one training image; give --test-dir")
@@ -164,33 +164,37 @@ def list_subsets(args):
     return {"train": train, "test": test}, folders
 
 
-def warn_test_copies(train, test, remove_from):
-    """A test image that is a training image of its class (the same bytes, under any name)
-    inflates test accuracy. Only files of a training image's size are read."""
-    digests = {}
-
-    def digest(path):
-        if path not in digests:
-            digests[path] = hashlib.sha256(path.read_bytes()).digest()
-        return digests[path]
-
-    copies = []
-    for folder, test_paths in test.items():
-        train_by_size, digests_of_size = {}, {}
-        for path in train.get(folder, []):
-            train_by_size.setdefault(path.stat().st_size, []).append(path)
-        for path in test_paths:
-            size = path.stat().st_size
-            if size not in train_by_size:
-                continue
-            if size not in digests_of_size:  # once per size: files of one size (BMPs, TIFFs) may be all of them
-                digests_of_size[size] = {digest(other) for other in train_by_size[size]}
-            if digest(path) in digests_of_size[size]:
-                copies.append((folder, path.name))
-    if copies:
-        warnings.warn(f"{len(copies)} test images are copies of a training image of their class (the same bytes), "
-                      f"e.g. {copies[0][1]!r} in {copies[0][0]!r}: they inflate test accuracy; remove them from "
+def warn_copies(train, test, remove_from):
+    """Warn of images whose bytes are another image's: a test image that is a training image
+    of its class inflates test accuracy; an image in two classes (in either subset) has one
+    label wrong. Only files of one size with another file of another class or subset are
+    read."""
+    by_size = {}
+    for subset, by_folder in (("train", train), ("test", test)):
+        for folder, paths in by_folder.items():
+            for path in paths:
+                by_size.setdefault(path.stat().st_size, []).append((subset, folder, path))
+    by_digest = {}
+    for members in by_size.values():
+        if len({(subset, folder) for subset, folder, _ in members}) > 1:
+            for member in members:
+                by_digest.setdefault(hashlib.sha256(member[2].read_bytes()).digest(), []).append(member)
+    test_copies, two_classes = [], []
+    for members in by_digest.values():
+        trained = {folder for subset, folder, _ in members if subset == "train"}
+        test_copies += [(folder, path) for subset, folder, path in members if subset == "test" and folder in trained]
+        folders = sorted({folder for _, folder, _ in members})
+        if len(folders) > 1:
+            two_classes.append([next(path for _, f, path in members if f == folder) for folder in folders[:2]])
+    if test_copies:
+        folder, path = test_copies[0]
+        warnings.warn(f"{len(test_copies)} test images are copies of a training image of their class (the same "
+                      f"bytes), e.g. {path.name!r} in {folder!r}: they inflate test accuracy; remove them from "
                       f"{remove_from}")
+    if two_classes:
+        first, second = two_classes[0]
+        warnings.warn(f"{len(two_classes)} images are in two or more classes (the same bytes), e.g. {first} and "
+                      f"{second}: one of their labels is wrong; remove the wrong copies")
 
 
 def dataset_name(args):

@@ -871,6 +871,13 @@ def test_test_images_that_are_training_images_are_warned_about_by_content_not_na
         tested = {path.name for path in (tmp_path / f"held{seed}" / "test").rglob("*.jpg")}
         apart += len(tested & {"0001.jpg", "copy.jpg"}) == 1
     assert len(copies) == apart
+    # An image in two classes, in training or in test: one label is wrong.
+    (src / "train/dam/copy.jpg").unlink()
+    for relpath, count in (("train/ship/from-dam.jpg", 1), ("test/ship/also-dam.jpg", 1)):
+        shutil.copy(src / "train/dam/0002.jpg", src / relpath)
+        with pytest.warns(UserWarning, match=f"{count} images are in two or more classes \\(the same bytes\\), e.g. "
+                                             f".*dam/0002.jpg and .*ship/.*: one of their labels is wrong"):
+            prepare_folders.main([*common, "--out", str(tmp_path / relpath.replace("/", "-")), "--overwrite"])
 
 
 def test_the_class_table_stays_aligned_with_chinese_names(tmp_path, capsys):
