@@ -408,15 +408,17 @@ def check_chips_written(tally, class_names, hint=""):
                       "classes have none")
 
 
-def check_classes_annotated(images, class_names, hint=""):
+def check_classes_annotated(images, class_names, left_out, hint=""):
     """Refuse, before any cropping, a class no training object is labelled with (lists
-    that leave out its scenes, a partial download)."""
+    that leave out its scenes, a partial download), or none the preparer kept (`left_out`:
+    the reasons it left objects out, --skip-difficult)."""
     annotated = Counter(obj.class_id for image in images if image.subset == "train" for obj in image.objects)
     missing = [cid for cid in sorted(class_names) if not annotated[cid]]
     if missing:
-        raise UserError(f"class {missing[0]} ({class_names[missing[0]]}) has no training object"
-                        f"{f' (nor {len(missing) - 1} more classes)' if len(missing) > 1 else ''} in the train "
-                        f"subset's annotations: every stage needs training images of each class{hint}")
+        more = f" and {len(missing) - 1} more classes have" if len(missing) > 1 else " has"
+        kept = f" (left out: {reasons(left_out)})" if left_out else ""
+        raise UserError(f"class {missing[0]} ({class_names[missing[0]]}){more} no training object in the train "
+                        f"subset's annotations{kept}: every stage needs training images of each class{hint}")
 
 
 def prepare_chips(args, dataset, class_names, images, inputs, skipped=None, empty_class_hint=""):
@@ -427,7 +429,7 @@ def prepare_chips(args, dataset, class_names, images, inputs, skipped=None, empt
     annotated = Counter(image.subset for image in images for _ in image.objects)
     check_subsets_found(annotated + Counter({subset: sum(tally.skipped[subset].values()) for subset in SUBSETS}),
                         "check --src and the layout its --help describes")
-    check_classes_annotated(images, class_names, empty_class_hint)
+    check_classes_annotated(images, class_names, tally.skipped["train"], empty_class_hint)
     with building_dataset(args.out, args.overwrite, inputs) as folder:
         make_class_dirs(folder, class_names)
         options = CropOptions(out=folder, context=args.context, min_size=args.min_size)

@@ -363,7 +363,8 @@ def test_a_subset_left_without_chips_is_refused_and_the_earlier_dataset_kept(dio
     assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
-def test_a_class_left_without_training_chips_is_refused_before_or_after_cropping(dior_src, tmp_path, capsys):
+def test_a_class_left_without_training_chips_is_refused_before_or_after_cropping(dior_src, dota_src, tmp_path,
+                                                                                  capsys):
     """classes.json lists every class of the release, and every stage stops at one without
     training images: the preparer says so first, before cropping when no training object is
     labelled with it, after when all its objects were skipped; a class without test chips
@@ -376,7 +377,7 @@ def test_a_class_left_without_training_chips_is_refused_before_or_after_cropping
     (dior_src / "ImageSets/Main/train.txt").write_text("00001\n")  # the filler scene left out
     assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
     assert one_error(capsys) == (
-        "error: class 1 (airport) has no training object (nor 15 more classes) in the train subset's annotations: "
+        "error: class 1 (airport) and 15 more classes have no training object in the train subset's annotations: "
         "every stage needs training images of each class (check --train-sets and the lists in --image-sets)")
     (dior_src / "ImageSets/Main/train.txt").write_text("00000\n00001\n")
     xml = dior_src / "Annotations" / "Horizontal Bounding Boxes" / "00000.xml"
@@ -385,6 +386,12 @@ def test_a_class_left_without_training_chips_is_refused_before_or_after_cropping
     assert one_error(capsys).startswith("error: class 1 (airport) has no training chips (skipped objects of every "
                                         "class: degenerate box: 1, outside the image: 1, smaller than --min-size: 1)")
     assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    labels = dota_src / "train/labelTxt/P0000.txt"  # its only helicopter difficult
+    labels.write_text(labels.read_text().replace("helicopter 0", "helicopter 1"))
+    assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "dota"), "--workers", "1",
+                                         "--skip-difficult"]) == 2
+    assert one_error(capsys).startswith("error: class 14 (helicopter) has no training object in the train subset's "
+                                        "annotations (left out: difficult (--skip-difficult): 2): every stage")
 
 
 def test_float_scenes_are_refused_not_cropped_black(dior_src, tmp_path, capsys):
