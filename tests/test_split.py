@@ -212,6 +212,19 @@ def test_official_head_weights_need_dior_ranked_as_the_official_scripts_rank_it(
     check_official_order("M_H.pth", "the split's head group", swapped, counts, [f"class {c}" for c in swapped])
     assert capsys.readouterr().out.startswith("note: M_H.pth records no classes: its output k is taken as the k-th "
                                               "class of the split's head group by training count")
+    # The tail as the official RModel.py and Distill.py list it (M_T, and CDTG's 200000.pt).
+    from tgn.split import OFFICIAL_DIOR_TAIL
+
+    counts = list(range(12, 0, -1))
+    check_official_order("M_T.pth", "the split's tail group", OFFICIAL_DIOR_TAIL, counts,
+                         [DIOR_CLASSES[cid] for cid in OFFICIAL_DIOR_TAIL])
+    assert capsys.readouterr().out == ""
+    reversed_tail = OFFICIAL_DIOR_TAIL[::-1]
+    with pytest.raises(UserError, match="its outputs are DIOR's tail classes as the official scripts rank them "
+                                        "\\(4, 3, 10, 12, 7, 5, 8, 14, 1, 9, 6, 17\\), .* train the tail model on "
+                                        "this data with KMDN/RModel.py \\(and CDTG/train.py\\) instead"):
+        check_official_order("M_T.pth", "the split's tail group", reversed_tail, counts,
+                             [DIOR_CLASSES[cid] for cid in reversed_tail])
 
 
 def test_a_models_classes_are_checked_by_count_official_order_and_recorded_ids():

@@ -22,9 +22,14 @@ from tgn.runlock import claim_folder
 
 SPLIT_FORMAT = "tgn-split/1"
 GROUPS = ("head", "tail")
-# DIOR's head classes as the official KMDN scripts list them (by the official release's
-# training counts, descending): official head weights' output k is the k-th of them.
+# DIOR's head and tail classes as the official KMDN scripts list them (UModel.py, RModel.py
+# and Distill.py's `specific_classes`; by the official release's training counts,
+# descending): official weights' output k is the k-th of their group. CDTG's official
+# dataset_split.py numbers the tail folders in the same order.
 OFFICIAL_DIOR_HEAD = [13, 18, 15, 0, 16, 2, 11, 19]
+OFFICIAL_DIOR_TAIL = [4, 3, 10, 12, 7, 5, 8, 14, 1, 9, 6, 17]
+OFFICIAL_DIOR_GROUPS = {"head": (OFFICIAL_DIOR_HEAD, "KMDN/UModel.py"),
+                        "tail": (OFFICIAL_DIOR_TAIL, "KMDN/RModel.py (and CDTG/train.py)")}
 
 
 def head_count(num_classes, threshold_percent):
@@ -54,21 +59,23 @@ def check_official_order(source, listing, ids, counts, names):
     """Official KMDN and CDTG weights record no classes: their output k is the k-th class of
     its group by the official release's training counts, descending. Refuse a listing in
     another order (splits and tail data made by earlier versions of this code list classes
-    by ascending id), and DIOR's head group ranked otherwise than the official scripts list
-    it. Other groups cannot be checked: say what is assumed. `ids`, `counts`, `names`: the
+    by ascending id), and DIOR's head or tail group ranked otherwise than the official
+    scripts list it. Other datasets' groups cannot be checked: say what is assumed. `ids`, `counts`, `names`: the
     listing's classes in output order."""
     if any(later > earlier for earlier, later in zip(counts, counts[1:])):
         raise UserError(f"{source} is an official file, whose outputs follow the training counts (descending), "
                         f"but {listing} lists its classes in another order (made by an earlier version?); "
                         "make the split (and the CDTG tail data) again")
     ids = list(ids)
-    if set(ids) == set(OFFICIAL_DIOR_HEAD) and not names_unlike_dior(ids, names):
-        if ids != OFFICIAL_DIOR_HEAD:
-            raise UserError(f"{source} is an official file: its outputs are DIOR's head classes as the official "
-                            f"scripts rank them ({', '.join(map(str, OFFICIAL_DIOR_HEAD))}), but this DIOR's training "
-                            f"counts rank them {', '.join(map(str, ids))} (prepared otherwise than the official "
-                            "release?), so its outputs would name other classes; train the head model on this data "
-                            "with KMDN/UModel.py instead")
+    for group, (official, script) in OFFICIAL_DIOR_GROUPS.items():
+        if set(ids) != set(official) or names_unlike_dior(ids, names):
+            continue
+        if ids != official:
+            raise UserError(f"{source} is an official file: its outputs are DIOR's {group} classes as the official "
+                            f"scripts rank them ({', '.join(map(str, official))}), but this DIOR's training counts "
+                            f"rank them {', '.join(map(str, ids))} (prepared otherwise than the official release?), "
+                            f"so its outputs would name other classes; train the {group} model on this data with "
+                            f"{script} instead")
         return
     if speaks():
         print(f"note: {source} records no classes: its output k is taken as the k-th class of {listing} by "
