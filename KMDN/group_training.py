@@ -1,4 +1,6 @@
 """Train the head model (UModel.py) or the tail model (RModel.py) on its own classes."""
+import warnings
+
 from KMDN.stage import build_group_model, checkpoint_meta, group_datasets, open_split
 from tgn.checkpoint import check_fits
 from tgn.cli import training_config
@@ -28,6 +30,9 @@ def train_group(args):
     check_outside_dataset(args.cache, split.data_root, "--cache")
     if not split.ids(group):
         raise UserError(f"the split in {args.split} has no {group} classes")
+    if len(split.ids(group)) == 1:  # said when the split was made; a run of days deserves it again
+        warnings.warn(f"the {group} group of {args.split} has one class: cross-entropy over one class is 0, so this "
+                      "model learns nothing from it (its test accuracy is 100% from the first epoch)")
     state = last_state(args.out / group / "last.pth")
     check_resume(args.out / group, args, done=epochs_done(state), state=state,
                  data={"class_ids": split.ids(group), "split_fingerprint": split.fingerprint},

@@ -476,3 +476,16 @@ def test_the_optimizer_gets_the_weight_decay():
     cfg = TrainConfig(epochs=1, batch_size=2, lr=1e-3, weight_decay=1e-4, milestones=[])
     (group,) = make_optimizer(torch.nn.Linear(2, 2), cfg).param_groups
     assert group["lr"] == 1e-3 and group["weight_decay"] == 1e-4
+
+
+def test_a_group_of_one_class_is_warned_about_where_its_model_trains(tmp_path):
+    """Cross-entropy over one class is 0: the split warns, and so does the run that would
+    spend its epochs on it."""
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", {0: 12, 1: 10, 2: 8})
+    with pytest.warns(UserWarning, match="head group has one class"):
+        split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    with pytest.warns(UserWarning, match=f"the head group of {tmp_path / 'split'} has one class: cross-entropy over "
+                                         "one class is 0, so this model learns nothing"):
+        umodel_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--epochs", "1", *TINY])
