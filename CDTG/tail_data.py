@@ -7,6 +7,7 @@ class names and the CLIP prompts; `train.txt` lists the tail training images in 
 dataset's annotation format, pointing into DATA (nothing is copied).
 """
 import re
+import string
 import unicodedata
 import warnings
 from pathlib import Path
@@ -193,15 +194,26 @@ def load_teacher(path, tail):
     return teacher
 
 
+def check_prompt(prompt):
+    """A --prompt template holds {name}, and no other field, conversion or format in braces
+    ({name.x}, {name!r}, {name:>9}): each class's prompt is the template with its name."""
+    only_name = f"--prompt {prompt!r}: only {{name}} may stand in braces (write {{{{ and }}}} for a brace itself)"
+    try:
+        fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(prompt)
+                  if field is not None]
+    except ValueError as exc:  # an unmatched brace
+        raise UserError(f"{only_name}; {exc}") from exc
+    odd = [field for field in fields if field != ("name", "", None)]
+    if odd:
+        raise UserError(f"{only_name}; it holds {{{odd[0][0]}{'!' + odd[0][2] if odd[0][2] else ''}"
+                        f"{':' + odd[0][1] if odd[0][1] else ''}}}")
+    if not fields:
+        raise UserError("--prompt must contain {name}")
+
+
 def write_tail_data(args):
     """CDTG/dataset_split.py: the manifest and image list of the split's tail classes."""
-    if "{name}" not in args.prompt:
-        raise UserError("--prompt must contain {name}")
-    try:
-        args.prompt.format(name="")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UserError(f"--prompt {args.prompt!r}: only {{name}} may stand in braces (write {{{{ and }}}} for a "
-                        f"brace itself); {type(exc).__name__}: {exc}") from exc
+    check_prompt(args.prompt)
     check_own_run_folder(args.out, args)  # a trainer's run folder: not tail data
     if (args.out / TAIL_MANIFEST).exists() and not args.overwrite:
         raise UserError(f"{args.out / TAIL_MANIFEST} exists; pass --overwrite to replace it")

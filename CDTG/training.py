@@ -135,11 +135,12 @@ def train_cdtg(args):
         raise UserError(f"--lambda-clip {args.lambda_clip} acts only with a CLIP model: leave it out with --clip none")
     args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
     check_compile(args.compile)
+    # Before its steps are counted, and in any mode: --overwrite would delete a downloaded file.
+    if steps and is_official(newest_path):
+        raise official_not_resumable(newest_path)
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     done = steps[-1] if steps else None
-    if args.resume and steps and is_official(newest_path):  # before its steps are counted
-        raise official_not_resumable(newest_path)
     # Without options.json (deleted, or lost with a copied folder), the flags are compared with the newest
     # checkpoint's (none in the official format; one that cannot be read is reported where it is loaded).
     newest = last_state(newest_path, needs=()) \

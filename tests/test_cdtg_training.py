@@ -1307,12 +1307,16 @@ def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(c
     copied = tmp_path / "copied" / "checkpoint"  # the official file put where --resume looks
     copied.mkdir(parents=True)
     shutil.copy(tmp_path / "200000.pt", copied / "200000.pt")
-    for steps in ("200001", "4"):  # with fewer steps too: not "it has already trained 200000 steps"
+    # With fewer steps too (not "it has already trained 200000 steps"); and never deleted by
+    # --overwrite, also where --init names it: a downloaded file, 1.5 GB.
+    for extra in (["--iter", "200001", "--resume"], ["--iter", "4", "--resume"], ["--iter", "4"],
+                  ["--iter", "4", "--overwrite", "--init", str(copied / "200000.pt")]):
         with pytest.raises(SystemExit):
-            train_main(tiny_train_args(cdtg_inputs, copied.parent, "--iter", steps, "--clip", "none", "--resume"))
+            train_main(tiny_train_args(cdtg_inputs, copied.parent, "--clip", "none", *extra))
         assert (f"error: {copied / '200000.pt'} is an official CDTG checkpoint, which cannot continue a run: move "
                 "it out of the run folder and start a run from its weights with --init 200000.pt"
                 ) in capsys.readouterr().err
+        assert (copied / "200000.pt").is_file()
 
 
 def test_an_official_checkpoint_is_told_from_ours_on_every_torch(trained_ckpt, tmp_path, monkeypatch):

@@ -252,6 +252,11 @@ def test_prompts_clip_cannot_take_are_one_line(cdtg_inputs, tmp_path, capsys):
     split = ["--split", str(cdtg_inputs / "split")]
     for prompt, fragment in (("A {style} photo of a {name}", "only {name} may stand in braces"),
                              ("{name} {0}", "only {name} may stand in braces"),
+                             ("{name.foo}", "brace itself); it holds {name.foo}"),
+                             ("A photo {name!z}", "it holds {name!z}"),
+                             ("{name:>5000000000}", "it holds {name:>5000000000}"),
+                             ("a {name", "brace itself); expected '}' before end of string"),
+                             ("a photo", "--prompt must contain {name}"),
                              ("a photo of " * 30 + "{name}", "is longer than CLIP's 77 tokens")):
         expect_user_error(capsys, lambda: cdtg_split_main([*split, "--out", str(tmp_path / "d"), "--prompt", prompt]),
                           fragment)
