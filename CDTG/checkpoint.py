@@ -46,21 +46,25 @@ def load_cdtg_checkpoint(path):
 
 
 def is_official(path):
-    """Whether `path` holds an official CDTG checkpoint (no format of ours; its options an
-    argparse.Namespace). Read mapped, not loaded: the official file is 1.5 GB."""
+    """Whether `path` holds an official CDTG checkpoint (no format of ours; a class-conditional
+    generator; its options an argparse.Namespace). Read mapped, not loaded: the official
+    file is 1.5 GB."""
     try:
         with loading_classes([argparse.Namespace]):
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # unreadable, or an older file layout: the loader says why where it matters
         return "argparse.Namespace" in str(exc)  # torch before 2.4, which cannot be allowed the official options
-    return isinstance(state, dict) and "g_ema" in state and state.get("format") != FORMAT
+    return (isinstance(state, dict) and isinstance(state.get("g_ema"), dict) and state.get("format") != FORMAT
+            and "label_emb.weight" in state["g_ema"])
 
 
 def official_not_resumable(path):
-    """The error for an official checkpoint in a run folder given to --resume."""
+    """The error for an official checkpoint in a run folder: --resume cannot continue from
+    it, --overwrite would delete it (a downloaded file)."""
     path = Path(path)
-    return UserError(f"{path} is an official CDTG checkpoint, which cannot continue a run: move it out of the run "
-                     f"folder and start a run from its weights with --init {path.name}")
+    return UserError(f"{path} is an official CDTG checkpoint, which cannot continue a run (and --overwrite would "
+                     f"delete it): move it out of the run folder and start a run from its weights with --init "
+                     f"{path.name}")
 
 
 def from_official(checkpoint):

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from CDTG.checkpoint import (checkpoint_steps, is_official, load_cdtg_checkpoint, newest_checkpoint,
-                             official_not_resumable)
+                             numbered_checkpoints, official_not_resumable)
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.config import RESUME_MAY_CHANGE, GanConfig, ada_interval, resume_view, uses_clip_loss
 from CDTG.fusion import NoiseFusion
@@ -135,9 +135,12 @@ def train_cdtg(args):
         raise UserError(f"--lambda-clip {args.lambda_clip} acts only with a CLIP model: leave it out with --clip none")
     args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
     check_compile(args.compile)
-    # Before its steps are counted, and in any mode: --overwrite would delete a downloaded file.
-    if steps and is_official(newest_path):
-        raise official_not_resumable(newest_path)
+    # Before its steps are counted, and in any mode: --overwrite would delete a downloaded file,
+    # wherever it stands among the run's checkpoints.
+    held = numbered_checkpoints(args.out / "checkpoint").values() if args.overwrite else [newest_path] * bool(steps)
+    for path in held:
+        if is_official(path):
+            raise official_not_resumable(path)
     if steps and not (args.resume or args.overwrite):
         raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
     done = steps[-1] if steps else None

@@ -12,6 +12,7 @@ import codecs
 import ctypes
 import filecmp
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -69,7 +70,7 @@ class CropOptions:
     out: Path
     context: float = 0.0
     min_size: float = 0
-    parent: int = None  # the preparer's process id, in its cropping workers
+    in_worker: bool = False  # cropping in a worker process of the preparer's pool
 
 
 @dataclass
@@ -328,7 +329,7 @@ def _crop_objects(scene, image, options, entries, skipped):
         box = clip_box(pad_box(obj.box, options.context), width, height)
         relpath = f"{obj.class_id}/{image.image_id}_{obj.index}.jpg"
         target = options.out / image.subset / relpath
-        if options.parent is not None and os.getppid() != options.parent:  # the preparer is gone: so is its build
+        if options.in_worker and preparer_gone():  # so is its build: nothing to write into
             os._exit(1)
         try:
             chip_pixels(scene.crop(box)).save(target, quality=JPEG_QUALITY)
@@ -351,24 +352,34 @@ def crop_all(images, options, workers, tally):
     if workers == 1:
         _collect(tqdm(map(partial(crop_chips, options=options), images), **progress), tally)
         return
-    work = partial(crop_chips, options=replace(options, parent=os.getpid()))
-    with Pool(workers, initializer=start_cropping_worker, initargs=(os.getpid(),)) as pool:
+    work = partial(crop_chips, options=replace(options, in_worker=True))
+    with Pool(workers, initializer=start_cropping_worker) as pool:
         _collect(tqdm(pool.imap_unordered(work, images, chunksize=8), **progress), tally)
 
 
-def start_cropping_worker(parent):
+def start_cropping_worker():
     """A cropping worker leaves Ctrl-C to the preparer, which ends the pool (each worker
     printed its own traceback), and ends with the preparer: one orphaned by a kill (SIGKILL,
     SIGTERM, the OOM killer) went on writing chips into the build folder of the next run.
-    Linux ends it at once (PR_SET_PDEATHSIG); elsewhere it ends before its next chip."""
+    It ends before its next chip (preparer_gone); on Linux at once, by the kernel
+    (PR_SET_PDEATHSIG: the death of the process that forked it, the preparer or, under the
+    forkserver start method, the server, which ends with the preparer)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
         except (OSError, AttributeError):  # no prctl to call: the check before each chip serves
             pass
-    if os.getppid() != parent:  # gone before the request was made
+    if preparer_gone():  # before the request above was made
         os._exit(1)
+
+
+def preparer_gone():
+    """Whether the process that started this worker has ended. Not os.getppid(): under the
+    forkserver start method (Linux's default from Python 3.14) the parent is the server, and
+    Windows keeps a dead parent's id; the parent's sentinel tells under every start method."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
 
 
 def _collect(results, tally):

@@ -1313,10 +1313,17 @@ def test_init_takes_the_official_checkpoint_and_draws_its_missing_fusion_layer(c
                   ["--iter", "4", "--overwrite", "--init", str(copied / "200000.pt")]):
         with pytest.raises(SystemExit):
             train_main(tiny_train_args(cdtg_inputs, copied.parent, "--clip", "none", *extra))
-        assert (f"error: {copied / '200000.pt'} is an official CDTG checkpoint, which cannot continue a run: move "
-                "it out of the run folder and start a run from its weights with --init 200000.pt"
-                ) in capsys.readouterr().err
+        assert (f"error: {copied / '200000.pt'} is an official CDTG checkpoint, which cannot continue a run (and "
+                "--overwrite would delete it): move it out of the run folder and start a run from its weights with "
+                "--init 200000.pt") in capsys.readouterr().err
         assert (copied / "200000.pt").is_file()
+    from CDTG.checkpoint import FORMAT
+
+    torch.save({"format": FORMAT, "g_ema": g.state_dict()}, copied / "300000.pt")  # ours, newer: still not deleted
+    with pytest.raises(SystemExit):
+        train_main(tiny_train_args(cdtg_inputs, copied.parent, "--clip", "none", "--iter", "4", "--overwrite"))
+    assert f"error: {copied / '200000.pt'} is an official CDTG checkpoint" in capsys.readouterr().err
+    assert (copied / "200000.pt").is_file()
 
 
 def test_an_official_checkpoint_is_told_from_ours_on_every_torch(trained_ckpt, tmp_path, monkeypatch):
@@ -1327,7 +1334,8 @@ def test_an_official_checkpoint_is_told_from_ours_on_every_torch(trained_ckpt, t
     import CDTG.checkpoint as checkpoint_module
 
     official = tmp_path / "200000.pt"
-    torch.save({"g_ema": {}, "args": argparse.Namespace(size=32, iter=200000)}, official)
+    torch.save({"g_ema": {"label_emb.weight": torch.zeros(3, 16)}, "args": argparse.Namespace(size=32, iter=200000)},
+               official)
     for allowed in (True, False):
         if not allowed:
             monkeypatch.setattr(checkpoint_module, "loading_classes", lambda classes: contextlib.nullcontext())

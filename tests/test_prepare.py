@@ -1,5 +1,6 @@
 """The dataset preparers, on tiny releases written here: DIOR, DOTA, FGSC-23, class folders, the demo."""
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -462,6 +463,23 @@ def test_cropping_workers_end_with_a_killed_preparer(dior_src, tmp_path):
     for worker in workers:
         stat = Path(f"/proc/{worker}/stat")
         assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # ended (perhaps unreaped)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_cropping_workers_started_otherwise_than_by_fork_crop(dior_src, tmp_path, start_method):
+    """Under forkserver (Linux's default from Python 3.14) a worker's parent process is the
+    server: a worker that took that for its preparer's death ended at once, and the pool
+    started others without end. Spawn is macOS's and Windows' default."""
+    if start_method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {start_method} start method here")
+    script = (f"import multiprocessing, sys; sys.path.insert(0, {str(ROOT)!r}); "
+              f"multiprocessing.set_start_method({start_method!r}); "
+              "from data import prepare_dior; prepare_dior.main(sys.argv[1:])")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", script, "--src", str(dior_src), "--out", str(out), "--workers",
+                             "2"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(shown(open_dataset(out).entries("train"))) == 3
 
 
 def test_ctrl_c_ends_the_cropping_workers_in_one_line(dior_src, tmp_path):
