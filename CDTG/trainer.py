@@ -41,7 +41,7 @@ from CDTG.parallel import FusedGenerator, StepNoise
 from CDTG.tail_data import StepBatchSampler
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
-from tgn.engine import autocast
+from tgn.engine import autocast, worker_context
 from tgn.optim import adam, restore_optimizer
 from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
@@ -390,7 +390,8 @@ class CdtgTrainer:
             trim_jsonl(self.out_dir / "metrics.jsonl", "step", self.step)
         sampler = StepBatchSampler(len(dataset), cfg.batch, cfg.seed, self.step, cfg.iterations)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=leave_signals_to_the_trainer)
+                            pin_memory=self.device.type == "cuda", worker_init_fn=leave_signals_to_the_trainer,
+                            multiprocessing_context=worker_context(cfg.workers))
         self.fit_started = time.time()
         with stop_between_steps() as stop_requested:
             with signals_held():  # the workers this starts set their signal handling first

@@ -283,3 +283,34 @@ def test_an_image_list_keeps_its_samples_in_arrays_and_reads_any_file_name(tmp_p
     image, label = images[2]
     assert label.item() == 5 and image[0, 0, 0].item() == 160
     assert pickle.loads(pickle.dumps(images)).samples == samples  # as spawned workers receive it
+
+
+def test_loader_workers_start_from_a_fork_server_where_fork_may_hang_under_torchrun(tmp_path, monkeypatch):
+    """CPython before 3.11.8 can deadlock a forked child on a lock another thread held
+    (gh-112275): under torchrun a rank's evaluation worker hung at its start. There the
+    workers start from a fork server, and give the batches forked ones give."""
+    import multiprocessing
+
+    import tgn.engine as engine
+    from tgn import distributed as dist
+
+    if "forkserver" not in multiprocessing.get_all_start_methods() or engine.worker_start_method() != "fork":
+        pytest.skip("workers are not forked here")
+    for index in range(5):
+        Image.new("RGB", (8, 8), (40 * index, 9, 9)).save(tmp_path / f"{index}.png")
+    images = ImageList([(str(tmp_path / f"{index}.png"), index % 2) for index in range(5)],
+                       build_transform(8, train=True), 8)
+    forked = [batch for batch in engine.make_loader(images, 2, train=True, workers=1, seed=3)]
+    assert engine.worker_context(1) is None and not engine.keep_evaluation_workers()
+    monkeypatch.setattr(engine, "FORK_MAY_HANG", True)
+    monkeypatch.setattr(dist, "planned_world_size", lambda: 2)
+    assert engine.worker_start_method() == "forkserver" and engine.keep_evaluation_workers()
+    monkeypatch.setattr(dist, "local_batch", lambda batch, flag="": batch)  # one process's loader, as a single run
+    monkeypatch.setattr(dist, "world_size", lambda: 1)
+    loader = engine.make_loader(images, 2, train=True, workers=1, seed=3)
+    assert loader.multiprocessing_context.get_start_method() == "forkserver"
+    served = list(loader)
+    assert len(served) == len(forked) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                              for a, b in zip(served, forked))
+    monkeypatch.setattr(engine, "FORK_MAY_HANG", False)
+    assert engine.worker_context(1) is None

@@ -17,6 +17,7 @@ import contextlib
 import math
 import multiprocessing as mp
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,35 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
         generator=torch.Generator().manual_seed(seed),
         drop_last=False,
         worker_init_fn=leave_signals_to_the_trainer,
+        multiprocessing_context=worker_context(workers),
     )
+
+
+# CPython before 3.11.8 (gh-112275): a forked child can deadlock for good on an interpreter
+# lock another thread of the parent held at the fork. Seen under torchrun (2 runs in 9 on
+# CPU): a rank's evaluation worker hung at its start, the other ranks in their next collective.
+FORK_MAY_HANG = sys.version_info < (3, 11, 8)
+
+
+def worker_start_method():
+    """How DataLoader workers start: the platform's default (fork on Linux), but from a fork
+    server under torchrun on a Python whose forked children may hang (FORK_MAY_HANG); the
+    server forks them from a process of one thread, with torch already imported."""
+    method = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]  # unset: the platform's default
+    if method == "fork" and FORK_MAY_HANG and dist.planned_world_size() > 1:
+        return "forkserver"
+    return method
+
+
+def worker_context(workers):
+    """The multiprocessing context a DataLoader of `workers` workers takes (None: the default)."""
+    method = worker_start_method()
+    if not workers or method == (mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]):
+        return None
+    context = mp.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["torch", "tgn.engine", "tgn.images"])  # the server imports them once
+    return context
 
 
 def keep_evaluation_workers():
@@ -96,8 +125,7 @@ def keep_evaluation_workers():
     do): where workers are spawned (macOS, Windows) or come from a fork server, each start
     imports torch anew, seconds an epoch; forked ones start at once, and kept idle through
     every training epoch they would only hold memory (per process under torchrun)."""
-    method = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]  # unset: the platform's default
-    return method != "fork"
+    return worker_start_method() != "fork"
 
 
 def native_bf16(device):
