@@ -446,6 +446,20 @@ def test_ctrl_c_while_torch_is_being_imported_under_torchrun_is_one_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert (done.returncode, done.stderr) == (130, "interrupted\n")
+    # Cut short midway: torch still initialising, its DataLoader module already there; a
+    # second import of torch (through tgn.stopping) would fail with a traceback.
+    cut_short = ("import importlib.machinery, sys, types\n"
+                 "torch = types.ModuleType('torch')\n"
+                 "torch.__spec__ = importlib.machinery.ModuleSpec('torch', None)\n"
+                 "torch.__spec__._initializing = True\n"
+                 "sys.modules['torch'] = torch\n"
+                 "loader = types.ModuleType('torch.utils.data.dataloader')\n"
+                 "loader.DataLoader = object\n"
+                 "sys.modules['torch.utils.data.dataloader'] = loader\n"
+                 "sys.modules['tgn.stopping'] = None  # would import torch again\n"
+                 + script.split("\n", 1)[1])
+    done = subprocess.run([sys.executable, "-c", cut_short], env=env, capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (130, "interrupted\n")
 
 
 @pytest.mark.parametrize("local_rank", ["0", "1"])

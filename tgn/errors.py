@@ -119,6 +119,14 @@ def escape_unencodable_output():
             stream.reconfigure(errors="backslashreplace")
 
 
+def _torch_imported():
+    """Whether torch was imported whole: a Ctrl-C during its import leaves parts of it in
+    sys.modules (its DataLoader module among them), and importing it again then fails with
+    a traceback after the 'interrupted' line."""
+    torch = sys.modules.get("torch")
+    return torch is not None and not getattr(getattr(torch, "__spec__", None), "_initializing", False)
+
+
 def cli_main(main):
     """Decorate a script's main(argv) so user errors print one line and exit 2, and
     warnings print one line; the output folders it held are free when it returns."""
@@ -155,7 +163,8 @@ def cli_main(main):
             from tgn.runlock import release_folders  # tgn.runlock raises UserError: imported here
 
             try:
-                if not returned and getattr(sys.modules.get("torch.utils.data.dataloader"), "DataLoader", None):
+                if not returned and _torch_imported() and \
+                        getattr(sys.modules.get("torch.utils.data.dataloader"), "DataLoader", None):
                     from tgn.stopping import end_worker_processes  # (only where a DataLoader can have run)
 
                     end_worker_processes()
