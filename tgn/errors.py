@@ -156,8 +156,9 @@ def cli_main(main):
             rank = _joined_rank()
             if rank is None or not any(sign in str(exc) for sign in PEER_GONE):
                 raise
-            print(f"[rank {rank}] error: another process of this torchrun job stopped; its error is above "
-                  "(or in its node's log)", file=sys.stderr)
+            print(f"[rank {rank}] error: another process of this torchrun job stopped; its error, or torchrun's "
+                  "report of how it ended (a process killed says nothing itself), is above or in its node's log",
+                  file=sys.stderr)
             sys.exit(2)
         finally:
             from tgn.runlock import release_folders  # tgn.runlock raises UserError: imported here
