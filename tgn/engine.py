@@ -99,11 +99,15 @@ def make_loader(dataset, batch_size, *, train, workers=0, seed=0, epoch=0, devic
 FORK_MAY_HANG = sys.version_info < (3, 11, 8)
 
 
+def default_start_method():
+    return mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]  # unset: the platform's default
+
+
 def worker_start_method():
-    """How DataLoader workers start: the platform's default (fork on Linux), but from a fork
-    server under torchrun on a Python whose forked children may hang (FORK_MAY_HANG); the
-    server forks them from a process of one thread, with torch already imported."""
-    method = mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]  # unset: the platform's default
+    """How DataLoader workers start: the default (fork on Linux), but from a fork server
+    under torchrun on a Python whose forked children may hang (FORK_MAY_HANG); the server
+    forks them from a process of one thread, with torch already imported."""
+    method = default_start_method()
     if method == "fork" and FORK_MAY_HANG and dist.planned_world_size() > 1:
         return "forkserver"
     return method
@@ -112,7 +116,7 @@ def worker_start_method():
 def worker_context(workers):
     """The multiprocessing context a DataLoader of `workers` workers takes (None: the default)."""
     method = worker_start_method()
-    if not workers or method == (mp.get_start_method(allow_none=True) or mp.get_all_start_methods()[0]):
+    if not workers or method == default_start_method():
         return None
     context = mp.get_context(method)
     if method == "forkserver":

@@ -60,8 +60,8 @@ def check_official_order(source, listing, ids, counts, names):
     its group by the official release's training counts, descending. Refuse a listing in
     another order (splits and tail data made by earlier versions of this code list classes
     by ascending id), and DIOR's head or tail group ranked otherwise than the official
-    scripts list it. Other datasets' groups cannot be checked: say what is assumed. `ids`, `counts`, `names`: the
-    listing's classes in output order."""
+    scripts list it. Other datasets' groups cannot be checked: say what is assumed. `ids`,
+    `counts`, `names`: the listing's classes in output order."""
     if any(later > earlier for earlier, later in zip(counts, counts[1:])):
         raise UserError(f"{source} is an official file, whose outputs follow the training counts (descending), "
                         f"but {listing} lists its classes in another order (made by an earlier version?); "
