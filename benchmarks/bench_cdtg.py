@@ -46,7 +46,9 @@ from CDTG.generated_folder import HostImages, JpegWriter, run_generation  # noqa
 from CDTG.generation import build_parser as generation_parser  # noqa: E402
 from CDTG.synthesis import TailSynthesizer  # noqa: E402
 from CDTG.tail_data import IMAGE_LIST, TailClasses  # noqa: E402
-from tgn.cli import jpeg_quality, make_parser  # noqa: E402
+from tgn.cli import jpeg_quality, make_parser, non_negative_int, positive_int  # noqa: E402
+from tgn.errors import cli_main  # noqa: E402
+from tgn.io import appendable_file  # noqa: E402
 from tgn.data import Entry, write_annotation  # noqa: E402
 from CDTG.config import GanConfig  # noqa: E402
 from CDTG.trainer import CdtgTrainer, accumulate  # noqa: E402
@@ -317,21 +319,23 @@ def bench_generation(args, device, batch, modconv="shared", amp="off", write_jpe
             "flush_ms": flush_ms, **stages}
 
 
+@cli_main
 def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
                         help="auto: paper on a GPU, tiny on a CPU")
     parser.add_argument("--tiny", action="store_true", help="the same as --config tiny")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=16,
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
+    parser.add_argument("--repeats", type=positive_int, default=16,
                         help="timed steps; 16 hold one R1 step and four path-length steps, as training does")
     parser.add_argument("--host-and-gpu-time", action=argparse.BooleanOptionalAction, default=True,
                         help="on GPUs, also time each step case's host side (queueing a step on an idle GPU) and "
                              "its GPU busy time (profiled): which of the two sets the pace")
-    parser.add_argument("--generation-batches", type=int, default=8, help="batches timed per generation case")
+    parser.add_argument("--generation-batches", type=positive_int, default=8,
+                        help="batches timed per generation case")
     defaults = generation_parser().parse_args(["--ckpt", "unused"])
-    parser.add_argument("--jpeg-workers", type=int, default=defaults.workers,
+    parser.add_argument("--jpeg-workers", type=positive_int, default=defaults.workers,
                         help="JPEG writer threads (generation.py --workers, whose default is this one's)")
     parser.add_argument("--quality", type=jpeg_quality, default=defaults.quality,
                         help="JPEG quality (generation.py --quality, whose default is this one's)")
@@ -341,6 +345,7 @@ def main(argv=None):
                              "lists them)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cdtg.jsonl"))
     args = parser.parse_args(argv)
+    args.out = appendable_file(args.out)
     device = resolve_device(args.device)
     if args.config == "auto" and not args.tiny:
         args.tiny = device.type != "cuda"
@@ -380,7 +385,6 @@ def main(argv=None):
         parser.error(f"--cases: no case {', '.join(unknown)} in --part {args.part} on this device; "
                      f"choose from {', '.join(cases)}")
     chosen = args.cases or list(cases)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for case in chosen:
         record = {"case": case, **cases[case](), "config": "tiny" if args.tiny else "paper", "device": device_name,

@@ -40,9 +40,11 @@ import tgn.engine  # noqa: E402
 from Classification.model import build_classifier  # noqa: E402
 from KMDN.distillation import make_distill_loss_fn  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
-from tgn.cli import COMPILE_MODES, make_parser  # noqa: E402
+from tgn.cli import COMPILE_MODES, make_parser, non_negative_int, positive_int  # noqa: E402
 from tgn.compat import grad_scaler  # noqa: E402
 from tgn.distributed import resolve_device  # noqa: E402
+from tgn.errors import UserError, cli_main  # noqa: E402
+from tgn.io import appendable_file  # noqa: E402
 from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, model_input, prepare_model,  # noqa: E402
                         train_one_epoch, uses_cuda_graphs)
 from tgn.optim import make_optimizer  # noqa: E402
@@ -160,6 +162,8 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
     synchronize(device)
     seconds = time.perf_counter() - started
     return {"bench": "resnet_train", "trainer": trainer, "source": source, "batch": batch, "amp": amp,
+            # untimed batches first: a DataLoader source's are a whole epoch of --steps
+            "warmup": args.warmup if source == "memory" else args.steps,
             "channels_last": channels_last, "compile": compile_mode, "images_per_second": round(args.steps * batch / seconds, 2),
             "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
             # reserved by the allocator, CUDA graphs' private pools included (peak_gib leaves them out)
@@ -168,14 +172,18 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"] if uses_cuda_graphs(compile_mode) else None}
 
 
+@cli_main
 def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
                         help="auto: paper on a GPU, tiny on a CPU")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 8 on GPUs, 2 on CPUs)")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="timed batches")
+    parser.add_argument("--workers", type=non_negative_int, default=None,
+                        help="DataLoader workers (default 8 on GPUs, 2 on CPUs)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
+                        help="untimed in-memory batches first (default 5 on GPUs, 2 on CPUs); DataLoader sources "
+                             "warm up with a whole untimed epoch")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed batches")
     parser.add_argument("--trainers", nargs="*", choices=TRAINERS, default=list(TRAINERS),
                         help="trainers to time (KMDN's, Distill's, the classifier's); none: the data path only")
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
@@ -184,7 +192,7 @@ def main(argv=None):
     parser.add_argument("--data-path", action=argparse.BooleanOptionalAction, default=True,
                         help="first time the data path alone (DataLoader to device, no model) for each DataLoader "
                              "source")
-    parser.add_argument("--large-batch", type=int, default=256,
+    parser.add_argument("--large-batch", type=non_negative_int, default=256,
                         help="also time KMDN's trainer on in-memory batches of this size (0: no); at the paper's "
                              "batch of 32 a GPU spends much of each step waiting for kernel launches")
     parser.add_argument("--compile-modes", nargs="*", default=["reduce-overhead"], choices=COMPILE_MODES[1:],
@@ -195,6 +203,9 @@ def main(argv=None):
                              "--channels-last on); a CPU runs fp32 only")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/resnet.jsonl"))
     args = parser.parse_args(argv)
+    args.out = appendable_file(args.out)
+    if not args.trainers and not (args.data_path and any(source != "memory" for source in args.sources)):
+        raise UserError("nothing to time: name --trainers, or --sources with a DataLoader source and --data-path")
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
     name = args.config if args.config != "auto" else ("paper" if gpu else "tiny")
@@ -208,7 +219,6 @@ def main(argv=None):
     tgn.engine.tqdm = quiet_tqdm
     torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         jpeg_needed = any(source != "memory" for source in args.sources)
         largest = max(cfg["batches"].values()) * args.steps if jpeg_needed else 0
@@ -228,8 +238,8 @@ def main(argv=None):
                                                 batch, compile_mode)
                                             for trainer, source, precision, batch, compile_mode in cases))
         for result in results:  # each printed and written as soon as it is measured
-            record = {**result, "config": name, "device": device_name, "workers": args.workers,
-                      "warmup": args.warmup, "steps": args.steps, "torch": torch.__version__}
+            record = {"warmup": args.warmup, **result, "config": name, "device": device_name,
+                      "workers": args.workers, "steps": args.steps, "torch": torch.__version__}
             print(json.dumps(record), flush=True)
             with open(args.out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")

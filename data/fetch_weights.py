@@ -11,6 +11,7 @@ variable and flags that make every stage read these files instead of the network
     OUT/torch/hub/checkpoints/<torchvision files>   TORCH_HOME=OUT/torch
     OUT/clip/ViT-B-32.pt                            --clip OUT/clip/ViT-B-32.pt
 """
+import glob
 import os
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from tqdm import tqdm  # noqa: E402
 
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import file_sha256, make_folder  # noqa: E402
+from tgn.io import FILE_MODE, file_sha256, make_folder  # noqa: E402
 
 TORCH_CHECKPOINTS = "torch/hub/checkpoints"  # torch.hub's cache layout under TORCH_HOME
 CLIP_FOLDER = "clip"
@@ -59,15 +60,28 @@ WEIGHTS = (
 )
 
 
+# Seconds a connection or a read may stall before the download gives up (not the whole
+# download's time): a server that answers nothing would hang the script for good.
+STALL_TIMEOUT_S = 120
+
+
 def download(url, target):
-    """Stream `url` (http(s) or file://) into `target`, with a progress bar."""
-    with urllib.request.urlopen(url) as source, open(target, "wb") as output:
+    """Stream `url` (http(s) or file://) into `target`, with a progress bar; the file is
+    flushed to disk before it is checked and renamed (a power cut could otherwise leave a
+    renamed file of zeros, which torch.hub never checks again). Returns (bytes received,
+    bytes announced or None)."""
+    received = 0
+    with urllib.request.urlopen(url, timeout=STALL_TIMEOUT_S) as source, open(target, "wb") as output:
         total = int(source.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(target).name.lstrip("."),
                   dynamic_ncols=True, leave=False) as progress:
             for block in iter(lambda: source.read(1 << 20), b""):
                 output.write(block)
+                received += len(block)
                 progress.update(len(block))
+        output.flush()
+        os.fsync(output.fileno())
+    return received, total
 
 
 def fetch(weight, out_dir):
@@ -75,14 +89,25 @@ def fetch(weight, out_dir):
     target = Path(out_dir) / weight.folder / weight.file_name
     if target.is_file() and file_sha256(target).startswith(weight.sha256):
         return target, "present"
+    if target.exists() and not target.is_file():
+        raise UserError(f"{target} is a folder, not the weight file; move it away")
     make_folder(target.parent)
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # of a run killed midway
+        leftover.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         try:
-            download(weight.url, tmp)
+            os.chmod(tmp, FILE_MODE)  # as open() would make it (mkstemp's are owner-only): a shared folder reads it
+        except OSError:  # file systems without Unix permissions keep their own
+            pass
+        try:
+            received, announced = download(weight.url, tmp)
         except OSError as exc:
             raise UserError(f"cannot download {weight.url}: {exc}") from exc
+        if announced is not None and received < announced:
+            raise UserError(f"cannot download {weight.url}: the connection ended after {received} of {announced} "
+                            "bytes; run again")
         digest = file_sha256(tmp)
         if not digest.startswith(weight.sha256):
             raise UserError(f"{weight.url}: SHA-256 {digest} does not match the expected {weight.sha256}; "
@@ -97,10 +122,13 @@ def offline_usage(out_dir, weights):
     """The lines that make every stage read the fetched files."""
     out_dir = Path(out_dir).resolve()
     path = {w.name: out_dir / w.folder / w.file_name for w in weights}
-    lines = [f"export TORCH_HOME={out_dir / 'torch'}    # torchvision finds its files here: --pretrained imagenet, "
-             "--inception torchvision and --lpips alex work offline"]
+    offline = [flags for name, flags in (("resnet50", "--pretrained imagenet"), ("resnet18", "--pretrained imagenet"),
+                                         ("inception-v3", "--inception torchvision"), ("alexnet", "--lpips alex"))
+               if name in path]
+    lines = [f"export TORCH_HOME={out_dir / 'torch'}    # torchvision finds its files here: "
+             f"{', '.join(dict.fromkeys(offline))} work offline"] if offline else []
     if "resnet50" in path:
-        lines.append(f"KMDN/*.py, Classification/train.py: --pretrained {path['resnet50']}    "
+        lines.append(f"KMDN/UModel.py, KMDN/RModel.py, Classification/train.py: --pretrained {path['resnet50']}    "
                      "(or imagenet with TORCH_HOME)")
     if "resnet18" in path:
         lines.append(f"quick runs: --arch resnet18 --pretrained {path['resnet18']}")

@@ -138,13 +138,14 @@ def test_busy_time_is_the_union_of_the_activities_spans():
 def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_path, capsys):
     out = tmp_path / "resnet.jsonl"
     bench = load_script("bench_resnet")
-    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "kmdn",
+    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "2", "--steps", "1", "--trainers", "kmdn",
                 "--sources", "memory", "jpeg+cache", "--out", str(out)])
     data_path, *written = records(out)
     assert (data_path["bench"], data_path["source"], data_path["batch"]) == ("data_path", "jpeg+cache", 8)
     assert data_path["images_per_second"] > 0 and data_path["channels_last"] is False
     assert [(r["trainer"], r["source"]) for r in written] == [("kmdn", "memory"), ("kmdn", "jpeg+cache")]
-    assert all(r["images_per_second"] > 0 and (r["warmup"], r["steps"]) == (1, 1) for r in written)
+    assert all(r["images_per_second"] > 0 and r["steps"] == 1 for r in written)
+    assert [r["warmup"] for r in written] == [2, 1]  # a DataLoader source warms up with a whole epoch of --steps
     bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "--sources",
                 "jpeg", "--out", str(out)])  # no trainer: the data path alone
     assert [(r["bench"], r["source"]) for r in records(out)[3:]] == [("data_path", "jpeg")]
@@ -155,3 +156,12 @@ def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_pa
         with pytest.raises(SystemExit):
             bench.main([flag, name, "--out", str(out)])
         assert f"argument {flag}: invalid choice: '{name}'" in capsys.readouterr().err
+    # One line before anything is measured, not a traceback (after the first case, for a folder).
+    for argv, message in ((["--out", str(tmp_path)], f"--out {tmp_path} is a folder; name a file"),
+                          (["--steps", "0"], "argument --steps: 0 must be a positive integer"),
+                          (["--trainers", "--sources", "memory"], "nothing to time"),
+                          (["--device", "cuda:7"], "--device cuda:7: ")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(["--config", "tiny", *argv] + ([] if "--out" in argv else ["--out", str(out)]))
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in error and "Traceback" not in error, error

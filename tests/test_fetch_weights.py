@@ -98,3 +98,42 @@ def test_an_unreachable_url_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         fetch_weights.main(["--out", str(tmp_path / "weights")])
     assert exit_info.value.code == 2 and "cannot download" in capsys.readouterr().err
+
+
+def test_files_are_readable_as_open_makes_them_and_what_a_killed_run_left_goes(local_table, tmp_path, monkeypatch,
+                                                                             capsys):
+    """mkstemp's files are owner-only: a weights folder shared with a group, or copied with
+    its modes to another account, could not be read. A killed run's partial file is removed
+    by the next; a folder in the file's place, a connection cut short and a stalled server
+    are one line; the offline lines name only what was fetched."""
+    import os
+    import stat
+    import urllib.request
+
+    from tgn.io import FILE_MODE
+
+    out = tmp_path / "weights"
+    leftover = out / "clip" / f".{local_table[1].file_name}.abc123.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half")
+    timeouts = []
+    urlopen = urllib.request.urlopen
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: timeouts.append(timeout) or
+                        urlopen(url, timeout=timeout))
+    fetch_weights.main(["--out", str(out), "--only", "clip-vit-b32"])
+    target = out / "clip" / local_table[1].file_name
+    assert stat.S_IMODE(os.stat(target).st_mode) == FILE_MODE and not leftover.exists()
+    assert timeouts == [fetch_weights.STALL_TIMEOUT_S]
+    printed = capsys.readouterr().out
+    assert "TORCH_HOME" not in printed and "--pretrained" not in printed  # nothing of torchvision's fetched
+    blocked = out / "torch" / "hub" / "checkpoints" / local_table[0].file_name
+    blocked.mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        fetch_weights.main(["--out", str(out), "--only", "resnet50"])
+    assert f"{blocked} is a folder, not the weight file; move it away" in capsys.readouterr().err
+    blocked.rmdir()
+    monkeypatch.setattr(fetch_weights, "download", lambda url, tmp: (5, 10))
+    with pytest.raises(SystemExit):
+        fetch_weights.main(["--out", str(out), "--only", "resnet50"])
+    assert "the connection ended after 5 of 10 bytes; run again" in capsys.readouterr().err
+    assert not list(blocked.parent.iterdir())

@@ -264,6 +264,16 @@ def make_folder(path, flag="--out"):
     return path
 
 
+def appendable_file(path, flag="--out"):
+    """A file that lines are appended to (the benchmarks' records): a folder in its place is
+    refused and its own folder made, each with one line, before anything is measured."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a file")
+    make_folder(path.parent, flag)
+    return path
+
+
 def remove_path(path):
     """Remove a file, a symlink (never what it points to) or a folder with its contents;
     nothing if it is not there."""
