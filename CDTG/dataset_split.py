@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from CDTG.config import DEFAULT_PROMPT  # noqa: E402
 from tgn.cli import add_split_args, make_parser, output_folder  # noqa: E402
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
 def build_parser():
@@ -29,7 +29,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from CDTG.tail_data import write_tail_data  # torch loads after the flags are read: --help answers at once
+    with signals_held():  # a Ctrl-C during torch's import comes after it: a library there swallowed it
+        from CDTG.tail_data import write_tail_data  # torch loads after the flags: --help answers at once
     write_tail_data(args)
 
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from CDTG.flags import add_clip_args  # noqa: E402
 from tgn.cli import (DEFAULT_WORKERS, make_parser, non_negative_int, output_folder, positive_int,  # noqa: E402
                      seed_value)
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
 def build_parser():
@@ -57,7 +57,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from CDTG.evaluation import evaluate_generation  # torch loads after the flags are read: --help answers at once
+    with signals_held():  # a Ctrl-C during torch's import comes after it: a library there swallowed it
+        from CDTG.evaluation import evaluate_generation  # torch loads after the flags: --help answers at once
     return evaluate_generation(args)
 
 

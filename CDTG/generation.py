@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from tgn.cli import (COMPILE_MODES, fraction, jpeg_quality, make_parser, output_folder, positive_int,  # noqa: E402
                      seed_value)
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
 def build_parser():
@@ -67,7 +67,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from CDTG.generated_folder import generate  # torch loads after the flags are read: --help answers at once
+    with signals_held():  # a Ctrl-C during torch's import comes after it: a library there swallowed it
+        from CDTG.generated_folder import generate  # torch loads after the flags: --help answers at once
     generate(args)
 
 

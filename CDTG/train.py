@@ -23,7 +23,7 @@ from CDTG.config import ADA_STEPS, GanConfig  # noqa: E402
 from CDTG.flags import add_clip_args  # noqa: E402
 from tgn.cli import (add_runtime_args, below_one, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
                      non_negative_int, output_folder, positive_float, positive_int)
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
 def build_parser():
@@ -124,7 +124,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from CDTG.training import train_cdtg  # torch loads after the flags are read: --help answers at once
+    with signals_held():  # a Ctrl-C during torch's import comes after it: a library there swallowed it
+        from CDTG.training import train_cdtg  # torch loads after the flags: --help answers at once
     return train_cdtg(args)
 
 

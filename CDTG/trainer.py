@@ -43,10 +43,9 @@ from tgn import distributed as dist
 from tgn.checkpoint import load_weights
 from tgn.engine import autocast, worker_context
 from tgn.optim import adam, restore_optimizer
-from tgn.errors import CollectiveError, UserError
+from tgn.errors import CollectiveError, UserError, signals_held
 from tgn.io import append_jsonl, trim_jsonl
-from tgn.stopping import (leave_signals_to_the_trainer, signals_held, stop_between_steps, stop_for,
-                          stopping_line)
+from tgn.stopping import leave_signals_to_the_trainer, stop_between_steps, stop_for, stopping_line
 
 # What a checkpoint needs to continue a run (fusion_ema and ada are optional: earlier versions).
 RESUMABLE = ("g", "d", "g_ema", "fusion", "g_optim", "d_optim", "ada_aug_p", "mean_path_length", "step")

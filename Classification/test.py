@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from Classification.flags import DEFAULT_IMAGE_SIZE, add_report_args  # noqa: E402
 from tgn.cli import add_precision_args, add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
 def build_parser():
@@ -49,7 +49,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from Classification.scoring import score_checkpoint  # torch loads after the flags: --help answers at once
+    with signals_held():  # a Ctrl-C during torch's import comes after it: a library there swallowed it
+        from Classification.scoring import score_checkpoint  # torch loads after the flags: --help answers at once
     return score_checkpoint(args)
 
 

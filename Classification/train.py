@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from Classification.flags import LOSSES, SAMPLERS, add_report_args  # noqa: E402
 from tgn.cli import add_model_args, add_output_args, add_runtime_args, add_training_args, make_parser  # noqa: E402
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
 def build_parser():
@@ -48,7 +48,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from Classification.training import train_classifier  # torch loads after the flags: --help answers at once
+    with signals_held():  # a Ctrl-C during torch's import comes after it: a library there swallowed it
+        from Classification.training import train_classifier  # torch loads after the flags: --help answers at once
     return train_classifier(args)
 
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from KMDN.flags import OFFICIAL_IMAGE_SIZE  # noqa: E402
 from tgn.cli import (add_output_args, add_runtime_args, add_split_args, add_training_args, make_parser,  # noqa: E402
                      non_negative_float, positive_int)
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
 def build_parser():
@@ -43,7 +43,8 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from KMDN.distillation import run_distillation  # torch loads after the flags are read: --help answers at once
+    with signals_held():  # a Ctrl-C during torch's import comes after it: a library there swallowed it
+        from KMDN.distillation import run_distillation  # torch loads after the flags: --help answers at once
     return run_distillation(args)
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from KMDN.flags import group_parser  # noqa: E402
-from tgn.errors import cli_main  # noqa: E402
+from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
 @cli_main
 def main(argv=None):
     args = group_parser(__doc__, "tail").parse_args(argv)
-    from KMDN.group_training import train_group  # torch loads after the flags are read: --help answers at once
+    with signals_held():  # a Ctrl-C during torch's import comes after it: a library there swallowed it
+        from KMDN.group_training import train_group  # torch loads after the flags: --help answers at once
     return train_group(args)
 
 

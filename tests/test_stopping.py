@@ -236,7 +236,7 @@ def test_signals_held_while_workers_start_reach_the_trainer_afterwards():
     """Ctrl-C and SIGTERM, held while DataLoader workers start, are delivered again once
     they have started: the trainer's signal mask is back as it was, and a SIGTERM sent
     meanwhile then reaches its handler (the run can still be stopped and saved)."""
-    from tgn.stopping import signals_held
+    from tgn.errors import signals_held
 
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     received = []
@@ -263,3 +263,38 @@ def test_a_spawned_worker_warns_in_one_line_as_the_script_does():
     run = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stderr == ("warning: Palette images with Transparency expressed in bytes "
                                                   "should be converted\n")
+
+
+SCRIPTS_IMPORTING_TORCH = ("KMDN/UModel.py", "KMDN/RModel.py", "KMDN/Distill.py", "CDTG/dataset_split.py",
+                           "CDTG/train.py", "CDTG/generation.py", "CDTG/evaluate.py", "Classification/train.py",
+                           "Classification/test.py")
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks (Windows)")
+def test_a_ctrl_c_during_torchs_import_is_not_swallowed():
+    """A library swallows a KeyboardInterrupt raised within its import (a Ctrl-C about half a
+    second into a run was lost: the run went on). The scripts import torch with Ctrl-C held,
+    so it comes after the import, to the script."""
+    import ast
+
+    swallowing_import = ("import os, signal, sys; sys.path.insert(0, sys.argv[1])\n"
+                         "from tgn.errors import cli_main, signals_held\n"
+                         "@cli_main\n"
+                         "def main(argv):\n"
+                         "    with signals_held():\n"
+                         "        try:  # what a library's import did\n"
+                         "            os.kill(os.getpid(), signal.SIGINT)\n"
+                         "            for _ in range(10 ** 6): pass\n"
+                         "        except KeyboardInterrupt:\n"
+                         "            pass\n"
+                         "    print('went on')\n"
+                         "main(None)\n")
+    run = subprocess.run([sys.executable, "-c", swallowing_import, str(ROOT)], capture_output=True, text=True,
+                         timeout=60)
+    assert (run.returncode, run.stdout, run.stderr) == (130, "", "interrupted\n")
+    for script in SCRIPTS_IMPORTING_TORCH:
+        main = next(node for node in ast.parse((ROOT / script).read_text()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == "main")
+        held = [node for node in ast.walk(main) if isinstance(node, ast.With)
+                and ast.unparse(node.items[0].context_expr) == "signals_held()"]
+        assert held and any(isinstance(inner, ast.ImportFrom) for inner in held[0].body), script

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from tgn.compat import grad_scaler, mark_cuda_graph_step
-from tgn.errors import CollectiveError, UserError, alike_in_every_process
+from tgn.errors import CollectiveError, UserError, alike_in_every_process, signals_held
 from tgn.images import normalize_pixels
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
@@ -39,7 +39,7 @@ from tgn.optim import make_optimizer, restore_optimizer, step_lr
 from tgn.resnet import ONE_PIXEL_MAPS
 from tgn.resume import check_same_data, resuming_line
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
-from tgn.stopping import (EpochProgress, Stopped, leave_signals_to_the_trainer, saved_if_stopped, signals_held,
+from tgn.stopping import (EpochProgress, Stopped, leave_signals_to_the_trainer, saved_if_stopped,
                           stop_between_steps, stop_if_requested)
 
 

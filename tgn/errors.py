@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import os
+import signal
 import sys
 import warnings
 
@@ -56,6 +57,28 @@ def _one_line(exc):
         last = text.strip().splitlines()[-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait (the kernel keeps them pending) inside the block, and come on
+    leaving it. Around the start of DataLoader workers: a worker starts with torch's or
+    Python's own handling (torch's SIGTERM handler, Python's KeyboardInterrupt), which ends
+    it before leave_signals_to_the_trainer has set its own, and a worker ended in that gap
+    crashed the run before its save; the workers inherit the held signals and take them once
+    their handlers are set. Around the scripts' import of torch: a library swallows a
+    KeyboardInterrupt raised within its import (a Ctrl-C in a run's first second was lost)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no SIGTERM from schedulers
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def one_line_warning(message, category, filename, lineno, line=None):

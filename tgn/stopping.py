@@ -18,7 +18,7 @@ import warnings
 
 from tgn import distributed as dist
 from tgn.checkpoint import save_checkpoint
-from tgn.errors import escape_unencodable_output, one_line_warning
+from tgn.errors import STOP_SIGNALS, escape_unencodable_output, one_line_warning
 
 WORKER_SIGTERM_GRACE_S = 60
 
@@ -61,7 +61,6 @@ def stop_for(signal_number):
     raise KeyboardInterrupt
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def leave_signals_to_the_trainer(_worker_id):
@@ -107,24 +106,6 @@ def end_worker_processes():
                 if worker.is_alive():
                     worker.kill()
                     worker.join(timeout=5)
-
-
-@contextlib.contextmanager
-def signals_held():
-    """Ctrl-C and SIGTERM wait (the kernel keeps them pending) while DataLoader workers
-    start: a worker starts with torch's or Python's own handling (torch's SIGTERM handler,
-    Python's KeyboardInterrupt), which ends it before leave_signals_to_the_trainer has set
-    its own, and a worker ended in that gap crashed the run before its save. The workers
-    inherit the held signals and take them once their handlers are set; this process takes
-    them on leaving. Wrap the start of every iteration over a loader with workers."""
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no SIGTERM from schedulers
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclasses.dataclass
