@@ -885,9 +885,10 @@ def test_data_workers_leave_ctrl_c_to_the_trainer_and_outlive_sigterm_for_a_whil
     import multiprocessing
 
     import tgn.stopping
+    from tgn.errors import signals_held
 
     monkeypatch.setattr(tgn.stopping, "WORKER_SIGTERM_GRACE_S", 1)
-    with tgn.stopping.signals_held():  # as the trainers start their loaders' workers
+    with signals_held():  # as the trainers start their loaders' workers
         worker = multiprocessing.get_context("fork").Process(target=sleep_as_a_data_worker, args=(starting_s,))
         worker.start()
     time.sleep(0.5)  # started, with its handlers set (0) or not yet (1)
