@@ -11,7 +11,6 @@ variable and flags that make every stage read these files instead of the network
     OUT/torch/hub/checkpoints/<torchvision files>   TORCH_HOME=OUT/torch
     OUT/clip/ViT-B-32.pt                            --clip OUT/clip/ViT-B-32.pt
 """
-import glob
 import os
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import FILE_MODE, file_sha256, make_folder  # noqa: E402
+from tgn.io import FILE_MODE, file_sha256, make_folder, remove_temp_files  # noqa: E402
 
 TORCH_CHECKPOINTS = "torch/hub/checkpoints"  # torch.hub's cache layout under TORCH_HOME
 CLIP_FOLDER = "clip"
@@ -92,8 +91,7 @@ def fetch(weight, out_dir):
     if target.exists() and not target.is_file():
         raise UserError(f"{target} is a folder, not the weight file; move it away")
     make_folder(target.parent)
-    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):  # of a run killed midway
-        leftover.unlink(missing_ok=True)
+    remove_temp_files(target.parent)  # what a run killed midway left
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -14,7 +14,6 @@ a class with two or more), chosen at random with --seed. Images (.jpg .jpeg .jfi
 hidden folders of images and images of other types are named in a warning. Each is decoded once as a check, then copied
 under its own file name, or linked with --link hard|symlink.
 """
-import hashlib
 import random
 import re
 import sys
@@ -33,7 +32,7 @@ from data.output import add_output_arguments  # noqa: E402
 from tgn.class_names import class_name_key  # noqa: E402
 from tgn.cli import make_parser, open_fraction, seed_value  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import read_json  # noqa: E402
+from tgn.io import file_sha256, read_json  # noqa: E402
 
 # The dataset's name becomes the annotation files' names: anno/<NAME>_train.txt.
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -178,7 +177,7 @@ def warn_copies(train, test, remove_from):
     for members in by_size.values():
         if len({(subset, folder) for subset, folder, _ in members}) > 1:
             for member in members:
-                by_digest.setdefault(hashlib.sha256(member[2].read_bytes()).digest(), []).append(member)
+                by_digest.setdefault(file_sha256(member[2]), []).append(member)
     test_copies, two_classes = [], []
     for members in by_digest.values():
         trained = {folder for subset, folder, _ in members if subset == "train"}
