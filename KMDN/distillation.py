@@ -26,7 +26,7 @@ from tgn.errors import UserError, alike_in_every_process
 from tgn.io import append_jsonl, read_json
 from tgn.metrics import format_percent
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
-from tgn.resnet import load_feature_resnet
+from tgn.resnet import FeatureResNet, load_feature_resnet
 from tgn.resume import check_resume, epochs_done, last_state, take_the_runs_flags, warn_if_unfinished
 from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
 from tgn.sampling import epoch_seed
@@ -36,7 +36,7 @@ from tgn.stopping import EpochProgress, saved_if_stopped, stop_between_steps, st
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
 RESULTS = ("last.pth", *OUTPUT_NAMES.values())  # with metrics.jsonl, what --overwrite replaces
 # What a --resume may change besides how any run goes (tgn.resume): where M_H and M_T are
-# read from (a resumed run continues from last.pth; their classes are checked).
+# read from (a resumed run continues from last.pth, which records both models).
 RESUME_MAY_CHANGE = frozenset({"head_ckpt", "tail_ckpt"})
 
 
@@ -132,6 +132,9 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
             "format": "tgn-distill-state/1",
             "split_fingerprint": metas["head"]["split_fingerprint"],  # --resume continues on the same data only
             "options": metas["head"]["options"],  # what --resume compares with, should options.json be gone
+            # What a resumed run rebuilds the models from: M_H and M_T as given need not stay.
+            "model_configs": {group: metas[group]["model_config"] for group in models},
+            "trained_at": {group: getattr(model, "training_size", None) for group, model in models.items()},
             "models": {group: model.state_dict() for group, model in models.items()},
             "optimizers": {group: opt.state_dict() for group, opt in optimizers.items()},
             "scalers": {group: scaler.state_dict() for group, scaler in scalers.items() if scaler is not None},
@@ -215,6 +218,14 @@ def load_group_model(path, split, group):
     return model
 
 
+def resumed_group_model(state, group):
+    """M_H or M_T as last.pth records it, its weights yet to be restored: a resumed run
+    needs neither given file (runs of earlier versions recorded no configs: they read them)."""
+    model = FeatureResNet(**state["model_configs"][group])
+    model.training_size = state["trained_at"][group]
+    return model
+
+
 def run_distillation(args):
     """Distill.py: M_H and M_T loaded and checked against the split, then `distill`."""
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
@@ -228,7 +239,11 @@ def run_distillation(args):
     seed_everything(args.seed)
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
-    models = {group: load_group_model(paths[group], split, group) for group in paths}
+    state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
+    if args.resume and state and "model_configs" in state:  # last.pth's weights replace the given ones
+        models = {group: resumed_group_model(state, group) for group in paths}
+    else:
+        models = {group: load_group_model(paths[group], split, group) for group in paths}
     recorded = args.out / "distill" / "options.json"
     started_with = read_json(recorded, "options") if args.resume and recorded.is_file() else {}
     if args.image_size is None and started_with:  # the size the run started with
@@ -242,7 +257,6 @@ def run_distillation(args):
     if shapes["head"] != shapes["tail"]:  # the feature loss compares them: found now, not at the first batch
         raise UserError(f"the head and tail models give layer3 features of different shapes ({shapes['head']} vs "
                         f"{shapes['tail']}): {paths['head']} and {paths['tail']} need the same --arch and --width")
-    state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
     # Runs of earlier versions recorded no split: theirs is not checked.
     check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
                  data={"split_fingerprint": split.fingerprint}, may_change=RESUME_MAY_CHANGE)

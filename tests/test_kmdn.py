@@ -228,6 +228,26 @@ def test_a_distill_run_of_an_earlier_version_resumes_with_keep_fc_which_it_had(s
     assert json.loads((out / "distill" / "options.json").read_text())["keep_fc"] is False
 
 
+def test_a_resumed_distillation_needs_neither_given_model(split_dir, tmp_path):
+    """last.pth records both models: M_H and M_T as given may be gone (or replaced by a new
+    UModel run) when the distillation resumes, and it ends as the uninterrupted run does."""
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    common = ["--split", str(split_dir), "--distill-interval", "1", "--batch-size", "8", "--workers", "0"]
+    distill_main([*common, "--out", str(out), "--epochs", "2"])
+    straight = load_checkpoint(out / "distill" / "last.pth")["models"]
+    (out / "distill").rename(tmp_path / "straight")
+    distill_main([*common, "--out", str(out), "--epochs", "1"])
+    for group in ("head", "tail"):
+        (out / group / "best.pth").unlink()
+    distill_main([*common, "--out", str(out), "--epochs", "2", "--resume"])
+    resumed = load_checkpoint(out / "distill" / "last.pth")["models"]
+    for group in ("head", "tail"):
+        assert all(torch.equal(resumed[group][key], value) for key, value in straight[group].items()), group
+    assert load_checkpoint(out / "distill" / "M_T.pth")["options"]["image_size"] == 16
+
+
 def test_a_run_too_short_to_distill_m_t_says_so(split_dir, tmp_path, capsys):
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
