@@ -487,6 +487,23 @@ def test_before_joining_only_local_rank_0_prints_what_every_process_finds(monkey
     assert warning == ("warning: 3 images listed twice\n" if local_rank == "0" else "")
 
 
+def test_another_process_starts_its_error_on_a_new_line_of_a_terminal(monkeypatch, capsys):
+    """Rank 0's progress bar may be drawn on the shared terminal without its line ended."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+
+    @cli_main
+    def script(argv):
+        raise ProcessError("its GPU")
+
+    for terminal in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        with pytest.raises(SystemExit):
+            script()
+        assert capsys.readouterr().err == ("\n" if terminal else "") + "[local rank 1] error: its GPU\n"
+
+
 def nan_on_rank_one(root):
     """From its 3rd step rank 1 alone gets a non-finite loss; losses are checked every 2 steps."""
     data = [(torch.full((3, 2, 2), float(i)), i % 2) for i in range(24)]

@@ -129,8 +129,14 @@ def _print_error(exc):
     if not speaks() and (isinstance(exc, CollectiveError) or (rank is None and not isinstance(exc, ProcessError))):
         return  # rank 0 (before joining: LOCAL_RANK 0 of this node) says it
     who = os.environ["LOCAL_RANK"] if rank is None else str(rank)
-    prefix = "" if who == "0" else f"[{'local ' if rank is None else ''}rank {who}] "
+    prefix = "" if who == "0" else f"{_new_line()}[{'local ' if rank is None else ''}rank {who}] "
     print(f"{prefix}error: {_one_line(exc)}", file=sys.stderr)
+
+
+def _new_line():
+    """What starts another process's line on a terminal: rank 0's progress bar may be drawn
+    there without its line ended, and the error would be appended to it."""
+    return "\n" if sys.stderr.isatty() else ""
 
 
 def escape_unencodable_output():
@@ -179,8 +185,9 @@ def cli_main(main):
             rank = _joined_rank()
             if rank is None or not any(sign in str(exc) for sign in PEER_GONE):
                 raise
-            print(f"[rank {rank}] error: another process of this torchrun job stopped; its error, or torchrun's "
-                  "report of how it ended (a process killed says nothing itself), is above or in its node's log",
+            print(f"{_new_line() if rank else ''}[rank {rank}] error: another process of this torchrun job stopped; "
+                  "its error, or torchrun's report of how it ended (a process killed says nothing itself), is above "
+                  "or in its node's log",
                   file=sys.stderr)
             sys.exit(2)
         finally:
