@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
-from tgn.class_names import DIOR_CLASSES, names_unlike_dior, renamed_class
+from tgn.class_names import DIOR_CLASSES, names_unlike_dior, refuse_renamed_class
 from tgn.errors import UserError
 from tgn.resnet import ARCHS, imagenet_state_dict
 
@@ -67,10 +67,8 @@ def check_classes(meta, model, class_ids, path, data_root, class_names=None):
     num_outputs = model.config["num_classes"]
     if meta.get("class_ids") is not None and list(meta["class_ids"]) != list(class_ids):
         raise UserError(f"{path} was trained on classes {meta['class_ids']}, {data_root} has {list(class_ids)}")
-    differ = renamed_class(meta.get("class_names"), class_names or (), class_ids)
-    if differ is not None:
-        raise UserError(f"{path} was trained with class {class_ids[differ]} named '{meta['class_names'][differ]}', "
-                        f"{data_root} names it '{class_names[differ]}': another dataset or class numbering")
+    refuse_renamed_class(meta.get("class_names"), class_names or (), class_ids, path, data_root,
+                         ": another dataset or class numbering")
     if num_outputs != len(class_ids):
         raise UserError(f"{path} has {num_outputs} outputs but {data_root} has {len(class_ids)} classes; "
                         "use the dataset the model was trained on")

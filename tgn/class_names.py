@@ -5,6 +5,8 @@ spells "basketballcourt", DOTA's labels "basketball-court", and CLIP reads neith
 as "basketball court". The releases' spellings still match (`class_name_key`)."""
 import unicodedata
 
+from tgn.errors import UserError
+
 # The official id orders. DOTA's chip releases number its classes in two orders (this one,
 # the devkit's, and alphabetical), so a DOTA folder without classes.json is not named from it.
 DIOR_CLASSES = (
@@ -66,6 +68,15 @@ def renamed_class(recorded, names, ids):
         if str(cid) not in (str(before), str(now)) and class_name_key(before) != class_name_key(now):
             return position
     return None
+
+
+def refuse_renamed_class(recorded, names, ids, source, listing, remedy):
+    """Refuse a model whose `recorded` class names (renamed_class) differ from `listing`'s
+    `names`: the message names the first class that differs, then `remedy`."""
+    position = renamed_class(recorded, names, ids)
+    if position is not None:
+        raise UserError(f"{source} was trained with class {ids[position]} named '{recorded[position]}', "
+                        f"{listing} names it '{names[position]}'{remedy}")
 
 
 def display_width(name):

@@ -17,7 +17,7 @@ import torch
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_failure, map_tensors
-from tgn.class_names import renamed_class
+from tgn.class_names import refuse_renamed_class
 from tgn.cli import check_repeated_milestones
 from tgn.errors import UserError, speaks
 from tgn.io import absolute_path, map_paths, read_json
@@ -179,11 +179,9 @@ def check_same_names(state, class_ids, class_names, path):
     """A checkpoint resumes only on classes of the names it was trained on (another dataset
     laid out alike has as many images under the same ids); spelling aside, and a class named
     by its id on either side matches any name."""
-    position = renamed_class(state.get("class_names"), class_names, class_ids)
-    if position is not None:
-        raise UserError(f"{path} was trained with class {class_ids[position]} named "
-                        f"'{state['class_names'][position]}', the data names it '{class_names[position]}': "
-                        "resume with the data it started with, or pass --overwrite instead of --resume to start again")
+    refuse_renamed_class(state.get("class_names"), class_names, class_ids, path, "the data",
+                         ": resume with the data it started with, or pass --overwrite instead of --resume to start "
+                         "again")
 
 
 # What a ResNet trainer's last.pth holds to resume (its best.pth keeps no optimizer state).

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tgn.class_names import class_name_key, names_unlike_dior, renamed_class
+from tgn.class_names import class_name_key, names_unlike_dior, refuse_renamed_class
 from tgn.data import SUBSETS, changed_entries, changed_text, check_files_exist, read_annotation, samples_for, \
     write_annotation
 from tgn.errors import UserError, speaks
@@ -103,10 +103,8 @@ def check_recorded_classes(source, checkpoint, num_classes, ids, counts, listing
     elif checkpoint.get("class_ids") is not None and list(checkpoint["class_ids"]) != list(ids):
         raise UserError(f"{source} was trained on classes {checkpoint['class_ids']}, {listing} has {list(ids)} "
                         "(another split?)")
-    elif (position := renamed_class(checkpoint.get("class_names"), names, ids)) is not None:
-        raise UserError(f"{source} was trained with class {ids[position]} named "
-                        f"'{checkpoint['class_names'][position]}', {listing} names it '{names[position]}' "
-                        "(another dataset?)")
+    else:
+        refuse_renamed_class(checkpoint.get("class_names"), names, ids, source, listing, " (another dataset?)")
 
 
 def fingerprint(class_names, train_counts):
