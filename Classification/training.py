@@ -52,6 +52,8 @@ def train_classifier(args):
                       f"{args.threshold:g}% of classes by training count; pass --split to group them by it")
         args.split = None
     dist.local_batch(args.batch_size)  # divisible by the torchrun processes, checked before joining
+    device = dist.process_device(args.device)
+    cfg = training_config(args, device)  # its flags' errors found before any image is read
     info = open_dataset(dataset_root(args))
     check_outside_dataset(args.out, info.root)
     check_outside_dataset(args.cache, info.root, "--cache")
@@ -77,14 +79,10 @@ def train_classifier(args):
         if index not in present:  # none listed, or (with --skip-bad-images) none readable
             raise UserError(f"class {cid} ({info.class_names[cid]}) has no training image in "
                             f"{info.annotation_path('train')}{' or --extra' if args.extra else ''}")
-    device = dist.process_device(args.device)
-    cfg = training_config(args, device)
     check_one_image_batches(len(train_samples), args.batch_size, args.image_size, device, args.sync_bn)
     cache = ResizeCache(args.cache, args.image_size) if args.cache is not None else None
     train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache,
                              generated_from=sum(images.real_counts))  # DATA's images come first
-
-    device = dist.init(args.device)  # joined after the input checks: an input error prints once per node
     seed_everything(args.seed)
     model = build_classifier(args.arch, len(class_ids))
     if args.resume and state is not None:  # weights of another shape are refused before anything is written
@@ -92,6 +90,8 @@ def train_classifier(args):
             check_fits(model, state["state_dict"], args.out / "last.pth")
     else:  # a resumed run starts from its checkpoint: no --pretrained to read or download
         model = initialise_backbone(model, args.pretrained)
+
+    dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite, results=RESULTS, logs=LOGS)
     main = dist.is_main()  # under torchrun rank 0 alone prints and writes
     options = save_options(run_dir, args, write=main, resumed=args.resume and state is not None)

@@ -504,6 +504,27 @@ def test_another_process_starts_its_error_on_a_new_line_of_a_terminal(monkeypatc
         assert capsys.readouterr().err == ("\n" if terminal else "") + "[local rank 1] error: its GPU\n"
 
 
+@pytest.mark.parametrize("script", ["UModel", "Classification"])
+def test_a_bad_pretrained_file_is_refused_before_the_processes_join(script, split_dir, tmp_path, monkeypatch, capsys):
+    """Read after joining, it was refused by every process, one line each."""
+    def joined(device_name="auto"):
+        raise AssertionError("joined before every input was checked")
+
+    monkeypatch.setattr(dist, "init", joined)
+    notes = tmp_path / "notes.pth"
+    notes.write_text("not weights")
+    tiny = [*TINY[:4], "--pretrained", str(notes), *TINY[6:]]
+    main, inputs = ((umodel_main, ["--split", str(split_dir)]) if script == "UModel"
+                    else (cls_train_main, ["--data-root", str(split_dir.parent / "data")]))
+    if script == "Classification":
+        tiny = [*tiny[:2], *tiny[4:]]  # no --width: its --arch names it
+    with pytest.raises(SystemExit) as exit_info:
+        main([*inputs, "--out", str(tmp_path / "run"), *tiny, "--epochs", "1"])
+    assert exit_info.value.code == 2
+    assert str(notes) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def nan_on_rank_one(root):
     """From its 3rd step rank 1 alone gets a non-finite loss; losses are checked every 2 steps."""
     data = [(torch.full((3, 2, 2), float(i)), i % 2) for i in range(24)]
