@@ -62,12 +62,7 @@ def make_distill_loss_fn(teacher, alpha):
     def loss_fn(student, images, labels):
         with torch.no_grad():
             _, teacher_feature = teacher(images)
-        logits, student_feature = student(images)
-        if student_feature.shape != teacher_feature.shape:
-            raise UserError(
-                f"the head and tail models give layer3 features of different shapes "
-                f"({tuple(student_feature.shape[1:])} vs {tuple(teacher_feature.shape[1:])}); use the same --arch/--width"
-            )
+        logits, student_feature = student(images)  # of the teacher's shape: run_distillation checked
         return distillation_loss(logits, labels, student_feature, teacher_feature.detach(), alpha), logits
 
     return loss_fn
@@ -236,19 +231,23 @@ def run_distillation(args):
     check_outside_dataset(args.out, split.data_root)
     check_outside_dataset(args.cache, split.data_root, "--cache")
     device = dist.process_device(args.device)
-    seed_everything(args.seed)
+    state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
+    # Before the models are read: a last.pth that cannot be read is named, not the files it
+    # stands in for. Runs of earlier versions recorded no split: theirs is not checked.
+    check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
+                 data={"split_fingerprint": split.fingerprint}, may_change=RESUME_MAY_CHANGE)
+    recorded = args.out / "distill" / "options.json"
+    started_with = read_json(recorded, "options") if args.resume and recorded.is_file() else {}
+    if state is not None and started_with and "keep_fc" not in started_with and not args.keep_fc:
+        raise UserError(f"--resume: {args.out / 'distill'} was started by an earlier version, which kept M_H's and "
+                        "M_T's classifiers: resume it with --keep-fc")
     paths = {"head": args.head_ckpt or args.out / "head" / "best.pth",
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
-    state = last_state(args.out / "distill" / "last.pth", needs=("models", "optimizers", "epoch", "best"))
     if args.resume and state and "model_configs" in state:  # last.pth's weights replace the given ones
         models = {group: resumed_group_model(state, group) for group in paths}
     else:
         models = {group: load_group_model(paths[group], split, group) for group in paths}
-    recorded = args.out / "distill" / "options.json"
-    started_with = read_json(recorded, "options") if args.resume and recorded.is_file() else {}
-    if args.image_size is None and started_with:  # the size the run started with
-        args.image_size = started_with.get("image_size")
-    if args.image_size is None:
+    if args.image_size is None:  # a resumed run's is the size it started with (take_the_runs_flags)
         sizes = {group: model.training_size for group, model in models.items()}
         if sizes["head"] != sizes["tail"]:
             raise UserError(f"M_H was trained at {sizes['head']} px, M_T at {sizes['tail']} px; pass --image-size")
@@ -257,12 +256,7 @@ def run_distillation(args):
     if shapes["head"] != shapes["tail"]:  # the feature loss compares them: found now, not at the first batch
         raise UserError(f"the head and tail models give layer3 features of different shapes ({shapes['head']} vs "
                         f"{shapes['tail']}): {paths['head']} and {paths['tail']} need the same --arch and --width")
-    # Runs of earlier versions recorded no split: theirs is not checked.
-    check_resume(args.out / "distill", args, done=epochs_done(state), state=state,
-                 data={"split_fingerprint": split.fingerprint}, may_change=RESUME_MAY_CHANGE)
-    if state is not None and started_with and "keep_fc" not in started_with and not args.keep_fc:
-        raise UserError(f"--resume: {args.out / 'distill'} was started by an earlier version, which kept M_H's and "
-                        "M_T's classifiers: resume it with --keep-fc")
+    cfg = training_config(args, device)  # its flags' errors found before any image is read
     if args.resume and state is not None:  # weights of another shape are refused before anything is written
         with alike_in_every_process():  # every process reads the same file: one line
             for group, model in models.items():
@@ -272,7 +266,6 @@ def run_distillation(args):
     for group, (train_set, _) in datasets.items():
         check_one_image_batches(len(train_set), args.batch_size, args.image_size, device, args.sync_bn,
                                 f"the {group} classes' training images")
-    cfg = training_config(args, device)
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     run_dir = prepare_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS)

@@ -228,7 +228,7 @@ def test_a_distill_run_of_an_earlier_version_resumes_with_keep_fc_which_it_had(s
     assert json.loads((out / "distill" / "options.json").read_text())["keep_fc"] is False
 
 
-def test_a_resumed_distillation_needs_neither_given_model(split_dir, tmp_path):
+def test_a_resumed_distillation_needs_neither_given_model(split_dir, tmp_path, capsys):
     """last.pth records both models: M_H and M_T as given may be gone (or replaced by a new
     UModel run) when the distillation resumes, and it ends as the uninterrupted run does."""
     out = tmp_path / "kmdn"
@@ -246,6 +246,10 @@ def test_a_resumed_distillation_needs_neither_given_model(split_dir, tmp_path):
     for group in ("head", "tail"):
         assert all(torch.equal(resumed[group][key], value) for key, value in straight[group].items()), group
     assert load_checkpoint(out / "distill" / "M_T.pth")["options"]["image_size"] == 16
+    (out / "distill" / "last.pth").write_bytes(b"cut short")
+    capsys.readouterr()
+    err = exit_message(capsys, distill_main, [*common, "--out", str(out), "--epochs", "3", "--resume"])
+    assert "--resume: cannot read" in err and "last.pth" in err  # not the given files it stands in for
 
 
 def test_a_run_too_short_to_distill_m_t_says_so(split_dir, tmp_path, capsys):
