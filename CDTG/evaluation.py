@@ -27,7 +27,7 @@ from CDTG.eval_report import (build_evaluation, evaluation_markdown, metric_note
                               write_evaluation)
 from CDTG.fidelity import fid, kid, load_inception, load_lpips, mean_pairwise_lpips
 from CDTG.tail_data import load_tail_classes, load_teacher
-from tgn.data import check_files_exist, drop_unreadable, read_annotation
+from tgn.data import check_files_exist, check_outside_dataset, drop_unreadable, read_annotation
 from tgn.distributed import make_shared_folder, planned_world_size, resolve_device
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_UNFINISHED, read_generation_settings
@@ -342,6 +342,7 @@ def evaluate_generation(args):
     check_generated_folders(folders)
     data, teacher_path, notes = resolve_inputs(args)
     tail = load_tail_classes(data, args.data_root)
+    check_outside_dataset(args.out, tail.data_root)
     generated = [generated_paths(folder, tail) for folder in folders]
     size = scored_size(folders, generated, args.size, lpips=args.lpips != "none")
     device = resolve_device(args.device)

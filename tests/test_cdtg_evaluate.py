@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import PALETTE, tiny_clip
+from conftest import PALETTE, exit_message, tiny_clip
 from conftest import TAIL_IDS
 import CDTG.evaluate as evaluate_script
 import CDTG.evaluation
@@ -347,6 +347,16 @@ def test_an_out_that_cannot_be_made_is_refused_before_any_scoring(evaluation_inp
                               "--lpips", "none", "--inception", "none", "--device", "cpu", "--workers", "0", "--out",
                               str(root / "mount" / "evaluation")])
     assert "cannot create it (Read-only file system)" in capsys.readouterr().err and not scored
+
+
+def test_an_out_inside_the_dataset_is_refused(evaluation_inputs, capsys):
+    root = evaluation_inputs
+    data_root = load_tail_classes(root / "cdtg_data").data_root
+    err = exit_message(capsys, evaluate_script.main, [
+        str(root / "gen_shifted"), "--data", str(root / "cdtg_data"), "--clip", "none", "--lpips", "none",
+        "--inception", "none", "--device", "cpu", "--workers", "0", "--out", str(data_root / "anno")])
+    assert err.endswith("write beside the dataset, not into it (e.g. runs/NAME/...)")
+    assert not list((data_root / "anno").glob("evaluation*")) and not (data_root / "anno" / "options.json").exists()
 
 
 def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tail_data(evaluation_inputs, capsys):
