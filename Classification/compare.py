@@ -43,13 +43,14 @@ def parse_report_arg(text):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_run_dir(args.out, overwrite=args.overwrite, results=(TABLE_MD, TABLE_CSV), resumable=False, args=args)
-    names, reports = [], []
+    names, reports, sources = [], [], []
     for text in args.reports:
         name, path = parse_report_arg(text)
         report = read_report(path)
         names.append(name or report["method"])
         reports.append(report)
-    rows = comparison(reports, names)
+        sources.append(f"{name}={path}" if name else str(path))
+    rows = comparison(reports, names, sources)
     groups = {(tuple(sorted(report["head"])), tuple(sorted(report["tail"]))) for report in reports}
     counts = sorted({report["num_test_images"] for report in reports})
     notes = (["the reports use different head/tail groups."] if len(groups) > 1 else []) + (

@@ -186,20 +186,22 @@ def renamed_report_class(report, names):
     return row["id"], row.get("name"), names[row["id"]]
 
 
-def comparison(reports, labels=None):
-    """Rows (method, head acc, tail acc, OA, macro-F1) of reports on the same classes."""
+def comparison(reports, labels=None, sources=None):
+    """Rows (method, head acc, tail acc, OA, macro-F1) of reports on the same classes; a
+    mismatch is named by the reports' `sources` (as given), else their labels."""
+    labels = labels or [report["method"] for report in reports]
+    sources = [repr(source) for source in sources or labels]
     first = reports[0]
-    for report in reports[1:]:
+    for report, source in zip(reports[1:], sources[1:]):
         if report.get("dataset") != first.get("dataset"):
-            raise UserError(f"reports {first['method']!r} and {report['method']!r} are on different datasets "
+            raise UserError(f"reports {sources[0]} and {source} are on different datasets "
                             f"({first.get('dataset')}, {report.get('dataset')})")
         if [c["id"] for c in report["classes"]] != [c["id"] for c in first["classes"]]:
-            raise UserError(f"reports {first['method']!r} and {report['method']!r} are on different classes")
+            raise UserError(f"reports {sources[0]} and {source} are on different classes")
         renamed = renamed_report_class(report, {c["id"]: c.get("name") for c in first["classes"]})
         if renamed:
-            raise UserError(f"reports {first['method']!r} and {report['method']!r} name class {renamed[0]} "
+            raise UserError(f"reports {sources[0]} and {source} name class {renamed[0]} "
                             f"'{renamed[2]}' and '{renamed[1]}': another dataset or class numbering")
-    labels = labels or [report["method"] for report in reports]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:  # e.g. every run with --extra is 'TGN'
         raise UserError(f"two reports are named {repeated[0]!r}: name each row, NAME=REPORT "

@@ -1026,9 +1026,10 @@ def test_compare_refuses_reports_on_other_classes(tmp_path, capsys):
     write_report(other, tmp_path / "b")
     err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path)])
     assert "different classes" in err
-    write_report({**hand_report("dior", BASELINE_CM), "dataset": "DIOR"}, tmp_path / "c")
-    err = exit_message(capsys, compare_main, [str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(tmp_path)])
-    assert "are on different datasets (TOY, DIOR)" in err
+    write_report({**hand_report("baseline", BASELINE_CM), "dataset": "DIOR"}, tmp_path / "c")
+    err = exit_message(capsys, compare_main, [str(tmp_path / "a"), f"dior={tmp_path / 'c'}", "--out", str(tmp_path)])
+    # Named as given: both are 'baseline' runs.
+    assert f"reports '{tmp_path / 'a'}' and 'dior={tmp_path / 'c'}' are on different datasets (TOY, DIOR)" in err
     renumbered = hand_report("renumbered", BASELINE_CM)  # the same ids, numbered from other class names
     renumbered["classes"][0]["name"], renumbered["classes"][1]["name"] = (renumbered["classes"][1]["name"],
                                                                           renumbered["classes"][0]["name"])
