@@ -293,3 +293,21 @@ def test_group_samples_are_labelled_by_the_groups_ranking(tmp_path):
         for path, label in samples:
             class_id = int(Path(path).parent.name)  # DATA/train/<class_id>/<file>
             assert label == split.ids(group).index(class_id), (group, path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("data_root"), "was edited by hand (no 'data_root'): make it again with KMDN/dataset_split.py"),
+    (lambda s: s.update(classes=None), "was edited by hand (a value of the wrong type)"),
+    (lambda s: s.update(head="3,4"), "was edited by hand (a value of the wrong type)"),
+    (lambda s: s.update(head=[*s["head"], 9]), "its groups name class 9, which it does not list"),
+    (lambda s: s.update(head=[*s["head"], s["tail"][0]]), "is in its groups twice"),
+    (lambda s: s.update(tail=s["tail"][1:]), "is in neither group"),
+])
+def test_a_split_file_edited_by_hand_is_refused_in_one_line(split_dir, edit, message):
+    """Its fingerprint covers the classes and counts only: the groups are checked apart."""
+    split_file = split_dir / "split.json"
+    recorded = json.loads(split_file.read_text())
+    edit(recorded)
+    split_file.write_text(json.dumps(recorded))
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_split(split_dir)

@@ -231,13 +231,40 @@ def load_split(path, data_root=None):
     if not json_path.is_file():
         raise UserError(f"split file not found: {json_path} (run KMDN/dataset_split.py first)")
     data = read_json(json_path, "split file")
-    if data.get("format") != SPLIT_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != SPLIT_FORMAT:
         raise UserError(f"{json_path} is not a split file made by KMDN/dataset_split.py")
+    try:
+        split = split_of_json(data, json_path, data_root)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a key gone, a value of another type
+        what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else "a value of the wrong type"
+        raise UserError(f"{json_path} was edited by hand ({what}): make it again with KMDN/dataset_split.py") from None
+    if data.get("fingerprint") != split.fingerprint:
+        raise UserError(f"{json_path} was edited by hand: its fingerprint does not match its classes")
+    check_groups(split, json_path)
+    return split
+
+
+def check_groups(split, json_path):
+    """Every class in exactly one group: a hand-edited head or tail list would train a model
+    on classes it has no outputs for, or leave some out of every stage."""
+    listed = split.head + split.tail
+    unknown = [cid for cid in listed if cid not in split.class_names]
+    twice = sorted({cid for cid in listed if listed.count(cid) > 1})
+    missing = sorted(set(split.class_names) - set(listed))
+    problem = (f"its groups name class {unknown[0]}, which it does not list" if unknown else
+               f"class {twice[0]} is in its groups twice" if twice else
+               f"class {missing[0]} is in neither group" if missing else None)
+    if problem:
+        raise UserError(f"{json_path} was edited by hand: {problem}; make it again with KMDN/dataset_split.py "
+                        "(--threshold sets the groups)")
+
+
+def split_of_json(data, json_path, data_root=None):
     if not data_root and not Path(data["data_root"]).is_dir():
         raise UserError(f"dataset folder not found: {data['data_root']} (recorded in {json_path}); "
                         "pass --data-root if the dataset moved")
     classes = {int(item["id"]): item for item in data["classes"]}
-    split = Split(
+    return Split(
         dataset=data["dataset"],
         data_root=absolute_path(data_root) if data_root else Path(data["data_root"]),
         threshold=data["threshold_percent"],
@@ -249,9 +276,6 @@ def load_split(path, data_root=None):
         folder=json_path.parent,
         ranking=[int(c) for c in data.get("ranking", [])],
     )
-    if data.get("fingerprint") != split.fingerprint:
-        raise UserError(f"{json_path} was edited by hand: its fingerprint does not match its classes")
-    return split
 
 
 def check_split_matches(split, info, image_lists=True):
