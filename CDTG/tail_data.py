@@ -97,8 +97,12 @@ def load_tail_classes(folder, data_root=None):
     if not path.is_file():
         raise UserError(f"tail-class data not found: {path} (run CDTG/dataset_split.py first)")
     data = read_json(path, "tail-class manifest")
-    if data.get("format") != MANIFEST_FORMAT:
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise UserError(f"{path} is not a manifest written by CDTG/dataset_split.py")
+    if not isinstance(data.get("data_root"), str) or not isinstance(data.get("classes"), list):
+        raise UserError(f"{path} was edited by hand (its 'data_root' or 'classes' is gone): make it again with "
+                        "CDTG/dataset_split.py")
+    check_manifest_classes(data["classes"], path)
     classes = sorted(data["classes"], key=lambda c: c["label"])
     if [c["label"] for c in classes] != list(range(len(classes))):
         raise UserError(f"{path}: labels must be 0..{len(classes) - 1}")
@@ -106,6 +110,34 @@ def load_tail_classes(folder, data_root=None):
         raise UserError(f"dataset folder not found: {data['data_root']} (recorded in {path}); "
                         "pass --data-root if the dataset moved")
     return TailClasses(path.parent, data_root or data["data_root"], classes, data.get("split_fingerprint"))
+
+
+# What each class of the manifest holds. Its prompts may be edited (the README says how).
+MANIFEST_CLASS_KEYS = (("label", int), ("id", int), ("name", str), ("prompt", str), ("train_count", int))
+
+
+def check_manifest_classes(classes, path):
+    """Refuse, in one line, a class of the manifest without one of its keys or with a value of
+    another type, an empty prompt, a prompt template left unfilled, or two classes of one
+    prompt (the CLIP loss could not tell them apart)."""
+    for position, cls in enumerate(classes, 1):
+        for key, kind in MANIFEST_CLASS_KEYS:
+            value = cls.get(key) if isinstance(cls, dict) else None
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise UserError(f"{path}: class {position} of its list needs a {key!r} ({kind.__name__}): was it "
+                                "edited by hand? Make it again with CDTG/dataset_split.py")
+        prompt = cls["prompt"]
+        if not prompt.strip():
+            raise UserError(f"{path}: tail class {cls['id']} has an empty prompt; write one (e.g. 'A photo of a "
+                            f"{cls['name']}')")
+        if "{name}" in prompt:
+            raise UserError(f"{path}: the prompt of tail class {cls['id']} is a template ({prompt!r}): write the "
+                            "class name in it")
+    prompts = [" ".join(cls["prompt"].lower().split()) for cls in classes]
+    shared = next((cls for cls, prompt in zip(classes, prompts) if prompts.count(prompt) > 1), None)
+    if shared is not None:
+        raise UserError(f"{path}: two tail classes have the prompt {shared['prompt']!r}; the CLIP loss pulls each "
+                        "class towards its own prompt, so give each its own")
 
 
 def gan_transform(size):

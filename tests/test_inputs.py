@@ -790,3 +790,26 @@ def test_a_generation_file_given_to_extra_names_its_folder(toy_data, tmp_path, c
     (tmp_path / "anno.txt").write_text("3/gen_000000.jpg 3\n")
     with pytest.raises(UserError, match="is a file; pass the generation folder that holds it"):
         read_extra(tmp_path / "anno.txt", {3: "class 3"})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("data_root"), "was edited by hand (its 'data_root' or 'classes' is gone)"),
+    (lambda m: m["classes"][0].pop("prompt"), "class 1 of its list needs a 'prompt' (str)"),
+    (lambda m: m["classes"][1].update(prompt=None), "class 2 of its list needs a 'prompt' (str)"),
+    (lambda m: m["classes"][0].update(prompt=["A photo of a dam"]), "needs a 'prompt' (str)"),
+    (lambda m: m["classes"][0].update(label="0"), "class 1 of its list needs a 'label' (int)"),
+    (lambda m: m["classes"][0].update(prompt="  "), "has an empty prompt"),
+    (lambda m: m["classes"][0].update(prompt="A photo of a {name}"), "is a template ('A photo of a {name}')"),
+    (lambda m: m["classes"][1].update(prompt=m["classes"][0]["prompt"].upper()), "two tail classes have the prompt"),
+])
+def test_a_tail_manifest_edited_by_hand_is_refused_in_one_line(cdtg_inputs, edit, message):
+    """The README invites editing its prompts: a slip is named, not a traceback."""
+    from CDTG.tail_data import load_tail_classes
+
+    manifest = cdtg_inputs / "cdtg_data" / "tail_classes.json"
+    recorded = json.loads(manifest.read_text())
+    edit(recorded)
+    manifest.write_text(json.dumps(recorded))
+    with pytest.raises(UserError) as refused:
+        load_tail_classes(cdtg_inputs / "cdtg_data")
+    assert message in str(refused.value)
