@@ -764,7 +764,8 @@ def test_model_files_of_other_kinds_given_for_resnet_weights_are_named(tmp_path)
     cdtg = {"g_ema": {}, "g": {}}
     for checkpoint, message in ((cdtg, "is a CDTG checkpoint (a generator), not the ResNet weights"),
                                 (distill_last, "is Distill.py's last.pth, which only resumes its run: pass"),
-                                ({"epoch": 3}, "holds neither a state dict nor a model checkpoint of this project")):
+                                ({"epoch": 3}, "holds neither a state dict nor a model checkpoint of this project"),
+                                ({"state_dict": 5}, "holds neither a state dict nor a model checkpoint of this project")):
         with pytest.raises(UserError, match=re.escape(f"--head-ckpt last.pth {message}")):
             state_dict_of(checkpoint, "--head-ckpt last.pth")
 

@@ -62,8 +62,9 @@ def load_failure(path, exc):
 
 def state_dict_of(checkpoint, source="the file"):
     """The model weights of one of our checkpoints or of an official bare state dict."""
-    if isinstance(checkpoint, dict) and "state_dict" in checkpoint:
-        return checkpoint["state_dict"]
+    weights = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return weights
     if isinstance(checkpoint, dict) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
         return checkpoint
     if isinstance(checkpoint, dict) and "g_ema" in checkpoint:
