@@ -196,14 +196,19 @@ def read_classes_json(path):
     """Return (dataset name or None, {class_id: name}) from a classes.json file."""
     data = read_json(path, "class list")
     try:
-        pairs = [(int(item["id"]), str(item["name"])) for item in data["classes"]]
-    except (KeyError, TypeError, ValueError) as exc:
+        items = [(item["id"], item["name"]) for item in data["classes"]]
+    except (KeyError, TypeError) as exc:
         raise UserError(f"{path}: expected {{'dataset': NAME, 'classes': [{{'id': 0, 'name': ...}}, ...]}}") from exc
     names = {}
-    for cid, name in pairs:
-        if cid in names:
-            raise UserError(f"{path}: class id {cid} is listed twice")
-        names[cid] = name
+    for cid, name in items:
+        if isinstance(cid, bool) or not (isinstance(cid, int) or (isinstance(cid, str) and cid.strip().isdigit())):
+            raise UserError(f"{path}: class id {cid!r} is not a whole number")
+        if isinstance(name, bool) or not isinstance(name, (str, int)) or not str(name).strip():
+            # It would become the CLIP prompt "A photo of a None".
+            raise UserError(f"{path}: class {cid} has no name ({name!r}); name it as its CLIP prompt should read")
+        if int(cid) in names:
+            raise UserError(f"{path}: class id {int(cid)} is listed twice")
+        names[int(cid)] = str(name)
     return data.get("dataset"), names
 
 
@@ -223,6 +228,9 @@ def open_dataset(root):
         raise UserError(f"{root} is a split (KMDN/dataset_split.py's output), not a dataset: pass the dataset folder, "
                         "the one that holds anno/, train/ and test/")
     classes_file = root / "classes.json"
+    if classes_file.is_dir():
+        raise UserError(f"{classes_file} is a folder; the class list is a file: "
+                        '{"dataset": NAME, "classes": [{"id": 0, "name": ...}, ...]}')
     if classes_file.is_file():
         name, class_names = read_classes_json(classes_file)
         if not name:
