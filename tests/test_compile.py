@@ -65,7 +65,7 @@ def test_compiled_training_matches_eager(toy_data, tmp_path, monkeypatch):
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile", "reduce-overhead"])):
         out = tmp_path / name
-        umodel_main(["--split", str(tmp_path / "split"), "--out", str(out), *TINY, *extra])
+        umodel_main(["--split", str(tmp_path / "split"), "--out", str(out), *TINY, "--image-size", "32", *extra])
         runs[name] = (load_checkpoint(out / "head" / "last.pth"),
                       [json.loads(line) for line in (out / "head" / "metrics.jsonl").read_text().splitlines()])
     assert modes == ["reduce-overhead"] and counters["stats"]["unique_graphs"] > graphs_before
@@ -73,11 +73,13 @@ def test_compiled_training_matches_eager(toy_data, tmp_path, monkeypatch):
     init = initial_weights(eager["model_config"])
     # Adam divides each gradient by its running size, so float rounding (compiled kernels
     # sum in another order) moves near-zero-gradient weights by up to a learning rate:
-    # compare the whole of training's change to the weights, not each weight.
+    # compare the whole of training's change to the weights, not each weight. At 32 px, not
+    # 16: there layer4's BatchNorm normalises 8 values per channel (1x1 maps of 8 images),
+    # and on a Xeon with AVX-512 the rounding grew to 4% of the change by the second epoch.
     weights = [key for key, value in init.items() if value.is_floating_point()]
     eager_change, compiled_change = (torch.cat([(state["state_dict"][key] - init[key]).flatten() for key in weights])
                                      for state in (eager, compiled))
-    assert (compiled_change - eager_change).norm() < 0.01 * eager_change.norm()  # 7e-4 measured
+    assert (compiled_change - eager_change).norm() < 0.01 * eager_change.norm()  # 1.3e-4 measured
     for key, value in eager["state_dict"].items():
         if not value.is_floating_point():  # BatchNorm's batch counters
             assert torch.equal(compiled["state_dict"][key], value), key
