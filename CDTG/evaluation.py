@@ -338,7 +338,8 @@ def evaluate_generation(args):
     if planned_world_size() > 1:  # each process would score every folder and write the same files
         raise UserError("CDTG/evaluate.py runs in one process: start it with python, not torchrun")
     folders = [Path(folder) for folder in args.folders]
-    check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False, args=args)
+    check_run_dir(args.out, overwrite=args.overwrite, results=("evaluation.json",), resumable=False, args=args,
+                  writes="evaluation.json")
     check_generated_folders(folders)
     data, teacher_path, notes = resolve_inputs(args)
     tail = load_tail_classes(data, args.data_root)

@@ -22,6 +22,7 @@ from tgn.data import Entry, check_outside_dataset, write_annotation
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED, read_generation_settings
 from tgn.io import atomic_write_json, publish, remove_temp_files, write_pending
+from tgn.run_folder import check_own_run_folder
 from tgn.runlock import refuse_folder_in_use
 
 # What image_name writes: six digits, more from index 1,000,000 on (never a leading zero there).
@@ -315,6 +316,7 @@ def generate(args):
                 "class_names": {str(cid): name for cid, name in zip(synth.tail.ids, synth.tail.names)}}
     check_outside_dataset(args.out, synth.tail.data_root)
     refuse_folder_in_use(args.out)
+    check_own_run_folder(args.out, args, writes=GENERATION_SETTINGS)  # not a run folder, a split, a report
     check_settings(args.out, settings, args.overwrite)
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     # Rank 0 lists every process's images in anno.txt. Checked before anything is removed;

@@ -246,7 +246,7 @@ def check_prompt(prompt):
 def write_tail_data(args):
     """CDTG/dataset_split.py: the manifest and image list of the split's tail classes."""
     check_prompt(args.prompt)
-    check_own_run_folder(args.out, args)  # a trainer's run folder: not tail data
+    check_own_run_folder(args.out, args, writes=TAIL_MANIFEST)  # a trainer's run folder: not tail data
     if (args.out / TAIL_MANIFEST).exists() and not args.overwrite:
         raise UserError(f"{args.out / TAIL_MANIFEST} exists; pass --overwrite to replace it")
     split = load_split(args.split, data_root=args.data_root)

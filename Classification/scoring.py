@@ -39,7 +39,8 @@ def score_checkpoint(args):
     args.amp, args.channels_last = resolve_precision(args.amp, args.channels_last, planned_device)
     check_amp(args.amp, planned_device, training=False)
     out_dir = args.out or default_report_folder(args.ckpt)
-    check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args)
+    check_run_dir(out_dir, overwrite=args.overwrite, results=(REPORT_JSON,), resumable=False, args=args,
+                  writes=REPORT_JSON)
     # Read first only when it names the dataset: else the cheaper checks of DATA and --out come first.
     loaded = load_classifier(args.ckpt) if args.data_root is None and args.split is None else None
     info = open_dataset(dataset_root(args, loaded and loaded[1].get("options", {}).get("data_root"), args.ckpt))

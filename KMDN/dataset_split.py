@@ -34,7 +34,7 @@ def build_parser():
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    check_own_run_folder(args.out, args)  # a trainer's run folder: not a split's
+    check_own_run_folder(args.out, args, writes="split.json")  # a trainer's run folder: not a split's
     if (args.out / "split.json").exists() and not args.overwrite:
         raise UserError(f"{args.out / 'split.json'} exists; pass --overwrite to replace it")
     info = open_dataset(args.data_root)

@@ -974,6 +974,27 @@ def test_another_scripts_run_folder_is_refused_whatever_the_flags(split_dir, toy
         assert (other / "options.json").read_text() == text
 
 
+def test_another_scripts_output_folder_is_refused_as_out(split_dir, toy_data, tmp_path, capsys):
+    """A split, a generation folder or a report given as --out got the writer's options.json
+    and files mixed into it (and the split could then not be made again there)."""
+    from CDTG.dataset_split import main as cdtg_split_main
+    from Classification.train import main as cls_train_main
+
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    (generated / "generation.json").write_text(json.dumps({"ckpt": "200000.pt", "r": 0.05}))
+    classifier = ["--data-root", str(toy_data), "--epochs", "1", "--arch", "resnet18", "--pretrained", "none",
+                  "--image-size", "16", "--batch-size", "8", "--workers", "0"]
+    for folder, message in ((split_dir, f"{split_dir} is an output folder of KMDN/dataset_split.py (its split.json)"),
+                            (generated, f"{generated} is an output folder of CDTG/generation.py (its generation.json)")):
+        for flags in ([], ["--overwrite"]):
+            expect_user_error(capsys, lambda: cls_train_main([*classifier, "--out", str(folder), *flags]), message)
+        assert not (folder / "options.json").exists()
+    expect_user_error(capsys, lambda: cdtg_split_main(["--split", str(split_dir), "--out", str(split_dir)]),
+                      f"{split_dir} is an output folder of KMDN/dataset_split.py")
+    split_main(["--data-root", str(toy_data), "--out", str(split_dir), "--overwrite"])  # its own: made again
+
+
 def test_resume_and_overwrite_together_are_refused(split_dir, tmp_path, capsys):
     """Together, --overwrite was silently ignored, and errors then said to pass it."""
     from CDTG.train import main as cdtg_train_main

@@ -28,9 +28,20 @@ def run_folder_owner(options):
     return next((script for script, flags in RUN_FOLDER_OWNERS if flags & options.keys()), None)
 
 
-def check_own_run_folder(out_dir, args):
+# What the scripts that write no options.json beside it, or no training run, leave in their
+# --out: another script writing there would mix its files into that folder's.
+OUTPUT_MARKERS = (("split.json", "KMDN/dataset_split.py"), ("tail_classes.json", "CDTG/dataset_split.py"),
+                  ("generation.json", "CDTG/generation.py"), ("report.json", "Classification/test.py"),
+                  ("evaluation.json", "CDTG/evaluate.py"))
+
+
+def check_own_run_folder(out_dir, args, writes=None):
     """Refuse (with --resume, --overwrite or neither) an --out that another script's run
-    uses: its options.json and log would be replaced, and it could not be resumed."""
+    uses: its options.json and log would be replaced, and it could not be resumed; or that
+    holds another script's output (OUTPUT_MARKERS but the file this script `writes`)."""
+    for marker, script in OUTPUT_MARKERS:
+        if marker != writes and (Path(out_dir) / marker).is_file():
+            raise UserError(f"{out_dir} is an output folder of {script} (its {marker}); choose another --out")
     recorded = Path(out_dir) / "options.json"
     if not recorded.is_file():
         return
@@ -44,16 +55,18 @@ def check_own_run_folder(out_dir, args):
         raise UserError(f"{out_dir} is a run folder of {owner} (its options.json); choose another --out")
 
 
-def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True, args=None):
+def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True, args=None,
+                  writes=None):
     """Refuse to reuse a folder that holds any of `results` unless told how (creates
     nothing). `resumable=False`: the script has no --resume, so the message offers
     --overwrite or another --out. A --resume with results but without last.pth (the
     checkpoint it continues; users delete it to save space) is refused too: it would start
-    again over them. Given the script's `args`, another script's run folder is refused first."""
+    again over them. Given the script's `args`, another script's folder is refused first
+    (check_own_run_folder; `writes`: the marker file this script writes)."""
     out_dir = Path(out_dir)
     refuse_folder_in_use(out_dir)
     if args is not None:
-        check_own_run_folder(out_dir, args)
+        check_own_run_folder(out_dir, args, writes)
     existing = [name for name in results if (out_dir / name).exists()]
     if existing and not (resume or overwrite):
         remedy = ("pass --resume to continue or --overwrite to start again" if resumable
