@@ -113,6 +113,17 @@ def test_an_output_folder_that_is_a_file_is_an_argument_error(tmp_path, capsys, 
     assert f"argument --out: {tmp_path / 'afile'} is a file, not a folder" in err
 
 
+@pytest.mark.parametrize("target", ["link", "gone"])
+def test_an_output_folder_through_a_symlink_to_nothing_is_an_argument_error(tmp_path, capsys, target):
+    """A link to itself ended in a 'Symlink loop' traceback, a dangling one in 'File exists'."""
+    (tmp_path / "link").symlink_to(tmp_path / target)
+    with pytest.raises(SystemExit) as exit_info:
+        umodel_main(["--out", str(tmp_path / "link" / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert f"argument --out: {tmp_path / 'link'} is a symbolic link to nothing (or to itself)" in err
+
+
 @pytest.mark.parametrize("content, reason", [(b"", "the file is empty"), (b"hello", "not a PyTorch checkpoint"),
                                              (b'{"a": 1}\n', "not a PyTorch checkpoint")])
 def test_empty_or_foreign_checkpoint_files_are_one_line(split_dir, tmp_path, capsys, content, reason):

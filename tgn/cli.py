@@ -81,6 +81,8 @@ def output_folder(text):
     a file at its place or on its way is refused before anything runs."""
     path = Path(text).expanduser()
     for candidate in (path, *path.parents):
+        if candidate.is_symlink() and not candidate.exists():  # nothing could be written through it
+            raise argparse.ArgumentTypeError(f"{candidate} is a symbolic link to nothing (or to itself)")
         if candidate.exists():
             if not candidate.is_dir():
                 raise argparse.ArgumentTypeError(f"{candidate} is a file, not a folder")
