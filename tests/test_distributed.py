@@ -673,14 +673,16 @@ def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
     # Compared as a whole, not weight by weight: Adam divides each gradient by its running
     # size, so a weight whose gradient is near zero moves by up to a learning rate on float
     # rounding alone (seen here: one weight of G got a gradient of 2e-8 from one process and
-    # 4e-7 from two, and its first steps differed by 4e-4; G's whole change by 0.1%).
+    # 4e-7 from two, and its first steps differed by 4e-4; G's whole change by 0.1%). On a
+    # Xeon with AVX-512 G's change differed by 0.4%, the EMA copies' (smaller) by up to 1.9%;
+    # other batches than one process's would differ by the whole change.
     a, b = load_cdtg_checkpoint(ddp / "checkpoint" / "3.pt"), load_cdtg_checkpoint(single / "checkpoint" / "3.pt")
     initial = torch.load(single / "rank0.pt")["initial"]
     for part in ("g", "d", "g_ema", "fusion", "fusion_ema"):
         keys = [key for key, value in b[part].items() if value.is_floating_point()]
         ddp_change, single_change = (torch.cat([(state[part][key] - initial[part][key]).flatten() for key in keys])
                                      for state in (a, b))
-        assert (ddp_change - single_change).norm() < 0.01 * single_change.norm(), part
+        assert (ddp_change - single_change).norm() < 0.05 * single_change.norm(), part
     ddp_metrics, single_metrics = read_metrics(ddp / "metrics.jsonl"), read_metrics(single / "metrics.jsonl")
     for x, y in zip(ddp_metrics, single_metrics):
         for key in ("d", "g_adv", "cls", "clip"):

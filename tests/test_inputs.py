@@ -370,10 +370,16 @@ def test_generation_checks_the_teacher_and_keeps_one_per_folder(cdtg_inputs, tmp
     for relpath, _ in read_anno(tmp_path / "whole"):
         assert (tmp_path / "gen" / relpath).read_bytes() == (tmp_path / "whole" / relpath).read_bytes()
     assert json.loads((tmp_path / "gen" / "generation.json").read_text())["teacher"] == str(moved / "M_T.pth")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("")
     for flags in ([], ["--overwrite"]):  # a folder generation did not write is never written into
         expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "1", "--out", str(run), *flags]),
+                          f"{run} is a run folder of CDTG/train.py (its options.json); choose another --out")
+        expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "1", "--out",
+                                                           str(tmp_path / "notes"), *flags]),
                           "holds other files and no generation.json")
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoint", "metrics.jsonl", "options.json"]
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
     (tmp_path / "fresh").mkdir()
     (tmp_path / "fresh" / ".gitkeep").write_text("")  # hidden files do not make a folder someone else's
     generation_main([*base, "--per-class", "1", "--out", str(tmp_path / "fresh")])
