@@ -20,8 +20,8 @@ from tgn.checkpoint import check_fits, load_weights, save_checkpoint
 from tgn.cli import training_config
 from tgn.compat import grad_scaler
 from tgn.data import check_outside_dataset
-from tgn.engine import (check_one_image_batches, evaluate, keep_evaluation_workers, make_loader, prepare_model,
-                        ran_with, resume_from_last, seed_everything, train_one_epoch, uses_cuda_graphs)
+from tgn.engine import (check_one_image_batches, keep_evaluation_workers, make_loader, prepare_model, ran_with,
+                        resume_from_last, seed_everything, train_and_test_epoch)
 from tgn.errors import UserError, alike_in_every_process
 from tgn.io import append_jsonl, read_json
 from tgn.metrics import format_percent
@@ -31,7 +31,7 @@ from tgn.resume import check_resume, epochs_done, last_state, take_the_runs_flag
 from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
 from tgn.sampling import epoch_seed
 from tgn.split import check_model_classes
-from tgn.stopping import EpochProgress, saved_if_stopped, stop_between_steps, stop_if_requested
+from tgn.stopping import EpochProgress, stop_between_steps, stop_if_requested
 
 OUTPUT_NAMES = {"head": "M_H.pth", "tail": "M_T.pth"}
 RESULTS = ("last.pth", *OUTPUT_NAMES.values())  # with metrics.jsonl, what --overwrite replaces
@@ -119,8 +119,6 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
 
     start_epoch, unfinished = resume_from_last(out_dir, resume, cfg.epochs, restore)
     loaders, loaders_group = None, None
-    precision = {"amp": cfg.amp, "channels_last": cfg.channels_last}
-    cuda_graphs = uses_cuda_graphs(cfg.compile)
 
     def checkpoint(epoch, **extra):
         return {
@@ -157,18 +155,12 @@ def distill(models, datasets, metas, cfg, device, out_dir, *, alpha, interval, r
             if loaders_group != student_group:
                 loaders = None  # the idle group's workers stop: they would hold memory through its teacher epochs
                 loaders, loaders_group = student_loaders(datasets[student_group], cfg, device, epoch), student_group
-            train_loader, test_loader = loaders
-            train_loader.sampler.set_epoch(epoch, progress.steps)
-            with saved_if_stopped(progress, epoch, lambda **extra: checkpoint(epoch - 1, **extra),
-                                  out_dir / "last.pth"):
-                stats = train_one_epoch(nets[student_group], train_loader, optimizers[student_group],
-                                        make_distill_loss_fn(teacher, alpha), device, scaler=scalers[student_group],
-                                        desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)",
-                                        cuda_graphs=cuda_graphs, progress=progress, stop_requested=stop_requested,
-                                        **precision)
-                dist.broadcast_buffers_(student)  # BatchNorm statistics differ per process without SyncBatchNorm
-                _, summary = evaluate(student, test_loader, device, len(metas[student_group]["class_ids"]),
-                                      stop_requested=stop_requested, **precision)
+            stats, _, summary = train_and_test_epoch(
+                nets[student_group], student, loaders, optimizers[student_group], make_distill_loss_fn(teacher, alpha),
+                cfg, device, len(metas[student_group]["class_ids"]), epoch=epoch, progress=progress,
+                stop_requested=stop_requested, save_stopped=lambda **extra: checkpoint(epoch - 1, **extra),
+                last_path=out_dir / "last.pth", desc=f"distill {epoch + 1}/{cfg.epochs} ({student_group} learns)",
+                scaler=scalers[student_group])
             accuracy = summary["overall_accuracy"]
             improved = not math.isnan(accuracy) and accuracy > best[student_group]
             if improved:

@@ -158,20 +158,20 @@ def test_distill_keeps_only_the_students_workers(split_dir, tmp_path, monkeypatc
     """The idle group's training workers would sit through all its teacher epochs."""
     import multiprocessing
 
-    import KMDN.distillation
+    import tgn.engine
 
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
     rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
     before, alive = len(multiprocessing.active_children()), []
-    train_one_epoch = KMDN.distillation.train_one_epoch
+    train_one_epoch = tgn.engine.train_one_epoch
 
     def counting(*args, **kwargs):
         stats = train_one_epoch(*args, **kwargs)
         alive.append(len(multiprocessing.active_children()) - before)
         return stats
 
-    monkeypatch.setattr(KMDN.distillation, "train_one_epoch", counting)
+    monkeypatch.setattr(tgn.engine, "train_one_epoch", counting)
     distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "4", "--distill-interval", "1",
                   "--batch-size", "8", "--workers", "1"])
     assert alive == [1, 1, 1, 1]  # the student's one worker, never the other group's too
@@ -348,10 +348,9 @@ def test_distill_learning_rate_counts_the_runs_epochs(split_dir, tmp_path):
 
 
 def test_best_checkpoints_are_the_most_accurate_epochs(split_dir, tmp_path, monkeypatch):
-    import KMDN.distillation
     import tgn.engine
 
-    script_accuracies(monkeypatch, [0.5, 0.9, 0.6, 0.3, 0.8, 0.4, 0.2, 0.7], tgn.engine, KMDN.distillation)
+    script_accuracies(monkeypatch, [0.5, 0.9, 0.6, 0.3, 0.8, 0.4, 0.2, 0.7], tgn.engine)
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "3", *TINY])  # 0.5, 0.9, 0.6
     assert load_checkpoint(out / "head" / "best.pth")["epoch"] == 1
@@ -421,12 +420,12 @@ def test_a_resumed_run_keeps_the_best_epoch_of_the_run_before(split_dir, tmp_pat
 def test_a_resumed_distillation_keeps_each_students_best(split_dir, tmp_path, monkeypatch):
     """After --resume a student's first epoch replaces M_H.pth or M_T.pth only if it beats its
     best before (the resume test compares last.pth only)."""
-    import KMDN.distillation
+    import tgn.engine
 
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
     rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
-    script_accuracies(monkeypatch, [0.9, 0.5], KMDN.distillation)  # M_H's two epochs as the student
+    script_accuracies(monkeypatch, [0.9, 0.5], tgn.engine)  # M_H's two epochs as the student
     common = ["--split", str(split_dir), "--out", str(out), "--distill-interval", "2", "--batch-size", "8",
               "--workers", "0"]
     distill_main([*common, "--epochs", "1"])

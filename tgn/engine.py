@@ -1,6 +1,6 @@
 """The training engine of the ResNet stages: UModel, RModel and Classification train with
-`fit`; Distill runs the same epoch steps (train_one_epoch, evaluate, resume_from_last) in a
-loop of its own, whose student changes every few epochs.
+`fit`; Distill runs the same epochs (train_and_test_epoch, resume_from_last) in a loop of
+its own, whose student changes every few epochs.
 
 Determinism: every epoch reseeds all generators from (seed, epoch), and the data order
 and each image's augmentation come from (seed, epoch) too (tgn/sampling.py), so a run
@@ -344,6 +344,24 @@ def resume_from_last(out_dir, resume, epochs, restore):
     return start_epoch, unfinished
 
 
+def train_and_test_epoch(net, model, loaders, optimizer, loss_fn, cfg, device, num_classes, *, epoch, progress,
+                         stop_requested, save_stopped, last_path, desc, scaler=None, head=None, tail=None):
+    """One epoch of `fit` and of Distill: training (the sampler's order drawn for the
+    epoch, from the step a stopped run reached), rank 0's BatchNorm statistics shared, then
+    the test. A stop anywhere in it saves `save_stopped(**extra)` to `last_path` (tgn.stopping).
+    Returns (training stats, confusion matrix, summary)."""
+    train_loader, test_loader = loaders
+    train_loader.sampler.set_epoch(epoch, progress.steps)
+    with saved_if_stopped(progress, epoch, save_stopped, last_path):
+        stats = train_one_epoch(net, train_loader, optimizer, loss_fn, device, desc=desc, amp=cfg.amp, scaler=scaler,
+                                channels_last=cfg.channels_last, cuda_graphs=uses_cuda_graphs(cfg.compile),
+                                progress=progress, stop_requested=stop_requested)
+        dist.broadcast_buffers_(model)  # BatchNorm statistics differ per process without SyncBatchNorm
+        cm, summary = evaluate(model, test_loader, device, num_classes, head=head, tail=tail, amp=cfg.amp,
+                               channels_last=cfg.channels_last, stop_requested=stop_requested)
+    return stats, cm, summary
+
+
 def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross_entropy_loss, resume=False,
         head=None, tail=None, train_weights=None, desc="epoch"):
     """Train with Adam and step learning rates; evaluate, log and checkpoint every epoch.
@@ -389,17 +407,11 @@ def fit(model, train_set, test_set, cfg, device, out_dir, *, meta, loss_fn=cross
             started = time.time() - progress.seconds
             seed_everything(epoch_seed(cfg.seed, epoch))
             lr = step_lr(optimizer, cfg.lr, epoch, cfg.milestones)
-            loader.sampler.set_epoch(epoch, progress.steps)
-            with saved_if_stopped(progress, epoch, lambda **extra: checkpoint(epoch - 1, **extra),
-                                  out_dir / "last.pth"):
-                train_stats = train_one_epoch(net, loader, optimizer, loss_fn, device,
-                                              desc=f"{desc} {epoch + 1}/{cfg.epochs}", amp=cfg.amp, scaler=scaler,
-                                              channels_last=cfg.channels_last,
-                                              cuda_graphs=uses_cuda_graphs(cfg.compile), progress=progress,
-                                              stop_requested=stop_requested)
-                dist.broadcast_buffers_(model)  # BatchNorm statistics differ per process without SyncBatchNorm
-                cm, summary = evaluate(model, test_loader, device, num_classes, head=head, tail=tail,
-                                       amp=cfg.amp, channels_last=cfg.channels_last, stop_requested=stop_requested)
+            train_stats, cm, summary = train_and_test_epoch(
+                net, model, (loader, test_loader), optimizer, loss_fn, cfg, device, num_classes, epoch=epoch,
+                progress=progress, stop_requested=stop_requested,
+                save_stopped=lambda **extra: checkpoint(epoch - 1, **extra), last_path=out_dir / "last.pth",
+                desc=f"{desc} {epoch + 1}/{cfg.epochs}", scaler=scaler, head=head, tail=tail)
             accuracy = summary["overall_accuracy"]
             improved = not math.isnan(accuracy) and accuracy > result.best_accuracy
             if improved:
