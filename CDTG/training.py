@@ -111,6 +111,56 @@ def clear_run(out):
         grid.unlink()
 
 
+def check_gan_flags(args):
+    """Refuse the ADA and CLIP flags that would act on nothing; --ada-every resolved."""
+    defaults = GanConfig()
+    inert = [flag for flag, value, default in (
+        ("--augment-p", args.augment_p, defaults.augment_p), ("--ada-target", args.ada_target, defaults.ada_target),
+        ("--ada-length", args.ada_length, defaults.ada_length), ("--ada-every", args.ada_every, None))
+        if value != default]
+    if inert and not args.augment:  # the official code ignores them without it: say so instead
+        raise UserError(f"{', '.join(inert)} act only with --augment (ADA): add --augment or leave them out")
+    if args.clip == "none" and args.lambda_clip not in (0, defaults.lambda_clip):
+        raise UserError(f"--lambda-clip {args.lambda_clip} acts only with a CLIP model: leave it out with --clip none")
+    args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
+    check_compile(args.compile)
+
+
+def check_stddev_groups(batch):
+    """Each process's share of --batch must form the discriminator's minibatch-std groups
+    as one process would: at most STDDEV_GROUP images, or a multiple of it."""
+    local = dist.local_batch(batch, "--batch")  # divisible by the torchrun processes, checked before joining
+    if local > STDDEV_GROUP and local % STDDEV_GROUP:
+        share = f"each process's share ({local})" if local != batch else "it"
+        raise UserError(f"--batch {batch}: {share} must be at most {STDDEV_GROUP} or a multiple of "
+                        f"{STDDEV_GROUP}, the discriminator's minibatch-std group")
+    if local < min(batch, STDDEV_GROUP):  # each process groups its own images: smaller groups than one process's
+        world = batch // local
+        raise UserError(f"--batch {batch} over {world} processes leaves {local} image(s) each, fewer than the "
+                        f"discriminator's minibatch-std group of {STDDEV_GROUP}, which changes training; use at most "
+                        f"{max(1, batch // STDDEV_GROUP)} processes or --batch {STDDEV_GROUP * world}")
+
+
+def build_models(args, num_classes, teacher):
+    """The generator, discriminator, EMA generator (a copy of the generator) and the noise
+    fusion layer for `teacher`'s layer3 map at --size."""
+    generator = Generator(args.size, args.latent, args.n_mlp, num_classes=num_classes,
+                          channel_multiplier=args.channel_multiplier, lr_mlp=args.lr_mlp, channel_max=args.channel_max)
+    discriminator = Discriminator(args.size, num_classes, label_dim=args.latent,
+                                  channel_multiplier=args.channel_multiplier, channel_max=args.channel_max)
+    g_ema = Generator(**generator.config)
+    accumulate(g_ema, generator, 0)
+    for module in (generator, g_ema):
+        module.set_fused_modconv(args.modconv == "fused")
+    channels, height, width = teacher.feature_shape(args.size)
+    if not 0 <= args.fusion_pool <= min(height, width):
+        raise UserError(f"--fusion-pool {args.fusion_pool}: M_T's layer3 map is {height}x{width} at {args.size} px; "
+                        f"use 0 (off) to {min(height, width)}")
+    fusion = NoiseFusion(channels * height * width, args.latent, pool=args.fusion_pool or None, channels=channels,
+                         lr_mul=args.fusion_lr_mul)
+    return generator, discriminator, g_ema, fusion
+
+
 def train_cdtg(args):
     """CDTG/train.py: the flags and inputs checked, the models built (or resumed), then training."""
     refuse_folder_in_use(args.out)
@@ -124,17 +174,7 @@ def train_cdtg(args):
         args.clip = str(absolute_path(Path(args.clip).expanduser()))
     if args.clip_root is not None:
         args.clip_root = str(absolute_path(Path(args.clip_root).expanduser()))
-    defaults = GanConfig()
-    inert = [flag for flag, value, default in (
-        ("--augment-p", args.augment_p, defaults.augment_p), ("--ada-target", args.ada_target, defaults.ada_target),
-        ("--ada-length", args.ada_length, defaults.ada_length), ("--ada-every", args.ada_every, None))
-        if value != default]
-    if inert and not args.augment:  # the official code ignores them without it: say so instead
-        raise UserError(f"{', '.join(inert)} act only with --augment (ADA): add --augment or leave them out")
-    if args.clip == "none" and args.lambda_clip not in (0, defaults.lambda_clip):
-        raise UserError(f"--lambda-clip {args.lambda_clip} acts only with a CLIP model: leave it out with --clip none")
-    args.ada_every = ada_interval(args)  # recorded as a number: a resumed run keeps its interval
-    check_compile(args.compile)
+    check_gan_flags(args)
     # Before its steps are counted, and in any mode: --overwrite would delete a downloaded file,
     # wherever it stands among the run's checkpoints.
     held = numbered_checkpoints(args.out / "checkpoint").values() if args.overwrite else [newest_path] * bool(steps)
@@ -150,16 +190,7 @@ def train_cdtg(args):
         if args.resume and steps and not (args.out / "options.json").is_file() else None
     check_resume(args.out, args, done=done, length="iter", state={"options": (newest or {}).get("options")},
                  may_change=RESUME_MAY_CHANGE, compared=resume_view)
-    local = dist.local_batch(args.batch, "--batch")  # divisible by the torchrun processes, checked before joining
-    if local > STDDEV_GROUP and local % STDDEV_GROUP:
-        share = f"each process's share ({local})" if local != args.batch else "it"
-        raise UserError(f"--batch {args.batch}: {share} must be at most {STDDEV_GROUP} or a multiple of "
-                        f"{STDDEV_GROUP}, the discriminator's minibatch-std group")
-    if local < min(args.batch, STDDEV_GROUP):  # each process groups its own images: smaller groups than one process's
-        world = args.batch // local
-        raise UserError(f"--batch {args.batch} over {world} processes leaves {local} image(s) each, fewer than the "
-                        f"discriminator's minibatch-std group of {STDDEV_GROUP}, which changes training; use at most "
-                        f"{max(1, args.batch // STDDEV_GROUP)} processes or --batch {STDDEV_GROUP * world}")
+    check_stddev_groups(args.batch)
     tail = load_tail_classes(args.data, args.data_root)
     check_outside_dataset(args.out, tail.data_root)
     if uses_clip_loss(vars(args)):
@@ -169,20 +200,7 @@ def train_cdtg(args):
     dataset = tail_image_dataset(tail, args.size, args.skip_bad_images)
     teacher = load_teacher(args.teacher, tail)
     num_classes = len(tail.classes)
-    generator = Generator(args.size, args.latent, args.n_mlp, num_classes=num_classes,
-                          channel_multiplier=args.channel_multiplier, lr_mlp=args.lr_mlp, channel_max=args.channel_max)
-    discriminator = Discriminator(args.size, num_classes, label_dim=args.latent,
-                                  channel_multiplier=args.channel_multiplier, channel_max=args.channel_max)
-    g_ema = Generator(**generator.config)
-    accumulate(g_ema, generator, 0)
-    for module in (generator, g_ema):
-        module.set_fused_modconv(args.modconv == "fused")
-    channels, height, width = teacher.feature_shape(args.size)
-    if not 0 <= args.fusion_pool <= min(height, width):
-        raise UserError(f"--fusion-pool {args.fusion_pool}: M_T's layer3 map is {height}x{width} at {args.size} px; "
-                        f"use 0 (off) to {min(height, width)}")
-    fusion = NoiseFusion(channels * height * width, args.latent, pool=args.fusion_pool or None, channels=channels,
-                         lr_mul=args.fusion_lr_mul)
+    generator, discriminator, g_ema, fusion = build_models(args, num_classes, teacher)
     # A run with checkpoints to resume continues from them: --init only starts runs.
     init = (starting_weights(args.init, tail, generator, discriminator, g_ema)
             if args.init is not None and not (args.resume and steps) else None)
