@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -993,6 +994,12 @@ def test_another_scripts_output_folder_is_refused_as_out(split_dir, toy_data, tm
     expect_user_error(capsys, lambda: cdtg_split_main(["--split", str(split_dir), "--out", str(split_dir)]),
                       f"{split_dir} is an output folder of KMDN/dataset_split.py")
     split_main(["--data-root", str(toy_data), "--out", str(split_dir), "--overwrite"])  # its own: made again
+    # A run an earlier version let share a split's folder still resumes: the folder is its run's.
+    mixed = tmp_path / "mixed"
+    cls_train_main([*classifier, "--out", str(mixed)])
+    shutil.copy(split_dir / "split.json", mixed / "split.json")
+    cls_train_main([*classifier, "--out", str(mixed), "--epochs", "2", "--resume"])
+    assert [line["epoch"] for line in map(json.loads, (mixed / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 
 def test_resume_and_overwrite_together_are_refused(split_dir, tmp_path, capsys):

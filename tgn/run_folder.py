@@ -31,19 +31,17 @@ def run_folder_owner(options):
 # What the scripts that write no options.json beside it, or no training run, leave in their
 # --out: another script writing there would mix its files into that folder's.
 OUTPUT_MARKERS = (("split.json", "KMDN/dataset_split.py"), ("tail_classes.json", "CDTG/dataset_split.py"),
-                  ("generation.json", "CDTG/generation.py"), ("report.json", "Classification/test.py"),
+                  ("generation.json", "CDTG/generation.py"), ("report.json", "Classification/test.py or train.py"),
                   ("evaluation.json", "CDTG/evaluate.py"))
 
 
 def check_own_run_folder(out_dir, args, writes=None):
     """Refuse (with --resume, --overwrite or neither) an --out that another script's run
-    uses: its options.json and log would be replaced, and it could not be resumed; or that
-    holds another script's output (OUTPUT_MARKERS but the file this script `writes`)."""
-    for marker, script in OUTPUT_MARKERS:
-        if marker != writes and (Path(out_dir) / marker).is_file():
-            raise UserError(f"{out_dir} is an output folder of {script} (its {marker}); choose another --out")
+    uses: its options.json and log would be replaced, and it could not be resumed; or, where
+    no run is, one that holds another script's output (check_no_other_output)."""
     recorded = Path(out_dir) / "options.json"
     if not recorded.is_file():
+        check_no_other_output(out_dir, writes)
         return
     try:
         owner = run_folder_owner(read_json(recorded, "options"))
@@ -53,6 +51,19 @@ def check_own_run_folder(out_dir, args, writes=None):
         raise UserError(f"{recorded} was not written by one of this project's training scripts; choose another --out")
     if owner != run_folder_owner(vars(args)):
         raise UserError(f"{out_dir} is a run folder of {owner} (its options.json); choose another --out")
+    # This script's own run: earlier versions let it share its folder with another script's
+    # output, and such a run still resumes.
+
+
+def check_no_other_output(out_dir, writes=None):
+    """Refuse a folder holding another script's output (OUTPUT_MARKERS), unless it holds
+    this script's own too (`writes`: generation adding to a folder an earlier version let
+    it share)."""
+    if writes is not None and (Path(out_dir) / writes).is_file():
+        return
+    for marker, script in OUTPUT_MARKERS:
+        if marker != writes and (Path(out_dir) / marker).is_file():
+            raise UserError(f"{out_dir} is an output folder of {script} (its {marker}); choose another --out")
 
 
 def check_run_dir(out_dir, *, resume=False, overwrite=False, results=TRAINING_RESULTS, resumable=True, args=None,
