@@ -113,13 +113,17 @@ def test_class_list_mistakes_are_named(tmp_path):
     for classes, message in (('{"id": 0, "name": null}', r"class 0 has no name \(None\); name it as its CLIP"),
                              ('{"id": 0, "name": " "}', "class 0 has no name"),
                              ('{"id": 0.5, "name": "a"}', "class id 0.5 is not a whole number"),
-                             ('{"id": "1.0", "name": "a"}', "class id '1.0' is not a whole number")):
+                             ('{"id": "1.0", "name": "a"}', "class id '1.0' is not a whole number"),
+                             ('{"id": "\u00b2", "name": "a"}', "class id '\u00b2' is not a whole number")):
         (data / "classes.json").write_text(f'{{"dataset": "TOY", "classes": [{classes}, {{"id": 1, "name": "b"}}]}}')
         with pytest.raises(UserError, match=message):
             open_dataset(data)
     (data / "classes.json").write_text('{"dataset": "TOY", "classes": [{"id": "0", "name": 7}, '
                                        '{"id": 1, "name": "b"}]}')
     assert open_dataset(data).class_names == {0: "7", 1: "b"}  # as earlier versions read it
+    (data / "classes.json").write_text('{"dataset": "TOY", "classes": [{"id": 0.0, "name": "a"}, '
+                                       '{"id": " 1", "name": "b"}]}')
+    assert open_dataset(data).class_names == {0: "a", 1: "b"}
     (data / "classes.json").unlink()
     (data / "classes.json").mkdir()
     with pytest.raises(UserError, match="classes.json is a folder; the class list is a file"):

@@ -201,7 +201,9 @@ def read_classes_json(path):
         raise UserError(f"{path}: expected {{'dataset': NAME, 'classes': [{{'id': 0, 'name': ...}}, ...]}}") from exc
     names = {}
     for cid, name in items:
-        if isinstance(cid, bool) or not (isinstance(cid, int) or (isinstance(cid, str) and cid.strip().isdigit())):
+        whole = (isinstance(cid, int) or (isinstance(cid, float) and cid.is_integer())
+                 or (isinstance(cid, str) and CLASS_ID.fullmatch(cid.strip())))
+        if isinstance(cid, bool) or not whole:
             raise UserError(f"{path}: class id {cid!r} is not a whole number")
         if isinstance(name, bool) or not isinstance(name, (str, int)) or not str(name).strip():
             # It would become the CLIP prompt "A photo of a None".
