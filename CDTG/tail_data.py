@@ -118,8 +118,7 @@ MANIFEST_CLASS_KEYS = (("label", int), ("id", int), ("name", str), ("prompt", st
 
 def check_manifest_classes(classes, path):
     """Refuse, in one line, a class of the manifest without one of its keys or with a value of
-    another type, an empty prompt, a prompt template left unfilled, or two classes of one
-    prompt (the CLIP loss could not tell them apart)."""
+    another type, an empty prompt, or a prompt template left unfilled."""
     for position, cls in enumerate(classes, 1):
         for key, kind in MANIFEST_CLASS_KEYS:
             value = cls.get(key) if isinstance(cls, dict) else None
@@ -133,11 +132,6 @@ def check_manifest_classes(classes, path):
         if "{name}" in prompt:
             raise UserError(f"{path}: the prompt of tail class {cls['id']} is a template ({prompt!r}): write the "
                             "class name in it")
-    prompts = [" ".join(cls["prompt"].lower().split()) for cls in classes]
-    shared = next((cls for cls, prompt in zip(classes, prompts) if prompts.count(prompt) > 1), None)
-    if shared is not None:
-        raise UserError(f"{path}: two tail classes have the prompt {shared['prompt']!r}; the CLIP loss pulls each "
-                        "class towards its own prompt, so give each its own")
 
 
 def gan_transform(size):
@@ -199,7 +193,14 @@ def check_prompts_name_classes(tail):
     """The CLIP loss pulls each tail class's images towards its prompt: refuse a prompt made
     of a number for a name (a dataset without classes.json names its classes by id, class
     folders numbered 1..N are named so), which would pull them towards 'A photo of a 4';
-    warn of prompts in another script than Latin, which CLIP barely knows."""
+    warn of prompts in another script than Latin, which CLIP barely knows. Two classes of one
+    prompt are refused: the loss could not tell them apart."""
+    prompts = [" ".join(cls["prompt"].lower().split()) for cls in tail.classes]
+    shared = next((cls for cls, prompt in zip(tail.classes, prompts) if prompts.count(prompt) > 1), None)
+    if shared is not None:
+        raise UserError(f"{tail.folder / TAIL_MANIFEST}: two tail classes have the prompt {shared['prompt']!r}; the "
+                        "CLIP loss pulls each class towards its own prompt, so give each its own (or train without "
+                        "it, --clip none)")
     for cls in tail.classes:
         name = str(cls["name"])
         if CLASS_ID.fullmatch(name) and re.search(rf"(?<![0-9]){name}(?![0-9])", cls["prompt"]):

@@ -822,12 +822,13 @@ def test_a_generation_file_given_to_extra_names_its_folder(toy_data, tmp_path, c
 ])
 def test_a_tail_manifest_edited_by_hand_is_refused_in_one_line(cdtg_inputs, edit, message):
     """The README invites editing its prompts: a slip is named, not a traceback."""
-    from CDTG.tail_data import load_tail_classes
+    from CDTG.tail_data import check_prompts_name_classes, load_tail_classes
 
     manifest = cdtg_inputs / "cdtg_data" / "tail_classes.json"
     recorded = json.loads(manifest.read_text())
     edit(recorded)
     manifest.write_text(json.dumps(recorded))
     with pytest.raises(UserError) as refused:
-        load_tail_classes(cdtg_inputs / "cdtg_data")
+        tail = load_tail_classes(cdtg_inputs / "cdtg_data")
+        check_prompts_name_classes(tail)  # where the CLIP loss reads them: two alike are refused there
     assert message in str(refused.value)
