@@ -190,7 +190,7 @@ def comparison(reports, labels=None, sources=None):
     """Rows (method, head acc, tail acc, OA, macro-F1) of reports on the same classes; a
     mismatch is named by the reports' `sources` (as given), else their labels."""
     labels = labels or [report["method"] for report in reports]
-    sources = [repr(source) for source in sources or labels]
+    sources = [f"'{source}'" for source in sources or labels]
     first = reports[0]
     for report, source in zip(reports[1:], sources[1:]):
         if report.get("dataset") != first.get("dataset"):
