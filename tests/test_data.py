@@ -105,6 +105,20 @@ def test_file_names_with_unicode_line_separators_are_one_line_each(tmp_path):
     assert [(e.relpath, e.class_id) for e in read_annotation(anno)] == [(name, int(name[0])) for name in names]
 
 
+def test_a_list_naming_an_image_of_the_other_subset_is_refused_and_repeats_are_warned_of(tmp_path):
+    data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    train_list = data / "anno" / "TOY_train.txt"
+    listed = train_list.read_text()
+    test_image = (data / "anno" / "TOY_test.txt").read_text().splitlines()[0]
+    train_list.write_text(listed + f"../test/{test_image}\n")
+    with pytest.raises(UserError, match=r"TOY_train.txt lists \.\./test/0/.*, an image of test/: training and test "
+                                        "images must differ"):
+        open_dataset(data).entries("train")
+    train_list.write_text(listed + listed.splitlines()[0] + "\n")
+    with pytest.warns(UserWarning, match="1 images are listed more than once"):
+        assert len(open_dataset(data).entries("train")) == 5
+
+
 def test_class_list_mistakes_are_named(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
     (data / "classes.json").write_text('{"dataset": "TOY", "classes": [{"id": 0, "name": "a"}, {"id": 0, "name": "b"}]}')

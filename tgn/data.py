@@ -14,6 +14,7 @@ import codecs
 import re
 import json
 import os
+import posixpath
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -150,9 +151,28 @@ class DatasetInfo:
         if elsewhere:  # the official layout keeps each image in its class's folder: likely a typo
             warnings.warn(f"{path}: {len(elsewhere)} lines list an image in another class's folder (e.g. "
                           f"'{elsewhere[0].relpath} {elsewhere[0].class_id}'); the label, the last field, is used")
+        check_subset_paths(path, subset, entries)
         if check_files:
             check_files_exist(self.image_root(subset), entries, self.annotation_path(subset))
         return entries
+
+
+def check_subset_paths(path, subset, entries):
+    """Refuse a list of one subset naming an image of the other (a training image in the test
+    set inflates its accuracy); warn of an image listed twice (it counts twice) or outside
+    the subset's folder."""
+    other = "test" if subset == "train" else "train"
+    normalised = [posixpath.normpath(entry.relpath.replace("\\", "/")) for entry in entries]
+    leaked = next((relpath for relpath in normalised if relpath.startswith(f"../{other}/")), None)
+    if leaked is not None:
+        raise UserError(f"{path} lists {leaked}, an image of {other}/: training and test images must differ")
+    outside = [relpath for relpath in normalised if relpath.startswith("../") or posixpath.isabs(relpath)]
+    if outside:
+        warnings.warn(f"{path}: {len(outside)} lines list an image outside {subset}/ (e.g. {outside[0]!r})")
+    twice = [relpath for relpath, count in Counter(normalised).items() if count > 1]
+    if twice:
+        warnings.warn(f"{path}: {len(twice)} images are listed more than once (e.g. {twice[0]!r}): each line "
+                      "counts as one image")
 
 
 def _find_dataset_name(root):
