@@ -22,7 +22,7 @@ from tgn.compat import grad_scaler
 from tgn.data import check_outside_dataset
 from tgn.engine import (check_one_image_batches, keep_evaluation_workers, make_loader, prepare_model, ran_with,
                         resume_from_last, seed_everything, train_and_test_epoch)
-from tgn.errors import UserError, alike_in_every_process
+from tgn.errors import UserError, alike_in_every_process, speaks
 from tgn.io import append_jsonl, read_json
 from tgn.metrics import format_percent
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
@@ -237,6 +237,9 @@ def run_distillation(args):
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
     if args.resume and state and "model_configs" in state:  # last.pth's weights replace the given ones
         models = {group: resumed_group_model(state, group) for group in paths}
+        given = [flag for flag, value in (("--head-ckpt", args.head_ckpt), ("--tail-ckpt", args.tail_ckpt)) if value]
+        if given and speaks():
+            print(f"note: {' and '.join(given)} not read: the run resumes from {args.out / 'distill' / 'last.pth'}")
     else:
         models = {group: load_group_model(paths[group], split, group) for group in paths}
     if args.image_size is None:  # a resumed run's is the size it started with (take_the_runs_flags)

@@ -241,7 +241,9 @@ def test_a_resumed_distillation_needs_neither_given_model(split_dir, tmp_path, c
     distill_main([*common, "--out", str(out), "--epochs", "1"])
     for group in ("head", "tail"):
         (out / group / "best.pth").unlink()
-    distill_main([*common, "--out", str(out), "--epochs", "2", "--resume"])
+    capsys.readouterr()
+    distill_main([*common, "--out", str(out), "--epochs", "2", "--resume", "--tail-ckpt", str(tmp_path / "gone.pth")])
+    assert f"note: --tail-ckpt not read: the run resumes from {out / 'distill' / 'last.pth'}" in capsys.readouterr().out
     resumed = load_checkpoint(out / "distill" / "last.pth")["models"]
     for group in ("head", "tail"):
         assert all(torch.equal(resumed[group][key], value) for key, value in straight[group].items()), group
