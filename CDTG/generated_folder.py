@@ -318,6 +318,10 @@ def generate(args):
     refuse_folder_in_use(args.out)
     check_own_run_folder(args.out, args, writes=GENERATION_SETTINGS)  # not a run folder, a split, a report
     check_settings(args.out, settings, args.overwrite)
+    in_the_way = [args.out / str(cid) for cid in class_ids if (args.out / str(cid)).is_file()]
+    if in_the_way:  # not removed, even with --overwrite: generation removes only its own class folders
+        raise UserError(f"{in_the_way[0]} is a file where generation writes the images of class {in_the_way[0].name}: "
+                        "move it away")
     dist.init(args.device)  # joined after the input checks: an input error prints once per node
     # Rank 0 lists every process's images in anno.txt. Checked before anything is removed;
     # its collective also means every process checked the old settings.

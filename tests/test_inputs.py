@@ -384,6 +384,14 @@ def test_generation_checks_the_teacher_and_keeps_one_per_folder(cdtg_inputs, tmp
     (tmp_path / "fresh" / ".gitkeep").write_text("")  # hidden files do not make a folder someone else's
     generation_main([*base, "--per-class", "1", "--out", str(tmp_path / "fresh")])
     assert (tmp_path / "fresh" / "generation.json").is_file()
+    cid = sorted(p.name for p in (tmp_path / "fresh").iterdir() if p.is_dir())[0]
+    shutil.rmtree(tmp_path / "fresh" / cid)
+    (tmp_path / "fresh" / cid).write_text("notes")  # a FileExistsError traceback before
+    for flags in ([], ["--overwrite"]):
+        expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "2", "--out", str(tmp_path / "fresh"),
+                                                           *flags]),
+                          f"{tmp_path / 'fresh' / cid} is a file where generation writes the images of class {cid}")
+    assert (tmp_path / "fresh" / cid).read_text() == "notes"
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
