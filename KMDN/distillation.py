@@ -237,7 +237,8 @@ def run_distillation(args):
              "tail": args.tail_ckpt or args.out / "tail" / "best.pth"}
     if args.resume and state and "model_configs" in state:  # last.pth's weights replace the given ones
         models = {group: resumed_group_model(state, group) for group in paths}
-        given = [flag for flag, value in (("--head-ckpt", args.head_ckpt), ("--tail-ckpt", args.tail_ckpt)) if value]
+        given = [f"--{key.replace('_', '-')}" for key in ("head_ckpt", "tail_ckpt")
+                 if key in getattr(args, "given", ()) and getattr(args, key)]  # not those taken from the run
         if given and speaks():
             print(f"note: {' and '.join(given)} not read: the run resumes from {args.out / 'distill' / 'last.pth'}")
     else:

@@ -248,6 +248,9 @@ def test_a_resumed_distillation_needs_neither_given_model(split_dir, tmp_path, c
     for group in ("head", "tail"):
         assert all(torch.equal(resumed[group][key], value) for key, value in straight[group].items()), group
     assert load_checkpoint(out / "distill" / "M_T.pth")["options"]["image_size"] == 16
+    capsys.readouterr()
+    distill_main([*common, "--out", str(out), "--epochs", "3", "--resume"])  # --tail-ckpt taken from the run: no note
+    assert "not read" not in capsys.readouterr().out
     (out / "distill" / "last.pth").write_bytes(b"cut short")
     capsys.readouterr()
     err = exit_message(capsys, distill_main, [*common, "--out", str(out), "--epochs", "3", "--resume"])
