@@ -105,18 +105,26 @@ def test_file_names_with_unicode_line_separators_are_one_line_each(tmp_path):
     assert [(e.relpath, e.class_id) for e in read_annotation(anno)] == [(name, int(name[0])) for name in names]
 
 
-def test_a_list_naming_an_image_of_the_other_subset_is_refused_and_repeats_are_warned_of(tmp_path):
+def test_an_image_in_both_lists_or_of_two_classes_is_refused_and_repeats_are_warned_of(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
     train_list = data / "anno" / "TOY_train.txt"
     listed = train_list.read_text()
     test_image = (data / "anno" / "TOY_test.txt").read_text().splitlines()[0]
     train_list.write_text(listed + f"../test/{test_image}\n")
-    with pytest.raises(UserError, match=r"TOY_train.txt lists \.\./test/0/.*, an image of test/: training and test "
-                                        "images must differ"):
+    with pytest.raises(UserError, match=r"TOY_train.txt lists \.\./test/0/.*, which .*TOY_test.txt lists too: "
+                                        "training and test images must differ"):
         open_dataset(data).entries("train")
-    train_list.write_text(listed + listed.splitlines()[0] + "\n")
-    with pytest.warns(UserWarning, match="1 images are listed more than once"):
+    (data / "test" / "0" / "held_out.jpg").write_bytes((data / "test" / test_image.rsplit(" ", 1)[0]).read_bytes())
+    train_list.write_text(listed + "../test/0/held_out.jpg 0\n")  # outside train/, but in neither list twice
+    with pytest.warns(UserWarning, match="1 lines list an image outside"):
         assert len(open_dataset(data).entries("train")) == 5
+    first = listed.splitlines()[0]
+    train_list.write_text(listed + first + "\n")
+    with pytest.warns(UserWarning, match="1 lines list an image listed before: each line counts as one image"):
+        assert len(open_dataset(data).entries("train")) == 5
+    train_list.write_text(listed + first.rsplit(" ", 1)[0] + " 1\n")
+    with pytest.raises(UserError, match="is listed with classes 0 and 1: an image has one label"):
+        open_dataset(data).entries("train")
 
 
 def test_class_list_mistakes_are_named(tmp_path):

@@ -14,7 +14,6 @@ import codecs
 import re
 import json
 import os
-import posixpath
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -151,28 +150,49 @@ class DatasetInfo:
         if elsewhere:  # the official layout keeps each image in its class's folder: likely a typo
             warnings.warn(f"{path}: {len(elsewhere)} lines list an image in another class's folder (e.g. "
                           f"'{elsewhere[0].relpath} {elsewhere[0].class_id}'); the label, the last field, is used")
-        check_subset_paths(path, subset, entries)
+        other = "test" if subset == "train" else "train"
+        check_listed_images(path, entries, self.image_root(subset), self.annotation_path(other),
+                            self.image_root(other))
         if check_files:
             check_files_exist(self.image_root(subset), entries, self.annotation_path(subset))
         return entries
 
 
-def check_subset_paths(path, subset, entries):
-    """Refuse a list of one subset naming an image of the other (a training image in the test
-    set inflates its accuracy); warn of an image listed twice (it counts twice) or outside
-    the subset's folder."""
-    other = "test" if subset == "train" else "train"
-    normalised = [posixpath.normpath(entry.relpath.replace("\\", "/")) for entry in entries]
-    leaked = next((relpath for relpath in normalised if relpath.startswith(f"../{other}/")), None)
-    if leaked is not None:
-        raise UserError(f"{path} lists {leaked}, an image of {other}/: training and test images must differ")
-    outside = [relpath for relpath in normalised if relpath.startswith("../") or posixpath.isabs(relpath)]
+def full_paths(root, entries):
+    """Each entry's image as a normalised path (case folded where the file system ignores case)."""
+    return [os.path.normcase(os.path.normpath(os.path.join(root, entry.relpath))) for entry in entries]
+
+
+def _within(path, folder):
+    try:
+        return os.path.commonpath([folder, path]) == folder
+    except ValueError:  # another drive (Windows)
+        return False
+
+
+def check_listed_images(path, entries, root, other_path, other_root):
+    """Refuse an image listed under two classes, or listed by the other subset's list too (a
+    training image in the test set inflates its accuracy); warn of an image listed twice (it
+    counts twice) or outside its subset's folder `root`."""
+    listed = full_paths(root, entries)
+    labels = {}
+    for entry, full in zip(entries, listed):
+        if labels.setdefault(full, entry.class_id) != entry.class_id:
+            raise UserError(f"{path}: {entry.relpath} is listed with classes {labels[full]} and {entry.class_id}: "
+                            "an image has one label")
+    if other_path.is_file():
+        others = set(full_paths(other_root, read_annotation(other_path)))
+        shared = next((entry.relpath for entry, full in zip(entries, listed) if full in others), None)
+        if shared is not None:
+            raise UserError(f"{path} lists {shared}, which {other_path} lists too: training and test images must "
+                            "differ")
+    folder = os.path.normcase(os.path.normpath(root))
+    outside = [entry.relpath for entry, full in zip(entries, listed) if not _within(full, folder)]
     if outside:
-        warnings.warn(f"{path}: {len(outside)} lines list an image outside {subset}/ (e.g. {outside[0]!r})")
-    twice = [relpath for relpath, count in Counter(normalised).items() if count > 1]
-    if twice:
-        warnings.warn(f"{path}: {len(twice)} images are listed more than once (e.g. {twice[0]!r}): each line "
-                      "counts as one image")
+        warnings.warn(f"{path}: {len(outside)} lines list an image outside {root} (e.g. {outside[0]!r})")
+    if len(labels) < len(listed):
+        warnings.warn(f"{path}: {len(listed) - len(labels)} lines list an image listed before: each line counts as "
+                      "one image")
 
 
 def _find_dataset_name(root):
