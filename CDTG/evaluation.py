@@ -26,7 +26,7 @@ from CDTG.clip_loss import ClipConsistencyLoss, load_clip
 from CDTG.eval_report import (build_evaluation, evaluation_markdown, metric_notes, plot_sample_sheet,
                               write_evaluation)
 from CDTG.fidelity import fid, kid, load_inception, load_lpips, mean_pairwise_lpips
-from CDTG.tail_data import load_tail_classes, load_teacher
+from CDTG.tail_data import check_distinct_prompts, load_tail_classes, load_teacher
 from tgn.data import check_files_exist, check_outside_dataset, drop_unreadable, read_annotation
 from tgn.distributed import make_shared_folder, planned_world_size, resolve_device
 from tgn.errors import UserError
@@ -344,6 +344,8 @@ def evaluate_generation(args):
     data, teacher_path, notes = resolve_inputs(args)
     tail = load_tail_classes(data, args.data_root)
     check_outside_dataset(args.out, tail.data_root)
+    if args.clip != "none":  # its accuracy is the prompt CLIP finds nearest: two alike could not both be right
+        check_distinct_prompts(tail)
     generated = [generated_paths(folder, tail) for folder in folders]
     size = scored_size(folders, generated, args.size, lpips=args.lpips != "none")
     device = resolve_device(args.device)

@@ -189,18 +189,23 @@ class StepBatchSampler(torch.utils.data.Sampler):
             yield dist.shard(order[position * self.batch_size:(position + 1) * self.batch_size].tolist())
 
 
+def check_distinct_prompts(tail):
+    """Refuse two tail classes of one prompt where CLIP reads them (the loss, the evaluation's
+    CLIP accuracy): CLIP could not tell the two classes apart."""
+    prompts = [" ".join(cls["prompt"].lower().split()) for cls in tail.classes]
+    shared = next((cls for cls, prompt in zip(tail.classes, prompts) if prompts.count(prompt) > 1), None)
+    if shared is not None:
+        raise UserError(f"{tail.folder / TAIL_MANIFEST}: two tail classes have the prompt {shared['prompt']!r}; CLIP "
+                        "tells the classes apart by their prompts, so give each its own (or leave CLIP out, --clip "
+                        "none)")
+
+
 def check_prompts_name_classes(tail):
     """The CLIP loss pulls each tail class's images towards its prompt: refuse a prompt made
     of a number for a name (a dataset without classes.json names its classes by id, class
     folders numbered 1..N are named so), which would pull them towards 'A photo of a 4';
-    warn of prompts in another script than Latin, which CLIP barely knows. Two classes of one
-    prompt are refused: the loss could not tell them apart."""
-    prompts = [" ".join(cls["prompt"].lower().split()) for cls in tail.classes]
-    shared = next((cls for cls, prompt in zip(tail.classes, prompts) if prompts.count(prompt) > 1), None)
-    if shared is not None:
-        raise UserError(f"{tail.folder / TAIL_MANIFEST}: two tail classes have the prompt {shared['prompt']!r}; the "
-                        "CLIP loss pulls each class towards its own prompt, so give each its own (or train without "
-                        "it, --clip none)")
+    warn of prompts in another script than Latin, which CLIP barely knows."""
+    check_distinct_prompts(tail)
     for cls in tail.classes:
         name = str(cls["name"])
         if CLASS_ID.fullmatch(name) and re.search(rf"(?<![0-9]){name}(?![0-9])", cls["prompt"]):

@@ -359,6 +359,22 @@ def test_an_out_inside_the_dataset_is_refused(evaluation_inputs, capsys):
     assert not list((data_root / "anno").glob("evaluation*")) and not (data_root / "anno" / "options.json").exists()
 
 
+def test_evaluate_with_clip_refuses_two_classes_of_one_prompt(evaluation_inputs, capsys):
+    """CLIP accuracy is the nearest prompt's class: of two classes of one prompt, one could
+    never be counted right."""
+    root = evaluation_inputs
+    manifest = root / "cdtg_data" / "tail_classes.json"
+    recorded = json.loads(manifest.read_text())
+    recorded["classes"][1]["prompt"] = recorded["classes"][0]["prompt"]
+    manifest.write_text(json.dumps(recorded))
+    common = [str(root / "gen_shifted"), "--data", str(root / "cdtg_data"), "--lpips", "none", "--inception", "none",
+              "--device", "cpu", "--workers", "0"]
+    err = exit_message(capsys, evaluate_script.main, [*common, "--clip", str(root / "clip.pt"),
+                                                       "--out", str(root / "with_clip")])
+    assert "two tail classes have the prompt" in err and not (root / "with_clip").exists()
+    evaluate_script.main([*common, "--clip", "none", "--out", str(root / "without_clip")])  # prompts unread
+
+
 def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tail_data(evaluation_inputs, capsys):
     """--skip-bad-images leaves out an unreadable real image, as training and generation
     can; a folder generated from another tail data that still exists is refused; an
