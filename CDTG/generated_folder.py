@@ -318,7 +318,9 @@ def generate(args):
     refuse_folder_in_use(args.out)
     check_own_run_folder(args.out, args, writes=GENERATION_SETTINGS)  # not a run folder, a split, a report
     check_settings(args.out, settings, args.overwrite)
-    in_the_way = [args.out / str(cid) for cid in class_ids if (args.out / str(cid)).is_file()]
+    in_the_way = [args.out / str(cid) for cid in class_ids
+                  if ((args.out / str(cid)).exists() or (args.out / str(cid)).is_symlink())
+                  and not (args.out / str(cid)).is_dir()]
     if in_the_way:  # not removed, even with --overwrite: generation removes only its own class folders
         raise UserError(f"{in_the_way[0]} is a file where generation writes the images of class {in_the_way[0].name}: "
                         "move it away")

@@ -392,6 +392,10 @@ def test_generation_checks_the_teacher_and_keeps_one_per_folder(cdtg_inputs, tmp
                                                            *flags]),
                           f"{tmp_path / 'fresh' / cid} is a file where generation writes the images of class {cid}")
     assert (tmp_path / "fresh" / cid).read_text() == "notes"
+    (tmp_path / "fresh" / cid).unlink()
+    (tmp_path / "fresh" / cid).symlink_to(tmp_path / "gone")  # a link to nothing is in the way too
+    expect_user_error(capsys, lambda: generation_main([*base, "--per-class", "2", "--out", str(tmp_path / "fresh")]),
+                      f"{tmp_path / 'fresh' / cid} is a file where generation writes the images of class {cid}")
 
 
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
