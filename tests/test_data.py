@@ -265,9 +265,10 @@ def test_class_names_compare_with_their_spelling_aside():
 
 def test_an_image_listed_under_another_class_folder_is_warned_about(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 2, 1: 2})
+    (data / "train" / "0" / "extra.jpg").write_bytes((data / "train" / "0" / "img 0.jpg").read_bytes())
     with open(data / "anno" / "TOY_train.txt", "a") as handle:
-        handle.write("0/img 0.jpg 1\n")  # folder 0, label 1
-    with pytest.warns(UserWarning, match=r"1 lines list an image in another class's folder \(e.g. '0/img 0.jpg 1'\)"):
+        handle.write("0/extra.jpg 1\n")  # folder 0, label 1
+    with pytest.warns(UserWarning, match=r"1 lines list an image in another class's folder \(e.g. '0/extra.jpg 1'\)"):
         entries = open_dataset(data).entries("train")
     assert entries[-1].class_id == 1
 
