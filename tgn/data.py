@@ -163,13 +163,6 @@ def full_paths(root, entries):
     return [os.path.normcase(os.path.normpath(os.path.join(root, entry.relpath))) for entry in entries]
 
 
-def _within(path, folder):
-    try:
-        return os.path.commonpath([folder, path]) == folder
-    except ValueError:  # another drive (Windows)
-        return False
-
-
 def check_listed_images(path, entries, root, other_path, other_root):
     """Refuse an image listed under two classes, or listed by the other subset's list too (a
     training image in the test set inflates its accuracy); warn of an image listed twice (it
@@ -186,8 +179,8 @@ def check_listed_images(path, entries, root, other_path, other_root):
         if shared is not None:
             raise UserError(f"{path} lists {shared}, which {other_path} lists too: training and test images must "
                             "differ")
-    folder = os.path.normcase(os.path.normpath(root))
-    outside = [entry.relpath for entry, full in zip(entries, listed) if not _within(full, folder)]
+    inside = os.path.join(os.path.normcase(os.path.normpath(root)), "")  # with its separator: not 'train2/'
+    outside = [entry.relpath for entry, full in zip(entries, listed) if not full.startswith(inside)]
     if outside:
         warnings.warn(f"{path}: {len(outside)} lines list an image outside {root} (e.g. {outside[0]!r})")
     if len(labels) < len(listed):
