@@ -633,6 +633,29 @@ def test_flag_errors_and_help_print_once_per_node_under_torchrun(monkeypatch, ca
         assert bool(capsys.readouterr().out) == printed
 
 
+def test_a_recorded_value_is_parsed_again_by_its_flag():
+    """What --resume takes from options.json goes through the flag's own type and choices:
+    a switch, a repeated path flag and a list of numbers each in their recorded form."""
+    from tgn.cli import make_parser, positive_int, recorded_value
+
+    parser = make_parser("doc")
+    parser.add_argument("--flip", action="store_true")
+    parser.add_argument("--extra", type=Path, action="append")
+    parser.add_argument("--milestones", type=positive_int, nargs="*")
+    parser.add_argument("--mode", choices=["a", "b"], default="a")
+    actions = parser.parse_args([]).flags
+    assert recorded_value(actions["flip"], True) is True
+    assert recorded_value(actions["extra"], ["/x", "/y"]) == ["/x", "/y"]
+    assert recorded_value(actions["extra"], None) is None
+    assert recorded_value(actions["milestones"], [3, "5"]) == [3, 5]
+    for key, value, why in (("flip", 1, "not true or false"), ("extra", "/x", "not a list"),
+                            ("extra", [3], "3 is not text"), ("milestones", [True], "True is not a value of it"),
+                            ("milestones", [2.5], "'2.5' is not a number"), ("mode", "c", "'c' is not one of a, b"),
+                            ("mode", ["a"], "a list")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            recorded_value(actions[key], value)
+
+
 def test_evaluation_batches_need_not_divide_over_the_processes(monkeypatch):
     """test.py's --batch-size is images per model call: 7 over 2 processes is fine there
     (training refuses it: its global batch sets the statistics)."""

@@ -71,6 +71,30 @@ def test_resume_equals_uninterrupted_run(split_dir, tmp_path, capsys):
     assert read_metrics(straight / "head" / "metrics.jsonl") [-1]["lr"] == pytest.approx(1e-4)
 
 
+def test_resume_parses_the_values_it_takes_from_options_json_as_their_flags_do(split_dir, tmp_path, capsys):
+    """A value options.json records (edited by hand) is taken as its flag would take it: a
+    number written as text becomes one; one the flag refuses is refused in one line, not
+    a traceback mid-run."""
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    capsys.readouterr()
+    record = out / "head" / "options.json"
+    options = json.loads(record.read_text())
+    resume = ["--split", str(split_dir), "--out", str(out), "--epochs", "2", "--resume"]
+    for key, bad, why in (("batch_size", 0, "0 must be a positive integer"), ("lr", "fast", "'fast' is not a number"),
+                          ("arch", "resnet7", "'resnet7' is not one of resnet50, resnet18"),
+                          ("milestones", 30, "not a list")):
+        record.write_text(json.dumps({**options, key: bad}))
+        flag = "--" + key.replace("_", "-")
+        err = exit_message(capsys, umodel_main, resume)
+        assert f"--resume: {record} records {flag} " in err and f"which {flag} refuses ({why})" in err, err
+    record.write_text(json.dumps({**options, "batch_size": "8"}))
+    capsys.readouterr()
+    umodel_main(resume)
+    assert "--batch-size 8," in capsys.readouterr().out
+    assert len(read_metrics(out / "head" / "metrics.jsonl")) == 2
+
+
 def test_resume_alone_keeps_the_runs_length_and_a_given_split_brings_its_dataset(split_dir, tmp_path, capsys):
     """--resume alone: the run's --epochs too (not the default 100); a --split given names
     its own dataset (the run's --data-root is not taken then); --group, no flag, is compared."""

@@ -93,7 +93,7 @@ def output_folder(text):
 class ParsedFlags(argparse.Namespace):
     """The parsed flags, and of their names: `given`, those the command line gave (the
     others hold their defaults), which a --resume fills from the run's record; `flags`, all
-    the script's own; `paths`, those whose values are Paths; `repeated`, those given once
+    the script's own, each to its argparse action; `paths`, those whose values are Paths; `repeated`, those given once
     per value (--extra A --extra B). Slots, so that they are no flags: vars(args), what
     options.json records and --resume compares, leaves them out."""
 
@@ -121,7 +121,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if isinstance(flags, ParsedFlags):
             flags.given = self.given_flags(args)
             own = [action for action in self._actions if action.dest != argparse.SUPPRESS]
-            flags.flags = frozenset(action.dest for action in own)
+            flags.flags = {action.dest: action for action in own}
             flags.paths = frozenset(action.dest for action in own if action.type in (Path, output_folder))
             flags.repeated = frozenset(action.dest for action in own if isinstance(action, argparse._AppendAction))
         return flags, extras
@@ -139,6 +139,39 @@ class ArgumentParser(argparse.ArgumentParser):
             warnings.simplefilter("ignore")
             probe, _ = super().parse_known_args(args, argparse.Namespace(**marks))
         return frozenset(key for key, value in vars(probe).items() if key in marks and value is not marks[key])
+
+
+def recorded_value(action, value):
+    """`value`, as options.json records it, parsed again by its flag (`action`): a number
+    recorded as text becomes one. Raises ValueError saying why the flag refuses it (a hand
+    edit, or a value an earlier version let through)."""
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise ValueError("not true or false")
+        return value
+    if value is None:  # a flag without a value (or one a run left out: Classification's --split)
+        return value
+    listed = action.nargs not in (None, "?") or isinstance(action, argparse._AppendAction)
+    if isinstance(value, list) != listed:
+        raise ValueError("not a list" if listed else "a list")
+    parsed = [_recorded_item(action, item) for item in (value if listed else [value])]
+    return parsed if listed else parsed[0]
+
+
+def _recorded_item(action, item):
+    if isinstance(item, (list, dict)) or (isinstance(item, bool) and action.type not in (None, str)):
+        raise ValueError(f"{item!r} is not a value of it")
+    if action.type in (None, str, Path, output_folder):
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not text")
+    else:
+        try:
+            item = action.type(str(item))
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            raise ValueError(str(exc)) from None
+    if action.choices is not None and item not in action.choices:
+        raise ValueError(f"{item!r} is not one of {', '.join(map(str, action.choices))}")
+    return item
 
 
 def make_parser(doc):

@@ -18,7 +18,7 @@ import torch
 from tgn import distributed as dist
 from tgn.checkpoint import load_failure, map_tensors
 from tgn.class_names import refuse_renamed_class
-from tgn.cli import check_repeated_milestones
+from tgn.cli import check_repeated_milestones, recorded_value
 from tgn.errors import UserError, speaks
 from tgn.io import absolute_path, map_paths, read_json
 from tgn.runlock import running_run
@@ -86,12 +86,19 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
         if (key in given or key in skipped or key not in args.flags or key not in acting
                 or given & set((taken_without or {}).get(key, ()))):
             continue
-        if key in args.paths:  # recorded absolute; the flag's own form is a Path (or a list of them)
+        if key in args.paths:  # recorded absolute
             if map_paths(now[key], lambda path: str(absolute_path(path))) == value:
                 continue
-            value = value if value is None else [Path(v) for v in value] if isinstance(value, list) else Path(value)
         elif json.loads(json.dumps(now[key], default=str)) == value:
             continue
+        try:
+            value = recorded_value(args.flags[key], value)
+        except ValueError as exc:
+            source = record if record.is_file() else f"the options that {checkpoint} holds"
+            raise UserError(f"--resume: {source} records {_setting(key, value)}, which {_flag(key)} refuses ({exc}); "
+                            "correct it there, or pass --overwrite instead of --resume to start again") from None
+        if key in args.paths and value is not None:  # the flag's own form is a Path (or a list of them)
+            value = [Path(v) for v in value] if isinstance(value, list) else Path(value)
         setattr(args, key, value)
         taken.append(key)
     if taken and speaks():
@@ -129,6 +136,7 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None,
     # Without options.json (deleted, or lost with a copied folder), the checkpoint's copy of them.
     saved = read_json(options_file, "options") if options_file.is_file() else (state or {}).get("options")
     if isinstance(saved, dict):
+        saved = {**saved, **parsed_record(saved, args)}  # a number recorded as text is that number
         now = json.loads(json.dumps(vars(args), default=str))  # the form options.json holds
         free = HOW_IT_RUNS | PATH_FLAGS | may_change | {length}
         saved_view, now_view = compared(saved, now) if compared else (saved, now)
@@ -150,6 +158,19 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None,
                         "or more to finish it, or --overwrite instead of --resume to start again")
     if state is not None and data is not None:
         check_same_data(state, data, out_dir / "last.pth")
+
+
+def parsed_record(saved, args):
+    """The values of the script's flags that `saved` (options.json) records and that they
+    accept, as they parse them (take_the_runs_flags refuses the others)."""
+    flags, parsed = getattr(args, "flags", {}), {}
+    for key, value in saved.items():
+        if key in flags:
+            try:
+                parsed[key] = recorded_value(flags[key], value)
+            except ValueError:
+                pass
+    return parsed
 
 
 def note_process_count(out_dir, saved):
