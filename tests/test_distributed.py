@@ -707,3 +707,23 @@ def test_a_resume_by_another_process_count_is_noted(tmp_path, monkeypatch, capsy
         monkeypatch.setenv(name, value)
     check_resume(tmp_path, args, done=1)
     assert f"note: {tmp_path} was trained by 1 process(es) and resumes with 2" in capsys.readouterr().out
+
+
+def test_what_resume_takes_is_said_once_per_job_before_joining(tmp_path, monkeypatch, capsys):
+    """Before the processes join, the first process of the second node (RANK 2, LOCAL_RANK
+    0) says what its node finds, but not what --resume takes from the run folder: rank 0
+    says that, once for the job."""
+    from tgn.cli import make_parser
+    from tgn.resume import take_the_runs_flags
+
+    parser = make_parser("doc")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--resume", action="store_true")
+    (tmp_path / "options.json").write_text(json.dumps({"lr": 0.5, "resume": False}))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for rank, local_rank, said in (("2", "0", False), ("0", "0", True)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        args = parser.parse_args(["--resume"])
+        assert take_the_runs_flags(args, tmp_path) == ["lr"] and args.lr == 0.5
+        assert ("--resume: left out, as the run was started: --lr 0.5" in capsys.readouterr().out) == said

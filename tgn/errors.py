@@ -104,6 +104,13 @@ def speaks():
     return os.environ["LOCAL_RANK"] == "0" if rank is None else rank == 0
 
 
+def speaks_for_the_run():
+    """Whether this process prints what concerns the run folder, which rank 0 alone writes
+    (what --resume takes and notes of it): once per job, before joining too (torchrun sets
+    RANK from the start), where speaks() says once per node what each node finds."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _joined_rank():
     """This process's rank once it joined a torchrun process group, else None. Only a
     torch.distributed imported already is asked: a process joins after importing it, and

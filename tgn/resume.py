@@ -8,7 +8,6 @@ folders may move or be named from elsewhere; the checkpoints check what they hol
 (class ids, image counts, the teacher's weights).
 """
 import json
-import os
 import shlex
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ from tgn import distributed as dist
 from tgn.checkpoint import load_failure, map_tensors
 from tgn.class_names import refuse_renamed_class
 from tgn.cli import check_repeated_milestones, recorded_value
-from tgn.errors import UserError, speaks
+from tgn.errors import UserError, speaks, speaks_for_the_run
 from tgn.io import absolute_path, map_paths, read_json
 from tgn.runlock import running_run
 
@@ -101,7 +100,7 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
             value = [Path(v) for v in value] if isinstance(value, list) else Path(value)
         setattr(args, key, value)
         taken.append(key)
-    if taken and speaks():
+    if taken and speaks_for_the_run():
         repeated = getattr(args, "repeated", ())
         taken_text = ", ".join(_setting(key, saved[key], repeated) for key in taken)
         print(f"--resume: left out, as the run was started: {taken_text}")
@@ -129,7 +128,7 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None,
         # "--milestones 0 --resume" to start and to continue alike.
         if hasattr(args, "milestones"):
             check_repeated_milestones(args.milestones)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if speaks_for_the_run():
             print(f"note: nothing to resume in {out_dir}: starting a new run")
         return
     options_file = out_dir / "options.json"
@@ -177,7 +176,7 @@ def note_process_count(out_dir, saved):
     """A run resumed by another number of processes goes on correctly, but not as one that
     kept its count would: say so."""
     processes = dist.planned_world_size()
-    if saved is not None and saved != processes and int(os.environ.get("RANK", "0")) == 0:
+    if saved is not None and saved != processes and speaks_for_the_run():
         print(f"note: {out_dir} was trained by {saved} process(es) and resumes with {processes}: per-process "
               "BatchNorm statistics, the last batch of each epoch and CDTG's minibatch-stddev groups and ADA "
               "draws differ from a run that kept its count")
