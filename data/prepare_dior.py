@@ -13,9 +13,11 @@ A chip is crop(xmin, ymin, xmax, ymax) of the XML's numbers as written, read as 
 
 Which official lists form our train and test sets: the paper's 68,025 train + 124,440 test
 chips = 192,465, all the objects of DIOR's train+val+test (the DIOR paper counts 192,472
-instances; a few degenerate boxes would explain the gap). The default is --train-sets train
---test-sets val,test; the other candidate is --train-sets train,val --test-sets test. The
-totals this script prints show which choice reproduces the paper's split.
+instances; a few degenerate boxes would explain the gap). The default, --train-sets train,val
+--test-sets test, follows the official README's layout, whose test/0 starts at 11726_0.jpg:
+image 11726 is the first of DIOR's test release (train and val are 00001 to 11725), so no val
+image went into the official test set. --train-sets train --test-sets val,test is the other
+choice. The totals this script prints show whether a choice reproduces the paper's split.
 """
 import re
 import sys
@@ -50,9 +52,9 @@ def parse_args(argv):
                         help=f"folder of VOC XML files (if unset: {' or '.join(ANNOTATION_DIRS)} in --src)")
     parser.add_argument("--image-sets", type=Path, default=None,
                         help=f"folder of the id lists <set>.txt (if unset: {' or '.join(IMAGE_SET_DIRS)} in --src)")
-    parser.add_argument("--train-sets", type=comma_list, default="train", help="official lists that form our train set")
-    parser.add_argument("--test-sets", type=comma_list, default="val,test",
-                        help="official lists that form our test set")
+    parser.add_argument("--train-sets", type=comma_list, default="train,val",
+                        help="official lists that form our train set (the official layout's: see above)")
+    parser.add_argument("--test-sets", type=comma_list, default="test", help="official lists that form our test set")
     add_crop_arguments(parser)
     add_output_arguments(parser)
     return parser.parse_args(argv)

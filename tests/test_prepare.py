@@ -85,7 +85,7 @@ DIOR_SCENES = {  # image id -> (folder, [(class name, box, colour)]), in XML ord
         ("ship", (70, 5, 90, 20), None),  # outside the 64 x 48 scene
         ("storagetank", (50, 30, 80, 60), (40, 40, 230)),  # overruns: clipped to (50, 30, 64, 48)
     ]),
-    "00002": ("JPEGImages-trainval", [
+    "00002": ("JPEGImages-test", [
         ("Expressway-Service-area", (8, 8, 40, 40), (230, 230, 40)),
         ("windmill", (45, 5, 48, 8), (230, 40, 230)),  # 3 x 3
     ]),
@@ -94,7 +94,8 @@ DIOR_SCENES = {  # image id -> (folder, [(class name, box, colour)]), in XML ord
         ("vehicle", (35, 25, 60, 45), (200, 200, 200)),
     ]),
 }
-DIOR_SETS = {"train": ["00000", "00001"], "val": ["00002"], "test": ["00003"]}
+# The default puts train and val into our train set, test into our test set.
+DIOR_SETS = {"train": ["00000"], "val": ["00001"], "test": ["00002", "00003"]}
 # A preparer refuses a class without training chips (every stage would): scene 00000 holds
 # one object of each class the tests' own DIOR scenes leave out of train; P0000, of every
 # DOTA class.
@@ -160,8 +161,10 @@ def test_dior_crops_one_chip_per_object_with_class_and_box(dior_src, tmp_path, c
 
 def test_dior_min_size_context_and_set_choice(dior_src, tmp_path, capsys):
     out = tmp_path / "out"
+    (dior_src / "ImageSets/Main/train.txt").write_text("00000\n00001\n00002\n")  # val is left out
+    (dior_src / "ImageSets/Main/test.txt").write_text("00003\n")
     prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1", "--min-size", "4",
-                       "--context", "0.25", "--train-sets", "train,val", "--test-sets", "test"])
+                       "--context", "0.25", "--train-sets", "train", "--test-sets", "test"])
     assert "smaller than --min-size: 1" in capsys.readouterr().out
     info = open_dataset(out)
     assert sorted(e.relpath for e in shown(info.entries("train"))) == [
@@ -375,12 +378,12 @@ def test_a_class_left_without_training_chips_is_refused_before_or_after_cropping
     with pytest.warns(UserWarning, match=r"16 of 20 classes have no test chips, e\.g\. 0 \(airplane\)"):
         prepare_dior.main(argv)
     before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
-    (dior_src / "ImageSets/Main/train.txt").write_text("00001\n")  # the filler scene left out
+    (dior_src / "ImageSets/Main/train.txt").write_text("")  # the filler scene left out
     assert exit_code(prepare_dior.main, [*argv, "--overwrite"]) == 2
     assert one_error(capsys) == (
         "error: class 1 (airport) and 15 more classes have no training object in the train subset's annotations: "
         "every stage needs training images of each class (check --train-sets and the lists in --image-sets)")
-    (dior_src / "ImageSets/Main/train.txt").write_text("00000\n00001\n")
+    (dior_src / "ImageSets/Main/train.txt").write_text("00000\n")
     xml = dior_src / "Annotations" / "Horizontal Bounding Boxes" / "00000.xml"
     xml.write_text(xml.read_text().replace("<xmax>8</xmax><ymax>8</ymax>", "<xmax>2</xmax><ymax>8</ymax>"))
     assert exit_code(prepare_dior.main, [*argv, "--overwrite", "--min-size", "4"]) == 2
@@ -427,7 +430,7 @@ def run_preparer_slowly(dior_src, out, **popen):
         paint_scene(dior_src / "JPEGImages-trainval" / f"{index:05d}.jpg", (64, 48), {})
         (dior_src / "Annotations" / "Horizontal Bounding Boxes" / f"{index:05d}.xml").write_text(
             voc_xml([("ship", (1, 1, 9, 9), None)]))
-    (dior_src / "ImageSets/Main/train.txt").write_text("".join(f"{index:05d}\n" for index in (0, 1, *range(4, 12))))
+    (dior_src / "ImageSets/Main/train.txt").write_text("".join(f"{index:05d}\n" for index in (0, *range(4, 12))))
     return subprocess.Popen([sys.executable, "-c", script, "--src", str(dior_src), "--out", str(out), "--workers",
                              "2"], text=True, **popen)
 
