@@ -53,12 +53,12 @@ class TailSynthesizer:
     """g_ema + noise fusion + the tail model's features of the real tail images."""
 
     def __init__(self, g_ema, fusion, teacher, tail, device, *, modconv="shared", amp="off", compile="off",
-                 skip_bad_images=False):
+                 skip_bad_images=False, draft=True):
         self.device, self.tail, self.amp, self.compile = device, tail, amp, compile
         self.g_ema, self.fusion, self.teacher = (module.to(device).eval() for module in (g_ema, fusion, teacher))
         self.g_ema.set_fused_modconv(modconv == "fused")
         self.size, self.latent_dim = g_ema.size, g_ema.style_dim
-        self.dataset = tail_image_dataset(tail, self.size, skip_bad_images)
+        self.dataset = tail_image_dataset(tail, self.size, skip_bad_images, draft)
         self._projected, self._mean_latent = {}, {}
         self._teacher_fingerprint = None  # hashed once: a ResNet-50 is about 100 MB
         self.sources = {}  # the tail data and teacher files, set by from_checkpoint
@@ -110,7 +110,9 @@ class TailSynthesizer:
         if fusion.config["feature_numel"] != channels * height * width:
             raise UserError(f"--teacher {teacher} gives {channels}x{height}x{width} features at {config['size']} px, "
                             f"the checkpoint's fusion expects {fusion.config['feature_numel']} values")
-        synth = cls(g_ema, fusion, teacher_model, tail, device, **options)
+        # The real images decoded as training decoded them (--full-decode); in draft mode for the official file.
+        draft = not (checkpoint.get("options") or {}).get("full_decode", False)
+        synth = cls(g_ema, fusion, teacher_model, tail, device, draft=draft, **options)
         synth._teacher_fingerprint = teacher_fingerprint
         synth.sources = {"data": str(Path(data).resolve()), "teacher": str(Path(teacher).resolve())}
         return synth

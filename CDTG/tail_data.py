@@ -143,7 +143,8 @@ def gan_transform(size):
     ])
 
 
-def tail_image_dataset(tail, size, skip_bad_images=False):
+def tail_image_dataset(tail, size, skip_bad_images=False, draft=True):
+    """The real tail images at `size`; `draft=False` (--full-decode) decodes JPEGs in full."""
     samples = drop_unreadable(tail.samples(), skip_bad_images, "tail training images")
     counts = {label: 0 for label in range(len(tail.classes))}
     for _, label in samples:
@@ -152,7 +153,7 @@ def tail_image_dataset(tail, size, skip_bad_images=False):
     if empty:
         cls = tail.classes[empty[0]]
         raise UserError(f"tail class {cls['id']} ({cls['name']}) has no training image in {tail.folder / IMAGE_LIST}")
-    return ImageList(samples, gan_transform(size), size)
+    return ImageList(samples, gan_transform(size), size, draft=draft)
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

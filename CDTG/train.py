@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from CDTG.config import ADA_STEPS, GanConfig  # noqa: E402
 from CDTG.flags import add_clip_args  # noqa: E402
-from tgn.cli import (add_runtime_args, below_one, fraction, gan_size, make_parser, non_negative_float,  # noqa: E402
-                     non_negative_int, output_folder, positive_float, positive_int)
+from tgn.cli import (add_full_decode_arg, add_runtime_args, below_one, fraction, gan_size, make_parser,  # noqa: E402
+                     non_negative_float, non_negative_int, output_folder, positive_float, positive_int)
 from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
@@ -87,6 +87,7 @@ def build_parser():
     train.add_argument("--flip", action="store_true",
                        help="random horizontal flips of the real images (the official CDTG trains without; "
                             "rosinality's StyleGAN2 flips)")
+    add_full_decode_arg(train, " (generation decodes the real images as their run did)")
     train.add_argument("--augment", action="store_true", help="adaptive discriminator augmentation (ADA)")
     train.add_argument("--augment-p", type=fraction, default=defaults.augment_p, help="fixed ADA p (0: adaptive)")
     train.add_argument("--ada-target", type=below_one, default=defaults.ada_target,

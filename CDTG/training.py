@@ -197,7 +197,7 @@ def train_cdtg(args):
         check_prompts_name_classes(tail)
     device = dist.process_device(args.device)
     seed_everything(args.seed)
-    dataset = tail_image_dataset(tail, args.size, args.skip_bad_images)
+    dataset = tail_image_dataset(tail, args.size, args.skip_bad_images, draft=not args.full_decode)
     teacher = load_teacher(args.teacher, tail)
     num_classes = len(tail.classes)
     generator, discriminator, g_ema, fusion = build_models(args, num_classes, teacher)

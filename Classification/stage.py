@@ -105,14 +105,14 @@ def read_baseline(args, info, class_ids):
 
 def evaluation_set(info, label_of, image_size, skip_bad_images=False, cache_dir=None, check=False, draft=True):
     """The test images; `check` (training, which evaluates only after an epoch) decodes them
-    all first, so that a bad one stops the run before it trains; `draft=False` (test.py
-    --full-decode) decodes JPEGs in full, as the official code does."""
+    all first, so that a bad one stops the run before it trains; `draft=False`
+    (--full-decode) decodes JPEGs in full, as the official code does."""
     folder = info.image_root("test")
     if not folder.is_dir():
         raise UserError(f"test folder not found: {folder}")
     samples = drop_unreadable(samples_for(folder, info.entries("test"), label_of), skip_bad_images, "test images",
                               check=check)
-    cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
+    cache = ResizeCache(cache_dir, image_size, draft) if cache_dir is not None else None
     return ImageList(samples, build_transform(image_size, train=False), image_size, cache, draft=draft)
 
 

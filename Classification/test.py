@@ -20,7 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
 from Classification.flags import DEFAULT_IMAGE_SIZE, add_report_args  # noqa: E402
-from tgn.cli import add_precision_args, add_runtime_args, make_parser, output_folder, positive_int  # noqa: E402
+from tgn.cli import (  # noqa: E402
+    add_full_decode_arg, add_precision_args, add_runtime_args, make_parser, output_folder, positive_int,
+)
 from tgn.errors import cli_main, signals_held  # noqa: E402
 
 
@@ -36,10 +38,7 @@ def build_parser():
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")
     add_precision_args(parser, default="off")  # off: the report's figures in fp32, as the trainers' own reports
-    parser.add_argument("--full-decode", action="store_true",
-                        help="decode JPEGs in full, as the official test.py does (by default one at least twice "
-                             "--image-size is decoded at 1/2, 1/4 or 1/8 of its size first: faster, pixels a few "
-                             "levels apart); for figures comparable image for image with the official code's")
+    add_full_decode_arg(parser, "; for figures comparable image for image with the official test.py's")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     add_report_args(parser, from_run=True)
     add_runtime_args(parser)

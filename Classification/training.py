@@ -72,7 +72,8 @@ def train_classifier(args):
         if info.has_class_list:  # without one the names are ids or the official list: test.py compares none either
             names = [info.class_names[cid] for cid in class_ids]
             check_same_names(state, list(class_ids), names, args.out / "last.pth")
-    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True)
+    test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True,
+                                 draft=not args.full_decode)
     classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts, split)
     present = {label for _, label in train_samples}
     for index, cid in enumerate(class_ids):
@@ -80,9 +81,10 @@ def train_classifier(args):
             raise UserError(f"class {cid} ({info.class_names[cid]}) has no training image in "
                             f"{info.annotation_path('train')}{' or --extra' if args.extra else ''}")
     check_one_image_batches(len(train_samples), args.batch_size, args.image_size, device, args.sync_bn)
-    cache = ResizeCache(args.cache, args.image_size) if args.cache is not None else None
+    cache = ResizeCache(args.cache, args.image_size, not args.full_decode) if args.cache is not None else None
+    # DATA's images come first
     train_images = ImageList(train_samples, build_transform(args.image_size, train=True), args.image_size, cache,
-                             generated_from=sum(images.real_counts))  # DATA's images come first
+                             generated_from=sum(images.real_counts), draft=not args.full_decode)
     seed_everything(args.seed)
     model = build_classifier(args.arch, len(class_ids))
     if args.resume and state is not None:  # weights of another shape are refused before anything is written

@@ -257,7 +257,8 @@ def run_distillation(args):
         with alike_in_every_process():  # every process reads the same file: one line
             for group, model in models.items():
                 check_fits(model, state["models"].get(group, {}), args.out / "distill" / "last.pth")
-    datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
+    datasets = {group: group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache,
+                                       draft=not args.full_decode)
                 for group in paths}
     for group, (train_set, _) in datasets.items():
         check_one_image_batches(len(train_set), args.batch_size, args.image_size, device, args.sync_bn,

@@ -45,7 +45,8 @@ def train_group(args):
     if resuming:  # weights of another shape are refused before anything is written
         with alike_in_every_process():  # every process reads the same file: one line
             check_fits(model, state["state_dict"], args.out / group / "last.pth")
-    train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache)
+    train_set, test_set = group_datasets(split, group, args.image_size, args.skip_bad_images, args.cache,
+                                         draft=not args.full_decode)
     check_one_image_batches(len(train_set), args.batch_size, args.image_size, device, args.sync_bn,
                             f"the {group} classes' training images")
     # Inputs are valid: only now is anything written (by rank 0 alone under torchrun).

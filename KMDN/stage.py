@@ -14,9 +14,10 @@ def open_split(args):
     return split
 
 
-def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=None):
+def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=None, draft=True):
     """Training and test sets of the head or tail classes, labels = model output index;
-    `cache_dir` (--cache) keeps the resized images."""
+    `cache_dir` (--cache) keeps the resized images; `draft=False` (--full-decode) decodes
+    JPEGs in full."""
     train_samples = drop_unreadable(split.samples(group, "train"), skip_bad_images, f"{group} training images")
     listed = split.samples(group, "test")
     test_samples = drop_unreadable(listed, skip_bad_images, f"{group} test images", check=True)
@@ -24,9 +25,9 @@ def group_datasets(split, group, image_size, skip_bad_images=False, cache_dir=No
         problem = "lists no test images" if not listed else "lists only unreadable test images"
         raise UserError(f"{split.annotation_path(group, 'test')} {problem} of the {group} classes: KMDN keeps the "
                         f"epoch of best {group} test accuracy; give some of these classes test images")
-    cache = ResizeCache(cache_dir, image_size) if cache_dir is not None else None
-    train = ImageList(train_samples, build_transform(image_size, train=True), image_size, cache)
-    test = ImageList(test_samples, build_transform(image_size, train=False), image_size, cache)
+    cache = ResizeCache(cache_dir, image_size, draft) if cache_dir is not None else None
+    train = ImageList(train_samples, build_transform(image_size, train=True), image_size, cache, draft=draft)
+    test = ImageList(test_samples, build_transform(image_size, train=False), image_size, cache, draft=draft)
     return train, test
 
 

@@ -104,6 +104,18 @@ def cdtg_inputs(tmp_path):
     return tmp_path
 
 
+def decode_sizes(monkeypatch):
+    """The size each image decode of the data path asks for, as it happens (in this
+    process: --workers 0): the target size in draft mode, None for a full decode."""
+    import tgn.cache
+    import tgn.images
+
+    sizes, decode = [], tgn.images.load_image
+    for module in (tgn.images, tgn.cache):
+        monkeypatch.setattr(module, "load_image", lambda path, size=None: sizes.append(size) or decode(path, size))
+    return sizes
+
+
 def exit_message(capsys, main, argv):
     """The one line a script prints when it refuses its input (exit status 2)."""
     with pytest.raises(SystemExit) as exit_info:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import CDTG.trainer as trainer_module
-from conftest import PALETTE, TAIL_IDS, exit_message, tiny_clip  # the cdtg_inputs fixture lives in conftest
+# the cdtg_inputs fixture lives in conftest
+from conftest import PALETTE, TAIL_IDS, decode_sizes, exit_message, tiny_clip
 from CDTG.checkpoint import checkpoint_steps, load_cdtg_checkpoint
 from CDTG.dataset_split import main as cdtg_split_main
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
@@ -781,6 +782,21 @@ def test_generation_writes_images_under_dataset_class_ids(trained_ckpt, tmp_path
         with Image.open(out / relpath) as image:
             assert image.size == (32, 32) and image.mode == "RGB"
     assert sum(isinstance(model, FeatureResNet) for model in hashed) == 1  # checked and recorded: hashed once
+
+
+def test_full_decode_reaches_training_and_the_generation_of_its_checkpoints(cdtg_inputs, trained_ckpt, tmp_path,
+                                                                            monkeypatch):
+    """CDTG/train.py --full-decode decodes the real images whole; generation decodes them
+    (for the fused features) as the checkpoint's run did, the default run in draft mode."""
+    sizes = decode_sizes(monkeypatch)
+    run = tmp_path / "whole"
+    train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--clip", "none", "--full-decode"))
+    assert len(sizes) >= 8 and set(sizes) == {None}
+    for ckpt, size in ((run / "checkpoint" / "2.pt", None), (trained_ckpt, 32)):
+        sizes.clear()
+        generation_main(["--ckpt", str(ckpt), "--out", str(tmp_path / f"gen-{size}"), "--per-class", "1",
+                         "--device", "cpu"])
+        assert len(sizes) == 16 and set(sizes) == {size}
 
 
 def test_generation_takes_every_seed_the_flag_allows(trained_ckpt, tmp_path):

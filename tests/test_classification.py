@@ -22,7 +22,7 @@ from Classification.report import build_report, read_report, report_csv, report_
 from Classification.samples import path_resolver, training_images
 from Classification.test import main as evaluate_main
 from Classification.train import main as train_main
-from conftest import exit_message, script_accuracies, write_dataset
+from conftest import decode_sizes, exit_message, script_accuracies, write_dataset
 from KMDN.dataset_split import main as split_main
 from tgn.checkpoint import load_checkpoint
 from tgn.data import open_dataset
@@ -612,18 +612,29 @@ def test_full_decode_reads_the_test_jpegs_as_the_official_code_does(trained, tmp
     """Draft mode decodes a JPEG at least twice the input size at a fraction of it (faster,
     pixels a few levels apart); --full-decode decodes every one whole, as the official
     test.py does, for figures comparable image for image."""
-    import tgn.images
-
     data, out, _ = trained
-    decode = tgn.images.load_image
-    sizes = []
-    monkeypatch.setattr(tgn.images, "load_image", lambda path, size=None: sizes.append(size) or decode(path, size))
+    sizes = decode_sizes(monkeypatch)
     common = ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--workers", "0", "--device", "cpu"]
     drafted = evaluate_main([*common, "--out", str(tmp_path / "draft")])
     assert sizes and set(sizes) == {load_checkpoint(out / "best.pth")["options"]["image_size"]}
     sizes.clear()
     whole = evaluate_main([*common, "--out", str(tmp_path / "whole"), "--full-decode"])
     assert len(sizes) == drafted["num_test_images"] == whole["num_test_images"] and set(sizes) == {None}
+
+
+def test_full_decode_trains_on_jpegs_decoded_as_the_official_code_does(tmp_path, monkeypatch, capsys):
+    """train.py --full-decode decodes its training and test JPEGs whole, its --cache keeps
+    them apart from drafted ones, and a --resume takes it as the run was started."""
+    data = write_dataset(tmp_path / "data", {0: 6, 1: 4})
+    sizes = decode_sizes(monkeypatch)
+    common = ["--data-root", str(data), "--out", str(tmp_path / "cls"), "--device", "cpu", *TINY]
+    train_main([*common, "--epochs", "1", "--full-decode", "--cache", str(tmp_path / "cache")])
+    assert len(sizes) >= 10 + 6 and set(sizes) == {None}
+    assert [folder.name for folder in (tmp_path / "cache").iterdir()] == ["16px-full"]
+    sizes.clear()
+    capsys.readouterr()
+    train_main([*common[:4], "--epochs", "2", "--resume", "--workers", "0"])
+    assert "--full-decode" in capsys.readouterr().out and sizes and set(sizes) == {None}
 
 
 def test_a_split_groups_the_classes_of_data_whose_test_list_changed_since(trained, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import exit_message, script_accuracies
+from conftest import decode_sizes, exit_message, script_accuracies
 from KMDN.dataset_split import main as split_main
 from KMDN.Distill import main as distill_main
 from KMDN.distillation import distillation_loss, freeze, make_distill_loss_fn, student_of_epoch
@@ -93,6 +93,19 @@ def test_resume_parses_the_values_it_takes_from_options_json_as_their_flags_do(s
     umodel_main(resume)
     assert "--batch-size 8," in capsys.readouterr().out
     assert len(read_metrics(out / "head" / "metrics.jsonl")) == 2
+
+
+def test_full_decode_reaches_the_head_tail_and_distillation_images(split_dir, tmp_path, monkeypatch):
+    sizes = decode_sizes(monkeypatch)
+    out = tmp_path / "kmdn"
+    for main in (umodel_main, rmodel_main):
+        main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", "--full-decode", *TINY])
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "2", "--distill-interval", "1",
+                  "--full-decode", "--batch-size", "8", "--workers", "0"])
+    assert len(sizes) > 2 * 37 and set(sizes) == {None}  # 37 training and 15 test images, read twice or more
+    sizes.clear()
+    umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "drafted"), "--epochs", "1", *TINY])
+    assert sizes and set(sizes) == {16}
 
 
 def test_resume_alone_keeps_the_runs_length_and_a_given_split_brings_its_dataset(split_dir, tmp_path, capsys):

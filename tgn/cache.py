@@ -31,9 +31,10 @@ CRC_BYTES = 4
 
 
 class ResizeCache:
-    def __init__(self, root, size):
-        self.root = Path(root) / f"{int(size)}px"
-        self.size = int(size)
+    def __init__(self, root, size, draft=True):
+        # Images decoded in full (--full-decode) differ by a few levels: kept apart.
+        self.root = Path(root) / f"{int(size)}px{'' if draft else '-full'}"
+        self.size, self.draft = int(size), draft
         # Shared with forked DataLoader workers (started again every evaluation): one warning
         # in the run, not one per worker and epoch. Spawned ones (macOS, Windows) get a copy
         # (__getstate__); they are kept between epochs, so each says it once at most.
@@ -74,7 +75,8 @@ class ResizeCache:
                         return pixels
         except OSError:
             pass  # missing or unreadable: (re)build it
-        pixels = TF.pil_to_tensor(TF.resize(load_image(path, self.size), [self.size, self.size])).contiguous()
+        image = load_image(path, self.size if self.draft else None)
+        pixels = TF.pil_to_tensor(TF.resize(image, [self.size, self.size])).contiguous()
         tmp = None
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)

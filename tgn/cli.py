@@ -210,6 +210,7 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
     group.add_argument("--milestones", type=non_negative_int, nargs="*", default=OFFICIAL_MILESTONES,
                        help="epochs after which the learning rate is divided by 10 (the flag alone: never)")
     group.add_argument("--image-size", type=positive_int, default=image_size, help=image_size_help)
+    add_full_decode_arg(group)
     speed = parser.add_argument_group("speed and scale")
     add_precision_args(speed, default="auto")
     speed.add_argument("--sync-bn", choices=["auto", "on", "off"], default="auto",
@@ -223,6 +224,14 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
                        help="keep every image resized to --image-size in DIR (written once, read by later epochs "
                             "and runs; about 3 * size^2 bytes per image)")
     return group
+
+
+def add_full_decode_arg(group, purpose=""):
+    """--full-decode, spelled alike by the trainers and test.py (README "What differs")."""
+    group.add_argument("--full-decode", action="store_true",
+                       help="decode JPEGs in full before resizing, as the official code does (by default one at "
+                            "least twice the target size is decoded at 1/2, 1/4 or 1/8 of its size first: faster, "
+                            "pixels a few levels apart)" + purpose)
 
 
 def add_precision_args(group, *, default):
