@@ -332,7 +332,11 @@ def _crop_objects(scene, image, options, entries, skipped):
         if options.in_worker and preparer_gone():  # so is its build: nothing to write into
             os._exit(1)
         try:
-            chip_pixels(scene.crop(box)).save(target, quality=JPEG_QUALITY)
+            chip = chip_pixels(scene.crop(box))
+        except ValueError as exc:
+            raise UserError(f"cannot read image {image.path}: {exc}; convert the scene to 8 or 16 bits") from None
+        try:
+            chip.save(target, quality=JPEG_QUALITY)
         except OSError as exc:
             raise UserError(f"cannot write chip {target}: {exc.strerror or exc}") from exc
         entries.append(Entry(relpath, obj.class_id))
@@ -419,6 +423,39 @@ def check_chips_written(tally, class_names, hint=""):
                       "classes have none")
 
 
+def sixteen_bit_peak(image):
+    """The brightest value, out of 65535, of a 16-bit image; None for other depths. PIL
+    opens 16-bit colour (PNG, TIFF) as 8-bit RGB of each value's high byte, so only the
+    undecoded tile's raw mode tells it was 16-bit."""
+    if image.mode.startswith("I"):
+        return image.getextrema()[1]
+    if image.tile and ";16" in str(image.tile[0][3]):
+        # The colour's high bytes: the 16-bit peak to 1/256. Not alpha's (dropped on loading),
+        # which an opaque image holds at its top.
+        return max(high for band, (_, high) in zip(image.getbands(), image.getextrema()) if band != "A") * 257
+    return None
+
+
+def warn_of_dark_16_bit_images(paths):
+    """16-bit images load scaled from 0..65535 to 0..255 (grey: tgn.data.to_8_bit; colour:
+    PIL keeps the high byte), so data of fewer bits in 16-bit files (a 12-bit sensor's
+    0..4095) loads nearly black: say so before the dataset is built on them."""
+    dark = []
+    for path in tqdm(paths, desc="checking bit depths", unit="image", leave=False, dynamic_ncols=True):
+        try:
+            with Image.open(path) as image:  # reads the header; only 16-bit images are decoded
+                peak = sixteen_bit_peak(image)
+        except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError):
+            continue  # said in one line where it is read for its pixels
+        if peak is not None and peak < 2 ** 14:
+            dark.append((path, peak))
+    if dark:
+        path, peak = dark[0]
+        warnings.warn(f"{len(dark)} 16-bit images use at most 14 of their 16 bits (e.g. {path}, brightest value "
+                      f"{peak}): they are scaled from 0..65535 to 0..255 and load dark (brightest {round(peak / 257)} "
+                      "of 255); scale them to 8 bits before preparing them")
+
+
 def check_classes_annotated(images, class_names, left_out, hint=""):
     """Refuse, before any cropping, a class no training object is labelled with (lists
     that leave out its scenes, a partial download), or none the preparer kept (`left_out`:
@@ -441,6 +478,8 @@ def prepare_chips(args, dataset, class_names, images, inputs, skipped=None, empt
     check_subsets_found(annotated + Counter({subset: sum(tally.skipped[subset].values()) for subset in SUBSETS}),
                         "check --src and the layout its --help describes")
     check_classes_annotated(images, class_names, tally.skipped["train"], empty_class_hint)
+    with scenes_of_any_size():
+        warn_of_dark_16_bit_images([image.path for image in images])
     with building_dataset(args.out, args.overwrite, inputs) as folder:
         make_class_dirs(folder, class_names)
         options = CropOptions(out=folder, context=args.context, min_size=args.min_size)

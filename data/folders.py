@@ -7,10 +7,12 @@ import unicodedata
 import warnings
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
-from data.chips import IMAGE_SUFFIXES, Tally, check_disjoint, is_hidden, make_class_dirs, report, write_dataset
+from data.chips import (
+    IMAGE_SUFFIXES, Tally, check_disjoint, is_hidden, make_class_dirs, report, warn_of_dark_16_bit_images,
+    write_dataset,
+)
 from data.output import building_dataset, check_output
 from tgn.class_names import class_name_key
 from tgn.data import Entry, check_readable
@@ -233,34 +235,6 @@ def place_images(out, sources, link, tally):
             relpath = f"{class_id}/{source.name}"
             place(source, out / subset / relpath, link)
             tally.entries[subset].append(Entry(relpath, class_id))
-
-
-def sixteen_bit_peak(image):
-    """The brightest value, out of 65535, of a 16-bit image; None for other depths. PIL
-    opens 16-bit colour (PNG, TIFF) as 8-bit RGB of each value's high byte, so only the
-    undecoded tile's raw mode tells it was 16-bit."""
-    if image.mode.startswith("I"):
-        return image.getextrema()[1]
-    if image.tile and ";16" in str(image.tile[0][3]):
-        return max(high for _, high in image.getextrema()) * 257  # high bytes: the 16-bit peak to 1/256
-    return None
-
-
-def warn_of_dark_16_bit_images(paths):
-    """16-bit images load scaled from 0..65535 to 0..255 (grey: tgn.data.to_8_bit; colour:
-    PIL keeps the high byte), so data of fewer bits in 16-bit files (a 12-bit sensor's
-    0..4095) loads nearly black: say so before the dataset is built on them."""
-    dark = []
-    for path in tqdm(paths, desc="checking bit depths", unit="image", leave=False, dynamic_ncols=True):
-        with Image.open(path) as image:  # reads the header; only 16-bit images are decoded
-            peak = sixteen_bit_peak(image)
-        if peak is not None and peak < 2 ** 14:
-            dark.append((path, peak))
-    if dark:
-        path, peak = dark[0]
-        warnings.warn(f"{len(dark)} 16-bit images use at most 14 of their 16 bits (e.g. {path}, brightest value "
-                      f"{peak}): they are scaled from 0..65535 to 0..255 and load dark (brightest {round(peak / 257)} "
-                      "of 255); scale them to 8 bits before preparing them")
 
 
 def add_link_argument(parser):

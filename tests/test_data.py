@@ -205,6 +205,25 @@ def test_float_images_are_refused_rather_than_clipped_to_black(tmp_path):
         load_image(path)
 
 
+def test_integer_images_beyond_16_bits_are_refused_rather_than_clipped(tmp_path):
+    """32-bit or signed integers past 0..65535 have no scale to 8 bits (clipped, most of a
+    32-bit image was white and half of a signed one black); within it they load scaled."""
+    import numpy as np
+    from PIL import Image
+
+    from tgn.data import load_image
+
+    for name, low, high in (("counts.tif", 4336, 997111), ("signed.tif", -2000, 2000)):
+        path = tmp_path / name
+        Image.fromarray(np.linspace(low, high, 64).reshape(8, 8).astype(np.int32), mode="I").save(path)
+        with pytest.raises(UserError, match=f"{name}: its integer pixels reach {high if low >= 0 else low}, "
+                                            "outside 0..65535"):
+            load_image(path)
+    path = tmp_path / "twelve-bit.tif"
+    Image.fromarray(np.linspace(0, 4095, 64).reshape(8, 8).astype(np.int32), mode="I").save(path)
+    assert np.asarray(load_image(path)).max() == round(4095 / 257)
+
+
 def test_without_classes_json_classes_are_named_by_id(tmp_path):
     data = write_dataset(tmp_path / "d", {0: 2, 3: 2})
     (data / "classes.json").unlink()

@@ -407,6 +407,16 @@ def test_float_scenes_are_refused_not_cropped_black(dior_src, tmp_path, capsys):
     assert "00003.tif: 32-bit float pixels have no fixed range; convert the scene to 8 or 16 bits" in one_error(capsys)
 
 
+def test_integer_scenes_beyond_16_bits_are_refused_not_clipped(dior_src, tmp_path, capsys):
+    scene = dior_src / "JPEGImages-test" / "00003.jpg"
+    Image.fromarray(np.full((48, 64), 70000, dtype=np.int32), mode="I").save(scene.with_suffix(".tif"))
+    scene.unlink()
+    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out"), "--workers",
+                                         "1"]) == 2
+    assert one_error(capsys).endswith("00003.tif: its integer pixels reach 70000, outside 0..65535, so they have no "
+                                      "fixed scale to 8 bits; convert the scene to 8 or 16 bits")
+
+
 def test_two_scenes_of_one_name_and_size_are_told_apart_by_content(dior_src, tmp_path):
     """Uncompressed scenes of one size have as many bytes: only their content tells a copy."""
     trainval = dior_src / "JPEGImages-trainval"
@@ -766,6 +776,11 @@ def test_16_bit_scenes_give_the_chips_training_would_load(dota_src, tmp_path):
     expected = np.asarray(load_image(scene).convert("L"), dtype=np.float32)[10:25, 10:30]
     assert chip.shape == expected.shape and np.abs(chip - expected).mean() < 1
     assert abs(chip.mean() - 156) < 2
+    pixels //= 16  # a 12-bit sensor's values: the chips would be nearly black
+    Image.fromarray(pixels).save(scene)
+    with pytest.warns(UserWarning, match=r"1 16-bit images use at most 14 of their 16 bits \(e.g. .*P0001.png, "
+                                         r"brightest value 2500\)"):
+        prepare_dota.main(["--src", str(dota_src), "--out", str(out), "--workers", "1", "--overwrite"])
 
 
 # ---------------------------------------------------------------- FGSC-23
@@ -1385,16 +1400,17 @@ def test_16_bit_images_of_fewer_bits_are_warned_of(class_folders, tmp_path):
 
 
 def rgb16_png(path, pixels):
-    """A 16-bit RGB PNG (PIL writes none): (H, W, 3) uint16 pixels."""
+    """A 16-bit RGB PNG (PIL writes none): (H, W, 3) uint16 pixels; (H, W, 4) for RGBA."""
     import struct
     import zlib
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    height, width, _ = pixels.shape
+    height, width, bands = pixels.shape
     rows = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)  # filter 0 per row
-    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+    header = struct.pack(">IIBBBBB", width, height, 16, {3: 2, 4: 6}[bands], 0, 0, 0)  # colour type: RGB, RGBA
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
@@ -1412,6 +1428,14 @@ def test_16_bit_colour_images_of_fewer_bits_are_warned_of(class_folders, tmp_pat
     with pytest.warns(UserWarning, match=r"1 16-bit images use at most 14 of their 16 bits \(e.g. .*twelve.png, "
                                          r".* load dark \(brightest 15 of 255\)"):
         prepare_folders.main([*argv, "--out", str(tmp_path / "twelve")])
+    # With an opaque alpha channel, at 65535 and dropped on loading: the colour is measured.
+    opaque = np.full((10, 12, 1), 65535, dtype=np.uint16)
+    (class_folders / "train/ship/twelve.png").unlink()
+    rgb16_png(class_folders / "train/ship/alpha.png", np.concatenate([(ramp * 4095).astype(np.uint16), opaque], 2))
+    assert np.asarray(load_image(class_folders / "train/ship/alpha.png", 12)).max() == 15
+    with pytest.warns(UserWarning, match=r"1 16-bit images use at most 14 of their 16 bits \(e.g. .*alpha.png, "
+                                         r".* load dark \(brightest 15 of 255\)"):
+        prepare_folders.main([*argv, "--out", str(tmp_path / "alpha")])
 
 
 @pytest.mark.parametrize("subset", ["train", "test"])

@@ -288,7 +288,10 @@ def load_image(path, size=None):
             if size is not None:
                 image.draft("RGB", (size, size))
             if image.mode.startswith("I"):  # 16-bit grey: PIL's convert clips to 255 instead of scaling
-                image = to_8_bit(image)
+                try:
+                    image = to_8_bit(image)
+                except ValueError as exc:
+                    raise UserError(f"cannot read image {path}: {exc}; convert the image to 8 or 16 bits") from None
             elif image.mode == "F":  # no fixed range: PIL's convert would clip 0..1 values to black
                 raise UserError(f"cannot read image {path}: 32-bit float pixels have no fixed range; convert the "
                                 "image to 8 or 16 bits")
@@ -300,9 +303,14 @@ def load_image(path, size=None):
 
 
 def to_8_bit(image):
-    """A 16-bit (or 32-bit integer) grey image scaled to 8 bits: 0..65535 -> 0..255."""
+    """A 16-bit (or 32-bit integer) grey image scaled to 8 bits: 0..65535 -> 0..255. Values
+    outside that range (32-bit or signed integers) have no scale: ValueError."""
     pixels = np.asarray(image, dtype=np.float64)
-    return Image.fromarray(np.clip(np.round(pixels / 257), 0, 255).astype(np.uint8), mode="L")
+    low, high = (pixels.min(), pixels.max()) if pixels.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise ValueError(f"its integer pixels reach {int(low if low < 0 else high)}, outside 0..65535, so they have "
+                         "no fixed scale to 8 bits")
+    return Image.fromarray(np.round(pixels / 257).astype(np.uint8), mode="L")
 
 
 CHECK_CHUNK = 4096  # images queued at once for the decode check
