@@ -398,23 +398,19 @@ def test_a_class_left_without_training_chips_is_refused_before_or_after_cropping
                                         "annotations (left out: difficult (--skip-difficult): 2): every stage")
 
 
-def test_float_scenes_are_refused_not_cropped_black(dior_src, tmp_path, capsys):
+@pytest.mark.parametrize("pixels, problem", [
+    (np.full((48, 64), 0.5, dtype=np.float32), "32-bit float pixels have no fixed range"),
+    (np.full((48, 64), 70000, dtype=np.int32), "its integer pixels reach 70000, outside 0..65535, so they have no fixed "
+                                               "scale to 8 bits"),
+], ids=["float", "beyond 16 bits"])
+def test_scenes_without_a_scale_to_8_bits_are_refused_not_cropped_black_or_white(dior_src, tmp_path, capsys, pixels,
+                                                                                   problem):
     scene = dior_src / "JPEGImages-test" / "00003.jpg"
-    Image.fromarray(np.full((48, 64), 0.5, dtype=np.float32), mode="F").save(scene.with_suffix(".tif"))
+    Image.fromarray(pixels).save(scene.with_suffix(".tif"))
     scene.unlink()
     assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out"), "--workers",
                                          "1"]) == 2
-    assert "00003.tif: 32-bit float pixels have no fixed range; convert the scene to 8 or 16 bits" in one_error(capsys)
-
-
-def test_integer_scenes_beyond_16_bits_are_refused_not_clipped(dior_src, tmp_path, capsys):
-    scene = dior_src / "JPEGImages-test" / "00003.jpg"
-    Image.fromarray(np.full((48, 64), 70000, dtype=np.int32), mode="I").save(scene.with_suffix(".tif"))
-    scene.unlink()
-    assert exit_code(prepare_dior.main, ["--src", str(dior_src), "--out", str(tmp_path / "out"), "--workers",
-                                         "1"]) == 2
-    assert one_error(capsys).endswith("00003.tif: its integer pixels reach 70000, outside 0..65535, so they have no "
-                                      "fixed scale to 8 bits; convert the scene to 8 or 16 bits")
+    assert one_error(capsys).endswith(f"00003.tif: {problem}; convert the scene to 8 or 16 bits")
 
 
 def test_two_scenes_of_one_name_and_size_are_told_apart_by_content(dior_src, tmp_path):
