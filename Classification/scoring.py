@@ -54,7 +54,9 @@ def score_checkpoint(args):
     data_counts = count_per_class(info.entries("train", check_files=False), class_ids)
     train_counts = meta.get("train_counts") or data_counts  # the official result.pth records none
     grouped_by_flags = args.split is not None or args.threshold is not None
-    if list(train_counts) != list(data_counts) and speaks():
+    # What DATA listed when the run started: with --skip-bad-images it trained on fewer (train_counts).
+    listed_counts = meta.get("listed_counts") or train_counts
+    if list(listed_counts) != list(data_counts) and speaks():
         how = "counts them as its run did, grouped by the flags given" if grouped_by_flags else \
             "counts and groups them as its run did"
         print(f"warning: {args.data_root} has other training images per class than {args.ckpt} was trained on; "

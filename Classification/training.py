@@ -63,6 +63,7 @@ def train_classifier(args):
     images = training_images(info, args.extra)
     state = last_state(args.out / "last.pth")
     check_resume(args.out, args, done=epochs_done(state), state=state, may_change=RESUME_MAY_CHANGE)
+    listed_counts = list(images.real_counts)  # as DATA lists them, which test.py compares with
     images = readable_training_images(images, args.skip_bad_images)  # decodes them only with --skip-bad-images
     train_samples = images.samples
     if args.resume and state is not None:  # the images trained on, as the checkpoint counted them
@@ -112,7 +113,7 @@ def train_classifier(args):
     labels = train_images.targets()
     meta = {**checkpoint_meta(model, class_ids, classes.names, images.real_counts, images.generated_counts, method,
                               options),
-            "generated_fingerprint": images.generated_fingerprint}
+            "generated_fingerprint": images.generated_fingerprint, "listed_counts": listed_counts}
     result = fit(model, train_images, test_images, cfg, device, run_dir, meta=meta, resume=args.resume,
                  loss_fn=make_loss(args.loss, labels, len(class_ids)), head=classes.indices(classes.head),
                  tail=classes.indices(classes.tail),

@@ -556,6 +556,11 @@ def test_skipped_bad_images_are_not_counted(tmp_path, capsys):
     assert [row["train_count"] for row in report["classes"]] == [12, 10, 8, 3, 3]
     train_main([*common, "--epochs", "2", "--resume"])  # the same images: resumed
     assert load_checkpoint(tmp_path / "cls" / "last.pth")["epoch"] == 1
+    capsys.readouterr()
+    # DATA unchanged: test.py, which counts what DATA lists, does not take it for other data.
+    evaluate_main(["--data-root", str(data), "--ckpt", str(tmp_path / "cls" / "best.pth"), "--workers", "0",
+                   "--device", "cpu", "--skip-bad-images"])
+    assert "other training images per class" not in capsys.readouterr().err
 
 
 def test_resume_reads_no_pretrained_weights(toy_data, tmp_path):
