@@ -289,8 +289,9 @@ def reasons(skipped):
 @contextmanager
 def scenes_of_any_size():
     """Scenes open past PIL's decompression-bomb guard: DOTA's reach 20000 x 20000 pixels,
-    and they are the public release the user downloaded. Only scenes: a chip or a folder
-    dataset's image keeps the guard, as every stage reading it does."""
+    and they are the public release the user downloaded. Only scenes: a chip past it is
+    skipped (crop_chips), and a folder dataset's image keeps it, as every stage reading
+    them does."""
     limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None
     try:
@@ -302,6 +303,7 @@ def scenes_of_any_size():
 def crop_chips(image, options):
     """Save one chip per object of one scene; return (subset, entries, skipped)."""
     entries, skipped = [], Counter()
+    chip_limit = Image.MAX_IMAGE_PIXELS  # what every stage reading a chip allows
     with scenes_of_any_size():  # PIL checks crops too: an airport's chip may be large
         try:
             scene = Image.open(image.path)
@@ -312,11 +314,11 @@ def crop_chips(image, options):
             if scene.mode == "F":  # PIL's convert would clip 0..1 values to black chips
                 raise UserError(f"cannot read image {image.path}: 32-bit float pixels have no fixed range; convert "
                                 "the scene to 8 or 16 bits")
-            _crop_objects(scene, image, options, entries, skipped)
+            _crop_objects(scene, image, options, entries, skipped, chip_limit)
     return image.subset, entries, skipped
 
 
-def _crop_objects(scene, image, options, entries, skipped):
+def _crop_objects(scene, image, options, entries, skipped, chip_limit=None):
     width, height = scene.size
     for obj in image.objects:
         box = clip_box(obj.box, width, height)
@@ -327,6 +329,9 @@ def _crop_objects(scene, image, options, entries, skipped):
             skipped["smaller than --min-size"] += 1
             continue
         box = clip_box(pad_box(obj.box, options.context), width, height)
+        if chip_limit and (box[2] - box[0]) * (box[3] - box[1]) > chip_limit:  # every stage would refuse it
+            skipped["larger than PIL's image limit"] += 1
+            continue
         relpath = f"{obj.class_id}/{image.image_id}_{obj.index}.jpg"
         target = options.out / image.subset / relpath
         if options.in_worker and preparer_gone():  # so is its build: nothing to write into

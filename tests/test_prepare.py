@@ -174,6 +174,17 @@ def test_dior_min_size_context_and_set_choice(dior_src, tmp_path, capsys):
     assert_chip_is_region(out / "train/0/00001_0.jpg", dior_src / "JPEGImages-trainval/00001.jpg", (0, 3, 24, 21))
 
 
+def test_a_chip_past_pils_image_limit_is_skipped_and_counted_not_written(dior_src, tmp_path, monkeypatch, capsys):
+    """Every stage refuses (or warns at each read of) an image past PIL's limit: a chip that
+    large is left out with the others skipped, not written for them to stop at."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # scenes are 64 x 48: past it, and still cropped
+    out = tmp_path / "out"
+    prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1"])
+    assert "larger than PIL's image limit: 3" in capsys.readouterr().out  # 32 x 32, 30 x 20 and 25 x 20
+    written = {entry.relpath for subset in ("train", "test") for entry in open_dataset(out).entries(subset)}
+    assert "7/00002_0.jpg" not in written and "0/00001_0.jpg" in written  # 16 x 12 is kept
+
+
 def test_dior_parallel_workers_write_the_same_dataset(dior_src, tmp_path):
     for workers in ("1", "2"):
         prepare_dior.main(["--src", str(dior_src), "--out", str(tmp_path / workers), "--workers", workers])
@@ -1347,9 +1358,11 @@ def test_folder_dataset_images_keep_the_pixel_guard_that_training_keeps(class_fo
     argv = ["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5", "--out", str(tmp_path / "out")]
     assert exit_code(prepare_folders.main, argv) == 2
     assert re.search(r"error: cannot read image .*exceeds limit", capsys.readouterr().err)
-    prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "dota"), "--workers", "1"])  # scenes: no guard
+    # Past twice the limit too, scenes are cropped; their chips, within it, written.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    prepare_dota.main(["--src", str(dota_src), "--out", str(tmp_path / "dota"), "--workers", "1"])
     assert len(shown(open_dataset(tmp_path / "dota").entries("train"))) == 3
-    assert Image.MAX_IMAGE_PIXELS == 30
+    assert Image.MAX_IMAGE_PIXELS == 1000
 
 
 def test_names_that_are_not_utf8_are_refused_before_anything_is_written(class_folders, tmp_path, capsys):
