@@ -28,7 +28,7 @@ from tgn.metrics import format_percent
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
 from tgn.resnet import FeatureResNet, load_feature_resnet
 from tgn.resume import check_resume, epochs_done, last_state, take_the_runs_flags, warn_if_unfinished
-from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
+from tgn.run_folder import check_folder_of_runs, check_run_dir, prepare_run_dir, save_options
 from tgn.sampling import epoch_seed
 from tgn.split import check_model_classes
 from tgn.stopping import EpochProgress, stop_between_steps, stop_if_requested
@@ -215,6 +215,7 @@ def resumed_group_model(state, group):
 
 def run_distillation(args):
     """Distill.py: M_H and M_T loaded and checked against the split, then `distill`."""
+    check_folder_of_runs(args.out)
     check_run_dir(args.out / "distill", resume=args.resume, overwrite=args.overwrite, results=RESULTS, args=args)
     take_the_runs_flags(args, args.out / "distill", taken_without={"data_root": {"split"}},
                         checkpoint=args.out / "distill" / "last.pth")

@@ -10,7 +10,7 @@ from tgn.engine import check_one_image_batches, fit, seed_everything
 from tgn.errors import UserError, alike_in_every_process
 from tgn.metrics import format_percent
 from tgn.resume import check_resume, epochs_done, last_state, take_the_runs_flags
-from tgn.run_folder import check_run_dir, prepare_run_dir, save_options
+from tgn.run_folder import check_folder_of_runs, check_run_dir, prepare_run_dir, save_options
 
 
 # What a --resume may change besides how any run goes (tgn.resume): --pretrained, only the
@@ -21,6 +21,7 @@ RESUME_MAY_CHANGE = frozenset({"pretrained"})
 def train_group(args):
     """Writes OUT/<group>/{best,last}.pth, metrics.jsonl and options.json."""
     group = args.group
+    check_folder_of_runs(args.out)
     check_run_dir(args.out / group, resume=args.resume, overwrite=args.overwrite, args=args)
     take_the_runs_flags(args, args.out / group, taken_without={"data_root": {"split"}},
                         checkpoint=args.out / group / "last.pth")

@@ -993,6 +993,16 @@ def test_another_scripts_output_folder_is_refused_as_out(split_dir, toy_data, tm
         assert not (folder / "options.json").exists()
     expect_user_error(capsys, lambda: cdtg_split_main(["--split", str(split_dir), "--out", str(split_dir)]),
                       f"{split_dir} is an output folder of KMDN/dataset_split.py")
+    # KMDN's --out holds its runs (OUT/head, ...): the check is of OUT itself, a run folder included.
+    umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), "--epochs", "1", *TINY])
+    head = tmp_path / "kmdn" / "head"
+    for folder, message in ((split_dir, f"{split_dir} is an output folder of KMDN/dataset_split.py (its split.json)"),
+                            (generated, f"{generated} is an output folder of CDTG/generation.py"),
+                            (head, f"{head} is a run folder of KMDN/UModel.py or RModel.py (its options.json); --out "
+                                   "is the folder that holds the KMDN runs")):
+        for main, flags in ((umodel_main, TINY), (distill_main, ["--batch-size", "8", "--workers", "0"])):
+            expect_user_error(capsys, lambda: main(["--split", str(split_dir), "--out", str(folder), *flags]), message)
+        assert not (folder / "head" / "options.json").exists() and not (folder / "distill").exists()
     split_main(["--data-root", str(toy_data), "--out", str(split_dir), "--overwrite"])  # its own: made again
     # A run an earlier version let share a split's folder still resumes: the folder is its run's.
     mixed = tmp_path / "mixed"

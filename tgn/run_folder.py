@@ -55,6 +55,21 @@ def check_own_run_folder(out_dir, args, writes=None):
     # output, and such a run still resumes.
 
 
+def check_folder_of_runs(out_dir):
+    """Refuse as KMDN's --out, which holds its runs (OUT/head, OUT/tail, OUT/distill) and
+    writes nothing itself, a run folder (an options.json there is another run's, one of
+    KMDN's own given as OUT included) or another script's output."""
+    recorded = Path(out_dir) / "options.json"
+    if recorded.is_file():
+        try:
+            owner = run_folder_owner(read_json(recorded, "options")) or "another program"
+        except UserError:
+            owner = "another run"
+        raise UserError(f"{out_dir} is a run folder of {owner} (its options.json); --out is the folder that holds "
+                        "the KMDN runs (OUT/head, OUT/tail, OUT/distill): choose another --out")
+    check_no_other_output(out_dir)
+
+
 def check_no_other_output(out_dir, writes=None):
     """Refuse a folder holding another script's output (OUTPUT_MARKERS), unless it holds
     this script's own too (`writes`: generation adding to a folder an earlier version let
