@@ -18,7 +18,7 @@ from tgn import distributed as dist
 from tgn.compat import check_compile
 from tgn.data import check_outside_dataset
 from tgn.engine import seed_everything
-from tgn.errors import UserError, alike_in_every_process, speaks
+from tgn.errors import UserError, alike_in_every_process, speaks_for_the_run
 from tgn.io import absolute_path, remove_temp_files
 from tgn.resume import check_resume, last_state, take_the_runs_flags
 from tgn.run_folder import check_own_run_folder, save_options
@@ -204,7 +204,7 @@ def train_cdtg(args):
     # A run with checkpoints to resume continues from them: --init only starts runs.
     init = (starting_weights(args.init, tail, generator, discriminator, g_ema)
             if args.init is not None and not (args.resume and steps) else None)
-    if args.init is not None and init is None and speaks() and "init" in getattr(args, "given", {"init"}):
+    if args.init is not None and init is None and speaks_for_the_run() and "init" in getattr(args, "given", {"init"}):
         print(f"note: --init is not read: the run resumes from {newest_path}")
     clip_model = load_clip(args.clip, device, args.clip_root) if args.lambda_clip > 0 else None
     clip_loss = ClipConsistencyLoss(clip_model, tail.prompts) if clip_model is not None else None

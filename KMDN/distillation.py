@@ -22,7 +22,7 @@ from tgn.compat import grad_scaler
 from tgn.data import check_outside_dataset
 from tgn.engine import (check_one_image_batches, keep_evaluation_workers, make_loader, prepare_model, ran_with,
                         resume_from_last, seed_everything, train_and_test_epoch)
-from tgn.errors import UserError, alike_in_every_process, speaks
+from tgn.errors import UserError, alike_in_every_process, speaks_for_the_run
 from tgn.io import append_jsonl, read_json
 from tgn.metrics import format_percent
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
@@ -240,7 +240,7 @@ def run_distillation(args):
         models = {group: resumed_group_model(state, group) for group in paths}
         given = [f"--{key.replace('_', '-')}" for key in ("head_ckpt", "tail_ckpt")
                  if key in getattr(args, "given", ()) and getattr(args, key)]  # not those taken from the run
-        if given and speaks():
+        if given and speaks_for_the_run():
             print(f"note: {' and '.join(given)} not read: the run resumes from {args.out / 'distill' / 'last.pth'}")
     else:
         models = {group: load_group_model(paths[group], split, group) for group in paths}

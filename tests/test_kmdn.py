@@ -83,11 +83,15 @@ def test_resume_parses_the_values_it_takes_from_options_json_as_their_flags_do(s
     resume = ["--split", str(split_dir), "--out", str(out), "--epochs", "2", "--resume"]
     for key, bad, why in (("batch_size", 0, "0 must be a positive integer"), ("lr", "fast", "'fast' is not a number"),
                           ("arch", "resnet7", "'resnet7' is not one of resnet50, resnet18"),
-                          ("milestones", 30, "not a list")):
+                          ("milestones", 30, "not a list"), ("weight_decay", None, "null, where it takes a value")):
         record.write_text(json.dumps({**options, key: bad}))
         flag = "--" + key.replace("_", "-")
         err = exit_message(capsys, umodel_main, resume)
         assert f"--resume: {record} records {flag} " in err and f"which {flag} refuses ({why})" in err, err
+    # A run older than --full-decode (its options.json has none) decoded in draft mode.
+    record.write_text(json.dumps({key: value for key, value in options.items() if key != "full_decode"}))
+    assert "was started with no --full-decode, this call has --full-decode" in exit_message(
+        capsys, umodel_main, [*resume, "--full-decode"])
     record.write_text(json.dumps({**options, "batch_size": "8"}))
     capsys.readouterr()
     umodel_main(resume)

@@ -150,6 +150,8 @@ def recorded_value(action, value):
             raise ValueError("not true or false")
         return value
     if value is None:  # a flag without a value (or one a run left out: Classification's --split)
+        if action.default is not None:
+            raise ValueError("null, where it takes a value")
         return value
     listed = action.nargs not in (None, "?") or isinstance(action, argparse._AppendAction)
     if isinstance(value, list) != listed:
@@ -166,7 +168,9 @@ def _recorded_item(action, item):
             raise ValueError(f"{item!r} is not text")
     else:
         try:
-            item = action.type(str(item))
+            with warnings.catch_warnings():  # said when the flag was given (--threshold 0.4)
+                warnings.simplefilter("ignore")
+                item = action.type(str(item))
         except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
             raise ValueError(str(exc)) from None
     if action.choices is not None and item not in action.choices:

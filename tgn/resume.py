@@ -47,6 +47,9 @@ def _setting(key, value, repeated=()):
     return f"{_flag(key)} {shlex.quote(str(value))}"
 
 
+# Run-defining flags newer than some runs, as those runs went: an options.json without one.
+ADDED_SINCE = {"full_decode": False}
+
 # How a run uses the machine it runs on: a --resume that leaves them out takes this call's
 # defaults, not the run's (another machine, another GPU).
 MACHINE_FLAGS = frozenset({"resume", "overwrite", "out", "device", "workers", "amp", "channels_last", "compile",
@@ -94,8 +97,8 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
             value = recorded_value(args.flags[key], value)
         except ValueError as exc:
             source = record if record.is_file() else f"the options that {checkpoint} holds"
-            raise UserError(f"--resume: {source} records {_setting(key, value)}, which {_flag(key)} refuses ({exc}); "
-                            "correct it there, or pass --overwrite instead of --resume to start again") from None
+            raise UserError(f"--resume: {source} records {_flag(key)} {json.dumps(value)}, which {_flag(key)} refuses "
+                            f"({exc}); correct it there, or pass --overwrite instead of --resume to start again") from None
         if key in args.paths and value is not None:  # the flag's own form is a Path (or a list of them)
             value = [Path(v) for v in value] if isinstance(value, list) else Path(value)
         setattr(args, key, value)
@@ -135,7 +138,8 @@ def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None,
     # Without options.json (deleted, or lost with a copied folder), the checkpoint's copy of them.
     saved = read_json(options_file, "options") if options_file.is_file() else (state or {}).get("options")
     if isinstance(saved, dict):
-        saved = {**saved, **parsed_record(saved, args)}  # a number recorded as text is that number
+        # A number recorded as text is that number; a flag newer than the run, its old way.
+        saved = {**ADDED_SINCE, **saved, **parsed_record(saved, args)}
         now = json.loads(json.dumps(vars(args), default=str))  # the form options.json holds
         free = HOW_IT_RUNS | PATH_FLAGS | may_change | {length}
         saved_view, now_view = compared(saved, now) if compared else (saved, now)
