@@ -110,8 +110,8 @@ class TailSynthesizer:
         if fusion.config["feature_numel"] != channels * height * width:
             raise UserError(f"--teacher {teacher} gives {channels}x{height}x{width} features at {config['size']} px, "
                             f"the checkpoint's fusion expects {fusion.config['feature_numel']} values")
-        # The real images decoded as training decoded them (--full-decode); in draft mode for the official file.
-        draft = not (checkpoint.get("options") or {}).get("full_decode", False)
+        # The real images decoded as training decoded them: the official code, in full (--full-decode).
+        draft = not (checkpoint.get("official") or (checkpoint.get("options") or {}).get("full_decode", False))
         synth = cls(g_ema, fusion, teacher_model, tail, device, draft=draft, **options)
         synth._teacher_fingerprint = teacher_fingerprint
         synth.sources = {"data": str(Path(data).resolve()), "teacher": str(Path(teacher).resolve())}

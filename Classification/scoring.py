@@ -68,11 +68,12 @@ def score_checkpoint(args):
               file=sys.stderr)
     options = meta.get("options", {})
     groups_from_run(args, options)
-    run_counts = None if grouped_by_flags else dict(zip(class_ids, train_counts))
+    run_counts = None if grouped_by_flags else dict(zip(class_ids, listed_counts))  # a split counts what DATA lists
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
                                grouping_split(args, info, run_counts))
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
-    dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images, draft=not args.full_decode)
+    full_decode = args.full_decode or bool(options.get("full_decode"))  # as its run decoded them
+    dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images, draft=not full_decode)
 
     device = dist.init(args.device)
     dist.make_shared_folder(out_dir)  # from here on this report alone writes there (rank 0 holds it)

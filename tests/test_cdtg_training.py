@@ -1120,7 +1120,7 @@ def test_generation_refuses_other_settings_in_the_same_folder(trained_ckpt, tmp_
 
 
 @pytest.mark.skipif(not can_load_classes(), reason="the official options need torch 2.4 or later (next test)")
-def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path):
+def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path, monkeypatch):
     torch.manual_seed(0)
     g = Generator(32, 16, 2, num_classes=3)  # official widths: the official file records no channel cap
     d = Discriminator(32, 3, label_dim=16)
@@ -1135,9 +1135,11 @@ def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path):
     base = ["--ckpt", str(tmp_path / "200000.pt"), "--out", str(out), "--device", "cpu", "--per-class", "2"]
     with pytest.raises(SystemExit):  # it records neither the tail data nor the teacher
         generation_main(base)
+    sizes = decode_sizes(monkeypatch)
     with pytest.warns(UserWarning, match="no noise-fusion weights"):
         generation_main([*base, "--data", str(cdtg_inputs / "cdtg_data"), "--teacher", str(cdtg_inputs / "M_T.pth")])
     assert len(read_anno(out)) == 6
+    assert len(sizes) == 16 and set(sizes) == {None}  # the real images decoded whole, as the official code did
 
 
 def test_official_checkpoint_on_a_torch_that_cannot_allow_its_options_is_one_line(tmp_path, monkeypatch):

@@ -627,6 +627,24 @@ def test_full_decode_reads_the_test_jpegs_as_the_official_code_does(trained, tmp
     assert len(sizes) == drafted["num_test_images"] == whole["num_test_images"] and set(sizes) == {None}
 
 
+def test_test_py_checks_a_runs_split_against_the_counts_it_listed_not_those_it_skipped(tmp_path, capsys):
+    """A run with --split and --skip-bad-images trained on fewer images than the split
+    counts: scored later on data that grew, its split still groups it (with a warning)."""
+    data = write_dataset(tmp_path / "data", COUNTS)
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    (data / "train" / "3" / "img 1.jpg").write_bytes(b"not an image")
+    train_main(["--data-root", str(data), "--split", str(tmp_path / "split"), "--out", str(tmp_path / "cls"),
+                "--device", "cpu", "--skip-bad-images", "--epochs", "1", *TINY])
+    anno = data / "anno" / "TOY_train.txt"
+    shutil.copy(data / "train" / "4" / "img 0.jpg", data / "train" / "4" / "new.jpg")
+    anno.write_text(anno.read_text() + "4/new.jpg 4\n")
+    capsys.readouterr()
+    report = evaluate_main(["--ckpt", str(tmp_path / "cls" / "best.pth"), "--workers", "0", "--device", "cpu",
+                            "--skip-bad-images"])
+    assert "has other training images per class than" in capsys.readouterr().err
+    assert report["head"] == load_split(tmp_path / "split").head
+
+
 def test_full_decode_trains_on_jpegs_decoded_as_the_official_code_does(tmp_path, monkeypatch, capsys):
     """train.py --full-decode decodes its training and test JPEGs whole, its --cache keeps
     them apart from drafted ones, and a --resume takes it as the run was started."""
@@ -640,6 +658,9 @@ def test_full_decode_trains_on_jpegs_decoded_as_the_official_code_does(tmp_path,
     capsys.readouterr()
     train_main([*common[:4], "--epochs", "2", "--resume", "--workers", "0"])
     assert "--full-decode" in capsys.readouterr().out and sizes and set(sizes) == {None}
+    sizes.clear()
+    evaluate_main(["--ckpt", str(tmp_path / "cls" / "best.pth"), "--workers", "0", "--device", "cpu"])  # as its run
+    assert len(sizes) == 6 and set(sizes) == {None}
 
 
 def test_a_split_groups_the_classes_of_data_whose_test_list_changed_since(trained, tmp_path):
