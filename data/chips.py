@@ -303,7 +303,8 @@ def scenes_of_any_size():
 def crop_chips(image, options):
     """Save one chip per object of one scene; return (subset, entries, skipped)."""
     entries, skipped = [], Counter()
-    chip_limit = Image.MAX_IMAGE_PIXELS  # what every stage reading a chip allows
+    # What every stage reading a chip allows: PIL refuses past twice its limit (and warns past it).
+    chip_limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
     with scenes_of_any_size():  # PIL checks crops too: an airport's chip may be large
         try:
             scene = Image.open(image.path)
@@ -330,7 +331,7 @@ def _crop_objects(scene, image, options, entries, skipped, chip_limit=None):
             continue
         box = clip_box(pad_box(obj.box, options.context), width, height)
         if chip_limit and (box[2] - box[0]) * (box[3] - box[1]) > chip_limit:  # every stage would refuse it
-            skipped["larger than PIL's image limit"] += 1
+            skipped["past twice PIL's image limit"] += 1
             continue
         relpath = f"{obj.class_id}/{image.image_id}_{obj.index}.jpg"
         target = options.out / image.subset / relpath

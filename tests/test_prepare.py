@@ -175,14 +175,14 @@ def test_dior_min_size_context_and_set_choice(dior_src, tmp_path, capsys):
 
 
 def test_a_chip_past_pils_image_limit_is_skipped_and_counted_not_written(dior_src, tmp_path, monkeypatch, capsys):
-    """Every stage refuses (or warns at each read of) an image past PIL's limit: a chip that
-    large is left out with the others skipped, not written for them to stop at."""
+    """Every stage refuses an image past twice PIL's limit: a chip that large is left out
+    with the others skipped, not written for them to stop at."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # scenes are 64 x 48: past it, and still cropped
     out = tmp_path / "out"
     prepare_dior.main(["--src", str(dior_src), "--out", str(out), "--workers", "1"])
-    assert "larger than PIL's image limit: 3" in capsys.readouterr().out  # 32 x 32, 30 x 20 and 25 x 20
+    assert "past twice PIL's image limit: 1" in capsys.readouterr().out  # 32 x 32
     written = {entry.relpath for subset in ("train", "test") for entry in open_dataset(out).entries(subset)}
-    assert "7/00002_0.jpg" not in written and "0/00001_0.jpg" in written  # 16 x 12 is kept
+    assert "7/00002_0.jpg" not in written and "13/00003_0.jpg" in written  # 30 x 20, read with a warning: kept
 
 
 def test_dior_parallel_workers_write_the_same_dataset(dior_src, tmp_path):
