@@ -25,8 +25,8 @@ def build_parser():
     parser = make_parser(__doc__)
     parser.add_argument("folders", nargs="+", metavar="FOLDER", help="generated folders")
     parser.add_argument("--data", type=Path, default=None,
-                        help="tail-class data, CDTG/dataset_split.py output (default: the one the first folder's "
-                             "generation checkpoint records)")
+                        help="tail-class data, CDTG/dataset_split.py output (default: the one the first folder was "
+                             "generated from, as its generation.json, else its checkpoint, records)")
     parser.add_argument("--data-root", type=Path, default=None, help="dataset folder, if moved")
     parser.add_argument("--out", type=output_folder, default=Path("runs/cdtg/evaluation"), help="report folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
@@ -37,7 +37,8 @@ def build_parser():
     metrics.add_argument("--pairs", type=positive_int, default=1000, help="random LPIPS pairs per class and set")
     add_clip_args(metrics, help="CLIP model name, a local file, or 'none'")
     metrics.add_argument("--teacher", default=None,
-                         help="tail model M_T, or 'none' (default: the one the generation checkpoint records)")
+                         help="tail model M_T, or 'none' (default: the one the first folder was generated with, as "
+                              "its generation.json, else its checkpoint, records)")
     runtime = parser.add_argument_group("cost and runtime")
     runtime.add_argument("--max-per-class", type=positive_int, default=1000,
                          help="at most this many images per class and set (a seeded random subset)")

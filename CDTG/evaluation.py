@@ -317,6 +317,8 @@ def resolve_inputs(args):
     elif teacher != "none" and args.teacher is None and not Path(teacher).is_file():
         notes.append(f"M_T accuracy skipped: the recorded teacher {teacher} is not there; pass --teacher.")
         teacher = None
+    for note in notes:  # on the console too: the report's M_T column would be empty without a word
+        warnings.warn(note)
     check_same_tail_data(args.folders, data)
     return data, None if teacher == "none" else teacher, notes
 

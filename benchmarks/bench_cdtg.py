@@ -325,7 +325,7 @@ def main(argv=None):
     parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
                         help="auto: paper on a GPU, tiny on a CPU")
     parser.add_argument("--tiny", action="store_true", help="the same as --config tiny")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=positive_int, default=16,
                         help="timed steps; 16 hold one R1 step and four path-length steps, as training does")
@@ -339,11 +339,13 @@ def main(argv=None):
                         help="JPEG writer threads (generation.py --workers, whose default is this one's)")
     parser.add_argument("--quality", type=jpeg_quality, default=defaults.quality,
                         help="JPEG quality (generation.py --quality, whose default is this one's)")
-    parser.add_argument("--part", choices=["all", "step", "generation"], default="all")
+    parser.add_argument("--part", choices=["all", "step", "generation"], default="all",
+                        help="what to time: the training step, generation, or both")
     parser.add_argument("--cases", nargs="+", metavar="NAME",
                         help="run only these cases, in this order (default: every case of --part; a wrong name "
                              "lists them)")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/cdtg.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/cdtg.jsonl"),
+                        help="JSON-lines file the figures are appended to")
     args = parser.parse_args(argv)
     args.out = appendable_file(args.out)
     device = resolve_device(args.device)

@@ -177,13 +177,13 @@ def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--config", choices=["auto", "paper", "tiny"], default="auto",
                         help="auto: paper on a GPU, tiny on a CPU")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="DataLoader workers (default 8 on GPUs, 2 on CPUs)")
     parser.add_argument("--warmup", type=non_negative_int, default=None,
                         help="untimed in-memory batches first (default 5 on GPUs, 2 on CPUs); DataLoader sources "
                              "warm up with a whole untimed epoch")
-    parser.add_argument("--steps", type=positive_int, default=None, help="timed batches")
+    parser.add_argument("--steps", type=positive_int, default=None, help="timed batches (default 30 on GPUs, 4 on CPUs)")
     parser.add_argument("--trainers", nargs="*", choices=TRAINERS, default=list(TRAINERS),
                         help="trainers to time (KMDN's, Distill's, the classifier's); none: the data path only")
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
@@ -201,7 +201,8 @@ def main(argv=None):
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                         help="on a GPU, the settings each case runs in: fp32 (--amp off) and bf16 (--amp bf16 "
                              "--channels-last on); a CPU runs fp32 only")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench/resnet.jsonl"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/resnet.jsonl"),
+                        help="JSON-lines file the figures are appended to")
     args = parser.parse_args(argv)
     args.out = appendable_file(args.out)
     if not args.trainers and not (args.data_path and any(source != "memory" for source in args.sources)):

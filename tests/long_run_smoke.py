@@ -62,11 +62,11 @@ def check_metrics(out, steps):
 
 def main():
     parser = make_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--save-every", type=int, default=100)
-    parser.add_argument("--work", type=Path, default=Path("runs/smoke"))
+    parser.add_argument("--steps", type=int, default=3000, help="CDTG steps of each run")
+    parser.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    parser.add_argument("--work", type=Path, default=Path("runs/smoke"), help="folder of the data and both runs")
     parser.add_argument("--kill-after", type=float, nargs=2, default=(5.0, 25.0), help="seconds between kills")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the runs and of the kill times")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     prepare(args.work)

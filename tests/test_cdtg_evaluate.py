@@ -305,7 +305,8 @@ def test_evaluate_without_teacher_notes_it_and_refuses_a_foreign_folder(evaluati
     common = ["--data", str(root / "cdtg_data"), "--clip", "none", "--lpips", "none", "--inception", "none",
               "--device", "cpu", "--workers", "0", "--out", str(root / "evaluation")]
     (root / "gen_shifted" / "generation.json").unlink()  # nothing recorded: no teacher
-    evaluation = evaluate_script.main([str(root / "gen_shifted"), *common])
+    with pytest.warns(UserWarning, match="M_T accuracy skipped: no --teacher"):
+        evaluation = evaluate_script.main([str(root / "gen_shifted"), *common])
     assert evaluation["folders"][0]["label"] == "gen_shifted" and evaluation["teacher"] is None
     assert any("M_T accuracy skipped" in note for note in evaluation["notes"])
     assert evaluation["folders"][0]["overall"]["fid"] is None
