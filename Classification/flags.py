@@ -30,7 +30,8 @@ def add_report_args(parser, from_run=False):
     group.add_argument("--name", default=None,
                        help="method name in the report and comparison table (default: train.py names the method "
                             "from its flags, e.g. 'TGN', 're-sampling', 'baseline'; test.py takes the checkpoint's)")
+    baseline_default = " (default: the one the checkpoint's run drew, if any)" if from_run else ""
     group.add_argument("--baseline-report", type=Path, default=None,
                        help="report.json (or its folder) of the baseline: its accuracy line joins long_tail.png "
-                            "('none': without one, where a resumed run recorded one)")
+                            f"('none': without one, where a resumed run or a checkpoint recorded one){baseline_default}")
     return group

@@ -15,7 +15,7 @@ from tgn.cli import HEAD_PERCENT
 from tgn.compat import check_amp
 from tgn.data import check_outside_dataset, open_dataset
 from tgn.engine import resolve_precision
-from tgn.errors import speaks
+from tgn.errors import UserError, speaks
 from tgn.run_folder import check_run_dir
 
 
@@ -31,6 +31,23 @@ def groups_from_run(args, options):
     if options.get("split") and speaks():  # before the processes join: once per node
         print(f"warning: the split the checkpoint's run used, {options['split']}, is not found; head/tail from "
               f"DATA's training counts with --threshold {args.threshold:g} (pass --split)", file=sys.stderr)
+
+
+def run_baseline(args, options, info, class_ids):
+    """Without --baseline-report, the one the checkpoint's run drew in its long_tail.png, so
+    that the report is the one the run wrote (report-best/); passed over, with a warning,
+    when it is gone or no longer fits DATA."""
+    recorded = options.get("baseline_report")
+    if not recorded or "baseline_report" in getattr(args, "given", ()):  # given: 'none' leaves it out
+        return None
+    args.baseline_report = Path(recorded)
+    try:
+        return read_baseline(args, info, class_ids)
+    except UserError as exc:
+        if speaks():
+            print(f"warning: the baseline report the checkpoint's run drew is passed over: {exc}", file=sys.stderr)
+        args.baseline_report = None
+        return None
 
 
 def score_checkpoint(args):
@@ -68,6 +85,8 @@ def score_checkpoint(args):
               file=sys.stderr)
     options = meta.get("options", {})
     groups_from_run(args, options)
+    if baseline is None and args.baseline_report is None:
+        baseline = run_baseline(args, options, info, class_ids)
     run_counts = None if grouped_by_flags else dict(zip(class_ids, listed_counts))  # a split counts what DATA lists
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
                                grouping_split(args, info, run_counts))

@@ -694,6 +694,29 @@ def test_a_resume_leaves_a_recorded_baseline_report_out_with_none(trained, tmp_p
     assert len((tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_test_py_draws_the_baseline_the_checkpoints_run_drew(trained, tmp_path, monkeypatch, capsys):
+    """report-best/ is what test.py --ckpt best.pth writes: its long_tail.png too, with the
+    baseline line the run recorded; 'none' leaves it out, and one gone is passed over."""
+    import Classification.scoring
+
+    data, out, _ = trained
+    shutil.copytree(out / "report-best", tmp_path / "baseline")
+    train_main(["--data-root", str(data), "--device", "cpu", *TINY, "--out", str(tmp_path / "cls"), "--epochs", "1",
+                "--baseline-report", str(tmp_path / "baseline")])
+    drawn, real = [], Classification.scoring.report_and_figures
+    monkeypatch.setattr(Classification.scoring, "report_and_figures",
+                        lambda *args, **kwargs: drawn.append(kwargs["baseline"]) or real(*args, **kwargs))
+    common = ["--ckpt", str(tmp_path / "cls" / "best.pth"), "--workers", "0", "--device", "cpu", "--overwrite"]
+    evaluate_main(common)
+    evaluate_main([*common, "--baseline-report", "none"])
+    shutil.rmtree(tmp_path / "baseline")
+    capsys.readouterr()
+    evaluate_main(common)
+    assert "warning: the baseline report the checkpoint's run drew is passed over" in capsys.readouterr().err
+    assert drawn[0]["overall_accuracy"] == read_report(out / "report-best")["overall_accuracy"]
+    assert drawn[1:] == [None, None]
+
+
 def test_a_baseline_report_of_other_data_is_refused_before_any_work(trained, tmp_path, capsys):
     data, out, _ = trained
     other = json.loads((out / "report-best" / "report.json").read_text())
