@@ -11,6 +11,7 @@ variable and flags that make every stage read these files instead of the network
     OUT/torch/hub/checkpoints/<torchvision files>   TORCH_HOME=OUT/torch
     OUT/clip/ViT-B-32.pt                            --clip OUT/clip/ViT-B-32.pt
 """
+import http.client
 import os
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from tqdm import tqdm  # noqa: E402
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import FILE_MODE, file_sha256, make_folder, remove_temp_files  # noqa: E402
+from tgn.runlock import one_at_a_time  # noqa: E402
 
 TORCH_CHECKPOINTS = "torch/hub/checkpoints"  # torch.hub's cache layout under TORCH_HOME
 CLIP_FOLDER = "clip"
@@ -84,7 +86,15 @@ def download(url, target):
 
 
 def fetch(weight, out_dir):
-    """Place one file under out_dir; returns its path and 'present' or 'downloaded'."""
+    """Place one file under out_dir; returns its path and 'present' or 'downloaded'. One run
+    at a time per out_dir: another would take this one's file being written for what a killed
+    run left, and remove it; it waits, then finds the file there."""
+    make_folder(out_dir)
+    with one_at_a_time(Path(out_dir) / ".fetch_weights.lock"):
+        return _fetch(weight, out_dir)
+
+
+def _fetch(weight, out_dir):
     target = Path(out_dir) / weight.folder / weight.file_name
     if target.is_file() and file_sha256(target).startswith(weight.sha256):
         return target, "present"
@@ -101,7 +111,7 @@ def fetch(weight, out_dir):
             pass
         try:
             received, announced = download(weight.url, tmp)
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:  # IncompleteRead: a chunked reply cut short
             raise UserError(f"cannot download {weight.url}: {exc}") from exc
         if announced is not None and received < announced:
             raise UserError(f"cannot download {weight.url}: the connection ended after {received} of {announced} "

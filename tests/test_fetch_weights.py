@@ -137,3 +137,45 @@ def test_files_are_readable_as_open_makes_them_and_what_a_killed_run_left_goes(l
         fetch_weights.main(["--out", str(out), "--only", "resnet50"])
     assert "the connection ended after 5 of 10 bytes; run again" in capsys.readouterr().err
     assert not list(blocked.parent.iterdir())
+
+
+def test_a_chunked_reply_cut_short_is_one_line(local_table, tmp_path, monkeypatch, capsys):
+    """A reply without Content-Length that ends early raises http.client.IncompleteRead,
+    which is no OSError."""
+    import http.client
+
+    def cut_short(url, tmp):
+        raise http.client.IncompleteRead(b"0123456789abcdef")
+
+    monkeypatch.setattr(fetch_weights, "download", cut_short)
+    with pytest.raises(SystemExit) as exit_info:
+        fetch_weights.main(["--out", str(tmp_path / "weights"), "--only", "resnet50"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: cannot download ") and len(err.splitlines()) == 1
+
+
+def test_a_second_run_into_the_same_folder_waits_instead_of_removing_the_firsts_file(local_table, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Each run removes the temp files a killed run left: a second run at once took the
+    first's file being written for one, and the first stopped in a traceback."""
+    import multiprocessing
+    import time
+
+    real_download = fetch_weights.download
+
+    def slow_download(url, tmp):
+        time.sleep(1.5)  # the second run starts meanwhile
+        return real_download(url, tmp)
+
+    monkeypatch.setattr(fetch_weights, "download", slow_download)
+    out = tmp_path / "weights"
+    first = multiprocessing.get_context("fork").Process(target=fetch_weights.main,
+                                                        args=(["--out", str(out), "--only", "clip-vit-b32"],))
+    first.start()
+    deadline = time.time() + 30
+    while not list((out / "clip").glob(".*.tmp")) and time.time() < deadline:  # the first is downloading
+        time.sleep(0.05)
+    fetch_weights.main(["--out", str(out), "--only", "clip-vit-b32"])
+    first.join(30)
+    assert first.exitcode == 0
+    assert "present" in capsys.readouterr().out  # the first's file, found once it was there
