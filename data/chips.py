@@ -422,9 +422,12 @@ def check_chips_written(tally, class_names, hint=""):
         why = f" (skipped objects of every class: {reasons(skipped)})" if skipped else ""
         raise UserError(f"class {untrained[0]} ({class_names[untrained[0]]}) has no training chips{why}: every "
                         f"stage needs training images of each class{hint}; --out is left as it was")
-    untested = [cid for cid in sorted(class_names) if not counts["test"][cid]]
+    warn_of_untested_classes([cid for cid in sorted(class_names) if not counts["test"][cid]], class_names)
+
+
+def warn_of_untested_classes(untested, class_names, what="test chips"):
     if untested:
-        warnings.warn(f"{len(untested)} of {len(class_names)} classes have no test chips, e.g. {untested[0]} "
+        warnings.warn(f"{len(untested)} of {len(class_names)} classes have no {what}, e.g. {untested[0]} "
                       f"({class_names[untested[0]]}): their accuracy is n/a, and KMDN stops if all head or all tail "
                       "classes have none")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data.chips import existing_dir  # noqa: E402
+from data.chips import existing_dir, warn_of_untested_classes  # noqa: E402
 from data.folders import (add_link_argument, check_not_training_images, list_class_images,  # noqa: E402
                           prepare_folder_dataset)
 from data.output import add_output_arguments  # noqa: E402
@@ -26,7 +26,8 @@ DATASET = "FGSC23"
 
 def parse_args(argv):
     parser = make_parser(__doc__)
-    parser.add_argument("--src", type=Path, required=True, help="the unpacked FGSC-23 release")
+    parser.add_argument("--src", type=Path, default=None,
+                        help="the unpacked FGSC-23 release (not needed with --train-dir and --test-dir)")
     parser.add_argument("--train-dir", type=Path, default=None, help="training class folders (if unset: SRC/train)")
     parser.add_argument("--test-dir", type=Path, default=None, help="test class folders (if unset: SRC/test)")
     parser.add_argument("--class-map", type=Path, default=None,
@@ -64,7 +65,10 @@ def list_images(subset_dir, class_ids, flag, mapped):
 @cli_main
 def main(argv=None):
     args = parse_args(argv)
-    existing_dir(args.src, "--src")
+    if args.src is None and (args.train_dir is None or args.test_dir is None):
+        raise UserError("pass --src, the unpacked FGSC-23 release (or both --train-dir and --test-dir)")
+    if args.src is not None:
+        existing_dir(args.src, "--src")
     subset_dirs = {
         "train": existing_dir(args.train_dir or args.src / "train", "--train-dir"),
         "test": existing_dir(args.test_dir or args.src / "test", "--test-dir"),
@@ -81,7 +85,10 @@ def main(argv=None):
         where = f"its folder {folders[0]} is missing or empty" if folders else "no folder of --class-map maps to it"
         raise UserError(f"--train-dir {subset_dirs['train']}: class {missing[0]} ({class_names[missing[0]]}) has no "
                         f"training images ({where})")
-    prepare_folder_dataset(args, DATASET, class_names, sources, inputs=[args.src, *subset_dirs.values()])
+    tested = {cid for _, cid in sources["test"]}
+    warn_of_untested_classes([cid for cid in class_names if cid not in tested], class_names, "test images")
+    inputs = [folder for folder in (args.src, *subset_dirs.values()) if folder is not None]
+    prepare_folder_dataset(args, DATASET, class_names, sources, inputs=inputs)
 
 
 if __name__ == "__main__":

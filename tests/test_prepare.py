@@ -823,6 +823,18 @@ def test_fgsc_maps_class_folders(fgsc_src, tmp_path, link):
     assert os.path.samefile(placed, source) == (link in ("hard", "symlink"))
 
 
+def test_fgsc_warns_of_classes_without_test_images_and_takes_both_dirs_without_src(fgsc_src, tmp_path, capsys):
+    """As the other preparers: a class without test images is said (its accuracy is n/a);
+    --train-dir and --test-dir need no --src, which was required and then counted as an
+    input --out must not be inside."""
+    with pytest.warns(UserWarning, match=r"22 of 23 classes have no test images, e\.g\. 0 \(non-ship\)"):
+        prepare_fgsc23.main(["--train-dir", str(fgsc_src / "train"), "--test-dir", str(fgsc_src / "test"),
+                             "--out", str(tmp_path / "out")])
+    assert len(open_dataset(tmp_path / "out").entries("test")) == 1
+    assert exit_code(prepare_fgsc23.main, ["--train-dir", str(fgsc_src / "train"), "--out", str(tmp_path / "o")]) == 2
+    assert one_error(capsys) == "error: pass --src, the unpacked FGSC-23 release (or both --train-dir and --test-dir)"
+
+
 def test_fgsc_folder_names_need_a_class_map(fgsc_src, tmp_path, capsys):
     (fgsc_src / "train/5").rename(fgsc_src / "train/frigate")
     out = tmp_path / "out"
