@@ -683,6 +683,19 @@ def test_dota_bad_line_and_overwrite_onto_the_source_are_refused(dota_src, tmp_p
     assert "P0002.txt:6" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("line, hint", [
+    ("10 10 30 10 30 25 plane 0", ""),  # three corners
+    ("10 10 30 10 30 25 10 25 storage tank 0", " (a class name with spaces? DOTA writes them with hyphens: "
+                                               "large-vehicle)"),
+])
+def test_dota_a_malformed_label_line_is_named_with_its_file_and_line(dota_src, tmp_path, capsys, line, hint):
+    label = dota_src / "train/labelTxt/P0001.txt"
+    label.write_text(label.read_text() + line + "\n")
+    assert exit_code(prepare_dota.main, ["--src", str(dota_src), "--out", str(tmp_path / "out")]) == 2
+    assert one_error(capsys) == (f"error: {label}:6: expected 'x1 y1 x2 y2 x3 y3 x4 y4 class difficult', got "
+                                 f"{line!r}{hint}")
+
+
 @pytest.mark.parametrize("train_splits, test_splits, message", [
     ("train,val", "./val", "--train-splits val and --test-splits ./val are one folder"),
     ("train,val", "val_link", "--train-splits val and --test-splits val_link are one folder"),
