@@ -69,7 +69,8 @@ def parse_label_file(path, lookup, skip_difficult, skipped, skip_classes=frozens
             difficult = len(fields) == 10 and int(fields[9]) != 0
         except ValueError:
             expected = "'x1 y1 x2 y2 x3 y3 x4 y4 class difficult'"
-            hint = " (a class name with spaces? DOTA writes them with hyphens: large-vehicle)" if len(fields) > 10 else ""
+            spaced = len(fields) > 10
+            hint = " (a class name with spaces? DOTA writes them with hyphens: large-vehicle)" if spaced else ""
             raise UserError(f"{path}:{number}: expected {expected}, got {line!r}{hint}") from None
         if class_name_key(fields[8]) in skip_classes:
             skipped[SKIPPED_CLASS.format(fields[8])] += 1

@@ -411,8 +411,8 @@ def test_a_class_left_without_training_chips_is_refused_before_or_after_cropping
 
 @pytest.mark.parametrize("pixels, problem", [
     (np.full((48, 64), 0.5, dtype=np.float32), "32-bit float pixels have no fixed range"),
-    (np.full((48, 64), 70000, dtype=np.int32), "its integer pixels reach 70000, outside 0..65535, so they have no fixed "
-                                               "scale to 8 bits"),
+    (np.full((48, 64), 70000, dtype=np.int32),
+     "its integer pixels reach 70000, outside 0..65535, so they have no fixed scale to 8 bits"),
 ], ids=["float", "beyond 16 bits"])
 def test_scenes_without_a_scale_to_8_bits_are_refused_not_cropped_black_or_white(dior_src, tmp_path, capsys, pixels,
                                                                                    problem):
