@@ -33,5 +33,6 @@ def add_report_args(parser, from_run=False):
     baseline_default = " (default: the one the checkpoint's run drew, if any)" if from_run else ""
     group.add_argument("--baseline-report", type=Path, default=None,
                        help="report.json (or its folder) of the baseline: its accuracy line joins long_tail.png "
-                            f"('none': without one, where a resumed run or a checkpoint recorded one){baseline_default}")
+                            "('none': without one, where a resumed run or a checkpoint recorded one)"
+                            + baseline_default)
     return group

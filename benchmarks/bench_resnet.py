@@ -183,7 +183,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=non_negative_int, default=None,
                         help="untimed in-memory batches first (default 5 on GPUs, 2 on CPUs); DataLoader sources "
                              "warm up with a whole untimed epoch")
-    parser.add_argument("--steps", type=positive_int, default=None, help="timed batches (default 30 on GPUs, 4 on CPUs)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="timed batches (default 30 on GPUs, 4 on CPUs)")
     parser.add_argument("--trainers", nargs="*", choices=TRAINERS, default=list(TRAINERS),
                         help="trainers to time (KMDN's, Distill's, the classifier's); none: the data path only")
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),

@@ -64,7 +64,8 @@ def build_parser():
     parser.add_argument("--out", type=output_folder, default=Path("demo-run"), help="folder for the data and every run")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     parser.add_argument("--workers", type=non_negative_int, default=0, help="DataLoader workers of every stage")
-    parser.add_argument("--epochs", type=positive_int, default=12, help="epochs of the head, tail and classifier trainings (distillation runs 6: two roles of 3)")
+    parser.add_argument("--epochs", type=positive_int, default=12,
+                        help="epochs of the head, tail and classifier trainings (distillation runs 6: two roles of 3)")
     parser.add_argument("--gan-steps", type=positive_int, default=500, help="CDTG training steps")
     parser.add_argument("--per-class", type=positive_int, default=100, help="generated images per tail class")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo run in --out")
