@@ -133,12 +133,12 @@ def first_image_size(folders, generated):
     return size
 
 
-def load_groups(groups, size, batch_size, workers, generated_from):
+def load_groups(groups, size, batch_size, workers, generated_from, draft=True):
     """Yields each group's images, uint8 [N, 3, size, size], in the order of `groups`, a list
     of (description, paths). One DataLoader reads them all, so its workers start once: under
     spawn (macOS, Windows) each start costs seconds, and a loader per class and folder made an
     evaluation of 3 classes 5x slower. Groups from index `generated_from` on hold generated
-    images (an unreadable one is written again, not skipped)."""
+    images (an unreadable one is written again, not skipped); `draft=False` decodes JPEGs whole."""
     samples, batches, counts = [], [], []
     for number, (_, paths) in enumerate(groups):
         start = len(samples)
@@ -148,7 +148,7 @@ def load_groups(groups, size, batch_size, workers, generated_from):
         batches += group_batches
         counts.append(len(group_batches))
     dataset = ImageList(samples, transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()]),
-                        size, generated_from=sum(len(paths) for _, paths in groups[:generated_from]))
+                        size, generated_from=sum(len(paths) for _, paths in groups[:generated_from]), draft=draft)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          worker_init_fn=leave_signals_to_the_trainer)
     with tqdm(loader, total=len(batches), dynamic_ncols=True, leave=False) as progress:
@@ -281,7 +281,8 @@ def scored_size(folders, generated, size, lpips):
 def evaluate_folders(folders, generated, tail, evaluator, *, max_per_class, size, seed=0, workers=0,
                      skip_bad_images=False):
     """Per folder (its `generated` paths): a row per tail class and an overall row; the
-    sample-sheet images. Every image is resized to `size`."""
+    sample-sheet images. Every image is resized to `size`; the real ones decoded as the first
+    folder's generation decoded them (its checkpoint's run: --full-decode, or draft mode)."""
     labels = folder_labels(folders)
     real = real_paths(tail, skip_bad_images)
     groups = [(f"real {cid} ({name})", subsample(real[cid], max_per_class, np.random.default_rng([seed, cid])))
@@ -289,7 +290,8 @@ def evaluate_folders(folders, generated, tail, evaluator, *, max_per_class, size
     for folder_label, paths_of in zip(labels, generated):
         groups += [(f"{folder_label}: {cid}", subsample(paths_of[cid], max_per_class,
                                                         np.random.default_rng([seed, cid]))) for cid in tail.ids]
-    loaded = load_groups(groups, size, evaluator.batch_size, workers, generated_from=len(tail.ids))
+    draft = read_generation_settings(folders[0]).get("decode", "draft") != "full"
+    loaded = load_groups(groups, size, evaluator.batch_size, workers, generated_from=len(tail.ids), draft=draft)
     real_sets = {cid: evaluator.score(next(loaded), label, [seed, cid]) for label, cid in enumerate(tail.ids)}
     sheets = {REAL: {cid: scores.sheet for cid, scores in real_sets.items()}}
     results = []

@@ -189,9 +189,11 @@ def check_settings(out_dir, settings, overwrite):
                         "folder or one it wrote: choose another --out")
     if path.is_file() and not overwrite:
         previous = read_generation_settings(out_dir)
-        # Folders written by earlier versions: fp32, JPEG quality 95, and a truncation centre
-        # over noise alone (the same images as now when --truncation is 1).
+        # Folders written by earlier versions: fp32, JPEG quality 95, a truncation centre over
+        # noise alone (the same images as now when --truncation is 1), and the real images'
+        # JPEGs decoded in draft mode (the official checkpoint's too: now whole, as its run's).
         previous.setdefault("amp", "off")
+        previous.setdefault("decode", "draft")
         previous.setdefault("quality", 95)
         previous.setdefault("truncation_centre", TRUNCATION_CENTRE if previous.get("truncation", 1.0) == 1.0
                             else "noise only")
@@ -309,7 +311,8 @@ def generate(args):
     # Each image fuses the feature of one of its class's real images, drawn by position:
     # the same count of real images, and the same weights, give the same images.
     settings = {"ckpt": str(args.ckpt.resolve()), "r": args.r, "truncation": args.truncation, "seed": args.seed,
-                "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE, **synth.sources,
+                "amp": args.amp, "quality": args.quality, "truncation_centre": TRUNCATION_CENTRE,
+                "decode": "draft" if synth.draft else "full", **synth.sources,
                 "weights": synth.weights_fingerprint(), "real_images": synth.real_counts(synth.tail.ids),
                 "real_features": synth.real_features_fingerprint(),
                 # Classification/train.py --extra checks them against the dataset it trains on.

@@ -59,6 +59,7 @@ class TailSynthesizer:
         self.g_ema.set_fused_modconv(modconv == "fused")
         self.size, self.latent_dim = g_ema.size, g_ema.style_dim
         self.dataset = tail_image_dataset(tail, self.size, skip_bad_images, draft)
+        self.draft = draft
         self._projected, self._mean_latent = {}, {}
         self._teacher_fingerprint = None  # hashed once: a ResNet-50 is about 100 MB
         self.sources = {}  # the tail data and teacher files, set by from_checkpoint

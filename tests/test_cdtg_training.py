@@ -792,11 +792,19 @@ def test_full_decode_reaches_training_and_the_generation_of_its_checkpoints(cdtg
     run = tmp_path / "whole"
     train_main(tiny_train_args(cdtg_inputs, run, "--iter", "2", "--clip", "none", "--full-decode"))
     assert len(sizes) >= 8 and set(sizes) == {None}
+    from CDTG.evaluate import main as evaluate_main
+
     for ckpt, size in ((run / "checkpoint" / "2.pt", None), (trained_ckpt, 32)):
         sizes.clear()
         generation_main(["--ckpt", str(ckpt), "--out", str(tmp_path / f"gen-{size}"), "--per-class", "1",
                          "--device", "cpu"])
         assert len(sizes) == 16 and set(sizes) == {size}
+        settings = json.loads((tmp_path / f"gen-{size}" / "generation.json").read_text())
+        assert settings["decode"] == ("full" if size is None else "draft")
+        sizes.clear()  # evaluate.py decodes the real images as the folder's generation did
+        evaluate_main([str(tmp_path / f"gen-{size}"), "--clip", "none", "--lpips", "none", "--inception", "none",
+                       "--teacher", "none", "--device", "cpu", "--workers", "0", "--out", str(tmp_path / f"ev-{size}")])
+        assert len(sizes) == 16 + 3 and set(sizes) == {size}
 
 
 def test_generation_takes_every_seed_the_flag_allows(trained_ckpt, tmp_path):
@@ -1120,7 +1128,7 @@ def test_generation_refuses_other_settings_in_the_same_folder(trained_ckpt, tmp_
 
 
 @pytest.mark.skipif(not can_load_classes(), reason="the official options need torch 2.4 or later (next test)")
-def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path, monkeypatch):
+def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     g = Generator(32, 16, 2, num_classes=3)  # official widths: the official file records no channel cap
     d = Discriminator(32, 3, label_dim=16)
@@ -1136,10 +1144,18 @@ def test_official_checkpoint_loads_and_generates(cdtg_inputs, tmp_path, monkeypa
     with pytest.raises(SystemExit):  # it records neither the tail data nor the teacher
         generation_main(base)
     sizes = decode_sizes(monkeypatch)
+    inputs = ["--data", str(cdtg_inputs / "cdtg_data"), "--teacher", str(cdtg_inputs / "M_T.pth")]
     with pytest.warns(UserWarning, match="no noise-fusion weights"):
-        generation_main([*base, "--data", str(cdtg_inputs / "cdtg_data"), "--teacher", str(cdtg_inputs / "M_T.pth")])
+        generation_main([*base, *inputs])
     assert len(read_anno(out)) == 6
     assert len(sizes) == 16 and set(sizes) == {None}  # the real images decoded whole, as the official code did
+    # A folder an earlier version generated from it decoded them in draft mode: not mixed.
+    settings = json.loads((out / "generation.json").read_text())
+    del settings["decode"]
+    (out / "generation.json").write_text(json.dumps(settings))
+    capsys.readouterr()
+    assert "holds images generated with other settings (decode)" in exit_message(
+        capsys, generation_main, [*base[:-1], "4", *inputs])
 
 
 def test_official_checkpoint_on_a_torch_that_cannot_allow_its_options_is_one_line(tmp_path, monkeypatch):
