@@ -1003,6 +1003,12 @@ def test_another_scripts_output_folder_is_refused_as_out(split_dir, toy_data, tm
         for main, flags in ((umodel_main, TINY), (distill_main, ["--batch-size", "8", "--workers", "0"])):
             expect_user_error(capsys, lambda: main(["--split", str(split_dir), "--out", str(folder), *flags]), message)
         assert not (folder / "head" / "options.json").exists() and not (folder / "distill").exists()
+    # KMDN runs an earlier version let share a split's folder still resume.
+    shared = tmp_path / "shared"
+    shutil.copytree(split_dir, shared)
+    shutil.copytree(head, shared / "head")
+    umodel_main(["--split", str(shared), "--out", str(shared), "--epochs", "2", "--resume", "--workers", "0"])
+    assert len((shared / "head" / "metrics.jsonl").read_text().splitlines()) == 2
     split_main(["--data-root", str(toy_data), "--out", str(split_dir), "--overwrite"])  # its own: made again
     # A run an earlier version let share a split's folder still resumes: the folder is its run's.
     mixed = tmp_path / "mixed"

@@ -59,6 +59,8 @@ def check_folder_of_runs(out_dir):
     """Refuse as KMDN's --out, which holds its runs (OUT/head, OUT/tail, OUT/distill) and
     writes nothing itself, a run folder (an options.json there is another run's, one of
     KMDN's own given as OUT included) or another script's output."""
+    if any((Path(out_dir) / run / "options.json").is_file() for run in ("head", "tail", "distill")):
+        return  # KMDN's runs are there already (earlier versions let them share a folder): they go on
     recorded = Path(out_dir) / "options.json"
     if recorded.is_file():
         try:
