@@ -82,13 +82,17 @@ def generated_class_names(folder):
 # What a generated folder's images are, as generation.json records it (not where the
 # checkpoint, tail data or folder lie: a folder may move).
 GENERATION_IDENTITY = ("weights", "real_features", "real_images", "r", "truncation", "truncation_centre", "seed",
-                       "amp", "quality")
+                       "amp", "quality", "decode")
+# Their values of folders made before they were recorded: left out, so that such a folder
+# made again alike keeps its fingerprint.
+IDENTITY_BEFORE = {"decode": "draft"}
 
 
 def generated_identity(folder, entries):
     """A folder's generation settings that decide its images, and the images it lists."""
     settings = read_generation_settings(folder)
-    return {"settings": {key: settings[key] for key in GENERATION_IDENTITY if key in settings},
+    return {"settings": {key: settings[key] for key in GENERATION_IDENTITY
+                         if key in settings and not (key in IDENTITY_BEFORE and settings[key] == IDENTITY_BEFORE[key])},
             "images": sorted(entry.relpath for entry in entries)}
 
 

@@ -186,6 +186,14 @@ def test_the_generated_images_fingerprint_is_what_the_folders_hold_in_any_order(
     (b / "anno.txt").write_text("4/fake 0.jpg 4\n4/other.jpg 4\n")
     assert training_images(info, [a, b]).generated_counts == [0, 0, 0, 2, 2]
     assert training_images(info, [a, b]).generated_fingerprint != both
+    # How generation decoded the real images decides the images: whole ('full') is another
+    # folder; 'draft' is what a folder of a version that recorded no decoding holds.
+    fingerprints = []
+    for decode in (None, "draft", "full"):
+        recorded = {"weights": "w", "r": 0.05, **({"decode": decode} if decode else {})}
+        (a / "generation.json").write_text(json.dumps(recorded))
+        fingerprints.append(training_images(info, [a]).generated_fingerprint)
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]
 
 
 def test_resume_refuses_a_dataset_that_names_its_classes_otherwise(toy_data, tmp_path, capsys):
