@@ -44,13 +44,15 @@ LPIPS_MIN_SIZE = 31  # AlexNet's second max-pool has nothing to pool below it
 def recorded_inputs(folder):
     """{'data', 'teacher'} the folder was generated with, where known: as generation.json
     records them (generation.py's own --data / --teacher included), else as the checkpoint
-    it names records them."""
+    it names records them; 'gone': that checkpoint, where it is needed and not found."""
     settings = read_generation_settings(folder)
     recorded = {key: settings[key] for key in ("data", "teacher") if settings.get(key)}
     ckpt = settings.get("ckpt")
     if len(recorded) < 2 and ckpt and Path(ckpt).is_file():
         checkpoint = load_cdtg_checkpoint(ckpt)
         recorded = {**{key: checkpoint[key] for key in ("data", "teacher") if checkpoint.get(key)}, **recorded}
+    elif len(recorded) < 2 and ckpt:
+        recorded["gone"] = ckpt
     return recorded
 
 
@@ -309,13 +311,14 @@ def resolve_inputs(args):
     """--data and --teacher, defaulting to what the first folder's generation checkpoint records."""
     recorded = recorded_inputs(args.folders[0]) if args.data is None or args.teacher is None else {}
     data = args.data or recorded.get("data")
+    source = (f"its generation checkpoint {recorded['gone']} is not found (moved?)" if "gone" in recorded
+              else "its generation checkpoint records none")
     if data is None:
-        raise UserError(f"{args.folders[0]}: its generation checkpoint records no tail data; pass --data "
-                        "(CDTG/dataset_split.py output)")
+        raise UserError(f"{args.folders[0]}: no tail data: {source}; pass --data (CDTG/dataset_split.py output)")
     notes = []
     teacher = args.teacher if args.teacher is not None else recorded.get("teacher")
     if teacher is None:
-        notes.append("M_T accuracy skipped: no --teacher, and the generation checkpoint records none.")
+        notes.append(f"M_T accuracy skipped: no --teacher, and {source}.")
     elif teacher != "none" and args.teacher is None and not Path(teacher).is_file():
         notes.append(f"M_T accuracy skipped: the recorded teacher {teacher} is not there; pass --teacher.")
         teacher = None

@@ -522,3 +522,22 @@ def test_rows_report_each_sets_own_lpips_and_equal_counts_use_every_image():
     row = class_row(3, "dam", real, generated)
     assert row["lpips_generated"] == 0.6 and row["lpips_real"] == 0.2
     assert overall_row({3: real}, {3: generated})["fid"] == pytest.approx(fid(real.features, generated.features))
+
+
+def test_a_generation_checkpoint_gone_is_named_as_gone(evaluation_inputs, capsys):
+    """A folder of an earlier version records its inputs only through its checkpoint: one
+    moved away is said to be missing, not to record nothing."""
+    root = evaluation_inputs
+    settings = json.loads((root / "gen_shifted" / "generation.json").read_text())
+    for key in ("data", "teacher"):
+        settings.pop(key, None)
+    (root / "gen_shifted" / "generation.json").write_text(json.dumps({**settings, "ckpt": str(root / "moved.pt")}))
+    common = [str(root / "gen_shifted"), "--clip", "none", "--lpips", "none", "--inception", "none", "--device", "cpu",
+              "--workers", "0", "--out", str(root / "evaluation")]
+    with pytest.raises(SystemExit):
+        evaluate_script.main(common)
+    assert (f"no tail data: its generation checkpoint {root / 'moved.pt'} is not found (moved?); pass --data"
+            in capsys.readouterr().err)
+    with pytest.warns(UserWarning, match="M_T accuracy skipped: no --teacher, and its generation checkpoint .* is not "
+                                         r"found \(moved\?\)"):
+        evaluate_script.main([*common, "--data", str(root / "cdtg_data")])
