@@ -69,7 +69,7 @@ def parse_label_file(path, lookup, skip_difficult, skipped, skip_classes=frozens
             difficult = len(fields) == 10 and int(fields[9]) != 0
         except ValueError:
             expected = "'x1 y1 x2 y2 x3 y3 x4 y4 class difficult'"
-            spaced = len(fields) > 10
+            spaced = len(fields) > 10 or (len(fields) == 10 and not fields[9].isdigit())
             hint = " (a class name with spaces? DOTA writes them with hyphens: large-vehicle)" if spaced else ""
             raise UserError(f"{path}:{number}: expected {expected}, got {line!r}{hint}") from None
         if class_name_key(fields[8]) in skip_classes:

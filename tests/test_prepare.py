@@ -687,6 +687,8 @@ def test_dota_bad_line_and_overwrite_onto_the_source_are_refused(dota_src, tmp_p
     ("10 10 30 10 30 25 plane 0", ""),  # three corners
     ("10 10 30 10 30 25 10 25 storage tank 0", " (a class name with spaces? DOTA writes them with hyphens: "
                                                "large-vehicle)"),
+    ("10 10 30 10 30 25 10 25 storage tank", " (a class name with spaces? DOTA writes them with hyphens: "
+                                             "large-vehicle)"),  # no difficult column
 ])
 def test_dota_a_malformed_label_line_is_named_with_its_file_and_line(dota_src, tmp_path, capsys, line, hint):
     label = dota_src / "train/labelTxt/P0001.txt"
