@@ -93,9 +93,9 @@ def output_folder(text):
 class ParsedFlags(argparse.Namespace):
     """The parsed flags, and of their names: `given`, those the command line gave (the
     others hold their defaults), which a --resume fills from the run's record; `flags`, all
-    the script's own, each to its argparse action; `paths`, those whose values are Paths; `repeated`, those given once
-    per value (--extra A --extra B). Slots, so that they are no flags: vars(args), what
-    options.json records and --resume compares, leaves them out."""
+    the script's own, each to its argparse action; `paths`, those whose values are Paths;
+    `repeated`, those given once per value (--extra A --extra B). Slots, so that they are no
+    flags: vars(args), what options.json records and --resume compares, leaves them out."""
 
     __slots__ = ("given", "flags", "paths", "repeated")
 
