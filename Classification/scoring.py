@@ -91,7 +91,8 @@ def score_checkpoint(args):
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
                                grouping_split(args, info, run_counts))
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
-    full_decode = args.full_decode or bool(options.get("full_decode"))  # as its run decoded them
+    # As its run decoded them: a bare state dict (the released result.pth), as the official code, whole.
+    full_decode = args.full_decode or (bool(options.get("full_decode")) if meta else True)
     dataset = evaluation_set(info, label_of, image_size, args.skip_bad_images, draft=not full_decode)
 
     device = dist.init(args.device)

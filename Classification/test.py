@@ -39,7 +39,7 @@ def build_parser():
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")
     add_precision_args(parser, default="off")  # off: the report's figures in fp32, as the trainers' own reports
     add_full_decode_arg(parser, "; for figures comparable image for image with the official test.py's (default: as "
-                                "the checkpoint's run decoded them)")
+                                "the checkpoint's run decoded them; a bare state dict such as result.pth, whole)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     add_report_args(parser, from_run=True)
     add_runtime_args(parser)

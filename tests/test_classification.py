@@ -633,6 +633,12 @@ def test_full_decode_reads_the_test_jpegs_as_the_official_code_does(trained, tmp
     sizes.clear()
     whole = evaluate_main([*common, "--out", str(tmp_path / "whole"), "--full-decode"])
     assert len(sizes) == drafted["num_test_images"] == whole["num_test_images"] and set(sizes) == {None}
+    # A bare state dict, the released result.pth's format: its run was the official code's.
+    torch.save(load_checkpoint(out / "best.pth")["state_dict"], tmp_path / "result.pth")
+    sizes.clear()
+    common[common.index("--ckpt") + 1] = str(tmp_path / "result.pth")
+    evaluate_main([*common, "--out", str(tmp_path / "bare"), "--image-size", "16"])
+    assert len(sizes) == whole["num_test_images"] and set(sizes) == {None}
 
 
 def test_test_py_checks_a_runs_split_against_the_counts_it_listed_not_those_it_skipped(tmp_path, capsys):
