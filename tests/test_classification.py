@@ -659,6 +659,21 @@ def test_test_py_checks_a_runs_split_against_the_counts_it_listed_not_those_it_s
     assert report["head"] == load_split(tmp_path / "split").head
 
 
+def test_each_epochs_head_and_tail_accuracy_are_of_the_head_and_the_tail(tmp_path, monkeypatch):
+    """metrics.jsonl's head_accuracy and tail_accuracy are the means over the run's head and
+    tail classes (output indices), as the report groups them."""
+    import tgn.engine
+
+    data = write_dataset(tmp_path / "data", COUNTS)
+    groups, real_evaluate = [], tgn.engine.evaluate
+    monkeypatch.setattr(tgn.engine, "evaluate", lambda *args, **kwargs: groups.append(
+        (list(kwargs["head"]), list(kwargs["tail"]))) or real_evaluate(*args, **kwargs))
+    report = train_main(["--data-root", str(data), "--out", str(tmp_path / "cls"), "--device", "cpu",
+                         "--epochs", "1", *TINY])
+    assert report["head"] == [0, 1] and report["tail"] == [2, 3, 4]
+    assert groups[0] == ([0, 1], [2, 3, 4])
+
+
 def test_full_decode_trains_on_jpegs_decoded_as_the_official_code_does(tmp_path, monkeypatch, capsys):
     """train.py --full-decode decodes its training and test JPEGs whole, its --cache keeps
     them apart from drafted ones, and a --resume takes it as the run was started."""

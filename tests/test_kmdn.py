@@ -69,6 +69,8 @@ def test_resume_equals_uninterrupted_run(split_dir, tmp_path, capsys):
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert read_metrics(straight / "head" / "metrics.jsonl") [-1]["lr"] == pytest.approx(1e-4)
+    # The optimizer took it, not only the log: Adam stepped the last epoch at a tenth.
+    assert a["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
 def test_resume_parses_the_values_it_takes_from_options_json_as_their_flags_do(split_dir, tmp_path, capsys):
@@ -449,6 +451,20 @@ def test_a_later_epoch_only_as_good_does_not_replace_best(split_dir, tmp_path, m
     script_accuracies(monkeypatch, [0.5, 0.9, 0.9], tgn.engine)
     umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "kmdn"), "--epochs", "3", *TINY])
     assert load_checkpoint(tmp_path / "kmdn" / "head" / "best.pth")["epoch"] == 1
+
+
+def test_a_later_distillation_epoch_only_as_good_does_not_replace_the_students_best(split_dir, tmp_path,
+                                                                                   monkeypatch):
+    import tgn.engine
+
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    script_accuracies(monkeypatch, [0.5, 0.5, 0.7, 0.7], tgn.engine)  # M_H learns twice (M_T teaches), then M_T
+    distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "4", "--distill-interval", "2",
+                  "--batch-size", "8", "--workers", "0"])
+    assert load_checkpoint(out / "distill" / "M_H.pth")["epoch"] == 0
+    assert load_checkpoint(out / "distill" / "M_T.pth")["epoch"] == 2
 
 
 def test_a_resumed_run_keeps_the_best_epoch_of_the_run_before(split_dir, tmp_path, monkeypatch):
