@@ -1496,7 +1496,9 @@ def test_the_r1_step_back_propagates_gamma_over_2_times_the_interval(tmp_path):
 
 
 def test_the_path_length_step_takes_half_the_batch_and_weight_times_interval(tmp_path, monkeypatch):
-    """Catches the path batch not shrunk, the weight without * g_reg_every."""
+    """Catches the path batch not shrunk, the weight without * g_reg_every, the fakes drawn
+    with other images' labels, the running mean not kept or moved at another rate than
+    StyleGAN2's 0.01."""
     trainer = make_trainer(tmp_path, lambda_cls=0.0, lambda_clip=0.0)  # path 2, every 4, shrink 2
     params = list(trainer.g_optim.param_groups[0]["params"])
     seen = {}
@@ -1506,14 +1508,26 @@ def test_the_path_length_step_takes_half_the_batch_and_weight_times_interval(tmp
         penalty, path_mean, lengths = original(fake, latents, mean, **kwargs)
         seen["batch"] = fake.shape[0]
         seen["expected"] = torch.autograd.grad(2.0 * 4 * penalty, params, retain_graph=True, allow_unused=True)
+        seen["mean"], seen["lengths"] = path_mean, lengths.detach()
         return penalty, path_mean, lengths
 
     monkeypatch.setattr(trainer_module, "g_path_regularize", spy)
+    generate = trainer.generate
+
+    def generate_spy(module, batch, features, labels, **kwargs):
+        if kwargs.get("return_latents"):  # the path-length pass
+            seen["labels"] = labels.clone()
+        return generate(module, batch, features, labels, **kwargs)
+
+    monkeypatch.setattr(trainer, "generate", generate_spy)
     grads = []
     trainer.g_optim.step = lambda: grads.append([None if p.grad is None else p.grad.clone() for p in params])
     trainer.noise.reseed(0, 0)
     trainer.train_step(real_batch(), LABELS)
     assert seen["batch"] == 2 and len(grads) == 2
+    assert torch.equal(seen["labels"], LABELS[:2])  # the first two images' features and labels
+    assert float(seen["mean"]) == pytest.approx(0.01 * float(seen["lengths"].mean()))  # from 0 at the first step
+    assert float(trainer.mean_path_length) == pytest.approx(float(seen["mean"]))
     checked = 0
     for got, expected in zip(grads[1], seen["expected"]):
         if expected is not None and expected.abs().sum() > 0:
@@ -1703,7 +1717,8 @@ def test_the_clip_text_rows_follow_the_generator_labels(cdtg_inputs, monkeypatch
 
 
 def test_truncated_images_use_their_own_class_centre(cdtg_inputs):
-    """With truncation 0 an image is its own class's centre rendered (not another label's)."""
+    """With truncation 0 an image is its own class's centre rendered (not another label's);
+    with 0.5 its latent is halfway between its own and the centre (not 0.5 ** 2 of the way)."""
 
     tail = load_tail_classes(cdtg_inputs / "cdtg_data")
     torch.manual_seed(0)
@@ -1719,6 +1734,14 @@ def test_truncated_images_use_their_own_class_centre(cdtg_inputs):
         centre = synth.mean_latent(label, 0.05)
         expected = synth.synthesize(centre, torch.tensor([label]), synth.noise_maps(inputs[2]), 1.0, None)
         assert torch.equal(got, expected.permute(0, 2, 3, 1)), class_id
+    z, real, noise = inputs
+    with torch.no_grad():
+        styles = synth.g_ema.get_latent(0.05 * z + 0.95 * synth.projected_features(label)[real], torch.tensor([label]))
+        halfway = synth.synthesize(centre + 0.5 * (styles - centre), torch.tensor([label]), synth.noise_maps(noise),
+                                   1.0, None)
+    got = synth.render(class_id, inputs, ratio=0.05, truncation=0.5, batch_size=1)
+    assert (got.int() - halfway.permute(0, 2, 3, 1).int()).abs().max() <= 1
+    assert not torch.equal(got, synth.render(class_id, inputs, ratio=0.05, truncation=1.0, batch_size=1))
 
 
 def test_generation_flags_r_and_truncation_reach_the_renderer(cdtg_inputs, tmp_path, monkeypatch):
