@@ -112,7 +112,7 @@ def test_the_inputs_generation_recorded_come_first(tmp_path):
                                                      "teacher": "M_T.pth"})
     assert recorded_inputs(tmp_path) == {"data": "tail", "teacher": "M_T.pth"}
     atomic_write_json(tmp_path / "generation.json", {"ckpt": str(tmp_path / "gone.pt")})  # an earlier version
-    assert recorded_inputs(tmp_path) == {}
+    assert recorded_inputs(tmp_path) == {"gone": str(tmp_path / "gone.pt")}  # named as gone, not as recording nothing
 
 
 def tiny_extractor():
