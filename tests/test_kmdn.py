@@ -94,10 +94,17 @@ def test_resume_parses_the_values_it_takes_from_options_json_as_their_flags_do(s
     record.write_text(json.dumps({key: value for key, value in options.items() if key != "full_decode"}))
     assert "was started with no --full-decode, this call has --full-decode" in exit_message(
         capsys, umodel_main, [*resume, "--full-decode"])
-    record.write_text(json.dumps({**options, "batch_size": "8"}))
+    # A seed past 32 bits, which --seed took before it checked them: refused in options.json
+    # alone (a hand edit), taken where the checkpoint records it too (the run trained with it).
+    record.write_text(json.dumps({**options, "seed": 5_000_000_000}))
+    assert "which --seed refuses" in exit_message(capsys, umodel_main, resume)
+    last = torch.load(out / "head" / "last.pth", weights_only=True)
+    torch.save({**last, "options": {**last["options"], "seed": 5_000_000_000}}, out / "head" / "last.pth")
+    record.write_text(json.dumps({**options, "seed": 5_000_000_000, "batch_size": "8"}))
     capsys.readouterr()
     umodel_main(resume)
-    assert "--batch-size 8," in capsys.readouterr().out
+    taken = capsys.readouterr().out
+    assert "--batch-size 8," in taken and "--seed 5000000000" in taken
     assert len(read_metrics(out / "head" / "metrics.jsonl")) == 2
 
 

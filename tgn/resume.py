@@ -96,6 +96,10 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
         try:
             value = recorded_value(args.flags[key], value)
         except ValueError as exc:
+            if trained_with(checkpoint, key, value):  # an earlier version's flag let it through: the run goes on
+                setattr(args, key, value)
+                taken.append(key)
+                continue
             source = record if record.is_file() else f"the options that {checkpoint} holds"
             raise UserError(f"--resume: {source} records {_flag(key)} {json.dumps(value)}, which {_flag(key)} refuses "
                             f"({exc}); correct it there, or pass --overwrite instead of --resume to start "
@@ -109,6 +113,17 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
         taken_text = ", ".join(_setting(key, saved[key], repeated) for key in taken)
         print(f"--resume: left out, as the run was started: {taken_text}")
     return taken
+
+
+def trained_with(checkpoint, key, value):
+    """Whether the checkpoint a run resumes from records `value` for `key` too: the run was
+    trained with it (an earlier version's flag took it; --seed took any integer), not a
+    hand edit of options.json."""
+    if checkpoint is None:
+        return False
+    state = last_state(checkpoint, needs=())
+    options = (state or {}).get("options") if isinstance(state, dict) else None
+    return isinstance(options, dict) and key in options and options[key] == value
 
 
 def check_resume(out_dir, args, *, done, length="epochs", state=None, data=None, may_change=frozenset(),
