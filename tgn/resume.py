@@ -96,14 +96,11 @@ def take_the_runs_flags(args, run_dir, *, not_taken=frozenset(), taken_without=N
         try:
             value = recorded_value(args.flags[key], value)
         except ValueError as exc:
-            if trained_with(checkpoint, key, value):  # an earlier version's flag let it through: the run goes on
-                setattr(args, key, value)
-                taken.append(key)
-                continue
-            source = record if record.is_file() else f"the options that {checkpoint} holds"
-            raise UserError(f"--resume: {source} records {_flag(key)} {json.dumps(value)}, which {_flag(key)} refuses "
-                            f"({exc}); correct it there, or pass --overwrite instead of --resume to start "
-                            "again") from None
+            if not trained_with(checkpoint, key, value):  # else an earlier version's flag let it through: taken
+                source = record if record.is_file() else f"the options that {checkpoint} holds"
+                raise UserError(f"--resume: {source} records {_flag(key)} {json.dumps(value)}, which {_flag(key)} "
+                                f"refuses ({exc}); correct it there, or pass --overwrite instead of --resume to "
+                                "start again") from None
         if key in args.paths and value is not None:  # the flag's own form is a Path (or a list of them)
             value = [Path(v) for v in value] if isinstance(value, list) else Path(value)
         setattr(args, key, value)
