@@ -89,7 +89,7 @@ def score_checkpoint(args):
         baseline = run_baseline(args, options, info, class_ids)
     run_counts = None if grouped_by_flags else dict(zip(class_ids, listed_counts))  # a split counts what DATA lists
     classes = describe_classes(info, args, class_ids, train_counts, meta.get("generated_counts"),
-                               grouping_split(args, info, run_counts))
+                               grouping_split(args, info, run_counts), listed_counts)
     image_size = args.image_size or options.get("image_size", DEFAULT_IMAGE_SIZE)
     # As its run decoded them: a bare state dict (the released result.pth), as the official code, whole.
     full_decode = args.full_decode or (bool(options.get("full_decode")) if meta else True)

@@ -69,15 +69,17 @@ def grouping_split(args, info, run_counts=None):
     return split
 
 
-def describe_classes(info, args, class_ids, train_counts, generated_counts, split=None):
+def describe_classes(info, args, class_ids, train_counts, generated_counts, split=None, listed_counts=None):
     """Head/tail from `split` (grouping_split), or from the real training counts (never
-    inflated by --extra) with --threshold."""
+    inflated by --extra) with --threshold: those DATA lists (`listed_counts`), as
+    KMDN/dataset_split.py ranks them, also when --skip-bad-images trained on fewer."""
     if split is not None:
         head, tail = split.head, split.tail
         grouping = f"split {split.folder} ({split.threshold:g}% of classes are head)"
     else:
         args.threshold = HEAD_PERCENT if args.threshold is None else args.threshold
-        head, tail = map(sorted, head_and_tail(dict(zip(class_ids, train_counts)), args.threshold))
+        ranked = train_counts if listed_counts is None else listed_counts
+        head, tail = map(sorted, head_and_tail(dict(zip(class_ids, ranked)), args.threshold))
         grouping = f"real training counts (top {args.threshold:g}% of classes are head)"
     return Classes(info.name, list(class_ids), [info.class_names[cid] for cid in class_ids], list(train_counts),
                    None if generated_counts is None else list(generated_counts), head, tail, grouping)

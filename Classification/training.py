@@ -75,7 +75,8 @@ def train_classifier(args):
             check_same_names(state, list(class_ids), names, args.out / "last.pth")
     test_images = evaluation_set(info, label_of, args.image_size, args.skip_bad_images, args.cache, check=True,
                                  draft=not args.full_decode)
-    classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts, split)
+    classes = describe_classes(info, args, class_ids, images.real_counts, images.generated_counts, split,
+                               listed_counts)
     present = {label for _, label in train_samples}
     for index, cid in enumerate(class_ids):
         if index not in present:  # none listed, or (with --skip-bad-images) none readable

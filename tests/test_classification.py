@@ -571,6 +571,22 @@ def test_skipped_bad_images_are_not_counted(tmp_path, capsys):
     assert "other training images per class" not in capsys.readouterr().err
 
 
+def test_without_a_split_head_and_tail_rank_the_images_listed_as_kmdn_does(tmp_path):
+    """--skip-bad-images trains on fewer images, but without --split the classes rank by
+    what DATA lists, as KMDN/dataset_split.py ranks them; the report counts those trained on."""
+    data = write_dataset(tmp_path / "data", COUNTS)
+    for name in ("img 0.jpg", "img 1.jpg", "img 2.jpg"):  # class 1: 10 listed, 7 readable, below class 2's 8
+        (data / "train" / "1" / name).write_bytes(b"not an image")
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    report = train_main(["--data-root", str(data), "--out", str(tmp_path / "cls"), "--device", "cpu",
+                         "--skip-bad-images", "--epochs", "1", *TINY])
+    assert report["head"] == load_split(tmp_path / "split").head == [0, 1]
+    assert [row["train_count"] for row in report["classes"]] == [12, 7, 8, 4, 3]
+    again = evaluate_main(["--ckpt", str(tmp_path / "cls" / "best.pth"), "--out", str(tmp_path / "again"),
+                           "--workers", "0", "--device", "cpu", "--skip-bad-images"])
+    assert again["head"] == [0, 1] and again["classes"] == report["classes"]
+
+
 def test_resume_reads_no_pretrained_weights(toy_data, tmp_path):
     import torchvision
 
