@@ -159,11 +159,13 @@ def readable_training_images(images, skip_bad_images):
     """The training images less, with --skip-bad-images, the unreadable ones, counted again:
     the report, the checkpoint (which test.py groups head and tail by) and --resume count
     the images trained on."""
-    samples = drop_unreadable(images.samples, skip_bad_images, "training images")
+    n_real, n_classes = sum(images.real_counts), len(images.real_counts)
+    # Counted apart: an unreadable generated image is --extra's, not DATA's, to mend.
+    samples = drop_unreadable(images.samples[:n_real], skip_bad_images, "training images") + \
+        drop_unreadable(images.samples[n_real:], skip_bad_images, "generated images (--extra)")
     if len(samples) == len(images.samples):
         return images
     kept = {path for path, _ in samples}  # unique: duplicates were left out above
-    n_real, n_classes = sum(images.real_counts), len(images.real_counts)
     real = Counter(label for path, label in images.samples[:n_real] if path in kept)
     generated = Counter(label for path, label in images.samples[n_real:] if path in kept)
     return TrainingImages(samples, [real[index] for index in range(n_classes)],

@@ -558,7 +558,8 @@ def test_skipped_bad_images_are_not_counted(tmp_path, capsys):
     common = ["--data-root", str(data), "--extra", str(generated), "--out", str(tmp_path / "cls"), "--device", "cpu",
               "--skip-bad-images", *TINY]
     report = train_main([*common, "--epochs", "1"])
-    assert "skipped 2 unreadable training images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable training images" in out and "skipped 1 unreadable generated images (--extra)" in out
     checkpoint = load_checkpoint(tmp_path / "cls" / "last.pth")
     assert checkpoint["train_counts"] == [12, 10, 8, 3, 3] and checkpoint["generated_counts"] == [0, 0, 0, 2, 1]
     assert [row["train_count"] for row in report["classes"]] == [12, 10, 8, 3, 3]
