@@ -162,13 +162,23 @@ def test_a_stopped_epoch_recorded_by_an_earlier_version_resumes():
     assert EpochProgress.saved({"unfinished_epoch": record}, 3) == EpochProgress()  # of another epoch: a new one
 
 
-def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored():
+def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored(monkeypatch):
+    import tgn.stopping
+
     before = signal.getsignal(signal.SIGINT)
+    clock = [100.0]
+    monkeypatch.setattr(tgn.stopping.time, "monotonic", lambda: clock[0])
     with stop_between_steps() as stop_requested:
         assert stop_requested() is None
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGINT)
         assert stop_requested() == signal.SIGTERM  # a scheduler's stop is the one to exit with
+        # Within the second: the first delivered again (directly and through torchrun).
+        clock[0] += tgn.stopping.SIGINT_REPEAT_S / 2
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs here
+        assert stop_requested() == signal.SIGTERM
+        clock[0] += tgn.stopping.SIGINT_REPEAT_S
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs here
