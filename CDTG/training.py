@@ -126,9 +126,10 @@ def check_gan_flags(args):
     check_compile(args.compile)
 
 
-def check_stddev_groups(batch):
+def check_stddev_groups(batch, resumed=False):
     """Each process's share of --batch must form the discriminator's minibatch-std groups
-    as one process would: at most STDDEV_GROUP images, or a multiple of it."""
+    as one process would: at most STDDEV_GROUP images, or a multiple of it. A `resumed` run
+    keeps its --batch: only fewer processes are offered."""
     local = dist.local_batch(batch, "--batch")  # divisible by the torchrun processes, checked before joining
     if local > STDDEV_GROUP and local % STDDEV_GROUP:
         share = f"each process's share ({local})" if local != batch else "it"
@@ -136,9 +137,11 @@ def check_stddev_groups(batch):
                         f"{STDDEV_GROUP}, the discriminator's minibatch-std group")
     if local < min(batch, STDDEV_GROUP):  # each process groups its own images: smaller groups than one process's
         world = batch // local
+        fewer = f"use at most {max(1, batch // STDDEV_GROUP)} processes"
+        remedy = f"{fewer} (a resumed run keeps its --batch)" if resumed else \
+            f"{fewer} or --batch {STDDEV_GROUP * world}"
         raise UserError(f"--batch {batch} over {world} processes leaves {local} image(s) each, fewer than the "
-                        f"discriminator's minibatch-std group of {STDDEV_GROUP}, which changes training; use at most "
-                        f"{max(1, batch // STDDEV_GROUP)} processes or --batch {STDDEV_GROUP * world}")
+                        f"discriminator's minibatch-std group of {STDDEV_GROUP}, which changes training; {remedy}")
 
 
 def build_models(args, num_classes, teacher):
@@ -190,7 +193,7 @@ def train_cdtg(args):
         if args.resume and steps and not (args.out / "options.json").is_file() else None
     check_resume(args.out, args, done=done, length="iter", state={"options": (newest or {}).get("options")},
                  may_change=RESUME_MAY_CHANGE, compared=resume_view)
-    check_stddev_groups(args.batch)
+    check_stddev_groups(args.batch, resumed=bool(args.resume and steps))
     tail = load_tail_classes(args.data, args.data_root)
     check_outside_dataset(args.out, tail.data_root)
     if uses_clip_loss(vars(args)):

@@ -257,6 +257,21 @@ def test_cdtg_batch_the_discriminator_cannot_group_is_one_line(cdtg_inputs, tmp_
     assert not run.exists()
 
 
+def test_cdtg_batch_split_below_the_stddev_group_offers_only_what_the_run_may_change(monkeypatch):
+    """Over more processes a --batch leaves each fewer images than one minibatch-std group:
+    a new run may take a larger --batch, a resumed one (which keeps its --batch) may not."""
+    from CDTG.training import check_stddev_groups
+
+    check_stddev_groups(4)
+    monkeypatch.setattr(dist, "planned_world_size", lambda: 2)
+    with pytest.raises(UserError, match=r"leaves 2 image\(s\) each.*use at most 1 processes or --batch 8$"):
+        check_stddev_groups(4)
+    with pytest.raises(UserError) as refused:
+        check_stddev_groups(4, resumed=True)
+    assert str(refused.value).endswith("use at most 1 processes (a resumed run keeps its --batch)")
+    check_stddev_groups(8, resumed=True)
+
+
 def test_prompts_clip_cannot_take_are_one_line(cdtg_inputs, tmp_path, capsys):
     from CDTG.dataset_split import main as cdtg_split_main
 
