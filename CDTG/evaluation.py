@@ -19,7 +19,6 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
-from tqdm import tqdm
 
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
@@ -33,6 +32,7 @@ from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_UNFINISHED, read_generation_settings
 from tgn.images import REWRITE_GENERATED, ImageList, normalize_pixels
 from tgn.io import remove_temp_files
+from tgn.progress import progress_bar
 from tgn.run_folder import check_run_dir, save_options
 from tgn.stopping import leave_signals_to_the_trainer
 
@@ -153,7 +153,7 @@ def load_groups(groups, size, batch_size, workers, generated_from, draft=True):
                         size, generated_from=sum(len(paths) for _, paths in groups[:generated_from]), draft=draft)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          worker_init_fn=leave_signals_to_the_trainer)
-    with tqdm(loader, total=len(batches), dynamic_ncols=True, leave=False) as progress:
+    with progress_bar(loader, transient=True, total=len(batches)) as progress:
         batch_iterator = iter(progress)
         for (description, paths), count in zip(groups, counts):
             progress.set_description(description)

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from CDTG.synthesis import TRUNCATION_CENTRE, TailSynthesizer
 from tgn import distributed as dist
@@ -22,6 +21,7 @@ from tgn.data import Entry, check_outside_dataset, write_annotation
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED, read_generation_settings
 from tgn.io import atomic_write_json, publish, remove_temp_files, write_pending
+from tgn.progress import progress_bar
 from tgn.run_folder import check_own_run_folder
 from tgn.runlock import refuse_folder_in_use
 
@@ -267,8 +267,8 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
                 return synth.batch_inputs(class_id, chunk, seed=seed)
 
             upcoming = prefetch.submit(draw, chunks[0]) if chunks else None
-            for position in tqdm(range(len(chunks)), desc=f"class {class_id} ({name})", dynamic_ncols=True,
-                                 leave=False, disable=not dist.is_main()):
+            for position in progress_bar(range(len(chunks)), transient=True, desc=f"class {class_id} ({name})",
+                                         disable=not dist.is_main()):
                 inputs = upcoming.result()
                 if position + 1 < len(chunks):
                     upcoming = prefetch.submit(draw, chunks[position + 1])

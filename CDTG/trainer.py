@@ -28,7 +28,6 @@ import torch
 from torch.utils.data import DataLoader
 from PIL import Image
 from torchvision.utils import make_grid
-from tqdm import tqdm
 
 from CDTG.augment import AdaptiveAugment, augment
 from CDTG.checkpoint import (cut_to_generation, load_cdtg_checkpoint, numbered_checkpoints, official_not_resumable,
@@ -45,6 +44,7 @@ from tgn.engine import autocast, worker_context
 from tgn.optim import adam, restore_optimizer
 from tgn.errors import CollectiveError, UserError, signals_held
 from tgn.io import append_jsonl, trim_jsonl
+from tgn.progress import progress_bar
 from tgn.stopping import leave_signals_to_the_trainer, stop_between_steps, stop_for, stopping_line
 
 # What a checkpoint needs to continue a run (fusion_ema and ada are optional: earlier versions).
@@ -395,7 +395,7 @@ class CdtgTrainer:
         with stop_between_steps() as stop_requested:
             with signals_held():  # the workers this starts set their signal handling first
                 batches = iter(loader)
-            progress = tqdm(batches, total=len(sampler), desc="cdtg", dynamic_ncols=True, disable=not main)
+            progress = progress_bar(batches, total=len(sampler), desc="cdtg", disable=not main)
             for real, labels in progress:
                 self.noise.reseed(cfg.seed, self.step)
                 real, labels = real.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
@@ -420,6 +420,7 @@ class CdtgTrainer:
                     if self.step % cfg.sample_every == 0:
                         self.write_samples(*sample_set)
                     if interrupted:
+                        progress.close()  # its line ended: the stopping line is one of its own
                         print(stopping_line(interrupted, f"saving step {self.step}"), flush=True)
                     if interrupted or self.step % cfg.save_every == 0:
                         self.save()

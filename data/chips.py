@@ -31,6 +31,7 @@ from data.output import building_dataset
 from tgn.class_names import class_name_key, display_width, padded
 from tgn.data import SUBSETS, Entry, to_8_bit, write_annotation, write_classes_json
 from tgn.errors import UserError
+from tgn.progress import progress_bar
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")
 JPEG_QUALITY = 95
@@ -450,7 +451,7 @@ def warn_of_dark_16_bit_images(paths):
     PIL keeps the high byte), so data of fewer bits in 16-bit files (a 12-bit sensor's
     0..4095) loads nearly black: say so before the dataset is built on them."""
     dark = []
-    for path in tqdm(paths, desc="checking bit depths", unit="image", leave=False, dynamic_ncols=True):
+    for path in progress_bar(paths, transient=True, desc="checking bit depths", unit="image"):
         try:
             with Image.open(path) as image:  # reads the header; only 16-bit images are decoded
                 peak = sixteen_bit_peak(image)

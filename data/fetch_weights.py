@@ -21,11 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere, no install needed
 
-from tqdm import tqdm  # noqa: E402
-
 from tgn.cli import make_parser, output_folder  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
 from tgn.io import FILE_MODE, file_sha256, make_folder, remove_temp_files  # noqa: E402
+from tgn.progress import progress_bar  # noqa: E402
 from tgn.runlock import one_at_a_time  # noqa: E402
 
 TORCH_CHECKPOINTS = "torch/hub/checkpoints"  # torch.hub's cache layout under TORCH_HOME
@@ -74,8 +73,8 @@ def download(url, target):
     received = 0
     with urllib.request.urlopen(url, timeout=STALL_TIMEOUT_S) as source, open(target, "wb") as output:
         total = int(source.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(target).name.lstrip("."),
-                  dynamic_ncols=True, leave=False) as progress:
+        with progress_bar(total=total, transient=True, unit="B", unit_scale=True, unit_divisor=1024,
+                          desc=Path(target).name.lstrip(".")) as progress:
             for block in iter(lambda: source.read(1 << 20), b""):
                 output.write(block)
                 received += len(block)

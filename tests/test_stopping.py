@@ -185,6 +185,45 @@ def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored(monkeypatch
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_stopped_epochs_progress_bar_ends_its_line_in_a_log(capsys):
+    """In a log file (stderr not a terminal) the epoch's bar, cleared there, would leave its
+    text without a line end: 'terminated: saving ...' or an error would be appended to it."""
+    from tgn.engine import make_loader, train_one_epoch
+    from tgn.stopping import Stopped
+
+    dataset = torch.utils.data.TensorDataset(torch.zeros(8, 12), torch.zeros(8, dtype=torch.long))
+    loader = make_loader(dataset, 4, train=True)
+    model = torch.nn.Linear(12, 2)
+
+    def loss_fn(net, images, targets):
+        logits = net(images)
+        return torch.nn.functional.cross_entropy(logits, targets), logits
+
+    capsys.readouterr()
+    with pytest.raises(Stopped):
+        train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, torch.device("cpu"),
+                        stop_requested=lambda: signal.SIGTERM, progress=EpochProgress())
+    err = capsys.readouterr().err
+    assert "train" in err and err.endswith("\n"), repr(err)
+
+
+def test_an_error_after_a_progress_bar_starts_a_line_of_its_own_in_a_log(tmp_path, capsys):
+    from data.prepare_folders import main as prepare_main
+    from PIL import Image
+
+    for name in ("plane", "ship"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for index in range(3):
+            colour = (40 * index, 120 * (name == "ship"), 0)
+            Image.new("RGB", (8, 8), colour).save(tmp_path / "src" / name / f"{index}.jpg")
+    (tmp_path / "src" / "ship" / "2.jpg").write_bytes(b"not an image")
+    with pytest.raises(SystemExit):
+        prepare_main(["--train-dir", str(tmp_path / "src"), "--test-fraction", "0.5", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "checking images" in err
+    assert any(line.startswith("error: cannot read image") for line in err.split("\n")), repr(err)
+
+
 def test_an_error_while_data_workers_run_ends_the_run_with_them(toy_data, tmp_path):
     """An unreadable image stops a run whose DataLoader workers are running: one error line,
     and the workers end with the run. Before, they outlived Python's SIGTERM at exit by their

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from tgn.class_names import official_class_names
 from tgn.errors import UserError, speaks
 from tgn.io import atomic_write_text, read_json
+from tgn.progress import progress_bar
 
 SUBSETS = ("train", "test")
 CLASS_ID = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit also takes "²", which int() refuses
@@ -330,7 +330,7 @@ def find_unreadable(samples, workers=8):
         return []
     bad = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, \
-            tqdm(total=len(paths), desc="checking images", unit="image", leave=False, dynamic_ncols=True,
+            progress_bar(total=len(paths), transient=True, desc="checking images", unit="image",
                  disable=not speaks()) as progress:  # PIL decodes without the GIL
         # In chunks: map queues every path at once, 1.6 KB of bookkeeping an image (250 MB for 150k).
         for start in range(0, len(paths), CHECK_CHUNK):

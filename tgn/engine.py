@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from tgn import distributed as dist
 from tgn.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -36,6 +35,7 @@ from tgn.images import normalize_pixels
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.metrics import confusion_matrix, format_percent, summarize
 from tgn.optim import make_optimizer, restore_optimizer, step_lr
+from tgn.progress import progress_bar
 from tgn.resnet import ONE_PIXEL_MAPS
 from tgn.resume import check_same_data, resuming_line
 from tgn.sampling import EpochSampler, SeededItems, epoch_seed
@@ -206,36 +206,37 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
 
     with signals_held():  # the workers this starts set their signal handling first
         batches = iter(loader)
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main(),
-               initial=first - 1, total=last)
-    for step, (images, labels) in enumerate(bar, start=first):
-        if cuda_graphs:  # each batch is a new training step: its graph replay may reuse the last one's outputs
-            mark_cuda_graph_step()
-        images = model_input(images, device, channels_last)
-        labels = labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            loss, logits = loss_fn(model, images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        batch = labels.numel()
-        sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == labels).sum().double()])
-        seen += batch
-        if step % check_every == 0 or step == last:
-            # Summed over the processes (each has as many steps), so all stop together.
-            total_loss, total_seen = dist.sum_numbers([sums[0].item(), seen], device)
-            if not math.isfinite(total_loss):
-                raise CollectiveError(f"the training loss became {total_loss / total_seen}; lower --lr or check the data")
-            bar.set_postfix(loss=f"{total_loss / total_seen:.4f}")
-        signal_number = stop_requested() if stop_requested else None
-        if signal_number:
-            update(step)
-            raise Stopped(signal_number)
+    with progress_bar(batches, transient=True, desc=desc, disable=not dist.is_main(), initial=first - 1,
+                      total=last) as bar:
+        for step, (images, labels) in enumerate(bar, start=first):
+            if cuda_graphs:  # each batch is a new training step: its graph replay may reuse the last one's outputs
+                mark_cuda_graph_step()
+            images = model_input(images, device, channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, amp):
+                loss, logits = loss_fn(model, images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            batch = labels.numel()
+            sums += torch.stack([loss.detach().double() * batch, (logits.argmax(1) == labels).sum().double()])
+            seen += batch
+            if step % check_every == 0 or step == last:
+                # Summed over the processes (each has as many steps), so all stop together.
+                total_loss, total_seen = dist.sum_numbers([sums[0].item(), seen], device)
+                if not math.isfinite(total_loss):
+                    raise CollectiveError(f"the training loss became {total_loss / total_seen}; lower --lr or check "
+                                          "the data")
+                bar.set_postfix(loss=f"{total_loss / total_seen:.4f}")
+            signal_number = stop_requested() if stop_requested else None
+            if signal_number:
+                update(step)
+                raise Stopped(signal_number)
     update(last)
     return progress.stats()
 
@@ -250,16 +251,16 @@ def predict(model, loader, device, *, amp="off", channels_last=False, desc="test
     asked = loader.sampler.fewest_batches(loader.batch_size) if stop_requested else 0
     with signals_held():  # the workers this starts set their signal handling first
         batches = iter(loader)
-    bar = tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=not dist.is_main(), total=len(loader))
-    for index, (images, labels) in enumerate(bar):
-        images = model_input(images, device, channels_last)
-        with autocast(device, amp):
-            logits = logits_of(model(images))
-        predictions.append(logits.argmax(1).cpu())
-        targets.append(labels)
-        signal_number = stop_requested() if index < asked else None
-        if signal_number:
-            raise Stopped(signal_number)
+    with progress_bar(batches, transient=True, desc=desc, disable=not dist.is_main(), total=len(loader)) as bar:
+        for index, (images, labels) in enumerate(bar):
+            images = model_input(images, device, channels_last)
+            with autocast(device, amp):
+                logits = logits_of(model(images))
+            predictions.append(logits.argmax(1).cpu())
+            targets.append(labels)
+            signal_number = stop_requested() if index < asked else None
+            if signal_number:
+                raise Stopped(signal_number)
     if not targets:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return torch.cat(targets).numpy(), torch.cat(predictions).numpy()
