@@ -1057,10 +1057,25 @@ def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
 
 
 def test_raw_class_folders_given_to_a_stage_point_to_the_preparer(class_folders, tmp_path, capsys):
+    """MINE/train (class folders) or MINE (train/<class>/ in it) is to be prepared first;
+    the train/ folder of a prepared dataset is to be given as its dataset."""
     from KMDN.dataset_split import main as split_main
 
-    assert exit_code(split_main, ["--data-root", str(class_folders / "train"), "--out", str(tmp_path / "s")]) == 2
-    assert "for a dataset in class folders, run data/prepare_folders.py first" in capsys.readouterr().err
+    def refusal(data_root):
+        assert exit_code(split_main, ["--data-root", str(data_root), "--out", str(tmp_path / "s")]) == 2
+        return capsys.readouterr().err
+
+    assert "for a dataset in class folders, run data/prepare_folders.py first" in refusal(class_folders / "train")
+    assert (f"run data/prepare_folders.py --train-dir {class_folders / 'train'} --test-dir "
+            f"{class_folders / 'test'} first") in refusal(class_folders)
+    shutil.rmtree(class_folders / "test")
+    assert f"--train-dir {class_folders / 'train'} --test-fraction 0.2 first" in refusal(class_folders)
+    prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5", "--out",
+                          str(tmp_path / "data")])
+    for folder in ("train", "test", "anno"):
+        err = refusal(tmp_path / "data" / folder)
+        assert f"it is the {folder}/ folder of the dataset {tmp_path / 'data'}: pass that" in err
+        assert "prepare_folders" not in err
 
 
 def test_a_failure_midway_leaves_no_partial_dataset(class_folders, tmp_path, monkeypatch):

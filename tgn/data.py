@@ -192,9 +192,8 @@ def _find_dataset_name(root):
     # Not hidden ones: macOS leaves ._NAME_train.txt beside each file it copies to other disks.
     candidates = sorted(path for path in (root / "anno").glob("*_train.txt") if not path.name.startswith("."))
     if not candidates:
-        hint = ("; for a dataset in class folders, run data/prepare_folders.py first"
-                if not (root / "anno").is_dir() and not (root / "train").is_dir() else "")
-        raise UserError(f"no annotation file {root / 'anno' / '<NAME>_train.txt'} found under {root}{hint}")
+        raise UserError(f"no annotation file {root / 'anno' / '<NAME>_train.txt'} found under {root}"
+                        f"{_not_a_dataset_hint(root)}")
     if len(candidates) > 1:
         names = ", ".join(path.name for path in candidates)
         raise UserError(f"several training annotation files in {root / 'anno'} ({names}); write classes.json to pick one")
@@ -202,6 +201,22 @@ def _find_dataset_name(root):
 
 
 DATASET_FOLDERS = ("anno", "train", "test")
+
+
+def _not_a_dataset_hint(root):
+    """What a folder without annotation files may be instead: a folder of a prepared
+    dataset (its parent is the dataset), or class folders data/prepare_folders.py takes."""
+    if root.name in DATASET_FOLDERS and any((root.parent / "anno").glob("*_train.txt")):
+        return f"; it is the {root.name}/ folder of the dataset {root.parent}: pass that"
+    if (root / "anno").is_dir():
+        return ""
+    train = root / "train"
+    if train.is_dir() and any(entry.is_dir() for entry in train.iterdir()):  # MINE/train/<class>/
+        test = f" --test-dir {root / 'test'}" if (root / "test").is_dir() else " --test-fraction 0.2"
+        return f"; for a dataset in class folders, run data/prepare_folders.py --train-dir {train}{test} first"
+    if not train.is_dir():
+        return "; for a dataset in class folders, run data/prepare_folders.py first"
+    return ""
 
 
 def _same_folder(a, b):
