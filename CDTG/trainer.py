@@ -45,6 +45,7 @@ from tgn.optim import adam, restore_optimizer
 from tgn.errors import CollectiveError, UserError, signals_held
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.progress import progress_bar
+from tgn.resume import check_same_classes
 from tgn.stopping import leave_signals_to_the_trainer, stop_between_steps, stop_for, stopping_line
 
 # What a checkpoint needs to continue a run (fusion_ema and ada are optional: earlier versions).
@@ -183,8 +184,7 @@ class CdtgTrainer:
         if missing:  # a file of another kind
             raise UserError(f"{path} holds no {missing[0]!r} to resume from (not a checkpoint of CDTG/train.py?); "
                             "move it out of the run folder, or pass --overwrite instead of --resume to start again")
-        if state.get("class_ids") != self.metadata["class_ids"]:
-            raise UserError(f"{path} was trained on other tail classes; use another --out")
+        check_same_classes(state.get("class_ids"), self.metadata["class_ids"], path, "tail classes")
         if state.get("teacher_fingerprint", self.metadata.get("teacher_fingerprint")) != \
                 self.metadata.get("teacher_fingerprint"):
             raise UserError(f"{path} was trained with another teacher (its weights differ from --teacher "

@@ -1083,8 +1083,14 @@ def test_resume_refuses_a_checkpoint_of_other_class_ids_with_the_same_counts():
 
     state = {"class_ids": [0, 1, 2], "train_counts": [5, 4, 3]}
     check_same_data(state, {"class_ids": [0, 1, 2], "train_counts": [5, 4, 3]}, "last.pth")
-    with pytest.raises(UserError, match="other classes"):
+    with pytest.raises(UserError, match=r"other classes \(\[0, 1, 2\], now \[1, 2, 3\]\)"):
         check_same_data(state, {"class_ids": [1, 2, 3], "train_counts": [5, 4, 3]}, "last.pth")
+    # The same classes ranked otherwise (the data changed): said so, with every way out.
+    with pytest.raises(UserError) as refused:
+        check_same_data(state, {"class_ids": [0, 2, 1], "train_counts": [5, 4, 3]}, "last.pth")
+    assert str(refused.value) == ("last.pth was trained on the same classes in another order ([0, 1, 2], now "
+                                  "[0, 2, 1]: the data ranks them otherwise); resume with the data it started with, "
+                                  "use another --out, or pass --overwrite instead of --resume to start again")
 
 
 def test_resume_refuses_a_checkpoint_of_other_class_names_with_the_same_ids_and_counts():

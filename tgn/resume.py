@@ -199,10 +199,22 @@ def note_process_count(out_dir, saved):
               "draws differ from a run that kept its count")
 
 
+def check_same_classes(recorded, class_ids, path, what="classes"):
+    """A checkpoint resumes only on the class ids it was trained on, in its order (its
+    outputs'): the same ones ranked otherwise (the data changed) are told apart."""
+    if recorded == class_ids:
+        return
+    if recorded is not None and sorted(recorded) == sorted(class_ids):
+        trained = f"the same {what} in another order ({recorded}, now {class_ids}: the data ranks them otherwise)"
+    else:
+        trained = f"other {what} ({recorded}, now {class_ids})"
+    raise UserError(f"{path} was trained on {trained}; resume with the data it started with, use another --out, or "
+                    "pass --overwrite instead of --resume to start again")
+
+
 def check_same_data(state, meta, path):
     """A checkpoint resumes only on the classes and images it was trained on."""
-    if state.get("class_ids") != meta.get("class_ids"):
-        raise UserError(f"{path} was trained on other classes; use another --out")
+    check_same_classes(state.get("class_ids"), meta.get("class_ids"), path)
     for key, what in (("split_fingerprint", "a split of other data"), ("train_counts", "other real images"),
                       ("generated_counts", "other generated images (--extra)"),
                       ("generated_fingerprint", "other generated images (--extra: other images or generation "
