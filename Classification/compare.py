@@ -39,6 +39,28 @@ def parse_report_arg(text):
     return None, Path(text)
 
 
+def per_class(report, key):
+    return tuple(row.get(key) for row in report["classes"])
+
+
+def comparison_notes(reports):
+    """What makes the rows less comparable (the classes and dataset are the same: checked
+    by `comparison`): other head/tail groups, other test images, other real training images
+    (generated ones differ by design)."""
+    notes = []
+    if len({(tuple(sorted(report["head"])), tuple(sorted(report["tail"]))) for report in reports}) > 1:
+        notes.append("the reports use different head/tail groups.")
+    counts = sorted({report["num_test_images"] for report in reports})
+    if len(counts) > 1:
+        notes.append(f"the reports count different numbers of test images ({', '.join(map(str, counts))}).")
+    elif len({per_class(report, "test_count") for report in reports}) > 1:
+        notes.append("the reports count different test images per class.")
+    if len({per_class(report, "train_count") for report in reports}) > 1:
+        notes.append("the models trained on different real images per class (train_count: other data, or images "
+                     "--skip-bad-images left out).")
+    return notes
+
+
 @cli_main
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -51,11 +73,7 @@ def main(argv=None):
         reports.append(report)
         sources.append(f"{name}={path}" if name else str(path))
     rows = comparison(reports, names, sources)
-    groups = {(tuple(sorted(report["head"])), tuple(sorted(report["tail"]))) for report in reports}
-    counts = sorted({report["num_test_images"] for report in reports})
-    notes = (["the reports use different head/tail groups."] if len(groups) > 1 else []) + (
-        [f"the reports count different numbers of test images ({', '.join(map(str, counts))})."]
-        if len(counts) > 1 else [])
+    notes = comparison_notes(reports)
     note = "Note: " + " Also, ".join(notes) if notes else None
     table = comparison_markdown(rows, note)
     remove_temp_files(args.out)  # what a comparison killed mid-write left

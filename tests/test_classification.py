@@ -1102,6 +1102,25 @@ def test_compare_notes_other_groups_but_not_another_listing_order(tmp_path):
     assert note in (tmp_path / "differ" / "comparison.md").read_text()
 
 
+def test_compare_notes_other_test_images_per_class_and_other_real_training_images(tmp_path):
+    """Runs on data that changed between them: as many test images in all but spread
+    otherwise, or other real training images, are noted; other generated images are not."""
+    from Classification.compare import comparison_notes
+
+    baseline = hand_report("baseline", BASELINE_CM)
+    assert comparison_notes([baseline, hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45])]) == []
+    moved = hand_report("moved", [[4, 0, 0, 0], [1, 3, 0, 0], [2, 0, 1, 0], [1, 0, 0, 1]])  # 13 test images too
+    assert comparison_notes([baseline, moved]) == ["the reports count different test images per class."]
+    grown = build_report(np.array(BASELINE_CM), method="grown", source="g.pth", dataset="TOY", class_ids=[0, 1, 5, 7],
+                         class_names=["a", "b", "c", "d"], train_counts=[50, 30, 5, 7], generated_counts=None,
+                         head=[0, 1], tail=[5, 7], grouping="hand")
+    write_report(baseline, tmp_path / "baseline")
+    write_report(grown, tmp_path / "grown")
+    compare_main([str(tmp_path / "baseline"), str(tmp_path / "grown"), "--out", str(tmp_path / "table")])
+    assert "Note: the models trained on different real images per class (train_count" in \
+        (tmp_path / "table" / "comparison.md").read_text()
+
+
 def test_a_damaged_report_is_refused_in_one_line_before_any_work(tmp_path, capsys):
     """A report.json with the right format tag but a field lost or mistyped (edited by hand,
     cut short) stopped compare.py, and train.py --baseline-report after every epoch, with a
