@@ -12,6 +12,7 @@ one folder or across folders, is used once.
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,27 @@ def generated_identity(folder, entries):
             "images": sorted(entry.relpath for entry in entries)}
 
 
+def warn_of_folders_generated_alike(folders, identities):
+    """Two --extra folders generation.py made with the same checkpoint, --seed and settings
+    hold the same images under the same names (each image follows from its class and
+    index): a second generation "for more images" with the default --seed repeats the first."""
+    seen = {}
+    for folder, identity in zip(folders, identities):
+        if "weights" not in identity["settings"]:  # not generation.py's (or of a version that recorded no weights)
+            continue
+        key = json.dumps(identity["settings"], sort_keys=True)
+        if key in seen:
+            earlier, names = seen[key]
+            repeated = len(names & set(identity["images"]))
+            if repeated:
+                warnings.warn(f"--extra {folder} repeats {repeated} images of --extra {earlier}: both were generated "
+                              "from the same checkpoint with the same --seed and settings, so images of the same name "
+                              "are the same image, and each counts twice; generate more with another --seed")
+            names |= set(identity["images"])
+        else:
+            seen[key] = (folder, set(identity["images"]))
+
+
 @dataclass
 class TrainingImages:
     samples: list  # (absolute path, output index)
@@ -148,6 +170,7 @@ def training_images(info, extra_folders=()):
             label_by_path[key] = label
             generated.append(entry)
             samples.append((path, label))
+    warn_of_folders_generated_alike(extra_folders, identities)
     # In any order: a duplicate is one file, whichever folder lists it first.
     identities = sorted(json.dumps(identity, sort_keys=True) for identity in identities)
     fingerprint = hashlib.sha256("\n".join(identities).encode("utf-8")).hexdigest()[:16] if identities else None

@@ -130,6 +130,28 @@ def test_extra_folders_merge_without_duplicates(toy_data, tmp_path):
     assert training_images(open_dataset(toy_data), [generated]).duplicates == 1
 
 
+def test_folders_generated_alike_are_warned_of(toy_data, tmp_path):
+    """generation.py run twice with the default --seed "for more images" makes the same
+    images under the same names in both folders: each would count twice."""
+    info = open_dataset(toy_data)
+    a, b = write_generated(tmp_path / "a", {3: 3}), write_generated(tmp_path / "b", {3: 2, 4: 2}, seed=8)
+    settings = {"weights": "w", "real_features": "f", "r": 0.05, "seed": 0}
+    for folder in (a, b):
+        (folder / "generation.json").write_text(json.dumps(settings))
+    with pytest.warns(UserWarning) as warned:
+        training_images(info, [a, b])
+    assert [str(w.message) for w in warned] == [
+        f"--extra {b} repeats 2 images of --extra {a}: both were generated from the same checkpoint with the same "
+        "--seed and settings, so images of the same name are the same image, and each counts twice; generate more "
+        "with another --seed"]
+    (b / "generation.json").write_text(json.dumps({**settings, "seed": 1}))  # other images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        training_images(info, [a, b])
+        (b / "generation.json").unlink()  # not generation.py's: nothing known of how it was made
+        training_images(info, [a, b])
+
+
 def test_the_duplicate_check_folds_the_case_of_names_where_the_system_does(toy_data, tmp_path, monkeypatch):
     """On Windows, 3/IMG_1.JPG and 3/img_1.jpg are one file: the check folds the case of
     every part, the file name too, as os.path.normcase says the system does."""
