@@ -31,7 +31,8 @@ def train_group(args):
     check_outside_dataset(args.cache, split.data_root, "--cache")
     if not split.ids(group):
         raise UserError(f"the split in {args.split} has no {group} classes")
-    if len(split.ids(group)) == 1:  # said when the split was made; a run of days deserves it again
+    # Said when the split was made; a run of days deserves it again (one without test images is refused below).
+    if len(split.ids(group)) == 1 and split.entries(group, "test"):
         warnings.warn(f"the {group} group of {args.split} has one class: cross-entropy over one class is 0, so this "
                       "model learns nothing from it (its test accuracy is 100% from the first epoch)")
     state = last_state(args.out / group / "last.pth")

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ from tgn.engine import make_loader
 from tgn.errors import UserError
 from tgn.optim import adam, restore_optimizer
 from tgn.resnet import FeatureResNet
+from tgn.split import load_split
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--epochs", "0"), ("--image-size", "-3"),
@@ -441,6 +443,16 @@ def test_kmdn_refuses_a_group_without_test_images(tmp_path, capsys):
     out = tmp_path / "kmdn"
     with pytest.raises(SystemExit):
         rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "1", *TINY])
+    assert "lists no test images of the tail classes" in capsys.readouterr().err and not out.exists()
+    # A tail of one class without test images: refused, not first warned of as if it trained.
+    data = write_dataset(tmp_path / "one", {0: 12, 1: 10, 2: 4}, test_counts={0: 2, 1: 2})
+    with pytest.warns(UserWarning):
+        split_main(["--data-root", str(data), "--out", str(tmp_path / "one-split"), "--threshold", "67"])
+    assert load_split(tmp_path / "one-split").tail == [2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SystemExit):
+            rmodel_main(["--split", str(tmp_path / "one-split"), "--out", str(out), "--epochs", "1", *TINY])
     assert "lists no test images of the tail classes" in capsys.readouterr().err and not out.exists()
 
 
