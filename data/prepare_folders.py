@@ -94,7 +94,7 @@ def class_names_for(folders, names_path):
         key = class_name_key(names[folder])
         if key in seen:
             first = names[seen[key]]
-            named = (f"both have the class name {names[folder]!r}" if first.casefold() == names[folder].casefold()
+            named = (f"both have the class name {first!r}" if first == names[folder]
                      else f"have the class names {first!r} and {names[folder]!r}")
             raise UserError(f"class folders {seen[key]!r} and {folder!r} {named} (letter case, spaces, hyphens and "
                             "underscores aside: one name); give them distinct names with --class-names")

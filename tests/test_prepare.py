@@ -1212,7 +1212,7 @@ def test_class_names_and_numbered_folders(class_folders, tmp_path, capsys):
     ("spelled apart", ["--test-fraction", "0.5"], "'golf-field' and 'golf_field' have the class names 'golf-field' and 'golf field'"),
     ("none", ["--test-fraction", "0.2", "--dataset", "my data"], "--dataset 'my data': use letters"),
     ("single images", ["--test-fraction", "0.5"], "no class has a test image"),
-    ("same letters", ["--test-fraction", "0.5"], "'Ship' and 'ship' both have the class name 'ship'"),
+    ("same letters", ["--test-fraction", "0.5"], "'Ship' and 'ship' have the class names 'Ship' and 'ship'"),
     ("truncated", ["--test-fraction", "0.5"], "cannot read image .*t.jpg: image file is truncated"),
     ("truncated twice", ["--test-fraction", "0.5"], r"t.jpg: image file is truncated .*\(1 more unreadable images: .*/u.jpg\)$"),
     ("truncated and not empty", ["--test-fraction", "0.5"], "--out .* is not empty; pass --overwrite"),
