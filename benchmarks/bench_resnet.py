@@ -33,7 +33,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 import tgn.engine  # noqa: E402
 
@@ -48,6 +47,7 @@ from tgn.io import appendable_file  # noqa: E402
 from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, model_input, prepare_model,  # noqa: E402
                         train_one_epoch, uses_cuda_graphs)
 from tgn.optim import make_optimizer  # noqa: E402
+from tgn.progress import progress_bar  # noqa: E402
 from tgn.images import ImageList, build_transform  # noqa: E402
 from tgn.resnet import FeatureResNet  # noqa: E402
 
@@ -59,9 +59,9 @@ CONFIGS = {
 }
 
 
-def quiet_tqdm(iterable, **kwargs):
+def quiet_progress_bar(iterable=None, **kwargs):
     """The engine's progress bars, switched off: this script prints figures only."""
-    return tqdm(iterable, **{**kwargs, "disable": True})
+    return progress_bar(iterable, **{**kwargs, "disable": True})
 
 
 def synchronize(device):
@@ -218,7 +218,7 @@ def main(argv=None):
     settings = {"fp32": ("off", False), "bf16": ("bf16", True)}
     precisions = [settings[name] for name in args.precisions] if gpu else [settings["fp32"]]
     warnings.simplefilter("ignore")
-    tgn.engine.tqdm = quiet_tqdm
+    tgn.engine.progress_bar = quiet_progress_bar
     torch.backends.cudnn.benchmark = True
     device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
     with tempfile.TemporaryDirectory() as tmp:

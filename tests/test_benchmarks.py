@@ -24,7 +24,7 @@ def load_script(name):
 def restored_globals(monkeypatch):
     """The scripts silence warnings, quiet the engine's progress bars and set cuDNN's
     autotuning for their whole process: none of it may leak into other tests."""
-    monkeypatch.setattr(tgn.engine, "tqdm", tgn.engine.tqdm)
+    monkeypatch.setattr(tgn.engine, "progress_bar", tgn.engine.progress_bar)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
     with warnings.catch_warnings():
         yield
@@ -146,6 +146,7 @@ def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_pa
     assert [(r["trainer"], r["source"]) for r in written] == [("kmdn", "memory"), ("kmdn", "jpeg+cache")]
     assert all(r["images_per_second"] > 0 and r["steps"] == 1 for r in written)
     assert [r["warmup"] for r in written] == [2, 1]  # a DataLoader source warms up with a whole epoch of --steps
+    assert "it/s" not in capsys.readouterr().err  # figures only: the engine's progress bars are off
     bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "--sources",
                 "jpeg", "--out", str(out)])  # no trainer: the data path alone
     assert [(r["bench"], r["source"]) for r in records(out)[3:]] == [("data_path", "jpeg")]
