@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tgn.errors import UserError
+from tgn.errors import FETCH_WEIGHTS_HINT, UserError
 from tgn.runlock import one_at_a_time
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,7 +36,7 @@ def tokenize_prompts(prompts):
             tokens.append(clip.tokenize([prompt]))
         except RuntimeError as exc:
             raise UserError(f"the prompt \"{prompt[:60]}...\" is longer than CLIP's 77 tokens; shorten it in "
-                            "tail_classes.json or --prompt") from exc
+                            "tail_classes.json, or in CDTG/dataset_split.py's --prompt") from exc
     return torch.cat(tokens)
 
 
@@ -55,8 +55,8 @@ def fetch_clip(clip, name, download_root=None):
         with one_at_a_time(clip_download_lock(root, name)):
             return Path(clip.clip._download(clip.clip._MODELS[name], root))
     except Exception as exc:  # offline
-        raise UserError(f"cannot load CLIP {name} ({type(exc).__name__}); download it where there is internet "
-                        "and pass --clip PATH, or --clip none") from exc
+        raise UserError(f"cannot load CLIP {name} ({type(exc).__name__}); {FETCH_WEIGHTS_HINT} (--clip PATH), "
+                        "or pass --clip none") from exc
 
 
 def load_clip(spec, device, download_root=None):

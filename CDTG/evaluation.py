@@ -308,7 +308,8 @@ def evaluate_folders(folders, generated, tail, evaluator, *, max_per_class, size
 
 
 def resolve_inputs(args):
-    """--data and --teacher, defaulting to what the first folder's generation checkpoint records."""
+    """--data and --teacher, defaulting to what the first folder's generation.json (else its
+    generation checkpoint) records."""
     recorded = recorded_inputs(args.folders[0]) if args.data is None or args.teacher is None else {}
     data = args.data or recorded.get("data")
     source = (f"its generation checkpoint {recorded['gone']} is not found (moved?)" if "gone" in recorded

@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, state_dict_of
-from tgn.errors import UserError
+from tgn.errors import FETCH_WEIGHTS_HINT, UserError
 from tgn.images import normalize_pixels
 from tgn.io import file_sha256
 
 INCEPTION_SIZE = 299
 TORCHVISION_INCEPTION = "torchvision inception_v3 IMAGENET1K_V1"
 TORCHVISION_INCEPTION_SHA256 = "0cc3c7bd"  # the prefix in its file name, inception_v3_google-0cc3c7bd.pth
-OFFLINE_HINT = "run data/fetch_weights.py where there is internet and set TORCH_HOME"
+OFFLINE_HINT = f"{FETCH_WEIGHTS_HINT} (TORCH_HOME)"
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):

@@ -12,7 +12,8 @@ OUT/metrics.jsonl and OUT/options.json. Quick CPU run: --size 32 --latent 64 --n
 
 Several GPUs: `torchrun --nproc_per_node=N CDTG/train.py ...` with the same flags; --batch
 stays the global batch (each GPU takes --batch / N, which must be 4 or a multiple of 4,
-the size of the discriminator's minibatch-stddev groups).
+the size of the discriminator's minibatch-stddev groups, unless --batch itself is 4 or less
+on one process).
 """
 import sys
 from pathlib import Path
@@ -60,8 +61,8 @@ def build_parser():
     train.add_argument("--iter", type=positive_int, default=defaults.iterations, help="total training steps")
     train.add_argument("--batch", type=positive_int, default=defaults.batch,
                        help="images per step in all: under torchrun each of N processes takes 1/N of it; each "
-                            "process's share is at most 4 or a multiple of 4 (the discriminator's "
-                            "minibatch-stddev group)")
+                            "process's share is --batch itself when 4 or less, else 4 or a multiple of 4 (the "
+                            "discriminator's minibatch-stddev group)")
     train.add_argument("--lr", type=positive_float, default=defaults.lr,
                        help="Adam learning rate (scaled by the lazy-regularisation ratios)")
     train.add_argument("--r1", type=non_negative_float, default=defaults.r1, help="R1 weight (gamma)")

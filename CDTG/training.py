@@ -128,8 +128,9 @@ def check_gan_flags(args):
 
 def check_stddev_groups(batch, resumed=False):
     """Each process's share of --batch must form the discriminator's minibatch-std groups
-    as one process would: at most STDDEV_GROUP images, or a multiple of it. A `resumed` run
-    keeps its --batch: only fewer processes are offered."""
+    as one process would: a multiple of STDDEV_GROUP, or the whole --batch of at most
+    STDDEV_GROUP images on one process (shares smaller than a group change training). A
+    `resumed` run keeps its --batch: only fewer processes are offered."""
     local = dist.local_batch(batch, "--batch")  # divisible by the torchrun processes, checked before joining
     if local > STDDEV_GROUP and local % STDDEV_GROUP:
         share = f"each process's share ({local})" if local != batch else "it"

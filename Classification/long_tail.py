@@ -19,7 +19,7 @@ def class_counts(labels, num_classes):
 
 
 def class_balanced_weights(labels, num_classes):
-    """Per-sample weights for WeightedRandomSampler: 1 / count of the sample's class."""
+    """Per-sample weights for tgn.sampling.EpochSampler: 1 / count of the sample's class."""
     counts = class_counts(labels, num_classes)
     return torch.as_tensor(1.0 / counts[np.asarray(labels, dtype=np.int64)], dtype=torch.double)
 

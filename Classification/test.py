@@ -38,8 +38,9 @@ def build_parser():
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help=f"input size (default: the checkpoint's training size, else {DEFAULT_IMAGE_SIZE})")
     add_precision_args(parser, default="off")  # off: the report's figures in fp32, as the trainers' own reports
-    add_full_decode_arg(parser, "; for figures comparable image for image with the official test.py's (default: as "
-                                "the checkpoint's run decoded them; a bare state dict such as result.pth, whole)")
+    add_full_decode_arg(parser, "; for figures comparable image for image with the official test.py's",
+                        default="by default as the checkpoint's run decoded them: in full for a bare state dict "
+                                "such as result.pth, else as its run's --full-decode said")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     add_report_args(parser, from_run=True)
     add_runtime_args(parser)

@@ -123,3 +123,29 @@ def test_a_resnet_of_the_other_layout_is_named_for_what_it_likely_is():
         check_fits(classifier, kmdn.state_dict(), "M_T.pth")
     with pytest.raises(UserError, match=r"unexpected parameters \(e.g. [^)]*\)$"):  # no layout to name
         check_fits(kmdn, {**kmdn.state_dict(), "extra.weight": torch.zeros(1)}, "other.pth")
+
+
+def test_weights_that_cannot_be_downloaded_point_to_fetch_weights(monkeypatch, tmp_path):
+    """Offline (a compute node), every public weight file's error names the script that
+    fetches them all where there is internet, and the flag that reads a local file."""
+    import urllib.error
+
+    import clip
+
+    from CDTG.clip_loss import fetch_clip
+    from tgn.resnet import imagenet_state_dict
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.models, "resnet50", offline)
+    with pytest.raises(UserError) as refused:
+        imagenet_state_dict("resnet50")
+    assert str(refused.value) == ("cannot get torchvision's ImageNet weights for resnet50 (URLError); run "
+                                  "data/fetch_weights.py where there is internet and use what it prints (TORCH_HOME), "
+                                  "or pass --pretrained PATH or --pretrained none")
+    monkeypatch.setattr(clip.clip, "_download", offline)
+    with pytest.raises(UserError) as refused:
+        fetch_clip(clip, "ViT-B/32", str(tmp_path))
+    assert str(refused.value) == ("cannot load CLIP ViT-B/32 (URLError); run data/fetch_weights.py where there is "
+                                  "internet and use what it prints (--clip PATH), or pass --clip none")

@@ -196,7 +196,7 @@ def add_runtime_args(parser, *, pin_memory=True):
                        help="DataLoader worker processes (4, at most the CPU count)")
     if pin_memory:
         group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
-                           help="page-locked host memory for faster GPU copies (auto: on when training on a GPU)")
+                           help="page-locked host memory for faster GPU copies (auto: on when the run uses a GPU)")
     # With a negation: a --resume takes the run's choice when left out, and may turn it off.
     group.add_argument("--skip-bad-images", action=argparse.BooleanOptionalAction, default=False,
                        help="check every image once and skip (and count) unreadable ones instead of stopping")
@@ -230,12 +230,11 @@ def add_training_args(parser, *, epochs, batch_size, lr=1e-3, weight_decay=1e-4,
     return group
 
 
-def add_full_decode_arg(group, purpose=""):
+def add_full_decode_arg(group, purpose="", default="by default one at least twice the target size is decoded at 1/2, "
+                                                  "1/4 or 1/8 of its size first: faster, pixels a few levels apart"):
     """--full-decode, spelled alike by the trainers and test.py (README "What differs")."""
     group.add_argument("--full-decode", action="store_true",
-                       help="decode JPEGs in full before resizing, as the official code does (by default one at "
-                            "least twice the target size is decoded at 1/2, 1/4 or 1/8 of its size first: faster, "
-                            "pixels a few levels apart)" + purpose)
+                       help=f"decode JPEGs in full before resizing, as the official code does ({default})" + purpose)
 
 
 def add_precision_args(group, *, default):

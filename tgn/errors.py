@@ -6,8 +6,9 @@ they read the same files, so on each node only LOCAL_RANK 0 prints an error (one
 node, not one per process); a ProcessError, this process's own problem, prints anyway.
 After joining, rank 0 prints as usual and every other process that fails prefixes its
 line with its rank, since only it may have seen the problem (say, an unreadable image in
-its share), except a CollectiveError, which all raise together. With gloo, a process whose
-collective fails because another one stopped says so in one line instead of a traceback.
+its share), except a CollectiveError, which all raise together. A process whose collective
+fails because another one stopped (with gloo at once; with nccl, if at all, when its timeout
+ends) says so in one line instead of a traceback.
 """
 import contextlib
 import errno
@@ -17,6 +18,10 @@ import signal
 import sys
 import warnings
 
+
+# How a node without internet gets the public weights (ImageNet ResNets, CLIP, Inception,
+# LPIPS): every stage's "cannot download" error names it.
+FETCH_WEIGHTS_HINT = "run data/fetch_weights.py where there is internet and use what it prints"
 
 # What the system refuses (permissions, a read-only, full or over-quota disk), wherever a
 # script reads or writes: one line naming the file, not a traceback.

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
-from tgn.errors import UserError
+from tgn.errors import FETCH_WEIGHTS_HINT, UserError
 
 # ResNets reduce images 32-fold: at this size or less their last stage works on 1x1 maps.
 ONE_PIXEL_MAPS = 32
@@ -132,7 +132,7 @@ def imagenet_state_dict(arch):
     except Exception as exc:  # no network, no cache: say what to do instead
         raise UserError(
             f"cannot get torchvision's ImageNet weights for {arch} ({type(exc).__name__}); "
-            "download them where there is internet and pass --pretrained PATH, or --pretrained none"
+            f"{FETCH_WEIGHTS_HINT} (TORCH_HOME), or pass --pretrained PATH or --pretrained none"
         ) from exc
     return model.state_dict()
 
