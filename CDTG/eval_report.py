@@ -30,6 +30,7 @@ METRICS = (  # (key, Markdown title, kind)
 )
 CSV_COLUMNS = ("folder", "path", "id", "name", "real_images", "generated_images", *(key for key, _, _ in METRICS))
 THUMBNAIL = 64  # pixels of one image on the sample sheet
+SHEET_IMAGES = 6  # images per class and set on the sample sheet
 # FID from fewer images than this per set is mostly a function of the count (two sets from
 # one distribution give FID ~330 at 30 images, ~60 at 1000): such cells are marked.
 SMALL_FID_SET = 100
@@ -106,7 +107,7 @@ def _thumbnails(images, count):
     return tiles
 
 
-def plot_sample_sheet(sheets, class_ids, class_names, path, per_set=6, gap=12):
+def plot_sample_sheet(sheets, class_ids, class_names, path, per_set=SHEET_IMAGES, gap=12):
     """Rows: tail classes; column groups: a few real images, then each generated folder's."""
     groups = list(sheets)
     step = THUMBNAIL + 2  # a 2-pixel white line between images

@@ -22,8 +22,8 @@ from torchvision import transforms
 
 from CDTG.checkpoint import load_cdtg_checkpoint
 from CDTG.clip_loss import ClipConsistencyLoss, load_clip
-from CDTG.eval_report import (build_evaluation, evaluation_markdown, metric_notes, plot_sample_sheet,
-                              write_evaluation)
+from CDTG.eval_report import (SHEET_IMAGES, build_evaluation, evaluation_markdown, metric_notes,
+                              plot_sample_sheet, write_evaluation)
 from CDTG.fidelity import fid, kid, load_inception, load_lpips, mean_pairwise_lpips
 from CDTG.tail_data import check_distinct_prompts, load_tail_classes, load_teacher
 from tgn.data import check_files_exist, check_outside_dataset, drop_unreadable, read_annotation
@@ -36,7 +36,6 @@ from tgn.progress import progress_bar
 from tgn.run_folder import check_run_dir, save_options
 from tgn.stopping import leave_signals_to_the_trainer
 
-SHEET_IMAGES = 6  # images per class and set kept for the sample sheet
 REAL = "real (training)"  # the sample sheet's first column group
 LPIPS_MIN_SIZE = 31  # AlexNet's second max-pool has nothing to pool below it
 
@@ -84,10 +83,9 @@ def check_generated_folders(folders):
 
 
 def generated_paths(folder, tail):
-    """{tail class id: [image paths]} from the folder's anno.txt."""
+    """{tail class id: [image paths]} from the folder's anno.txt (check_generated_folders
+    found it there)."""
     annotation = Path(folder) / GENERATED_ANNOTATION
-    if not annotation.is_file():
-        raise UserError(f"{folder}: no {GENERATED_ANNOTATION}; is it a CDTG/generation.py output folder?")
     entries = read_annotation(annotation)
     unknown = sorted({entry.class_id for entry in entries} - set(tail.ids))
     if unknown:

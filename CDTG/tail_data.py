@@ -28,7 +28,7 @@ from tgn.resnet import load_feature_resnet
 from tgn.resume import warn_if_unfinished
 from tgn.run_folder import check_own_run_folder
 from tgn.runlock import claim_folder
-from tgn.split import check_model_classes, check_split_matches, load_split
+from tgn.split import check_model_classes, check_recorded_dataset, check_split_matches, load_split
 
 IMAGE_LIST = "train.txt"
 MANIFEST_FORMAT = "tgn-cdtg-data/1"
@@ -106,9 +106,7 @@ def load_tail_classes(folder, data_root=None):
     classes = sorted(data["classes"], key=lambda c: c["label"])
     if [c["label"] for c in classes] != list(range(len(classes))):
         raise UserError(f"{path}: labels must be 0..{len(classes) - 1}")
-    if not data_root and not Path(data["data_root"]).is_dir():
-        raise UserError(f"dataset folder not found: {data['data_root']} (recorded in {path}); "
-                        "pass --data-root if the dataset moved")
+    check_recorded_dataset(data["data_root"], path, data_root)
     return TailClasses(path.parent, data_root or data["data_root"], classes, data.get("split_fingerprint"))
 
 

@@ -186,7 +186,8 @@ def train_cdtg(args):
         if is_official(path):
             raise official_not_resumable(path)
     if steps and not (args.resume or args.overwrite):
-        raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite")
+        raise UserError(f"{args.out / 'checkpoint'} holds checkpoints; pass --resume to continue or --overwrite to "
+                        "start again")
     done = steps[-1] if steps else None
     # Without options.json (deleted, or lost with a copied folder), the flags are compared with the newest
     # checkpoint's (none in the official format; one that cannot be read is reported where it is loaded).

@@ -48,7 +48,7 @@ from CDTG.synthesis import TailSynthesizer  # noqa: E402
 from CDTG.tail_data import IMAGE_LIST, TailClasses  # noqa: E402
 from tgn.cli import jpeg_quality, make_parser, non_negative_int, positive_int  # noqa: E402
 from tgn.errors import cli_main  # noqa: E402
-from tgn.io import appendable_file  # noqa: E402
+from tgn.io import append_jsonl, appendable_file  # noqa: E402
 from tgn.data import Entry, write_annotation  # noqa: E402
 from CDTG.config import GanConfig  # noqa: E402
 from CDTG.trainer import CdtgTrainer, accumulate  # noqa: E402
@@ -347,6 +347,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path("runs/bench/cdtg.jsonl"),
                         help="JSON-lines file the figures are appended to")
     args = parser.parse_args(argv)
+    if args.tiny and args.config == "paper":
+        parser.error("--tiny and --config paper disagree: pass one")
     args.out = appendable_file(args.out)
     device = resolve_device(args.device)
     if args.config == "auto" and not args.tiny:
@@ -392,8 +394,7 @@ def main(argv=None):
         record = {"case": case, **cases[case](), "config": "tiny" if args.tiny else "paper", "device": device_name,
                   "torch": torch.__version__}
         print(json.dumps(record), flush=True)
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_jsonl(args.out, record)
 
 
 if __name__ == "__main__":

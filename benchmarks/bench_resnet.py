@@ -43,7 +43,7 @@ from tgn.cli import COMPILE_MODES, make_parser, non_negative_int, positive_int  
 from tgn.compat import grad_scaler  # noqa: E402
 from tgn.distributed import resolve_device  # noqa: E402
 from tgn.errors import UserError, cli_main  # noqa: E402
-from tgn.io import appendable_file  # noqa: E402
+from tgn.io import append_jsonl, appendable_file  # noqa: E402
 from tgn.engine import (TrainConfig, cross_entropy_loss, make_loader, model_input, prepare_model,  # noqa: E402
                         train_one_epoch, uses_cuda_graphs)
 from tgn.optim import make_optimizer  # noqa: E402
@@ -243,8 +243,7 @@ def main(argv=None):
             record = {"warmup": args.warmup, **result, "config": name, "device": device_name,
                       "workers": args.workers, "steps": args.steps, "torch": torch.__version__}
             print(json.dumps(record), flush=True)
-            with open(args.out, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_jsonl(args.out, record)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ def test_cdtg_benchmark_writes_a_record_per_case_with_its_settings(tmp_path):
         assert cpu_side["flush_ms"] > 0 and batch1["flush_ms"] > 0
     assert step["host_seconds_per_step"] is None and step["gpu_busy_seconds_per_step"] is None  # GPUs only
     assert step["gpu_activities_per_step"] is None
+    with pytest.raises(SystemExit):  # the paper configuration or the tiny one, not both
+        load_script("bench_cdtg").main(["--config", "paper", "--tiny", "--out", str(out)])
+    assert len(records(out)) == 4
 
 
 def test_generation_records_split_their_time_into_stages(tmp_path):

@@ -259,10 +259,16 @@ def check_groups(split, json_path):
                         "(--threshold sets the groups)")
 
 
+def check_recorded_dataset(recorded, recorded_in, data_root=None):
+    """The dataset folder a split or tail data records must be there, unless --data-root
+    (`data_root`) says where it moved."""
+    if not data_root and not Path(recorded).is_dir():
+        raise UserError(f"dataset folder not found: {recorded} (recorded in {recorded_in}); pass --data-root if the "
+                        "dataset moved")
+
+
 def split_of_json(data, json_path, data_root=None):
-    if not data_root and not Path(data["data_root"]).is_dir():
-        raise UserError(f"dataset folder not found: {data['data_root']} (recorded in {json_path}); "
-                        "pass --data-root if the dataset moved")
+    check_recorded_dataset(data["data_root"], json_path, data_root)
     classes = {int(item["id"]): item for item in data["classes"]}
     return Split(
         dataset=data["dataset"],
