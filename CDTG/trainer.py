@@ -40,9 +40,9 @@ from CDTG.parallel import FusedGenerator, StepNoise
 from CDTG.tail_data import StepBatchSampler
 from tgn import distributed as dist
 from tgn.checkpoint import load_weights
-from tgn.engine import autocast, worker_context
+from tgn.engine import autocast, worker_context, workers_starting
 from tgn.optim import adam, restore_optimizer
-from tgn.errors import CollectiveError, UserError, signals_held
+from tgn.errors import CollectiveError, UserError
 from tgn.io import append_jsonl, trim_jsonl
 from tgn.progress import progress_bar
 from tgn.resume import check_same_classes
@@ -393,7 +393,7 @@ class CdtgTrainer:
                             multiprocessing_context=worker_context(cfg.workers))
         self.fit_started = time.time()
         with stop_between_steps() as stop_requested:
-            with signals_held():  # the workers this starts set their signal handling first
+            with workers_starting(cfg.workers):  # they set their signal handling first
                 batches = iter(loader)
             progress = progress_bar(batches, total=len(sampler), desc="cdtg", disable=not main)
             for real, labels in progress:

@@ -903,6 +903,48 @@ def test_data_workers_leave_ctrl_c_to_the_trainer_and_outlive_sigterm_for_a_whil
     assert worker.exitcode == -signal.SIGALRM
 
 
+WORKER_MASKS = """
+import multiprocessing, signal, sys
+
+
+def report_mask(queue):
+    queue.put(sorted(int(number) for number in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+
+if __name__ == "__main__":  # (spawned children import this file as a module: not torch)
+    sys.path.insert(0, sys.argv[1])
+    import tgn.engine
+
+    for method in ("spawn", "forkserver"):  # as on macOS, and under torchrun on an older Python
+        tgn.engine.worker_start_method = lambda: method
+        context = multiprocessing.get_context(method)
+        for loader in range(2):
+            with tgn.engine.workers_starting(2):
+                queue = context.Queue()
+                workers = [context.Process(target=report_mask, args=(queue,)) for _ in range(2)]
+                for worker in workers:
+                    worker.start()
+                print(method, loader, [queue.get(timeout=60) for _ in workers])
+                for worker in workers:
+                    worker.join()
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks (Windows)")
+def test_workers_started_by_spawn_or_a_fork_server_start_with_the_stop_signals_held(tmp_path):
+    """multiprocessing's resource tracker, started with the first spawned (macOS) or fork
+    server's (torchrun on an older Python) workers, unblocks Ctrl-C and SIGTERM as it starts:
+    the first loader's workers started without them held, and could be ended before their
+    handlers were set (the run crashed without its save)."""
+    script = tmp_path / "masks.py"
+    script.write_text(WORKER_MASKS)
+    result = subprocess.run([sys.executable, str(script), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    held = sorted(int(number) for number in (signal.SIGINT, signal.SIGTERM))
+    assert result.stdout.splitlines() == [f"{method} {loader} {[held, held]}" for method in ("spawn", "forkserver")
+                                          for loader in range(2)], result.stdout
+
+
 def test_a_cluster_stopping_cdtg_training_gets_a_checkpoint_of_the_last_step(cdtg_inputs):
     """Slurm and other schedulers send SIGTERM, then SIGKILL seconds later, when a job is
     preempted or its time is up: the run saves the step it finished, as for Ctrl-C

@@ -17,6 +17,7 @@ import contextlib
 import math
 import multiprocessing as mp
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -124,6 +125,21 @@ def worker_context(workers):
     return context
 
 
+@contextlib.contextmanager
+def workers_starting(workers):
+    """Around the start of a loader's `workers`: Ctrl-C and SIGTERM held (signals_held)
+    until they have set their own handling. Spawned workers (macOS, Windows) and a fork
+    server's need multiprocessing's resource tracker, and its first start unblocks both
+    signals in the thread that starts it (the standard library does so, 3.9 to 3.13): the
+    workers would start without them held. So it is started first, outside the block."""
+    if workers and worker_start_method() != "fork" and hasattr(signal, "pthread_sigmask"):
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+    with signals_held():
+        yield
+
+
 def keep_evaluation_workers():
     """Whether evaluation loaders keep their workers between epochs (training loaders always
     do): where workers are spawned (macOS, Windows) or come from a fork server, each start
@@ -204,7 +220,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
         loss_sum, correct, images = dist.sum_numbers([*sums.tolist(), seen], device)
         progress.steps, progress.loss_sum, progress.correct, progress.seen = steps, loss_sum, correct, int(images)
 
-    with signals_held():  # the workers this starts set their signal handling first
+    with workers_starting(loader.num_workers):  # they set their signal handling first
         batches = iter(loader)
     with progress_bar(batches, transient=True, desc=desc, disable=not dist.is_main(), initial=first - 1,
                       total=last) as bar:
@@ -249,7 +265,7 @@ def predict(model, loader, device, *, amp="off", channels_last=False, desc="test
     model.eval()
     targets, predictions = [], []
     asked = loader.sampler.fewest_batches(loader.batch_size) if stop_requested else 0
-    with signals_held():  # the workers this starts set their signal handling first
+    with workers_starting(loader.num_workers):  # they set their signal handling first
         batches = iter(loader)
     with progress_bar(batches, transient=True, desc=desc, disable=not dist.is_main(), total=len(loader)) as bar:
         for index, (images, labels) in enumerate(bar):
