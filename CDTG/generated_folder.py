@@ -3,7 +3,6 @@ made them (generation.json) and anno.txt listing them, and the run that adds the
 images, written a batch at a time and published atomically."""
 import json
 import re
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -20,7 +19,7 @@ from tgn.compat import check_compile
 from tgn.data import Entry, check_outside_dataset, write_annotation
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_SETTINGS, GENERATION_UNFINISHED, read_generation_settings
-from tgn.io import atomic_write_json, publish, remove_temp_files, write_pending
+from tgn.io import atomic_write_json, publish, remove_path, remove_temp_files, write_pending
 from tgn.progress import progress_bar
 from tgn.run_folder import check_own_run_folder
 from tgn.runlock import refuse_folder_in_use
@@ -297,6 +296,17 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
     return written
 
 
+def remove_class_folder(folder):
+    """Remove a class folder for --overwrite, wholly: an image left (Windows keeps a file another
+    program holds open) would be counted as generated, and the folder would mix two runs'
+    images. A link to a folder is removed, not what it points to."""
+    try:
+        remove_path(folder)
+    except OSError as exc:
+        raise UserError(f"--overwrite: cannot remove {exc.filename or folder} ({exc.strerror or exc}); close what "
+                        "holds it open, then run again") from exc
+
+
 def generate(args):
     """CDTG/generation.py: the synthesizer loaded and the folder checked, then the missing images."""
     check_compile(args.compile)
@@ -334,7 +344,7 @@ def generate(args):
     if dist.is_main():
         if args.overwrite:
             for cid in synth.tail.ids:
-                shutil.rmtree(args.out / str(cid), ignore_errors=True)
+                remove_class_folder(args.out / str(cid))
             for name in (GENERATED_ANNOTATION, GENERATION_UNFINISHED):  # what the replaced run left
                 (args.out / name).unlink(missing_ok=True)
         atomic_write_json(args.out / GENERATION_SETTINGS, settings)

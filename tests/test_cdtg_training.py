@@ -958,6 +958,37 @@ def test_the_mark_of_a_stopped_generation_goes_with_overwrite_and_keeps_tail_cla
     assert not (out / "generation.unfinished").exists()
 
 
+def test_overwrite_removes_every_old_image_or_says_what_it_cannot_remove(trained_ckpt, tmp_path, monkeypatch, capsys):
+    """An old image left in a class folder would be counted as generated (the folder would
+    mix two runs): a class folder that is a link goes (not what it points to), and one that
+    cannot be removed (Windows: a file held open) stops the run in one line."""
+    import CDTG.generated_folder
+
+    out = tmp_path / "gen"
+    argv = ["--ckpt", str(trained_ckpt), "--device", "cpu", "--per-class", "2", "--out", str(out)]
+    generation_main(argv)
+    [cid, *_] = sorted(path.name for path in out.iterdir() if path.is_dir())
+    elsewhere = tmp_path / "elsewhere"
+    (out / cid).rename(elsewhere)
+    (out / cid).symlink_to(elsewhere, target_is_directory=True)
+    before = sorted(path.read_bytes() for path in elsewhere.iterdir())
+    generation_main([*argv, "--seed", "1", "--overwrite"])
+    assert (out / cid).is_dir() and not (out / cid).is_symlink()
+    assert sorted(path.read_bytes() for path in elsewhere.iterdir()) == before  # what the link pointed to stays
+    assert sorted(path.read_bytes() for path in (out / cid).iterdir()) != before  # --seed 1's images
+
+    def held_open(path):
+        raise PermissionError(13, "The process cannot access the file", str(path / "gen_000000.jpg"))
+
+    monkeypatch.setattr(CDTG.generated_folder, "remove_path", held_open)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        generation_main([*argv, "--overwrite"])
+    assert capsys.readouterr().err.strip() == (
+        f"error: --overwrite: cannot remove {out / cid / 'gen_000000.jpg'} (The process cannot access the file); "
+        "close what holds it open, then run again")
+
+
 def test_the_real_images_are_named_alike_in_the_fingerprint_on_windows(trained_ckpt, monkeypatch):
     """A generated folder made on one system extends on another (generation.json compares it)."""
     import ntpath
