@@ -468,6 +468,11 @@ def test_the_training_report_is_computed_as_test_py_computes_it(tmp_path, monkey
     again = evaluate_main(["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--workers", "0",
                            "--device", "cpu"])
     assert again["confusion_matrix"] == report["confusion_matrix"]
+    # channels_last alone: the epochs' memory layout is not the report's either.
+    calls.clear()
+    train_main(["--data-root", str(data), "--out", str(tmp_path / "cl"), "--epochs", "1", "--device", "cpu", *TINY,
+                "--amp", "off", "--channels-last"])
+    assert calls == [{"amp": "off", "channels_last": False}]
 
 
 @pytest.mark.parametrize("flags, resolved", [([], ("off", False)),
@@ -664,11 +669,12 @@ def test_full_decode_reads_the_test_jpegs_as_the_official_code_does(trained, tmp
     """Draft mode decodes a JPEG at least twice the input size at a fraction of it (faster,
     pixels a few levels apart); --full-decode decodes every one whole, as the official
     test.py does, for figures comparable image for image."""
-    data, out, _ = trained
+    data, out, report = trained
     sizes = decode_sizes(monkeypatch)
     common = ["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--workers", "0", "--device", "cpu"]
     drafted = evaluate_main([*common, "--out", str(tmp_path / "draft")])
     assert sizes and set(sizes) == {load_checkpoint(out / "best.pth")["options"]["image_size"]}
+    assert drafted["classes"] == report["classes"]  # report-best/ is what test.py writes, generated counts too
     sizes.clear()
     whole = evaluate_main([*common, "--out", str(tmp_path / "whole"), "--full-decode"])
     assert len(sizes) == drafted["num_test_images"] == whole["num_test_images"] and set(sizes) == {None}
@@ -968,6 +974,61 @@ BASELINE_CM = [[4, 0, 0, 0], [1, 3, 0, 0], [2, 0, 2, 0], [1, 0, 0, 0]]
 AUGMENTED_CM = [[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 1]]
 
 
+def test_the_report_csvs_summary_rows_hold_each_figure_in_its_column():
+    report = hand_report("baseline", BASELINE_CM)
+    rows = {row["id"]: row for row in csv.DictReader(report_csv(report).splitlines())}
+    assert rows["f1"]["accuracy"] == "" and float(rows["f1"]["f1"]) == pytest.approx(report["macro_f1"])
+    assert rows["all"]["f1"] == "" and float(rows["all"]["accuracy"]) == pytest.approx(9 / 13)
+
+
+def test_a_report_path_holding_an_equals_sign_is_a_path_not_a_row_name(tmp_path):
+    write_report(hand_report("baseline", BASELINE_CM), tmp_path / "lr=0.01")
+    rows = compare_main([str(tmp_path / "lr=0.01"), "--out", str(tmp_path / "table")])
+    assert [row["method"] for row in rows] == ["baseline"]
+
+
+def test_the_report_lists_head_and_tail_by_class_id(toy_data):
+    """Whatever the training counts' order (class 2 leads here), report.json's head and tail
+    lists are in ascending id."""
+    from argparse import Namespace
+
+    from Classification.stage import describe_classes
+
+    classes = describe_classes(open_dataset(toy_data), Namespace(threshold=None), [0, 1, 2, 3, 4], [3, 10, 12, 4, 8],
+                               None)
+    assert (classes.head, classes.tail) == ([1, 2], [0, 3, 4])
+
+
+def test_a_baseline_report_of_other_class_ids_is_refused_before_any_work(toy_data, tmp_path):
+    """A baseline report of the same dataset name but other classes would join the chart
+    only at the end of training, where it fails: refused up front."""
+    from argparse import Namespace
+
+    from Classification.stage import read_baseline
+
+    write_report(hand_report("baseline", BASELINE_CM), tmp_path / "baseline")  # TOY's classes 0, 1, 5, 7
+    info = open_dataset(toy_data)
+    assert info.name == "TOY"
+    with pytest.raises(UserError, match=r"with classes \[0, 1, 5, 7\]; DATA is TOY with \[0, 1, 2, 3, 4\]"):
+        read_baseline(Namespace(baseline_report=tmp_path / "baseline"), info, [0, 1, 2, 3, 4])
+
+
+def test_test_images_are_read_alike_every_time_unflipped(toy_data):
+    """Flips are training's augmentation: a test image read twice is the same tensor, or the
+    epoch of best test accuracy (best.pth) would be chosen by chance."""
+    from Classification.samples import class_order
+    from Classification.stage import evaluation_set
+
+    info = open_dataset(toy_data)
+    _, label_of = class_order(info)
+    test = evaluation_set(info, label_of, 16)
+    reads = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        reads.append(test[0][0])
+    assert all(torch.equal(read, reads[0]) for read in reads)
+
+
 def test_an_empty_group_is_n_a_not_zero():
     report = hand_report("absent tail", [[3, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     assert report["tail_accuracy"] is None and report["head_accuracy"] == pytest.approx((0.75 + 1) / 2)
@@ -1261,9 +1322,9 @@ def test_output_order_is_the_rank_of_the_class_id_whatever_the_order_of_classes_
     assert {(Path(path).parent.name, label) for path, label in images.samples} == {("2", 0), ("5", 1), ("9", 2)}
 
 
-def test_the_training_report_is_of_the_best_epoch_when_a_later_one_is_worse(tmp_path, monkeypatch):
+def test_the_training_report_is_of_the_best_epoch_when_a_later_one_is_worse(tmp_path, monkeypatch, capsys):
     """report-best/ scores best.pth's weights, not the last epoch's: scripted accuracies make
-    the first of three epochs the best."""
+    the first of three epochs the best, also when the third is trained by a --resume."""
     import Classification.stage
     import tgn.engine
 
@@ -1274,10 +1335,14 @@ def test_the_training_report_is_of_the_best_epoch_when_a_later_one_is_worse(tmp_
         {k: v.detach().clone() for k, v in model.state_dict().items()}) or stage_evaluate(model, *args, **kwargs))
     data = write_dataset(tmp_path / "data", COUNTS)
     out = tmp_path / "cls"
-    train_main(["--data-root", str(data), "--out", str(out), "--epochs", "3", "--lr", "0.01", "--device", "cpu", *TINY])
+    common = ["--data-root", str(data), "--out", str(out), "--lr", "0.01", "--device", "cpu", *TINY]
+    train_main([*common, "--epochs", "2"])
+    capsys.readouterr()
+    train_main([*common, "--epochs", "3", "--resume"])
     best = load_checkpoint(out / "best.pth")
-    assert best["epoch"] == 0
-    assert len(reported) == 1 and all(torch.equal(reported[0][k], v) for k, v in best["state_dict"].items())
+    assert best["epoch"] == 0 and load_checkpoint(out / "last.pth")["best_epoch"] == 0
+    assert "% at epoch 1; report of" in capsys.readouterr().out
+    assert all(torch.equal(reported[-1][k], v) for k, v in best["state_dict"].items())
 
 
 def test_the_epochs_are_scored_with_head_and_tail_of_the_real_counts(toy_data, tmp_path, monkeypatch):

@@ -116,6 +116,8 @@ def test_full_decode_reaches_the_head_tail_and_distillation_images(split_dir, tm
     distill_main(["--split", str(split_dir), "--out", str(out), "--epochs", "2", "--distill-interval", "1",
                   "--full-decode", "--batch-size", "8", "--workers", "0"])
     assert len(sizes) > 2 * 37 and set(sizes) == {None}  # 37 training and 15 test images, read twice or more
+    # A resumed Distill rebuilds each model at the size it trained at (saved as its image_size).
+    assert load_checkpoint(out / "distill" / "last.pth")["trained_at"] == {"head": 16, "tail": 16}
     sizes.clear()
     umodel_main(["--split", str(split_dir), "--out", str(tmp_path / "drafted"), "--epochs", "1", *TINY])
     assert sizes and set(sizes) == {16}
@@ -581,3 +583,17 @@ def test_a_group_of_one_class_is_warned_about_where_its_model_trains(tmp_path):
     with pytest.warns(UserWarning, match=f"the head group of {tmp_path / 'split'} has one class: cross-entropy over "
                                          "one class is 0, so this model learns nothing"):
         umodel_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--epochs", "1", *TINY])
+
+
+def test_the_test_images_are_read_alike_every_time_unflipped(split_dir):
+    """Flips are training's augmentation: a test image read twice is the same tensor, or the
+    epoch of best test accuracy (best.pth, M_H.pth, M_T.pth) would be chosen by chance."""
+    from KMDN.stage import group_datasets
+    from tgn.split import load_split
+
+    _, test = group_datasets(load_split(split_dir), "head", 16)
+    reads = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        reads.append(test[0][0])
+    assert all(torch.equal(read, reads[0]) for read in reads)

@@ -482,7 +482,7 @@ def test_runs_of_different_seeds_never_share_an_epochs_order():
     draw orders of their own."""
     from tgn.sampling import EpochSampler, epoch_seed
 
-    assert len({epoch_seed(seed, epoch) for seed in range(5) for epoch in range(500)}) == 5 * 500
+    assert len({epoch_seed(seed, epoch) for seed in range(5) for epoch in range(100_000)}) == 5 * 100_000
     a = EpochSampler(50, shuffle=True, seed=0, epoch=1)
     b = EpochSampler(50, shuffle=True, seed=1, epoch=0)
     assert list(a) != list(b)

@@ -16,6 +16,15 @@ def test_rank_breaks_ties_by_class_id():
     assert rank_classes({3: 5, 1: 5, 2: 9, 0: 1}) == [2, 1, 3, 0]
 
 
+def test_the_split_records_the_classes_ranked_by_training_count(tmp_path):
+    """split.json's ranking (and the table dataset_split.py prints) is by training count,
+    not by id: head then tail, each in count order."""
+    data = write_dataset(tmp_path / "data", {0: 3, 1: 12, 2: 10, 3: 4, 4: 8})
+    split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
+    record = json.loads((tmp_path / "split" / "split.json").read_text())
+    assert record["ranking"] == [1, 2, 4, 3, 0] and load_split(tmp_path / "split").ranking == [1, 2, 4, 3, 0]
+
+
 @pytest.mark.parametrize("classes, percent, expected", [
     (20, 40, 8),    # DIOR: 8 head classes
     (23, 40, 9),    # FGSC-23: floor(9.2)
@@ -24,6 +33,8 @@ def test_rank_breaks_ties_by_class_id():
     (2, 40, 1),     # never an empty group
     (3, 99, 2),
     (5, 1, 1),
+    (375, 18.4, 69),  # 375 * 18.4 / 100 is 68.999... in floating point
+    (500, 64.6, 323),
 ])
 def test_head_count(classes, percent, expected):
     assert head_count(classes, percent) == expected

@@ -155,6 +155,11 @@ def test_evaluation_asks_to_stop_only_after_the_batches_every_process_has(monkey
                 assert EpochSampler(size, shuffle=False).fewest_batches(batch) == min(counts), (world, size, batch)
 
 
+def test_an_epochs_training_accuracy_is_a_fraction_of_its_images():
+    stats = EpochProgress(steps=2, total_steps=4, loss_sum=8.0, correct=12, seen=16).stats()
+    assert stats == {"train_loss": 0.5, "train_accuracy": 0.75}
+
+
 def test_a_stopped_epoch_recorded_by_an_earlier_version_resumes():
     record = {"epoch": 2, "steps": 3, "loss_sum": 1.5, "correct": 7.0, "seen": 24, "seconds": 4.0}  # no total_steps
     progress = EpochProgress.saved({"unfinished_epoch": record}, 2)
