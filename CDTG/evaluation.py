@@ -31,7 +31,7 @@ from tgn.distributed import make_shared_folder, planned_world_size, resolve_devi
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_UNFINISHED, read_generation_settings
 from tgn.images import REWRITE_GENERATED, ImageList, normalize_pixels
-from tgn.io import remove_temp_files
+from tgn.io import remove_temp_files, same_path
 from tgn.progress import progress_bar
 from tgn.run_folder import check_run_dir, save_options
 from tgn.stopping import leave_signals_to_the_trainer
@@ -67,14 +67,14 @@ def folder_labels(folders):
 def check_generated_folders(folders):
     """Each folder is there, once, and finished: one a run is still adding to (or stopped in)
     holds part of its classes, and the overall row would cover those alone."""
-    seen = {}
+    seen = []
     for folder in folders:
         if not Path(folder).is_dir():
             raise UserError(f"generated folder not found: {folder}")
-        resolved = Path(folder).resolve()
-        if resolved in seen:  # its rows would repeat, and its samples would take one column group
-            raise UserError(f"generated folder {folder} is given twice (also as {seen[resolved]})")
-        seen[resolved] = folder
+        twice = next((earlier for earlier in seen if same_path(earlier, folder)), None)  # a link, a case-blind spelling
+        if twice is not None:  # its rows would repeat, and its samples would take one column group
+            raise UserError(f"generated folder {folder} is given twice (also as {twice})")
+        seen.append(folder)
         if (Path(folder) / GENERATION_UNFINISHED).exists():
             raise UserError(f"{folder} holds {GENERATION_UNFINISHED}: its generation.py run stopped (or still runs) "
                             "before every class was written; rerun it with the same flags to finish, then evaluate")
@@ -334,7 +334,7 @@ def check_same_tail_data(folders, data):
     none, is let through (its checkpoint is not loaded for this: at 256 px it holds GBs)."""
     for folder in folders:
         recorded = read_generation_settings(folder).get("data")
-        if recorded and Path(recorded).is_dir() and Path(recorded).resolve() != Path(data).resolve():
+        if recorded and Path(recorded).is_dir() and not same_path(recorded, data):
             raise UserError(f"{folder} was generated from the tail data {recorded}, this evaluation uses {data}; "
                             "evaluate folders of one tail data together (--data chooses it)")
 

@@ -91,11 +91,20 @@ def check_listable_name(path, flag):
         raise UserError(f"{flag}: the name of {str(path)!r} holds a line break; rename it")
 
 
+def file_identity(path):
+    """What tells one file from another: its device and file number (through links, and
+    however a file system that ignores case spells it), else its resolved path where the
+    file system numbers no files (st_ino 0)."""
+    stat = os.stat(path)
+    return (stat.st_dev, stat.st_ino) if stat.st_ino else os.path.normcase(Path(path).resolve())
+
+
 def check_not_training_images(train_paths, test_paths):
     """Refuse test images that are training images: the same folder given as --train-dir and
-    --test-dir, or reached through a link."""
-    check_disjoint([str(Path(path).resolve()) for path in train_paths],
-                   [str(Path(path).resolve()) for path in test_paths], "--train-dir/--test-dir")
+    --test-dir, reached through a link, or spelled in another letter case (macOS, Windows)."""
+    training = {file_identity(path) for path in train_paths}
+    both = [str(Path(path).resolve()) for path in test_paths if file_identity(path) in training]
+    check_disjoint(both, both, "--train-dir/--test-dir")  # names them as a preparer's shared ids
 
 
 def meant_class(folder, class_ids):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tgn.cli import output_folder
 from tgn.errors import UserError
-from tgn.io import make_folder
+from tgn.io import absolute_path, make_folder, same_path
 from tgn.runlock import LOCK_NAME, claim_folder, refuse_folder_in_use
 
 # What --overwrite replaces in the output folder; anything else there is left alone.
@@ -35,9 +35,8 @@ def check_output(out, overwrite, inputs=()):
     out = Path(out)  # a file at its place is refused as the flag is read (tgn.cli.output_folder)
     refuse_folder_in_use(out)
     for source in inputs:
-        source = Path(source).resolve()
-        if source == out.resolve() or source in out.resolve().parents:
-            raise UserError(f"--out {out} is inside the input {source}; write the dataset elsewhere")
+        if any(same_path(place, source) for place in _places(out)):
+            raise UserError(f"--out {out} is inside the input {Path(source).resolve()}; write the dataset elsewhere")
     if out.is_dir() and any(entry.name not in (STAGING, REPLACED, LOCK_NAME, *SYSTEM_FILES)
                             for entry in out.iterdir()):
         if not ((out / "classes.json").is_file() or (out / "anno").is_dir()):
@@ -46,10 +45,19 @@ def check_output(out, overwrite, inputs=()):
         if not overwrite:
             raise UserError(f"--out {out} is not empty; pass --overwrite to replace the dataset there")
         for source in inputs:
-            source = Path(source).resolve()
-            if any(source == path or path in source.parents for path in _layout_paths(out)):
-                raise UserError(f"--out {out}: --overwrite would delete the input {source}; write elsewhere")
+            if any(same_path(place, path) for place in _places(source) for path in _layout_paths(out)):
+                raise UserError(f"--out {out}: --overwrite would delete the input {Path(source).resolve()}; write "
+                                "elsewhere")
     return out
+
+
+def _places(path):
+    """A path and the folders above it, as spelled and where its links lead, compared with
+    same_path (a file system that ignores case spells one folder several ways). Made
+    absolute first: on Windows, Python 3.9 resolves a relative path not there yet to itself."""
+    spelled = absolute_path(path)
+    resolved = spelled.resolve()
+    return {spelled, *spelled.parents, resolved, *resolved.parents}
 
 
 def _layout_paths(out):

@@ -1031,10 +1031,18 @@ def test_a_hidden_folder_of_images_is_named_not_skipped_unsaid(class_folders, tm
 
 
 def test_folders_refuse_to_test_on_the_training_images(class_folders, tmp_path, capsys):
+    """The same files however they are reached: one folder twice, or the files under other
+    names (hard links here; on macOS and Windows, a folder spelled in another letter case)."""
     train = class_folders / "train"
     assert exit_code(prepare_folders.main, ["--train-dir", str(train), "--test-dir", str(train), "--out",
                                             str(tmp_path / "out")]) == 2
     assert "in both train and test" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    other_names = tmp_path / "test"
+    (other_names / "ship").mkdir(parents=True)
+    os.link(train / "ship" / "d.jpg", other_names / "ship" / "D copy.jpg")
+    assert exit_code(prepare_folders.main, ["--train-dir", str(train), "--test-dir", str(other_names), "--out",
+                                            str(tmp_path / "out")]) == 2
+    assert f"{other_names / 'ship' / 'D copy.jpg'} in both train and test" in capsys.readouterr().err
 
 
 def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):

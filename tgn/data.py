@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from tgn.class_names import official_class_names
 from tgn.errors import UserError, speaks
-from tgn.io import atomic_write_text, read_json
+from tgn.io import atomic_write_text, read_json, same_path
 from tgn.progress import progress_bar
 
 SUBSETS = ("train", "test")
@@ -219,13 +219,6 @@ def _not_a_dataset_hint(root):
     return ""
 
 
-def _same_folder(a, b):
-    try:
-        return os.path.samefile(a, b)  # through symlinks, and a case-insensitive file system's spellings
-    except OSError:
-        return False
-
-
 def check_outside_dataset(out, root, flag="--out"):
     """Refuse to write into the dataset itself: its folder, or its anno/, train/ or test/ (a
     split's head_train.txt beside the dataset's X_train.txt would leave two annotation files
@@ -234,7 +227,7 @@ def check_outside_dataset(out, root, flag="--out"):
         return
     guarded = [Path(root) / folder for folder in DATASET_FOLDERS]
     resolved = Path(out).resolve()
-    if _same_folder(resolved, root) or any(_same_folder(place, folder) for place in (resolved, *resolved.parents)
+    if same_path(resolved, root) or any(same_path(place, folder) for place in (resolved, *resolved.parents)
                                            for folder in guarded):
         raise UserError(f"{flag} {out} is the dataset folder {root} or inside its {'/, '.join(DATASET_FOLDERS)}/: "
                         "write beside the dataset, not into it (e.g. runs/NAME/...)")

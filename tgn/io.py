@@ -284,6 +284,15 @@ def remove_path(path):
         path.unlink(missing_ok=True)
 
 
+def same_path(a, b):
+    """Whether two paths name one file or folder: through links, and however a file system
+    that ignores case (macOS's, Windows') spells it; False when either is not there."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 def absolute_path(path):
     """`path` made absolute for a file that records it: a later stage may run from another
     folder. Symlinks are kept (a link pointed elsewhere later is followed) and '..' folded."""
