@@ -220,7 +220,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, device, *, desc="train", 
         loss_sum, correct, images = dist.sum_numbers([*sums.tolist(), seen], device)
         progress.steps, progress.loss_sum, progress.correct, progress.seen = steps, loss_sum, correct, int(images)
 
-    with workers_starting(loader.num_workers):  # they set their signal handling first
+    with workers_starting(getattr(loader, "num_workers", 0)):  # they set their signal handling first
         batches = iter(loader)
     with progress_bar(batches, transient=True, desc=desc, disable=not dist.is_main(), initial=first - 1,
                       total=last) as bar:
@@ -265,7 +265,7 @@ def predict(model, loader, device, *, amp="off", channels_last=False, desc="test
     model.eval()
     targets, predictions = [], []
     asked = loader.sampler.fewest_batches(loader.batch_size) if stop_requested else 0
-    with workers_starting(loader.num_workers):  # they set their signal handling first
+    with workers_starting(getattr(loader, "num_workers", 0)):  # they set their signal handling first
         batches = iter(loader)
     with progress_bar(batches, transient=True, desc=desc, disable=not dist.is_main(), total=len(loader)) as bar:
         for index, (images, labels) in enumerate(bar):

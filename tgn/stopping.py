@@ -2,10 +2,11 @@
 
 Ctrl-C (SIGINT), or SIGTERM (what a cluster scheduler sends before it kills a job that is
 preempted or out of time, and torchrun passes on to its processes), lets the current step
-finish; the trainer then saves and stops. A second Ctrl-C, a second or more after the first,
-stops at once, for a step that never ends; one sooner is the first delivered again (a
-SIGINT sent to every process of a torchrun job, by pkill or a scheduler, reaches each
-directly and again through torchrun, which passes it on). The ResNet trainers save mid-epoch: last.pth then holds the
+finish; the trainer then saves and stops. A second Ctrl-C stops at once, for a step that
+never ends; not under torchrun, where Ctrl-C reaches torchrun alone, which passes it on and
+kills its processes 30 s later, and where a SIGINT sent to every process of the job (by
+pkill or a scheduler) reaches each directly and again through torchrun: the same stop. The
+ResNet trainers save mid-epoch: last.pth then holds the
 EpochProgress of the epoch it stopped in, and a resumed run trains that epoch's remaining
 steps only.
 """
@@ -19,10 +20,9 @@ import warnings
 
 from tgn import distributed as dist
 from tgn.checkpoint import save_checkpoint
-from tgn.errors import STOP_SIGNALS, escape_unencodable_output, one_line_warning
+from tgn.errors import STOP_SIGNALS, escape_unencodable_output, one_line_warning, under_torchrun
 
 WORKER_SIGTERM_GRACE_S = 60
-SIGINT_REPEAT_S = 1.0  # a Ctrl-C sooner after the first is the first again (torchrun passing it on)
 
 
 @contextlib.contextmanager
@@ -34,15 +34,14 @@ def stop_between_steps():
     if threading.current_thread() is not threading.main_thread():  # signal handlers belong to it
         yield lambda: None
         return
-    received, first_sigint = [], []
+    received = []
+    repeat_stops_at_once = not under_torchrun()  # (there a repeat is torchrun passing the first on)
 
     def note(number, _frame):
-        if number == signal.SIGINT and first_sigint:
-            if time.monotonic() - first_sigint[0] >= SIGINT_REPEAT_S:
+        if number == signal.SIGINT and signal.SIGINT in received:
+            if repeat_stops_at_once:
                 raise KeyboardInterrupt  # the second Ctrl-C: the step is not waited for
             return
-        if number == signal.SIGINT:
-            first_sigint.append(time.monotonic())
         received.append(number)
 
     previous = {number: signal.signal(number, note) for number in (signal.SIGINT, signal.SIGTERM)}
