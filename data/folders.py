@@ -92,11 +92,13 @@ def check_listable_name(path, flag):
 
 
 def file_identity(path):
-    """What tells one file from another: its device and file number (through links, and
-    however a file system that ignores case spells it), else its resolved path where the
-    file system numbers no files (st_ino 0)."""
-    stat = os.stat(path)
-    return (stat.st_dev, stat.st_ino) if stat.st_ino else os.path.normcase(Path(path).resolve())
+    """Which file a path lists, through links and however a file system that ignores case
+    (macOS, Windows) spells its folders: its folder's device and number, and its name. Not
+    the file's own number: a hard link under another name is a copy (warn_copies warns of
+    it, as of any copy). Where the file system numbers no folders (st_ino 0), the path."""
+    resolved = Path(path).resolve()
+    stat = os.stat(resolved.parent)
+    return (stat.st_dev, stat.st_ino, resolved.name) if stat.st_ino else os.path.normcase(resolved)
 
 
 def check_not_training_images(train_paths, test_paths):

@@ -1031,18 +1031,24 @@ def test_a_hidden_folder_of_images_is_named_not_skipped_unsaid(class_folders, tm
 
 
 def test_folders_refuse_to_test_on_the_training_images(class_folders, tmp_path, capsys):
-    """The same files however they are reached: one folder twice, or the files under other
-    names (hard links here; on macOS and Windows, a folder spelled in another letter case)."""
+    """The same files however they are reached: one folder twice, or through a folder of
+    another name (a link here; on macOS and Windows, a spelling in another letter case,
+    which file_identity tells by the folder's number). A hard link under another name is a
+    copy: warned of, not refused."""
     train = class_folders / "train"
     assert exit_code(prepare_folders.main, ["--train-dir", str(train), "--test-dir", str(train), "--out",
                                             str(tmp_path / "out")]) == 2
     assert "in both train and test" in capsys.readouterr().err and not (tmp_path / "out").exists()
-    other_names = tmp_path / "test"
-    (other_names / "ship").mkdir(parents=True)
-    os.link(train / "ship" / "d.jpg", other_names / "ship" / "D copy.jpg")
-    assert exit_code(prepare_folders.main, ["--train-dir", str(train), "--test-dir", str(other_names), "--out",
-                                            str(tmp_path / "out")]) == 2
-    assert f"{other_names / 'ship' / 'D copy.jpg'} in both train and test" in capsys.readouterr().err
+    from data.folders import file_identity
+
+    (tmp_path / "Train").symlink_to(train)
+    assert file_identity(tmp_path / "Train" / "ship" / "d.jpg") == file_identity(train / "ship" / "d.jpg")
+    copies = tmp_path / "test"
+    (copies / "ship").mkdir(parents=True)
+    os.link(train / "ship" / "d.jpg", copies / "ship" / "D copy.jpg")
+    assert file_identity(copies / "ship" / "D copy.jpg") != file_identity(train / "ship" / "d.jpg")
+    with pytest.warns(UserWarning, match="test images are copies of a training image of their class"):
+        prepare_folders.main(["--train-dir", str(train), "--test-dir", str(copies), "--out", str(tmp_path / "out")])
 
 
 def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
@@ -1075,9 +1081,9 @@ def test_raw_class_folders_given_to_a_stage_point_to_the_preparer(class_folders,
 
     assert "for a dataset in class folders, run data/prepare_folders.py first" in refusal(class_folders / "train")
     assert (f"run data/prepare_folders.py --train-dir {class_folders / 'train'} --test-dir "
-            f"{class_folders / 'test'} first") in refusal(class_folders)
+            f"{class_folders / 'test'} --out DATASET first, and pass DATASET") in refusal(class_folders)
     shutil.rmtree(class_folders / "test")
-    assert f"--train-dir {class_folders / 'train'} --test-fraction 0.2 first" in refusal(class_folders)
+    assert f"--train-dir {class_folders / 'train'} --test-fraction 0.2 --out DATASET first" in refusal(class_folders)
     prepare_folders.main(["--train-dir", str(class_folders / "train"), "--test-fraction", "0.5", "--out",
                           str(tmp_path / "data")])
     for folder in ("train", "test", "anno"):
