@@ -21,6 +21,7 @@ from tgn.class_names import class_name_key
 from tgn.data import check_files_exist, drop_unreadable, read_annotation, samples_for
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_UNFINISHED, TAIL_MANIFEST, read_generation_settings
+from tgn.io import same_path
 
 
 
@@ -106,7 +107,7 @@ def warn_of_folders_generated_alike(folders, identities):
         if "weights" not in identity["settings"]:  # not generation.py's (or of a version that recorded no weights)
             continue
         key = json.dumps(identity["settings"], sort_keys=True)
-        if key in seen:
+        if key in seen and not same_path(seen[key][0], folder):  # one folder twice: its images are used once
             earlier, names = seen[key]
             repeated = len(names & set(identity["images"]))
             if repeated:
@@ -114,7 +115,7 @@ def warn_of_folders_generated_alike(folders, identities):
                               "from the same checkpoint with the same --seed and settings, so images of the same name "
                               "are the same image, and each counts twice; generate more with another --seed")
             names |= set(identity["images"])
-        else:
+        elif key not in seen:
             seen[key] = (folder, set(identity["images"]))
 
 

@@ -145,9 +145,11 @@ def test_folders_generated_alike_are_warned_of(toy_data, tmp_path):
         "--seed and settings, so images of the same name are the same image, and each counts twice; generate more "
         "with another --seed"]
     (b / "generation.json").write_text(json.dumps({**settings, "seed": 1}))  # other images
+    (tmp_path / "link").symlink_to(a)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         training_images(info, [a, b])
+        training_images(info, [a, tmp_path / "link", a])  # one folder given again: its images are used once
         (b / "generation.json").unlink()  # not generation.py's: nothing known of how it was made
         training_images(info, [a, b])
 
