@@ -213,7 +213,8 @@ def _not_a_dataset_hint(root):
     train = root / "train"
     if train.is_dir() and any(entry.is_dir() for entry in train.iterdir()):  # MINE/train/<class>/
         test = f" --test-dir {root / 'test'}" if (root / "test").is_dir() else " --test-fraction 0.2"
-        return f"; for a dataset in class folders, run data/prepare_folders.py --train-dir {train}{test} first"
+        return (f"; for a dataset in class folders, run data/prepare_folders.py --train-dir {train}{test} --out "
+                "DATASET first, and pass DATASET")
     if not train.is_dir():
         return "; for a dataset in class folders, run data/prepare_folders.py first"
     return ""
