@@ -299,12 +299,15 @@ def run_generation(synth, out_dir, *, class_ids, per_class, ratio, seed, truncat
 def remove_class_folder(folder):
     """Remove a class folder for --overwrite, wholly: an image left (Windows keeps a file another
     program holds open) would be counted as generated, and the folder would mix two runs'
-    images. A link to a folder is removed, not what it points to."""
+    images. A link to a folder is removed, not what it points to; a file of that name is
+    not generation's, and stays."""
+    if not folder.is_dir():
+        return
     try:
         remove_path(folder)
     except OSError as exc:
-        raise UserError(f"--overwrite: cannot remove {exc.filename or folder} ({exc.strerror or exc}); close what "
-                        "holds it open, then run again") from exc
+        raise UserError(f"--overwrite: cannot remove {exc.filename or folder} ({exc.strerror or exc}); remove it "
+                        "yourself (or close what holds it open), then run again") from exc
 
 
 def generate(args):

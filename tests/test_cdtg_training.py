@@ -986,7 +986,7 @@ def test_overwrite_removes_every_old_image_or_says_what_it_cannot_remove(trained
         generation_main([*argv, "--overwrite"])
     assert capsys.readouterr().err.strip() == (
         f"error: --overwrite: cannot remove {out / cid / 'gen_000000.jpg'} (The process cannot access the file); "
-        "close what holds it open, then run again")
+        "remove it yourself (or close what holds it open), then run again")
 
 
 def test_the_real_images_are_named_alike_in_the_fingerprint_on_windows(trained_ckpt, monkeypatch):
