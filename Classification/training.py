@@ -70,6 +70,8 @@ def train_classifier(args):
         check_same_data(state, {"class_ids": list(class_ids), "train_counts": list(images.real_counts),
                                 "generated_counts": list(images.generated_counts),
                                 "generated_fingerprint": images.generated_fingerprint}, args.out / "last.pth")
+        # Grouped as when the run started (a run of an earlier version: by the images it trained on).
+        listed_counts = list(state.get("listed_counts") or state.get("train_counts") or listed_counts)
         if info.has_class_list:  # without one the names are ids or the official list: test.py compares none either
             names = [info.class_names[cid] for cid in class_ids]
             check_same_names(state, list(class_ids), names, args.out / "last.pth")

@@ -615,6 +615,13 @@ def test_without_a_split_head_and_tail_rank_the_images_listed_as_kmdn_does(tmp_p
     again = evaluate_main(["--ckpt", str(tmp_path / "cls" / "best.pth"), "--out", str(tmp_path / "again"),
                            "--workers", "0", "--device", "cpu", "--skip-bad-images"])
     assert again["head"] == [0, 1] and again["classes"] == report["classes"]
+    # A run of an earlier version, which grouped by the images it trained on, resumes grouped so.
+    last = torch.load(tmp_path / "cls" / "last.pth", weights_only=False)
+    del last["listed_counts"]
+    torch.save(last, tmp_path / "cls" / "last.pth")
+    resumed = train_main(["--data-root", str(data), "--out", str(tmp_path / "cls"), "--device", "cpu",
+                          "--skip-bad-images", "--epochs", "2", "--resume", *TINY])
+    assert resumed["head"] == [0, 2]
 
 
 def test_resume_reads_no_pretrained_weights(toy_data, tmp_path):
