@@ -133,16 +133,7 @@ def _joined_rank():
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
 
 
-def _end_progress_bars():
-    """End the progress bars a stopped loop left drawn: the line printed next is its own."""
-    if "tqdm" in sys.modules:  # (none drawn otherwise; --help answers without importing it)
-        from tgn.progress import end_progress_bars
-
-        end_progress_bars()
-
-
 def _print_error(exc):
-    _end_progress_bars()
     if not under_torchrun():
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return
@@ -194,7 +185,6 @@ def cli_main(main):
             _print_error(exc)
             sys.exit(2)
         except KeyboardInterrupt:
-            _end_progress_bars()
             if speaks():  # Ctrl-C reaches every process of a torchrun job
                 print("interrupted", file=sys.stderr)
             sys.exit(130)
@@ -207,7 +197,6 @@ def cli_main(main):
             rank = _joined_rank()
             if rank is None or not any(sign in str(exc) for sign in PEER_GONE):
                 raise
-            _end_progress_bars()
             print(f"{_new_line() if rank else ''}[rank {rank}] error: another process of this torchrun job stopped; "
                   "its error, or torchrun's report of how it ended (a process killed says nothing itself), is above "
                   "or in its node's log",

@@ -12,10 +12,3 @@ def progress_bar(iterable=None, *, transient=False, **kwargs):
     next line (a warning, an error, the epoch's summary) would be appended to it."""
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, leave=not transient or not sys.stderr.isatty(), **kwargs)
-
-
-def end_progress_bars():
-    """End the bars still drawn (an error or Ctrl-C stopped their loop), so that the line
-    printed next starts a line of its own."""
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
