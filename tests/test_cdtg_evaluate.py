@@ -250,6 +250,12 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
     rows = list(csv.DictReader((out / "evaluation.csv").open(encoding="utf-8-sig")))
     assert [(row["folder"], row["id"]) for row in rows] == [
         (label, cid) for label in ("r=0.05", "r=0.8") for cid in ["2", "3", "4", "all"]]
+    from CDTG.eval_report import CSV_COLUMNS
+
+    by_row = [row for folder in evaluation["folders"] for row in [*folder["classes"], folder["overall"]]]
+    for cells, row in zip(rows, by_row):  # every number in its own column, as evaluation.json holds it (KID raw)
+        for key in CSV_COLUMNS[4:]:
+            assert cells[key] == "n/a" if row[key] is None else float(cells[key]) == pytest.approx(row[key], abs=1e-9)
     markdown = (out / "evaluation.md").read_text()
     assert "| r=0.8 | 14 | 15 |" in markdown and "| 4 golf field |" in markdown
     assert "torchvision's Inception-v3" in markdown and "tiny random test net" in markdown
@@ -541,3 +547,45 @@ def test_a_generation_checkpoint_gone_is_named_as_gone(evaluation_inputs, capsys
     with pytest.warns(UserWarning, match="M_T accuracy skipped: no --teacher, and its generation checkpoint .* is not "
                                          r"found \(moved\?\)"):
         evaluate_script.main([*common, "--data", str(root / "cdtg_data")])
+
+
+def test_features_and_lpips_see_the_images_in_minus_one_to_one():
+    """Inception (its own input transform off), LPIPS and the models Evaluator scores with
+    take images in [-1, 1] at the standard FID size."""
+    import CDTG.fidelity
+    from CDTG.fidelity import mean_pairwise_lpips, sample_pairs
+
+    assert CDTG.fidelity.INCEPTION_SIZE == 299 and inception_pool_network().transform_input is False
+    identity = FeatureExtractor(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), 8, "id")
+    assert identity(-torch.ones(1, 3, 4, 4)).tolist() == [[-1.0, -1.0, -1.0]]
+
+    class MeanDifference(nn.Module):  # a stand-in for LPIPS: one value per pair
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(1))
+
+        def forward(self, first, second):
+            return (first - second).abs().mean((1, 2, 3), keepdim=True)
+
+    images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    pairs = sample_pairs(5, 10, 0)
+    by_hand = np.mean([(images[i].double() - images[j].double()).abs().mean().item() / 127.5 for i, j in pairs])
+    assert mean_pairwise_lpips(MeanDifference(), images, 10, 0, batch_size=3) == pytest.approx(by_hand)
+
+
+def test_rows_take_each_side_s_own_scores_and_pool_the_classes_the_folder_holds():
+    row = class_row(3, "dam", SetScores(4, clip_correct=1, teacher_correct=2), SetScores(4, clip_correct=3,
+                                                                                         teacher_correct=4))
+    assert (row["clip_accuracy_real"], row["clip_accuracy_generated"]) == (0.25, 0.75)
+    assert (row["teacher_accuracy_real"], row["teacher_accuracy_generated"]) == (0.5, 1.0)
+    sets = {1: SetScores(4, lpips=0.1, teacher_correct=2), 2: SetScores(4, lpips=0.2, teacher_correct=3),
+            3: SetScores(4, lpips=0.6, teacher_correct=0)}
+    together = pooled(sets, [1, 2, 3])
+    assert together.lpips == pytest.approx(0.3) and together.teacher_correct == 5 and together.count == 12
+    # Only the classes the folder holds count, one generated image included.
+    real = {3: SetScores(4, teacher_correct=4), 5: SetScores(4, teacher_correct=0), 6: SetScores(4, teacher_correct=0)}
+    generated = {3: SetScores(4, teacher_correct=4), 5: SetScores(0, teacher_correct=0),
+                 6: SetScores(1, teacher_correct=1)}
+    overall = overall_row(real, generated)
+    assert (overall["real_images"], overall["generated_images"]) == (8, 5)
+    assert overall["teacher_accuracy_real"] == 0.5 and overall["teacher_accuracy_generated"] == 1.0

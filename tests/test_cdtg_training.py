@@ -1288,7 +1288,7 @@ def test_generated_images_are_found_under_every_name_generation_writes(tmp_path)
     indices = [0, 5, 999_999, 1_000_000, 1_234_567]
     for index in indices:
         (tmp_path / image_name(index)).write_bytes(b"")
-    for foreign in ("gen_0000005.jpg", "gen_12345.jpg", "gen_000007.png", "x_000008.jpg"):  # never written by it
+    for foreign in ("gen_0000006.jpg", "gen_12345.jpg", "gen_000007.png", "x_000008.jpg"):  # never written by it
         (tmp_path / foreign).write_bytes(b"")
     assert existing_indices(tmp_path) == set(indices)
 
