@@ -589,3 +589,22 @@ def test_rows_take_each_side_s_own_scores_and_pool_the_classes_the_folder_holds(
     overall = overall_row(real, generated)
     assert (overall["real_images"], overall["generated_images"]) == (8, 5)
     assert overall["teacher_accuracy_real"] == 0.5 and overall["teacher_accuracy_generated"] == 1.0
+
+
+def test_small_fid_sets_are_marked_and_notes_follow_the_metrics_scored():
+    """A row of an earlier version (no fid_images) is marked by its smaller set; without
+    Inception no note explains FID's or KID's figures."""
+    from argparse import Namespace
+
+    from CDTG.eval_report import metric_notes
+
+    row = {"id": 3, "name": "dam", "real_images": 200, "generated_images": 50, "fid": 3.0, "kid": 0.001,
+           **{key: None for key in ("lpips_generated", "lpips_real", "clip_accuracy_generated", "clip_accuracy_real",
+                                    "teacher_accuracy_generated", "teacher_accuracy_real")}}
+    evaluation = {"feature_extractor": "x", "lpips": None, "clip": None, "teacher": None, "notes": [],
+                  "folders": [{"label": "r=0.05", "path": "g", "classes": [row], "overall": {**row, "id": "all"}}]}
+    assert "| 3.00 * |" in evaluation_markdown(evaluation)
+    args = Namespace(max_per_class=500, pairs=1000)
+    without = Evaluator(inception=None, lpips=None, clip=None, teacher=None, device=torch.device("cpu"))
+    notes = metric_notes(args, without)
+    assert notes and not any("KID" in note or "overall FID" in note or "Inception" in note for note in notes)
