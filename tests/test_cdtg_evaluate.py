@@ -588,6 +588,7 @@ def test_rows_take_each_side_s_own_scores_and_pool_the_classes_the_folder_holds(
                  6: SetScores(1, teacher_correct=1)}
     overall = overall_row(real, generated)
     assert (overall["real_images"], overall["generated_images"]) == (8, 5)
+    assert overall["fid_images"] == 4 + 1  # of each class the smaller set
     assert overall["teacher_accuracy_real"] == 0.5 and overall["teacher_accuracy_generated"] == 1.0
 
 
