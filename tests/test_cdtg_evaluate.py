@@ -609,3 +609,21 @@ def test_small_fid_sets_are_marked_and_notes_follow_the_metrics_scored():
     without = Evaluator(inception=None, lpips=None, clip=None, teacher=None, device=torch.device("cpu"))
     notes = metric_notes(args, without)
     assert notes and not any("KID" in note or "overall FID" in note or "Inception" in note for note in notes)
+
+
+def test_the_scoring_models_see_the_images_as_m_t_trained_on_them():
+    """Evaluator hands M_T (and CLIP and Inception) the images in [-1, 1], as M_T trained."""
+    from tgn.images import normalize_pixels
+
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, batch):
+            seen.append(batch)
+            return (torch.zeros(len(batch), 3),)
+
+    images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    evaluator = Evaluator(inception=None, lpips=None, clip=None, teacher=Recording(), device=torch.device("cpu"),
+                          batch_size=2)
+    assert evaluator.score(images, 0, [0, 3]).teacher_correct == 5  # label 0 is every argmax of zeros
+    assert torch.equal(torch.cat(seen), normalize_pixels(images))
