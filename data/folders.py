@@ -91,21 +91,26 @@ def check_listable_name(path, flag):
         raise UserError(f"{flag}: the name of {str(path)!r} holds a line break; rename it")
 
 
-def file_identity(path):
+def file_identity(path, folders=None):
     """Which file a path lists, through links and however a file system that ignores case
     (macOS, Windows) spells its folders: its folder's device and number, and its name. Not
     the file's own number: a hard link under another name is a copy (warn_copies warns of
-    it, as of any copy). Where the file system numbers no folders (st_ino 0), the path."""
+    it, as of any copy). Where the file system numbers no folders (st_ino 0), the path.
+    `folders` ({folder: its stat}) keeps each folder's stat for the next of its files."""
     resolved = Path(path).resolve()
-    stat = os.stat(resolved.parent)
+    folders = {} if folders is None else folders
+    if resolved.parent not in folders:
+        folders[resolved.parent] = os.stat(resolved.parent)
+    stat = folders[resolved.parent]
     return (stat.st_dev, stat.st_ino, resolved.name) if stat.st_ino else os.path.normcase(resolved)
 
 
 def check_not_training_images(train_paths, test_paths):
     """Refuse test images that are training images: the same folder given as --train-dir and
     --test-dir, reached through a link, or spelled in another letter case (macOS, Windows)."""
-    training = {file_identity(path) for path in train_paths}
-    both = [str(Path(path).resolve()) for path in test_paths if file_identity(path) in training]
+    folders = {}  # a class folder's stat once, not once per image
+    training = {file_identity(path, folders) for path in train_paths}
+    both = [str(Path(path).resolve()) for path in test_paths if file_identity(path, folders) in training]
     check_disjoint(both, both, "--train-dir/--test-dir")  # names them as a preparer's shared ids
 
 
