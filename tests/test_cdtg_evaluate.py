@@ -226,7 +226,7 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
     stale.write_text("half a report")
     evaluation = evaluate_script.main([str(root / "gen_copy"), str(root / "gen_shifted"), "--clip",
                                        str(root / "clip.pt"), "--out", str(out), "--device", "cpu",
-                                       "--workers", "0", "--pairs", "20", "--max-per-class", "6"])
+                                       "--workers", "0", "--pairs", "5", "--max-per-class", "6"])
     assert not stale.exists()
     assert [folder["label"] for folder in evaluation["folders"]] == ["r=0.05", "r=0.8"]
     assert evaluation["teacher"] == str(root / "M_T.pth")  # recorded by the generation checkpoint
@@ -240,8 +240,9 @@ def test_evaluate_writes_the_comparison_per_class_rows_and_the_sample_sheet(eval
                                                  in zip(shifted["classes"], copy["classes"]))
     assert copy["overall"]["kid"] <= 0  # copies: the unbiased estimate of no difference is not above 0
     assert all(row["kid"] > copy_row["kid"] for row, copy_row in zip(shifted["classes"], copy["classes"]))
-    for row in copy["classes"]:  # the same images: the same diversity and the same accuracies
-        assert row["lpips_generated"] == pytest.approx(row["lpips_real"], abs=1e-5) and row["lpips_real"] > 0
+    # The same images: the same diversity (--pairs 5 samples pairs, the same for both) and accuracies.
+    for row in copy["classes"]:
+        assert row["lpips_generated"] == pytest.approx(row["lpips_real"], rel=1e-4) and row["lpips_real"] > 0
         assert row["clip_accuracy_generated"] == row["clip_accuracy_real"]
         assert row["teacher_accuracy_generated"] == row["teacher_accuracy_real"]
     assert json.loads((out / "evaluation.json").read_text()) == evaluation
