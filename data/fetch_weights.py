@@ -125,6 +125,12 @@ def _fetch(weight, out_dir):
     return target, "downloaded"
 
 
+def set_variable(name, value, windows=os.name == "nt"):
+    """The shell line that sets an environment variable: cmd's syntax on Windows, where the
+    paths printed are Windows paths (PowerShell: $env:NAME = "value")."""
+    return f"set {name}={value}" if windows else f"export {name}={value}"
+
+
 def offline_usage(out_dir, weights):
     """The lines that make every stage read the fetched files."""
     out_dir = Path(out_dir).resolve()
@@ -132,7 +138,7 @@ def offline_usage(out_dir, weights):
     offline = [flags for name, flags in (("resnet50", "--pretrained imagenet"), ("resnet18", "--pretrained imagenet"),
                                          ("inception-v3", "--inception torchvision"), ("alexnet", "--lpips alex"))
                if name in path]
-    lines = [f"export TORCH_HOME={out_dir / 'torch'}    # torchvision finds its files here: "
+    lines = [f"{set_variable('TORCH_HOME', out_dir / 'torch')}    # torchvision finds its files here: "
              f"{', '.join(dict.fromkeys(offline))} work offline"] if offline else []
     if "resnet50" in path:
         lines.append(f"KMDN/UModel.py, KMDN/RModel.py, Classification/train.py: --pretrained {path['resnet50']}    "

@@ -51,6 +51,11 @@ def local_table(tmp_path, monkeypatch):
     return table
 
 
+def test_the_offline_setup_uses_the_shell_of_the_machine_it_ran_on():
+    assert fetch_weights.set_variable("TORCH_HOME", "/w/torch", windows=False) == "export TORCH_HOME=/w/torch"
+    assert fetch_weights.set_variable("TORCH_HOME", r"C:\w\torch", windows=True) == r"set TORCH_HOME=C:\w\torch"
+
+
 def test_fetch_places_verifies_skips_and_prints_the_offline_setup(local_table, tmp_path, monkeypatch, capsys):
     out = tmp_path / "weights"
     fetch_weights.main(["--out", str(out)])
