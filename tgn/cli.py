@@ -11,9 +11,16 @@ from tgn.io import map_paths
 OFFICIAL_MILESTONES = [30, 60, 90, 120, 150, 180]
 ARCH_NAMES = ("resnet50", "resnet18")  # tgn.resnet builds both; torch-free here for --help
 COMPILE_MODES = ["off", "default", "reduce-overhead", "max-autotune"]  # torch.compile's modes, and off
+
+
+def usable_cpus():
+    """The cores this process may run on (a cluster job's share, not the whole machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # DataLoader worker processes: 4, or fewer on a machine with fewer cores (more would only
 # compete for them, and PyTorch warns about it).
-DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+DEFAULT_WORKERS = min(4, usable_cpus())
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tgn.class_names import official_class_names
+from tgn.cli import usable_cpus
 from tgn.errors import UserError, speaks
 from tgn.io import atomic_write_text, read_json, same_path
 from tgn.progress import progress_bar
@@ -323,9 +324,12 @@ def to_8_bit(image):
 
 
 CHECK_CHUNK = 4096  # images queued at once for the decode check
+# Decode-check threads: PIL decodes without the GIL, and on network file systems threads wait
+# on reads, so a few more than the cores (ThreadPoolExecutor's own rule, on the usable cores).
+CHECK_THREADS = min(32, usable_cpus() + 4)
 
 
-def find_unreadable(samples, workers=8):
+def find_unreadable(samples, workers=CHECK_THREADS):
     """Paths among (path, label) samples that cannot be decoded (truncated, not an image)."""
     def unreadable(path):
         try:
@@ -349,7 +353,7 @@ def find_unreadable(samples, workers=8):
     return bad
 
 
-def check_readable(samples, what="images", hint="", workers=8):
+def check_readable(samples, what="images", hint="", workers=CHECK_THREADS):
     """Decode every image of (path, label) samples once, in threads; stop at the first
     unreadable one with its reason, the others (the first few named) and `hint`."""
     bad = sorted(find_unreadable(samples, workers), key=str)
@@ -365,7 +369,7 @@ def check_readable(samples, what="images", hint="", workers=8):
     raise UserError(f"cannot read image {bad[0]}{more}{hint}")
 
 
-def drop_unreadable(samples, skip_bad_images, what="images", workers=8, check=False):
+def drop_unreadable(samples, skip_bad_images, what="images", workers=CHECK_THREADS, check=False):
     """With --skip-bad-images: check every image once, drop and count the bad ones.
 
     Without it, `check` decodes every image once and stops at the first bad one: for test
