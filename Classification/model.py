@@ -12,7 +12,7 @@ from torch import nn
 from tgn.checkpoint import load_all_but_classifier, load_checkpoint, load_weights, state_dict_of
 from tgn.class_names import DIOR_CLASSES, names_unlike_dior, refuse_renamed_class
 from tgn.errors import UserError
-from tgn.resnet import ARCHS, imagenet_state_dict
+from tgn.resnet import ARCHS, feature_resnet_to_torchvision, imagenet_state_dict
 
 CHECKPOINT_FORMAT = "tgn-classifier/1"
 
@@ -27,7 +27,8 @@ def build_classifier(arch="resnet50", num_classes=20):
 
 
 def initialise_backbone(model, spec):
-    """All but `fc` from 'imagenet', 'none' or a weight file (torchvision's, result.pth, ours).
+    """All but `fc` from 'imagenet', 'none' or a weight file (torchvision's, result.pth, ours,
+    or a KMDN model such as M_T.pth, whose shortcut.* are torchvision's downsample.*).
 
     `fc` keeps its fresh initialisation: the source's class count may differ.
     """
@@ -38,7 +39,8 @@ def initialise_backbone(model, spec):
         state = imagenet_state_dict(arch)
     else:
         state = state_dict_of(load_checkpoint(spec, "pretrained weights"), f"--pretrained {spec}")
-    return load_all_but_classifier(model, state, f"--pretrained {spec}", f"--arch {arch}")
+    return load_all_but_classifier(model, feature_resnet_to_torchvision(state), f"--pretrained {spec}",
+                                   f"--arch {arch}")
 
 
 def infer_arch(state_dict):

@@ -1282,6 +1282,20 @@ def test_pretrained_file_initialises_all_but_fc(tmp_path):
         initialise_backbone(build_classifier("resnet50", 5), str(tmp_path / "weights.pth"))
 
 
+def test_a_kmdn_model_initialises_the_classifier_with_its_shortcuts(tmp_path):
+    """M_T.pth and the official KMDN files name the projection branch shortcut.*, the
+    classifier (torchvision's ResNet) downsample.*: the same weights under other names."""
+    from tgn.io import atomic_torch_save
+    from tgn.resnet import FeatureResNet
+
+    kmdn = FeatureResNet("resnet18", num_classes=3)
+    atomic_torch_save(tmp_path / "M_T.pth", {"state_dict": kmdn.state_dict(), "model_config": kmdn.config})
+    model = initialise_backbone(build_classifier("resnet18", 5), str(tmp_path / "M_T.pth"))
+    assert torch.equal(model.layer2[0].downsample[0].weight, kmdn.layer2[0].shortcut[0].weight)
+    assert torch.equal(model.layer4[0].downsample[1].running_var, kmdn.layer4[0].shortcut[1].running_var)
+    assert torch.equal(model.layer3[1].conv1.weight, kmdn.layer3[1].conv1.weight)
+
+
 def test_generated_images_and_checkpoints_of_another_class_numbering_are_refused(trained, tmp_path, capsys):
     """Class ids follow the folders' order, so adding a class folder renumbers the rest:
     --extra folders and checkpoints are checked by the class names they were made for."""

@@ -122,6 +122,11 @@ def torchvision_to_feature_resnet(state_dict):
     return {re.sub(r"\.downsample\.", ".shortcut.", key): value for key, value in state_dict.items()}
 
 
+def feature_resnet_to_torchvision(state_dict):
+    """The reverse, for the classifier (torchvision's ResNet) initialised from a KMDN model."""
+    return {re.sub(r"\.shortcut\.", ".downsample.", key): value for key, value in state_dict.items()}
+
+
 def imagenet_state_dict(arch):
     """torchvision's ImageNet weights (V1, what the official `pretrained=True` gave)."""
     import torchvision
