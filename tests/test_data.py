@@ -375,3 +375,11 @@ def test_loader_workers_start_from_a_fork_server_where_fork_may_hang_under_torch
                                               for a, b in zip(served, forked))
     monkeypatch.setattr(engine, "FORK_MAY_HANG", False)
     assert engine.worker_context(1) is None
+
+
+@pytest.mark.parametrize("size, decoded", [(16, 16), (20, 32), (33, 64)])
+def test_jpeg_draft_decodes_at_the_smallest_scale_not_below_the_target(tmp_path, size, decoded):
+    """Draft mode picks the smallest of 1/8 .. 1/1 scale that still covers the target size:
+    never below it (resizing up would blur), never the full image when a scale suffices."""
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "x.jpg")
+    assert load_image(tmp_path / "x.jpg", size).size == (decoded, decoded)

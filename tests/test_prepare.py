@@ -71,6 +71,7 @@ def test_clip_box_rounds_outward_clips_and_rejects_degenerate():
     assert clip_box((10, 10, 10, 20), 64, 48) is None  # zero width
     assert clip_box((5.7, 10, 5.2, 20), 64, 48) is None  # negative width, not rounded into a pixel
     assert clip_box((70, 5, 90, 20), 64, 48) is None  # entirely outside
+    assert clip_box((64, 5, 90, 20), 64, 48) is None and clip_box((-10, 5, 0, 20), 64, 48) is None  # touching
     assert clip_box(pad_box((10, 10, 20, 30), 0.5), 64, 48) == (5, 0, 25, 40)
     assert polygon_bounds([42.5, 60.7, 55, 40], [5.2, 12, 30.1, 20]) == (40, 5.2, 60.7, 30.1)
 
@@ -157,6 +158,12 @@ def test_dior_crops_one_chip_per_object_with_class_and_box(dior_src, tmp_path, c
     printed = capsys.readouterr().out
     assert "degenerate box: 1, outside the image: 1" in printed
     assert "(24 images)" in printed  # 17 of them the filler scene's
+    airplane = next(line for line in printed.splitlines() if re.match(r"\s+0\s+airplane", line))
+    assert airplane.split()[-2:] == ["1", "0"]  # train, test: the table checked against the paper's counts
+    for subset in ("train", "test"):  # by class id as a number (10 after 2), then name, whatever the workers
+        keys = [(int(line.rsplit(" ", 1)[1]), line.rsplit(" ", 1)[0])
+                for line in (out / "anno" / f"DIOR_{subset}.txt").read_text().splitlines()]
+        assert keys == sorted(keys) and any(cid >= 10 for cid, _ in keys)
 
 
 def test_dior_min_size_context_and_set_choice(dior_src, tmp_path, capsys):
@@ -172,6 +179,24 @@ def test_dior_min_size_context_and_set_choice(dior_src, tmp_path, capsys):
     assert len(info.entries("test")) == 2
     # (4, 6, 20, 18) padded by a quarter of 16 x 12 on each side: (0, 3, 24, 21)
     assert_chip_is_region(out / "train/0/00001_0.jpg", dior_src / "JPEGImages-trainval/00001.jpg", (0, 3, 24, 21))
+
+
+def test_dior_keeps_difficult_objects_and_crops_an_id_of_two_lists_once(dior_src, tmp_path):
+    """Difficult and truncated objects are kept, as the official chips have them; a scene
+    listed in train.txt and val.txt (both train sets by default) is one scene."""
+    xml = dior_src / "Annotations/Horizontal Bounding Boxes/00001.xml"
+    xml.write_text(xml.read_text().replace("<difficult>0</difficult>",
+                                           "<difficult>1</difficult><truncated>1</truncated>", 1))
+    (dior_src / "ImageSets/Main/train.txt").write_text("00000\n00001\n")  # 00001 is in val.txt too
+    prepare_dior.main(["--src", str(dior_src), "--out", str(tmp_path / "out"), "--workers", "1"])
+    lines = anno_lines(tmp_path / "out", "DIOR", "train")
+    assert len(lines) == len(set(lines)) and "0/00001_0.jpg 0" in lines
+
+
+def test_dior_a_scene_in_train_and_test_sets_is_refused(dior_src, tmp_path, capsys):
+    argv = ["--src", str(dior_src), "--out", str(tmp_path / "out"), "--test-sets", "val,test"]
+    assert exit_code(prepare_dior.main, argv) == 2
+    assert "00001 in both train and test" in capsys.readouterr().err
 
 
 def test_a_chip_past_pils_image_limit_is_skipped_and_counted_not_written(dior_src, tmp_path, monkeypatch, capsys):
@@ -783,6 +808,16 @@ def test_context_is_a_fraction_of_the_box_as_written_and_min_size_of_its_visible
     entries, skipped = [], Counter()
     _crop_objects(scene, image, CropOptions(out=tmp_path, min_size=10), entries, skipped)
     assert not entries and skipped == {"smaller than --min-size": 1}
+    # Of its visible part: 12 px written, 4 px inside the scene.
+    image = SourceImage(tmp_path / "s.jpg", "s", "train", (ChipObject(0, 1, (-8, 0, 4, 20)),))
+    _crop_objects(scene, image, CropOptions(out=tmp_path, min_size=5), entries, skipped)
+    assert not entries and skipped == {"smaller than --min-size": 2}
+    # Cropping pads the box as written: (15, 5, 25, 10) by half of 10 x 5 is (10, 2.5, 30, 12.5),
+    # clipped to (10, 2, 20, 13); padding the clipped (15, 5, 20, 10) would give 8 px wide.
+    image = SourceImage(tmp_path / "s.jpg", "s", "train", (ChipObject(0, 1, (15, 5, 25, 10)),))
+    _crop_objects(scene, image, CropOptions(out=tmp_path, context=0.5), entries, skipped)
+    with Image.open(tmp_path / "train" / "1" / "s_0.jpg") as chip:
+        assert chip.size == (10, 11)
 
 
 def test_16_bit_scenes_give_the_chips_training_would_load(dota_src, tmp_path):
@@ -859,6 +894,10 @@ def test_fgsc_folder_names_need_a_class_map(fgsc_src, tmp_path, capsys):
     class_map.write_text(json.dumps({**{str(i): i for i in range(23)}, "frigate": 5}))
     prepare_fgsc23.main(["--src", str(fgsc_src), "--out", str(out), "--class-map", str(class_map)])
     assert looked_at(open_dataset(out).entries("train")) == [("0/a.jpg", 0), ("5/b.jpg", 5), ("5/c.jpg", 5)]
+    class_map.write_text(json.dumps({**{str(i): i for i in range(23)}, "frigate": 23}))  # ids are 0..22
+    assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "o2"), "--class-map",
+                                           str(class_map)]) == 2
+    assert "class id 23 is not in 0..22" in capsys.readouterr().err
     class_map.write_text(json.dumps({"0": 0, "5": 5, "22": 22, "frigate": True}))  # JSON true is no class id
     assert exit_code(prepare_fgsc23.main, ["--src", str(fgsc_src), "--out", str(tmp_path / "o2"), "--class-map",
                                            str(class_map)]) == 2
@@ -1068,6 +1107,33 @@ def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
     tail = load_tail_classes(tmp_path / "cdtg")
     assert sorted(tail.prompts) == ["A photo of a golf field", "A photo of a storage tank", "A photo of a wind mill"]
     assert len(tail.samples()) == 4 + 3 + 2  # each class minus its held-out image
+
+
+def test_each_class_holds_out_its_own_rounded_share(tmp_path):
+    """round(fraction x n) of each class, drawn from --seed and the class's folder name: two
+    classes of the same file names do not hold out the same names."""
+    for folder, count in {"a": 13, "b": 10, "c": 10}.items():
+        for i in range(count):
+            paint_scene(tmp_path / "src" / folder / f"{i}.jpg", (8, 8), {(0, 0, 1 + i % 7, 1): (i * 9, 0, 0)})
+    prepare_folders.main(["--train-dir", str(tmp_path / "src"), "--test-fraction", "0.2", "--out",
+                          str(tmp_path / "data")])
+    test = open_dataset(tmp_path / "data").entries("test")
+    assert [sum(e.class_id == cid for e in test) for cid in range(3)] == [3, 2, 2]  # 2.6 rounds to 3
+    held = [{e.relpath.split("/")[1] for e in test if e.class_id == cid} for cid in (1, 2)]
+    assert held[0] != held[1]
+
+
+def test_symlinks_to_a_relative_train_dir_point_to_the_images(tmp_path, monkeypatch):
+    for folder in ("a", "b"):
+        for i in range(3):
+            paint_scene(tmp_path / "src" / folder / f"{i}.jpg", (8, 8), {(0, 0, 1 + i, 1): (i * 9, 0, 0)})
+    monkeypatch.chdir(tmp_path)
+    prepare_folders.main(["--train-dir", "src", "--test-fraction", "0.5", "--out", "data", "--link", "symlink"])
+    info = open_dataset(tmp_path / "data")
+    for subset in ("train", "test"):
+        for entry in info.entries(subset):
+            assert (info.image_root(subset) / entry.relpath).is_symlink()
+            load_image(info.image_root(subset) / entry.relpath)
 
 
 def test_raw_class_folders_given_to_a_stage_point_to_the_preparer(class_folders, tmp_path, capsys):
@@ -1307,9 +1373,13 @@ def test_make_demo_is_deterministic_long_tailed_and_distinct(tmp_path):
     info = open_dataset(tmp_path / "a")
     assert info.name == "DEMO" and len(info.class_names) >= 8
     counts = {subset: np.bincount([e.class_id for e in info.entries(subset)]) for subset in ("train", "test")}
-    assert counts["train"].max() >= 10 * counts["train"].min() > 0
+    assert counts["train"].tolist() == [40, 16, 8, 12, 90, 60, 24, 120, 10]  # 120 down to 8, as README says
     assert set(counts["test"]) == {20}
     assert Image.open(info.image_root("train") / info.entries("train")[0].relpath).size == (32, 32)
+    # Test images are drawn apart from the training images, not copies of them.
+    contents = {subset: {(info.image_root(subset) / e.relpath).read_bytes() for e in info.entries(subset)}
+                for subset in ("train", "test")}
+    assert not contents["train"] & contents["test"]
 
     # Distinct classes: even a nearest-class-mean on 4 x 4 thumbnails beats chance (1/9) by far.
     def features(subset):

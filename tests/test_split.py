@@ -19,10 +19,13 @@ def test_rank_breaks_ties_by_class_id():
 def test_the_split_records_the_classes_ranked_by_training_count(tmp_path):
     """split.json's ranking (and the table dataset_split.py prints) is by training count,
     not by id: head then tail, each in count order."""
-    data = write_dataset(tmp_path / "data", {0: 3, 1: 12, 2: 10, 3: 4, 4: 8})
+    data = write_dataset(tmp_path / "data", {0: 3, 1: 12, 2: 10, 3: 4, 4: 8}, {0: 1, 1: 2, 2: 3, 3: 4, 4: 5})
     split_main(["--data-root", str(data), "--out", str(tmp_path / "split")])
     record = json.loads((tmp_path / "split" / "split.json").read_text())
     assert record["ranking"] == [1, 2, 4, 3, 0] and load_split(tmp_path / "split").ranking == [1, 2, 4, 3, 0]
+    split = load_split(tmp_path / "split")
+    assert split.train_counts == {0: 3, 1: 12, 2: 10, 3: 4, 4: 8}
+    assert split.test_counts == {0: 1, 1: 2, 2: 3, 3: 4, 4: 5}
 
 
 @pytest.mark.parametrize("classes, percent, expected", [
