@@ -493,6 +493,8 @@ def test_training_runs_all_losses_and_resumes_exactly(cdtg_inputs):
     stopped = torch.load(interrupted / "checkpoint" / "2.pt", weights_only=False)
     assert 0 < stopped["seconds"] < 1000
     torch.save({**stopped, "seconds": 1000.0}, interrupted / "checkpoint" / "2.pt")  # as after a long first call
+    with (interrupted / "metrics.jsonl").open("a") as log:  # logged by a run killed before step 3's checkpoint
+        log.write(json.dumps({"step": 3, "d": 0.0, "seconds": 1.0}) + "\n")
     train_main(tiny_train_args(cdtg_inputs, interrupted, "--iter", "4", *options, "--resume"))
     assert not killed_mid_save.exists()
     resumed = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
@@ -601,6 +603,8 @@ def test_resume_without_options_json_compares_the_flags_with_the_newest_checkpoi
     assert not (out / "options.json").exists()
     train_main(tiny_train_args(cdtg_inputs, out, "--iter", "3", "--clip", "none", "--resume", "--log-every", "2"))
     assert json.loads((out / "options.json").read_text())["log_every"] == 2  # how it runs may change
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # the last step is logged, whatever --log-every
 
 
 def test_resume_alone_keeps_the_runs_steps_checkpoints_and_clip_file(cdtg_inputs, capsys, monkeypatch):
@@ -1653,7 +1657,7 @@ def test_the_newest_checkpoint_is_the_highest_step_past_a_power_of_ten(tmp_path)
     assert checkpoint_steps(tmp_path) == [9, 10, 100, 1000]
 
 
-def test_zero_padded_checkpoint_names_are_found_by_their_step(cdtg_inputs):
+def test_zero_padded_checkpoint_names_are_found_by_their_step(cdtg_inputs, monkeypatch):
     """Runs of the official code name checkpoints zero-padded (`000004.pt`): --resume reads
     the newest of them, --keep-full cuts the older ones, and a run folder given as a
     checkpoint names the file to pass. Where both names of a step are there, ours is read."""
@@ -1670,7 +1674,141 @@ def test_zero_padded_checkpoint_names_are_found_by_their_step(cdtg_inputs):
     assert all(load_cdtg_checkpoint(run / "checkpoint" / name).get("generation_only")
                for name in ("000002.pt", "000004.pt"))
     (run / "checkpoint" / "000006.pt").write_bytes(b"")  # a padded copy beside ours
-    assert numbered_checkpoints(run / "checkpoint")[6] == run / "checkpoint" / "6.pt"
+    glob = Path.glob
+    for descending in (False, True):  # whichever of the two the file system lists first
+        with monkeypatch.context() as patched:
+            patched.setattr(Path, "glob", lambda folder, pattern: sorted(glob(folder, pattern), reverse=descending))
+            assert numbered_checkpoints(run / "checkpoint")[6] == run / "checkpoint" / "6.pt"
+
+
+def test_every_pass_of_a_step_gets_the_batch_s_own_labels(tmp_path):
+    """G's mapping network, D (fakes and reals) and the CLIP loss each see the label of the
+    image in hand. Catches class conditioning dropped from G, labels shifted for D's fakes or
+    G's adversarial pass, CLIP scoring fakes against other classes' prompts."""
+    trainer = make_trainer(tmp_path, path_batch_shrink=1)
+    seen = {"d": [], "g": [], "clip": []}
+    d_main, get_latent, clip_forward = trainer.d_main, trainer.g.get_latent, trainer.clip_loss.forward
+    trainer.d_main = lambda images, labels: seen["d"].append(labels.clone()) or d_main(images, labels)
+    trainer.g.get_latent = lambda z, labels=None: seen["g"].append(labels) or get_latent(z, labels)
+    trainer.clip_loss.forward = lambda images, labels: seen["clip"].append(labels.clone()) or clip_forward(images,
+                                                                                                          labels)
+    trainer.noise.reseed(0, 0)
+    trainer.train_step(real_batch(), LABELS)
+    assert len(seen["d"]) >= 3 and all(torch.equal(labels, LABELS) for labels in seen["d"])
+    assert seen["g"] and all(labels is not None and torch.equal(labels, LABELS[:len(labels)]) for labels in seen["g"])
+    assert seen["clip"] and all(torch.equal(labels, LABELS) for labels in seen["clip"])
+
+
+def test_the_path_length_pass_fuses_the_features_of_its_own_images(tmp_path):
+    """At the default shrink of 2 the path pass takes the first half of the batch: its
+    features and its labels (the first rows of both), not the last features."""
+    trainer = make_trainer(tmp_path, lambda_cls=0.0, lambda_clip=0.0)
+    fused, generate = [], trainer.generate
+
+    def recording(module, batch, features, labels, **options):
+        if options.get("return_latents"):
+            fused.append((features.clone(), labels.clone()))
+        return generate(module, batch, features, labels, **options)
+
+    trainer.generate = recording
+    real = real_batch()
+    trainer.noise.reseed(0, 0)
+    trainer.train_step(real, LABELS)
+    with torch.no_grad():
+        _, features = trainer.teacher(real)
+    [(path_features, path_labels)] = fused
+    assert torch.equal(path_features, features[:2]) and torch.equal(path_labels, LABELS[:2])
+
+
+def test_the_teacher_loss_is_its_cross_entropy():
+    """Catches the sign flipped: a loss that falls below 0 still 'decreases' in training."""
+    torch.manual_seed(0)
+    teacher = FeatureResNet("resnet18", num_classes=3, width=4).eval()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    torch.testing.assert_close(teacher_classification_loss(teacher, images, labels),
+                               F.cross_entropy(teacher(images)[0], labels))
+
+
+def test_the_fusion_layer_starts_at_unit_scale_and_its_fallback_leaves_the_global_generator():
+    """Equalised learning rate: weights drawn N(0, 1/lr_mul) times lr_mul/sqrt(fan-in) give
+    outputs of unit scale (without lr_mul the feature term is 100x the noise's). The fixed
+    fallback projection leaves torch's global random state as it found it."""
+    torch.manual_seed(0)
+    embedded = NoiseFusion(1024, 64, lr_mul=0.01).embed(torch.randn(512, 1024, 1, 1))
+    assert 0.9 < embedded.std().item() < 1.1
+    state = torch.random.get_rng_state()
+    with pytest.warns(UserWarning, match="no noise-fusion weights"):
+        NoiseFusion.official_fallback(16, 4)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_style_mixing_crosses_over_after_1_to_n_minus_1_layers_and_flips_half():
+    """As the official mixing_noise: the crossover is one of 1 .. n_latent - 1; --flip
+    mirrors each real image with probability 1/2."""
+    noise = StepNoise(torch.device("cpu"), 4, 1.0, [(1, 1, 4, 4)], 6)
+    random.seed(0)
+    assert {noise.latents(1)[1] for _ in range(500)} == set(range(1, 6))
+    noise.generator.manual_seed(0)
+    assert abs(noise.flips(20000).float().mean().item() - 0.5) < 0.02
+
+
+def test_sample_grids_fuse_with_the_averaged_fusion_layer(tmp_path):
+    """g_ema draws the grids, from latents of the averaged fusion layer (fusion_ema), which
+    generation uses; the trained fusion layer differs from it."""
+    trainer = make_trainer(tmp_path, lambda_clip=0.0)
+    with torch.no_grad():
+        trainer.fusion_ema.project.weight.mul_(3)
+    latents, get_latent = [], trainer.g_ema.get_latent
+    trainer.g_ema.get_latent = lambda z, labels=None: latents.append(z.clone()) or get_latent(z, labels)
+    z, real = torch.randn(4, 16), real_batch()
+    trainer.write_samples(z, LABELS, real)
+    trainer.finish_samples(close=True)
+    with torch.no_grad():
+        expected = trainer.fusion_ema(z, trainer.teacher(real)[1], 0.8)
+    torch.testing.assert_close(latents[0], expected)
+
+
+def test_real_tail_images_are_scaled_to_minus_one_to_one(cdtg_inputs):
+    """The scale of G's tanh-free output in StyleGAN2 and of what D and M_T see: a bright
+    image's pixels near 1 and a dark one's near -1, not 0..1."""
+    from CDTG.tail_data import tail_image_dataset
+
+    dataset = tail_image_dataset(load_tail_classes(cdtg_inputs / "cdtg_data"), 32)
+    pixels = torch.stack([dataset[index][0] for index in range(len(dataset))])
+    assert pixels.min() < -0.5 and pixels.max() <= 1.0
+
+
+def test_each_row_of_the_sample_grid_fuses_a_real_image_of_its_class(cdtg_inputs):
+    from CDTG.tail_data import tail_image_dataset
+    from CDTG.training import sample_set
+
+    dataset = tail_image_dataset(load_tail_classes(cdtg_inputs / "cdtg_data"), 32)
+    _, labels, real = sample_set(dataset, 3, 16, torch.device("cpu"))
+    targets = dataset.targets()
+    assert sorted(set(labels.tolist())) == [0, 1, 2]
+    for image, label in zip(real, labels.tolist()):
+        assert torch.equal(image, dataset[targets.index(label)][0])
+
+
+def test_adaptive_augmentation_resumes_its_probability_and_window(tmp_path):
+    trainer = make_trainer(tmp_path, lambda_clip=0.0, augment=True)
+    trainer.ada.p, trainer.ada.count, trainer.ada_p, trainer.step = 0.3, 12, 0.3, 5
+    trainer.ada.sign_sum.fill_(7.0)
+    trainer.metadata["fusion_config"] = trainer.fusion.config  # as train.py records it
+    trainer.save()
+    resumed = make_trainer(tmp_path, lambda_clip=0.0, augment=True)
+    resumed.metadata["fusion_config"] = resumed.fusion.config
+    assert resumed.resume()
+    assert resumed.ada_p == 0.3 and resumed.ada.state_dict() == trainer.ada.state_dict()
+
+
+def test_a_generator_gone_non_finite_is_never_saved(tmp_path):
+    trainer = make_trainer(tmp_path, lambda_clip=0.0)
+    with torch.no_grad():
+        next(trainer.g.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(UserError, match="the generator's weights became non-finite by step 0; nothing saved"):
+        trainer.save()
+    assert not list(tmp_path.rglob("*.pt"))
 
 
 # --- the wiring: flags reach the code, orders match, intervals, starting copies ---------------------

@@ -549,7 +549,7 @@ def test_the_distillation_loss_compares_with_the_teachers_features_of_the_same_b
 
 
 def test_distill_and_gan_defaults_are_the_official_ones():
-    """The paper's Distill and CDTG defaults, which no run in the suite uses as they are."""
+    """The paper's Distill, CDTG and generation defaults, which no run in the suite uses as they are."""
     from CDTG.config import GanConfig
     from KMDN.Distill import build_parser as distill_parser
 
@@ -560,6 +560,10 @@ def test_distill_and_gan_defaults_are_the_official_ones():
     assert (cfg.iterations, cfg.batch, cfg.lr, cfg.r1, cfg.path_regularize, cfg.path_batch_shrink) == \
         (200_000, 8, 0.002, 10.0, 2.0, 2)
     assert (cfg.d_reg_every, cfg.g_reg_every, cfg.mixing, cfg.fusion_noise, cfg.ada_target) == (16, 4, 0.9, 0.8, 0.6)
+    from CDTG.generation import build_parser as generation_parser
+
+    generation = generation_parser().parse_args(["--ckpt", "200000.pt"])
+    assert (generation.per_class, generation.r, generation.truncation) == (7000, 0.05, 1.0)
 
 
 def test_the_optimizer_gets_the_weight_decay():
