@@ -13,6 +13,7 @@ variable and flags that make every stage read these files instead of the network
 """
 import http.client
 import os
+import shlex
 import sys
 import tempfile
 import urllib.request
@@ -126,9 +127,10 @@ def _fetch(weight, out_dir):
 
 
 def set_variable(name, value, windows=os.name == "nt"):
-    """The shell line that sets an environment variable: cmd's syntax on Windows, where the
-    paths printed are Windows paths (PowerShell: $env:NAME = "value")."""
-    return f"set {name}={value}" if windows else f"export {name}={value}"
+    """The shell line that sets an environment variable, to paste as it is: cmd's syntax on
+    Windows, where the paths printed are Windows paths (cmd's set takes the rest of the line,
+    spaces included: quoted whole), else a POSIX shell's."""
+    return f'set "{name}={value}"' if windows else f"export {name}={shlex.quote(str(value))}"
 
 
 def offline_usage(out_dir, weights):
@@ -138,8 +140,8 @@ def offline_usage(out_dir, weights):
     offline = [flags for name, flags in (("resnet50", "--pretrained imagenet"), ("resnet18", "--pretrained imagenet"),
                                          ("inception-v3", "--inception torchvision"), ("alexnet", "--lpips alex"))
                if name in path]
-    lines = [f"{set_variable('TORCH_HOME', out_dir / 'torch')}    # torchvision finds its files here: "
-             f"{', '.join(dict.fromkeys(offline))} work offline"] if offline else []
+    lines = [f"torchvision finds its files through TORCH_HOME ({', '.join(dict.fromkeys(offline))} then work "
+             "offline):", f"  {set_variable('TORCH_HOME', out_dir / 'torch')}"] if offline else []
     if "resnet50" in path:
         lines.append(f"KMDN/UModel.py, KMDN/RModel.py, Classification/train.py: --pretrained {path['resnet50']}    "
                      "(or imagenet with TORCH_HOME)")

@@ -53,7 +53,8 @@ def local_table(tmp_path, monkeypatch):
 
 def test_the_offline_setup_uses_the_shell_of_the_machine_it_ran_on():
     assert fetch_weights.set_variable("TORCH_HOME", "/w/torch", windows=False) == "export TORCH_HOME=/w/torch"
-    assert fetch_weights.set_variable("TORCH_HOME", r"C:\w\torch", windows=True) == r"set TORCH_HOME=C:\w\torch"
+    assert fetch_weights.set_variable("TORCH_HOME", "/my w/torch", windows=False) == "export TORCH_HOME='/my w/torch'"
+    assert fetch_weights.set_variable("TORCH_HOME", r"C:\my w\torch", windows=True) == r'set "TORCH_HOME=C:\my w\torch"'
 
 
 def test_fetch_places_verifies_skips_and_prints_the_offline_setup(local_table, tmp_path, monkeypatch, capsys):
@@ -63,7 +64,7 @@ def test_fetch_places_verifies_skips_and_prints_the_offline_setup(local_table, t
     torchvision_file = out / "torch" / "hub" / "checkpoints" / local_table[0].file_name
     clip_file = out / "clip" / "ViT-T.pt"
     assert torchvision_file.is_file() and clip_file.read_bytes() == b"clip weights"
-    assert f"export TORCH_HOME={out.resolve() / 'torch'}" in printed
+    assert f"\n    {fetch_weights.set_variable('TORCH_HOME', out.resolve() / 'torch')}\n" in printed  # a line to paste
     assert f"--pretrained {torchvision_file.resolve()}" in printed and f"--clip {clip_file.resolve()}" in printed
     assert not list(out.rglob("*.tmp"))
 
