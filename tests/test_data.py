@@ -383,3 +383,16 @@ def test_jpeg_draft_decodes_at_the_smallest_scale_not_below_the_target(tmp_path,
     never below it (resizing up would blur), never the full image when a scale suffices."""
     Image.new("RGB", (64, 64), (10, 200, 30)).save(tmp_path / "x.jpg")
     assert load_image(tmp_path / "x.jpg", size).size == (decoded, decoded)
+
+
+def test_the_decode_check_takes_this_process_s_share_of_the_cores(monkeypatch):
+    """Under torchrun every process of a node checks the same images: each takes its share."""
+    import tgn.cli
+
+    monkeypatch.setattr(tgn.cli, "usable_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert tgn.cli.cpus_per_process() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert tgn.cli.cpus_per_process() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert tgn.cli.cpus_per_process() == 1

@@ -18,6 +18,12 @@ def usable_cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def cpus_per_process():
+    """This process's share of the usable cores: under torchrun, its node's processes
+    (LOCAL_WORLD_SIZE) share them."""
+    return max(1, usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 # DataLoader worker processes: 4, or fewer on a machine with fewer cores (more would only
 # compete for them, and PyTorch warns about it).
 DEFAULT_WORKERS = min(4, usable_cpus())

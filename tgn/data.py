@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tgn.class_names import official_class_names
-from tgn.cli import usable_cpus
+from tgn.cli import cpus_per_process
 from tgn.errors import UserError, speaks
 from tgn.io import atomic_write_text, read_json, same_path
 from tgn.progress import progress_bar
@@ -325,8 +325,9 @@ def to_8_bit(image):
 
 CHECK_CHUNK = 4096  # images queued at once for the decode check
 # Decode-check threads: PIL decodes without the GIL, and on network file systems threads wait
-# on reads, so a few more than the cores (ThreadPoolExecutor's own rule, on the usable cores).
-CHECK_THREADS = min(32, usable_cpus() + 4)
+# on reads, so a few more than the cores (ThreadPoolExecutor's own rule, on this process's share
+# of them: under torchrun every process of a node checks the same images).
+CHECK_THREADS = min(32, cpus_per_process() + 4)
 
 
 def find_unreadable(samples, workers=CHECK_THREADS):
