@@ -26,6 +26,7 @@ def test_group_outputs_follow_the_ranking_as_in_the_official_scripts(tmp_path):
     """Official KMDN and CDTG weights record no class order: their output k is the group's
     k-th class by training count, descending (DIOR head 13, 18, 15, 0, ...)."""
     from CDTG.dataset_split import main as cdtg_split_main
+    from CDTG.tail_data import load_tail_classes
     from conftest import write_dataset
 
     data = write_dataset(tmp_path / "data", {0: 3, 1: 9, 2: 5, 3: 12, 4: 4})
@@ -37,6 +38,7 @@ def test_group_outputs_follow_the_ranking_as_in_the_official_scripts(tmp_path):
     cdtg_split_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "cdtg")])
     tail = json.loads((tmp_path / "cdtg" / "tail_classes.json").read_text())
     assert [(c["label"], c["id"]) for c in tail["classes"]] == [(0, 2), (1, 4), (2, 0)]
+    assert load_tail_classes(tmp_path / "cdtg").ids == [2, 4, 0]  # in label order, read back
     rmodel_main(["--split", str(tmp_path / "split"), "--out", str(tmp_path / "kmdn"), "--epochs", "1", *TINY])
     assert load_checkpoint(tmp_path / "kmdn" / "tail" / "best.pth")["class_ids"] == [2, 4, 0]
 
@@ -551,6 +553,7 @@ def test_the_distillation_loss_compares_with_the_teachers_features_of_the_same_b
 def test_distill_and_gan_defaults_are_the_official_ones():
     """The paper's Distill, CDTG and generation defaults, which no run in the suite uses as they are."""
     from CDTG.config import GanConfig
+    from CDTG.generation import build_parser as generation_parser
     from KMDN.Distill import build_parser as distill_parser
 
     args = distill_parser().parse_args([])
@@ -560,8 +563,6 @@ def test_distill_and_gan_defaults_are_the_official_ones():
     assert (cfg.iterations, cfg.batch, cfg.lr, cfg.r1, cfg.path_regularize, cfg.path_batch_shrink) == \
         (200_000, 8, 0.002, 10.0, 2.0, 2)
     assert (cfg.d_reg_every, cfg.g_reg_every, cfg.mixing, cfg.fusion_noise, cfg.ada_target) == (16, 4, 0.9, 0.8, 0.6)
-    from CDTG.generation import build_parser as generation_parser
-
     generation = generation_parser().parse_args(["--ckpt", "200000.pt"])
     assert (generation.per_class, generation.r, generation.truncation) == (7000, 0.05, 1.0)
 
