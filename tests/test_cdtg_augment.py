@@ -200,16 +200,24 @@ def test_colour_transforms_match_hand_computed_results():
 
 
 def test_each_transform_is_drawn_at_adas_default_strength():
-    """ADA's bgc strengths, measured on 4,000 draws at p = 1: contrast and saturation
-    log2-normal with std 0.5 and 1, rotations uniform in (-pi, pi) (mean |angle| pi/2),
-    fractional shifts normal with std 0.125 of the size, anisotropic scaling by (s, 1/s);
-    at p = 0 the colour map is the identity."""
+    """ADA's bgc strengths, measured on 4,000 draws at p = 1: brightness normal with std 0.2;
+    contrast and saturation log2-normal with std 0.5 and 1; integer shifts up to 0.125 of the
+    size; scaling and anisotropic scaling (s, 1/s) log2-normal with std 0.2; rotations
+    uniform in (-pi, pi) (mean |angle| pi/2); fractional shifts normal with std 0.125 of the
+    size. At p = 0 the colour map is the identity."""
     seed = torch.Generator().manual_seed(0)
     assert torch.equal(sample_colour(8, 0.0), torch.eye(4, dtype=torch.float64).expand(8, 4, 4))
+    brightness = sample_colour(4000, 1.0, kinds=("brightness",), generator=seed)[:, 0, 3]
+    assert brightness.std().item() == pytest.approx(0.2, abs=0.01)
     contrast = sample_colour(4000, 1.0, kinds=("contrast",), generator=seed)[:, 0, 0]
     assert torch.log2(contrast).std().item() == pytest.approx(0.5, abs=0.03)
     saturation = sample_colour(4000, 1.0, kinds=("saturation",), generator=seed)
     assert torch.log2(saturation[:, 0, 0] - saturation[:, 0, 1]).std().item() == pytest.approx(1.0, abs=0.05)
+    shift = sample_geometric(4000, 32, 32, 1.0, kinds=("xint",), generator=seed)[:, :2, 2]
+    assert shift.abs().max().item() == 4 and torch.equal(shift, shift.round())  # 0.125 x 32 px, whole pixels
+    scale = sample_geometric(4000, 32, 32, 1.0, kinds=("scale",), generator=seed)
+    assert torch.log2(scale[:, 0, 0]).std().item() == pytest.approx(0.2, abs=0.01)
+    torch.testing.assert_close(scale[:, 0, 0], scale[:, 1, 1])
     rotation = sample_geometric(4000, 32, 32, 1.0, kinds=("rotate",), generator=seed)
     angle = torch.atan2(rotation[:, 1, 0], rotation[:, 0, 0])
     assert angle.abs().mean().item() == pytest.approx(math.pi / 2, abs=0.1)
@@ -217,7 +225,7 @@ def test_each_transform_is_drawn_at_adas_default_strength():
     assert (shift.std() / 32).item() == pytest.approx(0.125, abs=0.01)
     aniso = sample_geometric(4000, 32, 32, 1.0, kinds=("aniso",), generator=seed)
     torch.testing.assert_close(torch.linalg.det(aniso), torch.ones(4000, dtype=torch.float64))
-    assert not torch.allclose(aniso[:, 0, 0], torch.ones(4000, dtype=torch.float64))
+    assert torch.log2(aniso[:, 0, 0]).std().item() == pytest.approx(0.2, abs=0.01)
 
 
 def test_colour_only_leaves_geometry_alone_and_checks_arguments():

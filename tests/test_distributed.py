@@ -640,8 +640,8 @@ def test_cdtg_under_torchrun_matches_one_process(cdtg_inputs):
     compiled = ["--compile"] if torch_version() >= COMPILE_SINCE else []  # refused on older torch releases
     train_cdtg_saving_every_rank(cdtg_args(root, single, *exact))
     generation = ["--ckpt", str(single / "checkpoint" / "3.pt"), "--per-class", "5", "--batch", "2", "--device", "cpu"]
-    # The compiled run without style mixing: each place it cuts the layers is another graph
-    # (test_compile.py bounds them in one process); here, under DDP, mixing added 15 s.
+    # The compiled run without style mixing: each crossover point compiles another graph, each
+    # split again at DDP's buckets (test_compile.py bounds them in one process).
     run_in_processes(run_cdtg_runs, [cdtg_args(root, ddp, *exact), cdtg_args(
         root, ada, "--augment", "--ada-target", "-2", "--ada-every", "8", "--ada-length", "100", "--clip", "none",
         "--mixing", "0", *compiled)],

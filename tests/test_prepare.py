@@ -160,7 +160,7 @@ def test_dior_crops_one_chip_per_object_with_class_and_box(dior_src, tmp_path, c
     assert "(24 images)" in printed  # 17 of them the filler scene's
     airplane = next(line for line in printed.splitlines() if re.match(r"\s+0\s+airplane", line))
     assert airplane.split()[-2:] == ["1", "0"]  # train, test: the table checked against the paper's counts
-    for subset in ("train", "test"):  # by class id as a number (10 after 2), then name, whatever the workers
+    for subset in ("train", "test"):  # by class id as a number (10 after 2), then name
         keys = [(int(line.rsplit(" ", 1)[1]), line.rsplit(" ", 1)[0])
                 for line in (out / "anno" / f"DIOR_{subset}.txt").read_text().splitlines()]
         assert keys == sorted(keys) and any(cid >= 10 for cid, _ in keys)
@@ -1112,9 +1112,9 @@ def test_folder_names_become_the_clip_prompts_of_the_tail_classes(tmp_path):
 def test_each_class_holds_out_its_own_rounded_share(tmp_path):
     """round(fraction x n) of each class, drawn from --seed and the class's folder name: two
     classes of the same file names do not hold out the same names."""
-    for folder, count in {"a": 13, "b": 10, "c": 10}.items():
-        for i in range(count):
-            paint_scene(tmp_path / "src" / folder / f"{i}.jpg", (8, 8), {(0, 0, 1 + i % 7, 1): (i * 9, 0, 0)})
+    for number, (folder, count) in enumerate({"a": 13, "b": 10, "c": 10}.items()):
+        for i in range(count):  # every image distinct: no copies across classes to warn of
+            paint_scene(tmp_path / "src" / folder / f"{i}.jpg", (8, 8), {(0, 0, 2, 2): (i * 9, 80 * number, 0)})
     prepare_folders.main(["--train-dir", str(tmp_path / "src"), "--test-fraction", "0.2", "--out",
                           str(tmp_path / "data")])
     test = open_dataset(tmp_path / "data").entries("test")
@@ -1124,9 +1124,9 @@ def test_each_class_holds_out_its_own_rounded_share(tmp_path):
 
 
 def test_symlinks_to_a_relative_train_dir_point_to_the_images(tmp_path, monkeypatch):
-    for folder in ("a", "b"):
+    for number, folder in enumerate(("a", "b")):
         for i in range(3):
-            paint_scene(tmp_path / "src" / folder / f"{i}.jpg", (8, 8), {(0, 0, 1 + i, 1): (i * 9, 0, 0)})
+            paint_scene(tmp_path / "src" / folder / f"{i}.jpg", (8, 8), {(0, 0, 2, 2): (i * 60, 120 * number, 0)})
     monkeypatch.chdir(tmp_path)
     prepare_folders.main(["--train-dir", "src", "--test-fraction", "0.5", "--out", "data", "--link", "symlink"])
     info = open_dataset(tmp_path / "data")

@@ -2,8 +2,9 @@
 
 Parameter names follow the official KMDN checkpoints (`shortcut.0` / `shortcut.1` for
 the projection branch, stride on the 3x3 convolution), so their state dicts load with
-strict=True. torchvision's ImageNet weights load through `torchvision_to_feature_resnet`,
-the only place where names are mapped.
+strict=True. torchvision's ImageNet weights load through `torchvision_to_feature_resnet`;
+`feature_resnet_to_torchvision` maps the other way, for the classifier (torchvision's ResNet)
+initialised from a KMDN model.
 """
 import re
 from pathlib import Path
