@@ -1483,7 +1483,7 @@ def test_path_length_penalty_matches_its_formula():
     torch.manual_seed(0)
     batch, n_latent, dim, shape = 3, 4, 5, (2, 2, 4)  # H != W
     latents = torch.randn(batch, n_latent, dim, requires_grad=True)
-    a = torch.randn(n_latent * dim, math.prod(shape))
+    a = torch.randn(n_latent * dim, math.prod(shape), requires_grad=True)
     fake = (latents.flatten(1) @ a).view(batch, *shape)
     noise = torch.randn(batch, *shape)
     penalty, mean, lengths = g_path_regularize(fake, latents, torch.tensor(0.5), decay=0.1, noise=noise)
@@ -1492,7 +1492,10 @@ def test_path_length_penalty_matches_its_formula():
     expected_mean = 0.5 + 0.1 * (expected_lengths.mean() - 0.5)
     torch.testing.assert_close(lengths, expected_lengths)
     torch.testing.assert_close(mean, expected_mean)
-    torch.testing.assert_close(penalty, (expected_lengths - expected_mean).pow(2).mean())
+    expected_penalty = (expected_lengths - expected_mean).pow(2).mean()
+    torch.testing.assert_close(penalty, expected_penalty)
+    # G's gradient flows through the moved mean too, as in StyleGAN2 (detaching it changes it).
+    torch.testing.assert_close(torch.autograd.grad(penalty, a)[0], torch.autograd.grad(expected_penalty, a)[0])
 
 
 def test_the_optimisers_use_the_lazy_regularisation_ratios(tmp_path):
