@@ -48,7 +48,8 @@ def build_parser():
     runtime.add_argument("--seed", type=seed_value, default=0, help="seed of the subsets and LPIPS pairs")
     runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
-                         help="DataLoader worker processes decoding images (4, at most the CPU count)")
+                         help="DataLoader worker processes decoding images; the default is 4, or this machine's usable "
+                              "cores where fewer")
     runtime.add_argument("--skip-bad-images", action="store_true",
                          help="leave out unreadable real tail images (as training and generation with this flag did) "
                               "instead of stopping")

@@ -206,7 +206,7 @@ def add_runtime_args(parser, *, pin_memory=True):
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--seed", type=seed_value, default=0, help="seed of every random generator")
     group.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS,
-                       help="DataLoader worker processes (4, at most the CPU count)")
+                       help="DataLoader worker processes; the default is 4, or this machine's usable cores where fewer")
     if pin_memory:
         group.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
                            help="page-locked host memory for faster GPU copies (auto: on when the run uses a GPU)")
