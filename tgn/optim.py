@@ -2,6 +2,7 @@
 import torch
 
 from tgn.compat import has_fused_adam
+from tgn.errors import UserError
 
 
 def adam(parameters, **options):
@@ -19,6 +20,9 @@ def restore_optimizer(optimizer, state):
     carries the flags of the run that wrote it, perhaps on another device or version. The
     flags are set before loading, which places each step counter where the kernel wants it."""
     kernel_flags = ("fused", "foreach", "capturable")
+    if len(state["param_groups"]) != len(optimizer.param_groups):  # zip below would drop the extra ones unsaid
+        raise UserError(f"the checkpoint's optimizer state has {len(state['param_groups'])} parameter groups, this "
+                        f"run's optimizer {len(optimizer.param_groups)}: not a checkpoint of this run's models")
     groups = [{**saved, **{key: current.get(key) for key in kernel_flags}}
               for saved, current in zip(state["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({**state, "param_groups": groups})
