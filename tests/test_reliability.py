@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -489,8 +490,8 @@ def test_generated_images_are_flushed_before_they_get_their_names(tmp_path, monk
         return 0
 
     monkeypatch.setattr(tgn.io, "SYNCFS", syncfs)
-    fsyncs = []
-    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd))
+    fsyncs = []  # of files; the folder's own sync follows the renames
+    monkeypatch.setattr(os, "fsync", lambda fd: None if stat.S_ISDIR(os.fstat(fd).st_mode) else fsyncs.append(fd))
     with JpegWriter(workers=3, quality=90) as writer:
         writer.submit(tmp_path / "3", [0, 1, 2, 3], jpeg_batch(4))
         writer.submit(tmp_path / "3", [4, 5], jpeg_batch(2))
@@ -538,10 +539,10 @@ def test_without_syncfs_each_generated_image_is_fsynced(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tgn.io, "SYNCFS", None)  # not Linux
     fsyncs, real_fsync = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real_fsync(fd))
     with JpegWriter(workers=2, quality=90) as writer:
         writer.submit(tmp_path, [0, 1, 2], jpeg_batch(3))
-    assert len(fsyncs) == 3
+    assert fsyncs == [False] * 3 + [True]  # each image, then the folder once for their renames
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"gen_{i:06d}.jpg" for i in range(3)]
 
 

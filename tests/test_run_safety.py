@@ -4,6 +4,7 @@ import argparse
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,23 @@ def test_an_atomic_write_goes_through_a_hidden_temp_file_beside_its_target(tmp_p
     [(temp, renamed)] = renames
     assert renamed == target and temp.parent == target.parent and tgn_io.TEMP_FILE.fullmatch(temp.name)
     assert target.read_bytes() == b"abc" and not temp.exists()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows cannot open a folder to sync it")
+def test_an_atomic_write_syncs_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """The new name is an entry of the folder: until the folder is on disk, a power cut can
+    lose the rename."""
+    events, real_replace, real_fsync = [], os.replace, os.fsync
+    monkeypatch.setattr(tgn_io.os, "replace", lambda src, dst: events.append("rename") or real_replace(src, dst))
+
+    def fsync(fd):
+        info = os.fstat(fd)
+        events.append(("folder", info.st_ino) if stat.S_ISDIR(info.st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(tgn_io.os, "fsync", fsync)
+    tgn_io.atomic_write_text(tmp_path / "sub" / "options.json", "{}")
+    assert events == ["file", "rename", ("folder", (tmp_path / "sub").stat().st_ino)]
 
 
 def test_only_a_refused_replace_is_retried(tmp_path, monkeypatch):

@@ -90,6 +90,24 @@ def remove_temp_files(folder):
 REPLACE_RETRIES_S = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0) if os.name == "nt" else ()
 
 
+def sync_folder(folder):
+    """Put a rename in `folder` on disk: a file's new name is an entry of its folder, which a
+    power cut right after the rename could otherwise lose, leaving the old file or none.
+    Best effort: Windows cannot open a folder, and some file systems refuse to sync one."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _rename_into_place(tmp, path):
     waits = list(REPLACE_RETRIES_S)
     while True:
@@ -105,8 +123,9 @@ def _rename_into_place(tmp, path):
 
 
 def _atomic_replace(path, write):
-    """Write into a temp file beside `path`, fsync, rename."""
+    """Write into a temp file beside `path`, fsync, rename, fsync the folder."""
     _rename_into_place(_write_temp(path, write, sync=True), path)
+    sync_folder(Path(path).parent)
 
 
 def _find_syncfs():
@@ -153,6 +172,8 @@ def publish(pending):
             for later, _ in pending[position + 1:]:  # no temp file is left behind
                 Path(later).unlink(missing_ok=True)
             raise
+    for folder in sorted({Path(path).parent for _, path in pending}):
+        sync_folder(folder)  # the renames themselves, one sync per folder
 
 
 def flush_file_system(folder):
