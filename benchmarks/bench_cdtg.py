@@ -21,7 +21,6 @@ appended as JSON lines to --out.
 """
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -39,6 +38,7 @@ from PIL import Image  # noqa: E402
 from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from benchmarks.measuring import machine_facts, release, synchronize  # noqa: E402
 from CDTG.clip_loss import ClipConsistencyLoss, import_clip  # noqa: E402
 from CDTG.fusion import NoiseFusion  # noqa: E402
 from CDTG.swagan import Discriminator, Generator  # noqa: E402
@@ -66,11 +66,6 @@ def paper_clip():
 def tiny_clip():
     clip = import_clip()
     return clip.model.CLIP(16, 32, 1, 64, 16, 77, 49408, 64, 1, 1)
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device, warmup, repeats):
@@ -130,13 +125,6 @@ def host_and_gpu_seconds(fn, device, repeats):
     # None: no device events recorded. The activity count tells whether a step could fill CUDA's launch queue
     # (about a thousand kernels), which would make the host wait within a step even from an idle GPU.
     return host / repeats, (busy / repeats if busy > 0 else None), len(spans) / repeats
-
-
-def release(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def build(args, device, with_clip, fusion_pool=None, amp="off", modconv="shared", compile=False):
@@ -389,10 +377,8 @@ def main(argv=None):
         parser.error(f"--cases: no case {', '.join(unknown)} in --part {args.part} on this device; "
                      f"choose from {', '.join(cases)}")
     chosen = args.cases or list(cases)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for case in chosen:
-        record = {"case": case, **cases[case](), "config": "tiny" if args.tiny else "paper", "device": device_name,
-                  "torch": torch.__version__}
+        record = {"case": case, **cases[case](), "config": "tiny" if args.tiny else "paper", **machine_facts(device)}
         print(json.dumps(record), flush=True)
         append_jsonl(args.out, record)
 

@@ -36,6 +36,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 
 import tgn.engine  # noqa: E402
 
+from benchmarks.measuring import machine_facts, release, synchronize  # noqa: E402
 from Classification.model import build_classifier  # noqa: E402
 from KMDN.distillation import make_distill_loss_fn  # noqa: E402
 from tgn.cache import ResizeCache  # noqa: E402
@@ -64,9 +65,25 @@ def quiet_progress_bar(iterable=None, **kwargs):
     return progress_bar(iterable, **{**kwargs, "disable": True})
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class ArrivalClock:
+    """Iterates a DataLoader, noting when its first batch arrives. Each epoch starts with the
+    workers' queue empty: the first batch waits for a whole batch's decoding, which is 0.3% of
+    a DIOR epoch but a large share of a short timed one. Timing from the first arrival and
+    counting the batches after it gives the steady rate, which a data path that sets the pace
+    shows exactly and one that does not, 1/--steps low (the first batch's step is timed)."""
+
+    def __init__(self, loader):
+        self.loader, self.first_arrival = loader, None
+        self.num_workers = loader.num_workers
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for index, batch in enumerate(self.loader):
+            if index == 0:
+                self.first_arrival = time.perf_counter()
+            yield batch
 
 
 def build(trainer, cfg):
@@ -102,28 +119,27 @@ def jpeg_loader(source, cfg, args, device, samples, cache_dir, batch):
     return make_loader(dataset, batch, train=True, workers=args.workers, device=device, persistent=True)
 
 
-def time_data_path(source, cfg, args, device, samples, cache_dir):
+def time_data_path(source, cfg, args, device, samples, cache_dir, channels_last):
     """Images/s the data path alone delivers: each batch of KMDN's DataLoader moved to the
-    device and scaled as the engine does (channels_last on GPUs), no model. Above the
+    device and scaled as the engine does (channels_last as the bf16 cases), no model. Above the
     in-memory training rate, the data path does not hold training back."""
+    release(device)
     batch = cfg["batches"]["kmdn"]
     loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
-    channels_last = device.type == "cuda"
-    timings = []
     for epoch in range(2):  # the first, untimed, as in run()
         loader.sampler.set_epoch(epoch)
-        synchronize(device)
-        started = time.perf_counter()
-        for images, _ in loader:
+        clocked = ArrivalClock(loader)
+        for images, _ in clocked:
             model_input(images, device, channels_last)
         synchronize(device)
-        timings.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - clocked.first_arrival
     return {"bench": "data_path", "source": source, "batch": batch, "channels_last": channels_last,
-            "images_per_second": round(args.steps * batch / timings[-1], 2)}
+            "warmup": args.steps, "images_per_second": round((args.steps - 1) * batch / seconds, 2)}
 
 
 def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch=None, compile_mode="off"):
     amp, channels_last = precision
+    release(device)
     counters.clear()
     model, loss_fn = build(trainer, cfg)
     train_cfg = TrainConfig(epochs=1, batch_size=batch or cfg["batches"][trainer], lr=1e-3, weight_decay=1e-4, milestones=[],
@@ -147,24 +163,28 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
     else:
         # A first, untimed epoch starts the persistent workers, fills the page cache and,
         # with --cache, writes the resized images; the second epoch is timed.
-        loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
-        warm_loader = loader
+        warm_loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
+        loader = ArrivalClock(warm_loader)
     common = dict(amp=amp, scaler=scaler, channels_last=channels_last, desc=f"{trainer} {source}",
                   cuda_graphs=uses_cuda_graphs(compile_mode))
     train_one_epoch(net, warm_loader, optimizer, loss_fn, device, **common)
-    if hasattr(loader, "sampler"):
-        loader.sampler.set_epoch(1)
+    if source != "memory":
+        warm_loader.sampler.set_epoch(1)
     synchronize(device)
     if device.type == "cuda":  # the timed epoch's peak, not cuDNN's autotuning in the first one
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     train_one_epoch(net, loader, optimizer, loss_fn, device, **common)
     synchronize(device)
-    seconds = time.perf_counter() - started
+    if source == "memory":
+        seconds, timed_steps = time.perf_counter() - started, args.steps
+    else:  # from the first batch's arrival, as ArrivalClock says
+        seconds, timed_steps = time.perf_counter() - loader.first_arrival, args.steps - 1
     return {"bench": "resnet_train", "trainer": trainer, "source": source, "batch": batch, "amp": amp,
             # untimed batches first: a DataLoader source's are a whole epoch of --steps
             "warmup": args.warmup if source == "memory" else args.steps,
-            "channels_last": channels_last, "compile": compile_mode, "images_per_second": round(args.steps * batch / seconds, 2),
+            "channels_last": channels_last, "compile": compile_mode,
+            "images_per_second": round(timed_steps * batch / seconds, 2),
             "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
             # reserved by the allocator, CUDA graphs' private pools included (peak_gib leaves them out)
             "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda" else None,
@@ -206,7 +226,8 @@ def main(argv=None):
                         help="JSON-lines file the figures are appended to")
     args = parser.parse_args(argv)
     args.out = appendable_file(args.out)
-    if not args.trainers and not (args.data_path and any(source != "memory" for source in args.sources)):
+    loaders = any(source != "memory" for source in args.sources)
+    if not args.trainers and not (args.data_path and loaders):
         raise UserError("nothing to time: name --trainers, or --sources with a DataLoader source and --data-path")
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -215,15 +236,18 @@ def main(argv=None):
     args.workers = args.workers if args.workers is not None else (8 if gpu else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     args.steps = args.steps if args.steps is not None else (30 if gpu else 4)
+    if loaders and args.steps < 2:  # their clock starts at the first batch's arrival
+        raise UserError(f"--steps {args.steps}: a DataLoader source needs at least 2 (the batches after the first "
+                        "are timed)")
     settings = {"fp32": ("off", False), "bf16": ("bf16", True)}
     precisions = [settings[name] for name in args.precisions] if gpu else [settings["fp32"]]
     warnings.simplefilter("ignore")
     tgn.engine.progress_bar = quiet_progress_bar
     torch.backends.cudnn.benchmark = True
-    device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        jpeg_needed = any(source != "memory" for source in args.sources)
-        largest = max(cfg["batches"].values()) * args.steps if jpeg_needed else 0
+        # the data path reads KMDN's batches
+        batches = [cfg["batches"][trainer] for trainer in args.trainers] + [cfg["batches"]["kmdn"]] * args.data_path
+        largest = max(batches) * args.steps if loaders else 0
         (Path(tmp) / "jpeg").mkdir()
         samples = write_jpegs(Path(tmp) / "jpeg", largest, cfg["jpeg_size"])
         cases = [(trainer, source, precision, None, "off") for trainer in args.trainers for source in args.sources
@@ -234,14 +258,15 @@ def main(argv=None):
         if gpu and kmdn_in_memory:
             cases += [("kmdn", "memory", precision, None, mode) for mode in args.compile_modes for precision in precisions]
         cache_dir = Path(tmp) / "cache"
-        results = (time_data_path(source, cfg, args, device, samples, cache_dir)
+        channels_last = any(setting for _, setting in precisions)
+        results = (time_data_path(source, cfg, args, device, samples, cache_dir, channels_last)
                    for source in args.sources if source != "memory" and args.data_path)
         results = itertools.chain(results, (run(trainer, source, precision, cfg, args, device, samples, cache_dir,
                                                 batch, compile_mode)
                                             for trainer, source, precision, batch, compile_mode in cases))
         for result in results:  # each printed and written as soon as it is measured
-            record = {"warmup": args.warmup, **result, "config": name, "device": device_name,
-                      "workers": args.workers, "steps": args.steps, "torch": torch.__version__}
+            record = {"warmup": args.warmup, **result, "config": name, "workers": args.workers, "steps": args.steps,
+                      **machine_facts(device)}
             print(json.dumps(record), flush=True)
             append_jsonl(args.out, record)
 

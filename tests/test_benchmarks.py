@@ -141,19 +141,20 @@ def test_busy_time_is_the_union_of_the_activities_spans():
 def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_path, capsys):
     out = tmp_path / "resnet.jsonl"
     bench = load_script("bench_resnet")
-    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "2", "--steps", "1", "--trainers", "kmdn",
+    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "3", "--steps", "2", "--trainers", "kmdn",
                 "--sources", "memory", "jpeg+cache", "--out", str(out)])
     data_path, *written = records(out)
     assert (data_path["bench"], data_path["source"], data_path["batch"]) == ("data_path", "jpeg+cache", 8)
     assert data_path["images_per_second"] > 0 and data_path["channels_last"] is False
     assert [(r["trainer"], r["source"]) for r in written] == [("kmdn", "memory"), ("kmdn", "jpeg+cache")]
-    assert all(r["images_per_second"] > 0 and r["steps"] == 1 for r in written)
-    assert [r["warmup"] for r in written] == [2, 1]  # a DataLoader source warms up with a whole epoch of --steps
+    assert all(r["images_per_second"] > 0 and r["steps"] == 2 for r in written)
+    assert [r["warmup"] for r in written] == [3, 2]  # a DataLoader source warms up with a whole epoch of --steps
+    assert data_path["warmup"] == 2
     assert "it/s" not in capsys.readouterr().err  # figures only: the engine's progress bars are off
-    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "--sources",
+    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--trainers", "--sources",
                 "jpeg", "--out", str(out)])  # no trainer: the data path alone
     assert [(r["bench"], r["source"]) for r in records(out)[3:]] == [("data_path", "jpeg")]
-    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--trainers", "kmdn",
+    bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--trainers", "kmdn",
                 "--sources", "jpeg", "--no-data-path", "--out", str(out)])
     assert [(r["bench"], r["source"]) for r in records(out)[4:]] == [("resnet_train", "jpeg")]
     for flag, name in (("--trainers", "resnet"), ("--sources", "disk")):

@@ -5,7 +5,8 @@ with CUDA graphs (--compile reduce-overhead) as without;
 CDTG trains on the GPU in fp32 and bf16, and compiled (no graph break); generation with
 CUDA graphs matches eager; the benchmarks see the GPU's busy time; pipelined generation (inputs drawn by a thread,
 pinned copies, writers that wait on CUDA events) writes exactly what the synchronous path
-computes; the GPU draws the same images as the CPU from the same seeds.
+computes; the GPU draws the same images as the CPU from the same seeds; a benchmark case reports
+its own reserved memory.
 """
 import json
 import time
@@ -200,3 +201,17 @@ def test_the_benchmarks_gpu_busy_time_sees_the_kernels():
     wall = time.perf_counter() - started
     assert busy is not None and 0 < busy <= wall * 1.5 and activities >= 20
     assert host < wall  # queueing 20 launches takes less than running 20 large products
+
+
+def test_a_benchmark_case_reports_its_own_reserved_memory():
+    """A case that follows a larger one: its reserved memory is its own, not the cache the
+    larger case left in the allocator."""
+    from test_benchmarks import load_script
+
+    bench = load_script("bench_resnet")
+    args = bench.argparse.Namespace(steps=2, warmup=1, workers=0)
+    device, cfg = torch.device("cuda"), {**bench.CONFIGS["tiny"], "size": 128}  # about 1 GiB at batch 512
+    large = bench.run("kmdn", "memory", ("off", False), cfg, args, device, [], None, batch=512)
+    small = bench.run("kmdn", "memory", ("off", False), cfg, args, device, [], None, batch=8)
+    assert large["reserved_gib"] > 4 * small["reserved_gib"]
+    assert small["reserved_gib"] < 2 * small["peak_gib"] + 0.1, small
