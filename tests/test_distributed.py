@@ -420,6 +420,113 @@ def test_gpus_join_with_nccl_where_torch_has_it_and_gloo_elsewhere(monkeypatch, 
     assert dist.backend_for(torch.device("cpu")) == "gloo"
 
 
+def collectives(root):
+    """Each collective helper, with values that tell a sum from a maximum, rank 0's value from
+    this process's, and float64 from float32."""
+    bn = nn.BatchNorm1d(2)
+    bn.running_mean.fill_(dist.rank() + 1)
+    found = {
+        "agreed_max": [dist.agreed_max([2, 15][dist.rank()]), dist.agreed_max([300, 2][dist.rank()])],
+        "average": dist.all_reduce_(torch.tensor([dist.rank() + 1.0]), average=True).item(),
+        "sum": dist.all_reduce_(torch.tensor([dist.rank() + 1.0])).item(),
+        "sum_numbers": dist.sum_numbers([2**24 + 1 if dist.rank() == 0 else 0, 0.5], torch.device("cpu")),
+        "broadcast": dist.broadcast_object(f"r{dist.rank()}"),
+        "all_agree": [dist.all_agree(dist.rank() == 0), dist.all_agree(True)],
+        "shard": dist.shard(list(range(5))),
+        "local_batch": dist.local_batch(8),
+    }
+    dist.broadcast_buffers_(bn)
+    found["buffers"] = bn.running_mean.tolist()
+    (root / f"rank{dist.rank()}.json").write_text(json.dumps(found))
+
+
+def test_the_collective_helpers_combine_every_process(tmp_path):
+    run_in_processes(collectives, tmp_path)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
+    common = {"agreed_max": [15, 300], "average": 1.5, "sum": 3.0, "sum_numbers": [2**24 + 1, 1.0],
+              "broadcast": "r0", "all_agree": [False, True], "local_batch": 4, "buffers": [1.0, 1.0]}
+    assert rank0 == {**common, "shard": [0, 2, 4]}
+    assert rank1 == {**common, "shard": [1, 3]}
+
+
+def torchrun_variables(monkeypatch, local_rank=0):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+
+
+def gpus(monkeypatch, count):
+    """This machine seen with `count` GPUs; setting one up only records it."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(dist, "tune_cuda", lambda: chosen.append("tuned"))
+    return chosen
+
+
+def test_auto_takes_the_gpu_where_there_is_one(monkeypatch):
+    chosen = gpus(monkeypatch, 2)
+    assert dist.checked_device("auto") == dist.checked_device("cuda") == torch.device("cuda")
+    assert dist.resolve_device("cuda:1") == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1), "tuned"]
+    gpus(monkeypatch, 0)
+    assert dist.checked_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="--device cuda: CUDA is not available on this machine"):
+        dist.checked_device("cuda")
+
+
+def test_under_torchrun_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    torchrun_variables(monkeypatch, local_rank=1)
+    chosen = gpus(monkeypatch, 2)
+    assert dist.process_device("auto") == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1), "tuned"]
+    assert dist.process_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="under torchrun each process takes the GPU of its LOCAL_RANK"):
+        dist.process_device("cuda:0")
+    gpus(monkeypatch, 1)
+    with pytest.raises(ProcessError, match="LOCAL_RANK 1 but this node has 1 GPUs"):
+        dist.process_device("auto")
+    gpus(monkeypatch, 0)
+    assert dist.process_device("auto") == torch.device("cpu")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        dist.process_device("cuda")
+
+
+def test_the_gpu_is_tuned_for_batches_of_fixed_shapes():
+    before = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    try:  # (monkeypatch cannot put back the cuBLAS flag: it is no plain attribute)
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+        dist.tune_cuda()
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_the_host_group_is_made_once_and_is_gloo(monkeypatch, backend):
+    """Under nccl a gloo group of its own, made once; under gloo the job's own group."""
+    made = []
+    monkeypatch.setattr(dist, "active", lambda: True)
+    monkeypatch.setattr(dist, "_host_group", None)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda *a: backend)
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **kwargs: made.append(kwargs) or object())
+    first = dist.host_group()
+    assert dist.host_group() is first
+    if backend == "gloo":
+        assert first is torch.distributed.group.WORLD and made == []
+    else:
+        assert made == [{"backend": "gloo"}]
+
+
+def test_init_joins_once(monkeypatch):
+    torchrun_variables(monkeypatch)
+    joined = []
+    monkeypatch.setattr(dist.compat, "init_process_group", lambda backend, device: joined.append(backend))
+    monkeypatch.setattr(dist.atexit, "register", lambda fn: None)
+    monkeypatch.setattr(dist, "active", lambda: bool(joined))
+    assert dist.init("cpu") == dist.init("cpu") == torch.device("cpu")
+    assert joined == ["gloo"]
+
+
 def test_a_single_process_always_prints(monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_RANK", "1")  # left over from another launcher: no WORLD_SIZE
     monkeypatch.delenv("WORLD_SIZE", raising=False)

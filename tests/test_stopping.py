@@ -158,6 +158,8 @@ def test_evaluation_asks_to_stop_only_after_the_batches_every_process_has(monkey
 def test_an_epochs_training_accuracy_is_a_fraction_of_its_images():
     stats = EpochProgress(steps=2, total_steps=4, loss_sum=8.0, correct=12, seen=16).stats()
     assert stats == {"train_loss": 0.5, "train_accuracy": 0.75}
+    assert EpochProgress(loss_sum=3.0, correct=1, seen=1).stats() == {"train_loss": 3.0, "train_accuracy": 1.0}
+    assert EpochProgress().stats() == {"train_loss": 0.0, "train_accuracy": 0.0}  # stopped before its first step
 
 
 def test_a_stopped_epoch_recorded_by_an_earlier_version_resumes():
@@ -168,7 +170,7 @@ def test_a_stopped_epoch_recorded_by_an_earlier_version_resumes():
 
 
 def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored():
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with stop_between_steps() as stop_requested:
         assert stop_requested() is None
         os.kill(os.getpid(), signal.SIGTERM)
@@ -177,7 +179,37 @@ def test_a_second_ctrl_c_stops_at_once_and_the_handlers_are_restored():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs here
-    assert signal.getsignal(signal.SIGINT) is before
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_a_sigterm_after_a_ctrl_c_still_waits_for_the_step():
+    """Ctrl-C, then the scheduler's SIGTERM: not a second Ctrl-C; the run saves and ends as
+    terminated."""
+    with stop_between_steps() as stop_requested:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handlers run here
+        except KeyboardInterrupt:  # (which would end the whole test session)
+            pytest.fail("the SIGTERM stopped the step at once, as a second Ctrl-C does")
+        assert stop_requested() == signal.SIGTERM
+
+
+def test_outside_the_main_thread_no_handler_is_set():
+    """Python sets signal handlers in the main thread only (a trainer run from a thread of a
+    notebook or a test): the run goes on without stopping between steps."""
+    found = []
+
+    def train():
+        with stop_between_steps() as stop_requested:
+            found.append(stop_requested())
+
+    before = signal.getsignal(signal.SIGINT)
+    thread = threading.Thread(target=train)
+    thread.start()
+    thread.join(timeout=10)
+    assert found == [None] and signal.getsignal(signal.SIGINT) is before
 
 
 def test_under_torchrun_a_repeated_sigint_is_the_same_stop(monkeypatch):
@@ -281,12 +313,44 @@ def test_an_epoch_stopped_twice_records_the_seconds_of_both_parts(tmp_path, monk
     from tgn.checkpoint import load_checkpoint
     from tgn.stopping import EpochProgress, Stopped, saved_if_stopped
 
+    clock = iter([1000.0, 1005.0])  # the resumed part runs 5 s
+    monkeypatch.setattr("tgn.stopping.time.time", lambda: next(clock))
     progress = EpochProgress(steps=3, total_steps=5, seconds=100.0)  # what the first stop saved
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C ends the process as "interrupted"
         with saved_if_stopped(progress, 2, lambda **extra: {"epoch": 1, **extra}, tmp_path / "last.pth"):
             raise Stopped(signal.SIGINT)
     saved = load_checkpoint(tmp_path / "last.pth")["unfinished_epoch"]
-    assert saved["epoch"] == 2 and saved["steps"] == 3 and saved["seconds"] >= 100.0
+    assert saved["epoch"] == 2 and saved["steps"] == 3 and saved["seconds"] == 105.0
+
+
+@pytest.mark.parametrize("main_process", [True, False])
+def test_a_stop_is_saved_by_rank_0_before_any_process_ends(monkeypatch, capsys, main_process):
+    """Rank 0 alone says it and saves; every process waits for the save, then ends as the
+    signal would have."""
+    from tgn import stopping
+    from tgn.stopping import Stopped, saved_if_stopped, stop_if_requested
+
+    events = []
+    monkeypatch.setattr(stopping.dist, "is_main", lambda: main_process)
+    monkeypatch.setattr(stopping.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(stopping, "save_checkpoint", lambda path, state: events.append(("save", state)))
+    progress = EpochProgress(steps=3, total_steps=5)
+    with pytest.raises(SystemExit) as exit_info:
+        with saved_if_stopped(progress, 2, lambda **extra: extra, "last.pth"):
+            raise Stopped(signal.SIGTERM)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    saved = ("save", {"unfinished_epoch": progress.record(2)})
+    assert events == ([saved, "barrier"] if main_process else ["barrier"])
+    said = "terminated: saving epoch 3 at step 3/5\n"
+    assert capsys.readouterr().out == (said if main_process else "")
+
+    events.clear()
+    stop_if_requested(lambda: None, 2)  # no signal: nothing
+    assert events == [] and capsys.readouterr().out == ""
+    with pytest.raises(KeyboardInterrupt):
+        stop_if_requested(lambda: signal.SIGINT, 2)
+    assert events == ["barrier"]
+    assert capsys.readouterr().out == ("interrupted: epoch 3 is saved\n" if main_process else "")
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="no signal masks (Windows)")
@@ -314,13 +378,42 @@ def test_signals_held_while_workers_start_reach_the_trainer_afterwards():
 
 def test_a_spawned_worker_warns_in_one_line_as_the_script_does():
     """Spawned workers (macOS, Windows) start without the script's setup: a warning in one
-    (an unusual image's, from PIL) printed PIL's file, line and source line there."""
+    (an unusual image's, from PIL) printed PIL's file, line and source line there, and a
+    class name its console cannot show would have been an encoding error."""
     code = ("import sys, warnings; sys.path.insert(0, sys.argv[1]); "
             "from tgn.stopping import leave_signals_to_the_trainer; leave_signals_to_the_trainer(0); "
-            "warnings.warn('Palette images with Transparency expressed in bytes should be converted')")
-    run = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+            "warnings.warn('Palette images with Transparency expressed in bytes should be converted'); "
+            "print('\u6e2f\u53e3')")
+    run = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONIOENCODING": "ascii"})
     assert run.returncode == 0 and run.stderr == ("warning: Palette images with Transparency expressed in bytes "
                                                   "should be converted\n")
+    assert run.stdout == "\\u6e2f\\u53e3\n"
+
+
+class StuckInARead(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        time.sleep(3600)  # a read from a file system that stopped answering
+
+
+def test_a_worker_stuck_in_a_read_is_killed_when_the_run_ends(monkeypatch):
+    """It outlives torch's SIGTERM (leave_signals_to_the_trainer's grace): the run would
+    hang after its error line until the grace ran out."""
+    from torch.utils.data import _utils as loader_utils
+
+    from tgn.stopping import end_worker_processes, leave_signals_to_the_trainer
+
+    monkeypatch.setattr(loader_utils, "MP_STATUS_CHECK_INTERVAL", 0.2)  # torch's waits for its workers
+    loader = torch.utils.data.DataLoader(StuckInARead(), num_workers=1, worker_init_fn=leave_signals_to_the_trainer)
+    batches = iter(loader)  # the worker starts its first read
+    workers = list(batches._workers)
+    time.sleep(0.5)
+    end_worker_processes()
+    assert not any(worker.is_alive() for worker in workers)
+    del batches
 
 
 SCRIPTS_IMPORTING_TORCH = ("KMDN/UModel.py", "KMDN/RModel.py", "KMDN/Distill.py", "CDTG/dataset_split.py",
