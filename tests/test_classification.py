@@ -306,6 +306,16 @@ def test_balanced_softmax_adds_the_log_prior():
     assert make_loss("ce", [0, 1], 2) is cross_entropy_loss
 
 
+def test_balanced_softmax_takes_classes_without_training_images():
+    """A class with no image (--skip-bad-images left none, say): its prior is clamped to one
+    image's, and the counts keep one entry per class."""
+    identity = torch.nn.Identity()
+    loss, _ = balanced_softmax_loss([3, 0])(identity, torch.zeros(1, 2), torch.tensor([0]))
+    assert loss.item() == pytest.approx(-np.log(3 / 4), rel=1e-6)
+    loss, _ = make_loss("balanced-softmax", [0, 0, 1], 3)(identity, torch.zeros(2, 3), torch.tensor([0, 1]))
+    assert np.isfinite(loss.item())
+
+
 # --- training, test.py, report and figures ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -498,7 +508,15 @@ def test_test_py_writes_beside_the_checkpoint_without_touching_the_training_repo
     again = evaluate_main(["--data-root", str(data), "--ckpt", str(out / "best.pth"), "--workers", "0",
                            "--device", "cpu"])
     assert read_report(out / "test-best") == again and again["confusion_matrix"] == report["confusion_matrix"]
+    assert again["method"] == report["method"] == "TGN"  # the name its run gave it
     assert (out / "report-best" / "report.json").read_bytes() == before
+
+
+def test_test_py_scores_in_fp32_unless_asked():
+    """Its figures then match the trainers' own reports, which evaluate in fp32 too."""
+    from Classification.test import build_parser
+
+    assert build_parser().parse_args(["--ckpt", "best.pth"]).amp == "off"
 
 
 def test_reports_are_not_written_into_a_training_run_folder(trained, capsys):
@@ -973,10 +991,11 @@ def test_training_help_shows_the_official_settings(capsys):
 
 # --- hand-made reports: n/a groups, figures, comparison ------------------------------------------
 
-def hand_report(method, cm, generated=None):
-    return build_report(np.array(cm), method=method, source=f"{method}.pth", dataset="TOY", class_ids=[0, 1, 5, 7],
-                        class_names=["a", "b", "c", "d"], train_counts=[50, 30, 5, 2], generated_counts=generated,
-                        head=[0, 1], tail=[5, 7], grouping="hand")
+def hand_report(method, cm, generated=None, ids=(0, 1, 5, 7), train=(50, 30, 5, 2)):
+    ids = list(ids)
+    return build_report(np.array(cm), method=method, source=f"{method}.pth", dataset="TOY", class_ids=ids,
+                        class_names=["a", "b", "c", "d"], train_counts=list(train), generated_counts=generated,
+                        head=ids[:2], tail=ids[2:], grouping="hand")
 
 
 BASELINE_CM = [[4, 0, 0, 0], [1, 3, 0, 0], [2, 0, 2, 0], [1, 0, 0, 0]]
@@ -994,6 +1013,22 @@ def test_a_report_path_holding_an_equals_sign_is_a_path_not_a_row_name(tmp_path)
     write_report(hand_report("baseline", BASELINE_CM), tmp_path / "lr=0.01")
     rows = compare_main([str(tmp_path / "lr=0.01"), "--out", str(tmp_path / "table")])
     assert [row["method"] for row in rows] == ["baseline"]
+    rows = compare_main([f"tgn={tmp_path / 'lr=0.01'}", "--out", str(tmp_path / "named")])  # the first '=' names it
+    assert [row["method"] for row in rows] == ["tgn"]
+
+
+def test_the_per_class_rows_hold_accuracy_then_f1_and_n_a_for_no_generated_images():
+    report = hand_report("baseline", BASELINE_CM)  # class 0: 4 of 4 right, precision 4/8: F1 2/3
+    markdown = report_markdown(report)
+    assert "| 0 | a | head | 50 | n/a | 4 | 100.00 | 66.67 |" in markdown
+    assert "head/tail from hand." in markdown
+    assert "0,a,head,50,n/a,4,1.0000000000,0.6666666667" in report_csv(report).splitlines()
+
+
+def test_a_folder_with_its_own_report_is_read_before_its_report_best(tmp_path):
+    write_report(hand_report("top", BASELINE_CM), tmp_path / "x")
+    write_report(hand_report("inner", BASELINE_CM), tmp_path / "x" / "report-best")
+    assert read_report(tmp_path / "x")["method"] == "top"
 
 
 def test_the_report_lists_head_and_tail_by_class_id(toy_data):
@@ -1149,6 +1184,45 @@ def test_figures_draw_the_row_normalised_matrix_and_the_ranked_counts(tmp_path, 
     assert accuracy_axes.lines[0].get_ydata().tolist() == [75, 0, 100, 50]
 
 
+def test_the_confusion_figure_labels_each_cell_by_its_row_share(tmp_path, monkeypatch):
+    import Classification.figures as figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    plot_confusion(hand_report("TGN", BASELINE_CM), tmp_path / "cm.png")
+    axes = drawn[0].axes[0]
+    assert axes.get_title() == "TGN: OA 69.23%"  # 9 of 13, not the mean class accuracy
+    assert (axes.get_xlabel(), axes.get_ylabel()) == ("predicted class", "true class")
+    # (column, row) = (predicted, true); whole percents; white on the dark cells; none on empty ones
+    assert {(text.get_position(), text.get_text(), text.get_color()) for text in axes.texts} == {
+        ((0, 0), "100", "white"), ((0, 1), "25", "black"), ((1, 1), "75", "white"), ((0, 2), "50", "black"),
+        ((2, 2), "50", "black"), ((0, 3), "100", "white")}
+    plot_confusion(hand_report("even", [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]), tmp_path / "e.png")
+    assert drawn[1].axes[0].images[0].get_clim() == (0, 1)  # shares on one scale, not stretched to the largest
+    plot_confusion(hand_report("none", [[0] * 4] * 4), tmp_path / "n.png")
+    assert drawn[2].axes[0].get_title() == "none: OA n/a"
+
+
+def test_the_long_tail_figure_draws_each_report_as_its_own_line(tmp_path, monkeypatch):
+    import Classification.figures as figures
+    from matplotlib.colors import to_rgba
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    absent = hand_report("absent", [[4, 0, 0, 0], [1, 3, 0, 0], [2, 0, 2, 0], [0, 0, 0, 0]])  # no test image of d
+    plot_long_tail([absent, hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45])], tmp_path / "lt.png")
+    _, accuracy = drawn[0].axes
+    first = accuracy.lines[0].get_ydata().tolist()
+    assert first[:3] == [100, 75, 50] and np.isnan(first[3])  # a gap, never 0
+    assert accuracy.lines[1].get_ydata().tolist() == [100, 100, 100, 100]
+    assert accuracy.get_ylim() == (0, 105)
+    legend = accuracy.get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "head classes", "tail classes", "generated images", "absent: OA 75.00%", "TGN: OA 100.00%"]
+    handles = getattr(legend, "legend_handles", None) or legend.legendHandles  # (the old name before matplotlib 3.7)
+    assert to_rgba(handles[0].get_facecolor()) == to_rgba(figures.HEAD_COLOUR)
+
+
 def test_compare_prints_and_writes_the_side_by_side_table(tmp_path, capsys):
     write_report(hand_report("baseline", BASELINE_CM), tmp_path / "baseline")
     write_report(hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45]), tmp_path / "tgn")
@@ -1194,6 +1268,44 @@ def test_compare_notes_other_groups_but_not_another_listing_order(tmp_path):
     assert note in (tmp_path / "differ" / "comparison.md").read_text()
 
 
+def test_compare_notes_each_difference_once_in_order_and_joins_them(tmp_path):
+    from Classification.compare import comparison_notes
+
+    baseline = hand_report("baseline", BASELINE_CM)
+    fewer = hand_report("fewer", [[4, 0, 0, 0], [1, 3, 0, 0], [2, 0, 2, 0], [0, 0, 0, 0]])
+    # other totals: not also "other test images per class"; the totals in ascending order
+    assert comparison_notes([baseline, fewer]) == ["the reports count different numbers of test images (12, 13)."]
+    assert comparison_notes([{**baseline, "num_test_images": 1000}, baseline])[0].endswith("(13, 1000).")
+    grown = hand_report("grown", BASELINE_CM, train=(50, 30, 5, 7))
+    assert len(comparison_notes([baseline, baseline, grown])) == 1  # the third report differs
+    regrouped = {**grown, "head": [0], "tail": [1, 5, 7]}
+    write_report(baseline, tmp_path / "baseline")
+    write_report(regrouped, tmp_path / "regrouped")
+    compare_main([str(tmp_path / "baseline"), str(tmp_path / "regrouped"), "--out", str(tmp_path / "table")])
+    table = (tmp_path / "table" / "comparison.md").read_text()
+    assert ("|\n\nNote: the reports use different head/tail groups. Also, the models trained on different real "
+            "images per class") in table  # a blank line first: GitHub would read a note line as a table row
+
+
+def test_compare_removes_what_a_killed_run_left_in_its_folder(tmp_path):
+    write_report(hand_report("baseline", BASELINE_CM), tmp_path / "baseline")
+    (tmp_path / "table").mkdir()
+    left = tmp_path / "table" / ".comparison.md.abc123.tmp"
+    left.write_text("half")
+    compare_main([str(tmp_path / "baseline"), "--out", str(tmp_path / "table")])
+    assert not left.exists() and (tmp_path / "table" / "comparison.md").is_file()
+
+
+def test_reports_on_as_many_but_other_classes_are_not_compared(tmp_path):
+    from Classification.report import comparison
+
+    with pytest.raises(UserError, match="different classes"):
+        comparison([hand_report("a", BASELINE_CM), hand_report("b", BASELINE_CM, ids=(0, 1, 5, 8))])
+    with pytest.raises(UserError, match="other classes"):
+        plot_long_tail([hand_report("x", BASELINE_CM, ids=(0, 1, 5, 8)), hand_report("y", BASELINE_CM)],
+                       tmp_path / "lt.png")
+
+
 def test_compare_notes_other_test_images_per_class_and_other_real_training_images(tmp_path):
     """Runs on data that changed between them: as many test images in all but spread
     otherwise, or other real training images, are noted; other generated images are not."""
@@ -1225,14 +1337,23 @@ def test_a_damaged_report_is_refused_in_one_line_before_any_work(tmp_path, capsy
             ("no-accuracy", lambda r: r["classes"][2].pop("accuracy"), "class 5's accuracy is missing"),
             ("no-rows", lambda r: r.update(classes=[]), "it has no class rows"),
             ("no-head", lambda r: r.pop("head"), "its 'head' class ids are missing"),
-            ("no-count", lambda r: r.pop("num_test_images"), "its 'num_test_images' is missing")):
+            ("no-count", lambda r: r.pop("num_test_images"), "its 'num_test_images' is missing"),
+            ("no-method", lambda r: r.pop("method"), "it has no method name"),
+            ("flag-oa", lambda r: r.update(overall_accuracy=True), "its 'overall_accuracy' is missing"),
+            ("text-head", lambda r: r.update(head_accuracy="x"), "its 'head_accuracy' is missing"),
+            ("no-tail", lambda r: r.pop("tail"), "its 'tail' class ids are missing"),
+            ("no-name", lambda r: r["classes"][0].pop("name"), "a class row has no id or name"),
+            ("format", lambda r: r.update(format="other/1"), "is not a report written by")):
         damaged = json.loads(json.dumps(good))
         damage(damaged)
         (tmp_path / name).mkdir()
         (tmp_path / name / "report.json").write_text(json.dumps(damaged))
         err = exit_message(capsys, compare_main, [str(tmp_path / "good"), str(tmp_path / name), "--out",
                                                   str(tmp_path / "table")])
-        assert err.startswith(f"error: {tmp_path / name / 'report.json'}: {message}") and "damaged" in err
+        if name == "format":  # not a report of ours at all
+            assert err.startswith(f"error: {tmp_path / name / 'report.json'} {message}"), err
+        else:
+            assert err.startswith(f"error: {tmp_path / name / 'report.json'}: {message}") and "damaged" in err, err
     assert not (tmp_path / "table").exists()
 
 

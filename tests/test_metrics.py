@@ -108,6 +108,26 @@ def test_the_csv_fractions_round_to_the_markdown_percents():
     from tgn.metrics import csv_fraction, format_percent
 
     assert csv_fraction(None) == "n/a" and format_percent(50 / 101) == "49.50"
+    assert format_percent(float(csv_fraction(951 / 1001))) == "95.00"  # 0.9500500 with 7 places: 95.01
     for total in range(1, 400):
         for right in range(total + 1):
             assert format_percent(float(csv_fraction(right / total))) == format_percent(right / total), (right, total)
+
+
+def test_an_empty_head_group_is_nan_not_zero():
+    assert math.isnan(summarize(np.eye(3, dtype=int), head=[], tail=[0, 1, 2])["head_accuracy"])
+
+
+def test_a_markdown_cell_keeps_one_line_and_its_escapes():
+    from tgn.metrics import markdown_cell
+
+    assert markdown_cell("a\r\nb\tc  d") == "a b c d"
+    assert markdown_cell("a|b") == "a\\|b"
+    assert markdown_cell("a\\|b") == "a\\\\\\|b"  # its own backslash escaped too: still one column
+
+
+def test_decimals_keep_their_sign_unless_they_round_to_zero():
+    from tgn.metrics import format_decimal
+
+    assert format_decimal(-1.234, 2) == "-1.23" and format_decimal(-0.0004, 2) == "0.00"
+    assert format_decimal(2.345, 2) == "2.35"  # half up

@@ -90,6 +90,18 @@ def test_characters_no_font_has_are_named_once_not_warned_per_glyph(tmp_path, mo
     assert (tmp_path / "cm.png").stat().st_size > 0 and (tmp_path / "lt.png").stat().st_size > 0
 
 
+def test_a_method_name_no_font_has_is_named_too(tmp_path, monkeypatch, bundled_fonts_only):
+    """The figure's title holds the method's name (--method): its characters are looked up
+    with the class names'."""
+    monkeypatch.setattr(tgn.plot_text, "_already_named", set())
+    missing = no_font_has()
+    report = {**report_named(["plane", "ship"]), "method": f"TGN{missing}"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_confusion(report, tmp_path / "cm.png")
+    assert [repr(missing) in str(warning.message) for warning in caught] == [True]
+
+
 def test_the_sample_sheet_names_missing_characters_once_too(tmp_path, monkeypatch, bundled_fonts_only):
     from CDTG.eval_report import plot_sample_sheet
 
