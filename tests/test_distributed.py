@@ -517,6 +517,26 @@ def test_the_host_group_is_made_once_and_is_gloo(monkeypatch, backend):
         assert made == [{"backend": "gloo"}]
 
 
+def test_a_probe_rank_0_cannot_remove_does_not_stop_rank_0_alone(tmp_path, monkeypatch):
+    """After the collectives: an error there would end rank 0 while the others go on."""
+    from pathlib import Path
+
+    monkeypatch.setattr(dist, "active", lambda: True)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj: obj)  # rank 0 of a job that shares the folder
+    monkeypatch.setattr(dist, "all_agree", lambda flag: flag)
+    real_unlink = Path.unlink
+
+    def refused(path, missing_ok=False):
+        if path.name.startswith(".shared-check-"):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    dist.check_shared_folder(tmp_path)
+    assert [path.name[:14] for path in tmp_path.iterdir()] == [".shared-check-"]  # left behind, harmlessly
+
+
 def test_init_joins_once(monkeypatch):
     torchrun_variables(monkeypatch)
     joined = []

@@ -107,7 +107,8 @@ def test_the_csv_fractions_round_to_the_markdown_percents():
     shows: with 6 places 50/101 was 0.495050, which reads 49.51 against the report's 49.50."""
     from tgn.metrics import csv_fraction, format_percent
 
-    assert csv_fraction(None) == "n/a" and format_percent(50 / 101) == "49.50"
+    assert csv_fraction(None) == csv_fraction(math.nan) == csv_fraction(-math.inf) == "n/a"
+    assert format_percent(50 / 101) == "49.50"
     assert format_percent(float(csv_fraction(951 / 1001))) == "95.00"  # 0.9500500 with 7 places: 95.01
     for total in range(1, 400):
         for right in range(total + 1):

@@ -96,10 +96,11 @@ def format_decimal(value, places):
 
 
 def csv_fraction(value):
-    """A number as the CSVs hold it ('n/a' for None): 10 places, so that rounding it again
-    gives what the Markdown shows (6 would not: 50/101 is 0.495050, which reads 49.51, not
-    49.50; 10 tell apart every k/n of n below 10^6 from the halves between two cells)."""
-    return "n/a" if value is None else f"{value:.10f}"
+    """A number as the CSVs hold it ('n/a' for None, NaN or infinities, as format_percent):
+    10 places, so that rounding it again gives what the Markdown shows (6 would not: 50/101
+    is 0.495050, which reads 49.51, not 49.50; 10 tell apart every k/n of n below 10^6 from
+    the halves between two cells)."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.10f}"
 
 
 def markdown_cell(text):
