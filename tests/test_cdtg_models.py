@@ -101,6 +101,34 @@ def test_the_official_checkpoints_settings_are_read_off_its_full_size_weights():
     discriminator.load_state_dict(read["d"], strict=True, assign=True)
 
 
+def test_the_official_channel_multiplier_and_plain_options_are_read(tmp_path):
+    """A run of the official code with --channel_multiplier 1 rebuilds at that width; its
+    options keep plain values only (ours are JSON)."""
+    import argparse
+
+    from CDTG.checkpoint import from_official
+
+    g = Generator(32, 64, 2, num_classes=3, channel_multiplier=1)
+    read = from_official({"g_ema": g.state_dict(), "args": argparse.Namespace(
+        size=32, channel_multiplier=1, path=Path("data"), sizes=[1, 2], batch=8)})
+    assert read["generator_config"]["channel_multiplier"] == read["discriminator_config"]["channel_multiplier"] == 1
+    assert read["options"] == {"size": 32, "channel_multiplier": 1, "batch": 8}
+
+
+def test_only_a_class_conditional_generator_is_taken_for_an_official_checkpoint(tmp_path):
+    from CDTG.checkpoint import is_official, load_cdtg_checkpoint
+    from tgn.errors import UserError
+
+    torch.save({"g_ema": {"style.1.weight": torch.zeros(1)}}, tmp_path / "unconditional.pt")
+    assert not is_official(tmp_path / "unconditional.pt")
+    with pytest.raises(UserError, match="no class embedding"):
+        load_cdtg_checkpoint(tmp_path / "unconditional.pt")
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet.pth")  # a ResNet given by mistake
+    assert not is_official(tmp_path / "resnet.pth")
+    with pytest.raises(UserError, match=r"is not a CDTG checkpoint \(no g_ema\)"):
+        load_cdtg_checkpoint(tmp_path / "resnet.pth")
+
+
 def test_config_rebuilds_model_that_loads_and_matches(small_generator):
     rebuilt = Generator(**small_generator.config)
     rebuilt.load_state_dict(small_generator.state_dict(), strict=True)

@@ -306,6 +306,26 @@ def test_balanced_softmax_adds_the_log_prior():
     assert make_loss("ce", [0, 1], 2) is cross_entropy_loss
 
 
+def test_a_bare_classifier_state_dict_is_rebuilt_from_its_names_and_shapes(tmp_path):
+    """As the released result.pth: no meta, so the architecture and class count are read off
+    the weights; a file that is not a whole classifier is refused in one line."""
+    from Classification.model import check_classes
+    from tgn.resnet import FeatureResNet
+
+    state = build_classifier("resnet18", 5).state_dict()
+    torch.save(state, tmp_path / "bare.pth")
+    model, meta = load_classifier(tmp_path / "bare.pth")
+    assert model.config == {"arch": "resnet18", "num_classes": 5} and meta == {}
+    torch.save({k: v for k, v in state.items() if k != "layer4.1.bn2.running_var"}, tmp_path / "short.pth")
+    with pytest.raises(UserError, match="does not fit this model"):
+        load_classifier(tmp_path / "short.pth")
+    torch.save(FeatureResNet("resnet18", num_classes=5, width=8).state_dict(), tmp_path / "M_T.pth")
+    with pytest.raises(UserError, match="not a classifier checkpoint"):
+        load_classifier(tmp_path / "M_T.pth")
+    with pytest.raises(UserError, match=r"was trained on classes \[1, 0\]"):
+        check_classes({"class_ids": [1, 0]}, build_classifier("resnet18", 2), [0, 1], "ckpt.pth", "DATA")
+
+
 def test_balanced_softmax_takes_classes_without_training_images():
     """A class with no image (--skip-bad-images left none, say): its prior is clamped to one
     image's, and the counts keep one entry per class."""

@@ -169,6 +169,63 @@ def test_weights_of_another_shape_or_other_names_are_refused_in_one_line():
         load_all_but_classifier(Net(), {**source.state_dict(), "head.weight": torch.zeros(1)}, "x", "the model")
     with pytest.raises(UserError, match="neither a state dict"):
         state_dict_of({"state_dict": {"w": torch.ones(1), "note": "x"}})
+    with pytest.raises(UserError, match="1 missing"):  # parameters the file lacks would stay random
+        load_all_but_classifier(Net(), {k: v for k, v in source.state_dict().items() if k != "bn.bias"}, "x", "m")
+    with pytest.raises(UserError, match="holds neither"):
+        state_dict_of({})
+
+
+def test_checkpoints_load_onto_the_cpu_without_running_code_from_them(tmp_path, monkeypatch):
+    """A checkpoint saved on a GPU loads on a machine without one; a file cannot run code."""
+    from tgn.checkpoint import load_checkpoint
+
+    torch.save({"w": torch.ones(1)}, tmp_path / "m.pth")
+    calls, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: calls.append(kwargs) or real_load(*args, **kwargs))
+    assert torch.equal(load_checkpoint(tmp_path / "m.pth")["w"], torch.ones(1))
+    assert calls[0]["map_location"] == "cpu" and calls[0]["weights_only"] is True
+
+
+def test_a_kmdn_model_file_that_does_not_fit_is_refused_in_one_line(tmp_path):
+    """M_H/M_T files are rebuilt from their names and shapes, then loaded strictly."""
+    from tgn.resnet import FeatureResNet, load_feature_resnet
+
+    state = FeatureResNet("resnet18", num_classes=5, width=8).state_dict()
+    model, _ = load_feature_resnet(_saved(tmp_path / "whole.pth", state))
+    assert model.config == {"arch": "resnet18", "num_classes": 5, "width": 8}
+    for name, damaged in (("short", {k: v for k, v in state.items() if k != "layer4.0.bn1.running_var"}),
+                          ("extra", {**state, "foo": torch.zeros(1)})):
+        with pytest.raises(UserError, match="does not fit"):
+            load_feature_resnet(_saved(tmp_path / f"{name}.pth", damaged))
+
+
+def test_imagenet_weights_are_torchvisions_v1_at_the_standard_width(monkeypatch):
+    """V1 is what the official pretrained=True gave and the file fetch_weights.py downloads
+    (DEFAULT would be V2 for ResNet-50)."""
+    import torchvision
+
+    from data.fetch_weights import WEIGHTS
+    from tgn import resnet
+
+    asked = []
+
+    def offline(weights=None):
+        asked.append(weights)
+        raise OSError("offline")
+
+    monkeypatch.setattr(torchvision.models, "resnet50", offline)
+    with pytest.raises(UserError, match="cannot get torchvision's ImageNet weights for resnet50"):
+        resnet.imagenet_state_dict("resnet50")
+    assert asked == [torchvision.models.ResNet50_Weights.IMAGENET1K_V1]
+    assert asked[0].url == next(weight.url for weight in WEIGHTS if weight.name == "resnet50")
+    monkeypatch.setattr(resnet, "imagenet_state_dict", lambda arch: pytest.fail("no download for a narrow model"))
+    with pytest.raises(UserError, match="needs the standard width 64"):
+        resnet.load_backbone(resnet.FeatureResNet("resnet18", width=8), "imagenet", "resnet18")
+
+
+def _saved(path, payload):
+    torch.save(payload, path)
+    return path
 
 
 def test_map_tensors_keeps_a_state_dicts_type_and_version_metadata():
