@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ENV := $(if $(filter $(VENV)/bin/python,$(PY)),venv)
 
-.PHONY: test test-oldest demo smoke bench gpu-check venv clean
+.PHONY: test test-oldest demo smoke bench bench-targets gpu-check venv clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ smoke: $(ENV)
 bench: $(ENV)
 	$(PY) benchmarks/bench_resnet.py
 	$(PY) benchmarks/bench_cdtg.py
+
+# Only the cases of the speed targets (issue figures: CDTG step with and without CLIP,
+# generation at batch 1 and batched, KMDN's trainer fp32 against bf16 and against in-memory
+# batches), without the longest cases of `make bench`.
+bench-targets: $(ENV)
+	$(PY) benchmarks/bench_cdtg.py --cases step step-no-clip gen-batch1-fused gen
+	$(PY) benchmarks/bench_resnet.py --trainers kmdn --large-batch 0
 
 # On a machine with a GPU: the CUDA checks that CI (no GPU) skips, then the benchmarks.
 gpu-check: $(ENV)
