@@ -28,6 +28,7 @@ from CDTG.fidelity import fid, kid, load_inception, load_lpips, mean_pairwise_lp
 from CDTG.tail_data import check_distinct_prompts, load_tail_classes, load_teacher
 from tgn.data import check_files_exist, check_outside_dataset, drop_unreadable, read_annotation
 from tgn.distributed import make_shared_folder, planned_world_size, resolve_device
+from tgn.engine import worker_context, workers_starting
 from tgn.errors import UserError
 from tgn.handoff import GENERATED_ANNOTATION, GENERATION_UNFINISHED, read_generation_settings
 from tgn.images import REWRITE_GENERATED, ImageList, normalize_pixels
@@ -150,8 +151,11 @@ def load_groups(groups, size, batch_size, workers, generated_from, draft=True):
     dataset = ImageList(samples, transforms.Compose([transforms.Resize((size, size)), transforms.PILToTensor()]),
                         size, generated_from=sum(len(paths) for _, paths in groups[:generated_from]), draft=draft)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         worker_init_fn=leave_signals_to_the_trainer)
-    with progress_bar(loader, transient=True, total=len(batches)) as progress:
+                                         worker_init_fn=leave_signals_to_the_trainer,
+                                         multiprocessing_context=worker_context(workers))
+    with workers_starting(workers):  # Ctrl-C held while they start (seconds each where spawned)
+        started = iter(loader)
+    with progress_bar(started, transient=True, total=len(batches)) as progress:
         batch_iterator = iter(progress)
         for (description, paths), count in zip(groups, counts):
             progress.set_description(description)

@@ -420,21 +420,36 @@ def test_evaluate_reads_what_training_read_and_compares_with_the_folders_own_tai
 
 def test_one_dataloader_reads_every_class_of_every_set(evaluation_inputs, monkeypatch):
     """Its workers start once: under spawn (macOS, Windows) a loader per class and folder
-    started them 9 times here. Read by 2 workers, the scores are those read in the process."""
+    started them 9 times here. Read by 2 workers, the scores are those read in the process.
+    They start with Ctrl-C held, as the trainers' do: spawned, each takes seconds to start,
+    and a Ctrl-C then printed a traceback from every one."""
+    import contextlib
+
     root = evaluation_inputs
     common = [str(root / "gen_copy"), str(root / "gen_shifted"), "--clip", "none", "--inception", "none",
               "--device", "cpu", "--pairs", "6", "--batch", "2"]
-    loaders = []
+    loaders, events = [], []
 
     class CountedLoader(torch.utils.data.DataLoader):
         def __init__(self, *args, **kwargs):
             loaders.append(kwargs.get("num_workers"))
             super().__init__(*args, **kwargs)
 
+        def __iter__(self):
+            events.append("workers start")
+            return super().__iter__()
+
+    @contextlib.contextmanager
+    def held(workers):
+        events.append(("held", workers))
+        yield
+        events.append("released")
+
     monkeypatch.setattr(torch.utils.data, "DataLoader", CountedLoader)
+    monkeypatch.setattr(CDTG.evaluation, "workers_starting", held)
     torch.manual_seed(0)  # the same random LPIPS trunk for both
     read_by_workers = evaluate_script.main([*common, "--workers", "2", "--out", str(root / "e1")])
-    assert loaders == [2]
+    assert loaders == [2] and events == [("held", 2), "workers start", "released"]
     torch.manual_seed(0)
     read_here = evaluate_script.main([*common, "--workers", "0", "--out", str(root / "e2")])
     for by_workers, here in zip(read_by_workers["folders"], read_here["folders"]):
