@@ -65,25 +65,37 @@ def quiet_progress_bar(iterable=None, **kwargs):
     return progress_bar(iterable, **{**kwargs, "disable": True})
 
 
-class ArrivalClock:
-    """Iterates a DataLoader, noting when its first batch arrives. Each epoch starts with the
-    workers' queue empty: the first batch waits for a whole batch's decoding, which is 0.3% of
-    a DIOR epoch but a large share of a short timed one. Timing from the first arrival and
-    counting the batches after it gives the steady rate, which a data path that sets the pace
-    shows exactly and one that does not, 1/--steps low (the first batch's step is timed)."""
+class SteadyClock:
+    """Iterates a DataLoader whose epoch holds `lead` batches (its worker count) before the
+    timed ones, and notes when the first timed one is asked for. Each epoch starts with the
+    workers' queue empty and every worker decoding its first batch at once: timing the whole
+    of a short epoch counts that start (low where training sets the pace), and timing from
+    the first arrival counts the batches that arrived with it (high where decoding does).
+    Once the first `lead` batches are taken, the queue is as in the middle of a long epoch."""
 
-    def __init__(self, loader):
-        self.loader, self.first_arrival = loader, None
+    def __init__(self, loader, lead):
+        self.loader, self.lead, self.started = loader, lead, None
         self.num_workers = loader.num_workers
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for index, batch in enumerate(self.loader):
-            if index == 0:
-                self.first_arrival = time.perf_counter()
+        return self._noting(iter(self.loader))  # the workers start here, as for the loader itself
+
+    def _noting(self, batches):
+        for index in itertools.count():
+            if index == self.lead:
+                self.started = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
             yield batch
+
+
+def lead_batches(args):
+    """Untimed batches at the start of a DataLoader source's epoch: one per worker."""
+    return max(args.workers, 1)
 
 
 def build(trainer, cfg):
@@ -112,10 +124,11 @@ SOURCES = ("memory", "jpeg", "jpeg+cache")
 
 
 def jpeg_loader(source, cfg, args, device, samples, cache_dir, batch):
-    """The trainers' DataLoader over `args.steps` batches of the JPEGs (source 'jpeg'), or of
-    their --cache entries ('jpeg+cache')."""
+    """The trainers' DataLoader over `lead_batches` + `args.steps` batches of the JPEGs
+    (source 'jpeg'), or of their --cache entries ('jpeg+cache')."""
     cache = ResizeCache(cache_dir, cfg["size"]) if source == "jpeg+cache" else None
-    dataset = ImageList(samples[: args.steps * batch], build_transform(cfg["size"], train=True), cfg["size"], cache)
+    images = (lead_batches(args) + args.steps) * batch  # the timed batches follow the first wave (SteadyClock)
+    dataset = ImageList(samples[:images], build_transform(cfg["size"], train=True), cfg["size"], cache)
     return make_loader(dataset, batch, train=True, workers=args.workers, device=device, persistent=True)
 
 
@@ -128,13 +141,13 @@ def time_data_path(source, cfg, args, device, samples, cache_dir, channels_last)
     loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
     for epoch in range(2):  # the first, untimed, as in run()
         loader.sampler.set_epoch(epoch)
-        clocked = ArrivalClock(loader)
+        clocked = SteadyClock(loader, lead_batches(args))
         for images, _ in clocked:
             model_input(images, device, channels_last)
         synchronize(device)
-        seconds = time.perf_counter() - clocked.first_arrival
+        seconds = time.perf_counter() - clocked.started
     return {"bench": "data_path", "source": source, "batch": batch, "channels_last": channels_last,
-            "warmup": args.steps, "images_per_second": round((args.steps - 1) * batch / seconds, 2)}
+            "warmup": len(loader) + lead_batches(args), "images_per_second": round(args.steps * batch / seconds, 2)}
 
 
 def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch=None, compile_mode="off"):
@@ -164,7 +177,7 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
         # A first, untimed epoch starts the persistent workers, fills the page cache and,
         # with --cache, writes the resized images; the second epoch is timed.
         warm_loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
-        loader = ArrivalClock(warm_loader)
+        loader = SteadyClock(warm_loader, lead_batches(args))
     common = dict(amp=amp, scaler=scaler, channels_last=channels_last, desc=f"{trainer} {source}",
                   cuda_graphs=uses_cuda_graphs(compile_mode))
     train_one_epoch(net, warm_loader, optimizer, loss_fn, device, **common)
@@ -176,15 +189,12 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
     started = time.perf_counter()
     train_one_epoch(net, loader, optimizer, loss_fn, device, **common)
     synchronize(device)
-    if source == "memory":
-        seconds, timed_steps = time.perf_counter() - started, args.steps
-    else:  # from the first batch's arrival, as ArrivalClock says
-        seconds, timed_steps = time.perf_counter() - loader.first_arrival, args.steps - 1
+    seconds = time.perf_counter() - (started if source == "memory" else loader.started)
     return {"bench": "resnet_train", "trainer": trainer, "source": source, "batch": batch, "amp": amp,
-            # untimed batches first: a DataLoader source's are a whole epoch of --steps
-            "warmup": args.warmup if source == "memory" else args.steps,
+            # untimed batches first: a DataLoader source's are a whole epoch, then the first wave of the timed one
+            "warmup": args.warmup if source == "memory" else 2 * lead_batches(args) + args.steps,
             "channels_last": channels_last, "compile": compile_mode,
-            "images_per_second": round(timed_steps * batch / seconds, 2),
+            "images_per_second": round(args.steps * batch / seconds, 2),
             "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None,
             # reserved by the allocator, CUDA graphs' private pools included (peak_gib leaves them out)
             "reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 3) if device.type == "cuda" else None,
@@ -204,7 +214,8 @@ def main(argv=None):
                         help="untimed in-memory batches first (default 5 on GPUs, 2 on CPUs); DataLoader sources "
                              "warm up with a whole untimed epoch")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="timed batches (default 30 on GPUs, 4 on CPUs)")
+                        help="timed batches (default 30 on GPUs, 4 on CPUs); a DataLoader source's epoch holds one "
+                             "batch per worker more, before them")
     parser.add_argument("--trainers", nargs="*", choices=TRAINERS, default=list(TRAINERS),
                         help="trainers to time (KMDN's, Distill's, the classifier's); none: the data path only")
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES),
@@ -236,9 +247,6 @@ def main(argv=None):
     args.workers = args.workers if args.workers is not None else (8 if gpu else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
     args.steps = args.steps if args.steps is not None else (30 if gpu else 4)
-    if loaders and args.steps < 2:  # their clock starts at the first batch's arrival
-        raise UserError(f"--steps {args.steps}: a DataLoader source needs at least 2 (the batches after the first "
-                        "are timed)")
     settings = {"fp32": ("off", False), "bf16": ("bf16", True)}
     precisions = [settings[name] for name in args.precisions] if gpu else [settings["fp32"]]
     warnings.simplefilter("ignore")
@@ -246,8 +254,9 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True
     with tempfile.TemporaryDirectory() as tmp:
         # the data path reads KMDN's batches
-        batches = [cfg["batches"][trainer] for trainer in args.trainers] + [cfg["batches"]["kmdn"]] * args.data_path
-        largest = max(batches) * args.steps if loaders else 0
+        batches = [cfg["batches"][trainer] for trainer in args.trainers] + ([cfg["batches"]["kmdn"]] if args.data_path
+                                                                              else [])
+        largest = max(batches) * (lead_batches(args) + args.steps) if loaders else 0
         (Path(tmp) / "jpeg").mkdir()
         samples = write_jpegs(Path(tmp) / "jpeg", largest, cfg["jpeg_size"])
         cases = [(trainer, source, precision, None, "off") for trainer in args.trainers for source in args.sources

@@ -14,7 +14,12 @@ def synchronize(device):
 
 def release(device):
     """Free what earlier cases left cached and reset the peak, so that a case's peak and
-    reserved memory are its own (a reset peak starts from what the allocator still holds)."""
+    reserved memory are its own (a reset peak starts from what the allocator still holds).
+    Compiled graphs go too: a reduce-overhead case's CUDA graph pool outlives its model."""
+    if device.type == "cuda":
+        import torch._dynamo
+
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -43,7 +43,7 @@ def test_resnet_images_per_second_counts_the_timed_steps_of_each_trainer(monkeyp
         warm = len(epochs) % 2 == 0
         batches = iter(loader)
         clock.now += 7.0  # the workers' queue filling, before the first batch arrives
-        sampler = getattr(getattr(loader, "loader", loader), "sampler", None)  # through ArrivalClock
+        sampler = getattr(getattr(loader, "loader", loader), "sampler", None)  # through SteadyClock
         epochs.append(([], getattr(sampler, "epoch", None)))
         for batch in batches:
             epochs[-1][0].append(batch)
@@ -59,15 +59,17 @@ def test_resnet_images_per_second_counts_the_timed_steps_of_each_trainer(monkeyp
         ("kmdn", "memory", 4), ("kmdn", "jpeg", 4), ("distill", "memory", 6), ("distill", "jpeg", 6)]
     for index, record in enumerate(written):
         (warm, _), (timed, sampler_epoch) = epochs[2 * index], epochs[2 * index + 1]
-        assert len(warm) == (2 if record["source"] == "memory" else 3) and len(timed) == 3
+        memory = record["source"] == "memory"
+        # A DataLoader's epoch: a batch per worker (2), then the 3 timed ones.
+        assert (len(warm), len(timed)) == ((2, 3) if memory else (5, 5))
         assert all(len(labels) == record["batch"] for _, labels in warm + timed)
-        if record["source"] == "memory":  # the whole timed epoch
+        if memory:  # the whole timed epoch
             assert record["images_per_second"] == round(3 * record["batch"] / (7 + 3 * 2.0), 2)
-        else:  # from the first batch's arrival on: the batches after it
-            assert record["images_per_second"] == round(2 * record["batch"] / (3 * 2.0), 2)
+        else:  # from when the third batch is asked for: 7 + 2 * 2 s into the epoch, of 7 + 5 * 2
+            assert record["images_per_second"] == round(3 * record["batch"] / (3 * 2.0), 2)
             assert sampler_epoch == 1  # not the warm-up's order again
         assert record["amp"] == "off" and record["channels_last"] is False and record["workers"] == 2  # CPU defaults
-        assert record["warmup"] == (2 if record["source"] == "memory" else 3)
+        assert record["warmup"] == (2 if memory else 5 + 2)
         assert record["cpus"] > 0 and record["tf32"] is None and len(record["date"]) == 10
     assert transforms and all(options.get("train") is True for options in transforms)  # flips, as training reads
     # The synthetic batches are what the DataLoader delivers: uint8 pixels of the same shape, int64 labels.
@@ -86,14 +88,12 @@ def test_resnet_jpegs_are_written_for_the_chosen_trainers_batches(monkeypatch, t
     monkeypatch.setattr(bench, "write_jpegs", lambda folder, count, size: written.append(count) or [])
     monkeypatch.setattr(bench, "run", lambda *a, **k: {})
     monkeypatch.setattr(bench, "time_data_path", lambda *a, **k: {})
-    for trainers, data_path, expected in ((["classifier"], "--no-data-path", 3 * 4), (["classifier"], "--data-path", 3 * 4),
-                                          (["kmdn"], "--no-data-path", 2 * 4), (["distill", "kmdn"], "--data-path", 6 * 4)):
+    # (a batch per worker, 2, and the 4 timed ones) of the largest batch
+    for trainers, data_path, batch in ((["classifier"], "--no-data-path", 3), (["classifier"], "--data-path", 3),
+                                       (["kmdn"], "--no-data-path", 2), (["distill", "kmdn"], "--data-path", 6)):
         bench.main(["--config", "tiny", "--device", "cpu", "--steps", "4", "--trainers", *trainers, data_path,
                     "--sources", "jpeg", "--out", str(tmp_path / "r.jsonl")])
-        assert written.pop() == expected, trainers
-    with pytest.raises(SystemExit):  # the batches after the first are timed: none of one
-        bench.main(["--config", "tiny", "--device", "cpu", "--steps", "1", "--sources", "jpeg",
-                    "--out", str(tmp_path / "r.jsonl")])
+        assert written.pop() == batch * (2 + 4), trainers
 
 
 def test_resnet_run_keeps_a_large_batch(monkeypatch, tmp_path):
@@ -106,7 +106,7 @@ def test_resnet_run_keeps_a_large_batch(monkeypatch, tmp_path):
     assert result["batch"] == 12 and seen == [12, 12]
 
 
-def test_resnet_data_path_times_the_second_epoch_from_its_first_batch(monkeypatch, tmp_path):
+def test_resnet_data_path_times_the_second_epoch_after_its_first_wave(monkeypatch, tmp_path):
     bench = load_script("bench_resnet")
     clock = FakeClock()
     monkeypatch.setattr(bench, "time", clock)
@@ -114,17 +114,46 @@ def test_resnet_data_path_times_the_second_epoch_from_its_first_batch(monkeypatc
 
     def fake_input(images, device, channels_last):
         calls.append((len(images), channels_last))
-        clock.now += 10.0 if len(calls) <= 3 else 0.5
+        clock.now += 10.0 if len(calls) <= 4 else 0.5
 
     monkeypatch.setattr(bench, "model_input", fake_input)
     cfg = bench.CONFIGS["tiny"]
-    samples = bench.write_jpegs(tmp_path, 3 * cfg["batches"]["kmdn"], cfg["jpeg_size"])
-    args = argparse.Namespace(steps=3, warmup=1, workers=0)
+    samples = bench.write_jpegs(tmp_path, 4 * cfg["batches"]["kmdn"], cfg["jpeg_size"])
+    args = argparse.Namespace(steps=3, warmup=1, workers=0)  # no worker: one batch ahead of the timed ones
     result = bench.time_data_path("jpeg", cfg, args, torch.device("cpu"), samples, tmp_path / "cache", True)
-    # The second epoch: its first batch arrives at 30, the two after it take 0.5 s each, and the
-    # third finishes at 31.5; the first's own 0.5 s is in the span too.
-    assert calls == [(8, True)] * 6 and result["images_per_second"] == round(2 * 8 / 1.5, 2)
-    assert result["warmup"] == 3 and result["channels_last"] is True
+    # Two epochs of 4 batches; the second is timed from its second batch on: 3 of 0.5 s.
+    assert calls == [(8, True)] * 8 and result["images_per_second"] == round(3 * 8 / 1.5, 2)
+    assert result["warmup"] == 4 + 1 and result["channels_last"] is True
+
+
+@pytest.mark.parametrize("workers, wave_seconds, step_seconds, steady", [
+    (4, 1.0, 0.01, 4.0),  # decoding sets the pace: 4 workers finish 4 batches a second
+    (4, 1.0, 1.0, 1.0),  # training does: a batch a second
+    (8, 1.0, 0.01, 8.0),
+])
+def test_the_steady_clock_gives_the_steady_rate_whichever_sets_the_pace(workers, wave_seconds, step_seconds, steady):
+    """Each epoch's workers decode their first batches at once, so batches come in waves of
+    one per worker; the timed batches come after the first wave."""
+    bench = load_script("bench_resnet")
+    clock = FakeClock()
+    bench.time = clock
+    timed = 3 * workers
+
+    class Waves:
+        num_workers = workers
+
+        def __len__(self):
+            return workers + timed
+
+        def __iter__(self):
+            for index in range(len(self)):
+                clock.now = max(clock.now, (index // workers + 1) * wave_seconds)  # waits for its wave
+                yield index
+
+    clocked = bench.SteadyClock(Waves(), lead=workers)
+    for _ in clocked:
+        clock.now += step_seconds
+    assert timed / (clock.now - clocked.started) == pytest.approx(steady, rel=0.03)
 
 
 def test_cdtg_timed_averages_the_repeats_alone(monkeypatch):

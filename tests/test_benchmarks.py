@@ -148,8 +148,10 @@ def test_resnet_benchmark_runs_the_chosen_cases_and_refuses_unknown_names(tmp_pa
     assert data_path["images_per_second"] > 0 and data_path["channels_last"] is False
     assert [(r["trainer"], r["source"]) for r in written] == [("kmdn", "memory"), ("kmdn", "jpeg+cache")]
     assert all(r["images_per_second"] > 0 and r["steps"] == 2 for r in written)
-    assert [r["warmup"] for r in written] == [3, 2]  # a DataLoader source warms up with a whole epoch of --steps
-    assert data_path["warmup"] == 2
+    # A DataLoader source warms up with a whole epoch of --steps and one batch per worker (2), then
+    # the timed epoch's first batch per worker.
+    assert [r["warmup"] for r in written] == [3, 2 + 2 + 2]
+    assert data_path["warmup"] == 2 + 2 + 2
     assert "it/s" not in capsys.readouterr().err  # figures only: the engine's progress bars are off
     bench.main(["--config", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--trainers", "--sources",
                 "jpeg", "--out", str(out)])  # no trainer: the data path alone

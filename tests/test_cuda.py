@@ -90,16 +90,20 @@ def test_cuda_graph_training_matches_eager(toy_data, tmp_path, monkeypatch, size
 
     monkeypatch.setattr(tgn.distributed, "tune_cuda", lambda: None)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     split_main(["--data-root", str(toy_data), "--out", str(tmp_path / "split")])
     logs = {}
-    for name, extra in (("eager", []), ("graphs", ["--compile", "reduce-overhead"])):
-        out = tmp_path / name
-        torch._dynamo.reset()  # no graphs cached by earlier tests (CPU ones count towards the limit)
-        counters.clear()
-        rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "4", "--lr", "0.01", *TINY,
-                     "--image-size", str(size), "--device", "cuda", "--amp", "off", *extra])
-        logs[name] = [json.loads(line) for line in (out / "tail" / "metrics.jsonl").read_text().splitlines()]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:  # (monkeypatch cannot put back the cuBLAS flag: it is no plain attribute)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        for name, extra in (("eager", []), ("graphs", ["--compile", "reduce-overhead"])):
+            out = tmp_path / name
+            torch._dynamo.reset()  # no graphs cached by earlier tests (CPU ones count towards the limit)
+            counters.clear()
+            rmodel_main(["--split", str(tmp_path / "split"), "--out", str(out), "--epochs", "4", "--lr", "0.01", *TINY,
+                         "--image-size", str(size), "--device", "cuda", "--amp", "off", *extra])
+            logs[name] = [json.loads(line) for line in (out / "tail" / "metrics.jsonl").read_text().splitlines()]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     assert counters["inductor"]["cudagraph_skips"] == 0
     # The first epoch differs by float rounding only (kernel choice); later ones drift apart.
     assert logs["graphs"][0]["train_loss"] == pytest.approx(logs["eager"][0]["train_loss"], rel=5e-3)

@@ -151,7 +151,7 @@ def test_cache_serves_what_the_decoder_gives_and_follows_edits(tmp_path, monkeyp
         ResizeCache(blocker, 16)  # a wrong --cache: one line at start-up
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs forked workers")
+@pytest.mark.skipif(sys.platform in ("win32", "darwin"), reason="forks its workers (none on Windows; unsafe on macOS)")
 def test_a_cache_that_cannot_be_written_is_said_once_in_a_run_of_workers(tmp_path, monkeypatch):
     """Evaluation workers start again every epoch: a flag of each worker's own said it once
     per worker and epoch (800 lines over 100 epochs of 8 workers). An entry's folder that

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -314,7 +315,7 @@ def test_an_epoch_stopped_twice_records_the_seconds_of_both_parts(tmp_path, monk
     from tgn.stopping import EpochProgress, Stopped, saved_if_stopped
 
     clock = iter([1000.0, 1005.0])  # the resumed part runs 5 s
-    monkeypatch.setattr("tgn.stopping.time.time", lambda: next(clock))
+    monkeypatch.setattr("tgn.stopping.time", types.SimpleNamespace(time=lambda: next(clock)))  # this module's clock
     progress = EpochProgress(steps=3, total_steps=5, seconds=100.0)  # what the first stop saved
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C ends the process as "interrupted"
         with saved_if_stopped(progress, 2, lambda **extra: {"epoch": 1, **extra}, tmp_path / "last.pth"):
