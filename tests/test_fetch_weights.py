@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import data.fetch_weights as fetch_weights
-from data.fetch_weights import TORCH_CHECKPOINTS, WEIGHTS, Weight, fetch
+from data.fetch_weights import CLIP_FOLDER, TORCH_CHECKPOINTS, WEIGHTS, Weight, fetch
+from tgn.errors import UserError
 
 
 def test_table_matches_the_urls_torchvision_and_clip_use():
@@ -185,3 +186,28 @@ def test_a_second_run_into_the_same_folder_waits_instead_of_removing_the_firsts_
     first.join(30)
     assert first.exitcode == 0
     assert "present" in capsys.readouterr().out  # the first's file, found once it was there
+
+
+def test_the_clip_weight_is_placed_where_clip_root_reads_it():
+    """clip.load(download_root=...) looks for OUT/clip/ViT-B-32.pt."""
+    clip_weight = {weight.name: weight for weight in WEIGHTS}["clip-vit-b32"]
+    assert CLIP_FOLDER == "clip" and clip_weight.folder == "clip" and clip_weight.file_name == "ViT-B-32.pt"
+
+
+def test_a_full_digest_is_checked_past_its_first_eight_digits(tmp_path):
+    """CLIP's weight has a full SHA-256: all of it is compared, for a download and for a
+    file already there (torchvision's carry 8 digits in their names)."""
+    content = b"clip weights"
+    folder = tmp_path / "server" / "h"
+    folder.mkdir(parents=True)
+    (folder / "ViT-T.pt").write_bytes(content)
+    digest = hashlib.sha256(content).hexdigest()
+    wrong = digest[:8] + ("0" if digest[8] != "0" else "1") + digest[9:]
+    weight = Weight("clip-vit-b32", (folder / "ViT-T.pt").as_uri(), "clip", wrong, "test")
+    out = tmp_path / "weights"
+    with pytest.raises(UserError, match="does not match the expected"):  # downloaded
+        fetch(weight, out)
+    (out / "clip").mkdir(parents=True, exist_ok=True)
+    (out / "clip" / "ViT-T.pt").write_bytes(content)
+    with pytest.raises(UserError, match="does not match the expected"):  # not taken as present
+        fetch(weight, out)

@@ -602,3 +602,65 @@ def test_the_test_images_are_read_alike_every_time_unflipped(split_dir):
         torch.manual_seed(seed)
         reads.append(test[0][0])
     assert all(torch.equal(read, reads[0]) for read in reads)
+
+
+def test_the_teacher_is_run_without_autograd_and_needs_no_gradient():
+    """No graph is built through the teacher (memory), and its parameters take none."""
+    from KMDN.distillation import unfreeze
+
+    teacher = FeatureResNet("resnet18", num_classes=2, width=4)
+    student = FeatureResNet("resnet18", num_classes=2, width=4)
+    unfreeze(teacher)  # as after the epochs it was the student
+    freeze(teacher)
+    assert not any(parameter.requires_grad for parameter in teacher.parameters())
+    seen = []
+    teacher.register_forward_hook(lambda module, inputs, output: seen.append(torch.is_grad_enabled()))
+    make_distill_loss_fn(teacher, 0.5)(student, torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))
+    assert seen == [False]
+
+
+@pytest.fixture
+def group_models(split_dir, tmp_path):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    rmodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
+    return out
+
+
+def test_a_students_classifier_is_drawn_only_in_its_first_epoch(split_dir, group_models, monkeypatch):
+    import KMDN.distillation as distillation
+
+    fc_at_start, real = [], distillation.train_and_test_epoch
+
+    def spy(net, student, *args, **kwargs):
+        fc_at_start.append(student.fc.weight.detach().clone())
+        return real(net, student, *args, **kwargs)
+
+    monkeypatch.setattr(distillation, "train_and_test_epoch", spy)
+    distill_main(["--split", str(split_dir), "--out", str(group_models), "--epochs", "2", "--distill-interval", "2",
+                  "--batch-size", "8", "--workers", "0", "--lr", "1e-9"])  # (a learning rate that leaves fc be)
+    assert len(fc_at_start) == 2 and torch.allclose(fc_at_start[0], fc_at_start[1], atol=1e-6)
+
+
+def test_a_resumed_distillation_keeps_the_sizes_the_models_were_trained_at(split_dir, group_models):
+    run = ["--split", str(split_dir), "--out", str(group_models), "--distill-interval", "2", "--batch-size", "8",
+           "--workers", "0"]
+    distill_main([*run, "--epochs", "1"])
+    distill_main([*run, "--epochs", "2", "--resume"])
+    assert load_checkpoint(group_models / "distill" / "last.pth")["trained_at"] == {"head": 16, "tail": 16}
+
+
+def test_the_default_models_are_the_best_and_official_ones_count_as_trained_at_224(split_dir, group_models,
+                                                                                     tmp_path):
+    import KMDN.distillation as distillation
+    from tgn.split import load_split
+
+    bare = tmp_path / "bare.pth"  # an official file: the weights alone
+    torch.save(load_checkpoint(group_models / "head" / "best.pth")["state_dict"], bare)
+    assert distillation.load_group_model(bare, load_split(split_dir), "head").training_size == 224
+    best = load_checkpoint(group_models / "tail" / "best.pth")["state_dict"]
+    (group_models / "tail" / "last.pth").unlink()
+    distill_main(["--split", str(split_dir), "--out", str(group_models), "--epochs", "1", "--batch-size", "8",
+                  "--workers", "0"])  # M_T never learns in one epoch of M_H's: passed on as given
+    passed_on = load_checkpoint(group_models / "distill" / "M_T.pth")["state_dict"]
+    assert all(torch.equal(best[key], passed_on[key]) for key in best)
