@@ -154,9 +154,10 @@ def publish(pending):
     so that a file under its final name is complete even after a crash. With syncfs, one
     flush per folder's file system serves them all: on a 2-core test machine generation's
     JPEG writers managed 922 images/s with one fsync per file, 1,214 with this (1,131 with
-    no flush at all; medians of five runs, before the folder's own sync after the renames). The flush guards against power loss and system
-    crashes (a file system that ignores syncfs, as some FUSE mounts may, loses that); a
-    killed process leaves whole files either way, since they get their names last."""
+    no flush at all; medians of five runs, before the folder's own sync after the renames).
+    The flush guards against power loss and system crashes (a file system that ignores
+    syncfs, as some FUSE mounts may, loses that); a killed process leaves whole files either
+    way, since they get their names last."""
     pending = list(pending)
     if SYNCFS is not None:
         for folder in sorted({Path(path).parent for _, path in pending}):
