@@ -71,10 +71,11 @@ class SteadyClock:
     workers' queue empty and every worker decoding its first batch at once: timing the whole
     of a short epoch counts that start (low where training sets the pace), and timing from
     the first arrival counts the batches that arrived with it (high where decoding does).
-    Once the first `lead` batches are taken, the queue is as in the middle of a long epoch."""
+    Once the first `lead` batches are taken, the queue is as in the middle of a long epoch.
+    The clock starts once `device` has finished the untimed batches' work."""
 
-    def __init__(self, loader, lead):
-        self.loader, self.lead, self.started = loader, lead, None
+    def __init__(self, loader, lead, device):
+        self.loader, self.lead, self.device, self.started = loader, lead, device, None
         self.num_workers = loader.num_workers
 
     def __len__(self):
@@ -86,6 +87,7 @@ class SteadyClock:
     def _noting(self, batches):
         for index in itertools.count():
             if index == self.lead:
+                synchronize(self.device)
                 self.started = time.perf_counter()
             batch = next(batches, None)
             if batch is None:
@@ -141,7 +143,7 @@ def time_data_path(source, cfg, args, device, samples, cache_dir, channels_last)
     loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
     for epoch in range(2):  # the first, untimed, as in run()
         loader.sampler.set_epoch(epoch)
-        clocked = SteadyClock(loader, lead_batches(args))
+        clocked = SteadyClock(loader, lead_batches(args), device)
         for images, _ in clocked:
             model_input(images, device, channels_last)
         synchronize(device)
@@ -177,7 +179,7 @@ def run(trainer, source, precision, cfg, args, device, samples, cache_dir, batch
         # A first, untimed epoch starts the persistent workers, fills the page cache and,
         # with --cache, writes the resized images; the second epoch is timed.
         warm_loader = jpeg_loader(source, cfg, args, device, samples, cache_dir, batch)
-        loader = SteadyClock(warm_loader, lead_batches(args))
+        loader = SteadyClock(warm_loader, lead_batches(args), device)
     common = dict(amp=amp, scaler=scaler, channels_last=channels_last, desc=f"{trainer} {source}",
                   cuda_graphs=uses_cuda_graphs(compile_mode))
     train_one_epoch(net, warm_loader, optimizer, loss_fn, device, **common)

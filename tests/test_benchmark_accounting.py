@@ -150,7 +150,7 @@ def test_the_steady_clock_gives_the_steady_rate_whichever_sets_the_pace(workers,
                 clock.now = max(clock.now, (index // workers + 1) * wave_seconds)  # waits for its wave
                 yield index
 
-    clocked = bench.SteadyClock(Waves(), lead=workers)
+    clocked = bench.SteadyClock(Waves(), lead=workers, device=torch.device("cpu"))
     for _ in clocked:
         clock.now += step_seconds
     assert timed / (clock.now - clocked.started) == pytest.approx(steady, rel=0.03)
