@@ -664,3 +664,15 @@ def test_the_default_models_are_the_best_and_official_ones_count_as_trained_at_2
                   "--workers", "0"])  # M_T never learns in one epoch of M_H's: passed on as given
     passed_on = load_checkpoint(group_models / "distill" / "M_T.pth")["state_dict"]
     assert all(torch.equal(best[key], passed_on[key]) for key in best)
+
+
+def test_fit_divides_the_learning_rate_at_its_milestone_and_best_holds_no_optimizer(split_dir, tmp_path):
+    out = tmp_path / "kmdn"
+    umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "3", "--milestones", "2", "--lr", "0.001",
+                 *TINY])
+    metrics = read_metrics(out / "head" / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert [m["lr"] for m in metrics] == pytest.approx([1e-3, 1e-3, 1e-4])
+    best = load_checkpoint(out / "head" / "best.pth")
+    assert "optimizer" not in best and "scaler" not in best  # a model to pass on, not a run to resume
+    assert load_checkpoint(out / "head" / "last.pth")["epoch"] == 2
