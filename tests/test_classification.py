@@ -1146,12 +1146,19 @@ def test_figures_of_hand_made_reports(tmp_path):
         plot_long_tail([other, augmented], tmp_path / "bad.png")
 
 
-def test_figures_show_names_with_dollar_signs_as_written(tmp_path, monkeypatch):
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures the plotting functions draw, kept instead of saved."""
     import Classification.figures as figures
+
+    figures_drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: figures_drawn.append(figure))
+    return figures_drawn
+
+
+def test_figures_show_names_with_dollar_signs_as_written(tmp_path, drawn):
     from matplotlib.text import Text
 
-    drawn = []
-    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
     name = "coins 50$ & 100$"  # two '$': math to matplotlib, which would drop them
     report = build_report(np.array(BASELINE_CM), method="TGN $2$", source="x.pth", dataset="TOY",
                           class_ids=[0, 1, 5, 7], class_names=[name, "b", "c", "d"], train_counts=[50, 30, 5, 2],
@@ -1164,11 +1171,8 @@ def test_figures_show_names_with_dollar_signs_as_written(tmp_path, monkeypatch):
         assert name in {text.get_text() for text in texts}
 
 
-def test_figure_titles_round_as_the_report_does(tmp_path, monkeypatch):
-    import Classification.figures as figures
+def test_figure_titles_round_as_the_report_does(tmp_path, drawn):
 
-    drawn = []
-    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
     report = build_report(np.array([[16, 0], [3, 13]]), method="m", source="x.pth", dataset="TOY", class_ids=[0, 1],
                           class_names=["a", "b"], train_counts=[5, 2], generated_counts=None, head=[0], tail=[1],
                           grouping="hand")
@@ -1176,12 +1180,10 @@ def test_figure_titles_round_as_the_report_does(tmp_path, monkeypatch):
     assert drawn[0].axes[0].get_title() == "m: OA 90.63%" and "| 90.63 |" in report_markdown(report)  # 29/32
 
 
-def test_figures_draw_the_row_normalised_matrix_and_the_ranked_counts(tmp_path, monkeypatch):
+def test_figures_draw_the_row_normalised_matrix_and_the_ranked_counts(tmp_path, drawn):
     import Classification.figures as figures
     from matplotlib.colors import to_rgba
 
-    drawn = []
-    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
     # listed out of count order: the chart ranks the classes 1, 7, 0, 5 by real training count
     report = build_report(np.array(BASELINE_CM), method="TGN", source="x.pth", dataset="TOY", class_ids=[0, 1, 5, 7],
                           class_names=["a", "b", "c", "d"], train_counts=[5, 50, 2, 30],
@@ -1204,11 +1206,8 @@ def test_figures_draw_the_row_normalised_matrix_and_the_ranked_counts(tmp_path, 
     assert accuracy_axes.lines[0].get_ydata().tolist() == [75, 0, 100, 50]
 
 
-def test_the_confusion_figure_labels_each_cell_by_its_row_share(tmp_path, monkeypatch):
-    import Classification.figures as figures
+def test_the_confusion_figure_labels_each_cell_by_its_row_share(tmp_path, drawn):
 
-    drawn = []
-    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
     plot_confusion(hand_report("TGN", BASELINE_CM), tmp_path / "cm.png")
     axes = drawn[0].axes[0]
     assert axes.get_title() == "TGN: OA 69.23%"  # 9 of 13, not the mean class accuracy
@@ -1223,12 +1222,10 @@ def test_the_confusion_figure_labels_each_cell_by_its_row_share(tmp_path, monkey
     assert drawn[2].axes[0].get_title() == "none: OA n/a"
 
 
-def test_the_long_tail_figure_draws_each_report_as_its_own_line(tmp_path, monkeypatch):
+def test_the_long_tail_figure_draws_each_report_as_its_own_line(tmp_path, drawn):
     import Classification.figures as figures
     from matplotlib.colors import to_rgba
 
-    drawn = []
-    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
     absent = hand_report("absent", [[4, 0, 0, 0], [1, 3, 0, 0], [2, 0, 2, 0], [0, 0, 0, 0]])  # no test image of d
     plot_long_tail([absent, hand_report("TGN", AUGMENTED_CM, generated=[0, 0, 40, 45])], tmp_path / "lt.png")
     _, accuracy = drawn[0].axes

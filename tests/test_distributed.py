@@ -92,6 +92,14 @@ def run_in_processes(job, *args):
     mp.start_processes(_process, args=(free_port(), job, args), nprocs=WORLD, join=True, start_method=method)
 
 
+def torchrun_variables(monkeypatch, local_rank=0, world=2):
+    """This process seen as torchrun starts process `local_rank` of `world` on one node,
+    before it joins."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+
+
 def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -374,9 +382,7 @@ def test_a_global_batch_that_does_not_divide_is_refused_before_anything_is_remov
                                                                                      capsys):
     run = cdtg_inputs / "run"
     cdtg_train_main(cdtg_args(cdtg_inputs, run, "--iter", "1"))
-    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun starts process 0 of 4, before it joins
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    torchrun_variables(monkeypatch, world=4)
     with pytest.raises(SystemExit):
         cdtg_train_main(cdtg_args(cdtg_inputs, run, "--overwrite", "--batch", "6"))
     assert "--batch 6 is the global batch and must be a multiple of the 4 processes" in capsys.readouterr().err
@@ -392,9 +398,7 @@ def test_sync_bn_on_over_cpu_processes_is_refused_before_anything_is_written(spl
     out = tmp_path / "kmdn"
     umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY])
     before = {path.name: path.read_bytes() for path in (out / "head").iterdir()}
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts process 0 of 2, before it joins
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    torchrun_variables(monkeypatch)
     with pytest.raises(SystemExit):
         umodel_main(["--split", str(split_dir), "--out", str(out), "--epochs", "1", *TINY, "--sync-bn", "on",
                      "--overwrite"])
@@ -447,12 +451,6 @@ def test_the_collective_helpers_combine_every_process(tmp_path):
               "broadcast": "r0", "all_agree": [False, True], "local_batch": 4, "buffers": [1.0, 1.0]}
     assert rank0 == {**common, "shard": [0, 2, 4]}
     assert rank1 == {**common, "shard": [1, 3]}
-
-
-def torchrun_variables(monkeypatch, local_rank=0):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", str(local_rank))
-    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
 
 
 def gpus(monkeypatch, count):
@@ -591,9 +589,7 @@ def test_ctrl_c_while_torch_is_being_imported_under_torchrun_is_one_line():
 
 @pytest.mark.parametrize("local_rank", ["0", "1"])
 def test_before_joining_only_local_rank_0_prints_what_every_process_finds(monkeypatch, capsys, local_rank):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", local_rank)
-    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    torchrun_variables(monkeypatch, local_rank)
 
     @cli_main
     def script(error):
@@ -616,9 +612,7 @@ def test_before_joining_only_local_rank_0_prints_what_every_process_finds(monkey
 
 def test_another_process_starts_its_error_on_a_new_line_of_a_terminal(monkeypatch, capsys):
     """Rank 0's progress bar may be drawn on the shared terminal without its line ended."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    torchrun_variables(monkeypatch, local_rank=1)
 
     @cli_main
     def script(argv):
